@@ -1,0 +1,249 @@
+"""Program files: the data that says who a program is for, what it gives and who pays.
+
+One YAML file per program in the programs folder (ENTITLEMENT_PROGRAMS_DIR, default `programs/`).
+Every parameter is dated, OpenFisca style: `values: {2015-09-01: {value: 2000, reference: ...}}`;
+a decision uses the value in force on its date. A bad file stops the server at start with a
+message naming the file and the field; `entitlement programs check DIR` runs the same checks.
+The format is documented in programs/README.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from entitlement.money import BASIS_POINTS
+
+PROGRAM_ID_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+FUNDER_ID_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+
+# criterion -> parameters it reads (besides the ones every program has)
+CRITERIA: dict[str, tuple[str, ...]] = {
+    "registered": (),
+    "category_covered": ("categories",),
+    "registration_active": (),
+    "resident_in_departments": ("departments",),
+    "age_below": ("max_age",),
+}
+COMMON_PARAMETERS = ("price_per_month_cents", "activation_months", "funders")
+TOP_LEVEL_KEYS = {"id", "title", "description", "tier", "period", "criteria", "parameters"}
+
+
+class ProgramFileError(ValueError):
+    def __init__(self, path: Path, field: str, message: str) -> None:
+        super().__init__(f"{path}: {field}: {message}")
+        self.path = path
+        self.field = field
+
+
+@dataclass(frozen=True)
+class DatedValue:
+    effective_from: dt.date
+    value: Any
+    reference: str
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    values: tuple[DatedValue, ...]  # sorted by effective_from
+
+    def at(self, day: dt.date) -> DatedValue | None:
+        found = None
+        for v in self.values:
+            if v.effective_from <= day:
+                found = v
+            else:
+                break
+        return found
+
+
+@dataclass(frozen=True)
+class Program:
+    id: str
+    title: str
+    description: str
+    tier: str
+    start: dt.date
+    end: dt.date | None
+    criteria: tuple[str, ...]
+    parameters: Mapping[str, Parameter]
+    version: str
+    source: Path
+
+    @property
+    def name(self) -> str:
+        return f"programs/{self.id}"
+
+    def is_open(self, day: dt.date) -> bool:
+        return self.start <= day and (self.end is None or day <= self.end)
+
+    def value(self, name: str, day: dt.date) -> DatedValue:
+        """The parameter value in force on `day` (the program start's value for earlier days)."""
+        param = self.parameters[name]
+        return param.at(max(day, self.start)) or param.values[0]
+
+    def funders_on(self, day: dt.date) -> dict[str, int]:
+        return dict(self.value("funders", day).value)
+
+
+def _date(path: Path, field: str, raw: object) -> dt.date:
+    if isinstance(raw, dt.datetime) or not isinstance(raw, (dt.date, str)):
+        raise ProgramFileError(path, field, f"expected a date YYYY-MM-DD, got {raw!r}")
+    if isinstance(raw, str):
+        try:
+            return dt.date.fromisoformat(raw)
+        except ValueError:
+            raise ProgramFileError(path, field, f"expected a date YYYY-MM-DD, got {raw!r}") from None
+    return raw
+
+
+def _check_value(path: Path, field: str, name: str, value: object) -> None:
+    def fail(msg: str) -> None:
+        raise ProgramFileError(path, field, msg)
+
+    if name in ("price_per_month_cents",):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail("must be a non-negative integer number of cents")
+    elif name in ("activation_months", "max_age"):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 120:
+            fail("must be an integer from 1 to 120")
+    elif name == "categories":
+        if (not isinstance(value, list) or not value
+                or any(not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= 8 for c in value)):
+            fail("must be a non-empty list of registration categories 1 to 8")
+    elif name == "departments":
+        if not isinstance(value, list) or not value or any(
+                not isinstance(d, str) or not re.fullmatch(r"\d{2,3}|2A|2B", d) for d in value):
+            fail("must be a non-empty list of department codes as strings, e.g. ['75', '93']")
+    elif name == "funders":
+        if not isinstance(value, dict) or not value:
+            fail("must map funder ids to shares in basis points")
+        assert isinstance(value, dict)
+        for funder, share in value.items():
+            if not isinstance(funder, str) or not FUNDER_ID_RE.fullmatch(funder):
+                fail(f"bad funder id {funder!r} (lowercase letters, digits, '-')")
+            if not isinstance(share, int) or isinstance(share, bool) or share <= 0:
+                fail(f"share of {funder} must be a positive integer of basis points")
+        if sum(value.values()) != BASIS_POINTS:
+            fail(f"shares must sum to {BASIS_POINTS} basis points (100%), got {sum(value.values())}")
+
+
+def _parameter(path: Path, name: str, raw: object) -> Parameter:
+    field = f"parameters.{name}"
+    if not isinstance(raw, dict) or set(raw) != {"values"} or not isinstance(raw["values"], dict) or not raw["values"]:
+        raise ProgramFileError(path, field, "expected {values: {DATE: {value: ..., reference: ...}}}")
+    values = []
+    for raw_day, entry in raw["values"].items():
+        day = _date(path, f"{field}.values", raw_day)
+        vfield = f"{field}.values.{day.isoformat()}"
+        if not isinstance(entry, dict):
+            raise ProgramFileError(path, vfield, "expected {value: ..., reference: ...}")
+        unknown = set(entry) - {"value", "reference"}
+        if unknown:
+            raise ProgramFileError(path, f"{vfield}.{sorted(unknown)[0]}", "unknown key")
+        if "value" not in entry:
+            raise ProgramFileError(path, f"{vfield}.value", "missing")
+        reference = entry.get("reference")
+        if not isinstance(reference, str) or not reference.strip():
+            raise ProgramFileError(path, f"{vfield}.reference", "every value needs a reference (law, convention, call)")
+        _check_value(path, f"{vfield}.value", name, entry["value"])
+        values.append(DatedValue(day, entry["value"], reference.strip()))
+    values.sort(key=lambda v: v.effective_from)
+    return Parameter(name, tuple(values))
+
+
+def load_program(path: Path) -> Program:
+    raw_bytes = path.read_bytes()
+    try:
+        doc = yaml.safe_load(raw_bytes)
+    except yaml.YAMLError as exc:
+        raise ProgramFileError(path, "(file)", f"not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProgramFileError(path, "(file)", "expected a mapping at the top level")
+    unknown = set(doc) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ProgramFileError(path, sorted(unknown)[0], "unknown key")
+    for key in ("id", "title", "tier", "period", "criteria", "parameters"):
+        if key not in doc:
+            raise ProgramFileError(path, key, "missing")
+    pid = doc["id"]
+    if not isinstance(pid, str) or not PROGRAM_ID_RE.fullmatch(pid):
+        raise ProgramFileError(path, "id", "lowercase letters, digits and '-', 2 to 63 characters")
+    if path.stem != pid:
+        raise ProgramFileError(path, "id", f"must match the file name ({path.stem!r})")
+    period = doc["period"]
+    if not isinstance(period, dict) or "start" not in period or set(period) - {"start", "end"}:
+        raise ProgramFileError(path, "period", "expected {start: DATE, end: DATE or null}")
+    start = _date(path, "period.start", period["start"])
+    end = None if period.get("end") is None else _date(path, "period.end", period["end"])
+    if end is not None and end < start:
+        raise ProgramFileError(path, "period.end", "is before period.start")
+    criteria = doc["criteria"]
+    if not isinstance(criteria, list) or not criteria:
+        raise ProgramFileError(path, "criteria", "expected a non-empty list")
+    for i, c in enumerate(criteria):
+        if c not in CRITERIA:
+            raise ProgramFileError(path, f"criteria[{i}]", f"unknown criterion {c!r}; known: {', '.join(CRITERIA)}")
+    params_raw = doc["parameters"]
+    if not isinstance(params_raw, dict):
+        raise ProgramFileError(path, "parameters", "expected a mapping")
+    needed = set(COMMON_PARAMETERS) | {p for c in criteria for p in CRITERIA[c]}
+    for name in sorted(needed - set(params_raw)):
+        raise ProgramFileError(path, f"parameters.{name}", "missing")
+    for name in sorted(set(params_raw) - needed):
+        raise ProgramFileError(path, f"parameters.{name}", "unknown parameter for these criteria")
+    parameters = {name: _parameter(path, name, params_raw[name]) for name in sorted(params_raw)}
+    for name, param in parameters.items():
+        if param.values[0].effective_from > start:
+            raise ProgramFileError(path, f"parameters.{name}.values",
+                                   f"first value starts after the program ({start.isoformat()})")
+    for key in ("title", "description", "tier"):
+        if key in doc and not isinstance(doc[key], str):
+            raise ProgramFileError(path, key, "expected text")
+    return Program(
+        id=pid,
+        title=doc["title"],
+        description=str(doc.get("description") or ""),
+        tier=doc["tier"],
+        start=start,
+        end=end,
+        criteria=tuple(criteria),
+        parameters=parameters,
+        version=hashlib.sha256(raw_bytes).hexdigest()[:16],
+        source=path,
+    )
+
+
+class ProgramCatalog:
+    """The programs in force, by id. Immutable once loaded."""
+
+    def __init__(self, programs: list[Program]) -> None:
+        self._by_id = {p.id: p for p in sorted(programs, key=lambda p: p.id)}
+
+    @classmethod
+    def load(cls, directory: Path) -> "ProgramCatalog":
+        if not directory.is_dir():
+            raise ProgramFileError(directory, "(folder)", "programs folder not found")
+        files = sorted(directory.glob("*.yaml"))
+        if not files:
+            raise ProgramFileError(directory, "(folder)", "no *.yaml program file")
+        return cls([load_program(f) for f in files])
+
+    def get(self, program_id: str) -> Program | None:
+        return self._by_id.get(program_id)
+
+    def all(self) -> list[Program]:
+        return list(self._by_id.values())
+
+    def funded_by(self, funder: str) -> list[str]:
+        """Ids of programs the funder has a share of on any date."""
+        return [p.id for p in self._by_id.values()
+                if any(funder in v.value for v in p.parameters["funders"].values)]

@@ -1,0 +1,153 @@
+"""Typed SQLAlchemy models. The schema itself is owned by the Alembic migrations; a test checks
+that models and migrations agree on both backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (BigInteger, Date, DateTime, ForeignKey, Index, Integer, LargeBinary, SmallInteger,
+                        String, Text, text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+LIVE_STATES_SQL = "state IN ('active', 'suspended')"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RegistrySnapshot(Base):
+    """One imported extract of the agency's registry. The current snapshot is the newest complete one."""
+
+    __tablename__ = "registry_snapshots"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source_name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    extracted_on: Mapped[dt.date] = mapped_column(Date)
+    status: Mapped[str] = mapped_column(String(16))  # importing | complete | failed
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    rows_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_imported: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_rejected: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_registry_snapshots_status_id", "status", "id"),)
+
+
+class RegistryPerson(Base):
+    """A registered job seeker in one snapshot: only what the rules need. No name, no agency id:
+    `person_key` is the keyed HMAC of the agency id (see entitlement.pseudonym)."""
+
+    __tablename__ = "registry_people"
+
+    snapshot_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("registry_snapshots.id", ondelete="CASCADE"), primary_key=True)
+    person_key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    birth_date: Mapped[dt.date] = mapped_column(Date)
+    postal_code: Mapped[str] = mapped_column(String(5))
+    registered_on: Mapped[dt.date] = mapped_column(Date)
+    registration_ended_on: Mapped[dt.date | None] = mapped_column(Date)
+    category: Mapped[int] = mapped_column(SmallInteger)
+
+
+class Activation(Base):
+    __tablename__ = "activations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    program_id: Mapped[str] = mapped_column(String(63))
+    program_version: Mapped[str] = mapped_column(String(64))
+    person_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    state: Mapped[str] = mapped_column(String(16))  # active | suspended | revoked | expired
+    start_date: Mapped[dt.date] = mapped_column(Date)
+    end_date: Mapped[dt.date] = mapped_column(Date)
+    advisor_id: Mapped[str] = mapped_column(String(64))
+    agency_code: Mapped[str] = mapped_column(String(16))
+    platform_id: Mapped[str] = mapped_column(String(63))
+    state_reason: Mapped[str] = mapped_column(Text)
+    decision_json: Mapped[str] = mapped_column(Text)
+    funding_json: Mapped[str] = mapped_column(Text)
+    snapshot_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("registry_snapshots.id"))
+    token_jti: Mapped[str] = mapped_column(String(32))
+    account_id: Mapped[str | None] = mapped_column(String(128))
+    redeemed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # At most one live activation per person per program, enforced by the database itself.
+        Index("uq_activations_live_person_program", "program_id", "person_key", unique=True,
+              sqlite_where=text(LIVE_STATES_SQL), postgresql_where=text(LIVE_STATES_SQL)),
+        # A platform account holds at most one live entitlement per program.
+        Index("uq_activations_live_account_program", "platform_id", "account_id", "program_id", unique=True,
+              sqlite_where=text(f"account_id IS NOT NULL AND {LIVE_STATES_SQL}"),
+              postgresql_where=text(f"account_id IS NOT NULL AND {LIVE_STATES_SQL}")),
+        Index("ix_activations_created", "created_at", "id"),
+        Index("ix_activations_program_created", "program_id", "created_at", "id"),
+        Index("ix_activations_account", "platform_id", "account_id"),
+        Index("ix_activations_person", "person_key"),
+    )
+
+
+class LedgerEntry(Base):
+    """Append-only funding ledger: commit when an activation starts, consume for access owed,
+    release what is given back. Corrections are new entries; the database refuses UPDATE/DELETE."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    activation_id: Mapped[str] = mapped_column(String(32), ForeignKey("activations.id"))
+    program_id: Mapped[str] = mapped_column(String(63))
+    funder_id: Mapped[str] = mapped_column(String(63))
+    kind: Mapped[str] = mapped_column(String(16))  # commit | consume | release
+    month: Mapped[str] = mapped_column(String(7))  # YYYY-MM
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_ledger_funder_program_month", "funder_id", "program_id", "month"),
+        Index("ix_ledger_activation", "activation_id"),
+    )
+
+
+class Event(Base):
+    """Append-only event log, one row per state change, numbered without gaps by `log_head`."""
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    type: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str] = mapped_column(String(128))
+    program_id: Mapped[str | None] = mapped_column(String(63))
+    reason: Mapped[str] = mapped_column(Text)
+    payload_json: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_events_program_seq", "program_id", "seq"),)
+
+
+class LogHead(Base):
+    """Single row holding the event log size. Incrementing it in the writer's transaction gives
+    gapless sequence numbers on both backends (a PostgreSQL sequence leaves gaps on rollback)."""
+
+    __tablename__ = "log_head"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdempotencyRecord(Base):
+    """AIP-155: the response of a mutation, kept by (caller, request_id) to replay it exactly."""
+
+    __tablename__ = "idempotency_records"
+
+    caller_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    method: Mapped[str] = mapped_column(String(128))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
