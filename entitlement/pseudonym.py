@@ -47,3 +47,7 @@ class Pseudonymizer:
         """Per-platform pseudonym (`sub` of tokens): two platforms cannot link their users."""
         msg = b"sub\x00" + platform_id.encode() + b"\x00" + person_key
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def derive(self, label: str) -> bytes:
+        """A secondary secret for another purpose (e.g. signing page tokens), never the key itself."""
+        return hmac.new(self._key, b"derive\x00" + label.encode(), hashlib.sha256).digest()

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from entitlement.money import split_cents
 from entitlement.programs import Program
@@ -153,9 +154,11 @@ def _program_open(program: Program, day: dt.date) -> CriterionResult:
     return CriterionResult("program_open", True, "", "The program is open on this date.")
 
 
-def funding_plan(program: Program, day: dt.date) -> FundingPlan:
+def funding_plan(program: Program, day: dt.date, months: int | None = None) -> FundingPlan:
+    """Cost of `months` months of access (default: the program's activation length) from `day`,
+    split between the funders in force on `day`."""
     price = program.value("price_per_month_cents", day).value
-    months = program.value("activation_months", day).value
+    months = program.value("activation_months", day).value if months is None else months
     shares = program.funders_on(day)
     total = price * months
     amounts = split_cents(total, shares)
@@ -190,3 +193,31 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date) -> Decis
         parameters=parameters_used(program, day),
         funding_plan=funding_plan(program, day) if eligible else None,
     )
+
+
+def decision_to_dict(d: Decision) -> dict[str, object]:
+    """Plain JSON-able form, stored with each activation so the decision can be shown again as it was."""
+    plan = d.funding_plan
+    return {
+        "program_id": d.program_id, "program_version": d.program_version, "as_of": d.as_of.isoformat(),
+        "eligible": d.eligible,
+        "criteria": [[c.criterion, c.passed, c.reason_code, c.detail] for c in d.criteria],
+        "parameters": [[p.name, p.value_json, p.effective_from.isoformat(), p.reference] for p in d.parameters],
+        "funding_plan": None if plan is None else {
+            "price_per_month_cents": plan.price_per_month_cents, "months": plan.months,
+            "total_cents": plan.total_cents, "shares": [list(s) for s in plan.shares]},
+    }
+
+
+def decision_from_dict(raw: dict[str, Any]) -> Decision:
+    plan = raw["funding_plan"]
+    return Decision(
+        program_id=raw["program_id"], program_version=raw["program_version"],
+        as_of=dt.date.fromisoformat(raw["as_of"]), eligible=raw["eligible"],
+        criteria=tuple(CriterionResult(*c) for c in raw["criteria"]),
+        parameters=tuple(ParameterUsed(n, v, dt.date.fromisoformat(e), r) for n, v, e, r in raw["parameters"]),
+        funding_plan=None if plan is None else FundingPlan(
+            plan["price_per_month_cents"], plan["months"], plan["total_cents"],
+            tuple((f, int(bp), int(c)) for f, bp, c in plan["shares"])),
+    )
+

@@ -69,7 +69,6 @@ class Activation(Base):
     platform_id: Mapped[str] = mapped_column(String(63))
     state_reason: Mapped[str] = mapped_column(Text)
     decision_json: Mapped[str] = mapped_column(Text)
-    funding_json: Mapped[str] = mapped_column(Text)
     snapshot_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("registry_snapshots.id"))
     token_jti: Mapped[str] = mapped_column(String(32))
     account_id: Mapped[str | None] = mapped_column(String(128))

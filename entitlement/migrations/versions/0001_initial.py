@@ -76,7 +76,6 @@ def upgrade() -> None:
     sa.Column('platform_id', sa.String(length=63), nullable=False),
     sa.Column('state_reason', sa.Text(), nullable=False),
     sa.Column('decision_json', sa.Text(), nullable=False),
-    sa.Column('funding_json', sa.Text(), nullable=False),
     sa.Column('snapshot_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('token_jti', sa.String(length=32), nullable=False),
     sa.Column('account_id', sa.String(length=128), nullable=True),

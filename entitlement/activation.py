@@ -1,0 +1,370 @@
+"""Use cases of an activation's life: activate (advisor), suspend / resume / revoke, redeem and
+verify (platform). Every mutation is one write transaction holding the change, its ledger
+entries, its event and its idempotency record, so a crash leaves all or nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from entitlement import eventlog, registry, rules, tokens
+from entitlement.app import Context
+from entitlement.callers import Caller
+from entitlement.eligibility import JobSeeker, resolve_program
+from entitlement.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from entitlement.money import split_cents
+from entitlement.storage.db import utc
+from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry
+
+LIVE = ("active", "suspended")
+STATES = ("active", "suspended", "revoked", "expired")
+
+
+@dataclass(frozen=True)
+class ActivateCommand:
+    job_seeker: JobSeeker
+    program_id: str
+    platform_id: str
+    reason: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TransitionCommand:
+    activation_id: str
+    action: str  # suspend | resume | revoke
+    reason: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ActivationView:
+    id: str
+    program_id: str
+    state: str
+    person_ref: str
+    advisor_id: str
+    agency_code: str
+    start_date: dt.date
+    end_date: dt.date
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    platform_id: str
+    account_id: str | None
+    redeemed_at: dt.datetime | None
+    decision: rules.Decision
+    snapshot: registry.SnapshotRef | None
+    state_reason: str
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    activation: ActivationView
+    token: str
+
+
+@dataclass(frozen=True)
+class EntitlementStatus:
+    account_id: str
+    active: bool
+    activation_id: str = ""
+    program_id: str = ""
+    state: str = ""
+    end_date: dt.date | None = None
+    tier: str = ""
+
+
+# action -> (states it applies to, new state, event type)
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "suspend": (("active",), "suspended", "activation.suspended"),
+    "resume": (("suspended",), "active", "activation.resumed"),
+    "revoke": (("active", "suspended"), "revoked", "activation.revoked"),
+}
+
+
+def effective_state(a: Activation, today: dt.date) -> str:
+    """A live activation past its end date is expired even before the expiry job records it."""
+    return "expired" if a.state in LIVE and a.end_date < today else a.state
+
+
+def view(ctx: Context, a: Activation) -> ActivationView:
+    stored = json.loads(a.decision_json)
+    snap = stored.get("registry_snapshot")
+    return ActivationView(
+        id=a.id, program_id=a.program_id, state=effective_state(a, ctx.clock.today()),
+        person_ref=ctx.pseudo.person_ref(a.person_key), advisor_id=a.advisor_id, agency_code=a.agency_code,
+        start_date=a.start_date, end_date=a.end_date, created_at=utc(a.created_at),
+        updated_at=utc(a.updated_at), platform_id=a.platform_id, account_id=a.account_id,
+        redeemed_at=utc(a.redeemed_at) if a.redeemed_at else None,
+        decision=rules.decision_from_dict(stored["decision"]),
+        snapshot=registry.SnapshotRef(snap["id"], dt.date.fromisoformat(snap["extracted_on"])) if snap else None,
+        state_reason=a.state_reason)
+
+
+def _request_hash(method: str, body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([method, body], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: str) -> dict[str, Any] | None:
+    if not request_id:
+        return None
+    rec = s.get(IdempotencyRecord, (caller.id, request_id))
+    if rec is None:
+        return None
+    if rec.method != method or rec.request_sha256 != digest:
+        raise FailedPrecondition(
+            "request_id was already used for a different request; use a new request_id",
+            reason="REQUEST_ID_REUSED", metadata={"request_id": request_id})
+    result: dict[str, Any] = json.loads(rec.response)
+    return result
+
+
+def _remember(s: Session, ctx: Context, caller: Caller, request_id: str, method: str, digest: str,
+              result: dict[str, Any]) -> None:
+    if request_id:
+        s.add(IdempotencyRecord(caller_id=caller.id, request_id=request_id, method=method,
+                                request_sha256=digest, response=json.dumps(result).encode(),
+                                created_at=ctx.clock.now()))
+
+
+def _with_retry(fn: Any, *args: Any) -> Any:
+    """Re-run a write once after a unique-constraint race: the re-run sees the winner's committed
+    row and answers ALREADY_EXISTS or replays the stored response."""
+    for attempt in range(3):
+        try:
+            return fn(*args)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_for_update(s: Session, activation_id: str) -> Activation | None:
+    return s.execute(select(Activation).where(Activation.id == activation_id).with_for_update()).scalar_one_or_none()
+
+
+def _check_scope(caller: Caller, a: Activation | None, activation_id: str) -> Activation:
+    """Advisors act for their own agency only. Out of scope and missing look the same (AIP-211)."""
+    if caller.role == "advisor" and (a is None or a.agency_code != caller.agency_code):
+        raise PermissionDenied(f"activations/{activation_id} is not accessible to agency {caller.agency_code}",
+                               reason="OUT_OF_SCOPE")
+    if a is None:
+        raise NotFound(f"activations/{activation_id} not found", reason="ACTIVATION_NOT_FOUND",
+                       metadata={"activation": f"activations/{activation_id}"})
+    return a
+
+
+# ---------------------------------------------------------------------------------------- activate
+
+def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationResult:
+    program = resolve_program(ctx, cmd.program_id)
+    person_key = ctx.pseudo.person_key(cmd.job_seeker.agency_id)
+    digest = _request_hash("activate", {"p": person_key.hex(), "b": cmd.job_seeker.birth_date,
+                                        "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason})
+    result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest)
+    return result
+
+
+def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: Any, person_key: bytes,
+                   digest: str) -> ActivationResult:
+    now, today = ctx.clock.now(), ctx.clock.today()
+    with ctx.db.write() as s:
+        replay = _replay(s, caller, cmd.request_id, "activate", digest)
+        if replay is not None:
+            a = s.get(Activation, replay["activation_id"])
+            assert a is not None
+            return ActivationResult(view(ctx, a), replay["token"])
+        facts, snapshot = registry.lookup(s, person_key, cmd.job_seeker.birth_date)
+        decision = rules.evaluate(program, facts, today)
+        if not decision.eligible:
+            raise FailedPrecondition(
+                f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
+                reason="NOT_ELIGIBLE", metadata={"program": program.name,
+                                                 "failed_criteria": ",".join(decision.failed_reasons)})
+        existing = s.execute(select(Activation.id).where(
+            Activation.program_id == program.id, Activation.person_key == person_key,
+            Activation.state.in_(LIVE), Activation.end_date >= today)).scalar_one_or_none()
+        if existing:
+            raise AlreadyExists(f"this job seeker already has a live activation in {program.name}: "
+                                f"activations/{existing}", reason="ACTIVATION_EXISTS",
+                                metadata={"activation": f"activations/{existing}"})
+        # A live row past its end date is expired: record it so the unique index frees the slot.
+        _expire_stale(s, ctx, program.id, person_key, today)
+        plan = decision.funding_plan
+        assert plan is not None
+        activation_id = uuid.uuid4().hex
+        jti = uuid.uuid4().hex
+        end = rules.access_end(today, plan.months)
+        stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
+                  else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
+        a = Activation(id=activation_id, program_id=program.id, program_version=program.version,
+                       person_key=person_key, state="active", start_date=today, end_date=end,
+                       advisor_id=caller.advisor_id or caller.id, agency_code=caller.agency_code or "-",
+                       platform_id=cmd.platform_id, state_reason=cmd.reason,
+                       decision_json=json.dumps(stored, sort_keys=True),
+                       snapshot_id=snapshot.id if snapshot else None, token_jti=jti, account_id=None,
+                       redeemed_at=None, created_at=now, updated_at=now)
+        s.add(a)
+        s.flush()
+        month = today.strftime("%Y-%m")
+        for funder, _bp, cents in plan.shares:
+            s.add(LedgerEntry(activation_id=activation_id, program_id=program.id, funder_id=funder,
+                              kind="commit", month=month, amount_cents=cents, created_at=now))
+        exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days),
+                  dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc))
+        token = tokens.sign(ctx.keys, tokens.TokenClaims(
+            issuer=ctx.settings.issuer, platform_id=cmd.platform_id,
+            subject=ctx.pseudo.platform_subject(cmd.platform_id, person_key), program_id=program.id,
+            activation_id=activation_id, jti=jti, issued_at=int(now.timestamp()),
+            not_before=int(now.timestamp()), expires_at=int(exp.timestamp())))
+        eventlog.append(s, time=now, type="activation.created", actor=caller.actor,
+                        subject=f"activations/{activation_id}", program_id=program.id, reason=cmd.reason,
+                        payload={"job_seeker_ref": ctx.pseudo.person_ref(person_key),
+                                 "program_version": program.version, "platform": cmd.platform_id,
+                                 "start_date": today.isoformat(), "end_date": end.isoformat(),
+                                 "registry_snapshot": snapshot.id if snapshot else None,
+                                 "committed_cents": plan.total_cents,
+                                 "shares": {f: c for f, _bp, c in plan.shares}})
+        _remember(s, ctx, caller, cmd.request_id, "activate", digest,
+                  {"activation_id": activation_id, "token": token})
+        return ActivationResult(view(ctx, a), token)
+
+
+def _expire_stale(s: Session, ctx: Context, program_id: str, person_key: bytes, today: dt.date) -> None:
+    stale = s.execute(select(Activation).where(
+        Activation.program_id == program_id, Activation.person_key == person_key,
+        Activation.state.in_(LIVE), Activation.end_date < today).with_for_update()).scalars().all()
+    for a in stale:
+        a.state, a.updated_at = "expired", ctx.clock.now()
+        eventlog.append(s, time=ctx.clock.now(), type="activation.expired", actor="system",
+                        subject=f"activations/{a.id}", program_id=a.program_id, reason="end date passed",
+                        payload={"end_date": a.end_date.isoformat()})
+
+
+# ------------------------------------------------------------------------------------- read, move
+
+def get(ctx: Context, caller: Caller, activation_id: str) -> ActivationView:
+    with ctx.db.read() as s:
+        a = _check_scope(caller, s.get(Activation, activation_id), activation_id)
+        return view(ctx, a)
+
+
+def months_started(start: dt.date, months: int, day: dt.date) -> int:
+    """How many of the `months` months of access beginning on `start` have begun by `day`."""
+    return sum(1 for k in range(months) if rules.add_months(start, k) <= day)
+
+
+def transition(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationView:
+    digest = _request_hash(cmd.action, {"a": cmd.activation_id, "r": cmd.reason})
+    result: ActivationView = _with_retry(_transition_once, ctx, caller, cmd, digest)
+    return result
+
+
+def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: str) -> ActivationView:
+    allowed_from, new_state, event_type = TRANSITIONS[cmd.action]
+    now, today = ctx.clock.now(), ctx.clock.today()
+    with ctx.db.write() as s:
+        replay = _replay(s, caller, cmd.request_id, cmd.action, digest)
+        if replay is not None:
+            a = s.get(Activation, replay["activation_id"])
+            assert a is not None
+            return view(ctx, a)
+        a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        current = effective_state(a, today)
+        if current not in allowed_from:
+            raise FailedPrecondition(
+                f"cannot {cmd.action} activations/{a.id}: it is {current}",
+                reason="INVALID_STATE", metadata={"current_state": current.upper(), "action": cmd.action})
+        a.state, a.state_reason, a.updated_at = new_state, cmd.reason, now
+        payload: dict[str, Any] = {"from": current, "to": new_state}
+        if cmd.action == "revoke":
+            payload["released_cents"] = _release_unstarted(s, ctx, a, today)
+        eventlog.append(s, time=now, type=event_type, actor=caller.actor, subject=f"activations/{a.id}",
+                        program_id=a.program_id, reason=cmd.reason, payload=payload)
+        _remember(s, ctx, caller, cmd.request_id, cmd.action, digest, {"activation_id": a.id})
+        return view(ctx, a)
+
+
+def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) -> dict[str, int]:
+    """Release the months of access that had not begun: funders owe each month begun (step 4 adds
+    the per-program choice between months of access and months of use)."""
+    plan = rules.decision_from_dict(json.loads(a.decision_json)["decision"]).funding_plan
+    assert plan is not None
+    unstarted = plan.months - months_started(a.start_date, plan.months, today)
+    amounts = split_cents(unstarted * plan.price_per_month_cents, {f: bp for f, bp, _ in plan.shares})
+    month = today.strftime("%Y-%m")
+    for funder, cents in sorted(amounts.items()):
+        if cents:
+            s.add(LedgerEntry(activation_id=a.id, program_id=a.program_id, funder_id=funder, kind="release",
+                              month=month, amount_cents=cents, created_at=ctx.clock.now()))
+    return amounts
+
+
+# ---------------------------------------------------------------------------------------- platform
+
+def _status(ctx: Context, a: Activation | None, account_id: str) -> EntitlementStatus:
+    if a is None:
+        return EntitlementStatus(account_id=account_id, active=False)
+    program = ctx.catalog.get(a.program_id)
+    state = effective_state(a, ctx.clock.today())
+    return EntitlementStatus(account_id=account_id, active=state == "active", activation_id=a.id,
+                             program_id=a.program_id, state=state, end_date=a.end_date,
+                             tier=program.tier if program else "")
+
+
+def redeem(ctx: Context, caller: Caller, token: str, account_id: str) -> EntitlementStatus:
+    try:
+        claims = tokens.verify(ctx.keys, token, issuer=ctx.settings.issuer, audience=caller.platform_id,
+                               now=ctx.clock.now())
+    except tokens.TokenError as exc:
+        if exc.reason == "TOKEN_WRONG_AUDIENCE":
+            raise PermissionDenied(exc.message, reason=exc.reason) from None
+        raise FailedPrecondition(exc.message, reason=exc.reason) from None
+    try:
+        result: EntitlementStatus = _with_retry(_redeem_once, ctx, caller, claims, account_id)
+    except IntegrityError:
+        raise AlreadyExists("this account already holds a live entitlement to this program",
+                            reason="ACCOUNT_ALREADY_BOUND", metadata={"account_id": account_id}) from None
+    return result
+
+
+def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, account_id: str) -> EntitlementStatus:
+    now, today = ctx.clock.now(), ctx.clock.today()
+    with ctx.db.write() as s:
+        a = _load_for_update(s, claims.activation_id)
+        if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
+            raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
+        if a.account_id is not None:
+            raise AlreadyExists(f"token was already redeemed for account {a.account_id}",
+                                reason="TOKEN_ALREADY_REDEEMED",
+                                metadata={"account_id": a.account_id, "activation": f"activations/{a.id}"})
+        state = effective_state(a, today)
+        if state not in LIVE:
+            raise FailedPrecondition(f"the entitlement is {state}", reason="ENTITLEMENT_NOT_ACTIVE",
+                                     metadata={"current_state": state.upper()})
+        a.account_id, a.redeemed_at, a.updated_at = account_id, now, now
+        s.flush()
+        eventlog.append(s, time=now, type="activation.redeemed", actor=caller.actor,
+                        subject=f"activations/{a.id}", program_id=a.program_id,
+                        payload={"platform": caller.platform_id, "jti": claims.jti})
+        return _status(ctx, a, account_id)
+
+
+def verify(ctx: Context, caller: Caller, account_id: str) -> EntitlementStatus:
+    today = ctx.clock.today()
+    live_first = case((Activation.state.in_(LIVE) & (Activation.end_date >= today), 0), else_=1)
+    with ctx.db.read() as s:
+        a = s.execute(select(Activation).where(
+            Activation.platform_id == caller.platform_id, Activation.account_id == account_id)
+            .order_by(live_first, Activation.state != "active", Activation.end_date.desc()).limit(1)
+        ).scalar_one_or_none()
+        return _status(ctx, a, account_id)
+

@@ -1,0 +1,1 @@
+"""The gRPC edge: servicers (proto <-> domain, no business decision), interceptors, error mapping."""

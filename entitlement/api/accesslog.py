@@ -1,0 +1,81 @@
+"""Access log and error mapping: the outermost interceptor.
+
+Every call gets a request id (the caller's `x-request-id` metadata when well-formed, else a new
+one), one JSON log line (method, caller, status code, latency), and its exceptions mapped:
+domain errors to their AIP-193 status, database outages to UNAVAILABLE, anything else to a clean
+INTERNAL that carries only the request id: no SQL, no stack trace, no personal data leaves.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from entitlement.api import errors
+from entitlement.api.wrapping import BehaviorInterceptor
+from entitlement.errors import DomainError
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+log = structlog.get_logger("entitlement.rpc")
+
+
+def _request_id(metadata: tuple[Any, ...] | None) -> str:
+    for key, value in metadata or ():
+        if key == "x-request-id" and REQUEST_ID_RE.fullmatch(str(value)):
+            return str(value)
+    return uuid.uuid4().hex[:16]
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, (OperationalError, PoolTimeout)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class AccessLogInterceptor(BehaviorInterceptor):
+    @contextmanager
+    def scope(self, method: str, metadata: tuple[Any, ...] | None,
+              context: grpc.ServicerContext) -> Iterator[None]:
+        structlog.contextvars.clear_contextvars()
+        rid = _request_id(metadata)
+        structlog.contextvars.bind_contextvars(request_id=rid, method=method)
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except DomainError as err:
+            status_code, status = errors.domain_status(err, rid)
+            code = status_code.name
+            if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                log.info("access_refused", reason=err.reason)
+            context.abort_with_status(status)
+        except Exception as exc:
+            if _is_outage(exc):
+                code = "UNAVAILABLE"
+                log.warning("database_unavailable", error=type(exc).__name__)
+                context.abort_with_status(errors.unavailable_status(rid))
+            if _is_abort(context):
+                raise
+            code = "INTERNAL"
+            # The traceback stays in our logs; exception text from the database driver is never
+            # shown to callers, and the engine hides bound parameters (hide_parameters=True).
+            log.error("unhandled_exception", error=type(exc).__name__, exc_info=True)
+            context.abort_with_status(errors.internal_status(rid))
+        finally:
+            log.info("rpc", code=code, latency_ms=round((time.perf_counter() - started) * 1000, 3))
+            structlog.contextvars.clear_contextvars()
+
+
+def _is_abort(context: grpc.ServicerContext) -> bool:
+    """True when a handler already aborted the call itself (grpc raises to unwind it)."""
+    code = getattr(context, "code", lambda: None)()
+    return code is not None and code != grpc.StatusCode.OK

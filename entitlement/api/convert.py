@@ -1,0 +1,95 @@
+"""Domain values -> proto messages. No decisions here."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf import timestamp_pb2
+from google.type import date_pb2
+
+from entitlement import rules
+from entitlement.activation import ActivationView, EntitlementStatus
+from entitlement.audit import EventView, ReportRow
+from entitlement.programs import Program
+from entitlement.registry import SnapshotRef
+from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2
+
+STATE_TO_PROTO = {"active": activation_pb2.ACTIVE, "suspended": activation_pb2.SUSPENDED,
+                  "revoked": activation_pb2.REVOKED, "expired": activation_pb2.EXPIRED}
+PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+
+
+def date(d: dt.date | None) -> date_pb2.Date | None:
+    return None if d is None else date_pb2.Date(year=d.year, month=d.month, day=d.day)
+
+
+def timestamp(t: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if t is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(t)
+    return ts
+
+
+def funding_plan(plan: rules.FundingPlan | None) -> common_pb2.FundingPlan | None:
+    if plan is None:
+        return None
+    return common_pb2.FundingPlan(
+        price_per_month_cents=plan.price_per_month_cents, months=plan.months, total_cents=plan.total_cents,
+        shares=[common_pb2.FundingShare(funder=f, share_basis_points=bp, amount_cents=c) for f, bp, c in plan.shares])
+
+
+def parameters(params: tuple[rules.ParameterUsed, ...]) -> list[common_pb2.ParameterValue]:
+    return [common_pb2.ParameterValue(name=p.name, value_json=p.value_json, effective_from=date(p.effective_from),
+                                      reference=p.reference) for p in params]
+
+
+def decision(d: rules.Decision, snapshot: SnapshotRef | None) -> common_pb2.EligibilityDecision:
+    return common_pb2.EligibilityDecision(
+        program=f"programs/{d.program_id}", eligible=d.eligible,
+        criteria=[common_pb2.Criterion(criterion=c.criterion, passed=c.passed, reason_code=c.reason_code,
+                                       detail=c.detail) for c in d.criteria],
+        as_of=date(d.as_of), program_version=d.program_version, parameters=parameters(d.parameters),
+        funding_plan=funding_plan(d.funding_plan),
+        registry_snapshot=snapshot.name if snapshot else "",
+        registry_extracted_on=date(snapshot.extracted_on) if snapshot else None)
+
+
+def program(p: Program, day: dt.date) -> eligibility_pb2.Program:
+    return eligibility_pb2.Program(
+        name=p.name, title=p.title, description=p.description, version=p.version,
+        start_date=date(p.start), end_date=date(p.end), tier=p.tier,
+        parameters=parameters(rules.parameters_used(p, day)),
+        monthly_funding=funding_plan(rules.funding_plan(p, day, months=1)), open=p.is_open(day))
+
+
+def activation(a: ActivationView) -> activation_pb2.Activation:
+    return activation_pb2.Activation(
+        name=f"activations/{a.id}", program=f"programs/{a.program_id}", state=STATE_TO_PROTO[a.state],
+        job_seeker_ref=a.person_ref, advisor_id=a.advisor_id, agency_code=a.agency_code,
+        start_date=date(a.start_date), end_date=date(a.end_date), create_time=timestamp(a.created_at),
+        update_time=timestamp(a.updated_at), platform=f"platforms/{a.platform_id}",
+        account_id=a.account_id or "", redeem_time=timestamp(a.redeemed_at),
+        decision=decision(a.decision, a.snapshot), funding=funding_plan(a.decision.funding_plan),
+        state_reason=a.state_reason)
+
+
+def status(s: EntitlementStatus) -> activation_pb2.EntitlementStatus:
+    return activation_pb2.EntitlementStatus(
+        account_id=s.account_id, active=s.active,
+        activation=f"activations/{s.activation_id}" if s.activation_id else "",
+        program=f"programs/{s.program_id}" if s.program_id else "",
+        state=STATE_TO_PROTO.get(s.state, activation_pb2.ACTIVATION_STATE_UNSPECIFIED),
+        end_date=date(s.end_date), tier=s.tier)
+
+
+def report_row(r: ReportRow) -> audit_pb2.FundingReportRow:
+    return audit_pb2.FundingReportRow(
+        funder=r.funder, program=f"programs/{r.program_id}", month=r.month,
+        activations_started=r.activations_started, committed_cents=r.committed_cents,
+        consumed_cents=r.consumed_cents, released_cents=r.released_cents)
+
+
+def event(e: EventView) -> audit_pb2.Event:
+    return audit_pb2.Event(sequence=e.seq, time=timestamp(e.time), type=e.type, actor=e.actor,
+                           subject=e.subject, reason=e.reason, payload_json=e.payload_json)

@@ -1,0 +1,169 @@
+"""The three gRPC servicers. Each method: validate the request, build a domain command, call the use
+case, convert the result. Errors are raised as domain errors; interceptors map them (api.errors)."""
+
+from __future__ import annotations
+
+import grpc
+
+from entitlement import activation, audit, eligibility
+from entitlement.api import convert
+from entitlement.api import validation as val
+from entitlement.api.identity import current_caller
+from entitlement.app import Context
+from entitlement.errors import Unimplemented, Violations
+from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
+                            eligibility_pb2, eligibility_pb2_grpc)
+
+
+def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations, prefix: str = "job_seeker") -> eligibility.JobSeeker:
+    val.pattern(msg.agency_id, val.AGENCY_ID_RE, f"{prefix}.agency_id", "1 to 32 letters or digits", v)
+    birth = val.date(msg.birth_date, f"{prefix}.birth_date", v) if msg.HasField("birth_date") else None
+    return eligibility.JobSeeker(msg.agency_id, birth)  # type: ignore[arg-type]
+
+
+class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def CheckEligibility(self, request: eligibility_pb2.CheckEligibilityRequest,
+                         context: grpc.ServicerContext) -> eligibility_pb2.CheckEligibilityResponse:
+        v = Violations()
+        val.check_required(request, v)
+        who = _job_seeker(request.job_seeker, v)
+        program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
+        as_of = val.date(request.as_of, "as_of", v)
+        v.raise_if_any()
+        result = eligibility.check(self.ctx, who, program_id or None, as_of)
+        return eligibility_pb2.CheckEligibilityResponse(
+            decisions=[convert.decision(d, result.snapshot) for d in result.decisions])
+
+    def ListPrograms(self, request: eligibility_pb2.ListProgramsRequest,
+                     context: grpc.ServicerContext) -> eligibility_pb2.ListProgramsResponse:
+        v = Violations()
+        day = val.date(request.as_of, "as_of", v) or self.ctx.clock.today()
+        v.raise_if_any()
+        programs, token = eligibility.list_programs(self.ctx, current_caller(), request.page_size,
+                                                    request.page_token, day)
+        return eligibility_pb2.ListProgramsResponse(programs=[convert.program(p, day) for p in programs],
+                                                    next_page_token=token)
+
+
+class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
+                            context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
+        v = Violations()
+        val.check_required(request, v)
+        val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
+        who = _job_seeker(request.job_seeker, v)
+        program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
+        platform_id = val.name(request.platform, val.PLATFORM_NAME_RE, "platform", "platforms/openclassrooms", v)
+        reason = val.text(request.reason, "reason", v)
+        v.raise_if_any()
+        result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(
+            who, program_id, platform_id, reason, request.request_id))
+        return activation_pb2.ActivateEntitlementResponse(activation=convert.activation(result.activation),
+                                                          activation_token=result.token)
+
+    def GetActivation(self, request: activation_pb2.GetActivationRequest,
+                      context: grpc.ServicerContext) -> activation_pb2.Activation:
+        v = Violations()
+        val.check_required(request, v)
+        activation_id = val.name(request.name, val.ACTIVATION_NAME_RE, "name", "activations/{32 hex digits}", v)
+        v.raise_if_any()
+        return convert.activation(activation.get(self.ctx, current_caller(), activation_id))
+
+    def _transition(self, action: str, request: activation_pb2.TransitionActivationRequest) -> activation_pb2.Activation:
+        v = Violations()
+        val.check_required(request, v)
+        activation_id = val.name(request.name, val.ACTIVATION_NAME_RE, "name", "activations/{32 hex digits}", v)
+        reason = val.text(request.reason, "reason", v)
+        val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
+        v.raise_if_any()
+        return convert.activation(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
+            activation_id, action, reason, request.request_id)))
+
+    def SuspendActivation(self, request: activation_pb2.TransitionActivationRequest,
+                          context: grpc.ServicerContext) -> activation_pb2.Activation:
+        return self._transition("suspend", request)
+
+    def ResumeActivation(self, request: activation_pb2.TransitionActivationRequest,
+                         context: grpc.ServicerContext) -> activation_pb2.Activation:
+        return self._transition("resume", request)
+
+    def RevokeActivation(self, request: activation_pb2.TransitionActivationRequest,
+                         context: grpc.ServicerContext) -> activation_pb2.Activation:
+        return self._transition("revoke", request)
+
+    def RedeemActivationToken(self, request: activation_pb2.RedeemActivationTokenRequest,
+                              context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
+        v = Violations()
+        val.check_required(request, v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        if len(request.token) > 4096:
+            v.add("token", "must be at most 4096 characters")
+        v.raise_if_any()
+        return convert.status(activation.redeem(self.ctx, current_caller(), request.token, request.account_id))
+
+    def VerifyEntitlement(self, request: activation_pb2.VerifyEntitlementRequest,
+                          context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
+        v = Violations()
+        val.check_required(request, v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        v.raise_if_any()
+        return convert.status(activation.verify(self.ctx, current_caller(), request.account_id))
+
+    def GetSigningKeys(self, request: activation_pb2.GetSigningKeysRequest,
+                       context: grpc.ServicerContext) -> activation_pb2.GetSigningKeysResponse:
+        return activation_pb2.GetSigningKeysResponse(jwks_json=self.ctx.keys.jwks_json())
+
+    def ReportUsage(self, request: activation_pb2.ReportUsageRequest,
+                    context: grpc.ServicerContext) -> activation_pb2.ReportUsageResponse:
+        raise Unimplemented("ReportUsage is not implemented yet (usage-based consumption comes with step 4)")
+
+    def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
+                                context: grpc.ServicerContext) -> activation_pb2.EntitlementChange:
+        raise Unimplemented("WatchEntitlementChanges is not implemented yet (step 4)")
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def ListActivations(self, request: audit_pb2.ListActivationsRequest,
+                        context: grpc.ServicerContext) -> audit_pb2.ListActivationsResponse:
+        v = Violations()
+        program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
+        val.pattern(request.funder, val.FUNDER_RE, "funder", "a funder id such as region-idf", v)
+        val.pattern(request.agency_code, val.AGENCY_CODE_RE, "agency_code", "1 to 16 letters or digits", v)
+        state = ""
+        if request.state:
+            state = convert.PROTO_TO_STATE.get(request.state, "")
+            if not state:
+                v.add("state", "unknown state")
+        created_from = request.create_time_from.ToDatetime(tzinfo=val.UTC) if request.HasField("create_time_from") else None
+        created_to = request.create_time_to.ToDatetime(tzinfo=val.UTC) if request.HasField("create_time_to") else None
+        v.raise_if_any()
+        items, token = audit.list_activations(self.ctx, current_caller(), audit.ActivationFilter(
+            program_id, request.funder, request.agency_code, state, created_from, created_to),
+            request.page_size, request.page_token)
+        return audit_pb2.ListActivationsResponse(activations=[convert.activation(a) for a in items],
+                                                 next_page_token=token)
+
+    def GetFundingReport(self, request: audit_pb2.GetFundingReportRequest,
+                         context: grpc.ServicerContext) -> audit_pb2.GetFundingReportResponse:
+        v = Violations()
+        program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
+        val.pattern(request.funder, val.FUNDER_RE, "funder", "a funder id such as region-idf", v)
+        v.raise_if_any()
+        rows = audit.funding_report(self.ctx, current_caller(), request.funder, program_id,
+                                    request.start_month, request.end_month)
+        return audit_pb2.GetFundingReportResponse(rows=[convert.report_row(r) for r in rows])
+
+    def ListEvents(self, request: audit_pb2.ListEventsRequest,
+                   context: grpc.ServicerContext) -> audit_pb2.ListEventsResponse:
+        events, token = audit.list_events(self.ctx, current_caller(), request.start_sequence,
+                                          request.page_size, request.page_token)
+        return audit_pb2.ListEventsResponse(events=[convert.event(e) for e in events], next_page_token=token)

@@ -1,0 +1,85 @@
+"""Request validation at the edge: required fields from the proto's own AIP-203 annotations, and
+the formats of names, dates and ids. Every violation of a request is reported at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from functools import lru_cache
+
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.type import date_pb2
+
+from entitlement.errors import Violations
+
+PROGRAM_NAME_RE = re.compile(r"^programs/([a-z][a-z0-9-]{1,62})$")
+ACTIVATION_NAME_RE = re.compile(r"^activations/([0-9a-f]{32})$")
+PLATFORM_NAME_RE = re.compile(r"^platforms/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
+AGENCY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ACCOUNT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+MAX_REASON = 500
+
+
+@lru_cache(maxsize=None)
+def _required_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    out = []
+    for f in descriptor.fields:
+        behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        if field_behavior_pb2.REQUIRED in behaviors:
+            out.append(f)
+    return tuple(out)
+
+
+def check_required(msg: Message, v: Violations, prefix: str = "") -> None:
+    """Add a violation for each REQUIRED field (per the proto annotations) that is unset, recursively."""
+    for f in _required_fields(msg.DESCRIPTOR):
+        path = prefix + f.name
+        if f.type == FieldDescriptor.TYPE_MESSAGE:
+            if not msg.HasField(f.name):
+                v.add(path, "is required")
+            else:
+                check_required(getattr(msg, f.name), v, path + ".")
+        elif f.type == FieldDescriptor.TYPE_STRING and not getattr(msg, f.name):
+            v.add(path, "is required")
+
+
+def date(d: date_pb2.Date, field: str, v: Violations) -> dt.date | None:
+    if d.year == 0 and d.month == 0 and d.day == 0:
+        return None
+    try:
+        return dt.date(d.year, d.month, d.day)
+    except ValueError:
+        v.add(field, "must be a complete, valid calendar date")
+        return None
+
+
+def name(value: str, pattern: re.Pattern[str], field: str, example: str, v: Violations) -> str:
+    """The id inside a resource name, or '' with a violation."""
+    if not value:
+        return ""
+    m = pattern.fullmatch(value)
+    if not m:
+        v.add(field, f"must look like {example}")
+        return ""
+    return m.group(1)
+
+
+def text(value: str, field: str, v: Violations, *, maximum: int = MAX_REASON) -> str:
+    if len(value) > maximum:
+        v.add(field, f"must be at most {maximum} characters")
+    elif any(ord(c) < 32 and c not in "\t" for c in value):
+        v.add(field, "must not contain control characters")
+    return value
+
+
+def pattern(value: str, regex: re.Pattern[str], field: str, description: str, v: Violations) -> str:
+    if value and not regex.fullmatch(value):
+        v.add(field, description)
+    return value
+
+FUNDER_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+AGENCY_CODE_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+UTC = dt.timezone.utc

@@ -1,0 +1,42 @@
+"""The service's dependencies, built once at start and shared by the use cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from entitlement.callers import CallerDirectory
+from entitlement.clock import Clock, SystemClock
+from entitlement.config import Settings
+from entitlement.programs import ProgramCatalog
+from entitlement.pseudonym import Pseudonymizer
+from entitlement.storage.db import Database
+from entitlement.storage.migrate import ensure_current
+from entitlement.tokens import KeyStore
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    db: Database
+    catalog: ProgramCatalog
+    keys: KeyStore
+    pseudo: Pseudonymizer
+    callers: CallerDirectory
+    clock: Clock
+
+
+def build(settings: Settings, *, clock: Clock | None = None, create_secrets: bool = False) -> Context:
+    """Load and check everything the server needs; raise SystemExit with the fix when something is
+    missing (bad program file, unmigrated database, missing key)."""
+    catalog = ProgramCatalog.load(settings.programs_dir)
+    db = Database(settings.database_url, pool_size=settings.max_workers)
+    ensure_current(db)
+    return Context(
+        settings=settings,
+        db=db,
+        catalog=catalog,
+        keys=KeyStore.load(settings.key_dir, create=create_secrets),
+        pseudo=Pseudonymizer.from_file(settings.pseudonym_key_file, create=create_secrets),
+        callers=CallerDirectory.load(settings.callers_file),
+        clock=clock or SystemClock(settings.timezone),
+    )

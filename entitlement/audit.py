@@ -1,0 +1,164 @@
+"""Use cases of funders and admins: list activations, the funding report, the event log.
+A funder's scope (the programs it funds) is applied inside each query."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.sql import Select
+
+from entitlement.activation import LIVE, ActivationView, view
+from entitlement.app import Context
+from entitlement.callers import Caller
+from entitlement.errors import InvalidArgument, PermissionDenied
+from entitlement.paging import PageTokens, page_size
+from entitlement.storage.db import utc
+from entitlement.storage.models import Activation, Event, LedgerEntry
+
+MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+@dataclass(frozen=True)
+class ActivationFilter:
+    program_id: str = ""
+    funder: str = ""
+    agency_code: str = ""
+    state: str = ""
+    created_from: dt.datetime | None = None
+    created_to: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    funder: str
+    program_id: str
+    month: str
+    activations_started: int
+    committed_cents: int
+    consumed_cents: int
+    released_cents: int
+
+
+@dataclass(frozen=True)
+class EventView:
+    seq: int
+    time: dt.datetime
+    type: str
+    actor: str
+    subject: str
+    reason: str
+    payload_json: str
+
+
+def _tokens(ctx: Context) -> PageTokens:
+    return PageTokens(ctx.pseudo.derive("page-token"))
+
+
+def _scope_programs(ctx: Context, caller: Caller, funder: str, program_id: str) -> list[str] | None:
+    """Program ids the query may touch; None means no restriction (admin without funder filter)."""
+    if caller.role == "funder":
+        if funder and funder != caller.funder_id:
+            raise PermissionDenied("a funder can only audit what it funds", reason="OUT_OF_SCOPE")
+        funder = caller.funder_id
+    if not funder:
+        return [program_id] if program_id else None
+    funded = ctx.catalog.funded_by(funder)
+    if program_id:
+        if program_id not in funded:
+            raise PermissionDenied(f"programs/{program_id} is not funded by {funder}", reason="OUT_OF_SCOPE")
+        return [program_id]
+    return funded
+
+
+def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: int,
+                     token: str) -> tuple[list[ActivationView], str]:
+    size = page_size(size, default=50, maximum=500)
+    filters = asdict(f) | {"caller": caller.id}
+    position = _tokens(ctx).read(token, "activations", filters)
+    programs = _scope_programs(ctx, caller, f.funder, f.program_id)
+    q: Select[tuple[Activation]] = select(Activation)
+    if programs is not None:
+        q = q.where(Activation.program_id.in_(programs))
+    if f.agency_code:
+        q = q.where(Activation.agency_code == f.agency_code)
+    today = ctx.clock.today()
+    if f.state == "expired":
+        q = q.where(or_(Activation.state == "expired",
+                        and_(Activation.state.in_(LIVE), Activation.end_date < today)))
+    elif f.state in LIVE:
+        q = q.where(Activation.state == f.state, Activation.end_date >= today)
+    elif f.state:
+        q = q.where(Activation.state == f.state)
+    if f.created_from:
+        q = q.where(Activation.created_at >= f.created_from)
+    if f.created_to:
+        q = q.where(Activation.created_at < f.created_to)
+    if position:
+        after_time, after_id = dt.datetime.fromisoformat(position[0]), position[1]
+        q = q.where(or_(Activation.created_at < after_time,
+                        and_(Activation.created_at == after_time, Activation.id < after_id)))
+    q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(size + 1)
+    with ctx.db.read() as s:
+        rows = list(s.execute(q).scalars())
+    more = len(rows) > size
+    rows = rows[:size]
+    next_token = ""
+    if more:
+        last = rows[-1]
+        next_token = _tokens(ctx).issue("activations", filters, [utc(last.created_at).isoformat(), last.id])
+    return [view(ctx, a) for a in rows], next_token
+
+
+def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, start_month: str,
+                   end_month: str) -> list[ReportRow]:
+    for name, value in (("start_month", start_month), ("end_month", end_month)):
+        if value and not MONTH_RE.fullmatch(value):
+            raise InvalidArgument.single(name, "expected YYYY-MM")
+    if start_month and end_month and start_month > end_month:
+        raise InvalidArgument.single("end_month", "is before start_month")
+    programs = _scope_programs(ctx, caller, funder, program_id)
+    if caller.role == "funder":
+        funder = caller.funder_id
+    amount = LedgerEntry.amount_cents
+
+    def total(kind: str) -> object:
+        return func.coalesce(func.sum(case((LedgerEntry.kind == kind, amount), else_=0)), 0)
+
+    q = select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
+               func.count(func.distinct(case((LedgerEntry.kind == "commit", LedgerEntry.activation_id)))),
+               total("commit"), total("consume"), total("release"))
+    if funder:
+        q = q.where(LedgerEntry.funder_id == funder)
+    if programs is not None:
+        q = q.where(LedgerEntry.program_id.in_(programs))
+    if start_month:
+        q = q.where(LedgerEntry.month >= start_month)
+    if end_month:
+        q = q.where(LedgerEntry.month <= end_month)
+    q = q.group_by(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month).order_by(
+        LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month)
+    with ctx.db.read() as s:
+        return [ReportRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in s.execute(q)]
+
+
+def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: str) -> tuple[list[EventView], str]:
+    if start_seq < 0:
+        raise InvalidArgument.single("start_sequence", "must not be negative")
+    size = page_size(size, default=100, maximum=1000)
+    filters = {"start": start_seq, "caller": caller.id}
+    position = _tokens(ctx).read(token, "events", filters)
+    after = int(position[0]) if position else start_seq - 1
+    q = select(Event).where(Event.seq > after)
+    if caller.role == "funder":
+        q = q.where(Event.program_id.in_(ctx.catalog.funded_by(caller.funder_id)))
+    q = q.order_by(Event.seq).limit(size + 1)
+    with ctx.db.read() as s:
+        rows = list(s.execute(q).scalars())
+    more = len(rows) > size
+    rows = rows[:size]
+    next_token = _tokens(ctx).issue("events", filters, [rows[-1].seq]) if more else ""
+    return [EventView(e.seq, utc(e.time), e.type, e.actor, e.subject, e.reason, e.payload_json)
+            for e in rows], next_token

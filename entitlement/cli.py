@@ -1,0 +1,192 @@
+"""The `entitlement` command: operator commands (db, demo, registry, programs, keys) and a client
+for the people who use the service by hand (advisors, platform support staff, funders).
+
+Client commands read ENTITLEMENT_ADDRESS (default 127.0.0.1:50051) and ENTITLEMENT_TOKEN (the
+caller's bearer token), or --address / --token. Output is a readable table by default, JSON with
+--json. Errors are one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from entitlement.config import ROOT, Settings
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"entitlement: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------- operators
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from entitlement.storage.migrate import head_revision, upgrade
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    print(f"database at revision {head_revision()}")
+    return 0
+
+
+def cmd_programs_check(args: argparse.Namespace) -> int:
+    from entitlement.programs import ProgramCatalog, ProgramFileError
+    try:
+        catalog = ProgramCatalog.load(Path(args.dir))
+    except ProgramFileError as exc:
+        return _fail(str(exc))
+    for p in catalog.all():
+        end = p.end.isoformat() if p.end else "open-ended"
+        print(f"ok  {p.id:<28} {p.start.isoformat()} .. {end:<10}  version {p.version}  ({p.source.name})")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from entitlement.tokens import generate_key
+    settings = Settings.from_env()
+    print(f"created signing key {generate_key(settings.key_dir)} in {settings.key_dir}")
+    return 0
+
+
+def cmd_registry_import(args: argparse.Namespace) -> int:
+    from entitlement import registry
+    from entitlement.clock import SystemClock
+    from entitlement.pseudonym import Pseudonymizer
+    from entitlement.storage.db import Database
+    from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
+    try:
+        ensure_current(db)
+    except SchemaNotCurrent as exc:
+        return _fail(str(exc))
+    pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file)
+    extracted = dt.date.fromisoformat(args.extracted_on) if args.extracted_on else dt.date.today()
+    rejects = Path(args.rejects) if args.rejects else Path(str(args.file) + ".rejects.csv")
+    try:
+        summary = registry.import_extract(db, pseudo, SystemClock(settings.timezone), Path(args.file),
+                                          extracted_on=extracted, actor="operator:cli", rejects_path=rejects)
+    except registry.ExtractError as exc:
+        return _fail(f"import refused, previous snapshot still in force: {exc}")
+    if summary.unchanged:
+        print(f"unchanged: this file (sha256 {summary.sha256[:12]}) is already snapshot {summary.snapshot_id}")
+    else:
+        print(f"snapshot {summary.snapshot_id}: read {summary.rows_read}, imported {summary.rows_imported}, "
+              f"rejected {summary.rows_rejected} (see {rejects})")
+    return 0
+
+
+def cmd_registry_generate(args: argparse.Namespace) -> int:
+    from entitlement import synthetic
+    synthetic.write(Path(args.file), args.rows, args.seed)
+    print(f"wrote {args.rows} synthetic rows to {args.file}")
+    return 0
+
+
+DEMO_CALLERS = [
+    ("advisor-paris", "advisor", {"advisor_id": "A0001", "agency_code": "75011"}),
+    ("advisor-lyon", "advisor", {"advisor_id": "A0002", "agency_code": "69003"}),
+    ("platform-openclassrooms", "platform", {"platform_id": "openclassrooms"}),
+    ("funder-ministry", "funder", {"funder_id": "ministry-of-labour"}),
+    ("funder-france-travail", "funder", {"funder_id": "france-travail"}),
+    ("funder-region-idf", "funder", {"funder_id": "region-idf"}),
+    ("admin", "admin", {}),
+]
+
+
+def cmd_demo_init(args: argparse.Namespace) -> int:
+    """Prepare the local demo: migrate, create secrets, callers, import the demo registry."""
+    from entitlement import registry
+    from entitlement.callers import Caller, write_callers
+    from entitlement.clock import SystemClock
+    from entitlement.pseudonym import Pseudonymizer
+    from entitlement.storage.db import Database
+    from entitlement.storage.migrate import upgrade
+    from entitlement.tokens import KeyStore
+    settings = Settings.from_env()
+    upgrade(settings.database_url)
+    pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file, create=True)
+    KeyStore.load(settings.key_dir, create=True)
+    creds_path = ROOT / "var" / "demo-credentials.json"
+    if not settings.callers_file.exists() or not creds_path.exists():
+        tokens = write_callers(settings.callers_file, [Caller(id=i, role=r, **scope) for i, r, scope in DEMO_CALLERS])
+        creds_path.write_text(json.dumps(tokens, indent=2) + "\n")
+        creds_path.chmod(0o600)
+    tokens = json.loads(creds_path.read_text())
+    db = Database(settings.database_url)
+    summary = registry.import_extract(db, pseudo, SystemClock(settings.timezone), ROOT / "demo" / "registry.csv",
+                                      extracted_on=dt.date.today(), actor="operator:demo")
+    db.dispose()
+    print(f"demo registry: snapshot {summary.snapshot_id}, {summary.rows_imported} people"
+          + (" (unchanged)" if summary.unchanged else ""))
+    print("\nDemo credentials (local demo only; stored in var/demo-credentials.json):")
+    for caller_id, token in tokens.items():
+        print(f"  {caller_id:<26} {token}")
+    adv, plat, fund = tokens["advisor-paris"], tokens["platform-openclassrooms"], tokens["funder-ministry"]
+    print(f"""
+Try, in another terminal (.venv/bin/entitlement, or `source .venv/bin/activate`):
+  ENTITLEMENT_TOKEN={adv} entitlement check DEMO0001 1990-05-17
+  ENTITLEMENT_TOKEN={adv} entitlement activate DEMO0001 1990-05-17 --program premium-job-seekers --platform openclassrooms
+  ENTITLEMENT_TOKEN={plat} entitlement redeem <TOKEN> learner-42
+  ENTITLEMENT_TOKEN={plat} entitlement verify learner-42
+  ENTITLEMENT_TOKEN={fund} entitlement activations
+  grpcurl -plaintext 127.0.0.1:50051 list          # reflection
+""")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="entitlement", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="migrate ENTITLEMENT_DATABASE_URL to the latest schema").set_defaults(func=cmd_db_upgrade)
+
+    demo = sub.add_parser("demo", help="local demo").add_subparsers(dest="demo_command", required=True)
+    demo.add_parser("init", help="migrate, create secrets and demo callers, import demo/registry.csv").set_defaults(func=cmd_demo_init)
+
+    programs = sub.add_parser("programs", help="program files").add_subparsers(dest="programs_command", required=True)
+    check = programs.add_parser("check", help="validate program files without starting the server")
+    check.add_argument("dir", nargs="?", default=str(Settings().programs_dir))
+    check.set_defaults(func=cmd_programs_check)
+
+    keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="keys_command", required=True)
+    keys.add_parser("create", help="create a new Ed25519 signing key in ENTITLEMENT_KEY_DIR").set_defaults(func=cmd_keys_create)
+
+    reg = sub.add_parser("registry", help="job-seeker registry extracts").add_subparsers(dest="registry_command", required=True)
+    imp = reg.add_parser("import", help="import an extract as a new snapshot")
+    imp.add_argument("file")
+    imp.add_argument("--extracted-on", help="extraction date YYYY-MM-DD (default today)")
+    imp.add_argument("--rejects", help="where to write rejected rows (default FILE.rejects.csv)")
+    imp.set_defaults(func=cmd_registry_import)
+    gen = reg.add_parser("generate", help="write a synthetic extract (invented people)")
+    gen.add_argument("file")
+    gen.add_argument("--rows", type=int, default=1000)
+    gen.add_argument("--seed", type=int, default=2015)
+    gen.set_defaults(func=cmd_registry_generate)
+
+    from entitlement import client_cli
+    client_cli.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            return _fail(exc.code)
+        raise
+    except KeyboardInterrupt:
+        return 130
+

@@ -1,0 +1,58 @@
+"""Use case: check a job seeker's eligibility (advisors), list programs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from entitlement import registry, rules
+from entitlement.app import Context
+from entitlement.callers import Caller
+from entitlement.errors import InvalidArgument, NotFound
+from entitlement.paging import PageTokens, page_size
+from entitlement.programs import Program
+from entitlement.registry import SnapshotRef
+
+
+@dataclass(frozen=True)
+class JobSeeker:
+    agency_id: str
+    birth_date: dt.date
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    decisions: tuple[rules.Decision, ...]
+    snapshot: SnapshotRef | None
+
+
+def resolve_program(ctx: Context, program_id: str, field: str = "program") -> Program:
+    program = ctx.catalog.get(program_id)
+    if program is None:
+        raise NotFound(f"program programs/{program_id} not found", reason="PROGRAM_NOT_FOUND",
+                       metadata={"program": f"programs/{program_id}"})
+    return program
+
+
+def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date | None) -> CheckResult:
+    today = ctx.clock.today()
+    day = as_of or today
+    if day > today:
+        raise InvalidArgument.single("as_of", "must not be in the future")
+    programs = [resolve_program(ctx, program_id)] if program_id else ctx.catalog.all()
+    key = ctx.pseudo.person_key(who.agency_id)
+    with ctx.db.read() as s:
+        facts, snapshot = registry.lookup(s, key, who.birth_date)
+    return CheckResult(tuple(rules.evaluate(p, facts, day) for p in programs), snapshot)
+
+
+def list_programs(ctx: Context, caller: Caller, size: int, token: str, day: dt.date) -> tuple[list[Program], str]:
+    size = page_size(size, default=50, maximum=200)
+    tokens = PageTokens(ctx.pseudo.derive("page-token"))
+    filters = {"as_of": day.isoformat(), "caller": caller.id}
+    position = tokens.read(token, "programs", filters)
+    after = str(position[0]) if position else ""
+    programs = [p for p in ctx.catalog.all() if p.id > after]
+    page = programs[:size]
+    next_token = tokens.issue("programs", filters, [page[-1].id]) if len(programs) > size else ""
+    return page, next_token

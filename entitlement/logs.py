@@ -1,0 +1,30 @@
+"""structlog set-up: one JSON object per line on stderr, with the request context bound by the
+access-log interceptor. Log lines carry ids of staff and resources, pseudonyms of job seekers,
+never a name, birth date or agency identifier."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    if level not in LEVELS:
+        raise SystemExit(f"ENTITLEMENT_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=True),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )

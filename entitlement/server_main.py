@@ -1,0 +1,85 @@
+"""Building and running the gRPC server (used by the top-level server.py and by the tests)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from entitlement.api.accesslog import AccessLogInterceptor
+from entitlement.api.identity import CallerInterceptor
+from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer
+from entitlement.app import Context
+from entitlement.v1 import activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc
+
+SERVICE_NAMES = (
+    eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
+    activation_pb2.DESCRIPTOR.services_by_name["ActivationService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+)
+log = structlog.get_logger("entitlement.server")
+
+
+@dataclass
+class Running:
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def stop(self, grace: float) -> None:
+        """Graceful stop: health NOT_SERVING first (load balancers drain), then refuse new calls and
+        let calls in flight finish within `grace` seconds."""
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+
+
+def start(ctx: Context, listen: str) -> Running:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[AccessLogInterceptor(), CallerInterceptor(ctx.callers)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
+    )
+    eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), server)
+    activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), server)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {listen}")
+    server.start()
+    running = Running(server, health_servicer, port)
+    running.set_serving(True)
+    return running
+
+
+def serve_forever(ctx: Context) -> None:
+    running = start(ctx, ctx.settings.listen)
+    log.info("serving", listen=ctx.settings.listen, port=running.port, database=ctx.db.dialect,
+             programs=[p.id for p in ctx.catalog.all()])
+    stopped = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name, grace_seconds=ctx.settings.grace_seconds)
+        running.stop(ctx.settings.grace_seconds)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopped.wait()
+    ctx.db.dispose()
+    log.info("stopped")
