@@ -26,5 +26,6 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=True,
+        # Loggers are cached for speed, except when a stream is given (tests reconfigure per server).
+        cache_logger_on_first_use=stream is None,
     )

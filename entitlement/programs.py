@@ -36,6 +36,17 @@ COMMON_PARAMETERS = ("price_per_month_cents", "activation_months", "funders")
 TOP_LEVEL_KEYS = {"id", "title", "description", "tier", "period", "criteria", "parameters"}
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without implicit timestamps: dates stay text until we parse them, so a bad date
+    is reported with its field instead of failing inside the YAML parser."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 class ProgramFileError(ValueError):
     def __init__(self, path: Path, field: str, message: str) -> None:
         super().__init__(f"{path}: {field}: {message}")
@@ -163,7 +174,7 @@ def _parameter(path: Path, name: str, raw: object) -> Parameter:
 def load_program(path: Path) -> Program:
     raw_bytes = path.read_bytes()
     try:
-        doc = yaml.safe_load(raw_bytes)
+        doc = yaml.load(raw_bytes, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ProgramFileError(path, "(file)", f"not valid YAML: {exc}") from None
     if not isinstance(doc, dict):

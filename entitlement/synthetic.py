@@ -28,10 +28,10 @@ KNOWN = [
 
 def rows(n: int, seed: int = 2015) -> Iterator[dict[str, str]]:
     """The KNOWN people, then n - len(KNOWN) random ones (identifiants SYN0000001, ...)."""
-    for ident, birth, postal, reg, end, cat in KNOWN[:n]:
+    for ident, born, postal, since, until, cat in KNOWN[:n]:
         yield {"identifiant": ident, "civilite": "", "nom": "Demo", "prenom": ident.title(),
-               "dateNaissance": birth, "codePostal": postal, "dateInscription": reg,
-               "dateCessationInscription": end, "codeCategorieInscription": cat}
+               "dateNaissance": born, "codePostal": postal, "dateInscription": since,
+               "dateCessationInscription": until, "codeCategorieInscription": cat}
     rnd = random.Random(seed)
     base = dt.date(2010, 1, 1)
     for i in range(max(0, n - len(KNOWN))):

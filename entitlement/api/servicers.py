@@ -3,6 +3,8 @@ case, convert the result. Errors are raised as domain errors; interceptors map t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from entitlement import activation, audit, eligibility
@@ -124,7 +126,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         raise Unimplemented("ReportUsage is not implemented yet (usage-based consumption comes with step 4)")
 
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
-                                context: grpc.ServicerContext) -> activation_pb2.EntitlementChange:
+                                context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         raise Unimplemented("WatchEntitlementChanges is not implemented yet (step 4)")
 
 

@@ -1,0 +1,118 @@
+"""Test harness: the real server on a free port, over a real gRPC channel, on a real database.
+
+Every storage-touching test runs twice, on SQLite and on PostgreSQL (`backend` fixture). In CI
+(CI=true) an unreachable PostgreSQL fails the run; elsewhere those tests skip with a message.
+PostgreSQL tests use a fresh database created for the session and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from support import (CALLERS, TODAY, Api, Harness, make_registry_file)
+
+from entitlement import app, logs, registry
+from entitlement.callers import write_callers
+from entitlement.clock import FixedClock
+from entitlement.config import ROOT, Settings
+from entitlement.programs import ProgramCatalog
+from entitlement.pseudonym import Pseudonymizer
+from entitlement.server_main import start
+from entitlement.storage.db import Database
+from entitlement.storage.migrate import upgrade
+from entitlement.tokens import KeyStore
+
+PG_ADMIN_URL = os.environ.get("ENTITLEMENT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _pg_available() -> str | None:
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The PostgreSQL admin URL, or skip (fail in CI) when the server is not reachable."""
+    problem = _pg_available()
+    if problem:
+        message = f"PostgreSQL not reachable at {PG_ADMIN_URL} ({problem})"
+        if IN_CI:
+            pytest.fail(f"{message}: CI requires it (.ci/run starts it)")
+        pytest.skip(f"{message}; start it or set ENTITLEMENT_TEST_PG_URL to run these tests")
+    yield PG_ADMIN_URL
+
+
+def create_pg_database(admin_url: str) -> tuple[str, str]:
+    name = f"entitlement_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0]
+    return name, f"{base}/{name}"
+
+
+def drop_pg_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(backend name, database URL) of an empty, unmigrated database."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "entitlement.db"
+        yield "sqlite", f"sqlite:///{path}"
+        return
+    admin = request.getfixturevalue("pg_server")
+    name, url = create_pg_database(admin)
+    try:
+        yield "postgres", url
+    finally:
+        drop_pg_database(admin, name)
+
+
+@pytest.fixture(scope="session")
+def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A migrated database with the test registry, and the real server serving it on a free port."""
+    name, url = backend
+    tmp = tmp_path_factory.mktemp(f"server-{name}")
+    settings = Settings(
+        listen="127.0.0.1:0", database_url=url, programs_dir=ROOT / "programs",
+        callers_file=tmp / "callers.json", key_dir=tmp / "keys", pseudonym_key_file=tmp / "pseudonym.key",
+        issuer="urn:entitlement:test", token_ttl_days=30, max_workers=8, grace_seconds=2)
+    upgrade(url)
+    tokens = write_callers(settings.callers_file, CALLERS)
+    clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
+    log_path = tmp / "server.log"
+    log_stream = log_path.open("w")
+    logs.configure("info", stream=log_stream)
+    ctx = app.build(settings, clock=clock, create_secrets=True)
+    extract = make_registry_file(tmp / "registry.csv")
+    registry.import_extract(ctx.db, ctx.pseudo, clock, extract, extracted_on=TODAY - dt.timedelta(days=1))
+    running = start(ctx, settings.listen)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    h = Harness(backend=name, url=url, ctx=ctx, running=running, channel=channel, tokens=tokens,
+                clock=clock, log_path=log_path)
+    try:
+        yield h
+    finally:
+        channel.close()
+        running.stop(0)
+        ctx.db.dispose()
+        log_stream.close()
+
+
+@pytest.fixture
+def api(harness: Harness) -> Api:
+    return Api(harness)

@@ -1,0 +1,166 @@
+"""Pure rules: no server, no database (rules.py imports neither)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from entitlement import rules
+from entitlement.config import ROOT
+from entitlement.money import split_cents
+from entitlement.programs import ProgramCatalog, ProgramFileError, load_program
+
+PROGRAMS = ProgramCatalog.load(ROOT / "programs")
+PREMIUM = PROGRAMS.get("premium-job-seekers")
+IDF = PROGRAMS.get("deuxieme-chance-numerique")
+assert PREMIUM and IDF
+
+
+def facts(**kw: object) -> rules.PersonFacts:
+    base = dict(birth_date=dt.date(1990, 5, 17), postal_code="75011", registered_on=dt.date(2016, 1, 4),
+                registration_ended_on=None, category=1)
+    base.update(kw)
+    return rules.PersonFacts(**base)  # type: ignore[arg-type]
+
+
+@st.composite
+def shares(draw: st.DrawFn) -> dict[str, int]:
+    n = draw(st.integers(1, 6))
+    cuts = sorted(draw(st.lists(st.integers(1, 9999), min_size=n - 1, max_size=n - 1, unique=True)))
+    bounds = [0, *cuts, 10000]
+    return {f"f{i}": bounds[i + 1] - bounds[i] for i in range(n)}
+
+
+@given(total=st.integers(0, 10**12), parts=shares())
+def test_split_adds_up_to_the_cent(total: int, parts: dict[str, int]) -> None:
+    out = split_cents(total, parts)
+    assert sum(out.values()) == total
+    for funder, bp in parts.items():
+        assert abs(out[funder] * 10000 - total * bp) < 10000  # within one cent of the exact share
+
+
+def test_split_is_deterministic_and_fair() -> None:
+    assert split_cents(1, {"a": 5000, "b": 5000}) == {"a": 1, "b": 0}
+    assert split_cents(100, {"a": 3333, "b": 3333, "c": 3334}) == {"a": 33, "b": 33, "c": 34}
+    with pytest.raises(ValueError):
+        split_cents(100, {"a": 5000})
+
+
+@pytest.mark.parametrize("birth,day,age", [
+    ("2000-03-16", "2026-03-15", 25), ("2000-03-16", "2026-03-16", 26),
+    ("2000-02-29", "2026-02-28", 25), ("2000-02-29", "2026-03-01", 26), ("2000-02-29", "2028-02-29", 28),
+])
+def test_age(birth: str, day: str, age: int) -> None:
+    assert rules.age_on(dt.date.fromisoformat(birth), dt.date.fromisoformat(day)) == age
+
+
+@pytest.mark.parametrize("start,months,end", [
+    ("2026-03-16", 12, "2027-03-15"), ("2026-01-31", 1, "2026-02-27"), ("2024-01-31", 1, "2024-02-28"),
+    ("2026-12-01", 1, "2026-12-31"),
+])
+def test_access_end(start: str, months: int, end: str) -> None:
+    assert rules.access_end(dt.date.fromisoformat(start), months) == dt.date.fromisoformat(end)
+
+
+def test_departments() -> None:
+    assert rules.department_of("75011") == "75"
+    assert rules.department_of("97400") == "974"
+    assert rules.department_of("20000") == "20"
+
+
+def test_premium_eligible_and_explained() -> None:
+    d = rules.evaluate(PREMIUM, facts(), dt.date(2026, 3, 16))
+    assert d.eligible and d.failed_reasons == []
+    assert d.funding_plan is not None
+    assert d.funding_plan.total_cents == 24000
+    assert {f for f, _, _ in d.funding_plan.shares} == {"ministry-of-labour", "france-travail"}
+    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders", "price_per_month_cents"}
+
+
+@pytest.mark.parametrize("kw,day,reason", [
+    ({}, "2015-08-31", "PROGRAM_NOT_STARTED"),
+    ({"category": 6}, "2026-03-16", "CATEGORY_NOT_COVERED"),
+    ({"registration_ended_on": dt.date(2026, 3, 16)}, "2026-03-16", "REGISTRATION_ENDED"),
+    ({"registered_on": dt.date(2026, 3, 17)}, "2026-03-16", "REGISTRATION_NOT_STARTED"),
+])
+def test_premium_refusals(kw: dict[str, object], day: str, reason: str) -> None:
+    d = rules.evaluate(PREMIUM, facts(**kw), dt.date.fromisoformat(day))
+    assert not d.eligible and reason in d.failed_reasons and d.funding_plan is None
+
+
+def test_registration_ending_tomorrow_is_still_active() -> None:
+    d = rules.evaluate(PREMIUM, facts(registration_ended_on=dt.date(2026, 3, 17)), dt.date(2026, 3, 16))
+    assert d.eligible
+
+
+def test_region_program_by_department_and_period() -> None:
+    day = dt.date(2018, 6, 1)
+    assert rules.evaluate(IDF, facts(postal_code="93100"), day).eligible
+    assert "OUTSIDE_REGION" in rules.evaluate(IDF, facts(postal_code="69003"), day).failed_reasons
+    assert "PROGRAM_ENDED" in rules.evaluate(IDF, facts(), dt.date(2019, 10, 9)).failed_reasons
+    assert rules.evaluate(IDF, facts(), dt.date(2019, 10, 8)).eligible
+
+
+def test_unknown_person_fails_every_criterion_the_same_way() -> None:
+    d = rules.evaluate(PREMIUM, None, dt.date(2026, 3, 16))
+    assert not d.eligible
+    assert [c.reason_code for c in d.criteria[1:]] == ["NOT_REGISTERED"] * 3
+
+
+@given(day=st.dates(min_value=dt.date(1990, 1, 1), max_value=dt.date(2015, 8, 31)))
+def test_never_eligible_before_the_program_starts(day: dt.date) -> None:
+    assert not rules.evaluate(PREMIUM, facts(registered_on=dt.date(1989, 1, 1)), day).eligible
+
+
+@given(day=st.dates(min_value=dt.date(2015, 1, 1), max_value=dt.date(2030, 12, 31)), category=st.integers(1, 8))
+def test_evaluation_is_pure(day: dt.date, category: int) -> None:
+    f = facts(category=category, registered_on=dt.date(2014, 1, 1))
+    first = rules.evaluate(PREMIUM, f, day)
+    assert first == rules.evaluate(PREMIUM, f, day)
+    assert rules.decision_from_dict(rules.decision_to_dict(first)) == first
+
+
+def test_a_fourth_program_is_a_file_alone(tmp_path: Path) -> None:
+    for f in (ROOT / "programs").glob("*.yaml"):
+        shutil.copy(f, tmp_path)
+    (tmp_path / "opco-numerique.yaml").write_text("""
+id: opco-numerique
+title: OPCO digital skills
+tier: premium
+period: {start: 2021-01-01, end: 2022-12-31}
+criteria: [registered, registration_active, age_below]
+parameters:
+  max_age: {values: {2021-01-01: {value: 30, reference: "Convention OPCO 2021"}}}
+  price_per_month_cents: {values: {2021-01-01: {value: 1500, reference: "Negotiated price"}}}
+  activation_months: {values: {2021-01-01: {value: 3, reference: "Convention OPCO 2021"}}}
+  funders: {values: {2021-01-01: {value: {opco-akto: 7000, region-occitanie: 3000}, reference: "Convention"}}}
+""")
+    catalog = ProgramCatalog.load(tmp_path)
+    program = catalog.get("opco-numerique")
+    assert program is not None and len(catalog.all()) == 3
+    d = rules.evaluate(program, facts(birth_date=dt.date(1995, 1, 1)), dt.date(2022, 6, 1))
+    assert d.eligible and d.funding_plan is not None
+    assert dict((f, c) for f, _, c in d.funding_plan.shares) == {"opco-akto": 3150, "region-occitanie": 1350}
+    assert "AGE_LIMIT_EXCEEDED" in rules.evaluate(program, facts(birth_date=dt.date(1990, 1, 1)),
+                                                  dt.date(2022, 6, 1)).failed_reasons
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda s: s.replace("tier: premium", "tier: premium\ncolour: blue"), "colour"),
+    (lambda s: s.replace("value: 2000", "value: -5"), "parameters.price_per_month_cents.values.2015-09-01.value"),
+    (lambda s: s.replace("ministry-of-labour: 5000", "ministry-of-labour: 4000"), "parameters.funders.values.2015-09-01.value"),
+    (lambda s: s.replace("start: 2015-09-01", "start: 2015-13-01"), "period.start"),
+    (lambda s: s.replace("  - registration_active", "  - registration_active\n  - moon_phase"), "criteria[3]"),
+])
+def test_bad_program_files_name_file_and_field(tmp_path: Path, edit: object, field: str) -> None:
+    src = (ROOT / "programs" / "premium-job-seekers.yaml").read_text()
+    path = tmp_path / "premium-job-seekers.yaml"
+    path.write_text(edit(src))  # type: ignore[operator]
+    with pytest.raises(ProgramFileError) as info:
+        load_program(path)
+    assert info.value.field == field and str(path) in str(info.value)
