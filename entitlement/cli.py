@@ -143,7 +143,8 @@ Try, in another terminal (.venv/bin/entitlement, or `source .venv/bin/activate`)
 # -------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="entitlement", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="entitlement", description="Operator commands and a client for the "
+                                "entitlement service (advisors, platform support staff, funders).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_registry_generate)
 
     from entitlement import client_cli
-    client_cli.add_commands(sub)
+    client_cli.add_commands(sub, programs)
     return p
 
 

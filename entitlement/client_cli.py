@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
+import re
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from google.type import date_pb2
 from grpc_status import rpc_status
 
+from entitlement.money import format_eur
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+PAGE_SIZE_CAP = 1000  # servers coerce larger page sizes down to their own maximum (AIP-158)
+MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+STATES = ("active", "suspended", "revoked", "expired")
+MONEY = ("committed_cents", "consumed_cents", "released_cents")
+REPORT_COLUMNS = ("funder", "program", "month", "activations_started", *MONEY)
 
 
 class ClientError(Exception):
@@ -82,18 +91,155 @@ def _fmt_date(d: date_pb2.Date) -> str:
     return f"{d.year:04d}-{d.month:02d}-{d.day:02d}" if d.year else "-"
 
 
+def _fmt_time(ts: timestamp_pb2.Timestamp) -> str:
+    if not (ts.seconds or ts.nanos):
+        return "-"
+    return ts.ToDatetime(tzinfo=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _month(text: str | None, what: str) -> str:
+    if text and not MONTH_RE.fullmatch(text):
+        raise ClientError(f"{what}: expected a month YYYY-MM, got {text!r}")
+    return text or ""
+
+
+def _count(text: str) -> int:
+    """argparse type of --limit: a positive number of rows."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return int(text)
+
+
 def _identity(args: argparse.Namespace) -> common_pb2.JobSeekerIdentity:
     return common_pb2.JobSeekerIdentity(agency_id=args.agency_id, birth_date=_date(args.birth_date, "birth date"))
 
 
-def _program_name(p: str) -> str:
-    return p if not p or p.startswith("programs/") else f"programs/{p}"
+def _name(collection: str, value: str | None) -> str:
+    """The resource name for a bare id or a full name: `x` and `programs/x` both give `programs/x`."""
+    if not value:
+        return ""
+    return value if value.startswith(f"{collection}/") else f"{collection}/{value}"
+
+
+def _bare(name: str) -> str:
+    return name.split("/", 1)[-1]
+
+
+def _state(state: activation_pb2.ActivationState.ValueType) -> str:
+    return activation_pb2.ActivationState.Name(state).lower() if state else "-"
+
+
+def _share(basis_points: int) -> str:
+    whole, rest = divmod(basis_points, 100)
+    return f"{whole}.{rest:02d}%" if rest else f"{whole}%"
+
+
+def _funders(plan: common_pb2.FundingPlan, *, amounts: bool = False) -> str:
+    return ", ".join(f"{s.funder} {_share(s.share_basis_points)}" + (f" {format_eur(s.amount_cents)}" if amounts else "")
+                     for s in plan.shares) or "-"
+
+
+def _fields(pairs: Sequence[tuple[str, str]]) -> None:
+    width = max(len(label) for label, _ in pairs) + 1
+    for label, value in pairs:
+        print(f"{label + ':':<{width}} {value}")
+
+
+def _show(args: argparse.Namespace, msg: Message, render: Callable[[Any], None]) -> int:
+    if args.json:
+        _print_json(msg)
+    else:
+        render(msg)
+    return 0
+
+
+def _list_all(args: argparse.Namespace, stub_cls: Any, method: str, request: Any, field: str, limit: int = 0) -> Any:
+    """Call a List method page after page (AIP-158) until the last page or `limit` items. Returns one
+    response holding every item, and the next page token where it stopped (empty at the end)."""
+    response: Any = None
+    while True:
+        if limit:
+            got = len(getattr(response, field)) if response is not None else 0
+            request.page_size = min(limit - got, PAGE_SIZE_CAP)
+        page = _call(args, stub_cls, method, request)
+        if response is None:
+            response = page
+        else:
+            getattr(response, field).extend(getattr(page, field))
+            response.next_page_token = page.next_page_token
+        request.page_token = page.next_page_token
+        if not page.next_page_token or (limit and len(getattr(response, field)) >= limit):
+            return response
+
+
+# ---------------------------------------------------------------------------------------- renderers
+
+def _print_activation(a: activation_pb2.Activation) -> None:
+    plan = a.funding
+    _fields([
+        ("activation", a.name),
+        ("program", a.program),
+        ("state", _state(a.state) + (f" ({a.state_reason})" if a.state_reason else "")),
+        ("access", f"{_fmt_date(a.start_date)} .. {_fmt_date(a.end_date)}"),
+        ("platform", a.platform),
+        ("account", f"{a.account_id} (redeemed {_fmt_time(a.redeem_time)})" if a.account_id else "not redeemed yet"),
+        ("advisor", f"{a.advisor_id} (agency {a.agency_code})"),
+        ("funding", f"{format_eur(plan.total_cents)} = {plan.months} months x {format_eur(plan.price_per_month_cents)}"),
+        ("funders", _funders(plan, amounts=True)),
+        ("job seeker ref", a.job_seeker_ref),
+        ("created", _fmt_time(a.create_time)),
+        ("updated", _fmt_time(a.update_time)),
+    ])
+
+
+def _print_status(s: activation_pb2.EntitlementStatus) -> None:
+    _fields([("account", s.account_id), ("active", "yes" if s.active else "no"), ("activation", s.activation or "-"),
+             ("program", s.program or "-"), ("state", _state(s.state)), ("until", _fmt_date(s.end_date)),
+             ("tier", s.tier or "-")])
+
+
+def _print_jwks(resp: activation_pb2.GetSigningKeysResponse) -> None:
+    print(json.dumps(json.loads(resp.jwks_json), indent=2))
+
+
+def _print_programs(resp: eligibility_pb2.ListProgramsResponse) -> None:
+    _table(["id", "title", "open", "start", "end", "price/month", "funders"],
+           [(_bare(p.name), p.title, "yes" if p.open else "no", _fmt_date(p.start_date), _fmt_date(p.end_date),
+             format_eur(p.monthly_funding.price_per_month_cents) if p.HasField("monthly_funding") else "-",
+             _funders(p.monthly_funding)) for p in resp.programs])
+
+
+def _print_activations(resp: audit_pb2.ListActivationsResponse) -> None:
+    _table(["name", "program", "state", "agency", "start", "end", "account"],
+           [(a.name, _bare(a.program), _state(a.state), a.agency_code, _fmt_date(a.start_date), _fmt_date(a.end_date),
+             a.account_id or "-") for a in resp.activations])
+
+
+def _print_report(resp: audit_pb2.GetFundingReportResponse) -> None:
+    rows: list[tuple[Any, ...]] = [
+        (r.funder, _bare(r.program), r.month, r.activations_started, *(format_eur(getattr(r, m)) for m in MONEY))
+        for r in resp.rows]
+    rows.append(("total", "", "", sum(r.activations_started for r in resp.rows),
+                 *(format_eur(sum(getattr(r, m) for r in resp.rows)) for m in MONEY)))
+    _table(["funder", "program", "month", "activations", "committed", "consumed", "released"], rows)
+
+
+def _print_report_csv(resp: audit_pb2.GetFundingReportResponse) -> None:
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(REPORT_COLUMNS)
+    out.writerows([getattr(r, c) for c in REPORT_COLUMNS] for r in resp.rows)
+
+
+def _print_events(resp: audit_pb2.ListEventsResponse) -> None:
+    _table(["seq", "time", "type", "actor", "subject", "reason", "payload"],
+           [(e.sequence, _fmt_time(e.time), e.type, e.actor, e.subject, e.reason or "-", e.payload_json)
+            for e in resp.events])
 
 
 # --------------------------------------------------------------------------------------- commands
 
 def cmd_check(args: argparse.Namespace) -> int:
-    req = eligibility_pb2.CheckEligibilityRequest(job_seeker=_identity(args), program=_program_name(args.program or ""))
+    req = eligibility_pb2.CheckEligibilityRequest(job_seeker=_identity(args), program=_name("programs", args.program))
     if args.as_of:
         req.as_of.CopyFrom(_date(args.as_of, "--as-of"))
     resp = _call(args, eligibility_pb2_grpc.EligibilityServiceStub, "CheckEligibility", req)
@@ -110,26 +256,160 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--address", help=f"server address (ENTITLEMENT_ADDRESS, default {DEFAULT_ADDRESS})")
-        p.add_argument("--token", help="bearer token (ENTITLEMENT_TOKEN)")
-        p.add_argument("--json", action="store_true", help="print the response as JSON")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
-        return p
+def cmd_activate(args: argparse.Namespace) -> int:
+    request_id = args.request_id or uuid.uuid4().hex
+    req = activation_pb2.ActivateEntitlementRequest(
+        request_id=request_id, job_seeker=_identity(args), program=_name("programs", args.program),
+        platform=_name("platforms", args.platform), reason=args.reason or "")
+    resp = _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req)
+    if args.json:
+        _print_json(resp)
+        return 0
+    _print_activation(resp.activation)
+    print(f"request id: {request_id} (repeat it with --request-id to retry safely)")
+    print(f"token: {resp.activation_token}")
+    return 0
 
+
+def cmd_get(args: argparse.Namespace) -> int:
+    req = activation_pb2.GetActivationRequest(name=_name("activations", args.activation))
+    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "GetActivation", req), _print_activation)
+
+
+def _transition(method: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        req = activation_pb2.TransitionActivationRequest(
+            name=_name("activations", args.activation), reason=args.reason, request_id=args.request_id or "")
+        return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, method, req), _print_activation)
+    return run
+
+
+def cmd_redeem(args: argparse.Namespace) -> int:
+    req = activation_pb2.RedeemActivationTokenRequest(token=args.token_value, account_id=args.account_id)
+    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "RedeemActivationToken", req),
+                 _print_status)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    req = activation_pb2.VerifyEntitlementRequest(account_id=args.account_id)
+    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "VerifyEntitlement", req), _print_status)
+
+
+def cmd_jwks(args: argparse.Namespace) -> int:
+    req = activation_pb2.GetSigningKeysRequest()
+    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "GetSigningKeys", req), _print_jwks)
+
+
+def cmd_programs(args: argparse.Namespace) -> int:
+    req = eligibility_pb2.ListProgramsRequest()
+    if args.as_of:
+        req.as_of.CopyFrom(_date(args.as_of, "--as-of"))
+    resp = _list_all(args, eligibility_pb2_grpc.EligibilityServiceStub, "ListPrograms", req, "programs")
+    return _show(args, resp, _print_programs)
+
+
+def cmd_activations(args: argparse.Namespace) -> int:
+    req = audit_pb2.ListActivationsRequest(
+        program=_name("programs", args.program), funder=args.funder or "", agency_code=args.agency or "")
+    if args.state:
+        req.state = activation_pb2.ActivationState.Value(args.state.upper())
+    resp = _list_all(args, audit_pb2_grpc.AuditServiceStub, "ListActivations", req, "activations", args.limit)
+    return _show(args, resp, _print_activations)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.csv and args.json:
+        raise ClientError("--csv and --json cannot be used together")
+    req = audit_pb2.GetFundingReportRequest(
+        funder=args.funder or "", program=_name("programs", args.program),
+        start_month=_month(args.start_month, "--from"), end_month=_month(args.end_month, "--to"))
+    resp = _call(args, audit_pb2_grpc.AuditServiceStub, "GetFundingReport", req)
+    return _show(args, resp, _print_report_csv if args.csv else _print_report)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    req = audit_pb2.ListEventsRequest(start_sequence=args.from_seq)
+    resp = _list_all(args, audit_pb2_grpc.AuditServiceStub, "ListEvents", req, "events", args.limit)
+    return _show(args, resp, _print_events)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def add_commands(sub: Any, programs: Any) -> None:
+    """Register the client commands on `sub`; `programs list` goes under the operator `programs` group."""
     def client(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         def run(args: argparse.Namespace) -> int:
             try:
                 return func(args)
             except ClientError as exc:
-                print(f"entitlement: {exc}", file=sys.stderr)
+                print("entitlement: " + " ".join(str(exc).splitlines()), file=sys.stderr)
                 return 1
         return run
 
-    p = common(sub.add_parser("check", help="advisor: check a job seeker's eligibility, with the reasons"))
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str,
+                parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.add_argument("--address", help=f"server address (ENTITLEMENT_ADDRESS, default {DEFAULT_ADDRESS})")
+        p.add_argument("--token", help="bearer token (ENTITLEMENT_TOKEN)")
+        p.add_argument("--json", action="store_true", help="print the response as JSON")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+        p.set_defaults(func=client(func))
+        return p
+
+    def request_id(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--request-id", help="idempotency key: repeat it to retry safely")
+
+    p = command("check", cmd_check, "advisor: check a job seeker's eligibility, with the reasons")
     p.add_argument("agency_id")
     p.add_argument("birth_date", help="YYYY-MM-DD")
     p.add_argument("--program", help="program id (default: all programs)")
     p.add_argument("--as-of", help="evaluate as of this past date YYYY-MM-DD")
-    p.set_defaults(func=client(cmd_check))
+
+    p = command("activate", cmd_activate, "advisor: activate a program for a job seeker; prints the token")
+    p.add_argument("agency_id")
+    p.add_argument("birth_date", help="YYYY-MM-DD")
+    p.add_argument("--program", required=True, help="program id")
+    p.add_argument("--platform", required=True, help="course platform id, e.g. openclassrooms")
+    p.add_argument("--reason", help="why (free text, no personal data)")
+    request_id(p)
+
+    p = command("get", cmd_get, "advisor: show one activation")
+    p.add_argument("activation", help="activations/ID or ID")
+
+    for name, method in (("suspend", "SuspendActivation"), ("resume", "ResumeActivation"),
+                         ("revoke", "RevokeActivation")):
+        p = command(name, _transition(method), f"advisor: {name} an activation")
+        p.add_argument("activation", help="activations/ID or ID")
+        p.add_argument("--reason", required=True, help="why (recorded in the event log)")
+        request_id(p)
+
+    p = command("redeem", cmd_redeem, "platform: bind an activation token to one of your accounts")
+    p.add_argument("token_value", metavar="TOKEN", help="the activation token")
+    p.add_argument("account_id")
+
+    p = command("verify", cmd_verify, "platform: is Premium active for one of your accounts?")
+    p.add_argument("account_id")
+
+    command("jwks", cmd_jwks, "platform: the public keys that sign activation tokens (JWKS)")
+
+    p = command("list", cmd_programs, "the funded programs and who pays for them (from the server)",
+                parent=programs)
+    p.add_argument("--as-of", help="parameters in force on this date YYYY-MM-DD (default today)")
+
+    p = command("activations", cmd_activations, "funder: list activations, newest first")
+    p.add_argument("--program", help="program id")
+    p.add_argument("--funder", help="funder id (a funder sees only its own)")
+    p.add_argument("--agency", help="agency code")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--limit", type=_count, default=0, help="at most this many rows (default: all)")
+
+    p = command("report", cmd_report, "funder: money per funder, program and month")
+    p.add_argument("--funder", help="funder id (a funder sees only its own)")
+    p.add_argument("--program", help="program id")
+    p.add_argument("--from", dest="start_month", metavar="YYYY-MM", help="first month included")
+    p.add_argument("--to", dest="end_month", metavar="YYYY-MM", help="last month included")
+    p.add_argument("--csv", action="store_true", help="CSV with integer cents, for spreadsheets")
+
+    p = command("events", cmd_events, "funder: the event log, oldest first")
+    p.add_argument("--from-seq", type=int, default=0, metavar="N", help="start at this sequence number")
+    p.add_argument("--limit", type=_count, default=0, help="at most this many events (default: all)")

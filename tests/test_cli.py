@@ -1,0 +1,262 @@
+"""The `entitlement` client commands, run in process against the real server, on both backends:
+readable output by default, JSON with --json, one-line errors on stderr with exit code 1."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from support import SPECIAL, TODAY, Api, Harness, next_person
+
+from entitlement import cli
+
+PROGRAM = "premium-job-seekers"
+MONTH = TODAY.strftime("%Y-%m")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def fields(self) -> dict[str, str]:
+        """`label: value` lines of a summary."""
+        pairs = (line.split(":", 1) for line in self.out.splitlines() if ":" in line)
+        return {label.strip(): value.strip() for label, value in pairs}
+
+    def rows(self) -> list[list[str]]:
+        """The rows of a table (cells are separated by at least two spaces)."""
+        lines = self.out.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+        return [re.split(r"\s{2,}", line) for line in lines[start:] if line]
+
+    def error(self, *needles: str) -> str:
+        """Assert a failure: exit 1, nothing on stdout, one line on stderr containing every needle."""
+        assert self.code == 1, (self.code, self.out, self.err)
+        assert self.out == ""
+        lines = self.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("entitlement: "), self.err
+        assert "Traceback" not in self.err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+        return lines[0]
+
+
+Run = Callable[..., Result]
+
+
+@pytest.fixture
+def run(harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    """run(caller_id or None, *argv): the CLI against the test server, as that caller."""
+    monkeypatch.delenv("ENTITLEMENT_TOKEN", raising=False)
+    monkeypatch.delenv("ENTITLEMENT_ADDRESS", raising=False)
+
+    def run_(caller: str | None, *argv: str) -> Result:
+        args = [*argv, "--address", f"127.0.0.1:{harness.running.port}"]
+        if caller:
+            args += ["--token", harness.tokens[caller]]
+        capsys.readouterr()
+        code = cli.main(args)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run_
+
+
+def activate(run: Run, *extra: str) -> dict[str, str]:
+    """Activate a fresh eligible person with the CLI; the summary's fields."""
+    agency_id, birth = next_person()
+    r = run("advisor-paris", "activate", agency_id, birth.isoformat(), "--program", PROGRAM,
+            "--platform", "openclassrooms", *extra)
+    assert r.code == 0, r.err
+    return r.fields()
+
+
+def test_check_prints_the_decision_as_a_table_or_json(run: Run) -> None:
+    agency_id, birth = next_person()
+    r = run("advisor-paris", "check", agency_id, birth.isoformat(), "--program", PROGRAM)
+    assert r.code == 0, r.err
+    assert r.out.startswith(f"programs/{PROGRAM}: ELIGIBLE on {TODAY.isoformat()}")
+    assert [row[:2] for row in r.rows()] == [["program_open", "yes"], ["registered", "yes"],
+                                             ["category_covered", "yes"], ["registration_active", "yes"]]
+
+    r = run("advisor-paris", "check", "CAT0006", SPECIAL["CAT0006"][0], "--program", f"programs/{PROGRAM}", "--json")
+    assert r.code == 0, r.err
+    [decision] = json.loads(r.out)["decisions"]
+    assert decision["program"] == f"programs/{PROGRAM}"
+    assert "eligible" not in decision  # proto3 JSON leaves out false
+    assert "CATEGORY_NOT_COVERED" in [c.get("reason_code") for c in decision["criteria"]]
+
+
+def test_activate_then_get_suspend_resume_revoke(run: Run) -> None:
+    act = activate(run, "--reason", "cli test")
+    name = act["activation"]
+    assert re.fullmatch(r"activations/[0-9a-f]{32}", name)
+    assert act["program"] == f"programs/{PROGRAM}" and act["platform"] == "platforms/openclassrooms"
+    assert act["state"] == "active (cli test)"
+    assert act["access"] == f"{TODAY.isoformat()} .. 2027-03-15"
+    assert act["advisor"] == "A0001 (agency 75011)"
+    assert act["funding"] == "240.00 EUR = 12 months x 20.00 EUR"
+    assert set(act["funders"].split(", ")) == {"ministry-of-labour 50% 120.00 EUR", "france-travail 50% 120.00 EUR"}
+    assert re.fullmatch(r"[0-9a-f]{32} \(.*\)", act["request id"])
+    assert act["token"].count(".") == 2  # a compact JWS
+
+    got = run("advisor-paris", "get", name.removeprefix("activations/"))  # the bare id works too
+    assert got.code == 0 and got.fields()["activation"] == name and got.fields()["state"] == "active (cli test)"
+
+    for command, state in (("suspend", "suspended"), ("resume", "active"), ("revoke", "revoked")):
+        r = run("advisor-paris", command, name, "--reason", f"{command} by cli")
+        assert r.code == 0, r.err
+        assert r.fields()["state"] == f"{state} ({command} by cli)"
+
+    r = run("advisor-paris", "resume", name, "--reason", "too late", "--json")
+    r.error("FAILED_PRECONDITION", "[INVALID_STATE]", "revoked")
+    run("advisor-paris", "suspend", "not-an-id", "--reason", "x").error(
+        "INVALID_ARGUMENT", "name: must look like activations/")
+
+
+def test_activate_with_the_same_request_id_is_idempotent(run: Run) -> None:
+    agency_id, birth = next_person()
+    argv = ("activate", agency_id, birth.isoformat(), "--program", f"programs/{PROGRAM}",
+            "--platform", "platforms/openclassrooms", "--request-id", f"cli-{agency_id}", "--json")
+    first, again = run("advisor-paris", *argv), run("advisor-paris", *argv)
+    assert first.code == again.code == 0, first.err + again.err
+    assert json.loads(first.out) == json.loads(again.out)
+    assert json.loads(first.out)["activation_token"].count(".") == 2
+
+    # Without --request-id each call gets a new id: a second activation of this person is refused.
+    r = run("advisor-paris", *argv[:-3])
+    r.error("ALREADY_EXISTS", "[ACTIVATION_EXISTS]", json.loads(first.out)["activation"]["name"])
+
+
+def test_activate_an_ineligible_person_fails_on_one_line(run: Run) -> None:
+    r = run("advisor-paris", "activate", "CAT0006", SPECIAL["CAT0006"][0], "--program", PROGRAM,
+            "--platform", "openclassrooms")
+    r.error("FAILED_PRECONDITION", "[NOT_ELIGIBLE]", "CATEGORY_NOT_COVERED")
+
+
+def test_redeem_then_verify(run: Run) -> None:
+    act = activate(run)
+    account = "learner-cli-" + act["activation"][-8:]
+    r = run("platform-oc", "redeem", act["token"], account)
+    assert r.code == 0, r.err
+    assert r.fields() == {"account": account, "active": "yes", "activation": act["activation"],
+                               "program": f"programs/{PROGRAM}", "state": "active", "until": "2027-03-15",
+                               "tier": "premium"}
+
+    r = run("platform-oc", "verify", account)
+    assert r.code == 0 and r.fields()["active"] == "yes" and r.fields()["activation"] == act["activation"]
+    nobody = run("platform-oc", "verify", "nobody-" + account, "--json")
+    assert nobody.code == 0 and json.loads(nobody.out) == {"account_id": "nobody-" + account}
+
+    run("platform-other", "redeem", act["token"], account).error("PERMISSION_DENIED")
+
+
+def test_jwks_prints_the_key_set(run: Run) -> None:
+    r = run("platform-oc", "jwks")
+    assert r.code == 0, r.err
+    keys = json.loads(r.out)["keys"]
+    assert keys and all(k["kty"] == "OKP" and k["crv"] == "Ed25519" and k["alg"] == "EdDSA" for k in keys)
+    raw = run("platform-oc", "jwks", "--json")
+    assert json.loads(json.loads(raw.out)["jwks_json"]) == json.loads(r.out)
+
+
+def test_programs_lists_every_program_with_price_and_funders(run: Run) -> None:
+    r = run("funder-idf", "programs", "list")
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0].split() == ["id", "title", "open", "start", "end", "price/month", "funders"]
+    rows = {row[0]: row for row in r.rows()}
+    assert set(rows) == {PROGRAM, "deuxieme-chance-numerique"}
+    assert rows[PROGRAM][2:6] == ["yes", "2015-09-01", "-", "20.00 EUR"]
+    assert set(rows[PROGRAM][6].split(", ")) == {"ministry-of-labour 50%", "france-travail 50%"}
+    assert rows["deuxieme-chance-numerique"][2] == "no"
+
+    then = run("funder-idf", "programs", "list", "--as-of", "2018-01-01", "--json")
+    assert {p["name"]: p.get("open", False) for p in json.loads(then.out)["programs"]} == {
+        f"programs/{PROGRAM}": True, "programs/deuxieme-chance-numerique": True}
+
+
+def test_programs_check_still_validates_program_files(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["programs", "check"]) == 0
+    assert re.search(rf"^ok  {PROGRAM} ", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_activations_follow_every_page_and_stop_at_the_limit(run: Run, api: Api) -> None:
+    act = activate(run)
+    for _ in range(51):  # more than the server's default page size of 50
+        api.activate()
+    everything = run("funder-ministry", "activations", "--json")
+    assert everything.code == 0, everything.err
+    names = [a["name"] for a in json.loads(everything.out)["activations"]]
+    assert len(names) > 50 and len(set(names)) == len(names) and act["activation"] in names
+    assert "next_page_token" not in json.loads(everything.out)
+
+    r = run("funder-ministry", "activations", "--program", PROGRAM, "--agency", "75011", "--state", "active")
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0].split() == ["name", "program", "state", "agency", "start", "end", "account"]
+    mine = [row for row in r.rows() if row[0] == act["activation"]]
+    assert mine == [[act["activation"], PROGRAM, "active", "75011", TODAY.isoformat(), "2027-03-15", "-"]]
+
+    limited = run("funder-ministry", "activations", "--limit", "3", "--json")
+    assert len(json.loads(limited.out)["activations"]) == 3 and json.loads(limited.out)["next_page_token"]
+
+    run("funder-ministry", "activations", "--funder", "region-idf").error("PERMISSION_DENIED", "[OUT_OF_SCOPE]")
+    region = run("funder-idf", "activations", "--json")
+    assert region.code == 0 and act["activation"] not in region.out
+
+
+def test_report_csv_has_a_header_and_integer_cents(run: Run) -> None:
+    activate(run)
+    r = run("funder-ministry", "report", "--from", MONTH, "--to", MONTH, "--csv")
+    assert r.code == 0, r.err
+    header, *rows = list(csv.reader(io.StringIO(r.out)))
+    assert header == ["funder", "program", "month", "activations_started", "committed_cents", "consumed_cents",
+                      "released_cents"]
+    assert rows and all(row[0] == "ministry-of-labour" and row[2] == MONTH for row in rows)
+    by_program = {row[1]: [int(cell) for cell in row[3:]] for row in rows}
+    started, committed, _consumed, _released = by_program[f"programs/{PROGRAM}"]
+    assert started >= 1 and committed >= 12000 and committed % 12000 == 0
+
+    table = run("funder-ministry", "report", "--program", PROGRAM, "--from", MONTH, "--to", MONTH)
+    assert table.code == 0, table.err
+    [row, total] = table.rows()
+    assert row[:3] == ["ministry-of-labour", PROGRAM, MONTH]
+    assert row[4] == f"{committed // 100:,}.{committed % 100:02d} EUR".replace(",", " ")
+    assert total[0] == "total"
+
+    run("funder-ministry", "report", "--from", "2026-13").error("--from: expected a month YYYY-MM")
+    run("funder-ministry", "report", "--csv", "--json").error("--csv and --json")
+
+
+def test_events_list_the_log_from_a_sequence(run: Run) -> None:
+    act = activate(run)
+    r = run("funder-ministry", "events", "--json")
+    assert r.code == 0, r.err
+    events = json.loads(r.out)["events"]
+    seqs = [int(e["sequence"]) for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    created = [e for e in events if e["subject"] == act["activation"]]
+    assert [e["type"] for e in created] == ["activation.created"]
+
+    start = int(created[0]["sequence"])
+    r = run("funder-ministry", "events", "--from-seq", str(start), "--limit", "1")
+    assert r.code == 0, r.err
+    [row] = r.rows()
+    assert row[0] == str(start) and row[2] == "activation.created" and row[3] == "advisor:A0001@75011"
+    assert row[4] == act["activation"]
+
+
+def test_malformed_date_is_a_one_line_error(run: Run) -> None:
+    run("advisor-paris", "check", "P0000001", "1990-02-30").error("birth date", "'1990-02-30'")
+    run("advisor-paris", "programs", "list", "--as-of", "yesterday").error("--as-of")
+
+
+def test_missing_token_is_unauthenticated(run: Run) -> None:
+    run(None, "programs", "list").error("UNAUTHENTICATED")
+    run(None, "verify", "someone").error("UNAUTHENTICATED")
