@@ -122,7 +122,7 @@ def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: st
     if rec.method != method or rec.request_sha256 != digest:
         raise FailedPrecondition(
             "request_id was already used for a different request; use a new request_id",
-            reason="REQUEST_ID_REUSED", metadata={"request_id": request_id})
+            reason="REQUEST_ID_REUSED", metadata={"reused_request_id": request_id})
     result: dict[str, Any] = json.loads(rec.response)
     return result
 
@@ -193,6 +193,13 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             Activation.program_id == program.id, Activation.person_key == person_key,
             Activation.state.in_(LIVE), Activation.end_date >= today)).scalar_one_or_none()
         if existing:
+            # READ COMMITTED: a concurrent retry of this very request may have committed between the
+            # replay check above and this query; its idempotency record is visible now (AIP-155).
+            replay = _replay(s, caller, cmd.request_id, "activate", digest)
+            if replay is not None:
+                winner = s.get(Activation, replay["activation_id"])
+                assert winner is not None
+                return ActivationResult(view(ctx, winner), replay["token"])
             raise AlreadyExists(f"this job seeker already has a live activation in {program.name}: "
                                 f"activations/{existing}", reason="ACTIVATION_EXISTS",
                                 metadata={"activation": f"activations/{existing}"})
@@ -280,6 +287,10 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
         current = effective_state(a, today)
         if current not in allowed_from:
+            # The row lock may have waited for a concurrent retry of this very request: replay it.
+            replay = _replay(s, caller, cmd.request_id, cmd.action, digest)
+            if replay is not None:
+                return view(ctx, a)
             raise FailedPrecondition(
                 f"cannot {cmd.action} activations/{a.id}: it is {current}",
                 reason="INVALID_STATE", metadata={"current_state": current.upper(), "action": cmd.action})
@@ -342,6 +353,8 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         a = _load_for_update(s, claims.activation_id)
         if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
+        if a.account_id == account_id:
+            return _status(ctx, a, account_id)  # safe retry: the same binding, no new event
         if a.account_id is not None:
             raise AlreadyExists(f"token was already redeemed for account {a.account_id}",
                                 reason="TOKEN_ALREADY_REDEEMED",

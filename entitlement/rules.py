@@ -65,7 +65,8 @@ class Decision:
 
     @property
     def failed_reasons(self) -> list[str]:
-        return [c.reason_code for c in self.criteria if not c.passed]
+        """Reason codes of the failed criteria, each once, in criterion order."""
+        return list(dict.fromkeys(c.reason_code for c in self.criteria if not c.passed))
 
 
 def age_on(birth_date: dt.date, day: dt.date) -> int:

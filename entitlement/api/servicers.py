@@ -19,7 +19,9 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
 
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations, prefix: str = "job_seeker") -> eligibility.JobSeeker:
     val.pattern(msg.agency_id, val.AGENCY_ID_RE, f"{prefix}.agency_id", "1 to 32 letters or digits", v)
-    birth = val.date(msg.birth_date, f"{prefix}.birth_date", v) if msg.HasField("birth_date") else None
+    # An explicitly set but empty Date (0-0-0) is no birth date: refused, never "not registered".
+    # (An unset one is already reported by check_required.)
+    birth = val.date(msg.birth_date, f"{prefix}.birth_date", v, required=msg.HasField("birth_date"))
     return eligibility.JobSeeker(msg.agency_id, birth)  # type: ignore[arg-type]
 
 
@@ -145,8 +147,10 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             state = convert.PROTO_TO_STATE.get(request.state, "")
             if not state:
                 v.add("state", "unknown state")
-        created_from = request.create_time_from.ToDatetime(tzinfo=val.UTC) if request.HasField("create_time_from") else None
-        created_to = request.create_time_to.ToDatetime(tzinfo=val.UTC) if request.HasField("create_time_to") else None
+        created_from = val.timestamp(request.create_time_from, "create_time_from", v) \
+            if request.HasField("create_time_from") else None
+        created_to = val.timestamp(request.create_time_to, "create_time_to", v) \
+            if request.HasField("create_time_to") else None
         v.raise_if_any()
         items, token = audit.list_activations(self.ctx, current_caller(), audit.ActivationFilter(
             program_id, request.funder, request.agency_code, state, created_from, created_to),

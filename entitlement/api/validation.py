@@ -8,6 +8,7 @@ import re
 from functools import lru_cache
 
 from google.api import field_behavior_pb2
+from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.type import date_pb2
@@ -46,14 +47,29 @@ def check_required(msg: Message, v: Violations, prefix: str = "") -> None:
             v.add(path, "is required")
 
 
-def date(d: date_pb2.Date, field: str, v: Violations) -> dt.date | None:
+def date(d: date_pb2.Date, field: str, v: Violations, *, required: bool = False) -> dt.date | None:
+    """The civil date, or None when empty (a violation if `required`) or invalid (a violation)."""
     if d.year == 0 and d.month == 0 and d.day == 0:
+        if required:
+            v.add(field, "is required")
         return None
     try:
         return dt.date(d.year, d.month, d.day)
     except ValueError:
         v.add(field, "must be a complete, valid calendar date")
         return None
+
+
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def timestamp(ts: timestamp_pb2.Timestamp, field: str, v: Violations) -> dt.datetime | None:
+    """An aware UTC datetime, or None with a violation when outside the Timestamp range."""
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS and 0 <= ts.nanos <= 999_999_999):
+        v.add(field, "must be a valid timestamp between years 1 and 9999")
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
 
 
 def name(value: str, pattern: re.Pattern[str], field: str, example: str, v: Violations) -> str:

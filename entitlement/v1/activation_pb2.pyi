@@ -11,7 +11,9 @@ Callers:
   agency code recorded on each action come from the caller's credentials, never from the request.
 - the course platform (role `platform`, scoped to its platform id): RedeemActivationToken,
   VerifyEntitlement, GetSigningKeys.
-- admins: everything.
+- admins: everything an advisor may do. The platform calls (RedeemActivationToken,
+  VerifyEntitlement, ReportUsage, WatchEntitlementChanges) act for one platform and need a
+  platform caller.
 GetSigningKeys is public to every authenticated caller: the keys are public by design.
 """
 
