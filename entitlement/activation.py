@@ -15,11 +15,12 @@ from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from entitlement import eventlog, registry, rules, tokens
+from entitlement import counters, eventlog, registry, rules, tokens
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
-from entitlement.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
+                                ResourceExhausted)
 from entitlement.money import split_cents
 from entitlement.storage.db import utc
 from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry
@@ -35,6 +36,7 @@ class ActivateCommand:
     platform_id: str
     reason: str
     request_id: str = ""
+    mentor_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
     program = resolve_program(ctx, cmd.program_id)
     person_key = ctx.pseudo.person_key(cmd.job_seeker.agency_id)
     digest = _request_hash("activate", {"p": person_key.hex(), "b": cmd.job_seeker.birth_date,
-                                        "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason})
+                                        "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason,
+                                        "m": cmd.mentor_id})
     result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest)
     return result
 
@@ -183,7 +186,12 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
         facts, snapshot = registry.lookup(s, person_key, cmd.job_seeker.birth_date)
-        decision = rules.evaluate(program, facts, today)
+        seats_used, cents_committed = counters.usage(s, [program.id])[program.id]
+        decision = rules.evaluate(program, facts, today, rules.Circumstances(
+            registry_extracted_on=snapshot.extracted_on if snapshot else None, seats_used=seats_used,
+            cents_committed=cents_committed, mentor_id=cmd.mentor_id))
+        if decision.failed_reasons == ["CAP_REACHED"]:
+            raise _cap_reached(program.name)
         if not decision.eligible:
             raise FailedPrecondition(
                 f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
@@ -205,11 +213,12 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                 metadata={"activation": f"activations/{existing}"})
         # A live row past its end date is expired: record it so the unique index frees the slot.
         _expire_stale(s, ctx, program.id, person_key, today)
-        plan = decision.funding_plan
-        assert plan is not None
+        plan, end = decision.funding_plan, decision.access_end
+        assert plan is not None and end is not None
+        if not counters.reserve(s, program, plan.total_cents, today):
+            raise _cap_reached(program.name)  # another activation took the last room meanwhile
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex
-        end = rules.access_end(today, plan.months)
         stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
                   else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
         a = Activation(id=activation_id, program_id=program.id, program_version=program.version,
@@ -245,6 +254,11 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         return ActivationResult(view(ctx, a), token)
 
 
+def _cap_reached(program_name: str) -> ResourceExhausted:
+    return ResourceExhausted(f"{program_name} has no seat or budget left", reason="CAP_REACHED",
+                             metadata={"program": program_name})
+
+
 def _expire_stale(s: Session, ctx: Context, program_id: str, person_key: bytes, today: dt.date) -> None:
     stale = s.execute(select(Activation).where(
         Activation.program_id == program_id, Activation.person_key == person_key,
@@ -262,11 +276,6 @@ def get(ctx: Context, caller: Caller, activation_id: str) -> ActivationView:
     with ctx.db.read() as s:
         a = _check_scope(caller, s.get(Activation, activation_id), activation_id)
         return view(ctx, a)
-
-
-def months_started(start: dt.date, months: int, day: dt.date) -> int:
-    """How many of the `months` months of access beginning on `start` have begun by `day`."""
-    return sum(1 for k in range(months) if rules.add_months(start, k) <= day)
 
 
 def transition(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationView:
@@ -309,8 +318,9 @@ def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) 
     the per-program choice between months of access and months of use)."""
     plan = rules.decision_from_dict(json.loads(a.decision_json)["decision"]).funding_plan
     assert plan is not None
-    unstarted = plan.months - months_started(a.start_date, plan.months, today)
+    unstarted = plan.months - rules.months_begun(a.start_date, plan.months, today)
     amounts = split_cents(unstarted * plan.price_per_month_cents, {f: bp for f, bp, _ in plan.shares})
+    counters.release(s, a.program_id, sum(amounts.values()))
     month = today.strftime("%Y-%m")
     for funder, cents in sorted(amounts.items()):
         if cents:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from entitlement import registry, rules
+from entitlement import counters, registry, rules
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, NotFound
@@ -34,7 +34,8 @@ def resolve_program(ctx: Context, program_id: str, field: str = "program") -> Pr
     return program
 
 
-def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date | None) -> CheckResult:
+def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date | None,
+          mentor_id: str = "") -> CheckResult:
     today = ctx.clock.today()
     day = as_of or today
     if day > today:
@@ -43,7 +44,12 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     key = ctx.pseudo.person_key(who.agency_id)
     with ctx.db.read() as s:
         facts, snapshot = registry.lookup(s, key, who.birth_date)
-    return CheckResult(tuple(rules.evaluate(p, facts, day) for p in programs), snapshot)
+        usage = counters.usage(s, [p.id for p in programs])
+    extracted = snapshot.extracted_on if snapshot else None
+    decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
+        registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],
+        mentor_id=mentor_id)) for p in programs)
+    return CheckResult(decisions, snapshot)
 
 
 def list_programs(ctx: Context, caller: Caller, size: int, token: str, day: dt.date) -> tuple[list[Program], str]:

@@ -31,8 +31,15 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "registration_active": (),
     "resident_in_departments": ("departments",),
     "age_below": ("max_age",),
+    "mentor_assigned": (),
+    "seats_available": ("max_seats",),
+    "budget_available": ("max_budget_cents",),
+    "registry_data_fresh": ("max_registry_age_days",),
 }
 COMMON_PARAMETERS = ("price_per_month_cents", "activation_months", "funders")
+# Parameters any program may set. `months_after_registration_end`: when the registry knows the
+# registration's end, access ends on the last day of the Nth month after it (0: that same month).
+OPTIONAL_PARAMETERS = ("months_after_registration_end",)
 TOP_LEVEL_KEYS = {"id", "title", "description", "tier", "period", "criteria", "parameters"}
 
 
@@ -115,6 +122,9 @@ class Program:
         param = self.parameters[name]
         return param.at(max(day, self.start)) or param.values[0]
 
+    def optional_value(self, name: str, day: dt.date) -> DatedValue | None:
+        return self.value(name, day) if name in self.parameters else None
+
     def funders_on(self, day: dt.date) -> dict[str, int]:
         return dict(self.value("funders", day).value)
 
@@ -140,6 +150,15 @@ def _check_value(path: Path, field: str, name: str, value: object) -> None:
     elif name in ("activation_months", "max_age"):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 120:
             fail("must be an integer from 1 to 120")
+    elif name in ("max_seats", "max_budget_cents"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail("must be a positive integer")
+    elif name == "max_registry_age_days":
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
+            fail("must be an integer number of days from 1 to 3650")
+    elif name == "months_after_registration_end":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 24:
+            fail("must be an integer number of months from 0 to 24")
     elif name == "categories":
         if (not isinstance(value, list) or not value
                 or any(not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= 8 for c in value)):
@@ -217,13 +236,15 @@ def load_program(path: Path) -> Program:
     for i, c in enumerate(criteria):
         if c not in CRITERIA:
             raise ProgramFileError(path, f"criteria[{i}]", f"unknown criterion {c!r}; known: {', '.join(CRITERIA)}")
+        if c in criteria[:i]:
+            raise ProgramFileError(path, f"criteria[{i}]", f"criterion {c!r} is listed twice")
     params_raw = doc["parameters"]
     if not isinstance(params_raw, dict):
         raise ProgramFileError(path, "parameters", "expected a mapping")
     needed = set(COMMON_PARAMETERS) | {p for c in criteria for p in CRITERIA[c]}
     for name in sorted(needed - set(params_raw)):
         raise ProgramFileError(path, f"parameters.{name}", "missing")
-    for name in sorted(set(params_raw) - needed):
+    for name in sorted(set(params_raw) - needed - set(OPTIONAL_PARAMETERS)):
         raise ProgramFileError(path, f"parameters.{name}", "unknown parameter for these criteria")
     parameters = {name: _parameter(path, name, params_raw[name]) for name in sorted(params_raw)}
     for name, param in parameters.items():

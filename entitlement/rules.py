@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from entitlement.money import split_cents
+from entitlement.money import format_eur, split_cents
 from entitlement.programs import Program
 
 
@@ -27,6 +27,17 @@ class PersonFacts:
     registered_on: dt.date
     registration_ended_on: dt.date | None
     category: int
+
+
+@dataclass(frozen=True)
+class Circumstances:
+    """What a decision depends on besides the person's registration, recorded with it: the age
+    of the registry data, the program's use of its caps, and the advisor's attestations."""
+
+    registry_extracted_on: dt.date | None = None
+    seats_used: int = 0
+    cents_committed: int = 0
+    mentor_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class Decision:
     criteria: tuple[CriterionResult, ...]
     parameters: tuple[ParameterUsed, ...]
     funding_plan: FundingPlan | None
+    access_end: dt.date | None = None  # last day of access for an activation starting on as_of
+    circumstances: Circumstances = Circumstances()
 
     @property
     def failed_reasons(self) -> list[str]:
@@ -92,6 +105,7 @@ def department_of(postal_code: str) -> str:
 
 
 _Check = Callable[[Program, PersonFacts, dt.date], CriterionResult]
+_CircumstanceCheck = Callable[[Program, Circumstances, dt.date], CriterionResult]
 
 
 def _registered(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
@@ -136,6 +150,48 @@ def _age_below(program: Program, f: PersonFacts, day: dt.date) -> CriterionResul
                            f"Aged {limit} or more on {day.isoformat()}.")
 
 
+def _mentor_assigned(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+    if c.mentor_id:
+        return CriterionResult("mentor_assigned", True, "", "A mentor is assigned.")
+    return CriterionResult("mentor_assigned", False, "MENTOR_NOT_ASSIGNED",
+                           "The program requires a mentor (tuteur): give the mentor's id.")
+
+
+def _seats_available(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+    seats = program.value("max_seats", day).value
+    if c.seats_used < seats:
+        return CriterionResult("seats_available", True, "", f"{seats - c.seats_used} of {seats} seats left.")
+    return CriterionResult("seats_available", False, "CAP_REACHED", f"All {seats} seats are taken.")
+
+
+def _budget_available(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+    budget = program.value("max_budget_cents", day).value
+    cost = funding_plan(program, day).total_cents
+    if c.cents_committed + cost <= budget:
+        return CriterionResult("budget_available", True, "",
+                               f"{format_eur(budget - c.cents_committed)} of {format_eur(budget)} left.")
+    return CriterionResult("budget_available", False, "CAP_REACHED",
+                           f"The budget of {format_eur(budget)} cannot cover another {format_eur(cost)}.")
+
+
+def _registry_data_fresh(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+    limit = program.value("max_registry_age_days", day).value
+    if c.registry_extracted_on is None:
+        return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE", "No registry data imported.")
+    age = (day - c.registry_extracted_on).days
+    if age <= limit:
+        return CriterionResult("registry_data_fresh", True, "", f"Registry data is {max(age, 0)} days old.")
+    return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
+                           f"Registry data is {age} days old; the program accepts at most {limit}.")
+
+
+CIRCUMSTANCE_CHECKS: dict[str, _CircumstanceCheck] = {
+    "mentor_assigned": _mentor_assigned,
+    "seats_available": _seats_available,
+    "budget_available": _budget_available,
+    "registry_data_fresh": _registry_data_fresh,
+}
+
 CHECKS: dict[str, _Check] = {
     "registered": _registered,
     "category_covered": _category_covered,
@@ -175,16 +231,38 @@ def parameters_used(program: Program, day: dt.date) -> tuple[ParameterUsed, ...]
     return tuple(out)
 
 
-def evaluate(program: Program, facts: PersonFacts | None, day: dt.date) -> Decision:
+def entitlement_end(program: Program, facts: PersonFacts, start: dt.date) -> dt.date:
+    """Last day of access for an activation starting on `start`: the program's length, cut at the
+    end of the Nth month after the registration's end when the registry knows it and the program
+    sets `months_after_registration_end`."""
+    end = access_end(start, program.value("activation_months", start).value)
+    after = program.optional_value("months_after_registration_end", start)
+    ended = facts.registration_ended_on
+    if after is not None and ended is not None:
+        cut_month = add_months(ended.replace(day=1), after.value)
+        cut = cut_month.replace(day=calendar.monthrange(cut_month.year, cut_month.month)[1])
+        end = min(end, max(cut, start))
+    return end
+
+
+def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
+             circumstances: Circumstances = Circumstances()) -> Decision:
     """Evaluate every criterion of `program` for a person (None: not in the registry) on `day`."""
     results = [_program_open(program, day)]
     for name in program.criteria:
-        if facts is None:
+        if name in CIRCUMSTANCE_CHECKS:
+            results.append(CIRCUMSTANCE_CHECKS[name](program, circumstances, day))
+        elif facts is None:
             results.append(CriterionResult(name, False, "NOT_REGISTERED",
                                            "No registration found for this identifier and birth date."))
         else:
             results.append(CHECKS[name](program, facts, day))
     eligible = all(r.passed for r in results)
+    end = entitlement_end(program, facts, day) if eligible and facts is not None else None
+    plan = None
+    if end is not None:
+        months = program.value("activation_months", day).value
+        plan = funding_plan(program, day, months=months_begun(day, months, end))
     return Decision(
         program_id=program.id,
         program_version=program.version,
@@ -192,13 +270,20 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date) -> Decis
         eligible=eligible,
         criteria=tuple(results),
         parameters=parameters_used(program, day),
-        funding_plan=funding_plan(program, day) if eligible else None,
+        funding_plan=plan,
+        access_end=end,
+        circumstances=circumstances,
     )
+
+
+def months_begun(start: dt.date, months: int, day: dt.date) -> int:
+    """How many of the `months` months of access beginning on `start` have begun by `day`."""
+    return sum(1 for k in range(months) if add_months(start, k) <= day)
 
 
 def decision_to_dict(d: Decision) -> dict[str, object]:
     """Plain JSON-able form, stored with each activation so the decision can be shown again as it was."""
-    plan = d.funding_plan
+    plan, c = d.funding_plan, d.circumstances
     return {
         "program_id": d.program_id, "program_version": d.program_version, "as_of": d.as_of.isoformat(),
         "eligible": d.eligible,
@@ -207,11 +292,17 @@ def decision_to_dict(d: Decision) -> dict[str, object]:
         "funding_plan": None if plan is None else {
             "price_per_month_cents": plan.price_per_month_cents, "months": plan.months,
             "total_cents": plan.total_cents, "shares": [list(s) for s in plan.shares]},
+        "access_end": d.access_end.isoformat() if d.access_end else None,
+        "circumstances": {
+            "registry_extracted_on": c.registry_extracted_on.isoformat() if c.registry_extracted_on else None,
+            "seats_used": c.seats_used, "cents_committed": c.cents_committed, "mentor_id": c.mentor_id},
     }
 
 
 def decision_from_dict(raw: dict[str, Any]) -> Decision:
     plan = raw["funding_plan"]
+    circ = raw.get("circumstances") or {}
+    extracted = circ.get("registry_extracted_on")
     return Decision(
         program_id=raw["program_id"], program_version=raw["program_version"],
         as_of=dt.date.fromisoformat(raw["as_of"]), eligible=raw["eligible"],
@@ -220,5 +311,10 @@ def decision_from_dict(raw: dict[str, Any]) -> Decision:
         funding_plan=None if plan is None else FundingPlan(
             plan["price_per_month_cents"], plan["months"], plan["total_cents"],
             tuple((f, int(bp), int(c)) for f, bp, c in plan["shares"])),
+        access_end=dt.date.fromisoformat(raw["access_end"]) if raw.get("access_end") else None,
+        circumstances=Circumstances(
+            registry_extracted_on=dt.date.fromisoformat(extracted) if extracted else None,
+            seats_used=int(circ.get("seats_used", 0)), cents_committed=int(circ.get("cents_committed", 0)),
+            mentor_id=str(circ.get("mentor_id", ""))),
     )
 

@@ -172,14 +172,15 @@ def test_programs_lists_every_program_with_price_and_funders(run: Run) -> None:
     assert r.code == 0, r.err
     assert r.out.splitlines()[0].split() == ["id", "title", "open", "start", "end", "price/month", "funders"]
     rows = {row[0]: row for row in r.rows()}
-    assert set(rows) == {PROGRAM, "deuxieme-chance-numerique"}
+    assert set(rows) == {PROGRAM, "deuxieme-chance-numerique", "opencfa-apprentices"}
     assert rows[PROGRAM][2:6] == ["yes", "2015-09-01", "-", "20.00 EUR"]
     assert set(rows[PROGRAM][6].split(", ")) == {"ministry-of-labour 50%", "france-travail 50%"}
     assert rows["deuxieme-chance-numerique"][2] == "no"
 
     then = run("funder-idf", "programs", "list", "--as-of", "2018-01-01", "--json")
     assert {p["name"]: p.get("open", False) for p in json.loads(then.out)["programs"]} == {
-        f"programs/{PROGRAM}": True, "programs/deuxieme-chance-numerique": True}
+        f"programs/{PROGRAM}": True, "programs/deuxieme-chance-numerique": True,
+        "programs/opencfa-apprentices": False}  # OpenCFA starts on 2018-09-03
 
 
 def test_programs_check_still_validates_program_files(capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,7 +79,8 @@ def test_premium_eligible_and_explained() -> None:
     assert d.funding_plan is not None
     assert d.funding_plan.total_cents == 24000
     assert {f for f, _, _ in d.funding_plan.shares} == {"ministry-of-labour", "france-travail"}
-    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders", "price_per_month_cents"}
+    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders",
+                                                "months_after_registration_end", "price_per_month_cents"}
 
 
 @pytest.mark.parametrize("kw,day,reason", [
@@ -142,7 +143,7 @@ parameters:
 """)
     catalog = ProgramCatalog.load(tmp_path)
     program = catalog.get("opco-numerique")
-    assert program is not None and len(catalog.all()) == 3
+    assert program is not None and len(catalog.all()) == len(PROGRAMS.all()) + 1
     d = rules.evaluate(program, facts(birth_date=dt.date(1995, 1, 1)), dt.date(2022, 6, 1))
     assert d.eligible and d.funding_plan is not None
     assert dict((f, c) for f, _, c in d.funding_plan.shares) == {"opco-akto": 3150, "region-occitanie": 1350}

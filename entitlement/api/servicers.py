@@ -36,8 +36,9 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         who = _job_seeker(request.job_seeker, v)
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         as_of = val.date(request.as_of, "as_of", v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
         v.raise_if_any()
-        result = eligibility.check(self.ctx, who, program_id or None, as_of)
+        result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
         return eligibility_pb2.CheckEligibilityResponse(
             decisions=[convert.decision(d, result.snapshot) for d in result.decisions])
 
@@ -65,9 +66,10 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         platform_id = val.name(request.platform, val.PLATFORM_NAME_RE, "platform", "platforms/openclassrooms", v)
         reason = val.text(request.reason, "reason", v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
         v.raise_if_any()
         result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(
-            who, program_id, platform_id, reason, request.request_id))
+            who, program_id, platform_id, reason, request.request_id, request.mentor_id))
         return activation_pb2.ActivateEntitlementResponse(activation=convert.activation(result.activation),
                                                           activation_token=result.token)
 

@@ -150,3 +150,15 @@ class IdempotencyRecord(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ProgramCounter(Base):
+    """Running use of each program's caps: seats taken and cents committed net of releases. Caps are
+    enforced by one conditional UPDATE of this row in the activation's transaction, so concurrent
+    activations (several server processes included) can never overspend."""
+
+    __tablename__ = "program_counters"
+
+    program_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    seats_used: Mapped[int] = mapped_column(BigInteger)
+    cents_committed: Mapped[int] = mapped_column(BigInteger)

@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.type import date_pb2 as google_dot_type_dot_date__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65ntitlement/v1/activation.proto\x12\x0e\x65ntitlement.v1\x1a\x1b\x65ntitlement/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16google/type/date.proto\"\xfc\x04\n\nActivation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1f.entitlement.v1.ActivationStateB\x04\xe2\x41\x01\x03\x12\x1c\n\x0ejob_seeker_ref\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nadvisor_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61gency_code\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\nstart_date\x18\x07 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12)\n\x08\x65nd_date\x18\x08 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08platform\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\naccount_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0bredeem_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x08\x64\x65\x63ision\x18\x0e \x01(\x0b\x32#.entitlement.v1.EligibilityDecisionB\x04\xe2\x41\x01\x03\x12\x32\n\x07\x66unding\x18\x0f \x01(\x0b\x32\x1b.entitlement.v1.FundingPlanB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_reason\x18\x10 \x01(\tB\x04\xe2\x41\x01\x03\"\xb8\x01\n\x1a\x41\x63tivateEntitlementRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12;\n\njob_seeker\x18\x02 \x01(\x0b\x32!.entitlement.v1.JobSeekerIdentityB\x04\xe2\x41\x01\x02\x12\x15\n\x07program\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08platform\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"g\n\x1b\x41\x63tivateEntitlementResponse\x12.\n\nactivation\x18\x01 \x01(\x0b\x32\x1a.entitlement.v1.Activation\x12\x18\n\x10\x61\x63tivation_token\x18\x02 \x01(\t\"*\n\x14GetActivationRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x1bTransitionActivationRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"M\n\x1cRedeemActivationTokenRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xbf\x01\n\x11\x45ntitlementStatus\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x0f\n\x07program\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.entitlement.v1.ActivationState\x12#\n\x08\x65nd_date\x18\x06 \x01(\x0b\x32\x11.google.type.Date\x12\x0c\n\x04tier\x18\x07 \x01(\t\"4\n\x18VerifyEntitlementRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15GetSigningKeysRequest\"+\n\x16GetSigningKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"q\n\x12ReportUsageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04used\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x02\"\x15\n\x13ReportUsageResponse\"6\n\x1eWatchEntitlementChangesRequest\x12\x14\n\x06\x63ursor\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"\x87\x01\n\x11\x45ntitlementChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0b\x32!.entitlement.v1.EntitlementStatus\x12/\n\x0b\x63hange_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*h\n\x0f\x41\x63tivationState\x12 \n\x1c\x41\x43TIVATION_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tSUSPENDED\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\x12\x0b\n\x07\x45XPIRED\x10\x04\x32\xe3\x07\n\x11\x41\x63tivationService\x12n\n\x13\x41\x63tivateEntitlement\x12*.entitlement.v1.ActivateEntitlementRequest\x1a+.entitlement.v1.ActivateEntitlementResponse\x12Q\n\rGetActivation\x12$.entitlement.v1.GetActivationRequest\x1a\x1a.entitlement.v1.Activation\x12\\\n\x11SuspendActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12[\n\x10ResumeActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12[\n\x10RevokeActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12h\n\x15RedeemActivationToken\x12,.entitlement.v1.RedeemActivationTokenRequest\x1a!.entitlement.v1.EntitlementStatus\x12`\n\x11VerifyEntitlement\x12(.entitlement.v1.VerifyEntitlementRequest\x1a!.entitlement.v1.EntitlementStatus\x12_\n\x0eGetSigningKeys\x12%.entitlement.v1.GetSigningKeysRequest\x1a&.entitlement.v1.GetSigningKeysResponse\x12V\n\x0bReportUsage\x12\".entitlement.v1.ReportUsageRequest\x1a#.entitlement.v1.ReportUsageResponse\x12n\n\x17WatchEntitlementChanges\x12..entitlement.v1.WatchEntitlementChangesRequest\x1a!.entitlement.v1.EntitlementChange0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65ntitlement/v1/activation.proto\x12\x0e\x65ntitlement.v1\x1a\x1b\x65ntitlement/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16google/type/date.proto\"\xfc\x04\n\nActivation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1f.entitlement.v1.ActivationStateB\x04\xe2\x41\x01\x03\x12\x1c\n\x0ejob_seeker_ref\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nadvisor_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x61gency_code\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\nstart_date\x18\x07 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12)\n\x08\x65nd_date\x18\x08 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08platform\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\naccount_id\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0bredeem_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12;\n\x08\x64\x65\x63ision\x18\x0e \x01(\x0b\x32#.entitlement.v1.EligibilityDecisionB\x04\xe2\x41\x01\x03\x12\x32\n\x07\x66unding\x18\x0f \x01(\x0b\x32\x1b.entitlement.v1.FundingPlanB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_reason\x18\x10 \x01(\tB\x04\xe2\x41\x01\x03\"\xd1\x01\n\x1a\x41\x63tivateEntitlementRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12;\n\njob_seeker\x18\x02 \x01(\x0b\x32!.entitlement.v1.JobSeekerIdentityB\x04\xe2\x41\x01\x02\x12\x15\n\x07program\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08platform\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tmentor_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x01\"g\n\x1b\x41\x63tivateEntitlementResponse\x12.\n\nactivation\x18\x01 \x01(\x0b\x32\x1a.entitlement.v1.Activation\x12\x18\n\x10\x61\x63tivation_token\x18\x02 \x01(\t\"*\n\x14GetActivationRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x1bTransitionActivationRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"M\n\x1cRedeemActivationTokenRequest\x12\x13\n\x05token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xbf\x01\n\x11\x45ntitlementStatus\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x0f\n\x07program\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.entitlement.v1.ActivationState\x12#\n\x08\x65nd_date\x18\x06 \x01(\x0b\x32\x11.google.type.Date\x12\x0c\n\x04tier\x18\x07 \x01(\t\"4\n\x18VerifyEntitlementRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x17\n\x15GetSigningKeysRequest\"+\n\x16GetSigningKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"q\n\x12ReportUsageRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\naccount_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05month\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04used\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x02\"\x15\n\x13ReportUsageResponse\"6\n\x1eWatchEntitlementChangesRequest\x12\x14\n\x06\x63ursor\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\"\x87\x01\n\x11\x45ntitlementChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0b\x32!.entitlement.v1.EntitlementStatus\x12/\n\x0b\x63hange_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*h\n\x0f\x41\x63tivationState\x12 \n\x1c\x41\x43TIVATION_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\r\n\tSUSPENDED\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\x12\x0b\n\x07\x45XPIRED\x10\x04\x32\xe3\x07\n\x11\x41\x63tivationService\x12n\n\x13\x41\x63tivateEntitlement\x12*.entitlement.v1.ActivateEntitlementRequest\x1a+.entitlement.v1.ActivateEntitlementResponse\x12Q\n\rGetActivation\x12$.entitlement.v1.GetActivationRequest\x1a\x1a.entitlement.v1.Activation\x12\\\n\x11SuspendActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12[\n\x10ResumeActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12[\n\x10RevokeActivation\x12+.entitlement.v1.TransitionActivationRequest\x1a\x1a.entitlement.v1.Activation\x12h\n\x15RedeemActivationToken\x12,.entitlement.v1.RedeemActivationTokenRequest\x1a!.entitlement.v1.EntitlementStatus\x12`\n\x11VerifyEntitlement\x12(.entitlement.v1.VerifyEntitlementRequest\x1a!.entitlement.v1.EntitlementStatus\x12_\n\x0eGetSigningKeys\x12%.entitlement.v1.GetSigningKeysRequest\x1a&.entitlement.v1.GetSigningKeysResponse\x12V\n\x0bReportUsage\x12\".entitlement.v1.ReportUsageRequest\x1a#.entitlement.v1.ReportUsageResponse\x12n\n\x17WatchEntitlementChanges\x12..entitlement.v1.WatchEntitlementChangesRequest\x1a!.entitlement.v1.EntitlementChange0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -78,6 +78,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVATEENTITLEMENTREQUEST'].fields_by_name['platform']._serialized_options = b'\342A\001\002'
   _globals['_ACTIVATEENTITLEMENTREQUEST'].fields_by_name['reason']._loaded_options = None
   _globals['_ACTIVATEENTITLEMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\001'
+  _globals['_ACTIVATEENTITLEMENTREQUEST'].fields_by_name['mentor_id']._loaded_options = None
+  _globals['_ACTIVATEENTITLEMENTREQUEST'].fields_by_name['mentor_id']._serialized_options = b'\342A\001\001'
   _globals['_GETACTIVATIONREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GETACTIVATIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_TRANSITIONACTIVATIONREQUEST'].fields_by_name['name']._loaded_options = None
@@ -102,36 +104,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTUSAGEREQUEST'].fields_by_name['used']._serialized_options = b'\342A\001\002'
   _globals['_WATCHENTITLEMENTCHANGESREQUEST'].fields_by_name['cursor']._loaded_options = None
   _globals['_WATCHENTITLEMENTCHANGESREQUEST'].fields_by_name['cursor']._serialized_options = b'\342A\001\001'
-  _globals['_ACTIVATIONSTATE']._serialized_start=1973
-  _globals['_ACTIVATIONSTATE']._serialized_end=2077
+  _globals['_ACTIVATIONSTATE']._serialized_start=1998
+  _globals['_ACTIVATIONSTATE']._serialized_end=2102
   _globals['_ACTIVATION']._serialized_start=171
   _globals['_ACTIVATION']._serialized_end=807
   _globals['_ACTIVATEENTITLEMENTREQUEST']._serialized_start=810
-  _globals['_ACTIVATEENTITLEMENTREQUEST']._serialized_end=994
-  _globals['_ACTIVATEENTITLEMENTRESPONSE']._serialized_start=996
-  _globals['_ACTIVATEENTITLEMENTRESPONSE']._serialized_end=1099
-  _globals['_GETACTIVATIONREQUEST']._serialized_start=1101
-  _globals['_GETACTIVATIONREQUEST']._serialized_end=1143
-  _globals['_TRANSITIONACTIVATIONREQUEST']._serialized_start=1145
-  _globals['_TRANSITIONACTIVATIONREQUEST']._serialized_end=1242
-  _globals['_REDEEMACTIVATIONTOKENREQUEST']._serialized_start=1244
-  _globals['_REDEEMACTIVATIONTOKENREQUEST']._serialized_end=1321
-  _globals['_ENTITLEMENTSTATUS']._serialized_start=1324
-  _globals['_ENTITLEMENTSTATUS']._serialized_end=1515
-  _globals['_VERIFYENTITLEMENTREQUEST']._serialized_start=1517
-  _globals['_VERIFYENTITLEMENTREQUEST']._serialized_end=1569
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=1571
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=1594
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=1596
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=1639
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=1641
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=1754
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=1756
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=1777
-  _globals['_WATCHENTITLEMENTCHANGESREQUEST']._serialized_start=1779
-  _globals['_WATCHENTITLEMENTCHANGESREQUEST']._serialized_end=1833
-  _globals['_ENTITLEMENTCHANGE']._serialized_start=1836
-  _globals['_ENTITLEMENTCHANGE']._serialized_end=1971
-  _globals['_ACTIVATIONSERVICE']._serialized_start=2080
-  _globals['_ACTIVATIONSERVICE']._serialized_end=3075
+  _globals['_ACTIVATEENTITLEMENTREQUEST']._serialized_end=1019
+  _globals['_ACTIVATEENTITLEMENTRESPONSE']._serialized_start=1021
+  _globals['_ACTIVATEENTITLEMENTRESPONSE']._serialized_end=1124
+  _globals['_GETACTIVATIONREQUEST']._serialized_start=1126
+  _globals['_GETACTIVATIONREQUEST']._serialized_end=1168
+  _globals['_TRANSITIONACTIVATIONREQUEST']._serialized_start=1170
+  _globals['_TRANSITIONACTIVATIONREQUEST']._serialized_end=1267
+  _globals['_REDEEMACTIVATIONTOKENREQUEST']._serialized_start=1269
+  _globals['_REDEEMACTIVATIONTOKENREQUEST']._serialized_end=1346
+  _globals['_ENTITLEMENTSTATUS']._serialized_start=1349
+  _globals['_ENTITLEMENTSTATUS']._serialized_end=1540
+  _globals['_VERIFYENTITLEMENTREQUEST']._serialized_start=1542
+  _globals['_VERIFYENTITLEMENTREQUEST']._serialized_end=1594
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=1596
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=1619
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=1621
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=1664
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=1666
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=1779
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=1781
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=1802
+  _globals['_WATCHENTITLEMENTCHANGESREQUEST']._serialized_start=1804
+  _globals['_WATCHENTITLEMENTCHANGESREQUEST']._serialized_end=1858
+  _globals['_ENTITLEMENTCHANGE']._serialized_start=1861
+  _globals['_ENTITLEMENTCHANGE']._serialized_end=1996
+  _globals['_ACTIVATIONSERVICE']._serialized_start=2105
+  _globals['_ACTIVATIONSERVICE']._serialized_end=3100
 # @@protoc_insertion_point(module_scope)

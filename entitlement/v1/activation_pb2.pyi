@@ -159,6 +159,7 @@ class ActivateEntitlementRequest(_message.Message):
     PROGRAM_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MENTOR_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155), a UUID chosen by the client; strongly recommended. 1 to 64
     characters of letters, digits, `-` and `_`.
@@ -169,6 +170,10 @@ class ActivateEntitlementRequest(_message.Message):
     """The course platform that will receive the token, as `platforms/{platform_id}`."""
     reason: _builtins.str
     """Why the advisor activates (free text, at most 500 characters; no personal data please)."""
+    mentor_id: _builtins.str
+    """The mentor arranged for the job seeker, for programs that require one (see
+    CheckEligibilityRequest.mentor_id).
+    """
     @_builtins.property
     def job_seeker(self) -> _common_pb2.JobSeekerIdentity:
         """The job seeker to activate."""
@@ -181,10 +186,11 @@ class ActivateEntitlementRequest(_message.Message):
         program: _builtins.str = ...,
         platform: _builtins.str = ...,
         reason: _builtins.str = ...,
+        mentor_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job_seeker", b"job_seeker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_seeker", b"job_seeker", "platform", b"platform", "program", b"program", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_seeker", b"job_seeker", "mentor_id", b"mentor_id", "platform", b"platform", "program", b"program", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,7 +101,9 @@ class ActivationServiceServicer:
 
         Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
         FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
-        the ErrorInfo metadata) or `REQUEST_ID_REUSED`, ALREADY_EXISTS with reason
+        the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
+        `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
+        euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
         `ACTIVATION_EXISTS` naming the live activation of this person in this program,
         UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
         """

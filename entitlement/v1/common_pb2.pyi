@@ -77,14 +77,18 @@ class Criterion(_message.Message):
     REASON_CODE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     criterion: _builtins.str
-    """Stable identifier of the criterion, e.g. `registered`, `category_covered`,
-    `registration_active`, `program_open`.
+    """Stable identifier of the criterion: `program_open` (always first), then the program's own
+    in its order, e.g. `registered`, `category_covered`, `registration_active`,
+    `resident_in_departments`, `age_below`, `mentor_assigned`, `seats_available`,
+    `budget_available`, `registry_data_fresh`.
     """
     passed: _builtins.bool
     """Whether the person meets it."""
     reason_code: _builtins.str
-    """Stable reason code when `passed` is false (e.g. `NOT_REGISTERED`, `REGISTRATION_ENDED`,
-    `CATEGORY_NOT_COVERED`, `PROGRAM_NOT_STARTED`, `PROGRAM_ENDED`); empty when passed.
+    """Stable reason code when `passed` is false: `NOT_REGISTERED`, `REGISTRATION_ENDED`,
+    `REGISTRATION_NOT_STARTED`, `CATEGORY_NOT_COVERED`, `OUTSIDE_REGION`, `AGE_LIMIT_EXCEEDED`,
+    `MENTOR_NOT_ASSIGNED`, `CAP_REACHED`, `REGISTRY_DATA_STALE`, `PROGRAM_NOT_STARTED`,
+    `PROGRAM_ENDED` (programs/README.md documents each); empty when passed.
     """
     detail: _builtins.str
     """Human-readable explanation (French administrative vocabulary kept where it helps the
@@ -223,6 +227,7 @@ class EligibilityDecision(_message.Message):
     FUNDING_PLAN_FIELD_NUMBER: _builtins.int
     REGISTRY_SNAPSHOT_FIELD_NUMBER: _builtins.int
     REGISTRY_EXTRACTED_ON_FIELD_NUMBER: _builtins.int
+    ACCESS_END_DATE_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     """The program, as `programs/{program_id}`."""
     eligible: _builtins.bool
@@ -253,6 +258,13 @@ class EligibilityDecision(_message.Message):
     def registry_extracted_on(self) -> _date_pb2.Date:
         """Extraction date of that snapshot, so the age of the data is visible."""
 
+    @_builtins.property
+    def access_end_date(self) -> _date_pb2.Date:
+        """Last day of access (inclusive) of an activation starting on `as_of`: the program's length,
+        cut by `months_after_registration_end` when the registration's end is known. Set only when
+        eligible.
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +277,11 @@ class EligibilityDecision(_message.Message):
         funding_plan: Global___FundingPlan | None = ...,
         registry_snapshot: _builtins.str = ...,
         registry_extracted_on: _date_pb2.Date | None = ...,
+        access_end_date: _date_pb2.Date | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "funding_plan", b"funding_plan", "registry_extracted_on", b"registry_extracted_on"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_end_date", b"access_end_date", "as_of", b"as_of", "funding_plan", b"funding_plan", "registry_extracted_on", b"registry_extracted_on"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "criteria", b"criteria", "eligible", b"eligible", "funding_plan", b"funding_plan", "parameters", b"parameters", "program", b"program", "program_version", b"program_version", "registry_extracted_on", b"registry_extracted_on", "registry_snapshot", b"registry_snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_end_date", b"access_end_date", "as_of", b"as_of", "criteria", b"criteria", "eligible", b"eligible", "funding_plan", b"funding_plan", "parameters", b"parameters", "program", b"program", "program_version", b"program_version", "registry_extracted_on", b"registry_extracted_on", "registry_snapshot", b"registry_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.type import date_pb2 as google_dot_type_dot_date__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entitlement/v1/eligibility.proto\x12\x0e\x65ntitlement.v1\x1a\x1b\x65ntitlement/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x16google/type/date.proto\"\x95\x01\n\x17\x43heckEligibilityRequest\x12;\n\njob_seeker\x18\x01 \x01(\x0b\x32!.entitlement.v1.JobSeekerIdentityB\x04\xe2\x41\x01\x02\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x01\"R\n\x18\x43heckEligibilityResponse\x12\x36\n\tdecisions\x18\x01 \x03(\x0b\x32#.entitlement.v1.EligibilityDecision\"p\n\x13ListProgramsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x01\"Z\n\x14ListProgramsResponse\x12)\n\x08programs\x18\x01 \x03(\x0b\x32\x17.entitlement.v1.Program\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xda\x02\n\x07Program\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05title\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\nstart_date\x18\x05 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12)\n\x08\x65nd_date\x18\x06 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12\x12\n\x04tier\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\nparameters\x18\x08 \x03(\x0b\x32\x1e.entitlement.v1.ParameterValueB\x04\xe2\x41\x01\x03\x12:\n\x0fmonthly_funding\x18\t \x01(\x0b\x32\x1b.entitlement.v1.FundingPlanB\x04\xe2\x41\x01\x03\x12\x12\n\x04open\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x32\xd6\x01\n\x12\x45ligibilityService\x12\x65\n\x10\x43heckEligibility\x12\'.entitlement.v1.CheckEligibilityRequest\x1a(.entitlement.v1.CheckEligibilityResponse\x12Y\n\x0cListPrograms\x12#.entitlement.v1.ListProgramsRequest\x1a$.entitlement.v1.ListProgramsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n entitlement/v1/eligibility.proto\x12\x0e\x65ntitlement.v1\x1a\x1b\x65ntitlement/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x16google/type/date.proto\"\xae\x01\n\x17\x43heckEligibilityRequest\x12;\n\njob_seeker\x18\x01 \x01(\x0b\x32!.entitlement.v1.JobSeekerIdentityB\x04\xe2\x41\x01\x02\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x01\x12\x17\n\tmentor_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"R\n\x18\x43heckEligibilityResponse\x12\x36\n\tdecisions\x18\x01 \x03(\x0b\x32#.entitlement.v1.EligibilityDecision\"p\n\x13ListProgramsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x01\"Z\n\x14ListProgramsResponse\x12)\n\x08programs\x18\x01 \x03(\x0b\x32\x17.entitlement.v1.Program\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xda\x02\n\x07Program\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05title\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\nstart_date\x18\x05 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12)\n\x08\x65nd_date\x18\x06 \x01(\x0b\x32\x11.google.type.DateB\x04\xe2\x41\x01\x03\x12\x12\n\x04tier\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x38\n\nparameters\x18\x08 \x03(\x0b\x32\x1e.entitlement.v1.ParameterValueB\x04\xe2\x41\x01\x03\x12:\n\x0fmonthly_funding\x18\t \x01(\x0b\x32\x1b.entitlement.v1.FundingPlanB\x04\xe2\x41\x01\x03\x12\x12\n\x04open\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x32\xd6\x01\n\x12\x45ligibilityService\x12\x65\n\x10\x43heckEligibility\x12\'.entitlement.v1.CheckEligibilityRequest\x1a(.entitlement.v1.CheckEligibilityResponse\x12Y\n\x0cListPrograms\x12#.entitlement.v1.ListProgramsRequest\x1a$.entitlement.v1.ListProgramsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKELIGIBILITYREQUEST'].fields_by_name['program']._serialized_options = b'\342A\001\001'
   _globals['_CHECKELIGIBILITYREQUEST'].fields_by_name['as_of']._loaded_options = None
   _globals['_CHECKELIGIBILITYREQUEST'].fields_by_name['as_of']._serialized_options = b'\342A\001\001'
+  _globals['_CHECKELIGIBILITYREQUEST'].fields_by_name['mentor_id']._loaded_options = None
+  _globals['_CHECKELIGIBILITYREQUEST'].fields_by_name['mentor_id']._serialized_options = b'\342A\001\001'
   _globals['_LISTPROGRAMSREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTPROGRAMSREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTPROGRAMSREQUEST'].fields_by_name['page_token']._loaded_options = None
@@ -68,15 +70,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRAM'].fields_by_name['open']._loaded_options = None
   _globals['_PROGRAM'].fields_by_name['open']._serialized_options = b'\342A\001\003'
   _globals['_CHECKELIGIBILITYREQUEST']._serialized_start=139
-  _globals['_CHECKELIGIBILITYREQUEST']._serialized_end=288
-  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_start=290
-  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_end=372
-  _globals['_LISTPROGRAMSREQUEST']._serialized_start=374
-  _globals['_LISTPROGRAMSREQUEST']._serialized_end=486
-  _globals['_LISTPROGRAMSRESPONSE']._serialized_start=488
-  _globals['_LISTPROGRAMSRESPONSE']._serialized_end=578
-  _globals['_PROGRAM']._serialized_start=581
-  _globals['_PROGRAM']._serialized_end=927
-  _globals['_ELIGIBILITYSERVICE']._serialized_start=930
-  _globals['_ELIGIBILITYSERVICE']._serialized_end=1144
+  _globals['_CHECKELIGIBILITYREQUEST']._serialized_end=313
+  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_start=315
+  _globals['_CHECKELIGIBILITYRESPONSE']._serialized_end=397
+  _globals['_LISTPROGRAMSREQUEST']._serialized_start=399
+  _globals['_LISTPROGRAMSREQUEST']._serialized_end=511
+  _globals['_LISTPROGRAMSRESPONSE']._serialized_start=513
+  _globals['_LISTPROGRAMSRESPONSE']._serialized_end=603
+  _globals['_PROGRAM']._serialized_start=606
+  _globals['_PROGRAM']._serialized_end=952
+  _globals['_ELIGIBILITYSERVICE']._serialized_start=955
+  _globals['_ELIGIBILITYSERVICE']._serialized_end=1169
 # @@protoc_insertion_point(module_scope)

@@ -32,8 +32,14 @@ class CheckEligibilityRequest(_message.Message):
     JOB_SEEKER_FIELD_NUMBER: _builtins.int
     PROGRAM_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
+    MENTOR_ID_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     """`programs/{program_id}` to check one program; empty to check every program."""
+    mentor_id: _builtins.str
+    """The mentor (tuteur) the advisor has arranged, for programs with the `mentor_assigned`
+    criterion (OpenCFA): 1 to 64 letters, digits, '.', '_' or '-'. An attestation recorded with
+    the decision; not personal data of the job seeker.
+    """
     @_builtins.property
     def job_seeker(self) -> _common_pb2.JobSeekerIdentity:
         """The job seeker to check."""
@@ -50,10 +56,11 @@ class CheckEligibilityRequest(_message.Message):
         job_seeker: _common_pb2.JobSeekerIdentity | None = ...,
         program: _builtins.str = ...,
         as_of: _date_pb2.Date | None = ...,
+        mentor_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "job_seeker", b"job_seeker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "job_seeker", b"job_seeker", "program", b"program"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "job_seeker", b"job_seeker", "mentor_id", b"mentor_id", "program", b"program"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,54 @@
+"""Program counters: seats taken and cents committed (net of releases) per program.
+
+`reserve` is the one place caps are enforced: a single conditional UPDATE in the activation's own
+transaction. On PostgreSQL the row lock it takes makes concurrent activations queue on the
+counter, and the WHERE clause re-reads the committed value, so no interleaving can overspend; on
+SQLite writers are already serialized by BEGIN IMMEDIATE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from entitlement.programs import Program
+from entitlement.storage.models import ProgramCounter
+
+
+def usage(s: Session, program_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(seats used, cents committed) per program, as last committed, in one query."""
+    rows = s.execute(select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCounter.cents_committed)
+                     .where(ProgramCounter.program_id.in_(program_ids))).all()
+    found = {r[0]: (int(r[1]), int(r[2])) for r in rows}
+    return {p: found.get(p, (0, 0)) for p in program_ids}
+
+
+def _ensure_row(s: Session, program_id: str) -> None:
+    dialect = s.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    s.execute(insert(ProgramCounter).values(program_id=program_id, seats_used=0, cents_committed=0)
+              .on_conflict_do_nothing(index_elements=["program_id"]))
+
+
+def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
+    """Take one seat and `cents`, within the caps in force on `day`; False when a cap would be exceeded."""
+    _ensure_row(s, program.id)
+    stmt = update(ProgramCounter).where(ProgramCounter.program_id == program.id).values(
+        seats_used=ProgramCounter.seats_used + 1, cents_committed=ProgramCounter.cents_committed + cents)
+    seats = program.optional_value("max_seats", day)
+    if seats is not None:
+        stmt = stmt.where(ProgramCounter.seats_used + 1 <= seats.value)
+    budget = program.optional_value("max_budget_cents", day)
+    if budget is not None:
+        stmt = stmt.where(ProgramCounter.cents_committed + cents <= budget.value)
+    return s.execute(stmt).rowcount == 1  # type: ignore[attr-defined, no-any-return]
+
+
+def release(s: Session, program_id: str, cents: int) -> None:
+    """Give back committed cents (revocation, expiry). Seats stay taken: a seat was used."""
+    if cents:
+        s.execute(update(ProgramCounter).where(ProgramCounter.program_id == program_id)
+                  .values(cents_committed=ProgramCounter.cents_committed - cents))
