@@ -80,6 +80,10 @@ def serve_forever(ctx: Context) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
+    # A process-directed signal may be delivered to any thread (gRPC's, the workers'); Python runs
+    # the handler only when the main thread executes bytecode, which an untimed wait never does.
+    # Wait in short slices so SIGTERM is always handled promptly.
+    while not stopped.wait(timeout=0.2):
+        pass
     ctx.db.dispose()
     log.info("stopped")

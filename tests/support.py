@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import scenario_data
 from google.rpc import error_details_pb2
 from google.type import date_pb2
 from grpc_status import rpc_status
@@ -55,6 +56,7 @@ def make_registry_file(path: Path) -> Path:
             w.writerow({"identifiant": ident, "nom": "Test", "prenom": "Special", "dateNaissance": birth,
                         "codePostal": postal, "dateInscription": reg, "dateCessationInscription": end,
                         "codeCategorieInscription": cat})
+        w.writerows(scenario_data.registry_rows())
         for i in range(1, POOL_SIZE + 1):
             w.writerow({"identifiant": f"P{i:07d}", "nom": "Pool", "prenom": "Person",
                         "dateNaissance": pool_birth(i).isoformat(), "codePostal": "75011",

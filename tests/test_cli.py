@@ -84,7 +84,8 @@ def test_check_prints_the_decision_as_a_table_or_json(run: Run) -> None:
     assert r.code == 0, r.err
     assert r.out.startswith(f"programs/{PROGRAM}: ELIGIBLE on {TODAY.isoformat()}")
     assert [row[:2] for row in r.rows()] == [["program_open", "yes"], ["registered", "yes"],
-                                             ["category_covered", "yes"], ["registration_active", "yes"]]
+                                             ["category_covered", "yes"], ["registration_active", "yes"],
+                                             ["registry_data_fresh", "yes"]]
 
     r = run("advisor-paris", "check", "CAT0006", SPECIAL["CAT0006"][0], "--program", f"programs/{PROGRAM}", "--json")
     assert r.code == 0, r.err

@@ -22,7 +22,7 @@ def test_check_activate_redeem_verify_audit(api: Api) -> None:
     [decision] = check.decisions
     assert decision.eligible
     assert [c.criterion for c in decision.criteria] == ["program_open", "registered", "category_covered",
-                                                       "registration_active"]
+                                                       "registration_active", "registry_data_fresh"]
     assert decision.funding_plan.total_cents == 2000 * 12
     assert decision.registry_snapshot.startswith("registrySnapshots/")
 

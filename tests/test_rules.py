@@ -73,30 +73,36 @@ def test_departments() -> None:
     assert rules.department_of("20000") == "20"
 
 
+def fresh(day: dt.date) -> rules.Circumstances:
+    """Registry data extracted on the decision day."""
+    return rules.Circumstances(registry_extracted_on=day)
+
+
 def test_premium_eligible_and_explained() -> None:
-    d = rules.evaluate(PREMIUM, facts(), dt.date(2026, 3, 16))
+    d = rules.evaluate(PREMIUM, facts(), dt.date(2026, 3, 16), fresh(dt.date(2026, 3, 16)))
     assert d.eligible and d.failed_reasons == []
     assert d.funding_plan is not None
     assert d.funding_plan.total_cents == 24000
     assert {f for f, _, _ in d.funding_plan.shares} == {"ministry-of-labour", "france-travail"}
-    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders",
+    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders", "max_registry_age_days",
                                                 "months_after_registration_end", "price_per_month_cents"}
 
 
 @pytest.mark.parametrize("kw,day,reason", [
-    ({}, "2015-08-31", "PROGRAM_NOT_STARTED"),
+    ({"registered_on": dt.date(2014, 1, 1)}, "2015-08-31", "PROGRAM_NOT_STARTED"),
     ({"category": 6}, "2026-03-16", "CATEGORY_NOT_COVERED"),
     ({"registration_ended_on": dt.date(2026, 3, 16)}, "2026-03-16", "REGISTRATION_ENDED"),
     ({"registered_on": dt.date(2026, 3, 17)}, "2026-03-16", "REGISTRATION_NOT_STARTED"),
 ])
 def test_premium_refusals(kw: dict[str, object], day: str, reason: str) -> None:
-    d = rules.evaluate(PREMIUM, facts(**kw), dt.date.fromisoformat(day))
-    assert not d.eligible and reason in d.failed_reasons and d.funding_plan is None
+    d = rules.evaluate(PREMIUM, facts(**kw), dt.date.fromisoformat(day), fresh(dt.date.fromisoformat(day)))
+    assert not d.eligible and d.failed_reasons == [reason] and d.funding_plan is None
 
 
 def test_registration_ending_tomorrow_is_still_active() -> None:
-    d = rules.evaluate(PREMIUM, facts(registration_ended_on=dt.date(2026, 3, 17)), dt.date(2026, 3, 16))
-    assert d.eligible
+    d = rules.evaluate(PREMIUM, facts(registration_ended_on=dt.date(2026, 3, 17)), dt.date(2026, 3, 16),
+                       fresh(dt.date(2026, 3, 16)))
+    assert d.eligible and d.access_end == dt.date(2026, 4, 30)  # end of the month after the end
 
 
 def test_region_program_by_department_and_period() -> None:
@@ -108,9 +114,9 @@ def test_region_program_by_department_and_period() -> None:
 
 
 def test_unknown_person_fails_every_criterion_the_same_way() -> None:
-    d = rules.evaluate(PREMIUM, None, dt.date(2026, 3, 16))
+    d = rules.evaluate(PREMIUM, None, dt.date(2026, 3, 16), fresh(dt.date(2026, 3, 16)))
     assert not d.eligible
-    assert [c.reason_code for c in d.criteria[1:]] == ["NOT_REGISTERED"] * 3
+    assert [c.reason_code for c in d.criteria[1:]] == ["NOT_REGISTERED"] * 3 + [""]
 
 
 @given(day=st.dates(min_value=dt.date(1990, 1, 1), max_value=dt.date(2015, 8, 31)))
@@ -121,8 +127,8 @@ def test_never_eligible_before_the_program_starts(day: dt.date) -> None:
 @given(day=st.dates(min_value=dt.date(2015, 1, 1), max_value=dt.date(2030, 12, 31)), category=st.integers(1, 8))
 def test_evaluation_is_pure(day: dt.date, category: int) -> None:
     f = facts(category=category, registered_on=dt.date(2014, 1, 1))
-    first = rules.evaluate(PREMIUM, f, day)
-    assert first == rules.evaluate(PREMIUM, f, day)
+    first = rules.evaluate(PREMIUM, f, day, fresh(day))
+    assert first == rules.evaluate(PREMIUM, f, day, fresh(day))
     assert rules.decision_from_dict(rules.decision_to_dict(first)) == first
 
 
@@ -165,3 +171,23 @@ def test_bad_program_files_name_file_and_field(tmp_path: Path, edit: object, fie
     with pytest.raises(ProgramFileError) as info:
         load_program(path)
     assert info.value.field == field and str(path) in str(info.value)
+
+
+def test_a_parameter_changing_mid_period_applies_from_its_date(tmp_path: Path) -> None:
+    src = (ROOT / "programs" / "premium-job-seekers.yaml").read_text()
+    changed = src.replace('''        value: 2000
+        reference: "Platform list price of Premium, 20 EUR/month (press release, April 2015)"''', '''        value: 2000
+        reference: "Platform list price of Premium, 20 EUR/month (press release, April 2015)"
+      2020-01-01:
+        value: 2500
+        reference: "New list price (example)"''')
+    assert changed != src
+    path = tmp_path / "premium-job-seekers.yaml"
+    path.write_text(changed)
+    program = load_program(path)
+    before = rules.evaluate(program, facts(), dt.date(2019, 12, 31), rules.Circumstances(dt.date(2019, 12, 31)))
+    after = rules.evaluate(program, facts(), dt.date(2020, 1, 1), rules.Circumstances(dt.date(2020, 1, 1)))
+    assert before.funding_plan and before.funding_plan.price_per_month_cents == 2000
+    assert after.funding_plan and after.funding_plan.price_per_month_cents == 2500
+    used = {p.name: p for p in after.parameters}["price_per_month_cents"]
+    assert used.effective_from == dt.date(2020, 1, 1) and used.reference == "New list price (example)"
