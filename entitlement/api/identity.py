@@ -78,11 +78,12 @@ class CallerInterceptor(BehaviorInterceptor):
         caller = self.callers.resolve(token) if token else None
         if caller is None:
             raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
+        # Bound before the role check, so a refused call's log lines say who was refused.
+        structlog.contextvars.bind_contextvars(caller=caller.id, role=caller.role)
         allowed = ROLES.get(method, frozenset())
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",
                                    reason="ROLE_NOT_ALLOWED", metadata={"role": caller.role})
-        structlog.contextvars.bind_contextvars(caller=caller.id, role=caller.role)
         reset = _caller.set(caller)
         try:
             yield
