@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
+from alembic import command
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -41,7 +42,7 @@ from entitlement.config import ROOT
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.server_main import SERVICE_NAMES
 from entitlement.storage.db import Database
-from entitlement.storage.migrate import head_revision, upgrade
+from entitlement.storage.migrate import alembic_config, head_revision, upgrade
 from entitlement.tokens import generate_key
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
                             eligibility_pb2_grpc)
@@ -228,14 +229,24 @@ def test_refuses_to_start_on_an_unmigrated_database(tmp_path: Path, empty_databa
     assert "Traceback" not in result.stderr
 
 
-def test_refuses_to_start_on_a_database_at_another_revision(tmp_path: Path) -> None:
+def test_refuses_to_start_on_a_database_at_an_older_revision(tmp_path: Path) -> None:
     d = prepare(tmp_path / "srv", with_registry=False)
-    with sqlite3.connect(tmp_path / "srv" / "entitlement.db") as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0000stale'")
+    command.downgrade(alembic_config(f"sqlite:///{tmp_path / 'srv' / 'entitlement.db'}"), "0001")
     result = d.run()
     assert result.returncode == 2, result.stderr
-    assert f"at revision 0000stale but this version needs {head_revision()}" in result.stderr
+    assert f"at revision 0001 but this version needs {head_revision()}" in result.stderr
     assert "`entitlement db upgrade`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_refuses_to_start_on_a_database_from_a_newer_version(tmp_path: Path) -> None:
+    d = prepare(tmp_path / "srv", with_registry=False)
+    with sqlite3.connect(tmp_path / "srv" / "entitlement.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099future'")
+    result = d.run()
+    assert result.returncode == 2, result.stderr
+    assert "at revision 0099future, which this version does not know" in result.stderr
+    assert "db upgrade" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

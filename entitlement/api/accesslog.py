@@ -35,8 +35,17 @@ def _request_id(metadata: tuple[Any, ...] | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
+# SQLite raises OperationalError both for a busy or unreachable file (worth retrying) and for schema
+# errors such as a missing table (not worth retrying): only the former are outages.
+_SQLITE_OUTAGE = ("database is locked", "database is busy", "unable to open", "disk i/o", "readonly database")
+
+
 def _is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, (OperationalError, PoolTimeout)):
+    if isinstance(exc, PoolTimeout):
+        return True
+    if isinstance(exc, OperationalError):
+        if exc.orig is not None and type(exc.orig).__module__.startswith("sqlite3"):
+            return any(m in str(exc.orig).lower() for m in _SQLITE_OUTAGE)
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 

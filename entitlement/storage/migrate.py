@@ -50,6 +50,11 @@ def ensure_current(db: Database) -> None:
         raise SchemaNotCurrent(
             "the database has no schema (not migrated); run `entitlement db upgrade` "
             "(or `make migrate`) with the same ENTITLEMENT_DATABASE_URL")
+    known = {r.revision for r in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()}
+    if current not in known:
+        raise SchemaNotCurrent(
+            f"the database schema is at revision {current}, which this version does not know (it needs "
+            f"{head}): the database was migrated by a newer version; run that version instead")
     raise SchemaNotCurrent(
         f"the database schema is at revision {current} but this version needs {head}; "
         "run `entitlement db upgrade` (or `make migrate`) with the same ENTITLEMENT_DATABASE_URL")
