@@ -34,6 +34,9 @@ def test_check_activate_redeem_verify_audit(api: Api) -> None:
     assert act.funding.total_cents == 24000
     assert sum(s.amount_cents for s in act.funding.shares) == 24000
     assert agency_id not in act.job_seeker_ref and len(act.job_seeker_ref) == 32
+    # The decision the activation was made on is stored and shown again exactly as it was.
+    assert act.decision == decision
+    assert api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=act.name)).decision == decision
 
     # The token verifies offline with a standard library against the published JWKS.
     jwks = json.loads(api.platform.GetSigningKeys(activation_pb2.GetSigningKeysRequest()).jwks_json)

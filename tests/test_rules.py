@@ -163,6 +163,9 @@ parameters:
     (lambda s: s.replace("ministry-of-labour: 5000", "ministry-of-labour: 4000"), "parameters.funders.values.2015-09-01.value"),
     (lambda s: s.replace("start: 2015-09-01", "start: 2015-13-01"), "period.start"),
     (lambda s: s.replace("  - registration_active", "  - registration_active\n  - moon_phase"), "criteria[3]"),
+    (lambda s: s.replace("  - registration_active", "  - registration_active\n  - registered"), "criteria[3]"),
+    (lambda s: s.replace("      2015-09-01:\n        value: 2000", "      2015-09-01:\n        value: 1\n"
+                         "        reference: x\n      2015-09-01:\n        value: 2000"), "(file)"),
 ])
 def test_bad_program_files_name_file_and_field(tmp_path: Path, edit: object, field: str) -> None:
     src = (ROOT / "programs" / "premium-job-seekers.yaml").read_text()

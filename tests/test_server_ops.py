@@ -33,7 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import create_pg_database, drop_pg_database
-from support import CALLERS, SPECIAL, Api, Harness, failure, identity, make_registry_file, next_person, pool_birth
+from support import (CALLERS, SPECIAL, Api, As, Harness, date_msg, failure, identity, make_registry_file,
+                     next_person, pool_birth)
 
 from entitlement import registry
 from entitlement.callers import write_callers
@@ -657,3 +658,40 @@ def test_a_table_dropped_behind_the_servers_back_leaks_nothing(server_dir: Serve
         assert line["code"] == code.name
     finally:
         server.close()
+
+
+FOURTH_PROGRAM = """
+id: occitanie-numerique
+title: Occitanie digital skills (example)
+tier: premium
+period: {start: 2019-01-01, end: 2022-12-31}
+criteria: [registered, registration_active, resident_in_departments]
+parameters:
+  departments: {values: {2019-01-01: {value: ["31", "34"], reference: "Plan régional 2019-2022 (example)"}}}
+  price_per_month_cents: {values: {2019-01-01: {value: 2000, reference: "List price"}}}
+  activation_months: {values: {2019-01-01: {value: 6, reference: "Example"}}}
+  funders: {values: {2019-01-01: {value: {region-occitanie: 7000, opco-akto: 3000}, reference: "Example split"}}}
+"""
+
+
+def test_a_fourth_program_is_served_from_a_file_alone(tmp_path: Path) -> None:
+    """Adding a funder's program is writing a file: the server lists it and applies its rules."""
+    programs = tmp_path / "programs"
+    shutil.copytree(ROOT / "programs", programs, ignore=shutil.ignore_patterns("*.md"))
+    (programs / "occitanie-numerique.yaml").write_text(FOURTH_PROGRAM)
+    d = prepare(tmp_path / "srv")
+    d.programs_dir = programs
+    server = Server(d)
+    try:
+        advisor = As(server.channel, d.tokens["advisor-paris"])
+        listed = advisor.ListPrograms(eligibility_pb2.ListProgramsRequest(as_of=date_msg("2020-06-01")))
+        assert "programs/occitanie-numerique" in [p.name for p in listed.programs]
+        [decision] = advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity("SC000001", "1990-05-17"), program="programs/occitanie-numerique",
+            as_of=date_msg("2020-06-01"))).decisions
+        # SC000001 lives in Paris (75): the Occitanie program refuses on residence only.
+        assert [c.reason_code for c in decision.criteria if not c.passed] == ["OUTSIDE_REGION"]
+        assert {p.name for p in decision.parameters} >= {"departments", "funders"}
+    finally:
+        server.close()
+
