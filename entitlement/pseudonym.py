@@ -37,7 +37,7 @@ class Pseudonymizer:
 
     def person_key(self, agency_id: str) -> bytes:
         """Registry lookup key of a job seeker: 32 bytes, stored instead of the agency id."""
-        return hmac.new(self._key, b"person\x00" + agency_id.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._key, b"person\x00" + agency_id.encode(), "sha256")
 
     def person_ref(self, person_key: bytes) -> str:
         """The pseudonym shown in activations, audit output and logs (hex, 32 chars)."""

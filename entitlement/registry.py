@@ -5,11 +5,12 @@ Extract format (CSV, UTF-8, comma-separated, header row; documented in README "R
   identifiant, dateNaissance, codePostal, dateInscription, dateCessationInscription,
   codeCategorieInscription
 named after the agency's status API. Other columns (nom, prenom, civilite, ...) are allowed and
-ignored: they are never read into memory beyond the csv module's row, never stored.
+ignored: they are never kept beyond the csv module's row, never stored.
 
 Each import is a snapshot (id, checksum, extraction date, counts). Rows are loaded under the new
 snapshot id while lookups keep using the previous one; the switch is the single UPDATE that marks
-the new snapshot complete. A failed or interrupted import leaves the previous snapshot in force.
+the new snapshot complete. A failed or interrupted import (kill -9 included) leaves the previous
+snapshot in force; its rows are discarded by the next import.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import io
+import queue
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from sqlalchemy import and_, func, insert, select, update
+from psycopg.errors import UniqueViolation
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog
@@ -37,11 +45,16 @@ REQUIRED_COLUMNS = ("identifiant", "dateNaissance", "codePostal", "dateInscripti
                     "dateCessationInscription", "codeCategorieInscription")
 AGENCY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 POSTAL_RE = re.compile(r"^\d{5}$")
-BATCH = 5000
+CATEGORIES = {str(i): i for i in range(1, 9)}
+BATCH = 20_000
+COPY_NULL = "\\N"
+
+# A validated row: (person_key, birth, postal code, registered, ended or None, category); dates as ISO text.
+Row = tuple[bytes, str, str, str, "str | None", int]
 
 
 class ExtractError(ValueError):
-    """The file as a whole cannot be imported (no header, wrong columns, not UTF-8, empty)."""
+    """The file as a whole cannot be imported (no header, wrong columns, not UTF-8, empty, cut off)."""
 
 
 @dataclass(frozen=True)
@@ -64,33 +77,81 @@ class ImportSummary:
     unchanged: bool  # the same file was already the current snapshot: nothing was changed
 
 
-def _parse_row(row: dict[str, str]) -> tuple[str, dt.date, str, dt.date, dt.date | None, int]:
-    agency_id = (row.get("identifiant") or "").strip()
-    if not AGENCY_ID_RE.fullmatch(agency_id):
-        raise ValueError("identifiant: 1 to 32 letters or digits")
+@dataclass(frozen=True)
+class Progress:
+    """What an import reports after each batch is stored."""
 
-    def date_field(name: str, optional: bool = False) -> dt.date | None:
-        raw = (row.get(name) or "").strip()
-        if not raw and optional:
-            return None
-        try:
-            return dt.date.fromisoformat(raw)
-        except ValueError:
-            raise ValueError(f"{name}: expected a date YYYY-MM-DD, got {raw[:20]!r}") from None
+    rows_read: int
+    rows_imported: int
+    rows_rejected: int
+    bytes_read: int
+    bytes_total: int
 
-    birth = date_field("dateNaissance")
-    postal = (row.get("codePostal") or "").strip()
-    if not POSTAL_RE.fullmatch(postal):
-        raise ValueError("codePostal: expected 5 digits")
-    registered = date_field("dateInscription")
-    ended = date_field("dateCessationInscription", optional=True)
-    raw_cat = (row.get("codeCategorieInscription") or "").strip()
-    if raw_cat not in {"1", "2", "3", "4", "5", "6", "7", "8"}:
-        raise ValueError("codeCategorieInscription: expected 1 to 8")
-    assert birth is not None and registered is not None
-    if ended is not None and ended < registered:
-        raise ValueError("dateCessationInscription: before dateInscription")
-    return agency_id, birth, postal, registered, ended, int(raw_cat)
+
+class _Reject(ValueError):
+    pass
+
+
+def _iso(raw: str, name: str) -> str:
+    """The date as ISO text, after checking it is a real calendar date."""
+    text = raw.strip()
+    try:
+        if len(text) != 10:
+            raise ValueError
+        dt.date.fromisoformat(text)
+    except ValueError:
+        raise _Reject(f"{name}: expected a date YYYY-MM-DD, got {text[:20]!r}") from None
+    return text
+
+
+class _Parser:
+    """Validates one CSV row (a list, by header position) into a Row, with C-implemented calls
+    only (regex, date.fromisoformat, one-shot HMAC): this is the import's hot loop."""
+
+    def __init__(self, header: list[str], pseudo: Pseudonymizer) -> None:
+        self.idx = [header.index(c) for c in REQUIRED_COLUMNS]
+        self.width = len(header)
+        self.key = pseudo.person_key
+
+    def __call__(self, row: list[str]) -> Row:
+        if len(row) != self.width:
+            raise _Reject(f"expected {self.width} fields, got {len(row)} (truncated or malformed row)")
+        i_id, i_birth, i_postal, i_reg, i_end, i_cat = self.idx
+        agency_id = row[i_id].strip()
+        if not AGENCY_ID_RE.fullmatch(agency_id):
+            raise _Reject("identifiant: 1 to 32 letters or digits")
+        birth = _iso(row[i_birth], "dateNaissance")
+        postal = row[i_postal].strip()
+        if not POSTAL_RE.fullmatch(postal):
+            raise _Reject("codePostal: expected 5 digits")
+        registered = _iso(row[i_reg], "dateInscription")
+        raw_end = row[i_end].strip()
+        ended = _iso(raw_end, "dateCessationInscription") if raw_end else None
+        if ended is not None and ended < registered:
+            raise _Reject("dateCessationInscription: before dateInscription")
+        category = CATEGORIES.get(row[i_cat].strip())
+        if category is None:
+            raise _Reject("codeCategorieInscription: expected 1 to 8")
+        return self.key(agency_id), birth, postal, registered, ended, category
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes read, for the progress bar's percentage and ETA."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.count = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        self.count += n or 0
+        return int(n or 0)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _sha256(path: Path) -> str:
@@ -111,8 +172,18 @@ def current_snapshot(session: Session) -> SnapshotRef | None:
 
 def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path, *,
                    extracted_on: dt.date, actor: str = "system", rejects_path: Path | None = None,
-                   progress: Callable[[int], None] | None = None) -> ImportSummary:
-    """Import one full extract as a new snapshot and switch to it atomically."""
+                   progress: Callable[[int], None] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None,
+                   min_ratio: float = 0.0, keep_snapshots: int = 2) -> ImportSummary:
+    """Import one full extract as a new snapshot and switch to it atomically.
+
+    Streams the file (constant memory), validates every row and writes each rejected one to
+    `rejects_path` with its line number and reason: rows read = imported + rejected. Refuses to
+    switch when nothing valid was read, or fewer rows than `min_ratio` x the current snapshot's
+    (a cut-off extract must not de-register people). Afterwards, complete snapshots beyond the
+    newest `keep_snapshots` lose their rows (their metadata stays: decisions refer to it).
+    `progress(rows_read)` and `on_progress(Progress)` are called after each stored batch.
+    """
     digest = _sha256(path)
     with db.read() as s:
         current = s.execute(
@@ -121,6 +192,7 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
     if current is not None and current.sha256 == digest:
         return ImportSummary(current.id, digest, current.rows_read, current.rows_imported,
                              current.rows_rejected, unchanged=True)
+    _discard_unfinished(db)
     with db.write() as s:
         snap = RegistrySnapshot(source_name=path.name[:255], sha256=digest, extracted_on=extracted_on,
                                 status="importing", started_at=clock.now(), rows_read=0,
@@ -128,36 +200,58 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
         s.add(snap)
         s.flush()
         snapshot_id = snap.id
-    read = imported = rejected = 0
-    seen: set[bytes] = set()
+    read = rejected = 0
+    total = path.stat().st_size
     rejects: IO[str] | None = None
+    lock = threading.Lock()
     try:
         rejects = rejects_path.open("w", encoding="utf-8", newline="") if rejects_path else None
         rej_writer = csv.writer(rejects) if rejects else None
         if rej_writer:
             rej_writer.writerow(["line", "reason"])
-        batch: list[dict[str, object]] = []
-        for line_no, row in _rows(path):
-            read += 1
-            try:
-                agency_id, birth, postal, registered, ended, category = _parse_row(row)
-                key = pseudo.person_key(agency_id)
-                if key in seen:
-                    raise ValueError("identifiant: duplicate of an earlier row")
-                seen.add(key)
-            except ValueError as exc:
+
+        def reject(line_no: int, reason: str) -> None:
+            nonlocal rejected
+            with lock:  # the parser (main thread) and the writer thread both reject
                 rejected += 1
                 if rej_writer:
-                    rej_writer.writerow([line_no, str(exc)])
-                continue
-            batch.append({"snapshot_id": snapshot_id, "person_key": key, "birth_date": birth,
-                          "postal_code": postal, "registered_on": registered,
-                          "registration_ended_on": ended, "category": category})
-            if len(batch) >= BATCH:
-                imported += _flush(db, batch)
+                    rej_writer.writerow([line_no, reason])
+
+        counter, reader, header = _open(path)
+        with counter, _BulkWriter(db, snapshot_id, reject) as writer:
+            def report(stored: int) -> None:
                 if progress:
                     progress(read)
-        imported += _flush(db, batch)
+                if on_progress:
+                    on_progress(Progress(read, stored, rejected, counter.count, total))
+            writer.on_stored = report
+            parse = _Parser(header, pseudo)
+            batch: list[tuple[int, Row]] = []
+            line_no = 1
+            try:
+                for row in reader:
+                    line_no = reader.line_num
+                    read += 1
+                    try:
+                        batch.append((line_no, parse(row)))
+                    except _Reject as exc:
+                        reject(line_no, str(exc))
+                        continue
+                    if len(batch) >= BATCH:
+                        writer.put(batch)
+                        batch = []
+            except UnicodeDecodeError:
+                raise ExtractError(f"{path}: not UTF-8 text (after line {line_no})") from None
+            except csv.Error as exc:
+                raise ExtractError(f"{path}: malformed CSV after line {line_no}: {exc}") from None
+            writer.put(batch)
+            imported = writer.finish()
+        if imported == 0:
+            raise ExtractError(f"{path}: no valid row; an empty extract would de-register everyone")
+        if current is not None and imported < min_ratio * current.rows_imported:
+            raise ExtractError(
+                f"{path}: {imported} valid rows, fewer than {min_ratio:.0%} of the current snapshot's "
+                f"{current.rows_imported}: is the extract cut off? (--min-ratio 0 accepts it)")
         with db.write() as s:
             s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id).values(
                 status="complete", completed_at=clock.now(), rows_read=read, rows_imported=imported,
@@ -169,46 +263,163 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
     except BaseException:
         with db.write() as s:
             s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id)
-                      .values(status="failed", rows_read=read))
+                      .values(status="failed", rows_read=read, rows_rejected=rejected))
+        _discard_unfinished(db)
         raise
     finally:
         if rejects:
             rejects.close()
+    _prune(db, keep_snapshots)
     return ImportSummary(snapshot_id, digest, read, imported, rejected, unchanged=False)
 
 
-def _flush(db: Database, batch: list[dict[str, object]]) -> int:
-    if not batch:
-        return 0
-    n = len(batch)
-    with db.write() as s:
-        s.execute(insert(RegistryPerson), batch)
-    batch.clear()
-    return n
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) pairs; raises ExtractError for problems of the whole file."""
+def _open(path: Path) -> tuple[_CountingReader, Any, list[str]]:
     try:
-        fh = path.open("r", encoding="utf-8-sig", newline="")
+        raw = path.open("rb")
     except OSError as exc:
         raise ExtractError(f"{path}: cannot open ({exc.strerror})") from None
-    with fh:
+    counter = _CountingReader(raw)
+    text = io.TextIOWrapper(io.BufferedReader(counter, 1 << 20), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader, None)
+    except UnicodeDecodeError:
+        counter.close()
+        raise ExtractError(f"{path}: not UTF-8 text") from None
+    if not header:
+        counter.close()
+        raise ExtractError(f"{path}: empty file (no header row)")
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing or len(set(header)) != len(header):
+        counter.close()
+        problem = f"lacks column(s) {', '.join(missing)}" if missing else "repeats a column"
+        raise ExtractError(f"{path}: header {problem}")
+    return counter, reader, header
+
+
+class _BulkWriter:
+    """Stores validated rows of one snapshot from a thread of its own, so that parsing (Python, GIL)
+    and writing (the driver, GIL released) overlap; a bounded queue keeps memory constant.
+
+    One transaction per batch: COPY on PostgreSQL, one executemany on SQLite. A batch holding a
+    duplicate identifiant (the primary key refuses it) is replayed row by row so that only the
+    duplicates are rejected, each with its line number."""
+
+    COLUMNS = "snapshot_id, person_key, birth_date, postal_code, registered_on, registration_ended_on, category"
+
+    def __init__(self, db: Database, snapshot_id: int, reject: Callable[[int, str], None]) -> None:
+        self.db, self.snapshot_id, self.reject = db, snapshot_id, reject
+        self.on_stored: Callable[[int], None] | None = None
+        self.stored = 0
+        self._queue: queue.Queue[list[tuple[int, Row]] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="registry-writer", daemon=True)
+
+    def __enter__(self) -> "_BulkWriter":
+        if not self.db.is_sqlite:  # pysqlite takes the GIL back for every row: a thread only adds contention
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def put(self, batch: list[tuple[int, Row]]) -> None:
+        if self._error is not None:
+            raise self._error
+        if not batch:
+            return
+        if self._thread.is_alive():
+            self._queue.put(batch)
+        else:
+            self._store(batch)
+
+    def finish(self) -> int:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.stored
+
+    def _store(self, batch: list[tuple[int, Row]]) -> None:
+        self.stored += self.write(batch)
+        if self.on_stored:
+            self.on_stored(self.stored)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the main thread will raise
+            try:
+                self._store(batch)
+            except BaseException as exc:  # handed to the main thread
+                self._error = exc
+
+    def write(self, batch: list[tuple[int, Row]]) -> int:
         try:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames
-        except UnicodeDecodeError:
-            raise ExtractError(f"{path}: not UTF-8 text") from None
-        if not header:
-            raise ExtractError(f"{path}: empty file (no header row)")
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ExtractError(f"{path}: header lacks column(s) {', '.join(missing)}")
-        try:
-            for row in reader:
-                yield reader.line_num, row
-        except UnicodeDecodeError:
-            raise ExtractError(f"{path}: not UTF-8 text (after line {reader.line_num})") from None
+            with self.db.write() as s:
+                conn = s.connection()
+                if self.db.is_sqlite:
+                    # Random 32-byte keys scatter over the primary-key B-tree: a larger page cache
+                    # for this connection avoids re-reading pages (bounded: 64 MiB).
+                    conn.exec_driver_sql("PRAGMA cache_size=-65536")
+                    conn.exec_driver_sql(
+                        f"INSERT INTO registry_people ({self.COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        sorted((self.snapshot_id, *row) for _, row in batch))  # key order: B-tree locality
+                else:
+                    self._copy(conn, batch)
+            return len(batch)
+        except (IntegrityError, UniqueViolation):  # COPY runs on the driver's cursor: psycopg's own error
+            return self._one_by_one(batch)
+
+    def _copy(self, conn: Any, batch: list[tuple[int, Row]]) -> None:
+        sid = self.snapshot_id
+        # COPY text format: bytea as \x<hex> with its backslash doubled, NULL as \N.
+        text = "".join(f"{sid}\t\\\\x{key.hex()}\t{birth}\t{postal}\t{reg}\t{end or COPY_NULL}\t{cat}\n"
+                       for _, (key, birth, postal, reg, end, cat) in batch)
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy(f"COPY registry_people ({self.COLUMNS}) FROM STDIN") as copy:
+            copy.write(text)
+
+    def _one_by_one(self, batch: list[tuple[int, Row]]) -> int:
+        stored = 0
+        dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        with self.db.write() as s:
+            for line_no, (key, birth, postal, reg, end, cat) in batch:
+                result = s.execute(dialect_insert(RegistryPerson).values(
+                    snapshot_id=self.snapshot_id, person_key=key, birth_date=dt.date.fromisoformat(birth),
+                    postal_code=postal, registered_on=dt.date.fromisoformat(reg),
+                    registration_ended_on=dt.date.fromisoformat(end) if end else None, category=cat,
+                ).on_conflict_do_nothing(index_elements=["snapshot_id", "person_key"])
+                    .returning(RegistryPerson.person_key))
+                if result.first() is not None:
+                    stored += 1
+                else:
+                    self.reject(line_no, "identifiant: duplicate of an earlier row")
+        return stored
+
+
+def _discard_unfinished(db: Database) -> None:
+    """Rows of imports that failed or were killed (left `importing`) are garbage: delete them."""
+    with db.write() as s:
+        ids = s.execute(select(RegistrySnapshot.id).where(
+            RegistrySnapshot.status.in_(("importing", "failed")))).scalars().all()
+        if ids:
+            s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id.in_(ids)).values(status="failed"))
+            s.execute(delete(RegistryPerson).where(RegistryPerson.snapshot_id.in_(ids)))
+
+
+def _prune(db: Database, keep: int) -> None:
+    """Drop the rows of complete snapshots older than the newest `keep` (their metadata stays)."""
+    with db.write() as s:
+        ids = s.execute(select(RegistrySnapshot.id).where(RegistrySnapshot.status == "complete")
+                        .order_by(RegistrySnapshot.id.desc()).offset(max(keep, 1))).scalars().all()
+        if ids:
+            s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id.in_(ids)).values(status="superseded"))
+            s.execute(delete(RegistryPerson).where(RegistryPerson.snapshot_id.in_(ids)))
 
 
 def lookup(session: Session, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
@@ -232,4 +443,3 @@ def lookup(session: Session, person_key: bytes, birth_date: dt.date) -> tuple[Pe
         return None, snap
     return PersonFacts(row.birth_date, row.postal_code, row.registered_on, row.registration_ended_on,
                        row.category), snap
-
