@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROLES = ("platform", "advisor", "funder", "admin")
+ROLES = ("platform", "advisor", "funder", "agency", "admin")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -37,6 +37,8 @@ class Caller:
             return f"platform:{self.platform_id}"
         if self.role == "funder":
             return f"funder:{self.funder_id}"
+        if self.role == "agency":
+            return f"agency:{self.id}"
         return f"admin:{self.id}"
 
 
@@ -79,7 +81,7 @@ def _caller(where: str, raw: dict[str, Any]) -> Caller:
     if role not in ROLES:
         raise SystemExit(f"{where}.role: one of {', '.join(ROLES)}")
     fields = {"platform": ("platform_id",), "advisor": ("advisor_id", "agency_code"),
-              "funder": ("funder_id",), "admin": ()}[role]
+              "funder": ("funder_id",), "agency": (), "admin": ()}[role]
     values = {}
     for f in ("id", *fields):
         v = raw.get(f, "")

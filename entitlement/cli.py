@@ -12,7 +12,9 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from entitlement.config import ROOT, Settings
 
@@ -66,19 +68,52 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     except SchemaNotCurrent as exc:
         return _fail(str(exc))
     pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file)
-    extracted = dt.date.fromisoformat(args.extracted_on) if args.extracted_on else dt.date.today()
+    try:
+        extracted = dt.date.fromisoformat(args.extracted_on) if args.extracted_on else dt.date.today()
+    except ValueError:
+        return _fail(f"--extracted-on: expected a date YYYY-MM-DD, got {args.extracted_on!r}")
     rejects = Path(args.rejects) if args.rejects else Path(str(args.file) + ".rejects.csv")
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
     try:
         summary = registry.import_extract(db, pseudo, SystemClock(settings.timezone), Path(args.file),
-                                          extracted_on=extracted, actor="operator:cli", rejects_path=rejects)
+                                          extracted_on=extracted, actor="operator:cli", rejects_path=rejects,
+                                          on_progress=bar, min_ratio=args.min_ratio,
+                                          keep_snapshots=args.keep_snapshots)
     except registry.ExtractError as exc:
         return _fail(f"import refused, previous snapshot still in force: {exc}")
+    finally:
+        if bar:
+            bar.done()
     if summary.unchanged:
         print(f"unchanged: this file (sha256 {summary.sha256[:12]}) is already snapshot {summary.snapshot_id}")
     else:
         print(f"snapshot {summary.snapshot_id}: read {summary.rows_read}, imported {summary.rows_imported}, "
               f"rejected {summary.rows_rejected} (see {rejects})")
     return 0
+
+
+class ProgressBar:
+    """One self-rewriting line on a terminal: rows, rows/s, percent of the file, ETA."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.started, self.shown = stream, time.monotonic(), False
+
+    def __call__(self, p: Any) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = p.rows_read / elapsed
+        fraction = p.bytes_read / p.bytes_total if p.bytes_total else 1.0
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0
+        width = 30
+        filled = int(width * fraction)
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:6.1%}  {p.rows_read:>12,} rows  "
+                          f"{rate:>9,.0f} rows/s  rejected {p.rows_rejected:,}  ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def cmd_registry_generate(args: argparse.Namespace) -> int:
@@ -95,6 +130,7 @@ DEMO_CALLERS = [
     ("funder-ministry", "funder", {"funder_id": "ministry-of-labour"}),
     ("funder-france-travail", "funder", {"funder_id": "france-travail"}),
     ("funder-region-idf", "funder", {"funder_id": "region-idf"}),
+    ("agency-feed", "agency", {}),
     ("admin", "admin", {}),
 ]
 
@@ -166,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     imp.add_argument("--extracted-on", help="extraction date YYYY-MM-DD (default today)")
     imp.add_argument("--rejects", help="where to write rejected rows (default FILE.rejects.csv)")
+    imp.add_argument("--min-ratio", type=float, default=0.5,
+                     help="refuse an extract with fewer valid rows than this share of the current snapshot "
+                          "(default 0.5; 0 accepts any non-empty extract)")
+    imp.add_argument("--keep-snapshots", type=int, default=2,
+                     help="complete snapshots whose rows are kept (default 2: current and previous)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(func=cmd_registry_import)
     gen = reg.add_parser("generate", help="write a synthetic extract (invented people)")
     gen.add_argument("file")

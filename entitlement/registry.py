@@ -174,7 +174,7 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                    extracted_on: dt.date, actor: str = "system", rejects_path: Path | None = None,
                    progress: Callable[[int], None] | None = None,
                    on_progress: Callable[[Progress], None] | None = None,
-                   min_ratio: float = 0.0, keep_snapshots: int = 2) -> ImportSummary:
+                   min_ratio: float = 0.0, keep_snapshots: int = 2, source_name: str = "") -> ImportSummary:
     """Import one full extract as a new snapshot and switch to it atomically.
 
     Streams the file (constant memory), validates every row and writes each rejected one to
@@ -194,7 +194,7 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                              current.rows_rejected, unchanged=True)
     _discard_unfinished(db)
     with db.write() as s:
-        snap = RegistrySnapshot(source_name=path.name[:255], sha256=digest, extracted_on=extracted_on,
+        snap = RegistrySnapshot(source_name=(source_name or path.name)[:255], sha256=digest, extracted_on=extracted_on,
                                 status="importing", started_at=clock.now(), rows_read=0,
                                 rows_imported=0, rows_rejected=0)
         s.add(snap)

@@ -15,14 +15,16 @@ from grpc_reflection.v1alpha import reflection
 
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api.identity import CallerInterceptor
-from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer
+from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
-from entitlement.v1 import activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc
+from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
+                            eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
 SERVICE_NAMES = (
     eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
     activation_pb2.DESCRIPTOR.services_by_name["ActivationService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
 )
 log = structlog.get_logger("entitlement.server")
 
@@ -55,6 +57,7 @@ def start(ctx: Context, listen: str) -> Running:
     eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), server)
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), server)
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -22,7 +22,7 @@ from entitlement.clock import FixedClock
 from entitlement.server_main import Running
 from entitlement.synthetic import COLUMNS
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2_grpc, common_pb2,
-                            eligibility_pb2_grpc)
+                            eligibility_pb2_grpc, registry_pb2_grpc)
 
 TODAY = dt.date(2026, 3, 16)
 
@@ -34,6 +34,7 @@ CALLERS = [
     Caller(id="funder-ministry", role="funder", funder_id="ministry-of-labour"),
     Caller(id="funder-ft", role="funder", funder_id="france-travail"),
     Caller(id="funder-idf", role="funder", funder_id="region-idf"),
+    Caller(id="agency-feed", role="agency"),
     Caller(id="admin", role="admin"),
 ]
 
@@ -110,7 +111,8 @@ class As:
         self.metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         self._stubs = [eligibility_pb2_grpc.EligibilityServiceStub(channel),
                        activation_pb2_grpc.ActivationServiceStub(channel),
-                       audit_pb2_grpc.AuditServiceStub(channel)]
+                       audit_pb2_grpc.AuditServiceStub(channel),
+                       registry_pb2_grpc.RegistryServiceStub(channel)]
 
     def __getattr__(self, method: str) -> Any:
         for stub in self._stubs:

@@ -329,7 +329,7 @@ def test_reflection_lists_and_describes_the_services_without_credentials(shared_
     names = {s.name for s in listed.list_services_response.service}
     assert set(SERVICE_NAMES) <= names
     assert set(SERVICE_NAMES) == {"entitlement.v1.EligibilityService", "entitlement.v1.ActivationService",
-                                  "entitlement.v1.AuditService"}
+                                  "entitlement.v1.AuditService", "entitlement.v1.RegistryService"}
     assert "grpc.health.v1.Health" in names
     assert not described.HasField("error_response"), described.error_response.error_message
     assert described.file_descriptor_response.file_descriptor_proto

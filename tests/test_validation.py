@@ -21,7 +21,7 @@ from google.type import date_pb2
 from support import TODAY, Api, Failure, expect_error, failure, identity, next_person
 
 from entitlement.api.identity import ROLES
-from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2
+from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2, registry_pb2
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PROGRAM = "programs/premium-job-seekers"
@@ -33,7 +33,7 @@ LEAKY_BAD_ID = "LEAK-ZQ7731!"
 SQL_WORDS = re.compile(r"\b(select|insert|update|delete)\b|sqlalchemy|psycopg|sqlite|traceback", re.IGNORECASE)
 NAME = "activations/" + "ab" * 16
 REPRESENTATIVE = {"advisor": "advisor-paris", "platform": "platform-oc", "funder": "funder-ministry",
-                  "admin": "admin"}
+                  "agency": "agency-feed", "admin": "admin"}
 
 
 def date(y: int, m: int, d: int) -> date_pb2.Date:
@@ -313,7 +313,8 @@ def test_wrong_roles_are_permission_denied(api: Api) -> None:
 
 SERVICES = [eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"],
             activation_pb2.DESCRIPTOR.services_by_name["ActivationService"],
-            audit_pb2.DESCRIPTOR.services_by_name["AuditService"]]
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+            registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]]
 METHODS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
 
 
@@ -323,6 +324,10 @@ def call_empty(api: Api, path: str, caller: str | None) -> Any:
     request_cls = message_factory.GetMessageClass(m.input_type)
     response_cls = message_factory.GetMessageClass(m.output_type)
     metadata = (("authorization", f"Bearer {api.h.tokens[caller]}"),) if caller else ()
+    if m.client_streaming:
+        push = api.h.channel.stream_unary(path, request_serializer=request_cls.SerializeToString,
+                                          response_deserializer=response_cls.FromString)
+        return push(iter([request_cls()]), metadata=metadata, timeout=15)
     if m.server_streaming:
         stream = api.h.channel.unary_stream(path, request_serializer=request_cls.SerializeToString,
                                             response_deserializer=response_cls.FromString)
@@ -333,7 +338,7 @@ def call_empty(api: Api, path: str, caller: str | None) -> Any:
 
 
 def test_role_table_covers_every_rpc_of_the_contract() -> None:
-    assert len(METHODS) == 15
+    assert len(METHODS) == 16
     assert set(ROLES) == set(METHODS), {"missing": set(METHODS) - set(ROLES), "extra": set(ROLES) - set(METHODS)}
     for path, roles in ROLES.items():
         assert roles and roles <= set(REPRESENTATIVE), path

@@ -20,7 +20,7 @@ from entitlement.callers import Caller, CallerDirectory
 from entitlement.errors import PermissionDenied, Unauthenticated
 
 PACKAGE = "/entitlement.v1."
-ALL = frozenset({"platform", "advisor", "funder", "admin"})
+ALL = frozenset({"platform", "advisor", "funder", "agency", "admin"})
 ADVISOR = frozenset({"advisor", "admin"})
 PLATFORM = frozenset({"platform", "admin"})
 FUNDER = frozenset({"funder", "admin"})
@@ -41,6 +41,7 @@ ROLES: dict[str, frozenset[str]] = {
     "/entitlement.v1.AuditService/ListActivations": FUNDER,
     "/entitlement.v1.AuditService/GetFundingReport": FUNDER,
     "/entitlement.v1.AuditService/ListEvents": FUNDER,
+    "/entitlement.v1.RegistryService/ImportExtract": frozenset({"agency", "admin"}),
 }
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)

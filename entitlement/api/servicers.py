@@ -7,14 +7,14 @@ from collections.abc import Iterator
 
 import grpc
 
-from entitlement import activation, audit, eligibility
+from entitlement import activation, audit, eligibility, registry_feed
 from entitlement.api import convert
 from entitlement.api import validation as val
 from entitlement.api.identity import current_caller
 from entitlement.app import Context
-from entitlement.errors import Unimplemented, Violations
+from entitlement.errors import InvalidArgument, Unimplemented, Violations
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
-                            eligibility_pb2, eligibility_pb2_grpc)
+                            eligibility_pb2, eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
 
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations, prefix: str = "job_seeker") -> eligibility.JobSeeker:
@@ -175,3 +175,40 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         events, token = audit.list_events(self.ctx, current_caller(), request.start_sequence,
                                           request.page_size, request.page_token)
         return audit_pb2.ListEventsResponse(events=[convert.event(e) for e in events], next_page_token=token)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def ImportExtract(self, request_iterator: Iterator[registry_pb2.ImportExtractRequest],
+                      context: grpc.ServicerContext) -> registry_pb2.ImportExtractResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument.single("header", "the first message must carry the header")
+        v = Violations()
+        val.check_required(first.header, v, "header.")
+        extracted_on = val.date(first.header.extracted_on, "header.extracted_on", v)
+        val.text(first.header.source_name, "header.source_name", v, maximum=255)
+        val.pattern(first.header.sha256, val.SHA256_RE, "header.sha256", "64 hexadecimal digits", v)
+        if not 0 <= first.header.min_ratio <= 1:
+            v.add("header.min_ratio", "must be between 0 and 1")
+        v.raise_if_any()
+        assert extracted_on is not None
+        header = registry_feed.PushHeader(extracted_on, first.header.source_name, first.header.sha256,
+                                          first.header.min_ratio)
+        result = registry_feed.receive(self.ctx, current_caller(), header, _chunks(request_iterator))
+        s = result.summary
+        return registry_pb2.ImportExtractResponse(
+            snapshot=f"registrySnapshots/{s.snapshot_id}", unchanged=s.unchanged, sha256=s.sha256,
+            rows_read=s.rows_read, rows_imported=s.rows_imported, rows_rejected=s.rows_rejected,
+            rejected_rows=[registry_pb2.RejectedRow(line=line, reason=reason) for line, reason in result.rejected])
+
+
+def _chunks(requests: Iterator[registry_pb2.ImportExtractRequest]) -> Iterator[bytes]:
+    for i, req in enumerate(requests, start=1):
+        if req.WhichOneof("part") != "chunk":
+            raise InvalidArgument.single("header", f"message {i + 1}: only the first message carries a header")
+        if len(req.chunk) > registry_feed.MAX_CHUNK_BYTES:
+            raise InvalidArgument.single("chunk", f"message {i + 1}: chunks are at most 1 MiB")
+        yield req.chunk

@@ -228,6 +228,7 @@ class EligibilityDecision(_message.Message):
     REGISTRY_SNAPSHOT_FIELD_NUMBER: _builtins.int
     REGISTRY_EXTRACTED_ON_FIELD_NUMBER: _builtins.int
     ACCESS_END_DATE_FIELD_NUMBER: _builtins.int
+    FACTS_SOURCE_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     """The program, as `programs/{program_id}`."""
     eligible: _builtins.bool
@@ -236,7 +237,13 @@ class EligibilityDecision(_message.Message):
     """The program file's version (a content hash), so a decision can be recomputed exactly."""
     registry_snapshot: _builtins.str
     """Registry snapshot the person's facts were read from, as `registrySnapshots/{id}`; empty when
-    no registry data has been imported yet.
+    no registry data has been imported yet, or when the facts came from the live source.
+    """
+    facts_source: _builtins.str
+    """Where the person's facts came from: `live` (the agency's live status source answered),
+    `snapshot` (no live source is configured: the latest registry snapshot), or
+    `snapshot_fallback` (the live source was unavailable and the decision used the latest
+    snapshot, which may be stale).
     """
     @_builtins.property
     def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___Criterion]:
@@ -256,7 +263,9 @@ class EligibilityDecision(_message.Message):
 
     @_builtins.property
     def registry_extracted_on(self) -> _date_pb2.Date:
-        """Extraction date of that snapshot, so the age of the data is visible."""
+        """Extraction date of that snapshot, so the age of the data is visible (the date of the answer
+        when `facts_source` is `live`).
+        """
 
     @_builtins.property
     def access_end_date(self) -> _date_pb2.Date:
@@ -278,10 +287,11 @@ class EligibilityDecision(_message.Message):
         registry_snapshot: _builtins.str = ...,
         registry_extracted_on: _date_pb2.Date | None = ...,
         access_end_date: _date_pb2.Date | None = ...,
+        facts_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_end_date", b"access_end_date", "as_of", b"as_of", "funding_plan", b"funding_plan", "registry_extracted_on", b"registry_extracted_on"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_end_date", b"access_end_date", "as_of", b"as_of", "criteria", b"criteria", "eligible", b"eligible", "funding_plan", b"funding_plan", "parameters", b"parameters", "program", b"program", "program_version", b"program_version", "registry_extracted_on", b"registry_extracted_on", "registry_snapshot", b"registry_snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_end_date", b"access_end_date", "as_of", b"as_of", "criteria", b"criteria", "eligible", b"eligible", "facts_source", b"facts_source", "funding_plan", b"funding_plan", "parameters", b"parameters", "program", b"program", "program_version", b"program_version", "registry_extracted_on", b"registry_extracted_on", "registry_snapshot", b"registry_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,90 @@
+"""RegistryService.ImportExtract: the agency pushes an extract over a client stream."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from support import TODAY, Api, date_msg, expect_error, identity, make_registry_file
+
+from entitlement.v1 import eligibility_pb2, registry_pb2
+
+
+def _stream(data: bytes, *, extracted_on: str = TODAY.isoformat(), sha256: str = "", chunk: int = 64 * 1024,
+            min_ratio: float = 0.0, name: str = "extract.csv") -> Iterator[registry_pb2.ImportExtractRequest]:
+    yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
+        extracted_on=date_msg(extracted_on), source_name=name, sha256=sha256, min_ratio=min_ratio))
+    for i in range(0, len(data), chunk):
+        yield registry_pb2.ImportExtractRequest(chunk=data[i:i + chunk])
+
+
+def _extract(tmp_path: Path, extra: str = "") -> bytes:
+    """The harness's registry (so nobody disappears), plus `extra` rows."""
+    path = make_registry_file(tmp_path / "push.csv")
+    return path.read_bytes() + extra.encode()
+
+
+def _check(api: Api, agency_id: str, birth: str) -> eligibility_pb2.EligibilityDecision:
+    [d] = api.advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
+    return d
+
+
+def test_push_imports_a_new_snapshot_and_reports_rejects(api: Api, tmp_path: Path) -> None:
+    before = _check(api, "PUSHED01", "1991-01-01")
+    assert not before.eligible
+    data = _extract(tmp_path, "PUSHED01,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n"
+                              "BADROW01,,Feed,Test,1991-02-30,75011,2025-01-06,,1\n")
+    resp = api.as_("agency-feed").ImportExtract(_stream(data, sha256=hashlib.sha256(data).hexdigest()))
+    assert not resp.unchanged
+    assert resp.rows_read == resp.rows_imported + resp.rows_rejected
+    assert resp.rows_rejected == 1 and resp.rejected_rows[0].reason.startswith("dateNaissance")
+    assert resp.rejected_rows[0].line == data.decode().count("\n")  # the last line
+    after = _check(api, "PUSHED01", "1991-01-01")
+    assert after.eligible and after.registry_snapshot == resp.snapshot
+    assert after.registry_snapshot != before.registry_snapshot
+
+    again = api.as_("agency-feed").ImportExtract(_stream(data))
+    assert again.unchanged and again.snapshot == resp.snapshot
+
+
+def test_refused_pushes_leave_the_snapshot_in_force(api: Api, tmp_path: Path) -> None:
+    current = _check(api, "IDF0001", "2000-01-01").registry_snapshot
+    feed = api.as_("agency-feed").ImportExtract
+    data = _extract(tmp_path)
+
+    f = expect_error(feed, _stream(data, sha256="0" * 64), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "header.sha256" in f.fields
+    f = expect_error(feed, _stream(b"nom,prenom\nA,B\n"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "EXTRACT_REFUSED" and "header lacks" in f.message and "/tmp" not in f.message
+    f = expect_error(feed, _stream("identifiant\n\udcff".encode("utf-8", "surrogateescape")),
+                     grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "EXTRACT_REFUSED"
+    cut = b"\n".join(data.splitlines()[:50]) + b"\n"  # a cut-off file: far fewer rows than in force
+    f = expect_error(feed, _stream(cut, min_ratio=0.5), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "fewer than 50%" in f.message
+
+    only_chunks = iter([registry_pb2.ImportExtractRequest(chunk=data[:100])])
+    f = expect_error(feed, only_chunks, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "header" in f.fields
+    bad_date = iter([registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader())])
+    f = expect_error(feed, bad_date, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "header.extracted_on" in f.fields
+    two_headers = iter([*list(_stream(data[:10])), registry_pb2.ImportExtractRequest(
+        header=registry_pb2.ExtractHeader(extracted_on=date_msg(TODAY)))])
+    f = expect_error(feed, two_headers, grpc.StatusCode.INVALID_ARGUMENT)
+    big = iter([*list(_stream(b""))[:1], registry_pb2.ImportExtractRequest(chunk=b"x" * ((1 << 20) + 1))])
+    f = expect_error(feed, big, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "chunk" in f.fields
+
+    assert _check(api, "IDF0001", "2000-01-01").registry_snapshot == current
+
+
+@pytest.mark.parametrize("caller", ["advisor-paris", "platform-oc", "funder-ministry"])
+def test_only_the_agency_feed_and_admins_push(api: Api, caller: str, tmp_path: Path) -> None:
+    f = expect_error(api.as_(caller).ImportExtract, _stream(b"x"), grpc.StatusCode.PERMISSION_DENIED)
+    assert f.reason == "ROLE_NOT_ALLOWED"
