@@ -15,7 +15,7 @@ from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from entitlement import counters, eventlog, registry, rules, tokens
+from entitlement import counters, eventlog, facts as person_facts, registry, rules, tokens
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
@@ -172,12 +172,14 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
     digest = _request_hash("activate", {"p": person_key.hex(), "b": cmd.job_seeker.birth_date,
                                         "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason,
                                         "m": cmd.mentor_id})
-    result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest)
+    # The live source is asked before the write transaction, never inside it.
+    live = person_facts.ask_live(ctx, cmd.job_seeker.agency_id, cmd.job_seeker.birth_date)
+    result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
     return result
 
 
 def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: Any, person_key: bytes,
-                   digest: str) -> ActivationResult:
+                   digest: str, live: person_facts.LiveAnswer) -> ActivationResult:
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
@@ -185,11 +187,11 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
-        facts, snapshot = registry.lookup(s, person_key, cmd.job_seeker.birth_date)
+        facts, snapshot, source = person_facts.lookup(s, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(s, [program.id])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
-            registry_extracted_on=snapshot.extracted_on if snapshot else None, seats_used=seats_used,
-            cents_committed=cents_committed, mentor_id=cmd.mentor_id))
+            registry_extracted_on=person_facts.data_date(snapshot, source, today), seats_used=seats_used,
+            cents_committed=cents_committed, mentor_id=cmd.mentor_id, facts_source=source))
         if decision.failed_reasons == ["CAP_REACHED"]:
             raise _cap_reached(program.name)
         if not decision.eligible:
@@ -247,7 +249,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                  "program_version": program.version, "platform": cmd.platform_id,
                                  "start_date": today.isoformat(), "end_date": end.isoformat(),
                                  "registry_snapshot": snapshot.id if snapshot else None,
-                                 "committed_cents": plan.total_cents,
+                                 "facts_source": source, "committed_cents": plan.total_cents,
                                  "shares": {f: c for f, _bp, c in plan.shares}})
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
                   {"activation_id": activation_id, "token": token})

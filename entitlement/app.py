@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from entitlement.callers import CallerDirectory
 from entitlement.clock import Clock, SystemClock
 from entitlement.config import Settings
+from entitlement.live_status import LiveStatusClient
 from entitlement.programs import ProgramCatalog
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
@@ -23,6 +24,24 @@ class Context:
     pseudo: Pseudonymizer
     callers: CallerDirectory
     clock: Clock
+    live: LiveStatusClient | None = None  # the agency's live status source, when configured
+
+
+LIVE_STATUS_BACKOFF_BASE_S = 0.05  # first retry waits up to 50 ms, the second up to 100 ms, ...
+
+
+def live_status_client(settings: Settings) -> LiveStatusClient | None:
+    """The live status client of the settings, or None when no URL is configured."""
+    if not settings.live_status_url:
+        return None
+    try:
+        return LiveStatusClient(
+            settings.live_status_url, timeout_s=settings.live_status_timeout_ms / 1000,
+            retries=settings.live_status_retries, backoff_base_s=LIVE_STATUS_BACKOFF_BASE_S,
+            breaker_failures=settings.live_status_breaker_failures,
+            breaker_reset_s=settings.live_status_breaker_reset_s, bearer_token=settings.live_status_token)
+    except ValueError as exc:
+        raise SystemExit(f"ENTITLEMENT_LIVE_STATUS_*: {exc}") from None
 
 
 def build(settings: Settings, *, clock: Clock | None = None, create_secrets: bool = False) -> Context:
@@ -39,4 +58,5 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
         pseudo=Pseudonymizer.from_file(settings.pseudonym_key_file, create=create_secrets),
         callers=CallerDirectory.load(settings.callers_file),
         clock=clock or SystemClock(settings.timezone),
+        live=live_status_client(settings),
     )

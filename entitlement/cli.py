@@ -233,3 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

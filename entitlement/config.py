@@ -38,6 +38,13 @@ class Settings:
     grace_seconds: int = 10
     log_level: str = "info"
     timezone: str = "Europe/Paris"
+    # The agency's live status source (entitlement/live_status.py); empty URL: snapshots only.
+    live_status_url: str = ""
+    live_status_token: str = ""  # sent as "Authorization: Bearer ..." when set
+    live_status_timeout_ms: int = 800  # per attempt
+    live_status_retries: int = 2  # retries after the first attempt (timeouts, connection errors, 5xx)
+    live_status_breaker_failures: int = 5  # consecutive failed lookups that open the circuit breaker
+    live_status_breaker_reset_s: int = 30  # how long it stays open before one probe is let through
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -55,4 +62,12 @@ class Settings:
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),
             timezone=_env("ENTITLEMENT_TIMEZONE", d.timezone),
+            live_status_url=_env("ENTITLEMENT_LIVE_STATUS_URL", d.live_status_url),
+            live_status_token=_env("ENTITLEMENT_LIVE_STATUS_TOKEN", d.live_status_token),
+            live_status_timeout_ms=_int("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", d.live_status_timeout_ms),
+            live_status_retries=_int("ENTITLEMENT_LIVE_STATUS_RETRIES", d.live_status_retries),
+            live_status_breaker_failures=_int("ENTITLEMENT_LIVE_STATUS_BREAKER_FAILURES",
+                                              d.live_status_breaker_failures),
+            live_status_breaker_reset_s=_int("ENTITLEMENT_LIVE_STATUS_BREAKER_RESET_S",
+                                             d.live_status_breaker_reset_s),
         )

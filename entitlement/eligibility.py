@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from entitlement import counters, registry, rules
+from entitlement import counters, facts as person_facts, rules
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, NotFound
@@ -42,13 +42,14 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
         raise InvalidArgument.single("as_of", "must not be in the future")
     programs = [resolve_program(ctx, program_id)] if program_id else ctx.catalog.all()
     key = ctx.pseudo.person_key(who.agency_id)
+    live = person_facts.ask_live(ctx, who.agency_id, who.birth_date)
     with ctx.db.read() as s:
-        facts, snapshot = registry.lookup(s, key, who.birth_date)
+        facts, snapshot, source = person_facts.lookup(s, key, who.birth_date, live)
         usage = counters.usage(s, [p.id for p in programs])
-    extracted = snapshot.extracted_on if snapshot else None
+    extracted = person_facts.data_date(snapshot, source, today)
     decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
         registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],
-        mentor_id=mentor_id)) for p in programs)
+        mentor_id=mentor_id, facts_source=source)) for p in programs)
     return CheckResult(decisions, snapshot)
 
 

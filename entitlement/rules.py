@@ -32,12 +32,15 @@ class PersonFacts:
 @dataclass(frozen=True)
 class Circumstances:
     """What a decision depends on besides the person's registration, recorded with it: the age
-    of the registry data, the program's use of its caps, and the advisor's attestations."""
+    of the registry data, the program's use of its caps, the advisor's attestations, and where
+    the facts came from (`facts_source`: "snapshot", "live", or "snapshot_fallback" when the live
+    source failed and the latest snapshot, possibly stale, was used)."""
 
     registry_extracted_on: dt.date | None = None
     seats_used: int = 0
     cents_committed: int = 0
     mentor_id: str = ""
+    facts_source: str = "snapshot"
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,8 @@ def decision_to_dict(d: Decision) -> dict[str, object]:
         "access_end": d.access_end.isoformat() if d.access_end else None,
         "circumstances": {
             "registry_extracted_on": c.registry_extracted_on.isoformat() if c.registry_extracted_on else None,
-            "seats_used": c.seats_used, "cents_committed": c.cents_committed, "mentor_id": c.mentor_id},
+            "seats_used": c.seats_used, "cents_committed": c.cents_committed, "mentor_id": c.mentor_id,
+            "facts_source": c.facts_source},
     }
 
 
@@ -315,6 +319,6 @@ def decision_from_dict(raw: dict[str, Any]) -> Decision:
         circumstances=Circumstances(
             registry_extracted_on=dt.date.fromisoformat(extracted) if extracted else None,
             seats_used=int(circ.get("seats_used", 0)), cents_committed=int(circ.get("cents_committed", 0)),
-            mentor_id=str(circ.get("mentor_id", ""))),
+            mentor_id=str(circ.get("mentor_id", "")), facts_source=str(circ.get("facts_source", "snapshot"))),
     )
 

@@ -521,3 +521,59 @@ def test_over_the_api_a_wrong_birth_date_answers_like_an_unknown_id(api: Api) ->
     assert right.decisions[0].eligible
     assert not wrong_birth.decisions[0].eligible
     assert wrong_birth == unknown
+
+
+# ----------------------------------------------------------------------------- extracts at the edges
+
+def test_a_truncated_last_line_is_rejected_and_the_rest_imported(db: Database, tmp_path: Path) -> None:
+    path = _extract(tmp_path / "a.csv", [_person("T1"), _person("T2")])
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write("T3,Test,1990-05-17,750")  # cut in the middle of the postal code, no newline
+    rejects = tmp_path / "rejects.csv"
+    summary = _import(db, path, rejects_path=rejects)
+    assert (summary.rows_read, summary.rows_imported, summary.rows_rejected) == (3, 2, 1)
+    [_, (line, reason)] = list(csv.reader(rejects.open(encoding="utf-8")))
+    assert line == "4" and "truncated" in reason
+
+
+def test_bad_encoding_mid_file_refuses_the_whole_extract(db: Database, tmp_path: Path) -> None:
+    first = _import(db, _extract(tmp_path / "a.csv", [_person("E1")]))
+    path = _extract(tmp_path / "b.csv", [_person(f"E{i}") for i in range(2, 30_000)])
+    with path.open("ab") as fh:
+        fh.write("E99999,Test,1990-05-17,75011,2024-01-15,,1\n".encode("latin-1").replace(b"Test", b"T\xe9st"))
+    with pytest.raises(ExtractError) as info:
+        _import(db, path)
+    assert "not UTF-8" in str(info.value)
+    assert _lookup(db, "E1")[1].id == first.snapshot_id  # type: ignore[union-attr]
+    with db.read() as s:  # the failed import's rows were discarded, not left behind
+        assert s.execute(select(func.count()).select_from(RegistryPerson)).scalar_one() == 1
+
+
+def test_an_extract_without_any_valid_row_is_refused(db: Database, tmp_path: Path) -> None:
+    first = _import(db, _extract(tmp_path / "a.csv", [_person("V1")]))
+    for people in ([], [_person("bad id!")]):
+        with pytest.raises(ExtractError) as info:
+            _import(db, _extract(tmp_path / "b.csv", people))
+        assert "no valid row" in str(info.value)
+    assert _lookup(db, "V1")[0] is not None and _lookup(db, "V1")[1].id == first.snapshot_id  # type: ignore[union-attr]
+
+
+def test_a_cut_off_extract_is_refused_unless_accepted(db: Database, tmp_path: Path) -> None:
+    _import(db, _extract(tmp_path / "a.csv", [_person(f"C{i}") for i in range(100)]))
+    cut = _extract(tmp_path / "b.csv", [_person(f"C{i}") for i in range(10)])
+    with pytest.raises(ExtractError) as info:
+        _import(db, cut, min_ratio=0.5)
+    assert "cut off" in str(info.value)
+    assert _lookup(db, "C50")[0] is not None
+    accepted = _import(db, cut, min_ratio=0.0)
+    assert _lookup(db, "C50") == (None, _lookup(db, "C1")[1]) and accepted.rows_imported == 10
+
+
+def test_old_snapshots_lose_their_rows_but_keep_their_record(db: Database, tmp_path: Path) -> None:
+    ids = [_import(db, _extract(tmp_path / f"{n}.csv", [_person(f"K{n}")]), keep_snapshots=2).snapshot_id
+           for n in range(4)]
+    assert _snapshots(db) == [(ids[0], "superseded"), (ids[1], "superseded"), (ids[2], "complete"),
+                              (ids[3], "complete")]
+    with db.read() as s:
+        kept = s.execute(select(RegistryPerson.snapshot_id).distinct()).scalars().all()
+    assert sorted(kept) == ids[2:]

@@ -52,8 +52,8 @@ def decision(d: rules.Decision, snapshot: SnapshotRef | None) -> common_pb2.Elig
         as_of=date(d.as_of), program_version=d.program_version, parameters=parameters(d.parameters),
         funding_plan=funding_plan(d.funding_plan),
         registry_snapshot=snapshot.name if snapshot else "",
-        registry_extracted_on=date(snapshot.extracted_on) if snapshot else None,
-        access_end_date=date(d.access_end))
+        registry_extracted_on=date(snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
+        access_end_date=date(d.access_end), facts_source=d.circumstances.facts_source)
 
 
 def program(p: Program, day: dt.date) -> eligibility_pb2.Program:

@@ -1,0 +1,67 @@
+"""Where a person's facts come from, for eligibility checks and activations alike.
+
+With a live status source configured, its answer is used (source "live"); when it fails or its
+circuit breaker is open, the latest registry snapshot is used instead and the decision says so
+(source "snapshot_fallback": the data may be stale). Without one, the snapshot (source "snapshot").
+
+Two steps, so that the network call is never made inside a database transaction (a write
+transaction on SQLite holds the database's write lock): `ask_live` before the transaction,
+`lookup` inside it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.orm import Session
+
+from entitlement import registry
+from entitlement.app import Context
+from entitlement.live_status import LiveStatusUnavailable
+from entitlement.registry import SnapshotRef
+from entitlement.rules import PersonFacts
+
+LIVE, SNAPSHOT, SNAPSHOT_FALLBACK = "live", "snapshot", "snapshot_fallback"
+
+log = structlog.get_logger("entitlement.facts")
+
+
+@dataclass(frozen=True)
+class LiveAnswer:
+    """The live source's answer (source "live"), or why there is none."""
+
+    source: str
+    facts: PersonFacts | None = None
+
+
+def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
+    """Ask the live source, if any. Call it outside any database transaction."""
+    if ctx.live is None:
+        return LiveAnswer(SNAPSHOT)
+    try:
+        return LiveAnswer(LIVE, ctx.live.fetch(agency_id, birth_date))
+    except LiveStatusUnavailable as exc:
+        # No person data here: the reason code and HTTP status only.
+        log.warning("live_status_unavailable", reason=exc.reason, status=exc.status,
+                    fallback="registry snapshot")
+        return LiveAnswer(SNAPSHOT_FALLBACK)
+
+
+def lookup(session: Session, person_key: bytes, birth_date: dt.date,
+           live: LiveAnswer) -> tuple[PersonFacts | None, SnapshotRef | None, str]:
+    """(facts, snapshot, source): the live answer when there is one (no snapshot then: the facts
+    were not read from one), else the current snapshot's."""
+    if live.source == LIVE:
+        return live.facts, None, LIVE
+    facts, snapshot = registry.lookup(session, person_key, birth_date)
+    return facts, snapshot, live.source
+
+
+def data_date(snapshot: SnapshotRef | None, source: str, today: dt.date) -> dt.date | None:
+    """The date the facts are as of, for the `registry_data_fresh` criterion: today for a live
+    answer, else the snapshot's extraction date (None when nothing was ever imported)."""
+    if source == LIVE:
+        return today
+    return snapshot.extracted_on if snapshot else None

@@ -1,0 +1,564 @@
+"""The live status source: the client against a local fake of the agency's endpoint (timeouts,
+retries, circuit breaker, minimisation), then through the real server on both backends (the
+decision follows the live answer, or falls back to the snapshot and says so)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+import socket
+import threading
+import traceback
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from support import TODAY, As, Harness, identity, next_person
+
+from entitlement import app, facts, rules
+from entitlement.config import ROOT, Settings
+from entitlement.live_status import (CLOSED, HALF_OPEN, OPEN, LiveStatusClient,
+                                     LiveStatusUnavailable)
+from entitlement.programs import ProgramCatalog
+from entitlement.registry import SnapshotRef
+from entitlement.server_main import Running, start
+from entitlement.v1 import activation_pb2, eligibility_pb2
+
+PATH = "/v1/statut-demandeur-emploi"
+BIRTH = dt.date(1990, 5, 17)
+SECRET_NAMES = ("DUPONTEL", "Jeanne-Marie", "DURANDEAU")
+
+
+def agency_record(ident: str, birth: dt.date | str, *, postal: str = "75011", registered: str = "2024-01-15",
+                  ended: str | None = None, category: Any = 1) -> dict[str, Any]:
+    """An answer of the API Particulier shape ("statut demandeur d'emploi")."""
+    return {"identifiant": ident, "civilite": "MME", "nom": SECRET_NAMES[0], "nomUsage": SECRET_NAMES[2],
+            "prenom": SECRET_NAMES[1], "sexe": "F", "dateNaissance": str(birth),
+            "adresse": {"codePostal": postal, "INSEECommune": "75111", "localite": "PARIS 11"},
+            "dateInscription": registered, "dateCessationInscription": ended,
+            "codeCategorieInscription": category,
+            "libelleCategorieInscription": "PERSONNE SANS EMPLOI DISPONIBLE DUREE INDETERMINEE PLEIN TPS",
+            "codeCertificationCNAV": "VC"}
+
+
+class FakeAgency:
+    """The agency's status endpoint on 127.0.0.1, with switchable behaviours. Each request takes
+    the next behaviour of `script`, else `default`: `ok` (the person of `people`, 404 when
+    unknown), `slow` (answers after `slow_s`, longer than the client's timeout), `block` (waits
+    for `release`), `500`, `503`, `malformed` (not JSON), `401`, `drop` (closes the connection)."""
+
+    def __init__(self) -> None:
+        self.people: dict[str, dict[str, Any]] = {}
+        self.script: list[str] = []
+        self.default = "ok"
+        self.slow_s = 5.0
+        self.requests = 0
+        self.seen: list[tuple[str, dict[str, str], str | None]] = []
+        self.release = threading.Event()
+        self.stopping = threading.Event()
+        self.arrived = threading.Condition()
+        agency = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                agency._serve(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # the client gave up on a slow answer: a broken pipe is expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+
+    def start(self) -> "FakeAgency":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reset(self) -> None:
+        with self.arrived:
+            self.people.clear()
+            self.script.clear()
+            self.default = "ok"
+            self.requests = 0
+            self.seen.clear()
+            self.release.clear()
+
+    def wait_for_requests(self, n: int) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: self.requests >= n, timeout=10)
+
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        url = urllib.parse.urlsplit(h.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        with self.arrived:
+            self.requests += 1
+            self.seen.append((url.path, query, h.headers.get("Authorization")))
+            behaviour = self.script.pop(0) if self.script else self.default
+            self.arrived.notify_all()
+        if behaviour == "slow":
+            self.stopping.wait(self.slow_s)
+        elif behaviour == "block":
+            self.release.wait(10)
+        if behaviour in ("500", "503", "401"):
+            self._send(h, int(behaviour), b'{"error": "x"}')
+        elif behaviour == "malformed":
+            self._send(h, 200, b'{"identifiant": "P1", "dateNaissance": ')
+        elif behaviour == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+        elif url.path != PATH or query.get("identifiant") not in self.people:
+            self._send(h, 404, b'{"error": "not_found"}')
+        else:
+            self._send(h, 200, json.dumps(self.people[query["identifiant"]]).encode())
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+        except OSError:
+            pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def agency() -> Iterator[FakeAgency]:
+    fake = FakeAgency().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def client(agency: FakeAgency, **kw: Any) -> LiveStatusClient:
+    args: dict[str, Any] = dict(timeout_s=2.0, retries=2, backoff_base_s=0.001, breaker_failures=100,
+                                breaker_reset_s=30, bearer_token="")
+    args.update(kw)
+    return LiveStatusClient(agency.url, **args)
+
+
+def unavailable(c: LiveStatusClient, ident: str = "P1", birth: dt.date = BIRTH) -> LiveStatusUnavailable:
+    with pytest.raises(LiveStatusUnavailable) as info:
+        c.fetch(ident, birth)
+    return info.value
+
+
+def assert_nothing_personal(exc: BaseException, ident: str = "P1", birth: dt.date = BIRTH) -> None:
+    text = "".join(traceback.format_exception(exc))
+    for secret in (ident, birth.isoformat(), *SECRET_NAMES):
+        assert secret not in text
+
+
+# ------------------------------------------------------------------------------------ answers
+
+def test_registered_person_keeps_only_the_facts_rules_need(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH, postal="93100", ended="2026-02-28", category=2)
+    c = client(agency, bearer_token="s3cret-token")
+    got = c.fetch("P1", BIRTH)
+    assert got == rules.PersonFacts(BIRTH, "93100", dt.date(2024, 1, 15), dt.date(2026, 2, 28), 2)
+    # Minimisation: the facts type has no place for names, and nothing of them is kept.
+    assert {f.name for f in dataclasses.fields(rules.PersonFacts)} == {
+        "birth_date", "postal_code", "registered_on", "registration_ended_on", "category"}
+    assert not any(name in repr(got) for name in SECRET_NAMES)
+    assert agency.seen == [(PATH, {"identifiant": "P1", "dateNaissance": "1990-05-17"}, "Bearer s3cret-token")]
+    assert c.breaker.state == CLOSED
+
+
+def test_registration_still_open_and_category_as_text(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH, ended=None, category="5")
+    got = client(agency).fetch("P1", BIRTH)
+    assert got is not None and got.registration_ended_on is None and got.category == 5
+    assert agency.seen[0][2] is None  # no token configured: no Authorization header
+
+
+def test_unknown_person_is_none(agency: FakeAgency) -> None:
+    assert client(agency).fetch("NOBODY1", BIRTH) is None
+    assert agency.requests == 1  # a 404 is an answer: not retried
+
+
+def test_wrong_birth_date_is_answered_like_an_unknown_person(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    assert client(agency).fetch("P1", BIRTH + dt.timedelta(days=1)) is None
+
+
+def test_answer_about_someone_else_is_none(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P2", BIRTH)
+    assert client(agency).fetch("P1", BIRTH) is None
+
+
+def test_base_url_with_a_path_prefix(agency: FakeAgency) -> None:
+    c = LiveStatusClient(agency.url + "/", 2.0, 0, 0.001, 5, 30, "")
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    assert c.fetch("P1", BIRTH) is not None
+    c = LiveStatusClient(agency.url + "/gateway", 2.0, 0, 0.001, 5, 30, "")
+    assert c.fetch("P1", BIRTH) is None  # the fake answers 404 outside its path
+    assert agency.seen[-1][0] == "/gateway" + PATH
+
+
+@pytest.mark.parametrize("url", ["", "ftp://host/x", "http://", "http://h/x?q=1", "http://u:p@h/"])
+def test_bad_base_url_is_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        LiveStatusClient(url, 1.0, 1, 0.01, 5, 30, "")
+
+
+# ---------------------------------------------------------------------------- retries, timeouts
+
+def test_timeout_then_retry_succeeds(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.script = ["slow"]
+    got = client(agency, timeout_s=0.2, retries=2).fetch("P1", BIRTH)
+    assert got is not None and got.postal_code == "75011"
+    assert agency.requests == 2
+
+
+@pytest.mark.parametrize("failure", ["500", "503", "malformed", "drop"])
+def test_failures_then_success(agency: FakeAgency, failure: str) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.script = [failure, failure]
+    assert client(agency, retries=2).fetch("P1", BIRTH) is not None
+    assert agency.requests == 3
+
+
+@pytest.mark.parametrize("failure,reason,status", [("500", "http_error", 500), ("malformed", "malformed", None),
+                                                    ("drop", "connection", None), ("slow", "timeout", None)])
+def test_retries_exhausted(agency: FakeAgency, failure: str, reason: str, status: int | None) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.default = failure
+    exc = unavailable(client(agency, retries=2, timeout_s=0.2))
+    assert (exc.reason, exc.status) == (reason, status)
+    assert "after 3 attempt(s)" in str(exc)
+    assert agency.requests == 3
+    assert_nothing_personal(exc)
+
+
+@pytest.mark.parametrize("fields", [{"dateNaissance": "17/05/1990"}, {"adresse": {"codePostal": "7501"}},
+                                    {"adresse": None}, {"codeCategorieInscription": 9},
+                                    {"codeCategorieInscription": True}, {"dateInscription": None}])
+def test_unusable_answers_are_malformed(agency: FakeAgency, fields: dict[str, Any]) -> None:
+    agency.people["P1"] = {**agency_record("P1", BIRTH), **fields}
+    exc = unavailable(client(agency, retries=0))
+    assert exc.reason == "malformed"
+    assert_nothing_personal(exc)
+
+
+def test_client_errors_are_not_retried(agency: FakeAgency) -> None:
+    agency.default = "401"
+    exc = unavailable(client(agency, retries=3))
+    assert (exc.reason, exc.status) == ("rejected", 401)
+    assert "401" in str(exc)
+    assert agency.requests == 1
+    assert_nothing_personal(exc)
+
+
+def test_connection_refused(agency: FakeAgency) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = LiveStatusClient(f"http://127.0.0.1:{port}", 0.5, 1, 0.001, 5, 30, "")
+    exc = unavailable(c)
+    assert exc.reason == "connection"
+    assert_nothing_personal(exc)
+
+
+def test_backoff_is_exponential_with_full_jitter(agency: FakeAgency) -> None:
+    agency.default = "500"
+    waits: list[float] = []
+    clock = FakeClock()
+    c = client(agency, retries=4, backoff_base_s=0.1, clock=clock, sleep=waits.append, rng=random.Random(7))
+    unavailable(c)
+    assert len(waits) == 4 and agency.requests == 5
+    for k, wait in enumerate(waits):
+        assert 0 <= wait <= 0.1 * 2 ** k
+
+
+def test_overall_deadline_stops_retries(agency: FakeAgency) -> None:
+    agency.default = "500"
+    clock = FakeClock()
+
+    def sleep(s: float) -> None:
+        clock.t += 1.0  # every wait uses up a second of the deadline
+
+    c = client(agency, retries=10, deadline_s=2.5, clock=clock, sleep=sleep)
+    assert "after 3 attempt(s)" in str(unavailable(c))
+    assert agency.requests == 3  # at 0, 1 and 2 seconds; none at 3, past the deadline
+
+
+# ---------------------------------------------------------------------------- circuit breaker
+
+def test_breaker_opens_after_consecutive_failures_and_fails_fast(agency: FakeAgency) -> None:
+    agency.default = "500"
+    clock = FakeClock()
+    c = client(agency, retries=1, breaker_failures=2, breaker_reset_s=30, clock=clock)
+    unavailable(c)
+    assert c.breaker.state == CLOSED
+    unavailable(c)
+    assert c.breaker.state == OPEN and agency.requests == 4
+    agency.default = "ok"
+    for _ in range(5):
+        exc = unavailable(c)
+        assert exc.reason == "breaker_open"
+        assert_nothing_personal(exc)
+    assert agency.requests == 4  # nothing reached the source while open
+    clock.t += 29
+    assert unavailable(c).reason == "breaker_open" and agency.requests == 4
+
+
+def test_half_open_probe_success_closes_the_breaker(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.default = "500"
+    clock = FakeClock()
+    c = client(agency, retries=0, breaker_failures=2, breaker_reset_s=30, clock=clock)
+    unavailable(c)
+    unavailable(c)
+    assert c.breaker.state == OPEN and agency.requests == 2
+    agency.default = "ok"
+    clock.t += 30
+    assert c.breaker.state == HALF_OPEN
+    assert c.fetch("P1", BIRTH) is not None  # the probe
+    assert c.breaker.state == CLOSED and agency.requests == 3
+    assert c.fetch("P1", BIRTH) is not None
+    assert agency.requests == 4
+
+
+def test_half_open_probe_failure_reopens_with_a_single_attempt(agency: FakeAgency) -> None:
+    agency.default = "500"
+    clock = FakeClock()
+    c = client(agency, retries=2, breaker_failures=1, breaker_reset_s=30, clock=clock)
+    unavailable(c)
+    assert c.breaker.state == OPEN and agency.requests == 3
+    clock.t += 31
+    assert unavailable(c).reason == "http_error"
+    assert agency.requests == 4  # the probe is one attempt, not retried
+    assert c.breaker.state == OPEN
+    assert unavailable(c).reason == "breaker_open" and agency.requests == 4
+    clock.t += 31
+    agency.default = "ok"
+    assert c.fetch("NOBODY1", BIRTH) is None  # a 404 is an answer: the source works
+    assert c.breaker.state == CLOSED
+
+
+def test_only_one_probe_at_a_time(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.default = "500"
+    clock = FakeClock()
+    c = client(agency, timeout_s=10.0, retries=0, breaker_failures=1, breaker_reset_s=30, clock=clock)
+    unavailable(c)
+    clock.t += 30
+    agency.default = "block"
+    results: list[Any] = []
+    probe = threading.Thread(target=lambda: results.append(c.fetch("P1", BIRTH)))
+    probe.start()
+    agency.wait_for_requests(2)  # the probe is at the source, held there
+    assert unavailable(c).reason == "breaker_open"  # a second caller does not get through
+    assert agency.requests == 2
+    agency.release.set()
+    probe.join(10)
+    assert results and results[0] is not None
+    assert c.breaker.state == CLOSED
+
+
+def test_an_answer_resets_the_failure_count(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    c = client(agency, retries=0, breaker_failures=2)
+    agency.script = ["500", "ok", "500", "ok"]
+    unavailable(c)
+    assert c.fetch("P1", BIRTH) is not None
+    unavailable(c)
+    assert c.breaker.state == CLOSED
+    assert c.fetch("NOBODY1", BIRTH) is None
+    assert c.breaker.state == CLOSED
+
+
+# ------------------------------------------------------------------ settings, context, records
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ("URL", "TOKEN", "TIMEOUT_MS", "RETRIES", "BREAKER_FAILURES", "BREAKER_RESET_S")
+    for name in names:
+        monkeypatch.delenv(f"ENTITLEMENT_LIVE_STATUS_{name}", raising=False)
+    d = Settings.from_env()
+    assert (d.live_status_url, d.live_status_token, d.live_status_timeout_ms, d.live_status_retries,
+            d.live_status_breaker_failures, d.live_status_breaker_reset_s) == ("", "", 800, 2, 5, 30)
+    assert app.live_status_client(d) is None
+    for name, value in {"URL": "https://status.example/api", "TOKEN": "t0k", "TIMEOUT_MS": "250",
+                        "RETRIES": "1", "BREAKER_FAILURES": "3", "BREAKER_RESET_S": "10"}.items():
+        monkeypatch.setenv(f"ENTITLEMENT_LIVE_STATUS_{name}", value)
+    s = Settings.from_env()
+    assert (s.live_status_url, s.live_status_token, s.live_status_timeout_ms, s.live_status_retries,
+            s.live_status_breaker_failures, s.live_status_breaker_reset_s) == (
+        "https://status.example/api", "t0k", 250, 1, 3, 10)
+    c = app.live_status_client(s)
+    assert c is not None and c.timeout_s == 0.25 and c.retries == 1
+    assert (c.breaker.failures, c.breaker.reset_s) == (3, 10)
+    with pytest.raises(SystemExit):
+        app.live_status_client(dataclasses.replace(s, live_status_url="ftp://x"))
+    with pytest.raises(SystemExit):
+        app.live_status_client(dataclasses.replace(s, live_status_breaker_failures=0))
+
+
+def test_facts_source_is_recorded_with_the_decision() -> None:
+    program = ProgramCatalog.load(ROOT / "programs").get("premium-job-seekers")
+    assert program is not None
+    person = rules.PersonFacts(BIRTH, "75011", dt.date(2024, 1, 15), None, 1)
+    d = rules.evaluate(program, person, TODAY, rules.Circumstances(registry_extracted_on=TODAY,
+                                                                   facts_source="live"))
+    stored = rules.decision_to_dict(d)
+    assert stored["circumstances"]["facts_source"] == "live"  # type: ignore[index]
+    assert rules.decision_from_dict(stored) == d
+    del stored["circumstances"]["facts_source"]  # type: ignore[attr-defined]
+    assert rules.decision_from_dict(stored).circumstances.facts_source == "snapshot"  # decisions made before
+    assert rules.Circumstances().facts_source == "snapshot"
+
+
+def test_data_date() -> None:
+    snap = SnapshotRef(3, TODAY - dt.timedelta(days=90))
+    assert facts.data_date(snap, facts.LIVE, TODAY) == TODAY
+    assert facts.data_date(snap, facts.SNAPSHOT_FALLBACK, TODAY) == snap.extracted_on
+    assert facts.data_date(None, facts.SNAPSHOT, TODAY) is None
+
+
+# ------------------------------------------------------------------- through the real server
+
+@dataclass
+class LiveServer:
+    h: Harness
+    agency: FakeAgency
+    running: Running
+    channel: grpc.Channel
+
+    def advisor(self) -> As:
+        return As(self.channel, self.h.tokens["advisor-paris"])
+
+    def check(self, agency_id: str, birth: dt.date) -> Any:
+        [decision] = self.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
+        return decision
+
+
+@pytest.fixture(scope="module")
+def live_server(harness: Harness) -> Iterator[LiveServer]:
+    """A second server on the harness's database and secrets (so its registry snapshot), with
+    a live status source configured."""
+    fake = FakeAgency().start()
+    ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0"), clock=harness.clock)
+    ctx = dataclasses.replace(ctx, live=LiveStatusClient(
+        fake.url, timeout_s=0.3, retries=1, backoff_base_s=0.001, breaker_failures=1000,
+        breaker_reset_s=30, bearer_token="agency-token"))
+    running = start(ctx, "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield LiveServer(harness, fake, running, channel)
+    finally:
+        channel.close()
+        running.stop(0)
+        ctx.db.dispose()
+        fake.stop()
+
+
+@pytest.fixture
+def live(live_server: LiveServer) -> LiveServer:
+    live_server.agency.reset()
+    return live_server
+
+
+def test_live_answer_decides_even_against_the_snapshot(live: LiveServer) -> None:
+    agency_id, birth = next_person()  # registered and active in the snapshot
+    live.agency.people[agency_id] = agency_record(agency_id, birth, registered="2024-01-15", ended="2026-03-01")
+    d = live.check(agency_id, birth)
+    assert d.facts_source == "live"
+    assert not d.eligible
+    assert [c.reason_code for c in d.criteria if not c.passed] == ["REGISTRATION_ENDED"]
+    assert d.registry_snapshot == ""  # the facts were not read from a snapshot
+    assert (d.registry_extracted_on.year, d.registry_extracted_on.month, d.registry_extracted_on.day) == (
+        TODAY.year, TODAY.month, TODAY.day)
+    assert live.agency.seen == [(PATH, {"identifiant": agency_id, "dateNaissance": birth.isoformat()},
+                                 "Bearer agency-token")]
+
+
+def test_live_answer_registers_someone_the_snapshot_says_ended(live: LiveServer) -> None:
+    birth = dt.date(1980, 4, 2)  # ENDED01 of the test registry: ended 2026-01-31 in the snapshot
+    live.agency.people["ENDED01"] = agency_record("ENDED01", birth, postal="69003", registered="2020-01-06")
+    d = live.check("ENDED01", birth)
+    assert d.facts_source == "live" and d.eligible
+    fresh = next(c for c in d.criteria if c.criterion == "registry_data_fresh")
+    assert fresh.passed and "0 days" in fresh.detail
+
+
+def test_live_not_found_is_not_registered(live: LiveServer) -> None:
+    agency_id, birth = next_person()
+    d = live.check(agency_id, birth)
+    assert d.facts_source == "live" and not d.eligible
+    assert "NOT_REGISTERED" in [c.reason_code for c in d.criteria]
+
+
+def test_live_source_failing_falls_back_to_the_snapshot(live: LiveServer) -> None:
+    agency_id, birth = next_person()
+    live.agency.people[agency_id] = agency_record(agency_id, birth, ended="2026-03-01")
+    for behaviour in ("500", "slow", "malformed"):
+        live.agency.default = behaviour
+        d = live.check(agency_id, birth)  # no error to the caller
+        assert d.facts_source == "snapshot_fallback"
+        assert d.eligible  # the snapshot's answer: registered and active
+        assert d.registry_snapshot.startswith("registrySnapshots/")
+    assert live.agency.requests == 6  # two attempts each
+    log = Path(live.h.log_path).read_text()
+    assert '"event": "live_status_unavailable"' in log
+    assert agency_id not in log and birth.isoformat() not in log
+    assert not any(name in log for name in SECRET_NAMES)
+
+
+def test_activation_records_where_its_facts_came_from(live: LiveServer) -> None:
+    agency_id, birth = next_person()
+    live.agency.people[agency_id] = agency_record(agency_id, birth)
+    decision = live.check(agency_id, birth)
+    resp = live.advisor().ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="live test"))
+    act = resp.activation
+    assert act.decision.facts_source == "live" and act.decision == decision
+    again = live.advisor().GetActivation(activation_pb2.GetActivationRequest(name=act.name))
+    assert again.decision == decision
+
+    other_id, other_birth = next_person()
+    live.agency.default = "503"
+    resp = live.advisor().ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(other_id, other_birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="fallback test"))
+    assert resp.activation.decision.facts_source == "snapshot_fallback"
+    assert resp.activation.decision.registry_snapshot.startswith("registrySnapshots/")
+
+
+def test_server_without_live_source_says_snapshot(harness: Harness) -> None:
+    advisor = As(harness.channel, harness.tokens["advisor-paris"])
+    agency_id, birth = next_person()
+    [d] = advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
+    assert d.facts_source == "snapshot" and d.eligible
