@@ -189,7 +189,8 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
         current = s.execute(
             select(RegistrySnapshot).where(RegistrySnapshot.status == "complete")
             .order_by(RegistrySnapshot.id.desc()).limit(1)).scalar_one_or_none()
-    if current is not None and current.sha256 == digest:
+    # The same bytes extracted again on a later date are news: the data is confirmed as of that date.
+    if current is not None and current.sha256 == digest and extracted_on <= current.extracted_on:
         return ImportSummary(current.id, digest, current.rows_read, current.rows_imported,
                              current.rows_rejected, unchanged=True)
     _discard_unfinished(db)

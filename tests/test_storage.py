@@ -577,3 +577,12 @@ def test_old_snapshots_lose_their_rows_but_keep_their_record(db: Database, tmp_p
     with db.read() as s:
         kept = s.execute(select(RegistryPerson.snapshot_id).distinct()).scalars().all()
     assert sorted(kept) == ids[2:]
+
+
+def test_the_same_file_extracted_on_a_later_date_is_a_new_snapshot(db: Database, tmp_path: Path) -> None:
+    path = _extract(tmp_path / "a.csv", [_person("L1")])
+    first = _import(db, path)
+    later = registry.import_extract(db, PSEUDO, CLOCK, path, extracted_on=TODAY)
+    assert not later.unchanged and later.snapshot_id > first.snapshot_id
+    with db.read() as s:
+        assert registry.current_snapshot(s) == registry.SnapshotRef(later.snapshot_id, TODAY)
