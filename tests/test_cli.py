@@ -61,7 +61,8 @@ def run(harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     def run_(caller: str | None, *argv: str) -> Result:
         args = [*argv, "--address", f"127.0.0.1:{harness.running.port}"]
         if caller:
-            args += ["--token", harness.tokens[caller]]
+            # `--token=VALUE`: a random token may start with '-', which argparse would take for an option.
+            args += [f"--token={harness.tokens[caller]}"]
         capsys.readouterr()
         code = cli.main(args)
         out, err = capsys.readouterr()
