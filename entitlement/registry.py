@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from psycopg.errors import UniqueViolation
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -423,20 +423,25 @@ def _prune(db: Database, keep: int) -> None:
             s.execute(delete(RegistryPerson).where(RegistryPerson.snapshot_id.in_(ids)))
 
 
+_LATEST = (select(func.max(RegistrySnapshot.id)).where(RegistrySnapshot.status == "complete")
+           .scalar_subquery())
+# Built once: lookups are the hot path of every check and activation (statement compiled and
+# cached by SQLAlchemy; run on the session's connection, skipping the ORM).
+_LOOKUP = (
+    select(RegistrySnapshot.id, RegistrySnapshot.extracted_on, RegistryPerson.birth_date,
+           RegistryPerson.postal_code, RegistryPerson.registered_on,
+           RegistryPerson.registration_ended_on, RegistryPerson.category)
+    .select_from(RegistrySnapshot)
+    .outerjoin(RegistryPerson, and_(RegistryPerson.snapshot_id == RegistrySnapshot.id,
+                                    RegistryPerson.person_key == bindparam("person_key")))
+    .where(RegistrySnapshot.id == _LATEST)
+)
+
+
 def lookup(session: Session, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
     """The person's facts in the current snapshot, in one round trip. A wrong birth date answers
     exactly like an unknown identifier."""
-    latest = (select(func.max(RegistrySnapshot.id)).where(RegistrySnapshot.status == "complete")
-              .scalar_subquery())
-    row = session.execute(
-        select(RegistrySnapshot.id, RegistrySnapshot.extracted_on, RegistryPerson.birth_date,
-               RegistryPerson.postal_code, RegistryPerson.registered_on,
-               RegistryPerson.registration_ended_on, RegistryPerson.category)
-        .select_from(RegistrySnapshot)
-        .outerjoin(RegistryPerson, and_(RegistryPerson.snapshot_id == RegistrySnapshot.id,
-                                        RegistryPerson.person_key == person_key))
-        .where(RegistrySnapshot.id == latest)
-    ).first()
+    row = session.connection().execute(_LOOKUP, {"person_key": person_key}).first()
     if row is None:
         return None, None
     snap = SnapshotRef(row.id, row.extracted_on)
