@@ -15,13 +15,12 @@ from sqlalchemy import case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from entitlement import counters, eventlog, facts as person_facts, registry, rules, tokens
+from entitlement import counters, eventlog, facts as person_facts, inflight, ledger, registry, rules, tokens
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
 from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
                                 ResourceExhausted)
-from entitlement.money import split_cents
 from entitlement.storage.db import utc
 from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry
 
@@ -174,7 +173,8 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
                                         "m": cmd.mentor_id})
     # The live source is asked before the write transaction, never inside it.
     live = person_facts.ask_live(ctx, cmd.job_seeker.agency_id, cmd.job_seeker.birth_date)
-    result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
+    with inflight.claim(ctx.db, caller.id, cmd.request_id):
+        result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
     return result
 
 
@@ -182,6 +182,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                    digest: str, live: person_facts.LiveAnswer) -> ActivationResult:
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
+        inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
         if replay is not None:
             a = s.get(Activation, replay["activation_id"])
@@ -266,10 +267,7 @@ def _expire_stale(s: Session, ctx: Context, program_id: str, person_key: bytes, 
         Activation.program_id == program_id, Activation.person_key == person_key,
         Activation.state.in_(LIVE), Activation.end_date < today).with_for_update()).scalars().all()
     for a in stale:
-        a.state, a.updated_at = "expired", ctx.clock.now()
-        eventlog.append(s, time=ctx.clock.now(), type="activation.expired", actor="system",
-                        subject=f"activations/{a.id}", program_id=a.program_id, reason="end date passed",
-                        payload={"end_date": a.end_date.isoformat()})
+        ledger.expire(s, ctx, a, today)  # as the settlement job would: consume, release, one event
 
 
 # ------------------------------------------------------------------------------------- read, move
@@ -282,7 +280,8 @@ def get(ctx: Context, caller: Caller, activation_id: str) -> ActivationView:
 
 def transition(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationView:
     digest = _request_hash(cmd.action, {"a": cmd.activation_id, "r": cmd.reason})
-    result: ActivationView = _with_retry(_transition_once, ctx, caller, cmd, digest)
+    with inflight.claim(ctx.db, caller.id, cmd.request_id):
+        result: ActivationView = _with_retry(_transition_once, ctx, caller, cmd, digest)
     return result
 
 
@@ -290,6 +289,7 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
     allowed_from, new_state, event_type = TRANSITIONS[cmd.action]
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
+        inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, cmd.action, digest)
         if replay is not None:
             a = s.get(Activation, replay["activation_id"])
@@ -316,19 +316,11 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
 
 
 def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) -> dict[str, int]:
-    """Release the months of access that had not begun: funders owe each month begun (step 4 adds
-    the per-program choice between months of access and months of use)."""
-    plan = rules.decision_from_dict(json.loads(a.decision_json)["decision"]).funding_plan
-    assert plan is not None
-    unstarted = plan.months - rules.months_begun(a.start_date, plan.months, today)
-    amounts = split_cents(unstarted * plan.price_per_month_cents, {f: bp for f, bp, _ in plan.shares})
-    counters.release(s, a.program_id, sum(amounts.values()))
-    month = today.strftime("%Y-%m")
-    for funder, cents in sorted(amounts.items()):
-        if cents:
-            s.add(LedgerEntry(activation_id=a.id, program_id=a.program_id, funder_id=funder, kind="release",
-                              month=month, amount_cents=cents, created_at=ctx.clock.now()))
-    return amounts
+    """Revocation settles the activation (entitlement.consumption): the months owed up to today are
+    consumed, and everything committed that can no longer be owed is released (for `use`
+    programs, months whose use may still be reported stay reserved until their report window
+    closes). Returns the cents released now, per funder."""
+    return ledger.settle(s, ctx, a, today, ended_on=today).released
 
 
 # ---------------------------------------------------------------------------------------- platform
@@ -365,9 +357,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         a = _load_for_update(s, claims.activation_id)
         if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
-        if a.account_id == account_id:
-            return _status(ctx, a, account_id)  # safe retry: the same binding, no new event
-        if a.account_id is not None:
+        if a.account_id is not None:  # bound once: any replay, same account or not, names the binding
             raise AlreadyExists(f"token was already redeemed for account {a.account_id}",
                                 reason="TOKEN_ALREADY_REDEEMED",
                                 metadata={"account_id": a.account_id, "activation": f"activations/{a.id}"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from entitlement.callers import CallerDirectory
@@ -50,13 +51,16 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
     catalog = ProgramCatalog.load(settings.programs_dir)
     db = Database(settings.database_url, pool_size=settings.max_workers)
     ensure_current(db)
+    clock = clock or SystemClock(settings.timezone)
     return Context(
         settings=settings,
         db=db,
         catalog=catalog,
-        keys=KeyStore.load(settings.key_dir, create=create_secrets),
+        # Re-read on use when the folder changes (entitlement/tokens.py): rotation needs no restart.
+        keys=KeyStore.load(settings.key_dir, create=create_secrets, now=clock.now(),
+                           token_ttl=dt.timedelta(days=settings.token_ttl_days)),
         pseudo=Pseudonymizer.from_file(settings.pseudonym_key_file, create=create_secrets),
         callers=CallerDirectory.load(settings.callers_file),
-        clock=clock or SystemClock(settings.timezone),
+        clock=clock,
         live=live_status_client(settings),
     )

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,50 @@ def cmd_programs_check(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from entitlement.tokens import generate_key
+    from entitlement.tokens import KeyStoreError, create_first_key
     settings = Settings.from_env()
-    print(f"created signing key {generate_key(settings.key_dir)} in {settings.key_dir}")
+    try:
+        kid = create_first_key(settings.key_dir, dt.datetime.now(dt.timezone.utc))
+    except KeyStoreError as exc:
+        return _fail(str(exc))
+    print(f"created signing key {kid} in {settings.key_dir}; it signs from now")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from entitlement.tokens import KeyStoreError, format_time, rotate
+    settings = Settings.from_env()
+    if args.publish_hours < 0:
+        return _fail("--publish-hours cannot be negative")
+    try:
+        r = rotate(settings.key_dir, dt.datetime.now(dt.timezone.utc),
+                   publish_for=dt.timedelta(hours=args.publish_hours),
+                   token_ttl=dt.timedelta(days=settings.token_ttl_days))
+    except KeyStoreError as exc:
+        return _fail(str(exc))
+    print(f"created signing key {r.new_kid} in {settings.key_dir}: published now, signs from {format_time(r.sign_from)}")
+    if r.previous_kid:
+        print(f"key {r.previous_kid} signs until then, and stays published until {format_time(r.previous_dropped_after)} "
+              f"(+ ENTITLEMENT_TOKEN_TTL_DAYS = {settings.token_ttl_days})")
+    print("running servers pick the change up on their own (the key folder is re-read when it changes)")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from entitlement.client_cli import _table
+    from entitlement.tokens import KeyStore, KeyStoreError, read_folder
+    settings = Settings.from_env()
+    try:
+        store = KeyStore(read_folder(settings.key_dir), token_ttl=dt.timedelta(days=settings.token_ttl_days))
+    except KeyStoreError as exc:
+        return _fail(str(exc))
+    keys = [k.to_dict() for k in store.describe(dt.datetime.now(dt.timezone.utc))]
+    if args.json:
+        print(json.dumps({"keys": keys}, indent=2))
+        return 0
+    _table(["KID", "CREATED", "SIGN FROM", "RETIRE AFTER", "PUBLISHED UNTIL", "STATE"],
+           [[k["kid"], k["created"], k["sign_from"], k["retire_after"] or "-", k["published_until"] or "-",
+             k["state"]] for k in keys])
     return 0
 
 
@@ -89,6 +131,73 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     else:
         print(f"snapshot {summary.snapshot_id}: read {summary.rows_read}, imported {summary.rows_imported}, "
               f"rejected {summary.rows_rejected} (see {rejects})")
+    return 0
+
+
+@dataclass(frozen=True)
+class _JobDeps:
+    """What the jobs need (entitlement.ledger.Deps): no keys, callers or pseudonym secret."""
+
+    settings: Settings
+    db: Any
+    catalog: Any
+    clock: Any
+
+
+def _job_deps() -> _JobDeps | str:
+    from entitlement.clock import SystemClock
+    from entitlement.programs import ProgramCatalog, ProgramFileError
+    from entitlement.storage.db import Database
+    from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
+    settings = Settings.from_env()
+    try:
+        catalog = ProgramCatalog.load(settings.programs_dir)
+    except ProgramFileError as exc:
+        return str(exc)
+    db = Database(settings.database_url, pool_size=2)
+    try:
+        ensure_current(db)
+    except SchemaNotCurrent as exc:
+        db.dispose()
+        return str(exc)
+    return _JobDeps(settings, db, catalog, SystemClock(settings.timezone))
+
+
+def cmd_jobs_run(args: argparse.Namespace) -> int:
+    from entitlement import jobs
+    try:
+        until = dt.date.fromisoformat(args.until) if args.until else None
+    except ValueError:
+        return _fail(f"--until: expected a date YYYY-MM-DD, got {args.until!r}")
+    deps = _job_deps()
+    if isinstance(deps, str):
+        return _fail(deps)
+    try:
+        r = jobs.run_settlement(deps, until)
+    except ValueError as exc:
+        return _fail(str(exc))
+    finally:
+        deps.db.dispose()
+    print(f"settled up to {r.as_of.isoformat()}: {r.examined} activations examined, {r.expired} expired, "
+          f"{r.months_consumed} months consumed ({r.consumed_cents} cents), {r.released_cents} cents released")
+    return 0
+
+
+def cmd_jobs_revalidate(args: argparse.Namespace) -> int:
+    from entitlement import jobs
+    deps = _job_deps()
+    if isinstance(deps, str):
+        return _fail(deps)
+    try:
+        r = jobs.run_revalidation(deps)
+    finally:
+        deps.db.dispose()
+    if r.snapshot_id is None:
+        print("no registry snapshot imported: nothing to revalidate against")
+        return 0
+    print(f"revalidated against registry snapshot {r.snapshot_id}: {r.examined} live activations examined, "
+          f"{r.up_to_date} decided on data as recent, {r.still_eligible} still eligible, {r.curtailed} curtailed, "
+          f"{r.expired} expired at once, {r.released_cents} cents released")
     return 0
 
 
@@ -147,7 +256,7 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     upgrade(settings.database_url)
     pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file, create=True)
-    KeyStore.load(settings.key_dir, create=True)
+    KeyStore.load(settings.key_dir, create=True, token_ttl=dt.timedelta(days=settings.token_ttl_days))
     creds_path = ROOT / "var" / "demo-credentials.json"
     if not settings.callers_file.exists() or not creds_path.exists():
         tokens = write_callers(settings.callers_file, [Caller(id=i, role=r, **scope) for i, r, scope in DEMO_CALLERS])
@@ -195,7 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_programs_check)
 
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="keys_command", required=True)
-    keys.add_parser("create", help="create a new Ed25519 signing key in ENTITLEMENT_KEY_DIR").set_defaults(func=cmd_keys_create)
+    keys.add_parser("create", help="create the first Ed25519 signing key in ENTITLEMENT_KEY_DIR (signs at once)"
+                    ).set_defaults(func=cmd_keys_create)
+    rot = keys.add_parser("rotate", help="create the next signing key: published now, signs after --publish-hours; "
+                          "the current signer retires then")
+    rot.add_argument("--publish-hours", type=float, default=24.0,
+                     help="hours the new key is published before it signs (default 24: longer than platforms "
+                          "cache the JWKS)")
+    rot.set_defaults(func=cmd_keys_rotate)
+    lst = keys.add_parser("list", help="the keys with created, sign_from, retire_after and state "
+                          "(next, signing, retiring, expired)")
+    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
+    lst.set_defaults(func=cmd_keys_list)
 
     reg = sub.add_parser("registry", help="job-seeker registry extracts").add_subparsers(dest="registry_command", required=True)
     imp = reg.add_parser("import", help="import an extract as a new snapshot")
@@ -214,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--rows", type=int, default=1000)
     gen.add_argument("--seed", type=int, default=2015)
     gen.set_defaults(func=cmd_registry_generate)
+
+    jobs = sub.add_parser("jobs", help="settlement and revalidation jobs (run them daily, e.g. from cron)"
+                          ).add_subparsers(dest="jobs_command", required=True)
+    run = jobs.add_parser("run", help="book the consumption owed and the expiries, up to a date (idempotent)")
+    run.add_argument("--until", metavar="DATE", help="settle up to this date YYYY-MM-DD (default today; not later)")
+    run.set_defaults(func=cmd_jobs_run)
+    jobs.add_parser("revalidate", help="re-check live activations against the current registry snapshot; "
+                    "curtail those no longer eligible").set_defaults(func=cmd_jobs_revalidate)
 
     from entitlement import client_cli
     client_cli.add_commands(sub, programs)

@@ -45,6 +45,8 @@ class Settings:
     live_status_retries: int = 2  # retries after the first attempt (timeouts, connection errors, 5xx)
     live_status_breaker_failures: int = 5  # consecutive failed lookups that open the circuit breaker
     live_status_breaker_reset_s: int = 30  # how long it stays open before one probe is let through
+    watch_poll_ms: int = 500  # how often a WatchEntitlementChanges stream reads the event log
+    watch_max_streams: int = 4  # change streams served at once per process (each holds a worker)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -70,4 +72,6 @@ class Settings:
                                               d.live_status_breaker_failures),
             live_status_breaker_reset_s=_int("ENTITLEMENT_LIVE_STATUS_BREAKER_RESET_S",
                                              d.live_status_breaker_reset_s),
+            watch_poll_ms=_int("ENTITLEMENT_WATCH_POLL_MS", d.watch_poll_ms),
+            watch_max_streams=_int("ENTITLEMENT_WATCH_MAX_STREAMS", d.watch_max_streams),
         )

@@ -11,7 +11,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from entitlement.storage.models import Event, LogHead
+from entitlement.storage.models import Activation, Event, LogHead
+
+ACTIVATION_PREFIX = "activations/"
 
 
 def canonical_json(payload: dict[str, Any]) -> str:
@@ -19,11 +21,17 @@ def canonical_json(payload: dict[str, Any]) -> str:
 
 
 def append(session: Session, *, time: dt.datetime, type: str, actor: str, subject: str,
-           reason: str = "", program_id: str | None = None, payload: dict[str, Any] | None = None) -> int:
-    """Append one event; returns its sequence number. The caller's transaction commits it."""
+           reason: str = "", program_id: str | None = None, payload: dict[str, Any] | None = None,
+           platform_id: str | None = None) -> int:
+    """Append one event; returns its sequence number. The caller's transaction commits it.
+    An event about an activation is tagged with the activation's platform (read from the
+    session, where the caller has it already), for the platform's change stream."""
+    if platform_id is None and subject.startswith(ACTIVATION_PREFIX):
+        activation = session.get(Activation, subject[len(ACTIVATION_PREFIX):])
+        platform_id = activation.platform_id if activation is not None else None
     seq = session.execute(
         update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
     ).scalar_one()
     session.add(Event(seq=seq, time=time, type=type, actor=actor, subject=subject, program_id=program_id,
-                      reason=reason, payload_json=canonical_json(payload or {})))
+                      reason=reason, payload_json=canonical_json(payload or {}), platform_id=platform_id))
     return int(seq)

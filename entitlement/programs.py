@@ -39,7 +39,12 @@ CRITERIA: dict[str, tuple[str, ...]] = {
 COMMON_PARAMETERS = ("price_per_month_cents", "activation_months", "funders")
 # Parameters any program may set. `months_after_registration_end`: when the registry knows the
 # registration's end, access ends on the last day of the Nth month after it (0: that same month).
-OPTIONAL_PARAMETERS = ("months_after_registration_end",)
+# `funders_owe`: `access` (each month of access begun is owed; the default when absent) or `use`
+# (only months the platform reports as used are owed). `usage_report_days`: for `use`, how many
+# days after a month of access ends its usage may still be reported (default 31).
+OPTIONAL_PARAMETERS = ("months_after_registration_end", "funders_owe", "usage_report_days")
+FUNDERS_OWE = ("access", "use")
+DEFAULTS: dict[str, Any] = {"funders_owe": "access", "usage_report_days": 31}
 TOP_LEVEL_KEYS = {"id", "title", "description", "tier", "period", "criteria", "parameters"}
 
 
@@ -125,6 +130,11 @@ class Program:
     def optional_value(self, name: str, day: dt.date) -> DatedValue | None:
         return self.value(name, day) if name in self.parameters else None
 
+    def value_or_default(self, name: str, day: dt.date) -> Any:
+        """An optional parameter's value in force on `day`, or its documented default (DEFAULTS)."""
+        found = self.optional_value(name, day)
+        return found.value if found is not None else DEFAULTS[name]
+
     def funders_on(self, day: dt.date) -> dict[str, int]:
         return dict(self.value("funders", day).value)
 
@@ -156,6 +166,12 @@ def _check_value(path: Path, field: str, name: str, value: object) -> None:
     elif name == "max_registry_age_days":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
             fail("must be an integer number of days from 1 to 3650")
+    elif name == "funders_owe":
+        if value not in FUNDERS_OWE:
+            fail("must be `access` (each month of access begun is owed) or `use` (months reported used)")
+    elif name == "usage_report_days":
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 366:
+            fail("must be an integer number of days from 1 to 366")
     elif name == "months_after_registration_end":
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 24:
             fail("must be an integer number of months from 0 to 24")

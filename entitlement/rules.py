@@ -248,6 +248,50 @@ def entitlement_end(program: Program, facts: PersonFacts, start: dt.date) -> dt.
     return end
 
 
+@dataclass(frozen=True)
+class Revalidation:
+    """Whether the holder of a live activation is still eligible, and if not, from when."""
+
+    eligible: bool
+    failed_reasons: tuple[str, ...] = ()
+    stopped_on: dt.date | None = None  # the day they stopped being eligible, as far as the data tells
+    access_end: dt.date | None = None  # the last day of access that gives
+
+
+def revalidate(program: Program, facts: PersonFacts | None, start: dt.date, today: dt.date,
+               data_date: dt.date) -> Revalidation:
+    """Re-check the holder of an activation that began on `start` against newer registry facts
+    (`data_date`: the date of the extract they come from), on `today`.
+
+    Only the person criteria count: the circumstances (caps, mentor, data freshness) were judged
+    when the activation was made, and an age limit is judged on the start date, as then. When
+    eligibility is lost, it was lost on the registration's end if that is why, else on the data's
+    date (the first the service knows of it); access then ends as at activation
+    (`entitlement_end`): on the last day of the Nth month after that day's month with
+    `months_after_registration_end`, else the day before it; never before `start`."""
+    failed: list[str] = []
+    for name in program.criteria:
+        if name in CIRCUMSTANCE_CHECKS:
+            continue
+        if facts is None:
+            failed.append("NOT_REGISTERED")
+            break
+        result = CHECKS[name](program, facts, start if name == "age_below" else today)
+        if not result.passed:
+            failed.append(result.reason_code)
+    if not failed:
+        return Revalidation(True)
+    ended = facts.registration_ended_on if facts is not None else None
+    stopped = ended if ended is not None and ended <= today and "REGISTRATION_ENDED" in failed else data_date
+    after = program.optional_value("months_after_registration_end", start)
+    if after is not None:
+        cut_month = add_months(stopped.replace(day=1), after.value)
+        end = cut_month.replace(day=calendar.monthrange(cut_month.year, cut_month.month)[1])
+    else:
+        end = stopped - dt.timedelta(days=1)
+    return Revalidation(False, tuple(dict.fromkeys(failed)), stopped, max(end, start))
+
+
 def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
              circumstances: Circumstances = Circumstances()) -> Decision:
     """Evaluate every criterion of `program` for a person (None: not in the registry) on `day`."""

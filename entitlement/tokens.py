@@ -1,13 +1,33 @@
 """Activation tokens: compact JWS, EdDSA over Ed25519, signed by keys from a key store.
 
 PyJWT (>= 2.13) does the JOSE work; we add what a library cannot know: which key ids exist
-(a `kid` is only ever looked up in our own key set, never used as a path), which algorithm we
-accept (EdDSA only, whatever the token header says), our token type, and required claims.
+(a `kid` is only ever looked up among the keys we loaded, never used as a path), which algorithm
+we accept (EdDSA only, whatever the token header says), our token type, and required claims.
 
-Key store: a folder (ENTITLEMENT_KEY_DIR) kept apart from the database, one PKCS#8 PEM per key
-named `{kid}.pem` (mode 0600). The newest key signs; every key in the folder is published in the
-JWKS, so a rotated-out key keeps verifying the tokens it signed until it is removed.
-Publication-before-signing and retirement are refined in step 4.
+Key store: a folder (ENTITLEMENT_KEY_DIR) kept apart from the database. Each key is
+`{kid}.pem` (PKCS#8 Ed25519, mode 0600) plus `{kid}.json`, its metadata:
+
+- `created`: when the key was made;
+- `sign_from`: the key is published in the JWKS from the moment its file exists, but signs only
+  from this instant, so platforms that cache the JWKS learn it before meeting a token it signed;
+- `retire_after`: set when a newer key takes over (= the newer key's `sign_from`). The retired key
+  signs nothing after it, and stays published until every token it signed has expired, i.e.
+  until `retire_after` + ENTITLEMENT_TOKEN_TTL_DAYS; then it leaves the JWKS and verification
+  refuses it.
+
+A key without metadata (deployments of before rotation, hand-made keys) is created and signs from
+its file's mtime; a key superseded without a recorded `retire_after` retires when the next key
+(by `sign_from`) starts signing. The signer is the newest key whose `sign_from` has passed, per
+the service clock (every method takes `now`); when no key has reached its `sign_from` yet (a
+first key, or a service clock behind the key files) the earliest one signs.
+
+`entitlement keys create|rotate|list` manage the folder. Files are written atomically (a temp
+name, then a rename) and the metadata before the key, so a reader never sees a half-written key
+or a new key without its `sign_from`. A running server re-reads the folder when it changed: on
+use (signing, verifying, GetSigningKeys), at most every RELOAD_INTERVAL_S seconds, it compares
+the names, mtimes and sizes of the files; a rotation needs no restart. A folder that cannot be
+loaded (bad file name, unreadable key) stops the server from starting; at run time the keys
+already loaded stay in force and the error is logged.
 """
 
 from __future__ import annotations
@@ -18,11 +38,14 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jwt
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -30,6 +53,11 @@ TOKEN_TYPE = "entitlement-activation+jwt"
 ALGORITHM = "EdDSA"
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "nbf", "iat", "jti", "program", "entitlement"]
+RELOAD_INTERVAL_S = 2.0  # a running server looks at the key folder at most this often
+DEFAULT_TOKEN_TTL = dt.timedelta(days=30)
+STATES = ("next", "signing", "retiring", "expired")
+
+log = structlog.get_logger("entitlement.keys")
 
 
 class TokenError(Exception):
@@ -41,11 +69,72 @@ class TokenError(Exception):
         self.message = message
 
 
+class KeyStoreError(Exception):
+    """A key folder we cannot load or change; the message names the file and the fix."""
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    if t.tzinfo is None:
+        raise ValueError("key store instants must be timezone-aware")
+    return t.astimezone(dt.timezone.utc)
+
+
+def _second(t: dt.datetime) -> dt.datetime:
+    """Whole seconds (what the metadata stores; token times are whole seconds too)."""
+    return _utc(t).replace(microsecond=0)
+
+
+def format_time(t: dt.datetime | None) -> str | None:
+    return None if t is None else _utc(t).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: Any, field: str, where: Path) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise KeyStoreError(f"key metadata {where}: `{field}` must be an ISO 8601 instant with a "
+                            f"time zone, like 2026-03-16T10:00:00Z; got {value!r}")
+    return _utc(parsed)
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    created: dt.datetime
+    sign_from: dt.datetime
+    retire_after: dt.datetime | None = None
+
+    def to_json(self, kid: str) -> str:
+        return json.dumps({"kid": kid, "created": format_time(self.created),
+                           "sign_from": format_time(self.sign_from),
+                           "retire_after": format_time(self.retire_after)}, indent=2) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path, kid: str) -> "KeyMeta":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise KeyStoreError(f"key metadata {path}: not readable JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise KeyStoreError(f"key metadata {path}: expected a JSON object")
+        if data.get("kid", kid) != kid:
+            raise KeyStoreError(f"key metadata {path}: kid {data.get('kid')!r} does not match the file name")
+        created = _parse_time(data.get("created"), "created", path)
+        sign_from = _parse_time(data.get("sign_from", data.get("created")), "sign_from", path)
+        retire = data.get("retire_after")
+        return cls(created, sign_from, None if retire is None else _parse_time(retire, "retire_after", path))
+
+
 @dataclass(frozen=True)
 class SigningKey:
     kid: str
     private: Ed25519PrivateKey
-    created: float  # file mtime: newest signs
+    created: dt.datetime
+    sign_from: dt.datetime
+    retire_after: dt.datetime | None = None  # as recorded in KID.json
+    # Effective retirement: retire_after, or when the next key started signing; None while newest.
+    retire_at: dt.datetime | None = None
 
     @property
     def public(self) -> Ed25519PublicKey:
@@ -56,56 +145,288 @@ class SigningKey:
         x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
         return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "alg": ALGORITHM, "use": "sig"}
 
+    @property
+    def order(self) -> tuple[dt.datetime, bool, dt.datetime, str]:
+        """Oldest first; of two keys signing from the same instant, the one recorded as retired
+        (by a rotation without publication delay) comes first."""
+        return (self.sign_from, self.retire_after is None, self.created, self.kid)
+
+
+def _with_retirements(keys: list[SigningKey]) -> tuple[SigningKey, ...]:
+    """Sorted by sign_from; each key's effective retirement is its recorded retire_after or, at the
+    latest, the instant the next key starts signing (it signs nothing after that)."""
+    ordered = sorted(keys, key=lambda k: k.order)
+    out = []
+    for i, k in enumerate(ordered):
+        candidates = [t for t in (k.retire_after, ordered[i + 1].sign_from if i + 1 < len(ordered) else None)
+                      if t is not None]
+        out.append(replace(k, retire_at=min(candidates) if candidates else None))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key as `entitlement keys list` shows it."""
+
+    kid: str
+    created: dt.datetime
+    sign_from: dt.datetime
+    retire_after: dt.datetime | None
+    published_until: dt.datetime | None
+    state: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"kid": self.kid, "created": format_time(self.created), "sign_from": format_time(self.sign_from),
+                "retire_after": format_time(self.retire_after),
+                "published_until": format_time(self.published_until), "state": self.state}
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def _fingerprint(directory: Path) -> Fingerprint:
+    entries = []
+    with os.scandir(directory) as it:
+        for e in it:
+            if e.name.endswith((".pem", ".json")):  # temp files of a write in progress end in .tmp
+                st = e.stat()
+                entries.append((e.name, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(entries))
+
+
+def read_folder(directory: Path) -> list[SigningKey]:
+    """Every KID.pem of the folder, with its KID.json when present. A KID.json without its key is
+    ignored (a rotation being written, or a key removed by hand)."""
+    if not directory.is_dir():
+        raise KeyStoreError(f"key folder {directory} does not exist; create a key with `entitlement keys create`")
+    keys = []
+    for pem in sorted(directory.glob("*.pem")):
+        kid = pem.name[: -len(".pem")]
+        if not KID_RE.fullmatch(kid):
+            raise KeyStoreError(f"key file {pem}: name must be KID.pem with KID of 8-64 [A-Za-z0-9_-] "
+                                f"(a key id is never a path)")
+        try:
+            key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise KeyStoreError(f"key file {pem}: not a readable PKCS#8 PEM private key ({exc})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyStoreError(f"key file {pem}: not an Ed25519 private key")
+        meta_path = directory / f"{kid}.json"
+        if meta_path.exists():
+            meta = KeyMeta.from_file(meta_path, kid)
+        else:
+            mtime = dt.datetime.fromtimestamp(pem.stat().st_mtime, dt.timezone.utc)
+            meta = KeyMeta(mtime, mtime)
+        keys.append(SigningKey(kid, key, meta.created, meta.sign_from, meta.retire_after))
+    if not keys:
+        raise KeyStoreError(f"no signing key in {directory}; create one with `entitlement keys create`")
+    return keys
+
 
 class KeyStore:
-    def __init__(self, keys: list[SigningKey]) -> None:
+    """The loaded keys; with a directory, re-read on use when the folder changed (see module doc)."""
+
+    def __init__(self, keys: list[SigningKey], *, token_ttl: dt.timedelta = DEFAULT_TOKEN_TTL,
+                 directory: Path | None = None, reload_interval_s: float = RELOAD_INTERVAL_S,
+                 fingerprint: Fingerprint | None = None) -> None:
         if not keys:
             raise ValueError("no signing key")
-        self._keys = {k.kid: k for k in keys}
-        self._signer = max(keys, key=lambda k: (k.created, k.kid))
+        self._keys = _with_retirements(keys)
+        self._token_ttl = token_ttl
+        self._directory = directory
+        self._reload_interval_s = reload_interval_s
+        self._fingerprint = fingerprint
+        self._failed: Fingerprint | None = None
+        self._next_check = time.monotonic() + reload_interval_s
+        self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, directory: Path, *, create: bool = False) -> "KeyStore":
-        directory.mkdir(parents=True, exist_ok=True) if create else None
-        if create and not any(directory.glob("*.pem")):
-            generate_key(directory)
-        keys = []
-        for pem in sorted(directory.glob("*.pem")):
-            kid = pem.stem
-            if not KID_RE.fullmatch(kid):
-                raise SystemExit(f"key file {pem}: name must be KID.pem with KID of 8-64 [A-Za-z0-9_-]")
-            key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise SystemExit(f"key file {pem}: not an Ed25519 private key")
-            keys.append(SigningKey(kid, key, pem.stat().st_mtime))
-        if not keys:
-            raise SystemExit(f"no signing key in {directory}; create one with `entitlement keys create`")
-        return cls(keys)
+    def load(cls, directory: Path, *, create: bool = False, now: dt.datetime | None = None,
+             token_ttl: dt.timedelta = DEFAULT_TOKEN_TTL,
+             reload_interval_s: float = RELOAD_INTERVAL_S) -> "KeyStore":
+        """Load the folder (SystemExit with the fix when it cannot be). create=True (local demo,
+        tests) makes a first key signing from `now` when the folder holds none."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not any(directory.glob("*.pem")):
+                generate_key(directory, now=now)
+        try:
+            fingerprint = _fingerprint(directory) if directory.is_dir() else None
+            store = cls(read_folder(directory), token_ttl=token_ttl, directory=directory,
+                        reload_interval_s=reload_interval_s, fingerprint=fingerprint)
+        except KeyStoreError as exc:
+            raise SystemExit(str(exc)) from None
+        if store._signer(now) is None:
+            raise SystemExit(f"every signing key in {directory} has expired; make a new one with "
+                             f"`entitlement keys rotate`")
+        return store
 
-    @property
-    def signer(self) -> SigningKey:
-        return self._signer
+    # ------------------------------------------------------------------------------ reloading
 
-    def get(self, kid: str) -> SigningKey | None:
-        return self._keys.get(kid)
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the folder if its files changed; at most every reload_interval_s unless forced.
+        True when a new key set was loaded. A folder that fails to load leaves the keys in force."""
+        if self._directory is None:
+            return False
+        if not force and time.monotonic() < self._next_check:
+            return False
+        if not self._lock.acquire(blocking=force):
+            return False  # another thread is looking at the folder; use the keys in force meanwhile
+        try:
+            self._next_check = time.monotonic() + self._reload_interval_s
+            try:
+                fingerprint = _fingerprint(self._directory)
+            except OSError as exc:
+                self._report(None, f"key folder {self._directory}: {exc}")
+                return False
+            if fingerprint == self._fingerprint or fingerprint == self._failed:
+                return False
+            try:
+                keys = read_folder(self._directory)
+            except KeyStoreError as exc:
+                self._report(fingerprint, str(exc))
+                return False
+            self._keys, self._fingerprint, self._failed = _with_retirements(keys), fingerprint, None
+            log.info("signing keys loaded", kids=[k.kid for k in self._keys])
+            return True
+        finally:
+            self._lock.release()
 
-    def jwks(self) -> dict[str, Any]:
-        return {"keys": [self._keys[k].jwk() for k in sorted(self._keys)]}
+    def _report(self, fingerprint: Fingerprint | None, error: str) -> None:
+        if fingerprint is None or fingerprint != self._failed:
+            log.error("signing keys not reloaded; the keys already loaded stay in force", error=error)
+        self._failed = fingerprint
 
-    def jwks_json(self) -> str:
-        return json.dumps(self.jwks(), sort_keys=True, separators=(",", ":"))
+    # ------------------------------------------------------------------------------ questions
+
+    def _expired(self, k: SigningKey, now: dt.datetime) -> bool:
+        return k.retire_at is not None and now >= k.retire_at + self._token_ttl
+
+    def _signer(self, now: dt.datetime) -> SigningKey | None:
+        live = [k for k in self._keys if not self._expired(k, now)]
+        started = [k for k in live if k.sign_from <= now]
+        if started:
+            return max(started, key=lambda k: k.order)
+        return min(live, key=lambda k: k.order) if live else None
+
+    def _state(self, k: SigningKey, now: dt.datetime, signer: SigningKey | None) -> str:
+        if signer is not None and k.kid == signer.kid:
+            return "signing"
+        if self._expired(k, now):
+            return "expired"
+        return "next" if k.sign_from > now else "retiring"
+
+    def signer(self, now: dt.datetime) -> SigningKey:
+        """The key that signs at `now`."""
+        self.refresh()
+        key = self._signer(_utc(now))
+        if key is None:
+            raise KeyStoreError("every signing key has expired; make a new one with `entitlement keys rotate`")
+        return key
+
+    def get(self, kid: str, now: dt.datetime) -> SigningKey | None:
+        """The published key with this id at `now`, or None (unknown, or dropped after retirement).
+        The id is only compared with the ids of the loaded keys."""
+        self.refresh()
+        key = next((k for k in self._keys if k.kid == kid), None)
+        return None if key is None or self._expired(key, _utc(now)) else key
+
+    def published(self, now: dt.datetime) -> list[SigningKey]:
+        self.refresh()
+        now = _utc(now)
+        return [k for k in self._keys if not self._expired(k, now)]
+
+    def jwks(self, now: dt.datetime) -> dict[str, Any]:
+        """Every key not yet dropped: the next one, the signer, those retiring."""
+        return {"keys": [k.jwk() for k in self.published(now)]}
+
+    def jwks_json(self, now: dt.datetime) -> str:
+        return json.dumps(self.jwks(now), sort_keys=True, separators=(",", ":"))
+
+    def describe(self, now: dt.datetime) -> list[KeyInfo]:
+        """Every loaded key with its state at `now` (next, signing, retiring, expired)."""
+        self.refresh()
+        now = _utc(now)
+        signer = self._signer(now)
+        return [KeyInfo(k.kid, k.created, k.sign_from, k.retire_at,
+                        None if k.retire_at is None else k.retire_at + self._token_ttl,
+                        self._state(k, now, signer)) for k in self._keys]
 
 
-def generate_key(directory: Path) -> str:
+# ---------------------------------------------------------------------------------- key files
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temp name the loader ignores, then rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_key(directory: Path, *, now: dt.datetime | None = None, sign_from: dt.datetime | None = None) -> str:
+    """A new key: metadata first, then the key (a reader never sees the key without its
+    sign_from). By default it signs from its creation."""
     directory.mkdir(parents=True, exist_ok=True)
-    kid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d") + "-" + secrets.token_hex(4)
+    created = _second(now or dt.datetime.now(dt.timezone.utc))
+    kid = created.strftime("%Y%m%d") + "-" + secrets.token_hex(4)
+    if (directory / f"{kid}.pem").exists():
+        raise KeyStoreError(f"key {kid} already exists in {directory}")
+    meta = KeyMeta(created, _second(sign_from) if sign_from else created)
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(directory / f"{kid}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    _write_atomic(directory / f"{kid}.json", meta.to_json(kid).encode())
+    _write_atomic(directory / f"{kid}.pem", pem)
     return kid
 
+
+def create_first_key(directory: Path, now: dt.datetime) -> str:
+    """`entitlement keys create`: the first key of an empty folder, signing at once."""
+    if directory.is_dir() and any(directory.glob("*.pem")):
+        raise KeyStoreError(f"{directory} already holds signing keys; use `entitlement keys rotate` to "
+                            f"replace the signer (a new key must be published before it signs)")
+    return generate_key(directory, now=now)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    new_kid: str
+    sign_from: dt.datetime
+    previous_kid: str | None
+    previous_dropped_after: dt.datetime | None
+
+
+def rotate(directory: Path, now: dt.datetime, *, publish_for: dt.timedelta = dt.timedelta(hours=24),
+           token_ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> Rotation:
+    """`entitlement keys rotate`: a new key, published now, signing after `publish_for`; the key
+    signing now retires at that instant (recorded in its metadata)."""
+    if publish_for < dt.timedelta(0):
+        raise KeyStoreError("the publication delay cannot be negative")
+    now = _second(now)
+    store = KeyStore(read_folder(directory), token_ttl=token_ttl, directory=None)
+    waiting = [k for k in store.describe(now) if k.state == "next"]
+    if waiting:
+        raise KeyStoreError(f"key {waiting[0].kid} is already waiting to sign from "
+                            f"{format_time(waiting[0].sign_from)}; rotate again after that")
+    previous = store._signer(now)
+    sign_from = now + publish_for
+    kid = generate_key(directory, now=now, sign_from=sign_from)
+    if previous is None:
+        return Rotation(kid, sign_from, None, None)
+    meta_path = directory / f"{previous.kid}.json"
+    meta = KeyMeta(previous.created, previous.sign_from, sign_from)
+    _write_atomic(meta_path, meta.to_json(previous.kid).encode())
+    return Rotation(kid, sign_from, previous.kid, sign_from + token_ttl)
+
+
+# ------------------------------------------------------------------------------------- tokens
 
 @dataclass(frozen=True)
 class TokenClaims:
@@ -120,16 +441,19 @@ class TokenClaims:
     expires_at: int
 
 
-def sign(keys: KeyStore, claims: TokenClaims) -> str:
+def sign(keys: KeyStore, claims: TokenClaims, *, now: dt.datetime | None = None) -> str:
+    """Sign with the key that signs at `now` (default: the token's issue instant, which is the
+    service clock's)."""
     payload = {"iss": claims.issuer, "aud": claims.platform_id, "sub": claims.subject,
                "program": claims.program_id, "entitlement": claims.activation_id, "jti": claims.jti,
                "iat": claims.issued_at, "nbf": claims.not_before, "exp": claims.expires_at}
-    key = keys.signer
+    key = keys.signer(now or dt.datetime.fromtimestamp(claims.issued_at, dt.timezone.utc))
     return jwt.encode(payload, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": TOKEN_TYPE})
 
 
 def verify(keys: KeyStore, token: str, *, issuer: str, audience: str, now: dt.datetime) -> TokenClaims:
-    """Verify signature, type, issuer, audience and validity period; EdDSA only."""
+    """Verify signature, type, issuer, audience and validity period; EdDSA only; the key must be
+    published at `now` (a key dropped after its retirement verifies nothing)."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -139,7 +463,7 @@ def verify(keys: KeyStore, token: str, *, issuer: str, audience: str, now: dt.da
     if header.get("typ") != TOKEN_TYPE:
         raise TokenError("TOKEN_INVALID", f"token type must be {TOKEN_TYPE}")
     kid = header.get("kid")
-    key = keys.get(kid) if isinstance(kid, str) else None
+    key = keys.get(kid, now) if isinstance(kid, str) else None
     if key is None:
         raise TokenError("TOKEN_INVALID", "token signed with an unknown key")
     try:

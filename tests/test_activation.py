@@ -382,9 +382,15 @@ def test_concurrent_retries_with_one_request_id_return_one_activation(api: Api) 
     api.as_("advisor-paris")
     before = ledger(api, this_month())
     results = _race(20, lambda i: api.activate(agency_id, birth, request_id=request_id))
-    assert not [r for r in results if isinstance(r, Failure)], [r for r in results if isinstance(r, Failure)]
-    assert len({r.activation.name for r in results}) == 1
-    assert len({r.activation_token for r in results}) == 1
+    # AIP-155: a retry arriving while the first is processed is ABORTED at once (no waiting);
+    # every other answer is the one activation.
+    wins = [r for r in results if not isinstance(r, Failure)]
+    assert wins and all(f.code == grpc.StatusCode.ABORTED and f.reason == "REQUEST_IN_FLIGHT"
+                        for f in results if isinstance(f, Failure)), results
+    assert len({r.activation.name for r in wins}) == 1
+    assert len({r.activation_token for r in wins}) == 1
+    again = api.activate(agency_id, birth, request_id=request_id)  # once done, a retry replays it
+    assert (again.activation.name, again.activation_token) == (wins[0].activation.name, wins[0].activation_token)
     assert delta(before, ledger(api, this_month())) == {f: (1, PRICE * MONTHS // 2, 0) for f in FUNDERS}
 
 
@@ -438,14 +444,14 @@ def test_redeem_binds_once(api: Api) -> None:
     assert stored.account_id == account and stored.platform == "platforms/openclassrooms"
     assert stored.HasField("redeem_time")
 
-    # The same account again: a safe retry returning the same binding (proto contract), no new event.
-    again = redeem(api, resp.activation_token, account)
-    assert again == bound
-    # Another account: refused.
-    f = refuse_redeem(api, resp.activation_token, "acct-" + rid(), grpc.StatusCode.ALREADY_EXISTS)
-    assert f.reason == "TOKEN_ALREADY_REDEEMED"
-    assert f.metadata["activation"] == resp.activation.name
-    assert get(api, resp.activation.name).account_id == account
+    # A replay, for the same account or another, is ALREADY_EXISTS naming the original binding.
+    for replay_account in (account, "acct-" + rid()):
+        f = refuse_redeem(api, resp.activation_token, replay_account, grpc.StatusCode.ALREADY_EXISTS)
+        assert f.reason == "TOKEN_ALREADY_REDEEMED"
+        assert f.metadata["account_id"] == account
+        assert f.metadata["activation"] == resp.activation.name
+    stored_again = get(api, resp.activation.name)
+    assert stored_again.account_id == account and stored_again.redeem_time == stored.redeem_time
     redeemed = [e for e in events_of(api, resp.activation.name) if e.type == "activation.redeemed"]
     assert len(redeemed) == 1 and redeemed[0].actor == "platform:openclassrooms"
 
@@ -602,8 +608,11 @@ def test_concurrent_retries_of_one_transition_apply_it_once(api: Api) -> None:
     request_id = rid()
     api.as_("advisor-paris")
     results = _race(20, lambda i: move(api, "suspend", act.name, "paused", request_id=request_id))
-    assert not [r for r in results if isinstance(r, Failure)], [r for r in results if isinstance(r, Failure)]
-    assert {r.state for r in results} == {activation_pb2.SUSPENDED}
+    wins = [r for r in results if not isinstance(r, Failure)]
+    assert wins and all(f.code == grpc.StatusCode.ABORTED and f.reason == "REQUEST_IN_FLIGHT"
+                        for f in results if isinstance(f, Failure)), results
+    assert {r.state for r in wins} == {activation_pb2.SUSPENDED}
+    assert move(api, "suspend", act.name, "paused", request_id=request_id).state == activation_pb2.SUSPENDED
     assert [e.type for e in events_of(api, act.name)] == ["activation.created", "activation.suspended"]
 
 
@@ -617,7 +626,9 @@ def test_concurrent_redeems_bind_one_account(api: Api) -> None:
     assert all(r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "TOKEN_ALREADY_REDEEMED"
                for r in results if isinstance(r, Failure))
     assert get(api, resp.activation.name).account_id == wins[0].account_id
-    # Concurrent retries for the winning account are all the same binding.
+    # Concurrent replays for the winning account are all ALREADY_EXISTS naming the one binding.
     again = _race(10, lambda i: redeem(api, resp.activation_token, wins[0].account_id))
-    assert all(r == wins[0] for r in again), again
+    assert all(isinstance(r, Failure) and r.code == grpc.StatusCode.ALREADY_EXISTS
+               and r.reason == "TOKEN_ALREADY_REDEEMED" and r.metadata["account_id"] == wins[0].account_id
+               for r in again), again
     assert [e.type for e in events_of(api, resp.activation.name)].count("activation.redeemed") == 1

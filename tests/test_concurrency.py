@@ -376,7 +376,8 @@ def test_one_request_id_sent_20_times_at_once_makes_one_activation(cluster: Clus
 
     answers = [r for r in results if not isinstance(r, Failure)]
     refused = [r for r in results if isinstance(r, Failure)]
-    # No in-flight detection yet: ABORTED / REQUEST_IN_FLIGHT is the only other answer allowed.
+    # A retry arriving while another is in flight (in either server process) is ABORTED with
+    # REQUEST_IN_FLIGHT (entitlement/inflight.py): the only other answer allowed.
     assert all((f.code, f.reason) == (grpc.StatusCode.ABORTED, "REQUEST_IN_FLIGHT") for f in refused), \
         _describe(results)
     assert answers, _describe(results)

@@ -83,14 +83,17 @@ def _all_activation_names(api: Api, caller: str) -> set[str]:
             return names
 
 
-def test_unimplemented_rpcs_say_so(api: Api) -> None:
+def test_the_platform_rpcs_of_step_4_are_implemented(api: Api) -> None:
+    """ReportUsage and WatchEntitlementChanges answered UNIMPLEMENTED until step 4 (their own
+    tests: test_ledger.py, test_watch.py)."""
     f = expect_error(api.platform.ReportUsage, activation_pb2.ReportUsageRequest(
-        account_id="x", month="2026-03", used=True), grpc.StatusCode.UNIMPLEMENTED)
-    assert "not implemented" in f.message
+        account_id="nobody-" + TODAY.isoformat(), month="2026-03", used=True), grpc.StatusCode.NOT_FOUND)
+    assert f.reason == "ACCOUNT_NOT_FOUND"
     stream = api.platform.WatchEntitlementChanges(activation_pb2.WatchEntitlementChangesRequest())
-    with pytest.raises(grpc.RpcError) as info:
-        next(iter(stream))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    first = next(iter(stream))  # from now: a bookmark first
+    stream.cancel()
+    assert first.cursor and not first.HasField("status")
+    assert first.type == activation_pb2.EntitlementChange.CHANGE_TYPE_UNSPECIFIED
 
 
 @pytest.mark.parametrize("agency_id,reason", [("ENDED01", "REGISTRATION_ENDED"), ("CAT0006", "CATEGORY_NOT_COVERED"),

@@ -84,8 +84,9 @@ def test_premium_eligible_and_explained() -> None:
     assert d.funding_plan is not None
     assert d.funding_plan.total_cents == 24000
     assert {f for f, _, _ in d.funding_plan.shares} == {"ministry-of-labour", "france-travail"}
-    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders", "max_registry_age_days",
-                                                "months_after_registration_end", "price_per_month_cents"}
+    assert {p.name for p in d.parameters} == {"activation_months", "categories", "funders", "funders_owe",
+                                                "max_registry_age_days", "months_after_registration_end",
+                                                "price_per_month_cents"}
 
 
 @pytest.mark.parametrize("kw,day,reason", [

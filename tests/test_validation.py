@@ -329,9 +329,14 @@ def call_empty(api: Api, path: str, caller: str | None) -> Any:
                                           response_deserializer=response_cls.FromString)
         return push(iter([request_cls()]), metadata=metadata, timeout=15)
     if m.server_streaming:
+        # Change streams run until cancelled: the first message (or the error) is the answer.
         stream = api.h.channel.unary_stream(path, request_serializer=request_cls.SerializeToString,
                                             response_deserializer=response_cls.FromString)
-        return list(stream(request_cls(), metadata=metadata, timeout=15))
+        call = stream(request_cls(), metadata=metadata, timeout=15)
+        try:
+            return next(iter(call))
+        finally:
+            call.cancel()
     unary = api.h.channel.unary_unary(path, request_serializer=request_cls.SerializeToString,
                                       response_deserializer=response_cls.FromString)
     return unary(request_cls(), metadata=metadata, timeout=15)

@@ -10,6 +10,7 @@ from google.type import date_pb2
 from entitlement import rules
 from entitlement.activation import ActivationView, EntitlementStatus
 from entitlement.audit import EventView, ReportRow
+from entitlement.changes import Change
 from entitlement.programs import Program
 from entitlement.registry import SnapshotRef
 from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2
@@ -94,3 +95,11 @@ def report_row(r: ReportRow) -> audit_pb2.FundingReportRow:
 def event(e: EventView) -> audit_pb2.Event:
     return audit_pb2.Event(sequence=e.seq, time=timestamp(e.time), type=e.type, actor=e.actor,
                            subject=e.subject, reason=e.reason, payload_json=e.payload_json)
+
+
+def change(c: Change) -> activation_pb2.EntitlementChange:
+    kind = activation_pb2.EntitlementChange.ChangeType.Value(c.type) if c.type else \
+        activation_pb2.EntitlementChange.CHANGE_TYPE_UNSPECIFIED
+    return activation_pb2.EntitlementChange(cursor=c.cursor, type=kind,
+                                            status=status(c.status) if c.status else None,
+                                            change_time=timestamp(c.time))

@@ -3,16 +3,17 @@ case, convert the result. Errors are raised as domain errors; interceptors map t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
 
-from entitlement import activation, audit, eligibility, registry_feed
+from entitlement import activation, audit, changes, eligibility, registry_feed, usage
 from entitlement.api import convert
 from entitlement.api import validation as val
 from entitlement.api.identity import current_caller
 from entitlement.app import Context
-from entitlement.errors import InvalidArgument, Unimplemented, Violations
+from entitlement.errors import InvalidArgument, ResourceExhausted, Violations
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
@@ -56,6 +57,7 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
 class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._watchers = threading.BoundedSemaphore(max(1, ctx.settings.watch_max_streams))
 
     def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
                             context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
@@ -123,15 +125,53 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
 
     def GetSigningKeys(self, request: activation_pb2.GetSigningKeysRequest,
                        context: grpc.ServicerContext) -> activation_pb2.GetSigningKeysResponse:
-        return activation_pb2.GetSigningKeysResponse(jwks_json=self.ctx.keys.jwks_json())
+        return activation_pb2.GetSigningKeysResponse(jwks_json=self.ctx.keys.jwks_json(self.ctx.clock.now()))
 
     def ReportUsage(self, request: activation_pb2.ReportUsageRequest,
                     context: grpc.ServicerContext) -> activation_pb2.ReportUsageResponse:
-        raise Unimplemented("ReportUsage is not implemented yet (usage-based consumption comes with step 4)")
+        v = Violations()
+        val.check_required(request, v)
+        val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        val.pattern(request.month, val.MONTH_RE, "month", "a month YYYY-MM", v)
+        v.raise_if_any()
+        usage.report_usage(self.ctx, current_caller(), usage.UsageReport(
+            request.account_id, request.month, request.used, request.request_id))
+        return activation_pb2.ReportUsageResponse()
 
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
-        raise Unimplemented("WatchEntitlementChanges is not implemented yet (step 4)")
+        caller = current_caller()
+        position = changes.start_position(self.ctx, request.cursor)
+        if not self._watchers.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"this server already serves {self.ctx.settings.watch_max_streams} change streams; retry later",
+                reason="TOO_MANY_WATCHERS", metadata={"max_streams": str(self.ctx.settings.watch_max_streams)})
+        done = threading.Event()
+        released = threading.Lock()
+
+        def release_slot() -> None:  # once: on termination (cancel, deadline, server stop) or on return
+            if released.acquire(blocking=False):
+                self._watchers.release()
+
+        def on_termination() -> None:
+            done.set()
+            release_slot()
+
+        try:
+            if not context.add_callback(on_termination):
+                return  # already terminated
+            if not request.cursor:
+                yield convert.change(changes.bookmark(position))
+            interval = self.ctx.settings.watch_poll_ms / 1000
+            while not done.is_set():
+                batch, position, more = changes.poll(self.ctx, caller, position)
+                for change in batch:
+                    yield convert.change(change)
+                if not more:
+                    done.wait(interval)
+        finally:
+            release_slot()
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):

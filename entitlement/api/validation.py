@@ -100,4 +100,5 @@ MENTOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 FUNDER_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 AGENCY_CODE_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 UTC = dt.timezone.utc

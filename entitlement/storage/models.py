@@ -129,8 +129,16 @@ class Event(Base):
     program_id: Mapped[str | None] = mapped_column(String(63))
     reason: Mapped[str] = mapped_column(Text)
     payload_json: Mapped[str] = mapped_column(Text)
+    # The platform of the activation the event is about (None for other subjects), so a platform's
+    # change stream (WatchEntitlementChanges) is filtered in the query, by index.
+    platform_id: Mapped[str | None] = mapped_column(String(63))
 
-    __table_args__ = (Index("ix_events_program_seq", "program_id", "seq"),)
+    __table_args__ = (
+        Index("ix_events_program_seq", "program_id", "seq"),
+        Index("ix_events_platform_seq", "platform_id", "seq"),
+        # An activation's history (suspensions decide which months of access are owed).
+        Index("ix_events_subject_seq", "subject", "seq"),
+    )
 
 
 class LogHead(Base):

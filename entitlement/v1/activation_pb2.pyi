@@ -10,7 +10,7 @@ Callers:
   GetActivation, SuspendActivation, ResumeActivation, RevokeActivation. The advisor id and
   agency code recorded on each action come from the caller's credentials, never from the request.
 - the course platform (role `platform`, scoped to its platform id): RedeemActivationToken,
-  VerifyEntitlement, GetSigningKeys.
+  VerifyEntitlement, GetSigningKeys, ReportUsage, WatchEntitlementChanges.
 - admins: everything an advisor may do. The platform calls (RedeemActivationToken,
   VerifyEntitlement, ReportUsage, WatchEntitlementChanges) act for one platform and need a
   platform caller.
@@ -411,11 +411,11 @@ class ReportUsageRequest(_message.Message):
     MONTH_FIELD_NUMBER: _builtins.int
     USED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key (AIP-155)."""
+    """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
     account_id: _builtins.str
     """The platform account."""
     month: _builtins.str
-    """The month, as `YYYY-MM`."""
+    """The month of access, named by the calendar month it begins in, as `YYYY-MM`."""
     used: _builtins.bool
     """Whether the learner used Premium during that month."""
     def __init__(
@@ -455,7 +455,7 @@ class WatchEntitlementChangesRequest(_message.Message):
 
     CURSOR_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
-    """Resume after this cursor (the `cursor` of the last change received); empty for the start."""
+    """Resume after this cursor (the `cursor` of the last change received); empty: from now."""
     def __init__(
         self,
         *,
@@ -473,24 +473,75 @@ Global___WatchEntitlementChangesRequest: _TypeAlias = WatchEntitlementChangesReq
 class EntitlementChange(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _ChangeType:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[EntitlementChange._ChangeType.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CHANGE_TYPE_UNSPECIFIED: EntitlementChange._ChangeType.ValueType  # 0
+        """A bookmark: no change, only a position to resume from."""
+        REDEEMED: EntitlementChange._ChangeType.ValueType  # 1
+        """The activation token was redeemed for this account."""
+        SUSPENDED: EntitlementChange._ChangeType.ValueType  # 2
+        """Access paused by an advisor."""
+        RESUMED: EntitlementChange._ChangeType.ValueType  # 3
+        """Access on again."""
+        REVOKED: EntitlementChange._ChangeType.ValueType  # 4
+        """Access ended for good by an advisor."""
+        EXPIRED: EntitlementChange._ChangeType.ValueType  # 5
+        """The end date passed."""
+        CURTAILED: EntitlementChange._ChangeType.ValueType  # 6
+        """The holder stopped being eligible: the end date moved earlier (the status says whether
+        access is still on until then, or already expired).
+        """
+
+    class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
+        """What happened to the entitlement."""
+
+    CHANGE_TYPE_UNSPECIFIED: EntitlementChange.ChangeType.ValueType  # 0
+    """A bookmark: no change, only a position to resume from."""
+    REDEEMED: EntitlementChange.ChangeType.ValueType  # 1
+    """The activation token was redeemed for this account."""
+    SUSPENDED: EntitlementChange.ChangeType.ValueType  # 2
+    """Access paused by an advisor."""
+    RESUMED: EntitlementChange.ChangeType.ValueType  # 3
+    """Access on again."""
+    REVOKED: EntitlementChange.ChangeType.ValueType  # 4
+    """Access ended for good by an advisor."""
+    EXPIRED: EntitlementChange.ChangeType.ValueType  # 5
+    """The end date passed."""
+    CURTAILED: EntitlementChange.ChangeType.ValueType  # 6
+    """The holder stopped being eligible: the end date moved earlier (the status says whether
+    access is still on until then, or already expired).
+    """
+
     CURSOR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
+    """Opaque position just after this change: resume from it."""
+    type: Global___EntitlementChange.ChangeType.ValueType
     @_builtins.property
-    def status(self) -> Global___EntitlementStatus: ...
+    def status(self) -> Global___EntitlementStatus:
+        """The status as this change left it; unset for a bookmark."""
+
     @_builtins.property
-    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change happened; unset for a bookmark."""
+
     def __init__(
         self,
         *,
         cursor: _builtins.str = ...,
         status: Global___EntitlementStatus | None = ...,
         change_time: _timestamp_pb2.Timestamp | None = ...,
+        type: Global___EntitlementChange.ChangeType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "status", b"status", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

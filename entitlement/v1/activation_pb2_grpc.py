@@ -97,7 +97,9 @@ class ActivationServiceServicer:
         for the course platform.
 
         Idempotent with `request_id` (AIP-155): the same id with the same request returns the same
-        activation and token; the same id with a different request is FAILED_PRECONDITION.
+        activation and token; the same id with a different request is FAILED_PRECONDITION; the same
+        id arriving while the first request is still being processed is ABORTED with reason
+        `REQUEST_IN_FLIGHT` at once (no waiting): retry it later to get the stored response.
 
         Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
         FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
@@ -105,7 +107,8 @@ class ActivationServiceServicer:
         `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
         euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
         `ACTIVATION_EXISTS` naming the live activation of this person in this program,
-        UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
+        ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
+        or admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,9 +123,11 @@ class ActivationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SuspendActivation(self, request, context):
-        """Suspends an active activation: access stops until resumed. Errors: INVALID_ARGUMENT,
+        """Suspends an active activation: access stops until resumed. A month of access suspended from
+        its first day to its last is not owed by the funders. Errors: INVALID_ARGUMENT,
         NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE` and the current state in the
-        metadata, UNAUTHENTICATED, PERMISSION_DENIED.
+        metadata, ABORTED with reason `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while
+        the first is being processed), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,21 +141,30 @@ class ActivationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeActivation(self, request, context):
-        """Revokes an active or suspended activation for good; what was committed and not consumed is
-        released in the funding ledger. Errors as SuspendActivation.
+        """Revokes an active or suspended activation for good. The funding ledger is settled: the months
+        of access owed up to today are consumed and what was committed and can no longer be owed is
+        released (under `use` programs, months whose use may still be reported stay reserved until
+        their report window closes). Errors as SuspendActivation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RedeemActivationToken(self, request, context):
-        """Binds an activation token to the platform's own account id, once. Redeeming the same token
-        for the same account again returns the same binding (safe retry); for another account it is
-        ALREADY_EXISTS with reason `TOKEN_ALREADY_REDEEMED`.
+        """Binds an activation token to the platform's own account id, once. Any later redemption of
+        the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
+        `TOKEN_ALREADY_REDEEMED` and the original binding in the ErrorInfo metadata (`account_id`,
+        `activation`); nothing changes. A platform retrying after a lost answer reads its binding
+        there, or calls VerifyEntitlement.
 
-        Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED (token for
-        another platform), FAILED_PRECONDITION with reason `TOKEN_INVALID` (bad signature, wrong
-        audience, malformed), `TOKEN_EXPIRED`, or `ENTITLEMENT_NOT_ACTIVE` (revoked, expired),
+        The token is verified offline-style: EdDSA only, `typ` entitlement-activation+jwt, a `kid`
+        published by GetSigningKeys, this platform as `aud`, our `iss`, and `exp`, `nbf`, `iat`
+        present.
+
+        Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
+        `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+        `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
+        claim, malformed), `TOKEN_EXPIRED`, or `ENTITLEMENT_NOT_ACTIVE` (revoked, expired),
         ALREADY_EXISTS (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND` when the account already
         holds a live entitlement to the same program).
         """
@@ -170,23 +184,68 @@ class ActivationServiceServicer:
 
     def GetSigningKeys(self, request, context):
         """Returns the public keys that sign activation tokens, as a JWKS (RFC 7517), so the platform
-        can verify tokens offline with any standard JOSE library (alg EdDSA, crv Ed25519).
+        can verify tokens offline with any standard JOSE library (alg EdDSA, crv Ed25519). A new key
+        appears here before it signs anything (24 hours by default); a retired key stays until every
+        token it signed has expired. Platforms should refresh their copy at least daily, and on
+        meeting an unknown `kid`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReportUsage(self, request, context):
-        """Reports, per account and month, whether the learner used Premium (feeds consumption in the
-        funding ledger). Not implemented yet: answers UNIMPLEMENTED.
+        """Reports, per account and month of access, whether the learner used Premium. Under programs
+        whose funders owe months of use (`funders_owe: use`), a month reported used is consumed in
+        the funding ledger; under programs whose funders owe months of access (`access`, the default)
+        every month of access begun is owed anyway and reports change nothing (they are checked the
+        same way).
+
+        Months of access run from the activation's start day (an activation starting on 16 March has
+        16 March - 15 April, 16 April - 15 May, ...) and are named by the calendar month they begin in:
+        `month` = `2026-03` is the month of access beginning in March 2026. A month during which
+        access was suspended from its first day to its last is not owed. Use may be reported from the
+        month's first day until `usage_report_days` days (a program parameter, 31 by default) after
+        its last day, also after the activation ended; a month not reported used by then is released.
+
+        Idempotent: the same report again changes nothing and succeeds. A report contradicting a
+        month already consumed (`used = false` after `used = true`) is refused; `used = true` after
+        `used = false` is accepted (until then the month was only not reported). When the account
+        held several of the platform's activations with that month (a new one after a revocation),
+        the report is for the most recent during which access was on in that month. With a
+        `request_id`, a retry while the first attempt is still processed is ABORTED with reason
+        `REQUEST_IN_FLIGHT` (retry later).
+
+        Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`),
+        NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the calling platform is bound to
+        this account; another platform's accounts answer the same), FAILED_PRECONDITION with reason
+        `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
+        (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
+        `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
+        a consumed month), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
+        PERMISSION_DENIED (not a platform caller).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchEntitlementChanges(self, request, context):
-        """Streams entitlement changes (suspended, resumed, revoked, expired) for the calling platform's
-        accounts from a cursor. Not implemented yet: answers UNIMPLEMENTED.
+        """Streams the changes of the calling platform's entitlements (redeemed, suspended, resumed,
+        revoked, expired, curtailed), each with the status it left, from a cursor. A change is sent
+        once the activation is bound to one of the platform's accounts (the `REDEEMED` change comes
+        first). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
+        default) and runs until the client cancels or the server stops.
+
+        Resuming: every change carries `cursor`, the position just after it. Calling again with the
+        cursor of the last change received sends exactly the changes that followed it: none lost,
+        none repeated. An empty cursor means "from now": the stream then opens with a bookmark (a
+        change with only `cursor` set, `type` CHANGE_TYPE_UNSPECIFIED and no status) that a client
+        can resume from even if no change came before it disconnected.
+
+        Each stream holds a server worker: at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
+        server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
+
+        Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
+        UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

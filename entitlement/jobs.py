@@ -1,0 +1,167 @@
+"""Jobs run by the operator (cron, `entitlement jobs ...`), not by callers.
+
+Settlement (`entitlement jobs run [--until DATE]`): for every live activation, book what is owed
+up to the date (entitlement.consumption: for `access` programs, each month of access begun during
+which access was on), and record the expiry of those whose end date has passed (state `expired`,
+one `activation.expired` event, the remainder released). Ended activations of `use` programs whose
+months may still be reported keep them reserved: the job releases each when its report window
+closes. Idempotent: running it twice books nothing the second time.
+
+Revalidation (`entitlement jobs revalidate`): re-checks live activations against the current
+registry snapshot with their program's rules (`rules.revalidate`), when that snapshot is newer
+than the data the activation was decided on. Holders who stopped being eligible get their end date
+moved to what the program gives (or expire at once when that is already past), with one
+`activation.curtailed` event each and the months no longer reachable released.
+
+Each activation is handled in its own short write transaction, on its locked row, so the jobs run
+safely beside the server (and beside each other). Every state change is one event, with actor
+`system:settlement` or `system:revalidation` and a reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import and_, case, func, select
+from sqlalchemy.orm import Session
+
+from entitlement import eventlog, ledger, registry, rules
+from entitlement.ledger import LIVE, Booking, Deps
+from entitlement.storage.models import Activation, LedgerEntry, RegistryPerson
+
+REVALIDATION_ACTOR = "system:revalidation"
+
+
+@dataclass
+class SettlementSummary:
+    as_of: dt.date
+    examined: int = 0
+    expired: int = 0
+    months_consumed: int = 0
+    consumed_cents: int = 0
+    released_cents: int = 0
+
+    def add(self, booking: Booking) -> None:
+        self.months_consumed += len(booking.months_consumed)
+        self.consumed_cents += booking.consumed_cents
+        self.released_cents += booking.released_cents
+
+
+@dataclass
+class RevalidationSummary:
+    as_of: dt.date
+    snapshot_id: int | None = None
+    examined: int = 0
+    up_to_date: int = 0  # decided on data at least as recent as the snapshot: nothing to re-check
+    still_eligible: int = 0
+    curtailed: int = 0
+    expired: int = 0
+    released_cents: int = 0
+
+
+def _lock(s: Session, activation_id: str) -> Activation | None:
+    return s.execute(select(Activation).where(Activation.id == activation_id).with_for_update()).scalar_one_or_none()
+
+
+def _settlement_candidates(deps: Deps, only: Iterable[str] | None) -> list[str]:
+    """Live activations, and ended ones with money still reserved (months awaiting a usage report)."""
+    net = func.sum(case((LedgerEntry.kind == "commit", LedgerEntry.amount_cents), else_=-LedgerEntry.amount_cents))
+    live = select(Activation.id).where(Activation.state.in_(LIVE))
+    reserved = (select(LedgerEntry.activation_id).join(Activation, Activation.id == LedgerEntry.activation_id)
+                .where(Activation.state.not_in(LIVE)).group_by(LedgerEntry.activation_id).having(net > 0))
+    if only is not None:
+        ids = list(only)
+        live = live.where(Activation.id.in_(ids))
+        reserved = reserved.where(LedgerEntry.activation_id.in_(ids))
+    with deps.db.read() as s:
+        found = set(s.execute(live).scalars()) | set(s.execute(reserved).scalars())
+    return sorted(found)
+
+
+def run_settlement(deps: Deps, until: dt.date | None = None, *,
+                   activation_ids: Iterable[str] | None = None) -> SettlementSummary:
+    """Book consumption and expiry up to `until` (default today; never in the future).
+    `activation_ids` limits the run to those activations (tests, repairs)."""
+    today = deps.clock.today()
+    as_of = until or today
+    if as_of > today:
+        raise ValueError(f"cannot settle up to {as_of.isoformat()}: it is in the future (today is {today.isoformat()})")
+    summary = SettlementSummary(as_of)
+    for activation_id in _settlement_candidates(deps, activation_ids):
+        with deps.db.write() as s:
+            a = _lock(s, activation_id)
+            if a is None:
+                continue
+            summary.examined += 1
+            if a.state in LIVE and a.end_date < as_of:
+                summary.add(ledger.expire(s, deps, a, today))
+                summary.expired += 1
+            else:
+                summary.add(ledger.settle(s, deps, a, today, until=as_of))
+    return summary
+
+
+def _facts(s: Session, snapshot_id: int, person_key: bytes) -> rules.PersonFacts | None:
+    row = s.execute(select(RegistryPerson).where(
+        and_(RegistryPerson.snapshot_id == snapshot_id, RegistryPerson.person_key == person_key))).scalar_one_or_none()
+    if row is None:
+        return None
+    return rules.PersonFacts(row.birth_date, row.postal_code, row.registered_on, row.registration_ended_on,
+                             row.category)
+
+
+def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None) -> RevalidationSummary:
+    """Re-check live activations against the current registry snapshot; end those whose holders
+    stopped being eligible. `activation_ids` limits the run to those activations."""
+    today = deps.clock.today()
+    summary = RevalidationSummary(today)
+    with deps.db.read() as s:
+        snapshot = registry.current_snapshot(s)
+        q = select(Activation.id).where(Activation.state.in_(LIVE), Activation.end_date >= today)
+        if activation_ids is not None:
+            q = q.where(Activation.id.in_(list(activation_ids)))
+        ids = sorted(s.execute(q).scalars())
+    if snapshot is None:
+        return summary
+    summary.snapshot_id = snapshot.id
+    for activation_id in ids:
+        with deps.db.write() as s:
+            a = _lock(s, activation_id)
+            if a is None or not ledger.is_live(a, today):
+                continue
+            summary.examined += 1
+            program = deps.catalog.get(a.program_id)
+            decision = rules.decision_from_dict(json.loads(a.decision_json)["decision"])
+            decided_on = decision.circumstances.registry_extracted_on
+            if program is None or (decided_on is not None and decided_on >= snapshot.extracted_on):
+                summary.up_to_date += 1
+                continue
+            verdict = rules.revalidate(program, _facts(s, snapshot.id, a.person_key), a.start_date, today,
+                                       snapshot.extracted_on)
+            if verdict.eligible or verdict.access_end is None or verdict.access_end >= a.end_date:
+                summary.still_eligible += 1
+                continue
+            previous_state, previous_end = a.state, a.end_date
+            a.end_date, a.updated_at = verdict.access_end, deps.clock.now()
+            if a.end_date < today:
+                a.state = "expired"
+                summary.expired += 1
+            else:
+                summary.curtailed += 1
+            booking = ledger.settle(s, deps, a, today)
+            summary.released_cents += booking.released_cents
+            reasons = ", ".join(verdict.failed_reasons)
+            eventlog.append(
+                s, time=deps.clock.now(), type="activation.curtailed", actor=REVALIDATION_ACTOR,
+                subject=f"activations/{a.id}", program_id=a.program_id,
+                reason=f"no longer eligible ({reasons}) in registry snapshot {snapshot.id} of "
+                       f"{snapshot.extracted_on.isoformat()}",
+                payload={"from": previous_state, "to": a.state, "previous_end_date": previous_end.isoformat(),
+                         "end_date": a.end_date.isoformat(), "failed_criteria": list(verdict.failed_reasons),
+                         "stopped_on": verdict.stopped_on.isoformat() if verdict.stopped_on else None,
+                         "registry_snapshot": snapshot.id, "consumed_months": booking.months_consumed,
+                         "released_cents": booking.released})
+    return summary

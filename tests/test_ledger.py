@@ -1,0 +1,554 @@
+"""The funding ledger over an activation's life, on both backends, through the real server (a server
+of this module's own: the jobs run over every activation and the clock moves freely):
+consumption month by month (`access`) and on usage reports (`use`), suspensions skipping whole
+months, revocation, expiry and revalidation releasing the rest. After each step the ledger is
+recomputed from its raw entries: committed = consumed + released + reserved, per funder, to the
+cent, and GetFundingReport says the same."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
+from support import TODAY, Api, Harness, expect_error, identity
+
+from entitlement import consumption, jobs, registry
+from entitlement.money import split_cents
+from entitlement.storage.models import Activation, Event, LedgerEntry, ProgramCounter
+from entitlement.v1 import activation_pb2, audit_pb2
+
+PREMIUM, OPENCFA = "premium-job-seekers", "opencfa-apprentices"
+FUNDERS = {PREMIUM: ("france-travail", "ministry-of-labour"), OPENCFA: ("opco-opcalia", "region-idf")}
+PRICE, MONTHS = 2000, 12
+HALF = PRICE // 2
+D = dt.date
+
+
+@pytest.fixture(scope="module")
+def h(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory,
+      request: pytest.FixtureRequest) -> Iterator[Harness]:
+    with own_server(backend[0], tmp_path_factory.mktemp(f"ledger-{backend[0]}"), request) as server:
+        yield server
+
+
+@pytest.fixture
+def api(h: Harness) -> Api:
+    return Api(h)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+@dataclass(frozen=True)
+class Money:
+    """One activation's ledger from its raw entries, per funder."""
+
+    committed: dict[str, int]
+    consumed: dict[str, int]
+    released: dict[str, int]
+    consumed_months: list[str]
+
+    @property
+    def reserved(self) -> dict[str, int]:
+        return {f: self.committed[f] - self.consumed[f] - self.released[f] for f in self.committed}
+
+
+def money(h: Harness, name: str) -> Money:
+    activation_id = name.split("/")[1]
+    with h.ctx.db.read() as s:
+        rows = s.execute(select(LedgerEntry).where(LedgerEntry.activation_id == activation_id)
+                         .order_by(LedgerEntry.id)).scalars().all()
+    sums: dict[str, dict[str, int]] = {k: defaultdict(int) for k in ("commit", "consume", "release")}
+    by_month: dict[str, int] = defaultdict(int)
+    for r in rows:
+        sums[r.kind][r.funder_id] += r.amount_cents
+        if r.kind == "consume":
+            by_month[r.month] += r.amount_cents
+    # Every month consumed is split between the funders to the cent.
+    assert all(total == PRICE for total in by_month.values()), dict(by_month)
+    funders = sorted(sums["commit"])
+    m = Money({f: sums["commit"][f] for f in funders}, {f: sums["consume"][f] for f in funders},
+              {f: sums["release"][f] for f in funders}, sorted(by_month))
+    assert all(v >= 0 for v in m.reserved.values()), m
+    return m
+
+
+def each(cents: int, program: str = PREMIUM) -> dict[str, int]:
+    """`cents` for each of the program's two funders (50/50)."""
+    return {f: cents for f in FUNDERS[program]}
+
+
+def expect(h: Harness, name: str, *, consumed: list[str], released_months: int,
+           program: str = PREMIUM) -> Money:
+    """The activation's raw ledger: `consumed` months consumed, `released_months` released, the rest
+    reserved; committed = consumed + released + reserved per funder, to the cent."""
+    m = money(h, name)
+    assert m.consumed_months == consumed
+    reserved_months = MONTHS - len(consumed) - released_months
+    assert m.committed == each(MONTHS * HALF, program)
+    assert m.consumed == each(len(consumed) * HALF, program)
+    assert m.released == each(released_months * HALF, program)
+    assert m.reserved == each(reserved_months * HALF, program)
+    return m
+
+
+def assert_report_matches_ledger(h: Harness, api: Api) -> None:
+    """GetFundingReport (funder x program x month) equals the sums of the raw ledger entries, and
+    per funder and program the ledger balances: committed = consumed + released + reserved >= 0."""
+    with h.ctx.db.read() as s:
+        rows = s.execute(select(LedgerEntry)).scalars().all()
+    raw: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for r in rows:
+        raw[(r.funder_id, r.program_id, r.month)][("commit", "consume", "release").index(r.kind)] += r.amount_cents
+    report = api.admin.GetFundingReport(audit_pb2.GetFundingReportRequest())
+    seen = {(r.funder, r.program.split("/")[1], r.month): [r.committed_cents, r.consumed_cents, r.released_cents]
+            for r in report.rows}
+    assert seen == dict(raw)
+    totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for (funder, program, _month), values in raw.items():
+        totals[(funder, program)] = [a + b for a, b in zip(totals[(funder, program)], values)]
+    for key, (committed, consumed, released) in totals.items():
+        assert committed - consumed - released >= 0, key
+    # The counter caps compare against: committed net of releases (consumed money stays spent).
+    with h.ctx.db.read() as s:
+        counters = {p: c for p, c in s.execute(select(ProgramCounter.program_id, ProgramCounter.cents_committed))}
+    net: dict[str, int] = defaultdict(int)
+    for (_funder, program), (committed, _consumed, released) in totals.items():
+        net[program] += committed - released
+    assert counters == dict(net)
+
+
+def activate(api: Api, program: str = PREMIUM) -> activation_pb2.Activation:
+    agency_id, birth = next_ledger_person()
+    return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=f"programs/{program}", platform="platforms/openclassrooms",
+        reason="ledger test", mentor_id="M-0042" if program == OPENCFA else "")).activation
+
+
+def activate_and_redeem(api: Api, program: str = PREMIUM) -> tuple[activation_pb2.Activation, str]:
+    agency_id, birth = next_ledger_person()
+    resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=f"programs/{program}", platform="platforms/openclassrooms",
+        reason="ledger test", mentor_id="M-0042" if program == OPENCFA else ""))
+    account = "learner-" + uuid.uuid4().hex[:12]
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=resp.activation_token, account_id=account))
+    return resp.activation, account
+
+
+def move(api: Api, action: str, name: str, reason: str = "test") -> activation_pb2.Activation:
+    method = {"suspend": "SuspendActivation", "resume": "ResumeActivation", "revoke": "RevokeActivation"}[action]
+    return getattr(api.advisor, method)(activation_pb2.TransitionActivationRequest(name=name, reason=reason))
+
+
+def settle(h: Harness, name: str, until: dt.date | None = None) -> jobs.SettlementSummary:
+    return jobs.run_settlement(h.ctx, until, activation_ids=[name.split("/")[1]])
+
+
+def report_usage(api: Api, account: str, month: str, used: bool, caller: str = "platform-oc",
+                 request_id: str = "") -> activation_pb2.ReportUsageResponse:
+    return api.as_(caller).ReportUsage(activation_pb2.ReportUsageRequest(
+        account_id=account, month=month, used=used, request_id=request_id))
+
+
+def refuse_usage(api: Api, account: str, month: str, used: bool, code: grpc.StatusCode,
+                 caller: str = "platform-oc", request_id: str = "") -> str:
+    f = expect_error(api.as_(caller).ReportUsage, activation_pb2.ReportUsageRequest(
+        account_id=account, month=month, used=used, request_id=request_id), code)
+    return f.reason
+
+
+def events_of(h: Harness, name: str) -> list[Event]:
+    with h.ctx.db.read() as s:
+        return list(s.execute(select(Event).where(Event.subject == name).order_by(Event.seq)).scalars())
+
+
+def stored_state(h: Harness, name: str) -> str:
+    with h.ctx.db.read() as s:
+        return str(s.execute(select(Activation.state).where(Activation.id == name.split("/")[1])).scalar_one())
+
+
+# ----------------------------------------------------------------------------- the pure rules
+
+def test_access_months_are_named_by_the_month_they_begin_in() -> None:
+    months = consumption.access_months(D(2026, 1, 31), 3, D(2026, 4, 29))  # rules.access_end(31 Jan, 3)
+    assert [(m.label, m.first, m.last) for m in months] == [
+        ("2026-01", D(2026, 1, 31), D(2026, 2, 27)), ("2026-02", D(2026, 2, 28), D(2026, 3, 30)),
+        ("2026-03", D(2026, 3, 31), D(2026, 4, 29))]
+    cut = consumption.access_months(D(2026, 3, 16), 12, D(2026, 5, 31))  # an end date cut early
+    assert [m.label for m in cut] == ["2026-03", "2026-04", "2026-05"] and cut[-1].last == D(2026, 5, 31)
+
+
+def test_access_is_on_the_days_of_suspension_resumption_and_revocation() -> None:
+    T = consumption.Transition
+    history = [T(D(2026, 4, 10), "suspend"), T(D(2026, 5, 20), "resume"), T(D(2026, 6, 1), "end")]
+    assert consumption.on_periods(D(2026, 3, 16), history, D(2026, 12, 1)) == [
+        (D(2026, 3, 16), D(2026, 4, 10)), (D(2026, 5, 20), D(2026, 6, 1))]
+    # As of an earlier day, later transitions do not count yet.
+    assert consumption.on_periods(D(2026, 3, 16), history, D(2026, 4, 30)) == [(D(2026, 3, 16), D(2026, 4, 10))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(price=st.integers(min_value=1, max_value=100_000), months=st.integers(min_value=1, max_value=24),
+       shares=st.lists(st.integers(min_value=1, max_value=100), min_size=1, max_size=4),
+       steps=st.lists(st.integers(min_value=1, max_value=5), max_size=10))
+def test_closing_months_one_by_one_or_in_bulk_splits_each_to_the_cent(price: int, months: int, shares: list[int],
+                                                                       steps: list[int]) -> None:
+    bp = [s * 10_000 // sum(shares) for s in shares]
+    bp[0] += 10_000 - sum(bp)
+    assume(all(b > 0 for b in bp))
+    funders = {f"f{i}": b for i, b in enumerate(bp)}
+    terms = consumption.Terms("access", 31, price, months, funders)
+    committed = split_cents(months * price, funders)
+    closed: dict[str, int] = {}
+    done = 0
+    for step in [*steps, months]:  # consume or release `step` months at a time, then the rest
+        target = min(done + step, months)
+        if target == done:
+            continue
+        amounts = consumption.closing(terms, closed, target)
+        assert sum(amounts.values()) == (target - done) * price  # each booking is whole months, to the cent
+        if len(funders) <= 2:
+            assert all(v >= 0 for v in amounts.values())  # no Alabama paradox with two funders
+        for f, cents in amounts.items():
+            closed[f] = closed.get(f, 0) + cents
+        done = target
+    assert closed == committed  # every month closed: each funder's share of the commitment, exactly
+
+
+# ------------------------------------------------------------------------------ months of access
+
+def test_access_months_are_consumed_as_they_begin_then_expiry_settles(h: Harness, api: Api) -> None:
+    act = activate(api)
+    expect(h, act.name, consumed=[], released_months=0)  # committed, nothing owed before the job
+
+    first = settle(h, act.name)
+    assert (first.examined, first.months_consumed, first.consumed_cents, first.released_cents) == (1, 1, PRICE, 0)
+    expect(h, act.name, consumed=["2026-03"], released_months=0)
+    again = settle(h, act.name)  # idempotent
+    assert (again.months_consumed, again.consumed_cents, again.released_cents, again.expired) == (0, 0, 0, 0)
+    expect(h, act.name, consumed=["2026-03"], released_months=0)
+    assert_report_matches_ledger(h, api)
+
+    with on_day(h, D(2026, 5, 20)):  # the months beginning 16 April and 16 May have begun
+        assert settle(h, act.name).months_consumed == 2
+        expect(h, act.name, consumed=["2026-03", "2026-04", "2026-05"], released_months=0)
+        assert_report_matches_ledger(h, api)
+
+    with on_day(h, D(2027, 3, 15)):  # the last day of access: still live, every month has begun
+        last = settle(h, act.name)
+        assert (last.expired, last.months_consumed) == (0, 9)
+        assert stored_state(h, act.name) == "active"
+
+    with on_day(h, D(2027, 3, 16)):  # the day after the end date
+        done = settle(h, act.name)
+        assert (done.expired, done.months_consumed, done.released_cents) == (1, 0, 0)
+        assert stored_state(h, act.name) == "expired"
+        m = expect(h, act.name, consumed=[f"2026-{m:02d}" for m in range(3, 13)] + ["2027-01", "2027-02"],
+                   released_months=0)
+        assert m.committed == m.consumed  # every month begun was owed: nothing left
+        [expired] = [e for e in events_of(h, act.name) if e.type == "activation.expired"]
+        assert expired.actor == "system:settlement" and expired.reason == "end date passed"
+        payload = json.loads(expired.payload_json)
+        assert (payload["from"], payload["to"], payload["end_date"]) == ("active", "expired", "2027-03-15")
+        assert payload["released_cents"] == each(0)
+        nothing = settle(h, act.name)
+        assert (nothing.examined, nothing.expired, nothing.consumed_cents, nothing.released_cents) == (0, 0, 0, 0)
+        assert [e.type for e in events_of(h, act.name)].count("activation.expired") == 1
+        assert_report_matches_ledger(h, api)
+
+
+def test_settling_up_to_an_earlier_date_consumes_only_the_months_begun_by_then(h: Harness, api: Api) -> None:
+    act = activate(api)
+    with on_day(h, D(2026, 6, 20)):
+        with pytest.raises(ValueError, match="future"):
+            jobs.run_settlement(h.ctx, D(2026, 6, 21))
+        assert settle(h, act.name, until=D(2026, 4, 16)).months_consumed == 2
+        expect(h, act.name, consumed=["2026-03", "2026-04"], released_months=0)
+        assert settle(h, act.name).months_consumed == 2  # then up to today
+        expect(h, act.name, consumed=["2026-03", "2026-04", "2026-05", "2026-06"], released_months=0)
+        assert settle(h, act.name, until=D(2026, 4, 1)).consumed_cents == 0  # an earlier date changes nothing
+    assert_report_matches_ledger(h, api)
+
+
+def test_revocation_consumes_the_months_begun_and_releases_the_rest(h: Harness, api: Api) -> None:
+    act = activate(api)
+    with on_day(h, D(2026, 4, 25)):  # second month of access begun, no job run yet
+        move(api, "revoke", act.name, "found a job")
+        expect(h, act.name, consumed=["2026-03", "2026-04"], released_months=10)
+        [revoked] = [e for e in events_of(h, act.name) if e.type == "activation.revoked"]
+        assert json.loads(revoked.payload_json)["released_cents"] == each(10 * HALF)
+        # The release is booked in the month of the revocation; the consumption in the months owed.
+        assert settle(h, act.name).examined == 0  # nothing reserved: the job skips it
+    assert_report_matches_ledger(h, api)
+
+
+# ------------------------------------------------------------------------------------ suspension
+
+def test_a_month_suspended_from_its_first_day_to_its_last_is_not_owed(h: Harness, api: Api) -> None:
+    act = activate(api)
+    with on_day(h, D(2026, 4, 10)):
+        move(api, "suspend", act.name, "hospital")
+    with on_day(h, D(2026, 4, 20)):  # month 2 (16 April - 15 May) begun while suspended: not owed yet
+        settle(h, act.name)
+        expect(h, act.name, consumed=["2026-03"], released_months=0)
+    with on_day(h, D(2026, 5, 20)):  # resumed in month 3: month 2 was off throughout
+        move(api, "resume", act.name, "back")
+        settle(h, act.name)
+        expect(h, act.name, consumed=["2026-03", "2026-05"], released_months=1)
+    with on_day(h, D(2026, 6, 20)):
+        move(api, "revoke", act.name, "stopped")
+        m = expect(h, act.name, consumed=["2026-03", "2026-05", "2026-06"], released_months=9)
+        assert m.reserved == each(0)
+    assert_report_matches_ledger(h, api)
+
+
+# (suspended on, resumed on or None, months consumed by 20 June, months released by then)
+BOUNDARIES = [
+    (D(2026, 4, 15), D(2026, 5, 16), ["2026-03", "2026-05", "2026-06"], 1),  # April's month off throughout
+    (D(2026, 4, 16), D(2026, 5, 16), ["2026-03", "2026-04", "2026-05", "2026-06"], 0),  # on its first day
+    (D(2026, 4, 15), D(2026, 5, 15), ["2026-03", "2026-04", "2026-05", "2026-06"], 0),  # on its last day
+    (D(2026, 4, 10), None, ["2026-03"], 2),  # still suspended: April and May released, June reserved
+]
+
+
+@pytest.mark.parametrize("suspended,resumed,consumed,released", BOUNDARIES,
+                         ids=["whole-month-off", "suspended-on-first-day", "resumed-on-last-day", "still-suspended"])
+def test_a_day_of_access_makes_the_month_owed(h: Harness, api: Api, suspended: dt.date, resumed: dt.date | None,
+                                              consumed: list[str], released: int) -> None:
+    act = activate(api)
+    with on_day(h, suspended):
+        move(api, "suspend", act.name)
+    if resumed:
+        with on_day(h, resumed):
+            move(api, "resume", act.name)
+    with on_day(h, D(2026, 6, 20)):
+        settle(h, act.name)
+        expect(h, act.name, consumed=consumed, released_months=released)
+    assert_report_matches_ledger(h, api)
+
+
+# ------------------------------------------------------------------------------------ months of use
+
+def test_use_program_owes_only_the_months_reported_used(h: Harness, api: Api) -> None:
+    act, account = activate_and_redeem(api, OPENCFA)
+    name = act.name
+    settle(h, name)
+    expect(h, name, consumed=[], released_months=0, program=OPENCFA)  # access alone owes nothing
+
+    report_usage(api, account, "2026-03", True)
+    expect(h, name, consumed=["2026-03"], released_months=0, program=OPENCFA)
+    report_usage(api, account, "2026-03", True)  # the same report again: nothing changes
+    expect(h, name, consumed=["2026-03"], released_months=0, program=OPENCFA)
+    assert refuse_usage(api, account, "2026-03", False, grpc.StatusCode.FAILED_PRECONDITION) == "USAGE_ALREADY_CONSUMED"
+    assert refuse_usage(api, account, "2026-04", True, grpc.StatusCode.FAILED_PRECONDITION) == "MONTH_NOT_BEGUN"
+    assert refuse_usage(api, account, "2026-02", True, grpc.StatusCode.FAILED_PRECONDITION) == "MONTH_OUTSIDE_ACCESS"
+    # 1-15 March 2027 is access, but of the month beginning 16 February 2027: not a month of its own.
+    assert refuse_usage(api, account, "2027-03", True, grpc.StatusCode.FAILED_PRECONDITION) == "MONTH_OUTSIDE_ACCESS"
+    assert_report_matches_ledger(h, api)
+
+    with on_day(h, D(2026, 5, 20)):
+        report_usage(api, account, "2026-04", False)  # not used: nothing booked, nothing released yet
+        expect(h, name, consumed=["2026-03"], released_months=0, program=OPENCFA)
+        report_usage(api, account, "2026-04", True)  # then used after all (not consumed yet: accepted)
+        expect(h, name, consumed=["2026-03", "2026-04"], released_months=0, program=OPENCFA)
+
+    with on_day(h, D(2026, 7, 16)):  # the last day to report May's month (16 May - 15 June, + 31 days)
+        settle(h, name)
+        expect(h, name, consumed=["2026-03", "2026-04"], released_months=0, program=OPENCFA)
+    with on_day(h, D(2026, 7, 17)):  # its report window closed: the job releases it
+        assert settle(h, name).released_cents == PRICE
+        expect(h, name, consumed=["2026-03", "2026-04"], released_months=1, program=OPENCFA)
+        f = expect_error(api.platform.ReportUsage, activation_pb2.ReportUsageRequest(
+            account_id=account, month="2026-05", used=True), grpc.StatusCode.FAILED_PRECONDITION)
+        assert f.reason == "REPORT_WINDOW_CLOSED" and f.metadata["deadline"] == "2026-07-16"
+
+    with on_day(h, D(2026, 7, 20)):  # revoked in the month beginning 16 July
+        move(api, "revoke", name, "left the apprenticeship")
+        # June's and July's months may still be reported: they stay reserved; the 7 months not
+        # begun are released.
+        expect(h, name, consumed=["2026-03", "2026-04"], released_months=8, program=OPENCFA)
+        report_usage(api, account, "2026-06", True)  # reported after the revocation, in its window
+        expect(h, name, consumed=["2026-03", "2026-04", "2026-06"], released_months=8, program=OPENCFA)
+    with on_day(h, D(2026, 8, 20)):  # access ended on 20 July: the month of 16 August never had any
+        assert refuse_usage(api, account, "2026-08", True, grpc.StatusCode.FAILED_PRECONDITION) == "NO_ACCESS_IN_MONTH"
+    with on_day(h, D(2026, 9, 16)):  # July's month (16 July - 15 August) window closed: released
+        settle(h, name)
+        m = expect(h, name, consumed=["2026-03", "2026-04", "2026-06"], released_months=9, program=OPENCFA)
+        assert m.reserved == each(0, OPENCFA)
+        assert settle(h, name).examined == 0  # fully settled: nothing left for the job
+    assert_report_matches_ledger(h, api)
+
+
+def test_use_program_month_suspended_throughout_cannot_be_reported_used(h: Harness, api: Api) -> None:
+    act, account = activate_and_redeem(api, OPENCFA)
+    with on_day(h, D(2026, 4, 1)):
+        move(api, "suspend", act.name)
+    with on_day(h, D(2026, 4, 20)):
+        report_usage(api, account, "2026-03", True)  # March's month had access until 1 April
+    with on_day(h, D(2026, 5, 20)):
+        assert refuse_usage(api, account, "2026-04", True, grpc.StatusCode.FAILED_PRECONDITION) == "NO_ACCESS_IN_MONTH"
+        settle(h, act.name)
+        # April's month is over and never had access: released; May's (in progress, suspended) and
+        # later months may still be owed.
+        expect(h, act.name, consumed=["2026-03"], released_months=1, program=OPENCFA)
+    assert_report_matches_ledger(h, api)
+
+
+def test_reports_under_an_access_program_change_nothing(h: Harness, api: Api) -> None:
+    act, account = activate_and_redeem(api, PREMIUM)
+    settle(h, act.name)
+    report_usage(api, account, "2026-03", False)  # owed because access was on, used or not
+    report_usage(api, account, "2026-03", True)
+    expect(h, act.name, consumed=["2026-03"], released_months=0)
+    assert refuse_usage(api, account, "2026-05", True, grpc.StatusCode.FAILED_PRECONDITION) == "MONTH_NOT_BEGUN"
+
+
+def test_report_usage_scope_and_validation(h: Harness, api: Api) -> None:
+    act, account = activate_and_redeem(api, OPENCFA)
+    missing = expect_error(api.platform.ReportUsage, activation_pb2.ReportUsageRequest(
+        account_id="nobody-" + uuid.uuid4().hex[:8], month="2026-03", used=True), grpc.StatusCode.NOT_FOUND)
+    other = expect_error(api.as_("platform-other").ReportUsage, activation_pb2.ReportUsageRequest(
+        account_id=account, month="2026-03", used=True), grpc.StatusCode.NOT_FOUND)
+    # Another platform's account answers exactly like an unknown one.
+    assert missing.reason == other.reason == "ACCOUNT_NOT_FOUND"
+    assert set(missing.metadata) == set(other.metadata)
+    for month in ("2026-3", "2026-13", "march", ""):
+        f = expect_error(api.platform.ReportUsage, activation_pb2.ReportUsageRequest(
+            account_id=account, month=month, used=True), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "month" in f.fields
+    f = expect_error(api.advisor.ReportUsage, activation_pb2.ReportUsageRequest(
+        account_id=account, month="2026-03", used=True), grpc.StatusCode.PERMISSION_DENIED)
+    assert f.reason == "ROLE_NOT_ALLOWED"
+    expect(h, act.name, consumed=[], released_months=0, program=OPENCFA)
+
+    # AIP-155: a request_id replays; reused for another report, it is refused.
+    request_id = uuid.uuid4().hex
+    report_usage(api, account, "2026-03", True, request_id=request_id)
+    report_usage(api, account, "2026-03", True, request_id=request_id)
+    assert refuse_usage(api, account, "2026-03", False, grpc.StatusCode.FAILED_PRECONDITION,
+                        request_id=request_id) == "REQUEST_ID_REUSED"
+    expect(h, act.name, consumed=["2026-03"], released_months=0, program=OPENCFA)
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+def test_the_settlement_job_over_every_activation_is_idempotent(h: Harness, api: Api) -> None:
+    activate(api)
+    activate(api, OPENCFA)
+    with on_day(h, D(2026, 12, 1)):
+        first = jobs.run_settlement(h.ctx)
+        assert first.examined >= 2
+        second = jobs.run_settlement(h.ctx)
+        assert (second.expired, second.months_consumed, second.consumed_cents, second.released_cents) == (0, 0, 0, 0)
+        assert_report_matches_ledger(h, api)
+    with h.ctx.db.read() as s:
+        names = [f"activations/{i}" for i in s.execute(select(Activation.id)).scalars()]
+    for name in names:
+        money(h, name)  # each activation balances, reserved >= 0 per funder
+
+
+def test_jobs_from_the_command_line(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from entitlement import cli
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        act = activate(Api(server))
+        monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", server.url)
+        monkeypatch.setenv("ENTITLEMENT_PROGRAMS_DIR", str(server.ctx.settings.programs_dir))
+        capsys.readouterr()
+        assert cli.main(["jobs", "run", "--until", "2026-03-20"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("settled up to 2026-03-20: 1 activations examined, 0 expired, 1 months consumed (2000 cents)")
+        expect(server, act.name, consumed=["2026-03"], released_months=0)
+        assert cli.main(["jobs", "run", "--until", "2026-03-20"]) == 0  # idempotent
+        assert "0 months consumed (0 cents), 0 cents released" in capsys.readouterr().out
+        assert cli.main(["jobs", "run", "--until", "2999-01-01"]) == 1
+        assert "in the future" in capsys.readouterr().err
+        assert cli.main(["jobs", "run", "--until", "20-03-2026"]) == 1
+        assert "--until" in capsys.readouterr().err
+        assert cli.main(["jobs", "revalidate"]) == 0
+        assert capsys.readouterr().out.startswith("revalidated against registry snapshot ")
+
+
+# ------------------------------------------------------------------------------------ revalidation
+
+def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tuple[str, str], tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        ids = {}
+        for who in ("stays", "ended-april", "ended-march", "category-6", "gone"):
+            agency_id, birth = next_ledger_person()
+            ids[who] = (agency_id, api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}",
+                platform="platforms/openclassrooms", reason="revalidation test")).activation.name)
+        # A later extract: two registrations ended, one person now in category 6, one gone.
+        later = dict(people)
+        birth, postal, reg, _end, _cat = later[ids["ended-april"][0]]
+        later[ids["ended-april"][0]] = (birth, postal, reg, "2026-04-10", "1")
+        birth, postal, reg, _end, _cat = later[ids["ended-march"][0]]
+        later[ids["ended-march"][0]] = (birth, postal, reg, "2026-03-20", "1")
+        birth, postal, reg, _end, _cat = later[ids["category-6"][0]]
+        later[ids["category-6"][0]] = (birth, postal, reg, "", "6")
+        del later[ids["gone"][0]]
+        extract = write_registry(tmp_path / "later.csv", later)
+        with on_day(server, D(2026, 5, 10)):
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
+                                    extracted_on=D(2026, 5, 5))
+            r = jobs.run_revalidation(server.ctx)
+            assert (r.examined, r.still_eligible, r.curtailed, r.expired) == (5, 1, 3, 1)
+            again = jobs.run_revalidation(server.ctx)  # idempotent
+            assert (again.curtailed, again.expired, again.released_cents) == (0, 0, 0)
+
+            def end_of(who: str) -> tuple[str, dt.date]:
+                with server.ctx.db.read() as s:
+                    a = s.execute(select(Activation).where(Activation.id == ids[who][1].split("/")[1])).scalar_one()
+                    return a.state, a.end_date
+
+            assert end_of("stays") == ("active", D(2027, 3, 15))
+            # Registration ended 10 April: access to the end of the month after (program parameter).
+            assert end_of("ended-april") == ("active", D(2026, 5, 31))
+            # 3 months of access reachable: the 2 begun are consumed, May's stays reserved.
+            expect(server, ids["ended-april"][1], consumed=["2026-03", "2026-04"], released_months=9)
+            # Ended 20 March: the end of April is past: expired at once; the months begun are owed.
+            assert end_of("ended-march") == ("expired", D(2026, 4, 30))
+            expect(server, ids["ended-march"][1], consumed=["2026-03", "2026-04"], released_months=10)
+            # Category 6, or gone from the registry: from the extract's date (5 May), end of June.
+            assert end_of("category-6") == ("active", D(2026, 6, 30))
+            assert end_of("gone") == ("active", D(2026, 6, 30))
+            expect(server, ids["gone"][1], consumed=["2026-03", "2026-04"], released_months=8)
+
+            curtailed = {who: [e for e in events_of(server, name) if e.type == "activation.curtailed"]
+                         for who, (_a, name) in ids.items()}
+            assert curtailed["stays"] == []
+            for who in ("ended-april", "ended-march", "category-6", "gone"):
+                [event] = curtailed[who]
+                assert event.actor == "system:revalidation"
+                payload = json.loads(event.payload_json)
+                assert payload["previous_end_date"] == "2027-03-15"
+                assert payload["failed_criteria"] == {
+                    "ended-april": ["REGISTRATION_ENDED"], "ended-march": ["REGISTRATION_ENDED"],
+                    "category-6": ["CATEGORY_NOT_COVERED"], "gone": ["NOT_REGISTERED"]}[who]
+                assert payload["failed_criteria"][0] in event.reason
+            assert json.loads(curtailed["ended-march"][0].payload_json)["to"] == "expired"
+            status = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=ids["ended-march"][1]))
+            assert status.state == activation_pb2.EXPIRED
+            assert_report_matches_ledger(server, api)
+
+        with on_day(server, D(2026, 6, 1)):  # the settlement job then expires the curtailed one at its new end
+            done = jobs.run_settlement(server.ctx)
+            assert done.expired == 1
+            expect(server, ids["ended-april"][1], consumed=["2026-03", "2026-04", "2026-05"], released_months=9)
+            assert_report_matches_ledger(server, api)

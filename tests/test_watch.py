@@ -1,0 +1,201 @@
+"""WatchEntitlementChanges over the real channel, on both backends: a platform's changes from a
+cursor, resumed after a disconnect with nothing lost and nothing repeated, never another
+platform's; expiry by the settlement job and curtailment by revalidation as changes; bad cursors,
+the stream limit, and streams ending when the server stops."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
+from support import Api, Harness, expect_error, failure, identity, next_person
+
+from entitlement import changes, jobs, registry
+from entitlement.v1 import activation_pb2
+
+Change = activation_pb2.EntitlementChange
+WAIT = 20  # seconds a stream may take to deliver what the test waits for
+
+
+def watch(api: Api, cursor: str = "", caller: str = "platform-oc", timeout: float = WAIT) -> Any:
+    return api.as_(caller).WatchEntitlementChanges(activation_pb2.WatchEntitlementChangesRequest(cursor=cursor),
+                                                   timeout=timeout)
+
+
+def drain(call: Any) -> list[Change]:
+    """Every change until the call's deadline, which must end it (the stream never ends by itself)."""
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for change in call:
+            got.append(change)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+    return got
+
+
+def activate_and_redeem(api: Api, platform: str = "openclassrooms", caller: str = "platform-oc",
+                        suspend_first: bool = False) -> tuple[str, str]:
+    agency_id, birth = next_person()
+    resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        platform=f"platforms/{platform}", reason="watch test"))
+    if suspend_first:
+        move(api, "suspend", resp.activation.name)
+    account = "learner-" + uuid.uuid4().hex[:12]
+    api.as_(caller).RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=resp.activation_token, account_id=account))
+    return resp.activation.name, account
+
+
+def move(api: Api, action: str, name: str) -> None:
+    method = {"suspend": "SuspendActivation", "resume": "ResumeActivation", "revoke": "RevokeActivation"}[action]
+    getattr(api.advisor, method)(activation_pb2.TransitionActivationRequest(name=name, reason=f"{action} for test"))
+
+
+def summary(c: Change) -> tuple[str, str, str, bool]:
+    return (Change.ChangeType.Name(c.type), activation_pb2.ActivationState.Name(c.status.state),
+            c.status.account_id, c.status.active)
+
+
+def test_resuming_from_a_cursor_loses_nothing_and_repeats_nothing(api: Api) -> None:
+    call = watch(api)
+    stream = iter(call)
+    mark = next(stream)  # from now: a bookmark first
+    assert mark.type == Change.CHANGE_TYPE_UNSPECIFIED and mark.cursor and not mark.HasField("status")
+
+    name, account = activate_and_redeem(api)
+    move(api, "suspend", name)
+    redeemed, suspended = next(stream), next(stream)
+    call.cancel()  # the client disconnects
+    assert summary(redeemed) == ("REDEEMED", "ACTIVE", account, True)
+    assert summary(suspended) == ("SUSPENDED", "SUSPENDED", account, False)
+    status = suspended.status
+    assert status.activation == name and status.program == "programs/premium-job-seekers"
+    assert status.tier == "premium" and (status.end_date.year, status.end_date.month) == (2027, 3)
+    assert suspended.HasField("change_time")
+
+    # Two more changes while disconnected, and changes of another platform's entitlement.
+    move(api, "resume", name)
+    move(api, "revoke", name)
+    other_name, other_account = activate_and_redeem(api, "otherplatform", "platform-other")
+    move(api, "suspend", other_name)
+
+    resumed = drain(watch(api, suspended.cursor, timeout=2))
+    assert [summary(c) for c in resumed] == [("RESUMED", "ACTIVE", account, True),
+                                            ("REVOKED", "REVOKED", account, False)]
+    # From the first of them: only the second.
+    assert [summary(c) for c in drain(watch(api, resumed[0].cursor, timeout=1.5))] == [
+        ("REVOKED", "REVOKED", account, False)]
+    # The other platform sees its own changes, and only those.
+    theirs = drain(watch(api, mark.cursor, caller="platform-other", timeout=1.5))
+    assert [summary(c) for c in theirs] == [("REDEEMED", "ACTIVE", other_account, True),
+                                           ("SUSPENDED", "SUSPENDED", other_account, False)]
+
+
+def test_changes_before_redemption_are_not_sent(api: Api) -> None:
+    call = watch(api)
+    stream = iter(call)
+    next(stream)
+    name, account = activate_and_redeem(api, suspend_first=True)
+    move(api, "resume", name)
+    first, second = next(stream), next(stream)
+    call.cancel()
+    # The suspension came before the account existed: the redemption carries the state it left.
+    assert summary(first) == ("REDEEMED", "SUSPENDED", account, False)
+    assert summary(second) == ("RESUMED", "ACTIVE", account, True)
+
+
+def test_expiry_by_the_settlement_job_is_a_change(api: Api, harness: Harness) -> None:
+    name, account = activate_and_redeem(api)
+    call = watch(api)
+    stream = iter(call)
+    next(stream)
+    with on_day(harness, dt.date(2027, 3, 16)):  # the day after the end date
+        assert jobs.run_settlement(harness.ctx, activation_ids=[name.split("/")[1]]).expired == 1
+        expired = next(stream)
+    call.cancel()
+    assert summary(expired) == ("EXPIRED", "EXPIRED", account, False)
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "", changes.encode_cursor(10**12)],
+                         ids=["garbage", "other-tag", "ahead-of-the-log"])
+def test_bad_cursors_are_invalid_argument(api: Api, cursor: str) -> None:
+    if cursor == "":
+        cursor = "b3RoZXI6MTI"  # base64 of another service's text
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(watch(api, cursor, timeout=5)))
+    f = failure(info.value)
+    assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in f.fields
+
+
+def test_the_number_of_streams_is_limited(api: Api, harness: Harness) -> None:
+    limit = harness.ctx.settings.watch_max_streams
+    calls = []
+    try:
+        for _ in range(limit):
+            call = _open_when_free(api)
+            calls.append(call)
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(watch(api, timeout=5)))
+        f = failure(info.value)
+        assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED and f.reason == "TOO_MANY_WATCHERS"
+        calls.pop().cancel()  # a slot comes back when a client goes away
+        calls.append(_open_when_free(api))
+    finally:
+        for call in calls:
+            call.cancel()
+
+
+def _open_when_free(api: Api) -> Any:
+    """Open a stream and read its bookmark, retrying while cancelled streams release their slot."""
+    deadline = time.monotonic() + 5
+    while True:
+        call = watch(api)
+        try:
+            next(iter(call))
+            return call
+        except grpc.RpcError as err:
+            if failure(err).reason != "TOO_MANY_WATCHERS" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_curtailment_is_a_change_and_streams_end_when_the_server_stops(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="watch test"))
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id="learner-curtailed"))
+        call = watch(api, timeout=60)
+        stream = iter(call)
+        next(stream)
+        later = dict(people)
+        birth_text, postal, reg, _end, cat = later[agency_id]
+        later[agency_id] = (birth_text, postal, reg, "2026-04-10", cat)
+        with on_day(server, dt.date(2026, 4, 20)):
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", later), extracted_on=dt.date(2026, 4, 15))
+            assert jobs.run_revalidation(server.ctx).curtailed == 1
+            curtailed = next(stream)
+        assert summary(curtailed) == ("CURTAILED", "ACTIVE", "learner-curtailed", True)
+        assert (curtailed.status.end_date.year, curtailed.status.end_date.month,
+                curtailed.status.end_date.day) == (2026, 5, 31)
+
+        started = time.monotonic()
+        server.running.stop(0)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert time.monotonic() - started < 10
