@@ -82,6 +82,21 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         drop_pg_database(admin, name)
 
 
+@pytest.fixture
+def fresh_url(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a new, empty, unmigrated database of the current backend, dropped afterwards."""
+    name, _ = backend
+    if name == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    admin = request.getfixturevalue("pg_server")
+    db_name, url = create_pg_database(admin)
+    try:
+        yield url
+    finally:
+        drop_pg_database(admin, db_name)
+
+
 @pytest.fixture(scope="session")
 def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     """A migrated database with the test registry, and the real server serving it on a free port."""

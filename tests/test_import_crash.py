@@ -9,13 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from conftest import create_pg_database, drop_pg_database
 
 from entitlement import registry, synthetic
 from entitlement.clock import SystemClock
@@ -27,20 +25,6 @@ from entitlement.storage.models import RegistryPerson, RegistrySnapshot
 
 ROWS = 150_000
 CLI = [sys.executable, "-m", "entitlement.cli"]
-
-
-@pytest.fixture
-def target(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    name, _ = backend
-    if name == "sqlite":
-        yield f"sqlite:///{tmp_path / 'crash.db'}"
-        return
-    admin = request.getfixturevalue("pg_server")
-    db_name, url = create_pg_database(admin)
-    try:
-        yield url
-    finally:
-        drop_pg_database(admin, db_name)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +45,9 @@ def _loaded(db: Database) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kill_after_rows", [1, 60_000])
-def test_kill_9_during_import_leaves_the_previous_snapshot(target: str, tmp_path: Path, big_extract: Path,
+def test_kill_9_during_import_leaves_the_previous_snapshot(fresh_url: str, tmp_path: Path, big_extract: Path,
                                                            kill_after_rows: int) -> None:
+    target = fresh_url
     upgrade(target)
     key_file = tmp_path / "pseudonym.key"
     pseudo = Pseudonymizer.from_file(key_file, create=True)

@@ -24,7 +24,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from conftest import create_pg_database, drop_pg_database
 from support import TODAY, Api, identity, next_person
 
 from entitlement import eventlog, registry
@@ -44,19 +43,6 @@ PSEUDO = Pseudonymizer(bytes(range(32)))
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture
-def fresh_url(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """The URL of a new, empty, unmigrated database of the current backend, dropped afterwards."""
-    name, _ = backend
-    if name == "sqlite":
-        yield f"sqlite:///{tmp_path / 'storage.db'}"
-        return
-    admin = request.getfixturevalue("pg_server")
-    db_name, url = create_pg_database(admin)
-    try:
-        yield url
-    finally:
-        drop_pg_database(admin, db_name)
 
 
 @pytest.fixture
