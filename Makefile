@@ -48,9 +48,11 @@ check-gen: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/entitlement db upgrade
 
-## make bench: benchmarks, figures printed and kept in BENCHMARKS.md
+## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models ~3 min; registry
+## at 6 M rows ~5 min; BENCH_REGISTRY_ROWS=... for a quicker run)
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.registry
 
 clean:
 	rm -rf $(VENV) var tests/node/node_modules

@@ -1,0 +1,10 @@
+"""Benchmark harness (`make bench`, i.e. `python -m bench`): the real handlers served by the sync
+thread-pool gRPC server and by a grpc.aio variant, against an echo floor of each, on SQLite and
+(when reachable) PostgreSQL. Figures are printed and written to BENCHMARKS.md.
+
+Layout: config (settings from BENCH_* variables, the specs handed to child processes), prepare
+(databases, secrets, registry; no gRPC), servers (server processes), aio_server (the grpc.aio
+variant), load (the load-generator process: seeding, parity probes, timed runs), report (table,
+BENCHMARKS.md), __main__ (orchestration). The orchestrating process never creates a gRPC object:
+every server and client lives in a process started with the `spawn` method.
+"""

@@ -1,0 +1,399 @@
+"""`python -m bench` (make bench): prepare the data, start each server model in its own process,
+drive them from a load-generator process, print the table and write BENCHMARKS.md.
+
+Settings (environment):
+  BENCH_SECONDS      measured seconds per model and case (5), split into BENCH_ROUNDS rounds (4) in
+                     which sync and aio alternate (A B, B A, A B, B A)
+  BENCH_WARMUP       unmeasured seconds of calls before each round (0.5)
+  BENCH_CONCURRENCY  calls in flight (8,32)
+  BENCH_PEOPLE       synthetic registry size (20000); BENCH_ACTIVATIONS redeemed activations (200)
+  BENCH_WORKERS      thread-pool size of both models (the server's default, Settings.max_workers)
+  BENCH_BACKENDS     sqlite,postgres (postgres is skipped when BENCH_PG_URL does not answer)
+  BENCH_PG_URL       postgresql://postgres@127.0.0.1:5432/test (admin URL to create a throwaway db)
+  BENCH_LOG_LEVEL    the servers' log level (info); their logs go to files in the temp dir
+  BENCH_OUTPUT       BENCHMARKS.md (its "server-models" section is rewritten); "-" to only print
+  BENCH_KEEP=1       keep the temp dir (databases, server logs)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.config import (ADVISOR_ID, AIO, CHECK, ECHO, ECHO_MODELS, METHOD_PATHS, MODELS, PLATFORM_CALLER_ID,
+                          PROGRAM, SYNC, VERIFY, BenchConfig, LoadSpec, RunResult, SeedSpec, ServerSpec)
+from bench.prepare import Common, database, migrate_and_import, pg_problem, prepare_common
+from bench.sections import replace_section
+
+MP = multiprocessing.get_context("spawn")  # no process of ours is a fork of one holding gRPC state
+SECTION = "server-models"  # our section of BENCHMARKS.md
+READY_TIMEOUT = 120.0
+CALL_TIMEOUT = 300.0
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Child:
+    """A spawned process and the parent's end of its pipe."""
+
+    def __init__(self, name: str, target: Any, *args: Any) -> None:
+        self.name = name
+        self.conn, child_end = MP.Pipe()
+        self.proc = MP.Process(target=target, args=(*args, child_end), name=name, daemon=True)
+        self.proc.start()
+        child_end.close()
+
+    def recv(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise RuntimeError(f"{self.name}: no answer within {timeout:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.name}: exited (code {self.proc.exitcode})") from None
+
+    def close(self, message: Any) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(message)
+            except OSError:
+                pass
+            self.proc.join(15)
+        if self.proc.is_alive():  # only this process, by its own handle
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
+
+
+class Server(Child):
+    def __init__(self, spec: ServerSpec) -> None:
+        from bench.servers import serve
+        super().__init__(f"server {spec.kind}", serve, spec)
+        self.spec = spec
+        try:
+            answer = self.recv(READY_TIMEOUT)
+            if answer[0] != "ready":
+                raise RuntimeError(f"{self.name} failed to start:\n{answer[1]}")
+        except BaseException:
+            self.stop()
+            raise
+        _, self.port, self.pid = answer
+
+    def stop(self) -> None:
+        self.close("stop")
+
+
+class Client(Child):
+    def __init__(self) -> None:
+        from bench.load import client
+        super().__init__("load generator", client)
+
+    def ask(self, kind: str, arg: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        self.conn.send((kind, arg))
+        status, value = self.recv(timeout)
+        if status != "ok":
+            raise RuntimeError(f"{self.name}: {kind} failed:\n{value}")
+        return value
+
+    def stop(self) -> None:
+        self.close(None)
+
+
+@contextmanager
+def servers(specs: list[ServerSpec]) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    try:
+        for spec in specs:
+            started[spec.kind] = Server(spec)
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+def server_spec(kind: str, cfg: BenchConfig, common: Common, backend: str, url: str = "") -> ServerSpec:
+    return ServerSpec(kind=kind, workers=cfg.workers, log_path=common.tmp / "logs" / f"{backend}-{kind}.log",
+                      log_level=cfg.log_level, database_url=url, callers_file=common.callers_file,
+                      key_dir=common.key_dir, pseudonym_key_file=common.pseudonym_key_file)
+
+
+# ------------------------------------------------------------------------------------- requests
+
+def check_requests(common: Common, n: int = 2000) -> tuple[bytes, ...]:
+    from google.type import date_pb2
+
+    from entitlement.v1 import common_pb2, eligibility_pb2
+    step = max(1, len(common.people) // n)
+    return tuple(eligibility_pb2.CheckEligibilityRequest(
+        program=f"programs/{PROGRAM}", job_seeker=common_pb2.JobSeekerIdentity(
+            agency_id=agency_id, birth_date=date_pb2.Date(year=b.year, month=b.month, day=b.day))
+    ).SerializeToString() for agency_id, b in common.people[::step][:n])
+
+
+def verify_requests(accounts: list[str]) -> tuple[bytes, ...]:
+    from entitlement.v1 import activation_pb2
+    return tuple(activation_pb2.VerifyEntitlementRequest(account_id=a).SerializeToString() for a in accounts)
+
+
+def probes(common: Common, person: tuple[str, dt.date],
+           accounts: list[str]) -> list[tuple[str, str, str, bytes, tuple[tuple[str, str], ...]]]:
+    """Requests whose answers must be identical from both models: successes and each error path
+    the interceptors and handlers map (a fixed x-request-id makes error details comparable)."""
+    from google.type import date_pb2
+
+    from entitlement.v1 import activation_pb2, common_pb2, eligibility_pb2
+    adv, plat = common.tokens[ADVISOR_ID], common.tokens[PLATFORM_CALLER_ID]
+
+    def md(token: str | None) -> tuple[tuple[str, str], ...]:
+        rid = (("x-request-id", "bench-probe-0001"),)
+        return rid + ((("authorization", f"Bearer {token}"),) if token is not None else ())
+
+    agency_id, b = person
+    ok_check = eligibility_pb2.CheckEligibilityRequest(program=f"programs/{PROGRAM}", job_seeker=common_pb2.JobSeekerIdentity(
+        agency_id=agency_id, birth_date=date_pb2.Date(year=b.year, month=b.month, day=b.day))).SerializeToString()
+    all_programs = eligibility_pb2.CheckEligibilityRequest(job_seeker=common_pb2.JobSeekerIdentity(
+        agency_id=agency_id, birth_date=date_pb2.Date(year=b.year, month=b.month, day=b.day))).SerializeToString()
+    bad = eligibility_pb2.CheckEligibilityRequest(program="nope", job_seeker=common_pb2.JobSeekerIdentity(
+        agency_id="!!")).SerializeToString()
+    future = eligibility_pb2.CheckEligibilityRequest(as_of=date_pb2.Date(year=2099, month=1, day=1),
+                                                     job_seeker=common_pb2.JobSeekerIdentity(
+        agency_id=agency_id, birth_date=date_pb2.Date(year=b.year, month=b.month, day=b.day))).SerializeToString()
+    verify_ok = activation_pb2.VerifyEntitlementRequest(account_id=accounts[0]).SerializeToString()
+    verify_none = activation_pb2.VerifyEntitlementRequest(account_id="nobody").SerializeToString()
+    base = "/entitlement.v1.ActivationService/"
+    return [
+        ("CheckEligibility OK", "uu", METHOD_PATHS[CHECK], ok_check, md(adv)),
+        ("CheckEligibility all programs", "uu", METHOD_PATHS[CHECK], all_programs, md(adv)),
+        ("VerifyEntitlement redeemed account", "uu", METHOD_PATHS[VERIFY], verify_ok, md(plat)),
+        ("VerifyEntitlement unknown account", "uu", METHOD_PATHS[VERIFY], verify_none, md(plat)),
+        ("no credentials", "uu", METHOD_PATHS[CHECK], ok_check, md(None)),
+        ("bad token", "uu", METHOD_PATHS[CHECK], ok_check, md("not-a-token")),
+        ("wrong role", "uu", METHOD_PATHS[CHECK], ok_check, md(plat)),
+        ("invalid fields", "uu", METHOD_PATHS[CHECK], bad, md(adv)),
+        ("as_of in the future", "uu", METHOD_PATHS[CHECK], future, md(adv)),
+        ("ReportUsage, empty request", "uu", base + "ReportUsage", b"", md(plat)),
+        ("GetSigningKeys", "uu", base + "GetSigningKeys", b"", md(plat)),
+        ("server stream until its deadline (WatchEntitlementChanges)", "us", base + "WatchEntitlementChanges", b"",
+         md(plat)),
+        ("server stream, bad request (WatchEntitlementChanges)", "us", base + "WatchEntitlementChanges",
+         activation_pb2.WatchEntitlementChangesRequest(cursor="not-a-cursor").SerializeToString(), md(plat)),
+        ("client stream, role refused (RegistryService/ImportExtract)", "su",
+         "/entitlement.v1.RegistryService/ImportExtract", b"", md(adv)),
+        ("health check", "uu", "/grpc.health.v1.Health/Check", b"", ()),
+        ("unknown method", "uu", "/entitlement.v1.EligibilityService/Nope", b"", md(adv)),
+    ]
+
+
+def compare_probes(labels: list[str], answers: list[list[tuple[str, bytes]]]) -> list[str]:
+    """Differences between the models' answers (errors compared as parsed google.rpc.Status with
+    unpacked details: map fields such as ErrorInfo.metadata serialize in no fixed order)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    def status(body: bytes) -> tuple[Any, ...]:
+        st = status_pb2.Status.FromString(body)
+        details: list[Any] = []
+        for d in st.details:
+            for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+                if d.Is(cls.DESCRIPTOR):
+                    msg = cls()
+                    d.Unpack(msg)
+                    details.append(msg)
+                    break
+            else:
+                details.append(d)
+        return st.code, st.message, details
+
+    diffs = []
+    for label, row in zip(labels, answers):
+        (code_a, body_a), (code_b, body_b) = row
+        same = code_a == code_b and (body_a == body_b if code_a == "OK" else status(body_a) == status(body_b))
+        if not same:
+            diffs.append(f"{label}: sync {code_a} vs aio {code_b}")
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def measure(client: Client, srv: dict[str, Server], models: tuple[str, ...], backend: str, method: str,
+            requests: tuple[bytes, ...], token: str, concurrency: int, cfg: BenchConfig) -> list[RunResult]:
+    """One case for each model: cfg.rounds rounds in alternating order (A B, B A, ...), each a
+    warm-up then seconds/rounds measured; the rounds of a model are merged (calls, CPU, latencies)."""
+    per_round = cfg.seconds / cfg.rounds
+    parts: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    for k in range(cfg.rounds):
+        for model in (models if k % 2 == 0 else tuple(reversed(models))):
+            parts[model].append(client.ask("run", LoadSpec(
+                port=srv[model].port, server_pid=srv[model].pid, method=method, requests=requests, token=token,
+                concurrency=concurrency, warmup=cfg.warmup, seconds=per_round)))
+    out = []
+    for model in models:
+        ms = parts[model]
+        latencies = sorted(x for m in ms for x in array("d", m["latencies"]))
+        errors: dict[str, int] = {}
+        for m in ms:
+            for code, n in m["errors"].items():
+                errors[code] = errors.get(code, 0) + n
+        r = RunResult(backend=backend, model=model, method=method, concurrency=concurrency,
+                      seconds=sum(m["seconds"] for m in ms), calls=sum(m["calls"] for m in ms), errors=errors,
+                      p50_ms=report.percentile(latencies, 50) * 1e3, p95_ms=report.percentile(latencies, 95) * 1e3,
+                      p99_ms=report.percentile(latencies, 99) * 1e3,
+                      server_cpu_s=sum(m["server_cpu_s"] for m in ms), client_cpu_s=sum(m["client_cpu_s"] for m in ms),
+                      machine_cpu_s=sum(m["machine_cpu_s"] for m in ms),
+                      round_rps=tuple(m["calls"] / m["seconds"] for m in ms))
+        errs = f"  errors {r.errors}" if r.errors else ""
+        say(f"  {backend:<8} {model:<15} {method:<17} c={concurrency:<3} {r.rps:>8,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+            f"p99 {r.p99_ms:6.2f} ms  server CPU {r.server_cpu_s:5.2f} s{errs}")
+        out.append(r)
+    return out
+
+
+def machine() -> tuple[str, float]:
+    cpu, mem = platform.processor() or platform.machine(), 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return cpu, mem
+
+
+def commit() -> str:
+    """The commit measured, and whether the service's files differed from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "entitlement", "programs"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"commit {head}" + (" with uncommitted changes under entitlement/ or programs/" if dirty else "")
+
+
+def pg_version(url: str) -> str:
+    import psycopg
+    with psycopg.connect(url, connect_timeout=3) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "?"
+
+
+def main() -> int:
+    cfg = BenchConfig.from_env()
+    began = time.monotonic()
+    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    code = commit()  # before the run: the tree may change while it goes on
+    tmp = Path(tempfile.mkdtemp(prefix="entitlement-bench-"))
+    client: Client | None = None
+    results: list[RunResult] = []
+    parity: list[str] = []
+    try:
+        say(f"bench: {cfg.seconds:g} s measured per model and case in {cfg.rounds} alternating round(s), each after "
+            f"{cfg.warmup:g} s warm-up; concurrency {cfg.concurrency}; {cfg.workers} workers; temp dir {tmp}")
+        backends, skipped, pg_ver = [], "", ""
+        for b in cfg.backends:
+            problem = pg_problem(cfg.pg_admin_url) if b == "postgres" else None
+            if problem:
+                skipped = f"postgres skipped: not reachable at {cfg.pg_admin_url} ({problem})"
+                say(f"bench: {skipped}")
+                continue
+            if b == "postgres":
+                pg_ver = pg_version(cfg.pg_admin_url)
+            backends.append(b)
+        common = prepare_common(tmp, cfg)
+        say(f"bench: synthetic registry of {cfg.people:,} people")
+        client = Client()
+
+        say("bench: echo floor")
+        echo_req = check_requests(common, 1)
+        with servers([server_spec(k, cfg, common, "echo") for k in ECHO_MODELS]) as srv:
+            for conc in cfg.concurrency:
+                results += measure(client, srv, ECHO_MODELS, "-", ECHO, echo_req, "", conc, cfg)
+
+        for backend in backends:
+            t = time.monotonic()
+            with database(backend, common, cfg) as url:
+                summary = migrate_and_import(url, common)
+                say(f"bench: {backend}: migrated, {summary.rows_imported:,} people imported "
+                    f"({time.monotonic() - t:.1f} s)")
+                with servers([server_spec(SYNC, cfg, common, backend, url)]) as sync_srv:
+                    t = time.monotonic()
+                    seeded = client.ask("seed", SeedSpec(
+                        port=sync_srv[SYNC].port, advisor_token=common.tokens[ADVISOR_ID],
+                        platform_token=common.tokens[PLATFORM_CALLER_ID],
+                        candidates=tuple((a, b.isoformat()) for a, b in common.candidates), count=cfg.activations))
+                    accounts = [acc for acc, _, _ in seeded]
+                    say(f"bench: {backend}: {len(accounts)} activations created and redeemed through the RPCs "
+                        f"({time.monotonic() - t:.1f} s)")
+                    with servers([server_spec(AIO, cfg, common, backend, url)]) as aio_srv:
+                        srv = {**sync_srv, **aio_srv}
+                        _, agency_id, birth = seeded[0]
+                        pr = probes(common, (agency_id, dt.date.fromisoformat(birth)), accounts)
+                        answers = client.ask("probe", ([srv[SYNC].port, srv[AIO].port], pr))
+                        diffs = compare_probes([p[0] for p in pr], answers)
+                        parity.append(f"{backend}: {len(pr) - len(diffs)}/{len(pr)} identical"
+                                      + (f" (DIFFERENT: {'; '.join(diffs)})" if diffs else ""))
+                        say(f"bench: {backend}: parity probes sync vs aio: {parity[-1]}")
+                        if diffs:
+                            raise SystemExit("bench: the aio variant does not answer like the sync server; "
+                                             "fix bench/aio_server.py before comparing speed")
+                        loads = {CHECK: (check_requests(common), common.tokens[ADVISOR_ID]),
+                                 VERIFY: (verify_requests(accounts), common.tokens[PLATFORM_CALLER_ID])}
+                        for method, (reqs, token) in loads.items():
+                            for conc in cfg.concurrency:
+                                results += measure(client, srv, MODELS, backend, method, reqs, token, conc, cfg)
+    except KeyboardInterrupt:
+        say("bench: interrupted")
+        return 130
+    finally:
+        if client is not None:
+            client.stop()
+        if cfg.keep:
+            say(f"bench: kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    elapsed = time.monotonic() - began
+    say("")
+    say(report.text_table(results))
+    say("")
+    say(report.conclusion(results) + " " + report.saturation(results, len(os.sched_getaffinity(0))))
+    say(f"Load average at start {loadavg}; other processes used {report.foreign_load(results):.2f} cores during "
+        f"the echo and SQLite windows.")
+    cpu, mem = machine()
+    nproc = len(os.sched_getaffinity(0))
+    method = report.Method(
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), nproc=nproc, cpu=cpu, memory_gib=mem,
+        python=platform.python_version(), grpcio=metadata.version("grpcio"), warmup=cfg.warmup, seconds=cfg.seconds,
+        rounds=cfg.rounds, commit=code, concurrency=cfg.concurrency, backends=tuple(backends), skipped=skipped,
+        postgres_version=pg_ver, people=cfg.people, activations=cfg.activations, workers=cfg.workers,
+        log_level=cfg.log_level, parity="; ".join(parity) or "not run", elapsed_s=elapsed, loadavg=loadavg)
+    if cfg.output is not None:
+        # BENCHMARKS.md holds one section per benchmark (bench/sections.py); this one is ours.
+        replace_section(cfg.output, SECTION, report.markdown(method, results))
+        say(f"\nbench: wrote {cfg.output} ({elapsed:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Benchmark settings (BENCH_* environment variables) and the plain, picklable specs handed to the
+server and load-generator processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from entitlement.config import ROOT, Settings
+
+# The instant every server of the benchmark lives at (a FixedClock, as in the tests): decisions,
+# activations and their tokens are the same whatever the machine's date.
+NOW = dt.datetime(2026, 3, 16, 10, 0, tzinfo=dt.timezone.utc)
+TODAY = dt.date(2026, 3, 16)  # NOW in Europe/Paris
+PROGRAM = "premium-job-seekers"
+PLATFORM_ID = "openclassrooms"
+ADVISOR_ID, PLATFORM_CALLER_ID = "bench-advisor", "bench-platform"
+
+# Server models: the two under test, and the echo floor of each.
+SYNC, AIO = "sync", "aio"
+SYNC_ECHO, AIO_ECHO = "sync-echo", "aio-echo"
+AIO_ECHO_INLINE = "aio-echo-inline"  # aio echo answered on the event loop: what the thread hop costs
+MODELS = (SYNC, AIO)
+ECHO_MODELS = (SYNC_ECHO, AIO_ECHO, AIO_ECHO_INLINE)
+ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO}
+
+CHECK, VERIFY, ECHO = "CheckEligibility", "VerifyEntitlement", "Echo"
+METHOD_PATHS = {
+    CHECK: "/entitlement.v1.EligibilityService/CheckEligibility",
+    VERIFY: "/entitlement.v1.ActivationService/VerifyEntitlement",
+    ECHO: "/bench.Echo/Echo",
+}
+ECHO_SERVICE = "bench.Echo"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _int(name: str, default: int) -> int:
+    value = _float(name, default)
+    if value != int(value) or value < 0:
+        raise SystemExit(f"{name} must be a non-negative integer, got {value}")
+    return int(value)
+
+
+def _list(name: str, default: str) -> list[str]:
+    return [x.strip() for x in (os.environ.get(name, "").strip() or default).split(",") if x.strip()]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    seconds: float          # measured seconds per model and case (BENCH_SECONDS), split over the rounds
+    warmup: float           # untimed calls before each round's window (BENCH_WARMUP)
+    rounds: int             # alternating sync/aio rounds per case, ABBA... (BENCH_ROUNDS)
+    concurrency: tuple[int, ...]  # in-flight calls of the load generator (BENCH_CONCURRENCY)
+    people: int             # rows of the synthetic registry (BENCH_PEOPLE)
+    activations: int        # activations created and redeemed before the runs (BENCH_ACTIVATIONS)
+    workers: int            # thread-pool size of both models and DB pool size (BENCH_WORKERS)
+    backends: tuple[str, ...]  # wanted backends (BENCH_BACKENDS); postgres is skipped when unreachable
+    pg_admin_url: str       # BENCH_PG_URL
+    log_level: str          # servers' log level (BENCH_LOG_LEVEL); logs go to files in the temp dir
+    output: Path | None     # BENCHMARKS.md, or None when BENCH_OUTPUT=- (print only)
+    keep: bool              # keep the temp dir (databases, server logs) when BENCH_KEEP=1
+
+    @classmethod
+    def from_env(cls) -> "BenchConfig":
+        conc = tuple(int(c) for c in _list("BENCH_CONCURRENCY", "8,32"))
+        if not conc or min(conc) < 1:
+            raise SystemExit("BENCH_CONCURRENCY must list positive integers, e.g. 8,32")
+        backends = tuple(_list("BENCH_BACKENDS", "sqlite,postgres"))
+        unknown = set(backends) - {"sqlite", "postgres"}
+        if unknown:
+            raise SystemExit(f"BENCH_BACKENDS: unknown backend(s) {', '.join(sorted(unknown))}")
+        out = os.environ.get("BENCH_OUTPUT", "").strip()
+        seconds = _float("BENCH_SECONDS", 5.0)
+        if seconds <= 0:
+            raise SystemExit("BENCH_SECONDS must be positive")
+        return cls(
+            seconds=seconds,
+            warmup=_float("BENCH_WARMUP", 0.5),
+            rounds=max(_int("BENCH_ROUNDS", 4), 1),
+            concurrency=conc,
+            people=max(_int("BENCH_PEOPLE", 20_000), 1000),
+            activations=max(_int("BENCH_ACTIVATIONS", 200), 1),
+            workers=max(_int("BENCH_WORKERS", Settings().max_workers), 1),
+            backends=backends,
+            pg_admin_url=os.environ.get("BENCH_PG_URL", "").strip() or "postgresql://postgres@127.0.0.1:5432/test",
+            log_level=os.environ.get("BENCH_LOG_LEVEL", "").strip() or "info",
+            output=None if out == "-" else Path(out) if out else ROOT / "BENCHMARKS.md",
+            keep=os.environ.get("BENCH_KEEP", "") == "1",
+        )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What a server process needs: built from plain values, so it crosses `spawn` as is."""
+
+    kind: str               # sync | aio | sync-echo | aio-echo | aio-echo-inline
+    workers: int
+    log_path: Path
+    log_level: str = "info"
+    database_url: str = ""
+    callers_file: Path | None = None
+    key_dir: Path | None = None
+    pseudonym_key_file: Path | None = None
+
+    def settings(self) -> Settings:
+        assert self.callers_file and self.key_dir and self.pseudonym_key_file
+        return Settings(listen="127.0.0.1:0", database_url=self.database_url, programs_dir=ROOT / "programs",
+                        callers_file=self.callers_file, key_dir=self.key_dir,
+                        pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
+                        max_workers=self.workers, grace_seconds=1, log_level=self.log_level)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One timed run: `concurrency` calls kept in flight on one grpc.aio channel for `warmup` +
+    `seconds`; requests are pre-serialized and cycled."""
+
+    port: int
+    server_pid: int
+    method: str             # CHECK | VERIFY | ECHO
+    requests: tuple[bytes, ...]
+    token: str = ""
+    concurrency: int = 8
+    warmup: float = 0.5
+    seconds: float = 1.25
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """Activations created and redeemed through the real RPCs before the runs: candidates are tried
+    in order until `count` activations are granted (the server decides who is eligible)."""
+
+    port: int
+    advisor_token: str
+    platform_token: str
+    candidates: tuple[tuple[str, str], ...]  # (agency id, birth date ISO)
+    count: int
+
+
+@dataclass
+class RunResult:
+    backend: str
+    model: str
+    method: str
+    concurrency: int
+    seconds: float          # measured seconds (all rounds)
+    calls: int              # calls completed OK in the measured windows
+    errors: dict[str, int] = field(default_factory=dict)  # status code name -> count (window)
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    machine_cpu_s: float = 0.0    # all processes, all cores (/proc/stat), over the same windows
+    round_rps: tuple[float, ...] = ()  # throughput of each round, to see how much a server varies
+
+    @property
+    def rps(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us_per_call(self) -> float:
+        return self.server_cpu_s / self.calls * 1e6 if self.calls else 0.0

@@ -1,0 +1,130 @@
+"""Server processes. `serve(spec, conn)` is the target of a `spawn` process: it builds one server
+model, answers ("ready", port, pid) on `conn`, serves until it receives "stop", then exits.
+
+Models:
+- sync:      entitlement.server_main.start(ctx, "127.0.0.1:0"), the real server, unchanged;
+- aio:       bench.aio_server.build(ctx, executor), the grpc.aio twin (same servicers, same
+             interceptors' code, handlers offloaded to a thread pool of the same size);
+- sync-echo: grpc.server built like server_main.start (same pool size and options), no
+             interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;
+- aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
+- aio-echo-inline: the same, answered on the event loop (no thread hop), to show what the hop costs.
+
+Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
+file of the spec, never to the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import traceback
+from concurrent import futures
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
+
+OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+
+
+def serve(spec: ServerSpec, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the orchestrator stops us in order
+    _redirect_output(spec)
+    try:
+        if spec.kind in (SYNC, SYNC_ECHO):
+            _serve_sync(spec, conn)
+        elif spec.kind in (AIO, AIO_ECHO, AIO_ECHO_INLINE):
+            asyncio.run(_serve_aio(spec, conn))
+        else:
+            raise ValueError(f"unknown server model {spec.kind!r}")
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise
+
+
+def _redirect_output(spec: ServerSpec) -> None:
+    """fds 1 and 2 to the log file (gRPC core writes there too), then the production logging set-up
+    (logs.configure without a stream: JSON lines on stderr, loggers cached)."""
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    from entitlement import logs
+    logs.configure(spec.log_level)
+
+
+def _context(spec: ServerSpec) -> Any:
+    from entitlement import app
+    from entitlement.clock import FixedClock
+    return app.build(spec.settings(), clock=FixedClock(NOW))
+
+
+def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
+    import grpc
+    if spec.kind == SYNC:
+        from entitlement.server_main import start
+        ctx = _context(spec)
+        running = start(ctx, "127.0.0.1:0")
+        conn.send(("ready", running.port, os.getpid()))
+        conn.recv()
+        running.stop(0)
+        ctx.db.dispose()
+        return
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
+                         options=OPTIONS, maximum_concurrent_rpcs=spec.workers * 8)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    conn.send(("ready", port, os.getpid()))
+    conn.recv()
+    server.stop(0).wait()
+
+
+async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
+    import grpc
+    loop = asyncio.get_running_loop()
+    executor = futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc")
+    ctx = None
+    if spec.kind == AIO:
+        from bench import aio_server
+        ctx = _context(spec)
+        server, health_servicer = aio_server.build(ctx, executor)
+    else:
+        async def echo(request: bytes, context: Any) -> bytes:
+            if spec.kind == AIO_ECHO_INLINE:
+                return request
+            return await loop.run_in_executor(executor, _echo, request, None)
+        server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=spec.workers * 8)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    if port == 0:
+        raise SystemExit("cannot listen on 127.0.0.1:0")
+    await server.start()
+    if spec.kind == AIO:
+        await aio_server.set_serving(health_servicer)
+    conn.send(("ready", port, os.getpid()))
+    # A dedicated thread waits for "stop" so the event loop stays free (and the RPC pool untouched).
+    waiter = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
+    await loop.run_in_executor(waiter, conn.recv)
+    await server.stop(0)
+    executor.shutdown(wait=True)
+    waiter.shutdown(wait=False)
+    if ctx is not None:
+        ctx.db.dispose()
