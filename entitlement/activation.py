@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, select
+from sqlalchemy import bindparam, case, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -91,7 +91,7 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
 }
 
 
-def effective_state(a: Activation, today: dt.date) -> str:
+def effective_state(a: Any, today: dt.date) -> str:
     """A live activation past its end date is expired even before the expiry job records it."""
     return "expired" if a.state in LIVE and a.end_date < today else a.state
 
@@ -189,7 +189,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
         facts, snapshot, source = person_facts.lookup(s, person_key, cmd.job_seeker.birth_date, live)
-        seats_used, cents_committed = counters.usage(s, [program.id])[program.id]
+        seats_used, cents_committed = counters.usage(s, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
             registry_extracted_on=person_facts.data_date(snapshot, source, today), seats_used=seats_used,
             cents_committed=cents_committed, mentor_id=cmd.mentor_id, facts_source=source))
@@ -325,7 +325,8 @@ def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) 
 
 # ---------------------------------------------------------------------------------------- platform
 
-def _status(ctx: Context, a: Activation | None, account_id: str) -> EntitlementStatus:
+def _status(ctx: Context, a: Any, account_id: str) -> EntitlementStatus:
+    """`a`: an Activation, a Row with its id, program_id, state and end_date, or None."""
     if a is None:
         return EntitlementStatus(account_id=account_id, active=False)
     program = ctx.catalog.get(a.program_id)
@@ -373,13 +374,20 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         return _status(ctx, a, account_id)
 
 
+# Built once (the platform calls it at every login): the account's live activation first, else the
+# latest; only the columns the answer needs, run on Core.
+_VERIFY = (
+    select(Activation.id, Activation.program_id, Activation.state, Activation.end_date)
+    .where(Activation.platform_id == bindparam("platform"), Activation.account_id == bindparam("account"))
+    .order_by(case((Activation.state.in_(LIVE) & (Activation.end_date >= bindparam("today")), 0), else_=1),
+              Activation.state != "active", Activation.end_date.desc())
+    .limit(1)
+)
+
+
 def verify(ctx: Context, caller: Caller, account_id: str) -> EntitlementStatus:
-    today = ctx.clock.today()
-    live_first = case((Activation.state.in_(LIVE) & (Activation.end_date >= today), 0), else_=1)
     with ctx.db.read() as s:
-        a = s.execute(select(Activation).where(
-            Activation.platform_id == caller.platform_id, Activation.account_id == account_id)
-            .order_by(live_first, Activation.state != "active", Activation.end_date.desc()).limit(1)
-        ).scalar_one_or_none()
-        return _status(ctx, a, account_id)
+        row = s.connection().execute(_VERIFY, {"platform": caller.platform_id, "account": account_id,
+                                               "today": ctx.clock.today()}).first()
+    return _status(ctx, row, account_id)  # a Row has the attributes _status reads
 

@@ -45,7 +45,7 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     live = person_facts.ask_live(ctx, who.agency_id, who.birth_date)
     with ctx.db.read() as s:
         facts, snapshot, source = person_facts.lookup(s, key, who.birth_date, live)
-        usage = counters.usage(s, [p.id for p in programs])
+        usage = counters.usage(s, programs)
     extracted = person_facts.data_date(snapshot, source, today)
     decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
         registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],
