@@ -181,7 +181,8 @@ def markdown(imports: list[ImportRun], lookups: list[LookupRun]) -> str:
         "## Registry import and lookup (`python -m bench.registry`)",
         "",
         f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, `nproc` = {os.cpu_count()}, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}; load average (1/5/15 min) at the end: "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes share the 2 cores: compare runs only when low).",
         "- Import: `entitlement registry import FILE` in a child process on a fresh migrated database; wall "
         "time includes the checksum pass, parsing and validating every row, the keyed HMAC of each "
         "identifiant, the writes and the switch; peak RSS is the child's (`wait4`). Synthetic extract "
