@@ -49,10 +49,11 @@ migrate: $(STAMP)
 	$(BIN)/entitlement db upgrade
 
 ## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models ~3 min; registry
-## at 6 M rows ~5 min; BENCH_REGISTRY_ROWS=... for a quicker run)
+## at 6 M rows ~5 min; BENCH_REGISTRY_ROWS=... for a quicker run; audit log verification at 1 M events ~2 min)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) var tests/node/node_modules

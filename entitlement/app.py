@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from entitlement.callers import CallerDirectory
+from entitlement.callers import CallerDirectory, Directory
 from entitlement.clock import Clock, SystemClock
 from entitlement.config import Settings
 from entitlement.live_status import LiveStatusClient
+from entitlement.logtree import load_signer
+from entitlement.note import Signer
 from entitlement.programs import ProgramCatalog
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
@@ -23,9 +25,11 @@ class Context:
     catalog: ProgramCatalog
     keys: KeyStore
     pseudo: Pseudonymizer
-    callers: CallerDirectory
+    callers: Directory  # the credentials file and the caller_credentials table (entitlement/callers.py)
     clock: Clock
     live: LiveStatusClient | None = None  # the agency's live status source, when configured
+    # Signs the event log's checkpoints (entitlement/logtree.py); None when no key file exists.
+    log_signer: Signer | None = None
 
 
 LIVE_STATUS_BACKOFF_BASE_S = 0.05  # first retry waits up to 50 ms, the second up to 100 ms, ...
@@ -60,7 +64,10 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
         keys=KeyStore.load(settings.key_dir, create=create_secrets, now=clock.now(),
                            token_ttl=dt.timedelta(days=settings.token_ttl_days)),
         pseudo=Pseudonymizer.from_file(settings.pseudonym_key_file, create=create_secrets),
-        callers=CallerDirectory.load(settings.callers_file),
+        # The credentials file is optional once callers are managed in the database.
+        callers=Directory(CallerDirectory.load(settings.callers_file) if settings.callers_file.exists()
+                          else CallerDirectory.empty(), db, clock.now, ttl_seconds=settings.caller_cache_seconds),
         clock=clock,
         live=live_status_client(settings),
+        log_signer=load_signer(settings.log_key_path, settings.log_origin, create=create_secrets),
     )

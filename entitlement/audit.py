@@ -16,7 +16,7 @@ from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, PermissionDenied
 from entitlement.paging import PageTokens, page_size
 from entitlement.storage.db import utc
-from entitlement.storage.models import Activation, Event, LedgerEntry
+from entitlement.storage.models import Activation, Event, LedgerEntry, LogNode
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -51,6 +51,8 @@ class EventView:
     subject: str
     reason: str
     payload_json: str
+    program_id: str = ""  # "" for an event about no program
+    leaf_hash: bytes = b""  # its leaf in the Merkle log (entitlement/logtree.py)
 
 
 def _tokens(ctx: Context) -> PageTokens:
@@ -151,14 +153,16 @@ def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: 
     filters = {"start": start_seq, "caller": caller.id}
     position = _tokens(ctx).read(token, "events", filters)
     after = int(position[0]) if position else start_seq - 1
-    q = select(Event).where(Event.seq > after)
+    q = select(Event, LogNode.hash).outerjoin(LogNode, and_(LogNode.level == 0, LogNode.idx == Event.seq - 1))
+    q = q.where(Event.seq > after)
     if caller.role == "funder":
         q = q.where(Event.program_id.in_(ctx.catalog.funded_by(caller.funder_id)))
     q = q.order_by(Event.seq).limit(size + 1)
     with ctx.db.read() as s:
-        rows = list(s.execute(q).scalars())
+        rows = list(s.execute(q).all())
     more = len(rows) > size
     rows = rows[:size]
-    next_token = _tokens(ctx).issue("events", filters, [rows[-1].seq]) if more else ""
-    return [EventView(e.seq, utc(e.time), e.type, e.actor, e.subject, e.reason, e.payload_json)
-            for e in rows], next_token
+    next_token = _tokens(ctx).issue("events", filters, [rows[-1][0].seq]) if more else ""
+    return [EventView(e.seq, utc(e.time), e.type, e.actor, e.subject, e.reason, e.payload_json, e.program_id or "",
+                      bytes(leaf) if leaf is not None else b"")
+            for e, leaf in rows], next_token

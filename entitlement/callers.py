@@ -1,19 +1,40 @@
-"""Who calls: callers, their role and scope, resolved from a bearer token.
+"""Who calls: callers, their role and scope, resolved from a bearer token (or, under mutual TLS,
+from a platform's client certificate).
 
-Step 1 reads a credentials file (ENTITLEMENT_CALLERS_FILE, JSON) holding, per caller, the SHA-256
-of its bearer token (never the token itself), its role and its scope. Step 5 replaces the file by
-managed credentials with expiry and rotation; the Caller value handed to handlers stays the same.
+Two sources, both read (nothing is copied from one to the other):
+- the credentials file (ENTITLEMENT_CALLERS_FILE, JSON): per caller the SHA-256 of its bearer
+  token (never the token itself), its role and its scope. Read once at start; the bootstrap source
+  (local demo, tests, the first admin). No expiry, no rotation: edit the file and restart;
+- the `caller_credentials` table, managed with `entitlement callers create|list|rotate|revoke`
+  (entitlement/credentials.py): tokens with an expiry, rotation with an overlap, revocation.
+
+Why SHA-256 and not bcrypt/argon2: our tokens are 32 random bytes (256 bits), not passwords. Nobody
+can brute-force a 256-bit preimage, so a slow hash would add nothing but CPU per call; a fast hash
+also lets the database find a token by an indexed equality lookup.
+
+Lookups in the table are cached in memory for ENTITLEMENT_CALLER_CACHE_SECONDS (default 10) per
+token, so a call does not hit the database each time: a revocation takes effect on every server
+process within that time. Expiry is checked against the clock at each call, on the cached row.
+The Caller value handed to handlers is the same whatever the source.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from entitlement.storage.db import Database
 
 ROLES = ("platform", "advisor", "funder", "agency", "admin")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -46,9 +67,20 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_token() -> str:
+    """A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")  # anything else is refused without a lookup
+
+
 class CallerDirectory:
+    """The credentials file: token hash -> caller."""
+
     def __init__(self, entries: dict[str, Caller]) -> None:
         self._by_hash = entries
+        self._by_id = {c.id: c for c in entries.values()}
 
     @classmethod
     def load(cls, path: Path) -> "CallerDirectory":
@@ -71,19 +103,156 @@ class CallerDirectory:
             entries[digest] = caller
         return cls(entries)
 
+    @classmethod
+    def empty(cls) -> "CallerDirectory":
+        return cls({})
+
     def resolve(self, token: str) -> Caller | None:
         # Looked up by the SHA-256 of the token: timing reveals nothing usable about the token.
         return self._by_hash.get(token_hash(token))
+
+    def get(self, caller_id: str) -> Caller | None:
+        return self._by_id.get(caller_id)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A caller as one of its credentials presents it, with that credential's validity."""
+
+    caller: Caller
+    expires_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+    def problem(self, now: dt.datetime) -> str:
+        """"" when usable now, else REVOKED or EXPIRED."""
+        if self.revoked_at is not None:  # at once, whatever the clocks say
+            return "REVOKED"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "EXPIRED"
+        return ""
+
+
+class Directory:
+    """Both sources behind one lookup, with the in-memory cache of the table's answers.
+
+    `authenticate(token)` -> Caller or an Unauthenticated error (missing, invalid, expired,
+    revoked); `by_id(caller_id)` -> the caller a client certificate names, when it has a usable
+    credential. The file is looked at first (no database work for its callers)."""
+
+    MAX_ENTRIES = 10_000  # tokens (good and bad) remembered; the oldest go first
+
+    def __init__(self, file: CallerDirectory, db: "Database | None", now: Callable[[], dt.datetime], *,
+                 ttl_seconds: float = 10.0, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.file, self.db, self.now, self.ttl = file, db, now, ttl_seconds
+        self._monotonic = monotonic
+        self._cache: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- the cache ------------------------------------------------------------------------------
+
+    def _cached(self, key: str, load: Callable[[], Any]) -> Any:
+        if self.ttl > 0:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None and self._monotonic() - hit[0] < self.ttl:
+                    return hit[1]
+        value = load()
+        if self.ttl > 0:
+            with self._lock:
+                self._cache[key] = (self._monotonic(), value)
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.MAX_ENTRIES:
+                    self._cache.popitem(last=False)
+        return value
+
+    def forget(self) -> None:
+        """Drop the cache (the next lookups read the table)."""
+        with self._lock:
+            self._cache.clear()
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def resolve(self, token: str) -> Caller | None:
+        """The caller of a usable token, else None (kept for callers that need no reason)."""
+        from entitlement.errors import Unauthenticated
+        try:
+            return self.authenticate(token)
+        except Unauthenticated:
+            return None
+
+    def authenticate(self, token: str) -> Caller:
+        from entitlement.errors import Unauthenticated
+        if not token or not TOKEN_RE.fullmatch(token):
+            raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
+        digest = token_hash(token)
+        caller = self.file.resolve(token)
+        if caller is not None:
+            return caller
+        cred: Credential | None = self._cached("t:" + digest, lambda: self._by_hash(digest))
+        if cred is None:
+            raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
+        problem = cred.problem(self.now())
+        if problem == "REVOKED":
+            raise Unauthenticated("these credentials were revoked", reason="CREDENTIALS_REVOKED")
+        if problem == "EXPIRED":
+            raise Unauthenticated("these credentials have expired", reason="CREDENTIALS_EXPIRED")
+        return cred.caller
+
+    def by_id(self, caller_id: str) -> Caller | None:
+        """The caller named `caller_id` (a client certificate's), when it has a usable credential."""
+        caller = self.file.get(caller_id)
+        if caller is not None:
+            return caller
+        creds: tuple[Credential, ...] = self._cached("i:" + caller_id, lambda: self._by_caller(caller_id))
+        now = self.now()
+        for cred in creds:
+            if not cred.problem(now):
+                return cred.caller
+        return None
+
+    def _by_hash(self, digest: str) -> Credential | None:
+        if self.db is None:
+            return None
+        from sqlalchemy import select
+
+        from entitlement.storage.models import CallerCredential
+        with self.db.read() as s:
+            row = s.execute(select(CallerCredential).where(CallerCredential.token_sha256 == digest)
+                            ).scalar_one_or_none()
+            return credential_of(row) if row is not None else None
+
+    def _by_caller(self, caller_id: str) -> tuple[Credential, ...]:
+        if self.db is None:
+            return ()
+        from sqlalchemy import select
+
+        from entitlement.storage.models import CallerCredential
+        with self.db.read() as s:
+            rows = s.execute(select(CallerCredential).where(CallerCredential.caller_id == caller_id)
+                             .order_by(CallerCredential.created_at.desc())).scalars().all()
+            return tuple(credential_of(r) for r in rows)
+
+
+def credential_of(row: Any) -> Credential:
+    """A CallerCredential row as a Credential (times in UTC)."""
+    def utc(t: dt.datetime | None) -> dt.datetime | None:
+        return None if t is None else (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
+    caller = Caller(id=row.caller_id, role=row.role, platform_id=row.platform_id, advisor_id=row.advisor_id,
+                    agency_code=row.agency_code, funder_id=row.funder_id)
+    return Credential(caller, utc(row.expires_at), utc(row.revoked_at))
+
+
+SCOPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "platform": ("platform_id",), "advisor": ("advisor_id", "agency_code"), "funder": ("funder_id",),
+    "agency": (), "admin": ()}
 
 
 def _caller(where: str, raw: dict[str, Any]) -> Caller:
     role = raw.get("role")
     if role not in ROLES:
         raise SystemExit(f"{where}.role: one of {', '.join(ROLES)}")
-    fields = {"platform": ("platform_id",), "advisor": ("advisor_id", "agency_code"),
-              "funder": ("funder_id",), "agency": (), "admin": ()}[role]
     values = {}
-    for f in ("id", *fields):
+    for f in ("id", *SCOPE_FIELDS[role]):
         v = raw.get(f, "")
         if not isinstance(v, str) or not ID_RE.fullmatch(v):
             raise SystemExit(f"{where}.{f}: required, letters, digits, '.', '_' or '-'")
@@ -91,12 +260,28 @@ def _caller(where: str, raw: dict[str, Any]) -> Caller:
     return Caller(role=role, **values)
 
 
+def make_caller(caller_id: str, role: str, **scope: str) -> Caller:
+    """A Caller checked like the file's entries (ValueError naming the problem): the scope fields
+    of the role are required, the others must be empty."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    wanted = SCOPE_FIELDS[role]
+    for f, v in scope.items():
+        if v and f not in wanted:
+            raise ValueError(f"a {role} has no {f.replace('_id', '').replace('_code', '')}")
+    raw = {"id": caller_id, **{f: scope.get(f, "") for f in wanted}, "role": role}
+    try:
+        return _caller("caller", raw)
+    except SystemExit as exc:
+        raise ValueError(str(exc.code).removeprefix("caller.")) from None
+
+
 def write_callers(path: Path, callers: list[Caller]) -> dict[str, str]:
     """Create a credentials file with a fresh random token per caller; returns id -> token."""
     tokens: dict[str, str] = {}
     entries = []
     for c in callers:
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         tokens[c.id] = token
         entry = {k: v for k, v in asdict(c).items() if v}
         entry["token_sha256"] = token_hash(token)

@@ -201,6 +201,170 @@ def cmd_jobs_revalidate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ callers, tls, privacy
+
+def _operator(args: argparse.Namespace) -> str:
+    import getpass
+    name = args.operator or getpass.getuser() or "unknown"
+    return name if name.startswith("operator:") else f"operator:{name}"
+
+
+def _migrated_db(settings: Settings) -> Any:
+    from entitlement.storage.db import Database
+    from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
+    db = Database(settings.database_url, pool_size=2)
+    try:
+        ensure_current(db)
+    except SchemaNotCurrent as exc:
+        db.dispose()
+        raise SystemExit(str(exc)) from None
+    return db
+
+
+def _when(t: dt.datetime | None) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat(timespec="seconds") if t else "-"
+
+
+def _expires(days: float | None) -> dt.timedelta | None:
+    if days is None:
+        return None
+    if days <= 0:
+        raise SystemExit("--expires-days must be positive")
+    return dt.timedelta(days=days)
+
+
+def cmd_callers_create(args: argparse.Namespace) -> int:
+    from entitlement import credentials
+    from entitlement.callers import CallerDirectory
+    settings = Settings.from_env()
+    try:
+        caller = credentials.make_caller(args.id, args.role, platform_id=args.platform or "",
+                                         advisor_id=args.advisor or "", agency_code=args.agency or "",
+                                         funder_id=args.funder or "")
+    except ValueError as exc:
+        return _fail(f"callers create: {exc}")
+    file = CallerDirectory.load(settings.callers_file) if settings.callers_file.exists() else None
+    db = _migrated_db(settings)
+    try:
+        issued = credentials.create(db, caller, now=dt.datetime.now(dt.timezone.utc), actor=_operator(args),
+                                    expires_in=_expires(args.expires_days), file=file)
+    except credentials.CallerError as exc:
+        return _fail(str(exc))
+    finally:
+        db.dispose()
+    print(f"created caller {caller.id} ({caller.actor}), expires {_when(issued.expires_at)}", file=sys.stderr)
+    print("its bearer token, shown this once (only its SHA-256 is stored):", file=sys.stderr)
+    print(issued.token)
+    return 0
+
+
+def cmd_callers_rotate(args: argparse.Namespace) -> int:
+    from entitlement import credentials
+    settings = Settings.from_env()
+    minutes = args.overlap_minutes if args.overlap_minutes is not None else settings.caller_rotation_overlap_minutes
+    db = _migrated_db(settings)
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        issued = credentials.rotate(db, args.id, now=now, actor=_operator(args),
+                                    overlap=dt.timedelta(minutes=minutes), expires_in=_expires(args.expires_days))
+    except credentials.CallerError as exc:
+        return _fail(str(exc))
+    finally:
+        db.dispose()
+    print(f"new token for {args.id}, expires {_when(issued.expires_at)}; the previous one works until "
+          f"{_when(now + dt.timedelta(minutes=minutes))}", file=sys.stderr)
+    print("the new bearer token, shown this once:", file=sys.stderr)
+    print(issued.token)
+    return 0
+
+
+def cmd_callers_revoke(args: argparse.Namespace) -> int:
+    from entitlement import credentials
+    settings = Settings.from_env()
+    db = _migrated_db(settings)
+    try:
+        n = credentials.revoke(db, args.id, now=dt.datetime.now(dt.timezone.utc), actor=_operator(args),
+                               reason=args.reason or "")
+    except credentials.CallerError as exc:
+        return _fail(str(exc))
+    finally:
+        db.dispose()
+    print(f"revoked {args.id} ({n} usable token(s)); running servers refuse it within "
+          f"ENTITLEMENT_CALLER_CACHE_SECONDS = {settings.caller_cache_seconds} s")
+    return 0
+
+
+def cmd_callers_list(args: argparse.Namespace) -> int:
+    from entitlement import credentials
+    from entitlement.callers import CallerDirectory
+    from entitlement.client_cli import _table
+    settings = Settings.from_env()
+    db = _migrated_db(settings)
+    try:
+        rows = credentials.list_callers(db, dt.datetime.now(dt.timezone.utc))
+    finally:
+        db.dispose()
+    file = CallerDirectory.load(settings.callers_file) if settings.callers_file.exists() else None
+    out = [{"id": r.caller.id, "role": r.caller.role, "scope": r.caller.actor, "source": "database",
+            "state": r.state, "created": _when(r.created_at), "expires": _when(r.expires_at),
+            "revoked": _when(r.revoked_at), "usable_tokens": r.usable_tokens} for r in rows]
+    if file is not None:
+        out += [{"id": c.id, "role": c.role, "scope": c.actor, "source": "file", "state": "active", "created": "-",
+                 "expires": "-", "revoked": "-", "usable_tokens": 1}
+                for c in sorted(file._by_id.values(), key=lambda c: c.id)]
+    if args.json:
+        print(json.dumps({"callers": out}, indent=2))
+        return 0
+    _table(["ID", "ROLE", "SCOPE", "SOURCE", "STATE", "CREATED", "EXPIRES", "REVOKED", "TOKENS"],
+           [[c["id"], c["role"], c["scope"], c["source"], c["state"], c["created"], c["expires"], c["revoked"],
+             c["usable_tokens"]] for c in out])
+    return 0
+
+
+def cmd_tls_make_ca(args: argparse.Namespace) -> int:
+    from entitlement.callers import ID_RE
+    from entitlement.tls import make_ca
+    clients = args.client or ["platform-openclassrooms"]
+    for c in clients:
+        if not ID_RE.fullmatch(c):
+            return _fail(f"--client {c!r}: a caller id (letters, digits, '.', '_' or '-')")
+    try:
+        made = make_ca(Path(args.dir), clients, force=args.force)
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    print(f"test CA:            {made.ca_cert} (key ca.key: keep it private)")
+    print(f"server certificate: {made.server_cert} + {made.server_key} (localhost, 127.0.0.1, ::1)")
+    for caller_id, (cert, key) in made.clients.items():
+        print(f"client {caller_id}: {cert} + {key} (CN and URI SAN urn:entitlement:caller:{caller_id})")
+    d = made.dir
+    print(f"""
+Server:  ENTITLEMENT_TLS_CERT_FILE={d}/server.crt ENTITLEMENT_TLS_KEY_FILE={d}/server.key \
+         ENTITLEMENT_TLS_CLIENT_CA_FILE={d}/ca.crt   # (the last one for mutual TLS)
+Client:  entitlement verify learner-42 --address localhost:50051 --ca {d}/ca.crt \
+         --cert {d}/{clients[0]}.crt --key {d}/{clients[0]}.key""")
+    return 0
+
+
+def cmd_privacy_purge(args: argparse.Namespace) -> int:
+    from entitlement import privacy
+    settings = Settings.from_env()
+    days = args.retention_days if args.retention_days is not None else settings.retention_days
+    db = _migrated_db(settings)
+    try:
+        summary = privacy.purge(db, now=dt.datetime.now(dt.timezone.utc), retention_days=days,
+                                actor=_operator(args), dry_run=args.dry_run)
+    except ValueError as exc:
+        return _fail(str(exc))
+    finally:
+        db.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"retention {days} days (before {summary.cutoff}): {verb} the rows of {summary.registry_snapshots} "
+          f"registry snapshot(s) ({summary.registry_rows} rows), {summary.idempotency_records} idempotency "
+          f"record(s); {'would scrub' if args.dry_run else 'scrubbed'} {summary.activations_scrubbed} ended "
+          "activation(s) (account id, decision details)")
+    return 0
+
+
 class ProgressBar:
     """One self-rewriting line on a terminal: rows, rows/s, percent of the file, ETA."""
 
@@ -257,6 +421,8 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
     upgrade(settings.database_url)
     pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file, create=True)
     KeyStore.load(settings.key_dir, create=True, token_ttl=dt.timedelta(days=settings.token_ttl_days))
+    from entitlement.logtree import load_signer
+    log_signer = load_signer(settings.log_key_path, settings.log_origin, create=True)
     creds_path = ROOT / "var" / "demo-credentials.json"
     if not settings.callers_file.exists() or not creds_path.exists():
         tokens = write_callers(settings.callers_file, [Caller(id=i, role=r, **scope) for i, r, scope in DEMO_CALLERS])
@@ -269,6 +435,8 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
     db.dispose()
     print(f"demo registry: snapshot {summary.snapshot_id}, {summary.rows_imported} people"
           + (" (unchanged)" if summary.unchanged else ""))
+    if log_signer is not None:
+        print(f"event log checkpoints signed by {settings.log_key_path}; verifier key {log_signer.verifier.encode()}")
     print("\nDemo credentials (local demo only; stored in var/demo-credentials.json):")
     for caller_id, token in tokens.items():
         print(f"  {caller_id:<26} {token}")
@@ -342,6 +510,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_jobs_run)
     jobs.add_parser("revalidate", help="re-check live activations against the current registry snapshot; "
                     "curtail those no longer eligible").set_defaults(func=cmd_jobs_revalidate)
+
+    callers = sub.add_parser("callers", help="callers managed in the database (bearer tokens)"
+                             ).add_subparsers(dest="callers_command", required=True)
+
+    def operator(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--operator", help="who does this, for the event log (default: your login name)")
+
+    cc = callers.add_parser("create", help="create a caller; prints its bearer token once")
+    cc.add_argument("id", help="caller id (letters, digits, '.', '_' or '-')")
+    cc.add_argument("--role", required=True, choices=("platform", "advisor", "funder", "agency", "admin"))
+    cc.add_argument("--platform", help="platform id (role platform)")
+    cc.add_argument("--advisor", help="advisor id (role advisor, with --agency)")
+    cc.add_argument("--agency", help="agency code (role advisor)")
+    cc.add_argument("--funder", help="funder id (role funder)")
+    cc.add_argument("--expires-days", type=float, help="the token expires after this many days (default: never)")
+    operator(cc)
+    cc.set_defaults(func=cmd_callers_create)
+    cl = callers.add_parser("list", help="callers of the database and of the credentials file")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_callers_list)
+    cr = callers.add_parser("rotate", help="a new token; the old one works for the overlap, then stops")
+    cr.add_argument("id")
+    cr.add_argument("--overlap-minutes", type=float,
+                    help="how long the old token keeps working (ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES, default 60)")
+    cr.add_argument("--expires-days", type=float, help="lifetime of the new token (default: as the current one's)")
+    operator(cr)
+    cr.set_defaults(func=cmd_callers_rotate)
+    cv = callers.add_parser("revoke", help="stop every token of a caller (servers notice within their cache time)")
+    cv.add_argument("id")
+    cv.add_argument("--reason", help="recorded in the event log")
+    operator(cv)
+    cv.set_defaults(func=cmd_callers_revoke)
+
+    tls = sub.add_parser("tls", help="TLS certificates").add_subparsers(dest="tls_command", required=True)
+    mk = tls.add_parser("make-ca", help="a local test CA, a server certificate for localhost/127.0.0.1 and "
+                        "client certificates for platforms (mutual TLS)")
+    mk.add_argument("dir")
+    mk.add_argument("--client", action="append", metavar="CALLER_ID",
+                    help="a client certificate naming this caller (repeatable; default platform-openclassrooms)")
+    mk.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    mk.set_defaults(func=cmd_tls_make_ca)
+
+    privacy = sub.add_parser("privacy", help="personal data retention").add_subparsers(
+        dest="privacy_command", required=True)
+    pg = privacy.add_parser("purge", help="delete personal data older than ENTITLEMENT_RETENTION_DAYS (run daily)")
+    pg.add_argument("--retention-days", type=int, help="override ENTITLEMENT_RETENTION_DAYS (default 1095)")
+    pg.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    operator(pg)
+    pg.set_defaults(func=cmd_privacy_purge)
+
+    from entitlement import audit_cli
+    audit_cli.add_commands(sub)
 
     from entitlement import client_cli
     client_cli.add_commands(sub, programs)

@@ -1,4 +1,8 @@
-"""Client commands of the `entitlement` CLI: one gRPC call each, over a real channel."""
+"""Client commands of the `entitlement` CLI: one gRPC call each, over a real channel.
+
+Plaintext by default (the local demo on 127.0.0.1). TLS with --ca (ENTITLEMENT_CA_FILE: the CA that
+signed the server's certificate); mutual TLS adds --cert and --key (ENTITLEMENT_CLIENT_CERT_FILE,
+ENTITLEMENT_CLIENT_KEY_FILE), with which a platform needs no --token."""
 
 from __future__ import annotations
 
@@ -48,12 +52,41 @@ def _call(args: argparse.Namespace, stub_cls: Any, method: str, request: Message
     token = args.token or os.environ.get("ENTITLEMENT_TOKEN", "")
     address = args.address or os.environ.get("ENTITLEMENT_ADDRESS", DEFAULT_ADDRESS)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
+    with _channel(args, address) as channel:
         stub = stub_cls(channel)
         try:
             return getattr(stub, method)(request, metadata=metadata, timeout=args.timeout)
         except grpc.RpcError as err:
             raise ClientError(_describe(err)) from None
+
+
+def _option(args: argparse.Namespace, name: str, env: str) -> str:
+    return str(getattr(args, name, None) or os.environ.get(env, ""))
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ClientError(f"{what} {path}: cannot read ({exc.strerror})") from None
+
+
+def _channel(args: argparse.Namespace, address: str) -> grpc.Channel:
+    """A TLS channel when a CA is given (mutual TLS with a client certificate), else plaintext."""
+    ca = _option(args, "ca", "ENTITLEMENT_CA_FILE")
+    cert = _option(args, "cert", "ENTITLEMENT_CLIENT_CERT_FILE")
+    key = _option(args, "key", "ENTITLEMENT_CLIENT_KEY_FILE")
+    if not ca:
+        if cert or key:
+            raise ClientError("--cert/--key need --ca (ENTITLEMENT_CA_FILE): the CA of the server's certificate")
+        return grpc.insecure_channel(address)
+    if bool(cert) != bool(key):
+        raise ClientError("give both --cert and --key (or neither)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "--ca"), private_key=_read(key, "--key") if key else None,
+        certificate_chain=_read(cert, "--cert") if cert else None)
+    return grpc.secure_channel(address, credentials)
 
 
 def _describe(err: grpc.RpcError) -> str:
@@ -351,6 +384,9 @@ def add_commands(sub: Any, programs: Any) -> None:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         p.add_argument("--address", help=f"server address (ENTITLEMENT_ADDRESS, default {DEFAULT_ADDRESS})")
         p.add_argument("--token", help="bearer token (ENTITLEMENT_TOKEN)")
+        p.add_argument("--ca", help="TLS: CA certificate of the server (ENTITLEMENT_CA_FILE); plaintext without")
+        p.add_argument("--cert", help="mutual TLS: client certificate (ENTITLEMENT_CLIENT_CERT_FILE)")
+        p.add_argument("--key", help="mutual TLS: client key (ENTITLEMENT_CLIENT_KEY_FILE)")
         p.add_argument("--json", action="store_true", help="print the response as JSON")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
         p.set_defaults(func=client(func))

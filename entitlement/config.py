@@ -7,11 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECK_RATE_PER_MIN = 120  # the server's (from_env) default; see Settings.check_rate_per_min
 
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name, "1" if default else "0").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be 1 or 0, got {raw!r}")
 
 
 def _int(name: str, default: int) -> int:
@@ -47,6 +57,31 @@ class Settings:
     live_status_breaker_reset_s: int = 30  # how long it stays open before one probe is let through
     watch_poll_ms: int = 500  # how often a WatchEntitlementChanges stream reads the event log
     watch_max_streams: int = 4  # change streams served at once per process (each holds a worker)
+    # Transport (README "Security"): TLS with this certificate and key; with a client CA, mutual TLS.
+    # Without TLS the server only listens on loopback addresses, unless insecure is set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    insecure: bool = False
+    # Callers managed in the database (entitlement/callers.py): token lookups are cached this long
+    # (a revocation takes effect within it); a rotated token keeps working for the overlap.
+    caller_cache_seconds: int = 10
+    caller_rotation_overlap_minutes: int = 60
+    # Per-caller token bucket on CheckEligibility and ActivateEntitlement (entitlement/api/ratelimit.py).
+    # 0 = no limit. The environment's default is 120 a minute (from_env); Settings built by hand
+    # (tests, benchmarks, embedding) have no limit unless they ask for one.
+    check_rate_per_min: int = 0
+    check_burst: int = 20
+    retention_days: int = 1095  # personal data kept this long (`entitlement privacy purge`)
+    # The event log's checkpoints (entitlement/logtree.py): the origin line naming the log (also the
+    # signing key's name), and the Ed25519 key that signs them, its own key (never a token key).
+    # Empty file setting: log.key beside the pseudonym key (var/secrets/log.key by default).
+    log_origin: str = "entitlement.local/audit-log"
+    log_key_file: str = ""
+
+    @property
+    def log_key_path(self) -> Path:
+        return Path(self.log_key_file) if self.log_key_file else self.pseudonym_key_file.parent / "log.key"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -74,4 +109,16 @@ class Settings:
                                              d.live_status_breaker_reset_s),
             watch_poll_ms=_int("ENTITLEMENT_WATCH_POLL_MS", d.watch_poll_ms),
             watch_max_streams=_int("ENTITLEMENT_WATCH_MAX_STREAMS", d.watch_max_streams),
+            tls_cert_file=_env("ENTITLEMENT_TLS_CERT_FILE", d.tls_cert_file),
+            tls_key_file=_env("ENTITLEMENT_TLS_KEY_FILE", d.tls_key_file),
+            tls_client_ca_file=_env("ENTITLEMENT_TLS_CLIENT_CA_FILE", d.tls_client_ca_file),
+            insecure=_bool("ENTITLEMENT_INSECURE", d.insecure),
+            caller_cache_seconds=_int("ENTITLEMENT_CALLER_CACHE_SECONDS", d.caller_cache_seconds),
+            caller_rotation_overlap_minutes=_int("ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES",
+                                                 d.caller_rotation_overlap_minutes),
+            check_rate_per_min=_int("ENTITLEMENT_CHECK_RATE_PER_MIN", DEFAULT_CHECK_RATE_PER_MIN),
+            check_burst=_int("ENTITLEMENT_CHECK_BURST", d.check_burst),
+            retention_days=_int("ENTITLEMENT_RETENTION_DAYS", d.retention_days),
+            log_origin=_env("ENTITLEMENT_LOG_ORIGIN", d.log_origin),
+            log_key_file=_env("ENTITLEMENT_LOG_KEY_FILE", d.log_key_file),
         )

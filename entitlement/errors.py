@@ -66,6 +66,16 @@ class ResourceExhausted(DomainError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class RateLimited(ResourceExhausted):
+    """Too many calls: answered with a google.rpc.RetryInfo saying when to try again."""
+
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_delay_s: float, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_delay_s = retry_delay_s
+
+
 class Aborted(DomainError):
     reason = "ABORTED"
 

@@ -1,6 +1,8 @@
 """The append-only event log: every state change is one event, written in the same transaction as
 the change. Sequence numbers come from the single `log_head` row, incremented in that transaction,
-so they have no gaps even when transactions roll back (the basis of the Merkle log of step 6)."""
+so they have no gaps even when transactions roll back. Each event is also a leaf of the log's
+Merkle tree (entitlement/logtree.py), stored in the same transaction: its leaf hash is over the
+encoding of entitlement/logformat.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from entitlement import logtree
+from entitlement.logformat import LogEvent, time_us
 from entitlement.storage.models import Activation, Event, LogHead
 
 ACTIVATION_PREFIX = "activations/"
@@ -29,9 +33,14 @@ def append(session: Session, *, time: dt.datetime, type: str, actor: str, subjec
     if platform_id is None and subject.startswith(ACTIVATION_PREFIX):
         activation = session.get(Activation, subject[len(ACTIVATION_PREFIX):])
         platform_id = activation.platform_id if activation is not None else None
-    seq = session.execute(
+    # Stored in UTC (SQLite keeps no offset), so the time read back is the time hashed.
+    time = time.astimezone(dt.timezone.utc) if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)
+    payload_json = canonical_json(payload or {})
+    seq = int(session.execute(
         update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
-    ).scalar_one()
+    ).scalar_one())
     session.add(Event(seq=seq, time=time, type=type, actor=actor, subject=subject, program_id=program_id,
-                      reason=reason, payload_json=canonical_json(payload or {}), platform_id=platform_id))
-    return int(seq)
+                      reason=reason, payload_json=payload_json, platform_id=platform_id))
+    leaf = LogEvent(seq, time_us(time), type, actor, subject, program_id or "", reason, payload_json)
+    logtree.add_leaf(session, seq - 1, leaf.leaf_hash())
+    return seq

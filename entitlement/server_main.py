@@ -14,9 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from entitlement.api.accesslog import AccessLogInterceptor
+from entitlement.api import ratelimit
 from entitlement.api.identity import CallerInterceptor
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
+from entitlement.tls import check_transport, server_tls
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
                             eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
@@ -48,9 +50,17 @@ class Running:
 
 
 def start(ctx: Context, listen: str) -> Running:
+    """Serve on `listen`: TLS (mutual with a client CA) when the settings give a certificate; plaintext
+    only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
+    tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
+    check_transport(listen, tls, ctx.settings.insecure)
+    interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(), CallerInterceptor(ctx.callers)]
+    limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
+    if limiter is not None:  # after the caller interceptor: buckets are per authenticated caller
+        interceptors.append(limiter)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[AccessLogInterceptor(), CallerInterceptor(ctx.callers)],
+        interceptors=interceptors,
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
     )
@@ -61,7 +71,12 @@ def start(ctx: Context, listen: str) -> Running:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.client_ca,
+                                                  require_client_auth=tls.client_ca is not None)
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
@@ -72,8 +87,11 @@ def start(ctx: Context, listen: str) -> Running:
 
 def serve_forever(ctx: Context) -> None:
     running = start(ctx, ctx.settings.listen)
-    log.info("serving", listen=ctx.settings.listen, port=running.port, database=ctx.db.dialect,
-             programs=[p.id for p in ctx.catalog.all()])
+    s = ctx.settings
+    log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect,
+             programs=[p.id for p in ctx.catalog.all()],
+             transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
+             check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists())
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -14,9 +14,10 @@ import dataclasses
 import datetime as dt
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -72,8 +73,10 @@ def write_registry(path: Path, people: dict[str, Person]) -> Path:
 
 @contextmanager
 def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
-               people: dict[str, Person] | None = None, watch_poll_ms: int = 100) -> Iterator[Harness]:
-    """The real server on a fresh database of `backend`, over a real channel."""
+               people: dict[str, Person] | None = None, watch_poll_ms: int = 100,
+               make_channel: Callable[[int], grpc.Channel] | None = None, **overrides: Any) -> Iterator[Harness]:
+    """The real server on a fresh database of `backend`, over a real channel (`make_channel(port)`,
+    plaintext by default); `overrides` replace Settings fields (TLS, rate limits, ...)."""
     root.mkdir(parents=True, exist_ok=True)
     admin, pg_name = None, None
     if backend == "sqlite":
@@ -86,6 +89,7 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
         callers_file=root / "callers.json", key_dir=root / "keys", pseudonym_key_file=root / "pseudonym.key",
         issuer="urn:entitlement:test", token_ttl_days=30, max_workers=8, grace_seconds=2,
         watch_poll_ms=watch_poll_ms)
+    settings = dataclasses.replace(settings, **overrides)
     upgrade(url)
     tokens = write_callers(settings.callers_file, CALLERS)
     clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
@@ -93,7 +97,7 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
     extract = write_registry(root / "registry.csv", people if people is not None else default_people())
     registry.import_extract(ctx.db, ctx.pseudo, clock, extract, extracted_on=TODAY - dt.timedelta(days=1))
     running = start(ctx, settings.listen)
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = make_channel(running.port) if make_channel else grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield Harness(backend=backend, url=url, ctx=ctx, running=running, channel=channel, tokens=tokens,
                       clock=clock, log_path=root / "server.log")

@@ -40,6 +40,7 @@ from entitlement import registry
 from entitlement.callers import write_callers
 from entitlement.clock import SystemClock
 from entitlement.config import ROOT
+from entitlement.logtree import create_key_file
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.server_main import SERVICE_NAMES
 from entitlement.storage.db import Database
@@ -93,6 +94,9 @@ class ServerDir:
             "ENTITLEMENT_PSEUDONYM_KEY_FILE": str(self.pseudonym_key_file),
             "ENTITLEMENT_GRACE_SECONDS": "5",
             "ENTITLEMENT_MAX_WORKERS": "8",
+            # These servers take bursts of checks and activations (drain, concurrency); the rate
+            # limit has tests of its own (test_security.py).
+            "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)
@@ -120,6 +124,7 @@ def prepare(root: Path, database_url: str | None = None, *, migrate: bool = True
     url = database_url or f"sqlite:///{root / 'entitlement.db'}"
     d = ServerDir(root=root, database_url=url, tokens=tokens)
     pseudo = Pseudonymizer.from_file(d.pseudonym_key_file, create=True)
+    create_key_file(d.pseudonym_key_file.parent / "log.key")  # the event log's checkpoint key (its default place)
     if migrate:
         upgrade(url)
         if with_registry:

@@ -94,7 +94,8 @@ def report_row(r: ReportRow) -> audit_pb2.FundingReportRow:
 
 def event(e: EventView) -> audit_pb2.Event:
     return audit_pb2.Event(sequence=e.seq, time=timestamp(e.time), type=e.type, actor=e.actor,
-                           subject=e.subject, reason=e.reason, payload_json=e.payload_json)
+                           subject=e.subject, reason=e.reason, payload_json=e.payload_json,
+                           program=f"programs/{e.program_id}" if e.program_id else "", leaf_hash=e.leaf_hash)
 
 
 def change(c: Change) -> activation_pb2.EntitlementChange:

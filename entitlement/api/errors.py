@@ -4,7 +4,7 @@ ErrorInfo (reason, domain, metadata) and BadRequest field violations."""
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -40,9 +40,14 @@ def _pack(msg: object) -> any_pb2.Any:
 
 
 def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str],
-              violations: list[e.FieldViolation] | None = None) -> grpc.Status:
+              violations: list[e.FieldViolation] | None = None,
+              retry_delay_s: float | None = None) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     details = [_pack(info)]
+    if retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(int(retry_delay_s * 1e9), 1_000_000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -54,7 +59,9 @@ def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[s
 def domain_status(err: e.DomainError, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     code = code_of(err)
     violations = err.violations if isinstance(err, e.InvalidArgument) else None
-    return code, to_status(code, err.message, err.reason, {**err.metadata, "request_id": request_id}, violations)
+    retry = err.retry_delay_s if isinstance(err, e.RateLimited) else None
+    return code, to_status(code, err.message, err.reason, {**err.metadata, "request_id": request_id}, violations,
+                           retry)
 
 
 def internal_status(request_id: str) -> grpc.Status:

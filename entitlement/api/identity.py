@@ -1,13 +1,27 @@
 """Who calls, and may they call this method: one interceptor resolves the caller from the bearer
-token in the `authorization` metadata, checks the role table, and hands the caller to handlers.
+token in the `authorization` metadata (or, under mutual TLS, from a platform's client certificate),
+checks the role table, and hands the caller to handlers.
 
 Authorization is deny-by-default: a method of our package that is missing from ROLES is refused
-for everybody. Health and reflection (other packages) need no credentials.
+for everybody. ROLES is the one map RPC -> roles; what a caller may see within an allowed RPC (its
+agency, its platform's accounts, the programs it funds) is applied in the use cases' queries.
+Health and reflection (other packages) need no credentials.
+
+UNAUTHENTICATED: no credentials, a bad, expired or revoked token, or a token and a certificate
+naming different callers. PERMISSION_DENIED: a known caller calling outside its role.
+
+Client certificates (mutual TLS, ENTITLEMENT_TLS_CLIENT_CA_FILE): the certificate names a caller by
+a URI subject alternative name `urn:entitlement:caller:<caller id>`, or else by its subject common
+name (CN) = the caller id. When that caller is a platform with a usable credential, a call without
+a bearer token is that platform's; a call with a token must name the same caller. Certificates of
+other roles only secure the channel (they still send their token).
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,8 +30,9 @@ import grpc
 import structlog
 
 from entitlement.api.wrapping import BehaviorInterceptor
-from entitlement.callers import Caller, CallerDirectory
+from entitlement.callers import Caller, Directory
 from entitlement.errors import PermissionDenied, Unauthenticated
+from entitlement.tls import CALLER_URI_PREFIX
 
 PACKAGE = "/entitlement.v1."
 ALL = frozenset({"platform", "advisor", "funder", "agency", "admin"})
@@ -41,6 +56,10 @@ ROLES: dict[str, frozenset[str]] = {
     "/entitlement.v1.AuditService/ListActivations": FUNDER,
     "/entitlement.v1.AuditService/GetFundingReport": FUNDER,
     "/entitlement.v1.AuditService/ListEvents": FUNDER,
+    "/entitlement.v1.AuditService/GetCheckpoint": FUNDER,
+    "/entitlement.v1.AuditService/GetInclusionProof": FUNDER,
+    "/entitlement.v1.AuditService/GetConsistencyProof": FUNDER,
+    "/entitlement.v1.AuditService/StreamEvents": FUNDER,
     "/entitlement.v1.RegistryService/ImportExtract": frozenset({"agency", "admin"}),
 }
 
@@ -62,9 +81,80 @@ def bearer(metadata: tuple[Any, ...] | None) -> str | None:
     return None
 
 
+def certificate_caller_id(pem: bytes) -> str:
+    """The caller id a client certificate names: its URI SAN `urn:entitlement:caller:ID`, else its
+    subject CN; "" when it names none."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith(CALLER_URI_PREFIX):
+                return uri[len(CALLER_URI_PREFIX):]
+    except x509.ExtensionNotFound:
+        pass
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+class _CertificateNames:
+    """PEM of a verified client certificate -> caller id, remembered (parsing costs ~50 us)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._names: OrderedDict[bytes, str] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def __call__(self, context: grpc.ServicerContext) -> str:
+        try:
+            pems = context.auth_context().get("x509_pem_cert") or []
+        except (AttributeError, NotImplementedError):
+            return ""
+        if not pems:
+            return ""
+        pem = pems[0]
+        with self._lock:
+            name = self._names.get(pem)
+        if name is None:
+            try:
+                name = certificate_caller_id(pem)
+            except ValueError:
+                name = ""
+            with self._lock:
+                self._names[pem] = name
+                while len(self._names) > self._size:
+                    self._names.popitem(last=False)
+        return name
+
+
 class CallerInterceptor(BehaviorInterceptor):
-    def __init__(self, callers: CallerDirectory) -> None:
+    def __init__(self, callers: Directory) -> None:
         self.callers = callers
+        self._certificate_name = _CertificateNames()
+
+    def _certificate_caller(self, context: grpc.ServicerContext) -> Caller | None:
+        """The platform caller the verified client certificate names, if any (mutual TLS only:
+        without a client CA the server asks for no certificate)."""
+        name = self._certificate_name(context)
+        if not name:
+            return None
+        caller = self.callers.by_id(name)
+        return caller if caller is not None and caller.role == "platform" else None
+
+    def authenticate(self, metadata: tuple[Any, ...] | None, context: grpc.ServicerContext) -> Caller:
+        token = bearer(metadata)
+        by_certificate = self._certificate_caller(context)
+        if token is None:
+            if by_certificate is not None:
+                return by_certificate
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'",
+                                  reason="CREDENTIALS_MISSING")
+        caller = self.callers.authenticate(token)
+        if by_certificate is not None and by_certificate.id != caller.id:
+            raise Unauthenticated("the bearer token and the client certificate name different callers",
+                                  reason="CREDENTIALS_MISMATCH")
+        return caller
 
     @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
@@ -72,13 +162,7 @@ class CallerInterceptor(BehaviorInterceptor):
         if not method.startswith(PACKAGE):
             yield
             return
-        token = bearer(metadata)
-        if token is None:
-            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'",
-                                  reason="CREDENTIALS_MISSING")
-        caller = self.callers.resolve(token) if token else None
-        if caller is None:
-            raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
+        caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
         structlog.contextvars.bind_contextvars(caller=caller.id, role=caller.role)
         allowed = ROLES.get(method, frozenset())

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from entitlement import activation, audit, changes, eligibility, registry_feed, usage
+from entitlement import activation, audit, changes, eligibility, registry_feed, transparency, usage
 from entitlement.api import convert
 from entitlement.api import validation as val
 from entitlement.api.identity import current_caller
@@ -215,6 +215,38 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         events, token = audit.list_events(self.ctx, current_caller(), request.start_sequence,
                                           request.page_size, request.page_token)
         return audit_pb2.ListEventsResponse(events=[convert.event(e) for e in events], next_page_token=token)
+
+    # The Merkle event log (entitlement/transparency.py).
+
+    def GetCheckpoint(self, request: audit_pb2.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> audit_pb2.GetCheckpointResponse:
+        c = transparency.get_checkpoint(self.ctx)
+        return audit_pb2.GetCheckpointResponse(checkpoint=c.checkpoint, tree_size=c.tree_size, root_hash=c.root_hash,
+                                               origin=c.origin, verifier_key=c.verifier_key)
+
+    def GetInclusionProof(self, request: audit_pb2.GetInclusionProofRequest,
+                          context: grpc.ServicerContext) -> audit_pb2.GetInclusionProofResponse:
+        which = request.WhichOneof("leaf")
+        p = transparency.inclusion_proof(
+            self.ctx, leaf_index=request.leaf_index if which == "leaf_index" else None,
+            sequence=request.sequence if which == "sequence" else None, tree_size=request.tree_size)
+        return audit_pb2.GetInclusionProofResponse(leaf_index=p.leaf_index, tree_size=p.tree_size,
+                                                   leaf_hash=p.leaf_hash, hashes=p.hashes)
+
+    def GetConsistencyProof(self, request: audit_pb2.GetConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> audit_pb2.GetConsistencyProofResponse:
+        p = transparency.consistency_proof(self.ctx, old_size=request.old_size, new_size=request.new_size)
+        return audit_pb2.GetConsistencyProofResponse(old_size=p.old_size, new_size=p.new_size, hashes=p.hashes)
+
+    def StreamEvents(self, request: audit_pb2.StreamEventsRequest,
+                     context: grpc.ServicerContext) -> Iterator[audit_pb2.LogEntry]:
+        entries = transparency.stream_entries(self.ctx, current_caller(), start_sequence=request.start_sequence,
+                                              tree_size=request.tree_size)
+        for e in entries:
+            if not context.is_active():
+                return
+            yield audit_pb2.LogEntry(sequence=e.seq, leaf_hash=e.leaf_hash,
+                                     event=convert.event(e.event) if e.event is not None else None)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):

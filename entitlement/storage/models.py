@@ -151,6 +151,19 @@ class LogHead(Base):
     size: Mapped[int] = mapped_column(BigInteger)
 
 
+class LogNode(Base):
+    """The event log's Merkle tree (entitlement/logtree.py): the hash of every complete, aligned
+    subtree of 2**level leaves, leaves [idx * 2**level, (idx + 1) * 2**level). Level 0 holds the
+    leaf hash of the event with seq = idx + 1. Written with the event, in its transaction; the
+    database refuses UPDATE and DELETE."""
+
+    __tablename__ = "log_nodes"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
 class IdempotencyRecord(Base):
     """AIP-155: the response of a mutation, kept by (caller, request_id) to replay it exactly."""
 
@@ -162,6 +175,33 @@ class IdempotencyRecord(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CallerCredential(Base):
+    """A bearer token of a managed caller (`entitlement callers ...`): one row per token, so a
+    rotation adds a row (`rotated_from` the previous one, which keeps working until its new
+    `expires_at`: the overlap). Only the SHA-256 of the token is stored. A caller is its `caller_id`
+    with the role and scope of its rows."""
+
+    __tablename__ = "caller_credentials"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    caller_id: Mapped[str] = mapped_column(String(63))
+    role: Mapped[str] = mapped_column(String(16))
+    platform_id: Mapped[str] = mapped_column(String(63))
+    advisor_id: Mapped[str] = mapped_column(String(63))
+    agency_code: Mapped[str] = mapped_column(String(63))
+    funder_id: Mapped[str] = mapped_column(String(63))
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    rotated_from: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (
+        Index("uq_caller_credentials_token", "token_sha256", unique=True),
+        Index("ix_caller_credentials_caller", "caller_id", "created_at"),
+    )
 
 
 class ProgramCounter(Base):

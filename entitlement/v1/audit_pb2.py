@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65ntitlement/v1/audit.proto\x12\x0e\x65ntitlement.v1\x1a\x1f\x65ntitlement/v1/activation.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x16ListActivationsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07program\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66under\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x61gency_code\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x34\n\x05state\x18\x06 \x01(\x0e\x32\x1f.entitlement.v1.ActivationStateB\x04\xe2\x41\x01\x01\x12:\n\x10\x63reate_time_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x63reate_time_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"c\n\x17ListActivationsResponse\x12/\n\x0b\x61\x63tivations\x18\x01 \x03(\x0b\x32\x1a.entitlement.v1.Activation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x17GetFundingReportRequest\x12\x14\n\x06\x66under\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bstart_month\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tend_month\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"J\n\x18GetFundingReportResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .entitlement.v1.FundingReportRow\"\xa8\x01\n\x10\x46undingReportRow\x12\x0e\n\x06\x66under\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\r\n\x05month\x18\x03 \x01(\t\x12\x1b\n\x13\x61\x63tivations_started\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ommitted_cents\x18\x05 \x01(\x03\x12\x16\n\x0e\x63onsumed_cents\x18\x06 \x01(\x03\x12\x16\n\x0ereleased_cents\x18\x07 \x01(\x03\"d\n\x11ListEventsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1c\n\x0estart_sequence\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\"T\n\x12ListEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.entitlement.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0cpayload_json\x18\x07 \x01(\t2\xae\x02\n\x0c\x41uditService\x12\x62\n\x0fListActivations\x12&.entitlement.v1.ListActivationsRequest\x1a\'.entitlement.v1.ListActivationsResponse\x12\x65\n\x10GetFundingReport\x12\'.entitlement.v1.GetFundingReportRequest\x1a(.entitlement.v1.GetFundingReportResponse\x12S\n\nListEvents\x12!.entitlement.v1.ListEventsRequest\x1a\".entitlement.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65ntitlement/v1/audit.proto\x12\x0e\x65ntitlement.v1\x1a\x1f\x65ntitlement/v1/activation.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x16ListActivationsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07program\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06\x66under\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x61gency_code\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x34\n\x05state\x18\x06 \x01(\x0e\x32\x1f.entitlement.v1.ActivationStateB\x04\xe2\x41\x01\x01\x12:\n\x10\x63reate_time_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x38\n\x0e\x63reate_time_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"c\n\x17ListActivationsResponse\x12/\n\x0b\x61\x63tivations\x18\x01 \x03(\x0b\x32\x1a.entitlement.v1.Activation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x17GetFundingReportRequest\x12\x14\n\x06\x66under\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07program\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bstart_month\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tend_month\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"J\n\x18GetFundingReportResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .entitlement.v1.FundingReportRow\"\xa8\x01\n\x10\x46undingReportRow\x12\x0e\n\x06\x66under\x18\x01 \x01(\t\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\r\n\x05month\x18\x03 \x01(\t\x12\x1b\n\x13\x61\x63tivations_started\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ommitted_cents\x18\x05 \x01(\x03\x12\x16\n\x0e\x63onsumed_cents\x18\x06 \x01(\x03\x12\x16\n\x0ereleased_cents\x18\x07 \x01(\x03\"d\n\x11ListEventsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1c\n\x0estart_sequence\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\"T\n\x12ListEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.entitlement.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbb\x01\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0cpayload_json\x18\x07 \x01(\t\x12\x0f\n\x07program\x18\x08 \x01(\t\x12\x11\n\tleaf_hash\x18\t \x01(\x0c\"\x16\n\x14GetCheckpointRequest\"w\n\x15GetCheckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06origin\x18\x04 \x01(\t\x12\x14\n\x0cverifier_key\x18\x05 \x01(\t\"q\n\x18GetInclusionProofRequest\x12\x1a\n\nleaf_index\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x12\x18\n\x08sequence\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x12\x17\n\ttree_size\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x42\x06\n\x04leaf\"e\n\x19GetInclusionProofResponse\x12\x12\n\nleaf_index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"L\n\x1aGetConsistencyProofRequest\x12\x16\n\x08old_size\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x16\n\x08new_size\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"Q\n\x1bGetConsistencyProofResponse\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\"L\n\x13StreamEventsRequest\x12\x1c\n\x0estart_sequence\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x17\n\ttree_size\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x01\"U\n\x08LogEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x11\n\tleaf_hash\x18\x02 \x01(\x0c\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.entitlement.v1.Event2\xb7\x05\n\x0c\x41uditService\x12\x62\n\x0fListActivations\x12&.entitlement.v1.ListActivationsRequest\x1a\'.entitlement.v1.ListActivationsResponse\x12\x65\n\x10GetFundingReport\x12\'.entitlement.v1.GetFundingReportRequest\x1a(.entitlement.v1.GetFundingReportResponse\x12S\n\nListEvents\x12!.entitlement.v1.ListEventsRequest\x1a\".entitlement.v1.ListEventsResponse\x12\\\n\rGetCheckpoint\x12$.entitlement.v1.GetCheckpointRequest\x1a%.entitlement.v1.GetCheckpointResponse\x12h\n\x11GetInclusionProof\x12(.entitlement.v1.GetInclusionProofRequest\x1a).entitlement.v1.GetInclusionProofResponse\x12n\n\x13GetConsistencyProof\x12*.entitlement.v1.GetConsistencyProofRequest\x1a+.entitlement.v1.GetConsistencyProofResponse\x12O\n\x0cStreamEvents\x12#.entitlement.v1.StreamEventsRequest\x1a\x18.entitlement.v1.LogEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,6 +65,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEVENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
   _globals['_LISTEVENTSREQUEST'].fields_by_name['start_sequence']._loaded_options = None
   _globals['_LISTEVENTSREQUEST'].fields_by_name['start_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['leaf_index']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['leaf_index']._serialized_options = b'\342A\001\001'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['sequence']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['sequence']._serialized_options = b'\342A\001\001'
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['tree_size']._loaded_options = None
+  _globals['_GETINCLUSIONPROOFREQUEST'].fields_by_name['tree_size']._serialized_options = b'\342A\001\001'
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['old_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['old_size']._serialized_options = b'\342A\001\001'
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['new_size']._loaded_options = None
+  _globals['_GETCONSISTENCYPROOFREQUEST'].fields_by_name['new_size']._serialized_options = b'\342A\001\001'
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['start_sequence']._loaded_options = None
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['start_sequence']._serialized_options = b'\342A\001\001'
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['tree_size']._loaded_options = None
+  _globals['_STREAMEVENTSREQUEST'].fields_by_name['tree_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTACTIVATIONSREQUEST']._serialized_start=146
   _globals['_LISTACTIVATIONSREQUEST']._serialized_end=465
   _globals['_LISTACTIVATIONSRESPONSE']._serialized_start=467
@@ -80,7 +94,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTEVENTSRESPONSE']._serialized_start=1041
   _globals['_LISTEVENTSRESPONSE']._serialized_end=1125
   _globals['_EVENT']._serialized_start=1128
-  _globals['_EVENT']._serialized_end=1279
-  _globals['_AUDITSERVICE']._serialized_start=1282
-  _globals['_AUDITSERVICE']._serialized_end=1584
+  _globals['_EVENT']._serialized_end=1315
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1317
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1339
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=1341
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=1460
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=1462
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=1575
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=1577
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=1678
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=1680
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=1756
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=1758
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=1839
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=1841
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=1917
+  _globals['_LOGENTRY']._serialized_start=1919
+  _globals['_LOGENTRY']._serialized_end=2004
+  _globals['_AUDITSERVICE']._serialized_start=2007
+  _globals['_AUDITSERVICE']._serialized_end=2702
 # @@protoc_insertion_point(module_scope)

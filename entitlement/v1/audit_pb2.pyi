@@ -8,6 +8,29 @@ Callers: funders (role `funder`, scoped to their funder id) and admins. A funder
 activations of programs it funds and only its own share of the money; the scope is applied in
 the database query itself, never by filtering afterwards. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
+
+The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was
+not rewritten: leaf i is the event with sequence i + 1,
+
+  leaf hash = SHA-256(0x00 || leaf data),   node hash = SHA-256(0x01 || left || right),
+
+and the leaf data of an event is, integers big-endian, str(s) = uint32(byte length of the UTF-8
+of s) || those bytes:
+
+  str("entitlement/event/v1") || uint64(sequence)
+  || int64(time as microseconds since 1970-01-01T00:00:00Z)
+  || str(type) || str(actor) || str(subject)
+  || str(program id, without "programs/"; "" for an event about no program)
+  || str(reason) || str(payload_json)
+
+(`Event.time` carries whole microseconds: nanos are a multiple of 1000.) The service signs
+checkpoints of the log (GetCheckpoint) in the C2SP tlog-checkpoint format, a C2SP signed note
+with an Ed25519 key of its own. A funder keeps each checkpoint it verified; the next time it asks
+for the events (StreamEvents, up to a new checkpoint's size) and a consistency proof from the one
+it kept, and checks all of it offline (`entitlement audit export` then `entitlement audit verify`).
+Proofs are over the whole log, but a funder reads only events of programs it funds: every other
+event reaches it as its sequence number and leaf hash alone (enough to recompute the roots, no
+content; what it learns is how many events there are and where its own fall among them).
 """
 
 from collections import abc as _abc
@@ -266,6 +289,8 @@ class Event(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    LEAF_HASH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the log, from 1, without gaps."""
     type: _builtins.str
@@ -280,6 +305,12 @@ class Event(_message.Message):
     """The reason given by the actor."""
     payload_json: _builtins.str
     """Event details as canonical JSON (sorted keys). Never contains personal data."""
+    program: _builtins.str
+    """The program the event is about, `programs/{program_id}`; empty for an event about no program."""
+    leaf_hash: _builtins.bytes
+    """The event's leaf hash in the Merkle log, as stored when the event was logged (see the top of
+    this file for how to recompute it).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -292,11 +323,241 @@ class Event(_message.Message):
         subject: _builtins.str = ...,
         reason: _builtins.str = ...,
         payload_json: _builtins.str = ...,
+        program: _builtins.str = ...,
+        leaf_hash: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "payload_json", b"payload_json", "reason", b"reason", "sequence", b"sequence", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "leaf_hash", b"leaf_hash", "payload_json", b"payload_json", "program", b"program", "reason", b"reason", "sequence", b"sequence", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class GetCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointRequest: _TypeAlias = GetCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class GetCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_HASH_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    VERIFIER_KEY_FIELD_NUMBER: _builtins.int
+    checkpoint: _builtins.str
+    """The signed checkpoint, as is (C2SP tlog-checkpoint in a C2SP signed note): the origin line,
+    the tree size in decimal, the root hash in base64, a blank line, then the signature line: em
+    dash (U+2014), space, origin, space, base64(key ID || Ed25519 signature over the text above
+    the blank line), newline. Keep it to check the next one against.
+    """
+    tree_size: _builtins.int
+    """The same tree size and root hash, decoded."""
+    root_hash: _builtins.bytes
+    origin: _builtins.str
+    """The log's identity: the checkpoint's first line and the signing key's name."""
+    verifier_key: _builtins.str
+    """The note verifier key: "<origin>+<key ID, 8 hex digits>+base64(0x01 || Ed25519 public key)",
+    key ID = the first 4 bytes of SHA-256(origin || 0x0A || 0x01 || public key). Compare it with
+    the one published by the operator before trusting it.
+    """
+    def __init__(
+        self,
+        *,
+        checkpoint: _builtins.str = ...,
+        tree_size: _builtins.int = ...,
+        root_hash: _builtins.bytes = ...,
+        origin: _builtins.str = ...,
+        verifier_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "origin", b"origin", "root_hash", b"root_hash", "tree_size", b"tree_size", "verifier_key", b"verifier_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointResponse: _TypeAlias = GetCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    sequence: _builtins.int
+    tree_size: _builtins.int
+    """Size of the tree the proof is for (a checkpoint's); 0 means the log's current size."""
+    def __init__(
+        self,
+        *,
+        leaf_index: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["leaf", b"leaf", "leaf_index", b"leaf_index", "sequence", b"sequence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf", b"leaf", "leaf_index", b"leaf_index", "sequence", b"sequence", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_leaf: _TypeAlias = _typing.Literal["leaf_index", "sequence"]  # noqa: Y015
+    _WhichOneofArgType_leaf: _TypeAlias = _typing.Literal["leaf", b"leaf"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_leaf) -> _WhichOneofReturnType_leaf | None: ...
+
+Global___GetInclusionProofRequest: _TypeAlias = GetInclusionProofRequest  # noqa: Y015
+
+@_typing.final
+class GetInclusionProofResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    LEAF_HASH_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    tree_size: _builtins.int
+    leaf_hash: _builtins.bytes
+    """The leaf's hash, as stored."""
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The audit path, nearest the leaf first (RFC 9162 section 2.1.3)."""
+
+    def __init__(
+        self,
+        *,
+        leaf_index: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+        leaf_hash: _builtins.bytes = ...,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "leaf_hash", b"leaf_hash", "leaf_index", b"leaf_index", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInclusionProofResponse: _TypeAlias = GetInclusionProofResponse  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_FIELD_NUMBER: _builtins.int
+    old_size: _builtins.int
+    """Size of the older tree (the checkpoint the caller trusts); 0 gives an empty proof."""
+    new_size: _builtins.int
+    """Size of the newer tree; 0 means the log's current size."""
+    def __init__(
+        self,
+        *,
+        old_size: _builtins.int = ...,
+        new_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_size", b"new_size", "old_size", b"old_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofRequest: _TypeAlias = GetConsistencyProofRequest  # noqa: Y015
+
+@_typing.final
+class GetConsistencyProofResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    old_size: _builtins.int
+    new_size: _builtins.int
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 section 2.1.4; empty when old_size is 0 or equal to new_size."""
+
+    def __init__(
+        self,
+        *,
+        old_size: _builtins.int = ...,
+        new_size: _builtins.int = ...,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "new_size", b"new_size", "old_size", b"old_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsistencyProofResponse: _TypeAlias = GetConsistencyProofResponse  # noqa: Y015
+
+@_typing.final
+class StreamEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    start_sequence: _builtins.int
+    """First sequence number to send; 0 or 1 for the beginning."""
+    tree_size: _builtins.int
+    """Last sequence number to send (a checkpoint's tree size); 0 means the log's size when the
+    stream starts.
+    """
+    def __init__(
+        self,
+        *,
+        start_sequence: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_sequence", b"start_sequence", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEventsRequest: _TypeAlias = StreamEventsRequest  # noqa: Y015
+
+@_typing.final
+class LogEntry(_message.Message):
+    """One leaf of the log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    LEAF_HASH_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    leaf_hash: _builtins.bytes
+    """The leaf hash stored for this sequence number."""
+    @_builtins.property
+    def event(self) -> Global___Event:
+        """The event; absent when the caller may not read it (a funder, for another program's event
+        or an event about no program).
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        leaf_hash: _builtins.bytes = ...,
+        event: Global___Event | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "leaf_hash", b"leaf_hash", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015

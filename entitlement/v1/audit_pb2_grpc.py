@@ -50,6 +50,26 @@ class AuditServiceStub:
                 request_serializer=entitlement_dot_v1_dot_audit__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=entitlement_dot_v1_dot_audit__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/entitlement.v1.AuditService/GetCheckpoint',
+                request_serializer=entitlement_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=entitlement_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/entitlement.v1.AuditService/GetInclusionProof',
+                request_serializer=entitlement_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=entitlement_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/entitlement.v1.AuditService/GetConsistencyProof',
+                request_serializer=entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/entitlement.v1.AuditService/StreamEvents',
+                request_serializer=entitlement_dot_v1_dot_audit__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=entitlement_dot_v1_dot_audit__pb2.LogEntry.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -86,6 +106,52 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCheckpoint(self, request, context):
+        """The latest signed checkpoint of the event log (its size when the call is served), and the
+        verifier key that checks its signature.
+
+        Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
+        PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
+        `tree_size` leaves. Any leaf may be asked for: a proof is hashes only.
+
+        Errors: INVALID_ARGUMENT naming the field (no leaf given, `tree_size` larger than the log,
+        leaf not below `tree_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """The RFC 9162 consistency proof between the trees of `old_size` and `new_size` leaves: the
+        larger one extends the smaller one without changing any of its leaves.
+
+        Errors: INVALID_ARGUMENT naming the field (`new_size` larger than the log, `old_size` larger
+        than `new_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request, context):
+        """The log's leaves in order, from `start_sequence` to `tree_size`, one message each: the event
+        in full when the caller may read it, its sequence number and leaf hash alone otherwise. The
+        stream ends after the leaf of sequence `tree_size` (it does not wait for new events). It is
+        resumable: after a break, call again with `start_sequence` = the last sequence received + 1.
+
+        Errors: INVALID_ARGUMENT naming the field (`tree_size` larger than the log, `start_sequence`
+        beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +169,26 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=entitlement_dot_v1_dot_audit__pb2.ListEventsRequest.FromString,
                     response_serializer=entitlement_dot_v1_dot_audit__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=entitlement_dot_v1_dot_audit__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=entitlement_dot_v1_dot_audit__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=entitlement_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=entitlement_dot_v1_dot_audit__pb2.GetInclusionProofResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=entitlement_dot_v1_dot_audit__pb2.StreamEventsRequest.FromString,
+                    response_serializer=entitlement_dot_v1_dot_audit__pb2.LogEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +272,114 @@ class AuditService:
             '/entitlement.v1.AuditService/ListEvents',
             entitlement_dot_v1_dot_audit__pb2.ListEventsRequest.SerializeToString,
             entitlement_dot_v1_dot_audit__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlement.v1.AuditService/GetCheckpoint',
+            entitlement_dot_v1_dot_audit__pb2.GetCheckpointRequest.SerializeToString,
+            entitlement_dot_v1_dot_audit__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlement.v1.AuditService/GetInclusionProof',
+            entitlement_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            entitlement_dot_v1_dot_audit__pb2.GetInclusionProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlement.v1.AuditService/GetConsistencyProof',
+            entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            entitlement_dot_v1_dot_audit__pb2.GetConsistencyProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/entitlement.v1.AuditService/StreamEvents',
+            entitlement_dot_v1_dot_audit__pb2.StreamEventsRequest.SerializeToString,
+            entitlement_dot_v1_dot_audit__pb2.LogEntry.FromString,
             options,
             channel_credentials,
             insecure,

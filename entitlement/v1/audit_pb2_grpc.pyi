@@ -8,6 +8,29 @@ Callers: funders (role `funder`, scoped to their funder id) and admins. A funder
 activations of programs it funds and only its own share of the money; the scope is applied in
 the database query itself, never by filtering afterwards. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
+
+The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was
+not rewritten: leaf i is the event with sequence i + 1,
+
+  leaf hash = SHA-256(0x00 || leaf data),   node hash = SHA-256(0x01 || left || right),
+
+and the leaf data of an event is, integers big-endian, str(s) = uint32(byte length of the UTF-8
+of s) || those bytes:
+
+  str("entitlement/event/v1") || uint64(sequence)
+  || int64(time as microseconds since 1970-01-01T00:00:00Z)
+  || str(type) || str(actor) || str(subject)
+  || str(program id, without "programs/"; "" for an event about no program)
+  || str(reason) || str(payload_json)
+
+(`Event.time` carries whole microseconds: nanos are a multiple of 1000.) The service signs
+checkpoints of the log (GetCheckpoint) in the C2SP tlog-checkpoint format, a C2SP signed note
+with an Ed25519 key of its own. A funder keeps each checkpoint it verified; the next time it asks
+for the events (StreamEvents, up to a new checkpoint's size) and a consistency proof from the one
+it kept, and checks all of it offline (`entitlement audit export` then `entitlement audit verify`).
+Proofs are over the whole log, but a funder reads only events of programs it funds: every other
+event reaches it as its sequence number and leaf hash alone (enough to recompute the roots, no
+content; what it learns is how many events there are and where its own fall among them).
 """
 
 from collections import abc as _abc
@@ -57,6 +80,36 @@ class AuditServiceStub:
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
     """
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]
+    """The latest signed checkpoint of the event log (its size when the call is served), and the
+    verifier key that checks its signature.
+
+    Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
+    PERMISSION_DENIED.
+    """
+    GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]
+    """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
+    `tree_size` leaves. Any leaf may be asked for: a proof is hashes only.
+
+    Errors: INVALID_ARGUMENT naming the field (no leaf given, `tree_size` larger than the log,
+    leaf not below `tree_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]
+    """The RFC 9162 consistency proof between the trees of `old_size` and `new_size` leaves: the
+    larger one extends the smaller one without changing any of its leaves.
+
+    Errors: INVALID_ARGUMENT naming the field (`new_size` larger than the log, `old_size` larger
+    than `new_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    StreamEvents: _grpc.UnaryStreamMultiCallable[_audit_pb2.StreamEventsRequest, _audit_pb2.LogEntry]
+    """The log's leaves in order, from `start_sequence` to `tree_size`, one message each: the event
+    in full when the caller may read it, its sequence number and leaf hash alone otherwise. The
+    stream ends after the leaf of sequence `tree_size` (it does not wait for new events). It is
+    resumable: after a break, call again with `start_sequence` = the last sequence received + 1.
+
+    Errors: INVALID_ARGUMENT naming the field (`tree_size` larger than the log, `start_sequence`
+    beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -79,6 +132,36 @@ class AuditServiceAsyncStub(AuditServiceStub):
     A funder sees the events about activations of programs it funds.
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]  # type: ignore[assignment]
+    """The latest signed checkpoint of the event log (its size when the call is served), and the
+    verifier key that checks its signature.
+
+    Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
+    PERMISSION_DENIED.
+    """
+    GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
+    """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
+    `tree_size` leaves. Any leaf may be asked for: a proof is hashes only.
+
+    Errors: INVALID_ARGUMENT naming the field (no leaf given, `tree_size` larger than the log,
+    leaf not below `tree_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetConsistencyProofRequest, _audit_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
+    """The RFC 9162 consistency proof between the trees of `old_size` and `new_size` leaves: the
+    larger one extends the smaller one without changing any of its leaves.
+
+    Errors: INVALID_ARGUMENT naming the field (`new_size` larger than the log, `old_size` larger
+    than `new_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+    """
+    StreamEvents: _aio.UnaryStreamMultiCallable[_audit_pb2.StreamEventsRequest, _audit_pb2.LogEntry]  # type: ignore[assignment]
+    """The log's leaves in order, from `start_sequence` to `tree_size`, one message each: the event
+    in full when the caller may read it, its sequence number and leaf hash alone otherwise. The
+    stream ends after the leaf of sequence `tree_size` (it does not wait for new events). It is
+    resumable: after a break, call again with `start_sequence` = the last sequence received + 1.
+
+    Errors: INVALID_ARGUMENT naming the field (`tree_size` larger than the log, `start_sequence`
+    beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -117,6 +200,60 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         A funder sees the events about activations of programs it funds.
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _audit_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetCheckpointResponse, _abc.Awaitable[_audit_pb2.GetCheckpointResponse]]:
+        """The latest signed checkpoint of the event log (its size when the call is served), and the
+        verifier key that checks its signature.
+
+        Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
+        PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetInclusionProof(
+        self,
+        request: _audit_pb2.GetInclusionProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetInclusionProofResponse, _abc.Awaitable[_audit_pb2.GetInclusionProofResponse]]:
+        """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
+        `tree_size` leaves. Any leaf may be asked for: a proof is hashes only.
+
+        Errors: INVALID_ARGUMENT naming the field (no leaf given, `tree_size` larger than the log,
+        leaf not below `tree_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _audit_pb2.GetConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetConsistencyProofResponse, _abc.Awaitable[_audit_pb2.GetConsistencyProofResponse]]:
+        """The RFC 9162 consistency proof between the trees of `old_size` and `new_size` leaves: the
+        larger one extends the smaller one without changing any of its leaves.
+
+        Errors: INVALID_ARGUMENT naming the field (`new_size` larger than the log, `old_size` larger
+        than `new_size`, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamEvents(
+        self,
+        request: _audit_pb2.StreamEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.LogEntry], _abc.AsyncIterator[_audit_pb2.LogEntry]]:
+        """The log's leaves in order, from `start_sequence` to `tree_size`, one message each: the event
+        in full when the caller may read it, its sequence number and leaf hash alone otherwise. The
+        stream ends after the leaf of sequence `tree_size` (it does not wait for new events). It is
+        resumable: after a break, call again with `start_sequence` = the last sequence received + 1.
+
+        Errors: INVALID_ARGUMENT naming the field (`tree_size` larger than the log, `start_sequence`
+        beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,153 @@
+"""Use cases of the Merkle event log (AuditService): the signed checkpoint, inclusion and
+consistency proofs, and the stream of the log's leaves a funder downloads to verify it offline.
+
+Proofs are over the whole log and are hashes only, so any funder may ask for any of them. The
+stream gives a funder the events of the programs it funds in full, and every other leaf as its
+sequence number and stored leaf hash only: enough to recompute the roots, nothing of the content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select
+
+from entitlement import logtree, note
+from entitlement.app import Context
+from entitlement.audit import EventView
+from entitlement.callers import Caller
+from entitlement.errors import FailedPrecondition, InvalidArgument
+from entitlement.storage.db import utc
+from entitlement.storage.models import Event, LogNode
+
+STREAM_BATCH = 500  # events read per transaction while streaming
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    checkpoint: str
+    tree_size: int
+    root_hash: bytes
+    origin: str
+    verifier_key: str
+
+
+@dataclass(frozen=True)
+class InclusionView:
+    leaf_index: int
+    tree_size: int
+    leaf_hash: bytes
+    hashes: list[bytes]
+
+
+@dataclass(frozen=True)
+class ConsistencyView:
+    old_size: int
+    new_size: int
+    hashes: list[bytes]
+
+
+@dataclass(frozen=True)
+class EntryView:
+    seq: int
+    leaf_hash: bytes
+    event: EventView | None  # None: the caller may not read it
+
+
+def _signer(ctx: Context) -> note.Signer:
+    if ctx.log_signer is None:
+        raise FailedPrecondition(
+            f"this server has no log signing key ({ctx.settings.log_key_path}): the operator creates it with "
+            f"`entitlement audit keygen` and restarts the server", reason="LOG_KEY_MISSING")
+    return ctx.log_signer
+
+
+def get_checkpoint(ctx: Context) -> CheckpointView:
+    """Sign a checkpoint of the log as it is now. Ed25519 is deterministic: the same size gives the
+    same signed text."""
+    signer = _signer(ctx)
+    with ctx.db.read() as s:
+        size = logtree.size(s)
+        root = logtree.root(s, size)
+    text = note.sign_checkpoint(note.Checkpoint(signer.name, size, root), signer)
+    return CheckpointView(text, size, root, signer.name, signer.verifier.encode())
+
+
+def _not_negative(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise InvalidArgument.single(name, "must not be negative")
+
+
+def _tree_size(requested: int, log_size: int, field: str) -> int:
+    size = requested or log_size
+    if size > log_size:
+        raise InvalidArgument.single(field, f"is larger than the log, which holds {log_size} events")
+    return size
+
+
+def inclusion_proof(ctx: Context, *, leaf_index: int | None, sequence: int | None, tree_size: int) -> InclusionView:
+    if leaf_index is None and sequence is None:
+        raise InvalidArgument.single("leaf_index", "give the leaf, by leaf_index or by sequence")
+    _not_negative(tree_size=tree_size)
+    if leaf_index is not None:
+        _not_negative(leaf_index=leaf_index)
+        field, index = "leaf_index", leaf_index
+    else:
+        assert sequence is not None
+        if sequence < 1:
+            raise InvalidArgument.single("sequence", "sequence numbers start at 1")
+        field, index = "sequence", sequence - 1
+    with ctx.db.read() as s:
+        size = _tree_size(tree_size, logtree.size(s), "tree_size")
+        if index >= size:
+            raise InvalidArgument.single(field, f"must be below tree_size {size}" if field == "leaf_index"
+                                         else f"must be at most tree_size {size}")
+        return InclusionView(index, size, logtree.leaf_hash(s, index), logtree.inclusion_proof(s, index, size))
+
+
+def consistency_proof(ctx: Context, *, old_size: int, new_size: int) -> ConsistencyView:
+    _not_negative(old_size=old_size, new_size=new_size)
+    with ctx.db.read() as s:
+        new = _tree_size(new_size, logtree.size(s), "new_size")
+        if old_size > new:
+            raise InvalidArgument.single("old_size", f"is larger than new_size {new}")
+        return ConsistencyView(old_size, new, logtree.consistency_proof(s, old_size, new))
+
+
+def stream_entries(ctx: Context, caller: Caller, *, start_sequence: int,
+                   tree_size: int) -> Iterator[EntryView]:
+    """The leaves start_sequence..tree_size. Arguments are checked at once (before any leaf is
+    read); the leaves are then read STREAM_BATCH at a time, each batch in its own transaction."""
+    _not_negative(start_sequence=start_sequence, tree_size=tree_size)
+    with ctx.db.read() as s:
+        end = _tree_size(tree_size, logtree.size(s), "tree_size")
+    start = max(start_sequence, 1)
+    if start > end + 1:
+        raise InvalidArgument.single("start_sequence", f"is beyond tree_size {end} + 1")
+    readable = None if caller.role == "admin" else frozenset(ctx.catalog.funded_by(caller.funder_id or ""))
+    return _entries(ctx, start, end, readable)
+
+
+def _entries(ctx: Context, start: int, end: int, readable: frozenset[str] | None) -> Iterator[EntryView]:
+    # Driven by the events table: an event row missing from it (deleted behind the service's back)
+    # is missing from the stream, which the verifier reports, rather than hidden as a hash.
+    node = and_(LogNode.level == 0, LogNode.idx == Event.seq - 1)
+    after = start - 1
+    while after < end:
+        q = (select(Event, LogNode.hash).outerjoin(LogNode, node).where(Event.seq > after, Event.seq <= end)
+             .order_by(Event.seq).limit(STREAM_BATCH))
+        with ctx.db.read() as s:
+            rows = s.execute(q).all()
+        if not rows:
+            return
+        for e, leaf in rows:
+            leaf_hash = bytes(leaf) if leaf is not None else b""
+            if readable is None or (e.program_id is not None and e.program_id in readable):
+                yield EntryView(e.seq, leaf_hash, EventView(e.seq, utc(e.time), e.type, e.actor, e.subject,
+                                                            e.reason, e.payload_json, e.program_id or "",
+                                                            leaf_hash))
+            else:
+                yield EntryView(e.seq, leaf_hash, None)
+        after = rows[-1][0].seq

@@ -1,0 +1,361 @@
+"""Privacy, on both backends.
+
+1. A representative traffic mix (checks, activations, transitions, redeem, verify, usage reports, a
+   registry push, the change stream, funding reports and event lists) through the real server
+   process (server.py, logs at debug level on stderr as in production), then every log line and
+   every answer sent to a funder is scanned for the synthetic people's identifiants, birth dates
+   (in any usual spelling, and as google.type.Date values) and postal codes: zero hits.
+2. Retention: `entitlement privacy purge` deletes the personal data older than the period (the rows
+   of old registry snapshots, ended activations' account ids and decision details, old idempotency
+   records) and the audit log keeps its pseudonyms.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import text_format
+from google.protobuf.message import Message
+from google.type import date_pb2
+from sqlalchemy import func, select
+
+from own_server import on_day, own_server
+from support import TODAY, As, date_msg, identity
+from test_server_ops import Server, prepare
+
+from entitlement import cli, privacy, registry
+from entitlement.changes import encode_cursor
+from entitlement.clock import SystemClock
+from entitlement.pseudonym import Pseudonymizer
+from entitlement.storage.db import Database
+from entitlement.storage.models import Activation, Event, IdempotencyRecord, RegistryPerson, RegistrySnapshot
+from entitlement.synthetic import COLUMNS
+from entitlement.v1 import (activation_pb2, audit_pb2, eligibility_pb2, registry_pb2, registry_pb2_grpc)
+
+# identifiant -> (birth date, postal code, registered on, ended on, category): distinctive values
+# that appear nowhere else (no agency code, date or amount of the service looks like them).
+PEOPLE = {
+    "PRIVA0001": ("1996-04-23", "92347", "2024-02-01", "", "1"),
+    "PRIVA0002": ("1997-11-08", "94813", "2024-02-01", "", "2"),
+    "PRIVA0003": ("1998-06-19", "77512", "2024-02-01", "", "1"),
+    "PRIVA0004": ("1995-09-27", "91263", "2024-02-01", "", "1"),
+    "PRIVA0005": ("1999-01-31", "78941", "2024-02-01", "", "1"),
+    "PRIVA0006": ("2004-03-14", "93287", "2024-02-01", "", "1"),  # under 26, Île-de-France: opencfa too
+    "PRIVA0007": ("1994-12-05", "95431", "2020-01-06", "2025-01-31", "1"),  # registration ended
+    "PRIVA0008": ("1993-07-16", "13572", "2021-03-01", "", "6"),  # category not covered
+    "PRIVA0009": ("1992-02-22", "69384", "2024-02-01", "", "1"),
+}
+NOT_REGISTERED = ("PRIVZ0404", "1991-10-10")  # asked about, not in the registry
+BAD_ROW_ID = "PRIVX0001"  # a rejected row of a pushed extract
+
+
+def spellings(iso: str) -> list[str]:
+    d = dt.date.fromisoformat(iso)
+    return [iso, d.strftime("%d/%m/%Y"), d.strftime("%Y%m%d"), d.strftime("%d-%m-%Y"), d.strftime("%d.%m.%Y")]
+
+
+def needles() -> list[tuple[str, re.Pattern[str]]]:
+    out: list[tuple[str, re.Pattern[str]]] = []
+    people = {**{k: v[:2] for k, v in PEOPLE.items()}, NOT_REGISTERED[0]: (NOT_REGISTERED[1], "")}
+    for ident, (birth, postal) in people.items():
+        out.append((ident, re.compile(re.escape(ident), re.IGNORECASE)))
+        for s in spellings(birth):
+            out.append((f"{ident} birth {s}", re.compile(re.escape(s))))
+        if postal:
+            out.append((f"{ident} postal {postal}", re.compile(rf"(?<![0-9A-Za-z.]){postal}(?![0-9A-Za-z])")))
+    out.append((BAD_ROW_ID, re.compile(BAD_ROW_ID, re.IGNORECASE)))
+    return out
+
+
+BIRTHS = {dt.date.fromisoformat(v[0]) for v in PEOPLE.values()} | {dt.date.fromisoformat(NOT_REGISTERED[1])}
+
+
+def hits(text: str) -> list[str]:
+    return [name for name, pattern in needles() if pattern.search(text)]
+
+
+def dates_in(msg: Message) -> Iterator[dt.date]:
+    """Every google.type.Date value inside a message."""
+    if isinstance(msg, date_pb2.Date):
+        if msg.year and msg.month and msg.day:
+            yield dt.date(msg.year, msg.month, msg.day)
+        return
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.is_repeated:
+            if fd.message_type.GetOptions().map_entry:
+                continue
+            for item in value:
+                yield from dates_in(item)
+        else:
+            yield from dates_in(value)
+
+
+def write_registry(path: Path, people: dict[str, tuple[str, str, str, str, str]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for ident, (birth, postal, reg, end, cat) in people.items():
+            w.writerow({"identifiant": ident, "nom": "Privé", "prenom": "Personne", "dateNaissance": birth,
+                        "codePostal": postal, "dateInscription": reg, "dateCessationInscription": end,
+                        "codeCategorieInscription": cat})
+    return path
+
+
+class Traffic:
+    """Calls as the test callers; keeps every answer (or error) sent to a funder."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.funder_answers: list[str] = []
+        self.funder_messages: list[Message] = []
+
+    def as_(self, caller: str) -> As:
+        return As(self.server.channel, self.server.dir.tokens[caller])
+
+    def funder(self, caller: str, method: str, request: Message) -> Any:
+        try:
+            resp = getattr(self.as_(caller), method)(request)
+        except grpc.RpcError as err:
+            self.funder_answers.append(f"{err.code().name} {err.details()} {err.trailing_metadata()}")
+            return None
+        self.funder_messages.append(resp)
+        self.funder_answers.append(text_format.MessageToString(resp, as_utf8=True))
+        return resp
+
+    def maybe(self, fn: Any, request: Message) -> Any:
+        try:
+            return fn(request)
+        except grpc.RpcError as err:
+            return err
+
+
+def run_traffic(t: Traffic, registry_file: Path) -> None:
+    adv, lyon, plat, other = (t.as_(c) for c in ("advisor-paris", "advisor-lyon", "platform-oc", "platform-other"))
+    premium, cfa = "programs/premium-job-seekers", "programs/opencfa-apprentices"
+
+    def who(ident: str) -> Any:
+        return identity(ident, PEOPLE[ident][0])
+
+    # Checks: eligible, not eligible for several reasons, unknown, wrong birth date, a past date.
+    for ident in PEOPLE:
+        adv.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=who(ident)))
+    adv.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=identity(*NOT_REGISTERED)))
+    adv.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity("PRIVA0001", "1996-04-24"), program=premium))
+    adv.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=who("PRIVA0006"), program=cfa, mentor_id="T-77"))
+    t.maybe(adv.CheckEligibility, eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity("PRIVA0001!", "1996-04-23")))  # invalid: echoed nowhere
+    # Activations, one refused, one retried with its request id.
+    made = {}
+    for ident, advisor, platform in (("PRIVA0001", adv, "openclassrooms"), ("PRIVA0002", adv, "openclassrooms"),
+                                     ("PRIVA0003", lyon, "otherplatform"), ("PRIVA0004", adv, "openclassrooms"),
+                                     ("PRIVA0005", lyon, "openclassrooms"), ("PRIVA0009", adv, "openclassrooms")):
+        request = activation_pb2.ActivateEntitlementRequest(
+            request_id=uuid.uuid4().hex, job_seeker=who(ident), program=premium, platform=f"platforms/{platform}",
+            reason="traffic mix")
+        made[ident] = advisor.ActivateEntitlement(request)
+        advisor.ActivateEntitlement(request)  # replayed
+    made["PRIVA0006"] = adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=who("PRIVA0006"), program=cfa, platform="platforms/openclassrooms", reason="apprentice",
+        mentor_id="T-77"))
+    for ident in ("PRIVA0007", "PRIVA0008"):
+        t.maybe(adv.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+            job_seeker=who(ident), program=premium, platform="platforms/openclassrooms"))
+    t.maybe(adv.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=who("PRIVA0001"), program=premium, platform="platforms/openclassrooms"))  # already exists
+    # Redeem, verify, transitions, usage.
+    for n, ident in enumerate(("PRIVA0001", "PRIVA0002", "PRIVA0004", "PRIVA0005", "PRIVA0006", "PRIVA0009")):
+        plat.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=made[ident].activation_token, account_id=f"learner-{n}"))
+    other.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=made["PRIVA0003"].activation_token, account_id="other-learner"))
+    t.maybe(plat.RedeemActivationToken, activation_pb2.RedeemActivationTokenRequest(
+        token=made["PRIVA0001"].activation_token, account_id="learner-0"))  # replay
+    name = made["PRIVA0002"].activation.name
+    adv.SuspendActivation(activation_pb2.TransitionActivationRequest(name=name, reason="paused"))
+    adv.ResumeActivation(activation_pb2.TransitionActivationRequest(name=name, reason="back"))
+    adv.RevokeActivation(activation_pb2.TransitionActivationRequest(
+        name=made["PRIVA0004"].activation.name, reason="left the program"))
+    t.maybe(lyon.GetActivation, activation_pb2.GetActivationRequest(name=name))  # out of scope
+    adv.GetActivation(activation_pb2.GetActivationRequest(name=name))
+    for n in range(6):
+        plat.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=f"learner-{n}"))
+    month = dt.date.today().strftime("%Y-%m")
+    plat.ReportUsage(activation_pb2.ReportUsageRequest(account_id="learner-4", month=month, used=True))
+    t.maybe(plat.ReportUsage, activation_pb2.ReportUsageRequest(account_id="other-learner", month=month, used=True))
+    call = plat.WatchEntitlementChanges(activation_pb2.WatchEntitlementChangesRequest(cursor=encode_cursor(0)),
+                                        timeout=1.0)
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError:
+        pass
+    # The agency pushes the extract again (data confirmed a day later), with one bad row.
+    bad = {"identifiant": BAD_ROW_ID, "nom": "Bad", "prenom": "Row", "dateNaissance": "1996-02-30",
+           "codePostal": "92347", "dateInscription": "2024-02-01", "codeCategorieInscription": "1"}
+    data = registry_file.read_bytes() + (",".join(bad.get(c, "") for c in COLUMNS) + "\n").encode()
+    header = registry_pb2.ExtractHeader(extracted_on=date_msg(dt.date.today()), source_name="push.csv",
+                                        sha256=hashlib.sha256(data).hexdigest())
+    registry_pb2_grpc.RegistryServiceStub(t.server.channel).ImportExtract(
+        iter([registry_pb2.ImportExtractRequest(header=header), registry_pb2.ImportExtractRequest(chunk=data)]),
+        metadata=(("authorization", f"Bearer {t.server.dir.tokens['agency-feed']}"),), timeout=30)
+    adv.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=who("PRIVA0009")))
+    # Funders: everything they can ask, in and out of their scope.
+    for funder in ("funder-ministry", "funder-ft", "funder-idf"):
+        t.funder(funder, "ListActivations", audit_pb2.ListActivationsRequest(page_size=500))
+        t.funder(funder, "ListActivations", audit_pb2.ListActivationsRequest(program=cfa))
+        t.funder(funder, "ListActivations", audit_pb2.ListActivationsRequest(agency_code="75011"))
+        t.funder(funder, "GetFundingReport", audit_pb2.GetFundingReportRequest())
+        t.funder(funder, "GetFundingReport", audit_pb2.GetFundingReportRequest(funder="region-idf"))
+        t.funder(funder, "ListEvents", audit_pb2.ListEventsRequest(page_size=1000))
+        t.funder(funder, "ListPrograms", eligibility_pb2.ListProgramsRequest())
+        t.funder(funder, "GetSigningKeys", activation_pb2.GetSigningKeysRequest())
+        t.funder(funder, "CheckEligibility", eligibility_pb2.CheckEligibilityRequest(job_seeker=who("PRIVA0001")))
+    # The admin's view of the same, kept to the same standard.
+    t.funder("admin", "ListActivations", audit_pb2.ListActivationsRequest(page_size=500))
+    t.funder("admin", "ListEvents", audit_pb2.ListEventsRequest(page_size=1000))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def traffic_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    url, pg_name = None, None
+    if request.param == "postgres":
+        from conftest import create_pg_database
+        pg_name, url = create_pg_database(request.getfixturevalue("pg_server"))
+    d = prepare(tmp_path / "srv", url, with_registry=False)
+    d.extra_env["ENTITLEMENT_LOG_LEVEL"] = "debug"
+    extract = write_registry(tmp_path / "registry.csv", PEOPLE)
+    db = Database(d.database_url, pool_size=1)
+    try:
+        registry.import_extract(db, Pseudonymizer.from_file(d.pseudonym_key_file), SystemClock(), extract,
+                                extracted_on=dt.date.today() - dt.timedelta(days=1))
+    finally:
+        db.dispose()
+    server = Server(d)
+    try:
+        yield server, extract
+    finally:
+        server.close()
+        if pg_name:
+            from conftest import drop_pg_database
+            drop_pg_database(request.getfixturevalue("pg_server"), pg_name)
+
+
+def test_no_personal_data_in_logs_or_funder_answers(traffic_server: tuple[Server, Path]) -> None:
+    server, extract = traffic_server
+    t = Traffic(server)
+    run_traffic(t, extract)
+    log = server.stderr()
+    lines = [line for line in log.splitlines() if line.strip()]
+    rpc = [x for x in server.dir.log_lines() if x.get("event") == "rpc"]
+    assert len(rpc) >= 80, "the traffic was logged"
+    assert {x["code"] for x in rpc} >= {"OK", "FAILED_PRECONDITION", "ALREADY_EXISTS", "PERMISSION_DENIED",
+                                       "NOT_FOUND", "INVALID_ARGUMENT"}
+    found = {(name, line[:200]) for line in lines for name in hits(line)}
+    assert not found, f"personal data in the logs: {sorted(found)[:10]}"
+    assert len(t.funder_answers) >= 25 and any("activations/" in a for a in t.funder_answers)
+    found = {(name, answer[:200]) for answer in t.funder_answers for name in hits(answer)}
+    assert not found, f"personal data sent to funders: {sorted(found)[:10]}"
+    dates = {d for m in t.funder_messages for d in dates_in(m)}
+    assert dates and not dates & BIRTHS, "a birth date as a google.type.Date in a funder's answer"
+    # The scan can fail: it finds each kind of value, whatever its spelling.
+    assert hits("dateNaissance=23/04/1996 codePostal=92347 id=priva0001") == [
+        "PRIVA0001", "PRIVA0001 birth 23/04/1996", "PRIVA0001 postal 92347"]
+
+
+# ------------------------------------------------------------------------------------ retention
+
+def test_purge_deletes_personal_data_past_the_retention_period(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    people = {f"R{i:07d}": ((dt.date(1990, 1, 1) + dt.timedelta(days=i)).isoformat(), "75011", "2024-01-15", "", "1")
+              for i in range(1, 21)}
+    with own_server(backend[0], tmp_path / "srv", request, people=people) as h:
+        adv = As(h.channel, h.tokens["advisor-paris"])
+        plat = As(h.channel, h.tokens["platform-oc"])
+        names = []
+        for i in range(1, 5):
+            ident, (birth, *_rest) = f"R{i:07d}", people[f"R{i:07d}"]
+            made = adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                request_id=uuid.uuid4().hex, job_seeker=identity(ident, birth),
+                program="programs/premium-job-seekers", platform="platforms/openclassrooms", reason="retention"))
+            plat.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                token=made.activation_token, account_id=f"ret-{i}"))
+            names.append(made.activation.name)
+        for name in names[:2]:  # two end now; two stay live
+            adv.RevokeActivation(activation_pb2.TransitionActivationRequest(name=name, reason="ended"))
+        # A newer extract: the first snapshot is no longer in force (its rows are kept, the previous one).
+        with on_day(h, TODAY + dt.timedelta(days=30)):
+            registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, tmp_path / "srv" / "registry.csv",
+                                    extracted_on=TODAY + dt.timedelta(days=29))
+        admin = As(h.channel, h.tokens["admin"])
+        before = {a.name: a for a in admin.ListActivations(audit_pb2.ListActivationsRequest()).activations}
+        events_before = list(admin.ListEvents(audit_pb2.ListEventsRequest(page_size=1000)).events)
+        db = h.ctx.db
+
+        def counts() -> dict[str, int]:
+            with db.read() as s:
+                return {
+                    "rows": int(s.execute(select(func.count()).select_from(RegistryPerson)).scalar_one()),
+                    "idem": int(s.execute(select(func.count()).select_from(IdempotencyRecord)).scalar_one()),
+                    "accounts": int(s.execute(select(func.count()).select_from(Activation).where(
+                        Activation.account_id.is_not(None))).scalar_one()),
+                }
+        assert counts() == {"rows": 40, "idem": 4, "accounts": 4}
+
+        # Within the period nothing goes.
+        summary = privacy.purge(db, now=h.clock.now() + dt.timedelta(days=100), retention_days=1095, actor="operator:t")
+        assert not summary.anything and counts() == {"rows": 40, "idem": 4, "accounts": 4}
+        # The command, counting only (its clock is the real one: a period of one day covers it all).
+        monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", h.url)
+        capsys.readouterr()
+        assert cli.main(["privacy", "purge", "--dry-run", "--retention-days", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "would delete the rows of 1 registry snapshot(s) (20 rows), 4 idempotency record(s)" in out
+        assert "would scrub 2 ended activation(s)" in out
+        assert counts() == {"rows": 40, "idem": 4, "accounts": 4}
+
+        later = h.clock.now() + dt.timedelta(days=1095 + 31)
+        summary = privacy.purge(db, now=later, retention_days=1095, actor="operator:dpo")
+        assert (summary.registry_snapshots, summary.registry_rows, summary.activations_scrubbed,
+                summary.idempotency_records) == (1, 20, 2, 4)
+        assert counts() == {"rows": 20, "idem": 0, "accounts": 2}
+        with db.read() as s:
+            snaps = dict(s.execute(select(RegistrySnapshot.id, RegistrySnapshot.status)).all())
+            scrubbed = s.execute(select(Activation).where(Activation.account_id.is_(None))).scalars().all()
+        assert sorted(snaps.values()) == ["complete", "superseded"]  # the records stay
+        assert {f"activations/{a.id}" for a in scrubbed} == set(names[:2])
+        for a in scrubbed:
+            stored = json.loads(a.decision_json)
+            assert stored["purged"] and all(c[3] == "" for c in stored["decision"]["criteria"])
+        # The snapshot in force still answers; the live activations are untouched.
+        assert As(h.channel, h.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity("R0000010", people["R0000010"][0]), program="programs/premium-job-seekers")
+        ).decisions[0].eligible
+        assert plat.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="ret-3")).active
+        assert not plat.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="ret-1")).activation
+        # The audit log keeps its pseudonyms: same events, same job_seeker_ref, plus the purge's own.
+        after = {a.name: a for a in admin.ListActivations(audit_pb2.ListActivationsRequest()).activations}
+        assert {n: a.job_seeker_ref for n, a in after.items()} == {n: a.job_seeker_ref for n, a in before.items()}
+        events_after = list(admin.ListEvents(audit_pb2.ListEventsRequest(page_size=1000)).events)
+        assert events_after[:len(events_before)] == events_before
+        assert [e.type for e in events_after[len(events_before):]] == ["privacy.purged"]
+        assert json.loads(events_after[-1].payload_json)["registry_rows"] == 20
+        # Running it again finds nothing more, and says nothing more.
+        assert not privacy.purge(db, now=later, retention_days=1095, actor="operator:dpo").anything
+        with db.read() as s:
+            assert s.execute(select(func.count()).select_from(Event).where(
+                Event.type == "privacy.purged")).scalar_one() == 1
