@@ -1,9 +1,20 @@
 """Run the entitlement gRPC server. Every setting comes from ENTITLEMENT_* environment variables
-(README "Configuration"). `make run` prepares a local demo and runs this."""
+(README "Configuration"). `make run` prepares a local demo and runs this.
+
+With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process supervises N server
+processes sharing the port through SO_REUSEPORT. They are started with `spawn`, so no gRPC object
+exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully), and if
+one dies the others are stopped and the supervisor exits non-zero.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import sys
+import time
+from types import FrameType
 
 from entitlement import app, logs
 from entitlement.config import Settings
@@ -13,16 +24,63 @@ from entitlement.storage.migrate import SchemaNotCurrent
 from entitlement.tls import TransportError, check_transport, server_tls
 
 
-def main() -> int:
-    settings = Settings.from_env()
-    logs.configure(settings.log_level)
+def _prepare(settings: Settings) -> app.Context | None:
     try:
         # Transport first: an unsafe listen address is refused before anything is loaded.
         check_transport(settings.listen, server_tls(settings.tls_cert_file, settings.tls_key_file,
                                                     settings.tls_client_ca_file), settings.insecure)
-        ctx = app.build(settings)
+        return app.build(settings)
     except (ProgramFileError, SchemaNotCurrent, TransportError) as exc:
         print(f"entitlement: cannot start: {exc}", file=sys.stderr)
+        return None
+
+
+def _child() -> None:
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    ctx = _prepare(settings)
+    if ctx is None:
+        raise SystemExit(2)
+    serve_forever(ctx)
+
+
+def _supervise(settings: Settings) -> int:
+    if settings.listen.rsplit(":", 1)[-1] == "0":
+        print("entitlement: cannot start: ENTITLEMENT_PROCESSES > 1 needs a fixed port in ENTITLEMENT_LISTEN",
+              file=sys.stderr)
+        return 2
+    ctx = _prepare(settings)  # fail fast, once, on a bad configuration
+    if ctx is None:
+        return 2
+    ctx.db.dispose()
+    spawn = multiprocessing.get_context("spawn")
+    children = [spawn.Process(target=_child, name=f"entitlement-{i}") for i in range(settings.processes)]
+    for child in children:
+        child.start()
+    failed = False
+
+    def stop_all(signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+        for child in children:
+            if child.is_alive() and child.pid:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    while any(c.is_alive() for c in children):
+        if not failed and any(c.exitcode not in (None, 0) for c in children):
+            failed = True  # one died: stop the others, and report the failure
+            stop_all()
+        time.sleep(0.2)
+    return 1 if failed or any(c.exitcode != 0 for c in children) else 0
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    if settings.processes > 1:
+        return _supervise(settings)
+    ctx = _prepare(settings)
+    if ctx is None:
         return 2
     serve_forever(ctx)
     return 0

@@ -45,6 +45,7 @@ class Settings:
     issuer: str = "urn:entitlement"
     token_ttl_days: int = 30
     max_workers: int = 16
+    processes: int = 1
     grace_seconds: int = 10
     log_level: str = "info"
     timezone: str = "Europe/Paris"
@@ -96,6 +97,7 @@ class Settings:
             issuer=_env("ENTITLEMENT_ISSUER", d.issuer),
             token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days),
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
+            processes=_int("ENTITLEMENT_PROCESSES", d.processes),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),
             timezone=_env("ENTITLEMENT_TIMEZONE", d.timezone),

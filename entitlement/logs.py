@@ -5,12 +5,19 @@ never a name, birth date or agency identifier."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _add_pid(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+    """Which server process wrote the line (several may share a port: ENTITLEMENT_PROCESSES)."""
+    event["pid"] = os.getpid()
+    return event
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
@@ -20,6 +27,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _add_pid,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=True),

@@ -61,7 +61,10 @@ def start(ctx: Context, listen: str) -> Running:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        # Several server processes share one port through SO_REUSEPORT (the kernel spreads
+        # connections); a single process keeps it off so that a port in use is an error.
+        options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
+                 ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
     )
     eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), server)
