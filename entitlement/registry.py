@@ -303,16 +303,32 @@ class _BulkWriter:
     """Stores validated rows of one snapshot from a thread of its own, so that parsing (Python, GIL)
     and writing (the driver, GIL released) overlap; a bounded queue keeps memory constant.
 
-    One transaction per batch: COPY on PostgreSQL, one executemany on SQLite. A batch holding a
-    duplicate identifiant (the primary key refuses it) is replayed row by row so that only the
-    duplicates are rejected, each with its line number."""
+    The first DIRECT_ROWS rows go straight into registry_people, one transaction per batch (COPY on
+    PostgreSQL, one executemany on SQLite): while the snapshot is small, its random 32-byte keys
+    scatter over a B-tree that still fits in the cache. A batch holding a duplicate identifiant (the
+    primary key refuses it) is replayed row by row so that only the duplicates are rejected, each
+    with its line number.
+
+    Past that, random-key inserts thrash once the index outgrows the cache, so the rest of the file
+    is appended in file order to a TEMP staging table (no index but its line number) on a connection
+    held for the import, and `finish` fills registry_people with one INSERT ... SELECT ... ORDER BY
+    person_key: sorted input walks the B-tree once instead of scattering. Every row, the direct ones
+    included, is staged so that duplicates (every occurrence after the first, by line) are found in
+    SQL. A TEMP table dies with its connection: a killed import leaves only its registry_people rows
+    (of a snapshot still `importing`), which `_discard_unfinished` removes."""
 
     COLUMNS = "snapshot_id, person_key, birth_date, postal_code, registered_on, registration_ended_on, category"
+    STAGE_COLUMNS = "line_no, person_key, birth_date, postal_code, registered_on, registration_ended_on, category"
+    DIRECT_ROWS = 100_000
 
     def __init__(self, db: Database, snapshot_id: int, reject: Callable[[int, str], None]) -> None:
         self.db, self.snapshot_id, self.reject = db, snapshot_id, reject
         self.on_stored: Callable[[int], None] | None = None
-        self.stored = 0
+        self.stored = 0  # rows in registry_people, plus staged rows past the direct ones (reported as progress)
+        self.direct = 0  # rows stored straight into registry_people
+        self.staged = 0  # rows staged past the direct ones
+        self.last_direct_line = 0
+        self._stage: Any = None  # the pooled DBAPI connection holding the TEMP staging table
         self._queue: queue.Queue[list[tuple[int, Row]] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="registry-writer", daemon=True)
@@ -326,6 +342,7 @@ class _BulkWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._close_stage()
 
     def put(self, batch: list[tuple[int, Row]]) -> None:
         if self._error is not None:
@@ -343,10 +360,23 @@ class _BulkWriter:
             self._thread.join()
         if self._error is not None:
             raise self._error
+        if self.staged:
+            self.stored = self.direct + self._merge()
+            if self.on_stored:
+                self.on_stored(self.stored)
         return self.stored
 
     def _store(self, batch: list[tuple[int, Row]]) -> None:
-        self.stored += self.write(batch)
+        if self.staged == 0 and self.direct < self.DIRECT_ROWS:
+            n = self.write(batch)
+            self._stage_rows(batch)  # for finding later duplicates of these rows in SQL
+            self.direct += n
+            self.last_direct_line = batch[-1][0]
+            self.stored += n
+        else:
+            self._stage_rows(batch)
+            self.staged += len(batch)
+            self.stored += len(batch)
         if self.on_stored:
             self.on_stored(self.stored)
 
@@ -364,26 +394,131 @@ class _BulkWriter:
             with self.db.write() as s:
                 conn = s.connection()
                 if self.db.is_sqlite:
-                    # Random 32-byte keys scatter over the primary-key B-tree: a larger page cache
-                    # for this connection avoids re-reading pages (bounded: 64 MiB).
-                    conn.exec_driver_sql("PRAGMA cache_size=-65536")
                     conn.exec_driver_sql(
                         f"INSERT INTO registry_people ({self.COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         sorted((self.snapshot_id, *row) for _, row in batch))  # key order: B-tree locality
                 else:
-                    self._copy(conn, batch)
+                    self._copy(conn.connection.driver_connection, "registry_people", self.COLUMNS,
+                               self.snapshot_id, batch)
             return len(batch)
         except (IntegrityError, UniqueViolation):  # COPY runs on the driver's cursor: psycopg's own error
             return self._one_by_one(batch)
 
-    def _copy(self, conn: Any, batch: list[tuple[int, Row]]) -> None:
-        sid = self.snapshot_id
-        # COPY text format: bytea as \x<hex> with its backslash doubled, NULL as \N.
-        text = "".join(f"{sid}\t\\\\x{key.hex()}\t{birth}\t{postal}\t{reg}\t{end or COPY_NULL}\t{cat}\n"
-                       for _, (key, birth, postal, reg, end, cat) in batch)
-        cursor = conn.connection.driver_connection.cursor()
-        with cursor.copy(f"COPY registry_people ({self.COLUMNS}) FROM STDIN") as copy:
+    @staticmethod
+    def _copy(driver_conn: Any, table: str, columns: str, sid: int | None, batch: list[tuple[int, Row]]) -> None:
+        # COPY text format: bytea as \x<hex> with its backslash doubled, NULL as \N. First column:
+        # the snapshot id, or (staging) the line number.
+        text = "".join(f"{line_no if sid is None else sid}\t\\\\x{key.hex()}\t{birth}\t{postal}\t{reg}\t"
+                       f"{end or COPY_NULL}\t{cat}\n"
+                       for line_no, (key, birth, postal, reg, end, cat) in batch)
+        with driver_conn.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
             copy.write(text)
+
+    def _open_stage(self) -> Any:
+        raw = self.db.engine.raw_connection()
+        try:
+            conn = raw.driver_connection
+            if self.db.is_sqlite:  # autocommit (see db.py): transactions are explicit
+                conn.execute("PRAGMA temp.cache_size=-8192")  # appends only
+                conn.execute("DROP TABLE IF EXISTS temp.registry_stage")
+                conn.execute("CREATE TEMP TABLE registry_stage (line_no INTEGER PRIMARY KEY, "
+                             "person_key BLOB NOT NULL, birth_date TEXT, postal_code TEXT, registered_on TEXT, "
+                             "registration_ended_on TEXT, category INTEGER)")
+            else:
+                with conn.cursor() as cur:
+                    cur.execute("SET temp_buffers = '64MB'")  # before the session's first temp table
+                    cur.execute("DROP TABLE IF EXISTS pg_temp.registry_stage")
+                    cur.execute("CREATE TEMP TABLE registry_stage (line_no integer, person_key bytea, "
+                                "birth_date date, postal_code varchar(5), registered_on date, "
+                                "registration_ended_on date, category smallint)")
+                conn.commit()
+        except BaseException:
+            raw.invalidate()
+            raise
+        return raw
+
+    def _close_stage(self) -> None:
+        raw, self._stage = self._stage, None
+        if raw is None:
+            return
+        try:
+            conn = raw.driver_connection
+            if self.db.is_sqlite:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute("DROP TABLE IF EXISTS temp.registry_stage")
+            else:
+                conn.rollback()
+                with conn.cursor() as cur:
+                    cur.execute("DROP TABLE IF EXISTS pg_temp.registry_stage")
+                conn.commit()
+            raw.close()
+        except BaseException:
+            raw.invalidate()  # never hand a connection with a staging table back to the pool
+
+    def _stage_rows(self, batch: list[tuple[int, Row]]) -> None:
+        if self._stage is None:
+            self._stage = self._open_stage()
+        conn = self._stage.driver_connection
+        if self.db.is_sqlite:
+            conn.execute("BEGIN")  # the TEMP database only: no lock on the main one
+            conn.executemany(f"INSERT INTO temp.registry_stage ({self.STAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [(line_no, *row) for line_no, row in batch])
+            conn.execute("COMMIT")
+        else:
+            self._copy(conn, "registry_stage", self.STAGE_COLUMNS, None, batch)
+            conn.commit()
+
+    def _merge(self) -> int:
+        """Fills registry_people with the staged rows past the direct ones, in key order, skipping
+        and rejecting every occurrence of a key after its first; returns the rows inserted."""
+        conn = self._stage.driver_connection
+        cols = self.COLUMNS.removeprefix("snapshot_id, ")
+        if self.db.is_sqlite:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Appends in key order need little cache; the sorter's memory is sized from it (bounded RSS),
+                # and one helper thread sorts while this one inserts.
+                conn.execute("PRAGMA cache_size=-32768")
+                conn.execute("PRAGMA threads=1")
+                inserted = conn.execute(
+                    f"INSERT OR IGNORE INTO registry_people ({self.COLUMNS}) SELECT ?, {cols} "
+                    "FROM temp.registry_stage WHERE line_no > ? ORDER BY person_key, line_no",
+                    (self.snapshot_id, self.last_direct_line)).rowcount
+                if inserted < self.staged:
+                    self._reject_duplicates(conn.execute(self._DUPLICATES.replace("%s", "?"),
+                                                         (self.last_direct_line,)))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return inserted
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL work_mem = '256MB'")  # the server's sort, not this process's memory
+            # DISTINCT ON keeps each key's first line; past the direct ones, none is stored yet: a plain
+            # INSERT (ON CONFLICT's speculative insertion costs three times as much).
+            cur.execute(f"INSERT INTO registry_people ({self.COLUMNS}) SELECT %s, {cols} FROM "
+                        "(SELECT DISTINCT ON (person_key) * FROM registry_stage ORDER BY person_key, line_no) AS first "
+                        "WHERE line_no > %s ORDER BY person_key",
+                        (self.snapshot_id, self.last_direct_line))
+            inserted = cur.rowcount
+            if inserted < self.staged:
+                cur.execute(self._DUPLICATES, (self.last_direct_line,))
+                self._reject_duplicates(cur)
+        conn.commit()
+        return inserted
+
+    # Staged rows (past the direct ones) whose key an earlier line already has: every row of the file
+    # is staged, so the previous row in (key, line) order tells.
+    _DUPLICATES = ("SELECT line_no FROM (SELECT line_no, person_key, "
+                   "lag(person_key) OVER (ORDER BY person_key, line_no) AS previous FROM registry_stage) AS s "
+                   "WHERE person_key = previous AND line_no > %s ORDER BY line_no")
+
+    def _reject_duplicates(self, cursor: Any) -> None:
+        while rows := cursor.fetchmany(1000):
+            for (line_no,) in rows:
+                self.reject(line_no, "identifiant: duplicate of an earlier row")
 
     def _one_by_one(self, batch: list[tuple[int, Row]]) -> int:
         stored = 0
