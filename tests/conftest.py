@@ -19,7 +19,7 @@ import pytest
 
 from support import (CALLERS, TODAY, Api, Harness, make_registry_file)
 
-from entitlement import app, logs, registry
+from entitlement import app, doctor, logs, registry
 from entitlement.callers import write_callers
 from entitlement.clock import FixedClock
 from entitlement.config import ROOT, Settings
@@ -121,6 +121,9 @@ def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) 
                 clock=clock, log_path=log_path)
     try:
         yield h
+        # After every test of the session on this backend: the database still keeps every invariant.
+        problems = doctor.check(ctx.db)
+        assert not problems, f"invariants broken after the suite on {name}: {problems[:10]}"
     finally:
         channel.close()
         running.stop(0)
