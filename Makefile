@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.activations
 
 clean:
 	rm -rf $(VENV) var tests/node/node_modules

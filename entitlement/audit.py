@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, func, or_, select, tuple_
 from sqlalchemy.sql import Select
 
 from entitlement.activation import LIVE, ActivationView, view
@@ -40,6 +41,9 @@ class ReportRow:
     committed_cents: int
     consumed_cents: int
     released_cents: int
+    activations_live: int = 0
+    activations_ended: int = 0
+    person_months_consumed: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,10 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
         q = q.where(Activation.created_at < f.created_to)
     if position:
         after_time, after_id = dt.datetime.fromisoformat(position[0]), position[1]
-        q = q.where(or_(Activation.created_at < after_time,
-                        and_(Activation.created_at == after_time, Activation.id < after_id)))
+        # A row-value comparison: both backends seek the (created_at, id) index to the position, so
+        # a page costs the same at any depth (an OR of the two conditions made PostgreSQL filter
+        # every newer row again).
+        q = q.where(tuple_(Activation.created_at, Activation.id) < tuple_(after_time, after_id))
     q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(size + 1)
     with ctx.db.read() as s:
         rows = list(s.execute(q).scalars())
@@ -114,8 +120,33 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
     return [view(ctx, a) for a in rows], next_token
 
 
+def _month_bounds(label: str) -> tuple[dt.date, dt.date]:
+    """First and last day of the calendar month `YYYY-MM`."""
+    first = dt.date(int(label[:4]), int(label[5:7]), 1)
+    following = dt.date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return first, following - dt.timedelta(days=1)
+
+
+def _months_between(first: str, last: str) -> list[str]:
+    out, (y, m) = [], (int(first[:4]), int(first[5:7]))
+    while f"{y:04d}-{m:02d}" <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+def _day_start(day: dt.date, tz: ZoneInfo) -> dt.datetime:
+    """The instant (UTC) the civil day begins in the service's time zone."""
+    return dt.datetime.combine(day, dt.time(0), tzinfo=tz).astimezone(dt.timezone.utc)
+
+
 def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, start_month: str,
                    end_month: str) -> list[ReportRow]:
+    """Money from the ledger, and activations live and ended, per funder x program x month. An
+    activation belongs to the funders its commitment was booked for (its `commit` entries). Its
+    access ends on its end date (as curtailed, if it was), or when it is revoked; a revocation
+    counts on the civil day (service time zone) of the activation's last update, which for a
+    revoked activation is its revocation (revoked is final)."""
     for name, value in (("start_month", start_month), ("end_month", end_month)):
         if value and not MONTH_RE.fullmatch(value):
             raise InvalidArgument.single(name, "expected YYYY-MM")
@@ -129,9 +160,12 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
     def total(kind: str) -> object:
         return func.coalesce(func.sum(case((LedgerEntry.kind == kind, amount), else_=0)), 0)
 
+    def distinct_activations(kind: str) -> object:
+        return func.count(func.distinct(case((LedgerEntry.kind == kind, LedgerEntry.activation_id))))
+
     q = select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
-               func.count(func.distinct(case((LedgerEntry.kind == "commit", LedgerEntry.activation_id)))),
-               total("commit"), total("consume"), total("release"))
+               distinct_activations("commit"), total("commit"), total("consume"), total("release"),
+               distinct_activations("consume"))
     if funder:
         q = q.where(LedgerEntry.funder_id == funder)
     if programs is not None:
@@ -140,10 +174,54 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
         q = q.where(LedgerEntry.month >= start_month)
     if end_month:
         q = q.where(LedgerEntry.month <= end_month)
-    q = q.group_by(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month).order_by(
-        LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month)
+    q = q.group_by(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month)
+    today = ctx.clock.today()
+    tz = ZoneInfo(ctx.settings.timezone)
+    rows: dict[tuple[str, str, str], ReportRow] = {}
     with ctx.db.read() as s:
-        return [ReportRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in s.execute(q)]
+        for r in s.execute(q):
+            rows[(r[0], r[1], r[2])] = ReportRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]),
+                                                 person_months_consumed=int(r[7]))
+        # Activations live and ended: from the first month of the ledger in scope (nothing starts
+        # before its commitment is booked) to the last month asked for, never after this one.
+        first = start_month
+        if not first:
+            fq = select(func.min(LedgerEntry.month)).where(LedgerEntry.kind == "commit")
+            if funder:
+                fq = fq.where(LedgerEntry.funder_id == funder)
+            if programs is not None:
+                fq = fq.where(LedgerEntry.program_id.in_(programs))
+            first = s.execute(fq).scalar_one_or_none() or ""
+        last = min(end_month or "9999-12", today.strftime("%Y-%m"))
+        months = _months_between(first, last) if first else []
+        commit = LedgerEntry
+        for month in months:
+            month_first, month_last = _month_bounds(month)
+            day = min(month_last, today)  # live on the month's last day, or today for this month
+            revoked = Activation.state == "revoked"
+            live = and_(Activation.end_date >= day,
+                        or_(~revoked, Activation.updated_at >= _day_start(day + dt.timedelta(days=1), tz)))
+            ended = or_(and_(revoked, Activation.updated_at >= _day_start(month_first, tz),
+                             Activation.updated_at < _day_start(month_last + dt.timedelta(days=1), tz)),
+                        and_(~revoked, Activation.end_date <= month_last, Activation.end_date < today))
+            aq = (select(commit.funder_id, commit.program_id,
+                         func.coalesce(func.sum(case((live, 1), else_=0)), 0),
+                         func.coalesce(func.sum(case((ended, 1), else_=0)), 0))
+                  .join(Activation, Activation.id == commit.activation_id)
+                  .where(commit.kind == "commit", commit.month <= month, Activation.start_date <= day,
+                         Activation.end_date >= month_first))
+            if funder:
+                aq = aq.where(commit.funder_id == funder)
+            if programs is not None:
+                aq = aq.where(commit.program_id.in_(programs))
+            aq = aq.group_by(commit.funder_id, commit.program_id)
+            for f, p, n_live, n_ended in s.execute(aq):
+                key = (f, p, month)
+                if key not in rows and not n_ended:
+                    continue  # no money that month and nothing ended: no row
+                row = rows.get(key) or ReportRow(f, p, month, 0, 0, 0, 0)
+                rows[key] = replace(row, activations_live=int(n_live), activations_ended=int(n_ended))
+    return [rows[k] for k in sorted(rows)]
 
 
 def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: str) -> tuple[list[EventView], str]:

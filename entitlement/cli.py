@@ -49,13 +49,43 @@ def cmd_programs_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from entitlement.tokens import KeyStoreError, create_first_key
-    settings = Settings.from_env()
+def _key_event_db(settings: Settings) -> Any:
+    """The database to log key events in, when one is configured (ENTITLEMENT_DATABASE_URL set, or
+    the default SQLite file present); None otherwise. Checked before the key is made, so a
+    database that is not ready fails the command before anything changes."""
+    import os
+    configured = bool(os.environ.get("ENTITLEMENT_DATABASE_URL"))
+    prefix = "sqlite:///"
+    if not configured and settings.database_url.startswith(prefix):
+        configured = Path(settings.database_url[len(prefix):]).exists()
+    return _migrated_db(settings) if configured else None
+
+
+def _log_key_event(db: Any, type: str, kid: str, actor: str, payload: dict[str, Any]) -> None:
+    """`keys.created` / `keys.rotated`: the kid and the times, never key material."""
+    from entitlement import eventlog
+    if db is None:
+        return
     try:
-        kid = create_first_key(settings.key_dir, dt.datetime.now(dt.timezone.utc))
+        with db.write() as s:
+            eventlog.append(s, time=dt.datetime.now(dt.timezone.utc), type=type, actor=actor, subject=f"keys/{kid}",
+                            payload={"kid": kid, **payload})
+    finally:
+        db.dispose()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from entitlement.tokens import KeyStoreError, create_first_key, format_time
+    settings = Settings.from_env()
+    db = _key_event_db(settings)
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    try:
+        kid = create_first_key(settings.key_dir, now)
     except KeyStoreError as exc:
+        if db is not None:
+            db.dispose()
         return _fail(str(exc))
+    _log_key_event(db, "keys.created", kid, _operator(args), {"created": format_time(now), "sign_from": format_time(now)})
     print(f"created signing key {kid} in {settings.key_dir}; it signs from now")
     return 0
 
@@ -65,12 +95,20 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.publish_hours < 0:
         return _fail("--publish-hours cannot be negative")
+    db = _key_event_db(settings)
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     try:
-        r = rotate(settings.key_dir, dt.datetime.now(dt.timezone.utc),
+        r = rotate(settings.key_dir, now,
                    publish_for=dt.timedelta(hours=args.publish_hours),
                    token_ttl=dt.timedelta(days=settings.token_ttl_days))
     except KeyStoreError as exc:
+        if db is not None:
+            db.dispose()
         return _fail(str(exc))
+    _log_key_event(db, "keys.rotated", r.new_kid, _operator(args), {
+        "created": format_time(now), "sign_from": format_time(r.sign_from), "previous_kid": r.previous_kid,
+        "previous_retire_after": format_time(r.sign_from) if r.previous_kid else None,
+        "previous_published_until": format_time(r.previous_dropped_after) if r.previous_dropped_after else None})
     print(f"created signing key {r.new_kid} in {settings.key_dir}: published now, signs from {format_time(r.sign_from)}")
     if r.previous_kid:
         print(f"key {r.previous_kid} signs until then, and stays published until {format_time(r.previous_dropped_after)} "
@@ -161,6 +199,28 @@ def _job_deps() -> _JobDeps | str:
         db.dispose()
         return str(exc)
     return _JobDeps(settings, db, catalog, SystemClock(settings.timezone))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check every invariant of the database (ENTITLEMENT_DATABASE_URL); exit 1 on any problem."""
+    from entitlement import doctor
+    from entitlement.storage.db import Database
+    from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
+    db = Database(Settings.from_env().database_url, pool_size=1)
+    try:
+        ensure_current(db)
+        problems = doctor.check(db, leaves=not args.quick)
+    except SchemaNotCurrent as exc:
+        return _fail(str(exc))
+    finally:
+        db.dispose()
+    if args.json:
+        print(json.dumps([{"code": p.code, "detail": p.detail} for p in problems], indent=2))
+    else:
+        for p in problems:
+            print(f"{p.code}: {p.detail}")
+        print("ok: every invariant holds" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
 
 
 def cmd_jobs_run(args: argparse.Namespace) -> int:
@@ -472,13 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_programs_check)
 
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="keys_command", required=True)
-    keys.add_parser("create", help="create the first Ed25519 signing key in ENTITLEMENT_KEY_DIR (signs at once)"
-                    ).set_defaults(func=cmd_keys_create)
+    kc = keys.add_parser("create", help="create the first Ed25519 signing key in ENTITLEMENT_KEY_DIR (signs at once)")
+    kc.add_argument("--operator", help="who does this, for the event log when a database is configured "
+                    "(default: your login name)")
+    kc.set_defaults(func=cmd_keys_create)
     rot = keys.add_parser("rotate", help="create the next signing key: published now, signs after --publish-hours; "
                           "the current signer retires then")
     rot.add_argument("--publish-hours", type=float, default=24.0,
                      help="hours the new key is published before it signs (default 24: longer than platforms "
                           "cache the JWKS)")
+    rot.add_argument("--operator", help="who does this, for the event log when a database is configured "
+                     "(default: your login name)")
     rot.set_defaults(func=cmd_keys_rotate)
     lst = keys.add_parser("list", help="the keys with created, sign_from, retire_after and state "
                           "(next, signing, retiring, expired)")
@@ -510,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_jobs_run)
     jobs.add_parser("revalidate", help="re-check live activations against the current registry snapshot; "
                     "curtail those no longer eligible").set_defaults(func=cmd_jobs_revalidate)
+
+    doc = sub.add_parser("doctor", help="check the database's invariants (ledger, counters, event log, "
+                         "acknowledged requests); exit 1 on any problem")
+    doc.add_argument("--quick", action="store_true", help="skip recomputing every event's leaf hash")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
 
     callers = sub.add_parser("callers", help="callers managed in the database (bearer tokens)"
                              ).add_subparsers(dest="callers_command", required=True)

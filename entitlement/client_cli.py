@@ -33,7 +33,8 @@ PAGE_SIZE_CAP = 1000  # servers coerce larger page sizes down to their own maxim
 MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 STATES = ("active", "suspended", "revoked", "expired")
 MONEY = ("committed_cents", "consumed_cents", "released_cents")
-REPORT_COLUMNS = ("funder", "program", "month", "activations_started", *MONEY)
+COUNTS = ("activations_live", "activations_ended", "person_months_consumed")
+REPORT_COLUMNS = ("funder", "program", "month", "activations_started", *MONEY, *COUNTS)
 
 
 class ClientError(Exception):
@@ -250,11 +251,15 @@ def _print_activations(resp: audit_pb2.ListActivationsResponse) -> None:
 
 def _print_report(resp: audit_pb2.GetFundingReportResponse) -> None:
     rows: list[tuple[Any, ...]] = [
-        (r.funder, _bare(r.program), r.month, r.activations_started, *(format_eur(getattr(r, m)) for m in MONEY))
+        (r.funder, _bare(r.program), r.month, r.activations_started, *(format_eur(getattr(r, m)) for m in MONEY),
+         *(getattr(r, c) for c in COUNTS))
         for r in resp.rows]
+    # Live activations are a stock, not a flow: they have no total over months.
     rows.append(("total", "", "", sum(r.activations_started for r in resp.rows),
-                 *(format_eur(sum(getattr(r, m) for r in resp.rows)) for m in MONEY)))
-    _table(["funder", "program", "month", "activations", "committed", "consumed", "released"], rows)
+                 *(format_eur(sum(getattr(r, m) for r in resp.rows)) for m in MONEY), "-",
+                 sum(r.activations_ended for r in resp.rows), sum(r.person_months_consumed for r in resp.rows)))
+    _table(["funder", "program", "month", "activations", "committed", "consumed", "released", "live", "ended",
+            "months consumed"], rows)
 
 
 def _print_report_csv(resp: audit_pb2.GetFundingReportResponse) -> None:

@@ -5,7 +5,8 @@ up to the date (entitlement.consumption: for `access` programs, each month of ac
 which access was on), and record the expiry of those whose end date has passed (state `expired`,
 one `activation.expired` event, the remainder released). Ended activations of `use` programs whose
 months may still be reported keep them reserved: the job releases each when its report window
-closes. Idempotent: running it twice books nothing the second time.
+closes. Idempotent: running it twice books nothing the second time. Each activation it books
+something for gets one event: `ledger.consumed` (or `ledger.released` when it only released).
 
 Revalidation (`entitlement jobs revalidate`): re-checks live activations against the current
 registry snapshot with their program's rules (`rules.revalidate`), when that snapshot is newer
@@ -100,8 +101,25 @@ def run_settlement(deps: Deps, until: dt.date | None = None, *,
                 summary.add(ledger.expire(s, deps, a, today))
                 summary.expired += 1
             else:
-                summary.add(ledger.settle(s, deps, a, today, until=as_of))
+                booking = ledger.settle(s, deps, a, today, until=as_of)
+                summary.add(booking)
+                _log_booking(s, deps, a, booking, as_of)
     return summary
+
+
+def _log_booking(s: Session, deps: Deps, a: Activation, booking: Booking, as_of: dt.date) -> None:
+    """One event for what one settlement booked on one activation (nothing booked: no event):
+    `ledger.consumed` (months consumed, perhaps with releases), or `ledger.released` when it only
+    released months whose use can no longer be reported. Cents per funder; no personal data."""
+    if not booking.months_consumed and not booking.released_cents:
+        return
+    kind = "ledger.consumed" if booking.months_consumed else "ledger.released"
+    eventlog.append(s, time=deps.clock.now(), type=kind, actor=ledger.SETTLEMENT_ACTOR,
+                    subject=f"activations/{a.id}", program_id=a.program_id,
+                    reason=f"settlement up to {as_of.isoformat()}",
+                    payload={"as_of": as_of.isoformat(), "consumed_months": booking.months_consumed,
+                             "consumed_cents": dict(sorted(booking.consumed.items())),
+                             "released_cents": dict(sorted(booking.released.items()))})
 
 
 def _facts(s: Session, snapshot_id: int, person_key: bytes) -> rules.PersonFacts | None:

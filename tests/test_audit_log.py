@@ -70,7 +70,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 def export(capsys: pytest.CaptureFixture[str], h: Harness, caller: str, out: Path,
            trusted: Path | None = None) -> Path:
-    argv = ["audit", "export", str(out), "--address", f"127.0.0.1:{h.running.port}", "--token", h.tokens[caller]]
+    argv = ["audit", "export", str(out), "--address", f"127.0.0.1:{h.running.port}", f"--token={h.tokens[caller]}"]
     if trusted is not None:
         argv += ["--trusted", str(trusted)]
     code, output = run_cli(capsys, *argv)

@@ -220,18 +220,20 @@ def test_report_csv_has_a_header_and_integer_cents(run: Run) -> None:
     assert r.code == 0, r.err
     header, *rows = list(csv.reader(io.StringIO(r.out)))
     assert header == ["funder", "program", "month", "activations_started", "committed_cents", "consumed_cents",
-                      "released_cents"]
+                      "released_cents", "activations_live", "activations_ended", "person_months_consumed"]
     assert rows and all(row[0] == "ministry-of-labour" and row[2] == MONTH for row in rows)
     by_program = {row[1]: [int(cell) for cell in row[3:]] for row in rows}
-    started, committed, _consumed, _released = by_program[f"programs/{PROGRAM}"]
+    started, committed, _consumed, _released, live, ended, months = by_program[f"programs/{PROGRAM}"]
     assert started >= 1 and committed >= 12000 and committed % 12000 == 0
+    assert live >= 1 and ended >= 0 and months >= 0
 
     table = run("funder-ministry", "report", "--program", PROGRAM, "--from", MONTH, "--to", MONTH)
     assert table.code == 0, table.err
     [row, total] = table.rows()
     assert row[:3] == ["ministry-of-labour", PROGRAM, MONTH]
     assert row[4] == f"{committed // 100:,}.{committed % 100:02d} EUR".replace(",", " ")
-    assert total[0] == "total"
+    assert row[7:] == [str(live), str(ended), str(months)]
+    assert total[0] == "total" and total[-3:] == ["-", str(ended), str(months)], table.out
 
     run("funder-ministry", "report", "--from", "2026-13").error("--from: expected a month YYYY-MM")
     run("funder-ministry", "report", "--csv", "--json").error("--csv and --json")

@@ -244,6 +244,10 @@ def keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
              capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     monkeypatch.setenv("ENTITLEMENT_KEY_DIR", str(tmp_path / "keys"))
     monkeypatch.setenv("ENTITLEMENT_TOKEN_TTL_DAYS", "30")
+    # Never the repository's own database: the key commands log to the configured one.
+    url = f"sqlite:///{tmp_path / 'keys-cli.db'}"
+    upgrade(url)
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", url)
 
     def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()
@@ -293,6 +297,56 @@ def test_keys_rotate_without_delay_and_list_shows_the_retiring_key(
     assert keys_cli("rotate", "--publish-hours", "-1")[0] == 1
     code, out, _err = keys_cli("list", "--json")
     assert sorted(k["state"] for k in json.loads(out)["keys"]) == ["retiring", "signing"]
+
+
+def test_keys_commands_log_one_event_each_without_key_material(
+        fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqlalchemy import select
+
+    from entitlement.storage.db import Database
+    from entitlement.storage.models import Event
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("ENTITLEMENT_KEY_DIR", str(keys))
+    monkeypatch.setenv("ENTITLEMENT_TOKEN_TTL_DAYS", "30")
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)
+    # A database that is not migrated fails the command before any key is made.
+    assert cli.main(["keys", "create", "--operator", "alice"]) == 1
+    assert "db upgrade" in capsys.readouterr().err
+    assert not keys.exists() or not list(keys.glob("*.pem"))
+    upgrade(fresh_url)
+    assert cli.main(["keys", "create", "--operator", "alice"]) == 0
+    [a] = [p.stem for p in keys.glob("*.pem")]
+    monkeypatch.setattr("getpass.getuser", lambda: "bob")
+    assert cli.main(["keys", "rotate", "--publish-hours", "12"]) == 0
+    [b] = [p.stem for p in keys.glob("*.pem") if p.stem != a]
+    assert cli.main(["keys", "rotate"]) == 1  # refused: nothing changed, nothing logged
+    capsys.readouterr()
+    db = Database(fresh_url)
+    try:
+        with db.read() as s:
+            events = list(s.execute(select(Event).order_by(Event.seq)).scalars())
+    finally:
+        db.dispose()
+    assert [(e.type, e.actor, e.subject, e.program_id) for e in events] == [
+        ("keys.created", "operator:alice", f"keys/{a}", None), ("keys.rotated", "operator:bob", f"keys/{b}", None)]
+    created, rotated = (json.loads(e.payload_json) for e in events)
+    assert created["kid"] == a and created["sign_from"] == created["created"]
+    assert rotated["kid"] == b and rotated["previous_kid"] == a
+    sign_from = dt.datetime.fromisoformat(rotated["sign_from"].replace("Z", "+00:00"))
+    assert sign_from - dt.datetime.fromisoformat(rotated["created"].replace("Z", "+00:00")) == 12 * HOUR
+    assert rotated["previous_retire_after"] == rotated["sign_from"]
+    assert dt.datetime.fromisoformat(rotated["previous_published_until"].replace("Z", "+00:00")) == sign_from + TTL
+    # No key material: nothing of the PEM files, public or private, is in any payload.
+    for kid in (a, b):
+        private = serialization.load_pem_private_key((keys / f"{kid}.pem").read_bytes(), None)
+        assert isinstance(private, Ed25519PrivateKey)
+        raw = [private.private_bytes_raw(), private.public_key().public_bytes_raw()]
+        for e in events:
+            for material in raw:
+                for form in (material.hex(), base64.b64encode(material).decode(),
+                             base64.urlsafe_b64encode(material).decode().rstrip("=")):
+                    assert form not in e.payload_json
+            assert "PRIVATE KEY" not in e.payload_json
 
 
 # ------------------------------------------------------------- rotation on a dedicated server

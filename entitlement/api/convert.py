@@ -89,7 +89,9 @@ def report_row(r: ReportRow) -> audit_pb2.FundingReportRow:
     return audit_pb2.FundingReportRow(
         funder=r.funder, program=f"programs/{r.program_id}", month=r.month,
         activations_started=r.activations_started, committed_cents=r.committed_cents,
-        consumed_cents=r.consumed_cents, released_cents=r.released_cents)
+        consumed_cents=r.consumed_cents, released_cents=r.released_cents,
+        activations_live=r.activations_live, activations_ended=r.activations_ended,
+        person_months_consumed=r.person_months_consumed)
 
 
 def event(e: EventView) -> audit_pb2.Event:

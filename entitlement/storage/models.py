@@ -92,6 +92,8 @@ class Activation(Base):
         Index("ix_activations_program_created", "program_id", "created_at", "id"),
         Index("ix_activations_account", "platform_id", "account_id"),
         Index("ix_activations_person", "person_key"),
+        # The funding report's counts: what they read of an activation, by id, without the row.
+        Index("ix_activations_span", "id", "start_date", "end_date", "state", "updated_at"),
     )
 
 
@@ -113,6 +115,10 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_ledger_funder_program_month", "funder_id", "program_id", "month"),
         Index("ix_ledger_activation", "activation_id"),
+        # The funding report: commits of a funder and program up to a month (activation counts),
+        # and the money of a month range for one funder or all (index-only).
+        Index("ix_ledger_kind_funder_month", "kind", "funder_id", "program_id", "month", "activation_id"),
+        Index("ix_ledger_month_cover", "month", "funder_id", "program_id", "kind", "activation_id", "amount_cents"),
     )
 
 

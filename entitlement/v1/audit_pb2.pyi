@@ -167,7 +167,9 @@ class GetFundingReportResponse(_message.Message):
     ROWS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundingReportRow]:
-        """One row per funder x program x month with any ledger entry, ordered by those keys."""
+        """One row per funder x program x month with any ledger entry or any activation ended, ordered
+        by those keys (months after the current one have no activation counts).
+        """
 
     def __init__(
         self,
@@ -193,6 +195,9 @@ class FundingReportRow(_message.Message):
     COMMITTED_CENTS_FIELD_NUMBER: _builtins.int
     CONSUMED_CENTS_FIELD_NUMBER: _builtins.int
     RELEASED_CENTS_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_LIVE_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_ENDED_FIELD_NUMBER: _builtins.int
+    PERSON_MONTHS_CONSUMED_FIELD_NUMBER: _builtins.int
     funder: _builtins.str
     program: _builtins.str
     """`programs/{program_id}`."""
@@ -206,6 +211,23 @@ class FundingReportRow(_message.Message):
     """Cents owed for access actually consumed."""
     released_cents: _builtins.int
     """Cents given back (revocation, expiry) out of what was committed."""
+    activations_live: _builtins.int
+    """Activations of the program this funder's commitment was booked for (a `commit` entry of this
+    funder, booked that month or before) that were live at the end of the month's last day (for
+    the current month: at the end of today): started on or before that day, end date on or after
+    it (as curtailed, if it was), and not revoked by then. Suspended activations are live.
+    """
+    activations_ended: _builtins.int
+    """Those same activations (started on or before the month's last day, or today) whose access
+    ended during the month: revoked that month (civil day of the revocation in the service's time
+    zone), or whose end date (as curtailed, if it was) fell in the month and is already past.
+    An activation whose end date is its month's last day counts as live and as ended that month.
+    """
+    person_months_consumed: _builtins.int
+    """Months of access consumed that month for this funder: the number of distinct activations
+    with a `consume` entry of this funder, program and month (each activation consumes a given
+    month once). Multiply by the price and share to get `consumed_cents`.
+    """
     def __init__(
         self,
         *,
@@ -216,10 +238,13 @@ class FundingReportRow(_message.Message):
         committed_cents: _builtins.int = ...,
         consumed_cents: _builtins.int = ...,
         released_cents: _builtins.int = ...,
+        activations_live: _builtins.int = ...,
+        activations_ended: _builtins.int = ...,
+        person_months_consumed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations_started", b"activations_started", "committed_cents", b"committed_cents", "consumed_cents", b"consumed_cents", "funder", b"funder", "month", b"month", "program", b"program", "released_cents", b"released_cents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations_ended", b"activations_ended", "activations_live", b"activations_live", "activations_started", b"activations_started", "committed_cents", b"committed_cents", "consumed_cents", b"consumed_cents", "funder", b"funder", "month", b"month", "person_months_consumed", b"person_months_consumed", "program", b"program", "released_cents", b"released_cents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

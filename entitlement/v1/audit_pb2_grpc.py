@@ -88,7 +88,8 @@ class AuditServiceServicer:
 
     def GetFundingReport(self, request, context):
         """Money per funder, program and month, from the funding ledger: activations started, cents
-        committed and released. Consumption is reported from step 4 on (always 0 until then).
+        committed, consumed and released, months of access consumed; and activations live at the end
+        of the month and ended during it.
 
         Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
         """

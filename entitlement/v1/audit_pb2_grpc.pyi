@@ -70,7 +70,8 @@ class AuditServiceStub:
     """
     GetFundingReport: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]
     """Money per funder, program and month, from the funding ledger: activations started, cents
-    committed and released. Consumption is reported from step 4 on (always 0 until then).
+    committed, consumed and released, months of access consumed; and activations live at the end
+    of the month and ended during it.
 
     Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -123,7 +124,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
     GetFundingReport: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]  # type: ignore[assignment]
     """Money per funder, program and month, from the funding ledger: activations started, cents
-    committed and released. Consumption is reported from step 4 on (always 0 until then).
+    committed, consumed and released, months of access consumed; and activations live at the end
+    of the month and ended during it.
 
     Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -185,7 +187,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.GetFundingReportResponse, _abc.Awaitable[_audit_pb2.GetFundingReportResponse]]:
         """Money per funder, program and month, from the funding ledger: activations started, cents
-        committed and released. Consumption is reported from step 4 on (always 0 until then).
+        committed, consumed and released, months of access consumed; and activations live at the end
+        of the month and ended during it.
 
         Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
         """
