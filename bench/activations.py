@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 import psycopg
 
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
 from bench.sections import replace_section
 from entitlement import app, rules
 from entitlement.callers import Caller, write_callers
@@ -59,9 +60,6 @@ from entitlement.v1 import audit_pb2, audit_pb2_grpc
 N = int(os.environ.get("BENCH_ACTIVATIONS", "1000000"))
 SPREAD_MONTHS = int(os.environ.get("BENCH_ACTIVATIONS_MONTHS", "6"))
 DEPTH = int(os.environ.get("BENCH_ACTIVATIONS_DEPTH", "10000"))
-BACKENDS = [b for b in os.environ.get("BENCH_BACKENDS", "sqlite,postgres").split(",") if b]
-PG_ADMIN = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-OUTPUT = os.environ.get("BENCH_OUTPUT", str(ROOT / "BENCHMARKS.md"))
 TODAY = dt.date(2027, 3, 20)
 PAGE = 100
 DEPTHS = [d for d in (1, 100, 1000, 10000) if d <= DEPTH]
@@ -70,10 +68,6 @@ REPORT_TARGET_S = 2.0
 PROGRAMS = ("premium-job-seekers", "premium-job-seekers", "opencfa-apprentices")
 FUNDER = "france-travail"
 CHUNK = 50_000
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 @dataclass(frozen=True)
@@ -302,14 +296,6 @@ def serve_and_time(backend: str, url: str, tmp: Path, data: Data) -> Run:
         running.stop(0)
         ctx.db.dispose()
     return run
-
-
-def pg_reachable() -> bool:
-    try:
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            return True
-    except psycopg.Error:
-        return False
 
 
 def main() -> int:

@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
 from bench.sections import replace_section
 from entitlement import eventlog, logformat, logtree, merkle, note
 from entitlement.config import ROOT
@@ -54,18 +55,11 @@ from entitlement.storage.migrate import upgrade
 EVENTS = int(os.environ.get("BENCH_AUDIT_EVENTS", "1000000"))
 PROOFS = int(os.environ.get("BENCH_AUDIT_PROOFS", "1000"))
 APPENDS = int(os.environ.get("BENCH_AUDIT_APPENDS", "1000"))
-BACKENDS = [b for b in os.environ.get("BENCH_BACKENDS", "sqlite,postgres").split(",") if b]
-PG_ADMIN = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-OUTPUT = os.environ.get("BENCH_OUTPUT", str(ROOT / "BENCHMARKS.md"))
 ORIGIN = "bench.local/audit-log"
 TARGET_S = 30.0  # issue "Step 6": verify 1,000,000 events in under 30 s
 T0 = 1773655200000000  # 2026-03-16T10:00:00Z in microseconds
 TYPES = ["activation.created", "activation.redeemed", "activation.suspended", "activation.resumed",
          "activation.revoked", "activation.expired"]
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def synthetic_event(seq: int) -> LogEvent:
@@ -312,14 +306,6 @@ def time_service(store: Store, log: Log) -> ServiceRun:
     finally:
         db.dispose()
     return ServiceRun(store.backend, store.count, timings)
-
-
-def pg_reachable() -> bool:
-    try:
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            return True
-    except psycopg.Error:
-        return False
 
 
 def main() -> int:

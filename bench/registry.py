@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
 from bench.sections import replace_section
 from entitlement import registry, synthetic
 from entitlement.config import ROOT
@@ -35,9 +36,6 @@ from entitlement.storage.migrate import upgrade
 
 ROWS = int(os.environ.get("BENCH_REGISTRY_ROWS", "6000000"))
 LOOKUPS = int(os.environ.get("BENCH_REGISTRY_LOOKUPS", "20000"))
-BACKENDS = [b for b in os.environ.get("BENCH_BACKENDS", "sqlite,postgres").split(",") if b]
-PG_ADMIN = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-OUTPUT = os.environ.get("BENCH_OUTPUT", str(ROOT / "BENCHMARKS.md"))
 
 
 @dataclass
@@ -56,10 +54,6 @@ class LookupRun:
     p50_us: float
     p99_us: float
     max_us: float
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def extract(rows: int) -> Path:
@@ -132,14 +126,6 @@ def timed_lookups(target: Target, pseudo: Pseudonymizer, people: int) -> LookupR
     samples.sort()
     return LookupRun(target.backend, people, samples[len(samples) // 2], samples[int(len(samples) * 0.99)],
                      samples[-1])
-
-
-def pg_reachable() -> bool:
-    try:
-        with psycopg.connect(PG_ADMIN, connect_timeout=3):
-            return True
-    except psycopg.Error:
-        return False
 
 
 def main() -> int:
