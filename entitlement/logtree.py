@@ -19,19 +19,15 @@ are committed (or written earlier in the same transaction) when it reads them.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.orm import Session
 
-from entitlement import merkle, note
+from entitlement import keyfiles, merkle, note
 from entitlement.storage.models import LogHead, LogNode
 
 log = structlog.get_logger(__name__)
@@ -118,18 +114,7 @@ def create_key_file(path: Path) -> None:
     """A new Ed25519 key, PKCS#8 PEM, mode 0600; refuses to replace an existing one (a new key
     means funders must be told the new verifier key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # fails if the key appeared meanwhile: never overwrite a key
-    finally:
-        tmp.unlink(missing_ok=True)
+    keyfiles.write_private(path, keyfiles.new_pem(), replace=False)
 
 
 def read_signer(path: Path, origin: str) -> note.Signer:
@@ -139,11 +124,9 @@ def read_signer(path: Path, origin: str) -> note.Signer:
         raise SystemExit(f"ENTITLEMENT_LOG_ORIGIN {origin!r}: a log origin is non-empty, without spaces or '+' "
                          f"(e.g. {DEFAULT_ORIGIN})")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SystemExit(f"log key file {path}: not a readable PKCS#8 PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SystemExit(f"log key file {path}: not an Ed25519 private key")
+        key = keyfiles.load_ed25519(path)
+    except ValueError as exc:
+        raise SystemExit(f"log key file {path}: {exc}") from None
     return note.Signer(origin, key)
 
 

@@ -49,6 +49,8 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from entitlement import keyfiles
+
 TOKEN_TYPE = "entitlement-activation+jwt"
 ALGORITHM = "EdDSA"
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -206,11 +208,9 @@ def read_folder(directory: Path) -> list[SigningKey]:
             raise KeyStoreError(f"key file {pem}: name must be KID.pem with KID of 8-64 [A-Za-z0-9_-] "
                                 f"(a key id is never a path)")
         try:
-            key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise KeyStoreError(f"key file {pem}: not a readable PKCS#8 PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyStoreError(f"key file {pem}: not an Ed25519 private key")
+            key = keyfiles.load_ed25519(pem)
+        except ValueError as exc:
+            raise KeyStoreError(f"key file {pem}: {exc}") from None
         meta_path = directory / f"{kid}.json"
         if meta_path.exists():
             meta = KeyMeta.from_file(meta_path, kid)
@@ -356,21 +356,6 @@ class KeyStore:
 
 # ---------------------------------------------------------------------------------- key files
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temp name the loader ignores, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate_key(directory: Path, *, now: dt.datetime | None = None, sign_from: dt.datetime | None = None) -> str:
     """A new key: metadata first, then the key (a reader never sees the key without its
     sign_from). By default it signs from its creation."""
@@ -380,10 +365,8 @@ def generate_key(directory: Path, *, now: dt.datetime | None = None, sign_from: 
     if (directory / f"{kid}.pem").exists():
         raise KeyStoreError(f"key {kid} already exists in {directory}")
     meta = KeyMeta(created, _second(sign_from) if sign_from else created)
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_atomic(directory / f"{kid}.json", meta.to_json(kid).encode())
-    _write_atomic(directory / f"{kid}.pem", pem)
+    keyfiles.write_private(directory / f"{kid}.json", meta.to_json(kid).encode())
+    keyfiles.write_private(directory / f"{kid}.pem", keyfiles.new_pem())
     return kid
 
 
@@ -422,7 +405,7 @@ def rotate(directory: Path, now: dt.datetime, *, publish_for: dt.timedelta = dt.
         return Rotation(kid, sign_from, None, None)
     meta_path = directory / f"{previous.kid}.json"
     meta = KeyMeta(previous.created, previous.sign_from, sign_from)
-    _write_atomic(meta_path, meta.to_json(previous.kid).encode())
+    keyfiles.write_private(meta_path, meta.to_json(previous.kid).encode())
     return Rotation(kid, sign_from, previous.kid, sign_from + token_ttl)
 
 
