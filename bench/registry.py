@@ -118,7 +118,7 @@ def timed_lookups(target: Target, pseudo: Pseudonymizer, people: int) -> LookupR
                 else:
                     key, birth = pseudo.person_key(f"UNKNOWN{i}"), dt.date(1990, 1, 1)
                 t0 = time.perf_counter_ns()
-                registry.lookup(s, key, birth)
+                registry.lookup(s.connection(), key, birth)
                 if i >= 500:  # warm-up
                     samples.append((time.perf_counter_ns() - t0) / 1000)
     finally:

@@ -188,8 +188,8 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
-        facts, snapshot, source = person_facts.lookup(s, person_key, cmd.job_seeker.birth_date, live)
-        seats_used, cents_committed = counters.usage(s, [program])[program.id]
+        facts, snapshot, source = person_facts.lookup(s.connection(), person_key, cmd.job_seeker.birth_date, live)
+        seats_used, cents_committed = counters.usage(s.connection(), [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
             registry_extracted_on=person_facts.data_date(snapshot, source, today), seats_used=seats_used,
             cents_committed=cents_committed, mentor_id=cmd.mentor_id, facts_source=source))
@@ -386,8 +386,8 @@ _VERIFY = (
 
 
 def verify(ctx: Context, caller: Caller, account_id: str) -> EntitlementStatus:
-    with ctx.db.read() as s:
-        row = s.connection().execute(_VERIFY, {"platform": caller.platform_id, "account": account_id,
-                                               "today": ctx.clock.today()}).first()
+    with ctx.db.snapshot() as conn:  # one statement: no transaction needed
+        row = conn.execute(_VERIFY, {"platform": caller.platform_id, "account": account_id,
+                                     "today": ctx.clock.today()}).first()
     return _status(ctx, row, account_id)  # a Row has the attributes _status reads
 

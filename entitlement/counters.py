@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -23,14 +23,14 @@ _USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCou
     ProgramCounter.program_id.in_(bindparam("ids", expanding=True)))
 
 
-def usage(s: Session, programs: list[Program]) -> dict[str, tuple[int, int]]:
+def usage(conn: Connection, programs: list[Program]) -> dict[str, tuple[int, int]]:
     """(seats used, cents committed) per program, as last committed, in one query, read only for
     programs with a cap criterion (the others get (0, 0): their rules never look at it, and
     checks, the hot path, skip a round trip)."""
     capped = [p.id for p in programs if CAP_CRITERIA & set(p.criteria)]
     found: dict[str, tuple[int, int]] = {}
     if capped:
-        rows = s.connection().execute(_USAGE, {"ids": capped}).all()
+        rows = conn.execute(_USAGE, {"ids": capped}).all()
         found = {r[0]: (int(r[1]), int(r[2])) for r in rows}
     return {p.id: found.get(p.id, (0, 0)) for p in programs}
 

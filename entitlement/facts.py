@@ -15,7 +15,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from entitlement import registry
 from entitlement.app import Context
@@ -49,13 +49,13 @@ def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
         return LiveAnswer(SNAPSHOT_FALLBACK)
 
 
-def lookup(session: Session, person_key: bytes, birth_date: dt.date,
+def lookup(conn: Connection, person_key: bytes, birth_date: dt.date,
            live: LiveAnswer) -> tuple[PersonFacts | None, SnapshotRef | None, str]:
     """(facts, snapshot, source): the live answer when there is one (no snapshot then: the facts
     were not read from one), else the current snapshot's."""
     if live.source == LIVE:
         return live.facts, None, LIVE
-    facts, snapshot = registry.lookup(session, person_key, birth_date)
+    facts, snapshot = registry.lookup(conn, person_key, birth_date)
     return facts, snapshot, live.source
 
 

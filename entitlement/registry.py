@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from psycopg.errors import UniqueViolation
-from sqlalchemy import and_, bindparam, delete, func, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -573,10 +573,11 @@ _LOOKUP = (
 )
 
 
-def lookup(session: Session, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
-    """The person's facts in the current snapshot, in one round trip. A wrong birth date answers
-    exactly like an unknown identifier."""
-    row = session.connection().execute(_LOOKUP, {"person_key": person_key}).first()
+def lookup(conn: Connection, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
+    """The person's facts in the current snapshot, in one round trip (one statement: it reads the
+    current snapshot's id and the person's row together). A wrong birth date answers exactly like
+    an unknown identifier."""
+    row = conn.execute(_LOOKUP, {"person_key": person_key}).first()
     if row is None:
         return None, None
     snap = SnapshotRef(row.id, row.extracted_on)

@@ -227,11 +227,22 @@ def funding_plan(program: Program, day: dt.date, months: int | None = None) -> F
 
 
 def parameters_used(program: Program, day: dt.date) -> tuple[ParameterUsed, ...]:
-    out = []
-    for name in sorted(program.parameters):
-        v = program.value(name, day)
-        out.append(ParameterUsed(name, json.dumps(v.value, sort_keys=True), v.effective_from, v.reference))
-    return tuple(out)
+    """Every parameter of `program` in force on `day`, as recorded with a decision. Memoized per
+    (program object, day): programs are immutable once loaded and every check of a day asks the
+    same question (a reloaded program is a new object, so a stale answer cannot be served)."""
+    key = (id(program), day)
+    hit = _PARAMETERS_USED.get(key)
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    out = tuple(ParameterUsed(name, json.dumps(v.value, sort_keys=True), v.effective_from, v.reference)
+                for name in sorted(program.parameters) for v in (program.value(name, day),))
+    if len(_PARAMETERS_USED) >= 4096:
+        _PARAMETERS_USED.clear()
+    _PARAMETERS_USED[key] = (program, out)
+    return out
+
+
+_PARAMETERS_USED: dict[tuple[int, dt.date], tuple[Program, tuple[ParameterUsed, ...]]] = {}
 
 
 def entitlement_end(program: Program, facts: PersonFacts, start: dt.date) -> dt.date:
@@ -324,8 +335,14 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
 
 
 def months_begun(start: dt.date, months: int, day: dt.date) -> int:
-    """How many of the `months` months of access beginning on `start` have begun by `day`."""
-    return sum(1 for k in range(months) if add_months(start, k) <= day)
+    """How many of the `months` months of access beginning on `start` have begun by `day`: the
+    count of k in [0, months) with add_months(start, k) <= day. add_months grows with k, so the
+    last such k is the calendar-month distance from start to day, or one less when day falls
+    before start's day of month (clamped) in its month."""
+    k = (day.year - start.year) * 12 + day.month - start.month
+    if k >= 0 and add_months(start, k) > day:
+        k -= 1
+    return max(0, min(months, k + 1))
 
 
 def decision_to_dict(d: Decision) -> dict[str, object]:

@@ -76,7 +76,7 @@ def test_kill_9_during_import_leaves_the_previous_snapshot(fresh_url: str, tmp_p
 
     with db.read() as s:  # the killed import never switched: lookups still see the first snapshot
         assert registry.current_snapshot(s).id == first.snapshot_id  # type: ignore[union-attr]
-        facts, snap = registry.lookup(s, pseudo.person_key(known[0]), dt.date.fromisoformat(known[1]))
+        facts, snap = registry.lookup(s.connection(), pseudo.person_key(known[0]), dt.date.fromisoformat(known[1]))
     assert facts is not None and snap is not None and snap.id == first.snapshot_id
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

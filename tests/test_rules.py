@@ -195,3 +195,32 @@ def test_a_parameter_changing_mid_period_applies_from_its_date(tmp_path: Path) -
     assert after.funding_plan and after.funding_plan.price_per_month_cents == 2500
     used = {p.name: p for p in after.parameters}["price_per_month_cents"]
     assert used.effective_from == dt.date(2020, 1, 1) and used.reference == "New list price (example)"
+
+
+@given(st.dates(dt.date(2018, 1, 1), dt.date(2030, 12, 31)), st.integers(0, 36),
+       st.dates(dt.date(2017, 1, 1), dt.date(2034, 12, 31)))
+def test_months_begun_counts_the_month_starts_on_or_before_the_day(start: dt.date, months: int,
+                                                                   day: dt.date) -> None:
+    # The definition, month by month (the function computes it in constant time).
+    expected = sum(1 for k in range(months) if rules.add_months(start, k) <= day)
+    assert rules.months_begun(start, months, day) == expected
+
+
+def test_parameters_used_is_the_same_answer_each_time_and_follows_a_reloaded_program(tmp_path: Path) -> None:
+    catalog = ProgramCatalog.load(ROOT / "programs")
+    program = catalog.get("premium-job-seekers")
+    assert program is not None
+    day = dt.date(2026, 3, 16)
+    first = rules.parameters_used(program, day)
+    assert rules.parameters_used(program, day) == first
+    names = [p.name for p in first]
+    assert names == sorted(program.parameters) and names
+    # A changed program file loaded again is a new object: its own values, never the memo's.
+    src = (ROOT / "programs" / "premium-job-seekers.yaml").read_text(encoding="utf-8")
+    price = program.value("price_per_month_cents", day)
+    changed = src.replace(f"value: {price.value}", f"value: {price.value + 1}", 1)
+    assert changed != src
+    (tmp_path / "premium-job-seekers.yaml").write_text(changed, encoding="utf-8")
+    reloaded = load_program(tmp_path / "premium-job-seekers.yaml")
+    value = {p.name: p.value_json for p in rules.parameters_used(reloaded, day)}["price_per_month_cents"]
+    assert value == str(price.value + 1)

@@ -281,7 +281,7 @@ def _import(database: Database, path: Path, **kw: object) -> registry.ImportSumm
 
 def _lookup(database: Database, ident: str, birth: str = "1990-05-17") -> tuple[object, object]:
     with database.read() as s:
-        return registry.lookup(s, PSEUDO.person_key(ident), dt.date.fromisoformat(birth))
+        return registry.lookup(s.connection(), PSEUDO.person_key(ident), dt.date.fromisoformat(birth))
 
 
 def _snapshots(database: Database) -> list[tuple[int, str]]:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -52,8 +52,17 @@ class Database:
         else:
             raise SystemExit(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
         self.engine: Engine = create_engine(self.url, **kwargs)
+        # Hot-path reads of one or two independent statements (checks, token verification) need
+        # no transaction of their own: in autocommit each statement reads one consistent snapshot,
+        # and a read costs one round trip instead of BEGIN + SELECT + COMMIT. A pool of its own, so
+        # that no connection ever switches between the two modes (switching back costs a round
+        # trip on PostgreSQL). No pre-ping here: a dropped connection fails that one call with
+        # UNAVAILABLE and SQLAlchemy then recycles the whole pool.
+        reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT", "pool_pre_ping": False}
+        self.reader: Engine = create_engine(self.url, **reader_kwargs)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
+            _configure_sqlite(self.reader, emit_begin=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -76,11 +85,20 @@ class Database:
                 with session.begin():
                     yield session
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A connection for reads that each stand alone (autocommit: no BEGIN, no COMMIT; every
+        statement sees the database as of its own start). Only for reads whose statements need
+        not agree with each other; anything else uses `read()`."""
+        with self.reader.connect() as conn:
+            yield conn
+
     def dispose(self) -> None:
         self.engine.dispose()
+        self.reader.dispose()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, emit_begin: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
@@ -90,6 +108,9 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+    if not emit_begin:
+        return
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
