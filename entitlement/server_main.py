@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api import ratelimit
 from entitlement.api.identity import CallerInterceptor
+from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
 from entitlement.tls import check_transport, server_tls
@@ -54,23 +55,25 @@ def start(ctx: Context, listen: str) -> Running:
     only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
     tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
     check_transport(listen, tls, ctx.settings.insecure)
-    interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(), CallerInterceptor(ctx.callers)]
+    behaviors: list[BehaviorInterceptor] = [AccessLogInterceptor(), CallerInterceptor(ctx.callers)]
     limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
-    if limiter is not None:  # after the caller interceptor: buckets are per authenticated caller
-        interceptors.append(limiter)
+    if limiter is not None:  # after the caller's: buckets are per authenticated caller
+        behaviors.append(limiter)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
         # Several server processes share one port through SO_REUSEPORT (the kernel spreads
         # connections); a single process keeps it off so that a port in use is an error.
         options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
     )
-    eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), server)
-    activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), server)
-    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), server)
-    registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), server)
+    # Our services' methods are wrapped once in the behaviours (not server interceptors: see
+    # entitlement.api.wrapping); health and reflection are served bare.
+    ours = WrappingRegistrar(server, behaviors)
+    eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), ours)
+    activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), ours)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), ours)
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), ours)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 import psycopg
@@ -98,7 +99,20 @@ def fresh_url(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureR
 
 
 @pytest.fixture(scope="session")
-def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, TextIO]]:
+    """One log file for the servers of both backends' harnesses, open until the whole session ends.
+    structlog's configuration is global: with a file per harness, whichever harness pytest tears
+    down first would close the file the other server still writes to (the order of parametrized
+    session fixtures depends on which tests run)."""
+    path = tmp_path_factory.mktemp("server-log") / "server.log"
+    with path.open("w") as stream:
+        logs.configure("info", stream=stream)
+        yield path, stream
+
+
+@pytest.fixture(scope="session")
+def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory,
+            server_log: tuple[Path, TextIO]) -> Iterator[Harness]:
     """A migrated database with the test registry, and the real server serving it on a free port."""
     name, url = backend
     tmp = tmp_path_factory.mktemp(f"server-{name}")
@@ -109,8 +123,7 @@ def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) 
     upgrade(url)
     tokens = write_callers(settings.callers_file, CALLERS)
     clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
-    log_path = tmp / "server.log"
-    log_stream = log_path.open("w")
+    log_path, log_stream = server_log
     logs.configure("info", stream=log_stream)
     ctx = app.build(settings, clock=clock, create_secrets=True)
     extract = make_registry_file(tmp / "registry.csv")
@@ -128,7 +141,6 @@ def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) 
         channel.close()
         running.stop(0)
         ctx.db.dispose()
-        log_stream.close()
 
 
 @pytest.fixture

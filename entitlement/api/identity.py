@@ -156,6 +156,9 @@ class CallerInterceptor(BehaviorInterceptor):
                                   reason="CREDENTIALS_MISMATCH")
         return caller
 
+    def applies_to(self, method: str) -> bool:
+        return method.startswith(PACKAGE)
+
     @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> Iterator[None]:

@@ -61,6 +61,9 @@ class RateLimitInterceptor(BehaviorInterceptor):
         self.buckets = buckets
         self.methods = methods
 
+    def applies_to(self, method: str) -> bool:
+        return method in self.methods
+
     @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> Iterator[None]:
