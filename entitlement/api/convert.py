@@ -41,8 +41,20 @@ def funding_plan(plan: rules.FundingPlan | None) -> common_pb2.FundingPlan | Non
 
 
 def parameters(params: tuple[rules.ParameterUsed, ...]) -> list[common_pb2.ParameterValue]:
-    return [common_pb2.ParameterValue(name=p.name, value_json=p.value_json, effective_from=date(p.effective_from),
-                                      reference=p.reference) for p in params]
+    """The messages of `params`. rules.parameters_used hands out one tuple per program and day, so
+    the messages are built once for it and reused (a message passed to a constructor is copied)."""
+    hit = _PARAMETERS.get(id(params))
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    out = [common_pb2.ParameterValue(name=p.name, value_json=p.value_json, effective_from=date(p.effective_from),
+                                     reference=p.reference) for p in params]
+    if len(_PARAMETERS) >= 4096:
+        _PARAMETERS.clear()
+    _PARAMETERS[id(params)] = (params, out)
+    return out
+
+
+_PARAMETERS: dict[int, tuple[tuple[rules.ParameterUsed, ...], list[common_pb2.ParameterValue]]] = {}
 
 
 def decision(d: rules.Decision, snapshot: SnapshotRef | None) -> common_pb2.EligibilityDecision:
