@@ -50,12 +50,13 @@ migrate: $(STAMP)
 
 ## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models ~3 min; registry
 ## at 6 M rows ~5 min; audit log verification at 1 M events ~2 min; 1 M activations ~25 min on both
-## backends). Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench
+## backends; instructions per call under valgrind ~4 min). Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.activations
+	$(BIN)/python -m bench.instructions
 
 clean:
 	rm -rf $(VENV) var tests/node/node_modules

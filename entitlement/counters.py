@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -38,22 +38,40 @@ def usage(conn: Connection, programs: list[Program]) -> dict[str, tuple[int, int
 def _ensure_row(s: Session, program_id: str) -> None:
     dialect = s.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    s.execute(insert(ProgramCounter).values(program_id=program_id, seats_used=0, cents_committed=0)
-              .on_conflict_do_nothing(index_elements=["program_id"]))
+    s.connection().execute(insert(ProgramCounter).values(program_id=program_id, seats_used=0, cents_committed=0)
+                           .on_conflict_do_nothing(index_elements=["program_id"]))
+
+
+def _reserve_statement(seats_cap: bool, budget_cap: bool) -> Update:
+    stmt = update(ProgramCounter).where(ProgramCounter.program_id == bindparam("program")).values(
+        seats_used=ProgramCounter.seats_used + 1, cents_committed=ProgramCounter.cents_committed + bindparam("cents"))
+    if seats_cap:
+        stmt = stmt.where(ProgramCounter.seats_used + 1 <= bindparam("max_seats"))
+    if budget_cap:
+        stmt = stmt.where(ProgramCounter.cents_committed + bindparam("cents") <= bindparam("max_cents"))
+    return stmt
+
+
+# Built once, one per combination of caps (the write path runs one of them per activation).
+_RESERVE = {(seats, budget): _reserve_statement(seats, budget) for seats in (False, True) for budget in (False, True)}
 
 
 def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
-    """Take one seat and `cents`, within the caps in force on `day`; False when a cap would be exceeded."""
-    _ensure_row(s, program.id)
-    stmt = update(ProgramCounter).where(ProgramCounter.program_id == program.id).values(
-        seats_used=ProgramCounter.seats_used + 1, cents_committed=ProgramCounter.cents_committed + cents)
+    """Take one seat and `cents`, within the caps in force on `day`, in one conditional UPDATE;
+    False when a cap would be exceeded. A program's counter row is created on its first
+    activation (when the UPDATE finds no row), so the usual activation costs one statement."""
     seats = program.optional_value("max_seats", day)
-    if seats is not None:
-        stmt = stmt.where(ProgramCounter.seats_used + 1 <= seats.value)
     budget = program.optional_value("max_budget_cents", day)
-    if budget is not None:
-        stmt = stmt.where(ProgramCounter.cents_committed + cents <= budget.value)
-    return s.execute(stmt).rowcount == 1  # type: ignore[attr-defined, no-any-return]
+    params = {"program": program.id, "cents": cents,
+              "max_seats": seats.value if seats is not None else None,
+              "max_cents": budget.value if budget is not None else None}
+    stmt = _RESERVE[(seats is not None, budget is not None)]
+    if s.connection().execute(stmt, params).rowcount == 1:
+        return True
+    if s.get(ProgramCounter, program.id) is not None:
+        return False  # the row is there: a cap refused
+    _ensure_row(s, program.id)
+    return bool(s.connection().execute(stmt, params).rowcount == 1)
 
 
 def release(s: Session, program_id: str, cents: int) -> None:

@@ -1,0 +1,281 @@
+"""Instructions per call, counted by valgrind (`python -m bench.instructions`).
+
+Throughput on a shared 2-core VM swings with whatever else runs; an instruction count does not:
+callgrind counts the instructions the server process executes, the same for the same code and
+inputs whatever the machine is doing. This benchmark runs the real server (`server.py`, the
+production entry, with its collector tuning) and a bare echo server built like it (same
+`grpc.server`, thread pool and options, no behaviour) under `valgrind --tool=callgrind`, switches
+counting on only around N sequential calls of one RPC (after warm-up calls), and divides.
+
+The echo/ours ratio of instructions is the throughput ratio a server-bound run would show (the
+server process runs Python under one GIL: its throughput is the inverse of its cost per call);
+compare it with the ratios of `python -m bench` and `python -m bench.rpcs`, which include the
+client's share of the machine and contention.
+
+Needs valgrind (on every machine kind here). BENCH_INSTR_CALLS sets N (default 300; Activate
+and Redeem use N/3 people).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from google.type import date_pb2
+
+from bench.sections import replace_section
+from entitlement import registry, synthetic
+from entitlement.callers import Caller, write_callers
+from entitlement.clock import SystemClock
+from entitlement.config import ROOT
+from entitlement.pseudonym import Pseudonymizer
+from entitlement.storage.db import Database
+from entitlement.storage.migrate import upgrade
+from entitlement.tokens import KeyStore
+from entitlement.v1 import (activation_pb2, activation_pb2_grpc, common_pb2, eligibility_pb2,
+                            eligibility_pb2_grpc)
+
+PROGRAM = "programs/premium-job-seekers"
+ECHO_METHOD = "/bench.Echo/Echo"
+PEOPLE = 2000
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"server not listening on {port} after {limit_s:.0f} s")
+
+
+def echo_server(port: int) -> None:
+    """The floor: grpc.server built as entitlement.server_main.start builds ours, no behaviour."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+                         maximum_concurrent_rpcs=128)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, _context: request)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+@contextmanager
+def under_callgrind(argv: list[str], env: dict[str, str], port: int, out: Path) -> Iterator[Callable[[Callable[[], None]], int]]:
+    """Run argv under callgrind with counting off; yields `count(work)`, which counts the
+    instructions the server executes while `work()` runs (the dump after each count resets them)."""
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p", *argv]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+
+        def count(work: Callable[[], None]) -> int:
+            for f in out.parent.glob(out.name + ".*"):
+                f.unlink()
+            subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+            work()
+            subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+            return _totals(out)
+        yield count
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _totals(out: Path) -> int:
+    """The sum of the `totals:` lines of the dumps (a dump's `summary:` line can read 0)."""
+    deadline = time.monotonic() + 30
+    while True:
+        files = list(out.parent.glob(out.name + ".*"))
+        texts = [f.read_text(errors="replace") for f in files]
+        if texts and all("\ntotals:" in t for t in texts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return sum(int(m.group(1)) for t in texts for m in re.finditer(r"^totals: (\d+)", t, re.MULTILINE))
+
+
+def prepare(tmp: Path) -> tuple[dict[str, str], dict[str, str], list[tuple[str, dt.date]]]:
+    """A migrated SQLite database with a synthetic registry; returns (env, tokens, people)."""
+    callers_file, key_dir, pseudo_file = tmp / "callers.json", tmp / "keys", tmp / "pseudonym.key"
+    tokens = write_callers(callers_file, [
+        Caller(id="bench-advisor", role="advisor", advisor_id="A0001", agency_code="75011"),
+        Caller(id="bench-platform", role="platform", platform_id="openclassrooms"),
+    ])
+    KeyStore.load(key_dir, create=True)
+    pseudo = Pseudonymizer.from_file(pseudo_file, create=True)
+    extract = tmp / "registry.csv"
+    synthetic.write(extract, PEOPLE)
+    url = f"sqlite:///{tmp / 'entitlement.db'}"
+    upgrade(url)
+    db = Database(url, pool_size=2)
+    try:
+        registry.import_extract(db, pseudo, SystemClock(), extract,
+                                extracted_on=dt.date.today() - dt.timedelta(days=1))
+    finally:
+        db.dispose()
+    people = [(r["identifiant"], dt.date.fromisoformat(r["dateNaissance"])) for r in synthetic.rows(PEOPLE)]
+    env = {**os.environ, "ENTITLEMENT_DATABASE_URL": url, "ENTITLEMENT_CALLERS_FILE": str(callers_file),
+           "ENTITLEMENT_KEY_DIR": str(key_dir), "ENTITLEMENT_PSEUDONYM_KEY_FILE": str(pseudo_file),
+           "ENTITLEMENT_LOG_KEY_FILE": str(tmp / "log.key"), "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
+           "ENTITLEMENT_PROCESSES": "1", "ENTITLEMENT_LOG_LEVEL": "info"}
+    return env, tokens, people
+
+
+def repeat(n: int, call: Callable[..., object], indexed: bool = False) -> None:
+    for i in range(n):
+        call(i) if indexed else call()
+
+
+def who(person: tuple[str, dt.date]) -> common_pb2.JobSeekerIdentity:
+    agency_id, birth = person
+    return common_pb2.JobSeekerIdentity(agency_id=agency_id, birth_date=date_pb2.Date(
+        year=birth.year, month=birth.month, day=birth.day))
+
+
+def main() -> int:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        say("bench.instructions: valgrind is not installed; skipped")
+        return 0
+    n = int(os.environ.get("BENCH_INSTR_CALLS", "300"))
+    started = time.time()
+    rows: list[tuple[str, int, int, float]] = []  # rpc, calls, instructions, bytes of the request
+    with tempfile.TemporaryDirectory(prefix="bench-instr-") as d:
+        tmp = Path(d)
+        env, tokens, people = prepare(tmp)
+
+        # The floor.
+        port = free_port()
+        with under_callgrind([sys.executable, "-c", f"from bench.instructions import echo_server; echo_server({port})"],
+                             dict(os.environ), port, tmp / "echo.cg") as count:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = ch.unary_unary(ECHO_METHOD)
+                payload = b"x" * 80
+                md = (("authorization", "Bearer " + "a" * 43),)
+                for _ in range(50):
+                    call(payload, metadata=md, timeout=120)
+                total = count(lambda: repeat(n, lambda: call(payload, metadata=md, timeout=120)))
+                rows.append(("Echo (floor)", n, total, len(payload)))
+                say(f"echo: {total // n:,} instructions/call")
+
+        # Ours.
+        port = free_port()
+        env["ENTITLEMENT_LISTEN"] = f"127.0.0.1:{port}"
+        with under_callgrind([sys.executable, "server.py"], env, port, tmp / "server.cg") as count:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                adv = (("authorization", f"Bearer {tokens['bench-advisor']}"),)
+                plat = (("authorization", f"Bearer {tokens['bench-platform']}"),)
+                elig = eligibility_pb2_grpc.EligibilityServiceStub(ch)
+                act = activation_pb2_grpc.ActivationServiceStub(ch)
+                # Warm-up, and the people the server finds eligible (for the writes).
+                eligible = []
+                for p in people:
+                    r = elig.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=who(p), program=PROGRAM),
+                                              metadata=adv, timeout=120)
+                    if r.decisions[0].eligible:
+                        eligible.append(p)
+                    if len(eligible) >= 2 * (n // 3) + 2:
+                        break
+                writes = max(1, n // 3)
+                if len(eligible) < 2 * writes + 2:
+                    raise SystemExit(f"only {len(eligible)} eligible people in the synthetic registry")
+                check_req = eligibility_pb2.CheckEligibilityRequest(job_seeker=who(eligible[0]), program=PROGRAM)
+                total = count(lambda: repeat(n, lambda: elig.CheckEligibility(check_req, metadata=adv, timeout=120)))
+                rows.append(("CheckEligibility", n, total, check_req.ByteSize()))
+                say(f"CheckEligibility: {total // n:,} instructions/call")
+
+                def activate(p: tuple[str, dt.date], i: int) -> activation_pb2.ActivateEntitlementResponse:
+                    return act.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                        request_id=f"bench-instr-{i}", job_seeker=who(p), program=PROGRAM,
+                        platform="platforms/openclassrooms", reason="bench"), metadata=adv, timeout=120)
+                first = activate(eligible[-1], 10**6)  # warm-up of the write path
+                act.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                    token=first.activation_token, account_id="bench-account-0"), metadata=plat, timeout=120)
+                made: list[str] = []
+                batch = eligible[1:1 + writes]
+                total = count(lambda: made.extend(activate(p, i).activation_token for i, p in enumerate(batch)))
+                rows.append(("ActivateEntitlement", writes, total, 0))
+                say(f"ActivateEntitlement: {total // writes:,} instructions/call")
+                total = count(lambda: repeat(len(made), lambda i: act.RedeemActivationToken(
+                    activation_pb2.RedeemActivationTokenRequest(token=made[i], account_id=f"bench-account-{i + 1}"),
+                    metadata=plat, timeout=120), indexed=True))
+                rows.append(("RedeemActivationToken", len(made), total, 0))
+                say(f"RedeemActivationToken: {total // len(made):,} instructions/call")
+                verify_req = activation_pb2.VerifyEntitlementRequest(account_id="bench-account-1")
+                if not act.VerifyEntitlement(verify_req, metadata=plat, timeout=120).active:
+                    raise SystemExit("the redeemed account is not active")
+                total = count(lambda: repeat(n, lambda: act.VerifyEntitlement(verify_req, metadata=plat, timeout=120)))
+                rows.append(("VerifyEntitlement", n, total, verify_req.ByteSize()))
+                say(f"VerifyEntitlement: {total // n:,} instructions/call")
+    write_section(rows, time.time() - started)
+    return 0
+
+
+TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitlement": 0.25}
+
+
+def write_section(rows: list[tuple[str, int, int, float]], seconds: float) -> None:
+    echo = rows[0][2] / rows[0][1]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = [
+        "## Instructions per call, counted by valgrind (`python -m bench.instructions`)",
+        "",
+        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}, Python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}; {seconds:.0f} s in all.",
+        "- `valgrind --tool=callgrind` counts every instruction the server process executes (all threads), "
+        "switched on only around sequential calls of one RPC after warm-up calls: the same figure for the "
+        "same code and inputs however loaded the machine is (the timed benchmarks swing by a third here).",
+        "- Servers: `server.py` as in production (SQLite, 2,000 synthetic people, one JSON access line per "
+        "call, rate limit off) and an echo server built the same way (same `grpc.server`, pool and options, "
+        "no behaviour; 80-byte payload and an `authorization` header like ours).",
+        "- x echo = echo's instructions per call / the RPC's: the throughput ratio a run bound by the server "
+        "process would show (one GIL: throughput is the inverse of the cost per call). Targets of issue "
+        "\"Step 7\" are throughput ratios on the 2-core machine.",
+        "",
+        "| rpc | calls | instructions/call | x echo | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for rpc, calls, total, _size in rows:
+        per = total / calls
+        ratio = echo / per
+        target = TARGETS.get(rpc)
+        verdict = "-" if target is None else (f">= {target}: met" if ratio >= target else f">= {target}: not met")
+        lines.append(f"| {rpc} | {calls:,} | {per:,.0f} | {ratio:.2f} | {verdict} |")
+    replace_section(ROOT / "BENCHMARKS.md", "instructions", "\n".join(lines))
+    say("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

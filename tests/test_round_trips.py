@@ -1,0 +1,94 @@
+"""Database round trips per RPC (issue "Step 7": one per read RPC is the goal).
+
+The statements each call sends are counted on the real server's own engines (the transactional
+pool and the autocommit pool of hot reads), through SQLAlchemy's cursor events: a check of a
+program without caps and a token verification each cost exactly one statement and no transaction
+(no BEGIN / COMMIT round trips), on both backends. The write path's count is printed, not
+asserted, for BENCHMARKS.md's reading.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import event
+from support import Api, identity, next_person
+
+from entitlement.v1 import activation_pb2, eligibility_pb2
+
+
+@dataclass
+class Trips:
+    statements: dict[str, list[str]] = field(default_factory=lambda: {"transactional": [], "autocommit": []})
+    transactions: int = 0
+
+
+@contextmanager
+def counting(api: Api) -> Iterator[Trips]:
+    db = api.h.ctx.db
+    trips = Trips()
+    lock = threading.Lock()
+    listeners = []
+    for name, engine in (("transactional", db.engine), ("autocommit", db.reader)):
+        def on_execute(_conn: object, _cursor: object, statement: str, *_a: object, _name: str = name) -> None:
+            with lock:
+                trips.statements[_name].append(" ".join(statement.split())[:60])
+        event.listen(engine, "before_cursor_execute", on_execute)
+        listeners.append((engine, "before_cursor_execute", on_execute))
+
+    def on_begin(_conn: object) -> None:
+        with lock:
+            trips.transactions += 1
+    event.listen(db.engine, "begin", on_begin)
+    listeners.append((db.engine, "begin", on_begin))
+    try:
+        yield trips
+    finally:
+        for engine, name, fn in listeners:
+            event.remove(engine, name, fn)
+
+
+
+def test_a_check_is_one_statement_and_no_transaction(api: Api) -> None:
+    agency_id, birth = next_person()
+    request = eligibility_pb2.CheckEligibilityRequest(job_seeker=identity(agency_id, birth),
+                                                      program="programs/premium-job-seekers")
+    api.advisor.CheckEligibility(request)  # warm: the caller's token lookup is cached after this
+    with counting(api) as trips:
+        answer = api.advisor.CheckEligibility(request)
+    assert answer.decisions[0].eligible
+    assert trips.statements["autocommit"] and len(trips.statements["autocommit"]) == 1, trips
+    assert trips.statements["transactional"] == [] and trips.transactions == 0, trips
+
+
+def test_a_verification_is_one_statement_and_no_transaction(api: Api) -> None:
+    made = api.activate()
+    account = f"acct-{uuid.uuid4().hex[:12]}"
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=made.activation_token, account_id=account))
+    request = activation_pb2.VerifyEntitlementRequest(account_id=account)
+    api.platform.VerifyEntitlement(request)
+    with counting(api) as trips:
+        status = api.platform.VerifyEntitlement(request)
+    assert status.active
+    assert len(trips.statements["autocommit"]) == 1, trips
+    assert trips.statements["transactional"] == [] and trips.transactions == 0, trips
+
+
+def test_the_write_path_statement_count_is_reported(api: Api) -> None:
+    api.activate()  # warm
+    with counting(api) as trips:
+        made = api.activate(request_id=f"rt-{uuid.uuid4().hex[:12]}")
+    assert made.activation.name.startswith("activations/")
+    # One transaction; what it sends is printed for the performance notes (no bound asserted:
+    # the count changes with features, the one-transaction shape must not).
+    assert trips.transactions == 1, trips
+    assert trips.statements["transactional"], trips
+    print(f"\n[{api.h.backend}] ActivateEntitlement: {len(trips.statements['transactional'])} statements "
+          f"in 1 transaction, {len(trips.statements['autocommit'])} outside:")
+    for s in trips.statements["transactional"]:
+        print("   ", s)
