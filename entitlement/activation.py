@@ -200,9 +200,8 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
-        existing = s.execute(select(Activation.id).where(
-            Activation.program_id == program.id, Activation.person_key == person_key,
-            Activation.state.in_(LIVE), Activation.end_date >= today)).scalar_one_or_none()
+        existing = s.connection().execute(_EXISTING, {"program": program.id, "person": person_key,
+                                                      "today": today}).scalar_one_or_none()
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the
             # replay check above and this query; its idempotency record is visible now (AIP-155).
@@ -262,10 +261,17 @@ def _cap_reached(program_name: str) -> ResourceExhausted:
                              metadata={"program": program_name})
 
 
+# Built once (the write path runs both at every activation).
+_EXISTING = select(Activation.id).where(
+    Activation.program_id == bindparam("program"), Activation.person_key == bindparam("person"),
+    Activation.state.in_(LIVE), Activation.end_date >= bindparam("today"))
+_STALE = select(Activation).where(
+    Activation.program_id == bindparam("program"), Activation.person_key == bindparam("person"),
+    Activation.state.in_(LIVE), Activation.end_date < bindparam("today")).with_for_update()
+
+
 def _expire_stale(s: Session, ctx: Context, program_id: str, person_key: bytes, today: dt.date) -> None:
-    stale = s.execute(select(Activation).where(
-        Activation.program_id == program_id, Activation.person_key == person_key,
-        Activation.state.in_(LIVE), Activation.end_date < today).with_for_update()).scalars().all()
+    stale = s.execute(_STALE, {"program": program_id, "person": person_key, "today": today}).scalars().all()
     for a in stale:
         ledger.expire(s, ctx, a, today)  # as the settlement job would: consume, release, one event
 

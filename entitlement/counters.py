@@ -77,5 +77,5 @@ def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
 def release(s: Session, program_id: str, cents: int) -> None:
     """Give back committed cents (revocation, expiry). Seats stay taken: a seat was used."""
     if cents:
-        s.execute(update(ProgramCounter).where(ProgramCounter.program_id == program_id)
+        s.connection().execute(update(ProgramCounter).where(ProgramCounter.program_id == program_id)
                   .values(cents_committed=ProgramCounter.cents_committed - cents))

@@ -20,6 +20,10 @@ from entitlement.storage.models import Activation, Event, LogHead
 ACTIVATION_PREFIX = "activations/"
 
 
+# Built once: every write transaction takes its sequence number with it.
+_NEXT_SEQ = update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
+
+
 def canonical_json(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -36,9 +40,7 @@ def append(session: Session, *, time: dt.datetime, type: str, actor: str, subjec
     # Stored in UTC (SQLite keeps no offset), so the time read back is the time hashed.
     time = time.astimezone(dt.timezone.utc) if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)
     payload_json = canonical_json(payload or {})
-    seq = int(session.execute(
-        update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
-    ).scalar_one())
+    seq = int(session.connection().execute(_NEXT_SEQ).scalar_one())
     session.add(Event(seq=seq, time=time, type=type, actor=actor, subject=subject, program_id=program_id,
                       reason=reason, payload_json=payload_json, platform_id=platform_id))
     leaf = LogEvent(seq, time_us(time), type, actor, subject, program_id or "", reason, payload_json)

@@ -46,6 +46,9 @@ def _trailing_ones(n: int) -> int:
     return (~n & (n + 1)).bit_length() - 1
 
 
+_INSERT_NODES = insert(LogNode)
+
+
 def add_leaf(session: Session, index: int, leaf_hash: bytes) -> None:
     """Store leaf `index` (seq - 1) and the complete subtrees it closes. Call in the transaction
     that wrote the event, after taking its sequence number."""
@@ -56,7 +59,7 @@ def add_leaf(session: Session, index: int, leaf_hash: bytes) -> None:
     for level in range(closes):
         h = merkle.node_hash(left[(level, (index >> level) - 1)], h)
         rows.append({"level": level + 1, "idx": index >> (level + 1), "hash": h})
-    session.execute(insert(LogNode), rows)
+    session.connection().execute(_INSERT_NODES, rows)
 
 
 # ---------------------------------------------------------------------------------------- reading
