@@ -22,7 +22,7 @@ Settings (environment):
   BENCH_QUICK=1      a few seconds per case, small registry, one concurrency level (the test's mode)
   BENCH_SECONDS      measured seconds per case (4; quick 0.6); BENCH_WARMUP unmeasured seconds before (1; quick 0.2)
   BENCH_CONCURRENCY  closed-loop calls in flight (8,32; quick 8)
-  BENCH_CHANNELS     grpc.aio channels (connections) of the load generator (8)
+  BENCH_CHANNELS     grpc.aio channels (connections) of the load generator (16)
   BENCH_PEOPLE       synthetic registry size (200000; quick 5000), about half of them eligible
   BENCH_SCALING=0    skip the 1 vs 2 processes part (on by default when PostgreSQL is measured)
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
@@ -102,7 +102,7 @@ class RpcsConfig:
         js = os.environ.get("BENCH_JSON", "").strip()
         return cls(
             quick=quick, seconds=seconds, warmup=_float("BENCH_WARMUP", 0.2 if quick else 1.0), concurrency=conc,
-            channels=max(_int("BENCH_CHANNELS", 8), 1),
+            channels=max(_int("BENCH_CHANNELS", 16), 1),
             people=max(_int("BENCH_PEOPLE", 5000 if quick else 200_000), 1000),
             seed_accounts=20 if quick else 200,
             workers=max(_int("BENCH_WORKERS", Settings().max_workers), 1),
@@ -350,8 +350,8 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
     main = _main_rows(results)
     echo = _echo_best(main)
     out = []
-    for backend in dict.fromkeys(r.backend for r in main if r.method != ECHO):
-        for method in RPCS:
+    for backend in ["-", *dict.fromkeys(r.backend for r in main if r.method != ECHO)]:
+        for method in (ECHO,) if backend == "-" else RPCS:
             closed = [r for r in main if r.backend == backend and r.method == method and not r.rate]
             half = [r for r in main if r.backend == backend and r.method == method and r.rate]
             if not closed:

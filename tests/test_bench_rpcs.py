@@ -49,7 +49,9 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
                 assert r["calls_made"] > 0 and q["statements"] >= r["calls_made"], (method, q, r["calls_made"])
                 assert q["transactions"] >= r["calls_made"], (method, q, r["calls_made"])
 
-    assert {t["rpc"] for t in doc["targets"]} == set(RPCS)
+    assert {t["rpc"] for t in doc["targets"]} == {ECHO, *RPCS}
+    judged = [t for t in doc["targets"] if t["rpc"] in (CHECK, VERIFY, ACTIVATE)]
+    assert len(judged) == 3 and all(t["ratio_met"] in (True, False) and t["p99_met"] in (True, False) for t in judged)
     text = out.read_text()
     assert text.count("<!-- section:rpcs -->") == 1 and "<!-- /section:rpcs -->" in text
     for method in RPCS:
