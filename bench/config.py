@@ -189,6 +189,7 @@ class RunResult:
     calls_made: int = 0           # every call completed in the run, warm-up included (OK or not)
     queries: dict[str, int] = field(default_factory=dict)  # server's SQL counters over the whole run
     note: str = ""                # e.g. a window ended early (its pool of requests ran dry)
+    echo_rps: float = 0.0         # req/s of the echo server in the window paired with this one
 
     @property
     def rps(self) -> float:
