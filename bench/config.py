@@ -167,6 +167,29 @@ class SeedSpec:
     count: int
 
 
+@dataclass(frozen=True)
+class FillSpec:
+    """Unmeasured ActivateEntitlement calls, `concurrency` at a time, from pool `source` until pool
+    `target` holds `count` RedeemActivationToken requests (or `source` is empty)."""
+
+    port: int
+    token: str
+    source: str
+    target: str
+    count: int
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class PagesSpec:
+    """ListActivations `first` (serialized) followed page by page through next_page_token."""
+
+    port: int
+    token: str
+    first: bytes
+    pages: int
+
+
 @dataclass
 class RunResult:
     backend: str

@@ -29,13 +29,12 @@ import time
 import traceback
 from array import array
 from collections import Counter, deque
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 
-from bench.config import ACTIVATE, LIST, METHOD_PATHS, PLATFORM_ID, PROGRAM, LoadSpec, SeedSpec
+from bench.config import ACTIVATE, LIST, METHOD_PATHS, PLATFORM_ID, PROGRAM, FillSpec, LoadSpec, PagesSpec, SeedSpec
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STREAM_PROBE_S = 1.5
@@ -45,29 +44,6 @@ MAX_OPEN_LOOP_IN_FLIGHT = 2000  # open loop: calls due while this many are in fl
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 POOLS: dict[str, deque[bytes]] = {}  # named pools of requests, each used once
-
-
-@dataclass(frozen=True)
-class FillSpec:
-    """Unmeasured ActivateEntitlement calls, `concurrency` at a time, from pool `source` until pool
-    `target` holds `count` RedeemActivationToken requests (or `source` is empty)."""
-
-    port: int
-    token: str
-    source: str
-    target: str
-    count: int
-    concurrency: int = 16
-
-
-@dataclass(frozen=True)
-class PagesSpec:
-    """ListActivations `first` (serialized) followed page by page through next_page_token."""
-
-    port: int
-    token: str
-    first: bytes
-    pages: int
 
 
 def cpu_seconds(pid: int) -> float:
