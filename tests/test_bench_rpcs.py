@@ -42,7 +42,6 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
             assert r["errors"] == {}, f"{method}: errors {r['errors']}"
         for r in opened:
             assert set(r["errors"]) <= OVERLOAD, f"{method} (open loop): errors {r['errors']}"
-            assert sum(r["errors"].values()) <= r["calls"] // 10, f"{method} (open loop): errors {r['errors']}"
         if method != ECHO:
             for r in runs:  # the real server talked to its database on every call
                 q = r["queries"]
