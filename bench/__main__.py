@@ -18,113 +18,26 @@ Settings (environment):
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from bench import report
 from bench.config import (ADVISOR_ID, AIO, CHECK, ECHO, ECHO_MODELS, METHOD_PATHS, MODELS, PLATFORM_CALLER_ID,
                           PROGRAM, SYNC, VERIFY, BenchConfig, LoadSpec, RunResult, SeedSpec, ServerSpec)
+from bench.common import say
 from bench.prepare import Common, database, migrate_and_import, pg_problem, prepare_common
+from bench.procs import Client, Server, commit, machine, pg_version, servers
 from bench.sections import replace_section
 
-MP = multiprocessing.get_context("spawn")  # no process of ours is a fork of one holding gRPC state
 SECTION = "server-models"  # our section of BENCHMARKS.md
-READY_TIMEOUT = 120.0
-CALL_TIMEOUT = 300.0
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class Child:
-    """A spawned process and the parent's end of its pipe."""
-
-    def __init__(self, name: str, target: Any, *args: Any) -> None:
-        self.name = name
-        self.conn, child_end = MP.Pipe()
-        self.proc = MP.Process(target=target, args=(*args, child_end), name=name, daemon=True)
-        self.proc.start()
-        child_end.close()
-
-    def recv(self, timeout: float) -> Any:
-        if not self.conn.poll(timeout):
-            raise RuntimeError(f"{self.name}: no answer within {timeout:.0f} s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"{self.name}: exited (code {self.proc.exitcode})") from None
-
-    def close(self, message: Any) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(message)
-            except OSError:
-                pass
-            self.proc.join(15)
-        if self.proc.is_alive():  # only this process, by its own handle
-            self.proc.terminate()
-            self.proc.join(5)
-        self.conn.close()
-
-
-class Server(Child):
-    def __init__(self, spec: ServerSpec) -> None:
-        from bench.servers import serve
-        super().__init__(f"server {spec.kind}", serve, spec)
-        self.spec = spec
-        try:
-            answer = self.recv(READY_TIMEOUT)
-            if answer[0] != "ready":
-                raise RuntimeError(f"{self.name} failed to start:\n{answer[1]}")
-        except BaseException:
-            self.stop()
-            raise
-        _, self.port, self.pid = answer
-
-    def stop(self) -> None:
-        self.close("stop")
-
-
-class Client(Child):
-    def __init__(self) -> None:
-        from bench.load import client
-        super().__init__("load generator", client)
-
-    def ask(self, kind: str, arg: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        self.conn.send((kind, arg))
-        status, value = self.recv(timeout)
-        if status != "ok":
-            raise RuntimeError(f"{self.name}: {kind} failed:\n{value}")
-        return value
-
-    def stop(self) -> None:
-        self.close(None)
-
-
-@contextmanager
-def servers(specs: list[ServerSpec]) -> Iterator[dict[str, Server]]:
-    started: dict[str, Server] = {}
-    try:
-        for spec in specs:
-            started[spec.kind] = Server(spec)
-        yield started
-    finally:
-        for s in started.values():
-            s.stop()
 
 
 def server_spec(kind: str, cfg: BenchConfig, common: Common, backend: str, url: str = "") -> ServerSpec:
@@ -263,41 +176,6 @@ def measure(client: Client, srv: dict[str, Server], models: tuple[str, ...], bac
     return out
 
 
-def machine() -> tuple[str, float]:
-    cpu, mem = platform.processor() or platform.machine(), 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
-    return cpu, mem
-
-
-def commit() -> str:
-    """The commit measured, and whether the service's files differed from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "entitlement", "programs"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    return f"commit {head}" + (" with uncommitted changes under entitlement/ or programs/" if dirty else "")
-
-
-def pg_version(url: str) -> str:
-    import psycopg
-    with psycopg.connect(url, connect_timeout=3) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]).split()[0] if row else "?"
-
-
 def main() -> int:
     cfg = BenchConfig.from_env()
     began = time.monotonic()
@@ -320,7 +198,7 @@ def main() -> int:
             if b == "postgres":
                 pg_ver = pg_version(cfg.pg_admin_url)
             backends.append(b)
-        common = prepare_common(tmp, cfg)
+        common = prepare_common(tmp, cfg.people)
         say(f"bench: synthetic registry of {cfg.people:,} people")
         client = Client()
 
@@ -332,7 +210,7 @@ def main() -> int:
 
         for backend in backends:
             t = time.monotonic()
-            with database(backend, common, cfg) as url:
+            with database(backend, common, cfg.pg_admin_url) as url:
                 summary = migrate_and_import(url, common)
                 say(f"bench: {backend}: migrated, {summary.rows_imported:,} people imported "
                     f"({time.monotonic() - t:.1f} s)")

@@ -16,7 +16,8 @@ NOW = dt.datetime(2026, 3, 16, 10, 0, tzinfo=dt.timezone.utc)
 TODAY = dt.date(2026, 3, 16)  # NOW in Europe/Paris
 PROGRAM = "premium-job-seekers"
 PLATFORM_ID = "openclassrooms"
-ADVISOR_ID, PLATFORM_CALLER_ID = "bench-advisor", "bench-platform"
+ADVISOR_ID, PLATFORM_CALLER_ID, FUNDER_CALLER_ID = "bench-advisor", "bench-platform", "bench-funder"
+FUNDER_ID = "ministry-of-labour"  # a funder of PROGRAM
 
 # Server models: the two under test, and the echo floor of each.
 SYNC, AIO = "sync", "aio"
@@ -27,9 +28,13 @@ ECHO_MODELS = (SYNC_ECHO, AIO_ECHO, AIO_ECHO_INLINE)
 ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO}
 
 CHECK, VERIFY, ECHO = "CheckEligibility", "VerifyEntitlement", "Echo"
+ACTIVATE, REDEEM, LIST = "ActivateEntitlement", "RedeemActivationToken", "ListActivations"
 METHOD_PATHS = {
     CHECK: "/entitlement.v1.EligibilityService/CheckEligibility",
     VERIFY: "/entitlement.v1.ActivationService/VerifyEntitlement",
+    ACTIVATE: "/entitlement.v1.ActivationService/ActivateEntitlement",
+    REDEEM: "/entitlement.v1.ActivationService/RedeemActivationToken",
+    LIST: "/entitlement.v1.AuditService/ListActivations",
     ECHO: "/bench.Echo/Echo",
 }
 ECHO_SERVICE = "bench.Echo"
@@ -110,28 +115,44 @@ class ServerSpec:
     callers_file: Path | None = None
     key_dir: Path | None = None
     pseudonym_key_file: Path | None = None
+    port: int = 0           # 0: any free port; a fixed port when several processes share it
+    processes: int = 1      # processes serving `port` (each its own ServerSpec; SO_REUSEPORT when > 1)
+    check_rate_per_min: int = 0  # the per-caller rate limit (0: no limiter interceptor)
+    check_burst: int = 20
+    count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
 
     def settings(self) -> Settings:
         assert self.callers_file and self.key_dir and self.pseudonym_key_file
-        return Settings(listen="127.0.0.1:0", database_url=self.database_url, programs_dir=ROOT / "programs",
-                        callers_file=self.callers_file, key_dir=self.key_dir,
+        return Settings(listen=f"127.0.0.1:{self.port}", database_url=self.database_url,
+                        programs_dir=ROOT / "programs", callers_file=self.callers_file, key_dir=self.key_dir,
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
-                        max_workers=self.workers, grace_seconds=1, log_level=self.log_level)
+                        max_workers=self.workers, processes=self.processes, grace_seconds=1,
+                        log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
+                        check_burst=self.check_burst)
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """One timed run: `concurrency` calls kept in flight on one grpc.aio channel for `warmup` +
-    `seconds`; requests are pre-serialized and cycled."""
+    """One timed run: `concurrency` calls kept in flight (closed loop) or, with `rate`, calls sent
+    at that fixed rate whatever the answers (open loop), over `channels` grpc.aio channels (each its
+    own connection), for `warmup` + `seconds`; requests are pre-serialized and cycled, or, with
+    `pool`, taken once each from a named list kept by the load generator (the run's window ends
+    early if the pool runs dry)."""
 
     port: int
     server_pid: int
-    method: str             # CHECK | VERIFY | ECHO
+    method: str             # a key of METHOD_PATHS
     requests: tuple[bytes, ...]
     token: str = ""
     concurrency: int = 8
     warmup: float = 0.5
     seconds: float = 1.25
+    channels: int = 1
+    server_pids: tuple[int, ...] = ()  # every process serving the port (server_pid when empty)
+    rate: float = 0.0       # calls/s, open loop; 0: closed loop with `concurrency` in flight
+    pool: str = ""          # take requests once each from this pool of the load generator
+    keep_tokens: str = ""   # ActivateEntitlement: add a RedeemActivationToken request per granted
+                            # activation to this pool (its token, a new account id)
 
 
 @dataclass(frozen=True)
@@ -144,6 +165,29 @@ class SeedSpec:
     platform_token: str
     candidates: tuple[tuple[str, str], ...]  # (agency id, birth date ISO)
     count: int
+
+
+@dataclass(frozen=True)
+class FillSpec:
+    """Unmeasured ActivateEntitlement calls, `concurrency` at a time, from pool `source` until pool
+    `target` holds `count` RedeemActivationToken requests (or `source` is empty)."""
+
+    port: int
+    token: str
+    source: str
+    target: str
+    count: int
+    concurrency: int = 16
+
+
+@dataclass(frozen=True)
+class PagesSpec:
+    """ListActivations `first` (serialized) followed page by page through next_page_token."""
+
+    port: int
+    token: str
+    first: bytes
+    pages: int
 
 
 @dataclass
@@ -162,6 +206,13 @@ class RunResult:
     client_cpu_s: float = 0.0
     machine_cpu_s: float = 0.0    # all processes, all cores (/proc/stat), over the same windows
     round_rps: tuple[float, ...] = ()  # throughput of each round, to see how much a server varies
+    rate: float = 0.0             # open-loop runs: the rate asked (calls/s)
+    processes: int = 1            # server processes serving the port
+    server_cpu_each: tuple[float, ...] = ()  # CPU seconds of each server process
+    calls_made: int = 0           # every call completed in the run, warm-up included (OK or not)
+    queries: dict[str, int] = field(default_factory=dict)  # server's SQL counters over the whole run
+    note: str = ""                # e.g. a window ended early (its pool of requests ran dry)
+    echo_rps: float = 0.0         # req/s of the echo server in the window paired with this one
 
     @property
     def rps(self) -> float:

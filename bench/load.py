@@ -4,7 +4,13 @@ process and serves requests from the orchestrator over `conn`:
   ("seed", SeedSpec)                 -> list of redeemed account ids (real RPCs: Activate, Redeem)
   ("probe", (ports, probes))         -> per probe, per port: (status code name, response bytes)
   ("run", LoadSpec)                  -> dict of measurements (see run_load)
+  ("pool", (name, requests))         -> size of the named pool after adding `requests` to it
+  ("fill", FillSpec)                 -> size of the target pool (unmeasured Activate calls, see fill)
+  ("pages", PagesSpec)               -> ListActivations requests of pages 1..n (page tokens followed)
   None                               -> exit
+
+Pools are lists of pre-serialized requests kept in this process between requests, each used once
+(ActivateEntitlement needs a new person and request id per call, RedeemActivationToken a new token).
 
 Requests are pre-serialized: the client sends and receives bytes, so its own CPU per call is the
 gRPC stack only. Latency is measured per call with perf_counter; a call counts when it completes
@@ -22,16 +28,22 @@ import signal
 import time
 import traceback
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 
-from bench.config import METHOD_PATHS, PLATFORM_ID, PROGRAM, LoadSpec, SeedSpec
+from bench.config import ACTIVATE, LIST, METHOD_PATHS, PLATFORM_ID, PROGRAM, FillSpec, LoadSpec, PagesSpec, SeedSpec
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STREAM_PROBE_S = 1.5
+MAX_OPEN_LOOP_IN_FLIGHT = 2000  # open loop: calls due while this many are in flight are counted, not sent
+# Each channel its own connection (grpc shares one between channels with the same arguments
+# otherwise): with SO_REUSEPORT the kernel spreads connections, not calls, over the processes.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+POOLS: dict[str, deque[bytes]] = {}  # named pools of requests, each used once
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,6 +76,14 @@ def client(conn: Connection) -> None:
                 result = asyncio.run(probe(*arg))
             elif kind == "run":
                 result = asyncio.run(run_load(arg))
+            elif kind == "pool":
+                name, requests = arg
+                POOLS.setdefault(name, deque()).extend(requests)
+                result = len(POOLS[name])
+            elif kind == "fill":
+                result = asyncio.run(fill(arg))
+            elif kind == "pages":
+                result = asyncio.run(pages(arg))
             else:
                 raise ValueError(f"unknown request {kind!r}")
             conn.send(("ok", result))
@@ -151,46 +171,182 @@ async def probe(ports: list[int], probes: list[tuple[str, str, str, bytes, tuple
     return out
 
 
+def server_cpu(pids: tuple[int, ...]) -> list[float]:
+    return [cpu_seconds(p) for p in pids]
+
+
+class _Redeems:
+    """Turns ActivateEntitlement answers into RedeemActivationToken requests (a new account each)."""
+
+    def __init__(self, pool: str) -> None:
+        from entitlement.v1 import activation_pb2
+        self.pool = POOLS.setdefault(pool, deque()) if pool else None
+        self._parse = activation_pb2.ActivateEntitlementResponse.FromString
+        self._make = activation_pb2.RedeemActivationTokenRequest
+        self._prefix = f"bench-{pool}-{os.getpid()}-{time.monotonic_ns()}-"
+        self._n = 0
+
+    def add(self, response: bytes) -> None:
+        if self.pool is None:
+            return
+        token = self._parse(response).activation_token
+        if token:
+            self._n += 1
+            self.pool.append(self._make(token=token, account_id=f"{self._prefix}{self._n}").SerializeToString())
+
+
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
-    """Keep `concurrency` calls in flight for warmup + seconds; measure the window after warm-up."""
+    """Closed loop (`concurrency` calls in flight) or open loop (`rate` calls a second, each sent on
+    time whatever the others' fate, its latency counted from when it was due) for warmup + seconds;
+    the window after the warm-up is measured. With a pool, the window ends when the pool runs dry."""
     metadata = _bearer(spec.token)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{spec.port}") as channel:
-        await asyncio.wait_for(channel.channel_ready(), 15)
-        call = channel.unary_unary(METHOD_PATHS[spec.method])
+    pids = spec.server_pids or (spec.server_pid,)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{spec.port}", options=CHANNEL_OPTIONS)
+                for _ in range(max(1, spec.channels))]
+    try:
+        await asyncio.gather(*(asyncio.wait_for(ch.channel_ready(), 15) for ch in channels))
+        calls = [ch.unary_unary(METHOD_PATHS[spec.method]) for ch in channels]
+        pool = POOLS.get(spec.pool) if spec.pool else None
+        if spec.pool and pool is None:
+            raise ValueError(f"no pool {spec.pool!r}")
         requests, n_req = spec.requests, len(spec.requests)
+        keep = _Redeems(spec.keep_tokens) if spec.keep_tokens and spec.method == ACTIVATE else None
+        responses: list[bytes] = []
         latencies: list[float] = []
         codes: Counter[str] = Counter()
+        made = 0
+        counter = 0
         t0 = time.perf_counter()
         t_start, t_end = t0 + spec.warmup, t0 + spec.warmup + spec.seconds
+        dry_at: list[float] = []  # when the pool ran dry
+
+        def next_request() -> bytes | None:
+            nonlocal counter
+            if pool is not None:
+                if not pool:
+                    if not dry_at:
+                        dry_at.append(time.perf_counter())
+                    return None
+                return pool.popleft()
+            counter += 1
+            return requests[counter % n_req]
+
+        async def one(k: int, request: bytes, begun: float) -> None:
+            nonlocal made
+            perf = time.perf_counter
+            try:
+                response = await calls[k % len(calls)](request, metadata=metadata, timeout=30)
+                code = "OK"
+                if keep is not None:
+                    responses.append(response)
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+            done = perf()
+            made += 1
+            if t_start <= done <= t_end and not (dry_at and done > dry_at[0]):
+                codes[code] += 1
+                if code == "OK":
+                    latencies.append(done - begun)
 
         async def worker(k: int) -> None:
-            i = k
             perf = time.perf_counter
             while True:
                 begun = perf()
                 if begun >= t_end:
                     return
-                try:
-                    await call(requests[i % n_req], metadata=metadata, timeout=30)
-                    code = "OK"
-                except grpc.aio.AioRpcError as err:
-                    code = err.code().name
-                done = perf()
-                if t_start <= done <= t_end:
-                    codes[code] += 1
-                    if code == "OK":
-                        latencies.append(done - begun)
-                i += spec.concurrency
+                request = next_request()
+                if request is None:
+                    return
+                await one(k, request, begun)
 
-        tasks = [asyncio.create_task(worker(k)) for k in range(spec.concurrency)]
+        async def dispatcher() -> None:
+            """Open loop: call i is due at t0 + i / rate; each wake-up sends every call due."""
+            in_flight: set[asyncio.Task[None]] = set()
+            interval, i = 1.0 / spec.rate, 0
+            perf = time.perf_counter
+            while True:
+                now = perf()
+                if now >= t_end:
+                    break
+                while t0 + i * interval <= now:
+                    due = t0 + i * interval
+                    i += 1
+                    if len(in_flight) >= MAX_OPEN_LOOP_IN_FLIGHT:
+                        if t_start <= due <= t_end:
+                            codes["CLIENT_BACKLOG"] += 1
+                        continue
+                    request = next_request()
+                    if request is None:
+                        break
+                    task = asyncio.create_task(one(i, request, due))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                if dry_at:
+                    break
+                await asyncio.sleep(max(0.0, min(t0 + i * interval, t_end) - perf()))
+            if in_flight:
+                await asyncio.gather(*in_flight)
+
+        if spec.rate > 0:
+            tasks = [asyncio.create_task(dispatcher())]
+        else:
+            tasks = [asyncio.create_task(worker(k)) for k in range(spec.concurrency)]
         await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
-        s0, c0, m0, w0 = cpu_seconds(spec.server_pid), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
-        await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
-        s1, c1, m1, w1 = cpu_seconds(spec.server_pid), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
+        s0, c0, m0, w0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
+        while time.perf_counter() < t_end and not dry_at:
+            await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
+        s1, c1, m1, w1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
         await asyncio.gather(*tasks)
+    finally:
+        for ch in channels:
+            await ch.close()
+    if keep is not None:
+        for r in responses:
+            keep.add(r)
+    # The window: from the end of the warm-up to its end, or to when the pool ran dry.
+    window = (min(t_end, dry_at[0]) if dry_at else t_end) - t_start
+    window = max(window, 1e-9)
+    scale = window / (w1 - w0) if w1 > w0 else 1.0  # CPU sampled interval -> window (a few ms apart)
     ok = codes.pop("OK", 0)
-    return {"seconds": t_end - t_start, "calls": ok, "errors": dict(codes),
+    each = [(b - a) * scale for a, b in zip(s0, s1)]
+    return {"seconds": window, "calls": ok, "errors": dict(codes), "made": made, "dry": bool(dry_at),
             "latencies": array("d", latencies).tobytes(),
-            # CPU is scaled from the sampled interval to the window (they differ by a few ms).
-            "server_cpu_s": (s1 - s0) * spec.seconds / (w1 - w0), "client_cpu_s": (c1 - c0) * spec.seconds / (w1 - w0),
-            "machine_cpu_s": (m1 - m0) * spec.seconds / (w1 - w0)}
+            "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
+            "machine_cpu_s": (m1 - m0) * scale}
+
+
+async def fill(spec: FillSpec) -> int:
+    """See FillSpec; calls not granted (whatever the reason) are an error: the pool holds people
+    known to be eligible."""
+    source, target = POOLS.get(spec.source, deque()), POOLS.setdefault(spec.target, deque())
+    keep = _Redeems(spec.target)
+    metadata = _bearer(spec.token)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{spec.port}") as channel:
+        await asyncio.wait_for(channel.channel_ready(), 15)
+        call = channel.unary_unary(METHOD_PATHS[ACTIVATE])
+
+        async def worker() -> None:
+            while len(target) < spec.count and source:
+                keep.add(await call(source.popleft(), metadata=metadata, timeout=30))
+
+        await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+    return len(target)
+
+
+async def pages(spec: PagesSpec) -> tuple[bytes, ...]:
+    from entitlement.v1 import audit_pb2
+    first = audit_pb2.ListActivationsRequest.FromString(spec.first)
+    out = [spec.first]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{spec.port}") as channel:
+        call = channel.unary_unary(METHOD_PATHS[LIST])
+        request = first
+        while len(out) < spec.pages:
+            answer = audit_pb2.ListActivationsResponse.FromString(
+                await call(request.SerializeToString(), metadata=_bearer(spec.token), timeout=30))
+            if not answer.next_page_token:
+                break
+            request = audit_pb2.ListActivationsRequest()
+            request.CopyFrom(first)
+            request.page_token = answer.next_page_token
+            out.append(request.SerializeToString())
+    return tuple(out)

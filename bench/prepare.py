@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.config import ADVISOR_ID, NOW, PLATFORM_CALLER_ID, PLATFORM_ID, TODAY, BenchConfig
+from bench.config import ADVISOR_ID, FUNDER_CALLER_ID, FUNDER_ID, NOW, PLATFORM_CALLER_ID, PLATFORM_ID, TODAY
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
 from entitlement.clock import FixedClock
@@ -25,6 +25,7 @@ from entitlement.tokens import KeyStore
 CALLERS = [
     Caller(id=ADVISOR_ID, role="advisor", advisor_id="A0001", agency_code="75011"),
     Caller(id=PLATFORM_CALLER_ID, role="platform", platform_id=PLATFORM_ID),
+    Caller(id=FUNDER_CALLER_ID, role="funder", funder_id=FUNDER_ID),
 ]
 
 
@@ -42,15 +43,15 @@ class Common:
     candidates: list[tuple[str, dt.date]]  # rows likely eligible to PROGRAM today (the server decides)
 
 
-def prepare_common(tmp: Path, cfg: BenchConfig) -> Common:
+def prepare_common(tmp: Path, people_count: int) -> Common:
     callers_file, key_dir, pseudo_file = tmp / "callers.json", tmp / "keys", tmp / "pseudonym.key"
     tokens = write_callers(callers_file, CALLERS)
     KeyStore.load(key_dir, create=True)
     Pseudonymizer.from_file(pseudo_file, create=True)
     extract = tmp / "registry.csv"
-    synthetic.write(extract, cfg.people)
+    synthetic.write(extract, people_count)
     people, candidates = [], []
-    for row in synthetic.rows(cfg.people):
+    for row in synthetic.rows(people_count):
         birth = dt.date.fromisoformat(row["dateNaissance"])
         people.append((row["identifiant"], birth))
         # A cheap pre-filter (registered, category 1-5, registration running today); whether an
@@ -72,19 +73,19 @@ def pg_problem(admin_url: str) -> str | None:
 
 
 @contextmanager
-def database(backend: str, common: Common, cfg: BenchConfig) -> Iterator[str]:
+def database(backend: str, common: Common, pg_admin_url: str) -> Iterator[str]:
     """An empty database for `backend` (a SQLite file in the temp dir, or a throwaway PostgreSQL
     database `entitlement_bench_<random>` dropped on exit); yields its URL."""
     if backend == "sqlite":
         yield f"sqlite:///{common.tmp / 'entitlement.db'}"
         return
     name = f"entitlement_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(cfg.pg_admin_url, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"{cfg.pg_admin_url.rsplit('/', 1)[0]}/{name}"
+        yield f"{pg_admin_url.rsplit('/', 1)[0]}/{name}"
     finally:
-        with psycopg.connect(cfg.pg_admin_url, autocommit=True) as conn:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

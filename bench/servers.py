@@ -10,6 +10,14 @@ Models:
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
 - aio-echo-inline: the same, answered on the event loop (no thread hop), to show what the hop costs.
 
+Several processes on one port (spec.processes > 1, a fixed spec.port): one serve() process each,
+started as server.py starts its workers (spawn, then app.build and server_main.start, which turns
+SO_REUSEPORT on when the settings say several processes); the sync echo does the same.
+
+With spec.count_queries the sync server counts, on its engine (SQLAlchemy events, nothing changed in
+entitlement/), the SQL statements sent, the transactions ended (commit, rollback) and the pool
+checkouts (each a pre-ping round trip on PostgreSQL); the message "counts" answers them.
+
 Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
 file of the spec, never to the terminal.
 """
@@ -20,6 +28,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import traceback
 from concurrent import futures
 from multiprocessing.connection import Connection
@@ -28,6 +37,43 @@ from typing import Any
 from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
 
 OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+
+
+def _options(spec: ServerSpec) -> list[tuple[str, int]]:
+    return [("grpc.so_reuseport", 1 if spec.processes > 1 else 0), *OPTIONS[1:]]
+
+
+class QueryCounter:
+    """SQL statements, transactions ended and pool checkouts of one engine, from any thread."""
+
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy import event
+        self.counts = {"statements": 0, "transactions": 0, "checkouts": 0}
+        self._lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", lambda *a: self._add("statements"))
+        event.listen(engine, "commit", lambda *a: self._add("transactions"))
+        event.listen(engine, "rollback", lambda *a: self._add("transactions"))
+        event.listen(engine.pool, "checkout", lambda *a: self._add("checkouts"))
+
+    def _add(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+def _serve_until_stop(conn: Connection, counter: QueryCounter | None) -> None:
+    """Answer "counts" until "stop" (or the orchestrator going away)."""
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg != "counts":
+            return
+        conn.send(counter.snapshot() if counter is not None else {})
 
 
 def serve(spec: ServerSpec, conn: Connection) -> None:
@@ -79,20 +125,23 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     if spec.kind == SYNC:
         from entitlement.server_main import start
         ctx = _context(spec)
-        running = start(ctx, "127.0.0.1:0")
+        counter = QueryCounter(ctx.db.engine) if spec.count_queries else None
+        running = start(ctx, ctx.settings.listen)
         conn.send(("ready", running.port, os.getpid()))
-        conn.recv()
+        _serve_until_stop(conn, counter)
         running.stop(0)
         ctx.db.dispose()
         return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
-                         options=OPTIONS, maximum_concurrent_rpcs=spec.workers * 8)
+                         options=_options(spec), maximum_concurrent_rpcs=spec.workers * 8)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{spec.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on 127.0.0.1:{spec.port}")
     server.start()
     conn.send(("ready", port, os.getpid()))
-    conn.recv()
+    _serve_until_stop(conn, None)
     server.stop(0).wait()
 
 

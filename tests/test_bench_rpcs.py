@@ -1,0 +1,58 @@
+"""`python -m bench.rpcs` in its quick mode on SQLite, so the benchmark cannot rot: every RPC it
+measures got successful calls through the real server, nothing failed that should not, the SQL
+counters saw the database, and its section of BENCHMARKS.md was written. Nothing about speed is
+asserted (that is what the benchmark prints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
+
+ROOT = Path(__file__).resolve().parent.parent
+RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
+# Open loop only: calls the server refused past its maximum_concurrent_rpcs, or that the load
+# generator could not send, when a shared machine stalls the server; never a bug of ours.
+OVERLOAD = {"RESOURCE_EXHAUSTED", "CLIENT_BACKLOG"}
+
+
+def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
+    out, js = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_BACKENDS": "sqlite", "BENCH_OUTPUT": str(out),
+           "BENCH_JSON": str(js)}
+    for name in ("BENCH_SECONDS", "BENCH_WARMUP", "BENCH_CONCURRENCY", "BENCH_PEOPLE", "BENCH_KEEP"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "bench.rpcs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(js.read_text())
+    results = doc["results"]
+
+    for method in (ECHO, *RPCS):
+        runs = [r for r in results if r["method"] == method]
+        closed, opened = [r for r in runs if not r["rate"]], [r for r in runs if r["rate"]]
+        assert closed and opened, f"{method}: closed loop {len(closed)} run(s), open loop {len(opened)}"
+        for r in runs:
+            assert r["calls"] > 0, f"{method}: no successful call ({r})"
+        for r in closed:
+            assert r["errors"] == {}, f"{method}: errors {r['errors']}"
+        for r in opened:
+            assert set(r["errors"]) <= OVERLOAD, f"{method} (open loop): errors {r['errors']}"
+        if method != ECHO:
+            for r in runs:  # the real server talked to its database on every call
+                q = r["queries"]
+                assert r["calls_made"] > 0 and q["statements"] >= r["calls_made"], (method, q, r["calls_made"])
+                assert q["transactions"] >= r["calls_made"], (method, q, r["calls_made"])
+
+    assert {t["rpc"] for t in doc["targets"]} == {ECHO, *RPCS}
+    judged = [t for t in doc["targets"] if t["rpc"] in (CHECK, VERIFY, ACTIVATE)]
+    assert len(judged) == 3 and all(t["ratio_met"] in (True, False) and t["p99_met"] in (True, False) for t in judged)
+    text = out.read_text()
+    assert text.count("<!-- section:rpcs -->") == 1 and "<!-- /section:rpcs -->" in text
+    for method in RPCS:
+        assert f"| sqlite | {method} |" in text
+    assert "Quick mode" in text
