@@ -44,16 +44,18 @@ def _options(spec: ServerSpec) -> list[tuple[str, int]]:
 
 
 class QueryCounter:
-    """SQL statements, transactions ended and pool checkouts of one engine, from any thread."""
+    """SQL statements (on both of the Database's pools), transactions ended and pool checkouts
+    (of the transactional pool; the autocommit pool of hot reads has neither), from any thread."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, db: Any) -> None:
         from sqlalchemy import event
         self.counts = {"statements": 0, "transactions": 0, "checkouts": 0}
         self._lock = threading.Lock()
-        event.listen(engine, "before_cursor_execute", lambda *a: self._add("statements"))
-        event.listen(engine, "commit", lambda *a: self._add("transactions"))
-        event.listen(engine, "rollback", lambda *a: self._add("transactions"))
-        event.listen(engine.pool, "checkout", lambda *a: self._add("checkouts"))
+        for engine in (db.engine, db.reader):
+            event.listen(engine, "before_cursor_execute", lambda *a: self._add("statements"))
+        event.listen(db.engine, "commit", lambda *a: self._add("transactions"))
+        event.listen(db.engine, "rollback", lambda *a: self._add("transactions"))
+        event.listen(db.engine.pool, "checkout", lambda *a: self._add("checkouts"))
 
     def _add(self, key: str) -> None:
         with self._lock:
@@ -125,7 +127,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     if spec.kind == SYNC:
         from entitlement.server_main import start
         ctx = _context(spec)
-        counter = QueryCounter(ctx.db.engine) if spec.count_queries else None
+        counter = QueryCounter(ctx.db) if spec.count_queries else None
         running = start(ctx, ctx.settings.listen)
         conn.send(("ready", running.port, os.getpid()))
         _serve_until_stop(conn, counter)
