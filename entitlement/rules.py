@@ -364,6 +364,23 @@ def decision_to_dict(d: Decision) -> dict[str, object]:
     }
 
 
+def _stored_parameters(raw: list[list[str]]) -> tuple[ParameterUsed, ...]:
+    """The parameters of a stored decision, one shared tuple per distinct list: every activation of
+    a program and day recorded the same ones, so a page of activations converts them once
+    (entitlement.api.convert memoizes by tuple)."""
+    key = tuple(tuple(p) for p in raw)
+    hit = _STORED_PARAMETERS.get(key)
+    if hit is None:
+        hit = tuple(ParameterUsed(n, v, dt.date.fromisoformat(e), r) for n, v, e, r in key)
+        if len(_STORED_PARAMETERS) >= 4096:
+            _STORED_PARAMETERS.clear()
+        _STORED_PARAMETERS[key] = hit
+    return hit
+
+
+_STORED_PARAMETERS: dict[tuple[tuple[str, ...], ...], tuple[ParameterUsed, ...]] = {}
+
+
 def decision_from_dict(raw: dict[str, Any]) -> Decision:
     plan = raw["funding_plan"]
     circ = raw.get("circumstances") or {}
@@ -372,7 +389,7 @@ def decision_from_dict(raw: dict[str, Any]) -> Decision:
         program_id=raw["program_id"], program_version=raw["program_version"],
         as_of=dt.date.fromisoformat(raw["as_of"]), eligible=raw["eligible"],
         criteria=tuple(CriterionResult(*c) for c in raw["criteria"]),
-        parameters=tuple(ParameterUsed(n, v, dt.date.fromisoformat(e), r) for n, v, e, r in raw["parameters"]),
+        parameters=_stored_parameters(raw["parameters"]),
         funding_plan=None if plan is None else FundingPlan(
             plan["price_per_month_cents"], plan["months"], plan["total_cents"],
             tuple((f, int(bp), int(c)) for f, bp, c in plan["shares"])),
