@@ -148,8 +148,11 @@ def _with_retry(fn: Any, *args: Any) -> Any:
     raise AssertionError("unreachable")
 
 
+_FOR_UPDATE = select(Activation).where(Activation.id == bindparam("id")).with_for_update()
+
+
 def _load_for_update(s: Session, activation_id: str) -> Activation | None:
-    return s.execute(select(Activation).where(Activation.id == activation_id).with_for_update()).scalar_one_or_none()
+    return s.execute(_FOR_UPDATE, {"id": activation_id}).scalar_one_or_none()
 
 
 def _check_scope(caller: Caller, a: Activation | None, activation_id: str) -> Activation:
