@@ -7,13 +7,25 @@ waiting); we emit BEGIN ourselves, as SQLAlchemy's SQLite dialect documentation 
 ("Serializable isolation / Savepoints / Transactional DDL").
 PostgreSQL (psycopg 3): READ COMMITTED; invariants are enforced by constraints, conditional updates
 and row locks rather than by the isolation level.
+
+Bounded waits (the server's Database, built from Settings by entitlement/app.py; README "Database
+outage"): SQLite waits for the write lock at most `lock_timeout_ms`, and never past the calling
+RPC's deadline (`bind_deadline`, set by the access-log interceptor), so a locked file answers
+UNAVAILABLE while the caller still listens. PostgreSQL gets connect_timeout, lock_timeout,
+statement_timeout and TCP keepalive / user timeout as connection parameters: session defaults,
+no extra round trip per call. There is no pool pre-ping (a round trip per checkout): a disconnect
+error invalidates the whole pool (SQLAlchemy's default), so every connection opened before an
+outage is replaced on its next checkout, and the health monitor's ping (entitlement/dbhealth.py)
+notices an outage even when no call does.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +34,30 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 _WRITE = "entitlement_write"
+_BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
+
+# The monotonic time by which the current call must have its answer (None: no deadline). Set per
+# RPC by the access-log interceptor and by the health monitor around its ping.
+_deadline: ContextVar[float | None] = ContextVar("entitlement_call_deadline", default=None)
+# Time kept, before the caller's deadline, to roll back and send UNAVAILABLE while it still listens.
+DEADLINE_MARGIN_S = 0.1
+NO_DEADLINE_S = 365 * 86400.0
+
+
+def bind_deadline(seconds_left: float | None) -> None:
+    """Bound this thread's next database waits by a call deadline `seconds_left` from now (None, or
+    gRPC's "infinite" deadline of a call without one: no bound but the settings')."""
+    _deadline.set(None if seconds_left is None or not seconds_left < NO_DEADLINE_S
+                  else time.monotonic() + seconds_left)
+
+
+def wait_bound_ms(limit_ms: int) -> int:
+    """The longest lock wait allowed now: `limit_ms` (0 = unbounded), capped by the call's deadline."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return limit_ms
+    left = max(0, int((deadline - time.monotonic() - DEADLINE_MARGIN_S) * 1000))
+    return left if limit_ms <= 0 else min(limit_ms, left)
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -37,23 +73,34 @@ def normalize_url(url: str) -> str:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int = 30000,
+                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
+        """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded);
+        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none). The defaults are
+        those of the command-line tools; the server passes its settings (entitlement/app.py)."""
+        if min(lock_timeout_ms, statement_timeout_ms, connect_timeout_s) < 0:
+            raise SystemExit("ENTITLEMENT_DB_*_TIMEOUT_*: a timeout cannot be negative")
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
+        self.lock_timeout_ms = lock_timeout_ms
         kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
+        # Waiting for a pooled connection is bounded too (the pool holds more than the workers).
+        pool_timeout = lock_timeout_ms / 1000 if lock_timeout_ms else 30
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-            kwargs["pool_size"] = pool_size
+            kwargs["connect_args"] = {"timeout": (lock_timeout_ms or SQLITE_FOREVER_MS) / 1000,
+                                      "check_same_thread": False}
+            kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
         elif self.dialect == "postgresql":
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout,
+                          connect_args=_pg_connect_args(lock_timeout_ms, statement_timeout_ms, connect_timeout_s))
         else:
             raise SystemExit(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, lock_timeout_ms)
 
     @property
     def is_sqlite(self) -> bool:
@@ -80,18 +127,46 @@ class Database:
         self.engine.dispose()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _pg_connect_args(lock_timeout_ms: int, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
+    """libpq parameters: session defaults sent once at connect (no round trip per transaction)."""
+    args: dict[str, Any] = {}
+    options = [f"-c lock_timeout={lock_timeout_ms}"]
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={statement_timeout_ms}")
+    args["options"] = " ".join(options)
+    if connect_timeout_s:
+        # A peer that stops answering (host down, network cut) fails the connection after about this
+        # long instead of leaving a call waiting for TCP's own timeouts (minutes to hours).
+        args.update(connect_timeout=max(2, connect_timeout_s), tcp_user_timeout=connect_timeout_s * 1000,
+                    keepalives=1, keepalives_idle=connect_timeout_s, keepalives_interval=1, keepalives_count=2)
+    return args
+
+
+SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
+
+
+def _configure_sqlite(engine: Engine, lock_timeout_ms: int) -> None:
+    lock_timeout_ms = lock_timeout_ms or SQLITE_FOREVER_MS
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
         cur.close()
+        record.info[_BUSY_MS] = lock_timeout_ms
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # The lock wait of this transaction: the setting, capped by the call's deadline. Setting it
+        # is a local call into SQLite (no I/O), and only done when it changes.
+        busy_ms = wait_bound_ms(lock_timeout_ms)
+        info = conn.connection.info
+        if info.get(_BUSY_MS) != busy_ms:
+            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
+            info[_BUSY_MS] = busy_ms
         write = conn.get_execution_options().get(_WRITE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
