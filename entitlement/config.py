@@ -91,8 +91,9 @@ class Settings:
     # - db_ping_ms: how often the health monitor pings the database (health goes NOT_SERVING after a
     #   failed ping, back to SERVING after a good one); 0 = no monitor (health stays SERVING).
     # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping.
-    # Settings built by hand (tests, CLI commands, benchmarks) keep these defaults; the CLI's own
-    # Database objects (migrations, doctor, imports) have no timeouts at all.
+    # Settings built by hand (tests, benchmarks) keep these defaults. The command-line tools'
+    # own Database objects (migrations, doctor, imports, jobs) keep theirs: a 30 s SQLite lock wait,
+    # no PostgreSQL timeouts.
     db_lock_timeout_ms: int = 5000
     db_statement_timeout_ms: int = 0
     db_connect_timeout_s: int = 3

@@ -47,7 +47,7 @@ from tcp_proxy import TcpProxy
 
 from entitlement import doctor
 from entitlement.server_main import SERVICE_NAMES
-from entitlement.storage.db import Database
+from entitlement.storage.db import Database, bind_deadline
 from entitlement.v1 import activation_pb2, eligibility_pb2
 
 STRESS = os.environ.get("ENTITLEMENT_STRESS") == "1"
@@ -416,16 +416,29 @@ def test_shutdown_during_an_outage_stays_not_serving(backend: tuple[str, str], t
         assert h.running.monitor is not None and not h.running.monitor.healthy
 
 
-def test_settings_bound_every_database_wait(tmp_path: Path) -> None:
-    """The server's Database gets its bounds from the settings; the command-line tools keep theirs."""
-    url = f"sqlite:///{tmp_path / 'bounds.db'}"
-    db = Database(url, pool_size=1, lock_timeout_ms=1234)
-    cli_db = Database(url, pool_size=1)
+def test_settings_bound_every_database_wait(fresh_url: str) -> None:
+    """The server's Database takes its bounds from the settings (a write's lock wait also from the
+    call's deadline); the command-line tools keep their own, longer ones."""
+    db = Database(fresh_url, pool_size=1, lock_timeout_ms=1234, statement_timeout_ms=4321, connect_timeout_s=2)
+    cli_db = Database(fresh_url, pool_size=1)
     try:
-        with db.read() as s:
-            assert s.execute(text("PRAGMA busy_timeout")).scalar_one() == 1234
-        with cli_db.read() as s:
-            assert s.execute(text("PRAGMA busy_timeout")).scalar_one() == 30000
+        if db.is_sqlite:
+            def busy(d: Database) -> int:
+                with d.write() as s:
+                    return int(s.execute(text("PRAGMA busy_timeout")).scalar_one())
+            assert busy(db) == 1234 and busy(cli_db) == 30000
+            bind_deadline(0.5)  # a call with 0.5 s left: the lock wait ends before its deadline
+            try:
+                assert 0 < busy(db) <= 400
+            finally:
+                bind_deadline(None)
+            assert busy(db) == 1234
+        else:
+            with db.read() as s:
+                assert s.execute(text("SHOW lock_timeout")).scalar_one() == "1234ms"
+                assert s.execute(text("SHOW statement_timeout")).scalar_one() == "4321ms"
+            with cli_db.read() as s:
+                assert s.execute(text("SHOW lock_timeout")).scalar_one() == "0"  # PostgreSQL's default: none
     finally:
         db.dispose()
         cli_db.dispose()

@@ -73,17 +73,20 @@ def normalize_url(url: str) -> str:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int = 30000,
+    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
                  statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
-        """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded);
-        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none). The defaults are
-        those of the command-line tools; the server passes its settings (entitlement/app.py)."""
-        if min(lock_timeout_ms, statement_timeout_ms, connect_timeout_s) < 0:
+        """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded; None: the
+        command-line tools' bounds, 30 s on SQLite and none on PostgreSQL);
+        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none). The server passes
+        its settings (entitlement/app.py)."""
+        if min(lock_timeout_ms or 0, statement_timeout_ms, connect_timeout_s) < 0:
             raise SystemExit("ENTITLEMENT_DB_*_TIMEOUT_*: a timeout cannot be negative")
+        pg_lock_timeout_ms = lock_timeout_ms
+        if lock_timeout_ms is None:
+            lock_timeout_ms = CLI_SQLITE_LOCK_TIMEOUT_MS
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
-        self.lock_timeout_ms = lock_timeout_ms
         kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         # Waiting for a pooled connection is bounded too (the pool holds more than the workers).
         pool_timeout = lock_timeout_ms / 1000 if lock_timeout_ms else 30
@@ -95,7 +98,7 @@ class Database:
             kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
         elif self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout,
-                          connect_args=_pg_connect_args(lock_timeout_ms, statement_timeout_ms, connect_timeout_s))
+                          connect_args=_pg_connect_args(pg_lock_timeout_ms, statement_timeout_ms, connect_timeout_s))
         else:
             raise SystemExit(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
         self.engine: Engine = create_engine(self.url, **kwargs)
@@ -127,13 +130,16 @@ class Database:
         self.engine.dispose()
 
 
-def _pg_connect_args(lock_timeout_ms: int, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
+def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
     """libpq parameters: session defaults sent once at connect (no round trip per transaction)."""
     args: dict[str, Any] = {}
-    options = [f"-c lock_timeout={lock_timeout_ms}"]
+    options = []
+    if lock_timeout_ms is not None:
+        options.append(f"-c lock_timeout={lock_timeout_ms}")
     if statement_timeout_ms:
         options.append(f"-c statement_timeout={statement_timeout_ms}")
-    args["options"] = " ".join(options)
+    if options:
+        args["options"] = " ".join(options)
     if connect_timeout_s:
         # A peer that stops answering (host down, network cut) fails the connection after about this
         # long instead of leaving a call waiting for TCP's own timeouts (minutes to hours).
@@ -142,6 +148,7 @@ def _pg_connect_args(lock_timeout_ms: int, statement_timeout_ms: int, connect_ti
     return args
 
 
+CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy server this long
 SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
 
 
@@ -161,12 +168,17 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # The lock wait of this transaction: the setting, capped by the call's deadline. Setting it
-        # is a local call into SQLite (no I/O), and only done when it changes.
-        busy_ms = wait_bound_ms(lock_timeout_ms)
-        info = conn.connection.info
-        if info.get(_BUSY_MS) != busy_ms:
-            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
-            info[_BUSY_MS] = busy_ms
         write = conn.get_execution_options().get(_WRITE, False)
+        if write:
+            # A write waits for the lock at most the setting, and never past the call's deadline (in
+            # 50 ms steps, so that calls with similar deadlines share the value). Setting it costs a
+            # PRAGMA (~30 us, no I/O), paid only when it changes: by a call whose deadline is nearer
+            # than the setting. Reads under WAL do not wait for writers: they keep the last value.
+            busy_ms = wait_bound_ms(lock_timeout_ms)
+            if busy_ms < lock_timeout_ms:
+                busy_ms -= busy_ms % 50
+            info = conn.connection.info
+            if info.get(_BUSY_MS) != busy_ms:
+                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
+                info[_BUSY_MS] = busy_ms
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
