@@ -14,6 +14,9 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
   holds the write lock; so after a call met the database locked, the ping is a write probe
   (BEGIN IMMEDIATE, then an empty COMMIT) until one succeeds: health says NOT_SERVING for as long
   as writes cannot go on.
+- While the database is down, the Database fails fast (entitlement/storage/db.py): transactions
+  raise DatabaseDown (UNAVAILABLE) at once instead of waiting for a lock or a connection, so worker
+  threads stay free; on SQLite after a failed write probe, only the writes.
 - `stop()` returns after the monitor's last status change: graceful shutdown then sets
   NOT_SERVING for good, and a late ping cannot set it back to SERVING.
 """
@@ -25,7 +28,6 @@ import time
 from collections.abc import Callable
 
 import structlog
-from sqlalchemy import text
 
 from entitlement.storage.db import Database, bind_deadline
 
@@ -75,9 +77,8 @@ class DatabaseMonitor:
         if self._healthy:
             self._wake.set()
 
-    def ping(self) -> bool:
-        """One ping: True when the database answered within the timeout."""
-        writes = self._probe_writes
+    def ping(self, writes: bool = False) -> bool:
+        """One ping (SQLite: a write probe with `writes`): True when the database answered in time."""
         with self._lock:
             if self._hanging >= MAX_HANGING:
                 return False
@@ -88,7 +89,7 @@ class DatabaseMonitor:
         def run() -> None:
             try:
                 bind_deadline(self._timeout)  # SQLite: the write probe waits for the lock this long at most
-                self._probe(writes)
+                self._db.ping(write=writes and self._db.is_sqlite)
                 outcome[0] = True
             except Exception as exc:  # any failure is a failed ping; the type is enough to log
                 self._last_error = type(exc).__name__
@@ -105,17 +106,6 @@ class DatabaseMonitor:
             self._probe_writes = False
         return outcome[0]
 
-    def _probe(self, writes: bool) -> None:
-        if not self._db.is_sqlite:
-            with self._db.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1").scalar_one()
-        elif writes:
-            with self._db.write() as s:  # the first statement begins it: BEGIN IMMEDIATE takes the lock
-                s.execute(text("SELECT 1")).scalar_one()
-        else:
-            with self._db.read() as s:
-                s.execute(text("SELECT count(*) FROM sqlite_master")).scalar_one()
-
     def _run(self) -> None:
         last = 0.0
         while True:
@@ -127,13 +117,17 @@ class DatabaseMonitor:
             if gap > 0:
                 time.sleep(gap)
             last = time.monotonic()
-            self._record(self.ping())
+            writes = self._probe_writes
+            self._record(self.ping(writes), writes)
 
-    def _record(self, ok: bool) -> None:
+    def _record(self, ok: bool, writes: bool) -> None:
         with self._lock:
             if self._stopping or ok == self._healthy:
                 return
             self._healthy = ok
+            # Fail fast while down: every transaction, or on SQLite after a failed write probe the
+            # writes only (reads under WAL go on).
+            self._db.fail_fast(writes=not ok, reads=not ok and not (self._db.is_sqlite and writes))
             self._on_change(ok)  # under the lock: stop() waits for it
         if ok:
             log.info("database_reachable", down_ms=round((time.monotonic() - self._down_since) * 1000))

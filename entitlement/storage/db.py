@@ -17,6 +17,11 @@ no extra round trip per call. There is no pool pre-ping (a round trip per checko
 error invalidates the whole pool (SQLAlchemy's default), so every connection opened before an
 outage is replaced on its next checkout, and the health monitor's ping (entitlement/dbhealth.py)
 notices an outage even when no call does.
+
+Fail fast: while the health monitor finds the database down, transactions it marks (all of them;
+on SQLite, whose reads go on under another's write lock, the writes only) raise DatabaseDown at
+once instead of waiting for a lock or a connection: worker threads are not held by a dead database,
+and a recovering PostgreSQL gets one ping per interval instead of a reconnection storm.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 _WRITE = "entitlement_write"
@@ -72,6 +78,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class DatabaseDown(OperationalError):
+    """Raised without touching the database while the health monitor finds it down (an outage:
+    the access log answers UNAVAILABLE)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None, ConnectionError("the health monitor finds the database down"))
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
                  statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
@@ -104,14 +118,29 @@ class Database:
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine, lock_timeout_ms)
+        self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
+    def fail_fast(self, *, writes: bool, reads: bool) -> None:
+        """From now on, refuse (DatabaseDown) new write / read transactions without trying them."""
+        self._refuse_writes, self._refuse_reads = writes, reads
+
+    def ping(self, *, write: bool = False) -> None:
+        """One round trip, even while failing fast (the health monitor's probe). `write` (SQLite):
+        take the write lock and let it go, waiting for it no longer than the bound deadline."""
+        with self.engine.connect() as conn:
+            if write:
+                conn.execution_options(**{_WRITE: True})
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1").scalar_one()
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A read-write transaction, committed on success, rolled back on any exception."""
+        if self._refuse_writes:
+            raise DatabaseDown()
         with self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
@@ -121,6 +150,8 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
+        if self._refuse_reads:
+            raise DatabaseDown()
         with self.engine.connect() as conn:
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
