@@ -458,3 +458,25 @@ def test_settings_bound_every_database_wait(fresh_url: str) -> None:
     finally:
         db.dispose()
         cli_db.dispose()
+
+
+def test_a_restart_nobody_noticed_costs_no_call(pg_server: str) -> None:
+    """PostgreSQL restarted between two calls (every pooled connection dead, the database up): the
+    monitor's ping replaces the dead connection and invalidates the pool (no pre-ping per checkout),
+    so the calls after it get new connections and succeed."""
+    proxy = TcpProxy(make_url(pg_server).host or "127.0.0.1", make_url(pg_server).port or 5432)
+    db = Database(proxy.url_for(pg_server), pool_size=4, lock_timeout_ms=1000, connect_timeout_s=2)
+    try:
+        holders = [db.engine.connect() for _ in range(3)]  # three pooled connections
+        for conn in holders:
+            conn.exec_driver_sql("SELECT 1")
+            conn.close()
+        proxy.cut()
+        proxy.restore()
+        db.ping()
+        for _ in range(4):
+            with db.read() as s:
+                assert s.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        db.dispose()
+        proxy.close()

@@ -36,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 _WRITE = "entitlement_write"
@@ -130,11 +130,20 @@ class Database:
 
     def ping(self, *, write: bool = False) -> None:
         """One round trip, even while failing fast (the health monitor's probe). `write` (SQLite):
-        take the write lock and let it go, waiting for it no longer than the bound deadline."""
-        with self.engine.connect() as conn:
-            if write:
-                conn.execution_options(**{_WRITE: True})
-            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1").scalar_one()
+        take the write lock and let it go, waiting for it no longer than the bound deadline. A
+        connection found dead is replaced and tried once more: after a database restart that no call
+        noticed, the pool's old connections are dead but the database is up."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn:
+                    if write:
+                        conn.execution_options(**{_WRITE: True})
+                    sql = "SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1"
+                    conn.exec_driver_sql(sql).scalar_one()
+                return
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
 
     @contextmanager
     def write(self) -> Iterator[Session]:
