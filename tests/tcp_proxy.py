@@ -2,7 +2,9 @@
 database away without touching the machine's PostgreSQL (other tests use it).
 
 `cut()`: every relayed connection is closed (both sides) and the port stops listening, so a new
-connection is refused, as when the database host is down. `restore()`: listen again, same port.
+connection is refused, as when the database host is down. `silence()`: every relayed connection is
+closed, and new ones are accepted but never answered, as when the host stops answering (a client
+then waits for its own timeouts). `restore()`: relay again, on the same port.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._closed = False
+        self._silent = False
+        self._held: set[socket.socket] = set()  # accepted while silent, never answered
         self.port = 0
         self.accepted = 0  # connections relayed since the start (a figure for the report)
         self._listen()
@@ -50,6 +54,10 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            with self._lock:
+                if self._silent:
+                    self._held.add(client)
+                    continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -100,13 +108,26 @@ class TcpProxy:
         for sock in conns:
             self._drop(sock)
 
-    def restore(self) -> None:
-        """Accept connections again, on the same port."""
+    def silence(self) -> None:
+        """Close every relayed connection; accept new ones but never answer them."""
         with self._lock:
-            if self._listener is not None or self._closed:
-                return
-        self._listen()
+            self._silent = True
+            conns, self._conns = set(self._conns), set()
+        for sock in conns:
+            self._drop(sock)
+
+    def restore(self) -> None:
+        """Relay connections again, on the same port (those held while silent are closed)."""
+        with self._lock:
+            self._silent = False
+            held, self._held = set(self._held), set()
+            listening = self._listener is not None
+        for sock in held:
+            self._drop(sock)
+        if not listening and not self._closed:
+            self._listen()
 
     def close(self) -> None:
         self._closed = True
         self.cut()
+        self.restore()  # closes the held ones; no new listener once closed

@@ -86,11 +86,15 @@ class Outage:
 class ProxyCut(Outage):
     backend = "postgres"
 
-    def __init__(self, proxy: TcpProxy) -> None:
+    def __init__(self, proxy: TcpProxy, silent: bool) -> None:
         self.proxy = proxy
+        self.silent = silent  # new connections hang (time out) instead of being refused
 
     def begin(self) -> None:
-        self.proxy.cut()
+        if self.silent:
+            self.proxy.silence()
+        else:
+            self.proxy.cut()
 
     def end(self) -> None:
         self.proxy.restore()
@@ -115,7 +119,7 @@ class SqliteLock(Outage):
 
 
 @contextmanager
-def outage_server(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
+def outage_server(backend: str, tmp_path: Path, request: pytest.FixtureRequest, *, silent: bool = False,
                   **overrides: object) -> Iterator[tuple[Harness, Outage]]:
     """A server of its own, with the outage of its backend ready to begin."""
     # More workers than client threads: a call queued behind busy workers waits in gRPC's queue,
@@ -132,7 +136,7 @@ def outage_server(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
     try:
         with own_server(backend, tmp_path, request, people=outage_people(), server_url=proxy.url_for,
                         **settings) as h:
-            yield h, ProxyCut(proxy)
+            yield h, ProxyCut(proxy, silent)
     finally:
         proxy.close()
 
@@ -250,8 +254,21 @@ def wait_health(channel: grpc.Channel, want: int, limit_s: float) -> float | Non
 
 def test_database_outage_under_load(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    name, _ = backend
-    with outage_server(name, tmp_path, request) as (h, outage):
+    """PostgreSQL refuses connections (host down) / SQLite is locked by another connection."""
+    _outage_under_load(backend[0], tmp_path, request, capsys, silent=False)
+
+
+def test_silent_postgresql_under_load(pg_server: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL's host stops answering: connections are accepted and never answered, so each
+    connection attempt waits for ENTITLEMENT_DB_CONNECT_TIMEOUT_S (2 s here, under the calls' 3 s
+    deadline), and the monitor's ping for its own timeout, before health goes NOT_SERVING."""
+    _outage_under_load("postgres", tmp_path, request, capsys, silent=True)
+
+
+def _outage_under_load(name: str, tmp_path: Path, request: pytest.FixtureRequest,
+                       capsys: pytest.CaptureFixture[str], *, silent: bool) -> None:
+    with outage_server(name, tmp_path, request, silent=silent) as (h, outage):
         people = [(p, birth) for p, (birth, *_rest) in outage_people().items()]
         load = Load(h, people)
         assert health_of(h.channel) == SERVING
@@ -266,7 +283,7 @@ def test_database_outage_under_load(backend: tuple[str, str], tmp_path: Path, re
         _check_activations(h, load)
     with capsys.disabled():
         for f in figures:
-            print(f"\n[outage {name}] {f}")
+            print(f"\n[outage {name}{' silent' if silent else ''}] {f}")
 
 
 def _one_cycle(h: Harness, outage: Outage, load: Load, cycle: int) -> str:
