@@ -45,7 +45,8 @@ from own_server import Person, own_server
 from support import As, Harness, failure, identity
 from tcp_proxy import TcpProxy
 
-from entitlement import doctor
+from entitlement import credentials, doctor
+from entitlement.callers import Caller
 from entitlement.server_main import SERVICE_NAMES
 from entitlement.storage.db import Database, bind_deadline
 from entitlement.v1 import activation_pb2, eligibility_pb2
@@ -124,8 +125,9 @@ def outage_server(backend: str, tmp_path: Path, request: pytest.FixtureRequest, 
     """A server of its own, with the outage of its backend ready to begin."""
     # More workers than client threads: a call queued behind busy workers waits in gRPC's queue,
     # where no bound of ours applies (README "Database outage").
+    # Callers' tokens are looked up in the database on every call (no cache).
     settings = dict(db_lock_timeout_ms=LOCK_WAIT_MS, db_ping_ms=200, db_ping_timeout_ms=1000,
-                    db_connect_timeout_s=2, max_workers=WORKERS + 4)
+                    db_connect_timeout_s=2, max_workers=WORKERS + 4, caller_cache_seconds=0)
     settings.update(overrides)
     if backend == "sqlite":
         with own_server(backend, tmp_path, request, people=outage_people(), **settings) as h:
@@ -169,6 +171,7 @@ class Load:
     def __init__(self, h: Harness, people: list[tuple[str, str]]) -> None:
         self.advisor = As(h.channel, h.tokens[ADVISOR])
         self.people = people
+        self.db_caller: As | None = None
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.phase = "before"
@@ -271,6 +274,10 @@ def _outage_under_load(name: str, tmp_path: Path, request: pytest.FixtureRequest
     with outage_server(name, tmp_path, request, silent=silent) as (h, outage):
         people = [(p, birth) for p, (birth, *_rest) in outage_people().items()]
         load = Load(h, people)
+        # A caller managed in the database (not the credentials file): its token is looked up there.
+        issued = credentials.create(h.ctx.db, Caller(id="advisor-db", role="advisor", advisor_id="A0009",
+                                                     agency_code="75011"), now=h.clock.now(), actor="test")
+        load.db_caller = As(h.channel, issued.token)
         assert health_of(h.channel) == SERVING
         load.start()
         figures = []
@@ -306,6 +313,18 @@ def _one_cycle(h: Harness, outage: Outage, load: Load, cycle: int) -> str:
         assert person is not None
         short = load.activate(person, f"outage-short-{uuid.uuid4().hex}", deadline_s=SHORT_DEADLINE_S)
         assert short.code == grpc.StatusCode.UNAVAILABLE, short
+        # A token that cannot be looked up is an outage, not bad credentials (SQLite: the lookup
+        # is a read, which goes on).
+        expected = grpc.StatusCode.OK if h.backend == "sqlite" else grpc.StatusCode.UNAVAILABLE
+        assert load.db_caller is not None
+        try:
+            load.db_caller.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+                job_seeker=identity(*person), program=PROGRAM), timeout=CALL_DEADLINE_S)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code, reason = err.code(), failure(err).reason
+            assert reason == "DATABASE_UNAVAILABLE", (code, reason)
+        assert code == expected
         time.sleep(OUTAGE_LOAD_S)  # the load keeps calling against the dead database
         assert health_of(h.channel) == NOT_SERVING
     finally:
