@@ -83,13 +83,15 @@ class Settings:
     # Every wait on the database is bounded, so a call answers UNAVAILABLE instead of hanging:
     # - db_lock_timeout_ms: the longest wait for a lock. SQLite: the busy timeout of the write lock
     #   (also capped by the call's remaining deadline, so the caller gets UNAVAILABLE before its
-    #   deadline); PostgreSQL: lock_timeout. 0 = no bound (SQLite then fails at once when locked).
+    #   deadline); PostgreSQL: lock_timeout. 0 = no bound (on SQLite, but the call's deadline).
     # - db_statement_timeout_ms: PostgreSQL statement_timeout; 0 = none (the default: one statement of
     #   a large registry import may legitimately run for minutes).
     # - db_connect_timeout_s: PostgreSQL connect_timeout (libpq: whole seconds, at least 2), also the
     #   TCP user timeout and keepalive time, so a silent network fails a call instead of hanging it.
     # - db_ping_ms: how often the health monitor pings the database (health goes NOT_SERVING after a
-    #   failed ping, back to SERVING after a good one); 0 = no monitor (health stays SERVING).
+    #   failed ping, back to SERVING after a good one; while NOT_SERVING, calls that need the
+    #   database answer UNAVAILABLE at once); 0 = no monitor (health stays SERVING). A call meeting
+    #   an outage makes it ping at once. Recovery is noticed within about one interval.
     # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping.
     # Settings built by hand (tests, benchmarks) keep these defaults. The command-line tools'
     # own Database objects (migrations, doctor, imports, jobs) keep theirs: a 30 s SQLite lock wait,
