@@ -1,22 +1,24 @@
 """Database outage under load (issue 9, item 2), on both backends.
 
-PostgreSQL: the server reaches its database through a TCP proxy (tests/tcp_proxy.py); the outage is
-the proxy closing every connection and refusing new ones (the machine's PostgreSQL keeps running:
-other tests use it). SQLite: the outage is another connection holding the write lock
-(`BEGIN EXCLUSIVE`); under WAL, reads go on, so eligibility checks keep answering OK while
-activations cannot be written.
+PostgreSQL: the server reaches its database through a TCP proxy (tests/tcp_proxy.py), so the
+machine's PostgreSQL keeps running (other tests use it). Two outages: refused (the proxy closes
+every connection and refuses new ones: the host is down) and silent (it closes them, then accepts
+new ones and never answers: the host stopped answering). SQLite: another connection holds the
+write lock (`BEGIN EXCLUSIVE`); under WAL, reads go on, so eligibility checks keep answering OK
+while activations cannot be written.
 
-During the outage every call answers before its deadline, with UNAVAILABLE (reason
-DATABASE_UNAVAILABLE and a RetryInfo) or, for SQLite reads, OK: never INTERNAL, never
-DEADLINE_EXCEEDED. That holds even for a deadline shorter than the configured lock wait, because
-the server waits for a lock only until just before the call's deadline; on PostgreSQL a refused or
-closed connection fails at once. (Only a silent network, which these tests do not make, could
-still make a call whose deadline is shorter than ENTITLEMENT_DB_CONNECT_TIMEOUT_S end with
-DEADLINE_EXCEEDED.) Health (every service and "") goes NOT_SERVING; after the outage the service
-and health come back by themselves: the test polls, with the issue's 5 s as its limit, and prints how
-long it took. Then nothing acknowledged is lost, an activation answered UNAVAILABLE exists
-completely or not at all, a retry with its request_id converges, and the invariant checker finds
-nothing. ENTITLEMENT_STRESS=1: more cycles, more load.
+Every call answers before its deadline, with OK or UNAVAILABLE (reason DATABASE_UNAVAILABLE, with
+a RetryInfo): never INTERNAL, never DEADLINE_EXCEEDED. The load's deadline (5 s) is above every
+bound of these servers (lock wait 1.5 s, connect timeout 2 s, statement timeout 2.5 s). A deadline
+shorter than the SQLite lock wait still gets UNAVAILABLE, because the server stops waiting for the
+lock just before the call's deadline (the shutdown test's first call). On PostgreSQL the bounds are
+session settings, not the call's deadline (that would cost a round trip per transaction): during a
+silent outage, before health flips, a call whose deadline is shorter than the connect timeout ends
+DEADLINE_EXCEEDED; once health is NOT_SERVING every call fails fast. Health (every service and "")
+goes NOT_SERVING; after the outage, service and health come back by themselves: the test polls,
+with the issue's 5 s as its limit, and prints how long it took. Then nothing acknowledged is lost,
+an activation answered UNAVAILABLE exists completely or not at all, a retry with its request_id
+converges, and the invariant checker finds nothing. ENTITLEMENT_STRESS=1: more cycles, more load.
 """
 
 from __future__ import annotations
