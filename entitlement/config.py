@@ -79,6 +79,28 @@ class Settings:
     # Empty file setting: log.key beside the pseudonym key (var/secrets/log.key by default).
     log_origin: str = "entitlement.local/audit-log"
     log_key_file: str = ""
+    # Database outages (entitlement/dbhealth.py, entitlement/storage/db.py; README "Database outage").
+    # Every wait on the database is bounded, so a call answers UNAVAILABLE instead of hanging:
+    # - db_lock_timeout_ms: the longest wait for a lock. SQLite: the busy timeout of the write lock
+    #   (also capped by the call's remaining deadline, so the caller gets UNAVAILABLE before its
+    #   deadline); PostgreSQL: lock_timeout. 0 = no bound (on SQLite, but the call's deadline).
+    # - db_statement_timeout_ms: PostgreSQL statement_timeout; 0 = none (the default: one statement of
+    #   a large registry import may legitimately run for minutes).
+    # - db_connect_timeout_s: PostgreSQL connect_timeout (libpq: whole seconds, at least 2), also the
+    #   TCP user timeout and keepalive time, so a silent network fails a call instead of hanging it.
+    # - db_ping_ms: how often the health monitor pings the database (health goes NOT_SERVING after a
+    #   failed ping, back to SERVING after a good one; while NOT_SERVING, calls that need the
+    #   database answer UNAVAILABLE at once); 0 = no monitor (health stays SERVING). A call meeting
+    #   an outage makes it ping at once. Recovery is noticed within about one interval.
+    # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping.
+    # Settings built by hand (tests, benchmarks) keep these defaults. The command-line tools'
+    # own Database objects (migrations, doctor, imports, jobs) keep theirs: a 30 s SQLite lock wait,
+    # no PostgreSQL timeouts.
+    db_lock_timeout_ms: int = 5000
+    db_statement_timeout_ms: int = 0
+    db_connect_timeout_s: int = 3
+    db_ping_ms: int = 1000
+    db_ping_timeout_ms: int = 2000
 
     @property
     def log_key_path(self) -> Path:
@@ -123,4 +145,9 @@ class Settings:
             retention_days=_int("ENTITLEMENT_RETENTION_DAYS", d.retention_days),
             log_origin=_env("ENTITLEMENT_LOG_ORIGIN", d.log_origin),
             log_key_file=_env("ENTITLEMENT_LOG_KEY_FILE", d.log_key_file),
+            db_lock_timeout_ms=_int("ENTITLEMENT_DB_LOCK_TIMEOUT_MS", d.db_lock_timeout_ms),
+            db_statement_timeout_ms=_int("ENTITLEMENT_DB_STATEMENT_TIMEOUT_MS", d.db_statement_timeout_ms),
+            db_connect_timeout_s=_int("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", d.db_connect_timeout_s),
+            db_ping_ms=_int("ENTITLEMENT_DB_PING_MS", d.db_ping_ms),
+            db_ping_timeout_ms=_int("ENTITLEMENT_DB_PING_TIMEOUT_MS", d.db_ping_timeout_ms),
         )

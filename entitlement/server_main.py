@@ -20,6 +20,7 @@ from entitlement.api.identity import CallerInterceptor
 from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
+from entitlement.dbhealth import DatabaseMonitor, monitor_for
 from entitlement.tls import check_transport, server_tls
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
                             eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
@@ -38,6 +39,7 @@ class Running:
     server: grpc.Server
     health: health.HealthServicer
     port: int
+    monitor: DatabaseMonitor | None = None  # keeps health in step with the database (entitlement/dbhealth.py)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -47,6 +49,8 @@ class Running:
     def stop(self, grace: float) -> None:
         """Graceful stop: health NOT_SERVING first (load balancers drain), then refuse new calls and
         let calls in flight finish within `grace` seconds."""
+        if self.monitor is not None:
+            self.monitor.stop()  # first: no ping may set SERVING again
         self.set_serving(False)
         self.server.stop(grace).wait()
 
@@ -56,7 +60,9 @@ def start(ctx: Context, listen: str) -> Running:
     only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
     tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
     check_transport(listen, tls, ctx.settings.insecure)
-    behaviors: list[BehaviorInterceptor] = [AccessLogInterceptor(), CallerInterceptor(ctx.callers)]
+    monitor = monitor_for(ctx.db, ctx.settings.db_ping_ms, ctx.settings.db_ping_timeout_ms)
+    behaviors: list[BehaviorInterceptor] = [
+        AccessLogInterceptor(on_outage=monitor.outage_seen if monitor else None), CallerInterceptor(ctx.callers)]
     limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
     if limiter is not None:  # after the caller's: buckets are per authenticated caller
         behaviors.append(limiter)
@@ -87,8 +93,10 @@ def start(ctx: Context, listen: str) -> Running:
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
-    running = Running(server, health_servicer, port)
+    running = Running(server, health_servicer, port, monitor)
     running.set_serving(True)
+    if monitor is not None:
+        monitor.start(running.set_serving)
     return running
 
 

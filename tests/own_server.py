@@ -74,9 +74,12 @@ def write_registry(path: Path, people: dict[str, Person]) -> Path:
 @contextmanager
 def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
                people: dict[str, Person] | None = None, watch_poll_ms: int = 100,
-               make_channel: Callable[[int], grpc.Channel] | None = None, **overrides: Any) -> Iterator[Harness]:
+               make_channel: Callable[[int], grpc.Channel] | None = None,
+               server_url: Callable[[str], str] | None = None, **overrides: Any) -> Iterator[Harness]:
     """The real server on a fresh database of `backend`, over a real channel (`make_channel(port)`,
-    plaintext by default); `overrides` replace Settings fields (TLS, rate limits, ...)."""
+    plaintext by default); `overrides` replace Settings fields (TLS, rate limits, ...). The server
+    reaches its database at `server_url(url)` when given (a fault-injecting proxy, tests/tcp_proxy.py);
+    the harness's `url` stays the direct one."""
     root.mkdir(parents=True, exist_ok=True)
     admin, pg_name = None, None
     if backend == "sqlite":
@@ -90,6 +93,8 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
         issuer="urn:entitlement:test", token_ttl_days=30, max_workers=8, grace_seconds=2,
         watch_poll_ms=watch_poll_ms)
     settings = dataclasses.replace(settings, **overrides)
+    if server_url is not None:
+        settings = dataclasses.replace(settings, database_url=server_url(url))
     upgrade(url)
     tokens = write_callers(settings.callers_file, CALLERS)
     clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from entitlement.api import errors
 from entitlement.api.wrapping import BehaviorInterceptor
 from entitlement.errors import DomainError
+from entitlement.storage.db import bind_deadline
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 log = structlog.get_logger("entitlement.rpc")
@@ -51,10 +52,14 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 class AccessLogInterceptor(BehaviorInterceptor):
+    def __init__(self, on_outage: Callable[[], None] | None = None) -> None:
+        self._on_outage = on_outage  # the database health monitor's `outage_seen` (entitlement/dbhealth.py)
+
     @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> Iterator[None]:
         structlog.contextvars.clear_contextvars()
+        bind_deadline(context.time_remaining())  # database waits end before the caller's deadline
         rid = _request_id(metadata)
         structlog.contextvars.bind_contextvars(request_id=rid, method=method)
         started = time.perf_counter()
@@ -71,6 +76,8 @@ class AccessLogInterceptor(BehaviorInterceptor):
             if _is_outage(exc):
                 code = "UNAVAILABLE"
                 log.warning("database_unavailable", error=type(exc).__name__)
+                if self._on_outage is not None:
+                    self._on_outage()
                 context.abort_with_status(errors.unavailable_status(rid))
             if _is_abort(context):
                 raise

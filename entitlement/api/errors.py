@@ -70,6 +70,12 @@ def internal_status(request_id: str) -> grpc.Status:
                      "INTERNAL", {"request_id": request_id})
 
 
+DATABASE_RETRY_DELAY_S = 1.0  # RetryInfo of DATABASE_UNAVAILABLE: about the health monitor's ping interval
+
+
 def unavailable_status(request_id: str) -> grpc.Status:
+    """The database is down, unreachable, or locked for longer than the wait bound (or the call's
+    deadline): nothing was done (or, for a write whose commit was cut off, retrying with the same
+    request_id returns its outcome)."""
     return to_status(grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry with backoff",
-                     "DATABASE_UNAVAILABLE", {"request_id": request_id})
+                     "DATABASE_UNAVAILABLE", {"request_id": request_id}, retry_delay_s=DATABASE_RETRY_DELAY_S)

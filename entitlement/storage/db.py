@@ -7,21 +7,63 @@ waiting); we emit BEGIN ourselves, as SQLAlchemy's SQLite dialect documentation 
 ("Serializable isolation / Savepoints / Transactional DDL").
 PostgreSQL (psycopg 3): READ COMMITTED; invariants are enforced by constraints, conditional updates
 and row locks rather than by the isolation level.
+
+Bounded waits (the server's Database, built from Settings by entitlement/app.py; README "Database
+outage"): SQLite waits for the write lock at most `lock_timeout_ms`, and never past the calling
+RPC's deadline (`bind_deadline`, set by the access-log interceptor), so a locked file answers
+UNAVAILABLE while the caller still listens. PostgreSQL gets connect_timeout, lock_timeout,
+statement_timeout and TCP keepalive / user timeout as connection parameters: session defaults,
+no extra round trip per call. There is no pool pre-ping (a round trip per checkout): a disconnect
+error invalidates the whole pool (SQLAlchemy's default), so every connection opened before an
+outage is replaced on its next checkout, and the health monitor's ping (entitlement/dbhealth.py)
+notices an outage even when no call does.
+
+Fail fast: while the health monitor finds the database down, transactions it marks (all of them;
+on SQLite, whose reads go on under another's write lock, the writes only) raise DatabaseDown at
+once instead of waiting for a lock or a connection: worker threads are not held by a dead database,
+and a recovering PostgreSQL gets one ping per interval instead of a reconnection storm.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 _WRITE = "entitlement_write"
+_BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
+
+# The monotonic time by which the current call must have its answer (None: no deadline). Set per
+# RPC by the access-log interceptor and by the health monitor around its ping.
+_deadline: ContextVar[float | None] = ContextVar("entitlement_call_deadline", default=None)
+# Time kept, before the caller's deadline, to roll back and send UNAVAILABLE while it still listens.
+DEADLINE_MARGIN_S = 0.1
+NO_DEADLINE_S = 365 * 86400.0
+
+
+def bind_deadline(seconds_left: float | None) -> None:
+    """Bound this thread's next database waits by a call deadline `seconds_left` from now (None, or
+    gRPC's "infinite" deadline of a call without one: no bound but the settings')."""
+    _deadline.set(None if seconds_left is None or not seconds_left < NO_DEADLINE_S
+                  else time.monotonic() + seconds_left)
+
+
+def wait_bound_ms(limit_ms: int) -> int:
+    """The longest lock wait allowed now: `limit_ms` (0 = unbounded), capped by the call's deadline."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return limit_ms
+    left = max(0, int((deadline - time.monotonic() - DEADLINE_MARGIN_S) * 1000))
+    return left if limit_ms <= 0 else min(limit_ms, left)
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -36,19 +78,41 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class DatabaseDown(OperationalError):
+    """Raised without touching the database while the health monitor finds it down (an outage:
+    the access log answers UNAVAILABLE)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None, ConnectionError("the health monitor finds the database down"))
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
+                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
+        """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded; None: the
+        command-line tools' bounds, 30 s on SQLite and none on PostgreSQL);
+        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none). The server passes
+        its settings (entitlement/app.py)."""
+        if min(lock_timeout_ms or 0, statement_timeout_ms, connect_timeout_s) < 0:
+            raise SystemExit("ENTITLEMENT_DB_*_TIMEOUT_*: a timeout cannot be negative")
+        pg_lock_timeout_ms = lock_timeout_ms
+        if lock_timeout_ms is None:
+            lock_timeout_ms = CLI_SQLITE_LOCK_TIMEOUT_MS
         self.url = normalize_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
+        # Waiting for a pooled connection is bounded too (the pool holds more than the workers).
+        pool_timeout = lock_timeout_ms / 1000 if lock_timeout_ms else 30
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-            kwargs["pool_size"] = pool_size
+            kwargs["connect_args"] = {"timeout": (lock_timeout_ms or SQLITE_FOREVER_MS) / 1000,
+                                      "check_same_thread": False}
+            kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
         elif self.dialect == "postgresql":
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout,
+                          connect_args=_pg_connect_args(pg_lock_timeout_ms, statement_timeout_ms, connect_timeout_s))
         else:
             raise SystemExit(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
         self.engine: Engine = create_engine(self.url, **kwargs)
@@ -56,21 +120,45 @@ class Database:
         # no transaction of their own: in autocommit each statement reads one consistent snapshot,
         # and a read costs one round trip instead of BEGIN + SELECT + COMMIT. A pool of its own, so
         # that no connection ever switches between the two modes (switching back costs a round
-        # trip on PostgreSQL). No pre-ping here: a dropped connection fails that one call with
-        # UNAVAILABLE and SQLAlchemy then recycles the whole pool.
-        reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT", "pool_pre_ping": False}
+        # trip on PostgreSQL). Same bounds as the other pool, no pre-ping either (`ping` below).
+        reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT"}
         self.reader: Engine = create_engine(self.url, **reader_kwargs)
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine)
-            _configure_sqlite(self.reader, emit_begin=False)
+            _configure_sqlite(self.engine, lock_timeout_ms)
+            _configure_sqlite(self.reader, lock_timeout_ms, emit_begin=False)
+        self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
+    def fail_fast(self, *, writes: bool, reads: bool) -> None:
+        """From now on, refuse (DatabaseDown) new write / read transactions without trying them."""
+        self._refuse_writes, self._refuse_reads = writes, reads
+
+    def ping(self, *, write: bool = False) -> None:
+        """One round trip per pool, even while failing fast (the health monitor's probe). `write` (SQLite):
+        take the write lock and let it go, waiting for it no longer than the bound deadline. A
+        connection found dead is replaced and tried once more: after a database restart that no call
+        noticed, the pool's old connections are dead but the database is up."""
+        sql = "SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1"
+        for engine in (self.engine, self.reader):  # the hot reads' pool recycles its dead connections too
+            for attempt in (1, 2):
+                try:
+                    with engine.connect() as conn:
+                        if write and engine is self.engine:
+                            conn.execution_options(**{_WRITE: True})
+                        conn.exec_driver_sql(sql).scalar_one()
+                    break
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A read-write transaction, committed on success, rolled back on any exception."""
+        if self._refuse_writes:
+            raise DatabaseDown()
         with self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
@@ -80,6 +168,8 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
+        if self._refuse_reads:
+            raise DatabaseDown()
         with self.engine.connect() as conn:
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
@@ -90,6 +180,8 @@ class Database:
         """A connection for reads that each stand alone (autocommit: no BEGIN, no COMMIT; every
         statement sees the database as of its own start). Only for reads whose statements need
         not agree with each other; anything else uses `read()`."""
+        if self._refuse_reads:
+            raise DatabaseDown()
         with self.reader.connect() as conn:
             yield conn
 
@@ -98,16 +190,41 @@ class Database:
         self.reader.dispose()
 
 
-def _configure_sqlite(engine: Engine, *, emit_begin: bool = True) -> None:
+def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
+    """libpq parameters: session defaults sent once at connect (no round trip per transaction)."""
+    args: dict[str, Any] = {}
+    options = []
+    if lock_timeout_ms is not None:
+        options.append(f"-c lock_timeout={lock_timeout_ms}")
+    if statement_timeout_ms:
+        options.append(f"-c statement_timeout={statement_timeout_ms}")
+    if options:
+        args["options"] = " ".join(options)
+    if connect_timeout_s:
+        # A peer that stops answering (host down, network cut) fails the connection after about this
+        # long instead of leaving a call waiting for TCP's own timeouts (minutes to hours).
+        args.update(connect_timeout=max(2, connect_timeout_s), tcp_user_timeout=connect_timeout_s * 1000,
+                    keepalives=1, keepalives_idle=connect_timeout_s, keepalives_interval=1, keepalives_count=2)
+    return args
+
+
+CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy server this long
+SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
+
+
+def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool = True) -> None:
+    lock_timeout_ms = lock_timeout_ms or SQLITE_FOREVER_MS
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
         cur.close()
+        record.info[_BUSY_MS] = lock_timeout_ms
 
     if not emit_begin:
         return
@@ -115,4 +232,16 @@ def _configure_sqlite(engine: Engine, *, emit_begin: bool = True) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         write = conn.get_execution_options().get(_WRITE, False)
+        if write:
+            # A write waits for the lock at most the setting, and never past the call's deadline (in
+            # 50 ms steps, so that calls with similar deadlines share the value). Setting it costs a
+            # PRAGMA (~30 us, no I/O), paid only when it changes: by a call whose deadline is nearer
+            # than the setting. Reads under WAL do not wait for writers: they keep the last value.
+            busy_ms = wait_bound_ms(lock_timeout_ms)
+            if busy_ms < lock_timeout_ms:
+                busy_ms -= busy_ms % 50
+            info = conn.connection.info
+            if info.get(_BUSY_MS) != busy_ms:
+                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
+                info[_BUSY_MS] = busy_ms
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

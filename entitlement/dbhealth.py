@@ -1,0 +1,145 @@
+"""Database health: a background thread that pings the database and keeps the server's gRPC health
+status (grpc.health.v1: every service and the overall "") in step with it (README "Database outage").
+
+- Every `interval` it pings the database with a `timeout`: a failed or unanswered ping sets
+  NOT_SERVING, the next good one SERVING again. A ping starts on time even when an earlier one
+  hangs (a silent network): each runs in a thread of its own, and at most MAX_HANGING may hang.
+- A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
+  pings right away instead of at the next tick. One broken connection (a database restart seen by
+  a single call) is therefore not reported as an outage if the ping that follows succeeds.
+- PostgreSQL: SELECT 1 through the server's own pool. A dead connection found by the ping
+  invalidates the pool, so every connection opened before the outage is replaced on its next
+  checkout, even when no call noticed the outage (the pool does no pre-ping of its own).
+- SQLite: a read of the schema while all is well. With WAL, reads go on while another connection
+  holds the write lock; so after a call met the database locked, the ping is a write probe
+  (BEGIN IMMEDIATE, then an empty COMMIT) until one succeeds: health says NOT_SERVING for as long
+  as writes cannot go on.
+- While the database is down, the Database fails fast (entitlement/storage/db.py): transactions
+  raise DatabaseDown (UNAVAILABLE) at once instead of waiting for a lock or a connection, so worker
+  threads stay free; on SQLite after a failed write probe, only the writes.
+- `stop()` returns after the monitor's last status change: graceful shutdown then sets
+  NOT_SERVING for good, and a late ping cannot set it back to SERVING.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from entitlement.storage.db import Database, bind_deadline
+
+log = structlog.get_logger("entitlement.dbhealth")
+
+MAX_HANGING = 3  # pings allowed to hang at once; beyond, a ping counts as failed without being tried
+MIN_GAP_S = 0.05  # calls meeting an outage wake the monitor at most this often
+
+
+class DatabaseMonitor:
+    def __init__(self, db: Database, *, interval_s: float, timeout_s: float) -> None:
+        self._db = db
+        self._interval = interval_s
+        self._timeout = timeout_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._on_change: Callable[[bool], None] = lambda _serving: None
+        self._healthy = True  # the server starts SERVING: app.build has just read the database
+        self._stopping = False
+        self._hanging = 0
+        self._probe_writes = False  # SQLite: a call met the database locked; probe with a write
+        self._down_since = 0.0
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._run, name="db-health", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def start(self, on_change: Callable[[bool], None]) -> None:
+        """Ping in the background; `on_change(serving)` is called on each change of health."""
+        self._on_change = on_change
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No status change after this returns (a ping still running is abandoned)."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._timeout + 1)
+
+    def outage_seen(self) -> None:
+        """A call met a database outage: check now (cheap; called from RPC threads)."""
+        if self._db.is_sqlite:
+            self._probe_writes = True
+        if self._healthy:
+            self._wake.set()
+
+    def ping(self, writes: bool = False) -> bool:
+        """One ping (SQLite: a write probe with `writes`): True when the database answered in time."""
+        with self._lock:
+            if self._hanging >= MAX_HANGING:
+                return False
+            self._hanging += 1
+        done = threading.Event()
+        outcome = [False]
+
+        def run() -> None:
+            try:
+                bind_deadline(self._timeout)  # SQLite: the write probe waits for the lock this long at most
+                self._db.ping(write=writes and self._db.is_sqlite)
+                outcome[0] = True
+            except Exception as exc:  # any failure is a failed ping; the type is enough to log
+                self._last_error = type(exc).__name__
+            finally:
+                with self._lock:
+                    self._hanging -= 1
+                done.set()
+
+        threading.Thread(target=run, name="db-ping", daemon=True).start()
+        if not done.wait(self._timeout):
+            self._last_error = "PingTimeout"
+            return False
+        if outcome[0] and writes:
+            self._probe_writes = False
+        return outcome[0]
+
+    def _run(self) -> None:
+        last = 0.0
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stopping:
+                return
+            gap = MIN_GAP_S - (time.monotonic() - last)
+            if gap > 0:
+                time.sleep(gap)
+            last = time.monotonic()
+            writes = self._probe_writes
+            self._record(self.ping(writes), writes)
+
+    def _record(self, ok: bool, writes: bool) -> None:
+        with self._lock:
+            if self._stopping or ok == self._healthy:
+                return
+            self._healthy = ok
+            # Fail fast while down: every transaction, or on SQLite after a failed write probe the
+            # writes only (reads under WAL go on).
+            self._db.fail_fast(writes=not ok, reads=not ok and not (self._db.is_sqlite and writes))
+            self._on_change(ok)  # under the lock: stop() waits for it
+        if ok:
+            log.info("database_reachable", down_ms=round((time.monotonic() - self._down_since) * 1000))
+        else:
+            self._down_since = time.monotonic()
+            log.warning("database_unreachable", error=self._last_error)
+
+
+def monitor_for(db: Database, ping_ms: int, ping_timeout_ms: int) -> DatabaseMonitor | None:
+    """The monitor of the settings, or None when `ping_ms` is 0 (health then stays SERVING)."""
+    if ping_ms <= 0:
+        return None
+    if ping_timeout_ms <= 0:
+        raise SystemExit("ENTITLEMENT_DB_PING_TIMEOUT_MS must be positive")
+    return DatabaseMonitor(db, interval_s=ping_ms / 1000, timeout_s=ping_timeout_ms / 1000)
