@@ -5,8 +5,10 @@
 Nothing here names an RPC or a field: a method added to the contract is fuzzed without a change.
 Values are hostile on purpose (huge and negative numbers, enum numbers outside the enum, odd and
 very long unicode, random bytes, missing fields, empty messages), mixed with values harvested from
-the real server's own answers (`Pool`), so that some requests get past validation and exercise the
-deeper paths (transitions of real activations, real tokens, real program names).
+the real server's own answers and valid requests (`Pool`): whole known messages, known messages
+with some fields replaced by generated values, and known strings and dates in generated messages.
+So some requests get past validation and exercise the deeper paths (transitions of real
+activations, real tokens and identities with hostile dates, real program names).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ RANGES = {F.TYPE_INT32: INT32, F.TYPE_SINT32: INT32, F.TYPE_SFIXED32: INT32,
           F.TYPE_INT64: INT64, F.TYPE_SINT64: INT64, F.TYPE_SFIXED64: INT64,
           F.TYPE_UINT32: UINT32, F.TYPE_FIXED32: UINT32, F.TYPE_UINT64: UINT64, F.TYPE_FIXED64: UINT64}
 MAX_DEPTH = 4  # nesting bound, should a message ever contain itself
+KNOWN_PER_TYPE = 50
 ODD_TEXT = ["", " ", "\t", "\x00", "\x7f", "\u202e", "\u200b", "\ufeff", "\u2028", "\U0010ffff", "é",
             "e\u0301", "😀", "𝕏", "ß", "İ", "'; DROP TABLE activations; --", "%s%n", "{0}", "../../etc/passwd",
             "null", "-1", "0x7fffffff", "1e309", "NaN", "programs/", "activations/", "/", "//", "\\"]
@@ -90,8 +93,13 @@ class Pool:
 
     strings: set[str] = field(default_factory=set)
     dates: set[tuple[int, int, int]] = field(default_factory=set)
+    known: dict[str, set[bytes]] = field(default_factory=dict)  # message type -> serialized messages
 
     def harvest(self, msg: Message) -> None:
+        """Remember `msg` (a valid request or an answer) and everything in it."""
+        seen = self.known.setdefault(msg.DESCRIPTOR.full_name, set())
+        if len(seen) < KNOWN_PER_TYPE:
+            seen.add(msg.SerializeToString(deterministic=True))
         for fd, value in msg.ListFields():
             values = value if fd.is_repeated else [value]
             if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
@@ -196,7 +204,7 @@ def _field(fd: FieldDescriptor, pool: Pool, depth: int) -> st.SearchStrategy[Any
             return st.dictionaries(scalar(key, pool), _field(value, pool, depth + 1) or st.nothing(), max_size=3)
         if depth >= MAX_DEPTH:
             return None
-        one = values(fd.message_type, pool, depth + 1)
+        one = messages(fd.message_type, pool, depth + 1)
     else:
         one = scalar(fd, pool)
     if fd.is_repeated:
@@ -204,24 +212,26 @@ def _field(fd: FieldDescriptor, pool: Pool, depth: int) -> st.SearchStrategy[Any
     return one
 
 
-def build(descriptor: Descriptor, data: dict[str, Any]) -> Message:
-    """The message of `descriptor` with the generated values (nested dicts become messages)."""
+def build(descriptor: Descriptor, data: dict[str, Any], base: Message | None = None) -> Message:
+    """The message of `descriptor` (a copy of `base`, if given) with the generated values set."""
     msg = message_factory.GetMessageClass(descriptor)()
+    if base is not None:
+        msg.CopyFrom(base)
     for name, value in data.items():
         fd = descriptor.fields_by_name[name]
+        msg.ClearField(name)
         if fd.type == F.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
             target = getattr(msg, name)
-            value_fd = fd.message_type.fields_by_name["value"]
             for k, v in value.items():
-                if value_fd.type == F.TYPE_MESSAGE:
-                    target[k].CopyFrom(build(value_fd.message_type, v))
+                if isinstance(v, Message):
+                    target[k].CopyFrom(v)
                 else:
                     target[k] = v
         elif fd.type == F.TYPE_MESSAGE:
             if fd.is_repeated:
-                getattr(msg, name).extend(build(fd.message_type, v) for v in value)
+                getattr(msg, name).extend(_message(fd.message_type, v) for v in value)
             else:
-                getattr(msg, name).CopyFrom(build(fd.message_type, value))
+                getattr(msg, name).CopyFrom(_message(fd.message_type, value))
         elif fd.is_repeated:
             getattr(msg, name).extend(value)
         else:
@@ -229,8 +239,21 @@ def build(descriptor: Descriptor, data: dict[str, Any]) -> Message:
     return msg
 
 
-def messages(descriptor: Descriptor, pool: Pool) -> st.SearchStrategy[Message]:
-    return values(descriptor, pool).map(lambda data: build(descriptor, data))
+def _message(descriptor: Descriptor, value: Message | dict[str, Any]) -> Message:
+    return value if isinstance(value, Message) else build(descriptor, value)
+
+
+def messages(descriptor: Descriptor, pool: Pool, depth: int = 0) -> st.SearchStrategy[Message]:
+    """Messages of `descriptor`: generated ones and, when the pool knows some of this type, known
+    ones as they are or with some fields replaced."""
+    fresh = values(descriptor, pool, depth).map(lambda data: build(descriptor, data))
+    known = sorted(pool.known.get(descriptor.full_name, ()))
+    if not known:
+        return fresh
+    cls = message_factory.GetMessageClass(descriptor)
+    parsed = st.sampled_from(known).map(cls.FromString)
+    edited = st.tuples(parsed, values(descriptor, pool, depth)).map(lambda t: build(descriptor, t[1], base=t[0]))
+    return st.one_of(fresh, parsed, edited)
 
 
 def requests(rpc: Rpc, pool: Pool) -> st.SearchStrategy[Any]:

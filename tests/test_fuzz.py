@@ -11,8 +11,10 @@ corrupted one) are answered INVALID_ARGUMENT with a BadRequest naming the reques
 would answer INTERNAL ("Exception deserializing request!"), so the server decodes requests itself
 (entitlement/api/wrapping.py).
 
-Sizes: FUZZ_EXAMPLES per RPC and backend (40; 10,000 with ENTITLEMENT_STRESS=1). The seed is
-fixed (CI reproducible) unless ENTITLEMENT_FUZZ_SEED is set; it is printed, and in every failure.
+Sizes, per RPC and backend: FUZZ_EXAMPLES generated requests (40; 10,000 with ENTITLEMENT_STRESS=1;
+ENTITLEMENT_FUZZ_EXAMPLES overrides) and WIRE_EXAMPLES byte strings (40; 2,000 in stress, where
+one decoder answers them all; ENTITLEMENT_FUZZ_WIRE_EXAMPLES). The seed is fixed (CI is
+reproducible) unless ENTITLEMENT_FUZZ_SEED is set; it is printed, and shown in every failure.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ from entitlement.v1 import activation_pb2
 
 STRESS = os.environ.get("ENTITLEMENT_STRESS") == "1"
 FUZZ_EXAMPLES = int(os.environ.get("ENTITLEMENT_FUZZ_EXAMPLES", 10_000 if STRESS else 40))
+WIRE_EXAMPLES = int(os.environ.get("ENTITLEMENT_FUZZ_WIRE_EXAMPLES", 2_000 if STRESS else 40))
 SEED = int(os.environ.get("ENTITLEMENT_FUZZ_SEED", "20260316"))
 RPCS = fs.all_rpcs()
 NEVER = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 STREAM_MESSAGES = 10  # server streams: read at most this many messages...
 STREAM_IDLE_S = 0.2  # ...and stop waiting (cancel) when the next one takes longer than this
 CALL_TIMEOUT_S = 15
+PROGRAM = "programs/premium-job-seekers"
 CALLER_IDS = sorted(REPRESENTATIVE.values())
 
 
@@ -57,26 +61,38 @@ def fuzz_settings(examples: int = FUZZ_EXAMPLES) -> settings:
 
 @pytest.fixture(scope="module", autouse=True)
 def announce_seed() -> None:
-    print(f"\nfuzz seed {SEED} ({FUZZ_EXAMPLES} examples per RPC and backend); "
-          f"reproduce with ENTITLEMENT_FUZZ_SEED={SEED}")
+    print(f"\nfuzz seed {SEED} ({FUZZ_EXAMPLES} requests and {WIRE_EXAMPLES} byte strings per RPC and "
+          f"backend); reproduce with ENTITLEMENT_FUZZ_SEED={SEED}")
 
 
 @pytest.fixture(scope="module")
 def pool(harness: Harness) -> fs.Pool:
-    """Values the server itself hands out: names of activations made here (a redeemed one among
-    them), their tokens, programs, funders, months, events; plus identities of people not yet
-    activated, so that a generated activation can succeed."""
+    """Valid requests and what the server answers: activations made here (a redeemed one, a
+    suspended one among them), their names and tokens, programs, funders, months, events; and
+    activation requests for people not yet activated, so that some generated calls succeed."""
     api = Api(harness)
     p = fs.Pool()
-    for _ in range(3):
-        p.harvest(api.activate())
+
+    def sent(caller: str, method: str, request: Any) -> Any:
+        p.harvest(request)
+        answer = getattr(api.as_(caller), method)(request)
+        p.harvest(answer)
+        return answer
+
+    def activation_request(agency_id: str, birth: Any) -> activation_pb2.ActivateEntitlementRequest:
+        return activation_pb2.ActivateEntitlementRequest(
+            request_id=uuid.uuid4().hex, job_seeker=identity(agency_id, birth), program=PROGRAM,
+            platform="platforms/openclassrooms", reason="fuzz")
+
+    made = [sent("advisor-paris", "ActivateEntitlement", activation_request(*next_person())) for _ in range(4)]
     account = f"fuzz-{uuid.uuid4().hex[:12]}"
-    p.strings.add(account)
-    token = api.activate().activation_token
-    p.harvest(api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
-        token=token, account_id=account)))
-    for _ in range(4):
-        p.harvest(identity(*next_person()))
+    sent("platform-oc", "RedeemActivationToken", activation_pb2.RedeemActivationTokenRequest(
+        token=made[0].activation_token, account_id=account))
+    sent("advisor-paris", "SuspendActivation", activation_pb2.TransitionActivationRequest(
+        name=made[1].activation.name, reason="fuzz", request_id=uuid.uuid4().hex))
+    sent("platform-oc", "VerifyEntitlement", activation_pb2.VerifyEntitlementRequest(account_id=account))
+    for _ in range(4):  # valid, never sent: the fuzzer may send them
+        p.harvest(activation_request(*next_person()))
     for rpc in RPCS:  # what every RPC answers to an empty request from a caller it allows
         allowed = sorted(REPRESENTATIVE[r] for r in ROLES.get(rpc.path, frozenset()) if r in REPRESENTATIVE)
         if allowed and not rpc.client_streaming:
@@ -279,7 +295,7 @@ def test_random_bytes_on_the_wire(harness: Harness, pool: fs.Pool, rpc: fs.Rpc) 
     one = wire_bytes(rpc, pool)
     payloads = st.lists(one, min_size=1, max_size=3) if rpc.client_streaming else one
 
-    @fuzz_settings()
+    @fuzz_settings(WIRE_EXAMPLES)
     @seed(SEED)
     @given(payload=payloads, caller=callers(rpc))
     def fuzz(payload: Any, caller: str | None) -> None:
