@@ -198,7 +198,7 @@ def test_a_client_cancelling_mid_call_leaves_nothing_half_done(harness: Harness)
         wait_until(lambda: inflight.is_processing(h.ctx.db, ADVISOR, request.request_id), "the server took the call")
         wait_until(lock.server_waits, "the server waits for the lock")
         assert call.cancel()
-        time.sleep(0.5)  # the cancellation travels to the server while it still waits
+        time.sleep(1.0)  # the cancellation travels to the server while it still waits
         lock.release()
         wait_until(lambda: logged_code(h, trace) is not None, "the server ended the call")
     code = logged_code(h, trace)

@@ -275,6 +275,38 @@ def test_generated_requests_never_fail_internally(harness: Harness, pool: fs.Poo
     assert_healthy(harness)
 
 
+ASCII = st.characters(min_codepoint=0x21, max_codepoint=0x7e)
+
+
+def odd_metadata(h: Harness) -> st.SearchStrategy[tuple[tuple[str, str], ...]]:
+    """Credentials and request ids as a confused or hostile client sends them."""
+    token = st.sampled_from(sorted(h.tokens.values()))
+    value = st.text(alphabet=ASCII, min_size=1, max_size=200)
+    authorization = st.one_of(
+        value, value.map(lambda v: f"Bearer {v}"), token.map(lambda t: f"bearer {t}"),
+        token.map(lambda t: f"Bearer {t[:-1]}"), token.map(lambda t: f"Basic {t}"), st.just("Bearer"))
+    return st.tuples(authorization, value).map(lambda av: (("authorization", av[0]), ("x-request-id", av[1])))
+
+
+@pytest.mark.parametrize("rpc", RPCS, ids=[r.name for r in RPCS])
+def test_odd_credentials_and_request_ids(harness: Harness, pool: fs.Pool, rpc: fs.Rpc) -> None:
+    """Whatever the credentials metadata holds: UNAUTHENTICATED or an answer, never INTERNAL, and
+    the bearer value is never echoed back."""
+    @fuzz_settings(max(10, FUZZ_EXAMPLES // 4))
+    @seed(SEED)
+    @given(request=fs.requests(rpc, pool), md=odd_metadata(harness))
+    def fuzz(request: Any, md: tuple[tuple[str, str], ...]) -> None:
+        note(f"seed {SEED}, backend {harness.backend}, metadata {md}")
+        f = invoke(harness.channel, rpc, request, md)
+        check_answer(rpc, f)
+        bearer = md[0][1].partition(" ")[2]
+        if f is not None and len(bearer) >= 8 and bearer != md[1][1]:
+            assert bearer not in f.message and bearer not in f.metadata.values()
+
+    fuzz()
+    assert_healthy(harness)
+
+
 # ------------------------------------------------------------------------------- bytes on the wire
 
 def wire_bytes(rpc: fs.Rpc, pool: fs.Pool) -> st.SearchStrategy[bytes]:
@@ -333,3 +365,19 @@ def test_undecodable_bytes_are_invalid_argument_after_the_caller_checks(harness:
     push = next(r for r in RPCS if r.client_streaming)
     f = invoke(harness.channel, push, [garbage], metadata(harness, "admin"), raw=True)
     assert f is not None and f.code == grpc.StatusCode.INVALID_ARGUMENT and set(f.fields) == {""}
+
+
+# ------------------------------------------------------------------- bugs the fuzzer found
+
+def test_an_import_header_with_an_empty_extraction_date_is_invalid(harness: Harness) -> None:
+    """Regression (fuzz, seed 99): a header whose `extracted_on` was set to an empty Date (0-0-0)
+    passed validation and failed an assertion: INTERNAL."""
+    push = next(r for r in RPCS if r.name == "ImportExtract")
+    header = push.request_class()()
+    header.header.extracted_on.SetInParent()
+    f = invoke(harness.channel, push, [header], metadata(harness, "agency-feed"))
+    assert f is not None and f.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(f.fields) == {"header.extracted_on"}
+    f = invoke(harness.channel, push, [push.request_class()(header={})], metadata(harness, "agency-feed"))
+    assert f is not None and f.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(f.fields) == {"header.extracted_on"}
