@@ -270,12 +270,15 @@ def test_a_client_stream_given_up_midway(harness: Harness, tmp_path: Path, how: 
     assert logged_code(h, trace) == ("DEADLINE_EXCEEDED" if how == "deadline" else "CANCELLED")
     assert not [r for r in log_lines(h, trace) if r.get("level") == "error"], log_lines(h, trace)
     assert not doctor.check(h.ctx.db, leaves=False)
-    # The server still imports (the same extract: unchanged).
-    done = push(iter([registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
-        extracted_on=date_msg(TODAY - dt.timedelta(days=1)), source_name="again.csv")),
-        registry_pb2.ImportExtractRequest(chunk=extract)]),
-        metadata=metadata(h, "agency-feed", f"again-{uuid.uuid4().hex[:8]}"), timeout=60)
-    assert done.unchanged
+    # The server's one import slot was given back: the next push is not refused IMPORT_IN_PROGRESS
+    # (this one is no registry extract: refused, the snapshot in force stays).
+    f = expect_error(lambda r: push(iter(r), metadata=metadata(h, "agency-feed", f"next-{uuid.uuid4().hex[:8]}"),
+                                    timeout=30),
+                     [registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
+                         extracted_on=date_msg(TODAY), source_name="next.csv")),
+                      registry_pb2.ImportExtractRequest(chunk=b"not,a,registry\n1,2,3\n")],
+                     grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "EXTRACT_REFUSED"
 
 
 # ------------------------------------------------------------------- the database and deadlines
