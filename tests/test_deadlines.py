@@ -284,7 +284,8 @@ def test_a_client_stream_given_up_midway(harness: Harness, tmp_path: Path, how: 
 # ------------------------------------------------------------------- the database and deadlines
 
 def _timeouts(h: Harness) -> dict[str, int]:
-    with h.ctx.db.read() as s:
+    """The lock waits of a write transaction (nothing is written)."""
+    with h.ctx.db.write() as s:
         if h.backend == "sqlite":
             return {"busy_timeout": int(s.execute(text("PRAGMA busy_timeout")).scalar_one())}
         rows = s.execute(text("SELECT name, setting FROM pg_settings "

@@ -125,11 +125,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Wait for the write lock no longer than the call's deadline (kept per pooled connection).
-        left = deadline.remaining()
-        busy = BUSY_TIMEOUT_MS if left is None else max(1, min(BUSY_TIMEOUT_MS, int(left * 1000)))
-        if conn.info.get("busy_timeout_ms", BUSY_TIMEOUT_MS) != busy:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy}")
-            conn.info["busy_timeout_ms"] = busy
         write = conn.get_execution_options().get(_WRITE, False)
+        if write:  # wait for the write lock no longer than the call's deadline (WAL readers never wait)
+            left = deadline.remaining()
+            busy = BUSY_TIMEOUT_MS if left is None else max(1, min(BUSY_TIMEOUT_MS, int(left * 1000)))
+            if conn.info.get("busy_timeout_ms", BUSY_TIMEOUT_MS) != busy:  # kept per pooled connection
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={busy}")
+                conn.info["busy_timeout_ms"] = busy
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
