@@ -88,6 +88,19 @@ class Unimplemented(DomainError):
     reason = "NOT_IMPLEMENTED"
 
 
+class DeadlineExceeded(DomainError):
+    """The caller's deadline passed (or is too close to start a write): nothing was committed."""
+
+    reason = "DEADLINE_EXCEEDED"
+    database_wait = False  # True: a wait for the database (a lock) was cut short by the deadline
+
+
+class Cancelled(DomainError):
+    """The caller cancelled the call before its work was committed: nothing was."""
+
+    reason = "CANCELLED"
+
+
 @dataclass
 class Violations:
     """Collects every field violation of a request before failing once (AIP-193 BadRequest)."""

@@ -53,6 +53,12 @@ def claim(db: Database, caller_id: str, request_id: str) -> Iterator[None]:
             _processing.discard(key)
 
 
+def is_processing(db: Database, caller_id: str, request_id: str) -> bool:
+    """Is a request with this (caller, request_id) being processed in this process right now?"""
+    with _lock:
+        return (db.url, caller_id, request_id) in _processing
+
+
 def advisory_key(caller_id: str, request_id: str) -> int:
     """The signed 64-bit PostgreSQL advisory lock key of a (caller, request_id)."""
     digest = hashlib.sha256(f"entitlement.request\0{caller_id}\0{request_id}".encode()).digest()

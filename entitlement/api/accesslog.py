@@ -23,7 +23,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from entitlement.api import errors
 from entitlement.api.wrapping import BehaviorInterceptor
 from entitlement.errors import DomainError
-from entitlement.storage.db import bind_deadline
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 log = structlog.get_logger("entitlement.rpc")
@@ -59,7 +58,6 @@ class AccessLogInterceptor(BehaviorInterceptor):
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> Iterator[None]:
         structlog.contextvars.clear_contextvars()
-        bind_deadline(context.time_remaining())  # database waits end before the caller's deadline
         rid = _request_id(metadata)
         structlog.contextvars.bind_contextvars(request_id=rid, method=method)
         started = time.perf_counter()
@@ -71,6 +69,8 @@ class AccessLogInterceptor(BehaviorInterceptor):
             code = status_code.name
             if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 log.info("access_refused", reason=err.reason)
+            if getattr(err, "database_wait", False) and self._on_outage is not None:
+                self._on_outage()  # a lock wait cut by the deadline: the monitor probes the database
             context.abort_with_status(status)
         except Exception as exc:
             if _is_outage(exc):

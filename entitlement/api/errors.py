@@ -23,6 +23,8 @@ CODES: dict[type[e.DomainError], grpc.StatusCode] = {
     e.Aborted: grpc.StatusCode.ABORTED,
     e.Unavailable: grpc.StatusCode.UNAVAILABLE,
     e.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    e.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    e.Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 

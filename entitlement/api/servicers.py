@@ -260,7 +260,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument.single("header", "the first message must carry the header")
         v = Violations()
         val.check_required(first.header, v, "header.")
-        extracted_on = val.date(first.header.extracted_on, "header.extracted_on", v)
+        # An explicitly set but empty Date (0-0-0) is no date (an unset one is reported by check_required).
+        extracted_on = val.date(first.header.extracted_on, "header.extracted_on", v,
+                                required=first.header.HasField("extracted_on"))
         val.text(first.header.source_name, "header.source_name", v, maximum=255)
         val.pattern(first.header.sha256, val.SHA256_RE, "header.sha256", "64 hexadecimal digits", v)
         if not 0 <= first.header.min_ratio <= 1:

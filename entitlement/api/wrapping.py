@@ -4,7 +4,18 @@ rate limit), written once for every RPC shape (unary or streaming).
 They are applied by wrapping each method's handler ONCE, when the services are registered
 (`WrappingRegistrar`), not as gRPC server interceptors: a server interceptor runs on every call and
 builds a new method handler each time, which on the hot path cost more than a registry lookup.
-`BehaviorInterceptor` still works as a server interceptor (bench/aio_server.py uses that form)."""
+`BehaviorInterceptor` still works as a server interceptor (bench/aio_server.py uses that form).
+
+It also decodes requests itself: bytes that are no valid message of the request type (corrupt or
+truncated wire format, invalid UTF-8 in a string) would make gRPC answer a bare INTERNAL
+("Exception deserializing request!") before any interceptor runs. Here they become a marker that
+the innermost interceptor turns into INVALID_ARGUMENT, inside every interceptor's scope: the call
+is logged, authenticated and authorized like any other before its body is refused.
+
+Every call also runs with its deadline bound for the storage layer (entitlement/deadline.py; bound
+outermost, so that the caller's own lookup keeps to it too), and a client stream that ends because
+the client gave up (cancelled, deadline passed) becomes CANCELLED or DEADLINE_EXCEEDED instead of
+an unexpected error (gRPC raises a bare RpcError from the request iterator)."""
 
 from __future__ import annotations
 
@@ -13,6 +24,61 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
+
+from entitlement import deadline
+from entitlement.errors import Cancelled, InvalidArgument
+
+
+class Undecodable:
+    """A request whose bytes did not decode."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def refuse(self) -> InvalidArgument:
+        # The empty field path: the request as a whole (its bytes are never echoed back).
+        return InvalidArgument.single("", f"the request is not a valid {self.type_name} message "
+                                          "(protobuf wire format)")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None or getattr(deserializer, "tolerant", False):
+        return deserializer
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "request")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, and anything a deserializer may raise on foreign bytes
+            return Undecodable(type_name)
+    decode.tolerant = True  # type: ignore[attr-defined]
+    return decode
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise request.refuse()
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    it = iter(requests)
+    while True:
+        try:
+            request = next(it)
+        except StopIteration:
+            return
+        except grpc.RpcError:  # gRPC ends the request stream so when the client is gone
+            raise (deadline.exceeded() if deadline.expired() else
+                   Cancelled("the client cancelled the call while sending its requests; nothing was "
+                             "committed")) from None
+        yield _checked(request)
+
+
+def _call_deadline(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+    return deadline.bound(context.time_remaining(), context.is_active)
 
 
 class BehaviorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -47,19 +113,52 @@ def _scoped(fn: Callable[[Any, grpc.ServicerContext], Any], method: str, behavio
     return unary
 
 
+def _innermost(fn: Callable[[Any, grpc.ServicerContext], Any], streaming_request: bool,
+               streaming_response: bool) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """The handler, given decoded requests only (an undecodable one is refused here, after every
+    behaviour: the call is logged and its caller checked first)."""
+    check = _checked_stream if streaming_request else _checked
+    if streaming_response:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            yield from fn(check(request), context)
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        return fn(check(request), context)
+    return unary
+
+
+def _outermost(fn: Callable[[Any, grpc.ServicerContext], Any],
+               streaming_response: bool) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """The whole call, behaviours included, keeps to the caller's deadline (entitlement/deadline.py)."""
+    if streaming_response:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with _call_deadline(context):
+                yield from fn(request, context)
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        with _call_deadline(context):
+            return fn(request, context)
+    return unary
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str,
                  behaviors: Sequence[BehaviorInterceptor]) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour run inside each of `behaviors`' scopes (the first outermost)."""
-    kw = {"request_deserializer": handler.request_deserializer,
+    """`handler` with its behaviour run inside each of `behaviors`' scopes (the first outermost), its
+    requests decoded tolerantly (see the module docstring) and the call's deadline bound."""
+    kw = {"request_deserializer": _tolerant(handler.request_deserializer),
           "response_serializer": handler.response_serializer}
-    for make, fn, streaming in ((grpc.unary_unary_rpc_method_handler, handler.unary_unary, False),
-                                (grpc.unary_stream_rpc_method_handler, handler.unary_stream, True),
-                                (grpc.stream_unary_rpc_method_handler, handler.stream_unary, False),
-                                (grpc.stream_stream_rpc_method_handler, handler.stream_stream, True)):
+    for make, fn, streaming_request, streaming_response in (
+            (grpc.unary_unary_rpc_method_handler, handler.unary_unary, False, False),
+            (grpc.unary_stream_rpc_method_handler, handler.unary_stream, False, True),
+            (grpc.stream_unary_rpc_method_handler, handler.stream_unary, True, False),
+            (grpc.stream_stream_rpc_method_handler, handler.stream_stream, True, True)):
         if fn is not None:
+            fn = _innermost(fn, streaming_request, streaming_response)
             for behavior in reversed([b for b in behaviors if b.applies_to(method)]):
-                fn = _scoped(fn, method, behavior, streaming)
-            return make(fn, **kw)
+                fn = _scoped(fn, method, behavior, streaming_response)
+            return make(_outermost(fn, streaming_response), **kw)
     raise ValueError(f"{method}: a method handler with no behaviour")
 
 

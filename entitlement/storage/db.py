@@ -10,7 +10,7 @@ and row locks rather than by the isolation level.
 
 Bounded waits (the server's Database, built from Settings by entitlement/app.py; README "Database
 outage"): SQLite waits for the write lock at most `lock_timeout_ms`, and never past the calling
-RPC's deadline (`bind_deadline`, set by the access-log interceptor), so a locked file answers
+RPC's deadline (entitlement/deadline.py, see "Deadlines" below), so a locked file answers
 UNAVAILABLE while the caller still listens. PostgreSQL gets connect_timeout, lock_timeout,
 statement_timeout and TCP keepalive / user timeout as connection parameters: session defaults,
 no extra round trip per call. There is no pool pre-ping (a round trip per checkout): a disconnect
@@ -22,12 +22,18 @@ Fail fast: while the health monitor finds the database down, transactions it mar
 on SQLite, whose reads go on under another's write lock, the writes only) raise DatabaseDown at
 once instead of waiting for a lock or a connection: worker threads are not held by a dead database,
 and a recovering PostgreSQL gets one ping per interval instead of a reconnection storm.
+
+Deadlines: within a gRPC call, transactions keep to the call's deadline (entitlement/deadline.py,
+bound for every call by entitlement/api/wrapping.py): a write is not started too close to it, nor
+committed for a caller that gave up; a lock wait never outlives it (SQLite: the busy timeout of the
+write; PostgreSQL: `SET LOCAL lock_timeout / statement_timeout`, a round trip paid only when the
+deadline is nearer than the session's own bound). A wait ended by the deadline is DEADLINE_EXCEEDED;
+a wait ended by the configured bound is an outage (UNAVAILABLE).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -39,31 +45,52 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from entitlement import deadline
+
 _WRITE = "entitlement_write"
 _BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
 
-# The monotonic time by which the current call must have its answer (None: no deadline). Set per
-# RPC by the access-log interceptor and by the health monitor around its ping.
-_deadline: ContextVar[float | None] = ContextVar("entitlement_call_deadline", default=None)
-# Time kept, before the caller's deadline, to roll back and send UNAVAILABLE while it still listens.
+# Time kept, before the caller's deadline, to roll back and answer while it still listens.
 DEADLINE_MARGIN_S = 0.1
-NO_DEADLINE_S = 365 * 86400.0
+# Whether the current transaction's lock waits were cut to the call's deadline (rather than to the
+# configured bound): a wait that then fails is DEADLINE_EXCEEDED, not an outage.
+_capped_by_deadline: ContextVar[bool] = ContextVar("entitlement_wait_capped_by_deadline", default=False)
 
 
 def bind_deadline(seconds_left: float | None) -> None:
-    """Bound this thread's next database waits by a call deadline `seconds_left` from now (None, or
-    gRPC's "infinite" deadline of a call without one: no bound but the settings')."""
-    _deadline.set(None if seconds_left is None or not seconds_left < NO_DEADLINE_S
-                  else time.monotonic() + seconds_left)
+    """Bound this thread's next database waits by a deadline `seconds_left` from now (None: none).
+    For threads that own their context (the health monitor's ping); calls use deadline.bound."""
+    deadline.bind(seconds_left)
 
 
 def wait_bound_ms(limit_ms: int) -> int:
-    """The longest lock wait allowed now: `limit_ms` (0 = unbounded), capped by the call's deadline."""
-    deadline = _deadline.get()
-    if deadline is None:
+    """The longest lock wait allowed now: `limit_ms` (0 = unbounded), capped by the call's deadline
+    (less DEADLINE_MARGIN_S); records whether the deadline was the tighter bound."""
+    left_s = deadline.remaining()
+    if left_s is None:
+        _capped_by_deadline.set(False)
         return limit_ms
-    left = max(0, int((deadline - time.monotonic() - DEADLINE_MARGIN_S) * 1000))
-    return left if limit_ms <= 0 else min(limit_ms, left)
+    left = max(0, int((left_s - DEADLINE_MARGIN_S) * 1000))
+    capped = limit_ms <= 0 or left < limit_ms
+    _capped_by_deadline.set(capped)
+    return left if capped else limit_ms
+
+
+@contextmanager
+def _deadline_errors() -> Iterator[None]:
+    """A lock wait or statement cut short by the call's deadline is DEADLINE_EXCEEDED, not an
+    outage (it is still a sign of a busy database: the error says so, for the health monitor)."""
+    _capped_by_deadline.set(False)
+    try:
+        yield
+    except OperationalError as exc:
+        if isinstance(exc, DatabaseDown):
+            raise
+        if deadline.expired() or _capped_by_deadline.get():
+            err = deadline.exceeded()
+            err.database_wait = True
+            raise err from exc
+        raise
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -126,6 +153,8 @@ class Database:
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine, lock_timeout_ms)
             _configure_sqlite(self.reader, lock_timeout_ms, emit_begin=False)
+        else:
+            _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
 
     @property
@@ -156,21 +185,24 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A read-write transaction, committed on success, rolled back on any exception."""
+        """A read-write transaction, committed on success, rolled back on any exception (and, in a
+        gRPC call, when the caller gave up: see entitlement/deadline.py)."""
         if self._refuse_writes:
             raise DatabaseDown()
-        with self.engine.connect() as conn:
+        deadline.check_start()
+        with _deadline_errors(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
+                    deadline.check_caller()  # nothing is committed for a caller that gave up
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
         if self._refuse_reads:
             raise DatabaseDown()
-        with self.engine.connect() as conn:
+        with _deadline_errors(), self.engine.connect() as conn:
             with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
@@ -182,7 +214,7 @@ class Database:
         not agree with each other; anything else uses `read()`."""
         if self._refuse_reads:
             raise DatabaseDown()
-        with self.reader.connect() as conn:
+        with _deadline_errors(), self.reader.connect() as conn:
             yield conn
 
     def dispose(self) -> None:
@@ -206,6 +238,25 @@ def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, con
         args.update(connect_timeout=max(2, connect_timeout_s), tcp_user_timeout=connect_timeout_s * 1000,
                     keepalives=1, keepalives_idle=connect_timeout_s, keepalives_interval=1, keepalives_count=2)
     return args
+
+
+def _configure_postgresql(engine: Engine, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+    """Within a call whose deadline is nearer than the session's bounds, this transaction's lock
+    waits and statements end with the deadline (SET LOCAL: gone with the transaction). One round
+    trip, paid only then: the session defaults (connect parameters) bound the other calls."""
+    session_bound = min((ms for ms in (lock_timeout_ms, statement_timeout_ms) if ms > 0), default=0)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        left = deadline.remaining()
+        if left is None:
+            return
+        ms = max(1, int((left - DEADLINE_MARGIN_S) * 1000))
+        if session_bound and ms >= session_bound:
+            return
+        _capped_by_deadline.set(True)
+        conn.exec_driver_sql(f"SELECT set_config('lock_timeout', '{ms}', true), "
+                             f"set_config('statement_timeout', '{ms}', true)")
 
 
 CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy server this long

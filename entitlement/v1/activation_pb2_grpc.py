@@ -101,6 +101,11 @@ class ActivationServiceServicer:
         id arriving while the first request is still being processed is ABORTED with reason
         `REQUEST_IN_FLIGHT` at once (no waiting): retry it later to get the stored response.
 
+        The call's deadline is kept: when it passes (or the client cancels) before the activation is
+        committed, nothing is (DEADLINE_EXCEEDED; a write is not even started with under 50 ms left).
+        The client cannot tell that from a commit just before its deadline: it retries with the same
+        `request_id` and gets the one activation.
+
         Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
         FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
         the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata

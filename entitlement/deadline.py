@@ -1,0 +1,96 @@
+"""The deadline of the call being served, for the storage layer (entitlement/storage/db.py).
+
+The gRPC edge binds it for every call (entitlement/api/wrapping.py); commands and jobs run with
+none bound, unchanged. With a deadline bound, the database:
+- refuses to start a write transaction when less than FLOOR_S remains (DEADLINE_EXCEEDED): the
+  caller would give up before it commits;
+- waits for locks no longer than the deadline (PostgreSQL: `SET LOCAL lock_timeout` and
+  `statement_timeout`; SQLite: `PRAGMA busy_timeout`), and reports a wait cut short by it as
+  DEADLINE_EXCEEDED, not as an outage;
+- rolls a write back instead of committing it when the caller is gone meanwhile (deadline passed
+  or call cancelled): no work is committed for a caller that gave up, except in the instant
+  between this last check and the commit. That race cannot be closed from the server: a client
+  that gave up retries with the same request_id (AIP-155) and gets the one answer.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from entitlement.errors import Cancelled, DeadlineExceeded
+
+FLOOR_S = 0.05  # below this much time left, a write transaction is not started
+NO_DEADLINE_S = 7 * 24 * 3600.0  # gRPC reports "no deadline" as a remaining time of centuries
+
+
+@dataclass(frozen=True)
+class Budget:
+    expires: float | None  # time.monotonic() at which the caller gives up; None: no deadline
+    active: Callable[[], bool]  # False once the call is over for the client (cancelled, expired)
+
+
+_current: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("call_deadline", default=None)
+
+
+@contextmanager
+def bound(remaining_s: float | None, active: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Run the block as a call with `remaining_s` seconds left (None: no deadline)."""
+    expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
+    reset = _current.set(Budget(expires, active))
+    try:
+        yield
+    finally:
+        _current.reset(reset)
+
+
+def bind(remaining_s: float | None) -> None:
+    """Bound the rest of this thread's context to `remaining_s` seconds from now (None: no
+    deadline), for threads that own their context (the database health monitor's ping)."""
+    expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
+    _current.set(Budget(expires, lambda: True))
+
+
+def remaining() -> float | None:
+    """Seconds left to the bound deadline (negative once past), or None without one."""
+    budget = _current.get()
+    if budget is None or budget.expires is None:
+        return None
+    return budget.expires - time.monotonic()
+
+
+def expired() -> bool:
+    """The bound deadline is past, or too close to do anything more."""
+    left = remaining()
+    return left is not None and left < FLOOR_S
+
+
+def exceeded() -> DeadlineExceeded:
+    return DeadlineExceeded("the call's deadline passed before its work was committed; nothing was. "
+                            "Retry with a longer deadline (and the same request_id)")
+
+
+def check_start() -> None:
+    """Before starting a write transaction: is there still a caller, with time left?"""
+    budget = _current.get()
+    if budget is None:
+        return
+    if expired():
+        raise exceeded()
+    if not budget.active():
+        raise _cancelled()
+
+
+def check_caller() -> None:
+    """Just before committing: is the caller still waiting for the answer?"""
+    budget = _current.get()
+    if budget is None or budget.active():
+        return
+    raise exceeded() if expired() else _cancelled()
+
+
+def _cancelled() -> Cancelled:
+    return Cancelled("the call was cancelled before its work was committed; nothing was")
