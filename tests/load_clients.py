@@ -78,6 +78,7 @@ class Activated:
     account_id: str = ""
     maybe_account_id: str = ""
     transitions: list[tuple[str, str]] = field(default_factory=list)  # acknowledged (action, request_id)
+    failure: str = ""  # the status of the activation call when it failed
 
     def request(self) -> activation_pb2.ActivateEntitlementRequest:
         return activation_pb2.ActivateEntitlementRequest(
@@ -133,9 +134,10 @@ def _metadata(server: Server, caller: str, rid: str = "") -> tuple[tuple[str, st
 
 
 def activator(server: Server, told: Told, people: People, stop: threading.Event,
-              on_ack: Callable[[Activated], None] | None = None) -> None:
+              on_ack: Callable[[Activated], None] | None = None, *, persist: bool = False) -> None:
     """Activate pool people one after the other, each with a fresh request_id, until `stop`, the
-    pool runs out, or a call fails because the server went away."""
+    pool runs out, or a call fails because the server is going away (`persist`: keep calling,
+    a little slower, until `stop`: to see how a stopping server answers)."""
     channel = grpc.insecure_channel(server.dir.address)
     stub = activation_pb2_grpc.ActivationServiceStub(channel)
     try:
@@ -149,10 +151,13 @@ def activator(server: Server, told: Told, people: People, stop: threading.Event,
                                                 timeout=CALL_TIMEOUT)
             except grpc.RpcError as err:
                 told.failed("activate", err)
+                a.failure = err.code().name
                 with told.lock:
                     told.unacknowledged.append(a)
                 if told.going_away.is_set():
-                    return
+                    if not persist:
+                        return
+                    stop.wait(0.02)
                 continue
             a.activation_id, a.token = resp.activation.name.split("/", 1)[1], resp.activation_token
             with told.lock:
