@@ -145,6 +145,7 @@ def _event_log(s: Session, leaves: bool, trusted: Checkpoint | None) -> list[Pro
 
 
 _NODES_PER_READ = 2000
+_IDS_PER_QUERY = 500  # bound parameters per IN (...) of the acknowledged checks
 
 
 def _compare_nodes(s: Session, recomputed: dict[merkle.Node, bytes]) -> list[merkle.Node]:
@@ -291,18 +292,21 @@ def _acknowledged(s: Session, acks: list[Acknowledged]) -> list[Problem]:
     if not acks:
         return []
     out: list[Problem] = []
-    activations = {aid: (state, account) for aid, state, account in s.execute(
-        select(Activation.id, Activation.state, Activation.account_id)
-        .where(Activation.id.in_(sorted({a.activation_id for a in acks if a.activation_id}))))}
+    ids = sorted({a.activation_id for a in acks if a.activation_id})
+    activations: dict[str, tuple[str, str | None]] = {}
+    for i in range(0, len(ids), _IDS_PER_QUERY):
+        activations.update({aid: (state, account) for aid, state, account in s.execute(
+            select(Activation.id, Activation.state, Activation.account_id)
+            .where(Activation.id.in_(ids[i:i + _IDS_PER_QUERY])))})
     keyed = [a for a in acks if a.request_id and a.method in KEYED_METHODS]
     stored: dict[tuple[str, str], tuple[str, str]] = {}
     for caller_id in sorted({a.caller_id for a in keyed}):
         wanted = sorted({a.request_id for a in keyed if a.caller_id == caller_id})
-        for i in range(0, len(wanted), 500):
+        for i in range(0, len(wanted), _IDS_PER_QUERY):
             for request_id, method, response in s.execute(
                     select(IdempotencyRecord.request_id, IdempotencyRecord.method, IdempotencyRecord.response)
                     .where(IdempotencyRecord.caller_id == caller_id,
-                           IdempotencyRecord.request_id.in_(wanted[i:i + 500]))):
+                           IdempotencyRecord.request_id.in_(wanted[i:i + _IDS_PER_QUERY]))):
                 try:
                     target = str(json.loads(response).get("activation_id", ""))
                 except (ValueError, AttributeError):
