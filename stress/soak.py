@@ -27,6 +27,7 @@ import csv
 import datetime as dt
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -426,9 +427,12 @@ def _row(s: Sample, previous: Sample | None) -> str:
     return f"{s.t:8.0f} {s.rss_mb:8.1f} {s.calls:9d} {rate:8.1f}  {errors}"
 
 
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def soak(minutes: float, clients: int, sample_s: float, backend: str, pg_url: str, max_growth_pct: float,
          seed: int, keep: bool) -> int:
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
     tmp = Path(tempfile.mkdtemp(prefix="entitlement-soak-"))
     failures: list[str] = []
     try:
@@ -498,7 +502,6 @@ def soak(minutes: float, clients: int, sample_s: float, backend: str, pg_url: st
             say(memory)
     finally:
         if not keep:
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     if failures:
         say("VERDICT: FAIL")

@@ -123,11 +123,6 @@ class Told:
                     out.append(Acknowledged("redeem", a.activation_id, account_id=a.account_id))
             return out
 
-    def activations_with_unknown_outcome(self) -> int:
-        with self.lock:
-            return len(self.unacknowledged) + sum(1 for a in self.activated.values()
-                                                  if a.maybe_state or a.maybe_account_id)
-
 
 def _metadata(server: Server, caller: str, rid: str = "") -> tuple[tuple[str, str], ...]:
     return server.metadata(caller, rid or uuid.uuid4().hex)

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from load_clients import People, Told, activator, checkpoints, importer, lifecycle, verify_durable
+from load_clients import Activated, People, Told, activator, checkpoints, importer, lifecycle, verify_durable
 from test_server_ops import Server, prepare
 
 STRESS = os.environ.get("ENTITLEMENT_STRESS") == "1"
@@ -56,9 +56,9 @@ def test_kill_9_under_load_loses_nothing_acknowledged(fresh_url: str, tmp_path: 
             context = f"seed {seed}, kill {round_no}/{KILLS}"
             stop = threading.Event()
             told.going_away.clear()
-            mine: list = []
+            mine: list[Activated] = []
 
-            def adopt(a: object) -> None:
+            def adopt(a: Activated) -> None:
                 with told.lock:
                     mine.append(a)
 

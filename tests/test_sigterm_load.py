@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import threading
 import time
@@ -23,11 +24,9 @@ from pathlib import Path
 import grpc
 from sqlalchemy import select
 
-from load_clients import (AGENCY, People, Told, activator, checkpoints, registry_extract, verify_durable)
+from load_clients import AGENCY, People, Told, activator, checkpoints, registry_extract, verify_durable
 from support import date_msg
 from test_server_ops import Server, prepare
-
-import datetime as dt
 
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
