@@ -472,7 +472,10 @@ def soak(minutes: float, clients: int, sample_s: float, backend: str, pg_url: st
             for t in threads:
                 t.join(timeout=CALL_TIMEOUT + 10)
             if died:
-                failures.append(f"the server died (exit code {server.proc.returncode}):\n{server.log_tail()}")
+                code = server.proc.returncode
+                how = ("it exited 0: someone else sent it SIGTERM or SIGINT" if code == 0 else
+                       f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+                failures.append(f"the server stopped before the end ({how}):\n{server.log_tail()}")
             rc = server.stop()
             if not died and rc != 0:
                 failures.append(f"the server stopped with exit code {rc} after SIGTERM:\n{server.log_tail()}")
