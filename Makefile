@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test node-deps gen check-gen migrate demo bench clean
+.PHONY: run test node-deps gen check-gen migrate demo bench stress clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.activations
 	$(BIN)/python -m bench.instructions
+
+## make stress: the reliability tests at stress sizes (ENTITLEMENT_STRESS=1: 20 kill -9 per backend,
+## bigger fuzzing, outage and deadline runs), then a 10-minute soak (memory flat, only expected errors)
+STRESS_TESTS := $(wildcard tests/test_crash_load.py tests/test_sigterm_load.py tests/test_fuzz.py \
+                           tests/test_outage.py tests/test_deadlines.py)
+stress: $(STAMP)
+	ENTITLEMENT_STRESS=1 $(BIN)/python -m pytest -q $(STRESS_TESTS)
+	ENTITLEMENT_STRESS=1 $(BIN)/python -m stress.soak --minutes 10
 
 clean:
 	rm -rf $(VENV) var tests/node/node_modules

@@ -206,10 +206,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from entitlement import doctor
     from entitlement.storage.db import Database
     from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
-    db = Database(Settings.from_env().database_url, pool_size=1)
+    settings = Settings.from_env()
+    trusted = None
+    if args.trusted:  # a checkpoint kept from earlier, checked with this service's log key
+        from entitlement import logtree, note
+        if not settings.log_key_path.exists():
+            return _fail(f"--trusted: no log key at {settings.log_key_path} to check the checkpoint's signature "
+                         f"(ENTITLEMENT_LOG_KEY_FILE)")
+        try:
+            verifier = logtree.read_signer(settings.log_key_path, settings.log_origin).verifier
+            trusted = note.open_checkpoint(Path(args.trusted).read_text(encoding="utf-8"), verifier)
+        except (OSError, UnicodeDecodeError, note.NoteError) as exc:
+            return _fail(f"--trusted {args.trusted}: {exc}")
+    db = Database(settings.database_url, pool_size=1)
     try:
         ensure_current(db)
-        problems = doctor.check(db, leaves=not args.quick)
+        problems = doctor.check(db, leaves=not args.quick, trusted=trusted)
     except SchemaNotCurrent as exc:
         return _fail(str(exc))
     finally:
@@ -578,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="check the database's invariants (ledger, counters, event log, "
                          "acknowledged requests); exit 1 on any problem")
     doc.add_argument("--quick", action="store_true", help="skip recomputing every event's leaf hash")
+    doc.add_argument("--trusted", metavar="CHECKPOINT", help="a signed checkpoint kept from earlier (GetCheckpoint, "
+                     "`audit export`): the log must still extend it")
     doc.add_argument("--json", action="store_true")
     doc.set_defaults(func=cmd_doctor)
 

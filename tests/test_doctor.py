@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
+from pathlib import Path
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import select, text
 
-from support import Api, Harness
+from own_server import next_ledger_person, own_server
+from support import Api, As, Harness, identity
 
-from entitlement import cli, doctor, eventlog
+from entitlement import cli, doctor, eventlog, note
+from entitlement.doctor import Acknowledged
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
-from entitlement.v1 import activation_pb2
+from entitlement.storage.models import RegistrySnapshot
+from entitlement.v1 import activation_pb2, audit_pb2
 
 
 def test_the_shared_database_is_sound_after_traffic(api: Api, harness: Harness) -> None:
@@ -39,7 +45,7 @@ def test_doctor_names_each_kind_of_damage(fresh_url: str) -> None:
                  '"shares": [["france-travail", 5000, 12000], ["ministry-of-labour", 5000, 12000]]}}}'})
             eventlog.append(s, time=now, type="test.event", actor="system", subject="x/1")
         codes = {p.code for p in doctor.check(db)}
-        assert {"ACTIVATION_WITHOUT_EVENT", "COMMIT_MISMATCH", "COUNTER_MISMATCH"} <= codes
+        assert {"ACTIVATION_WITHOUT_EVENT", "ACTIVATION_WITHOUT_LEDGER", "COUNTER_MISMATCH"} <= codes
         assert "EVENT_SEQUENCE_GAP" not in codes and "EVENT_ALTERED" not in codes
         with db.write() as s:  # rewrite history behind the triggers' back
             if db.is_sqlite:
@@ -58,3 +64,103 @@ def test_doctor_command_exit_codes(fresh_url: str, monkeypatch: object, capsys: 
     monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)  # type: ignore[attr-defined]
     assert cli.main(["doctor"]) == 0
     assert "every invariant holds" in capsys.readouterr().out  # type: ignore[attr-defined]
+
+
+def _codes(db: Database, **kw: object) -> set[str]:
+    return {p.code for p in doctor.check(db, **kw)}  # type: ignore[arg-type]
+
+
+def test_doctor_checks_acknowledged_requests_trusted_checkpoints_and_logged_states(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """On a server of its own (the damage stays there): what clients were told is checked against
+    the database, a checkpoint fetched earlier against the log, states and bindings against events."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        advisor, platform = As(h.channel, h.tokens["advisor-paris"]), As(h.channel, h.tokens["platform-oc"])
+        funder = As(h.channel, h.tokens["funder-ft"])
+        made = []
+        for _ in range(3):
+            agency_id, birth = next_ledger_person()
+            rid = uuid.uuid4().hex
+            made.append((rid, advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                request_id=rid, job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+                platform="platforms/openclassrooms", reason="doctor"))))
+        (rid_a, a), (rid_b, b), (_, c) = made
+        aid_a, aid_b, aid_c = (x.activation.name.split("/")[1] for x in (a, b, c))
+        suspend_rid = uuid.uuid4().hex
+        advisor.SuspendActivation(activation_pb2.TransitionActivationRequest(
+            name=a.activation.name, reason="pause", request_id=suspend_rid))
+        advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(name=b.activation.name, reason="end"))
+        platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=c.activation_token, account_id="learner-doctor"))
+        with h.ctx.db.read() as s:
+            snapshot_id = s.execute(select(RegistrySnapshot.id).where(RegistrySnapshot.status == "complete")).scalar_one()
+        checkpoint = funder.GetCheckpoint(audit_pb2.GetCheckpointRequest())
+        trusted = note.open_checkpoint(checkpoint.checkpoint, note.Verifier.parse(checkpoint.verifier_key))
+        told = [Acknowledged("activate", aid_a, "advisor-paris", rid_a),
+                Acknowledged("activate", aid_b, "advisor-paris", rid_b),
+                Acknowledged("suspend", aid_a, "advisor-paris", suspend_rid),
+                Acknowledged("revoke", aid_b, "advisor-paris"),
+                Acknowledged("redeem", aid_c, account_id="learner-doctor"),
+                Acknowledged("import", snapshot_id=snapshot_id)]
+        assert doctor.check(h.ctx.db, trusted=trusted, acknowledged=told) == []
+        advisor.ResumeActivation(activation_pb2.TransitionActivationRequest(name=a.activation.name, reason="back"))
+        assert doctor.check(h.ctx.db, trusted=trusted, acknowledged=told) == []  # the log grew: still extends it
+
+        # What was never acknowledged, or acknowledged but is not there.
+        lost = [Acknowledged("activate", uuid.uuid4().hex, "advisor-paris", rid_a),  # answer names another row
+                Acknowledged("activate", aid_a, "advisor-paris", uuid.uuid4().hex),  # no stored answer
+                Acknowledged("resume", aid_b, "advisor-paris"),  # never logged
+                Acknowledged("redeem", aid_a, account_id="learner-doctor"),
+                Acknowledged("import", snapshot_id=snapshot_id + 100)]
+        problems = doctor.check(h.ctx.db, acknowledged=lost)
+        assert [p.code for p in problems] == ["ACKNOWLEDGED_BUT_MISSING"] * len(lost), problems
+
+        # Checkpoints the log does not extend: a longer log, another root at the same size.
+        longer = note.Checkpoint(trusted.origin, trusted.size + 10, trusted.root_hash)
+        assert _codes(h.ctx.db, trusted=longer) == {"LOG_TRUNCATED"}
+        forged = note.Checkpoint(trusted.origin, trusted.size, hashlib.sha256(b"another history").digest())
+        assert _codes(h.ctx.db, trusted=forged) == {"LOG_FORKED"}
+        assert _codes(h.ctx.db, trusted=forged, leaves=False) == {"LOG_FORKED"}
+
+        # A state or a binding changed behind the log's back.
+        with h.ctx.db.write() as s:
+            s.execute(text("UPDATE activations SET state = 'active' WHERE id = :id"), {"id": aid_b})
+            s.execute(text("UPDATE activations SET account_id = 'learner-x' WHERE id = :id"), {"id": aid_a})
+        assert {"STATE_NOT_LOGGED", "REDEMPTION_NOT_LOGGED"} <= _codes(h.ctx.db)
+
+        # A stored tree node that is not the hash of its leaves (behind the triggers' back).
+        with h.ctx.db.write() as s:
+            if h.ctx.db.is_sqlite:
+                s.execute(text("DROP TRIGGER log_nodes_no_update"))
+            else:
+                s.execute(text("ALTER TABLE log_nodes DISABLE TRIGGER log_nodes_append_only"))
+            s.execute(text("UPDATE log_nodes SET hash = :h WHERE level = 1 AND idx = 0"),
+                      {"h": hashlib.sha256(b"x").digest()})
+        codes = _codes(h.ctx.db, trusted=trusted)
+        assert "LOG_TREE_MISMATCH" in codes  # proofs made of that node would not verify
+        assert "EVENT_ALTERED" not in codes and "LOG_FORKED" not in codes  # the leaves still give the trusted root
+
+
+def test_doctor_command_checks_a_trusted_checkpoint(fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from entitlement import logtree, merkle
+    upgrade(fresh_url)
+    key, other = tmp_path / "log.key", tmp_path / "other.key"
+    logtree.create_key_file(key)
+    logtree.create_key_file(other)
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)
+    monkeypatch.setenv("ENTITLEMENT_LOG_KEY_FILE", str(key))
+    origin = "entitlement.local/audit-log"
+
+    def checkpoint(size: int, signed_with: Path = key) -> str:
+        path = tmp_path / f"checkpoint-{size}-{signed_with.stem}.txt"
+        signer = logtree.read_signer(signed_with, origin)
+        path.write_text(note.sign_checkpoint(note.Checkpoint(origin, size, merkle.EMPTY_ROOT), signer))
+        return str(path)
+
+    assert cli.main(["doctor", "--trusted", checkpoint(0)]) == 0  # the empty log extends the empty tree
+    assert "every invariant holds" in capsys.readouterr().out
+    assert cli.main(["doctor", "--trusted", checkpoint(5)]) == 1
+    assert "LOG_TRUNCATED" in capsys.readouterr().out
+    assert cli.main(["doctor", "--trusted", checkpoint(0, other)]) == 1  # not signed by this log's key
+    assert "--trusted" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Long-running load checks for `make stress` (python -m stress.soak)."""
