@@ -49,11 +49,13 @@ migrate: $(STAMP)
 	$(BIN)/entitlement db upgrade
 
 ## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models ~3 min; registry
-## at 6 M rows ~5 min; audit log verification at 1 M events ~2 min; 1 M activations ~25 min on both
-## backends). Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench
+## at 6 M rows ~5 min; token verification on one core ~30 s; audit log verification at 1 M events
+## ~2 min; 1 M activations ~25 min on both backends).
+## Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.tokens
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.activations
 
