@@ -185,7 +185,7 @@ def markdown(imports: list[ImportRun], lookups: list[LookupRun]) -> str:
         "checker, `entitlement doctor`, checks the rows' snapshots instead). PostgreSQL checked it with one "
         "trigger call per merged row: the merge of 2,000,000 staged rows took 11.5-11.7 s of server CPU with "
         "the key and 4.5-4.7 s without (two runs each, alternating). SQLite's check cost no measurable "
-        "importer CPU (22.3 / 22.4 s with it at 2 M rows, 21.3 / 23.3 s without).",
+        "importer CPU (22.3 / 23.3 s with it at 2 M rows, 22.4 / 21.3 s without).",
         "",
         "| backend | rows | seconds | rows/s | peak RSS MB | importer CPU s |",
         "|---|---:|---:|---:|---:|---:|",
