@@ -5,20 +5,24 @@ Tokens are minted by the service's own signing code (entitlement.tokens.sign, an
 the key store), then verified as a platform does, from the published JWKS (what GetSigningKeys
 answers), in one process pinned to one core (os.sched_setaffinity). Every way measured below checks
 the signature and every claim (EdDSA only, `kid` among the published keys, `typ`, issuer, audience,
-expiry, not-before, required claims) except the floor, which is the Ed25519 signature alone:
+expiry, not-before, required claims) except the two floors, which check the Ed25519 signature alone
+(tests/test_bench_tokens.py feeds each way bad tokens):
 
-  pyjwt-key-per-token  PyJWT, the key object built from the JWK for every token (what a platform
-                       that looks its JWKS up per request pays)
-  pyjwt                TokenVerifier below, README's "Verifying tokens in Python": the JWKS parsed
-                       once into PyJWK objects, one PyJWT instance, jwt.decode
-  by-hand              the same checks written out over `cryptography` (split, base64, Ed25519,
-                       json, claims): what any Python verification costs at least; shown to size
-                       PyJWT's own overhead, not offered to platforms
-  ed25519-only         cryptography's Ed25519PublicKey.verify on the signing input, nothing else:
-                       the floor (OpenSSL) that no Python verification goes under
+  pyjwt-key-per-token  PyJWT, get_unverified_header, then the key object built from the JWK for
+                       every token and jwt.decode
+  pyjwt-two-parses     PyJWT with the keys and a PyJWT instance built once, get_unverified_header
+                       then decode (the token is decoded and checked twice)
+  pyjwt                TokenVerifier below, README's "Verifying tokens in Python": as above, the
+                       kid read from the header segment alone, decode_complete once
+  by-hand-openssl      the same checks written out over `cryptography`: sizes PyJWT's own
+                       overhead; not offered to platforms
+  ed25519-openssl      cryptography's Ed25519PublicKey.verify on the signing input, nothing else:
+                       the floor (OpenSSL) under every PyJWT verification
+  by-hand-libsodium,   the same two over PyNaCl (libsodium), when it is installed (dev extra)
+  ed25519-libsodium
 
 Rates are tokens per CPU second of the pinned process (other processes on the core do not count
-against it) and per wall second.
+against it, though they still slow it through shared caches) and per wall second.
 
 Settings (environment):
   BENCH_TOKENS          distinct tokens minted (2000), verified round-robin
