@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session
 
 from entitlement import logtree, merkle
@@ -80,6 +80,7 @@ def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = Non
         problems += _states_logged(s)
         problems += _idempotency(s)
         problems += _acknowledged(s, list(acknowledged))
+        problems += _registry(s)
     return problems
 
 
@@ -340,4 +341,34 @@ def _acknowledged(s: Session, acks: list[Acknowledged]) -> list[Problem]:
                                    f"{snapshots.get(a.snapshot_id, 'no such snapshot')}"))
         else:
             raise ValueError(f"unknown acknowledged method {a.method!r}")
+    return out
+
+
+# The distinct snapshot ids of registry_people by a loose index scan of its primary key (snapshot_id,
+# person_key): one index descent per snapshot, not a pass over millions of rows.
+_PEOPLE_SNAPSHOTS = text(
+    "WITH RECURSIVE ids(id) AS ("
+    " SELECT (SELECT min(snapshot_id) FROM registry_people)"
+    " UNION ALL"
+    " SELECT (SELECT min(snapshot_id) FROM registry_people WHERE snapshot_id > ids.id) FROM ids"
+    " WHERE ids.id IS NOT NULL)"
+    " SELECT id FROM ids WHERE id IS NOT NULL")
+
+# Snapshots that may hold people rows: the one being imported and the complete ones (pruning
+# deletes the rows of those it marks superseded, a failed import its own, in the same transaction).
+_MAY_HOLD_ROWS = ("importing", "complete")
+
+
+def _registry(s: Session) -> list[Problem]:
+    """Every registry_people row names an existing snapshot that is importing or complete (no
+    foreign key says so since migration 0009: this check does)."""
+    out = []
+    status = dict(s.execute(select(RegistrySnapshot.id, RegistrySnapshot.status)).all())
+    for sid in s.execute(_PEOPLE_SNAPSHOTS).scalars():
+        if sid not in status:
+            out.append(Problem("REGISTRY_ROW_ORPHANED",
+                               f"registry_people rows name registrySnapshots/{sid}, which does not exist"))
+        elif status[sid] not in _MAY_HOLD_ROWS:
+            out.append(Problem("REGISTRY_ROWS_OF_DEAD_SNAPSHOT",
+                               f"registrySnapshots/{sid} is {status[sid]} but still has registry_people rows"))
     return out

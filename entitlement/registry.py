@@ -262,10 +262,7 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                                 "sha256": digest, "extracted_on": extracted_on.isoformat(),
                                 "rows_read": read, "rows_imported": imported, "rows_rejected": rejected})
     except BaseException:
-        with db.write() as s:
-            s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id)
-                      .values(status="failed", rows_read=read, rows_rejected=rejected))
-        _discard_unfinished(db)
+        _discard_unfinished(db, counts=(snapshot_id, read, rejected))
         raise
     finally:
         if rejects:
@@ -538,9 +535,16 @@ class _BulkWriter:
         return stored
 
 
-def _discard_unfinished(db: Database) -> None:
-    """Rows of imports that failed or were killed (left `importing`) are garbage: delete them."""
+def _discard_unfinished(db: Database, counts: tuple[int, int, int] | None = None) -> None:
+    """Rows of imports that failed or were killed (left `importing`) are garbage: delete them, in
+    the transaction that marks their snapshots failed (no foreign key ties the rows to their
+    snapshot: a snapshot that is not `importing` or `complete` has no rows, see doctor.py).
+    `counts`: (snapshot id, rows read, rows rejected) of the import failing now, recorded too."""
     with db.write() as s:
+        if counts is not None:
+            snapshot_id, read, rejected = counts
+            s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id)
+                      .values(rows_read=read, rows_rejected=rejected))
         ids = s.execute(select(RegistrySnapshot.id).where(
             RegistrySnapshot.status.in_(("importing", "failed")))).scalars().all()
         if ids:

@@ -11,10 +11,12 @@ import pytest
 from sqlalchemy import select, text
 
 from own_server import next_ledger_person, own_server
-from support import Api, As, Harness, identity
+from support import Api, As, Harness, identity, make_registry_file
 
-from entitlement import cli, doctor, eventlog, note
+from entitlement import cli, doctor, eventlog, note, registry
+from entitlement.clock import FixedClock
 from entitlement.doctor import Acknowledged
+from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
 from entitlement.storage.models import RegistrySnapshot
@@ -164,3 +166,30 @@ def test_doctor_command_checks_a_trusted_checkpoint(fresh_url: str, tmp_path: Pa
     assert "LOG_TRUNCATED" in capsys.readouterr().out
     assert cli.main(["doctor", "--trusted", checkpoint(0, other)]) == 1  # not signed by this log's key
     assert "--trusted" in capsys.readouterr().err
+
+
+def test_doctor_names_registry_rows_without_a_live_snapshot(fresh_url: str, tmp_path: Path) -> None:
+    """No foreign key ties registry_people to its snapshot (migration 0009): the doctor does."""
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=2)
+    clock = FixedClock(dt.datetime(2026, 3, 16, 10, tzinfo=dt.timezone.utc))
+    try:
+        extract = make_registry_file(tmp_path / "registry.csv")
+        summary = registry.import_extract(db, Pseudonymizer(bytes(32)), clock, extract,
+                                          extracted_on=dt.date(2026, 3, 15))
+        assert doctor.check(db) == []
+        row = ("INSERT INTO registry_people (snapshot_id, person_key, birth_date, postal_code, registered_on, "
+               "category) VALUES (:sid, :key, '1990-05-17', '75011', '2024-01-15', 1)")
+        with db.write() as s:  # a row of a snapshot that does not exist
+            s.execute(text(row), {"sid": summary.snapshot_id + 1000, "key": b"o" * 32})
+        assert [(p.code, p.detail) for p in doctor.check(db)] == [
+            ("REGISTRY_ROW_ORPHANED",
+             f"registry_people rows name registrySnapshots/{summary.snapshot_id + 1000}, which does not exist")]
+        with db.write() as s:  # the snapshot in force marked superseded without losing its rows
+            s.execute(text("DELETE FROM registry_people WHERE snapshot_id = :sid"),
+                      {"sid": summary.snapshot_id + 1000})
+            s.execute(text("UPDATE registry_snapshots SET status = 'superseded' WHERE id = :sid"),
+                      {"sid": summary.snapshot_id})
+        assert [p.code for p in doctor.check(db)] == ["REGISTRY_ROWS_OF_DEAD_SNAPSHOT"]
+    finally:
+        db.dispose()

@@ -21,12 +21,12 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, insert, inspect, select, text
+from sqlalchemy import delete, func, insert, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from support import TODAY, Api, identity, next_person
 
-from entitlement import eventlog, registry
+from entitlement import doctor, eventlog, registry
 from entitlement.clock import FixedClock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.registry import REQUIRED_COLUMNS, ExtractError
@@ -85,6 +85,76 @@ def test_migrations_build_exactly_the_models_and_downgrade_then_upgrade_again(fr
         assert _schema_diff(database) == []
         with database.read() as s:  # the seed row of the event numbering is back
             assert s.execute(select(LogHead.size).where(LogHead.id == 1)).scalar_one() == 0
+    finally:
+        database.dispose()
+
+
+def _people_table_sql(database: Database) -> str:
+    with database.read() as s:
+        return str(s.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' "
+                                  "AND name = 'registry_people'")).scalar_one())
+
+
+def _insert_orphan_person(database: Database) -> None:
+    with database.write() as s:
+        s.execute(insert(RegistryPerson), [dict(snapshot_id=999_999, person_key=b"o" * 32,
+                                                birth_date=dt.date(1990, 5, 17), postal_code="75011",
+                                                registered_on=dt.date(2024, 1, 15), registration_ended_on=None,
+                                                category=1)])
+
+
+def test_migration_0009_drops_the_people_foreign_key_and_keeps_the_rows(fresh_url: str, tmp_path: Path) -> None:
+    """Upgrading a database that holds registry rows keeps them (and lookups), drops the foreign key
+    (SQLite: a rebuilt table, still WITHOUT ROWID); the downgrade puts the key back, rows kept."""
+    upgrade(fresh_url, "0008")
+    database = Database(fresh_url, pool_size=2)
+    try:
+        people = [_person(f"M{i:05d}", f"19{50 + i % 50:02d}-0{1 + i % 9}-1{i % 10}") for i in range(3000)]
+        first = _import(database, _extract(tmp_path / "a.csv", people[:2000]))
+        second = _import(database, _extract(tmp_path / "b.csv", people[1000:]))
+
+        def stored() -> list[tuple[object, ...]]:
+            with database.read() as s:
+                return [tuple(r) for r in s.execute(text(
+                    "SELECT * FROM registry_people ORDER BY snapshot_id, person_key")).all()]
+
+        before = stored()
+        assert len(before) == 4000 and {r[0] for r in before} == {first.snapshot_id, second.snapshot_id}
+        with pytest.raises(IntegrityError):  # 0008: the foreign key refuses a row of no snapshot
+            _insert_orphan_person(database)
+
+        upgrade(fresh_url)
+        assert current_revision(database) == head_revision()
+        assert _schema_diff(database) == []
+        assert stored() == before
+        if database.is_sqlite:
+            assert _people_table_sql(database).rstrip().endswith("WITHOUT ROWID")
+            assert "REFERENCES" not in _people_table_sql(database)
+        else:
+            with database.read() as s:
+                assert s.execute(text("SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                                      "AND conrelid = 'registry_people'::regclass")).scalar_one() == 0
+        for ident, birth in (("M02999", people[2999]["dateNaissance"]), ("M01000", people[1000]["dateNaissance"])):
+            facts, snap = _lookup(database, ident, birth)
+            assert facts is not None and snap.id == second.snapshot_id  # type: ignore[attr-defined]
+        assert _lookup(database, "M00000", people[0]["dateNaissance"])[0] is None  # left in the newer extract
+        assert doctor.check(database) == []
+
+        _insert_orphan_person(database)  # nothing refuses it any more: the doctor names it
+        assert [p.code for p in doctor.check(database)] == ["REGISTRY_ROW_ORPHANED"]
+        with pytest.raises(DBAPIError):  # the downgrade cannot put the key back over an orphan
+            command.downgrade(alembic_config(fresh_url), "0008")
+        assert current_revision(database) == head_revision()
+        with database.write() as s:
+            s.execute(delete(RegistryPerson).where(RegistryPerson.snapshot_id == 999_999))
+
+        command.downgrade(alembic_config(fresh_url), "0008")
+        assert current_revision(database) == "0008"
+        assert stored() == before
+        if database.is_sqlite:
+            assert _people_table_sql(database).rstrip().endswith("WITHOUT ROWID")
+        with pytest.raises(IntegrityError):
+            _insert_orphan_person(database)
     finally:
         database.dispose()
 
@@ -533,6 +603,7 @@ def test_bad_encoding_mid_file_refuses_the_whole_extract(db: Database, tmp_path:
     assert _lookup(db, "E1")[1].id == first.snapshot_id  # type: ignore[union-attr]
     with db.read() as s:  # the failed import's rows were discarded, not left behind
         assert s.execute(select(func.count()).select_from(RegistryPerson)).scalar_one() == 1
+    assert doctor.check(db) == []
 
 
 def test_an_extract_without_any_valid_row_is_refused(db: Database, tmp_path: Path) -> None:
@@ -563,6 +634,7 @@ def test_old_snapshots_lose_their_rows_but_keep_their_record(db: Database, tmp_p
     with db.read() as s:
         kept = s.execute(select(RegistryPerson.snapshot_id).distinct()).scalars().all()
     assert sorted(kept) == ids[2:]
+    assert doctor.check(db) == []
 
 
 def test_the_same_file_extracted_on_a_later_date_is_a_new_snapshot(db: Database, tmp_path: Path) -> None:

@@ -41,12 +41,16 @@ class RegistrySnapshot(Base):
 
 class RegistryPerson(Base):
     """A registered job seeker in one snapshot: only what the rules need. No name, no agency id:
-    `person_key` is the keyed HMAC of the agency id (see entitlement.pseudonym)."""
+    `person_key` is the keyed HMAC of the agency id (see entitlement.pseudonym).
+
+    `snapshot_id` names a registry_snapshots row but is not a foreign key: checking it cost a
+    lookup per imported row (migration 0009). The import and pruning delete people rows in the
+    transaction that changes their snapshot's status; the invariant checker (entitlement/doctor.py)
+    verifies that every row names a snapshot that exists and is `importing` or `complete`."""
 
     __tablename__ = "registry_people"
 
-    snapshot_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("registry_snapshots.id", ondelete="CASCADE"), primary_key=True)
+    snapshot_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     person_key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
     birth_date: Mapped[dt.date] = mapped_column(Date)
     postal_code: Mapped[str] = mapped_column(String(5))
