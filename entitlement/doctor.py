@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from entitlement import rollup
 from entitlement.logformat import LogEvent, time_us
 from entitlement.storage.db import Database, utc
 from entitlement.storage.models import (Activation, Event, IdempotencyRecord, LedgerEntry, LogHead, LogNode,
@@ -36,6 +37,7 @@ def check(db: Database, *, leaves: bool = True) -> list[Problem]:
         problems += _ledger_balances(s)
         problems += _counters(s)
         problems += _idempotency(s)
+        problems += _report_rollup(s)
     return problems
 
 
@@ -129,3 +131,9 @@ def _idempotency(s: Session) -> list[Problem]:
         if target and target not in known:
             out.append(Problem("ACKNOWLEDGED_BUT_MISSING", f"a stored {method} answer names activations/{target}"))
     return out
+
+
+def _report_rollup(s: Session) -> list[Problem]:
+    """The funding report's rollup (entitlement/rollup.py) equals its recomputation from the ledger
+    entries and the activations."""
+    return [Problem("REPORT_ROLLUP_MISMATCH", detail) for detail in list(rollup.differences(s))[:5]]

@@ -21,7 +21,17 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from entitlement import rollup
+
 _WRITE = "entitlement_write"
+
+
+class _Session(Session):
+    """The Database's sessions: every flush also brings the funding report's rollup up to date
+    (entitlement/rollup.py), in the same transaction."""
+
+
+event.listen(_Session, "before_flush", rollup.before_flush)
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -64,7 +74,7 @@ class Database:
         """A read-write transaction, committed on success, rolled back on any exception."""
         with self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
-            with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
+            with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
 
@@ -72,7 +82,7 @@ class Database:
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
         with self.engine.connect() as conn:
-            with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
+            with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
 
