@@ -40,6 +40,14 @@ def test_doctor_names_each_kind_of_damage(fresh_url: str) -> None:
             eventlog.append(s, time=now, type="test.event", actor="system", subject="x/1")
         codes = {p.code for p in doctor.check(db)}
         assert {"ACTIVATION_WITHOUT_EVENT", "COMMIT_MISMATCH", "COUNTER_MISMATCH"} <= codes
+        assert "REPORT_ROLLUP_MISMATCH" not in codes  # no ledger entry: the rollup has nothing to count
+        with db.write() as s:  # a ledger entry written around the ORM: the report's rollup missed it
+            s.execute(text(
+                "INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, amount_cents, "
+                "created_at) SELECT id, program_id, 'france-travail', 'commit', '2026-03', 12000, :now "
+                "FROM activations"), {"now": now})
+        [mismatch] = [p for p in doctor.check(db) if p.code == "REPORT_ROLLUP_MISMATCH"][:1]
+        assert "report_months france-travail/premium-job-seekers/2026-03" in mismatch.detail
         assert "EVENT_SEQUENCE_GAP" not in codes and "EVENT_ALTERED" not in codes
         with db.write() as s:  # rewrite history behind the triggers' back
             if db.is_sqlite:
