@@ -22,8 +22,8 @@ of each change, so a report reads a few thousand rows at a million activations.
 Maintenance is a `before_flush` hook on the Database's sessions (entitlement.storage.db): every
 new ledger entry, and every change of an activation's start date, end date, state or last update,
 updates the rollup in the same flush, so nothing written through the ORM can forget it. Rows are
-upserted in key order; on PostgreSQL the program's counter row is locked first, so writers of one
-program queue on it (activations already do) and never deadlock on rollup rows.
+upserted in key order; on PostgreSQL the event log's head row is locked first (every write
+transaction takes it anyway), so writers never deadlock on rollup rows.
 `entitlement doctor` compares the tables with `recompute` (from the raw rows).
 """
 
@@ -41,7 +41,7 @@ from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from entitlement.storage.models import (Activation, LedgerEntry, ProgramCounter, ReportDay, ReportMonth,
+from entitlement.storage.models import (Activation, LedgerEntry, LogHead, ReportDay, ReportMonth,
                                         ReportRollup)
 
 DEFAULT_TIMEZONE = "Europe/Paris"
@@ -165,9 +165,10 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str]) -> None:
         return
     dialect = s.get_bind().dialect.name
     if dialect == "postgresql":
-        programs = sorted({k[1] for k in months} | {k[1] for k in day_rows})
-        s.execute(select(ProgramCounter.program_id).where(ProgramCounter.program_id.in_(programs))
-                  .order_by(ProgramCounter.program_id).with_for_update())
+        # Every write transaction takes the event log's head row (entitlement.eventlog) before it
+        # commits: taking it first here (a no-op when held already) queues rollup writers on it,
+        # so rollup rows are always locked after it and two writers never deadlock on them.
+        s.execute(select(LogHead.id).where(LogHead.id == 1).with_for_update())
     _upsert(s, dialect, ReportMonth, ("funder_id", "program_id", "month"), MONEY, months)
     _upsert(s, dialect, ReportDay, ("funder_id", "program_id", "day"), ACTIVITY, day_rows)
 
