@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+import pytest
 from sqlalchemy import text
 
 from support import Api, Harness
 
-from entitlement import cli, doctor, eventlog
+from entitlement import cli, doctor, eventlog, rollup
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
 from entitlement.v1 import activation_pb2
@@ -66,3 +67,37 @@ def test_doctor_command_exit_codes(fresh_url: str, monkeypatch: object, capsys: 
     monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)  # type: ignore[attr-defined]
     assert cli.main(["doctor"]) == 0
     assert "every invariant holds" in capsys.readouterr().out  # type: ignore[attr-defined]
+
+
+def test_rebuild_report_command_mends_a_rollup_missed_by_rows_written_around_the_service(
+        fresh_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    upgrade(fresh_url)
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)
+    db = Database(fresh_url, pool_size=2)
+    now = dt.datetime(2026, 3, 16, 10, tzinfo=dt.timezone.utc)
+    try:
+        with db.write() as s:  # an activation revoked at 23:30 UTC on 31 March, and its commitment, in raw SQL
+            aid = uuid.uuid4().hex
+            s.execute(text(
+                "INSERT INTO activations (id, program_id, program_version, person_key, state, start_date, end_date, "
+                "advisor_id, agency_code, platform_id, state_reason, decision_json, token_jti, created_at, updated_at) "
+                "VALUES (:id, 'premium-job-seekers', 'v', :key, 'revoked', '2026-03-16', '2027-03-15', 'A1', '75011', "
+                "'openclassrooms', '', '{\"decision\": {\"funding_plan\": null}}', 'j', :now, :revoked)"),
+                {"id": aid, "key": b"k" * 32, "now": now, "revoked": dt.datetime(2026, 3, 31, 23, 30)})
+            s.execute(text(
+                "INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, amount_cents, "
+                "created_at) VALUES (:id, 'premium-job-seekers', 'france-travail', 'commit', '2026-03', 12000, :now)"),
+                {"id": aid, "now": now})
+        assert "REPORT_ROLLUP_MISMATCH" in {p.code for p in doctor.check(db)}
+        for timezone, ended_on in (("Europe/Paris", dt.date(2026, 4, 1)), ("UTC", dt.date(2026, 3, 16))):
+            monkeypatch.setenv("ENTITLEMENT_TIMEZONE", timezone)
+            capsys.readouterr()
+            assert cli.main(["db", "rebuild-report"]) == 0
+            assert f"rebuilt in {timezone}: 1 month rows" in capsys.readouterr().out
+            assert "REPORT_ROLLUP_MISMATCH" not in {p.code for p in doctor.check(db)}
+            with db.read() as s:  # revoked on 1 April in Paris (01:30): ended in April; on 31 March in UTC: ended in March, counted from its start
+                assert rollup.stored_timezone(s) == timezone
+                days = rollup.stored(s)[1]
+            assert [day for (_f, _p, day), c in days.items() if c["ended_through"]] == [ended_on]
+    finally:
+        db.dispose()
