@@ -112,27 +112,37 @@ def stored_timezone(s: Session) -> str:
 
 
 def _span_touched(a: Activation) -> bool:
+    """Whether this flush may move the activation's contributions: its dates or state changed, or
+    the last update of a revoked one (the others' last update counts for nothing)."""
     attrs = inspect(a).attrs
-    return any(attrs[name].history.has_changes() for name in SPAN)
+    if any(attrs[name].history.has_changes() for name in ("start_date", "end_date", "state")):
+        return True
+    return a.state == "revoked" and attrs["updated_at"].history.has_changes()
 
 
 def before_flush(session: Session, _flush_context: Any, _instances: Any) -> None:
     """Bring the rollup up to date with what this flush writes (registered in storage.db)."""
+    fresh: set[str] = session.info.setdefault("rollup_fresh", set())  # activations this session inserts
+    fresh.update(o.id for o in session.new if isinstance(o, Activation))
     entries = [o for o in session.new if isinstance(o, LedgerEntry)]
     moved = sorted(o.id for o in session.dirty if isinstance(o, Activation) and _span_touched(o))
     if entries or moved:
-        _apply(session, entries, moved)
+        _apply(session, entries, moved, fresh)
 
 
-def _apply(s: Session, entries: list[LedgerEntry], moved: list[str]) -> None:
+def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[str]) -> None:
     tz = ZoneInfo(stored_timezone(s))
     months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
     days: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
-    ids = sorted({e.activation_id for e in entries if e.kind in DISTINCT} | set(moved))
     # What is already in the database (flushed by this transaction included; this flush is not).
+    # An activation this session inserted has no entries but those its earlier flushes wrote,
+    # which the session remembers: no query for a new activation's commitment.
+    flushed: set[tuple[str, str, str, str]] = s.info.setdefault("rollup_flushed", set())
+    ids = sorted({e.activation_id for e in entries if e.kind in DISTINCT and e.activation_id not in fresh}
+                 | set(moved))
     existing = s.execute(select(LedgerEntry.activation_id, LedgerEntry.funder_id, LedgerEntry.program_id,
-                              LedgerEntry.kind, LedgerEntry.month)
-                       .where(LedgerEntry.activation_id.in_(ids), LedgerEntry.kind.in_(list(DISTINCT)))).all() \
+                                LedgerEntry.kind, LedgerEntry.month)
+                         .where(LedgerEntry.activation_id.in_(ids), LedgerEntry.kind.in_(list(DISTINCT)))).all() \
         if ids else []
     if moved:
         before = {r.id: Span.of(r) for r in s.execute(
@@ -145,7 +155,7 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str]) -> None:
                 days[(funder, program, day)][counter] -= 1
             for day, counter in activity(now[aid], month, tz):
                 days[(funder, program, day)][counter] += 1
-    seen = {(aid, funder, kind, month) for aid, funder, _p, kind, month in existing}
+    seen = {(aid, funder, kind, month) for aid, funder, _p, kind, month in existing} | flushed
     pending = {o.id: o for o in s.new if isinstance(o, Activation)}
     for e in entries:
         row = months[(e.funder_id, e.program_id, e.month)]  # the row exists once any entry does
@@ -154,6 +164,8 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str]) -> None:
         if e.kind in DISTINCT and (e.activation_id, e.funder_id, e.kind, e.month) not in seen:
             seen.add((e.activation_id, e.funder_id, e.kind, e.month))
             row[DISTINCT[e.kind]] += 1
+            if e.activation_id in fresh:
+                flushed.add((e.activation_id, e.funder_id, e.kind, e.month))
         if e.kind == "commit":
             a = pending.get(e.activation_id) or s.get(Activation, e.activation_id)
             if a is None:
