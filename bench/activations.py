@@ -344,6 +344,10 @@ def main() -> int:
                     f"in {data.seconds:.0f} s; report rollup ({data.rollup_rows:,} rows) built in "
                     f"{data.rollup_seconds:.0f} s")
                 runs.append(serve_and_time(backend, url, tmp / backend, data))
+                # Written after each backend (a run stopped during the next one keeps these figures).
+                say(markdown(runs))
+                if OUTPUT != "-":
+                    replace_section(Path(OUTPUT), "activations", markdown(runs))
             finally:
                 if pg_name:
                     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
