@@ -9,15 +9,17 @@ from dataclasses import asdict, dataclass, replace
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, case, func, or_, select, tuple_
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
+from entitlement import rollup
 from entitlement.activation import LIVE, ActivationView, view
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, PermissionDenied
 from entitlement.paging import PageTokens, page_size
 from entitlement.storage.db import utc
-from entitlement.storage.models import Activation, Event, LedgerEntry, LogNode
+from entitlement.storage.models import Activation, Event, LedgerEntry, LogNode, ReportMonth
 
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -146,7 +148,11 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
     activation belongs to the funders its commitment was booked for (its `commit` entries). Its
     access ends on its end date (as curtailed, if it was), or when it is revoked; a revocation
     counts on the civil day (service time zone) of the activation's last update, which for a
-    revoked activation is its revocation (revoked is final)."""
+    revoked activation is its revocation (revoked is final).
+
+    Read from the rollup every write keeps (entitlement/rollup.py): a few thousand rows whatever
+    the number of activations. The activity columns are recomputed from the raw rows instead
+    when the rollup counts days in another time zone than the service's."""
     for name, value in (("start_month", start_month), ("end_month", end_month)):
         if value and not MONTH_RE.fullmatch(value):
             raise InvalidArgument.single(name, "expected YYYY-MM")
@@ -155,73 +161,64 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
     programs = _scope_programs(ctx, caller, funder, program_id)
     if caller.role == "funder":
         funder = caller.funder_id
-    amount = LedgerEntry.amount_cents
-
-    def total(kind: str) -> object:
-        return func.coalesce(func.sum(case((LedgerEntry.kind == kind, amount), else_=0)), 0)
-
-    def distinct_activations(kind: str) -> object:
-        return func.count(func.distinct(case((LedgerEntry.kind == kind, LedgerEntry.activation_id))))
-
-    q = select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
-               distinct_activations("commit"), total("commit"), total("consume"), total("release"),
-               distinct_activations("consume"))
-    if funder:
-        q = q.where(LedgerEntry.funder_id == funder)
-    if programs is not None:
-        q = q.where(LedgerEntry.program_id.in_(programs))
-    if start_month:
-        q = q.where(LedgerEntry.month >= start_month)
-    if end_month:
-        q = q.where(LedgerEntry.month <= end_month)
-    q = q.group_by(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month)
     today = ctx.clock.today()
-    tz = ZoneInfo(ctx.settings.timezone)
     rows: dict[tuple[str, str, str], ReportRow] = {}
     with ctx.db.read() as s:
-        for r in s.execute(q):
-            rows[(r[0], r[1], r[2])] = ReportRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]),
-                                                 person_months_consumed=int(r[7]))
+        for (f, p, m), cols in rollup.money(s, funder, programs, start_month, end_month).items():
+            rows[(f, p, m)] = ReportRow(f, p, m, **cols)
         # Activations live and ended: from the first month of the ledger in scope (nothing starts
         # before its commitment is booked) to the last month asked for, never after this one.
         first = start_month
         if not first:
-            fq = select(func.min(LedgerEntry.month)).where(LedgerEntry.kind == "commit")
+            fq = select(func.min(ReportMonth.month)).where(ReportMonth.activations_started > 0)
             if funder:
-                fq = fq.where(LedgerEntry.funder_id == funder)
+                fq = fq.where(ReportMonth.funder_id == funder)
             if programs is not None:
-                fq = fq.where(LedgerEntry.program_id.in_(programs))
+                fq = fq.where(ReportMonth.program_id.in_(programs))
             first = s.execute(fq).scalar_one_or_none() or ""
         last = min(end_month or "9999-12", today.strftime("%Y-%m"))
         months = _months_between(first, last) if first else []
-        commit = LedgerEntry
-        for month in months:
-            month_first, month_last = _month_bounds(month)
-            day = min(month_last, today)  # live on the month's last day, or today for this month
-            revoked = Activation.state == "revoked"
-            live = and_(Activation.end_date >= day,
-                        or_(~revoked, Activation.updated_at >= _day_start(day + dt.timedelta(days=1), tz)))
-            ended = or_(and_(revoked, Activation.updated_at >= _day_start(month_first, tz),
-                             Activation.updated_at < _day_start(month_last + dt.timedelta(days=1), tz)),
-                        and_(~revoked, Activation.end_date <= month_last, Activation.end_date < today))
-            aq = (select(commit.funder_id, commit.program_id,
-                         func.coalesce(func.sum(case((live, 1), else_=0)), 0),
-                         func.coalesce(func.sum(case((ended, 1), else_=0)), 0))
-                  .join(Activation, Activation.id == commit.activation_id)
-                  .where(commit.kind == "commit", commit.month <= month, Activation.start_date <= day,
-                         Activation.end_date >= month_first))
-            if funder:
-                aq = aq.where(commit.funder_id == funder)
-            if programs is not None:
-                aq = aq.where(commit.program_id.in_(programs))
-            aq = aq.group_by(commit.funder_id, commit.program_id)
-            for f, p, n_live, n_ended in s.execute(aq):
-                key = (f, p, month)
-                if key not in rows and not n_ended:
-                    continue  # no money that month and nothing ended: no row
-                row = rows.get(key) or ReportRow(f, p, month, 0, 0, 0, 0)
-                rows[key] = replace(row, activations_live=int(n_live), activations_ended=int(n_ended))
+        if rollup.stored_timezone(s) == ctx.settings.timezone:
+            counts = rollup.activity_by_month(s, funder, programs, months, today)
+        else:
+            counts = _activity_from_rows(s, ZoneInfo(ctx.settings.timezone), funder, programs, months, today)
+    for key, (n_live, n_ended) in counts.items():
+        if key not in rows and not n_ended:
+            continue  # no money that month and nothing ended: no row
+        row = rows.get(key) or ReportRow(*key, 0, 0, 0, 0)
+        rows[key] = replace(row, activations_live=n_live, activations_ended=n_ended)
     return [rows[k] for k in sorted(rows)]
+
+
+def _activity_from_rows(s: Session, tz: ZoneInfo, funder: str, programs: list[str] | None, months: list[str],
+                        today: dt.date) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """(live, ended) per funder x program x month from the activations and their `commit` entries
+    (one scan of the activations committed up to each month): the definition the rollup keeps."""
+    out: dict[tuple[str, str, str], tuple[int, int]] = {}
+    commit = LedgerEntry
+    for month in months:
+        month_first, month_last = _month_bounds(month)
+        day = min(month_last, today)  # live on the month's last day, or today for this month
+        revoked = Activation.state == "revoked"
+        live = and_(Activation.end_date >= day,
+                    or_(~revoked, Activation.updated_at >= _day_start(day + dt.timedelta(days=1), tz)))
+        ended = or_(and_(revoked, Activation.updated_at >= _day_start(month_first, tz),
+                         Activation.updated_at < _day_start(month_last + dt.timedelta(days=1), tz)),
+                    and_(~revoked, Activation.end_date <= month_last, Activation.end_date < today))
+        aq = (select(commit.funder_id, commit.program_id,
+                     func.coalesce(func.sum(case((live, 1), else_=0)), 0),
+                     func.coalesce(func.sum(case((ended, 1), else_=0)), 0))
+              .join(Activation, Activation.id == commit.activation_id)
+              .where(commit.kind == "commit", commit.month <= month, Activation.start_date <= day,
+                     Activation.end_date >= month_first))
+        if funder:
+            aq = aq.where(commit.funder_id == funder)
+        if programs is not None:
+            aq = aq.where(commit.program_id.in_(programs))
+        aq = aq.group_by(commit.funder_id, commit.program_id)
+        for f, p, n_live, n_ended in s.execute(aq):
+            out[(f, p, month)] = (int(n_live), int(n_ended))
+    return out
 
 
 def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: str) -> tuple[list[EventView], str]:

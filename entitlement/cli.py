@@ -37,6 +37,21 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_rebuild_report(args: argparse.Namespace) -> int:
+    """Recompute the funding report's rollup from the ledger and the activations, in the service's
+    time zone (after changing ENTITLEMENT_TIMEZONE, or rows loaded around the service)."""
+    from entitlement import rollup
+    settings = Settings.from_env()
+    db = _migrated_db(settings)
+    try:
+        with db.write() as s:
+            months, days = rollup.rebuild(s, settings.timezone)
+    finally:
+        db.dispose()
+    print(f"report rollup rebuilt in {settings.timezone}: {months} month rows, {days} day rows")
+    return 0
+
+
 def cmd_programs_check(args: argparse.Namespace) -> int:
     from entitlement.programs import ProgramCatalog, ProgramFileError
     try:
@@ -534,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="migrate ENTITLEMENT_DATABASE_URL to the latest schema").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("rebuild-report", help="recompute the funding report's rollup from the ledger and activations, "
+                  "in ENTITLEMENT_TIMEZONE (after changing it)").set_defaults(func=cmd_db_rebuild_report)
 
     demo = sub.add_parser("demo", help="local demo").add_subparsers(dest="demo_command", required=True)
     demo.add_parser("init", help="migrate, create secrets and demo callers, import demo/registry.csv").set_defaults(func=cmd_demo_init)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.orm import Session
 
-from entitlement import logtree, merkle
+from entitlement import logtree, merkle, rollup
 from entitlement.logformat import LogEvent, time_us
 from entitlement.note import Checkpoint
 from entitlement.storage.db import Database, utc
@@ -81,6 +81,7 @@ def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = Non
         problems += _idempotency(s)
         problems += _acknowledged(s, list(acknowledged))
         problems += _registry(s)
+        problems += _report_rollup(s)
     return problems
 
 
@@ -372,3 +373,9 @@ def _registry(s: Session) -> list[Problem]:
             out.append(Problem("REGISTRY_ROWS_OF_DEAD_SNAPSHOT",
                                f"registrySnapshots/{sid} is {status[sid]} but still has registry_people rows"))
     return out
+
+
+def _report_rollup(s: Session) -> list[Problem]:
+    """The funding report's rollup (entitlement/rollup.py) equals its recomputation from the ledger
+    entries and the activations."""
+    return [Problem("REPORT_ROLLUP_MISMATCH", detail) for detail in list(rollup.differences(s))[:5]]

@@ -14,6 +14,8 @@ The rules (entitlement.consumption has the months and the money):
   for a month not consumed records nothing (the month is released when its report window closes);
 - `used = true` is refused for a month during which access was never on (`NO_ACCESS_IN_MONTH`) and
   after its report window (`REPORT_WINDOW_CLOSED`: `usage_report_days` after the month ended).
+- a report that consumes a month writes one `ledger.consumed` event (actor: the platform; payload:
+  the month and the cents per funder, never the account id) in the same transaction.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from entitlement import consumption, inflight, ledger
+from entitlement import consumption, eventlog, inflight, ledger
 from entitlement.activation import _replay, _remember, _request_hash, _with_retry
 from entitlement.app import Context
 from entitlement.callers import Caller
@@ -101,8 +103,14 @@ def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str)
                         f"the use of {report.month} could be reported until {deadline.isoformat()}",
                         reason="REPORT_WINDOW_CLOSED",
                         metadata={"month": report.month, "deadline": deadline.isoformat()})
-                ledger.consume_month(s, ctx, a, month.label)
+                amounts = ledger.consume_month(s, ctx, a, month.label)
                 consumed = True
+                if any(amounts.values()):  # a change of the ledger: its own event, in this transaction
+                    eventlog.append(s, time=ctx.clock.now(), type="ledger.consumed", actor=caller.actor,
+                                    subject=f"activations/{a.id}", program_id=a.program_id,
+                                    reason=f"use of {month.label} reported",
+                                    payload={"consumed_months": [month.label],
+                                             "consumed_cents": dict(sorted(amounts.items()))})
         _remember(s, ctx, caller, report.request_id, "report_usage", digest, {"activation_id": a.id})
         return UsageOutcome(a.id, consumed)
 

@@ -14,13 +14,16 @@ from collections import defaultdict
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import grpc
 import pytest
+from alembic import command
 from sqlalchemy import select
 
 from own_server import Person, on_day, own_server, write_registry
 from support import TODAY, Api, Harness, identity
 
-from entitlement import jobs, registry
+from entitlement import jobs, registry, rollup
+from entitlement.storage.migrate import alembic_config, upgrade
 from entitlement.storage.models import Activation, Event, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
 
@@ -124,6 +127,9 @@ def nonzero(rows: dict[Key, dict[str, int]]) -> dict[Key, dict[str, int]]:
 
 
 def check(h: Harness, api: Api, seed: int) -> None:
+    # The rollup the service keeps in each write's transaction equals its recomputation from the rows.
+    with h.ctx.db.read() as s:
+        assert list(rollup.differences(s)) == [], f"seed {seed}"
     expected = nonzero(recompute(h))
     assert reported(api) == expected, f"seed {seed}"
     # A funder sees exactly its own rows, scoped in the query.
@@ -147,6 +153,7 @@ def test_report_columns_match_the_raw_rows_after_a_random_history(
         free = list(everyone)
         rng.shuffle(free)
         names: dict[str, str] = {}  # activation name -> agency id
+        accounts: dict[str, str] = {}  # activation name -> platform account (use program only)
         day = TODAY  # the server's clock is its own: it moves forward freely
         current = dict(everyone)
         imported_on = TODAY - dt.timedelta(days=1)
@@ -166,14 +173,30 @@ def test_report_columns_match_the_raw_rows_after_a_random_history(
                 act = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
                     job_seeker=identity(agency_id, dt.date.fromisoformat(everyone[agency_id][0])),
                     program=f"programs/{program}", platform="platforms/openclassrooms", reason="random history",
-                    mentor_id="M-0042" if program == OPENCFA else "")).activation
-                names[act.name] = agency_id
-            elif roll < 0.75 and live:
+                    mentor_id="M-0042" if program == OPENCFA else ""))
+                names[act.activation.name] = agency_id
+                if program == OPENCFA:  # its funders owe the months the platform reports used
+                    accounts[act.activation.name] = f"learner-{len(accounts)}"
+                    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                        token=act.activation_token, account_id=accounts[act.activation.name]))
+            elif roll < 0.65 and live:
                 name = rng.choice(live)
                 state = api.admin.GetActivation(activation_pb2.GetActivationRequest(name=name)).state
                 action = "ResumeActivation" if state == activation_pb2.SUSPENDED else rng.choice(
                     ["SuspendActivation", "SuspendActivation", "RevokeActivation"])
                 getattr(api.advisor, action)(activation_pb2.TransitionActivationRequest(name=name, reason="random"))
+            elif roll < 0.75 and accounts:
+                # The platform reports a month used: consumed when it is a month of access begun, in
+                # its report window, with access on; refused otherwise (the ledger is unchanged).
+                name = rng.choice(sorted(accounts))
+                begun = api.admin.GetActivation(activation_pb2.GetActivationRequest(name=name)).start_date
+                first = dt.date(begun.year, begun.month, begun.day)
+                month = first + dt.timedelta(days=rng.randrange(0, (h.clock.today() - first).days + 1))
+                try:
+                    api.platform.ReportUsage(activation_pb2.ReportUsageRequest(
+                        account_id=accounts[name], month=month.strftime("%Y-%m"), used=True))
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, (SEED, exc.details())
             elif roll < 0.8 and live:
                 # A later registry extract: some holders' registrations ended; revalidation curtails.
                 for name in rng.sample(live, k=min(len(live), 2)):
@@ -191,10 +214,46 @@ def test_report_columns_match_the_raw_rows_after_a_random_history(
             day += dt.timedelta(days=rng.choice([0, 1, 3, 7, 12, 20, 31]))
         jobs.run_settlement(h.ctx)
         check(h, api, SEED)
+        rollup_in_another_time_zone(h, api)
+        backfill_rebuilds_what_was_maintained(h)
         h.clock.advance(dt.timedelta(days=400))  # everything has ended by now
         jobs.run_settlement(h.ctx)
         check(h, api, SEED)
         assert any(cols.get("activations_ended") for cols in recompute(h).values()), SEED
+
+
+def stored_rollup(h: Harness) -> object:
+    with h.ctx.db.read() as s:
+        return rollup.stored(s)
+
+
+def rollup_in_another_time_zone(h: Harness, api: Api) -> None:
+    """A rollup counting civil days of another time zone (10:00 UTC, the test clock's time, is
+    already the next day in Kiritimati): kept as such by writes, and the report answers from the
+    raw rows instead, the same; rebuilt in the service's time zone, it is used again."""
+    with h.ctx.db.write() as s:
+        rollup.rebuild(s, "Pacific/Kiritimati")
+    live = [n for n in sorted(api_names(h)) if api.admin.GetActivation(activation_pb2.GetActivationRequest(
+        name=n)).state == activation_pb2.ACTIVE]
+    if live:
+        api.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(name=live[0], reason="time zone"))
+    check(h, api, SEED)  # the rollup against its recomputation in its own time zone, the report in Paris
+    with h.ctx.db.write() as s:
+        rollup.rebuild(s, h.ctx.settings.timezone)
+    check(h, api, SEED)
+
+
+def api_names(h: Harness) -> list[str]:
+    with h.ctx.db.read() as s:
+        return [f"activations/{i}" for i in s.execute(select(Activation.id)).scalars()]
+
+
+def backfill_rebuilds_what_was_maintained(h: Harness) -> None:
+    """Migration 0010's backfill, from the same rows, writes the rollup the service maintained."""
+    maintained = stored_rollup(h)
+    command.downgrade(alembic_config(h.url), "-1")
+    upgrade(h.url)
+    assert stored_rollup(h) == maintained, SEED
 
 
 def test_the_settlement_job_logs_one_event_per_activation_it_books_for(

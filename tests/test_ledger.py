@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
 from support import TODAY, Api, Harness, expect_error, identity
+from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, registry
 from entitlement.money import split_cents
@@ -392,6 +393,57 @@ def test_use_program_owes_only_the_months_reported_used(h: Harness, api: Api) ->
         assert m.reserved == each(0, OPENCFA)
         assert settle(h, name).examined == 0  # fully settled: nothing left for the job
     assert_report_matches_ledger(h, api)
+
+
+def test_a_usage_report_that_consumes_a_month_is_one_event(api: Api, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """ReportUsage consuming a month of a `use` program: one `ledger.consumed` event with the entries
+    it booked, in their transaction; none for a repeat; no personal data; the funders of the
+    program see it (and their export verifies), the others do not."""
+    agency_id, birth = next_ledger_person()
+    resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=f"programs/{OPENCFA}",
+        platform="platforms/openclassrooms", reason="usage event", mentor_id="M-0042"))
+    name, account = resp.activation.name, "learner-" + uuid.uuid4().hex[:12]
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=resp.activation_token, account_id=account))
+    month = api.h.clock.today().strftime("%Y-%m")
+
+    def consumed_events() -> list[Event]:
+        with api.h.ctx.db.read() as s:
+            return list(s.execute(select(Event).where(Event.subject == name, Event.type == "ledger.consumed")
+                                  .order_by(Event.seq)).scalars())
+
+    assert consumed_events() == []
+    report = activation_pb2.ReportUsageRequest(account_id=account, month=month, used=True)
+    api.platform.ReportUsage(report)
+    [event] = consumed_events()
+    assert (event.actor, event.program_id, event.platform_id) == (
+        "platform:openclassrooms", OPENCFA, "openclassrooms")
+    payload = json.loads(event.payload_json)
+    with api.h.ctx.db.read() as s:
+        entries = list(s.execute(select(LedgerEntry).where(
+            LedgerEntry.activation_id == name.split("/")[1], LedgerEntry.kind == "consume")).scalars())
+    assert payload == {"consumed_months": [month],
+                       "consumed_cents": {e.funder_id: e.amount_cents for e in entries}}
+    assert sorted(payload["consumed_cents"]) == ["opco-opcalia", "region-idf"] and all(
+        e.month == month for e in entries)
+    person_ref = api.h.ctx.pseudo.person_ref(api.h.ctx.pseudo.person_key(agency_id))
+    for secret in (agency_id, birth.isoformat(), account, person_ref):
+        assert secret not in event.payload_json + event.reason + event.actor
+    api.platform.ReportUsage(report)  # the same report again: no booking, no event
+    assert len(consumed_events()) == 1
+    # Funders of the program see it; the others do not.
+    for caller, sees in ((IDF, True), (MINISTRY, False)):
+        listed = api.as_(caller).ListEvents(audit_pb2.ListEventsRequest(start_sequence=event.seq, page_size=1))
+        assert (len(listed.events) == 1 and listed.events[0].sequence == event.seq) is sees
+    # The log with it verifies, offline, from the program funder's export.
+    bundle = export(capsys, api.h, IDF, tmp_path / "idf")
+    exported = [json.loads(line) for line in (bundle / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("sequence", e.get("seq")) == event.seq and e.get("type") == "ledger.consumed"
+               for e in exported), exported[-3:]
+    code, output = verify(capsys, bundle, (bundle / "verifier-key.txt").read_text().strip())
+    assert code == 0 and "OK:" in output, output
 
 
 def test_use_program_month_suspended_throughout_cannot_be_reported_used(h: Harness, api: Api) -> None:

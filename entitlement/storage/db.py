@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from entitlement import deadline
+from entitlement import deadline, rollup
 
 _WRITE = "entitlement_write"
 _BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
@@ -91,6 +91,14 @@ def _deadline_errors() -> Iterator[None]:
             err.database_wait = True
             raise err from exc
         raise
+
+
+class _Session(Session):
+    """The Database's sessions: every flush also brings the funding report's rollup up to date
+    (entitlement/rollup.py), in the same transaction."""
+
+
+event.listen(_Session, "before_flush", rollup.before_flush)
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -192,7 +200,7 @@ class Database:
         deadline.check_start()
         with _deadline_errors(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
-            with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
+            with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
                     deadline.check_caller()  # nothing is committed for a caller that gave up
@@ -203,7 +211,7 @@ class Database:
         if self._refuse_reads:
             raise DatabaseDown()
         with _deadline_errors(), self.engine.connect() as conn:
-            with Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
+            with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
                     yield session
 

@@ -224,3 +224,49 @@ class ProgramCounter(Base):
     program_id: Mapped[str] = mapped_column(String(63), primary_key=True)
     seats_used: Mapped[int] = mapped_column(BigInteger)
     cents_committed: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReportMonth(Base):
+    """The funding report's money, per funder x program x ledger month (entitlement/rollup.py):
+    what GetFundingReport would sum from `ledger_entries`, kept up to date in the transaction of
+    every ledger entry. A row exists as soon as one entry of its key does."""
+
+    __tablename__ = "report_months"
+
+    funder_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    program_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    activations_started: Mapped[int] = mapped_column(BigInteger)  # distinct activations with a commit
+    committed_cents: Mapped[int] = mapped_column(BigInteger)
+    consumed_cents: Mapped[int] = mapped_column(BigInteger)
+    released_cents: Mapped[int] = mapped_column(BigInteger)
+    person_months_consumed: Mapped[int] = mapped_column(BigInteger)  # distinct activations with a consume
+
+
+class ReportDay(Base):
+    """The funding report's activity counters, per funder x program x civil day (in the time zone
+    of `report_rollup`): each `commit` entry adds 1 where its activation's live span begins
+    (`live_from`) and 1 the day after it ends (`live_until`), and 1 on the day its access ends
+    (`ended_before`: counted once that day is past; `ended_through`: counted from that day on).
+    Live at the end of a day = sum of live_from - live_until up to it; ended in a month = sum of
+    the ended counters of its days up to today. See entitlement/rollup.py."""
+
+    __tablename__ = "report_days"
+
+    funder_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    program_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    live_from: Mapped[int] = mapped_column(BigInteger)
+    live_until: Mapped[int] = mapped_column(BigInteger)
+    ended_before: Mapped[int] = mapped_column(BigInteger)
+    ended_through: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReportRollup(Base):
+    """Single row: the time zone whose civil days `report_days` counts in (a revocation counts on
+    its civil day). GetFundingReport reads the rollup only when it is the service's time zone."""
+
+    __tablename__ = "report_rollup"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    timezone: Mapped[str] = mapped_column(String(64))

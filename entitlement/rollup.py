@@ -1,0 +1,325 @@
+"""The funding report's rollup: what GetFundingReport would otherwise compute from every ledger
+entry and every activation committed up to a month, kept in two small tables in the transaction
+of each change, so a report reads a few thousand rows at a million activations.
+
+- `report_months` (funder x program x ledger month): cents committed, consumed and released,
+  distinct activations with a `commit` (started) and with a `consume` (person-months).
+- `report_days` (funder x program x civil day): the activity counters. Each `commit` entry of an
+  activation (funder f, program p, month cm) contributes, with s = max(start date, first day of
+  cm), e = its end date (as curtailed) and, if revoked, r = the civil day of its revocation (its
+  last update, in the rollup's time zone):
+    live span [s, L], L = e (revoked: min(e, r - 1)), if not empty: live_from +1 on s and
+      live_until +1 on L + 1; live at the end of day D = sum of (live_from - live_until) up to D;
+    revoked: ended_through +1 on max(s, first day of r's month) when e reaches r's month and s is
+      not after it (counted in that month from that day on);
+    otherwise: ended_before +1 on e when s <= e (counted in e's month once e is past), or
+      ended_through +1 on s when s > e in the same month.
+  For month M and today T, with D = min(last day of M, T): live = sum up to D; ended = the
+  month's ended_before on days before min(last day of M + 1, T) plus its ended_through up to D.
+  These are exactly the definitions of entitlement.audit's raw-row computation (kept as the
+  fallback, and the reference of tests/test_funding_report.py).
+
+Maintenance is a `before_flush` hook on the Database's sessions (entitlement.storage.db): every
+new ledger entry, and every change of an activation's start date, end date, state or last update,
+updates the rollup in the same flush, so nothing written through the ORM can forget it. Rows are
+upserted in key order; on PostgreSQL the event log's head row is locked first (every write
+transaction takes it anyway), so writers never deadlock on rollup rows.
+`entitlement doctor` compares the tables with `recompute` (from the raw rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import delete, func, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from entitlement.storage.models import (Activation, LedgerEntry, LogHead, ReportDay, ReportMonth,
+                                        ReportRollup)
+
+DEFAULT_TIMEZONE = "Europe/Paris"
+SPAN = ("start_date", "end_date", "state", "updated_at")
+MONEY = ("activations_started", "committed_cents", "consumed_cents", "released_cents", "person_months_consumed")
+ACTIVITY = ("live_from", "live_until", "ended_before", "ended_through")
+CENTS = {"commit": "committed_cents", "consume": "consumed_cents", "release": "released_cents"}
+DISTINCT = {"commit": "activations_started", "consume": "person_months_consumed"}
+CHUNK = 200  # rows per multi-row upsert
+
+MonthKey = tuple[str, str, str]  # funder, program, YYYY-MM
+DayKey = tuple[str, str, dt.date]  # funder, program, day
+
+
+@dataclass(frozen=True)
+class Span:
+    """What the counts read of an activation."""
+
+    start_date: dt.date
+    end_date: dt.date
+    state: str
+    updated_at: dt.datetime
+
+    @staticmethod
+    def of(row: Any) -> Span:
+        updated = row.updated_at
+        updated = updated if updated.tzinfo else updated.replace(tzinfo=dt.timezone.utc)  # SQLite: naive UTC
+        return Span(row.start_date, row.end_date, row.state, updated.astimezone(dt.timezone.utc))
+
+
+def month_first(label: str) -> dt.date:
+    return dt.date(int(label[:4]), int(label[5:7]), 1)
+
+
+def month_last(day: dt.date) -> dt.date:
+    following = dt.date(day.year + day.month // 12, day.month % 12 + 1, 1)
+    return following - dt.timedelta(days=1)
+
+
+def activity(span: Span, commit_month: str, tz: ZoneInfo) -> list[tuple[dt.date, str]]:
+    """The (day, counter) contributions of one `commit` entry (see the module docstring)."""
+    s = max(span.start_date, month_first(commit_month))
+    e = span.end_date
+    out: list[tuple[dt.date, str]] = []
+    if span.state == "revoked":
+        r = span.updated_at.astimezone(tz).date()
+        last_live = min(e, r - dt.timedelta(days=1))
+    else:
+        r, last_live = None, e
+    if s <= last_live:
+        out += [(s, "live_from"), (last_live + dt.timedelta(days=1), "live_until")]
+    if r is not None:
+        first = r.replace(day=1)
+        if e >= first and s <= month_last(r):
+            out.append((max(s, first), "ended_through"))
+    elif s <= e:
+        out.append((e, "ended_before"))
+    elif (s.year, s.month) == (e.year, e.month):
+        out.append((s, "ended_through"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ maintenance
+
+def stored_timezone(s: Session) -> str:
+    tz = s.execute(select(ReportRollup.timezone).where(ReportRollup.id == 1)).scalar_one_or_none()
+    return tz or DEFAULT_TIMEZONE
+
+
+def _span_touched(a: Activation) -> bool:
+    """Whether this flush may move the activation's contributions: its dates or state changed, or
+    the last update of a revoked one (the others' last update counts for nothing)."""
+    attrs = inspect(a).attrs
+    if any(attrs[name].history.has_changes() for name in ("start_date", "end_date", "state")):
+        return True
+    return a.state == "revoked" and attrs["updated_at"].history.has_changes()
+
+
+def before_flush(session: Session, _flush_context: Any, _instances: Any) -> None:
+    """Bring the rollup up to date with what this flush writes (registered in storage.db)."""
+    fresh: set[str] = session.info.setdefault("rollup_fresh", set())  # activations this session inserts
+    fresh.update(o.id for o in session.new if isinstance(o, Activation))
+    entries = [o for o in session.new if isinstance(o, LedgerEntry)]
+    moved = sorted(o.id for o in session.dirty if isinstance(o, Activation) and _span_touched(o))
+    if entries or moved:
+        _apply(session, entries, moved, fresh)
+
+
+def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[str]) -> None:
+    tz = ZoneInfo(stored_timezone(s))
+    months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
+    days: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
+    # What is already in the database (flushed by this transaction included; this flush is not).
+    # An activation this session inserted has no entries but those its earlier flushes wrote,
+    # which the session remembers: no query for a new activation's commitment.
+    flushed: set[tuple[str, str, str, str]] = s.info.setdefault("rollup_flushed", set())
+    ids = sorted({e.activation_id for e in entries if e.kind in DISTINCT and e.activation_id not in fresh}
+                 | set(moved))
+    existing = s.execute(select(LedgerEntry.activation_id, LedgerEntry.funder_id, LedgerEntry.program_id,
+                                LedgerEntry.kind, LedgerEntry.month)
+                         .where(LedgerEntry.activation_id.in_(ids), LedgerEntry.kind.in_(list(DISTINCT)))).all() \
+        if ids else []
+    if moved:
+        before = {r.id: Span.of(r) for r in s.execute(
+            select(Activation.id, *(getattr(Activation, c) for c in SPAN)).where(Activation.id.in_(moved)))}
+        now = {aid: Span.of(s.get(Activation, aid)) for aid in moved}
+        for aid, funder, program, kind, month in existing:
+            if kind != "commit" or aid not in before or before[aid] == now[aid]:
+                continue
+            for day, counter in activity(before[aid], month, tz):
+                days[(funder, program, day)][counter] -= 1
+            for day, counter in activity(now[aid], month, tz):
+                days[(funder, program, day)][counter] += 1
+    seen = {(aid, funder, kind, month) for aid, funder, _p, kind, month in existing} | flushed
+    pending = {o.id: o for o in s.new if isinstance(o, Activation)}
+    for e in entries:
+        row = months[(e.funder_id, e.program_id, e.month)]  # the row exists once any entry does
+        if e.kind in CENTS:
+            row[CENTS[e.kind]] += int(e.amount_cents)
+        if e.kind in DISTINCT and (e.activation_id, e.funder_id, e.kind, e.month) not in seen:
+            seen.add((e.activation_id, e.funder_id, e.kind, e.month))
+            row[DISTINCT[e.kind]] += 1
+            if e.activation_id in fresh:
+                flushed.add((e.activation_id, e.funder_id, e.kind, e.month))
+        if e.kind == "commit":
+            a = pending.get(e.activation_id) or s.get(Activation, e.activation_id)
+            if a is None:
+                continue  # the foreign key refuses the entry at this very flush
+            for day, counter in activity(Span.of(a), e.month, tz):
+                days[(e.funder_id, e.program_id, day)][counter] += 1
+    day_rows = {k: v for k, v in days.items() if any(v.values())}
+    if not months and not day_rows:
+        return
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        # Every write transaction takes the event log's head row (entitlement.eventlog) before it
+        # commits: taking it first here (a no-op when held already) queues rollup writers on it,
+        # so rollup rows are always locked after it and two writers never deadlock on them.
+        s.execute(select(LogHead.id).where(LogHead.id == 1).with_for_update())
+    _upsert(s, dialect, ReportMonth, ("funder_id", "program_id", "month"), MONEY, months)
+    _upsert(s, dialect, ReportDay, ("funder_id", "program_id", "day"), ACTIVITY, day_rows)
+
+
+def _upsert(s: Session, dialect: str, model: Any, keys: tuple[str, ...], columns: tuple[str, ...],
+            deltas: dict[Any, dict[str, int]]) -> None:
+    table = model.__table__
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [dict(zip(keys, key)) | deltas[key] for key in sorted(deltas)]
+    for i in range(0, len(rows), CHUNK):
+        stmt = insert(table).values(rows[i:i + CHUNK])
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys),
+                                          set_={c: table.c[c] + stmt.excluded[c] for c in columns})
+        s.execute(stmt)
+
+
+# --------------------------------------------------------------------------- recompute, rebuild
+
+def _money(s: Session) -> dict[MonthKey, dict[str, int]]:
+    out: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
+    q = (select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month, LedgerEntry.kind,
+                func.sum(LedgerEntry.amount_cents), func.count(func.distinct(LedgerEntry.activation_id)))
+         .group_by(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month, LedgerEntry.kind))
+    for funder, program, month, kind, cents, distinct in s.execute(q):
+        row = out[(funder, program, month)]
+        if kind in CENTS:
+            row[CENTS[kind]] += int(cents)
+        if kind in DISTINCT:
+            row[DISTINCT[kind]] += int(distinct)
+    return dict(out)
+
+
+def _activity(s: Session, tz: ZoneInfo) -> dict[DayKey, dict[str, int]]:
+    out: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
+    q = (select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
+                *(getattr(Activation, c) for c in SPAN))
+         .join(Activation, Activation.id == LedgerEntry.activation_id).where(LedgerEntry.kind == "commit"))
+    for r in s.execute(q.execution_options(yield_per=20_000)):
+        for day, counter in activity(Span.of(r), r.month, tz):
+            out[(r.funder_id, r.program_id, day)][counter] += 1
+    return {k: v for k, v in out.items() if any(v.values())}
+
+
+def recompute(s: Session, timezone: str | None = None) -> tuple[dict[MonthKey, dict[str, int]],
+                                                                dict[DayKey, dict[str, int]]]:
+    """The rollup as it must be, from the raw rows (ledger entries and activations)."""
+    return _money(s), _activity(s, ZoneInfo(timezone or stored_timezone(s)))
+
+
+def stored(s: Session) -> tuple[dict[MonthKey, dict[str, int]], dict[DayKey, dict[str, int]]]:
+    """The rollup as stored (all-zero day rows left by moves are no counts)."""
+    months = {(r.funder_id, r.program_id, r.month): {c: int(getattr(r, c)) for c in MONEY}
+              for r in s.execute(select(ReportMonth)).scalars()}
+    days = {(r.funder_id, r.program_id, r.day): {c: int(getattr(r, c)) for c in ACTIVITY}
+            for r in s.execute(select(ReportDay)).scalars()}
+    return months, {k: v for k, v in days.items() if any(v.values())}
+
+
+def differences(s: Session) -> Iterator[str]:
+    """Keys where the stored rollup is not its recomputation, described without personal data."""
+    want_months, want_days = recompute(s)
+    have_months, have_days = stored(s)
+    for name, want, have in (("report_months", want_months, have_months), ("report_days", want_days, have_days)):
+        for key in sorted(set(want) | set(have), key=str):
+            if want.get(key) != have.get(key):
+                yield f"{name} {'/'.join(map(str, key))}: stored {have.get(key)}, raw rows say {want.get(key)}"
+
+
+def rebuild(s: Session, timezone: str) -> tuple[int, int]:
+    """Replace the rollup by its recomputation in `timezone` (bulk loads, a time zone change).
+    Returns the number of month and day rows written."""
+    ZoneInfo(timezone)  # a bad name fails before anything is deleted
+    months, days = recompute(s, timezone)
+    s.execute(delete(ReportMonth))
+    s.execute(delete(ReportDay))
+    s.execute(delete(ReportRollup))
+    s.add(ReportRollup(id=1, timezone=timezone))
+    s.flush()
+    for model, keys, rows in ((ReportMonth, ("funder_id", "program_id", "month"), months),
+                              (ReportDay, ("funder_id", "program_id", "day"), days)):
+        batch = [dict(zip(keys, k)) | v for k, v in sorted(rows.items())]
+        for i in range(0, len(batch), 5000):
+            s.execute(model.__table__.insert(), batch[i:i + 5000])
+    return len(months), len(days)
+
+
+# ------------------------------------------------------------------------------------------ read
+
+def money(s: Session, funder: str, programs: list[str] | None, start_month: str,
+          end_month: str) -> dict[MonthKey, dict[str, int]]:
+    q = select(ReportMonth)
+    if funder:
+        q = q.where(ReportMonth.funder_id == funder)
+    if programs is not None:
+        q = q.where(ReportMonth.program_id.in_(programs))
+    if start_month:
+        q = q.where(ReportMonth.month >= start_month)
+    if end_month:
+        q = q.where(ReportMonth.month <= end_month)
+    return {(r.funder_id, r.program_id, r.month): {c: int(getattr(r, c)) for c in MONEY}
+            for r in s.execute(q).scalars()}
+
+
+def activity_by_month(s: Session, funder: str, programs: list[str] | None, months: Iterable[str],
+                      today: dt.date) -> dict[MonthKey, tuple[int, int]]:
+    """(live, ended) per funder x program x month, for the given months (none after today's)."""
+    wanted = [m for m in months if month_first(m) <= today]
+    if not wanted:
+        return {}
+    upto = min(month_last(month_first(max(wanted))), today)
+    q = (select(ReportDay.funder_id, ReportDay.program_id, ReportDay.day,
+                ReportDay.live_from - ReportDay.live_until, ReportDay.ended_before, ReportDay.ended_through)
+         .where(ReportDay.day <= upto))
+    if funder:
+        q = q.where(ReportDay.funder_id == funder)
+    if programs is not None:
+        q = q.where(ReportDay.program_id.in_(programs))
+    groups: dict[tuple[str, str], list[tuple[dt.date, int, int, int]]] = defaultdict(list)
+    for f, p, day, live, before, through in s.execute(q):
+        groups[(f, p)].append((day, int(live), int(before), int(through)))
+    out: dict[MonthKey, tuple[int, int]] = {}
+    for (f, p), rows in groups.items():
+        rows.sort()
+        dates = [r[0] for r in rows]
+        prefix = [(0, 0, 0)]
+        for _d, live, before, through in rows:
+            last = prefix[-1]
+            prefix.append((last[0] + live, last[1] + before, last[2] + through))
+
+        def upto_day(day: dt.date, column: int) -> int:
+            return prefix[bisect_right(dates, day)][column]
+
+        for m in wanted:
+            first = month_first(m)
+            last_day = month_last(first)
+            day = min(last_day, today)
+            before_first = first - dt.timedelta(days=1)
+            live = upto_day(day, 0)
+            ended = (upto_day(min(last_day, today - dt.timedelta(days=1)), 1) - upto_day(before_first, 1)
+                     + upto_day(day, 2) - upto_day(before_first, 2))
+            out[(f, p, m)] = (live, ended)
+    return out
