@@ -16,7 +16,7 @@ SO_REUSEPORT on when the settings say several processes); the sync echo does the
 
 With spec.count_queries the sync server counts, on its engine (SQLAlchemy events, nothing changed in
 entitlement/), the SQL statements sent, the transactions ended (commit, rollback) and the pool
-checkouts (each a pre-ping round trip on PostgreSQL); the message "counts" answers them.
+checkouts of the transactional pool (no round trip: there is no pre-ping); the message "counts" answers them.
 
 Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
 file of the spec, never to the terminal.
