@@ -106,8 +106,12 @@ def activity(span: Span, commit_month: str, tz: ZoneInfo) -> list[tuple[dt.date,
 
 # ------------------------------------------------------------------------------------ maintenance
 
+_TIMEZONE = select(ReportRollup.timezone).where(ReportRollup.id == 1)
+_LOCK_LOG_HEAD = select(LogHead.id).where(LogHead.id == 1).with_for_update()
+
+
 def stored_timezone(s: Session) -> str:
-    tz = s.execute(select(ReportRollup.timezone).where(ReportRollup.id == 1)).scalar_one_or_none()
+    tz = s.connection().execute(_TIMEZONE).scalar_one_or_none()
     return tz or DEFAULT_TIMEZONE
 
 
@@ -180,21 +184,32 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[
         # Every write transaction takes the event log's head row (entitlement.eventlog) before it
         # commits: taking it first here (a no-op when held already) queues rollup writers on it,
         # so rollup rows are always locked after it and two writers never deadlock on them.
-        s.execute(select(LogHead.id).where(LogHead.id == 1).with_for_update())
+        s.connection().execute(_LOCK_LOG_HEAD)
     _upsert(s, dialect, ReportMonth, ("funder_id", "program_id", "month"), MONEY, months)
     _upsert(s, dialect, ReportDay, ("funder_id", "program_id", "day"), ACTIVITY, day_rows)
 
 
-def _upsert(s: Session, dialect: str, model: Any, keys: tuple[str, ...], columns: tuple[str, ...],
-            deltas: dict[Any, dict[str, int]]) -> None:
+def _upsert_statement(dialect: str, model: Any, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
     table = model.__table__
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(index_elements=list(keys),
+                                      set_={c: table.c[c] + stmt.excluded[c] for c in columns})
+
+
+# Built once per backend and table: every write transaction runs them (executemany of its rows).
+_UPSERTS: dict[tuple[str, Any], Any] = {}
+
+
+def _upsert(s: Session, dialect: str, model: Any, keys: tuple[str, ...], columns: tuple[str, ...],
+            deltas: dict[Any, dict[str, int]]) -> None:
+    """Add `deltas` to the rows of their keys (created at zero), in key order."""
+    stmt = _UPSERTS.get((dialect, model))
+    if stmt is None:
+        stmt = _UPSERTS[(dialect, model)] = _upsert_statement(dialect, model, keys, columns)
     rows = [dict(zip(keys, key)) | deltas[key] for key in sorted(deltas)]
     for i in range(0, len(rows), CHUNK):
-        stmt = insert(table).values(rows[i:i + CHUNK])
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys),
-                                          set_={c: table.c[c] + stmt.excluded[c] for c in columns})
-        s.execute(stmt)
+        s.connection().execute(stmt, rows[i:i + CHUNK])
 
 
 # --------------------------------------------------------------------------- recompute, rebuild
