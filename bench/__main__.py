@@ -33,8 +33,8 @@ from bench import report
 from bench.config import (ADVISOR_ID, AIO, CHECK, ECHO, ECHO_MODELS, METHOD_PATHS, MODELS, PLATFORM_CALLER_ID,
                           PROGRAM, SYNC, VERIFY, BenchConfig, LoadSpec, RunResult, SeedSpec, ServerSpec)
 from bench.common import say
-from bench.prepare import Common, database, migrate_and_import, pg_problem, prepare_common
-from bench.procs import Client, Server, commit, machine, pg_version, servers
+from bench.prepare import Common, database, migrate_and_import, prepare_common
+from bench.procs import Client, Server, commit, machine, servers, usable_backends
 from bench.sections import replace_section
 
 SECTION = "server-models"  # our section of BENCHMARKS.md
@@ -188,16 +188,7 @@ def main() -> int:
     try:
         say(f"bench: {cfg.seconds:g} s measured per model and case in {cfg.rounds} alternating round(s), each after "
             f"{cfg.warmup:g} s warm-up; concurrency {cfg.concurrency}; {cfg.workers} workers; temp dir {tmp}")
-        backends, skipped, pg_ver = [], "", ""
-        for b in cfg.backends:
-            problem = pg_problem(cfg.pg_admin_url) if b == "postgres" else None
-            if problem:
-                skipped = f"postgres skipped: not reachable at {cfg.pg_admin_url} ({problem})"
-                say(f"bench: {skipped}")
-                continue
-            if b == "postgres":
-                pg_ver = pg_version(cfg.pg_admin_url)
-            backends.append(b)
+        backends, skipped, pg_ver = usable_backends(cfg.backends, cfg.pg_admin_url, "bench")
         common = prepare_common(tmp, cfg.people)
         say(f"bench: synthetic registry of {cfg.people:,} people")
         client = Client()

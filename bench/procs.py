@@ -167,3 +167,20 @@ def pg_version(url: str) -> str:
     with psycopg.connect(url, connect_timeout=3) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]).split()[0] if row else "?"
+
+
+def usable_backends(wanted: list[str], pg_admin_url: str, label: str) -> tuple[list[str], str, str]:
+    """(the backends of `wanted` that can run, why PostgreSQL was skipped or "", its version or "")."""
+    from bench.common import say
+    from bench.prepare import pg_problem
+    backends, skipped, version = [], "", ""
+    for b in wanted:
+        problem = pg_problem(pg_admin_url) if b == "postgres" else None
+        if problem:
+            skipped = f"postgres skipped: not reachable at {pg_admin_url} ({problem})"
+            say(f"{label}: {skipped}")
+            continue
+        if b == "postgres":
+            version = pg_version(pg_admin_url)
+        backends.append(b)
+    return backends, skipped, version

@@ -50,8 +50,8 @@ from bench.common import say
 from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, FUNDER_ID, LIST,
                           PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, FillSpec,
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
-from bench.prepare import Common, database, migrate_and_import, pg_problem, prepare_common
-from bench.procs import Client, Server, commit, free_port, loadavg, machine, pg_version, server_group
+from bench.prepare import Common, database, migrate_and_import, prepare_common
+from bench.procs import Client, Server, commit, free_port, loadavg, machine, server_group, usable_backends
 from bench.report import percentile
 from bench.sections import replace_section
 from entitlement.config import ROOT, Settings
@@ -566,16 +566,7 @@ def main() -> int:
     try:
         say(f"bench.rpcs: {cfg.seconds:g} s measured per case after {cfg.warmup:g} s warm-up; concurrency "
             f"{cfg.concurrency}; {cfg.channels} channels; {cfg.workers} workers; temp dir {tmp}")
-        backends, skipped, pg_ver = [], "", ""
-        for b in cfg.backends:
-            problem = pg_problem(cfg.pg_admin_url) if b == "postgres" else None
-            if problem:
-                skipped = f"postgres skipped: not reachable at {cfg.pg_admin_url} ({problem})"
-                say(f"bench.rpcs: {skipped}")
-                continue
-            if b == "postgres":
-                pg_ver = pg_version(cfg.pg_admin_url)
-            backends.append(b)
+        backends, skipped, pg_ver = usable_backends(cfg.backends, cfg.pg_admin_url, "bench.rpcs")
         common = prepare_common(tmp, cfg.people)
         seed_people = common.candidates[: cfg.seed_accounts * 2]
         pool_people = common.candidates[cfg.seed_accounts * 2:]
