@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
-import json
 import os
 import platform
 import random
@@ -36,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

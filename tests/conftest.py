@@ -24,12 +24,8 @@ from entitlement import app, doctor, logs, registry
 from entitlement.callers import write_callers
 from entitlement.clock import FixedClock
 from entitlement.config import ROOT, Settings
-from entitlement.programs import ProgramCatalog
-from entitlement.pseudonym import Pseudonymizer
 from entitlement.server_main import start
-from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
-from entitlement.tokens import KeyStore
 
 PG_ADMIN_URL = os.environ.get("ENTITLEMENT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"

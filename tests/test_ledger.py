@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import TODAY, Api, Harness, expect_error, identity
+from support import Api, Harness, expect_error, identity
 from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, registry

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import grpc
 import pytest
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import Api, Harness, expect_error, failure, identity, next_person
+from support import Api, Harness, failure, identity, next_person
 
 from entitlement import changes, jobs, registry
 from entitlement.v1 import activation_pb2
