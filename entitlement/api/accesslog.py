@@ -1,4 +1,4 @@
-"""Access log and error mapping: the outermost interceptor.
+"""Access log and error mapping: the outermost behaviour (entitlement/api/wrapping.py).
 
 Every call gets a request id (the caller's `x-request-id` metadata when well-formed, else a new
 one), one JSON log line (method, caller, status code, latency), and its exceptions mapped:

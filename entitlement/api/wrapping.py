@@ -8,9 +8,9 @@ builds a new method handler each time, which on the hot path cost more than a re
 
 It also decodes requests itself: bytes that are no valid message of the request type (corrupt or
 truncated wire format, invalid UTF-8 in a string) would make gRPC answer a bare INTERNAL
-("Exception deserializing request!") before any interceptor runs. Here they become a marker that
-the innermost interceptor turns into INVALID_ARGUMENT, inside every interceptor's scope: the call
-is logged, authenticated and authorized like any other before its body is refused.
+("Exception deserializing request!") before any of our code runs. Here they become a marker that
+the innermost wrapper turns into INVALID_ARGUMENT, inside every behaviour's scope: the call is
+logged, authenticated and authorized like any other before its body is refused.
 
 Every call also runs with its deadline bound for the storage layer (entitlement/deadline.py; bound
 outermost, so that the caller's own lookup keeps to it too), and a client stream that ends because
