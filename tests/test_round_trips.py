@@ -1,7 +1,8 @@
 """Database round trips per RPC (issue "Step 7": one per read RPC is the goal).
 
 The statements each call sends are counted on the real server's own engines (the transactional
-pool and the autocommit pool of hot reads), through SQLAlchemy's cursor events: a check of a
+pool and the autocommit pool of hot reads), through SQLAlchemy's cursor events, from the server's
+RPC worker threads only: a check of a
 program without caps and a token verification each cost exactly one statement and no transaction
 (no BEGIN / COMMIT round trips), on both backends. The write path's count is printed, not
 asserted, for BENCHMARKS.md's reading.
@@ -27,6 +28,11 @@ class Trips:
     transactions: int = 0
 
 
+def _serving_a_call() -> bool:
+    """Only what the server's RPC workers send counts (not the health monitor's pings)."""
+    return threading.current_thread().name.startswith("rpc")
+
+
 @contextmanager
 def counting(api: Api) -> Iterator[Trips]:
     db = api.h.ctx.db
@@ -35,12 +41,16 @@ def counting(api: Api) -> Iterator[Trips]:
     listeners = []
     for name, engine in (("transactional", db.engine), ("autocommit", db.reader)):
         def on_execute(_conn: object, _cursor: object, statement: str, *_a: object, _name: str = name) -> None:
+            if not _serving_a_call():
+                return
             with lock:
                 trips.statements[_name].append(" ".join(statement.split())[:60])
         event.listen(engine, "before_cursor_execute", on_execute)
         listeners.append((engine, "before_cursor_execute", on_execute))
 
     def on_begin(_conn: object) -> None:
+        if not _serving_a_call():
+            return
         with lock:
             trips.transactions += 1
     event.listen(db.engine, "begin", on_begin)
