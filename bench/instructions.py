@@ -36,7 +36,11 @@ from pathlib import Path
 import grpc
 from google.type import date_pb2
 
+from bench.common import say
+from bench.config import ECHO_SERVICE
+from bench.procs import commit, free_port
 from bench.sections import replace_section
+from bench.servers import OPTIONS, _echo
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
 from entitlement.clock import SystemClock
@@ -49,18 +53,8 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, common_pb2, eli
                             eligibility_pb2_grpc)
 
 PROGRAM = "programs/premium-job-seekers"
-ECHO_METHOD = "/bench.Echo/Echo"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 PEOPLE = 2000
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 300) -> None:
@@ -77,12 +71,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 300) ->
 
 
 def echo_server(port: int) -> None:
-    """The floor: grpc.server built as entitlement.server_main.start builds ours, no behaviour."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-                         maximum_concurrent_rpcs=128)
+    """The floor: the bench's sync echo server (bench/servers.py: built as entitlement.server_main
+    builds ours, no behaviour), served until killed."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+                         options=OPTIONS, maximum_concurrent_rpcs=16 * 8)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, _context: request)}),))
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
@@ -248,11 +242,10 @@ TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitleme
 
 def write_section(rows: list[tuple[str, int, int, float]], seconds: float) -> None:
     echo = rows[0][2] / rows[0][1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [
         "## Instructions per call, counted by valgrind (`python -m bench.instructions`)",
         "",
-        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}, Python "
+        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {commit()}, Python "
         f"{platform.python_version()}, grpcio {grpc.__version__}; {seconds:.0f} s in all.",
         "- `valgrind --tool=callgrind` counts every instruction the server process executes (all threads), "
         "switched on only around sequential calls of one RPC after warm-up calls: the same figure for the "
