@@ -395,8 +395,8 @@ _VERIFY = (
 
 
 def verify(ctx: Context, caller: Caller, account_id: str) -> EntitlementStatus:
-    with ctx.db.snapshot() as conn:  # one statement: no transaction needed
-        row = conn.execute(_VERIFY, {"platform": caller.platform_id, "account": account_id,
-                                     "today": ctx.clock.today()}).first()
+    # One statement, no transaction, straight on the DBAPI (entitlement/storage/hotread.py).
+    row = ctx.db.hot.first(_VERIFY, {"platform": caller.platform_id, "account": account_id,
+                                     "today": ctx.clock.today()})
     return _status(ctx, row, account_id)  # a Row has the attributes _status reads
 

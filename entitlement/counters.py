@@ -15,21 +15,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from entitlement.programs import Program
+from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import ProgramCounter
 
 
 CAP_CRITERIA = frozenset({"seats_available", "budget_available"})
 _USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCounter.cents_committed).where(
     ProgramCounter.program_id.in_(bindparam("ids", expanding=True)))
+_ALL_USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCounter.cents_committed)
 
 
-def usage(conn: Connection, programs: list[Program]) -> dict[str, tuple[int, int]]:
+def usage(conn: Connection | HotReads, programs: list[Program]) -> dict[str, tuple[int, int]]:
     """(seats used, cents committed) per program, as last committed, in one query, read only for
     programs with a cap criterion (the others get (0, 0): their rules never look at it, and
     checks, the hot path, skip a round trip)."""
     capped = [p.id for p in programs if CAP_CRITERIA & set(p.criteria)]
     found: dict[str, tuple[int, int]] = {}
-    if capped:
+    if capped and isinstance(conn, HotReads):  # one row per program: all of them, no IN list to expand
+        found = {r[0]: (int(r[1]), int(r[2])) for r in conn.all(_ALL_USAGE) if r[0] in capped}
+    elif capped:
         rows = conn.execute(_USAGE, {"ids": capped}).all()
         found = {r[0]: (int(r[1]), int(r[2])) for r in rows}
     return {p.id: found.get(p.id, (0, 0)) for p in programs}

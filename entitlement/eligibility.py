@@ -43,11 +43,11 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     programs = [resolve_program(ctx, program_id)] if program_id else ctx.catalog.all()
     key = ctx.pseudo.person_key(who.agency_id)
     live = person_facts.ask_live(ctx, who.agency_id, who.birth_date)
-    # Two independent statements, no transaction: the counters are as last committed either way (an
-    # activation takes its seat under the cap's own conditional update, not from this read).
-    with ctx.db.snapshot() as conn:
-        facts, snapshot, source = person_facts.lookup(conn, key, who.birth_date, live)
-        usage = counters.usage(conn, programs)
+    # Two independent statements (the second only for capped programs), no transaction: the
+    # counters are as last committed either way (an activation takes its seat under the cap's own
+    # conditional update, not from this read). Hot reads: straight on the DBAPI (storage/hotread.py).
+    facts, snapshot, source = person_facts.lookup(ctx.db.hot, key, who.birth_date, live)
+    usage = counters.usage(ctx.db.hot, programs)
     extracted = person_facts.data_date(snapshot, source, today)
     decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
         registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],

@@ -1,8 +1,8 @@
 """Database round trips per RPC (issue "Step 7": one per read RPC is the goal).
 
-The statements each call sends are counted on the real server's own engines (the transactional
-pool and the autocommit pool of hot reads), through SQLAlchemy's cursor events, from the server's
-RPC worker threads only: a check of a
+The statements each call sends are counted on the real server's own Database (the transactional
+engine through SQLAlchemy's cursor events, the hot reads' DBAPI connections through their
+listeners), from the server's RPC worker threads only: a check of a
 program without caps and a token verification each cost exactly one statement and no transaction
 (no BEGIN / COMMIT round trips), on both backends. The write path's count is printed, not
 asserted, for BENCHMARKS.md's reading.
@@ -39,14 +39,18 @@ def counting(api: Api) -> Iterator[Trips]:
     trips = Trips()
     lock = threading.Lock()
     listeners = []
-    for name, engine in (("transactional", db.engine), ("autocommit", db.reader)):
-        def on_execute(_conn: object, _cursor: object, statement: str, *_a: object, _name: str = name) -> None:
-            if not _serving_a_call():
-                return
+    def on_execute(_conn: object, _cursor: object, statement: str, *_a: object) -> None:
+        if _serving_a_call():
             with lock:
-                trips.statements[_name].append(" ".join(statement.split())[:60])
-        event.listen(engine, "before_cursor_execute", on_execute)
-        listeners.append((engine, "before_cursor_execute", on_execute))
+                trips.statements["transactional"].append(" ".join(statement.split())[:60])
+    event.listen(db.engine, "before_cursor_execute", on_execute)
+    listeners.append((db.engine, "before_cursor_execute", on_execute))
+
+    def on_hot_read(statement: str) -> None:  # the hot reads go straight to the DBAPI
+        if _serving_a_call():
+            with lock:
+                trips.statements["autocommit"].append(" ".join(statement.split())[:60])
+    db.hot.listeners.append(on_hot_read)
 
     def on_begin(_conn: object) -> None:
         if not _serving_a_call():
@@ -58,6 +62,7 @@ def counting(api: Api) -> Iterator[Trips]:
     try:
         yield trips
     finally:
+        db.hot.listeners.remove(on_hot_read)
         for engine, name, fn in listeners:
             event.remove(engine, name, fn)
 

@@ -40,12 +40,13 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from entitlement import deadline, rollup
+from entitlement.storage.hotread import HotReads
 
 _WRITE = "entitlement_write"
 _BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
@@ -121,6 +122,9 @@ class DatabaseDown(OperationalError):
         super().__init__(None, None, ConnectionError("the health monitor finds the database down"))
 
 
+_PING = {True: text("SELECT count(*) FROM sqlite_master"), False: text("SELECT 1")}
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
                  statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
@@ -153,9 +157,9 @@ class Database:
         self.engine: Engine = create_engine(self.url, **kwargs)
         # Hot-path reads of one or two independent statements (checks, token verification) need
         # no transaction of their own: in autocommit each statement reads one consistent snapshot,
-        # and a read costs one round trip instead of BEGIN + SELECT + COMMIT. A pool of its own, so
-        # that no connection ever switches between the two modes (switching back costs a round
-        # trip on PostgreSQL). Same bounds as the other pool, no pre-ping either (`ping` below).
+        # and a read costs one round trip instead of BEGIN + SELECT + COMMIT. This engine makes
+        # their connections (same bounds, autocommit, so that no connection ever switches between
+        # the two modes); `self.hot` keeps one per thread (entitlement/storage/hotread.py).
         reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT"}
         self.reader: Engine = create_engine(self.url, **reader_kwargs)
         if self.dialect == "sqlite":
@@ -164,6 +168,9 @@ class Database:
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
+        # The hot reads (checks, token verification): one statement on a thread's own autocommit
+        # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
+        self.hot = HotReads(self.reader, lambda: self._refuse_reads, DatabaseDown)
 
     @property
     def is_sqlite(self) -> bool:
@@ -179,17 +186,24 @@ class Database:
         connection found dead is replaced and tried once more: after a database restart that no call
         noticed, the pool's old connections are dead but the database is up."""
         sql = "SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1"
-        for engine in (self.engine, self.reader):  # the hot reads' pool recycles its dead connections too
-            for attempt in (1, 2):
-                try:
-                    with engine.connect() as conn:
-                        if write and engine is self.engine:
-                            conn.execution_options(**{_WRITE: True})
-                        conn.exec_driver_sql(sql).scalar_one()
-                    break
-                except DBAPIError as exc:
-                    if attempt == 2 or not exc.connection_invalidated:
-                        raise
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as conn:
+                    if write:
+                        conn.execution_options(**{_WRITE: True})
+                    conn.exec_driver_sql(sql).scalar_one()
+                break
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        # The hot reads' connections: a dead one found here makes every thread reconnect.
+        for attempt in (1, 2):
+            try:
+                self.hot.ping(_PING[self.is_sqlite])
+                break
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -215,17 +229,8 @@ class Database:
                 with session.begin():
                     yield session
 
-    @contextmanager
-    def snapshot(self) -> Iterator[Connection]:
-        """A connection for reads that each stand alone (autocommit: no BEGIN, no COMMIT; every
-        statement sees the database as of its own start). Only for reads whose statements need
-        not agree with each other; anything else uses `read()`."""
-        if self._refuse_reads:
-            raise DatabaseDown()
-        with _deadline_errors(), self.reader.connect() as conn:
-            yield conn
-
     def dispose(self) -> None:
+        self.hot.invalidate()
         self.engine.dispose()
         self.reader.dispose()
 

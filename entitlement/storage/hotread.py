@@ -1,0 +1,173 @@
+"""Hot reads: single SELECT statements run straight on the DBAPI, for the two reads platforms and
+advisors make at every signup and login (CheckEligibility's registry lookup, VerifyEntitlement).
+
+Why not a SQLAlchemy Connection: for a one-row read, checking a connection out of the pool,
+building the Connection, the execution context and the Result, and checking it back in cost about
+four times what the DBAPI call itself does (profiled: 63 us against 15 us per lookup on SQLite,
+README "Hot path"). Here each statement is compiled ONCE per dialect by SQLAlchemy (the SQL text,
+the order of its parameters, the types' bind and result processors), and each worker thread keeps
+its own autocommit DBAPI connection, made by the reader engine (so with its connect parameters and
+PRAGMAs), then detached from its pool. Every statement reads one consistent snapshot, as on the
+autocommit pool it replaces; nothing here may write.
+
+What stays the same as through SQLAlchemy:
+- errors: a DBAPI exception is re-raised as SQLAlchemy's own wrapper (`DBAPIError.instance`:
+  OperationalError, IntegrityError, ...; parameters hidden), so the access log maps outages to
+  UNAVAILABLE exactly as before, and a wait ended by the call's deadline is DEADLINE_EXCEEDED;
+- dead connections: a disconnect error drops the connection, and bumps a generation number that
+  makes every thread reconnect before its next read, as SQLAlchemy invalidates a whole pool on a
+  disconnect (the health monitor's ping reads through here too, so an outage nobody called through
+  is noticed);
+- fail fast: while the health monitor finds the database down, reads are refused without trying.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import namedtuple
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.sql import Select, TextClause
+
+from entitlement import deadline
+
+
+class Prepared:
+    """A statement compiled once for one dialect: SQL text, parameter order, type processors."""
+
+    __slots__ = ("sql", "positional", "binds", "static", "results", "row")
+
+    def __init__(self, stmt: Select[Any] | TextClause, engine: Engine) -> None:
+        dialect = engine.dialect
+        # Expanding parameters (IN lists of constants) are rendered into the text now, with the
+        # per-call parameters left as placeholders: an IN over per-call values cannot be prepared
+        # once (refused here, when the statement is first prepared).
+        compiled = stmt.compile(dialect=dialect)
+        per_call = {n: None for n, b in compiled.binds.items() if b.required}
+        expanding = sorted(n for n, b in compiled.binds.items() if b.required and b.expanding)
+        if expanding:
+            raise ValueError(f"a hot read cannot take an IN list of per-call values ({', '.join(expanding)})")
+        state = compiled.construct_expanded_state(per_call)
+        self.sql: str = state.statement
+        self.positional: bool = bool(compiled.positional)
+        names = list(state.positiontup or ()) if self.positional else list(state.parameters)
+        processors = {n: b.type.dialect_impl(dialect).bind_processor(dialect) for n, b in compiled.binds.items()}
+        processors.update(state.processors)  # the expanded names (state_1_1, ...)
+        self.binds: tuple[tuple[str, Callable[[Any], Any] | None], ...] = tuple(
+            (name, processors.get(name)) for name in names)
+        self.static: dict[str, Any] = {k: v for k, v in state.parameters.items() if k not in per_call}
+        columns = list(stmt.selected_columns) if isinstance(stmt, Select) else []
+        self.results: tuple[Callable[[Any], Any] | None, ...] = tuple(
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+        self.row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None  # type: ignore[misc]
+
+    def parameters(self, params: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        values = {**self.static, **params} if self.static else params
+        if self.positional:
+            return tuple(proc(values[n]) if proc else values[n] for n, proc in self.binds)
+        return {n: proc(values[n]) if proc else values[n] for n, proc in self.binds}
+
+    def convert(self, raw: tuple[Any, ...]) -> Any:
+        if self.row is None:
+            return raw
+        return self.row._make([proc(v) if proc else v for proc, v in zip(self.results, raw)])
+
+
+class HotReads:
+    """Single statements on each thread's own autocommit DBAPI connection (see the module docstring)."""
+
+    def __init__(self, reader: Engine, refuse: Callable[[], bool], down: Callable[[], BaseException]) -> None:
+        self._reader = reader
+        self._dialect = reader.dialect
+        self._dbapi_error: type[Exception] = reader.dialect.loaded_dbapi.Error
+        self._refuse, self._down = refuse, down
+        self._prepared: dict[object, Prepared] = {}
+        self._local = threading.local()
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._open: list[Any] = []  # every connection made here (its pool fairy), for dispose()
+        # Called with the SQL of every statement sent (tests and benchmarks count round trips; the
+        # engine's cursor events do not see these statements).
+        self.listeners: list[Callable[[str], None]] = []
+
+    def prepare(self, stmt: Select[Any] | TextClause) -> Prepared:
+        p = self._prepared.get(stmt)
+        if p is None:
+            p = self._prepared[stmt] = Prepared(stmt, self._reader)
+        return p
+
+    def first(self, stmt: Select[Any] | TextClause, params: dict[str, Any] | None = None) -> Any:
+        """The first row (a named tuple, types converted as SQLAlchemy would), or None."""
+        rows = self._run(self.prepare(stmt), params or {}, one=True)
+        return rows[0] if rows else None
+
+    def all(self, stmt: Select[Any] | TextClause, params: dict[str, Any] | None = None) -> list[Any]:
+        return self._run(self.prepare(stmt), params or {}, one=False)
+
+    def ping(self, stmt: TextClause) -> None:
+        """One round trip on this thread's connection, even while reads are refused (the health
+        monitor's probe)."""
+        self._run(self.prepare(stmt), {}, one=True, probe=True)
+
+    def invalidate(self) -> None:
+        """Every thread reconnects before its next read (after a disconnect, or a dispose)."""
+        with self._lock:
+            self._generation += 1
+            fairies, self._open = self._open, []
+        for fairy in fairies:
+            try:
+                fairy.close()  # detached: really closes it (another thread may still hold it: harmless)
+            except Exception:  # noqa: BLE001 - a dead connection may fail to close
+                pass
+
+    def _connection(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.generation == self._generation:
+            return conn
+        generation = self._generation
+        fairy = self._reader.raw_connection()  # the reader engine's connect parameters and events
+        conn = fairy.dbapi_connection
+        fairy.detach()
+        with self._lock:
+            self._open.append(fairy)
+        local.conn, local.generation = conn, generation
+        return local.conn
+
+    def _run(self, p: Prepared, params: dict[str, Any], one: bool, probe: bool = False) -> list[Any]:
+        if not probe and self._refuse():
+            raise self._down()
+        args = p.parameters(params)
+        if self.listeners:
+            for listener in self.listeners:
+                listener(p.sql)
+        conn = cursor = None
+        try:
+            conn = self._connection()
+            cursor = conn.cursor()
+            cursor.execute(p.sql, args)
+            raw = cursor.fetchmany(1) if one else cursor.fetchall()
+            cursor.close()
+        except self._dbapi_error as exc:
+            raise self._translate(exc, p, conn, cursor) from exc
+        return [p.convert(r) for r in raw]
+
+    def _translate(self, exc: Exception, p: Prepared, conn: Any, cursor: Any) -> BaseException:
+        disconnect = False
+        try:
+            disconnect = bool(self._dialect.is_disconnect(exc, conn, cursor))
+        except Exception:  # noqa: BLE001 - deciding must not hide the original error
+            pass
+        if disconnect:
+            self._local.conn = None
+            self.invalidate()
+        err = DBAPIError.instance(p.sql, None, exc, self._dbapi_error, hide_parameters=True,
+                                  connection_invalidated=disconnect, dialect=self._dialect)
+        if isinstance(err, OperationalError) and deadline.expired():
+            timeout = deadline.exceeded()
+            timeout.database_wait = True  # type: ignore[attr-defined]
+            return timeout
+        return err

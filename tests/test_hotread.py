@@ -1,0 +1,189 @@
+"""The hot reads (entitlement/storage/hotread.py): single statements straight on the DBAPI, on each
+thread's own autocommit connection. They must answer exactly what SQLAlchemy's execution of the
+same statement answers, and keep its failure behaviour: errors wrapped as SQLAlchemy's, dead
+connections replaced (in every thread), reads refused while the health monitor finds the
+database down."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.exc import DBAPIError
+from support import Api, identity, next_person
+
+from entitlement.activation import _VERIFY
+from entitlement.counters import _ALL_USAGE
+from entitlement.registry import _LOOKUP
+from entitlement.storage.db import Database, DatabaseDown
+from entitlement.storage.migrate import upgrade
+from entitlement.storage.models import Activation
+from entitlement.v1 import activation_pb2, eligibility_pb2
+
+
+@pytest.fixture
+def db(fresh_url: str) -> Iterator[Database]:
+    upgrade(fresh_url)
+    database = Database(fresh_url, pool_size=4)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """fn's result (or exception) in a new thread: a thread of its own, so a connection of its own."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_rows_are_the_ones_sqlalchemy_reads(api: Api) -> None:
+    """Registry lookups (dates: strings in SQLite, converted), verifications (an IN list of
+    constants rendered once) and counters, hot and through SQLAlchemy, on the server's database."""
+    db = api.h.ctx.db
+    made = api.activate()
+    account = f"acct-{uuid.uuid4().hex[:12]}"
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=made.activation_token, account_id=account))
+    keys = [api.h.ctx.pseudo.person_key(next_person()[0]) for _ in range(5)] + [b"\x00" * 32]
+    today = api.h.ctx.clock.today()
+    cases = [(_LOOKUP, {"person_key": k}) for k in keys]
+    cases += [(_VERIFY, {"platform": "openclassrooms", "account": a, "today": d})
+              for a in (account, "acct-nobody") for d in (today, today + dt.timedelta(days=4000))]
+    cases.append((_ALL_USAGE, {}))
+    found_dates = 0
+    with db.engine.connect() as conn:
+        for stmt, params in cases:
+            expected = conn.execute(stmt, params).all()
+            hot = db.hot.all(stmt, params)
+            assert [tuple(r) for r in hot] == [tuple(r) for r in expected], stmt
+            assert all(r._fields == tuple(expected[0]._fields) for r in hot) if expected else hot == []
+            first = db.hot.first(stmt, params)
+            assert (first is None) if not expected else tuple(first) == tuple(expected[0])
+            found_dates += sum(isinstance(v, dt.date) for r in hot for v in r)
+    assert found_dates > 0  # the conversions were exercised, not only strings and ints
+
+
+def test_the_statement_text_is_sent_once_per_read(api: Api) -> None:
+    db = api.h.ctx.db
+    seen: list[str] = []
+    db.hot.listeners.append(seen.append)
+    try:
+        db.hot.first(_LOOKUP, {"person_key": b"\x01" * 32})
+    finally:
+        db.hot.listeners.remove(seen.append)
+    assert len(seen) == 1 and "registry_people" in seen[0]
+
+
+def test_an_in_list_of_per_call_values_is_refused_when_prepared(db: Database) -> None:
+    stmt = select(Activation.id).where(Activation.state.in_(bindparam("states", expanding=True)))
+    with pytest.raises(ValueError, match="states"):
+        db.hot.prepare(stmt)
+
+
+def test_database_errors_are_sqlalchemys_and_hide_parameters(db: Database) -> None:
+    secret = "1234567A-secret"
+    with pytest.raises(DBAPIError) as info:
+        db.hot.first(text("SELECT no_such_column FROM activations WHERE platform_id = :p"), {"p": secret})
+    assert secret not in str(info.value)
+    assert not info.value.connection_invalidated
+    assert db.hot.first(text("SELECT 1")) is not None  # the connection is still good
+
+
+def test_reads_are_refused_while_the_database_is_found_down(db: Database) -> None:
+    db.fail_fast(writes=True, reads=True)
+    with pytest.raises(DatabaseDown):
+        db.hot.first(text("SELECT 1"))
+    db.ping()  # the health monitor's probe still goes through
+    db.fail_fast(writes=False, reads=False)
+    assert tuple(db.hot.first(text("SELECT 1"))) == (1,)
+
+
+def _kill(db: Database, conn: Any, admin_url: str | None) -> None:
+    """End `conn` from outside, as a database restart or a network cut would."""
+    if db.is_sqlite:
+        conn.close()
+        return
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+
+
+def test_a_dead_connection_is_replaced_in_every_thread(db: Database, backend: tuple[str, str],
+                                                       request: pytest.FixtureRequest) -> None:
+    admin = None if db.is_sqlite else request.getfixturevalue("pg_server")
+    one = text("SELECT 1")
+    gate, done = threading.Event(), threading.Event()
+    other: dict[str, Any] = {}
+
+    def other_thread() -> None:  # holds its own connection, reads again after the disconnect
+        db.hot.first(one)
+        other["before"] = db.hot._local.conn
+        gate.set()
+        done.wait(60)
+        db.hot.first(one)
+        other["after"] = db.hot._local.conn
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert gate.wait(60)
+
+    db.hot.first(one)
+    mine = db.hot._local.conn
+    _kill(db, mine, admin)
+    with pytest.raises(DBAPIError) as info:
+        db.hot.first(one)
+    assert info.value.connection_invalidated, info.value
+    assert tuple(db.hot.first(one)) == (1,)  # reconnected
+    assert db.hot._local.conn is not mine
+    done.set()
+    t.join(60)
+    assert other["after"] is not other["before"]  # the other thread reconnected before reading
+
+
+def test_checks_survive_the_loss_of_every_connection(api: Api, backend: tuple[str, str],
+                                                     request: pytest.FixtureRequest) -> None:
+    """PostgreSQL: every server connection to the database is terminated (a restart, for the
+    server). Checks answer again at once: at most one UNAVAILABLE (never INTERNAL) before the hot
+    reads' connections are replaced in every worker thread."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no server whose connections could be terminated (the thread-level "
+                    "test above closes a SQLite connection instead)")
+    admin = request.getfixturevalue("pg_server")
+    agency_id, birth = next_person()
+    req = eligibility_pb2.CheckEligibilityRequest(job_seeker=identity(agency_id, birth),
+                                                  program="programs/premium-job-seekers")
+    for _ in range(40):  # spread over the worker threads: each has its own connection
+        api.advisor.CheckEligibility(req)
+    name = api.h.ctx.db.engine.url.database
+    with psycopg.connect(admin, autocommit=True) as conn:
+        ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                             "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+    assert ended >= 2
+    codes = []
+    for _ in range(40):
+        try:
+            api.advisor.CheckEligibility(req)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    failures = [c for c in codes if c != grpc.StatusCode.OK]
+    assert all(c == grpc.StatusCode.UNAVAILABLE for c in failures), codes
+    assert len(failures) <= 1, codes
+    assert codes[-10:] == [grpc.StatusCode.OK] * 10
