@@ -187,3 +187,12 @@ def test_checks_survive_the_loss_of_every_connection(api: Api, backend: tuple[st
     assert all(c == grpc.StatusCode.UNAVAILABLE for c in failures), codes
     assert len(failures) <= 1, codes
     assert codes[-10:] == [grpc.StatusCode.OK] * 10
+
+
+def test_a_finished_threads_connection_is_closed(db: Database) -> None:
+    import gc
+    kept = in_thread(lambda: (db.hot.first(text("SELECT 1")), db.hot._local.conn)[1])
+    gc.collect()
+    assert len(db.hot._open) == 0  # nothing keeps the ended thread's connection for dispose()
+    with pytest.raises(Exception):  # noqa: B017 - sqlite3.ProgrammingError / psycopg.OperationalError
+        kept.execute("SELECT 1")

@@ -24,6 +24,7 @@ What stays the same as through SQLAlchemy:
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,13 @@ class Prepared:
         return self.row._make([proc(v) if proc else v for proc, v in zip(self.results, raw)])
 
 
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a dead connection may fail to close
+        pass
+
+
 class HotReads:
     """Single statements on each thread's own autocommit DBAPI connection (see the module docstring)."""
 
@@ -88,7 +96,9 @@ class HotReads:
         self._local = threading.local()
         self._generation = 0
         self._lock = threading.Lock()
-        self._open: list[Any] = []  # every connection made here (its pool fairy), for dispose()
+        # The connections made here (their pool fairies), for dispose(); weak: a thread that ends
+        # drops its thread-local fairy, and its connection closes with it.
+        self._open: weakref.WeakSet[Any] = weakref.WeakSet()
         # Called with the SQL of every statement sent (tests and benchmarks count round trips; the
         # engine's cursor events do not see these statements).
         self.listeners: list[Callable[[str], None]] = []
@@ -116,7 +126,7 @@ class HotReads:
         """Every thread reconnects before its next read (after a disconnect, or a dispose)."""
         with self._lock:
             self._generation += 1
-            fairies, self._open = self._open, []
+            fairies, self._open = list(self._open), weakref.WeakSet()
         for fairy in fairies:
             try:
                 fairy.close()  # detached: really closes it (another thread may still hold it: harmless)
@@ -132,9 +142,10 @@ class HotReads:
         fairy = self._reader.raw_connection()  # the reader engine's connect parameters and events
         conn = fairy.dbapi_connection
         fairy.detach()
+        weakref.finalize(fairy, _close_quietly, conn)  # when its thread ends (or dispose() drops it)
         with self._lock:
-            self._open.append(fairy)
-        local.conn, local.generation = conn, generation
+            self._open.add(fairy)
+        local.conn, local.fairy, local.generation = conn, fairy, generation
         return local.conn
 
     def _run(self, p: Prepared, params: dict[str, Any], one: bool, probe: bool = False) -> list[Any]:
@@ -162,7 +173,7 @@ class HotReads:
         except Exception:  # noqa: BLE001 - deciding must not hide the original error
             pass
         if disconnect:
-            self._local.conn = None
+            self._local.conn = self._local.fairy = None
             self.invalidate()
         err = DBAPIError.instance(p.sql, None, exc, self._dbapi_error, hide_parameters=True,
                                   connection_invalidated=disconnect, dialect=self._dialect)
