@@ -62,7 +62,9 @@ def start(ctx: Context, listen: str) -> Running:
     check_transport(listen, tls, ctx.settings.insecure)
     monitor = monitor_for(ctx.db, ctx.settings.db_ping_ms, ctx.settings.db_ping_timeout_ms)
     behaviors: list[BehaviorInterceptor] = [
-        AccessLogInterceptor(on_outage=monitor.outage_seen if monitor else None), CallerInterceptor(ctx.callers)]
+        AccessLogInterceptor(on_outage=monitor.outage_seen if monitor else None),
+        # Without a client CA the server asks for no certificate: no call can carry one.
+        CallerInterceptor(ctx.callers, client_certificates=tls is not None and bool(ctx.settings.tls_client_ca_file))]
     limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
     if limiter is not None:  # after the caller's: buckets are per authenticated caller
         behaviors.append(limiter)

@@ -8,9 +8,9 @@ INTERNAL that carries only the request id: no SQL, no stack trace, no personal d
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from entitlement import logs
 from entitlement.api import errors
 from entitlement.api.wrapping import BehaviorInterceptor
 from entitlement.errors import DomainError
@@ -32,7 +33,7 @@ def _request_id(metadata: tuple[Any, ...] | None) -> str:
     for key, value in metadata or ():
         if key == "x-request-id" and REQUEST_ID_RE.fullmatch(str(value)):
             return str(value)
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()
 
 
 # SQLite raises OperationalError both for a busy or unreachable file (worth retrying) and for schema
@@ -87,8 +88,8 @@ class AccessLogInterceptor(BehaviorInterceptor):
             log.error("unhandled_exception", error=type(exc).__name__, exc_info=True)
             context.abort_with_status(errors.internal_status(rid))
         finally:
-            log.info("rpc", code=code, latency_ms=round((time.perf_counter() - started) * 1000, 3))
-            structlog.contextvars.clear_contextvars()
+            # gRPC runs every call in a context of its own: what was bound here goes with it.
+            logs.rpc(code, round((time.perf_counter() - started) * 1000, 3))
 
 
 def _is_abort(context: grpc.ServicerContext) -> bool:

@@ -129,13 +129,18 @@ class _CertificateNames:
 
 
 class CallerInterceptor(BehaviorInterceptor):
-    def __init__(self, callers: Directory) -> None:
+    def __init__(self, callers: Directory, *, client_certificates: bool = True) -> None:
+        """`client_certificates`: whether calls may carry a verified client certificate (mutual
+        TLS); without, their auth context is not read at all."""
         self.callers = callers
         self._certificate_name = _CertificateNames()
+        self._client_certificates = client_certificates
 
     def _certificate_caller(self, context: grpc.ServicerContext) -> Caller | None:
         """The platform caller the verified client certificate names, if any (mutual TLS only:
         without a client CA the server asks for no certificate)."""
+        if not self._client_certificates:
+            return None
         name = self._certificate_name(context)
         if not name:
             return None
