@@ -8,11 +8,12 @@ the program file version and the date stored with it.
 from __future__ import annotations
 
 import calendar
+import functools
 import datetime as dt
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from entitlement.money import format_eur, split_cents
 from entitlement.programs import Program
@@ -95,6 +96,29 @@ def add_months(day: dt.date, months: int) -> dt.date:
     index = day.month - 1 + months
     year, month = day.year + index // 12, index % 12 + 1
     return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+_T = TypeVar("_T")
+
+
+def per_program_and_day(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Memoize `fn(program, day, *more)` per (program object, day, more): programs are immutable
+    once loaded, and every check of a day asks the same questions of them (a reloaded program is a
+    new object, so a stale answer is never served). Bounded: cleared at 4,096 entries."""
+    cache: dict[tuple[Any, ...], tuple[Program, _T]] = {}
+
+    @functools.wraps(fn)
+    def memoized(program: Program, day: dt.date, *more: Any) -> _T:
+        key = (id(program), day, *more)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is program:
+            return hit[1]
+        out = fn(program, day, *more)
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[key] = (program, out)
+        return out
+    return memoized
 
 
 def access_end(start: dt.date, months: int) -> dt.date:
@@ -204,6 +228,7 @@ CHECKS: dict[str, _Check] = {
 }
 
 
+@per_program_and_day
 def _program_open(program: Program, day: dt.date) -> CriterionResult:
     if day < program.start:
         return CriterionResult("program_open", False, "PROGRAM_NOT_STARTED",
@@ -217,8 +242,12 @@ def _program_open(program: Program, day: dt.date) -> CriterionResult:
 def funding_plan(program: Program, day: dt.date, months: int | None = None) -> FundingPlan:
     """Cost of `months` months of access (default: the program's activation length) from `day`,
     split between the funders in force on `day`."""
+    return _funding_plan(program, day, program.value("activation_months", day).value if months is None else months)
+
+
+@per_program_and_day
+def _funding_plan(program: Program, day: dt.date, months: int) -> FundingPlan:
     price = program.value("price_per_month_cents", day).value
-    months = program.value("activation_months", day).value if months is None else months
     shares = program.funders_on(day)
     total = price * months
     amounts = split_cents(total, shares)
@@ -226,23 +255,12 @@ def funding_plan(program: Program, day: dt.date, months: int | None = None) -> F
                        tuple((f, shares[f], amounts[f]) for f in sorted(shares)))
 
 
+@per_program_and_day
 def parameters_used(program: Program, day: dt.date) -> tuple[ParameterUsed, ...]:
-    """Every parameter of `program` in force on `day`, as recorded with a decision. Memoized per
-    (program object, day): programs are immutable once loaded and every check of a day asks the
-    same question (a reloaded program is a new object, so a stale answer cannot be served)."""
-    key = (id(program), day)
-    hit = _PARAMETERS_USED.get(key)
-    if hit is not None and hit[0] is program:
-        return hit[1]
-    out = tuple(ParameterUsed(name, json.dumps(v.value, sort_keys=True), v.effective_from, v.reference)
-                for name in sorted(program.parameters) for v in (program.value(name, day),))
-    if len(_PARAMETERS_USED) >= 4096:
-        _PARAMETERS_USED.clear()
-    _PARAMETERS_USED[key] = (program, out)
-    return out
-
-
-_PARAMETERS_USED: dict[tuple[int, dt.date], tuple[Program, tuple[ParameterUsed, ...]]] = {}
+    """Every parameter of `program` in force on `day`, as recorded with a decision (memoized: every
+    check of a day asks the same question)."""
+    return tuple(ParameterUsed(name, json.dumps(v.value, sort_keys=True), v.effective_from, v.reference)
+                 for name in sorted(program.parameters) for v in (program.value(name, day),))
 
 
 def entitlement_end(program: Program, facts: PersonFacts, start: dt.date) -> dt.date:
