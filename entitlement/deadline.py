@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from entitlement.errors import Cancelled, DeadlineExceeded
@@ -36,15 +35,21 @@ class Budget:
 _current: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("call_deadline", default=None)
 
 
-@contextmanager
-def bound(remaining_s: float | None, active: Callable[[], bool] = lambda: True) -> Iterator[None]:
-    """Run the block as a call with `remaining_s` seconds left (None: no deadline)."""
-    expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
-    reset = _current.set(Budget(expires, active))
-    try:
-        yield
-    finally:
-        _current.reset(reset)
+class bound:  # noqa: N801 - used as a function: `with deadline.bound(...)`
+    """Run the block as a call with `remaining_s` seconds left (None: no deadline). A class rather
+    than a generator: it wraps every call (entitlement/api/wrapping.py)."""
+
+    __slots__ = ("_budget", "_reset")
+
+    def __init__(self, remaining_s: float | None, active: Callable[[], bool] = lambda: True) -> None:
+        expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
+        self._budget = Budget(expires, active)
+
+    def __enter__(self) -> None:
+        self._reset = _current.set(self._budget)
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._reset)
 
 
 def bind(remaining_s: float | None) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -55,41 +55,56 @@ class AccessLogInterceptor(BehaviorInterceptor):
     def __init__(self, on_outage: Callable[[], None] | None = None) -> None:
         self._on_outage = on_outage  # the database health monitor's `outage_seen` (entitlement/dbhealth.py)
 
-    @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
-              context: grpc.ServicerContext) -> Iterator[None]:
+              context: grpc.ServicerContext) -> AbstractContextManager[None]:
+        return _Logged(self._on_outage, method, metadata, context)
+
+
+class _Logged:
+    """One call's scope: its request id bound, its exceptions mapped, its line written. A class
+    rather than a generator (it wraps every call)."""
+
+    __slots__ = ("_on_outage", "_context", "_rid", "_started")
+
+    def __init__(self, on_outage: Callable[[], None] | None, method: str, metadata: tuple[Any, ...] | None,
+                 context: grpc.ServicerContext) -> None:
         structlog.contextvars.clear_contextvars()
-        rid = _request_id(metadata)
-        structlog.contextvars.bind_contextvars(request_id=rid, method=method)
-        started = time.perf_counter()
+        self._rid = _request_id(metadata)
+        structlog.contextvars.bind_contextvars(request_id=self._rid, method=method)
+        self._on_outage, self._context = on_outage, context
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, _type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
         code = "OK"
         try:
-            yield
-        except DomainError as err:
-            status_code, status = errors.domain_status(err, rid)
-            code = status_code.name
-            if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                log.info("access_refused", reason=err.reason)
-            if getattr(err, "database_wait", False) and self._on_outage is not None:
-                self._on_outage()  # a lock wait cut by the deadline: the monitor probes the database
-            context.abort_with_status(status)
-        except Exception as exc:
-            if _is_outage(exc):
-                code = "UNAVAILABLE"
-                log.warning("database_unavailable", error=type(exc).__name__)
-                if self._on_outage is not None:
-                    self._on_outage()
-                context.abort_with_status(errors.unavailable_status(rid))
-            if _is_abort(context):
-                raise
-            code = "INTERNAL"
-            # The traceback stays in our logs; exception text from the database driver is never
-            # shown to callers, and the engine hides bound parameters (hide_parameters=True).
-            log.error("unhandled_exception", error=type(exc).__name__, exc_info=True)
-            context.abort_with_status(errors.internal_status(rid))
+            if isinstance(exc, DomainError):
+                status_code, status = errors.domain_status(exc, self._rid)
+                code = status_code.name
+                if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.info("access_refused", reason=exc.reason)
+                if getattr(exc, "database_wait", False) and self._on_outage is not None:
+                    self._on_outage()  # a lock wait cut by the deadline: the monitor probes the database
+                self._context.abort_with_status(status)
+            elif isinstance(exc, Exception):
+                if _is_outage(exc):
+                    code = "UNAVAILABLE"
+                    log.warning("database_unavailable", error=type(exc).__name__)
+                    if self._on_outage is not None:
+                        self._on_outage()
+                    self._context.abort_with_status(errors.unavailable_status(self._rid))
+                if _is_abort(self._context):
+                    return False  # the handler aborted the call itself: its status stands
+                code = "INTERNAL"
+                # The traceback stays in our logs; exception text from the database driver is never
+                # shown to callers, and the engine hides bound parameters (hide_parameters=True).
+                log.error("unhandled_exception", error=type(exc).__name__, exc_info=exc)
+                self._context.abort_with_status(errors.internal_status(self._rid))
+            return False  # no exception, or one that is not an Exception (GeneratorExit): as it is
         finally:
             # gRPC runs every call in a context of its own: what was bound here goes with it.
-            logs.rpc(code, round((time.perf_counter() - started) * 1000, 3))
+            logs.rpc(code, round((time.perf_counter() - self._started) * 1000, 3))
 
 
 def _is_abort(context: grpc.ServicerContext) -> bool:

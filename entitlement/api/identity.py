@@ -22,8 +22,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -164,12 +163,11 @@ class CallerInterceptor(BehaviorInterceptor):
     def applies_to(self, method: str) -> bool:
         return method.startswith(PACKAGE)
 
-    @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
-              context: grpc.ServicerContext) -> Iterator[None]:
+              context: grpc.ServicerContext) -> AbstractContextManager[None]:
+        """Authenticates and authorizes now (refusing the call); the block runs as the caller."""
         if not method.startswith(PACKAGE):
-            yield
-            return
+            return _NOTHING
         caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
         structlog.contextvars.bind_contextvars(caller=caller.id, role=caller.role)
@@ -177,8 +175,22 @@ class CallerInterceptor(BehaviorInterceptor):
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",
                                    reason="ROLE_NOT_ALLOWED", metadata={"role": caller.role})
-        reset = _caller.set(caller)
-        try:
-            yield
-        finally:
-            _caller.reset(reset)
+        return _AsCaller(caller)
+
+
+class _AsCaller:
+    """The block runs with `current_caller()` = caller (a class, not a generator: every call)."""
+
+    __slots__ = ("_caller", "_reset")
+
+    def __init__(self, caller: Caller) -> None:
+        self._caller = caller
+
+    def __enter__(self) -> None:
+        self._reset = _caller.set(self._caller)
+
+    def __exit__(self, *exc: object) -> None:
+        _caller.reset(self._reset)
+
+
+_NOTHING = nullcontext()

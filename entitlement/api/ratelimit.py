@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -64,9 +64,9 @@ class RateLimitInterceptor(BehaviorInterceptor):
     def applies_to(self, method: str) -> bool:
         return method in self.methods
 
-    @contextmanager
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
-              context: grpc.ServicerContext) -> Iterator[None]:
+              context: grpc.ServicerContext) -> AbstractContextManager[None]:
+        """Takes the caller's token now (refusing the call when there is none); nothing to undo."""
         caller = _caller.get() if method in self.methods else None
         if caller is not None:
             wait = self.buckets.take(caller.id)
@@ -77,7 +77,10 @@ class RateLimitInterceptor(BehaviorInterceptor):
                     f"CheckEligibility and ActivateEntitlement per caller; retry in {wait:.1f} s",
                     retry_delay_s=wait, metadata={"limit_per_minute": str(per_min),
                                                   "retry_after_ms": str(max(1, round(wait * 1000)))})
-        yield
+        return _NOTHING
+
+
+_NOTHING = nullcontext()
 
 
 def interceptor(rate_per_min: int, burst: int) -> RateLimitInterceptor | None:
