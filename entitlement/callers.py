@@ -111,6 +111,10 @@ class CallerDirectory:
         # Looked up by the SHA-256 of the token: timing reveals nothing usable about the token.
         return self._by_hash.get(token_hash(token))
 
+    def resolve_digest(self, digest: str) -> Caller | None:
+        """`resolve` for a token whose SHA-256 (hex) the caller already computed."""
+        return self._by_hash.get(digest)
+
     def get(self, caller_id: str) -> Caller | None:
         return self._by_id.get(caller_id)
 
@@ -185,7 +189,7 @@ class Directory:
         if not token or not TOKEN_RE.fullmatch(token):
             raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
         digest = token_hash(token)
-        caller = self.file.resolve(token)
+        caller = self.file.resolve_digest(digest)
         if caller is not None:
             return caller
         cred: Credential | None = self._cached("t:" + digest, lambda: self._by_hash(digest))

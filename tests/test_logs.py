@@ -17,21 +17,22 @@ from entitlement import logs
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    """These tests configure logging; the session's servers log to the session's file after."""
+    """These tests configure logging, in a context of their own (as gRPC runs each call); the
+    session's servers log to the session's file after."""
     saved, sink = structlog.get_config(), (logs._sink, logs._info_on)
+    token = logs._call.set(None)
     try:
         yield
     finally:
+        logs._call.reset(token)
         structlog.configure(**saved)
         logs._sink, logs._info_on = sink
-        structlog.contextvars.clear_contextvars()
 
 
 @pytest.fixture
 def stream() -> Iterator[io.StringIO]:
     out = io.StringIO()
     logs.configure("info", stream=out)
-    structlog.contextvars.clear_contextvars()
     yield out
 
 
@@ -39,21 +40,47 @@ def _lines(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-@pytest.mark.parametrize("bound", [
-    {},
+@pytest.mark.parametrize("call", [
+    None,  # outside any call
     {"request_id": "0123456789abcdef", "method": "/entitlement.v1.EligibilityService/CheckEligibility"},
-    {"request_id": "r-1", "method": "/m", "caller": "adv\u00e9 \"x\"", "role": "advisor", "extra": 12},
+    {"request_id": "r-1", "method": "/m", "caller": "adv\u00e9 \"x\"\n", "role": "advisor"},
+    {"request_id": "r-2", "method": "/m", "caller": "c", "role": "funder", "extra": 12},  # not the usual fields
 ])
-def test_the_fast_line_is_structlogs_line(stream: io.StringIO, bound: dict[str, object]) -> None:
-    structlog.contextvars.bind_contextvars(**bound)
-    structlog.get_logger("entitlement.rpc").info("rpc", code="OK", latency_ms=1.25)
-    logs.rpc("OK", 1.25)
+@pytest.mark.parametrize("latency", [1.25, 0.001, 1234.5, 3.0])
+def test_the_fast_line_is_structlogs_line(stream: io.StringIO, call: dict[str, object] | None,
+                                          latency: float) -> None:
+    if call is not None:
+        logs.begin_call(str(call["request_id"]), str(call["method"]))
+        logs.bind_call(**{k: v for k, v in call.items() if k not in ("request_id", "method")})
+    structlog.get_logger("entitlement.rpc").info("rpc", code="OK", latency_ms=latency)
+    logs.rpc("OK", latency)
     slow, fast = stream.getvalue().splitlines()
     a, b = json.loads(slow), json.loads(fast)
     assert a.pop("timestamp")[:16] == b.pop("timestamp")[:16]  # same format, same minute
     assert a == b and a["event"] == "rpc" and a["code"] == "OK"
-    # Byte for byte, once the timestamps are set aside: same key order, same separators.
+    assert (a.get("caller"), a.get("request_id")) == ((call or {}).get("caller"), (call or {}).get("request_id"))
+    # Byte for byte, once the timestamps are set aside: same key order, same separators, escapes.
     assert slow.split('"timestamp"')[0] == fast.split('"timestamp"')[0]
+
+
+def test_timestamps_are_structlogs_format() -> None:
+    import calendar
+    import re
+    import time
+    for _ in range(50):
+        stamp = logs.timestamp()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
+        assert abs(calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) - time.time()) < 2
+        time.sleep(0.01)
+
+
+def test_a_line_logged_during_a_call_carries_its_fields(stream: io.StringIO) -> None:
+    logs.begin_call("rid-123", "/entitlement.v1.X/Y")
+    logs.bind_call(caller="c1", role="advisor")
+    structlog.get_logger("t").warning("something", caller="explicit wins")
+    [line] = _lines(stream)
+    assert line["request_id"] == "rid-123" and line["method"] == "/entitlement.v1.X/Y"
+    assert line["role"] == "advisor" and line["caller"] == "explicit wins"
 
 
 def test_no_line_below_the_level() -> None:

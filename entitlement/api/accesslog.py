@@ -68,9 +68,8 @@ class _Logged:
 
     def __init__(self, on_outage: Callable[[], None] | None, method: str, metadata: tuple[Any, ...] | None,
                  context: grpc.ServicerContext) -> None:
-        structlog.contextvars.clear_contextvars()
         self._rid = _request_id(metadata)
-        structlog.contextvars.bind_contextvars(request_id=self._rid, method=method)
+        logs.begin_call(self._rid, method)
         self._on_outage, self._context = on_outage, context
 
     def __enter__(self) -> None:
@@ -103,7 +102,6 @@ class _Logged:
                 self._context.abort_with_status(errors.internal_status(self._rid))
             return False  # no exception, or one that is not an Exception (GeneratorExit): as it is
         finally:
-            # gRPC runs every call in a context of its own: what was bound here goes with it.
             logs.rpc(code, round((time.perf_counter() - self._started) * 1000, 3))
 
 

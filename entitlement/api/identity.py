@@ -26,8 +26,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
-import structlog
 
+from entitlement import logs
 from entitlement.api.wrapping import BehaviorInterceptor
 from entitlement.callers import Caller, Directory
 from entitlement.errors import PermissionDenied, Unauthenticated
@@ -170,7 +170,7 @@ class CallerInterceptor(BehaviorInterceptor):
             return _NOTHING
         caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
-        structlog.contextvars.bind_contextvars(caller=caller.id, role=caller.role)
+        logs.bind_call(caller=caller.id, role=caller.role)
         allowed = ROLES.get(method, frozenset())
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",

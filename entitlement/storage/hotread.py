@@ -155,15 +155,16 @@ class HotReads:
         if self.listeners:
             for listener in self.listeners:
                 listener(p.sql)
-        conn = cursor = None
+        conn = None
         try:
             conn = self._connection()
-            cursor = conn.cursor()
-            cursor.execute(p.sql, args)
-            raw = cursor.fetchmany(1) if one else cursor.fetchall()
-            cursor.close()
+            cursor = conn.execute(p.sql, args)  # sqlite3 and psycopg: a new cursor, executed
+            if one:
+                row = cursor.fetchone()
+                return [] if row is None else [p.convert(row)]
+            raw = cursor.fetchall()
         except self._dbapi_error as exc:
-            raise self._translate(exc, p, conn, cursor) from exc
+            raise self._translate(exc, p, conn, None) from exc
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any, cursor: Any) -> BaseException:
