@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from entitlement.errors import Unauthenticated
+
 if TYPE_CHECKING:
     from entitlement.storage.db import Database
 
@@ -185,7 +187,6 @@ class Directory:
             return None
 
     def authenticate(self, token: str) -> Caller:
-        from entitlement.errors import Unauthenticated
         if not token or not TOKEN_RE.fullmatch(token):
             raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
         digest = token_hash(token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -24,7 +25,25 @@ class SystemClock:
         return dt.datetime.now(dt.timezone.utc)
 
     def today(self) -> dt.date:
-        return self.now().astimezone(ZoneInfo(self.timezone)).date()
+        """Every call asks it: computed once per civil day, then looked up (a time zone conversion
+        is a tenth of a token verification)."""
+        now = time.time()
+        span = _DAYS.get(self.timezone)
+        if span is None or not span[1] <= now < span[2]:  # a new day, or the system clock stepped back
+            span = _DAYS[self.timezone] = day_span(now, ZoneInfo(self.timezone))
+        return span[0]
+
+
+def day_span(epoch: float, zone: ZoneInfo) -> tuple[dt.date, float, float]:
+    """The civil date in `zone` at the instant `epoch`, and the instants that day begins and ends
+    (the next day's first instant), as epoch seconds."""
+    day = dt.datetime.fromtimestamp(epoch, zone).date()
+    start = dt.datetime.combine(day, dt.time(), zone).timestamp()
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).timestamp()
+    return day, start, end
+
+
+_DAYS: dict[str, tuple[dt.date, float, float]] = {}
 
 
 class FixedClock:
