@@ -39,7 +39,7 @@ from entitlement import deadline
 class Prepared:
     """A statement compiled once for one dialect: SQL text, parameter order, type processors."""
 
-    __slots__ = ("sql", "positional", "binds", "static", "results", "row")
+    __slots__ = ("sql", "positional", "_template", "_per_call", "_results", "_convert_at", "row")
 
     def __init__(self, stmt: Select[Any] | TextClause, engine: Engine) -> None:
         dialect = engine.dialect
@@ -57,24 +57,45 @@ class Prepared:
         names = list(state.positiontup or ()) if self.positional else list(state.parameters)
         processors = {n: b.type.dialect_impl(dialect).bind_processor(dialect) for n, b in compiled.binds.items()}
         processors.update(state.processors)  # the expanded names (state_1_1, ...)
-        self.binds: tuple[tuple[str, Callable[[Any], Any] | None], ...] = tuple(
-            (name, processors.get(name)) for name in names)
-        self.static: dict[str, Any] = {k: v for k, v in state.parameters.items() if k not in per_call}
+        # The parameters as sent: the constants' values processed once, here; each per-call value is
+        # processed into its slot (a position, or a name) at every call.
+        def processed(name: str, value: Any) -> Any:
+            proc = processors.get(name)
+            return proc(value) if proc is not None else value
+        slots = list(range(len(names))) if self.positional else names
+        self._template: list[Any] | dict[str, Any] = (
+            [None] * len(names) if self.positional else dict.fromkeys(names))
+        per_call_slots = []
+        for slot, name in zip(slots, names):
+            if name in per_call:
+                per_call_slots.append((slot, name, processors.get(name)))
+            else:
+                self._template[slot] = processed(name, state.parameters[name])  # type: ignore[index]
+        self._per_call: tuple[tuple[Any, str, Callable[[Any], Any] | None], ...] = tuple(per_call_slots)
         columns = list(stmt.selected_columns) if isinstance(stmt, Select) else []
-        self.results: tuple[Callable[[Any], Any] | None, ...] = tuple(
-            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+        self._results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+        self._convert_at = tuple(i for i, proc in enumerate(self._results) if proc is not None)
         self.row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None  # type: ignore[misc]
 
-    def parameters(self, params: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        values = {**self.static, **params} if self.static else params
-        if self.positional:
-            return tuple(proc(values[n]) if proc else values[n] for n, proc in self.binds)
-        return {n: proc(values[n]) if proc else values[n] for n, proc in self.binds}
+    def parameters(self, params: dict[str, Any]) -> list[Any] | dict[str, Any]:
+        """What the DBAPI gets for these per-call values (a KeyError names one not given)."""
+        args = self._template.copy()
+        for slot, name, proc in self._per_call:
+            value = params[name]
+            args[slot] = proc(value) if proc is not None else value  # type: ignore[index]
+        return args
 
     def convert(self, raw: tuple[Any, ...]) -> Any:
         if self.row is None:
             return raw
-        return self.row._make([proc(v) if proc else v for proc, v in zip(self.results, raw)])
+        if not self._convert_at:
+            return self.row._make(raw)
+        values = list(raw)
+        results = self._results
+        for i in self._convert_at:
+            if values[i] is not None:  # (SQLAlchemy's processors pass None through)
+                values[i] = results[i](values[i])  # type: ignore[misc]
+        return self.row._make(values)
 
 
 def _close_quietly(conn: Any) -> None:
