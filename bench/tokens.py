@@ -100,7 +100,7 @@ def unverified_kid(token: str) -> str | None:
     head = token.partition(".")[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except ValueError:  # bad base64, bad UTF-8, bad JSON
+    except (ValueError, RecursionError):  # bad base64, bad UTF-8, bad JSON, JSON nested too deep
         raise jwt.DecodeError("malformed token header") from None
     kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) else None

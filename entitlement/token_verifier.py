@@ -265,6 +265,8 @@ class TokenVerifier:
             strings = [claims[name] for name in _STRING_CLAIMS]
         except KeyError as exc:
             raise InvalidToken(BAD_CLAIMS, f"claim {exc.args[0]} is missing") from None
+        if iss is None or aud is None:  # null is missing (RFC 7519 has no null claims; PyJWT agrees)
+            raise InvalidToken(BAD_CLAIMS, f"claim {'iss' if iss is None else 'aud'} is missing")
         for name, value in zip(_STRING_CLAIMS, strings):
             if type(value) is not str:
                 raise InvalidToken(BAD_CLAIMS, f"claim {name} must be a string")
