@@ -338,7 +338,8 @@ def markdown(rates: list[Rate], cpu: int) -> str:
         f"round-robin for {SECONDS:g} s per way after a warm-up pass, against the JWKS the service publishes. "
         "Every way but the two floors checks the signature, `kid`, `alg`, `typ`, issuer, audience, `exp`, "
         "`nbf` and the required claims (tests/test_bench_tokens.py feeds each of them forged, expired, "
-        "misdirected and mistyped tokens).",
+        "misdirected and mistyped tokens; tests/test_token_verifier.py holds the recommended one to PyJWT's "
+        "verdicts).",
         "- Rate per CPU second of the pinned process (what one core does, whatever else runs on the "
         "machine) and per wall second (depends on the load). Target (issue #8): 10,000 tokens/s on one core.",
         "",
