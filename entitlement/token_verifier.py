@@ -2,7 +2,7 @@
 
 This one file is meant to be copied into a platform's code base as it is (or used from the
 `entitlement[verify]` install): it imports nothing else from the service. It needs PyNaCl
-(`pip install pynacl`, libsodium's Ed25519, about 1.9x faster than OpenSSL's on our machine, see
+(`pip install pynacl`, libsodium's Ed25519, about twice as fast as OpenSSL's on our machine, see
 BENCHMARKS.md, section "tokens").
 
     verifier = TokenVerifier(jwks_json, issuer="urn:entitlement", platform_id="openclassrooms")
