@@ -18,6 +18,7 @@ from nacl.exceptions import BadSignatureError
 
 from bench import tokens as bt
 from entitlement import tokens
+from entitlement.token_verifier import InvalidToken, TokenVerifier
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)  # PyJWT checks exp against the real clock
 
@@ -27,12 +28,14 @@ WAYS: dict[str, Callable[[str, str, str], Callable[[str], dict[str, Any]]]] = {
     "pyjwt-key-per-token": bt.key_per_token,
     "by-hand-openssl": bt.by_hand,
     "by-hand-libsodium": lambda jwks, iss, aud: bt.by_hand(jwks, iss, aud, bt.libsodium_ed25519),
+    "token-verifier": lambda jwks, iss, aud: TokenVerifier(jwks, iss, aud).verify,
 }
 # What each way raises for a token it refuses (anything else, or nothing, fails the test).
 REFUSALS: dict[str, tuple[type[Exception], ...]] = {
     **{w: (jwt.InvalidTokenError,) for w in WAYS if w.startswith("pyjwt")},
     "by-hand-openssl": (ValueError, InvalidSignature),
     "by-hand-libsodium": (ValueError, BadSignatureError),
+    "token-verifier": (InvalidToken,),
 }
 
 
@@ -112,7 +115,7 @@ def test_the_floors_check_the_signature(minted: tuple[str, list[str], Path]) -> 
 def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     rates = bt.run(4, 0.0, tmp_path / "keys")
     assert [r.way for r in rates] == ["pyjwt-key-per-token", "pyjwt-two-parses", "pyjwt", "by-hand-openssl",
-                                      "ed25519-openssl", "by-hand-libsodium", "ed25519-libsodium"]
+                                      "ed25519-openssl", "token-verifier", "by-hand-libsodium", "ed25519-libsodium"]
     assert all(r.verified >= 4 and r.per_cpu_s > 0 for r in rates)
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n<!-- section:registry -->\nkept\n<!-- /section:registry -->\n")
@@ -120,3 +123,4 @@ def test_the_benchmark_runs_and_writes_its_section(tmp_path: Path) -> None:
     text = out.read_text()
     assert "kept" in text and "<!-- section:tokens -->" in text
     assert "| PyJWT, `TokenVerifier` (README)" in text
+    assert "| **recommended**: `entitlement/token_verifier.py`" in text
