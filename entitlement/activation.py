@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, case, select
+from sqlalchemy import bindparam, case, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -120,6 +120,9 @@ _RECORD = select(IdempotencyRecord.method, IdempotencyRecord.request_sha256, Ide
     IdempotencyRecord.caller_id == bindparam("caller"), IdempotencyRecord.request_id == bindparam("request"))
 
 
+_INSERT_RECORD = insert(IdempotencyRecord)
+
+
 def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: str) -> dict[str, Any] | None:
     if not request_id:
         return None
@@ -136,10 +139,10 @@ def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: st
 
 def _remember(s: Session, ctx: Context, caller: Caller, request_id: str, method: str, digest: str,
               result: dict[str, Any]) -> None:
-    if request_id:
-        s.add(IdempotencyRecord(caller_id=caller.id, request_id=request_id, method=method,
-                                request_sha256=digest, response=json.dumps(result).encode(),
-                                created_at=ctx.clock.now()))
+    if request_id:  # on Core, at once (see eventlog.append)
+        s.connection().execute(_INSERT_RECORD, {
+            "caller_id": caller.id, "request_id": request_id, "method": method, "request_sha256": digest,
+            "response": json.dumps(result).encode(), "created_at": ctx.clock.now()})
 
 
 def _with_retry(fn: Any, *args: Any) -> Any:
