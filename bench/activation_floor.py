@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +289,21 @@ def capturing(db: Any) -> Iterator[list[Op]]:
             event.remove(target, name, fn)
 
 
-def capture(store: Store, paths: dict[str, str], requests: list[bytes]) -> list[list[Op]]:
-    """The DBAPI calls of each activation of the series, on a fresh clone."""
+def outcome(url: str, paths: dict[str, str]) -> tuple[int, int, int]:
+    """(events logged, activations, ledger entries) in a database: a run's visible result."""
+    with raw_connection(url, paths) as conn:
+        cur = conn.cursor()
+        counts = []
+        for sql in ("SELECT size FROM log_head WHERE id = 1", "SELECT count(*) FROM activations",
+                    "SELECT count(*) FROM ledger_entries"):
+            cur.execute(sql)
+            counts.append(int(cur.fetchone()[0]))
+        conn.rollback()
+    return counts[0], counts[1], counts[2]
+
+
+def capture(store: Store, paths: dict[str, str], requests: list[bytes]) -> tuple[list[list[Op]], tuple[int, int, int]]:
+    """The DBAPI calls of each activation of the series, on a fresh clone, and the outcome."""
     url = store.clone()
     ctx = build_context(url, paths)
     try:
@@ -300,10 +313,19 @@ def capture(store: Store, paths: dict[str, str], requests: list[bytes]) -> list[
             with capturing(ctx.db) as ops:
                 runner.call(req)
             series.append(ops)
-        return series
+        ctx.db.dispose()
+        return series, outcome(url, paths)
     finally:
         ctx.db.dispose()
         store.drop(url)
+
+
+def check_outcome(url: str, paths: dict[str, str], expected: tuple[int, int, int], what: str) -> None:
+    """A run must leave what the captured one left (the replay really wrote every row)."""
+    got = outcome(url, paths)
+    if got != expected:
+        raise SystemExit(f"bench.activation_floor: {what} left (events, activations, ledger entries) = {got}, "
+                         f"the captured run {expected}")
 
 
 def summarize_ops(series: list[list[Op]]) -> dict[str, Any]:
@@ -409,18 +431,21 @@ def timed(items: list[Any], warmup: int, one: Callable[[Any], None], server_pids
     return Timing(walls, c1 - c0, s1 - s0)
 
 
-def run_replay(store: Store, paths: dict[str, str], series: list[list[Op]], warmup: int) -> Timing:
+def run_replay(store: Store, paths: dict[str, str], series: list[list[Op]], warmup: int,
+               expected: tuple[int, int, int]) -> Timing:
     url = store.clone()
     try:
         with raw_connection(url, paths) as conn:
             pid = backend_pid(conn) if store.backend == "postgres" else None
-            return timed(series, warmup, lambda ops: replay_one(conn, ops), lambda: [pid] if pid else [])
+            timing = timed(series, warmup, lambda ops: replay_one(conn, ops), lambda: [pid] if pid else [])
+        check_outcome(url, paths, expected, "the raw replay")
+        return timing
     finally:
         store.drop(url)
 
 
 def run_inprocess(store: Store, paths: dict[str, str], requests: list[bytes], warmup: int,
-                  profile: cProfile.Profile | None = None) -> Timing:
+                  expected: tuple[int, int, int], profile: cProfile.Profile | None = None) -> Timing:
     url = store.clone()
     ctx = build_context(url, paths)
     try:
@@ -429,14 +454,18 @@ def run_inprocess(store: Store, paths: dict[str, str], requests: list[bytes], wa
         def servers() -> list[int]:
             return pg_backends(store.admin_url, url) if store.backend == "postgres" else []
         if profile is None:
-            return timed(requests, warmup, runner.call, servers)
-        for req in requests[:warmup]:
-            runner.call(req)
-        profile.enable()
-        for req in requests[warmup:]:
-            runner.call(req)
-        profile.disable()
-        return Timing([0.0], 0.0, 0.0)
+            timing = timed(requests, warmup, runner.call, servers)
+        else:
+            for req in requests[:warmup]:
+                runner.call(req)
+            profile.enable()
+            for req in requests[warmup:]:
+                runner.call(req)
+            profile.disable()
+            timing = Timing([0.0], 0.0, 0.0)
+        ctx.db.dispose()
+        check_outcome(url, paths, expected, "the in-process run")
+        return timing
     finally:
         ctx.db.dispose()
         store.drop(url)
@@ -622,6 +651,9 @@ def components(ctx: Any, responses: list[Any], people: list[tuple[str, dt.date]]
                                          program_id=c["program"], activation_id=c["entitlement"], jti=c["jti"],
                                          issued_at=c["iat"], not_before=c["nbf"], expires_at=c["exp"]))
     _part("sign", n, lambda: [tokens.sign(ctx.keys, c) for c in claims])
+    private = ctx.keys.signer(ctx.clock.now()).private
+    signing_inputs = [r.activation_token.rsplit(".", 1)[0].encode() for r in responses]
+    _part("ed25519", n, lambda: [private.sign(m) for m in signing_inputs])  # the signature alone
 
     ids = [c.activation_id for c in claims]
     with ctx.db.read() as s:
@@ -717,23 +749,38 @@ def durability(store: Store, paths: dict[str, str]) -> str:
         store.drop(url)
 
 
-def measure_echo_rate(cfg: FloorConfig, tmp: Path) -> list[float]:
-    """req/s of the sync echo server (bench/servers.py) under the bench's load generator, closed
-    loop c=8 over 16 channels, as bench.rpcs measures its floor."""
+@dataclass(frozen=True)
+class Echo:
+    """The echo floor as measured in this run."""
+
+    windows: tuple[float, ...]  # req/s of each window
+    server_cpu_us: float        # server process CPU per call (all windows)
+    client_cpu_us: float        # load generator CPU per call
+    instructions: int = 0       # per call, under valgrind (0: not counted)
+
+    @property
+    def rps(self) -> float:
+        return statistics.mean(self.windows)
+
+
+def measure_echo(cfg: FloorConfig, tmp: Path) -> Echo:
+    """The sync echo server (bench/servers.py) under the bench's load generator, closed loop c=8
+    over 16 channels, as bench.rpcs measures its floor: req/s, and CPU per call of both processes."""
     from bench.config import ECHO, SYNC_ECHO, LoadSpec, ServerSpec
     from bench.procs import Client, Server
     server = Server(ServerSpec(kind=SYNC_ECHO, workers=16, log_path=tmp / "logs" / "echo.log"))
     client = Client()
     try:
-        rates = []
+        windows, calls, srv, cli = [], 0, 0.0, 0.0
         for _ in range(2):
             m = client.ask("run", LoadSpec(port=server.port, server_pid=server.pid, method=ECHO,
                                            requests=(ECHO_PAYLOAD,), concurrency=8, warmup=0.5,
                                            seconds=cfg.echo_seconds, channels=16))
             if m["errors"]:
                 raise SystemExit(f"bench.activation_floor: the echo server answered errors {m['errors']}")
-            rates.append(m["calls"] / m["seconds"])
-        return rates
+            windows.append(m["calls"] / m["seconds"])
+            calls, srv, cli = calls + m["calls"], srv + m["server_cpu_s"], cli + m["client_cpu_s"]
+        return Echo(tuple(windows), srv / calls * 1e6, cli / calls * 1e6)
     finally:
         client.stop()
         server.stop()
@@ -834,7 +881,7 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
         people = prepare_base(store, common, paths, n_series)
         requests = requests_for(people)
         say(f"{backend}: capturing the DBAPI calls of {n_series} activations")
-        series = capture(store, paths, requests)
+        series, expected = capture(store, paths, requests)
         ops = summarize_ops(series[cfg.warmup:])
         statements = [" ".join(s.split())[:90] for k, s, _p in series[-1] if k in ("execute", "executemany")]
         say(f"{backend}: {ops['statements']:.1f} statements, {ops['commits']:.1f} commits per activation")
@@ -842,13 +889,13 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
         say(f"{backend}: {settings}")
         replays, inproc = [], []
         for r in range(cfg.rounds):
-            replays.append(run_replay(store, paths, series, cfg.warmup).per())
-            inproc.append(run_inprocess(store, paths, requests, cfg.warmup).per())
+            replays.append(run_replay(store, paths, series, cfg.warmup, expected).per())
+            inproc.append(run_inprocess(store, paths, requests, cfg.warmup, expected).per())
             say(f"{backend}: round {r + 1}: raw replay {replays[-1]['wall_us']:,.0f} us wall, "
                 f"{replays[-1]['cpu_us']:,.0f} us CPU; in-process {inproc[-1]['wall_us']:,.0f} us wall, "
                 f"{inproc[-1]['cpu_us']:,.0f} us CPU per activation")
         prof = cProfile.Profile(time.thread_time)
-        run_inprocess(store, paths, requests, cfg.warmup, prof)
+        run_inprocess(store, paths, requests, cfg.warmup, expected, prof)
         profile = buckets(pstats.Stats(prof))
         result = BackendResult(backend, settings, ops, replays, inproc, profile, cfg.measured, statements=statements)
         if cfg.vg_measured and have_valgrind():
@@ -870,15 +917,28 @@ def main() -> int:
         common = prepare_common(tmp, max(1000, 4 * (cfg.warmup + cfg.measured + 2)))
         paths = paths_of(common)
         say(f"echo: measuring req/s (c=8, {cfg.echo_seconds:g} s, twice)")
-        echo_rates = measure_echo_rate(cfg, tmp)
-        say("echo: " + ", ".join(f"{r:,.0f}" for r in echo_rates) + " req/s")
-        echo_instr = 0
+        echo = measure_echo(cfg, tmp)
+        say("echo: " + ", ".join(f"{r:,.0f}" for r in echo.windows) + f" req/s; server {echo.server_cpu_us:.0f} us, "
+            f"load generator {echo.client_cpu_us:.0f} us CPU per call")
         if cfg.vg_measured and have_valgrind():
-            echo_instr = count_echo(tmp, max(50, 3 * cfg.vg_measured))
-            say(f"echo: {echo_instr:,} instructions per call")
+            echo = replace(echo, instructions=count_echo(tmp, max(50, 3 * cfg.vg_measured)))
+            say(f"echo: {echo.instructions:,} instructions per call")
         results = [measure_backend(cfg, b, common, paths, tmp) for b in backends]
-    text = report(cfg, results, echo_rates, echo_instr, time.time() - started, load_before, skipped, version)
+        # The parts measured alone do not depend on the backend: counted once (SQLite run), shown for both.
+        alone = next((r.instructions for r in results if "sign" in r.instructions), {})
+        for r in results:
+            if r.instructions and "sign" not in r.instructions:
+                r.instructions.update({k: v for k, v in alone.items() if k not in ("replay", "activate", "grpc")})
+    text = report(cfg, results, echo, time.time() - started, load_before, skipped, version)
     say(text)
+    if os.environ.get("BENCH_JSON"):
+        Path(os.environ["BENCH_JSON"]).write_text(json.dumps({
+            "echo": {"rps": echo.rps, "windows": echo.windows, "server_cpu_us": echo.server_cpu_us,
+                     "client_cpu_us": echo.client_cpu_us, "instructions": echo.instructions},
+            "backends": [{"backend": r.backend, "ops": r.ops, "replay": r.replay, "inprocess": r.inprocess,
+                          "profile_us": {k: v / r.profiled * 1e6 for k, v in r.profile.items()},
+                          "instructions": r.instructions, "durability": r.durability} for r in results]},
+            indent=1))
     if cfg.output is not None:
         from bench.sections import replace_section
         replace_section(cfg.output, "activation-floor", text)
@@ -891,128 +951,173 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
-def report(cfg: FloorConfig, results: list[BackendResult], echo_rates: list[float], echo_instr: int,
-           seconds: float, load_before: str, skipped: str, pg_ver: str) -> str:
+def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: float, load_before: str,
+           skipped: str, pg_ver: str) -> str:
     cpu, mem = machine()
-    echo_rps = statistics.mean(echo_rates)
     lines = [
         "## What an activation costs, part by part, against the budget (`python -m bench.activation_floor`)",
         "",
         f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {commit()}, Python {platform.python_version()}, "
-        f"`nproc` = {os.cpu_count()} ({cpu}), {mem:.0f} GiB, load average {load_before} at the start, {loadavg()} at the end; "
-        f"{seconds:.0f} s in all." + (f" PostgreSQL {pg_ver}." if pg_ver else "") + (f" ({skipped})" if skipped else ""),
+        f"`nproc` = {os.cpu_count()} ({cpu}), {mem:.0f} GiB, load average {load_before} at the start, {loadavg()} at the "
+        f"end; {seconds:.0f} s in all." + (f" PostgreSQL {pg_ver}." if pg_ver else "") + (f" ({skipped})" if skipped else ""),
         f"- Series: {cfg.warmup} unmeasured then {cfg.measured} measured activations of distinct eligible people "
-        "(premium-job-seekers, no cap, each with a request id), SystemClock, synthetic registry; every run on a fresh "
-        "clone of the same database state. Wall-clock figures are the median of "
-        f"{cfg.rounds} alternated runs (this shared 2-core machine swings by a third); instruction counts (valgrind) "
-        "are the stable ones.",
-        "- **Raw replay (the floor)**: the exact statements and parameters one real ActivateEntitlement sends "
-        "(captured with SQLAlchemy's `before_cursor_execute` / `commit` / pool `reset` events on the server's engines "
-        "while the real servicer ran the series), replayed through the raw DBAPI connection (`sqlite3` / `psycopg`, "
-        "opened by the service's own Database: same PRAGMAs, connect options, transaction boundaries, durability), "
-        "fetching every result, with zero ORM and zero Python logic. CPU: this process (`process_time`) plus, on "
+        "(premium-job-seekers: no cap; each with a request id), SystemClock, synthetic registry, every run on a fresh "
+        f"clone of the same database state. Timed figures: medians of {cfg.rounds} alternated runs (this shared 2-core "
+        "machine swings by a third); instruction counts (valgrind) are the stable ones.",
+        "- **Raw replay (the floor)**: the exact statements and parameters one real ActivateEntitlement sends, captured "
+        "with SQLAlchemy's `before_cursor_execute` / `commit` / pool `reset` events on the server's engines while the "
+        "real servicer ran the series, replayed through the raw DBAPI connection (`sqlite3` / `psycopg`, opened by the "
+        "service's own Database: same PRAGMAs, connect options, transaction boundaries, durability; one cursor per "
+        "transaction, every result fetched): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
         "PostgreSQL, the backend serving the connection (`/proc/<pid>/stat`; WAL writer and checkpointer not counted).",
-        "- **In-process**: `ActivationServicer.ActivateEntitlement` called directly (the advisor bound as the "
-        "identity behaviour binds it): everything an activation does except gRPC, the access log and auth.",
-        f"- **Budget**: the targets are throughput ratios to the echo server, so an activation may cost "
-        f"1 / (target x echo rate) of the machine: echo measured in this run at {echo_rps:,.0f} req/s "
-        f"(sync echo server of bench/servers.py, bench.load closed loop c=8, 16 channels, {len(echo_rates)} windows of "
-        f"{cfg.echo_seconds:g} s: " + ", ".join(f"{r:,.0f}" for r in echo_rates) + ")"
-        + (f" and {echo_instr:,} instructions per call under valgrind (bench.instructions' echo)." if echo_instr else "."),
+        "- **In-process**: `ActivationServicer.ActivateEntitlement` called directly (the advisor bound as the identity "
+        "behaviour binds it): everything an activation does but gRPC, authentication and the access log.",
+        f"- **Echo**, this run: {echo.rps:,.0f} req/s (sync echo server of bench/servers.py, bench.load closed loop c=8, "
+        f"16 channels, windows of {cfg.echo_seconds:g} s: " + ", ".join(f"{r:,.0f}" for r in echo.windows)
+        + f"), its server process {echo.server_cpu_us:.0f} us and the load generator {echo.client_cpu_us:.0f} us of CPU "
+        "per call" + (f"; {echo.instructions:,} instructions per call under valgrind (bench.instructions' echo)."
+                      if echo.instructions else "."),
+        "- **Budget**: a throughput of target x echo leaves 1 / (target x echo req/s) of wall time per activation. "
+        "The server is one process (one GIL: its CPU per activation must fit in that time, on one core); the PostgreSQL "
+        "backend and the load generator share the machine's two cores with it (all CPU per activation must fit in "
+        "twice that time). In instructions: echo's per call / target.",
         "",
         "### Budget per activation",
         "",
-        "| backend | target | budget, wall us (1 / (target x echo req/s)) | budget, instructions (echo / target) |",
-        "|---|---:|---:|---:|",
+        "| backend | target | activations/s | B = wall us per activation (server process CPU budget) | "
+        "machine CPU budget (2 x B) | instructions budget |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     budget_us: dict[str, float] = {}
     budget_instr: dict[str, float] = {}
     for r in results:
         t = TARGET[r.backend]
-        budget_us[r.backend] = 1e6 / (t * echo_rps)
-        budget_instr[r.backend] = echo_instr / t if echo_instr else 0
-        lines.append(f"| {r.backend} | >= {t} x echo | {budget_us[r.backend]:,.0f} | "
-                     + (f"{budget_instr[r.backend]:,.0f} |" if echo_instr else "- |"))
-    lines += ["", "### Floor and full path, per activation (wall clock, medians of the runs)", "",
-              "| backend | what | SQL statements | commits | wall us (mean) | wall us (p50) | client CPU us | "
-              "PG backend CPU us | CPU us | CPU / budget |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        budget_us[r.backend] = 1e6 / (t * echo.rps)
+        budget_instr[r.backend] = echo.instructions / t
+        lines.append(f"| {r.backend} | >= {t} x echo | {t * echo.rps:,.0f} | {budget_us[r.backend]:,.0f} | "
+                     f"{2 * budget_us[r.backend]:,.0f} | " + (f"{budget_instr[r.backend]:,.0f} |" if echo.instructions
+                                                             else "- |"))
+    lines += ["", "### Measured per activation (medians of the runs)", "",
+              "| backend | what | SQL statements | commits | wall us (mean) | wall us (p50) | this process CPU us | "
+              "PG backend CPU us |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for label, runs in (("raw replay (floor)", r.replay), ("in-process servicer", r.inprocess)):
-            c = median_of(runs, "cpu_us")
             lines.append(f"| {r.backend} | {label} | {r.ops['statements']:.1f} | {r.ops['commits']:.1f} | "
                          f"{median_of(runs, 'wall_us'):,.0f} | {median_of(runs, 'wall_p50_us'):,.0f} | "
                          f"{median_of(runs, 'client_cpu_us'):,.0f} | "
-                         + (f"{median_of(runs, 'server_cpu_us'):,.0f}" if r.backend == "postgres" else "-")
-                         + f" | {c:,.0f} | {_pct(c, budget_us[r.backend])} |")
+                         + (f"{median_of(runs, 'server_cpu_us'):,.0f} |" if r.backend == "postgres" else "- |"))
+    lines += ["", "### The floor against the budget", "",
+              "Server process floor = echo's server CPU per call (gRPC alone) + the raw statements' CPU in the "
+              "server process; machine floor = that + the PostgreSQL backend + the load generator's CPU per call "
+              "(echo's, a lower bound).", "",
+              "| backend | server process floor us | of B | machine floor us | of 2 x B | in-process path + echo, us | of B |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    floors: dict[str, dict[str, float]] = {}
+    for r in results:
+        b = budget_us[r.backend]
+        proc = echo.server_cpu_us + median_of(r.replay, "client_cpu_us")
+        mach = proc + median_of(r.replay, "server_cpu_us") + echo.client_cpu_us
+        full = echo.server_cpu_us + median_of(r.inprocess, "client_cpu_us")
+        floors[r.backend] = {"proc": proc, "machine": mach, "full": full}
+        lines.append(f"| {r.backend} | {proc:,.0f} | {_pct(proc, b)} | {mach:,.0f} | {_pct(mach, 2 * b)} | "
+                     f"{full:,.0f} | {_pct(full, b)} |")
     lines += ["", "Durability and session settings of the service's connections (read back from one):", ""]
     lines += [f"- {r.backend}: {r.durability}" for r in results]
-    lines += ["", "### Where the in-process CPU goes (cProfile, CPU timer, own time by module; builtins to "
-              "their callers' bucket)", "",
+    lines += ["", "### Where the in-process CPU goes (cProfile, CPU timer; each function's own time by module, "
+              "builtins to their callers' bucket; the profiler inflates Python-heavy parts)", "",
               "| bucket | " + " | ".join(f"{r.backend} us | {r.backend} %" for r in results) + " |",
               "|---|" + "---:|---:|" * len(results)]
-    for b in BUCKETS:
+    for bk in BUCKETS:
         cells = []
         for r in results:
             total = sum(r.profile.values())
-            cells.append(f"{r.profile[b] / r.profiled * 1e6:,.0f} | {_pct(r.profile[b], total)}")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines.append("| total (profiled, inflated by the profiler) | " + " | ".join(
+            cells.append(f"{r.profile[bk] / r.profiled * 1e6:,.0f} | {_pct(r.profile[bk], total)}")
+        lines.append(f"| {bk} | " + " | ".join(cells) + " |")
+    lines.append("| total under the profiler | " + " | ".join(
         f"{sum(r.profile.values()) / r.profiled * 1e6:,.0f} | 100%" for r in results) + " |")
     counted = [r for r in results if r.instructions]
-    if counted and echo_instr:
-        lines += ["", "### Instructions per activation (valgrind callgrind, the stable figures)", "",
+    if counted and echo.instructions:
+        lines += ["", "### Instructions per activation (valgrind callgrind: the stable figures)", "",
                   "| backend | part | instructions | share of the gRPC call | x budget |", "|---|---|---:|---:|---:|"]
         for r in counted:
-            ins, full = r.instructions, r.instructions.get("grpc", 0)
+            ins, full_call = r.instructions, r.instructions.get("grpc", 0)
 
-            def row(label: str, value: float, _r: BackendResult = r, _full: int = full) -> str:
+            def row(label: str, value: float, _r: BackendResult = r, _full: int = full_call) -> str:
                 return (f"| {_r.backend} | {label} | {value:,.0f} | {_pct(value, _full)} | "
                         f"{value / budget_instr[_r.backend]:.2f} |")
-            lines.append(row("ActivateEntitlement through gRPC (server.py)", full))
+            lines.append(row("ActivateEntitlement through gRPC (server.py, access log on)", full_call))
             lines.append(row("in-process servicer call", ins["activate"]))
-            lines.append(row("gRPC, auth, access log, deadline (the difference)", full - ins["activate"]))
+            lines.append(row("gRPC, authentication, access log, deadline (the difference)", full_call - ins["activate"]))
             lines.append(row("raw replay of its statements" + (" (PG: client side only)" if r.backend == "postgres"
-                                                                else " (sqlite3 + SQLite engine)"), ins["replay"]))
-            parts = [("sign", "Ed25519 token signing (PyJWT)"), ("hash", "Merkle leaf + node hashing"),
+                                                                else " (sqlite3 + the SQLite engine)"), ins["replay"]))
+            parts = [("sign", "token signing (tokens.sign: PyJWT + Ed25519)"), ("hash", "Merkle leaf + node hashing"),
                      ("rules", "rules.evaluate"), ("proto", "protobuf conversion (convert.activation)")]
             if all(k in ins for k, _ in parts):
                 for k, label in parts:
                     lines.append(row(label, ins[k]))
+                    if k == "sign" and "ed25519" in ins:
+                        lines.append(row("of which the Ed25519 signature alone (cryptography / OpenSSL)", ins["ed25519"]))
                 rest = ins["activate"] - ins["replay"] - sum(ins[k] for k, _ in parts)
                 lines.append(row("rest of the in-process call: SQLAlchemy ORM/Core + our Python (difference)", rest))
-                if "accesslog" in ins:
-                    lines.append(row("of the gRPC part: the access log line (measured alone)", ins["accesslog"]))
+            if "accesslog" in ins:
+                lines.append(row("of the gRPC part: the access log line (measured alone)", ins["accesslog"]))
+            lines.append(row("**floor**: echo call (gRPC alone) + raw replay", echo.instructions + ins["replay"]))
+            if all(k in ins for k in MINIMUM):
+                lines.append(row("**floor + the parts measured alone** (signing, hashing, rules, protobuf, access log)",
+                                 minimum(echo, ins)))
     lines += ["", "### Conclusion", ""]
-    lines += conclusions(results, budget_us, budget_instr, echo_instr)
+    lines += conclusions(results, echo, budget_us, budget_instr, floors)
     lines += ["", "Statements of one activation (the last of the series):", ""]
     for r in results:
-        lines.append(f"- {r.backend}: " + "; ".join(f"`{s}`" for s in r.statements))
+        lines.append(f"- {r.backend}: " + "; ".join(f"`{st}`" for st in r.statements))
     return "\n".join(lines)
 
 
-def conclusions(results: list[BackendResult], budget_us: dict[str, float], budget_instr: dict[str, float],
-                echo_instr: int) -> list[str]:
+MINIMUM = ("replay", "sign", "hash", "rules", "proto", "accesslog")
+
+
+def minimum(echo: Echo, ins: dict[str, int]) -> int:
+    """What a server doing the same work with no ORM and no other code would cost at least: gRPC
+    (echo), the raw statements, and the parts measured alone."""
+    return echo.instructions + sum(ins[k] for k in MINIMUM)
+
+
+def conclusions(results: list[BackendResult], echo: Echo, budget_us: dict[str, float],
+                budget_instr: dict[str, float], floors: dict[str, dict[str, float]]) -> list[str]:
     out = []
     for r in results:
-        b = budget_us[r.backend]
-        floor_cpu, floor_wall = median_of(r.replay, "cpu_us"), median_of(r.replay, "wall_us")
-        full_cpu = median_of(r.inprocess, "cpu_us")
+        b, f = budget_us[r.backend], floors[r.backend]
+        raw = median_of(r.replay, "client_cpu_us")
         total = sum(r.profile.values())
         sa, dbapi = r.profile[SA] / total, r.profile[DBAPI] / total
-        text = (f"- **{r.backend}** (target >= {TARGET[r.backend]} x echo, budget {b:,.0f} us of machine time per "
-                f"activation): the raw statements alone ({r.ops['statements']:.1f} statements, "
-                f"{r.ops['commits']:.0f} commit) use {floor_cpu:,.0f} us of CPU = **{_pct(floor_cpu, b)} of the budget** "
-                f"({floor_wall:,.0f} us wall); the whole in-process path uses {full_cpu:,.0f} us = {_pct(full_cpu, b)}, "
-                f"of which SQLAlchemy {100 * sa:.0f}% and the DBAPI itself {100 * dbapi:.0f}% (cProfile).")
+        text = (f"- **{r.backend}** (>= {TARGET[r.backend]} x echo: B = {b:,.0f} us per activation): the raw "
+                f"statements alone ({r.ops['statements']:.1f} statements, {r.ops['commits']:.0f} commit) take "
+                f"{raw:,.0f} us of the server process's CPU = **{_pct(raw, b)} of B**")
+        if r.backend == "postgres":
+            text += (f", plus {median_of(r.replay, 'server_cpu_us'):,.0f} us in the PostgreSQL backend; with gRPC's own "
+                     f"cost (echo) the server process floor is {f['proc']:,.0f} us = **{_pct(f['proc'], b)} of B**, "
+                     f"the machine floor {f['machine']:,.0f} us = {_pct(f['machine'], 2 * b)} of 2 x B")
+        else:
+            wall = median_of(r.replay, "wall_us")
+            text += (f"; with gRPC's own cost (echo) the server process floor is {f['proc']:,.0f} us = "
+                     f"**{_pct(f['proc'], b)} of B**. SQLite has one writer: the write lock is held for the raw "
+                     f"transaction's wall time, {wall:,.0f} us ({wall - raw:,.0f} us of it waiting, mostly the "
+                     f"fsync of `synchronous=FULL`), which alone allows at most {1e6 / wall:,.0f} activations/s "
+                     f"(target {TARGET[r.backend] * echo.rps:,.0f}/s)")
+        text += (f". The whole in-process path plus echo is {f['full']:,.0f} us = {_pct(f['full'], b)} of B; "
+                 f"under the profiler SQLAlchemy is {100 * sa:.0f}% of it and the DBAPI {100 * dbapi:.0f}%.")
         ins = r.instructions
-        if ins and echo_instr and "grpc" in ins:
+        if ins and echo.instructions and "grpc" in ins:
             bi = budget_instr[r.backend]
-            text += (f" In instructions: the gRPC call is {ins['grpc']:,} = {ins['grpc'] / bi:.1f} x the budget "
-                     f"({bi:,.0f}); the in-process call alone {ins['activate'] / bi:.1f} x; the raw replay "
-                     f"{ins['replay'] / bi:.2f} x" + (" (client side only)" if r.backend == "postgres" else "") + ".")
-            ratio = echo_instr / ins["grpc"]
-            text += f" Ratio reachable by the server process as measured: {ratio:.3f} x echo."
+            text += (f" In instructions (server process): the gRPC call is {ins['grpc']:,} = {ins['grpc'] / bi:.1f} x "
+                     f"the budget of {bi:,.0f}, the in-process call {ins['activate'] / bi:.1f} x, echo + raw replay "
+                     f"**{(echo.instructions + ins['replay']) / bi:.2f} x**")
+            if all(k in ins for k in MINIMUM):
+                text += (f", and with the parts measured alone (signing, hashing, rules, protobuf, access log) "
+                         f"**{minimum(echo, ins) / bi:.2f} x**")
+            text += (f"; the ratio this code reaches, server-bound, is {echo.instructions / ins['grpc']:.3f} x echo "
+                     f"(the floor alone would reach {echo.instructions / (echo.instructions + ins['replay']):.2f}).")
         out.append(text)
     return out
 
