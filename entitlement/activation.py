@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, case, select
+from sqlalchemy import bindparam, case, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -114,10 +114,19 @@ def _request_hash(method: str, body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([method, body], sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Built once: every write with a request id looks its record up (on Core: the ORM's get costs more
+# than the statement, and nothing reads the record back through the session).
+_RECORD = select(IdempotencyRecord.method, IdempotencyRecord.request_sha256, IdempotencyRecord.response).where(
+    IdempotencyRecord.caller_id == bindparam("caller"), IdempotencyRecord.request_id == bindparam("request"))
+
+
+_INSERT_RECORD = insert(IdempotencyRecord)
+
+
 def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: str) -> dict[str, Any] | None:
     if not request_id:
         return None
-    rec = s.get(IdempotencyRecord, (caller.id, request_id))
+    rec = s.connection().execute(_RECORD, {"caller": caller.id, "request": request_id}).first()
     if rec is None:
         return None
     if rec.method != method or rec.request_sha256 != digest:
@@ -130,10 +139,10 @@ def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: st
 
 def _remember(s: Session, ctx: Context, caller: Caller, request_id: str, method: str, digest: str,
               result: dict[str, Any]) -> None:
-    if request_id:
-        s.add(IdempotencyRecord(caller_id=caller.id, request_id=request_id, method=method,
-                                request_sha256=digest, response=json.dumps(result).encode(),
-                                created_at=ctx.clock.now()))
+    if request_id:  # on Core, at once (see eventlog.append)
+        s.connection().execute(_INSERT_RECORD, {
+            "caller_id": caller.id, "request_id": request_id, "method": method, "request_sha256": digest,
+            "response": json.dumps(result).encode(), "created_at": ctx.clock.now()})
 
 
 def _with_retry(fn: Any, *args: Any) -> Any:
@@ -203,8 +212,9 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
-        existing = s.connection().execute(_EXISTING, {"program": program.id, "person": person_key,
-                                                      "today": today}).scalar_one_or_none()
+        # The person's live rows in this program, locked (one statement for both checks below).
+        live_rows = s.connection().execute(_LIVE_ROWS, {"program": program.id, "person": person_key}).all()
+        existing = next((r.id for r in live_rows if r.end_date >= today), None)
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the
             # replay check above and this query; its idempotency record is visible now (AIP-155).
@@ -217,7 +227,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                 f"activations/{existing}", reason="ACTIVATION_EXISTS",
                                 metadata={"activation": f"activations/{existing}"})
         # A live row past its end date is expired: record it so the unique index frees the slot.
-        _expire_stale(s, ctx, program.id, person_key, today)
+        _expire_stale(s, ctx, [r.id for r in live_rows if r.end_date < today], today)
         plan, end = decision.funding_plan, decision.access_end
         assert plan is not None and end is not None
         if not counters.reserve(s, program, plan.total_cents, today):
@@ -248,6 +258,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             not_before=int(now.timestamp()), expires_at=int(exp.timestamp())))
         eventlog.append(s, time=now, type="activation.created", actor=caller.actor,
                         subject=f"activations/{activation_id}", program_id=program.id, reason=cmd.reason,
+                        platform_id=cmd.platform_id, read_rollup_timezone=True,
                         payload={"job_seeker_ref": ctx.pseudo.person_ref(person_key),
                                  "program_version": program.version, "platform": cmd.platform_id,
                                  "start_date": today.isoformat(), "end_date": end.isoformat(),
@@ -264,18 +275,18 @@ def _cap_reached(program_name: str) -> ResourceExhausted:
                              metadata={"program": program_name})
 
 
-# Built once (the write path runs both at every activation).
-_EXISTING = select(Activation.id).where(
+# Built once (the write path runs it at every activation): the person's live activations in the
+# program, locked. A live one not past its end date refuses the activation (the unique index allows
+# one live row); one past its end date is expired first. On Core: one row at most, usually none.
+_LIVE_ROWS = select(Activation.id, Activation.end_date).where(
     Activation.program_id == bindparam("program"), Activation.person_key == bindparam("person"),
-    Activation.state.in_(LIVE), Activation.end_date >= bindparam("today"))
-_STALE = select(Activation).where(
-    Activation.program_id == bindparam("program"), Activation.person_key == bindparam("person"),
-    Activation.state.in_(LIVE), Activation.end_date < bindparam("today")).with_for_update()
+    Activation.state.in_(LIVE)).with_for_update()
 
 
-def _expire_stale(s: Session, ctx: Context, program_id: str, person_key: bytes, today: dt.date) -> None:
-    stale = s.execute(_STALE, {"program": program_id, "person": person_key, "today": today}).scalars().all()
-    for a in stale:
+def _expire_stale(s: Session, ctx: Context, stale_ids: list[str], today: dt.date) -> None:
+    for activation_id in stale_ids:  # locked by _LIVE_ROWS already
+        a = s.get(Activation, activation_id)
+        assert a is not None
         ledger.expire(s, ctx, a, today)  # as the settlement job would: consume, release, one event
 
 

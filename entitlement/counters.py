@@ -72,9 +72,11 @@ def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
     stmt = _RESERVE[(seats is not None, budget is not None)]
     if s.connection().execute(stmt, params).rowcount == 1:
         return True
-    if s.get(ProgramCounter, program.id) is not None:
-        return False  # the row is there: a cap refused
-    _ensure_row(s, program.id)
+    if s.get(ProgramCounter, program.id) is None:
+        _ensure_row(s, program.id)
+    # Again, whether we created the row or found it: on PostgreSQL a concurrent first activation of
+    # the program may have committed the row between the UPDATE above (no row then) and the read
+    # (READ COMMITTED). Only this UPDATE's answer says whether a cap refused.
     return bool(s.connection().execute(stmt, params).rowcount == 1)
 
 

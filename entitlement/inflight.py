@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from entitlement.errors import Aborted
@@ -65,10 +65,14 @@ def advisory_key(caller_id: str, request_id: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+# Built once (every write with a request id on PostgreSQL runs it), run on Core.
+_TRY_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger)))
+
+
 def lock(s: Session, caller_id: str, request_id: str) -> None:
     """PostgreSQL: take the request's advisory lock for this transaction, or answer ABORTED when
     another transaction (of any server process) holds it."""
     if not request_id or s.get_bind().dialect.name != "postgresql":
         return
-    if not s.execute(select(func.pg_try_advisory_xact_lock(advisory_key(caller_id, request_id)))).scalar_one():
+    if not s.connection().execute(_TRY_LOCK, {"key": advisory_key(caller_id, request_id)}).scalar_one():
         raise in_flight(request_id)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import Select, and_, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
 from entitlement import keyfiles, merkle, note
@@ -47,13 +47,27 @@ def _trailing_ones(n: int) -> int:
 
 
 _INSERT_NODES = insert(LogNode)
+# The left halves a leaf's new subtrees need: one statement per number of subtrees it closes, built
+# once (about 40 at most), so the write path never builds a query.
+_LEFT_HALVES: dict[int, Select[tuple[int, int, bytes]]] = {}
+
+
+def _left_halves(session: Session, index: int, closes: int) -> dict[merkle.Node, bytes]:
+    stmt = _LEFT_HALVES.get(closes)
+    if stmt is None:
+        stmt = _LEFT_HALVES[closes] = select(LogNode.level, LogNode.idx, LogNode.hash).where(
+            or_(*(and_(LogNode.level == level, LogNode.idx == bindparam(f"idx{level}")) for level in range(closes))))
+    rows = session.connection().execute(stmt, {f"idx{level}": (index >> level) - 1 for level in range(closes)})
+    found = {(int(level), int(idx)): bytes(h) for level, idx, h in rows}
+    _check_found([(level, (index >> level) - 1) for level in range(closes)], found)
+    return found
 
 
 def add_leaf(session: Session, index: int, leaf_hash: bytes) -> None:
     """Store leaf `index` (seq - 1) and the complete subtrees it closes. Call in the transaction
     that wrote the event, after taking its sequence number."""
     closes = _trailing_ones(index)  # subtrees of 2, 4, ... leaves ending with this leaf
-    left = fetch(session, [(level, (index >> level) - 1) for level in range(closes)]) if closes else {}
+    left = _left_halves(session, index, closes) if closes else {}
     rows = [{"level": 0, "idx": index, "hash": leaf_hash}]
     h = leaf_hash
     for level in range(closes):
@@ -79,12 +93,16 @@ def fetch(session: Session, nodes: Iterable[merkle.Node]) -> dict[merkle.Node, b
         condition = or_(*(and_(LogNode.level == level, LogNode.idx.in_(idxs)) for level, idxs in by_level.items()))
         for level, idx, h in session.execute(select(LogNode.level, LogNode.idx, LogNode.hash).where(condition)):
             found[(int(level), int(idx))] = bytes(h)
+    _check_found(wanted, found)
+    return found
+
+
+def _check_found(wanted: list[merkle.Node], found: dict[merkle.Node, bytes]) -> None:
     missing = [n for n in wanted if n not in found]
     if missing:
         level, idx = missing[0]
         raise DamagedLog(f"the event log's Merkle tree has no node (level {level}, index {idx}): log_nodes was "
                          f"damaged outside the service")
-    return found
 
 
 def root(session: Session, tree_size: int) -> bytes:

@@ -41,6 +41,7 @@ from sqlalchemy import delete, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from entitlement import eventlog
 from entitlement.storage.models import (Activation, LedgerEntry, LogHead, ReportDay, ReportMonth,
                                         ReportRollup)
 
@@ -111,7 +112,13 @@ _LOCK_LOG_HEAD = select(LogHead.id).where(LogHead.id == 1).with_for_update()
 
 
 def stored_timezone(s: Session) -> str:
-    tz = s.connection().execute(_TIMEZONE).scalar_one_or_none()
+    """The rollup's time zone: as read with this transaction's event sequence number when it has
+    one (entitlement.eventlog), else read now."""
+    taken = eventlog.head_taken(s)
+    if taken is not None and taken.timezone_read:
+        tz = taken.rollup_timezone
+    else:
+        tz = s.connection().execute(_TIMEZONE).scalar_one_or_none()
     return tz or DEFAULT_TIMEZONE
 
 
@@ -180,10 +187,11 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[
     if not months and not day_rows:
         return
     dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":
+    if dialect == "postgresql" and not eventlog.holds_log_head(s):
         # Every write transaction takes the event log's head row (entitlement.eventlog) before it
-        # commits: taking it first here (a no-op when held already) queues rollup writers on it,
-        # so rollup rows are always locked after it and two writers never deadlock on them.
+        # commits: taking it first here queues rollup writers on it, so rollup rows are always
+        # locked after it and two writers never deadlock on them. (Skipped, a round trip saved,
+        # when this transaction's event already holds it: the usual case of an activation.)
         s.connection().execute(_LOCK_LOG_HEAD)
     _upsert(s, dialect, ReportMonth, ("funder_id", "program_id", "month"), MONEY, months)
     _upsert(s, dialect, ReportDay, ("funder_id", "program_id", "day"), ACTIVITY, day_rows)
@@ -273,6 +281,7 @@ def rebuild(s: Session, timezone: str) -> tuple[int, int]:
     s.execute(delete(ReportDay))
     s.execute(delete(ReportRollup))
     s.add(ReportRollup(id=1, timezone=timezone))
+    eventlog.forget_head(s)  # a time zone read with an event of this transaction is no longer current
     s.flush()
     for model, keys, rows in ((ReportMonth, ("funder_id", "program_id", "month"), months),
                               (ReportDay, ("funder_id", "program_id", "day"), days)):

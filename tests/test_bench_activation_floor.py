@@ -1,0 +1,42 @@
+"""`python -m bench.activation_floor` at a tiny size on SQLite, without valgrind, so the benchmark
+cannot rot: it captured real activations, its raw replay wrote what they wrote (the bench checks
+the events, activations and ledger entries a replay leaves), and its figures hang together: the
+floor is below the full path, the budget is the targets' arithmetic on the echo rate, the profile
+saw SQLAlchemy and the DBAPI. Nothing about speed is asserted (that is what the benchmark prints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
+    out, js = tmp_path / "BENCHMARKS.md", tmp_path / "floor.json"
+    env = {**os.environ, "BENCH_BACKENDS": "sqlite", "BENCH_OUTPUT": str(out), "BENCH_JSON": str(js),
+           "BENCH_FLOOR_ACTIVATIONS": "12", "BENCH_FLOOR_WARMUP": "3", "BENCH_FLOOR_ROUNDS": "1",
+           "BENCH_FLOOR_VG_ACTIVATIONS": "0", "BENCH_FLOOR_ECHO_SECONDS": "0.5"}
+    proc = subprocess.run([sys.executable, "-m", "bench.activation_floor"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(js.read_text())
+    assert doc["echo"]["rps"] > 0 and doc["echo"]["server_cpu_us"] > 0
+    (sqlite,) = doc["backends"]
+    assert sqlite["backend"] == "sqlite"
+    # One transaction per activation, its statements captured (BEGIN IMMEDIATE included).
+    assert sqlite["ops"]["commits"] == 1 and sqlite["ops"]["statements"] >= 8
+    assert "synchronous=FULL" in sqlite["durability"] and "journal_mode=wal" in sqlite["durability"]
+    replay, full = sqlite["replay"][0], sqlite["inprocess"][0]
+    assert 0 < replay["client_cpu_us"] < full["client_cpu_us"]  # the floor is below the whole path
+    assert 0 < replay["wall_us"] < full["wall_us"]
+    assert sqlite["profile_us"]["SQLAlchemy ORM/Core"] > 0
+    assert sum(v for k, v in sqlite["profile_us"].items() if k.startswith("raw DBAPI")) > 0
+    text = out.read_text()
+    assert text.count("<!-- section:activation-floor -->") == 1 and "<!-- /section:activation-floor -->" in text
+    budget = 1e6 / (0.25 * doc["echo"]["rps"])
+    assert f"| sqlite | >= 0.25 x echo | {0.25 * doc['echo']['rps']:,.0f} | {budget:,.0f} |" in text
+    assert "### Conclusion" in text and "of B" in text
