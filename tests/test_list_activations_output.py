@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
@@ -309,3 +308,21 @@ def test_a_listed_decision_is_shared_only_by_rows_that_show_the_same() -> None:
                   stored(registry_extracted_on="2026-03-14"),
                   stored().replace('"id": 4', '"id": 5'), stored().replace('"open"', '"open "')):
         assert audit._listed_decision(other) is not first, other
+
+
+def test_a_page_is_one_statement_and_no_transaction(api: Api) -> None:
+    """A page is read by one statement on the autocommit pool: one consistent snapshot, and the
+    next page's token is taken from the rows it returned (issue "Step 7": one round trip per read)."""
+    from test_round_trips import counting
+
+    for _ in range(3):
+        api.activate()
+    request = audit_pb2.ListActivationsRequest(page_size=2)
+    first = api.admin.ListActivations(request)
+    assert first.next_page_token
+    for req in (request, audit_pb2.ListActivationsRequest(page_size=2, page_token=first.next_page_token)):
+        with counting(api) as trips:
+            page = api.admin.ListActivations(req)
+        assert page.activations
+        assert len(trips.statements["autocommit"]) == 1, trips
+        assert trips.statements["transactional"] == [] and trips.transactions == 0, trips
