@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Date, and_, bindparam, case, func, or_, select, tuple_
+from sqlalchemy import Date, Integer, and_, bindparam, case, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
@@ -146,7 +146,7 @@ def _listed_query(shape: tuple[bool, bool, str, bool, bool, bool]) -> Select[Any
         q = q.where(tuple_(Activation.created_at, Activation.id) <
                     tuple_(bindparam("after_time", type_=Activation.created_at.type),
                            bindparam("after_id", type_=Activation.id.type)))
-    q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(bindparam("limit"))
+    q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(bindparam("limit", type_=Integer))
     _LISTED_QUERIES[shape] = q
     return q
 
