@@ -295,7 +295,7 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
             if ACTIVATE not in cfg.rpcs:
                 # Something to list: the pages the runs read, made by the real RPC (unmeasured).
                 fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=f"{backend}:listed",
-                                      count=LIST_PAGES * 100))
+                                      count=LIST_PAGES * 100, concurrency=4))
             pages = client.ask("pages", PagesSpec(port=srv.port, token=fund, first=list_first_page(),
                                                   pages=LIST_PAGES))
             runner.closed_then_half(backend, group, LIST, requests=pages, token=fund)
