@@ -28,6 +28,10 @@ Settings (environment):
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
   BENCH_OUTPUT       BENCHMARKS.md (its "rpcs" section is rewritten); "-" to only print
   BENCH_JSON         also write every result as JSON to this file (the test reads it)
+  BENCH_RPCS         only these RPCs, e.g. ListActivations (all five by default); the echo floor is
+                     still measured. A partial run only prints: it never rewrites BENCHMARKS.md. Without
+                     ActivateEntitlement, ListActivations lists activations made before its runs by
+                     unmeasured ActivateEntitlement calls.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class RpcsConfig:
     output: Path | None
     json_path: Path | None
     keep: bool
+    rpcs: tuple[str, ...] = RPCS
 
     @classmethod
     def from_env(cls) -> "RpcsConfig":
@@ -101,6 +106,11 @@ class RpcsConfig:
             raise SystemExit("BENCH_SECONDS must be positive")
         out = os.environ.get("BENCH_OUTPUT", "").strip()
         js = os.environ.get("BENCH_JSON", "").strip()
+        rpcs = tuple(_list("BENCH_RPCS", ",".join(RPCS)))
+        if not rpcs or set(rpcs) - set(RPCS):
+            raise SystemExit(f"BENCH_RPCS: unknown RPC(s) {', '.join(sorted(set(rpcs) - set(RPCS)))}; "
+                             f"choose among {', '.join(RPCS)}")
+        partial = set(rpcs) != set(RPCS)
         return cls(
             quick=quick, seconds=seconds, warmup=_float("BENCH_WARMUP", 0.2 if quick else 1.0), concurrency=conc,
             channels=max(_int("BENCH_CHANNELS", 16), 1),
@@ -110,8 +120,9 @@ class RpcsConfig:
             backends=backends, scaling=os.environ.get("BENCH_SCALING", "1") != "0",
             pg_admin_url=os.environ.get("BENCH_PG_URL", "").strip() or "postgresql://postgres@127.0.0.1:5432/test",
             log_level=os.environ.get("BENCH_LOG_LEVEL", "").strip() or "info",
-            output=None if out == "-" else Path(out) if out else ROOT / "BENCHMARKS.md",
-            json_path=Path(js) if js else None, keep=os.environ.get("BENCH_KEEP", "") == "1")
+            output=None if out == "-" or partial else Path(out) if out else ROOT / "BENCHMARKS.md",
+            json_path=Path(js) if js else None, keep=os.environ.get("BENCH_KEEP", "") == "1",
+            rpcs=tuple(r for r in RPCS if r in rpcs))
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -272,28 +283,24 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
         say(f"bench.rpcs: {backend}: {len(accounts)} accounts redeemed for VerifyEntitlement; {size:,} eligible "
             f"people in the ActivateEntitlement pool ({time.monotonic() - t:.1f} s)")
 
-        runner.closed_then_half(backend, group, CHECK, requests=check_requests(common.people), token=adv)
-        runner.closed_then_half(backend, group, VERIFY, requests=verify_requests(accounts), token=plat)
-        runner.closed_then_half(backend, group, ACTIVATE, token=adv, pool=activate_pool, keep_tokens=redeem_pool)
+        if CHECK in cfg.rpcs:
+            runner.closed_then_half(backend, group, CHECK, requests=check_requests(common.people), token=adv)
+        if VERIFY in cfg.rpcs:
+            runner.closed_then_half(backend, group, VERIFY, requests=verify_requests(accounts), token=plat)
+        if ACTIVATE in cfg.rpcs:
+            runner.closed_then_half(backend, group, ACTIVATE, token=adv, pool=activate_pool, keep_tokens=redeem_pool)
+        if REDEEM in cfg.rpcs:
+            measure_redeem(runner, cfg, backend, group, adv, plat, activate_pool, redeem_pool)
+        if LIST in cfg.rpcs:
+            if ACTIVATE not in cfg.rpcs:
+                # Something to list: the pages the runs read, made by the real RPC (unmeasured).
+                fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=f"{backend}:listed",
+                                      count=LIST_PAGES * 100, concurrency=4))
+            pages = client.ask("pages", PagesSpec(port=srv.port, token=fund, first=list_first_page(),
+                                                  pages=LIST_PAGES))
+            runner.closed_then_half(backend, group, LIST, requests=pages, token=fund)
 
-        # Tokens for the first run are sized on 3 x the activations' best throughput (a redemption
-        # writes less: it reached 2.5 x on SQLite), for the later ones on what redemption itself
-        # reached; a window whose tokens run out ends early, and the table says so.
-        guess = 3 * max(r.rps for r in runner.results if r.backend == backend and r.method == ACTIVATE)
-        best = 0.0
-        for c in cfg.concurrency:
-            fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
-                                  count=redeem_tokens_needed(cfg, best * 1.2 or guess)))
-            best = max(best, runner.run(backend, group, REDEEM, token=plat, concurrency=c, pool=redeem_pool).rps)
-        if best > 0:
-            fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
-                                  count=redeem_tokens_needed(cfg, best / 2)))
-            runner.run(backend, group, REDEEM, token=plat, rate=best / 2, pool=redeem_pool)
-
-        pages = client.ask("pages", PagesSpec(port=srv.port, token=fund, first=list_first_page(), pages=LIST_PAGES))
-        runner.closed_then_half(backend, group, LIST, requests=pages, token=fund)
-
-    if backend == "postgres" and cfg.scaling:
+    if backend == "postgres" and cfg.scaling and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say("bench.rpcs: postgres: 1 vs 2 server processes on one port, alternating rounds")
         conc = max(cfg.concurrency)
         with server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port())) as one, \
@@ -303,6 +310,24 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
         with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port())) as one, \
                 server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), processes=2)) as two:
             runner.compare("-", [one, two], ECHO, conc, requests=check_requests(common.people, 1))
+
+
+def measure_redeem(runner: Runner, cfg: RpcsConfig, backend: str, group: list[Server], adv: str, plat: str,
+                   activate_pool: str, redeem_pool: str) -> None:
+    client, srv = runner.client, group[0]
+    # Tokens for the first run are sized on 3 x the activations' best throughput (a redemption
+    # writes less: it reached 2.5 x on SQLite), for the later ones on what redemption itself
+    # reached; a window whose tokens run out ends early, and the table says so.
+    guess = 3 * max((r.rps for r in runner.results if r.backend == backend and r.method == ACTIVATE), default=100.0)
+    best = 0.0
+    for c in cfg.concurrency:
+        fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
+                              count=redeem_tokens_needed(cfg, best * 1.2 or guess)))
+        best = max(best, runner.run(backend, group, REDEEM, token=plat, concurrency=c, pool=redeem_pool).rps)
+    if best > 0:
+        fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
+                              count=redeem_tokens_needed(cfg, best / 2)))
+        runner.run(backend, group, REDEEM, token=plat, rate=best / 2, pool=redeem_pool)
 
 
 def fill(client: Client, spec: FillSpec) -> None:

@@ -4,20 +4,23 @@ A funder's scope (the programs it funds) is applied inside each query."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, func, or_, select, tuple_
+from sqlalchemy import Date, Integer, and_, bindparam, case, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
-from entitlement import rollup
-from entitlement.activation import LIVE, ActivationView, view
+from entitlement import rollup, rules
+from entitlement.activation import LIVE
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, PermissionDenied
 from entitlement.paging import PageTokens, page_size
+from entitlement.registry import SnapshotRef
 from entitlement.storage.db import utc
 from entitlement.storage.models import Activation, Event, LedgerEntry, LogNode, ReportMonth
 
@@ -81,45 +84,160 @@ def _scope_programs(ctx: Context, caller: Caller, funder: str, program_id: str) 
     return funded
 
 
-def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: int,
-                     token: str) -> tuple[list[ActivationView], str]:
-    size = page_size(size, default=50, maximum=500)
-    filters = asdict(f) | {"caller": caller.id}
-    position = _tokens(ctx).read(token, "activations", filters)
-    programs = _scope_programs(ctx, caller, f.funder, f.program_id)
-    q: Select[tuple[Activation]] = select(Activation)
-    if programs is not None:
-        q = q.where(Activation.program_id.in_(programs))
-    if f.agency_code:
-        q = q.where(Activation.agency_code == f.agency_code)
-    today = ctx.clock.today()
-    if f.state == "expired":
+class ListedActivation(NamedTuple):
+    """An activation as ListActivations shows it: ActivationView's fields, read as plain columns
+    (no ORM instance; a page of 100 is a hot read). `decision` is the stored decision less the
+    circumstances no listing shows (the caps' counters and the mentor: zero and empty here), one
+    object shared by every row whose stored decision differs only in those, with its `snapshot`."""
+
+    id: str
+    program_id: str
+    state: str  # effective: a live activation past its end date is expired
+    person_ref: str
+    advisor_id: str
+    agency_code: str
+    start_date: dt.date
+    end_date: dt.date
+    created_at: dt.datetime  # the three instants are UTC, naive when the database returns them so (SQLite)
+    updated_at: dt.datetime
+    platform_id: str
+    account_id: str | None
+    redeemed_at: dt.datetime | None
+    decision: rules.Decision
+    snapshot: SnapshotRef | None
+    state_reason: str
+
+
+# What a listed page reads of an activation (not program_version, snapshot_id nor token_jti).
+_LISTED_COLUMNS = (Activation.id, Activation.program_id, Activation.state, Activation.person_key,
+                   Activation.advisor_id, Activation.agency_code, Activation.start_date, Activation.end_date,
+                   Activation.created_at, Activation.updated_at, Activation.platform_id, Activation.account_id,
+                   Activation.redeemed_at, Activation.decision_json, Activation.state_reason)
+_LISTED_QUERIES: dict[tuple[Any, ...], Select[Any]] = {}
+
+
+def _listed_query(shape: tuple[bool, bool, str, bool, bool, bool]) -> Select[Any]:
+    """The statement of one combination of filters (which are set, not their values: those are
+    bound parameters), built once: building a select costs more than running it on a small page."""
+    q = _LISTED_QUERIES.get(shape)
+    if q is not None:
+        return q
+    scoped, agency, state, created_from, created_to, position = shape
+    q = select(*_LISTED_COLUMNS)
+    if scoped:
+        q = q.where(Activation.program_id.in_(bindparam("programs", expanding=True)))
+    if agency:
+        q = q.where(Activation.agency_code == bindparam("agency_code"))
+    if state == "expired":
         q = q.where(or_(Activation.state == "expired",
-                        and_(Activation.state.in_(LIVE), Activation.end_date < today)))
-    elif f.state in LIVE:
-        q = q.where(Activation.state == f.state, Activation.end_date >= today)
-    elif f.state:
-        q = q.where(Activation.state == f.state)
-    if f.created_from:
-        q = q.where(Activation.created_at >= f.created_from)
-    if f.created_to:
-        q = q.where(Activation.created_at < f.created_to)
+                        and_(Activation.state.in_(LIVE), Activation.end_date < bindparam("today", type_=Date))))
+    elif state in LIVE:
+        q = q.where(Activation.state == bindparam("state"), Activation.end_date >= bindparam("today", type_=Date))
+    elif state:
+        q = q.where(Activation.state == bindparam("state"))
+    if created_from:
+        q = q.where(Activation.created_at >= bindparam("created_from", type_=Activation.created_at.type))
+    if created_to:
+        q = q.where(Activation.created_at < bindparam("created_to", type_=Activation.created_at.type))
     if position:
-        after_time, after_id = dt.datetime.fromisoformat(position[0]), position[1]
         # A row-value comparison: both backends seek the (created_at, id) index to the position, so
         # a page costs the same at any depth (an OR of the two conditions made PostgreSQL filter
         # every newer row again).
-        q = q.where(tuple_(Activation.created_at, Activation.id) < tuple_(after_time, after_id))
-    q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(size + 1)
-    with ctx.db.read() as s:
-        rows = list(s.execute(q).scalars())
+        q = q.where(tuple_(Activation.created_at, Activation.id) <
+                    tuple_(bindparam("after_time", type_=Activation.created_at.type),
+                           bindparam("after_id", type_=Activation.id.type)))
+    q = q.order_by(Activation.created_at.desc(), Activation.id.desc()).limit(bindparam("limit", type_=Integer))
+    _LISTED_QUERIES[shape] = q
+    return q
+
+
+_LISTED_DECISIONS: dict[object, tuple[rules.Decision, SnapshotRef | None]] = {}
+_LISTED_DECISIONS_MAX = 1024
+# A decision's circumstances as activation.py stores them (json.dumps, sorted keys), the two the
+# Activation message shows captured as they are written.
+_CIRCUMSTANCES_AT = '"circumstances": {'
+_CIRCUMSTANCES = re.compile(r'"circumstances": \{"cents_committed": -?\d+, "facts_source": ("[a-z_]*"), '
+                            r'"mentor_id": "[A-Za-z0-9._-]*", "registry_extracted_on": ("\d{4}-\d\d-\d\d"|null), '
+                            r'"seats_used": -?\d+\}')
+
+
+def _listed_decision(stored_json: str) -> tuple[rules.Decision, SnapshotRef | None]:
+    """The decision and snapshot of a stored decision as a listing shows them, decoded once per
+    distinct content: the rows of a page mostly share their program, day and rules' answer, and
+    differ in the circumstances no listing shows (the caps' counters, which every activation
+    counts up, and the mentor). Of the circumstances only the two the Activation message shows
+    (the facts' source and the registry's extraction date) are kept, in the key and the decision.
+
+    The key is the stored text less its `circumstances` object, where it was, and those two
+    values: two texts with one key differ only in the three left out. The object is found only
+    where it is one (a quote inside a JSON string is escaped); a decision stored in another shape
+    is keyed by its whole text."""
+    key: object = stored_json
+    at = stored_json.find(_CIRCUMSTANCES_AT)
+    m = _CIRCUMSTANCES.match(stored_json, at) if at >= 0 else None
+    if m is not None:
+        key = (at, stored_json[:at] + stored_json[m.end():], m[1], m[2])
+    hit = _LISTED_DECISIONS.get(key)
+    if hit is None:
+        stored = json.loads(stored_json)
+        decision = rules.decision_from_dict(stored["decision"])
+        shown = rules.Circumstances(registry_extracted_on=decision.circumstances.registry_extracted_on,
+                                    facts_source=decision.circumstances.facts_source)
+        snap = stored.get("registry_snapshot")
+        hit = (replace(decision, circumstances=shown),
+               SnapshotRef(snap["id"], dt.date.fromisoformat(snap["extracted_on"])) if snap else None)
+        if len(_LISTED_DECISIONS) >= _LISTED_DECISIONS_MAX:
+            _LISTED_DECISIONS.clear()
+        _LISTED_DECISIONS[key] = hit
+    return hit
+
+
+def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: int,
+                     token: str) -> tuple[list[ListedActivation], str]:
+    """One page, newest first, and the token of the next ("" on the last). One statement on the
+    autocommit pool: it reads one consistent snapshot, and the next page's token is taken from
+    the rows it returned."""
+    size = page_size(size, default=50, maximum=500)
+    filters = asdict(f) | {"caller": caller.id}
+    tokens = _tokens(ctx)
+    position = tokens.read(token, "activations", filters)
+    programs = _scope_programs(ctx, caller, f.funder, f.program_id)
+    today = ctx.clock.today()
+    params: dict[str, Any] = {"limit": size + 1}
+    if programs is not None:
+        params["programs"] = programs
+    if f.agency_code:
+        params["agency_code"] = f.agency_code
+    if f.state:
+        params["state"], params["today"] = f.state, today
+    if f.created_from:
+        params["created_from"] = f.created_from
+    if f.created_to:
+        params["created_to"] = f.created_to
+    if position:
+        params["after_time"], params["after_id"] = dt.datetime.fromisoformat(position[0]), position[1]
+    q = _listed_query((programs is not None, bool(f.agency_code), f.state, bool(f.created_from),
+                       bool(f.created_to), bool(position)))
+    with ctx.db.snapshot() as conn:
+        rows = conn.execute(q, params).all()
     more = len(rows) > size
-    rows = rows[:size]
+    if more:
+        del rows[size:]
+    ref = ctx.pseudo.person_ref
+    items = []
+    for (aid, program_id, state, person_key, advisor_id, agency_code, start_date, end_date, created_at, updated_at,
+         platform_id, account_id, redeemed_at, stored, state_reason) in rows:
+        if state in LIVE and end_date < today:
+            state = "expired"  # activation.effective_state
+        decision, snapshot = _listed_decision(stored)
+        items.append(ListedActivation(
+            aid, program_id, state, ref(person_key), advisor_id, agency_code, start_date, end_date, created_at,
+            updated_at, platform_id, account_id, redeemed_at, decision, snapshot, state_reason))
     next_token = ""
     if more:
-        last = rows[-1]
-        next_token = _tokens(ctx).issue("activations", filters, [utc(last.created_at).isoformat(), last.id])
-    return [view(ctx, a) for a in rows], next_token
+        last = items[-1]
+        next_token = tokens.issue("activations", filters, [utc(last.created_at).isoformat(), last.id])
+    return items, next_token
 
 
 def _month_bounds(label: str) -> tuple[dt.date, dt.date]:

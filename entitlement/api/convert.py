@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 
 from entitlement import rules
 from entitlement.activation import ActivationView, EntitlementStatus
-from entitlement.audit import EventView, ReportRow
+from entitlement.audit import EventView, ListedActivation, ReportRow
 from entitlement.changes import Change
 from entitlement.programs import Program
 from entitlement.registry import SnapshotRef
@@ -86,6 +87,56 @@ def activation(a: ActivationView) -> activation_pb2.Activation:
         account_id=a.account_id or "", redeem_time=timestamp(a.redeemed_at),
         decision=decision(a.decision, a.snapshot), funding=funding_plan(a.decision.funding_plan),
         state_reason=a.state_reason)
+
+
+def listed_activations(items: Sequence[ListedActivation], next_page_token: str) -> audit_pb2.ListActivationsResponse:
+    """A page of ListActivations: for each item, the message activation() builds, byte for byte
+    (tests/test_list_activations_output.py), built in place in the response (a message passed to a
+    constructor is copied, twice for an Activation in a list) from plain values, the decision and
+    funding serialized once per shared decision (audit.ListedActivation) and parsed into each."""
+    out = audit_pb2.ListActivationsResponse(next_page_token=next_page_token)
+    add = out.activations.add
+    for (aid, program_id, state, person_ref, advisor_id, agency_code, start_date, end_date, created_at, updated_at,
+         platform_id, account_id, redeemed_at, d, snapshot, state_reason) in items:
+        m = add(name="activations/" + aid, program="programs/" + program_id, state=STATE_TO_PROTO[state],
+                job_seeker_ref=person_ref, advisor_id=advisor_id, agency_code=agency_code,
+                start_date=_date_fields(start_date), end_date=_date_fields(end_date),
+                create_time=_timestamp_fields(created_at), update_time=_timestamp_fields(updated_at),
+                platform="platforms/" + platform_id, account_id=account_id or "",
+                redeem_time=None if redeemed_at is None else _timestamp_fields(redeemed_at), state_reason=state_reason)
+        m.MergeFromString(_decision_fields(d, snapshot))
+    return out
+
+
+def _date_fields(d: dt.date) -> dict[str, int]:
+    return {"year": d.year, "month": d.month, "day": d.day}
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH_NAIVE = dt.datetime(1970, 1, 1)
+
+
+def _timestamp_fields(t: dt.datetime) -> dict[str, int]:
+    """Timestamp.FromDatetime's fields: whole seconds since the epoch (rounded down), and the
+    microseconds as nanos; a naive datetime is UTC (as FromDatetime takes it)."""
+    since = t - (_EPOCH_NAIVE if t.tzinfo is None else _EPOCH)
+    return {"seconds": since.days * 86400 + since.seconds, "nanos": t.microsecond * 1000}
+
+
+def _decision_fields(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
+    """An Activation's `decision` and `funding` fields, serialized; once per decision object."""
+    hit = _DECISION_FIELDS.get(id(d))
+    if hit is not None and hit[0] is d and hit[1] is snapshot:
+        return hit[2]
+    raw = activation_pb2.Activation(decision=decision(d, snapshot), funding=funding_plan(d.funding_plan)
+                                    ).SerializeToString()
+    if len(_DECISION_FIELDS) >= 1024:
+        _DECISION_FIELDS.clear()
+    _DECISION_FIELDS[id(d)] = (d, snapshot, raw)
+    return raw
+
+
+_DECISION_FIELDS: dict[int, tuple[rules.Decision, SnapshotRef | None, bytes]] = {}
 
 
 def status(s: EntitlementStatus) -> activation_pb2.EntitlementStatus:

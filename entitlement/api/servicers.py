@@ -197,8 +197,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         items, token = audit.list_activations(self.ctx, current_caller(), audit.ActivationFilter(
             program_id, request.funder, request.agency_code, state, created_from, created_to),
             request.page_size, request.page_token)
-        return audit_pb2.ListActivationsResponse(activations=[convert.activation(a) for a in items],
-                                                 next_page_token=token)
+        return convert.listed_activations(items, token)
 
     def GetFundingReport(self, request: audit_pb2.GetFundingReportRequest,
                          context: grpc.ServicerContext) -> audit_pb2.GetFundingReportResponse:
