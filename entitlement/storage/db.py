@@ -229,6 +229,17 @@ class Database:
                 with session.begin():
                     yield session
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A SQLAlchemy connection of the autocommit pool, for a read of ONE statement whose rows
+        need SQLAlchemy (a funder's page of activations: its statement varies with the filters);
+        every statement sees the database as of its own start, no BEGIN / COMMIT. The hot reads of
+        single rows use `self.hot` instead."""
+        if self._refuse_reads:
+            raise DatabaseDown()
+        with _deadline_errors(), self.reader.connect() as conn:
+            yield conn
+
     def dispose(self) -> None:
         self.hot.invalidate()
         self.engine.dispose()
