@@ -51,7 +51,8 @@ class QueryCounter:
         from sqlalchemy import event
         self.counts = {"statements": 0, "transactions": 0, "checkouts": 0}
         self._lock = threading.Lock()
-        event.listen(db.engine, "before_cursor_execute", lambda *a: self._add("statements"))
+        for engine in (db.engine, db.reader):  # transactions, and the autocommit pool (Database.snapshot)
+            event.listen(engine, "before_cursor_execute", lambda *a: self._add("statements"))
         db.hot.listeners.append(lambda _sql: self._add("statements"))  # the hot reads' DBAPI statements
         event.listen(db.engine, "commit", lambda *a: self._add("transactions"))
         event.listen(db.engine, "rollback", lambda *a: self._add("transactions"))
