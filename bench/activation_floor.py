@@ -57,7 +57,7 @@ import psycopg
 
 from bench.common import say
 from bench.prepare import Common, prepare_common
-from bench.procs import commit, loadavg, machine, pg_version, usable_backends
+from bench.procs import commit, loadavg, machine, usable_backends
 
 ADVISOR = "bench-advisor"
 PROGRAM_NAME = "programs/premium-job-seekers"
