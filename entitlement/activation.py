@@ -9,9 +9,10 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import bindparam, case, insert, select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -394,20 +395,25 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         return _status(ctx, a, account_id)
 
 
-# Built once (the platform calls it at every login): the account's live activation first, else the
-# latest; only the columns the answer needs, run on Core.
+# Built once (the platform calls it at every login): the account's activations on this platform,
+# only the columns the answer needs (an account has one, or a few over the years: choosing in Python
+# spares SQLite a sorter, a third of the statement's cost).
 _VERIFY = (
     select(Activation.id, Activation.program_id, Activation.state, Activation.end_date)
     .where(Activation.platform_id == bindparam("platform"), Activation.account_id == bindparam("account"))
-    .order_by(case((Activation.state.in_(LIVE) & (Activation.end_date >= bindparam("today")), 0), else_=1),
-              Activation.state != "active", Activation.end_date.desc())
-    .limit(1)
 )
+
+
+def _verify_order(today: dt.date) -> Callable[[Any], tuple[int, bool, int]]:
+    """The account's live activation first (live state, not past its end), then an active one,
+    then the latest end."""
+    return lambda r: (0 if r.state in LIVE and r.end_date >= today else 1, r.state != "active",
+                      -r.end_date.toordinal())
 
 
 def verify(ctx: Context, caller: Caller, account_id: str) -> EntitlementStatus:
     # One statement, no transaction, straight on the DBAPI (entitlement/storage/hotread.py).
-    row = ctx.db.hot.first(_VERIFY, {"platform": caller.platform_id, "account": account_id,
-                                     "today": ctx.clock.today()})
+    rows = ctx.db.hot.all(_VERIFY, {"platform": caller.platform_id, "account": account_id})
+    row = (rows[0] if len(rows) == 1 else min(rows, key=_verify_order(ctx.clock.today()))) if rows else None
     return _status(ctx, row, account_id)  # a Row has the attributes _status reads
 

@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, case, select, text
 from sqlalchemy.exc import DBAPIError
 from support import Api, identity, next_person
 
-from entitlement.activation import _VERIFY
+from entitlement.activation import _VERIFY, LIVE
 from entitlement.counters import _ALL_USAGE
 from entitlement.registry import _LOOKUP
 from entitlement.storage.db import Database, DatabaseDown
@@ -55,6 +55,17 @@ def in_thread(fn: Callable[[], Any]) -> Any:
     return out["value"]
 
 
+# The statement VerifyEntitlement ran before it chose in Python: an IN list of constants (rendered
+# once, when prepared), a CASE, per-call dates.
+_LIVE_FIRST = (
+    select(Activation.id, Activation.program_id, Activation.state, Activation.end_date)
+    .where(Activation.platform_id == bindparam("platform"), Activation.account_id == bindparam("account"))
+    .order_by(case((Activation.state.in_(LIVE) & (Activation.end_date >= bindparam("today")), 0), else_=1),
+              Activation.state != "active", Activation.end_date.desc())
+    .limit(1)
+)
+
+
 def test_rows_are_the_ones_sqlalchemy_reads(api: Api) -> None:
     """Registry lookups (dates: strings in SQLite, converted), verifications (an IN list of
     constants rendered once) and counters, hot and through SQLAlchemy, on the server's database."""
@@ -66,7 +77,8 @@ def test_rows_are_the_ones_sqlalchemy_reads(api: Api) -> None:
     keys = [api.h.ctx.pseudo.person_key(next_person()[0]) for _ in range(5)] + [b"\x00" * 32]
     today = api.h.ctx.clock.today()
     cases = [(_LOOKUP, {"person_key": k}) for k in keys]
-    cases += [(_VERIFY, {"platform": "openclassrooms", "account": a, "today": d})
+    cases += [(_VERIFY, {"platform": "openclassrooms", "account": a}) for a in (account, "acct-nobody")]
+    cases += [(_LIVE_FIRST, {"platform": "openclassrooms", "account": a, "today": d})  # IN of constants
               for a in (account, "acct-nobody") for d in (today, today + dt.timedelta(days=4000))]
     cases.append((_ALL_USAGE, {}))
     found_dates = 0
@@ -196,3 +208,29 @@ def test_a_finished_threads_connection_is_closed(db: Database) -> None:
     assert len(db.hot._open) == 0  # nothing keeps the ended thread's connection for dispose()
     with pytest.raises(Exception):  # noqa: B017 - sqlite3.ProgrammingError / psycopg.OperationalError
         kept.execute("SELECT 1")
+
+
+def test_verify_chooses_as_the_ordered_statement_did(db: Database) -> None:
+    """VerifyEntitlement reads all of an account's activations and chooses in Python: the same
+    choice as the ORDER BY it replaced, over random histories (ties compared by their sort key)."""
+    import random
+
+    from entitlement.activation import _verify_order
+    rng = random.Random(8)
+    base = dt.date(2026, 3, 16)
+    now = dt.datetime(2026, 3, 16, tzinfo=dt.timezone.utc)
+    with db.engine.begin() as conn:
+        for n in range(80):
+            for i in range(rng.randint(1, 5)):
+                conn.execute(Activation.__table__.insert().values(
+                    id=uuid.uuid4().hex, program_id=f"p{i}", program_version="1", person_key=uuid.uuid4().bytes * 2,
+                    state=rng.choice(["active", "suspended", "revoked", "expired"]), start_date=base,
+                    end_date=base + dt.timedelta(days=rng.randint(-400, 400)), advisor_id="a", agency_code="1",
+                    platform_id="pf", state_reason="", decision_json="{}", snapshot_id=None, token_jti="j",
+                    account_id=f"acct-{n}", redeemed_at=now, created_at=now, updated_at=now))
+    for n in range(80):
+        rows = db.hot.all(_VERIFY, {"platform": "pf", "account": f"acct-{n}"})
+        for today in (base - dt.timedelta(days=500), base, base + dt.timedelta(days=200)):
+            key = _verify_order(today)
+            expected = db.hot.first(_LIVE_FIRST, {"platform": "pf", "account": f"acct-{n}", "today": today})
+            assert key(min(rows, key=key)) == key(expected), (n, today, rows)
