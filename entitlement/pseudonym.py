@@ -14,11 +14,34 @@ import secrets
 from pathlib import Path
 
 
+class PrefixedHmac:
+    """HMAC-SHA256(key, prefix || message) (RFC 2104), with the hash states after the padded key
+    and the prefix computed once: a pseudonym is computed at every check, and OpenSSL's one-shot
+    HMAC sets its context up again each time (2.5x the cost; tests/test_pseudonym.py holds the two
+    equal)."""
+
+    def __init__(self, key: bytes, prefix: bytes = b"") -> None:
+        if len(key) > 64:  # SHA-256's block size
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + prefix)
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()  # (hashlib objects copy under their own lock: thread-safe)
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 class Pseudonymizer:
     def __init__(self, key: bytes) -> None:
         if len(key) < 32:
             raise ValueError("pseudonym key must be at least 32 bytes")
         self._key = key
+        self._person = PrefixedHmac(key, b"person\x00")
+        self._ref = PrefixedHmac(key, b"ref\x00")
 
     @classmethod
     def from_file(cls, path: Path, *, create: bool = False) -> "Pseudonymizer":
@@ -37,11 +60,11 @@ class Pseudonymizer:
 
     def person_key(self, agency_id: str) -> bytes:
         """Registry lookup key of a job seeker: 32 bytes, stored instead of the agency id."""
-        return hmac.digest(self._key, b"person\x00" + agency_id.encode(), "sha256")
+        return self._person.digest(agency_id.encode())
 
     def person_ref(self, person_key: bytes) -> str:
         """The pseudonym shown in activations, audit output and logs (hex, 32 chars)."""
-        return hmac.new(self._key, b"ref\x00" + person_key, hashlib.sha256).hexdigest()[:32]
+        return self._ref.digest(person_key).hex()[:32]
 
     def platform_subject(self, platform_id: str, person_key: bytes) -> str:
         """Per-platform pseudonym (`sub` of tokens): two platforms cannot link their users."""

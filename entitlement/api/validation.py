@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from functools import lru_cache
 
 from google.api import field_behavior_pb2
 from google.protobuf import timestamp_pb2
@@ -24,27 +23,34 @@ ACCOUNT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 MAX_REASON = 500
 
 
-@lru_cache(maxsize=None)
-def _required_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
-    out = []
-    for f in descriptor.fields:
-        behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
-        if field_behavior_pb2.REQUIRED in behaviors:
-            out.append(f)
-    return tuple(out)
+_MESSAGE, _STRING, _OTHER = 0, 1, 2
+
+
+def _required_fields(descriptor: Descriptor) -> tuple[tuple[str, int], ...]:
+    """(name, kind) of the REQUIRED fields (per the proto annotations), read once per message type."""
+    found = _REQUIRED.get(descriptor)
+    if found is None:
+        found = _REQUIRED[descriptor] = tuple(
+            (f.name, _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else
+             _STRING if f.type == FieldDescriptor.TYPE_STRING else _OTHER)
+            for f in descriptor.fields
+            if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+    return found
+
+
+_REQUIRED: dict[Descriptor, tuple[tuple[str, int], ...]] = {}
 
 
 def check_required(msg: Message, v: Violations, prefix: str = "") -> None:
     """Add a violation for each REQUIRED field (per the proto annotations) that is unset, recursively."""
-    for f in _required_fields(msg.DESCRIPTOR):
-        path = prefix + f.name
-        if f.type == FieldDescriptor.TYPE_MESSAGE:
-            if not msg.HasField(f.name):
-                v.add(path, "is required")
+    for name, kind in _required_fields(msg.DESCRIPTOR):
+        if kind == _MESSAGE:
+            if not msg.HasField(name):
+                v.add(prefix + name, "is required")
             else:
-                check_required(getattr(msg, f.name), v, path + ".")
-        elif f.type == FieldDescriptor.TYPE_STRING and not getattr(msg, f.name):
-            v.add(path, "is required")
+                check_required(getattr(msg, name), v, prefix + name + ".")
+        elif kind == _STRING and not getattr(msg, name):
+            v.add(prefix + name, "is required")
 
 
 def date(d: date_pb2.Date, field: str, v: Violations, *, required: bool = False) -> dt.date | None:
