@@ -26,6 +26,7 @@ from entitlement.clock import FixedClock
 from entitlement.config import ROOT, Settings
 from entitlement.server_main import start
 from entitlement.storage.migrate import upgrade
+from entitlement.storage.db import Database
 
 PG_ADMIN_URL = os.environ.get("ENTITLEMENT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -92,6 +93,17 @@ def fresh_url(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureR
         yield url
     finally:
         drop_pg_database(admin, db_name)
+
+
+@pytest.fixture
+def db(fresh_url: str) -> Iterator[Database]:
+    """A migrated database of its own (no server)."""
+    upgrade(fresh_url)
+    database = Database(fresh_url, pool_size=4)
+    try:
+        yield database
+    finally:
+        database.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,14 @@
 thread's own autocommit connection. They must answer exactly what SQLAlchemy's execution of the
 same statement answers, and keep its failure behaviour: errors wrapped as SQLAlchemy's, dead
 connections replaced (in every thread), reads refused while the health monitor finds the
-database down."""
+database down. (`db`: the conftest's migrated database of its own.)"""
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -23,19 +23,8 @@ from entitlement.activation import _VERIFY, LIVE
 from entitlement.counters import _ALL_USAGE
 from entitlement.registry import _LOOKUP
 from entitlement.storage.db import Database, DatabaseDown
-from entitlement.storage.migrate import upgrade
 from entitlement.storage.models import Activation
 from entitlement.v1 import activation_pb2, eligibility_pb2
-
-
-@pytest.fixture
-def db(fresh_url: str) -> Iterator[Database]:
-    upgrade(fresh_url)
-    database = Database(fresh_url, pool_size=4)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def in_thread(fn: Callable[[], Any]) -> Any:

@@ -45,17 +45,6 @@ PSEUDO = Pseudonymizer(bytes(range(32)))
 
 
 
-@pytest.fixture
-def db(fresh_url: str) -> Iterator[Database]:
-    """A migrated database of its own."""
-    upgrade(fresh_url)
-    database = Database(fresh_url, pool_size=4)
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
 def _schema_diff(database: Database) -> list[object]:
     with database.engine.connect() as conn:
         return list(compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
