@@ -86,15 +86,14 @@ def timestamp() -> str:
     with the date and time of the second formatted once per second."""
     now = time.time()
     second = int(now)
-    cached = _second
+    cached = _second[0]
     if cached[0] != second:
-        cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        globals()["_second"] = cached
+        cached = _second[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
     micros = int((now - second) * 1_000_000)
     return f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
 
 
-_second: tuple[int, str] = (-1, "")
+_second: list[tuple[int, str]] = [(-1, "")]  # (the second, its formatting), replaced whole
 _PLAIN = frozenset({"caller", "method", "request_id", "role"})  # the call fields rpc() formats itself
 
 

@@ -185,13 +185,13 @@ class HotReads:
                 return [] if row is None else [p.convert(row)]
             raw = cursor.fetchall()
         except self._dbapi_error as exc:
-            raise self._translate(exc, p, conn, None) from exc
+            raise self._translate(exc, p, conn) from exc
         return [p.convert(r) for r in raw]
 
-    def _translate(self, exc: Exception, p: Prepared, conn: Any, cursor: Any) -> BaseException:
+    def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
         disconnect = False
         try:
-            disconnect = bool(self._dialect.is_disconnect(exc, conn, cursor))
+            disconnect = bool(self._dialect.is_disconnect(exc, conn, None))
         except Exception:  # noqa: BLE001 - deciding must not hide the original error
             pass
         if disconnect:
