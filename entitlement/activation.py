@@ -9,6 +9,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +17,13 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from entitlement import counters, eventlog, facts as person_facts, inflight, ledger, registry, rules, tokens
+from entitlement import counters, eventlog, facts as person_facts, inflight, ledger, registry, rollup, rules, tokens
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
 from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
                                 ResourceExhausted)
+from entitlement.storage import direct
 from entitlement.storage.db import utc
 from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry
 
@@ -97,8 +99,11 @@ def effective_state(a: Any, today: dt.date) -> str:
     return "expired" if a.state in LIVE and a.end_date < today else a.state
 
 
-def view(ctx: Context, a: Activation) -> ActivationView:
-    stored = json.loads(a.decision_json)
+def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None) -> ActivationView:
+    """`a`: an Activation, or the column values of one as a namespace (a new activation, whose
+    stored decision `stored` is passed as built rather than parsed back from its JSON)."""
+    if stored is None:
+        stored = json.loads(a.decision_json)
     snap = stored.get("registry_snapshot")
     return ActivationView(
         id=a.id, program_id=a.program_id, state=effective_state(a, ctx.clock.today()),
@@ -122,12 +127,14 @@ _RECORD = select(IdempotencyRecord.method, IdempotencyRecord.request_sha256, Ide
 
 
 _INSERT_RECORD = insert(IdempotencyRecord)
+_INSERT_ACTIVATION = insert(Activation)
+_INSERT_LEDGER = insert(LedgerEntry)
 
 
 def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: str) -> dict[str, Any] | None:
     if not request_id:
         return None
-    rec = s.connection().execute(_RECORD, {"caller": caller.id, "request": request_id}).first()
+    rec = direct.of(s).first(_RECORD, {"caller": caller.id, "request": request_id})
     if rec is None:
         return None
     if rec.method != method or rec.request_sha256 != digest:
@@ -140,8 +147,8 @@ def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: st
 
 def _remember(s: Session, ctx: Context, caller: Caller, request_id: str, method: str, digest: str,
               result: dict[str, Any]) -> None:
-    if request_id:  # on Core, at once (see eventlog.append)
-        s.connection().execute(_INSERT_RECORD, {
+    if request_id:  # at once, on the transaction's DBAPI connection (entitlement/storage/direct.py)
+        direct.of(s).execute(_INSERT_RECORD, {
             "caller_id": caller.id, "request_id": request_id, "method": method, "request_sha256": digest,
             "response": json.dumps(result).encode(), "created_at": ctx.clock.now()})
 
@@ -201,8 +208,9 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
-        facts, snapshot, source = person_facts.lookup(s.connection(), person_key, cmd.job_seeker.birth_date, live)
-        seats_used, cents_committed = counters.usage(s.connection(), [program])[program.id]
+        st = direct.of(s)
+        facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
+        seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
             registry_extracted_on=person_facts.data_date(snapshot, source, today), seats_used=seats_used,
             cents_committed=cents_committed, mentor_id=cmd.mentor_id, facts_source=source))
@@ -214,7 +222,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
         # The person's live rows in this program, locked (one statement for both checks below).
-        live_rows = s.connection().execute(_LIVE_ROWS, {"program": program.id, "person": person_key}).all()
+        live_rows = st.all(_LIVE_ROWS, {"program": program.id, "person": person_key})
         existing = next((r.id for r in live_rows if r.end_date >= today), None)
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the
@@ -237,19 +245,21 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         jti = uuid.uuid4().hex
         stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
                   else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
-        a = Activation(id=activation_id, program_id=program.id, program_version=program.version,
-                       person_key=person_key, state="active", start_date=today, end_date=end,
-                       advisor_id=caller.advisor_id or caller.id, agency_code=caller.agency_code or "-",
-                       platform_id=cmd.platform_id, state_reason=cmd.reason,
-                       decision_json=json.dumps(stored, sort_keys=True),
-                       snapshot_id=snapshot.id if snapshot else None, token_jti=jti, account_id=None,
-                       redeemed_at=None, created_at=now, updated_at=now)
-        s.add(a)
-        s.flush()
+        # The row, its ledger entries and the funding report's rollup, written on the transaction's
+        # DBAPI connection (entitlement/storage/direct.py): no ORM unit of work per activation.
+        row = {"id": activation_id, "program_id": program.id, "program_version": program.version,
+               "person_key": person_key, "state": "active", "start_date": today, "end_date": end,
+               "advisor_id": caller.advisor_id or caller.id, "agency_code": caller.agency_code or "-",
+               "platform_id": cmd.platform_id, "state_reason": cmd.reason,
+               "decision_json": json.dumps(stored, sort_keys=True),
+               "snapshot_id": snapshot.id if snapshot else None, "token_jti": jti, "account_id": None,
+               "redeemed_at": None, "created_at": now, "updated_at": now}
+        st.execute(_INSERT_ACTIVATION, row)
         month = today.strftime("%Y-%m")
-        for funder, _bp, cents in plan.shares:
-            s.add(LedgerEntry(activation_id=activation_id, program_id=program.id, funder_id=funder,
-                              kind="commit", month=month, amount_cents=cents, created_at=now))
+        entries = [{"activation_id": activation_id, "program_id": program.id, "funder_id": funder,
+                    "kind": "commit", "month": month, "amount_cents": cents, "created_at": now}
+                   for funder, _bp, cents in plan.shares]
+        st.execute_many(_INSERT_LEDGER, entries)
         exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days),
                   dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc))
         token = tokens.sign(ctx.keys, tokens.TokenClaims(
@@ -266,9 +276,12 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                  "registry_snapshot": snapshot.id if snapshot else None,
                                  "facts_source": source, "committed_cents": plan.total_cents,
                                  "shares": {f: c for f, _bp, c in plan.shares}})
+        # After the event: on PostgreSQL its log_head row lock orders every writer's rollup rows.
+        rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
+                           [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
                   {"activation_id": activation_id, "token": token})
-        return ActivationResult(view(ctx, a), token)
+        return ActivationResult(view(ctx, SimpleNamespace(**row), stored), token)
 
 
 def _cap_reached(program_name: str) -> ResourceExhausted:

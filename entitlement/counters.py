@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from entitlement.programs import Program
+from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import ProgramCounter
 
@@ -25,13 +26,14 @@ _USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCou
 _ALL_USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCounter.cents_committed)
 
 
-def usage(conn: Connection | HotReads, programs: list[Program]) -> dict[str, tuple[int, int]]:
+def usage(conn: Connection | HotReads | direct.Statements, programs: list[Program]) -> dict[str, tuple[int, int]]:
     """(seats used, cents committed) per program, as last committed, in one query, read only for
     programs with a cap criterion (the others get (0, 0): their rules never look at it, and
     checks, the hot path, skip a round trip)."""
     capped = [p.id for p in programs if CAP_CRITERIA & set(p.criteria)]
     found: dict[str, tuple[int, int]] = {}
-    if capped and isinstance(conn, HotReads):  # one row per program: all of them, no IN list to expand
+    if capped and not isinstance(conn, Connection):  # HotReads, direct.Statements: no IN list to expand,
+        # one row per program: all of them
         found = {r[0]: (int(r[1]), int(r[2])) for r in conn.all(_ALL_USAGE) if r[0] in capped}
     elif capped:
         rows = conn.execute(_USAGE, {"ids": capped}).all()
@@ -70,14 +72,15 @@ def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
               "max_seats": seats.value if seats is not None else None,
               "max_cents": budget.value if budget is not None else None}
     stmt = _RESERVE[(seats is not None, budget is not None)]
-    if s.connection().execute(stmt, params).rowcount == 1:
+    st = direct.of(s)
+    if st.execute(stmt, params) == 1:
         return True
     if s.get(ProgramCounter, program.id) is None:
         _ensure_row(s, program.id)
     # Again, whether we created the row or found it: on PostgreSQL a concurrent first activation of
     # the program may have committed the row between the UPDATE above (no row then) and the read
     # (READ COMMITTED). Only this UPDATE's answer says whether a cap refused.
-    return bool(s.connection().execute(stmt, params).rowcount == 1)
+    return st.execute(stmt, params) == 1
 
 
 def release(s: Session, program_id: str, cents: int) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from entitlement import logtree
+from entitlement.storage import direct
 from entitlement.logformat import LogEvent, time_us
 from entitlement.storage.models import Activation, Event, LogHead, ReportRollup
 
@@ -75,15 +76,16 @@ def append(session: Session, *, time: dt.datetime, type: str, actor: str, subjec
     # Stored in UTC (SQLite keeps no offset), so the time read back is the time hashed.
     time = time.astimezone(dt.timezone.utc) if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)
     payload_json = canonical_json(payload or {})
+    st = direct.of(session)  # the transaction's DBAPI connection (entitlement/storage/direct.py)
     if read_rollup_timezone:
-        seq_value, rollup_timezone = session.connection().execute(_NEXT_SEQ_AND_TIMEZONE).one()
+        seq_value, rollup_timezone = st.first(_NEXT_SEQ_AND_TIMEZONE)
     else:
-        seq_value, rollup_timezone = session.connection().execute(_NEXT_SEQ).scalar_one(), None
+        seq_value, rollup_timezone = st.first(_NEXT_SEQ)[0], None
     seq = int(seq_value)
     session.info[_HEAD_TAKEN] = HeadTaken(session.get_transaction(), read_rollup_timezone, rollup_timezone)
-    # On Core, at once (not a pending ORM object flushed at commit: nothing reads it back through
-    # the session, and the unit of work's pass per mapper cost more than the statement).
-    session.connection().execute(_INSERT_EVENT, {
+    # At once (not a pending ORM object flushed at commit: nothing reads it back through the
+    # session, and the unit of work's pass per mapper cost more than the statement).
+    st.execute(_INSERT_EVENT, {
         "seq": seq, "time": time, "type": type, "actor": actor, "subject": subject, "program_id": program_id,
         "reason": reason, "payload_json": payload_json, "platform_id": platform_id})
     leaf = LogEvent(seq, time_us(time), type, actor, subject, program_id or "", reason, payload_json)

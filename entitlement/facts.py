@@ -21,6 +21,7 @@ from entitlement import registry
 from entitlement.app import Context
 from entitlement.live_status import LiveStatusUnavailable
 from entitlement.registry import SnapshotRef
+from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.rules import PersonFacts
 
@@ -50,7 +51,7 @@ def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
         return LiveAnswer(SNAPSHOT_FALLBACK)
 
 
-def lookup(conn: Connection | HotReads, person_key: bytes, birth_date: dt.date,
+def lookup(conn: Connection | HotReads | direct.Statements, person_key: bytes, birth_date: dt.date,
            live: LiveAnswer) -> tuple[PersonFacts | None, SnapshotRef | None, str]:
     """(facts, snapshot, source): the live answer when there is one (no snapshot then: the facts
     were not read from one), else the current snapshot's."""

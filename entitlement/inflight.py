@@ -24,6 +24,7 @@ from sqlalchemy import BigInteger, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from entitlement.errors import Aborted
+from entitlement.storage import direct
 from entitlement.storage.db import Database
 
 _lock = threading.Lock()
@@ -74,5 +75,5 @@ def lock(s: Session, caller_id: str, request_id: str) -> None:
     another transaction (of any server process) holds it."""
     if not request_id or s.get_bind().dialect.name != "postgresql":
         return
-    if not s.connection().execute(_TRY_LOCK, {"key": advisory_key(caller_id, request_id)}).scalar_one():
+    if not direct.of(s).first(_TRY_LOCK, {"key": advisory_key(caller_id, request_id)})[0]:
         raise in_flight(request_id)

@@ -28,6 +28,7 @@ from sqlalchemy import Select, and_, bindparam, insert, or_, select
 from sqlalchemy.orm import Session
 
 from entitlement import keyfiles, merkle, note
+from entitlement.storage import direct
 from entitlement.storage.models import LogHead, LogNode
 
 log = structlog.get_logger(__name__)
@@ -57,7 +58,7 @@ def _left_halves(session: Session, index: int, closes: int) -> dict[merkle.Node,
     if stmt is None:
         stmt = _LEFT_HALVES[closes] = select(LogNode.level, LogNode.idx, LogNode.hash).where(
             or_(*(and_(LogNode.level == level, LogNode.idx == bindparam(f"idx{level}")) for level in range(closes))))
-    rows = session.connection().execute(stmt, {f"idx{level}": (index >> level) - 1 for level in range(closes)})
+    rows = direct.of(session).all(stmt, {f"idx{level}": (index >> level) - 1 for level in range(closes)})
     found = {(int(level), int(idx)): bytes(h) for level, idx, h in rows}
     _check_found([(level, (index >> level) - 1) for level in range(closes)], found)
     return found
@@ -73,7 +74,7 @@ def add_leaf(session: Session, index: int, leaf_hash: bytes) -> None:
     for level in range(closes):
         h = merkle.node_hash(left[(level, (index >> level) - 1)], h)
         rows.append({"level": level + 1, "idx": index >> (level + 1), "hash": h})
-    session.connection().execute(_INSERT_NODES, rows)
+    direct.of(session).execute_many(_INSERT_NODES, rows)
 
 
 # ---------------------------------------------------------------------------------------- reading

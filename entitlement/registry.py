@@ -39,6 +39,7 @@ from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
 from entitlement.storage.db import Database
+from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import RegistryPerson, RegistrySnapshot
 
@@ -578,12 +579,13 @@ _LOOKUP = (
 )
 
 
-def lookup(conn: Connection | HotReads, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
+def lookup(conn: Connection | HotReads | direct.Statements, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
     """The person's facts in the current snapshot, in one round trip (one statement: it reads the
     current snapshot's id and the person's row together). A wrong birth date answers exactly like
     an unknown identifier."""
     params = {"person_key": person_key}
-    row = conn.first(_LOOKUP, params) if isinstance(conn, HotReads) else conn.execute(_LOOKUP, params).first()
+    # HotReads, or a write transaction's direct.Statements: the same first(); else a Connection.
+    row = conn.execute(_LOOKUP, params).first() if isinstance(conn, Connection) else conn.first(_LOOKUP, params)
     if row is None:
         return None, None
     snap = SnapshotRef(row.id, row.extracted_on)

@@ -42,6 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog
+from entitlement.storage import direct
 from entitlement.storage.models import (Activation, LedgerEntry, LogHead, ReportDay, ReportMonth,
                                         ReportRollup)
 
@@ -141,6 +142,29 @@ def before_flush(session: Session, _flush_context: Any, _instances: Any) -> None
         _apply(session, entries, moved, fresh)
 
 
+def commitments(s: Session, activation_id: str, span: Span,
+                entries: list[tuple[str, str, str, int]]) -> None:
+    """Bring the rollup up to date with a new activation and its `commit` entries (funder, program,
+    month, cents), inserted by the caller without the ORM (entitlement.activation): what the
+    before_flush hook does for ORM objects, for this one case, with nothing to read back (a new
+    activation has no earlier entries). Call it after the transaction's event is appended."""
+    s.info.setdefault("rollup_fresh", set()).add(activation_id)
+    flushed: set[tuple[str, str, str, str]] = s.info.setdefault("rollup_flushed", set())
+    tz = ZoneInfo(stored_timezone(s))
+    span = Span.of(span)
+    months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
+    days: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
+    for funder, program, month, cents in entries:
+        row = months[(funder, program, month)]
+        row["committed_cents"] += int(cents)
+        if (activation_id, funder, "commit", month) not in flushed:
+            flushed.add((activation_id, funder, "commit", month))
+            row["activations_started"] += 1
+        for day, counter in activity(span, month, tz):
+            days[(funder, program, day)][counter] += 1
+    _write(s, months, {k: v for k, v in days.items() if any(v.values())})
+
+
 def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[str]) -> None:
     tz = ZoneInfo(stored_timezone(s))
     months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
@@ -183,7 +207,10 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[
                 continue  # the foreign key refuses the entry at this very flush
             for day, counter in activity(Span.of(a), e.month, tz):
                 days[(e.funder_id, e.program_id, day)][counter] += 1
-    day_rows = {k: v for k, v in days.items() if any(v.values())}
+    _write(s, months, {k: v for k, v in days.items() if any(v.values())})
+
+
+def _write(s: Session, months: dict[MonthKey, dict[str, int]], day_rows: dict[DayKey, dict[str, int]]) -> None:
     if not months and not day_rows:
         return
     dialect = s.get_bind().dialect.name
@@ -192,7 +219,7 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[
         # commits: taking it first here queues rollup writers on it, so rollup rows are always
         # locked after it and two writers never deadlock on them. (Skipped, a round trip saved,
         # when this transaction's event already holds it: the usual case of an activation.)
-        s.connection().execute(_LOCK_LOG_HEAD)
+        direct.of(s).all(_LOCK_LOG_HEAD)
     _upsert(s, dialect, ReportMonth, ("funder_id", "program_id", "month"), MONEY, months)
     _upsert(s, dialect, ReportDay, ("funder_id", "program_id", "day"), ACTIVITY, day_rows)
 
@@ -216,8 +243,9 @@ def _upsert(s: Session, dialect: str, model: Any, keys: tuple[str, ...], columns
     if stmt is None:
         stmt = _UPSERTS[(dialect, model)] = _upsert_statement(dialect, model, keys, columns)
     rows = [dict(zip(keys, key)) | deltas[key] for key in sorted(deltas)]
+    st = direct.of(s)
     for i in range(0, len(rows), CHUNK):
-        s.connection().execute(stmt, rows[i:i + CHUNK])
+        st.execute_many(stmt, rows[i:i + CHUNK])
 
 
 # --------------------------------------------------------------------------- recompute, rebuild

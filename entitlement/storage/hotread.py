@@ -30,23 +30,28 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql import Select, TextClause
+from sqlalchemy.sql.dml import UpdateBase
 
 from entitlement import deadline
 
 
 class Prepared:
-    """A statement compiled once for one dialect: SQL text, parameter order, type processors."""
+    """A statement compiled once for one dialect: SQL text, parameter order, type processors.
+    A SELECT, or (entitlement/storage/direct.py) an INSERT / UPDATE / DELETE, with or without
+    RETURNING; an INSERT of a bare table names its per-call columns in `keys`."""
 
     __slots__ = ("sql", "positional", "_template", "_per_call", "_results", "_convert_at", "row")
 
-    def __init__(self, stmt: Select[Any] | TextClause, engine: Engine) -> None:
-        dialect = engine.dialect
+    def __init__(self, stmt: Select[Any] | TextClause | UpdateBase, engine: Engine | Dialect,
+                 keys: tuple[str, ...] | None = None) -> None:
+        dialect = engine.dialect if isinstance(engine, Engine) else engine
         # Expanding parameters (IN lists of constants) are rendered into the text now, with the
         # per-call parameters left as placeholders: an IN over per-call values cannot be prepared
         # once (refused here, when the statement is first prepared).
-        compiled = stmt.compile(dialect=dialect)
+        compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None)
         per_call = {n: None for n, b in compiled.binds.items() if b.required}
         expanding = sorted(n for n, b in compiled.binds.items() if b.required and b.expanding)
         if expanding:
@@ -72,10 +77,12 @@ class Prepared:
             else:
                 self._template[slot] = processed(name, state.parameters[name])  # type: ignore[index]
         self._per_call: tuple[tuple[Any, str, Callable[[Any], Any] | None], ...] = tuple(per_call_slots)
-        columns = list(stmt.selected_columns) if isinstance(stmt, Select) else []
+        columns: list[Any] = (list(stmt.selected_columns) if isinstance(stmt, Select) else
+                              list(stmt.exported_columns) if isinstance(stmt, UpdateBase) else [])
         self._results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
         self._convert_at = tuple(i for i, proc in enumerate(self._results) if proc is not None)
-        self.row = namedtuple("Row", [c.key for c in columns], rename=True) if columns else None  # type: ignore[misc]
+        names = [getattr(c, "key", None) or f"_{i}" for i, c in enumerate(columns)]
+        self.row = namedtuple("Row", names, rename=True) if columns else None  # type: ignore[misc]
 
     def parameters(self, params: dict[str, Any]) -> list[Any] | dict[str, Any]:
         """What the DBAPI gets for these per-call values (a KeyError names one not given)."""

@@ -1,0 +1,124 @@
+"""A write transaction's statements, sent straight to its DBAPI connection.
+
+Why: an activation sends about fourteen statements in one transaction. Through a SQLAlchemy
+Connection each costs an execution context, a compiled-cache lookup, parameter processing and a
+Result, several times what the DBAPI call itself costs (counted with valgrind: BENCHMARKS.md,
+section "activation-floor"). Here each statement is compiled ONCE per dialect
+(`entitlement.storage.hotread.Prepared`: SQL text, parameter order, the types' bind and result
+processors) and run on the DBAPI connection of the session's own transaction: the same connection,
+the same transaction (BEGIN IMMEDIATE on SQLite, the PostgreSQL transaction psycopg opened, the
+deadline's bounds set at begin), the same commit or rollback by the session.
+
+What stays the same as through SQLAlchemy:
+- errors: a DBAPI exception goes through the Connection's own handling (wrapped as SQLAlchemy's
+  IntegrityError / OperationalError / ..., parameters hidden, `handle_error` hooks, and on a
+  disconnect the connection and the pool invalidated), so callers and the access log see exactly
+  the exceptions they saw before;
+- the engine's `before_cursor_execute` listeners see every statement with the parameters the DBAPI
+  gets (tests count round trips with them; bench.activation_floor captures and replays them);
+- values: bind and result processors are SQLAlchemy's, so dates, times and bytes are stored and
+  read back exactly as through the ORM.
+
+Use it for statements with fixed shapes, built once at import (the write path's); a statement built
+per call would grow the cache. An INSERT of a bare table takes its per-call columns from the
+parameters' keys (every row of an executemany has the same keys)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.dml import Insert, UpdateBase
+
+from entitlement.storage.hotread import Prepared
+
+_INFO_KEY = "entitlement_direct"
+_prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
+_prepared_lock = threading.Lock()
+
+
+def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...] | None) -> Prepared:
+    key = (dialect.name, dialect.driver, stmt, keys)
+    p = _prepared.get(key)
+    if p is None:
+        with _prepared_lock:
+            p = _prepared.get(key)
+            if p is None:
+                p = _prepared[key] = Prepared(stmt, dialect, keys)
+    return p
+
+
+class Statements:
+    """One transaction's statements on its DBAPI connection (see the module docstring)."""
+
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._dbapi = conn.connection.driver_connection
+        self._dialect = conn.dialect
+        self._error: type[Exception] = conn.dialect.loaded_dbapi.Error
+
+    def _run(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None,
+             many: Sequence[dict[str, Any]] | None = None) -> tuple[Prepared, Any]:
+        first = many[0] if many is not None else params or {}
+        keys = tuple(first) if isinstance(stmt, Insert) else None
+        p = _prepare(self._dialect, stmt, keys)
+        conn = self._conn
+        if many is not None:
+            args: Any = [p.parameters(row) for row in many]
+        else:
+            args = p.parameters(first)
+        if conn._has_events or conn.engine._has_events:
+            conn.dispatch.before_cursor_execute(conn, None, p.sql, args, None, many is not None)
+        cursor = None
+        try:
+            cursor = self._dbapi.cursor()
+            if many is not None:
+                cursor.executemany(p.sql, args)
+            else:
+                cursor.execute(p.sql, args)
+        except self._error as exc:
+            conn._handle_dbapi_exception(exc, p.sql, args, cursor, None)
+        return p, cursor
+
+    def first(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> Any:
+        """The first row (a named tuple, values converted as SQLAlchemy would), or None."""
+        p, cursor = self._run(stmt, params)
+        try:
+            row = cursor.fetchone()
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
+        return None if row is None else p.convert(row)
+
+    def all(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> list[Any]:
+        p, cursor = self._run(stmt, params)
+        try:
+            rows = cursor.fetchall()
+        except self._error as exc:
+            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
+        return [p.convert(r) for r in rows]
+
+    def execute(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> int:
+        """Run a statement without RETURNING; the rows it changed."""
+        _p, cursor = self._run(stmt, params)
+        return int(cursor.rowcount)
+
+    def execute_many(self, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
+        """Run a statement without RETURNING once per row (the DBAPI's executemany)."""
+        if rows:
+            self._run(stmt, None, rows)
+
+
+def of(session: Session) -> Statements:
+    """The statements of the session's current transaction (begun here if it is not yet)."""
+    cached: tuple[Any, Statements] | None = session.info.get(_INFO_KEY)
+    if cached is not None and cached[0] is session.get_transaction():
+        return cached[1]
+    st = Statements(session.connection())
+    session.info[_INFO_KEY] = (session.get_transaction(), st)
+    return st
