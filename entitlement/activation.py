@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -386,10 +386,22 @@ def redeem(ctx: Context, caller: Caller, token: str, account_id: str) -> Entitle
     return result
 
 
+# Built once (a platform redeems each token once): the activation's columns a redemption reads,
+# locked, and its binding; run on the transaction's DBAPI connection (entitlement/storage/direct.py).
+# The binding moves no funding-report count (rollup.py: state and dates unchanged), so no ORM
+# object is needed.
+_REDEEM_ROW = select(Activation.id, Activation.program_id, Activation.state, Activation.end_date,
+                     Activation.token_jti, Activation.platform_id, Activation.account_id).where(
+    Activation.id == bindparam("id")).with_for_update()
+_BIND_ACCOUNT = update(Activation).where(Activation.id == bindparam("id")).values(
+    account_id=bindparam("account"), redeemed_at=bindparam("now"), updated_at=bindparam("now"))
+
+
 def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, account_id: str) -> EntitlementStatus:
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
-        a = _load_for_update(s, claims.activation_id)
+        st = direct.of(s)
+        a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
         if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding
@@ -400,10 +412,9 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         if state not in LIVE:
             raise FailedPrecondition(f"the entitlement is {state}", reason="ENTITLEMENT_NOT_ACTIVE",
                                      metadata={"current_state": state.upper()})
-        a.account_id, a.redeemed_at, a.updated_at = account_id, now, now
-        s.flush()
+        st.execute(_BIND_ACCOUNT, {"id": a.id, "account": account_id, "now": now})
         eventlog.append(s, time=now, type="activation.redeemed", actor=caller.actor,
-                        subject=f"activations/{a.id}", program_id=a.program_id,
+                        subject=f"activations/{a.id}", program_id=a.program_id, platform_id=a.platform_id,
                         payload={"platform": caller.platform_id, "jti": claims.jti})
         return _status(ctx, a, account_id)
 

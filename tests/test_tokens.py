@@ -38,6 +38,8 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -92,6 +94,34 @@ def claims_at(now: dt.datetime, **kw: Any) -> tokens.TokenClaims:
                                 issued_at=ts, not_before=ts, expires_at=ts + int(TTL.total_seconds()))
     base.update(kw)
     return tokens.TokenClaims(**base)
+
+
+# ------------------------------------------------------------------------------------ signing
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(issuer=_TEXT, platform=_TEXT, subject=_TEXT, program=_TEXT, kid=st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True),
+       iat=st.integers(0, 2**32), nbf_offset=st.integers(-10**6, 10**6), ttl=st.integers(0, 10**8))
+def test_sign_makes_the_token_pyjwt_makes_byte_for_byte(issuer: str, platform: str, subject: str, program: str,
+                                                        kid: str, iat: int, nbf_offset: int, ttl: int) -> None:
+    """tokens.sign builds the compact JWS itself: the same bytes as PyJWT's encode (Ed25519 is
+    deterministic), for any text in the claims (non-ASCII escaped as PyJWT's json.dumps does)."""
+    key = tokens.SigningKey(kid, _SIGNER, T0, T0)
+    store = KeyStore([key], token_ttl=TTL)
+    claims = tokens.TokenClaims(issuer, platform, subject, program, rid(), rid(), iat, iat + nbf_offset, iat + ttl)
+    at = dt.datetime.fromtimestamp(max(iat, int(T0.timestamp())), dt.timezone.utc)
+    ours = tokens.sign(store, claims, now=at)
+    assert ours == tokens.sign_with_pyjwt(store, claims, now=at)
+    decoded = jwt.decode(ours, _SIGNER.public_key(), algorithms=["EdDSA"], options={"verify_signature": True,
+                         "verify_aud": False, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                         "verify_iss": False})
+    assert (decoded["iss"], decoded["aud"], decoded["sub"], decoded["exp"]) == (issuer, platform, subject, iat + ttl)
+    assert jwt.get_unverified_header(ours) == {"alg": "EdDSA", "kid": kid, "typ": TOKEN_TYPE}
+
+
+_SIGNER = Ed25519PrivateKey.generate()
 
 
 # ----------------------------------------------------------------------------- key store, unit
