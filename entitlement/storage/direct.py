@@ -73,8 +73,9 @@ class Statements:
             args: Any = [p.parameters(row) for row in many]
         else:
             args = p.parameters(first)
-        if conn._has_events or conn.engine._has_events:
-            conn.dispatch.before_cursor_execute(conn, None, p.sql, args, None, many is not None)
+        listeners = conn.dispatch.before_cursor_execute  # true when any is registered (tests, benchmarks)
+        if listeners:
+            listeners(conn, None, p.sql, args, None, many is not None)
         cursor = None
         try:
             cursor = self._dbapi.cursor()
