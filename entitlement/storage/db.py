@@ -23,6 +23,15 @@ on SQLite, whose reads go on under another's write lock, the writes only) raise 
 once instead of waiting for a lock or a connection: worker threads are not held by a dead database,
 and a recovering PostgreSQL gets one ping per interval instead of a reconnection storm.
 
+SQLite writers of one process queue on a lock of this Database before BEGIN IMMEDIATE (a server
+process is the only one serving its SQLite file; command-line tools still meet it at SQLite's own
+lock). SQLite's busy handler polls a locked file with sleeps of up to 100 ms, so under concurrent
+writes the lock sat free while waiters slept (p99 of an activation at 8 in flight: 0.6 s,
+BENCHMARKS.md); a waiter on this lock takes it the moment it is released. The wait is bounded as
+the busy timeout is (the setting, never past the call's deadline), and a wait that runs out raises
+the same error as a busy file ("database is locked"): UNAVAILABLE, or DEADLINE_EXCEEDED when the
+deadline ended it.
+
 Deadlines: within a gRPC call, transactions keep to the call's deadline (entitlement/deadline.py,
 bound for every call by entitlement/api/wrapping.py): a write is not started too close to it, nor
 committed for a caller that gave up; a lock wait never outlives it (SQLite: the busy timeout of the
@@ -34,8 +43,10 @@ a wait ended by the configured bound is an outage (UNAVAILABLE).
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -168,6 +179,8 @@ class Database:
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
+        # SQLite: this process's writers queue here before BEGIN IMMEDIATE (module docstring).
+        self._writers = _WriterQueue(lock_timeout_ms) if self.dialect == "sqlite" else None
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
         self.hot = HotReads(self.reader, lambda: self._refuse_reads, DatabaseDown)
@@ -212,7 +225,7 @@ class Database:
         if self._refuse_writes:
             raise DatabaseDown()
         deadline.check_start()
-        with _deadline_errors(), self.engine.connect() as conn:
+        with _deadline_errors(), self._writers or nullcontext(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 with session.begin():
@@ -244,6 +257,30 @@ class Database:
         self.hot.invalidate()
         self.engine.dispose()
         self.reader.dispose()
+
+
+class _WriterQueue:
+    """The lock this process's SQLite writers take before BEGIN IMMEDIATE, held until the
+    transaction ends (see the module docstring)."""
+
+    __slots__ = ("_lock", "_limit_ms")
+
+    def __init__(self, lock_timeout_ms: int | None) -> None:
+        self._lock = threading.Lock()
+        self._limit_ms = lock_timeout_ms or 0  # 0: unbounded
+
+    def __enter__(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        if not self._limit_ms and deadline.remaining() is None:
+            self._lock.acquire()  # unbounded, as the busy timeout is then
+            return
+        wait_ms = wait_bound_ms(self._limit_ms)  # records whether the call's deadline bounds it
+        if not self._lock.acquire(timeout=wait_ms / 1000):
+            raise OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
