@@ -115,6 +115,21 @@ class Statements:
             self._run(stmt, None, rows)
 
 
+def execute_text(conn: Connection, sql: str) -> None:
+    """Run a fixed SQL string without parameters (BEGIN IMMEDIATE at every SQLite write) on the
+    connection's DBAPI connection, as `Statements` runs its statements: cursor events fired,
+    errors handled by the Connection."""
+    listeners = conn.dispatch.before_cursor_execute
+    if listeners:
+        listeners(conn, None, sql, (), None, False)
+    cursor = None
+    try:
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute(sql)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        conn._handle_dbapi_exception(exc, sql, (), cursor, None)
+
+
 def of(session: Session) -> Statements:
     """The statements of the session's current transaction (begun here if it is not yet)."""
     cached: tuple[Any, Statements] | None = session.info.get(_INFO_KEY)
