@@ -40,8 +40,7 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
         v.raise_if_any()
         result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
-        return eligibility_pb2.CheckEligibilityResponse(
-            decisions=[convert.decision(d, result.snapshot) for d in result.decisions])
+        return convert.check_response(result.decisions, result.snapshot)
 
     def ListPrograms(self, request: eligibility_pb2.ListProgramsRequest,
                      context: grpc.ServicerContext) -> eligibility_pb2.ListProgramsResponse:
@@ -72,8 +71,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         v.raise_if_any()
         result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(
             who, program_id, platform_id, reason, request.request_id, request.mentor_id))
-        return activation_pb2.ActivateEntitlementResponse(activation=convert.activation(result.activation),
-                                                          activation_token=result.token)
+        return convert.activation_response(result.activation, result.token)
 
     def GetActivation(self, request: activation_pb2.GetActivationRequest,
                       context: grpc.ServicerContext) -> activation_pb2.Activation:
@@ -81,7 +79,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         val.check_required(request, v)
         activation_id = val.name(request.name, val.ACTIVATION_NAME_RE, "name", "activations/{32 hex digits}", v)
         v.raise_if_any()
-        return convert.activation(activation.get(self.ctx, current_caller(), activation_id))
+        return convert.activation_message(activation.get(self.ctx, current_caller(), activation_id))
 
     def _transition(self, action: str, request: activation_pb2.TransitionActivationRequest) -> activation_pb2.Activation:
         v = Violations()
@@ -90,7 +88,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         reason = val.text(request.reason, "reason", v)
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
         v.raise_if_any()
-        return convert.activation(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
+        return convert.activation_message(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
             activation_id, action, reason, request.request_id)))
 
     def SuspendActivation(self, request: activation_pb2.TransitionActivationRequest,
