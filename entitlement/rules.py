@@ -135,16 +135,29 @@ _Check = Callable[[Program, PersonFacts, dt.date], CriterionResult]
 _CircumstanceCheck = Callable[[Program, Circumstances, dt.date], CriterionResult]
 
 
+# A criterion's result depends on the program and the day and on one or two facts with few values
+# (a category, a department, whether a limit is met): the checks below are memoized on exactly
+# those, so a day's checks share their results (immutable) instead of formatting them anew;
+# tests/test_rules.py compares them with the results built afresh.
+
+_REGISTERED = CriterionResult("registered", True, "", "Found in the agency registry with this birth date.")
+
+
 def _registered(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
-    return CriterionResult("registered", True, "", "Found in the agency registry with this birth date.")
+    return _REGISTERED
 
 
 def _category_covered(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
+    return _category_result(program, day, f.category)
+
+
+@per_program_and_day
+def _category_result(program: Program, day: dt.date, category: int) -> CriterionResult:
     covered = program.value("categories", day).value
-    if f.category in covered:
-        return CriterionResult("category_covered", True, "", f"Category {f.category} is covered.")
+    if category in covered:
+        return CriterionResult("category_covered", True, "", f"Category {category} is covered.")
     return CriterionResult("category_covered", False, "CATEGORY_NOT_COVERED",
-                           f"Registration category {f.category} is not covered (covered: "
+                           f"Registration category {category} is not covered (covered: "
                            f"{', '.join(map(str, covered))}).")
 
 
@@ -156,12 +169,21 @@ def _registration_active(program: Program, f: PersonFacts, day: dt.date) -> Crit
     if ended is not None and ended <= day:
         return CriterionResult("registration_active", False, "REGISTRATION_ENDED",
                                f"Registration ended on {ended.isoformat()} (cessation d'inscription).")
+    return _registration_active_on(program, day)
+
+
+@per_program_and_day
+def _registration_active_on(program: Program, day: dt.date) -> CriterionResult:
     return CriterionResult("registration_active", True, "", f"Registration active on {day.isoformat()}.")
 
 
 def _resident_in_departments(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
+    return _department_result(program, day, department_of(f.postal_code))
+
+
+@per_program_and_day
+def _department_result(program: Program, day: dt.date, dep: str) -> CriterionResult:
     departments = program.value("departments", day).value
-    dep = department_of(f.postal_code)
     if dep in departments:
         return CriterionResult("resident_in_departments", True, "", f"Lives in department {dep}.")
     return CriterionResult("resident_in_departments", False, "OUTSIDE_REGION",
@@ -170,11 +192,15 @@ def _resident_in_departments(program: Program, f: PersonFacts, day: dt.date) -> 
 
 
 def _age_below(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
+    limit, passed, failed = _age_results(program, day)
+    return passed if age_on(f.birth_date, day) < limit else failed
+
+
+@per_program_and_day
+def _age_results(program: Program, day: dt.date) -> tuple[int, CriterionResult, CriterionResult]:
     limit = program.value("max_age", day).value
-    if age_on(f.birth_date, day) < limit:
-        return CriterionResult("age_below", True, "", f"Under {limit} on {day.isoformat()}.")
-    return CriterionResult("age_below", False, "AGE_LIMIT_EXCEEDED",
-                           f"Aged {limit} or more on {day.isoformat()}.")
+    return (limit, CriterionResult("age_below", True, "", f"Under {limit} on {day.isoformat()}."),
+            CriterionResult("age_below", False, "AGE_LIMIT_EXCEEDED", f"Aged {limit} or more on {day.isoformat()}."))
 
 
 def _mentor_assigned(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
@@ -202,10 +228,15 @@ def _budget_available(program: Program, c: Circumstances, day: dt.date) -> Crite
 
 
 def _registry_data_fresh(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+    return _freshness_result(program, day, c.registry_extracted_on)
+
+
+@per_program_and_day
+def _freshness_result(program: Program, day: dt.date, extracted_on: dt.date | None) -> CriterionResult:
     limit = program.value("max_registry_age_days", day).value
-    if c.registry_extracted_on is None:
+    if extracted_on is None:
         return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE", "No registry data imported.")
-    age = (day - c.registry_extracted_on).days
+    age = (day - extracted_on).days
     if age <= limit:
         return CriterionResult("registry_data_fresh", True, "", f"Registry data is {max(age, 0)} days old.")
     return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
@@ -267,9 +298,13 @@ def entitlement_end(program: Program, facts: PersonFacts, start: dt.date) -> dt.
     """Last day of access for an activation starting on `start`: the program's length, cut at the
     end of the Nth month after the registration's end when the registry knows it and the program
     sets `months_after_registration_end`."""
+    return _entitlement_end(program, start, facts.registration_ended_on)
+
+
+@per_program_and_day
+def _entitlement_end(program: Program, start: dt.date, ended: dt.date | None) -> dt.date:
     end = access_end(start, program.value("activation_months", start).value)
     after = program.optional_value("months_after_registration_end", start)
-    ended = facts.registration_ended_on
     if after is not None and ended is not None:
         cut_month = add_months(ended.replace(day=1), after.value)
         cut = cut_month.replace(day=calendar.monthrange(cut_month.year, cut_month.month)[1])
@@ -335,10 +370,7 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
             results.append(CHECKS[name](program, facts, day))
     eligible = all(r.passed for r in results)
     end = entitlement_end(program, facts, day) if eligible and facts is not None else None
-    plan = None
-    if end is not None:
-        months = program.value("activation_months", day).value
-        plan = funding_plan(program, day, months=months_begun(day, months, end))
+    plan = None if end is None else _plan_until(program, day, end)
     return Decision(
         program_id=program.id,
         program_version=program.version,
@@ -350,6 +382,13 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
         access_end=end,
         circumstances=circumstances,
     )
+
+
+@per_program_and_day
+def _plan_until(program: Program, day: dt.date, end: dt.date) -> FundingPlan:
+    """The funding plan of an activation from `day` to `end` (the months of access begun by then)."""
+    months = program.value("activation_months", day).value
+    return funding_plan(program, day, months=months_begun(day, months, end))
 
 
 def months_begun(start: dt.date, months: int, day: dt.date) -> int:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entitlement import rules
@@ -224,3 +224,46 @@ def test_parameters_used_is_the_same_answer_each_time_and_follows_a_reloaded_pro
     reloaded = load_program(tmp_path / "premium-job-seekers.yaml")
     value = {p.name: p.value_json for p in rules.parameters_used(reloaded, day)}["price_per_month_cents"]
     assert value == str(price.value + 1)
+
+
+# Every memoized piece of the rules (per program and day, rules.per_program_and_day).
+_MEMOIZED = ("_program_open", "_funding_plan", "parameters_used", "_category_result", "_registration_active_on",
+             "_department_result", "_age_results", "_freshness_result", "_entitlement_end", "_plan_until")
+
+
+class _Afresh:
+    """Within the block, rules computes everything anew (each memoized function's undecorated one)."""
+
+    def __enter__(self) -> None:
+        self.saved = {n: getattr(rules, n) for n in _MEMOIZED}
+        for n, fn in self.saved.items():
+            setattr(rules, n, fn.__wrapped__)
+
+    def __exit__(self, *exc: object) -> None:
+        for n, fn in self.saved.items():
+            setattr(rules, n, fn)
+
+
+_PEOPLE = st.none() | st.builds(
+    rules.PersonFacts, birth_date=st.dates(dt.date(1950, 1, 1), dt.date(2012, 12, 31)),
+    postal_code=st.sampled_from(["75011", "13001", "97411", "98800", "59000", "69003", "33000"]),
+    registered_on=st.dates(dt.date(2014, 1, 1), dt.date(2030, 12, 31)),
+    registration_ended_on=st.none() | st.dates(dt.date(2014, 1, 1), dt.date(2030, 12, 31)), category=st.integers(1, 8))
+
+
+@settings(max_examples=400, deadline=None)
+@given(people=st.lists(_PEOPLE, min_size=1, max_size=4), day=st.dates(dt.date(2015, 1, 1), dt.date(2030, 12, 31)),
+       extracted=st.none() | st.dates(dt.date(2014, 1, 1), dt.date(2030, 12, 31)),
+       seats=st.integers(0, 10**4), cents=st.integers(0, 10**9), mentor=st.sampled_from(["", "M-1"]))
+def test_memoized_decisions_equal_decisions_computed_afresh(people: list[rules.PersonFacts | None], day: dt.date,
+                                                             extracted: dt.date | None, seats: int, cents: int,
+                                                             mentor: str) -> None:
+    """Decisions share memoized criteria, plans and end dates between people and calls: the
+    same decisions as computed from scratch, for every program, twice in a row."""
+    circumstances = rules.Circumstances(registry_extracted_on=extracted, seats_used=seats, cents_committed=cents,
+                                        mentor_id=mentor)
+    for program in PROGRAMS.all():
+        memoized = [rules.evaluate(program, f, day, circumstances) for f in people + people]
+        with _Afresh():
+            fresh = [rules.evaluate(program, f, day, circumstances) for f in people + people]
+        assert memoized == fresh

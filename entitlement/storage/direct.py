@@ -55,13 +55,16 @@ def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...]
 class Statements:
     """One transaction's statements on its DBAPI connection (see the module docstring)."""
 
-    __slots__ = ("_conn", "_dbapi", "_dialect", "_error")
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._dbapi = conn.connection.driver_connection
         self._dialect = conn.dialect
         self._error: type[Exception] = conn.dialect.loaded_dbapi.Error
+        # Whether any cursor listener is registered (tests, benchmarks), read once per transaction:
+        # the joined dispatcher builds a new listener view at every attribute access.
+        self._listened = bool(conn.dispatch.before_cursor_execute)
 
     def _run(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None,
              many: Sequence[dict[str, Any]] | None = None) -> tuple[Prepared, Any]:
@@ -73,9 +76,8 @@ class Statements:
             args: Any = [p.parameters(row) for row in many]
         else:
             args = p.parameters(first)
-        listeners = conn.dispatch.before_cursor_execute  # true when any is registered (tests, benchmarks)
-        if listeners:
-            listeners(conn, None, p.sql, args, None, many is not None)
+        if self._listened:
+            conn.dispatch.before_cursor_execute(conn, None, p.sql, args, None, many is not None)
         cursor = None
         try:
             cursor = self._dbapi.cursor()
