@@ -474,7 +474,7 @@ def run_inprocess(store: Store, paths: dict[str, str], requests: list[bytes], wa
 # ------------------------------------------------------------------------------ profile buckets
 
 SA, DBAPI, SIGN, HASH, RULES, PROTO, LOGGING, REST = (
-    "SQLAlchemy ORM/Core", "raw DBAPI (driver + SQLite engine, or PG client)", "Ed25519 token signing (PyJWT)",
+    "SQLAlchemy ORM/Core", "raw DBAPI (driver + SQLite engine, or PG client)", "Ed25519 token signing (tokens.sign)",
     "hashing (Merkle log leaf and nodes)", "rules", "protobuf conversion", "logging", "rest (our code, stdlib)")
 BUCKETS = (SA, DBAPI, SIGN, HASH, RULES, PROTO, LOGGING, REST)
 
@@ -500,7 +500,7 @@ def _path_bucket(path: str) -> str | None:
 
 def bucket_of(func: tuple[str, int, str]) -> str | None:
     """The bucket of a profiled function; None for a builtin, which goes to its callers' buckets
-    (a sha256 call is hashing when the Merkle code makes it, signing when PyJWT does)."""
+    (a sha256 call is hashing when the Merkle code makes it, signing when tokens.sign does)."""
     filename, _line, name = func
     if filename == "~":
         if "sqlite3." in name or "psycopg" in name:
@@ -1051,7 +1051,7 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
             lines.append(row("gRPC, authentication, access log, deadline (the difference)", full_call - ins["activate"]))
             lines.append(row("raw replay of its statements" + (" (PG: client side only)" if r.backend == "postgres"
                                                                 else " (sqlite3 + the SQLite engine)"), ins["replay"]))
-            parts = [("sign", "token signing (tokens.sign: PyJWT + Ed25519)"), ("hash", "Merkle leaf + node hashing"),
+            parts = [("sign", "token signing (tokens.sign: the compact JWS + Ed25519)"), ("hash", "Merkle leaf + node hashing"),
                      ("rules", "rules.evaluate"), ("proto", "protobuf conversion (convert.activation)")]
             if all(k in ins for k, _ in parts):
                 for k, label in parts:
