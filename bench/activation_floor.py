@@ -639,7 +639,6 @@ def components(ctx: Any, responses: list[Any], people: list[tuple[str, dt.date]]
     from entitlement.api.accesslog import AccessLogInterceptor
     from entitlement.logformat import LogEvent, time_us
     from entitlement.storage.models import Event
-    from entitlement.v1 import activation_pb2
 
     n = len(responses)
     caller = advisor()
@@ -679,8 +678,7 @@ def components(ctx: Any, responses: list[Any], people: list[tuple[str, dt.date]]
                      for _f, snap in facts]
     _part("rules", n, lambda: [rules.evaluate(program, f, today, c) for (f, _s), c in zip(facts, circumstances)])
     results = [ActivationResult(v, r.activation_token) for v, r in zip(views, responses)]
-    _part("proto", n, lambda: [activation_pb2.ActivateEntitlementResponse(
-        activation=convert.activation(x.activation), activation_token=x.token) for x in results])
+    _part("proto", n, lambda: [convert.activation_response(x.activation, x.token) for x in results])
 
     class _Context:
         def abort_with_status(self, status: Any) -> None:
@@ -1052,7 +1050,7 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
             lines.append(row("raw replay of its statements" + (" (PG: client side only)" if r.backend == "postgres"
                                                                 else " (sqlite3 + the SQLite engine)"), ins["replay"]))
             parts = [("sign", "token signing (tokens.sign: the compact JWS + Ed25519)"), ("hash", "Merkle leaf + node hashing"),
-                     ("rules", "rules.evaluate"), ("proto", "protobuf conversion (convert.activation)")]
+                     ("rules", "rules.evaluate"), ("proto", "protobuf conversion (convert.activation_response)")]
             if all(k in ins for k, _ in parts):
                 for k, label in parts:
                     lines.append(row(label, ins[k]))
