@@ -364,24 +364,47 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
         if name in CIRCUMSTANCE_CHECKS:
             results.append(CIRCUMSTANCE_CHECKS[name](program, circumstances, day))
         elif facts is None:
-            results.append(CriterionResult(name, False, "NOT_REGISTERED",
-                                           "No registration found for this identifier and birth date."))
+            results.append(_not_registered(name))
         else:
             results.append(CHECKS[name](program, facts, day))
     eligible = all(r.passed for r in results)
     end = entitlement_end(program, facts, day) if eligible and facts is not None else None
-    plan = None if end is None else _plan_until(program, day, end)
-    return Decision(
+    return _decision(program, day, tuple(results), end, circumstances)
+
+
+@functools.lru_cache(maxsize=64)
+def _not_registered(criterion: str) -> CriterionResult:
+    return CriterionResult(criterion, False, "NOT_REGISTERED", "No registration found for this identifier and birth date.")
+
+
+def _decision(program: Program, day: dt.date, criteria: tuple[CriterionResult, ...], end: dt.date | None,
+              circumstances: Circumstances) -> Decision:
+    """The decision these results make: one shared (immutable) object per distinct set of results,
+    end date and circumstances for a program and day, so that people in the same situation get the
+    same object and its conversions are made once (entitlement.api.convert). The cache holds the
+    results it is keyed on by identity, so an id in a key is never reused while the entry lives."""
+    key = (id(program), day, end, circumstances, *map(id, criteria))
+    hit = _DECISIONS.get(key)
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    decision = Decision(
         program_id=program.id,
         program_version=program.version,
         as_of=day,
-        eligible=eligible,
-        criteria=tuple(results),
+        eligible=all(r.passed for r in criteria),
+        criteria=criteria,
         parameters=parameters_used(program, day),
-        funding_plan=plan,
+        funding_plan=None if end is None else _plan_until(program, day, end),
         access_end=end,
         circumstances=circumstances,
     )
+    if len(_DECISIONS) >= 4096:
+        _DECISIONS.clear()
+    _DECISIONS[key] = (program, decision)
+    return decision
+
+
+_DECISIONS: dict[tuple[Any, ...], tuple[Program, Decision]] = {}
 
 
 @per_program_and_day

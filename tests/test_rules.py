@@ -228,20 +228,31 @@ def test_parameters_used_is_the_same_answer_each_time_and_follows_a_reloaded_pro
 
 # Every memoized piece of the rules (per program and day, rules.per_program_and_day).
 _MEMOIZED = ("_program_open", "_funding_plan", "parameters_used", "_category_result", "_registration_active_on",
-             "_department_result", "_age_results", "_freshness_result", "_entitlement_end", "_plan_until")
+             "_department_result", "_age_results", "_freshness_result", "_entitlement_end", "_plan_until",
+             "_not_registered")
+
+
+class _NoCache(dict):  # type: ignore[type-arg]
+    """A cache that keeps nothing."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
 
 
 class _Afresh:
-    """Within the block, rules computes everything anew (each memoized function's undecorated one)."""
+    """Within the block, rules computes everything anew (each memoized function's undecorated one,
+    and no shared decision objects)."""
 
     def __enter__(self) -> None:
         self.saved = {n: getattr(rules, n) for n in _MEMOIZED}
         for n, fn in self.saved.items():
             setattr(rules, n, fn.__wrapped__)
+        self.decisions, rules._DECISIONS = rules._DECISIONS, _NoCache()
 
     def __exit__(self, *exc: object) -> None:
         for n, fn in self.saved.items():
             setattr(rules, n, fn)
+        rules._DECISIONS = self.decisions
 
 
 _PEOPLE = st.none() | st.builds(
@@ -267,3 +278,18 @@ def test_memoized_decisions_equal_decisions_computed_afresh(people: list[rules.P
         with _Afresh():
             fresh = [rules.evaluate(program, f, day, circumstances) for f in people + people]
         assert memoized == fresh
+
+
+def test_people_in_the_same_situation_share_one_decision_object() -> None:
+    """What entitlement.api.convert caches a decision's bytes by: eligible people with the same
+    relevant facts, and unknown people, get the same object on a day; others do not."""
+    day = dt.date(2026, 3, 16)
+    circumstances = rules.Circumstances(registry_extracted_on=day - dt.timedelta(days=1))
+    a = rules.evaluate(PREMIUM, facts(), day, circumstances)
+    b = rules.evaluate(PREMIUM, facts(birth_date=dt.date(1991, 2, 3), postal_code="75012"), day, circumstances)
+    assert a.eligible and a is b
+    assert rules.evaluate(PREMIUM, None, day, circumstances) is rules.evaluate(PREMIUM, None, day, circumstances)
+    other_category = rules.evaluate(PREMIUM, facts(category=2), day, circumstances)
+    assert other_category is not a and other_category.criteria != a.criteria
+    later = rules.evaluate(PREMIUM, facts(), day + dt.timedelta(days=1), circumstances)
+    assert later is not a and later.as_of == day + dt.timedelta(days=1)

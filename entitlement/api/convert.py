@@ -126,12 +126,31 @@ def _fill_decision(m: common_pb2.EligibilityDecision, d: rules.Decision) -> None
 
 def check_response(decisions: Sequence[rules.Decision],
                    snapshot: SnapshotRef | None) -> eligibility_pb2.CheckEligibilityResponse:
-    """CheckEligibilityResponse(decisions=[decision(d, snapshot) for d in decisions]), in place."""
+    """CheckEligibilityResponse(decisions=[decision(d, snapshot) for d in decisions]), each decision
+    parsed from its bytes, serialized once per decision object and snapshot (rules.evaluate hands
+    out one decision object to everybody in the same situation on a day)."""
     out = eligibility_pb2.CheckEligibilityResponse()
     add = out.decisions.add
     for d in decisions:
-        _fill_decision(add(**_decision_kwargs(d, snapshot)), d)
+        add().MergeFromString(_decision_bytes(d, snapshot))
     return out
+
+
+def _decision_bytes(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
+    key = (id(d), snapshot.id, snapshot.extracted_on) if snapshot is not None else (id(d), None, None)
+    hit = _DECISION_BYTES.get(key)
+    if hit is not None and hit[0] is d:
+        return hit[1]
+    m = common_pb2.EligibilityDecision(**_decision_kwargs(d, snapshot))
+    _fill_decision(m, d)
+    raw = m.SerializeToString()
+    if len(_DECISION_BYTES) >= 4096:
+        _DECISION_BYTES.clear()
+    _DECISION_BYTES[key] = (d, raw)
+    return raw
+
+
+_DECISION_BYTES: dict[tuple[Any, ...], tuple[rules.Decision, bytes]] = {}
 
 
 def activation_response(a: ActivationView, token: str) -> activation_pb2.ActivateEntitlementResponse:
