@@ -267,6 +267,10 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             subject=ctx.pseudo.platform_subject(cmd.platform_id, person_key), program_id=program.id,
             activation_id=activation_id, jti=jti, issued_at=int(now.timestamp()),
             not_before=int(now.timestamp()), expires_at=int(exp.timestamp())))
+        # Before the event: on PostgreSQL, the event's UPDATE of log_head holds that row (every
+        # writer's) until the commit, so what can be written before it is.
+        _remember(s, ctx, caller, cmd.request_id, "activate", digest,
+                  {"activation_id": activation_id, "token": token})
         eventlog.append(s, time=now, type="activation.created", actor=caller.actor,
                         subject=f"activations/{activation_id}", program_id=program.id, reason=cmd.reason,
                         platform_id=cmd.platform_id, read_rollup_timezone=True,
@@ -279,8 +283,6 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         # After the event: on PostgreSQL its log_head row lock orders every writer's rollup rows.
         rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
                            [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
-        _remember(s, ctx, caller, cmd.request_id, "activate", digest,
-                  {"activation_id": activation_id, "token": token})
         return ActivationResult(view(ctx, SimpleNamespace(**row), stored), token)
 
 
