@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from entitlement import counters, facts as person_facts, rules
 from entitlement.app import Context
@@ -14,14 +14,12 @@ from entitlement.programs import Program
 from entitlement.registry import SnapshotRef
 
 
-@dataclass(frozen=True)
-class JobSeeker:
+class JobSeeker(NamedTuple):  # named tuples: one of each per check (cheaper than frozen dataclasses)
     agency_id: str
     birth_date: dt.date
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     decisions: tuple[rules.Decision, ...]
     snapshot: SnapshotRef | None
 
