@@ -164,18 +164,28 @@ def _category_result(program: Program, day: dt.date, category: int) -> Criterion
 
 def _registration_active(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
     if f.registered_on > day:
-        return CriterionResult("registration_active", False, "REGISTRATION_NOT_STARTED",
-                               f"Registration starts on {f.registered_on.isoformat()}, after {day.isoformat()}.")
+        return _registration_not_started(program, day, f.registered_on)
     ended = f.registration_ended_on
     if ended is not None and ended <= day:
-        return CriterionResult("registration_active", False, "REGISTRATION_ENDED",
-                               f"Registration ended on {ended.isoformat()} (cessation d'inscription).")
+        return _registration_ended(program, day, ended)
     return _registration_active_on(program, day)
 
 
 @per_program_and_day
 def _registration_active_on(program: Program, day: dt.date) -> CriterionResult:
     return CriterionResult("registration_active", True, "", f"Registration active on {day.isoformat()}.")
+
+
+@per_program_and_day
+def _registration_not_started(program: Program, day: dt.date, registered_on: dt.date) -> CriterionResult:
+    return CriterionResult("registration_active", False, "REGISTRATION_NOT_STARTED",
+                           f"Registration starts on {registered_on.isoformat()}, after {day.isoformat()}.")
+
+
+@per_program_and_day
+def _registration_ended(program: Program, day: dt.date, ended: dt.date) -> CriterionResult:
+    return CriterionResult("registration_active", False, "REGISTRATION_ENDED",
+                           f"Registration ended on {ended.isoformat()} (cessation d'inscription).")
 
 
 def _resident_in_departments(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
