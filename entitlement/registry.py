@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import NamedTuple, IO, Any
 
 from psycopg.errors import UniqueViolation
 from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
@@ -59,8 +59,7 @@ class ExtractError(ValueError):
     """The file as a whole cannot be imported (no header, wrong columns, not UTF-8, empty, cut off)."""
 
 
-@dataclass(frozen=True)
-class SnapshotRef:
+class SnapshotRef(NamedTuple):  # immutable; a named tuple: one per check
     id: int
     extracted_on: dt.date
 
