@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from entitlement.api import servicers as api_servicers
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api.identity import CallerInterceptor
-from entitlement.api.wrapping import BehaviorInterceptor
+from entitlement.api.wrapping import BehaviorInterceptor, passthrough
 from entitlement.app import Context
 from entitlement.server_main import SERVICE_NAMES
 
@@ -220,7 +220,7 @@ class AsyncScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method, metadata = details.method, details.invocation_metadata
         scope = self.sync.scope
         kw = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+              "response_serializer": passthrough(handler.response_serializer)}  # as wrap_handler
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
 

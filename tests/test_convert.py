@@ -1,6 +1,6 @@
-"""The hot paths' answers built in place (entitlement/api/convert.py: check_response,
-activation_response, activation_message) are, byte for byte on the wire, the messages the plain
-builders make (decision(), activation()) wrapped in their responses: over every program of the
+"""The hot paths' answers built in place or kept serialized (entitlement/api/convert.py:
+check_answer / check_response, activation_response, activation_message) are, byte for byte on the
+wire, the messages the plain builders make (decision(), activation()) wrapped in their responses: over every program of the
 catalog and random people, days, snapshots and activation states."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def test_check_response_is_the_plain_builders_response(facts: list[rules.PersonF
     programs = PROGRAMS if all_programs else PROGRAMS[:1]
     decisions = [rules.evaluate(p, f, day, circumstances) for f in facts for p in programs]
     want = eligibility_pb2.CheckEligibilityResponse(decisions=[convert.decision(d, snapshot) for d in decisions])
+    assert convert.check_answer(decisions, snapshot) == want.SerializeToString()  # the bytes CheckEligibility sends
     got = convert.check_response(decisions, snapshot)
     assert got.SerializeToString() == want.SerializeToString()
     assert got == want

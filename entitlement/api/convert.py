@@ -126,24 +126,29 @@ def _fill_decision(m: common_pb2.EligibilityDecision, d: rules.Decision) -> None
 
 def check_response(decisions: Sequence[rules.Decision],
                    snapshot: SnapshotRef | None) -> eligibility_pb2.CheckEligibilityResponse:
-    """CheckEligibilityResponse(decisions=[decision(d, snapshot) for d in decisions]), each decision
-    parsed from its bytes, serialized once per decision object and snapshot (rules.evaluate hands
-    out one decision object to everybody in the same situation on a day)."""
-    out = eligibility_pb2.CheckEligibilityResponse()
-    add = out.decisions.add
-    for d in decisions:
-        add().MergeFromString(_decision_bytes(d, snapshot))
-    return out
+    """CheckEligibilityResponse(decisions=[decision(d, snapshot) for d in decisions])."""
+    return eligibility_pb2.CheckEligibilityResponse.FromString(check_answer(decisions, snapshot))
 
 
-def _decision_bytes(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
+def check_answer(decisions: Sequence[rules.Decision], snapshot: SnapshotRef | None) -> bytes:
+    """check_response(decisions, snapshot), serialized: the concatenation of each decision's entry
+    in the response's repeated field (that is the message's encoding), each entry serialized once
+    per decision object and snapshot (rules.evaluate hands out one decision object to everybody in
+    the same situation on a day). CheckEligibility answers with these bytes as they are
+    (entitlement.api.wrapping.passthrough)."""
+    if len(decisions) == 1:
+        return _answer_entry(decisions[0], snapshot)
+    return b"".join([_answer_entry(d, snapshot) for d in decisions])
+
+
+def _answer_entry(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
     key = (id(d), snapshot.id, snapshot.extracted_on) if snapshot is not None else (id(d), None, None)
     hit = _DECISION_BYTES.get(key)
     if hit is not None and hit[0] is d:
         return hit[1]
-    m = common_pb2.EligibilityDecision(**_decision_kwargs(d, snapshot))
-    _fill_decision(m, d)
-    raw = m.SerializeToString()
+    out = eligibility_pb2.CheckEligibilityResponse()
+    _fill_decision(out.decisions.add(**_decision_kwargs(d, snapshot)), d)
+    raw = out.SerializeToString()
     if len(_DECISION_BYTES) >= 4096:
         _DECISION_BYTES.clear()
     _DECISION_BYTES[key] = (d, raw)

@@ -40,7 +40,8 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
         v.raise_if_any()
         result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
-        return convert.check_response(result.decisions, result.snapshot)
+        # Serialized already (sent as it is: entitlement.api.wrapping.passthrough).
+        return convert.check_answer(result.decisions, result.snapshot)  # type: ignore[return-value]
 
     def ListPrograms(self, request: eligibility_pb2.ListProgramsRequest,
                      context: grpc.ServicerContext) -> eligibility_pb2.ListProgramsResponse:

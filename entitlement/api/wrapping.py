@@ -143,12 +143,25 @@ def _outermost(fn: Callable[[Any, grpc.ServicerContext], Any],
     return unary
 
 
+def passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serializer`, except that a response already serialized (bytes) is sent as it is: a hot
+    method may answer with bytes it keeps (CheckEligibility: entitlement.api.convert.check_answer)."""
+    if serializer is None or getattr(serializer, "passthrough", False):
+        return serializer
+
+    def serialize(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serializer(response)
+    serialize.passthrough = True  # type: ignore[attr-defined]
+    return serialize
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str,
                  behaviors: Sequence[BehaviorInterceptor]) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour run inside each of `behaviors`' scopes (the first outermost), its
-    requests decoded tolerantly (see the module docstring) and the call's deadline bound."""
+    requests decoded tolerantly (see the module docstring), the call's deadline bound, and its
+    responses sent as they are when already serialized (`passthrough`)."""
     kw = {"request_deserializer": _tolerant(handler.request_deserializer),
-          "response_serializer": handler.response_serializer}
+          "response_serializer": passthrough(handler.response_serializer)}
     for make, fn, streaming_request, streaming_response in (
             (grpc.unary_unary_rpc_method_handler, handler.unary_unary, False, False),
             (grpc.unary_stream_rpc_method_handler, handler.unary_stream, False, True),
