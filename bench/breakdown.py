@@ -119,8 +119,8 @@ def _measure_in_child(prep: Path, n: int, helper: Path, out: Path) -> None:
             lambda k: registry.lookup(ctx.db.hot, keys[k % m], people[k % m][1]))
     measure("CheckEligibility", "of which the person key (HMAC-SHA256)", lambda k: ctx.pseudo.person_key(people[k % m][0]))
     results = [check(k) for k in range(m)]
-    measure("CheckEligibility", "of which the answer's protobuf conversion",
-            lambda k: convert.check_response(results[k % m].decisions, results[k % m].snapshot))
+    measure("CheckEligibility", "of which the answer (convert.check_answer: its bytes, kept per decision)",
+            lambda k: convert.check_answer(results[k % m].decisions, results[k % m].snapshot))
     # VerifyEntitlement
     plat = Context(tokens["bench-platform"])
     asv = ActivationServicer(ctx)
