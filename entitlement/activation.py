@@ -304,6 +304,10 @@ def _expire_stale(s: Session, ctx: Context, stale_ids: list[str], today: dt.date
         a = s.get(Activation, activation_id)
         assert a is not None
         ledger.expire(s, ctx, a, today)  # as the settlement job would: consume, release, one event
+    if stale_ids:
+        # Written now: the new row is inserted on the DBAPI connection (not by this session's
+        # flush), and the partial unique index admits it only once the old row is no longer live.
+        s.flush()
 
 
 # ------------------------------------------------------------------------------------- read, move

@@ -214,11 +214,13 @@ def _age_results(program: Program, day: dt.date) -> tuple[int, CriterionResult, 
             CriterionResult("age_below", False, "AGE_LIMIT_EXCEEDED", f"Aged {limit} or more on {day.isoformat()}."))
 
 
+_MENTOR = CriterionResult("mentor_assigned", True, "", "A mentor is assigned.")
+_NO_MENTOR = CriterionResult("mentor_assigned", False, "MENTOR_NOT_ASSIGNED",
+                             "The program requires a mentor (tuteur): give the mentor's id.")
+
+
 def _mentor_assigned(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
-    if c.mentor_id:
-        return CriterionResult("mentor_assigned", True, "", "A mentor is assigned.")
-    return CriterionResult("mentor_assigned", False, "MENTOR_NOT_ASSIGNED",
-                           "The program requires a mentor (tuteur): give the mentor's id.")
+    return _MENTOR if c.mentor_id else _NO_MENTOR
 
 
 def _seats_available(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:

@@ -538,6 +538,34 @@ def test_jobs_from_the_command_line(backend: tuple[str, str], tmp_path: Path, re
 
 # ------------------------------------------------------------------------------------ revalidation
 
+def test_activating_again_after_an_end_date_the_job_has_not_yet_settled(backend: tuple[str, str], tmp_path: Path,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """A person whose activation passed its end date before the settlement job ran is activated
+    again: the old one is expired and settled in the same transaction (consumed, released, its
+    event), the new one is live, and the books and the report still balance."""
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        request_for = activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}",
+            platform="platforms/openclassrooms", reason="first")
+        first = api.advisor.ActivateEntitlement(request_for).activation
+        assert first.end_date.year == 2027 and first.end_date.month == 3 and first.end_date.day == 15
+        extract = write_registry(tmp_path / "later.csv", people)
+        with on_day(server, D(2027, 3, 20)):  # past the end date; no settlement job has run
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
+                                    extracted_on=D(2027, 3, 19))
+            assert stored_state(server, first.name) == "active"
+            second = api.advisor.ActivateEntitlement(request_for).activation
+            assert second.name != first.name and second.state == activation_pb2.ACTIVE
+            assert stored_state(server, first.name) == "expired"
+            assert [e.type for e in events_of(server, first.name)].count("activation.expired") == 1
+            old = money(server, first.name)
+            assert old.reserved == {f: 0 for f in FUNDERS[PREMIUM]}  # every month settled
+            assert_report_matches_ledger(server, api)
+
+
 def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tuple[str, str], tmp_path: Path,
                                                                    request: pytest.FixtureRequest) -> None:
     people = default_people()

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql import Select, TextClause
-from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.dml import Insert, UpdateBase
 
 from entitlement import deadline
 
@@ -51,7 +51,11 @@ class Prepared:
         # Expanding parameters (IN lists of constants) are rendered into the text now, with the
         # per-call parameters left as placeholders: an IN over per-call values cannot be prepared
         # once (refused here, when the statement is first prepared).
-        compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None)
+        # An INSERT is compiled as for an executemany: without the RETURNING of a generated primary
+        # key that SQLAlchemy adds for a single row (nothing here reads it back); an explicit
+        # RETURNING stays.
+        compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None,
+                                for_executemany=isinstance(stmt, Insert) and not stmt._returning)
         per_call = {n: None for n, b in compiled.binds.items() if b.required}
         expanding = sorted(n for n, b in compiled.binds.items() if b.required and b.expanding)
         if expanding:
