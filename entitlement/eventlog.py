@@ -77,10 +77,10 @@ def append(session: Session, *, time: dt.datetime, type: str, actor: str, subjec
     time = time.astimezone(dt.timezone.utc) if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)
     payload_json = canonical_json(payload or {})
     st = direct.of(session)  # the transaction's DBAPI connection (entitlement/storage/direct.py)
-    if read_rollup_timezone:
-        seq_value, rollup_timezone = st.first(_NEXT_SEQ_AND_TIMEZONE)
-    else:
-        seq_value, rollup_timezone = st.first(_NEXT_SEQ)[0], None
+    head = st.first(_NEXT_SEQ_AND_TIMEZONE if read_rollup_timezone else _NEXT_SEQ)
+    if head is None:  # migration 0001 creates the row; nothing deletes it
+        raise RuntimeError("the event log has no log_head row: the database was not migrated")
+    seq_value, rollup_timezone = (head[0], head[1]) if read_rollup_timezone else (head[0], None)
     seq = int(seq_value)
     session.info[_HEAD_TAKEN] = HeadTaken(session.get_transaction(), read_rollup_timezone, rollup_timezone)
     # At once (not a pending ORM object flushed at commit: nothing reads it back through the
