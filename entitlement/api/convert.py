@@ -35,52 +35,78 @@ def timestamp(t: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def funding_plan(plan: rules.FundingPlan | None) -> common_pb2.FundingPlan | None:
-    if plan is None:
-        return None
-    return common_pb2.FundingPlan(
-        price_per_month_cents=plan.price_per_month_cents, months=plan.months, total_cents=plan.total_cents,
-        shares=[common_pb2.FundingShare(funder=f, share_basis_points=bp, amount_cents=c) for f, bp, c in plan.shares])
+    return None if plan is None else common_pb2.FundingPlan(**_plan_fields(plan))
 
 
-def parameters(params: tuple[rules.ParameterUsed, ...]) -> list[common_pb2.ParameterValue]:
-    """The messages of `params`. rules.parameters_used hands out one tuple per program and day, so
-    the messages are built once for it and reused (a message passed to a constructor is copied)."""
-    hit = _PARAMETERS.get(id(params))
-    if hit is not None and hit[0] is params:
-        return hit[1]
-    out = [common_pb2.ParameterValue(name=p.name, value_json=p.value_json, effective_from=date(p.effective_from),
-                                     reference=p.reference) for p in params]
-    if len(_PARAMETERS) >= 4096:
-        _PARAMETERS.clear()
-    _PARAMETERS[id(params)] = (params, out)
-    return out
+def program(p: Program, day: dt.date) -> eligibility_pb2.Program:
+    return eligibility_pb2.Program(
+        name=p.name, title=p.title, description=p.description, version=p.version,
+        start_date=date(p.start), end_date=date(p.end), tier=p.tier,
+        parameters=parameters(rules.parameters_used(p, day)),
+        monthly_funding=funding_plan(rules.funding_plan(p, day, months=1)), open=p.is_open(day))
 
 
-_PARAMETERS: dict[int, tuple[tuple[rules.ParameterUsed, ...], list[common_pb2.ParameterValue]]] = {}
+class _ByIdentity:
+    """A bounded cache of what was made from an immutable domain object (a program and day's
+    parameters, a shared decision): keyed by the object's identity, and keeping the object, so an id
+    is never reused while its entry lives."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: dict[Any, tuple[Any, Any]] = {}
+
+    def get(self, obj: Any, *more: Any) -> Any:
+        hit = self._entries.get((id(obj), *more))
+        return hit[1] if hit is not None and hit[0] is obj else None
+
+    def put(self, obj: Any, value: Any, *more: Any) -> Any:
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[(id(obj), *more)] = (obj, value)
+        return value
 
 
-def decision(d: rules.Decision, snapshot: SnapshotRef | None) -> common_pb2.EligibilityDecision:
-    return common_pb2.EligibilityDecision(
-        program=f"programs/{d.program_id}", eligible=d.eligible,
-        criteria=[common_pb2.Criterion(criterion=c.criterion, passed=c.passed, reason_code=c.reason_code,
-                                       detail=c.detail) for c in d.criteria],
-        as_of=date(d.as_of), program_version=d.program_version, parameters=parameters(d.parameters),
-        funding_plan=funding_plan(d.funding_plan),
-        registry_snapshot=snapshot.name if snapshot else "",
-        registry_extracted_on=date(snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
-        access_end_date=date(d.access_end), facts_source=d.circumstances.facts_source)
-
-
-# ------------------------------------------------------------------ hot paths: built in place
-# A message passed to a constructor is copied (a decision into its response: every criterion and
-# parameter again), so the answers of CheckEligibility and ActivateEntitlement are built in place:
+# Decisions and activations: the hot paths' answers. A message passed to a constructor is copied (a
+# decision into its response: every criterion and parameter again), so they are built in place:
 # scalar and small message fields as constructor arguments (dicts for messages), criteria added to
 # the repeated field, the parameters (the same for every decision of a program and day) parsed from
-# bytes serialized once. The same messages as decision() / activation() build, byte for byte
-# (tests/test_convert.py).
+# bytes serialized once; what is the same for everybody in the same situation (rules.evaluate hands
+# out one decision object for it) is serialized once. tests/test_convert.py and
+# tests/test_list_activations_output.py hold the answers to the plain builders' bytes.
 
-def _optional_date_fields(d: dt.date | None) -> dict[str, int] | None:
+def parameters(params: tuple[rules.ParameterUsed, ...]) -> list[common_pb2.ParameterValue]:
+    """The messages of `params`, built once per parameters tuple (rules.parameters_used hands out
+    one per program and day)."""
+    return _PARAMETERS.get(params) or _PARAMETERS.put(params, [common_pb2.ParameterValue(
+        name=p.name, value_json=p.value_json, effective_from=date(p.effective_from), reference=p.reference)
+        for p in params])
+
+
+def _parameters_bytes(params: tuple[rules.ParameterUsed, ...]) -> bytes:
+    """The `parameters` field of a decision, serialized once per parameters tuple."""
+    raw: bytes | None = _PARAMETER_BYTES.get(params)
+    return raw if raw is not None else _PARAMETER_BYTES.put(
+        params, common_pb2.EligibilityDecision(parameters=parameters(params)).SerializeToString())
+
+
+_PARAMETERS, _PARAMETER_BYTES = _ByIdentity(4096), _ByIdentity(4096)
+
+
+def _date_fields(d: dt.date | None) -> dict[str, int] | None:
     return None if d is None else {"year": d.year, "month": d.month, "day": d.day}
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH_NAIVE = dt.datetime(1970, 1, 1)
+
+
+def _timestamp_fields(t: dt.datetime | None) -> dict[str, int] | None:
+    """Timestamp.FromDatetime's fields: whole seconds since the epoch (rounded down), and the
+    microseconds as nanos; a naive datetime is UTC (as FromDatetime takes it)."""
+    if t is None:
+        return None
+    since = t - (_EPOCH_NAIVE if t.tzinfo is None else _EPOCH)
+    return {"seconds": since.days * 86400 + since.seconds, "nanos": t.microsecond * 1000}
 
 
 def _plan_fields(plan: rules.FundingPlan | None) -> dict[str, Any] | None:
@@ -96,25 +122,9 @@ def _decision_kwargs(d: rules.Decision, snapshot: SnapshotRef | None) -> dict[st
     return {"program": "programs/" + d.program_id, "eligible": d.eligible, "as_of": _date_fields(d.as_of),
             "program_version": d.program_version, "funding_plan": _plan_fields(d.funding_plan),
             "registry_snapshot": snapshot.name if snapshot else "",
-            "registry_extracted_on": _optional_date_fields(
+            "registry_extracted_on": _date_fields(
                 snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
-            "access_end_date": _optional_date_fields(d.access_end), "facts_source": d.circumstances.facts_source}
-
-
-def _parameters_bytes(params: tuple[rules.ParameterUsed, ...]) -> bytes:
-    """The `parameters` field of a decision, serialized once per parameters tuple (one per program
-    and day: rules.parameters_used)."""
-    hit = _PARAMETER_BYTES.get(id(params))
-    if hit is not None and hit[0] is params:
-        return hit[1]
-    raw = common_pb2.EligibilityDecision(parameters=parameters(params)).SerializeToString()
-    if len(_PARAMETER_BYTES) >= 4096:
-        _PARAMETER_BYTES.clear()
-    _PARAMETER_BYTES[id(params)] = (params, raw)
-    return raw
-
-
-_PARAMETER_BYTES: dict[int, tuple[tuple[rules.ParameterUsed, ...], bytes]] = {}
+            "access_end_date": _date_fields(d.access_end), "facts_source": d.circumstances.facts_source}
 
 
 def _fill_decision(m: common_pb2.EligibilityDecision, d: rules.Decision) -> None:
@@ -124,17 +134,10 @@ def _fill_decision(m: common_pb2.EligibilityDecision, d: rules.Decision) -> None
     m.MergeFromString(_parameters_bytes(d.parameters))
 
 
-def check_response(decisions: Sequence[rules.Decision],
-                   snapshot: SnapshotRef | None) -> eligibility_pb2.CheckEligibilityResponse:
-    """CheckEligibilityResponse(decisions=[decision(d, snapshot) for d in decisions])."""
-    return eligibility_pb2.CheckEligibilityResponse.FromString(check_answer(decisions, snapshot))
-
-
 def check_answer(decisions: Sequence[rules.Decision], snapshot: SnapshotRef | None) -> bytes:
-    """check_response(decisions, snapshot), serialized: the concatenation of each decision's entry
-    in the response's repeated field (that is the message's encoding), each entry serialized once
-    per decision object and snapshot (rules.evaluate hands out one decision object to everybody in
-    the same situation on a day). CheckEligibility answers with these bytes as they are
+    """The CheckEligibilityResponse of `decisions`, serialized: the concatenation of each decision's
+    entry in the response's repeated field (that is the message's encoding), each serialized once
+    per decision object and snapshot. CheckEligibility answers with these bytes as they are
     (entitlement.api.wrapping.passthrough)."""
     if len(decisions) == 1:
         return _answer_entry(decisions[0], snapshot)
@@ -142,114 +145,72 @@ def check_answer(decisions: Sequence[rules.Decision], snapshot: SnapshotRef | No
 
 
 def _answer_entry(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
-    key = (id(d), snapshot.id, snapshot.extracted_on) if snapshot is not None else (id(d), None, None)
-    hit = _DECISION_BYTES.get(key)
-    if hit is not None and hit[0] is d:
-        return hit[1]
-    out = eligibility_pb2.CheckEligibilityResponse()
-    _fill_decision(out.decisions.add(**_decision_kwargs(d, snapshot)), d)
-    raw = out.SerializeToString()
-    if len(_DECISION_BYTES) >= 4096:
-        _DECISION_BYTES.clear()
-    _DECISION_BYTES[key] = (d, raw)
+    key = (snapshot.id, snapshot.extracted_on) if snapshot is not None else (None, None)
+    raw: bytes | None = _ANSWER_ENTRIES.get(d, *key)
+    if raw is None:
+        out = eligibility_pb2.CheckEligibilityResponse()
+        _fill_decision(out.decisions.add(**_decision_kwargs(d, snapshot)), d)
+        raw = _ANSWER_ENTRIES.put(d, out.SerializeToString(), *key)
     return raw
 
 
-_DECISION_BYTES: dict[tuple[Any, ...], tuple[rules.Decision, bytes]] = {}
+def _activation_kwargs(aid: str, program_id: str, state: str, person_ref: str, advisor_id: str, agency_code: str,
+                       start_date: dt.date, end_date: dt.date, created_at: dt.datetime, updated_at: dt.datetime,
+                       platform_id: str, account_id: str | None, redeemed_at: dt.datetime | None,
+                       state_reason: str) -> dict[str, Any]:
+    """An Activation's fields but its decision and funding."""
+    return {"name": "activations/" + aid, "program": "programs/" + program_id, "state": STATE_TO_PROTO[state],
+            "job_seeker_ref": person_ref, "advisor_id": advisor_id, "agency_code": agency_code,
+            "start_date": _date_fields(start_date), "end_date": _date_fields(end_date),
+            "create_time": _timestamp_fields(created_at), "update_time": _timestamp_fields(updated_at),
+            "platform": "platforms/" + platform_id, "account_id": account_id or "",
+            "redeem_time": _timestamp_fields(redeemed_at), "state_reason": state_reason}
 
 
-def activation_response(a: ActivationView, token: str) -> activation_pb2.ActivateEntitlementResponse:
-    """ActivateEntitlementResponse(activation=activation(a), activation_token=token), in place."""
-    out = activation_pb2.ActivateEntitlementResponse(activation=_activation_kwargs(a), activation_token=token)
-    _fill_decision(out.activation.decision, a.decision)
-    return out
+def _view_kwargs(a: ActivationView) -> dict[str, Any]:
+    return _activation_kwargs(a.id, a.program_id, a.state, a.person_ref, a.advisor_id, a.agency_code, a.start_date,
+                              a.end_date, a.created_at, a.updated_at, a.platform_id, a.account_id, a.redeemed_at,
+                              a.state_reason)
 
 
-def activation_message(a: ActivationView) -> activation_pb2.Activation:
-    """activation(a), built in place."""
-    out = activation_pb2.Activation(**_activation_kwargs(a))
+def activation(a: ActivationView) -> activation_pb2.Activation:
+    out = activation_pb2.Activation(**_view_kwargs(a), decision=_decision_kwargs(a.decision, a.snapshot),
+                                    funding=_plan_fields(a.decision.funding_plan))
     _fill_decision(out.decision, a.decision)
     return out
 
 
-def _activation_kwargs(a: ActivationView) -> dict[str, Any]:
-    return {"name": "activations/" + a.id, "program": "programs/" + a.program_id, "state": STATE_TO_PROTO[a.state],
-            "job_seeker_ref": a.person_ref, "advisor_id": a.advisor_id, "agency_code": a.agency_code,
-            "start_date": _date_fields(a.start_date), "end_date": _date_fields(a.end_date),
-            "create_time": _timestamp_fields(a.created_at), "update_time": _timestamp_fields(a.updated_at),
-            "platform": "platforms/" + a.platform_id, "account_id": a.account_id or "",
-            "redeem_time": None if a.redeemed_at is None else _timestamp_fields(a.redeemed_at),
-            "decision": _decision_kwargs(a.decision, a.snapshot), "funding": _plan_fields(a.decision.funding_plan),
-            "state_reason": a.state_reason}
-
-
-def program(p: Program, day: dt.date) -> eligibility_pb2.Program:
-    return eligibility_pb2.Program(
-        name=p.name, title=p.title, description=p.description, version=p.version,
-        start_date=date(p.start), end_date=date(p.end), tier=p.tier,
-        parameters=parameters(rules.parameters_used(p, day)),
-        monthly_funding=funding_plan(rules.funding_plan(p, day, months=1)), open=p.is_open(day))
-
-
-def activation(a: ActivationView) -> activation_pb2.Activation:
-    return activation_pb2.Activation(
-        name=f"activations/{a.id}", program=f"programs/{a.program_id}", state=STATE_TO_PROTO[a.state],
-        job_seeker_ref=a.person_ref, advisor_id=a.advisor_id, agency_code=a.agency_code,
-        start_date=date(a.start_date), end_date=date(a.end_date), create_time=timestamp(a.created_at),
-        update_time=timestamp(a.updated_at), platform=f"platforms/{a.platform_id}",
-        account_id=a.account_id or "", redeem_time=timestamp(a.redeemed_at),
-        decision=decision(a.decision, a.snapshot), funding=funding_plan(a.decision.funding_plan),
-        state_reason=a.state_reason)
-
-
-def listed_activations(items: Sequence[ListedActivation], next_page_token: str) -> audit_pb2.ListActivationsResponse:
-    """A page of ListActivations: for each item, the message activation() builds, byte for byte
-    (tests/test_list_activations_output.py), built in place in the response (a message passed to a
-    constructor is copied, twice for an Activation in a list) from plain values, the decision and
-    funding serialized once per shared decision (audit.ListedActivation) and parsed into each."""
-    out = audit_pb2.ListActivationsResponse(next_page_token=next_page_token)
-    add = out.activations.add
-    for (aid, program_id, state, person_ref, advisor_id, agency_code, start_date, end_date, created_at, updated_at,
-         platform_id, account_id, redeemed_at, d, snapshot, state_reason) in items:
-        m = add(name="activations/" + aid, program="programs/" + program_id, state=STATE_TO_PROTO[state],
-                job_seeker_ref=person_ref, advisor_id=advisor_id, agency_code=agency_code,
-                start_date=_date_fields(start_date), end_date=_date_fields(end_date),
-                create_time=_timestamp_fields(created_at), update_time=_timestamp_fields(updated_at),
-                platform="platforms/" + platform_id, account_id=account_id or "",
-                redeem_time=None if redeemed_at is None else _timestamp_fields(redeemed_at), state_reason=state_reason)
-        m.MergeFromString(_decision_fields(d, snapshot))
+def activation_response(a: ActivationView, token: str) -> activation_pb2.ActivateEntitlementResponse:
+    """ActivateEntitlementResponse(activation=activation(a), activation_token=token), in place."""
+    out = activation_pb2.ActivateEntitlementResponse(
+        activation={**_view_kwargs(a), "decision": _decision_kwargs(a.decision, a.snapshot),
+                    "funding": _plan_fields(a.decision.funding_plan)}, activation_token=token)
+    _fill_decision(out.activation.decision, a.decision)
     return out
 
 
-def _date_fields(d: dt.date) -> dict[str, int]:
-    return {"year": d.year, "month": d.month, "day": d.day}
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_EPOCH_NAIVE = dt.datetime(1970, 1, 1)
-
-
-def _timestamp_fields(t: dt.datetime) -> dict[str, int]:
-    """Timestamp.FromDatetime's fields: whole seconds since the epoch (rounded down), and the
-    microseconds as nanos; a naive datetime is UTC (as FromDatetime takes it)."""
-    since = t - (_EPOCH_NAIVE if t.tzinfo is None else _EPOCH)
-    return {"seconds": since.days * 86400 + since.seconds, "nanos": t.microsecond * 1000}
+def listed_activations(items: Sequence[ListedActivation], next_page_token: str) -> audit_pb2.ListActivationsResponse:
+    """A page of ListActivations: for each item, the message activation() builds, in the response,
+    its decision and funding serialized once per shared decision (audit.ListedActivation) and
+    parsed into each."""
+    out = audit_pb2.ListActivationsResponse(next_page_token=next_page_token)
+    add = out.activations.add
+    for (*fields, d, snapshot, state_reason) in items:
+        add(**_activation_kwargs(*fields, state_reason)).MergeFromString(_decision_fields(d, snapshot))
+    return out
 
 
 def _decision_fields(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
     """An Activation's `decision` and `funding` fields, serialized; once per decision object."""
-    hit = _DECISION_FIELDS.get(id(d))
-    if hit is not None and hit[0] is d and hit[1] is snapshot:
-        return hit[2]
-    raw = activation_pb2.Activation(decision=decision(d, snapshot), funding=funding_plan(d.funding_plan)
-                                    ).SerializeToString()
-    if len(_DECISION_FIELDS) >= 1024:
-        _DECISION_FIELDS.clear()
-    _DECISION_FIELDS[id(d)] = (d, snapshot, raw)
+    raw: bytes | None = _DECISION_FIELDS.get(d, snapshot)
+    if raw is None:
+        m = activation_pb2.Activation(decision=_decision_kwargs(d, snapshot), funding=_plan_fields(d.funding_plan))
+        _fill_decision(m.decision, d)
+        raw = _DECISION_FIELDS.put(d, m.SerializeToString(), snapshot)
     return raw
 
 
-_DECISION_FIELDS: dict[int, tuple[rules.Decision, SnapshotRef | None, bytes]] = {}
+_ANSWER_ENTRIES, _DECISION_FIELDS = _ByIdentity(4096), _ByIdentity(1024)
 
 
 def status(s: EntitlementStatus) -> activation_pb2.EntitlementStatus:

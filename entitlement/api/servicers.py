@@ -80,7 +80,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         val.check_required(request, v)
         activation_id = val.name(request.name, val.ACTIVATION_NAME_RE, "name", "activations/{32 hex digits}", v)
         v.raise_if_any()
-        return convert.activation_message(activation.get(self.ctx, current_caller(), activation_id))
+        return convert.activation(activation.get(self.ctx, current_caller(), activation_id))
 
     def _transition(self, action: str, request: activation_pb2.TransitionActivationRequest) -> activation_pb2.Activation:
         v = Violations()
@@ -89,7 +89,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         reason = val.text(request.reason, "reason", v)
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
         v.raise_if_any()
-        return convert.activation_message(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
+        return convert.activation(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
             activation_id, action, reason, request.request_id)))
 
     def SuspendActivation(self, request: activation_pb2.TransitionActivationRequest,
