@@ -26,26 +26,11 @@ _USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCou
 _ALL_USAGE = select(ProgramCounter.program_id, ProgramCounter.seats_used, ProgramCounter.cents_committed)
 
 
-def _capped(program: Program) -> bool:
-    """Whether the program has a cap criterion (remembered per program object: every check asks)."""
-    hit = _CAPPED.get(id(program))
-    if hit is not None and hit[0] is program:
-        return hit[1]
-    capped = bool(CAP_CRITERIA & set(program.criteria))
-    if len(_CAPPED) >= 1024:
-        _CAPPED.clear()
-    _CAPPED[id(program)] = (program, capped)
-    return capped
-
-
-_CAPPED: dict[int, tuple[Program, bool]] = {}
-
-
 def usage(conn: Connection | HotReads | direct.Statements, programs: list[Program]) -> dict[str, tuple[int, int]]:
     """(seats used, cents committed) per program, as last committed, in one query, read only for
     programs with a cap criterion (the others get (0, 0): their rules never look at it, and
     checks, the hot path, skip a round trip)."""
-    capped = [p.id for p in programs if _capped(p)]
+    capped = [p.id for p in programs if not CAP_CRITERIA.isdisjoint(p.criteria)]
     found: dict[str, tuple[int, int]] = {}
     if capped and not isinstance(conn, Connection):  # HotReads, direct.Statements: no IN list to expand,
         # one row per program: all of them

@@ -55,7 +55,7 @@ class Prepared:
         # key that SQLAlchemy adds for a single row (nothing here reads it back); an explicit
         # RETURNING stays.
         compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None,
-                                for_executemany=isinstance(stmt, Insert) and not stmt._returning)
+                                for_executemany=isinstance(stmt, Insert) and not stmt.exported_columns)
         per_call = {n: None for n, b in compiled.binds.items() if b.required}
         expanding = sorted(n for n, b in compiled.binds.items() if b.required and b.expanding)
         if expanding:
