@@ -437,28 +437,18 @@ def _header_segment(kid: str) -> str:
                               sort_keys=True).encode())
 
 
-def _payload(claims: TokenClaims) -> dict[str, Any]:
-    return {"iss": claims.issuer, "aud": claims.platform_id, "sub": claims.subject,
-            "program": claims.program_id, "entitlement": claims.activation_id, "jti": claims.jti,
-            "iat": claims.issued_at, "nbf": claims.not_before, "exp": claims.expires_at}
-
-
 def sign(keys: KeyStore, claims: TokenClaims, *, now: dt.datetime | None = None) -> str:
     """Sign with the key that signs at `now` (default: the token's issue instant, which is the
     service clock's). The compact JWS is built here, byte for byte what `jwt.encode(payload, key,
     algorithm="EdDSA", headers={"kid": kid, "typ": TOKEN_TYPE})` makes (Ed25519 signatures are
     deterministic; tests/test_tokens.py compares the two over random claims): PyJWT's encode costs
     more than the signature itself, once per activation."""
-    payload, key = _payload(claims), keys.signer(now or dt.datetime.fromtimestamp(claims.issued_at, dt.timezone.utc))
+    payload = {"iss": claims.issuer, "aud": claims.platform_id, "sub": claims.subject,
+               "program": claims.program_id, "entitlement": claims.activation_id, "jti": claims.jti,
+               "iat": claims.issued_at, "nbf": claims.not_before, "exp": claims.expires_at}
+    key = keys.signer(now or dt.datetime.fromtimestamp(claims.issued_at, dt.timezone.utc))
     signing_input = f"{_header_segment(key.kid)}.{_b64url(json.dumps(payload, separators=(',', ':')).encode())}"
     return f"{signing_input}.{_b64url(key.private.sign(signing_input.encode('ascii')))}"
-
-
-def sign_with_pyjwt(keys: KeyStore, claims: TokenClaims, *, now: dt.datetime | None = None) -> str:
-    """`sign` through PyJWT (the reference `sign` is tested against, and what bench.activation_floor
-    measured before)."""
-    payload, key = _payload(claims), keys.signer(now or dt.datetime.fromtimestamp(claims.issued_at, dt.timezone.utc))
-    return jwt.encode(payload, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": TOKEN_TYPE})
 
 
 def verify(keys: KeyStore, token: str, *, issuer: str, audience: str, now: dt.datetime) -> TokenClaims:
