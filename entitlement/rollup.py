@@ -32,9 +32,9 @@ from __future__ import annotations
 import datetime as dt
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import delete, func, inspect, select
@@ -142,30 +142,32 @@ def before_flush(session: Session, _flush_context: Any, _instances: Any) -> None
         _apply(session, entries, moved, fresh)
 
 
+class _Entry(NamedTuple):
+    """A ledger entry written without the ORM, as _apply reads one."""
+
+    activation_id: str
+    funder_id: str
+    program_id: str
+    kind: str
+    month: str
+    amount_cents: int
+
+
 def commitments(s: Session, activation_id: str, span: Span,
                 entries: list[tuple[str, str, str, int]]) -> None:
     """Bring the rollup up to date with a new activation and its `commit` entries (funder, program,
     month, cents), inserted by the caller without the ORM (entitlement.activation): what the
-    before_flush hook does for ORM objects, for this one case, with nothing to read back (a new
-    activation has no earlier entries). Call it after the transaction's event is appended."""
-    s.info.setdefault("rollup_fresh", set()).add(activation_id)
-    flushed: set[tuple[str, str, str, str]] = s.info.setdefault("rollup_flushed", set())
-    tz = ZoneInfo(stored_timezone(s))
-    span = Span.of(span)
-    months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
-    days: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
-    for funder, program, month, cents in entries:
-        row = months[(funder, program, month)]
-        row["committed_cents"] += int(cents)
-        if (activation_id, funder, "commit", month) not in flushed:
-            flushed.add((activation_id, funder, "commit", month))
-            row["activations_started"] += 1
-        for day, counter in activity(span, month, tz):
-            days[(funder, program, day)][counter] += 1
-    _write(s, months, {k: v for k, v in days.items() if any(v.values())})
+    before_flush hook does for ORM objects, with the activation's span given (it is in no session).
+    Call it after the transaction's event is appended."""
+    fresh: set[str] = s.info.setdefault("rollup_fresh", set())
+    fresh.add(activation_id)
+    _apply(s, [_Entry(activation_id, funder, program, "commit", month, cents)
+               for funder, program, month, cents in entries], [], fresh, {activation_id: Span.of(span)})
 
 
-def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[str]) -> None:
+def _apply(s: Session, entries: Sequence[LedgerEntry | _Entry], moved: list[str], fresh: set[str],
+           spans: dict[str, Span] | None = None) -> None:
+    """`spans`: the spans of new activations the session does not hold (commitments)."""
     tz = ZoneInfo(stored_timezone(s))
     months: dict[MonthKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(MONEY, 0))
     days: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
@@ -202,15 +204,15 @@ def _apply(s: Session, entries: list[LedgerEntry], moved: list[str], fresh: set[
             if e.activation_id in fresh:
                 flushed.add((e.activation_id, e.funder_id, e.kind, e.month))
         if e.kind == "commit":
-            a = pending.get(e.activation_id) or s.get(Activation, e.activation_id)
-            if a is None:
-                continue  # the foreign key refuses the entry at this very flush
-            for day, counter in activity(Span.of(a), e.month, tz):
+            span = spans.get(e.activation_id) if spans else None
+            if span is None:
+                a = pending.get(e.activation_id) or s.get(Activation, e.activation_id)
+                if a is None:
+                    continue  # the foreign key refuses the entry at this very flush
+                span = Span.of(a)
+            for day, counter in activity(span, e.month, tz):
                 days[(e.funder_id, e.program_id, day)][counter] += 1
-    _write(s, months, {k: v for k, v in days.items() if any(v.values())})
-
-
-def _write(s: Session, months: dict[MonthKey, dict[str, int]], day_rows: dict[DayKey, dict[str, int]]) -> None:
+    day_rows = {k: v for k, v in days.items() if any(v.values())}
     if not months and not day_rows:
         return
     dialect = s.get_bind().dialect.name
