@@ -1,8 +1,9 @@
 """The hot paths' answers built in place or kept serialized (entitlement/api/convert.py:
 check_answer, activation, activation_response) are, byte for byte on the wire, the messages the
-plain builders below make (the conversions as they were before, frozen here: every message built by
-its constructor from its field values), over every program of the catalog and random people, days,
-snapshots and activation states."""
+plain builders make (the conversions as they were before, frozen in
+tests/test_list_activations_output.py: every message built by its constructor from its field
+values), over every program of the catalog and random people, days, snapshots and activation
+states."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import datetime as dt
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_list_activations_output import _ref_activation, _ref_decision
 
 from entitlement import rules
 from entitlement.activation import ActivationView
@@ -17,35 +19,7 @@ from entitlement.api import convert
 from entitlement.config import ROOT
 from entitlement.programs import ProgramCatalog
 from entitlement.registry import SnapshotRef
-from entitlement.v1 import activation_pb2, common_pb2, eligibility_pb2
-
-date, timestamp, funding_plan = convert.date, convert.timestamp, convert.funding_plan
-
-
-def plain_decision(d: rules.Decision, snapshot: SnapshotRef | None) -> common_pb2.EligibilityDecision:
-    return common_pb2.EligibilityDecision(
-        program=f"programs/{d.program_id}", eligible=d.eligible,
-        criteria=[common_pb2.Criterion(criterion=c.criterion, passed=c.passed, reason_code=c.reason_code,
-                                       detail=c.detail) for c in d.criteria],
-        as_of=date(d.as_of), program_version=d.program_version,
-        parameters=[common_pb2.ParameterValue(name=p.name, value_json=p.value_json,
-                                              effective_from=date(p.effective_from), reference=p.reference)
-                    for p in d.parameters],
-        funding_plan=funding_plan(d.funding_plan),
-        registry_snapshot=snapshot.name if snapshot else "",
-        registry_extracted_on=date(snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
-        access_end_date=date(d.access_end), facts_source=d.circumstances.facts_source)
-
-
-def plain_activation(a: ActivationView) -> activation_pb2.Activation:
-    return activation_pb2.Activation(
-        name=f"activations/{a.id}", program=f"programs/{a.program_id}", state=convert.STATE_TO_PROTO[a.state],
-        job_seeker_ref=a.person_ref, advisor_id=a.advisor_id, agency_code=a.agency_code,
-        start_date=date(a.start_date), end_date=date(a.end_date), create_time=timestamp(a.created_at),
-        update_time=timestamp(a.updated_at), platform=f"platforms/{a.platform_id}",
-        account_id=a.account_id or "", redeem_time=timestamp(a.redeemed_at),
-        decision=plain_decision(a.decision, a.snapshot), funding=funding_plan(a.decision.funding_plan),
-        state_reason=a.state_reason)
+from entitlement.v1 import activation_pb2, eligibility_pb2
 
 CATALOG = ProgramCatalog.load(ROOT / "programs")
 PROGRAMS = CATALOG.all()
@@ -70,7 +44,7 @@ def test_check_response_is_the_plain_builders_response(facts: list[rules.PersonF
                                                        circumstances: rules.Circumstances, all_programs: bool) -> None:
     programs = PROGRAMS if all_programs else PROGRAMS[:1]
     decisions = [rules.evaluate(p, f, day, circumstances) for f in facts for p in programs]
-    want = eligibility_pb2.CheckEligibilityResponse(decisions=[plain_decision(d, snapshot) for d in decisions])
+    want = eligibility_pb2.CheckEligibilityResponse(decisions=[_ref_decision(d, snapshot) for d in decisions])
     answer = convert.check_answer(decisions, snapshot)
     assert answer == want.SerializeToString()  # the bytes CheckEligibility sends
     got = eligibility_pb2.CheckEligibilityResponse.FromString(answer)
@@ -92,7 +66,7 @@ def test_activation_builders_are_the_plain_builders_messages(
         agency_code="75011", start_date=day, end_date=d.access_end or day, created_at=created,
         updated_at=created + dt.timedelta(seconds=7, microseconds=3), platform_id="openclassrooms",
         account_id=account, redeemed_at=redeemed, decision=d, snapshot=snapshot, state_reason=reason)
-    plain = plain_activation(view)
+    plain = _ref_activation(vars(view))
     assert convert.activation(view).SerializeToString() == plain.SerializeToString()
     want = activation_pb2.ActivateEntitlementResponse(activation=plain, activation_token=token)
     assert convert.activation_response(view, token).SerializeToString() == want.SerializeToString()
