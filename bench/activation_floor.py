@@ -264,14 +264,23 @@ def capturing(db: Any) -> Iterator[list[Op]]:
     ops: list[Op] = []
     listeners: list[tuple[Any, str, Callable[..., None]]] = []
 
-    def on_execute(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool) -> None:
+    def on_execute(conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool) -> None:
+        # The write path's pipeline (PostgreSQL, entitlement/storage/direct.py): where the
+        # transaction entered it, the replay enters it too.
+        pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
+        if pgconn is not None and pgconn.pipeline_status and not any(k == "pipeline" for k, _s, _p in ops[last_end:]):
+            ops.append(("pipeline", "", None))
         # SQLAlchemy's "insertmanyvalues" batches report executemany=True but are sent with
         # cursor.execute (one parameter set): a list of parameter sets is what executemany sends.
         many = executemany and isinstance(parameters, list)
         ops.append(("executemany" if many else "execute", statement, _frozen(parameters)))
 
+    last_end = 0  # where the current transaction's ops start
+
     def on_commit(_conn: Any) -> None:
+        nonlocal last_end
         ops.append(("commit", "", None))
+        last_end = len(ops)
 
     def on_reset(*_a: Any) -> None:
         ops.append(("reset", "", None))
@@ -362,15 +371,25 @@ def raw_connection(url: str, paths: dict[str, str]) -> Iterator[Any]:
 
 def replay_one(conn: Any, ops: list[Op]) -> None:
     cur = conn.cursor()
+    pipeline = None
     for kind, statement, params in ops:
         if kind == "execute":
             cur.execute(statement, params)
-            if cur.description is not None:
+            # In a pipeline a result is known only once fetched: a statement reading rows is waited
+            # for (what the service does), one that does not stays queued.
+            if (cur.description is not None if pipeline is None else
+                    statement.lstrip()[:6].upper() == "SELECT" or " RETURNING " in statement):
                 cur.fetchall()
         elif kind == "executemany":
             cur.executemany(statement, params)
+        elif kind == "pipeline":  # as the service: queued until a read or the COMMIT
+            pipeline = conn.pipeline()
+            pipeline.__enter__()
         elif kind == "commit":
             conn.commit()
+            if pipeline is not None:
+                pipeline.__exit__(None, None, None)
+                pipeline = None
         else:  # the pool's reset on return: a rollback, a no-op after a commit
             conn.rollback()
     cur.close()

@@ -16,7 +16,11 @@ SO_REUSEPORT on when the settings say several processes); the sync echo does the
 
 With spec.count_queries the sync server counts, on its engine (SQLAlchemy events, nothing changed in
 entitlement/), the SQL statements sent, the transactions ended (commit, rollback) and the pool
-checkouts of the transactional pool (no round trip: there is no pre-ping); the message "counts" answers them.
+checkouts of the transactional pool (no round trip: there is no pre-ping); on PostgreSQL also the
+statements queued in psycopg's pipeline mode without a round trip of their own (sent while the
+connection is in pipeline mode and reading no rows: entitlement/storage/direct.py) and the
+transactions that ended in pipeline mode (each then costs one more round trip, the Sync that leaves
+it); the message "counts" answers them.
 
 Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
 file of the spec, never to the terminal.
@@ -49,14 +53,30 @@ class QueryCounter:
 
     def __init__(self, db: Any) -> None:
         from sqlalchemy import event
-        self.counts = {"statements": 0, "transactions": 0, "checkouts": 0}
+        self.counts = {"statements": 0, "transactions": 0, "checkouts": 0, "queued": 0, "pipelines": 0}
         self._lock = threading.Lock()
         for engine in (db.engine, db.reader):  # transactions, and the autocommit pool (Database.snapshot)
-            event.listen(engine, "before_cursor_execute", lambda *a: self._add("statements"))
+            event.listen(engine, "before_cursor_execute", self._statement)
         db.hot.listeners.append(lambda _sql: self._add("statements"))  # the hot reads' DBAPI statements
-        event.listen(db.engine, "commit", lambda *a: self._add("transactions"))
-        event.listen(db.engine, "rollback", lambda *a: self._add("transactions"))
+        event.listen(db.engine, "commit", self._ended)
+        event.listen(db.engine, "rollback", self._ended)
         event.listen(db.engine.pool, "checkout", lambda *a: self._add("checkouts"))
+
+    @staticmethod
+    def _pipelined(conn: Any) -> bool:
+        pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
+        return bool(pgconn is not None and pgconn.pipeline_status)
+
+    def _statement(self, conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        self._add("statements")
+        head = statement.lstrip()[:6].upper()
+        if self._pipelined(conn) and head != "SELECT" and " RETURNING " not in statement:
+            self._add("queued")  # sent with the next read or the COMMIT
+
+    def _ended(self, conn: Any) -> None:
+        self._add("transactions")
+        if self._pipelined(conn):
+            self._add("pipelines")
 
     def _add(self, key: str) -> None:
         with self._lock:

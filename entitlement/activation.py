@@ -241,6 +241,9 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         assert plan is not None and end is not None
         if not counters.reserve(s, program, plan.total_cents, today):
             raise _cap_reached(program.name)  # another activation took the last room meanwhile
+        # Nothing below reads a row count or goes through the ORM: on PostgreSQL the writes are
+        # queued and travel with the log_head UPDATE, the Merkle read and the COMMIT (direct.py).
+        st.pipeline()
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex
         stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
@@ -418,6 +421,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         if state not in LIVE:
             raise FailedPrecondition(f"the entitlement is {state}", reason="ENTITLEMENT_NOT_ACTIVE",
                                      metadata={"current_state": state.upper()})
+        st.pipeline()  # PostgreSQL: the binding travels with the log_head UPDATE (direct.py)
         st.execute(_BIND_ACCOUNT, {"id": a.id, "account": account_id, "now": now})
         eventlog.append(s, time=now, type="activation.redeemed", actor=caller.actor,
                         subject=f"activations/{a.id}", program_id=a.program_id, platform_id=a.platform_id,

@@ -73,14 +73,14 @@ def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
               "max_cents": budget.value if budget is not None else None}
     stmt = _RESERVE[(seats is not None, budget is not None)]
     st = direct.of(s)
-    if st.execute(stmt, params) == 1:
+    if st.changed(stmt, params) == 1:
         return True
     if s.get(ProgramCounter, program.id) is None:
         _ensure_row(s, program.id)
     # Again, whether we created the row or found it: on PostgreSQL a concurrent first activation of
     # the program may have committed the row between the UPDATE above (no row then) and the read
     # (READ COMMITTED). Only this UPDATE's answer says whether a cap refused.
-    return st.execute(stmt, params) == 1
+    return st.changed(stmt, params) == 1
 
 
 def release(s: Session, program_id: str, cents: int) -> None:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
 
@@ -57,3 +58,30 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     for method in RPCS:
         assert f"| sqlite | {method} |" in text
     assert "Quick mode" in text
+
+
+def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> None:
+    """bench.servers.QueryCounter, which the round-trip figures of BENCHMARKS.md come from: a
+    statement sent in pipeline mode that reads no rows is counted as queued (no round trip of its
+    own), one that reads rows is not, and a transaction committed in pipeline mode counts one
+    pipeline exit. Nothing is queued on SQLite, or before the pipeline."""
+    from sqlalchemy import func, insert, select, update
+
+    from bench.servers import QueryCounter
+    from entitlement.storage import direct
+    from entitlement.storage.models import LogHead, LogNode
+
+    counter = QueryCounter(db)
+    bump = update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
+    with db.write() as s:
+        st = direct.of(s)
+        st.execute(insert(LogNode), {"level": 0, "idx": 0, "hash": b"\0" * 32})  # before: not queued
+        st.pipeline()
+        st.execute(insert(LogNode), {"level": 0, "idx": 1, "hash": b"\1" * 32})  # queued
+        st.first(bump)  # reads: a round trip
+        st.execute_many(insert(LogNode), [{"level": 0, "idx": i, "hash": bytes([i]) * 32} for i in (2, 3)])  # queued
+        st.first(select(func.count()).select_from(LogNode))  # reads
+    counts = counter.snapshot()
+    pg = not db.is_sqlite
+    assert counts["statements"] >= 5 and counts["transactions"] == 1
+    assert (counts["queued"], counts["pipelines"]) == ((2, 1) if pg else (0, 0))

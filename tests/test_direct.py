@@ -47,7 +47,7 @@ def test_rows_written_directly_read_back_as_through_the_orm(db: Database) -> Non
     with db.write() as s:
         st = direct.of(s)
         for r in rows:
-            assert st.execute(_INSERT, r) == 1
+            assert st.changed(_INSERT, r) == 1
     with db.read() as s:
         st = direct.of(s)
         for r in rows:
@@ -149,3 +149,124 @@ def test_a_lost_connection_is_an_invalidated_error_and_the_next_transaction_reco
     assert info.value.connection_invalidated, info.value
     with db.write() as s:
         assert direct.of(s).first(_BUMP).size == 1
+
+
+# ----------------------------------------------------------------------------- pipeline (PostgreSQL)
+
+def _person(**over: Any) -> dict[str, Any]:
+    """An activation row of a person of its own (one live activation per person and program)."""
+    return _row(person_key=uuid.uuid4().bytes * 2, **over)
+
+
+def _pipeline_on(dbapi: Any) -> bool:
+    return bool(getattr(dbapi, "pgconn", None) is not None and dbapi.pgconn.pipeline_status)
+
+
+def _clean(db: Database, dbapi: Any) -> None:
+    """The connection a pipelined transaction used is back in the pool out of pipeline mode and
+    outside any transaction (or was discarded), and the next transactions work."""
+    if not db.is_sqlite and not dbapi.closed:
+        assert not _pipeline_on(dbapi)
+        assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    for _ in range(3):  # whichever pooled connection comes next
+        with db.write() as s:
+            st = direct.of(s)
+            assert not _pipeline_on(s.connection().connection.driver_connection)
+            st.first(_BUMP)
+
+
+def test_a_pipeline_queues_writes_until_a_read_or_the_commit(db: Database) -> None:
+    """After pipeline(), writes whose answer nobody reads are queued on PostgreSQL: the connection is
+    in pipeline mode and the queued INSERTs go with the next read (which sees them) and the COMMIT.
+    Nothing changes on SQLite. Row counts stay exact (`changed` waits for the queue)."""
+    rows = [_person(), _person()]
+    with db.write() as s:
+        st = direct.of(s)
+        before = st.first(_BUMP).size
+        st.pipeline()
+        dbapi = s.connection().connection.driver_connection
+        assert _pipeline_on(dbapi) is (not db.is_sqlite)
+        st.execute(_INSERT, rows[0])
+        st.execute_many(insert(LedgerEntry), [
+            {"activation_id": rows[0]["id"], "program_id": "p", "funder_id": f, "kind": "commit",
+             "month": "2026-03", "amount_cents": 100, "created_at": NOW} for f in ("a", "b")])
+        assert st.first(_BUMP).size == before + 1  # a read: the queue is flushed, its answer waited for
+        assert st.first(select(func.count()).select_from(LedgerEntry))[0] == 2
+        st.execute(_INSERT, rows[1])
+        assert st.changed(update(Activation).where(Activation.id.in_([r["id"] for r in rows]))
+                          .values(state="suspended")) == 2
+        st.execute(_INSERT, _person(id=uuid.uuid4().hex))
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 3
+        assert s.execute(select(LogHead.size)).scalar_one() == before + 1 + 3  # _clean's bumps too
+        states = s.execute(select(Activation.state).where(Activation.id.in_([r["id"] for r in rows]))).scalars()
+        assert sorted(states) == ["suspended", "suspended"]
+
+
+def test_a_queued_statement_that_fails_fails_the_transaction_with_sqlalchemys_error(db: Database) -> None:
+    """A duplicate key in a queued INSERT is raised at the COMMIT on PostgreSQL (at once on SQLite) as
+    SQLAlchemy's IntegrityError, parameters hidden: the write path's retry sees what it saw
+    without the pipeline. Everything the transaction sent is rolled back, and the connection is
+    not left in pipeline mode."""
+    first = _person()
+    with db.write() as s:
+        direct.of(s).execute(_INSERT, first)
+    later = _person()
+    queued = False
+    with pytest.raises(IntegrityError) as info:
+        with db.write() as s:
+            st = direct.of(s)
+            st.first(_BUMP)
+            st.pipeline()
+            dbapi = s.connection().connection.driver_connection
+            st.execute(_INSERT, _person(id=first["id"], state_reason="secret-reason-5678"))
+            queued = True  # PostgreSQL: not raised yet, the INSERT waits in the queue
+            st.execute(_INSERT, later)
+    assert queued is (not db.is_sqlite)
+    assert "secret-reason" not in str(info.value)
+    assert isinstance(info.value.orig, db.engine.dialect.loaded_dbapi.Error)
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 1
+        assert s.get(Activation, later["id"]) is None
+
+
+def test_a_queued_failure_surfaces_at_the_next_read(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite runs every statement at once: nothing is queued")
+    first = _person()
+    with db.write() as s:
+        direct.of(s).execute(_INSERT, first)
+    with pytest.raises(IntegrityError):
+        with db.write() as s:
+            st = direct.of(s)
+            st.pipeline()
+            dbapi = s.connection().connection.driver_connection
+            st.execute(_INSERT, _person(id=first["id"]))  # queued: no error yet
+            queued = True
+            st.first(_BUMP)
+    assert queued
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(LogHead.size)).scalar_one() == 3  # _clean's three bumps only
+
+
+def test_an_exception_while_writes_are_queued_rolls_them_back_and_is_the_one_raised(db: Database) -> None:
+    """Code failing after it queued writes (a bug, a caller that gave up): its exception comes out,
+    not one from the queue (here a duplicate key queued before it), and nothing is written."""
+    first = _person()
+    with db.write() as s:
+        direct.of(s).execute(_INSERT, first)
+    with pytest.raises(LookupError, match="the code's own failure"):
+        with db.write() as s:
+            st = direct.of(s)
+            st.pipeline()
+            dbapi = s.connection().connection.driver_connection
+            st.execute(_INSERT, _person())
+            if not db.is_sqlite:
+                st.execute(_INSERT, _person(id=first["id"]))  # would fail, queued
+            raise LookupError("the code's own failure")
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 1

@@ -229,9 +229,20 @@ class Database:
         with _deadline_errors(), self._writers or nullcontext(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
-                with session.begin():
-                    yield session
-                    deadline.check_caller()  # nothing is committed for a caller that gave up
+                failed = True
+                try:
+                    with session.begin():
+                        try:
+                            yield session
+                            deadline.check_caller()  # nothing is committed for a caller that gave up
+                        except BaseException:
+                            # Out of pipeline mode (direct.py) before the rollback, whose own errors
+                            # would otherwise mask this exception.
+                            direct.end(session, failed=True)
+                            raise
+                    failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
+                finally:
+                    direct.end(session, failed)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
