@@ -49,13 +49,18 @@ def live_status_client(settings: Settings) -> LiveStatusClient | None:
         raise SystemExit(f"ENTITLEMENT_LIVE_STATUS_*: {exc}") from None
 
 
+SQLITE_CHECKPOINT_EVERY_S = 0.25
+
+
 def build(settings: Settings, *, clock: Clock | None = None, create_secrets: bool = False) -> Context:
     """Load and check everything the server needs; raise SystemExit with the fix when something is
     missing (bad program file, unmigrated database, missing key)."""
     catalog = ProgramCatalog.load(settings.programs_dir)
     db = Database(settings.database_url, pool_size=settings.max_workers,
                   lock_timeout_ms=settings.db_lock_timeout_ms, statement_timeout_ms=settings.db_statement_timeout_ms,
-                  connect_timeout_s=settings.db_connect_timeout_s)
+                  connect_timeout_s=settings.db_connect_timeout_s,
+                  # SQLite: WAL checkpoints off the commits' path (entitlement/storage/db.py).
+                  checkpoint_every_s=SQLITE_CHECKPOINT_EVERY_S)
     ensure_current(db)
     clock = clock or SystemClock(settings.timezone)
     return Context(

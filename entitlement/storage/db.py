@@ -32,6 +32,15 @@ the busy timeout is (the setting, never past the call's deadline), and a wait th
 the same error as a busy file ("database is locked"): UNAVAILABLE, or DEADLINE_EXCEEDED when the
 deadline ended it.
 
+WAL checkpoints (SQLite, the server's Database): SQLite copies its write-ahead log back into the
+database file (a checkpoint: reads of the log, writes and fsyncs of the file) in the commit that
+finds the log past `wal_autocheckpoint` pages, 1,000 by default: about one activation in a hundred
+paid 5 to 8 ms more for it (p99 of sequential activations 8.6 ms; without checkpoints 3.4 ms). The
+server's Database does them in a thread of its own instead (`checkpoint_every_s`), a passive
+checkpoint every quarter of a second on a connection of its own, which waits for no reader or
+writer; its commits checkpoint only if that thread falls 10,000 pages behind (the safety net).
+The checkpoint keeps the durability of the commits' connections (synchronous=FULL).
+
 Deadlines: within a gRPC call, transactions keep to the call's deadline (entitlement/deadline.py,
 bound for every call by entitlement/api/wrapping.py): a write is not started too close to it, nor
 committed for a caller that gave up; a lock wait never outlives it (SQLite: the busy timeout of the
@@ -51,6 +60,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -59,6 +69,8 @@ from sqlalchemy.orm import Session
 from entitlement import deadline, rollup
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
+
+_log = structlog.get_logger("entitlement.storage")
 
 _WRITE = "entitlement_write"
 _BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
@@ -139,11 +151,13 @@ _PING = {True: text("SELECT count(*) FROM sqlite_master"), False: text("SELECT 1
 
 class Database:
     def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
-                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0) -> None:
+                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0, checkpoint_every_s: float = 0) -> None:
         """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded; None: the
         command-line tools' bounds, 30 s on SQLite and none on PostgreSQL);
-        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none). The server passes
-        its settings (entitlement/app.py)."""
+        `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none);
+        `checkpoint_every_s`: SQLite file only, WAL checkpoints in a thread of this Database at this
+        interval instead of in commits (0: SQLite's own, in commits). The server passes its settings
+        (entitlement/app.py)."""
         if min(lock_timeout_ms or 0, statement_timeout_ms, connect_timeout_s) < 0:
             raise SystemExit("ENTITLEMENT_DB_*_TIMEOUT_*: a timeout cannot be negative")
         pg_lock_timeout_ms = lock_timeout_ms
@@ -174,9 +188,14 @@ class Database:
         # the two modes); `self.hot` keeps one per thread (entitlement/storage/hotread.py).
         reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT"}
         self.reader: Engine = create_engine(self.url, **reader_kwargs)
+        self.checkpointer: Checkpointer | None = None
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine, lock_timeout_ms)
-            _configure_sqlite(self.reader, lock_timeout_ms, emit_begin=False)
+            database = parsed.database or ""
+            if checkpoint_every_s > 0 and database and database != ":memory:":
+                self.checkpointer = Checkpointer(database, checkpoint_every_s)
+            autocheckpoint = Checkpointer.SAFETY_NET_PAGES if self.checkpointer else None
+            _configure_sqlite(self.engine, lock_timeout_ms, autocheckpoint=autocheckpoint)
+            _configure_sqlite(self.reader, lock_timeout_ms, emit_begin=False, autocheckpoint=autocheckpoint)
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
@@ -266,6 +285,8 @@ class Database:
             yield conn
 
     def dispose(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.hot.invalidate()
         self.engine.dispose()
         self.reader.dispose()
@@ -293,6 +314,64 @@ class _WriterQueue:
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
+
+
+class Checkpointer:
+    """SQLite: passive WAL checkpoints in a thread of their own (see the module docstring)."""
+
+    SAFETY_NET_PAGES = 10_000  # the commits' wal_autocheckpoint while this thread does the work
+
+    def __init__(self, path: str, every_s: float) -> None:
+        self._path, self._every_s = path, every_s
+        self._stop = threading.Event()
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # run_once from a test or a tool, beside the thread
+        self.runs = self.failures = 0
+        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def run_once(self) -> tuple[int, int, int]:
+        """One passive checkpoint: (busy, frames in the log, frames checkpointed), SQLite's answer."""
+        with self._lock:
+            if self._conn is None:
+                # Autocommit; the commits' durability; a busy checkpoint lock (another checkpoint
+                # running) is an answer (busy = 1), not a wait.
+                self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                self._conn.execute("PRAGMA synchronous=FULL")
+            busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self.runs += 1
+            return int(busy), int(log_frames), int(done)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every_s):
+            try:
+                self.run_once()
+            except sqlite3.Error as exc:  # the file gone, a disk error: the commits' safety net stays
+                self.failures += 1
+                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                    _log.warning("sqlite WAL checkpoint failed", error=type(exc).__name__,
+                                 failures=self.failures)
+                with self._lock:
+                    self._close()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        with self._lock:
+            self._close()
 
 
 def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:
@@ -336,7 +415,8 @@ CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy
 SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
 
 
-def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool = True) -> None:
+def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool = True,
+                      autocheckpoint: int | None = None) -> None:
     lock_timeout_ms = lock_timeout_ms or SQLITE_FOREVER_MS
 
     @event.listens_for(engine, "connect")
@@ -345,6 +425,8 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool 
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
+        if autocheckpoint is not None:  # a Checkpointer does the work (module docstring)
+            cur.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
         cur.close()

@@ -1,0 +1,120 @@
+"""SQLite WAL checkpoints in the server's Database run in a thread of their own, not in the commit
+that crosses SQLite's auto-checkpoint threshold (entitlement/storage/db.py, "WAL checkpoints"):
+that commit used to pay the copy of the log into the database file and its fsyncs (p99 of
+sequential activations 8.6 -> 4.1-4.4 ms, BENCHMARKS.md). PostgreSQL checkpoints in its own
+processes: the server's Database there has no such thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from entitlement import app
+from entitlement.storage.db import Checkpointer, Database
+from entitlement.storage.migrate import upgrade
+from entitlement.storage.models import LogNode
+
+PAGE = 4096
+BLOB = 3 * PAGE  # each row of the writes below fills about three pages of the log
+
+
+def _sqlite_only(url: str) -> Path:
+    if not url.startswith("sqlite"):
+        pytest.skip("PostgreSQL checkpoints in its own processes (the last test shows its server Database has no thread)")
+    return Path(url.removeprefix("sqlite:///"))
+
+
+@pytest.fixture
+def migrated(fresh_url: str) -> str:
+    upgrade(fresh_url)
+    return fresh_url
+
+
+def _write(db: Database, start: int, rows: int) -> None:
+    """`rows` write transactions of one large row each (about three log pages per commit)."""
+    for i in range(start, start + rows):
+        with db.write() as s:
+            s.execute(insert(LogNode).values(level=60, idx=i, hash=os.urandom(BLOB)))
+
+
+def _wal_pages(path: Path) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size // PAGE if wal.exists() else 0
+
+
+def _server_db(url: str, every_s: float) -> Database:
+    return Database(url, pool_size=4, lock_timeout_ms=5000, checkpoint_every_s=every_s)
+
+
+def test_commits_leave_checkpoints_to_the_thread(migrated: str) -> None:
+    """With the thread idle (a long interval), commits let the log grow past SQLite's threshold of
+    1,000 pages without checkpointing it; one run of the thread's checkpoint copies all of it, and
+    the log then restarts from its beginning instead of growing."""
+    path = _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=3600)
+    try:
+        with db.write() as s:
+            assert s.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == Checkpointer.SAFETY_NET_PAGES
+        _write(db, 0, 500)  # about 1,500 pages
+        grown = _wal_pages(path)
+        assert grown > 1200, grown  # SQLite's own threshold (1,000) would have checkpointed and restarted
+        assert db.checkpointer is not None
+        busy, log_frames, done = db.checkpointer.run_once()
+        assert busy == 0 and log_frames >= 1200 and done == log_frames
+        _write(db, 500, 300)  # the log restarts: the file does not grow
+        assert _wal_pages(path) <= grown + 2
+        with db.read() as s:
+            assert s.execute(select(LogNode.idx).where(LogNode.level == 60)).scalars().all() == list(range(800))
+    finally:
+        db.dispose()
+
+
+def test_the_thread_keeps_the_log_small_under_steady_writes(migrated: str) -> None:
+    path = _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=0.05)
+    try:
+        for burst in range(8):  # about 2,400 pages in all, with pauses the thread can use
+            _write(db, burst * 100, 100)
+            time.sleep(0.15)
+        assert db.checkpointer is not None and db.checkpointer.runs > 0
+        assert _wal_pages(path) < 1000, _wal_pages(path)
+    finally:
+        db.dispose()
+
+
+def test_dispose_stops_the_thread(migrated: str) -> None:
+    _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=0.01)
+    assert db.checkpointer is not None and db.checkpointer.alive
+    db.dispose()
+    assert not db.checkpointer.alive
+    assert not [t for t in threading.enumerate() if t.name == "sqlite-checkpoint" and t.is_alive()
+                and t is db.checkpointer._thread]
+
+
+def test_without_the_setting_commits_checkpoint_as_sqlite_does(migrated: str) -> None:
+    """The command-line tools' Database (no thread): SQLite's own threshold, so the log stays
+    bounded for them too."""
+    path = _sqlite_only(migrated)
+    db = Database(migrated, pool_size=2)
+    try:
+        assert db.checkpointer is None
+        _write(db, 0, 500)
+        assert _wal_pages(path) < 1200
+    finally:
+        db.dispose()
+
+
+def test_the_servers_database_checkpoints_in_a_thread_on_sqlite_only(backend: tuple[str, str],
+                                                                       migrated: str) -> None:
+    db = _server_db(migrated, every_s=app.SQLITE_CHECKPOINT_EVERY_S)
+    try:
+        assert (db.checkpointer is not None) is (backend[0] == "sqlite")
+        _write(db, 0, 3)  # and writes work on both backends
+    finally:
+        db.dispose()
