@@ -21,6 +21,7 @@ from entitlement import counters, eventlog, facts as person_facts, inflight, led
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
+from entitlement.memo import ByIdentity
 from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
                                 ResourceExhausted)
 from entitlement.storage import direct
@@ -99,9 +100,11 @@ def effective_state(a: Any, today: dt.date) -> str:
     return "expired" if a.state in LIVE and a.end_date < today else a.state
 
 
-def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None) -> ActivationView:
+def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None,
+         decision: rules.Decision | None = None) -> ActivationView:
     """`a`: an Activation, or the column values of one as a namespace (a new activation, whose
-    stored decision `stored` is passed as built rather than parsed back from its JSON)."""
+    stored decision `stored` is passed as built rather than parsed back from its JSON, and its
+    `decision` as evaluated: what `decision_from_dict` would give back, tests/test_rules.py)."""
     if stored is None:
         stored = json.loads(a.decision_json)
     snap = stored.get("registry_snapshot")
@@ -111,7 +114,7 @@ def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None) -> Activati
         start_date=a.start_date, end_date=a.end_date, created_at=utc(a.created_at),
         updated_at=utc(a.updated_at), platform_id=a.platform_id, account_id=a.account_id,
         redeemed_at=utc(a.redeemed_at) if a.redeemed_at else None,
-        decision=rules.decision_from_dict(stored["decision"]),
+        decision=decision if decision is not None else rules.decision_from_dict(stored["decision"]),
         snapshot=registry.SnapshotRef(snap["id"], dt.date.fromisoformat(snap["extracted_on"])) if snap else None,
         state_reason=a.state_reason)
 
@@ -246,15 +249,14 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         st.pipeline()
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex
-        stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
-                  else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
+        stored, stored_json = _stored(decision, snapshot)
         # The row, its ledger entries and the funding report's rollup, written on the transaction's
         # DBAPI connection (entitlement/storage/direct.py): no ORM unit of work per activation.
         row = {"id": activation_id, "program_id": program.id, "program_version": program.version,
                "person_key": person_key, "state": "active", "start_date": today, "end_date": end,
                "advisor_id": caller.advisor_id or caller.id, "agency_code": caller.agency_code or "-",
                "platform_id": cmd.platform_id, "state_reason": cmd.reason,
-               "decision_json": json.dumps(stored, sort_keys=True),
+               "decision_json": stored_json,
                "snapshot_id": snapshot.id if snapshot else None, "token_jti": jti, "account_id": None,
                "redeemed_at": None, "created_at": now, "updated_at": now}
         st.execute(_INSERT_ACTIVATION, row)
@@ -286,7 +288,22 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         # After the event: on PostgreSQL its log_head row lock orders every writer's rollup rows.
         rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
                            [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
-        return ActivationResult(view(ctx, SimpleNamespace(**row), stored), token)
+        return ActivationResult(view(ctx, SimpleNamespace(**row), stored, decision), token)
+
+
+# What an activation stores of its decision, made once per decision object and snapshot: people in
+# the same situation share one decision (rules.evaluate), and its JSON is the same for all of them.
+_STORED = ByIdentity(1024)
+
+
+def _stored(decision: rules.Decision, snapshot: registry.SnapshotRef | None) -> tuple[dict[str, Any], str]:
+    snap = None if snapshot is None else (snapshot.id, snapshot.extracted_on)
+    hit: tuple[dict[str, Any], str] | None = _STORED.get(decision, snap)
+    if hit is None:
+        stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
+                  else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
+        hit = _STORED.put(decision, (stored, json.dumps(stored, sort_keys=True)), snap)
+    return hit
 
 
 def _cap_reached(program_name: str) -> ResourceExhausted:

@@ -632,3 +632,15 @@ def test_concurrent_redeems_bind_one_account(api: Api) -> None:
                and r.reason == "TOKEN_ALREADY_REDEEMED" and r.metadata["account_id"] == wins[0].account_id
                for r in again), again
     assert [e.type for e in events_of(api, resp.activation.name)].count("activation.redeemed") == 1
+
+
+def test_the_answer_shows_the_decision_as_stored(api: Api) -> None:
+    """ActivateEntitlement answers with the decision it evaluated (and stores its JSON, made once per
+    shared decision object): byte for byte what GetActivation reads back from the stored row, for
+    two people in the same situation (who share one decision object) as for one."""
+    made = [api.activate(*next_person(), request_id=rid()) for _ in range(3)]
+    for m in made:
+        assert m.activation.decision.eligible
+        assert get(api, m.activation.name).SerializeToString(deterministic=True) == \
+            m.activation.SerializeToString(deterministic=True)
+    assert made[0].activation.decision == made[1].activation.decision

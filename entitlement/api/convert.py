@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 
 from entitlement import rules
+from entitlement.memo import ByIdentity
 from entitlement.activation import ActivationView, EntitlementStatus
 from entitlement.audit import EventView, ListedActivation, ReportRow
 from entitlement.changes import Change
@@ -46,26 +47,6 @@ def program(p: Program, day: dt.date) -> eligibility_pb2.Program:
         monthly_funding=funding_plan(rules.funding_plan(p, day, months=1)), open=p.is_open(day))
 
 
-class _ByIdentity:
-    """A bounded cache of what was made from an immutable domain object (a program and day's
-    parameters, a shared decision): keyed by the object's identity, and keeping the object, so an id
-    is never reused while its entry lives."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: dict[Any, tuple[Any, Any]] = {}
-
-    def get(self, obj: Any, *more: Any) -> Any:
-        hit = self._entries.get((id(obj), *more))
-        return hit[1] if hit is not None and hit[0] is obj else None
-
-    def put(self, obj: Any, value: Any, *more: Any) -> Any:
-        if len(self._entries) >= self._size:
-            self._entries.clear()
-        self._entries[(id(obj), *more)] = (obj, value)
-        return value
-
-
 # Decisions and activations: the hot paths' answers. A message passed to a constructor is copied (a
 # decision into its response: every criterion and parameter again), so they are built in place:
 # scalar and small message fields as constructor arguments (dicts for messages), criteria added to
@@ -89,7 +70,7 @@ def _parameters_bytes(params: tuple[rules.ParameterUsed, ...]) -> bytes:
         params, common_pb2.EligibilityDecision(parameters=parameters(params)).SerializeToString())
 
 
-_PARAMETERS, _PARAMETER_BYTES = _ByIdentity(4096), _ByIdentity(4096)
+_PARAMETERS, _PARAMETER_BYTES = ByIdentity(4096), ByIdentity(4096)
 
 
 def _date_fields(d: dt.date | None) -> dict[str, int] | None:
@@ -210,7 +191,7 @@ def _decision_fields(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
     return raw
 
 
-_ANSWER_ENTRIES, _DECISION_FIELDS = _ByIdentity(4096), _ByIdentity(1024)
+_ANSWER_ENTRIES, _DECISION_FIELDS = ByIdentity(4096), ByIdentity(1024)
 
 
 def status(s: EntitlementStatus) -> activation_pb2.EntitlementStatus:
