@@ -270,3 +270,28 @@ def test_an_exception_while_writes_are_queued_rolls_them_back_and_is_the_one_rai
     _clean(db, dbapi)
     with db.read() as s:
         assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 1
+
+
+def test_a_connection_lost_while_writes_are_queued_is_discarded(
+        db: Database, backend: tuple[str, str], request: pytest.FixtureRequest) -> None:
+    """The server ends the connection while writes wait in the pipeline: the COMMIT fails as a lost
+    connection (SQLAlchemy's DBAPIError, connection invalidated), nothing is written, and the next
+    transaction gets a new connection, out of pipeline mode."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no server that could end the connection")
+    admin = request.getfixturevalue("pg_server")
+    row = _person()
+    with pytest.raises(DBAPIError) as info:
+        with db.write() as s:
+            st = direct.of(s)
+            pid = st.first(select(func.pg_backend_pid()))[0]
+            st.pipeline()
+            dbapi = s.connection().connection.driver_connection
+            st.execute(_INSERT, row)
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert info.value.connection_invalidated, info.value
+    assert dbapi.closed
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.get(Activation, row["id"]) is None
