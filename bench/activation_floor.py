@@ -985,7 +985,8 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
         "with SQLAlchemy's `before_cursor_execute` / `commit` / pool `reset` events on the server's engines while the "
         "real servicer ran the series, replayed through the raw DBAPI connection (`sqlite3` / `psycopg`, opened by the "
         "service's own Database: same PRAGMAs, connect options, transaction boundaries, durability; one cursor per "
-        "transaction, every result fetched): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
+        "transaction, every result read; on PostgreSQL the writes the service queued in pipeline mode are queued "
+        "too, from the same statement on): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
         "PostgreSQL, the backend serving the connection (`/proc/<pid>/stat`; WAL writer and checkpointer not counted).",
         "- **In-process**: `ActivationServicer.ActivateEntitlement` called directly (the advisor bound as the identity "
         "behaviour binds it): everything an activation does but gRPC, authentication and the access log.",
