@@ -392,6 +392,9 @@ def replay_one(conn: Any, ops: list[Op]) -> None:
                 pipeline = None
         else:  # the pool's reset on return: a rollback, a no-op after a commit
             conn.rollback()
+            if pipeline is not None:
+                pipeline.__exit__(None, None, None)
+                pipeline = None
     cur.close()
 
 

@@ -61,6 +61,15 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
                   connect_timeout_s=settings.db_connect_timeout_s,
                   # SQLite: WAL checkpoints off the commits' path (entitlement/storage/db.py).
                   checkpoint_every_s=SQLITE_CHECKPOINT_EVERY_S)
+    try:
+        return _context(settings, db, catalog, clock, create_secrets)
+    except BaseException:
+        db.dispose()  # its pools and checkpoint thread go with the failed start
+        raise
+
+
+def _context(settings: Settings, db: Database, catalog: ProgramCatalog, clock: Clock | None,
+             create_secrets: bool) -> Context:
     ensure_current(db)
     clock = clock or SystemClock(settings.timezone)
     return Context(

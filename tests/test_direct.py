@@ -238,6 +238,7 @@ def test_a_queued_failure_surfaces_at_the_next_read(db: Database) -> None:
     first = _person()
     with db.write() as s:
         direct.of(s).execute(_INSERT, first)
+    read_passed = False
     with pytest.raises(IntegrityError):
         with db.write() as s:
             st = direct.of(s)
@@ -246,7 +247,8 @@ def test_a_queued_failure_surfaces_at_the_next_read(db: Database) -> None:
             st.execute(_INSERT, _person(id=first["id"]))  # queued: no error yet
             queued = True
             st.first(_BUMP)
-    assert queued
+            read_passed = True  # never reached: the read raised the queued INSERT's error
+    assert queued and not read_passed
     _clean(db, dbapi)
     with db.read() as s:
         assert s.execute(select(LogHead.size)).scalar_one() == 3  # _clean's three bumps only
@@ -295,3 +297,28 @@ def test_a_connection_lost_while_writes_are_queued_is_discarded(
     _clean(db, dbapi)
     with db.read() as s:
         assert s.get(Activation, row["id"]) is None
+
+
+def test_a_pipeline_outside_a_write_transaction_is_refused(db: Database) -> None:
+    """Only Database.write takes its connection out of pipeline mode when it ends: a read (or a
+    tool's own session) asking for one is a programming error, on both backends."""
+    with db.read() as s:
+        with pytest.raises(RuntimeError, match="write transaction"):
+            direct.of(s).pipeline()
+        dbapi = s.connection().connection.driver_connection
+        assert not _pipeline_on(dbapi)
+    _clean(db, dbapi)
+
+
+def test_a_connection_left_in_pipeline_mode_is_not_handed_out_again(db: Database, backend: tuple[str, str]) -> None:
+    """The pool's safety net: a transaction that entered pipeline mode behind direct.py's back (no
+    `end`) returns a connection the pool discards; the next transaction gets a fresh one."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    with db.write() as s:
+        dbapi = s.connection().connection.driver_connection
+        leaked = dbapi.pipeline()
+        leaked.__enter__()
+        assert _pipeline_on(dbapi)
+    assert dbapi.closed
+    _clean(db, dbapi)

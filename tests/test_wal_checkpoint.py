@@ -6,6 +6,7 @@ processes: the server's Database there has no such thread."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -16,7 +17,7 @@ from sqlalchemy import insert, select, text
 
 from entitlement import app
 from entitlement.storage.db import Checkpointer, Database
-from entitlement.storage.migrate import upgrade
+from entitlement.storage.migrate import SchemaNotCurrent, upgrade
 from entitlement.storage.models import LogNode
 
 PAGE = 4096
@@ -25,7 +26,7 @@ BLOB = 3 * PAGE  # each row of the writes below fills about three pages of the l
 
 def _sqlite_only(url: str) -> Path:
     if not url.startswith("sqlite"):
-        pytest.skip("PostgreSQL checkpoints in its own processes (the last test shows its server Database has no thread)")
+        pytest.skip("PostgreSQL checkpoints in its own processes (its server Database has no thread: see test_the_servers_database_checkpoints_in_a_thread_on_sqlite_only)")
     return Path(url.removeprefix("sqlite:///"))
 
 
@@ -118,3 +119,50 @@ def test_the_servers_database_checkpoints_in_a_thread_on_sqlite_only(backend: tu
         _write(db, 0, 3)  # and writes work on both backends
     finally:
         db.dispose()
+
+
+def _checkpoint_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "sqlite-checkpoint" and t.is_alive()}
+
+
+def test_a_database_dropped_without_dispose_stops_its_thread(migrated: str) -> None:
+    _sqlite_only(migrated)
+    before = _checkpoint_threads()
+    db = _server_db(migrated, every_s=0.01)
+    assert db.checkpointer is not None
+    checkpointer = db.checkpointer
+    del db
+    gc.collect()
+    assert not checkpointer.alive
+    assert _checkpoint_threads() <= before
+    with pytest.raises(RuntimeError, match="stopped"):
+        checkpointer.run_once()  # and nothing reopens a connection for it
+
+
+def test_a_deleted_database_file_is_not_recreated_by_the_thread(migrated: str) -> None:
+    path = _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=0.01)
+    try:
+        _write(db, 0, 2)
+        db.dispose()  # the pools' connections closed; the thread stopped
+        db = _server_db(migrated, every_s=0.01)
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            p.unlink(missing_ok=True)
+        time.sleep(0.2)  # about twenty runs of the thread
+        assert not path.exists()
+        assert db.checkpointer is not None and db.checkpointer.alive and db.checkpointer.failures > 0
+    finally:
+        db.dispose()
+
+
+def test_a_server_that_fails_to_start_leaves_no_thread(fresh_url: str, tmp_path: Path) -> None:
+    """app.build on a database that was never migrated refuses to start (SchemaNotCurrent): the
+    Database it opened is disposed, its checkpoint thread with it."""
+    from entitlement.config import ROOT, Settings
+    before = _checkpoint_threads()
+    settings = Settings(listen="127.0.0.1:0", database_url=fresh_url, programs_dir=ROOT / "programs",
+                        key_dir=tmp_path / "keys", pseudonym_key_file=tmp_path / "pseudonym.key",
+                        callers_file=tmp_path / "callers.yaml")
+    with pytest.raises(SchemaNotCurrent):
+        app.build(settings, create_secrets=True)
+    assert _checkpoint_threads() <= before

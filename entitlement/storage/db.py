@@ -54,6 +54,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -72,7 +73,7 @@ from entitlement.storage.hotread import HotReads
 
 _log = structlog.get_logger("entitlement.storage")
 
-_WRITE = "entitlement_write"
+_WRITE = direct.WRITE_OPTION
 _BUSY_MS = "entitlement_busy_ms"  # the busy timeout last set on a SQLite connection (its record's info)
 
 # Time kept, before the caller's deadline, to roll back and answer while it still listens.
@@ -193,11 +194,14 @@ class Database:
             database = parsed.database or ""
             if checkpoint_every_s > 0 and database and database != ":memory:":
                 self.checkpointer = Checkpointer(database, checkpoint_every_s)
+                # A Database dropped without dispose() stops its thread too.
+                weakref.finalize(self, self.checkpointer.stop)
             autocheckpoint = Checkpointer.SAFETY_NET_PAGES if self.checkpointer else None
             _configure_sqlite(self.engine, lock_timeout_ms, autocheckpoint=autocheckpoint)
             _configure_sqlite(self.reader, lock_timeout_ms, emit_begin=False, autocheckpoint=autocheckpoint)
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
+            _discard_pipelined(self.engine)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
         # SQLite: this process's writers queue here before BEGIN IMMEDIATE (module docstring).
         self._writers = _WriterQueue(lock_timeout_ms) if self.dialect == "sqlite" else None
@@ -253,14 +257,19 @@ class Database:
                     with session.begin():
                         try:
                             yield session
-                            deadline.check_caller()  # nothing is committed for a caller that gave up
+                            # Nothing is committed for a caller that gave up. (Writes queued in a
+                            # PostgreSQL pipeline run with the COMMIT, after this check: an
+                            # activation's last ones, ordered behind the log_head row it holds.)
+                            deadline.check_caller()
                         except BaseException:
-                            # Out of pipeline mode (direct.py) before the rollback, whose own errors
-                            # would otherwise mask this exception.
+                            # Out of pipeline mode (direct.py) before the rollback, so that the
+                            # queue's own errors cannot mask this exception.
                             direct.end(session, failed=True)
                             raise
                     failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
                 finally:
+                    # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
+                    # rollback (psycopg syncs the pipeline before its ROLLBACK).
                     direct.end(session, failed)
 
     @contextmanager
@@ -333,10 +342,14 @@ class Checkpointer:
     def run_once(self) -> tuple[int, int, int]:
         """One passive checkpoint: (busy, frames in the log, frames checkpointed), SQLite's answer."""
         with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("the checkpoint thread was stopped")
             if self._conn is None:
                 # Autocommit; the commits' durability; a busy checkpoint lock (another checkpoint
-                # running) is an answer (busy = 1), not a wait.
-                self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                # running) is an answer (busy = 1), not a wait. mode=rw: a file deleted behind the
+                # server is an error here, never a new empty database.
+                self._conn = sqlite3.connect(f"{Path(self._path).resolve().as_uri()}?mode=rw", uri=True,
+                                             isolation_level=None, check_same_thread=False)
                 self._conn.execute("PRAGMA synchronous=FULL")
             busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             self.runs += 1
@@ -346,7 +359,8 @@ class Checkpointer:
         while not self._stop.wait(self._every_s):
             try:
                 self.run_once()
-            except sqlite3.Error as exc:  # the file gone, a disk error: the commits' safety net stays
+            except Exception as exc:  # noqa: BLE001 - the file gone, a disk error: the thread goes on,
+                # and the commits' safety net stays
                 self.failures += 1
                 if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
                     _log.warning("sqlite WAL checkpoint failed", error=type(exc).__name__,
@@ -372,6 +386,18 @@ class Checkpointer:
             self._thread.join(timeout=10)
         with self._lock:
             self._close()
+
+
+def _discard_pipelined(engine: Engine) -> None:
+    """The safety net of direct.py's pipeline: a connection checked in still in pipeline mode (a
+    transaction that left it without Database.write's `end`) is discarded, never handed out again."""
+
+    @event.listens_for(engine.pool, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        pgconn = getattr(dbapi_conn, "pgconn", None)
+        if pgconn is not None and pgconn.pipeline_status:
+            _log.warning("connection checked in in pipeline mode; discarded")
+            record.invalidate()
 
 
 def _pg_connect_args(lock_timeout_ms: int | None, statement_timeout_ms: int, connect_timeout_s: int) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from entitlement.storage.hotread import Prepared
 
 log = structlog.get_logger("entitlement.storage")
 _INFO_KEY = "entitlement_direct"
+WRITE_OPTION = "entitlement_write"  # the execution option Database.write sets on its connection
 _prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
 _prepared_lock = threading.Lock()
 
@@ -97,7 +98,14 @@ class Statements:
         (PostgreSQL; see the module docstring). Only these statements may follow on this
         transaction's connection: an ORM flush or a Core statement through the session would count
         rows of a pipeline it does not know about."""
-        if self._pipeline is not None or self._dialect.name != "postgresql":
+        if self._pipeline is not None:
+            return
+        if not self._conn.get_execution_options().get(WRITE_OPTION, False):
+            # Only Database.write leaves pipeline mode with its transaction (end): a read's or a
+            # tool's connection would go back to the pool in it. (Refused on SQLite too, so that
+            # such a call fails in every test run, not only on PostgreSQL.)
+            raise RuntimeError("a pipeline belongs in a write transaction (Database.write)")
+        if self._dialect.name != "postgresql":
             return
         cm = self._dbapi.pipeline()
         try:
