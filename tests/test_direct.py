@@ -322,3 +322,23 @@ def test_a_connection_left_in_pipeline_mode_is_not_handed_out_again(db: Database
         assert _pipeline_on(dbapi)
     assert dbapi.closed
     _clean(db, dbapi)
+
+
+def test_sqlalchemy_statements_are_refused_in_pipeline_mode(db: Database, backend: tuple[str, str]) -> None:
+    """Once an activation's writes are queued, a statement through the ORM or Core on the session
+    would get no rows or a row count of -1 from psycopg: it is refused with a clear error, the
+    transaction rolls back, and the connection comes back out of pipeline mode."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    row = _person()
+    for statement in (select(LogHead.size), update(LogHead).values(size=LogHead.size + 1)):
+        with pytest.raises(RuntimeError, match="only direct.Statements"):
+            with db.write() as s:
+                st = direct.of(s)
+                st.pipeline()
+                dbapi = s.connection().connection.driver_connection
+                st.execute(_INSERT, row)
+                s.execute(statement)
+        _clean(db, dbapi)
+    with db.read() as s:
+        assert s.get(Activation, row["id"]) is None

@@ -389,8 +389,18 @@ class Checkpointer:
 
 
 def _discard_pipelined(engine: Engine) -> None:
-    """The safety net of direct.py's pipeline: a connection checked in still in pipeline mode (a
-    transaction that left it without Database.write's `end`) is discarded, never handed out again."""
+    """The safety nets of direct.py's pipeline. A statement through SQLAlchemy (the ORM, Core on
+    the session) on a connection in pipeline mode is refused: psycopg gives it no rows and no row
+    count until a later sync, which SQLAlchemy cannot know of (an ORM read would fail, an UPDATE
+    would count -1). And a connection checked in still in pipeline mode (a transaction that left it
+    without Database.write's `end`) is discarded, never handed out again."""
+
+    @event.listens_for(engine, "before_execute")
+    def _on_execute(conn: Any, *_args: Any) -> None:
+        pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
+        if pgconn is not None and pgconn.pipeline_status:
+            raise RuntimeError("in pipeline mode, only direct.Statements may run statements "
+                               "(entitlement/storage/direct.py)")
 
     @event.listens_for(engine.pool, "checkin")
     def _on_checkin(dbapi_conn: Any, record: Any) -> None:
