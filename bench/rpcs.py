@@ -502,10 +502,12 @@ def round_trips_text(results: list[RunResult]) -> str:
             if not made:
                 continue
             tot = {k: sum(r.queries.get(k, 0) for r in rs) / made
-                   for k in ("statements", "transactions", "checkouts", "queued", "pipelines")}
+                   for k in ("statements", "transactions", "checkouts", "queued", "pipelines", "begins_joined")}
             if backend == "postgres":
-                trips = tot["statements"] - tot["queued"] + 2 * tot["transactions"] + tot["pipelines"]
+                trips = (tot["statements"] - tot["queued"] + 2 * tot["transactions"] - tot["begins_joined"]
+                         + tot["pipelines"])
                 queued = (f" - {tot['queued']:.1f} queued in a pipeline + {tot['pipelines']:.1f} pipeline exits"
+                          f" - {tot['begins_joined']:.1f} BEGIN sent with the first statement"
                           if tot["queued"] else "")
                 parts.append(f"{method} {tot['statements']:.1f} statements{queued} + {tot['transactions']:.1f} "
                              f"transactions x 2 = ~{trips:.1f} round trips")
@@ -577,7 +579,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 {round_trips_text(results)}
 
-On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's writes after its conditional update: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT, and leaving pipeline mode after the COMMIT costs one Sync. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network.
+On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's writes after its conditional update: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT; reads sent ahead together (an activation's first three) share one round trip, with the BEGIN; and leaving pipeline mode after the COMMIT costs one Sync. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network.
 """
 
 

@@ -18,9 +18,10 @@ With spec.count_queries the sync server counts, on its engine (SQLAlchemy events
 entitlement/), the SQL statements sent, the transactions ended (commit, rollback) and the pool
 checkouts of the transactional pool (no round trip: there is no pre-ping); on PostgreSQL also the
 statements queued in psycopg's pipeline mode without a round trip of their own (sent while the
-connection is in pipeline mode and reading no rows: entitlement/storage/direct.py) and the
-transactions that ended in pipeline mode (each then costs one more round trip, the Sync that leaves
-it); the message "counts" answers them.
+connection is in pipeline mode and reading no rows, or prefetched with an earlier read of the same
+batch: entitlement/storage/direct.py), the BEGINs queued with a transaction's first statement, and
+the transactions that ended in pipeline mode (each then costs one more round trip, the Sync that
+leaves it); the message "counts" answers them.
 
 Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
 file of the spec, never to the terminal.
@@ -53,10 +54,12 @@ class QueryCounter:
 
     def __init__(self, db: Any) -> None:
         from sqlalchemy import event
-        self.counts = {"statements": 0, "transactions": 0, "checkouts": 0, "queued": 0, "pipelines": 0}
+        self.counts = {"statements": 0, "transactions": 0, "checkouts": 0, "queued": 0, "pipelines": 0,
+                       "begins_joined": 0}
         self._lock = threading.Lock()
         for engine in (db.engine, db.reader):  # transactions, and the autocommit pool (Database.snapshot)
             event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(db.engine, "begin", self._began)
         db.hot.listeners.append(lambda _sql: self._add("statements"))  # the hot reads' DBAPI statements
         event.listen(db.engine, "commit", self._ended)
         event.listen(db.engine, "rollback", self._ended)
@@ -67,11 +70,23 @@ class QueryCounter:
         pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
         return bool(pgconn is not None and pgconn.pipeline_status)
 
-    def _statement(self, conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+    @staticmethod
+    def _began(conn: Any) -> None:
+        conn.info["bench_fresh"] = True  # the transaction's first statement is still to come
+
+    def _statement(self, conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
+        from entitlement.storage.direct import PREFETCHED
         self._add("statements")
+        pipelined = self._pipelined(conn)
+        info = conn.info
+        if info.pop("bench_fresh", False) and pipelined:
+            self._add("begins_joined")  # psycopg queues BEGIN: it goes with this statement
+        prefetched = context == PREFETCHED
+        joins = prefetched and info.get("bench_batch", False)  # sent with the batch's first read
+        info["bench_batch"] = prefetched
         head = statement.lstrip()[:6].upper()
-        if self._pipelined(conn) and head != "SELECT" and " RETURNING " not in statement:
-            self._add("queued")  # sent with the next read or the COMMIT
+        if pipelined and (joins or (head != "SELECT" and " RETURNING " not in statement)):
+            self._add("queued")  # no round trip of its own: sent with a read, or the COMMIT
 
     def _ended(self, conn: Any) -> None:
         self._add("transactions")

@@ -134,10 +134,16 @@ _INSERT_ACTIVATION = insert(Activation)
 _INSERT_LEDGER = insert(LedgerEntry)
 
 
+def _replay_read(caller: Caller, request_id: str) -> tuple[Any, dict[str, Any]] | None:
+    """The statement `_replay` runs (for direct.Statements.prefetch), or None."""
+    return (_RECORD, {"caller": caller.id, "request": request_id}) if request_id else None
+
+
 def _replay(s: Session, caller: Caller, request_id: str, method: str, digest: str) -> dict[str, Any] | None:
-    if not request_id:
+    read = _replay_read(caller, request_id)
+    if read is None:
         return None
-    rec = direct.of(s).first(_RECORD, {"caller": caller.id, "request": request_id})
+    rec = direct.of(s).first(*read)
     if rec is None:
         return None
     if rec.method != method or rec.request_sha256 != digest:
@@ -205,13 +211,19 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                    digest: str, live: person_facts.LiveAnswer) -> ActivationResult:
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
+        st = direct.of(s)
+        # PostgreSQL: the first reads (the request's lock, its stored response, the person's facts)
+        # leave together with BEGIN, in one round trip; each is read below where it was (direct.py).
+        st.pipeline()
+        st.prefetch(inflight.lock_read(s, caller.id, cmd.request_id), _replay_read(caller, cmd.request_id),
+                    None if live.source == person_facts.LIVE else registry.lookup_read(person_key))
         inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
         if replay is not None:
+            st.end(failed=False)  # the ORM reads below: out of pipeline mode
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
             return ActivationResult(view(ctx, a), replay["token"])
-        st = direct.of(s)
         facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
@@ -232,6 +244,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             # replay check above and this query; its idempotency record is visible now (AIP-155).
             replay = _replay(s, caller, cmd.request_id, "activate", digest)
             if replay is not None:
+                st.end(failed=False)  # the ORM read below: out of pipeline mode
                 winner = s.get(Activation, replay["activation_id"])
                 assert winner is not None
                 return ActivationResult(view(ctx, winner), replay["token"])
@@ -239,7 +252,10 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                 f"activations/{existing}", reason="ACTIVATION_EXISTS",
                                 metadata={"activation": f"activations/{existing}"})
         # A live row past its end date is expired: record it so the unique index frees the slot.
-        _expire_stale(s, ctx, [r.id for r in live_rows if r.end_date < today], today)
+        stale = [r.id for r in live_rows if r.end_date < today]
+        if stale:
+            st.end(failed=False)  # the ORM's unit of work: out of pipeline mode (entered again below)
+            _expire_stale(s, ctx, stale, today)
         plan, end = decision.funding_plan, decision.access_end
         assert plan is not None and end is not None
         if not counters.reserve(s, program, plan.total_cents, today):

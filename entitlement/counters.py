@@ -75,6 +75,7 @@ def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
     st = direct.of(s)
     if st.changed(stmt, params) == 1:
         return True
+    st.end(failed=False)  # the ORM below (a program's first activation, or a cap): out of pipeline mode
     if s.get(ProgramCounter, program.id) is None:
         _ensure_row(s, program.id)
     # Again, whether we created the row or found it: on PostgreSQL a concurrent first activation of

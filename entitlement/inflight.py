@@ -19,6 +19,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import BigInteger, bindparam, func, select
 from sqlalchemy.orm import Session
@@ -70,10 +71,16 @@ def advisory_key(caller_id: str, request_id: str) -> int:
 _TRY_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger)))
 
 
+def lock_read(s: Session, caller_id: str, request_id: str) -> tuple[Any, dict[str, Any]] | None:
+    """The statement `lock` runs (for direct.Statements.prefetch), or None when it runs none."""
+    if not request_id or s.get_bind().dialect.name != "postgresql":
+        return None
+    return _TRY_LOCK, {"key": advisory_key(caller_id, request_id)}
+
+
 def lock(s: Session, caller_id: str, request_id: str) -> None:
     """PostgreSQL: take the request's advisory lock for this transaction, or answer ABORTED when
     another transaction (of any server process) holds it."""
-    if not request_id or s.get_bind().dialect.name != "postgresql":
-        return
-    if not direct.of(s).first(_TRY_LOCK, {"key": advisory_key(caller_id, request_id)})[0]:
+    read = lock_read(s, caller_id, request_id)
+    if read is not None and not direct.of(s).first(*read)[0]:
         raise in_flight(request_id)

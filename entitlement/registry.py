@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple, IO, Any
 
 from psycopg.errors import UniqueViolation
-from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -578,11 +578,16 @@ _LOOKUP = (
 )
 
 
+def lookup_read(person_key: bytes) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement `lookup` runs (for direct.Statements.prefetch)."""
+    return _LOOKUP, {"person_key": person_key}
+
+
 def lookup(conn: Connection | HotReads | direct.Statements, person_key: bytes, birth_date: dt.date) -> tuple[PersonFacts | None, SnapshotRef | None]:
     """The person's facts in the current snapshot, in one round trip (one statement: it reads the
     current snapshot's id and the person's row together). A wrong birth date answers exactly like
     an unknown identifier."""
-    params = {"person_key": person_key}
+    _stmt, params = lookup_read(person_key)
     # HotReads, or a write transaction's direct.Statements: the same first(); else a Connection.
     row = conn.execute(_LOOKUP, params).first() if isinstance(conn, Connection) else conn.first(_LOOKUP, params)
     if row is None:

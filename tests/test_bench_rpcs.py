@@ -63,8 +63,10 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
 def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> None:
     """bench.servers.QueryCounter, which the round-trip figures of BENCHMARKS.md come from: a
     statement sent in pipeline mode that reads no rows is counted as queued (no round trip of its
-    own), one that reads rows is not, and a transaction committed in pipeline mode counts one
-    pipeline exit. Nothing is queued on SQLite, or before the pipeline."""
+    own), one that reads rows is not, except a read prefetched with an earlier read of its batch; a
+    BEGIN queued with a pipelined transaction's first statement is counted, and a transaction
+    committed in pipeline mode counts one pipeline exit. Nothing of that on SQLite, or outside a
+    pipeline."""
     from sqlalchemy import func, insert, select, update
 
     from bench.servers import QueryCounter
@@ -73,15 +75,21 @@ def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> 
 
     counter = QueryCounter(db)
     bump = update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + 1).returning(LogHead.size)
+    nodes = select(func.count()).select_from(LogNode)
+    with db.write() as s:  # outside a pipeline: nothing queued
+        st = direct.of(s)
+        st.execute(insert(LogNode), {"level": 0, "idx": 0, "hash": b"\0" * 32})
+        st.first(bump)
     with db.write() as s:
         st = direct.of(s)
-        st.execute(insert(LogNode), {"level": 0, "idx": 0, "hash": b"\0" * 32})  # before: not queued
         st.pipeline()
+        st.prefetch((nodes, {}), (bump, {}))  # one round trip, with BEGIN: the second read joins it
+        st.first(nodes, {})
+        st.first(bump, {})
         st.execute(insert(LogNode), {"level": 0, "idx": 1, "hash": b"\1" * 32})  # queued
         st.first(bump)  # reads: a round trip
         st.execute_many(insert(LogNode), [{"level": 0, "idx": i, "hash": bytes([i]) * 32} for i in (2, 3)])  # queued
-        st.first(select(func.count()).select_from(LogNode))  # reads
     counts = counter.snapshot()
     pg = not db.is_sqlite
-    assert counts["statements"] >= 5 and counts["transactions"] == 1
-    assert (counts["queued"], counts["pipelines"]) == ((2, 1) if pg else (0, 0))
+    assert counts["statements"] >= 7 and counts["transactions"] == 2
+    assert (counts["queued"], counts["pipelines"], counts["begins_joined"]) == ((3, 1, 1) if pg else (0, 0, 0))

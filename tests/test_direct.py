@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import bindparam, event, func, insert, select, update
+from sqlalchemy import bindparam, event, func, insert, literal_column, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from entitlement.storage import direct
@@ -342,3 +342,42 @@ def test_sqlalchemy_statements_are_refused_in_pipeline_mode(db: Database, backen
         _clean(db, dbapi)
     with db.read() as s:
         assert s.get(Activation, row["id"]) is None
+
+
+def test_prefetched_reads_are_read_once_where_they_are_asked_for(db: Database) -> None:
+    """`prefetch` sends reads ahead (PostgreSQL, in a pipeline: together, with BEGIN); the `first` or
+    `all` asking for the same statement and parameters gets that read's rows, once: asking again
+    reads again, and sees what the transaction wrote in between. On SQLite nothing is sent ahead."""
+    count = select(func.count()).select_from(Activation).where(Activation.state == bindparam("state"))
+    with db.write() as s:
+        st = direct.of(s)
+        st.pipeline()
+        st.prefetch((count, {"state": "active"}), None, (_BUMP, {}))
+        st.execute(_INSERT, _person())  # queued after the prefetched reads: they do not see it
+        assert st.first(count, {"state": "active"})[0] == (0 if not db.is_sqlite else 1)
+        assert st.first(count, {"state": "active"})[0] == 1  # read again
+        assert st.first(count, {"state": "suspended"})[0] == 0  # other parameters: its own read
+        assert st.first(_BUMP).size == 1  # the prefetched UPDATE ... RETURNING
+        assert st.first(_BUMP).size == 2
+    with db.read() as s:
+        assert s.execute(select(LogHead.size)).scalar_one() == 2
+
+
+def test_a_prefetched_read_that_fails_fails_the_transaction(db: Database) -> None:
+    """A prefetched read's error (a column that does not exist) comes out as SQLAlchemy's error, at
+    the latest from the call that asks for its rows, and the transaction rolls back."""
+    failing = select(literal_column("no_such_column")).select_from(Activation.__table__)
+    read_passed = False
+    with pytest.raises(DBAPIError):
+        with db.write() as s:
+            st = direct.of(s)
+            st.pipeline()
+            dbapi = s.connection().connection.driver_connection
+            st.prefetch((failing, {}))
+            st.execute(_INSERT, _person())
+            st.first(failing, {})
+            read_passed = True
+    assert not read_passed
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 0

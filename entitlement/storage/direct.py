@@ -26,9 +26,10 @@ parameters' keys (every row of an executemany has the same keys).
 Pipeline (PostgreSQL): after `pipeline()`, the statements whose results nobody reads (`execute`,
 `execute_many`) are queued in psycopg's pipeline mode instead of each waiting for its answer. They
 go to the server with the next statement whose rows are read (`first`, `all`: psycopg flushes the
-queue then) or with the COMMIT, in one round trip. Of an activation's 13 to 14 statements, 7 are
-queued: its waits on PostgreSQL, counted by delaying every answer by 20 ms, went from 16.7 to 10.4,
-and the event log's head row (locked by every writer from its sequence number to its commit) is
+queue then) or with the COMMIT, in one round trip. Reads known in advance can be sent ahead
+together (`prefetch`): an activation's first three leave with its BEGIN. Of its 13 to 14
+statements, 7 are queued and 3 prefetched: its waits on PostgreSQL, counted by delaying every answer
+by 20 ms, went from 16.7 to 7.9, and the event log's head row (locked by every writer from its sequence number to its commit) is
 held for one or two round trips (the COMMIT's, and a Merkle read for one event in two) instead of
 five or six. A redemption queues 3 of its 5 to 6. The price: an error in a queued statement (a unique
 violation) is raised by that later call, as the same SQLAlchemy exception; `changed` (a row count)
@@ -54,6 +55,11 @@ from entitlement.storage.hotread import Prepared
 log = structlog.get_logger("entitlement.storage")
 _INFO_KEY = "entitlement_direct"
 WRITE_OPTION = "entitlement_write"  # the execution option Database.write sets on its connection
+_CURSORS_KEY = "entitlement_cursors"  # a psycopg connection's reused cursors, in its info
+# What cursor listeners get as `context` for a statement `prefetch` sends ahead (bench.servers
+# counts round trips with it); None for the others, as SQLAlchemy passes for a statement it did not
+# run itself.
+PREFETCHED = "entitlement.direct.prefetched"
 _prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
 _prepared_lock = threading.Lock()
 
@@ -72,8 +78,8 @@ def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...]
 class Statements:
     """One transaction's statements on its DBAPI connection (see the module docstring)."""
 
-    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_pipe", "_reuse",
-                 "_cursors")
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_pipe", "_cursors",
+                 "_prefetched")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -85,13 +91,16 @@ class Statements:
         self._listened = bool(conn.dispatch.before_cursor_execute)
         self._pipeline: AbstractContextManager[Any] | None = None  # psycopg's conn.pipeline()
         self._pipe: Any = None  # the psycopg Pipeline it entered
-        # psycopg: the transaction's cursors are reused (making one costs about 18 us of CPU, more
-        # than sending most of these statements): one for what reads rows or a row count, one for
-        # the writes queued in a pipeline (whose results arrive later, never read). sqlite3: a new
-        # cursor each time, as cheap as reusing one, and no statement is left open on the
-        # connection across the commit.
-        self._reuse = self._dialect.name == "postgresql"
-        self._cursors: list[Any] = [None, None]
+        # psycopg: cursors are made once per DBAPI connection and reused by its transactions (making
+        # one costs about 18 us of CPU, more than sending most of these statements), kept in the
+        # connection's info (SQLAlchemy clears it when the connection is replaced): slot 0 for what
+        # reads rows or a row count at once, 1 for the writes queued in a pipeline (whose results
+        # arrive later, never read), 2 and up for prefetched reads. sqlite3: a new cursor each
+        # time, as cheap as reusing one, and no statement is left open on the connection across
+        # the commit.
+        self._cursors: dict[int, Any] | None = (
+            conn.connection.info.setdefault(_CURSORS_KEY, {}) if self._dialect.name == "postgresql" else None)
+        self._prefetched: dict[Any, tuple[Prepared, Any]] | None = None
 
     def pipeline(self) -> None:
         """From here to the end of the transaction, queue what `execute` and `execute_many` send
@@ -124,6 +133,8 @@ class Statements:
         counts) and the rollback then runs out of pipeline mode. A connection that cannot leave it
         cleanly is invalidated, never handed to the next transaction in pipeline mode."""
         cm, pipe, self._pipeline, self._pipe = self._pipeline, self._pipe, None, None
+        if failed:
+            self._prefetched = None
         if cm is None:
             return
         try:
@@ -138,17 +149,47 @@ class Statements:
             log.warning("leaving pipeline mode failed; connection discarded", error=type(exc).__name__)
             self._conn.invalidate()
 
-    def _cursor(self, queued: bool) -> Any:
-        if not self._reuse:
+    def prefetch(self, *reads: tuple[Select[Any] | UpdateBase, dict[str, Any]] | None) -> None:
+        """In a pipeline (PostgreSQL): send these reads now, in one round trip with whatever is
+        queued (BEGIN included, at a transaction's start), and keep each one's rows for the `first`
+        or `all` that asks for the same statement with the same parameters later in this
+        transaction (once: asking again reads again). None entries are skipped. Elsewhere: nothing,
+        each read runs when asked. A read's error comes out as SQLAlchemy's exception, at the latest
+        from the call that asks for its rows (psycopg may meet it while sending a later statement)."""
+        if self._pipeline is None:
+            return
+        prefetched = self._prefetched if self._prefetched is not None else {}
+        for read in reads:
+            if read is None:
+                continue
+            stmt, params = read
+            p, cursor = self._run(stmt, params, slot=2 + len(prefetched), context=PREFETCHED)
+            prefetched[(stmt, frozenset(params.items()))] = (p, cursor)
+        self._prefetched = prefetched
+
+    def _taken(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None) -> tuple[Prepared, Any] | None:
+        if not self._prefetched:
+            return None
+        return self._prefetched.pop((stmt, frozenset((params or {}).items())), None)
+
+    def _forget_cursors(self) -> None:
+        """After an error: SQLAlchemy closes the cursor of a failed statement; new ones next time."""
+        if self._cursors is not None:
+            self._cursors.clear()
+        self._prefetched = None
+
+    def _cursor(self, slot: int) -> Any:
+        cursors = self._cursors
+        if cursors is None:
             return self._dbapi.cursor()
-        slot = 1 if queued and self._pipeline is not None else 0
-        cursor = self._cursors[slot]
-        if cursor is None:
-            cursor = self._cursors[slot] = self._dbapi.cursor()
+        cursor = cursors.get(slot)
+        if cursor is None or cursor.closed:
+            cursor = cursors[slot] = self._dbapi.cursor()
         return cursor
 
     def _run(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None,
-             many: Sequence[dict[str, Any]] | None = None, queued: bool = False) -> tuple[Prepared, Any]:
+             many: Sequence[dict[str, Any]] | None = None, queued: bool = False,
+             slot: int = 0, context: str | None = None) -> tuple[Prepared, Any]:
         first = many[0] if many is not None else params or {}
         keys = tuple(first) if isinstance(stmt, Insert) else None
         p = _prepare(self._dialect, stmt, keys)
@@ -158,35 +199,35 @@ class Statements:
         else:
             args = p.parameters(first)
         if self._listened:
-            conn.dispatch.before_cursor_execute(conn, None, p.sql, args, None, many is not None)
+            conn.dispatch.before_cursor_execute(conn, None, p.sql, args, context, many is not None)
         cursor = None
         try:
-            cursor = self._cursor(queued)
+            cursor = self._cursor(1 if queued and self._pipeline is not None else slot)
             if many is not None:
                 cursor.executemany(p.sql, args)
             else:
                 cursor.execute(p.sql, args)
         except self._error as exc:
-            self._cursors = [None, None]  # SQLAlchemy closes the cursor of a failed statement
+            self._forget_cursors()
             conn._handle_dbapi_exception(exc, p.sql, args, cursor, None)
         return p, cursor
 
     def first(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> Any:
         """The first row (a named tuple, values converted as SQLAlchemy would), or None."""
-        p, cursor = self._run(stmt, params)
+        p, cursor = self._taken(stmt, params) or self._run(stmt, params)
         try:
             row = cursor.fetchone()
         except self._error as exc:
-            self._cursors = [None, None]
+            self._forget_cursors()
             self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
         return None if row is None else p.convert(row)
 
     def all(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> list[Any]:
-        p, cursor = self._run(stmt, params)
+        p, cursor = self._taken(stmt, params) or self._run(stmt, params)
         try:
             rows = cursor.fetchall()
         except self._error as exc:
-            self._cursors = [None, None]
+            self._forget_cursors()
             self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
         return [p.convert(r) for r in rows]
 
@@ -202,7 +243,7 @@ class Statements:
             try:
                 self._pipe.sync()
             except self._error as exc:
-                self._cursors = [None, None]
+                self._forget_cursors()
                 self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
         return int(cursor.rowcount)
 
