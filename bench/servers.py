@@ -75,7 +75,7 @@ class QueryCounter:
         conn.info["bench_fresh"] = True  # the transaction's first statement is still to come
 
     def _statement(self, conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
-        from entitlement.storage.direct import PREFETCHED
+        from entitlement.storage.direct import COUNTED, PREFETCHED
         self._add("statements")
         pipelined = self._pipelined(conn)
         info = conn.info
@@ -85,7 +85,8 @@ class QueryCounter:
         joins = prefetched and info.get("bench_batch", False)  # sent with the batch's first read
         info["bench_batch"] = prefetched
         head = statement.lstrip()[:6].upper()
-        if pipelined and (joins or (head != "SELECT" and " RETURNING " not in statement)):
+        reads = head == "SELECT" or " RETURNING " in statement or context == COUNTED  # waited for
+        if pipelined and (joins or not reads):
             self._add("queued")  # no round trip of its own: sent with a read, or the COMMIT
 
     def _ended(self, conn: Any) -> None:

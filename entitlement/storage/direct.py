@@ -60,6 +60,7 @@ _CURSORS_KEY = "entitlement_cursors"  # a psycopg connection's reused cursors, i
 # counts round trips with it); None for the others, as SQLAlchemy passes for a statement it did not
 # run itself.
 PREFETCHED = "entitlement.direct.prefetched"
+COUNTED = "entitlement.direct.counted"  # a statement `changed` waits for (a round trip, pipeline or not)
 _prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
 _prepared_lock = threading.Lock()
 
@@ -238,7 +239,7 @@ class Statements:
     def changed(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> int:
         """Run a statement without RETURNING; the rows it changed (in a pipeline: once its queue,
         this statement included, is answered)."""
-        p, cursor = self._run(stmt, params)
+        p, cursor = self._run(stmt, params, context=COUNTED)
         if self._pipeline is not None:
             try:
                 self._pipe.sync()
