@@ -67,8 +67,8 @@ class QueryCounter:
 
     @staticmethod
     def _pipelined(conn: Any) -> bool:
-        pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
-        return bool(pgconn is not None and pgconn.pipeline_status)
+        from entitlement.storage.direct import in_pipeline
+        return in_pipeline(conn.connection.driver_connection)
 
     @staticmethod
     def _began(conn: Any) -> None:

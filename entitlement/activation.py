@@ -262,6 +262,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             raise _cap_reached(program.name)  # another activation took the last room meanwhile
         # Nothing below reads a row count or goes through the ORM: on PostgreSQL the writes are
         # queued and travel with the log_head UPDATE, the Merkle read and the COMMIT (direct.py).
+        # (Back in pipeline mode if a rare path above left it; a no-op otherwise.)
         st.pipeline()
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex

@@ -158,6 +158,14 @@ def _person(**over: Any) -> dict[str, Any]:
     return _row(person_key=uuid.uuid4().bytes * 2, **over)
 
 
+def _pipelined(s: Any) -> tuple[direct.Statements, Any]:
+    """The write transaction's statements, in pipeline mode from here on, and its DBAPI connection
+    (to look at after the transaction)."""
+    st = direct.of(s)
+    st.pipeline()
+    return st, s.connection().connection.driver_connection
+
+
 def _pipeline_on(dbapi: Any) -> bool:
     return bool(getattr(dbapi, "pgconn", None) is not None and dbapi.pgconn.pipeline_status)
 
@@ -183,8 +191,7 @@ def test_a_pipeline_queues_writes_until_a_read_or_the_commit(db: Database) -> No
     with db.write() as s:
         st = direct.of(s)
         before = st.first(_BUMP).size
-        st.pipeline()
-        dbapi = s.connection().connection.driver_connection
+        st, dbapi = _pipelined(s)
         assert _pipeline_on(dbapi) is (not db.is_sqlite)
         st.execute(_INSERT, rows[0])
         st.execute_many(insert(LedgerEntry), [
@@ -218,8 +225,7 @@ def test_a_queued_statement_that_fails_fails_the_transaction_with_sqlalchemys_er
         with db.write() as s:
             st = direct.of(s)
             st.first(_BUMP)
-            st.pipeline()
-            dbapi = s.connection().connection.driver_connection
+            st, dbapi = _pipelined(s)
             st.execute(_INSERT, _person(id=first["id"], state_reason="secret-reason-5678"))
             queued = True  # PostgreSQL: not raised yet, the INSERT waits in the queue
             st.execute(_INSERT, later)
@@ -241,9 +247,7 @@ def test_a_queued_failure_surfaces_at_the_next_read(db: Database) -> None:
     read_passed = False
     with pytest.raises(IntegrityError):
         with db.write() as s:
-            st = direct.of(s)
-            st.pipeline()
-            dbapi = s.connection().connection.driver_connection
+            st, dbapi = _pipelined(s)
             st.execute(_INSERT, _person(id=first["id"]))  # queued: no error yet
             queued = True
             st.first(_BUMP)
@@ -262,9 +266,7 @@ def test_an_exception_while_writes_are_queued_rolls_them_back_and_is_the_one_rai
         direct.of(s).execute(_INSERT, first)
     with pytest.raises(LookupError, match="the code's own failure"):
         with db.write() as s:
-            st = direct.of(s)
-            st.pipeline()
-            dbapi = s.connection().connection.driver_connection
+            st, dbapi = _pipelined(s)
             st.execute(_INSERT, _person())
             if not db.is_sqlite:
                 st.execute(_INSERT, _person(id=first["id"]))  # would fail, queued
@@ -287,8 +289,7 @@ def test_a_connection_lost_while_writes_are_queued_is_discarded(
         with db.write() as s:
             st = direct.of(s)
             pid = st.first(select(func.pg_backend_pid()))[0]
-            st.pipeline()
-            dbapi = s.connection().connection.driver_connection
+            st, dbapi = _pipelined(s)
             st.execute(_INSERT, row)
             with psycopg.connect(admin, autocommit=True) as conn:
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -334,9 +335,7 @@ def test_sqlalchemy_statements_are_refused_in_pipeline_mode(db: Database, backen
     for statement in (select(LogHead.size), update(LogHead).values(size=LogHead.size + 1)):
         with pytest.raises(RuntimeError, match="only direct.Statements"):
             with db.write() as s:
-                st = direct.of(s)
-                st.pipeline()
-                dbapi = s.connection().connection.driver_connection
+                st, dbapi = _pipelined(s)
                 st.execute(_INSERT, row)
                 s.execute(statement)
         _clean(db, dbapi)
@@ -370,9 +369,7 @@ def test_a_prefetched_read_that_fails_fails_the_transaction(db: Database) -> Non
     read_passed = False
     with pytest.raises(DBAPIError):
         with db.write() as s:
-            st = direct.of(s)
-            st.pipeline()
-            dbapi = s.connection().connection.driver_connection
+            st, dbapi = _pipelined(s)
             st.prefetch((failing, {}))
             st.execute(_INSERT, _person())
             st.first(failing, {})

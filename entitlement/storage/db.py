@@ -397,15 +397,13 @@ def _discard_pipelined(engine: Engine) -> None:
 
     @event.listens_for(engine, "before_execute")
     def _on_execute(conn: Any, *_args: Any) -> None:
-        pgconn = getattr(conn.connection.driver_connection, "pgconn", None)
-        if pgconn is not None and pgconn.pipeline_status:
+        if direct.in_pipeline(conn.connection.driver_connection):
             raise RuntimeError("in pipeline mode, only direct.Statements may run statements "
                                "(entitlement/storage/direct.py)")
 
     @event.listens_for(engine.pool, "checkin")
     def _on_checkin(dbapi_conn: Any, record: Any) -> None:
-        pgconn = getattr(dbapi_conn, "pgconn", None)
-        if pgconn is not None and pgconn.pipeline_status:
+        if direct.in_pipeline(dbapi_conn):
             _log.warning("connection checked in in pipeline mode; discarded")
             record.invalidate()
 

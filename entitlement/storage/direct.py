@@ -270,6 +270,12 @@ def execute_text(conn: Connection, sql: str) -> None:
         conn._handle_dbapi_exception(exc, sql, (), cursor, None)
 
 
+def in_pipeline(dbapi_connection: Any) -> bool:
+    """Whether a DBAPI connection is in psycopg's pipeline mode (never, for sqlite3)."""
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    return bool(pgconn is not None and pgconn.pipeline_status)
+
+
 def end(session: Session, failed: bool) -> None:
     """Leave the pipeline mode the session's transaction may have entered (`Statements.end`)."""
     cached: tuple[Any, Statements] | None = session.info.get(_INFO_KEY)
