@@ -212,7 +212,8 @@ class RunResult:
     calls_made: int = 0           # every call completed in the run, warm-up included (OK or not)
     queries: dict[str, int] = field(default_factory=dict)  # server's SQL counters over the whole run
     note: str = ""                # e.g. a window ended early (its pool of requests ran dry)
-    echo_rps: float = 0.0         # req/s of the echo server in the window paired with this one
+    echo_rps: float = 0.0         # req/s of the echo server in the windows paired with this case's rounds
+    round_ratios: tuple[float, ...] = ()  # each round's req/s over its paired echo window's
 
     @property
     def rps(self) -> float:

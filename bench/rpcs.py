@@ -69,6 +69,11 @@ TARGET_P99_MS = 10.0  # at half the best measured throughput, open loop
 UNLIMITED_RATE = 10**9  # the rate limiter stays in the chain, far above any load here
 LIST_PAGES = 10
 SCALING_ROUNDS = 2  # 1 vs 2 processes: each case in rounds of alternating order (A B, B A)
+# A closed-loop case of a real RPC and its echo windows: this many rounds of alternating order
+# (echo RPC, RPC echo, ...), each window after ROUND_WARMUP s of unmeasured calls (the first RPC
+# window after cfg.warmup). The machine's speed drifts by a third within a minute here.
+PAIRED_ROUNDS, QUICK_PAIRED_ROUNDS = 4, 2
+ROUND_WARMUP = 0.25
 CALL_TIMEOUT = 300.0
 
 
@@ -168,17 +173,6 @@ class Runner:
         self.results: list[RunResult] = []
         self.echo: tuple[list[Server], tuple[bytes, ...]] | None = None  # (group, requests) for paired windows
 
-    def paired_echo(self, concurrency: int) -> float:
-        """req/s of the echo server in a window of half a case's length, just before a case."""
-        if self.echo is None:
-            return 0.0
-        group, requests = self.echo
-        m = self._round(group, ECHO, self.cfg.seconds / 2, concurrency, warmup=min(self.cfg.warmup, 0.5),
-                        requests=requests)
-        if m["errors"]:
-            raise SystemExit(f"bench.rpcs: the echo server answered errors {m['errors']}")
-        return float(m["calls"] / m["seconds"])
-
     def _round(self, group: list[Server], method: str, seconds: float, concurrency: int = 0, rate: float = 0.0,
                warmup: float | None = None, **kw: Any) -> dict[str, Any]:
         cfg, head = self.cfg, group[0]
@@ -229,13 +223,39 @@ class Runner:
 
     def run(self, backend: str, group: list[Server], method: str, concurrency: int = 0, rate: float = 0.0,
             **kw: Any) -> RunResult:
-        """One case, one window of cfg.seconds; a closed-loop case of a real RPC is preceded by a
-        window of the echo server at the same concurrency (its x echo ratio)."""
-        echo_rps = self.paired_echo(concurrency) if method != ECHO and not rate else 0.0
-        part = self._round(group, method, self.cfg.seconds, concurrency, rate, **kw)
-        r = self._record(backend, group, method, concurrency, rate, [part])
-        r.echo_rps = echo_rps
+        """One case: cfg.seconds measured. A closed-loop case of a real RPC is measured in rounds
+        alternating with windows of the echo server at the same concurrency (half as long), so that
+        its x echo ratio compares windows seconds apart: calls over seconds of its rounds, against
+        the same of the echo's (the rounds' own ratios give the spread)."""
+        if method == ECHO or rate or self.echo is None:
+            return self._record(backend, group, method, concurrency, rate,
+                                [self._round(group, method, self.cfg.seconds, concurrency, rate, **kw)])
+        echo_group, echo_requests = self.echo
+        rounds = self.paired_rounds
+        parts: list[dict[str, Any]] = []
+        echoes: list[dict[str, Any]] = []
+        for k in range(rounds):
+            def echo() -> None:
+                m = self._round(echo_group, ECHO, self.cfg.seconds / 2 / rounds, concurrency,
+                                warmup=ROUND_WARMUP, requests=echo_requests)
+                if m["errors"]:
+                    raise SystemExit(f"bench.rpcs: the echo server answered errors {m['errors']}")
+                echoes.append(m)
+
+            def real() -> None:
+                parts.append(self._round(group, method, self.cfg.seconds / rounds, concurrency,
+                                         warmup=None if k == 0 else ROUND_WARMUP, **kw))
+            for step in ((echo, real) if k % 2 == 0 else (real, echo)):
+                step()
+        r = self._record(backend, group, method, concurrency, rate, parts)
+        r.echo_rps = sum(m["calls"] for m in echoes) / sum(m["seconds"] for m in echoes)
+        r.round_ratios = tuple(p["calls"] / p["seconds"] / (e["calls"] / e["seconds"])
+                               for p, e in zip(parts, echoes) if e["calls"])
         return r
+
+    @property
+    def paired_rounds(self) -> int:
+        return QUICK_PAIRED_ROUNDS if self.cfg.quick else PAIRED_ROUNDS
 
     def compare(self, backend: str, groups: list[list[Server]], method: str, concurrency: int,
                 **kw: Any) -> list[RunResult]:
@@ -263,7 +283,7 @@ def _per_call(r: RunResult) -> dict[str, float]:
 
 def redeem_tokens_needed(cfg: RpcsConfig, rate: float) -> int:
     """Tokens one RedeemActivationToken run at `rate` calls/s may use (warm-up included), with margin."""
-    return int(rate * (cfg.warmup + cfg.seconds) * 1.3) + 50
+    return int(rate * (cfg.warmup + cfg.seconds + PAIRED_ROUNDS * ROUND_WARMUP) * 1.3) + 50
 
 
 def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: str, url: str,
@@ -429,6 +449,7 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
             p99 = half[-1].p99_ms if half else float("nan")
             out.append({"backend": backend, "rpc": method, "best_rps": best.rps, "at": best.concurrency,
                         "echo_rps": ref, "ratio": ratio, "ratio_target": want,
+                        "round_ratios": list(best.round_ratios),
                         "ratio_met": None if want is None else ratio >= want, "half_rate": half[-1].rate if half else 0,
                         "p99_half_ms": p99, "p99_met": p99 < TARGET_P99_MS if half else None,
                         "p99_half_achieved": half[-1].rps if half else 0.0})
@@ -438,9 +459,10 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
 def targets_table(rows: list[dict[str, Any]], md: bool) -> str:
     def met(v: bool | None) -> str:
         return "-" if v is None else "met" if v else "NOT met"
-    head = ("backend", "rpc", "req/s (best x echo)", "x echo", "target", "met", "half rate /s", "p99 ms there",
-            "p99 < 10 ms")
+    head = ("backend", "rpc", "req/s (best x echo)", "x echo", "rounds", "target", "met", "half rate /s",
+            "p99 ms there", "p99 < 10 ms")
     body = [(t["backend"], t["rpc"], f"{t['best_rps']:,.0f} (c={t['at']})", f"{t['ratio']:.2f}",
+             f"{min(t['round_ratios']):.2f}-{max(t['round_ratios']):.2f}" if t["round_ratios"] else "-",
              f">= {t['ratio_target']:g}" if t["ratio_target"] is not None else "-", met(t["ratio_met"]),
              f"{t['half_rate']:,.0f}", f"{t['p99_half_ms']:.2f}", met(t["p99_met"])) for t in rows]
     return _table(head, body, 2, md)
@@ -540,6 +562,7 @@ def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:
     pg = f" (PostgreSQL {m.postgres_version})" if m.postgres_version else ""
     skipped = f" ({m.skipped})" if m.skipped else ""
     quick = " **Quick mode (BENCH_QUICK=1): figures are rough.**" if cfg.quick else ""
+    rounds = QUICK_PAIRED_ROUNDS if cfg.quick else PAIRED_ROUNDS
     scale = scaling(results)
     scale_txt = (f"""
 ### 1 vs 2 server processes (PostgreSQL)
@@ -559,10 +582,10 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
 - Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers}, pool of {cfg.workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses). Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
-- Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.warmup:g} s of unmeasured calls, then {cfg.seconds:g} s measured (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
+- Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (closed loop: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
-- Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is preceded by an echo window of {cfg.seconds / 2:g} s at the same concurrency (after {min(cfg.warmup, 0.5):g} s of warm-up), so that each ratio compares two windows a few seconds apart under the same outside load.
-- Columns: req/s = calls answered OK in the window / its length; echo req/s = the paired echo window's; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the window, per second; SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
+- Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" gives the lowest and highest ratio of one round to its echo window. The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
+- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the window, per second; SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
 - Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop).
 
 ### Results

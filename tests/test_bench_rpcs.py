@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
+from bench.rpcs import QUICK_PAIRED_ROUNDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
@@ -41,6 +42,17 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
             assert r["calls"] > 0, f"{method}: no successful call ({r})"
         for r in closed:
             assert r["errors"] == {}, f"{method}: errors {r['errors']}"
+            if method == ECHO:
+                assert not r["round_ratios"] and not r["echo_rps"]
+                continue
+            # Measured in rounds alternating with echo windows: the case's ratio is its calls over
+            # its seconds against the echo windows' own, so (equal windows) it lies between the
+            # lowest and the highest ratio of one round to its echo window.
+            ratios = r["round_ratios"]
+            assert len(ratios) == QUICK_PAIRED_ROUNDS and r["echo_rps"] > 0, (method, ratios, r["echo_rps"])
+            if not r["note"]:
+                overall = r["calls"] / r["seconds"] / r["echo_rps"]
+                assert min(ratios) - 1e-9 <= overall <= max(ratios) + 1e-9, (method, overall, ratios)
         for r in opened:
             assert set(r["errors"]) <= OVERLOAD, f"{method} (open loop): errors {r['errors']}"
         if method != ECHO:
