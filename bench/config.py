@@ -214,6 +214,7 @@ class RunResult:
     note: str = ""                # e.g. a window ended early (its pool of requests ran dry)
     echo_rps: float = 0.0         # req/s of the echo server in the windows paired with this case's rounds
     round_ratios: tuple[float, ...] = ()  # each round's req/s over its paired echo window's
+    server_switches: float = 0.0  # context switches of the server process(es) over the measured windows
 
     @property
     def rps(self) -> float:

@@ -54,6 +54,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+def context_switches(pid: int) -> int:
+    """Context switches of a process so far, voluntary and not, summed over its live threads
+    (/proc/<pid>/task/*/status; a thread that has exited takes its count with it)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith((b"voluntary_ctxt_switches:", b"nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
     with open("/proc/stat", "rb") as fh:
@@ -292,10 +311,12 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         else:
             tasks = [asyncio.create_task(worker(k)) for k in range(spec.concurrency)]
         await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        x0 = sum(context_switches(p) for p in pids)
         s0, c0, m0, w0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
         s1, c1, m1, w1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
+        x1 = sum(context_switches(p) for p in pids)
         await asyncio.gather(*tasks)
     finally:
         for ch in channels:
@@ -312,7 +333,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
     return {"seconds": window, "calls": ok, "errors": dict(codes), "made": made, "dry": bool(dry_at),
             "latencies": array("d", latencies).tobytes(),
             "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
-            "machine_cpu_s": (m1 - m0) * scale}
+            "machine_cpu_s": (m1 - m0) * scale, "server_switches": (x1 - x0) * scale}
 
 
 async def fill(spec: FillSpec) -> int:

@@ -23,7 +23,7 @@ Settings (environment):
   BENCH_SECONDS      measured seconds per case (4; quick 0.6); BENCH_WARMUP unmeasured seconds before (1; quick 0.2)
   BENCH_CONCURRENCY  closed-loop calls in flight (8,32; quick 8)
   BENCH_CHANNELS     grpc.aio channels (connections) of the load generator (16)
-  BENCH_PEOPLE       synthetic registry size (200000; quick 5000), about half of them eligible
+  BENCH_PEOPLE       synthetic registry size (200000; quick 8000), about half of them eligible
   BENCH_SCALING=0    skip the 1 vs 2 processes part (on by default when PostgreSQL is measured)
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
   BENCH_OUTPUT       BENCHMARKS.md (its "rpcs" section is rewritten); "-" to only print
@@ -96,6 +96,11 @@ class RpcsConfig:
     keep: bool
     rpcs: tuple[str, ...] = RPCS
 
+    @property
+    def paired_rounds(self) -> int:
+        """Rounds of a closed-loop case of a real RPC (each paired with an echo window)."""
+        return QUICK_PAIRED_ROUNDS if self.quick else PAIRED_ROUNDS
+
     @classmethod
     def from_env(cls) -> "RpcsConfig":
         quick = os.environ.get("BENCH_QUICK", "") == "1"
@@ -119,7 +124,7 @@ class RpcsConfig:
         return cls(
             quick=quick, seconds=seconds, warmup=_float("BENCH_WARMUP", 0.2 if quick else 1.0), concurrency=conc,
             channels=max(_int("BENCH_CHANNELS", 16), 1),
-            people=max(_int("BENCH_PEOPLE", 5000 if quick else 200_000), 1000),
+            people=max(_int("BENCH_PEOPLE", 8000 if quick else 200_000), 1000),
             seed_accounts=20 if quick else 200,
             workers=max(_int("BENCH_WORKERS", Settings().max_workers), 1),
             backends=backends, scaling=os.environ.get("BENCH_SCALING", "1") != "0",
@@ -204,6 +209,7 @@ class Runner:
                       seconds=sum(m["seconds"] for m in parts), calls=sum(m["calls"] for m in parts), errors=errors,
                       p50_ms=percentile(latencies, 50) * 1e3, p95_ms=percentile(latencies, 95) * 1e3,
                       p99_ms=percentile(latencies, 99) * 1e3, server_cpu_s=sum(each),
+                      server_switches=sum(m.get("server_switches", 0.0) for m in parts),
                       client_cpu_s=sum(m["client_cpu_s"] for m in parts),
                       machine_cpu_s=sum(m["machine_cpu_s"] for m in parts),
                       round_rps=tuple(m["calls"] / m["seconds"] for m in parts), rate=rate, processes=len(group),
@@ -231,7 +237,7 @@ class Runner:
             return self._record(backend, group, method, concurrency, rate,
                                 [self._round(group, method, self.cfg.seconds, concurrency, rate, **kw)])
         echo_group, echo_requests = self.echo
-        rounds = self.paired_rounds
+        rounds = self.cfg.paired_rounds
         parts: list[dict[str, Any]] = []
         echoes: list[dict[str, Any]] = []
         for k in range(rounds):
@@ -252,10 +258,6 @@ class Runner:
         r.round_ratios = tuple(p["calls"] / p["seconds"] / (e["calls"] / e["seconds"])
                                for p, e in zip(parts, echoes) if e["calls"])
         return r
-
-    @property
-    def paired_rounds(self) -> int:
-        return QUICK_PAIRED_ROUNDS if self.cfg.quick else PAIRED_ROUNDS
 
     def compare(self, backend: str, groups: list[list[Server]], method: str, concurrency: int,
                 **kw: Any) -> list[RunResult]:
@@ -281,9 +283,10 @@ def _per_call(r: RunResult) -> dict[str, float]:
     return {k: v / r.calls_made for k, v in r.queries.items()}
 
 
-def redeem_tokens_needed(cfg: RpcsConfig, rate: float) -> int:
-    """Tokens one RedeemActivationToken run at `rate` calls/s may use (warm-up included), with margin."""
-    return int(rate * (cfg.warmup + cfg.seconds + PAIRED_ROUNDS * ROUND_WARMUP) * 1.3) + 50
+def redeem_tokens_needed(cfg: RpcsConfig, rate: float, rounds: int = 1) -> int:
+    """Tokens one RedeemActivationToken run at `rate` calls/s may use (warm-ups included: a closed-loop
+    case's later rounds have their own), with margin."""
+    return int(rate * (cfg.warmup + cfg.seconds + (rounds - 1) * ROUND_WARMUP) * 1.3) + 50
 
 
 def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: str, url: str,
@@ -342,7 +345,7 @@ def measure_redeem(runner: Runner, cfg: RpcsConfig, backend: str, group: list[Se
     best = 0.0
     for c in cfg.concurrency:
         fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
-                              count=redeem_tokens_needed(cfg, best * 1.2 or guess)))
+                              count=redeem_tokens_needed(cfg, best * 1.2 or guess, cfg.paired_rounds)))
         best = max(best, runner.run(backend, group, REDEEM, token=plat, concurrency=c, pool=redeem_pool).rps)
     if best > 0:
         fill(client, FillSpec(port=srv.port, token=adv, source=activate_pool, target=redeem_pool,
@@ -397,7 +400,7 @@ def _scaling_runs(results: list[RunResult]) -> list[RunResult]:
 
 
 HEAD = ("backend", "rpc", "load", "req/s", "echo req/s", "x echo", "p50 ms", "p95 ms", "p99 ms", "srv cores",
-        "cli cores", "SQL/call", "txn/call", "errors")
+        "srv CPU us/call", "switches/call", "cli cores", "SQL/call", "txn/call", "errors")
 
 
 def _cells(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
@@ -407,7 +410,8 @@ def _cells(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
     per = _per_call(r)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
     return (r.backend, r.method, load, f"{r.rps:,.0f}", echo, ratio, f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
-            f"{r.p99_ms:.2f}", f"{r.server_cpu_s / r.seconds:.2f}", f"{r.client_cpu_s / r.seconds:.2f}",
+            f"{r.p99_ms:.2f}", f"{r.server_cpu_s / r.seconds:.2f}", f"{r.cpu_us_per_call:,.0f}",
+            f"{r.server_switches / r.calls:.1f}" if r.calls else "-", f"{r.client_cpu_s / r.seconds:.2f}",
             f"{per['statements']:.1f}" if per else "-", f"{per['transactions']:.1f}" if per else "-", errors)
 
 
@@ -562,7 +566,7 @@ def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:
     pg = f" (PostgreSQL {m.postgres_version})" if m.postgres_version else ""
     skipped = f" ({m.skipped})" if m.skipped else ""
     quick = " **Quick mode (BENCH_QUICK=1): figures are rough.**" if cfg.quick else ""
-    rounds = QUICK_PAIRED_ROUNDS if cfg.quick else PAIRED_ROUNDS
+    rounds = cfg.paired_rounds
     scale = scaling(results)
     scale_txt = (f"""
 ### 1 vs 2 server processes (PostgreSQL)
@@ -585,7 +589,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (closed loop: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" gives the lowest and highest ratio of one round to its echo window. The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
-- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the window, per second; SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
+- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the window, per second; srv CPU us/call = the server's CPU over the calls answered OK; switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work (a figure that moves much less than time with the machine's other load); SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
 - Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop).
 
 ### Results

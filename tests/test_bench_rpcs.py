@@ -40,6 +40,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
         assert closed and opened, f"{method}: closed loop {len(closed)} run(s), open loop {len(opened)}"
         for r in runs:
             assert r["calls"] > 0, f"{method}: no successful call ({r})"
+            assert r["server_switches"] > 0, f"{method}: no context switch of the server counted ({r})"
         for r in closed:
             assert r["errors"] == {}, f"{method}: errors {r['errors']}"
             if method == ECHO:
