@@ -311,12 +311,15 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         else:
             tasks = [asyncio.create_task(worker(k)) for k in range(spec.concurrency)]
         await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        # The sampled interval, w0 to w1, spans every reading; scaled to the window below.
+        w0 = time.perf_counter()
+        s0, c0, m0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         x0 = sum(context_switches(p) for p in pids)
-        s0, c0, m0, w0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
-        s1, c1, m1, w1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds(), time.perf_counter()
         x1 = sum(context_switches(p) for p in pids)
+        s1, c1, m1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
+        w1 = time.perf_counter()
         await asyncio.gather(*tasks)
     finally:
         for ch in channels:

@@ -61,6 +61,7 @@ from bench.sections import replace_section
 from entitlement.config import ROOT, Settings
 
 SECTION = "rpcs"
+CONTROL = "control"  # the backend column of the control: a second echo server, paired like an RPC
 RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
 # Issue #8's targets: throughput as a ratio to the echo server of the same run (per backend).
 TARGET_RATIO = {CHECK: {"sqlite": 0.5, "postgres": 0.5}, VERIFY: {"sqlite": 0.6, "postgres": 0.6},
@@ -228,12 +229,15 @@ class Runner:
         return r
 
     def run(self, backend: str, group: list[Server], method: str, concurrency: int = 0, rate: float = 0.0,
-            **kw: Any) -> RunResult:
-        """One case: cfg.seconds measured. A closed-loop case of a real RPC is measured in rounds
-        alternating with windows of the echo server at the same concurrency (half as long), so that
-        its x echo ratio compares windows seconds apart: calls over seconds of its rounds, against
-        the same of the echo's (the rounds' own ratios give the spread)."""
-        if method == ECHO or rate or self.echo is None:
+            paired: bool | None = None, **kw: Any) -> RunResult:
+        """One case: cfg.seconds measured. A closed-loop case of a real RPC (or, `paired`, of the
+        control's second echo server) is measured in rounds alternating with windows of the echo
+        server at the same concurrency (half as long), so that its x echo ratio compares windows
+        seconds apart: calls over seconds of its rounds, against the same of the echo's (the rounds'
+        own ratios give the spread; a round that found its pool empty is left out of them)."""
+        if paired is None:
+            paired = method != ECHO
+        if not paired or rate or self.echo is None:
             return self._record(backend, group, method, concurrency, rate,
                                 [self._round(group, method, self.cfg.seconds, concurrency, rate, **kw)])
         echo_group, echo_requests = self.echo
@@ -256,7 +260,7 @@ class Runner:
         r = self._record(backend, group, method, concurrency, rate, parts)
         r.echo_rps = sum(m["calls"] for m in echoes) / sum(m["seconds"] for m in echoes)
         r.round_ratios = tuple(p["calls"] / p["seconds"] / (e["calls"] / e["seconds"])
-                               for p, e in zip(parts, echoes) if e["calls"])
+                               for p, e in zip(parts, echoes) if e["calls"] and not (p["dry"] and not p["calls"]))
         return r
 
     def compare(self, backend: str, groups: list[list[Server]], method: str, concurrency: int,
@@ -374,7 +378,7 @@ def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: s
 # ---------------------------------------------------------------------------------------- report
 
 def _echo_best(results: list[RunResult], processes: int = 1) -> RunResult | None:
-    echo = [r for r in results if r.method == ECHO and not r.rate and r.processes == processes]
+    echo = [r for r in results if r.method == ECHO and r.backend == "-" and not r.rate and r.processes == processes]
     return max(echo, key=lambda r: r.rps) if echo else None
 
 
@@ -470,6 +474,18 @@ def targets_table(rows: list[dict[str, Any]], md: bool) -> str:
              f">= {t['ratio_target']:g}" if t["ratio_target"] is not None else "-", met(t["ratio_met"]),
              f"{t['half_rate']:,.0f}", f"{t['p99_half_ms']:.2f}", met(t["p99_met"])) for t in rows]
     return _table(head, body, 2, md)
+
+
+def control_text(results: list[RunResult]) -> str:
+    """What the pairing gives for an RPC exactly as fast as echo (ideally 1.00)."""
+    runs = [r for r in results if r.backend == CONTROL and r.echo_rps]
+    if not runs:
+        return ""
+    parts = [f"c={r.concurrency}: {r.rps / r.echo_rps:.2f} (rounds {min(r.round_ratios):.2f}-{max(r.round_ratios):.2f})"
+             for r in runs if r.round_ratios]
+    return ("Control (rows `control`): a second echo server, measured as each RPC is, in rounds alternating with "
+            "the echo server's windows; x echo " + "; ".join(parts) + ". An RPC exactly as fast as echo would "
+            "read this, not 1.00: how far it is from 1.00 is the pairing's own error in this run.")
 
 
 def targets_summary(rows: list[dict[str, Any]]) -> str:
@@ -586,10 +602,10 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
 - Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers}, pool of {cfg.workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses). Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
-- Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (closed loop: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
+- Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
-- Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" gives the lowest and highest ratio of one round to its echo window. The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
-- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the window, per second; srv CPU us/call = the server's CPU over the calls answered OK; switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work (a figure that moves much less than time with the machine's other load); SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
+- Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
+- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the measured windows, per second; srv CPU us/call = the server's CPU over the calls answered OK; switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work (a thread that ends within a window takes its count with it); SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
 - Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop).
 
 ### Results
@@ -601,6 +617,8 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 {targets_table(targets(results), True)}
 
 {targets_summary(targets(results))}
+
+{control_text(results)}
 {scale_txt}
 ### Database round trips per call
 
@@ -636,6 +654,10 @@ def main() -> int:
             echo_requests = check_requests(common.people, 1)
             runner.closed_then_half("-", echo_group, ECHO, requests=echo_requests)
             runner.echo = (echo_group, echo_requests)  # from now on, paired with each closed-loop case
+            say("bench.rpcs: control: a second echo server, measured as the RPCs are")
+            with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port())) as twin:
+                for c in cfg.concurrency:
+                    runner.run(CONTROL, twin, ECHO, concurrency=c, paired=True, requests=echo_requests)
             for backend in backends:
                 t = time.monotonic()
                 with database(backend, common, cfg.pg_admin_url) as url:
@@ -666,6 +688,9 @@ def main() -> int:
     say(results_table(results, False))
     say("")
     say(targets_table(targets(results), False))
+    if control_text(results):
+        say("")
+        say(control_text(results))
     if scaling(results):
         say("")
         say(scaling_table(scaling(results), False))

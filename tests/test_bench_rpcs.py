@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
-from bench.rpcs import QUICK_PAIRED_ROUNDS
+from bench.rpcs import CONTROL, QUICK_PAIRED_ROUNDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
@@ -43,7 +43,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
             assert r["server_switches"] > 0, f"{method}: no context switch of the server counted ({r})"
         for r in closed:
             assert r["errors"] == {}, f"{method}: errors {r['errors']}"
-            if method == ECHO:
+            if method == ECHO and r["backend"] == "-":  # the echo floor: one window
                 assert not r["round_ratios"] and not r["echo_rps"]
                 continue
             # Measured in rounds alternating with echo windows: the case's ratio is its calls over
@@ -62,6 +62,12 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
                 assert r["calls_made"] > 0 and q["statements"] >= r["calls_made"], (method, q, r["calls_made"])
                 if method not in (CHECK, VERIFY, LIST):  # reads run outside any transaction (autocommit pool)
                     assert q["transactions"] >= r["calls_made"], (method, q, r["calls_made"])
+
+    # The control, a second echo server paired like an RPC: a row per concurrency level, and the
+    # text that reads its ratio.
+    control = [r for r in results if r["backend"] == CONTROL]
+    assert [r["concurrency"] for r in control] == [8] and all(r["method"] == ECHO for r in control)
+    assert "Control (rows `control`)" in out.read_text()
 
     assert {t["rpc"] for t in doc["targets"]} == {ECHO, *RPCS}
     judged = [t for t in doc["targets"] if t["rpc"] in (CHECK, VERIFY, ACTIVATE)]
