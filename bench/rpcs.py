@@ -26,6 +26,8 @@ Settings (environment):
   BENCH_PEOPLE       synthetic registry size (200000; quick 8000), about half of them eligible
   BENCH_SCALING=0    skip the 1 vs 2 processes part (on by default when PostgreSQL is measured)
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
+                     (without BENCH_KEEP, the servers' logs are still kept when calls failed; the
+                     path is printed)
   BENCH_OUTPUT       BENCHMARKS.md (its "rpcs" section is rewritten); "-" to only print
   BENCH_JSON         also write every result as JSON to this file (the test reads it)
   BENCH_RPCS         only these RPCs, e.g. ListActivations (all five by default); the echo floor is
@@ -675,6 +677,12 @@ def main() -> int:
         if cfg.keep:
             say(f"bench.rpcs: kept {tmp}")
         else:
+            if runner is not None and any(r.errors for r in runner.results) and (tmp / "logs").is_dir():
+                # Calls failed: the servers' logs say why (a window that collapsed once went
+                # unexplained for want of them). Kept without the databases.
+                kept = Path(tempfile.mkdtemp(prefix="entitlement-bench-rpcs-logs-"))
+                shutil.move(str(tmp / "logs"), kept / "logs")
+                say(f"bench.rpcs: calls failed; the servers' logs are kept in {kept / 'logs'}")
             shutil.rmtree(tmp, ignore_errors=True)
 
     results = runner.results
