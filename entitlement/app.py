@@ -56,7 +56,7 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
     """Load and check everything the server needs; raise SystemExit with the fix when something is
     missing (bad program file, unmigrated database, missing key)."""
     catalog = ProgramCatalog.load(settings.programs_dir)
-    db = Database(settings.database_url, pool_size=settings.max_workers,
+    db = Database(settings.database_url, pool_size=settings.max_workers + settings.stream_workers,
                   lock_timeout_ms=settings.db_lock_timeout_ms, statement_timeout_ms=settings.db_statement_timeout_ms,
                   connect_timeout_s=settings.db_connect_timeout_s,
                   # SQLite: WAL checkpoints off the commits' path (entitlement/storage/db.py).

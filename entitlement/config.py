@@ -44,7 +44,8 @@ class Settings:
     pseudonym_key_file: Path = ROOT / "var" / "secrets" / "pseudonym.key"
     issuer: str = "urn:entitlement"
     token_ttl_days: int = 30
-    max_workers: int = 16
+    max_workers: int = 4  # threads for the unary calls (entitlement/server_main.py: fewer fight less over the GIL)
+    stream_workers: int = 8  # threads for streaming calls (change streams, log streams, imports), apart
     processes: int = 1
     grace_seconds: int = 10
     log_level: str = "info"
@@ -119,6 +120,7 @@ class Settings:
             issuer=_env("ENTITLEMENT_ISSUER", d.issuer),
             token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days),
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
+            stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),

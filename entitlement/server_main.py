@@ -40,6 +40,7 @@ class Running:
     health: health.HealthServicer
     port: int
     monitor: DatabaseMonitor | None = None  # keeps health in step with the database (entitlement/dbhealth.py)
+    stream_pool: futures.ThreadPoolExecutor | None = None  # the streaming calls' threads
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -53,6 +54,8 @@ class Running:
             self.monitor.stop()  # first: no ping may set SERVING again
         self.set_serving(False)
         self.server.stop(grace).wait()
+        if self.stream_pool is not None:
+            self.stream_pool.shutdown(wait=False)  # its calls were ended with the server's
 
 
 def start(ctx: Context, listen: str) -> Running:
@@ -68,17 +71,22 @@ def start(ctx: Context, listen: str) -> Running:
     limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
     if limiter is not None:  # after the caller's: buckets are per authenticated caller
         behaviors.append(limiter)
+    # Streaming calls (change streams, log streams, registry imports) hold a thread while they last:
+    # they get threads of their own, and the server's pool serves the unary calls only, so it can
+    # stay small (fewer threads fight less over the interpreter lock: README "Status").
+    stream_pool = futures.ThreadPoolExecutor(max_workers=max(ctx.settings.stream_workers, 1),
+                                             thread_name_prefix="rpc-stream")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
         # Several server processes share one port through SO_REUSEPORT (the kernel spreads
         # connections); a single process keeps it off so that a port in use is an error.
         options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
+        maximum_concurrent_rpcs=(ctx.settings.max_workers + ctx.settings.stream_workers) * 8,
     )
     # Our services' methods are wrapped once in the behaviours (not server interceptors: see
     # entitlement.api.wrapping); health and reflection are served bare.
-    ours = WrappingRegistrar(server, behaviors)
+    ours = WrappingRegistrar(server, behaviors, stream_pool)
     eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), ours)
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), ours)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), ours)
@@ -95,7 +103,7 @@ def start(ctx: Context, listen: str) -> Running:
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
-    running = Running(server, health_servicer, port, monitor)
+    running = Running(server, health_servicer, port, monitor, stream_pool)
     running.set_serving(True)
     if monitor is not None:
         monitor.start(running.set_serving)

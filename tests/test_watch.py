@@ -198,3 +198,29 @@ def test_curtailment_is_a_change_and_streams_end_when_the_server_stops(
             next(stream)
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert time.monotonic() - started < 10
+
+
+def test_open_streams_leave_the_unary_calls_their_threads(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Streams run on threads of their own (ENTITLEMENT_STREAM_WORKERS): with a pool of ONE thread for
+    the unary calls and every change stream open, activations and verifications are still served.
+    When streams shared the unary pool, the first open stream held its only thread: the second
+    stream and every unary call waited for it."""
+    with own_server(backend[0], tmp_path / "own", request, max_workers=1, stream_workers=6) as server:
+        api = Api(server)
+        calls = [watch(api, timeout=20) for _ in range(server.ctx.settings.watch_max_streams)]
+        try:
+            for call in calls:
+                next(iter(call))  # its bookmark: the stream is open and holding a thread
+            agency_id, birth = next_ledger_person()
+            resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+                platform="platforms/openclassrooms", reason="watch test"), timeout=10)
+            api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                token=resp.activation_token, account_id="learner-beside-streams"), timeout=10)
+            answer = api.platform.VerifyEntitlement(
+                activation_pb2.VerifyEntitlementRequest(account_id="learner-beside-streams"), timeout=10)
+            assert answer.active and answer.activation == resp.activation.name
+        finally:
+            for call in calls:
+                call.cancel()

@@ -20,6 +20,7 @@ an unexpected error (gRPC raises a bare RpcError from the request iterator)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -155,11 +156,14 @@ def passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], by
     return serialize
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, method: str,
-                 behaviors: Sequence[BehaviorInterceptor]) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler, method: str, behaviors: Sequence[BehaviorInterceptor],
+                 stream_pool: futures.ThreadPoolExecutor | None = None) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour run inside each of `behaviors`' scopes (the first outermost), its
     requests decoded tolerantly (see the module docstring), the call's deadline bound, and its
-    responses sent as they are when already serialized (`passthrough`)."""
+    responses sent as they are when already serialized (`passthrough`). A method that streams
+    (requests or responses) runs on `stream_pool` when one is given (gRPC's per-method
+    `experimental_thread_pool`): such calls hold their thread while they last, and the server's
+    own pool stays small for the unary calls (see entitlement/server_main.py)."""
     kw = {"request_deserializer": _tolerant(handler.request_deserializer),
           "response_serializer": passthrough(handler.response_serializer)}
     for make, fn, streaming_request, streaming_response in (
@@ -171,7 +175,10 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str,
             fn = _innermost(fn, streaming_request, streaming_response)
             for behavior in reversed([b for b in behaviors if b.applies_to(method)]):
                 fn = _scoped(fn, method, behavior, streaming_response)
-            return make(_outermost(fn, streaming_response), **kw)
+            fn = _outermost(fn, streaming_response)
+            if stream_pool is not None and (streaming_request or streaming_response):
+                fn.experimental_thread_pool = stream_pool  # type: ignore[attr-defined]
+            return make(fn, **kw)
     raise ValueError(f"{method}: a method handler with no behaviour")
 
 
@@ -179,14 +186,17 @@ class WrappingRegistrar:
     """Stands in for the server in the generated `add_*Servicer_to_server` functions: registers
     each method's handler wrapped once in `behaviors` (see the module docstring)."""
 
-    def __init__(self, server: grpc.Server, behaviors: Sequence[BehaviorInterceptor]) -> None:
+    def __init__(self, server: grpc.Server, behaviors: Sequence[BehaviorInterceptor],
+                 stream_pool: futures.ThreadPoolExecutor | None = None) -> None:
         self.server = server
         self.behaviors = tuple(behaviors)
+        self.stream_pool = stream_pool
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: the generated code registers the same methods by name just after."""
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
-        wrapped = {name: wrap_handler(h, f"/{service}/{name}", self.behaviors) for name, h in handlers.items()}
+        wrapped = {name: wrap_handler(h, f"/{service}/{name}", self.behaviors, self.stream_pool)
+                   for name, h in handlers.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         self.server.add_registered_method_handlers(service, wrapped)

@@ -164,7 +164,8 @@ class ActivationServiceStub:
     change with only `cursor` set, `type` CHANGE_TYPE_UNSPECIFIED and no status) that a client
     can resume from even if no change came before it disconnected.
 
-    Each stream holds a server worker: at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
+    Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
+    apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
     server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
@@ -293,7 +294,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     change with only `cursor` set, `type` CHANGE_TYPE_UNSPECIFIED and no status) that a client
     can resume from even if no change came before it disconnected.
 
-    Each stream holds a server worker: at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
+    Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
+    apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
     server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
@@ -479,7 +481,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         change with only `cursor` set, `type` CHANGE_TYPE_UNSPECIFIED and no status) that a client
         can resume from even if no change came before it disconnected.
 
-        Each stream holds a server worker: at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
+        Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
+        apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
         server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
