@@ -173,11 +173,12 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
         running.stop(0)
         ctx.db.dispose()
         return
-    # The bound of server_main.start: (unary workers + stream workers) x 8 calls at once.
+    # The same bound as server_main.start's.
     from entitlement.config import Settings
+    from entitlement.server_main import max_concurrent_rpcs
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
                          options=_options(spec),
-                         maximum_concurrent_rpcs=(spec.workers + Settings().stream_workers) * 8)
+                         maximum_concurrent_rpcs=max_concurrent_rpcs(spec.workers, Settings().stream_workers))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     port = server.add_insecure_port(f"127.0.0.1:{spec.port}")

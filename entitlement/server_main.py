@@ -58,6 +58,11 @@ class Running:
             self.stream_pool.shutdown(wait=False)  # its calls were ended with the server's
 
 
+def max_concurrent_rpcs(unary_workers: int, stream_workers: int) -> int:
+    """Calls accepted at once (beyond: RESOURCE_EXHAUSTED): 8 per thread of the two pools."""
+    return (unary_workers + stream_workers) * 8
+
+
 def start(ctx: Context, listen: str) -> Running:
     """Serve on `listen`: TLS (mutual with a client CA) when the settings give a certificate; plaintext
     only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
@@ -82,7 +87,7 @@ def start(ctx: Context, listen: str) -> Running:
         # connections); a single process keeps it off so that a port in use is an error.
         options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=(ctx.settings.max_workers + ctx.settings.stream_workers) * 8,
+        maximum_concurrent_rpcs=max_concurrent_rpcs(ctx.settings.max_workers, ctx.settings.stream_workers),
     )
     # Our services' methods are wrapped once in the behaviours (not server interceptors: see
     # entitlement.api.wrapping); health and reflection are served bare.
