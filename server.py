@@ -2,7 +2,8 @@
 (README "Configuration"). `make run` prepares a local demo and runs this.
 
 With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process supervises N server
-processes sharing the port through SO_REUSEPORT. They are started with `spawn`, so no gRPC object
+processes sharing the port through SO_REUSEPORT, each pinned to a CPU of its own by default
+(ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
 exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully), and if
 one dies the others are stopped and the supervisor exits non-zero.
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from types import FrameType
 
-from entitlement import app, logs
+from entitlement import affinity, app, logs
 from entitlement.config import Settings
 from entitlement.programs import ProgramFileError
 from entitlement.server_main import serve_forever
@@ -35,8 +36,9 @@ def _prepare(settings: Settings) -> app.Context | None:
         return None
 
 
-def _child() -> None:
+def _child(index: int) -> None:
     settings = Settings.from_env()
+    affinity.apply(settings.cpu_affinity, index, settings.processes)  # before any thread starts
     logs.configure(settings.log_level)
     ctx = _prepare(settings)
     if ctx is None:
@@ -53,8 +55,11 @@ def _supervise(settings: Settings) -> int:
     if ctx is None:
         return 2
     ctx.db.dispose()
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    for i in range(settings.processes):  # (a CPU list naming a CPU not available: refused here, once)
+        affinity.choose(settings.cpu_affinity, i, settings.processes, allowed)
     spawn = multiprocessing.get_context("spawn")
-    children = [spawn.Process(target=_child, name=f"entitlement-{i}") for i in range(settings.processes)]
+    children = [spawn.Process(target=_child, args=(i,), name=f"entitlement-{i}") for i in range(settings.processes)]
     for child in children:
         child.start()
     failed = False
@@ -79,6 +84,7 @@ def main() -> int:
     logs.configure(settings.log_level)
     if settings.processes > 1:
         return _supervise(settings)
+    affinity.apply(settings.cpu_affinity)  # before any thread starts
     ctx = _prepare(settings)
     if ctx is None:
         return 2

@@ -117,6 +117,8 @@ class ServerSpec:
     pseudonym_key_file: Path | None = None
     port: int = 0           # 0: any free port; a fixed port when several processes share it
     processes: int = 1      # processes serving `port` (each its own ServerSpec; SO_REUSEPORT when > 1)
+    index: int = 0          # which of those processes this one is (its CPU, when pinned)
+    cpu_affinity: str | tuple[int, ...] = "auto"  # as ENTITLEMENT_CPU_AFFINITY (entitlement/affinity.py)
     check_rate_per_min: int = 0  # the per-caller rate limit (0: no limiter interceptor)
     check_burst: int = 20
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
@@ -126,7 +128,8 @@ class ServerSpec:
         return Settings(listen=f"127.0.0.1:{self.port}", database_url=self.database_url,
                         programs_dir=ROOT / "programs", callers_file=self.callers_file, key_dir=self.key_dir,
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
-                        max_workers=self.workers, processes=self.processes, grace_seconds=1,
+                        max_workers=self.workers, processes=self.processes, cpu_affinity=self.cpu_affinity,
+                        grace_seconds=1,
                         log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
                         check_burst=self.check_burst)
 
@@ -215,6 +218,8 @@ class RunResult:
     echo_rps: float = 0.0         # req/s of the echo server in the windows paired with this case's rounds
     round_ratios: tuple[float, ...] = ()  # each round's req/s over its paired echo window's
     server_switches: float = 0.0  # context switches of the server process(es) over the measured windows
+    part: str = ""                # "" (main runs), "scaling" (1 vs 2 processes), "pinning" (pinned vs not)
+    cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 | 1" for 2)
 
     @property
     def rps(self) -> float:

@@ -5,6 +5,7 @@ machine and the code measured, for the method text."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import platform
 import socket
 import subprocess
@@ -111,7 +112,7 @@ def server_group(spec: ServerSpec) -> Iterator[list[Server]]:
     try:
         for i in range(spec.processes):
             log = spec.log_path.with_name(f"{spec.log_path.stem}-{i}{spec.log_path.suffix}")
-            started.append(Server(_replace(spec, log_path=log)))
+            started.append(Server(_replace(spec, log_path=log, index=i)))
         yield started
     finally:
         for s in started:
@@ -121,6 +122,21 @@ def server_group(spec: ServerSpec) -> Iterator[list[Server]]:
 def _replace(spec: ServerSpec, **changes: Any) -> ServerSpec:
     from dataclasses import replace
     return replace(spec, **changes)
+
+
+def server_cpus(pid: int) -> str:
+    """The CPUs any thread of process `pid` may run on ("0-1", or "0" when pinned), "" if unknown."""
+    from entitlement.affinity import ranges
+    cpus: set[int] = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                cpus |= os.sched_getaffinity(int(task.name))
+            except (ProcessLookupError, OSError):
+                pass  # a thread that ended meanwhile
+    except OSError:
+        return ""
+    return ranges(sorted(cpus))
 
 
 def free_port() -> int:

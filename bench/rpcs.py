@@ -25,6 +25,11 @@ Settings (environment):
   BENCH_CHANNELS     grpc.aio channels (connections) of the load generator (16)
   BENCH_PEOPLE       synthetic registry size (200000; quick 8000), about half of them eligible
   BENCH_SCALING=0    skip the 1 vs 2 processes part (on by default when PostgreSQL is measured)
+  BENCH_PINNING=0    skip the pinning part: per backend, CheckEligibility and ActivateEntitlement (and
+                     the echo once) on a server left to the kernel vs one pinned to one CPU
+                     (ENTITLEMENT_CPU_AFFINITY), in alternating rounds (on by default, with 2 CPUs or more)
+  ENTITLEMENT_CPU_AFFINITY  every other server's (ours and echo alike; default auto: a single process
+                     is not pinned)
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
                      (without BENCH_KEEP, the servers' logs are still kept when calls failed; the
                      path is printed)
@@ -57,9 +62,12 @@ from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, F
                           PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, FillSpec,
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
 from bench.prepare import Common, database, migrate_and_import, prepare_common
-from bench.procs import Client, Server, commit, free_port, loadavg, machine, server_group, usable_backends
+from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
+                         usable_backends)
 from bench.report import percentile
 from bench.sections import replace_section
+from entitlement import affinity
+from entitlement.affinity import OFF
 from entitlement.config import ROOT, Settings
 
 SECTION = "rpcs"
@@ -71,7 +79,8 @@ TARGET_RATIO = {CHECK: {"sqlite": 0.5, "postgres": 0.5}, VERIFY: {"sqlite": 0.6,
 TARGET_P99_MS = 10.0  # at half the best measured throughput, open loop
 UNLIMITED_RATE = 10**9  # the rate limiter stays in the chain, far above any load here
 LIST_PAGES = 10
-SCALING_ROUNDS = 2  # 1 vs 2 processes: each case in rounds of alternating order (A B, B A)
+SCALING_ROUNDS = 2  # 1 vs 2 processes, pinned vs not: each case in rounds of alternating order (A B, B A)
+SCALING, PINNING = "scaling", "pinning"  # the comparison parts (RunResult.part)
 # A closed-loop case of a real RPC and its echo windows: this many rounds of alternating order
 # (echo RPC, RPC echo, ...), each window after ROUND_WARMUP s of unmeasured calls (the first RPC
 # window after cfg.warmup). The machine's speed drifts by a third within a minute here.
@@ -98,6 +107,8 @@ class RpcsConfig:
     json_path: Path | None
     keep: bool
     rpcs: tuple[str, ...] = RPCS
+    cpu_affinity: str | tuple[int, ...] = "auto"  # every server's, as ENTITLEMENT_CPU_AFFINITY (but the pinning part's)
+    pinning: bool = True    # the pinning part (BENCH_PINNING=0: skipped)
 
     @property
     def paired_rounds(self) -> int:
@@ -135,7 +146,9 @@ class RpcsConfig:
             log_level=os.environ.get("BENCH_LOG_LEVEL", "").strip() or "info",
             output=None if out == "-" or partial else Path(out) if out else ROOT / "BENCHMARKS.md",
             json_path=Path(js) if js else None, keep=os.environ.get("BENCH_KEEP", "") == "1",
-            rpcs=tuple(r for r in RPCS if r in rpcs))
+            rpcs=tuple(r for r in RPCS if r in rpcs),
+            cpu_affinity=affinity.parse(os.environ.get(affinity.ENV, "").strip() or affinity.AUTO),
+            pinning=os.environ.get("BENCH_PINNING", "1") != "0")
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -217,6 +230,7 @@ class Runner:
                       machine_cpu_s=sum(m["machine_cpu_s"] for m in parts),
                       round_rps=tuple(m["calls"] / m["seconds"] for m in parts), rate=rate, processes=len(group),
                       server_cpu_each=tuple(each), calls_made=sum(m["made"] for m in parts), queries=queries)
+        r.cpus = " | ".join(server_cpus(s.pid) for s in group)
         if any(m["dry"] for m in parts):
             r.note = f"early: {r.seconds:.2f} s"
             say(f"  (pool ran dry: window {r.seconds:.2f} s instead of {self.cfg.seconds:g} s)")
@@ -265,16 +279,20 @@ class Runner:
                                for p, e in zip(parts, echoes) if e["calls"] and not (p["dry"] and not p["calls"]))
         return r
 
-    def compare(self, backend: str, groups: list[list[Server]], method: str, concurrency: int,
+    def compare(self, backend: str, groups: list[list[Server]], method: str, concurrency: int, part: str,
                 **kw: Any) -> list[RunResult]:
         """One case on each group of servers, in SCALING_ROUNDS rounds whose order alternates
-        (A B, B A, ...) so that drift in the machine's other load falls on both alike."""
+        (A B, B A, ...) so that drift in the machine's other load falls on both alike; the results
+        are tagged with `part` (the report's section)."""
         parts: list[list[dict[str, Any]]] = [[] for _ in groups]
         for k in range(SCALING_ROUNDS):
             order = list(range(len(groups)))
             for i in (order if k % 2 == 0 else order[::-1]):
                 parts[i].append(self._round(groups[i], method, self.cfg.seconds / SCALING_ROUNDS, concurrency, **kw))
-        return [self._record(backend, g, method, concurrency, 0.0, p) for g, p in zip(groups, parts)]
+        out = [self._record(backend, g, method, concurrency, 0.0, p) for g, p in zip(groups, parts)]
+        for r in out:
+            r.part = part
+        return out
 
     def closed_then_half(self, backend: str, group: list[Server], method: str, **kw: Any) -> None:
         """Each concurrency level, then open loop at half the best throughput measured."""
@@ -334,11 +352,42 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
         conc = max(cfg.concurrency)
         with server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port())) as one, \
                 server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), processes=2)) as two:
-            runner.compare(backend, [one, two], CHECK, conc, requests=check_requests(common.people), token=adv)
-            runner.compare(backend, [one, two], ACTIVATE, conc, token=adv, pool=activate_pool)
+            runner.compare(backend, [one, two], CHECK, conc, SCALING, requests=check_requests(common.people), token=adv)
+            runner.compare(backend, [one, two], ACTIVATE, conc, SCALING, token=adv, pool=activate_pool)
         with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port())) as one, \
                 server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), processes=2)) as two:
-            runner.compare("-", [one, two], ECHO, conc, requests=check_requests(common.people, 1))
+            runner.compare("-", [one, two], ECHO, conc, SCALING, requests=check_requests(common.people, 1))
+
+    cpu = pin_cpu(cfg)
+    if cpu is not None and {CHECK, ACTIVATE} <= set(cfg.rpcs):
+        say(f"bench.rpcs: {backend}: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
+        conc = min(cfg.concurrency)
+        with server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), cpu_affinity=OFF)) as free, \
+                server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), cpu_affinity=(cpu,))) as pinned:
+            runner.compare(backend, [free, pinned], CHECK, conc, PINNING, requests=check_requests(common.people), token=adv)
+            runner.compare(backend, [free, pinned], ACTIVATE, conc, PINNING, token=adv, pool=activate_pool)
+
+
+def _affinity_text(setting: str | tuple[int, ...]) -> str:
+    text = setting if isinstance(setting, str) else ",".join(map(str, setting))
+    return text + (" (a single process is not pinned)" if setting == affinity.AUTO else "")
+
+
+def pin_cpu(cfg: RpcsConfig) -> int | None:
+    """The CPU of the pinning part (the first this process may run on), or None: the part is
+    skipped (BENCH_PINNING=0, or a single CPU)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return allowed[0] if cfg.pinning and len(allowed) > 1 else None
+
+
+def measure_echo_pinning(runner: Runner, cfg: RpcsConfig, common: Common) -> None:
+    cpu = pin_cpu(cfg)
+    if cpu is None:
+        return
+    say(f"bench.rpcs: echo: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
+    with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), cpu_affinity=OFF)) as free, \
+            server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), cpu_affinity=(cpu,))) as pinned:
+        runner.compare("-", [free, pinned], ECHO, min(cfg.concurrency), PINNING, requests=check_requests(common.people, 1))
 
 
 def measure_redeem(runner: Runner, cfg: RpcsConfig, backend: str, group: list[Server], adv: str, plat: str,
@@ -371,6 +420,7 @@ def fill(client: Client, spec: FillSpec) -> None:
 
 def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str, **kw: Any) -> ServerSpec:
     n = kw.get("processes", 1)
+    kw.setdefault("cpu_affinity", cfg.cpu_affinity)
     return ServerSpec(kind=kind, workers=cfg.workers, log_path=common.tmp / "logs" / f"{backend}-{kind}-{n}p.log",
                       log_level=cfg.log_level, database_url=url, callers_file=common.callers_file,
                       key_dir=common.key_dir, pseudonym_key_file=common.pseudonym_key_file,
@@ -385,24 +435,13 @@ def _echo_best(results: list[RunResult], processes: int = 1) -> RunResult | None
 
 
 def _main_rows(results: list[RunResult]) -> list[RunResult]:
-    """Every run but those of the scaling part (2 processes, or the fresh 1-process servers)."""
-    return [r for r in results if not _is_scaling(r, results)]
+    """Every run but those of the scaling and pinning parts."""
+    return [r for r in results if not r.part]
 
 
-def _is_scaling(r: RunResult, results: list[RunResult]) -> bool:
-    return r.processes > 1 or any(x is r for x in _scaling_runs(results))
-
-
-def _scaling_runs(results: list[RunResult]) -> list[RunResult]:
-    """The runs of the scaling part: the last run of each (backend, method) pair measured with 1 and
-    2 processes (they come after the main runs)."""
-    out: list[RunResult] = []
-    for two in (r for r in results if r.processes == 2):
-        ones = [r for r in results if r.processes == 1 and r.method == two.method and r.backend == two.backend
-                and not r.rate and r.concurrency == two.concurrency]
-        if ones:
-            out += [ones[-1], two]
-    return out
+def _scaling_runs(results: list[RunResult], part: str = "scaling") -> list[RunResult]:
+    """The runs of a comparison part, in pairs (A, B) as Runner.compare made them."""
+    return [r for r in results if r.part == part]
 
 
 HEAD = ("backend", "rpc", "load", "req/s", "echo req/s", "x echo", "p50 ms", "p95 ms", "p99 ms", "srv cores",
@@ -535,6 +574,43 @@ def scaling_table(rows: list[dict[str, Any]], md: bool) -> str:
     return _table(head, body, 2, md)
 
 
+def pinning(results: list[RunResult]) -> list[dict[str, Any]]:
+    runs = _scaling_runs(results, PINNING)
+    return [{"backend": free.backend, "rpc": free.method, "concurrency": free.concurrency,
+             "rps_free": free.rps, "rps_pinned": pinned.rps,
+             "factor": pinned.rps / free.rps if free.rps else float("nan"),
+             "cpu_free": free.cpu_us_per_call, "cpu_pinned": pinned.cpu_us_per_call,
+             "switches_free": free.server_switches / free.calls if free.calls else float("nan"),
+             "switches_pinned": pinned.server_switches / pinned.calls if pinned.calls else float("nan"),
+             "p99_free": free.p99_ms, "p99_pinned": pinned.p99_ms, "cpus_free": free.cpus, "cpus_pinned": pinned.cpus,
+             "errors": {**free.errors, **pinned.errors}}
+            for free, pinned in zip(runs[::2], runs[1::2])]
+
+
+def pinning_table(rows: list[dict[str, Any]], md: bool) -> str:
+    head = ("backend", "rpc", "conc", "free req/s", "pinned req/s", "x", "srv CPU us/call free / pinned",
+            "switches/call free / pinned", "p99 ms free / pinned", "CPUs free / pinned")
+    body = [(s["backend"], s["rpc"], str(s["concurrency"]), f"{s['rps_free']:,.0f}", f"{s['rps_pinned']:,.0f}",
+             f"{s['factor']:.2f}", f"{s['cpu_free']:,.0f} / {s['cpu_pinned']:,.0f}",
+             f"{s['switches_free']:.1f} / {s['switches_pinned']:.1f}", f"{s['p99_free']:.1f} / {s['p99_pinned']:.1f}",
+             f"{s['cpus_free']} / {s['cpus_pinned']}") for s in rows]
+    return _table(head, body, 2, md)
+
+
+def pinning_summary(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    parts = [f"{'echo' if s['backend'] == '-' else s['backend'] + ' ' + s['rpc']} {s['factor']:.2f}x" for s in rows]
+    text = "Pinned to one CPU against left to the kernel, throughput: " + "; ".join(parts) + "."
+    echo = next((s for s in rows if s["rpc"] == ECHO), None)
+    if echo and echo["rps_free"] and echo["rps_pinned"]:
+        ratios = [f"{s['backend']} {s['rpc']} {s['rps_free'] / echo['rps_free']:.2f} left to the kernel, "
+                  f"{s['rps_pinned'] / echo['rps_pinned']:.2f} pinned" for s in rows if s["rpc"] != ECHO]
+        text += (" The echo server gains too: against the echo of this part (its windows minutes apart from the "
+                 "RPC's, not paired), " + "; ".join(ratios) + ".")
+    return text
+
+
 def round_trips_text(results: list[RunResult]) -> str:
     """Per backend and RPC, the SQL counters per call of the 1-process server (all its runs)."""
     lines = []
@@ -585,6 +661,16 @@ def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:
     skipped = f" ({m.skipped})" if m.skipped else ""
     quick = " **Quick mode (BENCH_QUICK=1): figures are rough.**" if cfg.quick else ""
     rounds = cfg.paired_rounds
+    pins = pinning(results)
+    pin_txt = (f"""
+### One process pinned to one CPU vs left to the kernel
+
+{pinning_table(pins, True)}
+
+Two 1-process servers (the real one per backend, and the echo), identical but for `ENTITLEMENT_CPU_AFFINITY` (`off` against one CPU: every thread of the process on it; entitlement/affinity.py), run side by side, idle in turn: each case in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order, {min(cfg.concurrency)} calls in flight. "CPUs" is what the server's threads may run on, read from /proc during the run.
+
+{pinning_summary(pins)}
+""" if pins else "")
     scale = scaling(results)
     scale_txt = (f"""
 ### 1 vs 2 server processes (PostgreSQL)
@@ -603,7 +689,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
-- Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers}, pool of {cfg.workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses). Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
+- Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers}, pool of {cfg.workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
@@ -621,7 +707,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 {targets_summary(targets(results))}
 
 {control_text(results)}
-{scale_txt}
+{scale_txt}{pin_txt}
 ### Database round trips per call
 
 {round_trips_text(results)}
@@ -668,6 +754,7 @@ def main() -> int:
                         f"({time.monotonic() - t:.1f} s)")
                     measure_backend(runner, cfg, common, backend, url, seed_people, pool_people)
             runner.echo = None
+            measure_echo_pinning(runner, cfg, common)
     except KeyboardInterrupt:
         say("bench.rpcs: interrupted")
         return 130
@@ -702,12 +789,16 @@ def main() -> int:
     if scaling(results):
         say("")
         say(scaling_table(scaling(results), False))
+    if pinning(results):
+        say("")
+        say(pinning_table(pinning(results), False))
     say("")
     say(round_trips_text(results))
     say(f"\nLoad average {m.loadavg_start} at the start, {m.loadavg_end} at the end; {elapsed:.0f} s in all.")
     if cfg.json_path is not None:
         cfg.json_path.write_text(json.dumps({"results": [asdict(r) for r in results], "targets": targets(results),
-                                             "scaling": scaling(results)}, indent=1, default=str))
+                                             "scaling": scaling(results), "pinning": pinning(results)},
+                                            indent=1, default=str))
     if cfg.output is not None:
         replace_section(cfg.output, SECTION, markdown(cfg, m, results))
         say(f"bench.rpcs: wrote {cfg.output}")

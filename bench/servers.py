@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
+from entitlement import affinity
 
 OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
 
@@ -117,6 +118,8 @@ def _serve_until_stop(conn: Connection, counter: QueryCounter | None) -> None:
 
 def serve(spec: ServerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the orchestrator stops us in order
+    # Every server, ours and echo, pinned as server.py pins its processes (before any thread starts).
+    affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
     _redirect_output(spec)
     try:
         if spec.kind in (SYNC, SYNC_ECHO):

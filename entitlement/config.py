@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from entitlement import affinity
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECK_RATE_PER_MIN = 120  # the server's (from_env) default; see Settings.check_rate_per_min
 
@@ -47,6 +49,8 @@ class Settings:
     max_workers: int = 4  # threads for the unary calls (entitlement/server_main.py: fewer fight less over the GIL)
     stream_workers: int = 8  # threads for streaming calls (change streams, log streams, imports), apart
     processes: int = 1
+    # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
+    cpu_affinity: str | tuple[int, ...] = "auto"
     grace_seconds: int = 10
     log_level: str = "info"
     timezone: str = "Europe/Paris"
@@ -122,6 +126,7 @@ class Settings:
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
+            cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),
             timezone=_env("ENTITLEMENT_TIMEZONE", d.timezone),

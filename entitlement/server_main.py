@@ -14,6 +14,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from entitlement import affinity
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api import ratelimit
 from entitlement.api.identity import CallerInterceptor
@@ -132,7 +133,8 @@ def serve_forever(ctx: Context) -> None:
     log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect,
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
-             check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists())
+             check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
+             cpus=affinity.current())
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
-from bench.rpcs import CONTROL, QUICK_PAIRED_ROUNDS
+from bench.rpcs import CONTROL, PINNING, QUICK_PAIRED_ROUNDS
 
 ROOT = Path(__file__).resolve().parent.parent
 RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
@@ -35,7 +35,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     results = doc["results"]
 
     for method in (ECHO, *RPCS):
-        runs = [r for r in results if r["method"] == method]
+        runs = [r for r in results if r["method"] == method and not r["part"]]
         closed, opened = [r for r in runs if not r["rate"]], [r for r in runs if r["rate"]]
         assert closed and opened, f"{method}: closed loop {len(closed)} run(s), open loop {len(opened)}"
         for r in runs:
@@ -68,6 +68,21 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     control = [r for r in results if r["backend"] == CONTROL]
     assert [r["concurrency"] for r in control] == [8] and all(r["method"] == ECHO for r in control)
     assert "Control (rows `control`)" in out.read_text()
+
+    # The pinning part: the same server left to the kernel, then pinned to one CPU (every thread of
+    # it, read from /proc during the run), for a check, an activation and the echo.
+    pinned = [r for r in results if r["part"] == PINNING]
+    if len(os.sched_getaffinity(0)) > 1:
+        assert [(r["backend"], r["method"]) for r in pinned] == [
+            ("sqlite", CHECK), ("sqlite", CHECK), ("sqlite", ACTIVATE), ("sqlite", ACTIVATE), ("-", ECHO), ("-", ECHO)]
+        for free, pin in zip(pinned[::2], pinned[1::2]):
+            assert free["calls"] > 0 and pin["calls"] > 0 and not free["errors"] and not pin["errors"], (free, pin)
+            assert pin["cpus"] == str(min(os.sched_getaffinity(0))), pin["cpus"]
+            assert free["cpus"] not in ("", pin["cpus"]), free["cpus"]
+        assert [(p["backend"], p["rpc"]) for p in doc["pinning"]] == [("sqlite", CHECK), ("sqlite", ACTIVATE), ("-", ECHO)]
+        assert "### One process pinned to one CPU vs left to the kernel" in out.read_text()
+    else:
+        assert not pinned  # one CPU: nothing to compare
 
     assert {t["rpc"] for t in doc["targets"]} == {ECHO, *RPCS}
     judged = [t for t in doc["targets"] if t["rpc"] in (CHECK, VERIFY, ACTIVATE)]

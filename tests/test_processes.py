@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from support import As, identity, pool_birth
 from test_server_ops import Server, prepare
@@ -42,3 +46,82 @@ def test_several_processes_need_a_fixed_port(tmp_path: Path) -> None:
     d.extra_env.update({"ENTITLEMENT_PROCESSES": "2", "ENTITLEMENT_LISTEN": "127.0.0.1:0"})
     result = d.run()
     assert result.returncode == 2 and "fixed port" in result.stderr
+
+
+# ENTITLEMENT_CPU_AFFINITY (entitlement/affinity.py): a server process pinned to one CPU, every
+# thread of it, read back from /proc while it serves.
+
+def _threads_cpus(pid: int) -> set[int]:
+    cpus: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        cpus |= os.sched_getaffinity(int(task.name))
+    return cpus
+
+
+def _two_cpus() -> list[int]:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip(f"this machine lets the tests run on one CPU only ({allowed}): nothing to pin apart")
+    return allowed
+
+
+def test_a_cpu_list_pins_a_single_process_and_all_its_threads(tmp_path: Path) -> None:
+    cpu = _two_cpus()[-1]
+    d = prepare(tmp_path / "srv")
+    d.extra_env["ENTITLEMENT_CPU_AFFINITY"] = str(cpu)
+    server = Server(d)
+    try:
+        resp = As(server.channel, d.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity("P0000001", pool_birth(1)), program="programs/premium-job-seekers"))
+        assert resp.decisions[0].eligible
+        assert len(list(Path(f"/proc/{server.proc.pid}/task").iterdir())) > 4  # gRPC's and the pool's threads
+        assert _threads_cpus(server.proc.pid) == {cpu}
+        serving = [line for line in d.log_lines() if line.get("event") == "serving"]
+        assert serving and serving[0]["cpus"] == [cpu]
+    finally:
+        server.close()
+
+
+def test_a_single_process_is_left_to_the_kernel_by_default(tmp_path: Path) -> None:
+    allowed = set(_two_cpus())
+    d = prepare(tmp_path / "srv", with_registry=False)
+    server = Server(d)
+    try:
+        assert _threads_cpus(server.proc.pid) == allowed
+        assert [line["cpus"] for line in d.log_lines() if line.get("event") == "serving"] == [sorted(allowed)]
+    finally:
+        server.close()
+
+
+def test_several_processes_are_pinned_one_cpu_each_by_default(tmp_path: Path) -> None:
+    allowed = _two_cpus()
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
+    server = Server(d)
+    try:
+        serving: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30  # the first to serve answers the health check; the other may follow
+        while len(serving) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            serving = [line for line in d.log_lines() if line.get("event") == "serving"]
+        assert len(serving) == 2, serving
+        assert sorted(line["cpus"] for line in serving) == [[allowed[0]], [allowed[1]]]
+        for line in serving:
+            assert _threads_cpus(line["pid"]) == set(line["cpus"])
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("fast", "must be auto, off or a list of CPUs"),
+    ("2-1", "must be auto, off or a list of CPUs"),
+    ("4095", "CPU 4095 is not one this process may run on"),
+])
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_bad_cpu_affinity_is_refused_at_start(tmp_path: Path, value: str, message: str, processes: str) -> None:
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env.update({"ENTITLEMENT_CPU_AFFINITY": value, "ENTITLEMENT_PROCESSES": processes})
+    result = d.run()
+    assert result.returncode != 0
+    assert "ENTITLEMENT_CPU_AFFINITY" in result.stderr and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
