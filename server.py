@@ -2,8 +2,8 @@
 (README "Configuration"). `make run` prepares a local demo and runs this.
 
 With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process supervises N server
-processes sharing the port through SO_REUSEPORT, each pinned to a CPU of its own by default
-(ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
+processes sharing the port through SO_REUSEPORT (each pinned to a CPU of its own when N is the
+number of CPUs it may run on: ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
 exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully), and if
 one dies the others are stopped and the supervisor exits non-zero.
 """
@@ -51,13 +51,11 @@ def _supervise(settings: Settings) -> int:
         print("entitlement: cannot start: ENTITLEMENT_PROCESSES > 1 needs a fixed port in ENTITLEMENT_LISTEN",
               file=sys.stderr)
         return 2
+    affinity.choose(settings.cpu_affinity, 0, settings.processes)  # a CPU not available: refused here, once
     ctx = _prepare(settings)  # fail fast, once, on a bad configuration
     if ctx is None:
         return 2
     ctx.db.dispose()
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    for i in range(settings.processes):  # (a CPU list naming a CPU not available: refused here, once)
-        affinity.choose(settings.cpu_affinity, i, settings.processes, allowed)
     spawn = multiprocessing.get_context("spawn")
     children = [spawn.Process(target=_child, args=(i,), name=f"entitlement-{i}") for i in range(settings.processes)]
     for child in children:

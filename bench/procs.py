@@ -132,7 +132,7 @@ def server_cpus(pid: int) -> str:
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
                 cpus |= os.sched_getaffinity(int(task.name))
-            except (ProcessLookupError, OSError):
+            except OSError:
                 pass  # a thread that ended meanwhile
     except OSError:
         return ""

@@ -89,6 +89,14 @@ ROUND_WARMUP = 0.25
 CALL_TIMEOUT = 300.0
 
 
+def _cpu_affinity() -> affinity.Setting:
+    """ENTITLEMENT_CPU_AFFINITY, checked here (a CPU this machine does not offer is refused before
+    any server starts)."""
+    setting = affinity.parse(os.environ.get(affinity.ENV, "").strip() or affinity.AUTO)
+    affinity.choose(setting, 0, 1)
+    return setting
+
+
 @dataclass(frozen=True)
 class RpcsConfig:
     quick: bool
@@ -147,7 +155,7 @@ class RpcsConfig:
             output=None if out == "-" or partial else Path(out) if out else ROOT / "BENCHMARKS.md",
             json_path=Path(js) if js else None, keep=os.environ.get("BENCH_KEEP", "") == "1",
             rpcs=tuple(r for r in RPCS if r in rpcs),
-            cpu_affinity=affinity.parse(os.environ.get(affinity.ENV, "").strip() or affinity.AUTO),
+            cpu_affinity=_cpu_affinity(),
             pinning=os.environ.get("BENCH_PINNING", "1") != "0")
 
 
@@ -350,27 +358,28 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
     if backend == "postgres" and cfg.scaling and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say("bench.rpcs: postgres: 1 vs 2 server processes on one port, alternating rounds")
         conc = max(cfg.concurrency)
-        with server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port())) as one, \
-                server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), processes=2)) as two:
+        with server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port())) as one, \
+                server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port(), processes=2)) as two:
             runner.compare(backend, [one, two], CHECK, conc, SCALING, requests=check_requests(common.people), token=adv)
             runner.compare(backend, [one, two], ACTIVATE, conc, SCALING, token=adv, pool=activate_pool)
-        with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port())) as one, \
-                server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), processes=2)) as two:
+        with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "scaling", port=free_port())) as one, \
+                server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "scaling", port=free_port(), processes=2)) as two:
             runner.compare("-", [one, two], ECHO, conc, SCALING, requests=check_requests(common.people, 1))
 
     cpu = pin_cpu(cfg)
     if cpu is not None and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say(f"bench.rpcs: {backend}: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
         conc = min(cfg.concurrency)
-        with server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), cpu_affinity=OFF)) as free, \
-                server_group(server_spec(cfg, common, backend, url, SYNC, port=free_port(), cpu_affinity=(cpu,))) as pinned:
+        with server_group(server_spec(cfg, common, backend, url, SYNC, "off", port=free_port(), cpu_affinity=OFF)) as free, \
+                server_group(server_spec(cfg, common, backend, url, SYNC, f"cpu{cpu}", port=free_port(),
+                                         cpu_affinity=(cpu,))) as pinned:
             runner.compare(backend, [free, pinned], CHECK, conc, PINNING, requests=check_requests(common.people), token=adv)
             runner.compare(backend, [free, pinned], ACTIVATE, conc, PINNING, token=adv, pool=activate_pool)
 
 
-def _affinity_text(setting: str | tuple[int, ...]) -> str:
+def _affinity_text(setting: affinity.Setting) -> str:
     text = setting if isinstance(setting, str) else ",".join(map(str, setting))
-    return text + (" (a single process is not pinned)" if setting == affinity.AUTO else "")
+    return text + (" (pinned only when the processes are as many as the CPUs)" if setting == affinity.AUTO else "")
 
 
 def pin_cpu(cfg: RpcsConfig) -> int | None:
@@ -382,11 +391,12 @@ def pin_cpu(cfg: RpcsConfig) -> int | None:
 
 def measure_echo_pinning(runner: Runner, cfg: RpcsConfig, common: Common) -> None:
     cpu = pin_cpu(cfg)
-    if cpu is None:
+    if cpu is None or not {CHECK, ACTIVATE} <= set(cfg.rpcs):  # (as the backends' pinning part)
         return
     say(f"bench.rpcs: echo: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
-    with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), cpu_affinity=OFF)) as free, \
-            server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port(), cpu_affinity=(cpu,))) as pinned:
+    with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "off", port=free_port(), cpu_affinity=OFF)) as free, \
+            server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, f"cpu{cpu}", port=free_port(),
+                                     cpu_affinity=(cpu,))) as pinned:
         runner.compare("-", [free, pinned], ECHO, min(cfg.concurrency), PINNING, requests=check_requests(common.people, 1))
 
 
@@ -418,10 +428,13 @@ def fill(client: Client, spec: FillSpec) -> None:
         say(f"  ({have:,} activation tokens ready for RedeemActivationToken, {time.monotonic() - t:.1f} s)")
 
 
-def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str, **kw: Any) -> ServerSpec:
+def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str, tag: str = "",
+                **kw: Any) -> ServerSpec:
+    """`tag`: told apart in the log's name (servers of one kind and backend side by side)."""
     n = kw.get("processes", 1)
     kw.setdefault("cpu_affinity", cfg.cpu_affinity)
-    return ServerSpec(kind=kind, workers=cfg.workers, log_path=common.tmp / "logs" / f"{backend}-{kind}-{n}p.log",
+    name = f"{backend}-{kind}-{n}p" + (f"-{tag}" if tag else "")
+    return ServerSpec(kind=kind, workers=cfg.workers, log_path=common.tmp / "logs" / f"{name}.log",
                       log_level=cfg.log_level, database_url=url, callers_file=common.callers_file,
                       key_dir=common.key_dir, pseudonym_key_file=common.pseudonym_key_file,
                       check_rate_per_min=UNLIMITED_RATE, check_burst=UNLIMITED_RATE, **kw)
@@ -439,7 +452,7 @@ def _main_rows(results: list[RunResult]) -> list[RunResult]:
     return [r for r in results if not r.part]
 
 
-def _scaling_runs(results: list[RunResult], part: str = "scaling") -> list[RunResult]:
+def _part_runs(results: list[RunResult], part: str = SCALING) -> list[RunResult]:
     """The runs of a comparison part, in pairs (A, B) as Runner.compare made them."""
     return [r for r in results if r.part == part]
 
@@ -549,8 +562,16 @@ def scaling_summary(rows: list[dict[str, Any]]) -> str:
             "second process got.")
 
 
+def _sum_errors(*runs: RunResult) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in runs:
+        for code, n in r.errors.items():
+            out[code] = out.get(code, 0) + n
+    return out
+
+
 def scaling(results: list[RunResult]) -> list[dict[str, Any]]:
-    runs = _scaling_runs(results)
+    runs = _part_runs(results)
     out = []
     for one, two in zip(runs[::2], runs[1::2]):
         out.append({"backend": one.backend, "rpc": one.method, "concurrency": two.concurrency,
@@ -559,23 +580,24 @@ def scaling(results: list[RunResult]) -> list[dict[str, Any]]:
                     "srv_each_2": [c / two.seconds for c in two.server_cpu_each],
                     "cli_1": one.client_cpu_s / one.seconds, "cli_2": two.client_cpu_s / two.seconds,
                     "machine_1": one.machine_cpu_s / one.seconds, "machine_2": two.machine_cpu_s / two.seconds,
-                    "p99_1": one.p99_ms, "p99_2": two.p99_ms, "errors": {**one.errors, **two.errors}})
+                    "p99_1": one.p99_ms, "p99_2": two.p99_ms, "cpus_1": one.cpus, "cpus_2": two.cpus,
+                    "errors": _sum_errors(one, two)})
     return out
 
 
 def scaling_table(rows: list[dict[str, Any]], md: bool) -> str:
     head = ("backend", "rpc", "conc", "1 proc req/s", "2 procs req/s", "x", "server cores 1 / 2 (each)",
-            "client cores 1 / 2", "machine busy 1 / 2", "p99 ms 1 / 2")
+            "client cores 1 / 2", "machine busy 1 / 2", "p99 ms 1 / 2", "CPUs 1 / 2 (each)")
     body = [(s["backend"], s["rpc"], str(s["concurrency"]), f"{s['rps_1']:,.0f}", f"{s['rps_2']:,.0f}",
              f"{s['factor']:.2f}",
              f"{s['srv_1']:.2f} / {s['srv_2']:.2f} ({' + '.join(f'{c:.2f}' for c in s['srv_each_2'])})",
              f"{s['cli_1']:.2f} / {s['cli_2']:.2f}", f"{s['machine_1']:.2f} / {s['machine_2']:.2f}",
-             f"{s['p99_1']:.1f} / {s['p99_2']:.1f}") for s in rows]
+             f"{s['p99_1']:.1f} / {s['p99_2']:.1f}", f"{s['cpus_1']} / {s['cpus_2']}") for s in rows]
     return _table(head, body, 2, md)
 
 
 def pinning(results: list[RunResult]) -> list[dict[str, Any]]:
-    runs = _scaling_runs(results, PINNING)
+    runs = _part_runs(results, PINNING)
     return [{"backend": free.backend, "rpc": free.method, "concurrency": free.concurrency,
              "rps_free": free.rps, "rps_pinned": pinned.rps,
              "factor": pinned.rps / free.rps if free.rps else float("nan"),
@@ -583,7 +605,7 @@ def pinning(results: list[RunResult]) -> list[dict[str, Any]]:
              "switches_free": free.server_switches / free.calls if free.calls else float("nan"),
              "switches_pinned": pinned.server_switches / pinned.calls if pinned.calls else float("nan"),
              "p99_free": free.p99_ms, "p99_pinned": pinned.p99_ms, "cpus_free": free.cpus, "cpus_pinned": pinned.cpus,
-             "errors": {**free.errors, **pinned.errors}}
+             "errors": _sum_errors(free, pinned)}
             for free, pinned in zip(runs[::2], runs[1::2])]
 
 
@@ -606,8 +628,10 @@ def pinning_summary(rows: list[dict[str, Any]]) -> str:
     if echo and echo["rps_free"] and echo["rps_pinned"]:
         ratios = [f"{s['backend']} {s['rpc']} {s['rps_free'] / echo['rps_free']:.2f} left to the kernel, "
                   f"{s['rps_pinned'] / echo['rps_pinned']:.2f} pinned" for s in rows if s["rpc"] != ECHO]
-        text += (" The echo server gains too: against the echo of this part (its windows minutes apart from the "
-                 "RPC's, not paired), " + "; ".join(ratios) + ".")
+        if ratios:
+            text += (f" The echo server {'gains too' if echo['factor'] > 1 else 'does not gain'} "
+                     f"({echo['factor']:.2f}x): against the echo of this part (its windows minutes apart from "
+                     "the RPC's, not paired), x echo " + "; ".join(ratios) + ".")
     return text
 
 
@@ -667,7 +691,7 @@ def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:
 
 {pinning_table(pins, True)}
 
-Two 1-process servers (the real one per backend, and the echo), identical but for `ENTITLEMENT_CPU_AFFINITY` (`off` against one CPU: every thread of the process on it; entitlement/affinity.py), run side by side, idle in turn: each case in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order, {min(cfg.concurrency)} calls in flight. "CPUs" is what the server's threads may run on, read from /proc during the run.
+Two 1-process servers (the real one per backend, and the echo), identical but for `ENTITLEMENT_CPU_AFFINITY` (`off` against one CPU: every thread of the process on it; entitlement/affinity.py), run side by side, idle in turn: each case in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order, {min(cfg.concurrency)} calls in flight. "CPUs" is what the server's threads may run on, read from /proc after the case's rounds.
 
 {pinning_summary(pins)}
 """ if pins else "")
@@ -677,7 +701,7 @@ Two 1-process servers (the real one per backend, and the echo), identical but fo
 
 {scaling_table(scale, True)}
 
-Each process is a spawned `server_main.start` with `processes=2` in its settings (SO_REUSEPORT), as `server.py` runs them with `ENTITLEMENT_PROCESSES=2`; the load generator's {cfg.channels} connections are spread over them by the kernel (the per-process CPU in brackets shows how evenly). The 1-process and 2-process servers run side by side, idle in turn: each case is measured in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order (1 2, 2 1), so that drift in the machine's other load falls on both. Client, servers and PostgreSQL share the {m.nproc} cores: "machine busy" is every process's CPU over the window (/proc/stat, other work on the machine included), out of {m.nproc}.
+Each process is a spawned `server_main.start` with `processes=2` in its settings (SO_REUSEPORT), as `server.py` runs them with `ENTITLEMENT_PROCESSES=2`, and pinned as it pins them (`ENTITLEMENT_CPU_AFFINITY` {_affinity_text(cfg.cpu_affinity)}: with `auto` on a 2-CPU machine, each of the 2 processes on a CPU of its own while the single process is left to the kernel; "CPUs" gives what each process's threads may run on); the load generator's {cfg.channels} connections are spread over them by the kernel (the per-process CPU in brackets shows how evenly). The 1-process and 2-process servers run side by side, idle in turn: each case is measured in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order (1 2, 2 1), so that drift in the machine's other load falls on both. Client, servers and PostgreSQL share the {m.nproc} cores: "machine busy" is every process's CPU over the window (/proc/stat, other work on the machine included), out of {m.nproc}.
 
 {scaling_summary(scale)}
 """ if scale else "")
@@ -743,7 +767,7 @@ def main() -> int:
             runner.closed_then_half("-", echo_group, ECHO, requests=echo_requests)
             runner.echo = (echo_group, echo_requests)  # from now on, paired with each closed-loop case
             say("bench.rpcs: control: a second echo server, measured as the RPCs are")
-            with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, port=free_port())) as twin:
+            with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "control", port=free_port())) as twin:
                 for c in cfg.concurrency:
                     runner.run(CONTROL, twin, ECHO, concurrency=c, paired=True, requests=echo_requests)
             for backend in backends:

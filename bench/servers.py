@@ -118,10 +118,11 @@ def _serve_until_stop(conn: Connection, counter: QueryCounter | None) -> None:
 
 def serve(spec: ServerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the orchestrator stops us in order
-    # Every server, ours and echo, pinned as server.py pins its processes (before any thread starts).
-    affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
     _redirect_output(spec)
     try:
+        # Every server, ours and echo, pinned as server.py pins its processes (before any thread
+        # starts; a refusal reaches the orchestrator as any other failure to start).
+        affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
         if spec.kind in (SYNC, SYNC_ECHO):
             _serve_sync(spec, conn)
         elif spec.kind in (AIO, AIO_ECHO, AIO_ECHO_INLINE):

@@ -54,7 +54,10 @@ def test_several_processes_need_a_fixed_port(tmp_path: Path) -> None:
 def _threads_cpus(pid: int) -> set[int]:
     cpus: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        cpus |= os.sched_getaffinity(int(task.name))
+        try:
+            cpus |= os.sched_getaffinity(int(task.name))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
     return cpus
 
 
@@ -93,19 +96,21 @@ def test_a_single_process_is_left_to_the_kernel_by_default(tmp_path: Path) -> No
         server.close()
 
 
-def test_several_processes_are_pinned_one_cpu_each_by_default(tmp_path: Path) -> None:
+def test_one_process_per_cpu_pins_each_to_its_own_by_default(tmp_path: Path) -> None:
     allowed = _two_cpus()
+    if len(allowed) > 4:
+        pytest.skip(f"{len(allowed)} CPUs: the test runs one server process per CPU, up to 4")
     d = prepare(tmp_path / "srv", with_registry=False)
-    d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
+    d.extra_env["ENTITLEMENT_PROCESSES"] = str(len(allowed))  # auto pins when they are as many as the CPUs
     server = Server(d)
     try:
         serving: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 30  # the first to serve answers the health check; the other may follow
-        while len(serving) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # the first to serve answers the health check; the others may follow
+        while len(serving) < len(allowed) and time.monotonic() < deadline:
             time.sleep(0.1)
             serving = [line for line in d.log_lines() if line.get("event") == "serving"]
-        assert len(serving) == 2, serving
-        assert sorted(line["cpus"] for line in serving) == [[allowed[0]], [allowed[1]]]
+        assert len(serving) == len(allowed), serving
+        assert sorted(line["cpus"] for line in serving) == [[cpu] for cpu in allowed]
         for line in serving:
             assert _threads_cpus(line["pid"]) == set(line["cpus"])
     finally:
@@ -115,6 +120,7 @@ def test_several_processes_are_pinned_one_cpu_each_by_default(tmp_path: Path) ->
 @pytest.mark.parametrize("value, message", [
     ("fast", "must be auto, off or a list of CPUs"),
     ("2-1", "must be auto, off or a list of CPUs"),
+    ("0-99999999999", "must be auto, off or a list of CPUs"),
     ("4095", "CPU 4095 is not one this process may run on"),
 ])
 @pytest.mark.parametrize("processes", ["1", "2"])
@@ -123,5 +129,7 @@ def test_a_bad_cpu_affinity_is_refused_at_start(tmp_path: Path, value: str, mess
     d.extra_env.update({"ENTITLEMENT_CPU_AFFINITY": value, "ENTITLEMENT_PROCESSES": processes})
     result = d.run()
     assert result.returncode != 0
-    assert "ENTITLEMENT_CPU_AFFINITY" in result.stderr and message in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
+    # Once: with 2 processes the supervisor refuses it before starting any.
+    assert result.stderr.count("ENTITLEMENT_CPU_AFFINITY") == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
