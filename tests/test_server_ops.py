@@ -109,7 +109,8 @@ class ServerDir:
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
-        for raw in self.log_path.read_text(encoding="utf-8").splitlines():
+        # Whole lines only: the text after the last newline may be a line the server is still writing.
+        for raw in self.log_path.read_text(encoding="utf-8").split("\n")[:-1]:
             raw = raw.strip()
             if raw.startswith("{"):
                 lines.append(json.loads(raw))
