@@ -219,7 +219,7 @@ class RunResult:
     round_ratios: tuple[float, ...] = ()  # each round's req/s over its paired echo window's
     server_switches: float = 0.0  # context switches of the server process(es) over the measured windows
     part: str = ""                # "" (main runs), "scaling" (1 vs 2 processes), "pinning" (pinned vs not)
-    cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 | 1" for 2)
+    cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 and 1" for 2)
 
     @property
     def rps(self) -> float:

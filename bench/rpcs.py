@@ -238,7 +238,7 @@ class Runner:
                       machine_cpu_s=sum(m["machine_cpu_s"] for m in parts),
                       round_rps=tuple(m["calls"] / m["seconds"] for m in parts), rate=rate, processes=len(group),
                       server_cpu_each=tuple(each), calls_made=sum(m["made"] for m in parts), queries=queries)
-        r.cpus = " | ".join(server_cpus(s.pid) for s in group)
+        r.cpus = " and ".join(server_cpus(s.pid) for s in group)  # (no "|": it ends up in tables)
         if any(m["dry"] for m in parts):
             r.note = f"early: {r.seconds:.2f} s"
             say(f"  (pool ran dry: window {r.seconds:.2f} s instead of {self.cfg.seconds:g} s)")
