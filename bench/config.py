@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from entitlement.affinity import AUTO, Setting
 from entitlement.config import ROOT, Settings
 
 # The instant every server of the benchmark lives at (a FixedClock, as in the tests): decisions,
@@ -67,7 +68,7 @@ class BenchConfig:
     concurrency: tuple[int, ...]  # in-flight calls of the load generator (BENCH_CONCURRENCY)
     people: int             # rows of the synthetic registry (BENCH_PEOPLE)
     activations: int        # activations created and redeemed before the runs (BENCH_ACTIVATIONS)
-    workers: int            # thread-pool size of both models and DB pool size (BENCH_WORKERS)
+    workers: int            # unary thread-pool size of both models (BENCH_WORKERS; the DB pool adds the stream threads)
     backends: tuple[str, ...]  # wanted backends (BENCH_BACKENDS); postgres is skipped when unreachable
     pg_admin_url: str       # BENCH_PG_URL
     log_level: str          # servers' log level (BENCH_LOG_LEVEL); logs go to files in the temp dir
@@ -118,7 +119,7 @@ class ServerSpec:
     port: int = 0           # 0: any free port; a fixed port when several processes share it
     processes: int = 1      # processes serving `port` (each its own ServerSpec; SO_REUSEPORT when > 1)
     index: int = 0          # which of those processes this one is (its CPU, when pinned)
-    cpu_affinity: str | tuple[int, ...] = "auto"  # as ENTITLEMENT_CPU_AFFINITY (entitlement/affinity.py)
+    cpu_affinity: Setting = AUTO  # as ENTITLEMENT_CPU_AFFINITY (entitlement/affinity.py)
     check_rate_per_min: int = 0  # the per-caller rate limit (0: no limiter interceptor)
     check_burst: int = 20
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)

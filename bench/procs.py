@@ -5,7 +5,6 @@ machine and the code measured, for the method text."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import platform
 import socket
 import subprocess
@@ -126,17 +125,8 @@ def _replace(spec: ServerSpec, **changes: Any) -> ServerSpec:
 
 def server_cpus(pid: int) -> str:
     """The CPUs any thread of process `pid` may run on ("0-1", or "0" when pinned), "" if unknown."""
-    from entitlement.affinity import ranges
-    cpus: set[int] = set()
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                cpus |= os.sched_getaffinity(int(task.name))
-            except OSError:
-                pass  # a thread that ended meanwhile
-    except OSError:
-        return ""
-    return ranges(sorted(cpus))
+    from entitlement.affinity import cpus_of, ranges
+    return ranges(cpus_of(pid))
 
 
 def free_port() -> int:

@@ -28,8 +28,8 @@ Settings (environment):
   BENCH_PINNING=0    skip the pinning part: per backend, CheckEligibility and ActivateEntitlement (and
                      the echo once) on a server left to the kernel vs one pinned to one CPU
                      (ENTITLEMENT_CPU_AFFINITY), in alternating rounds (on by default, with 2 CPUs or more)
-  ENTITLEMENT_CPU_AFFINITY  every other server's (ours and echo alike; default auto: a single process
-                     is not pinned)
+  ENTITLEMENT_CPU_AFFINITY  every other server's (ours and echo alike; default auto: pinned only when
+                     the processes are as many as the CPUs, so a single process is not)
   BENCH_WORKERS, BENCH_BACKENDS, BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_KEEP: as for `python -m bench`
                      (without BENCH_KEEP, the servers' logs are still kept when calls failed; the
                      path is printed)
@@ -52,6 +52,8 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -115,7 +117,7 @@ class RpcsConfig:
     json_path: Path | None
     keep: bool
     rpcs: tuple[str, ...] = RPCS
-    cpu_affinity: str | tuple[int, ...] = "auto"  # every server's, as ENTITLEMENT_CPU_AFFINITY (but the pinning part's)
+    cpu_affinity: affinity.Setting = affinity.AUTO  # every server's, as ENTITLEMENT_CPU_AFFINITY (but the pinning part's)
     pinning: bool = True    # the pinning part (BENCH_PINNING=0: skipped)
 
     @property
@@ -370,11 +372,9 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
     if cpu is not None and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say(f"bench.rpcs: {backend}: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
         conc = min(cfg.concurrency)
-        with server_group(server_spec(cfg, common, backend, url, SYNC, "off", port=free_port(), cpu_affinity=OFF)) as free, \
-                server_group(server_spec(cfg, common, backend, url, SYNC, f"cpu{cpu}", port=free_port(),
-                                         cpu_affinity=(cpu,))) as pinned:
-            runner.compare(backend, [free, pinned], CHECK, conc, PINNING, requests=check_requests(common.people), token=adv)
-            runner.compare(backend, [free, pinned], ACTIVATE, conc, PINNING, token=adv, pool=activate_pool)
+        with free_and_pinned(cfg, common, backend, url, SYNC, cpu) as pair:
+            runner.compare(backend, pair, CHECK, conc, PINNING, requests=check_requests(common.people), token=adv)
+            runner.compare(backend, pair, ACTIVATE, conc, PINNING, token=adv, pool=activate_pool)
 
 
 def _affinity_text(setting: affinity.Setting) -> str:
@@ -394,10 +394,18 @@ def measure_echo_pinning(runner: Runner, cfg: RpcsConfig, common: Common) -> Non
     if cpu is None or not {CHECK, ACTIVATE} <= set(cfg.rpcs):  # (as the backends' pinning part)
         return
     say(f"bench.rpcs: echo: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
-    with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "off", port=free_port(), cpu_affinity=OFF)) as free, \
-            server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, f"cpu{cpu}", port=free_port(),
+    with free_and_pinned(cfg, common, "echo", "", SYNC_ECHO, cpu) as pair:
+        runner.compare("-", pair, ECHO, min(cfg.concurrency), PINNING, requests=check_requests(common.people, 1))
+
+
+@contextmanager
+def free_and_pinned(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str,
+                    cpu: int) -> Iterator[list[list[Server]]]:
+    """Two 1-process servers alike but for their affinity: left to the kernel, and pinned to `cpu`."""
+    with server_group(server_spec(cfg, common, backend, url, kind, "off", port=free_port(), cpu_affinity=OFF)) as free, \
+            server_group(server_spec(cfg, common, backend, url, kind, f"cpu{cpu}", port=free_port(),
                                      cpu_affinity=(cpu,))) as pinned:
-        runner.compare("-", [free, pinned], ECHO, min(cfg.concurrency), PINNING, requests=check_requests(common.people, 1))
+        yield [free, pinned]
 
 
 def measure_redeem(runner: Runner, cfg: RpcsConfig, backend: str, group: list[Server], adv: str, plat: str,
@@ -713,7 +721,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
-- Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers}, pool of {cfg.workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
+- Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls and {Settings().stream_workers} for the streaming ones, pool of {cfg.workers + Settings().stream_workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.

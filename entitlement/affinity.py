@@ -58,19 +58,18 @@ def choose(setting: Setting, index: int, processes: int, allowed: set[int] | Non
     """The CPU server process `index` (of `processes`) is pinned to, or None: not pinned. `allowed`:
     the CPUs this process may run on (by default, read from the system). SystemExit naming the
     variable when a listed CPU is not among them, or when this system cannot pin."""
+    if isinstance(setting, str):
+        setting = parse(setting)  # (the text of a list, when a Settings was built by hand with one)
     if setting == OFF:
         return None
     can_pin = hasattr(os, "sched_setaffinity")
     if allowed is None:
         allowed = os.sched_getaffinity(0) if can_pin else set()
-    if setting == AUTO:
+    if not isinstance(setting, tuple):  # auto
         if not can_pin or processes < 2 or processes != len(allowed):
             return None
         return sorted(allowed)[index]
-    # A list; its text when a Settings was built by hand with one.
-    cpus = setting if isinstance(setting, tuple) else parse(setting)
-    if not isinstance(cpus, tuple):  # ("auto" or "off" in capitals)
-        return choose(cpus, index, processes, allowed)
+    cpus = setting
     if not can_pin:
         raise SystemExit(f"{ENV}: this system cannot pin a process to a CPU")
     missing = [cpu for cpu in cpus if cpu not in allowed]
@@ -100,14 +99,20 @@ def apply(setting: Setting, index: int = 0, processes: int = 1) -> int | None:
     return cpu
 
 
-def current() -> list[int]:
-    """The CPUs this thread may run on (the "serving" log line reports them)."""
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+def cpus_of(pid: int | str) -> list[int]:
+    """The CPUs any thread of process `pid` ("self": this one) may run on; [] where unknown."""
+    found: set[int] = set()
+    for tid in _threads(pid):
+        try:
+            found |= os.sched_getaffinity(tid)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(found)
 
 
-def _threads() -> list[int]:
+def _threads(pid: int | str = "self") -> list[int]:
     try:
-        return [int(p.name) for p in Path("/proc/self/task").iterdir()]
+        return [int(p.name) for p in Path(f"/proc/{pid}/task").iterdir()]
     except OSError:
         return []
 

@@ -50,7 +50,7 @@ class Settings:
     stream_workers: int = 8  # threads for streaming calls (change streams, log streams, imports), apart
     processes: int = 1
     # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
-    cpu_affinity: str | tuple[int, ...] = "auto"
+    cpu_affinity: affinity.Setting = affinity.AUTO
     grace_seconds: int = 10
     log_level: str = "info"
     timezone: str = "Europe/Paris"

@@ -134,7 +134,7 @@ def serve_forever(ctx: Context) -> None:
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
-             cpus=affinity.current())
+             cpus=affinity.cpus_of("self"))
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
