@@ -107,3 +107,52 @@ def test_concurrent_lines_never_interleave(stream: io.StringIO) -> None:
     lines = _lines(stream)  # every line parses: none was cut by another
     assert len(lines) == 6 * 300
     assert sum(line["event"] == "rpc" for line in lines) == 6 * 150
+
+
+def test_lines_to_a_file_descriptor_are_whole_and_in_order(tmp_path: object) -> None:
+    """A stream with a file descriptor (stderr, a log file) gets each line as one write of its bytes
+    (logs._Sink): what the stream held before comes first, concurrent lines never cut each other,
+    and a line longer than a pipe holds arrives whole."""
+    import os
+    from pathlib import Path
+    path = Path(str(tmp_path)) / "log.jsonl"
+    with path.open("w") as out:
+        out.write('{"event": "before"}\n')  # still in the text layer's buffer
+        logs.configure("info", stream=out)
+
+        def write(i: int) -> None:
+            for j in range(200):
+                logs.begin_call(f"rid-{i}-{j}", "/m")
+                logs.bind_caller(f"caller-{i}", "advisor")
+                logs.rpc("OK", float(j))
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"event": "before"} and len(lines) == 1 + 4 * 200
+    for i in range(4):  # each thread's lines in its order, with its fields
+        mine = [line for line in lines[1:] if line["caller"] == f"caller-{i}"]
+        assert [line["request_id"] for line in mine] == [f"rid-{i}-{j}" for j in range(200)]
+        assert {line["pid"] for line in mine} == {os.getpid()}
+
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 65536), b"")))
+    reader.start()
+    with os.fdopen(write_fd, "w") as pipe:
+        logs.configure("info", stream=pipe)
+        structlog.get_logger("t").info("long", pad="é" * 200_000)  # 1.2 MB once escaped: many pipe-fulls
+    reader.join()
+    os.close(read_fd)
+    [line] = b"".join(chunks).decode().splitlines()
+    assert json.loads(line)["pad"] == "é" * 200_000
+
+
+def test_a_caller_bound_as_anything_but_text_takes_the_general_line(stream: io.StringIO) -> None:
+    logs.begin_call("rid-1", "/m")
+    logs.bind_caller("c1", None)  # type: ignore[arg-type]
+    logs.rpc("OK", 1.5)
+    [line] = _lines(stream)
+    assert line["caller"] == "c1" and line["role"] is None and line["latency_ms"] == 1.5

@@ -170,7 +170,7 @@ class CallerInterceptor(BehaviorInterceptor):
             return _NOTHING
         caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
-        logs.bind_call(caller=caller.id, role=caller.role)
+        logs.bind_caller(caller.id, caller.role)
         allowed = ROLES.get(method, frozenset())
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",
