@@ -221,6 +221,14 @@ class RunResult:
     server_switches: float = 0.0  # context switches of the server process(es) over the measured windows
     part: str = ""                # "" (main runs), "scaling" (1 vs 2 processes), "pinning" (pinned vs not)
     cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 and 1" for 2)
+    postgres_cpu_s: float = 0.0   # every process named postgres (its backends and workers), same windows
+
+    @property
+    def other_cores(self) -> float:
+        """Cores the rest of the machine used over the windows: all of it but the server, the
+        load generator and, on PostgreSQL, the database's processes (which serve the server)."""
+        ours = self.server_cpu_s + self.client_cpu_s + (self.postgres_cpu_s if self.backend == "postgres" else 0.0)
+        return max(0.0, self.machine_cpu_s - ours) / self.seconds if self.seconds else 0.0
 
     @property
     def rps(self) -> float:

@@ -4,6 +4,8 @@ never a name, birth date or agency identifier."""
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import logging
 import os
@@ -28,19 +30,18 @@ class _Sink:
     """The stream every line goes to: one write per line, under one lock, so that lines from
     concurrent calls never interleave (structlog's own lines and `rpc` below alike).
 
-    A stream backed by a file descriptor (stderr, a log file) gets each line as one `os.write` of
-    its bytes: the text layer's write and flush cost five times as much, on every call. The lines
-    are JSON with non-ASCII characters escaped, so their bytes are the same in any encoding.
-    Other streams (io.StringIO in tests) are written and flushed as text."""
+    A plain file stream (stderr, a log file: a text layer over a buffer over a file descriptor, in
+    an ASCII-compatible encoding) gets each line as one `os.write` of its bytes: the text layer's
+    write and flush cost five times as much, on every call. The lines are JSON with every
+    non-ASCII character escaped, so their bytes are what the text layer would have written. Other
+    streams (io.StringIO in tests, anything that transforms what it is given) are written and
+    flushed as text."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.lock = threading.Lock()
-        try:
-            self._fd: int | None = stream.fileno()
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
-            self._fd = None
-        else:
+        self._fd = _plain_fd(stream)
+        if self._fd is not None:
             stream.flush()  # what the text layer holds goes first
 
     def write(self, line: str) -> None:
@@ -56,10 +57,30 @@ class _Sink:
             return
         data = line.encode("utf-8", "backslashreplace")
         with self.lock:
+            if self.stream.closed:  # its descriptor's number may belong to another file by now
+                raise ValueError("I/O operation on closed file.")
             written = os.write(fd, data)
             while written < len(data):  # a pipe may take part of a long line at a time
                 data = data[written:]
                 written = os.write(fd, data)
+
+
+_ASCII_COMPATIBLE = frozenset({"utf-8", "ascii", "iso8859-1", "iso8859-15", "cp1252"})
+
+
+def _plain_fd(stream: TextIO) -> int | None:
+    """The file descriptor under `stream` when writing bytes there is writing to the stream."""
+    buffer = getattr(stream, "buffer", None)
+    if not (isinstance(stream, io.TextIOWrapper) and isinstance(buffer, (io.BufferedWriter, io.BufferedRandom))
+            and isinstance(buffer.raw, io.FileIO)):
+        return None
+    try:
+        encoding = codecs.lookup(stream.encoding).name
+    except LookupError:
+        return None
+    if encoding not in _ASCII_COMPATIBLE or stream.closed:
+        return None
+    return buffer.raw.fileno()
 
 
 class _LineLogger:
@@ -85,57 +106,73 @@ _str = json.encoder.encode_basestring_ascii  # how that encoder writes a str (en
 
 
 class _Call:
-    """A call's fields: the four every call has in slots (str, or None before they are known),
-    anything else bound in `extra`."""
+    """A call's fields: the four every call has in slots when they are text (None before they are
+    known, or when bound to anything but a str: such a value lives in `extra`, with any other
+    field bound)."""
 
     __slots__ = ("method", "request_id", "caller", "role", "extra")
 
-    def __init__(self, method: str, request_id: str) -> None:
-        self.method, self.request_id = method, request_id
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.request_id: str | None = None
         self.caller: str | None = None
         self.role: str | None = None
         self.extra: dict[str, Any] | None = None
+
+    def bind(self, key: str, value: Any) -> None:
+        """One field, bound again as often as need be: the last value is the one lines carry."""
+        if key in _SLOTS and type(value) is str:
+            setattr(self, key, value)
+            if self.extra is not None and key in self.extra:  # an earlier value that was no str
+                del self.extra[key]
+                if not self.extra:
+                    self.extra = None
+            return
+        if key in _SLOTS:
+            setattr(self, key, None)
+        if self.extra is None:
+            self.extra = {}
+        self.extra[key] = value
 
     def items(self) -> list[tuple[str, Any]]:
         fields = [(k, getattr(self, k)) for k in ("method", "request_id", "caller", "role")]
         return [(k, v) for k, v in fields if v is not None] + list((self.extra or {}).items())
 
 
+_SLOTS = frozenset({"method", "request_id", "caller", "role"})
 _call: ContextVar[_Call | None] = ContextVar("entitlement_call_fields", default=None)
 
 
 def begin_call(request_id: str, method: str) -> None:
     """From now on (in this context), every line carries this call's request id and method."""
-    _call.set(_Call(method, request_id))
+    call = _Call()
+    if type(request_id) is str and type(method) is str:
+        call.method, call.request_id = method, request_id
+    else:
+        call.bind("method", method)
+        call.bind("request_id", request_id)
+    _call.set(call)
 
 
 def bind_call(**fields: Any) -> None:
     """Add fields to every further line of the call being served (nothing outside a call)."""
     current = _call.get()
-    if current is None:
-        return
-    for k, v in fields.items():
-        if k in _SLOTS and type(v) is str:
-            setattr(current, k, v)
-        else:
-            if k in _SLOTS:
-                setattr(current, k, None)
-            if current.extra is None:
-                current.extra = {}
-            current.extra[k] = v
-
-
-_SLOTS = frozenset({"method", "request_id", "caller", "role"})
+    if current is not None:
+        for k, v in fields.items():
+            current.bind(k, v)
 
 
 def bind_caller(caller_id: str, role: str) -> None:
-    """`bind_call(caller=caller_id, role=role)`, for the caller's identity of every call."""
+    """`bind_call(caller=caller_id, role=role)` without keyword arguments: the caller's identity,
+    bound in every call."""
     current = _call.get()
-    if current is not None:
-        if type(caller_id) is str and type(role) is str:
-            current.caller, current.role = caller_id, role
-        else:
-            bind_call(caller=caller_id, role=role)
+    if current is None:
+        return
+    if type(caller_id) is str and type(role) is str and current.extra is None:
+        current.caller, current.role = caller_id, role
+    else:
+        current.bind("caller", caller_id)
+        current.bind("role", role)
 
 
 def _merge_call(_logger: object, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +212,7 @@ def rpc(code: str, latency_ms: float) -> None:
     if not _info_on:
         return
     call = _call.get()
-    if call is None or call.extra is not None:
+    if call is None or call.extra is not None or call.method is None or call.request_id is None:
         fields = dict(call.items()) if call is not None else {}
         fields.update(code=code, event="rpc", latency_ms=latency_ms, level="info", pid=os.getpid(),
                       timestamp=timestamp())

@@ -41,6 +41,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
         for r in runs:
             assert r["calls"] > 0, f"{method}: no successful call ({r})"
             assert r["server_switches"] > 0, f"{method}: no context switch of the server counted ({r})"
+            assert r["postgres_cpu_s"] >= 0 and r["machine_cpu_s"] > 0, r
         for r in closed:
             assert r["errors"] == {}, f"{method}: errors {r['errors']}"
             if method == ECHO and r["backend"] == "-":  # the echo floor: one window
@@ -91,6 +92,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     assert text.count("<!-- section:rpcs -->") == 1 and "<!-- /section:rpcs -->" in text
     for method in RPCS:
         assert f"| sqlite | {method} |" in text
+    assert "| cli cores | other cores |" in text
     assert "Quick mode" in text
 
 
@@ -128,3 +130,21 @@ def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> 
     pg = not db.is_sqlite
     assert counts["statements"] >= 8 and counts["transactions"] == 2
     assert (counts["queued"], counts["pipelines"], counts["begins_joined"]) == ((3, 1, 1) if pg else (0, 0, 0))
+
+
+def test_the_databases_cpu_is_read_from_its_processes(pg_server: str) -> None:
+    """bench.load.postgres_cpu_seconds, which the "other cores" column leaves out on PostgreSQL:
+    a query that keeps a backend busy shows in it."""
+    import time
+
+    import psycopg
+
+    from bench.load import postgres_cpu_seconds
+
+    with psycopg.connect(pg_server) as conn:
+        before = postgres_cpu_seconds()
+        started = time.process_time()
+        conn.execute("SELECT count(*) FROM generate_series(1, 5000000)").fetchone()  # the backend's work
+        after = postgres_cpu_seconds()
+    assert time.process_time() - started < 0.2  # (this process only waited)
+    assert after - before >= 0.2, (before, after)

@@ -156,3 +156,46 @@ def test_a_caller_bound_as_anything_but_text_takes_the_general_line(stream: io.S
     logs.rpc("OK", 1.5)
     [line] = _lines(stream)
     assert line["caller"] == "c1" and line["role"] is None and line["latency_ms"] == 1.5
+
+
+def test_a_field_bound_again_carries_its_last_value_in_both_lines(stream: io.StringIO) -> None:
+    """A call field first bound to something that is not text, then to text (or the other way
+    round), shows its last value in the access line and in structlog's lines alike."""
+    logs.begin_call("rid-1", "/m")
+    logs.bind_call(caller=1, role=None)
+    logs.bind_caller("c1", "advisor")
+    structlog.get_logger("t").info("other")
+    logs.rpc("OK", 1.0)
+    logs.bind_call(caller=2)
+    logs.rpc("OK", 2.0)
+    first, access, again = _lines(stream)
+    assert (first["caller"], first["role"]) == (access["caller"], access["role"]) == ("c1", "advisor")
+    assert again["caller"] == 2 and again["role"] == "advisor"
+
+
+def test_only_plain_file_streams_are_written_through_their_descriptor(tmp_path: object) -> None:
+    import gzip
+    import os
+    from pathlib import Path
+    base = Path(str(tmp_path))
+    with (base / "plain.log").open("w") as plain:
+        assert logs._plain_fd(plain) == plain.fileno()
+    for transforming in (io.TextIOWrapper(io.BytesIO()), (base / "wide.log").open("w", encoding="utf-16"),
+                         io.TextIOWrapper(gzip.open(base / "z.gz", "wb")), io.StringIO()):
+        assert logs._plain_fd(transforming) is None, transforming  # written as text, as before
+        transforming.close()
+    with gzip.open(base / "z2.gz", "wt") as zipped:
+        logs.configure("info", stream=zipped)
+        logs.rpc("OK", 1.0)
+    assert json.loads(gzip.open(base / "z2.gz", "rt").read())["event"] == "rpc"  # compressed, not raw bytes
+    # A closed stream refuses the line (its descriptor's number may be another file's by now).
+    closed = (base / "closed.log").open("w")
+    logs.configure("info", stream=closed)
+    closed.close()
+    other = os.open(base / "other.log", os.O_WRONLY | os.O_CREAT)  # likely takes the freed number
+    try:
+        with pytest.raises(ValueError):
+            logs.rpc("OK", 1.0)
+    finally:
+        os.close(other)
+    assert (base / "other.log").read_text() == ""

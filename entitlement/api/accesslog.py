@@ -102,7 +102,8 @@ class _Logged:
                 self._context.abort_with_status(errors.internal_status(self._rid))
             return False  # no exception, or one that is not an Exception (GeneratorExit): as it is
         finally:
-            # Milliseconds to the microsecond (what round(x, 3) gives, without its decimal detour).
+            # Milliseconds to the microsecond: what round(x, 3) gives (but at exact half-microsecond
+            # ties, rounded up here), without its detour through a decimal string.
             logs.rpc(code, int((time.perf_counter() - self._started) * 1_000_000 + 0.5) / 1000)
 
 
