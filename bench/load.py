@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from bench.common import collector_out_of_the_way
 from bench.config import ACTIVATE, LIST, METHOD_PATHS, PLATFORM_ID, PROGRAM, FillSpec, LoadSpec, PagesSpec, SeedSpec
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -238,6 +239,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
     """Closed loop (`concurrency` calls in flight) or open loop (`rate` calls a second, each sent on
     time whatever the others' fate, its latency counted from when it was due) for warmup + seconds;
     the window after the warm-up is measured. With a pool, the window ends when the pool runs dry."""
+    collector_out_of_the_way()
     metadata = _bearer(spec.token)
     pids = spec.server_pids or (spec.server_pid,)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{spec.port}", options=CHANNEL_OPTIONS)

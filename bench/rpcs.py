@@ -59,7 +59,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.common import say
+from bench.common import collector_out_of_the_way, say
 from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, FUNDER_ID, LIST,
                           PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, FillSpec,
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
@@ -207,6 +207,7 @@ class Runner:
     def _round(self, group: list[Server], method: str, seconds: float, concurrency: int = 0, rate: float = 0.0,
                warmup: float | None = None, **kw: Any) -> dict[str, Any]:
         cfg, head = self.cfg, group[0]
+        collector_out_of_the_way()
         kw.setdefault("requests", ())
         before = head.counts() if head.spec.count_queries else {}
         m: dict[str, Any] = self.client.ask("run", LoadSpec(
