@@ -222,6 +222,7 @@ class RunResult:
     part: str = ""                # "" (main runs), "scaling" (1 vs 2 processes), "pinning" (pinned vs not)
     cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 and 1" for 2)
     postgres_cpu_s: float = 0.0   # every process named postgres (its backends and workers), same windows
+    server_p99_ms: float = float("nan")  # open loop: p99 of the handlers' own latency (the servers' access log)
 
     @property
     def other_cores(self) -> float:

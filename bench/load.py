@@ -337,7 +337,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         # /proc walks (context switches, the database's CPU) are just outside it, so that what they
         # cost is neither counted as the client's nor stretches the interval.
         d0, x0 = postgres_cpu_seconds(), sum(context_switches(p) for p in pids)
-        w0 = time.perf_counter()
+        w0, wall0 = time.perf_counter(), time.time()
         s0, c0, m0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
@@ -361,7 +361,8 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             "latencies": array("d", latencies).tobytes(),
             "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
             "machine_cpu_s": (m1 - m0) * scale, "server_switches": (x1 - x0) * scale,
-            "postgres_cpu_s": (d1 - d0) * scale}
+            "postgres_cpu_s": (d1 - d0) * scale,
+            "wall_start": wall0 - (w0 - t_start), "wall_end": wall0 - (w0 - t_start) + window}
 
 
 async def fill(spec: FillSpec) -> int:
