@@ -50,7 +50,11 @@ POOLS: dict[str, deque[bytes]] = {}  # named pools of requests, each used once
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
-        data = fh.read()
+        return _stat_cpu(fh.read())
+
+
+def _stat_cpu(data: bytes) -> float:
+    """utime + stime, in seconds, of a /proc/<pid>/stat record."""
     fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) "; field 3 is fields[0]
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
@@ -86,7 +90,7 @@ def postgres_cpu_seconds() -> float:
     """CPU seconds (user + system) of every live process named postgres: the database's backends
     and workers, whoever their clients are. A process that ends between two readings takes its
     count with it (the benchmark's backends live as long as its pool)."""
-    total = 0
+    total = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -95,11 +99,9 @@ def postgres_cpu_seconds() -> float:
                 stat = fh.read()
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        head, _, rest = stat.rpartition(b")")
-        if head.endswith(b"(postgres"):
-            fields = rest.split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / CLK_TCK
+        if stat[:stat.rindex(b")")].endswith(b"(postgres"):
+            total += _stat_cpu(stat)
+    return total
 
 
 def client(conn: Connection) -> None:

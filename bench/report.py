@@ -204,7 +204,7 @@ def foreign_load(results: list[RunResult]) -> float:
     other than the server and the load generator (PostgreSQL runs excluded: its backends count)."""
     rs = [r for r in results if r.backend != "postgres" and r.seconds]
     total = sum(r.seconds for r in rs)
-    return sum(max(0.0, r.machine_cpu_s - r.server_cpu_s - r.client_cpu_s) for r in rs) / total if total else 0.0
+    return sum(r.other_cores * r.seconds for r in rs) / total if total else 0.0
 
 
 def saturation(results: list[RunResult], nproc: int) -> str:
