@@ -3,7 +3,7 @@ drive them from a load-generator process, print the table and write BENCHMARKS.m
 
 Settings (environment):
   BENCH_SECONDS      measured seconds per model and case (5), split into BENCH_ROUNDS rounds (4) in
-                     which sync and aio alternate (A B, B A, A B, B A)
+                     which the models alternate (sync aio aio-inline, then backwards, ...)
   BENCH_WARMUP       unmeasured seconds of calls before each round (0.5)
   BENCH_CONCURRENCY  calls in flight (8,32)
   BENCH_PEOPLE       synthetic registry size (20000); BENCH_ACTIVATIONS redeemed activations (200)
@@ -113,9 +113,11 @@ def probes(common: Common, person: tuple[str, dt.date],
     ]
 
 
-def compare_probes(labels: list[str], answers: list[list[tuple[str, bytes]]]) -> list[str]:
-    """Differences between the models' answers (errors compared as parsed google.rpc.Status with
-    unpacked details: map fields such as ErrorInfo.metadata serialize in no fixed order)."""
+def compare_probes(labels: list[str], answers: list[list[tuple[str, bytes]]],
+                   models: tuple[str, ...] = (SYNC, AIO)) -> list[str]:
+    """Differences between the first model's answers and each other's (errors compared as parsed
+    google.rpc.Status with unpacked details: map fields such as ErrorInfo.metadata serialize in no
+    fixed order)."""
     from google.rpc import error_details_pb2, status_pb2
 
     def status(body: bytes) -> tuple[Any, ...]:
@@ -134,10 +136,11 @@ def compare_probes(labels: list[str], answers: list[list[tuple[str, bytes]]]) ->
 
     diffs = []
     for label, row in zip(labels, answers):
-        (code_a, body_a), (code_b, body_b) = row
-        same = code_a == code_b and (body_a == body_b if code_a == "OK" else status(body_a) == status(body_b))
-        if not same:
-            diffs.append(f"{label}: sync {code_a} vs aio {code_b}")
+        code_a, body_a = row[0]
+        for model, (code_b, body_b) in zip(models[1:], row[1:]):
+            same = code_a == code_b and (body_a == body_b if code_a == "OK" else status(body_a) == status(body_b))
+            if not same:
+                diffs.append(f"{label}: {models[0]} {code_a} vs {model} {code_b}")
     return diffs
 
 
@@ -214,15 +217,17 @@ def main() -> int:
                     accounts = [acc for acc, _, _ in seeded]
                     say(f"bench: {backend}: {len(accounts)} activations created and redeemed through the RPCs "
                         f"({time.monotonic() - t:.1f} s)")
-                    with servers([server_spec(AIO, cfg, common, backend, url)]) as aio_srv:
+                    others = tuple(m for m in MODELS if m != SYNC)
+                    with servers([server_spec(m, cfg, common, backend, url) for m in others]) as aio_srv:
                         srv = {**sync_srv, **aio_srv}
                         _, agency_id, birth = seeded[0]
                         pr = probes(common, (agency_id, dt.date.fromisoformat(birth)), accounts)
-                        answers = client.ask("probe", ([srv[SYNC].port, srv[AIO].port], pr))
-                        diffs = compare_probes([p[0] for p in pr], answers)
-                        parity.append(f"{backend}: {len(pr) - len(diffs)}/{len(pr)} identical"
+                        answers = client.ask("probe", ([srv[m].port for m in MODELS], pr))
+                        diffs = compare_probes([p[0] for p in pr], answers, MODELS)
+                        parity.append(f"{backend}: {len(pr) * len(others) - len(diffs)}/{len(pr) * len(others)} identical "
+                                      f"({', '.join(others)} against sync)"
                                       + (f" (DIFFERENT: {'; '.join(diffs)})" if diffs else ""))
-                        say(f"bench: {backend}: parity probes sync vs aio: {parity[-1]}")
+                        say(f"bench: {backend}: parity probes: {parity[-1]}")
                         if diffs:
                             raise SystemExit("bench: the aio variant does not answer like the sync server; "
                                              "fix bench/aio_server.py before comparing speed")

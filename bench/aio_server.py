@@ -14,6 +14,11 @@ Same servicers, same interceptors' code, same options; what differs is the serve
   whose abort_with_status raises, and the adapter awaits the real abort. Work per call is the same
   code in both models: request id, log binding, bearer check, role table, error mapping, one access
   log line.
+
+`build(..., inline=HOT_READS)` (model aio-inline) runs the unary methods named there on the event
+loop itself instead of the pool: no thread hand-over at all for those calls (the sync server cannot
+do this: its handler waits for the request message, which only its polling thread delivers). Only
+for SQLite's reads: a PostgreSQL round trip would stop the loop meanwhile.
 """
 
 from __future__ import annotations
@@ -177,13 +182,67 @@ def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
     return wrapper
 
 
-class AsyncServicer:
-    """An async servicer of `service` whose methods offload the sync servicer's methods."""
+class InlineContext(SyncContext):
+    """The same, for a method run on the event loop itself: every call goes straight to the aio
+    context (through the loop, it would wait for itself)."""
 
-    def __init__(self, sync_servicer: Any, service: ServiceDescriptor, executor: futures.Executor) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        if self._context.done():
+            return False
+        self._context.add_done_callback(lambda _context: callback())
+        return True
+
+    def is_active(self) -> bool:
+        return not self._context.done()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()  # type: ignore[no-any-return]
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(details)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata(metadata)
+
+    def code(self) -> Any:
+        return self._context.code()
+
+
+def _inline(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """An async unary method that runs the sync unary `method` on the event loop (no thread)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return method(request, InlineContext(context))
+        except _AbortFromThread as abort:
+            await _reraise_abort(context, abort)
+
+    call.__name__ = method.__name__
+    return call
+
+
+# The model aio-inline's methods run on the event loop: the reads of bench/__main__.py's cases.
+HOT_READS = frozenset({"CheckEligibility", "VerifyEntitlement"})
+
+
+class AsyncServicer:
+    """An async servicer of `service` whose methods offload the sync servicer's methods, except the
+    unary ones named in `inline`, run on the event loop."""
+
+    def __init__(self, sync_servicer: Any, service: ServiceDescriptor, executor: futures.Executor,
+                 inline: frozenset[str] = frozenset()) -> None:
         for m in service.methods:
-            setattr(self, m.name, _offload(getattr(sync_servicer, m.name), executor,
-                                           m.client_streaming, m.server_streaming))
+            method = getattr(sync_servicer, m.name)
+            if m.name in inline and not m.client_streaming and not m.server_streaming:
+                setattr(self, m.name, _inline(method))
+            else:
+                setattr(self, m.name, _offload(method, executor, m.client_streaming, m.server_streaming))
 
 
 # --------------------------------------------------------------------------------- interceptors
@@ -277,15 +336,17 @@ def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any,
     return out
 
 
-def build(ctx: Context, executor: futures.ThreadPoolExecutor) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """The aio twin of entitlement.server_main.start (not started; add a port and start it)."""
+def build(ctx: Context, executor: futures.ThreadPoolExecutor,
+          inline: frozenset[str] = frozenset()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The aio twin of entitlement.server_main.start (not started; add a port and start it); the
+    unary methods named in `inline` run on the event loop."""
     server = grpc.aio.server(
         interceptors=[AsyncScopeInterceptor(AccessLogInterceptor()), AsyncScopeInterceptor(CallerInterceptor(ctx.callers))],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
     )
     for sync_servicer, service, add in servicers(ctx):
-        add(AsyncServicer(sync_servicer, service, executor), server)
+        add(AsyncServicer(sync_servicer, service, executor, inline), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -22,11 +22,12 @@ FUNDER_ID = "ministry-of-labour"  # a funder of PROGRAM
 
 # Server models: the two under test, and the echo floor of each.
 SYNC, AIO = "sync", "aio"
+AIO_INLINE = "aio-inline"  # aio with the hot reads (CheckEligibility, VerifyEntitlement) run on the event loop
 SYNC_ECHO, AIO_ECHO = "sync-echo", "aio-echo"
 AIO_ECHO_INLINE = "aio-echo-inline"  # aio echo answered on the event loop: what the thread hop costs
-MODELS = (SYNC, AIO)
+MODELS = (SYNC, AIO, AIO_INLINE)
 ECHO_MODELS = (SYNC_ECHO, AIO_ECHO, AIO_ECHO_INLINE)
-ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO}
+ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO, AIO_INLINE: AIO_ECHO_INLINE}
 
 CHECK, VERIFY, ECHO = "CheckEligibility", "VerifyEntitlement", "Echo"
 ACTIVATE, REDEEM, LIST = "ActivateEntitlement", "RedeemActivationToken", "ListActivations"
@@ -108,7 +109,7 @@ class BenchConfig:
 class ServerSpec:
     """What a server process needs: built from plain values, so it crosses `spawn` as is."""
 
-    kind: str               # sync | aio | sync-echo | aio-echo | aio-echo-inline
+    kind: str               # sync | aio | aio-inline | sync-echo | aio-echo | aio-echo-inline
     workers: int
     log_path: Path
     log_level: str = "info"

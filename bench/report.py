@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.config import AIO, AIO_ECHO_INLINE, CHECK, ECHO, ECHO_MODELS, ECHO_OF, MODELS, SYNC, VERIFY, RunResult
+from bench.config import AIO, AIO_ECHO_INLINE, AIO_INLINE, CHECK, ECHO, ECHO_MODELS, ECHO_OF, MODELS, SYNC, VERIFY, RunResult
 
 # A difference in throughput below this is called small (and, with a single round, level).
 LEVEL = 0.05
@@ -59,6 +59,12 @@ def echo_of(results: list[RunResult], r: RunResult) -> RunResult | None:
     return None
 
 
+def _ratio(r: RunResult, results: list[RunResult]) -> float:
+    """req/s over the echo floor of the same model at the same concurrency (nan without one)."""
+    e = echo_of(results, r)
+    return r.rps / e.rps if e and e.rps else float("nan")
+
+
 def _row(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
     e = echo_of(results, r)
     ratio = f"{r.rps / e.rps:.2f}" if e and e.rps else "-"
@@ -105,13 +111,13 @@ def _pct(ratio: float) -> str:
     return f"{abs(ratio - 1) * 100:.0f}%"
 
 
-def pairs(results: list[RunResult]) -> list[tuple[RunResult, RunResult]]:
-    """(sync, aio) runs of the same backend, RPC and concurrency, real handlers only."""
+def pairs(results: list[RunResult], other: str = AIO) -> list[tuple[RunResult, RunResult]]:
+    """(sync, other model) runs of the same backend, RPC and concurrency, real handlers only."""
     out = []
     for s in results:
         if s.model == SYNC and s.method != ECHO:
             for a in results:
-                if (a.model == AIO and a.backend == s.backend and a.method == s.method
+                if (a.model == other and a.backend == s.backend and a.method == s.method
                         and a.concurrency == s.concurrency):
                     out.append((s, a))
     return out
@@ -196,7 +202,27 @@ def conclusion(results: list[RunResult]) -> str:
                     + (", so our handlers' own work, not the server model, decides the throughput."
                        if abs(aio_echo_us - sync_echo_us) < 0.1 * handler_us else "."))
     return (f"{head} Per backend, aio/sync throughput is {', '.join(by_backend)}. Server CPU per call aio/sync: "
-            f"{cpu:.2f}x; p99 latency aio/sync: {p99:.2f}x.{echo_txt}")
+            f"{cpu:.2f}x; p99 latency aio/sync: {p99:.2f}x.{echo_txt}{inline_text(results)}")
+
+
+def inline_text(results: list[RunResult]) -> str:
+    """What running the hot reads on the event loop (model aio-inline) does, per backend and RPC:
+    its throughput over the sync server's, and each model's ratio to its own echo floor."""
+    ps = [(s, a) for s, a in pairs(results, AIO_INLINE) if s.rps and a.rps]
+    if not ps:
+        return ""
+    parts = []
+    for backend in dict.fromkeys(s.backend for s, _ in ps):
+        for method in dict.fromkeys(s.method for s, _ in ps if s.backend == backend):
+            here = [(s, a) for s, a in ps if s.backend == backend and s.method == method]
+            g = _gmean(a.rps / s.rps for s, a in here)
+            xs = [x for s, _ in here if not math.isnan(x := _ratio(s, results))]
+            xi = [x for _, a in here if not math.isnan(x := _ratio(a, results))]
+            parts.append(f"{backend} {method} {g:.2f}x (x echo {_gmean(xs):.2f} on sync, {_gmean(xi):.2f} on "
+                         f"aio-inline)")
+    return (" With the hot reads run on the event loop instead of a pool thread (aio-inline: no thread "
+            "hand-over for those calls), throughput over the sync server's, and each model's ratio to its "
+            f"own echo floor (geometric means over the concurrency levels): {'; '.join(parts)}.")
 
 
 def foreign_load(results: list[RunResult]) -> float:
@@ -234,7 +260,7 @@ def markdown(method: Method, results: list[RunResult]) -> str:
     skipped = f" ({method.skipped})" if method.skipped else ""
     pg = f" (PostgreSQL {method.postgres_version})" if method.postgres_version else ""
     per_round = method.seconds / method.rounds
-    return f"""## Server models: sync thread pool vs grpc.aio
+    return f"""## Server models: sync thread pool vs grpc.aio (hot reads on a pool thread or on the event loop)
 
 Written by `python -m bench` (the server-model part of `make bench`, code in `bench/`); each run rewrites this section.
 
@@ -244,9 +270,9 @@ Question: for our real handlers, is the sync thread-pool gRPC server (`entitleme
 
 - Machine: `nproc` = {method.nproc} ({method.cpu}), {method.memory_gib:.0f} GiB. Run on {method.date}; {method.elapsed_s:.0f} s in all. Python {method.python}, grpcio {method.grpcio}. Code: {method.commit}.
 - Backends: {", ".join(method.backends)}{pg}{skipped}. Synthetic registry of {method.people:,} people; {method.activations} activations created and redeemed to platform accounts through the real RPCs. CheckEligibility (advisor, program premium-job-seekers) cycles over registry people; VerifyEntitlement (platform) over the redeemed accounts. FixedClock at 2026-03-16. Servers log at `{method.log_level}` (one JSON access line per call) to a file.
-- Server models, each in its own process: **sync** = `server_main.start` unchanged (ThreadPoolExecutor of {method.workers}, both interceptors); **aio** = `grpc.aio.server` running the same servicer methods with `loop.run_in_executor` on a ThreadPoolExecutor of {method.workers}, and the two interceptors' own `scope()` code adapted as aio interceptors (`bench/aio_server.py`); **sync-echo** / **aio-echo** = the same two set-ups with no interceptor and one bytes-in/bytes-out method (aio-echo hops to the pool as our handlers must; **aio-echo-inline** answers on the event loop, to show what the hop costs).
-- Parity check before timing, same requests to both models (successes and each error path): {method.parity}.
-- Load: one grpc.aio client process, one channel, pre-serialized requests, {conc} calls in flight. Each case (model x RPC x concurrency) is measured for {method.seconds:g} s in {method.rounds} rounds of {per_round:g} s, each after {method.warmup:g} s of warm-up calls; sync and aio alternate round by round (A B, B A, ...), and the conclusion compares adjacent rounds. Client and server share the {method.nproc} cores.
+- Server models, each in its own process: **sync** = `server_main.start` unchanged (ThreadPoolExecutor of {method.workers}, both interceptors); **aio** = `grpc.aio.server` running the same servicer methods with `loop.run_in_executor` on a ThreadPoolExecutor of {method.workers}, and the two interceptors' own `scope()` code adapted as aio interceptors (`bench/aio_server.py`); **aio-inline** = the same aio server with the two hot reads (CheckEligibility, VerifyEntitlement) run on the event loop itself (no thread hand-over; the sync server cannot do this, its handler waits for the request message that only its polling thread delivers; a blocking PostgreSQL round trip then stops the loop); **sync-echo** / **aio-echo** = the same set-ups with no interceptor and one bytes-in/bytes-out method (aio-echo hops to the pool as our handlers must; **aio-echo-inline** answers on the event loop, the floor of aio-inline).
+- Parity check before timing, same requests to every model (successes and each error path): {method.parity}.
+- Load: one grpc.aio client process, one channel, pre-serialized requests, {conc} calls in flight. Each case (model x RPC x concurrency) is measured for {method.seconds:g} s in {method.rounds} rounds of {per_round:g} s, each after {method.warmup:g} s of warm-up calls; the models alternate round by round (sync, aio, aio-inline, then the other way round, ...), and the conclusion compares rounds of the same index. Client and server share the {method.nproc} cores.
 - Columns: req/s = calls completed OK in the measured windows / their length; x echo = req/s over the echo server of the same model at the same concurrency; p50/p95/p99 = client-side latency; srv CPU s = utime+stime of the server process (/proc/PID/stat) over the {method.seconds:g} s measured; srv CPU/call = that per call; cli CPU s = the client's.
 - Other load on the machine: load average {method.loadavg} when the run began; during the echo and SQLite windows, processes other than the server and the client used {foreign_load(results):.2f} cores on average. Absolute figures drift by up to a third between invocations on this shared VM; compare models within one run.
 

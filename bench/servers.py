@@ -5,6 +5,7 @@ Models:
 - sync:      entitlement.server_main.start(ctx, "127.0.0.1:0"), the real server, unchanged;
 - aio:       bench.aio_server.build(ctx, executor), the grpc.aio twin (same servicers, same
              interceptors' code, handlers offloaded to a thread pool of the same size);
+- aio-inline: the same, with the hot reads (bench.aio_server.HOT_READS) run on the event loop;
 - sync-echo: grpc.server built like server_main.start (same pool size and options), no
              interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
@@ -39,7 +40,7 @@ from concurrent import futures
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
+from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, AIO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
 from entitlement import affinity
 
 OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
@@ -125,7 +126,7 @@ def serve(spec: ServerSpec, conn: Connection) -> None:
         affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
         if spec.kind in (SYNC, SYNC_ECHO):
             _serve_sync(spec, conn)
-        elif spec.kind in (AIO, AIO_ECHO, AIO_ECHO_INLINE):
+        elif spec.kind in (AIO, AIO_INLINE, AIO_ECHO, AIO_ECHO_INLINE):
             asyncio.run(_serve_aio(spec, conn))
         else:
             raise ValueError(f"unknown server model {spec.kind!r}")
@@ -199,10 +200,11 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     executor = futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc")
     ctx = None
-    if spec.kind == AIO:
+    if spec.kind in (AIO, AIO_INLINE):
         from bench import aio_server
         ctx = _context(spec)
-        server, health_servicer = aio_server.build(ctx, executor)
+        server, health_servicer = aio_server.build(
+            ctx, executor, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())
     else:
         async def echo(request: bytes, context: Any) -> bytes:
             if spec.kind == AIO_ECHO_INLINE:
@@ -215,7 +217,7 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     if port == 0:
         raise SystemExit("cannot listen on 127.0.0.1:0")
     await server.start()
-    if spec.kind == AIO:
+    if spec.kind in (AIO, AIO_INLINE):
         await aio_server.set_serving(health_servicer)
     conn.send(("ready", port, os.getpid()))
     # A dedicated thread waits for "stop" so the event loop stays free (and the RPC pool untouched).
