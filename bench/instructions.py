@@ -47,10 +47,11 @@ from bench.servers import OPTIONS, _echo
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
 from entitlement.clock import SystemClock
-from entitlement.config import ROOT
+from entitlement.config import ROOT, Settings
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
+from entitlement.server_main import max_concurrent_rpcs, tune_gc
 from entitlement.tokens import KeyStore
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc)
@@ -78,11 +79,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 300) ->
 def echo_server(port: int) -> None:
     """The floor: the bench's sync echo server (bench/servers.py: built as entitlement.server_main
     builds ours, no behaviour), served until killed."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
-                         options=OPTIONS, maximum_concurrent_rpcs=16 * 8)
+    settings = Settings()  # the defaults server.py runs with: its pool size and concurrency bound
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+                         options=OPTIONS,
+                         maximum_concurrent_rpcs=max_concurrent_rpcs(settings.max_workers, settings.stream_workers))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
+    tune_gc()  # as server.py's serve_forever
     server.start()
     server.wait_for_termination()
 
@@ -271,7 +275,7 @@ def write_section(rows: list[tuple[str, int, int, float]], seconds: float) -> No
         "the calls, average out over such a window (with 300 calls a verification read 0.58 or 0.62 of echo "
         "depending on whether a collection fell inside it).",
         "- Servers: `server.py` as in production (SQLite, 2,000 synthetic people, one JSON access line per "
-        "call, rate limit off) and an echo server built the same way (same `grpc.server`, pool and options, "
+        "call, rate limit off) and an echo server built the same way (same `grpc.server`, pool, options and collector tuning, "
         "no behaviour; 80-byte payload and an `authorization` header like ours).",
         f"- ListActivations: a funder's ({FUNDER}) first page of {LIST_PAGE}, newest first, over the activations "
         "the ActivateEntitlement calls made (real decisions, each with its caps' counters); per row = per call / "

@@ -180,7 +180,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
         return
     # The same bound as server_main.start's.
     from entitlement.config import Settings
-    from entitlement.server_main import max_concurrent_rpcs
+    from entitlement.server_main import max_concurrent_rpcs, tune_gc
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
                          options=_options(spec),
                          maximum_concurrent_rpcs=max_concurrent_rpcs(spec.workers, Settings().stream_workers))
@@ -189,6 +189,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     port = server.add_insecure_port(f"127.0.0.1:{spec.port}")
     if port == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{spec.port}")
+    tune_gc()  # the floor built as ours is, its collector tuning included
     server.start()
     conn.send(("ready", port, os.getpid()))
     _serve_until_stop(conn, None)
@@ -216,6 +217,8 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         raise SystemExit("cannot listen on 127.0.0.1:0")
+    from entitlement.server_main import tune_gc
+    tune_gc()  # every model, ours and echo, with the collector tuning of server.py
     await server.start()
     if spec.kind in (AIO, AIO_INLINE):
         await aio_server.set_serving(health_servicer)
