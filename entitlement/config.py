@@ -26,12 +26,15 @@ def _bool(name: str, default: bool) -> bool:
     raise SystemExit(f"{name} must be 1 or 0, got {raw!r}")
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int, minimum: int | None = None) -> int:
     raw = _env(name, str(default))
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise SystemExit(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class Settings:
     token_ttl_days: int = 30
     max_workers: int = 4  # threads for the unary calls (entitlement/server_main.py: fewer fight less over the GIL)
     stream_workers: int = 8  # threads for streaming calls (change streams, log streams, imports), apart
+    # Calls a server process accepts at once, queued ones included (beyond: RESOURCE_EXHAUSTED from
+    # gRPC itself); 0: 8 per thread of the two pools (entitlement/server_main.py).
+    max_concurrent_rpcs: int = 0
     processes: int = 1
     # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
     cpu_affinity: affinity.Setting = affinity.AUTO
@@ -125,6 +131,7 @@ class Settings:
             token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days),
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
+            max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
             cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),

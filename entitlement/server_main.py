@@ -59,9 +59,11 @@ class Running:
             self.stream_pool.shutdown(wait=False)  # its calls were ended with the server's
 
 
-def max_concurrent_rpcs(unary_workers: int, stream_workers: int) -> int:
-    """Calls accepted at once (beyond: RESOURCE_EXHAUSTED): 8 per thread of the two pools."""
-    return (unary_workers + stream_workers) * 8
+def max_concurrent_rpcs(unary_workers: int, stream_workers: int, configured: int = 0) -> int:
+    """Calls accepted at once, those waiting for a thread included (beyond: RESOURCE_EXHAUSTED,
+    answered by gRPC itself before any handler): `configured` (ENTITLEMENT_MAX_CONCURRENT_RPCS)
+    when set, else 8 per thread of the two pools."""
+    return configured if configured > 0 else (unary_workers + stream_workers) * 8
 
 
 def start(ctx: Context, listen: str) -> Running:
@@ -88,7 +90,8 @@ def start(ctx: Context, listen: str) -> Running:
         # connections); a single process keeps it off so that a port in use is an error.
         options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=max_concurrent_rpcs(ctx.settings.max_workers, ctx.settings.stream_workers),
+        maximum_concurrent_rpcs=max_concurrent_rpcs(ctx.settings.max_workers, ctx.settings.stream_workers,
+                                                    ctx.settings.max_concurrent_rpcs),
     )
     # Our services' methods are wrapped once in the behaviours (not server interceptors: see
     # entitlement.api.wrapping); health and reflection are served bare.
@@ -134,6 +137,7 @@ def serve_forever(ctx: Context) -> None:
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
+             max_concurrent_rpcs=max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs),
              cpus=affinity.cpus_of("self"))
     stopped = threading.Event()
 
