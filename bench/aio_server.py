@@ -1,24 +1,21 @@
 """The grpc.aio variant of entitlement.server_main.start, for the benchmark only.
 
-Same servicers, same interceptors' code, same options; what differs is the server model:
-- the handlers are async wrappers that run the *same sync servicer methods* in a ThreadPoolExecutor
-  of the same size as the sync server's (`loop.run_in_executor`), inside a copy of the call's
-  contextvars (as asyncio.to_thread does) so current_caller() and the structlog context bound by
-  the interceptors reach the handler thread; they get a SyncContext (the sync ServicerContext
-  calls they make, done on the event loop), and a server stream's responses reach the loop one
-  by one, each stream holding a pool thread as it does in the sync server;
-- grpc.aio refuses sync `grpc.ServerInterceptor`s, so each of our two interceptors is adapted by
-  an aio interceptor that runs the interceptor's own `scope()` context manager around the awaited
-  handler, on the event loop. The one thing scope() does that an aio context cannot take
-  synchronously is `context.abort_with_status` (a coroutine in grpc.aio): scope() gets a shim
-  whose abort_with_status raises, and the adapter awaits the real abort. Work per call is the same
-  code in both models: request id, log binding, bearer check, role table, error mapping, one access
-  log line.
-
-`build(..., inline=HOT_READS)` (model aio-inline) runs the unary methods named there on the event
-loop itself instead of the pool: no thread hand-over at all for those calls (the sync server cannot
-do this: its handler waits for the request message, which only its polling thread delivers). Only
-for SQLite's reads: a PostgreSQL round trip would stop the loop meanwhile.
+Same servicers, same behaviours around every call, same options; what differs is the server model.
+Each of our methods is wrapped ONCE, at registration, in the production behaviours exactly as the
+sync server wraps it (`server_main.call_behaviors`: access log, caller's identity, rate limit;
+`entitlement.api.wrapping.wrap_handler`: tolerant decoding, the call's deadline, pre-serialized
+answers), and the wrapped sync function is then run
+- in a ThreadPoolExecutor of the sync server's pool size (`loop.run_in_executor`, model aio), inside
+  a copy of the call's contextvars (as asyncio.to_thread does), with a SyncContext (the sync
+  ServicerContext calls our code makes, done on the event loop); a server stream's responses reach
+  the loop one by one, each stream holding a pool thread as it does in the sync server;
+- or, for the unary methods named in `inline` (model aio-inline: bench.aio_server.HOT_READS), on the
+  event loop itself, with an InlineContext: no thread hand-over at all for those calls (the sync
+  server cannot do this: its handler waits for the request message, which only its polling thread
+  delivers). Only for SQLite's reads: a PostgreSQL round trip would stop the loop meanwhile.
+An abort (our access log's `context.abort_with_status`) is raised through the sync code and awaited
+on the loop (`context.abort` is a coroutine in grpc.aio). Health and reflection are served bare, as
+in the sync server.
 """
 
 from __future__ import annotations
@@ -26,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
-import inspect
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from typing import Any
 
@@ -38,11 +34,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from entitlement.api import servicers as api_servicers
-from entitlement.api.accesslog import AccessLogInterceptor
-from entitlement.api.identity import CallerInterceptor
-from entitlement.api.wrapping import BehaviorInterceptor, passthrough
+from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
 from entitlement.app import Context
-from entitlement.server_main import SERVICE_NAMES
+from entitlement.server_main import SERVICE_NAMES, call_behaviors, max_concurrent_rpcs
 
 
 # ------------------------------------------------------------------------------------ servicers
@@ -231,85 +225,37 @@ def _inline(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 HOT_READS = frozenset({"CheckEligibility", "VerifyEntitlement"})
 
 
-class AsyncServicer:
-    """An async servicer of `service` whose methods offload the sync servicer's methods, except the
-    unary ones named in `inline`, run on the event loop."""
+class _AioRegistrar:
+    """Stands in for the server in the generated `add_*Servicer_to_server` functions (as the sync
+    server's WrappingRegistrar does): each method's handler wrapped once in `behaviors`, then served
+    by the aio server inline or offloaded (see the module docstring)."""
 
-    def __init__(self, sync_servicer: Any, service: ServiceDescriptor, executor: futures.Executor,
-                 inline: frozenset[str] = frozenset()) -> None:
-        for m in service.methods:
-            method = getattr(sync_servicer, m.name)
-            if m.name in inline and not m.client_streaming and not m.server_streaming:
-                setattr(self, m.name, _inline(method))
+    def __init__(self, server: grpc.aio.Server, behaviors: list[BehaviorInterceptor],
+                 executor: futures.Executor, inline: frozenset[str]) -> None:
+        self.server, self.behaviors, self.executor, self.inline = server, behaviors, executor, inline
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the generated code registers the same methods by name just after."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        served = {}
+        for name, handler in handlers.items():
+            w = wrap_handler(handler, f"/{service}/{name}", self.behaviors)
+            kw = {"request_deserializer": w.request_deserializer, "response_serializer": w.response_serializer}
+            if w.unary_unary is not None:
+                fn = (_inline(w.unary_unary) if name in self.inline
+                      else _offload(w.unary_unary, self.executor, False, False))
+                served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
+            elif w.unary_stream is not None:
+                served[name] = grpc.unary_stream_rpc_method_handler(
+                    _offload(w.unary_stream, self.executor, False, True), **kw)
+            elif w.stream_unary is not None:
+                served[name] = grpc.stream_unary_rpc_method_handler(
+                    _offload(w.stream_unary, self.executor, True, False), **kw)
             else:
-                setattr(self, m.name, _offload(method, executor, m.client_streaming, m.server_streaming))
-
-
-# --------------------------------------------------------------------------------- interceptors
-
-class _AbortRequested(Exception):
-    def __init__(self, status: grpc.Status) -> None:
-        super().__init__(status.code)
-        self.status = status
-
-
-class _AbortShim:
-    """Stands for the aio context inside a sync scope(): abort is deferred to the async adapter."""
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
-
-    def abort_with_status(self, status: grpc.Status) -> None:
-        raise _AbortRequested(status)
-
-    def code(self) -> Any:
-        return self._context.code()
-
-
-class AsyncScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Runs a BehaviorInterceptor's scope() around every call of any shape, for grpc.aio."""
-
-    def __init__(self, sync_interceptor: BehaviorInterceptor) -> None:
-        self.sync = sync_interceptor
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method, metadata = details.method, details.invocation_metadata
-        scope = self.sync.scope
-        kw = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": passthrough(handler.response_serializer)}  # as wrap_handler
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    with scope(method, metadata, _AbortShim(context)):
-                        return await inner(request, context)
-                except _AbortRequested as abort:
-                    await context.abort_with_status(abort.status)
-            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-            return make(unary_response, **kw)
-        inner_stream = handler.unary_stream or handler.stream_stream
-        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        if not inspect.isasyncgenfunction(inner_stream):  # a coroutine that writes with context.write
-            async def writing_response(request: Any, context: grpc.aio.ServicerContext) -> None:
-                try:
-                    with scope(method, metadata, _AbortShim(context)):
-                        await inner_stream(request, context)
-                except _AbortRequested as abort:
-                    await context.abort_with_status(abort.status)
-            return make(writing_response, **kw)
-
-        async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                with scope(method, metadata, _AbortShim(context)):
-                    async for item in inner_stream(request, context):
-                        yield item
-            except _AbortRequested as abort:
-                await context.abort_with_status(abort.status)
-        return make(stream_response, **kw)
+                served[name] = grpc.stream_stream_rpc_method_handler(
+                    _offload(w.stream_stream, self.executor, True, True), **kw)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, served),))
 
 
 # ------------------------------------------------------------------------------------- server
@@ -340,13 +286,14 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor,
           inline: frozenset[str] = frozenset()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The aio twin of entitlement.server_main.start (not started; add a port and start it); the
     unary methods named in `inline` run on the event loop."""
+    s = ctx.settings
     server = grpc.aio.server(
-        interceptors=[AsyncScopeInterceptor(AccessLogInterceptor()), AsyncScopeInterceptor(CallerInterceptor(ctx.callers))],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=ctx.settings.max_workers * 8,
+        maximum_concurrent_rpcs=max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs),
     )
-    for sync_servicer, service, add in servicers(ctx):
-        add(AsyncServicer(sync_servicer, service, executor, inline), server)
+    ours = _AioRegistrar(server, call_behaviors(ctx), executor, inline)
+    for sync_servicer, _service, add in servicers(ctx):
+        add(sync_servicer, ours)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

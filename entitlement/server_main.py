@@ -66,19 +66,27 @@ def max_concurrent_rpcs(unary_workers: int, stream_workers: int, configured: int
     return configured if configured > 0 else (unary_workers + stream_workers) * 8
 
 
+def call_behaviors(ctx: Context, monitor: DatabaseMonitor | None = None,
+                   client_certificates: bool = False) -> list[BehaviorInterceptor]:
+    """What runs around every call of our services, the first outermost (entitlement.api.wrapping):
+    the access log, the caller's identity, then the rate limit when one is set."""
+    behaviors: list[BehaviorInterceptor] = [
+        AccessLogInterceptor(on_outage=monitor.outage_seen if monitor else None),
+        CallerInterceptor(ctx.callers, client_certificates=client_certificates)]
+    limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
+    if limiter is not None:  # after the caller's: buckets are per authenticated caller
+        behaviors.append(limiter)
+    return behaviors
+
+
 def start(ctx: Context, listen: str) -> Running:
     """Serve on `listen`: TLS (mutual with a client CA) when the settings give a certificate; plaintext
     only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
     tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
     check_transport(listen, tls, ctx.settings.insecure)
     monitor = monitor_for(ctx.db, ctx.settings.db_ping_ms, ctx.settings.db_ping_timeout_ms)
-    behaviors: list[BehaviorInterceptor] = [
-        AccessLogInterceptor(on_outage=monitor.outage_seen if monitor else None),
-        # Without a client CA the server asks for no certificate: no call can carry one.
-        CallerInterceptor(ctx.callers, client_certificates=tls is not None and bool(ctx.settings.tls_client_ca_file))]
-    limiter = ratelimit.interceptor(ctx.settings.check_rate_per_min, ctx.settings.check_burst)
-    if limiter is not None:  # after the caller's: buckets are per authenticated caller
-        behaviors.append(limiter)
+    # Without a client CA the server asks for no certificate: no call can carry one.
+    behaviors = call_behaviors(ctx, monitor, client_certificates=tls is not None and bool(ctx.settings.tls_client_ca_file))
     # Streaming calls (change streams, log streams, registry imports) hold a thread while they last:
     # they get threads of their own, and the server's pool serves the unary calls only, so it can
     # stay small (fewer threads fight less over the interpreter lock: README "Status").

@@ -2,9 +2,9 @@
 rate limit), written once for every RPC shape (unary or streaming).
 
 They are applied by wrapping each method's handler ONCE, when the services are registered
-(`WrappingRegistrar`), not as gRPC server interceptors: a server interceptor runs on every call and
-builds a new method handler each time, which on the hot path cost more than a registry lookup.
-`BehaviorInterceptor` still works as a server interceptor (bench/aio_server.py uses that form).
+(`WrappingRegistrar`; bench/aio_server.py does the same for its grpc.aio twin), not as gRPC server
+interceptors: a server interceptor runs on every call and builds a new method handler each time,
+which on the hot path cost more than a registry lookup.
 
 It also decodes requests itself: bytes that are no valid message of the request type (corrupt or
 truncated wire format, invalid UTF-8 in a string) would make gRPC answer a bare INTERNAL
@@ -82,7 +82,9 @@ def _call_deadline(context: grpc.ServicerContext) -> AbstractContextManager[None
     return deadline.bound(context.time_remaining(), context.is_active)
 
 
-class BehaviorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class BehaviorInterceptor:
+    """A behaviour run around every call of the methods it applies to (see wrap_handler)."""
+
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> AbstractContextManager[None]:
         """The context every call of `method` runs in (override)."""
@@ -91,12 +93,6 @@ class BehaviorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def applies_to(self, method: str) -> bool:
         """Whether calls of `method` run in this behaviour's scope at all (override to skip)."""
         return True
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None or not self.applies_to(details.method):
-            return handler
-        return wrap_handler(handler, details.method, (self,))
 
 
 def _scoped(fn: Callable[[Any, grpc.ServicerContext], Any], method: str, behavior: BehaviorInterceptor,
