@@ -7,7 +7,7 @@ Settings (environment):
   BENCH_WARMUP       unmeasured seconds of calls before each round (0.5)
   BENCH_CONCURRENCY  calls in flight (8,32)
   BENCH_PEOPLE       synthetic registry size (20000); BENCH_ACTIVATIONS redeemed activations (200)
-  BENCH_WORKERS      thread-pool size of both models (the server's default, Settings.max_workers)
+  BENCH_WORKERS      unary thread-pool size of every model (the server's default, Settings.max_workers)
   BENCH_BACKENDS     sqlite,postgres (postgres is skipped when BENCH_PG_URL does not answer)
   BENCH_PG_URL       postgresql://postgres@127.0.0.1:5432/test (admin URL to create a throwaway db)
   BENCH_LOG_LEVEL    the servers' log level (info); their logs go to files in the temp dir
@@ -66,7 +66,7 @@ def verify_requests(accounts: list[str]) -> tuple[bytes, ...]:
 
 def probes(common: Common, person: tuple[str, dt.date],
            accounts: list[str]) -> list[tuple[str, str, str, bytes, tuple[tuple[str, str], ...]]]:
-    """Requests whose answers must be identical from both models: successes and each error path
+    """Requests whose answers must be identical from every model: successes and each error path
     the interceptors and handlers map (a fixed x-request-id makes error details comparable)."""
     from google.type import date_pb2
 
@@ -99,6 +99,7 @@ def probes(common: Common, person: tuple[str, dt.date],
         ("bad token", "uu", METHOD_PATHS[CHECK], ok_check, md("not-a-token")),
         ("wrong role", "uu", METHOD_PATHS[CHECK], ok_check, md(plat)),
         ("invalid fields", "uu", METHOD_PATHS[CHECK], bad, md(adv)),
+        ("undecodable request bytes", "uu", METHOD_PATHS[CHECK], b"\xff\xff\xff", md(adv)),
         ("as_of in the future", "uu", METHOD_PATHS[CHECK], future, md(adv)),
         ("ReportUsage, empty request", "uu", base + "ReportUsage", b"", md(plat)),
         ("GetSigningKeys", "uu", base + "GetSigningKeys", b"", md(plat)),

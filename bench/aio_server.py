@@ -12,10 +12,13 @@ answers), and the wrapped sync function is then run
 - or, for the unary methods named in `inline` (model aio-inline: bench.aio_server.HOT_READS), on the
   event loop itself, with an InlineContext: no thread hand-over at all for those calls (the sync
   server cannot do this: its handler waits for the request message, which only its polling thread
-  delivers). Only for SQLite's reads: a PostgreSQL round trip would stop the loop meanwhile.
+  delivers). Meant for SQLite's reads: on PostgreSQL it shows what a blocking round trip on the
+  loop costs (the loop stops meanwhile).
 An abort (our access log's `context.abort_with_status`) is raised through the sync code and awaited
-on the loop (`context.abort` is a coroutine in grpc.aio). Health and reflection are served bare, as
-in the sync server.
+on the loop (`context.abort` is a coroutine in grpc.aio). Streaming methods run on a pool of their
+own (`stream_executor`, the sync server's stream_workers), as in the sync server. Health and
+reflection are served bare, as in the sync server. Unlike it, the twin runs no database health
+monitor (no fail-fast during an outage, no health status change): the benchmark has no outage.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import asyncio
 import contextvars
 import importlib
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from typing import Any
@@ -57,10 +62,16 @@ class _AbortFromThread(Exception):
 
 class SyncContext:
     """The grpc.ServicerContext a sync servicer method expects, over the call's aio context, for
-    use from a pool thread (the calls our servicers and the sync server's API make)."""
+    use from a pool thread (the calls our servicers and the sync server's API make). Made on the
+    event loop: the call's deadline and its end are noted there, so that the deadline binding of
+    every call (time_remaining, is_active) costs the pool thread no trip to the loop."""
 
     def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> None:
         self._context, self._loop = context, loop
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._ended = threading.Event()
+        context.add_done_callback(lambda _context: self._ended.set())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         def register() -> bool:
@@ -71,10 +82,10 @@ class SyncContext:
         return bool(_on_loop(self._loop, register))
 
     def is_active(self) -> bool:
-        return not _on_loop(self._loop, self._context.done)
+        return not self._ended.is_set()
 
     def time_remaining(self) -> float | None:
-        return _on_loop(self._loop, self._context.time_remaining)  # type: ignore[no-any-return]
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def invocation_metadata(self) -> Any:
         return self._context.invocation_metadata()
@@ -231,8 +242,9 @@ class _AioRegistrar:
     by the aio server inline or offloaded (see the module docstring)."""
 
     def __init__(self, server: grpc.aio.Server, behaviors: list[BehaviorInterceptor],
-                 executor: futures.Executor, inline: frozenset[str]) -> None:
-        self.server, self.behaviors, self.executor, self.inline = server, behaviors, executor, inline
+                 executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str]) -> None:
+        self.server, self.behaviors, self.inline = server, behaviors, inline
+        self.executor, self.streams = executor, stream_executor
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Ignored: the generated code registers the same methods by name just after."""
@@ -248,13 +260,13 @@ class _AioRegistrar:
                 served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
             elif w.unary_stream is not None:
                 served[name] = grpc.unary_stream_rpc_method_handler(
-                    _offload(w.unary_stream, self.executor, False, True), **kw)
+                    _offload(w.unary_stream, self.streams, False, True), **kw)
             elif w.stream_unary is not None:
                 served[name] = grpc.stream_unary_rpc_method_handler(
-                    _offload(w.stream_unary, self.executor, True, False), **kw)
+                    _offload(w.stream_unary, self.streams, True, False), **kw)
             else:
                 served[name] = grpc.stream_stream_rpc_method_handler(
-                    _offload(w.stream_stream, self.executor, True, True), **kw)
+                    _offload(w.stream_stream, self.streams, True, True), **kw)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, served),))
 
 
@@ -282,16 +294,17 @@ def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any,
     return out
 
 
-def build(ctx: Context, executor: futures.ThreadPoolExecutor,
+def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: futures.ThreadPoolExecutor,
           inline: frozenset[str] = frozenset()) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """The aio twin of entitlement.server_main.start (not started; add a port and start it); the
-    unary methods named in `inline` run on the event loop."""
+    """The aio twin of entitlement.server_main.start (not started; add a port and start it): unary
+    calls offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
+    `inline` run on the event loop."""
     s = ctx.settings
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs),
     )
-    ours = _AioRegistrar(server, call_behaviors(ctx), executor, inline)
+    ours = _AioRegistrar(server, call_behaviors(ctx), executor, stream_executor, inline)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
     health_servicer = health.aio.HealthServicer()

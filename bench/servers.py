@@ -198,26 +198,30 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
 
 async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     import grpc
+    from entitlement.config import Settings
+    from entitlement.server_main import max_concurrent_rpcs, tune_gc
     loop = asyncio.get_running_loop()
     executor = futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc")
+    streams = futures.ThreadPoolExecutor(max_workers=max(Settings().stream_workers, 1), thread_name_prefix="rpc-stream")
     ctx = None
     if spec.kind in (AIO, AIO_INLINE):
         from bench import aio_server
         ctx = _context(spec)
         server, health_servicer = aio_server.build(
-            ctx, executor, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())
+            ctx, executor, streams, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())
     else:
         async def echo(request: bytes, context: Any) -> bytes:
             if spec.kind == AIO_ECHO_INLINE:
                 return request
             return await loop.run_in_executor(executor, _echo, request, None)
-        server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=spec.workers * 8)
+        # The same bound as server_main.start's.
+        server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs(
+            spec.workers, Settings().stream_workers))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         raise SystemExit("cannot listen on 127.0.0.1:0")
-    from entitlement.server_main import tune_gc
     tune_gc()  # every model, ours and echo, with the collector tuning of server.py
     await server.start()
     if spec.kind in (AIO, AIO_INLINE):
@@ -228,6 +232,7 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     await loop.run_in_executor(waiter, conn.recv)
     await server.stop(0)
     executor.shutdown(wait=True)
+    streams.shutdown(wait=True)
     waiter.shutdown(wait=False)
     if ctx is not None:
         ctx.db.dispose()
