@@ -48,8 +48,8 @@ check-gen: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/entitlement db upgrade
 
-## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models ~3 min; the five
-## hot RPCs against the echo floor, issue #8 targets, 1 vs 2 processes ~6 min; registry at 6 M rows
+## make bench: benchmarks, figures printed and kept in BENCHMARKS.md (server models, sync vs aio vs aio-inline, ~4 min; the five
+## hot RPCs against the echo floor, issue #8 targets, 1 vs 2 processes ~7 min; registry at 6 M rows
 ## ~5 min; token verification on one core ~30 s; audit log verification at 1 M events ~2 min; 1 M activations ~25 min on both backends;
 ## instructions per call under valgrind ~4 min, and where a check's and a verification's go ~20 s; an activation's storage floor and breakdown against
 ## the budget of the targets ~8 min).
