@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from entitlement.api import servicers as api_servicers
 from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
 from entitlement.app import Context
-from entitlement.server_main import SERVICE_NAMES, call_behaviors, max_concurrent_rpcs
+from entitlement.server_main import SERVICE_NAMES, call_behaviors, concurrency_limit
 
 
 # ------------------------------------------------------------------------------------ servicers
@@ -299,10 +299,9 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: f
     """The aio twin of entitlement.server_main.start (not started; add a port and start it): unary
     calls offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
     `inline` run on the event loop."""
-    s = ctx.settings
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs),
+        maximum_concurrent_rpcs=concurrency_limit(ctx.settings),
     )
     ours = _AioRegistrar(server, call_behaviors(ctx), executor, stream_executor, inline)
     for sync_servicer, _service, add in servicers(ctx):

@@ -51,7 +51,7 @@ from entitlement.config import ROOT, Settings
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
-from entitlement.server_main import max_concurrent_rpcs, tune_gc
+from entitlement.server_main import concurrency_limit, tune_gc
 from entitlement.tokens import KeyStore
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc)
@@ -82,7 +82,7 @@ def echo_server(port: int) -> None:
     settings = Settings()  # the defaults server.py runs with: its pool size and concurrency bound
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
                          options=OPTIONS,
-                         maximum_concurrent_rpcs=max_concurrent_rpcs(settings.max_workers, settings.stream_workers))
+                         maximum_concurrent_rpcs=concurrency_limit(settings))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -3,8 +3,9 @@ model, answers ("ready", port, pid) on `conn`, serves until it receives "stop", 
 
 Models:
 - sync:      entitlement.server_main.start(ctx, "127.0.0.1:0"), the real server, unchanged;
-- aio:       bench.aio_server.build(ctx, executor), the grpc.aio twin (same servicers, same
-             interceptors' code, handlers offloaded to a thread pool of the same size);
+- aio:       bench.aio_server.build(ctx, executor, streams), the grpc.aio twin (same servicers, each
+             method wrapped once in the same behaviours, calls offloaded to thread pools of the
+             same sizes);
 - aio-inline: the same, with the hot reads (bench.aio_server.HOT_READS) run on the event loop;
 - sync-echo: grpc.server built like server_main.start (same pool size and options), no
              interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;

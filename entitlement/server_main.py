@@ -21,6 +21,7 @@ from entitlement.api.identity import CallerInterceptor
 from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
+from entitlement.config import Settings
 from entitlement.dbhealth import DatabaseMonitor, monitor_for
 from entitlement.tls import check_transport, server_tls
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
@@ -66,6 +67,11 @@ def max_concurrent_rpcs(unary_workers: int, stream_workers: int, configured: int
     return configured if configured > 0 else (unary_workers + stream_workers) * 8
 
 
+def concurrency_limit(settings: Settings) -> int:
+    """The limit a server process with these settings enforces (max_concurrent_rpcs above)."""
+    return max_concurrent_rpcs(settings.max_workers, settings.stream_workers, settings.max_concurrent_rpcs)
+
+
 def call_behaviors(ctx: Context, monitor: DatabaseMonitor | None = None,
                    client_certificates: bool = False) -> list[BehaviorInterceptor]:
     """What runs around every call of our services, the first outermost (entitlement.api.wrapping):
@@ -98,8 +104,7 @@ def start(ctx: Context, listen: str) -> Running:
         # connections); a single process keeps it off so that a port in use is an error.
         options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=max_concurrent_rpcs(ctx.settings.max_workers, ctx.settings.stream_workers,
-                                                    ctx.settings.max_concurrent_rpcs),
+        maximum_concurrent_rpcs=concurrency_limit(ctx.settings),
     )
     # Our services' methods are wrapped once in the behaviours (not server interceptors: see
     # entitlement.api.wrapping); health and reflection are served bare.
@@ -145,7 +150,7 @@ def serve_forever(ctx: Context) -> None:
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
-             max_concurrent_rpcs=max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs),
+             max_concurrent_rpcs=concurrency_limit(s),
              cpus=affinity.cpus_of("self"))
     stopped = threading.Event()
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.config import CHECK, ECHO, ECHO_MODELS, MODELS, VERIFY
+from bench.config import AIO_INLINE, CHECK, ECHO, ECHO_MODELS, MODELS, SYNC, VERIFY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,8 +30,8 @@ def test_tiny_server_models_benchmark_runs_every_model(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    others = [m for m in MODELS if m != "sync"]
-    assert "aio-inline" in others
+    others = [m for m in MODELS if m != SYNC]
+    assert AIO_INLINE in others
     parity = re.search(r"parity probes: sqlite: (\d+)/(\d+) identical \((.*?) against sync\)", proc.stdout)
     assert parity, proc.stdout[-3000:]
     same, asked, models = int(parity[1]), int(parity[2]), parity[3].split(", ")

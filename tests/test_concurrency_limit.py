@@ -14,7 +14,7 @@ from own_server import own_server
 from support import Api
 
 from entitlement.config import Settings
-from entitlement.server_main import max_concurrent_rpcs
+from entitlement.server_main import concurrency_limit
 from entitlement.v1 import activation_pb2
 
 
@@ -56,12 +56,11 @@ def test_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ENTITLEMENT_MAX_CONCURRENT_RPCS", raising=False)
     d = Settings.from_env()
     assert d.max_concurrent_rpcs == 0
-    assert max_concurrent_rpcs(d.max_workers, d.stream_workers, d.max_concurrent_rpcs) == \
-        (d.max_workers + d.stream_workers) * 8
+    assert concurrency_limit(d) == (d.max_workers + d.stream_workers) * 8
     monkeypatch.setenv("ENTITLEMENT_MAX_CONCURRENT_RPCS", "500")
     s = Settings.from_env()
     assert s.max_concurrent_rpcs == 500
-    assert max_concurrent_rpcs(s.max_workers, s.stream_workers, s.max_concurrent_rpcs) == 500
+    assert concurrency_limit(s) == 500
     for bad in ("-1", "many"):
         monkeypatch.setenv("ENTITLEMENT_MAX_CONCURRENT_RPCS", bad)
         with pytest.raises(SystemExit) as info:
