@@ -32,7 +32,7 @@ from typing import Any
 from bench import report
 from bench.config import (ADVISOR_ID, AIO, CHECK, ECHO, ECHO_MODELS, METHOD_PATHS, MODELS, PLATFORM_CALLER_ID,
                           PROGRAM, SYNC, VERIFY, BenchConfig, LoadSpec, RunResult, SeedSpec, ServerSpec)
-from bench.common import say
+from bench.common import say, status_key
 from bench.prepare import Common, database, migrate_and_import, prepare_common
 from bench.procs import Client, Server, commit, machine, servers, usable_backends
 from bench.sections import replace_section
@@ -119,27 +119,11 @@ def compare_probes(labels: list[str], answers: list[list[tuple[str, bytes]]],
     """Differences between the first model's answers and each other's (errors compared as parsed
     google.rpc.Status with unpacked details: map fields such as ErrorInfo.metadata serialize in no
     fixed order)."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    def status(body: bytes) -> tuple[Any, ...]:
-        st = status_pb2.Status.FromString(body)
-        details: list[Any] = []
-        for d in st.details:
-            for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
-                if d.Is(cls.DESCRIPTOR):
-                    msg = cls()
-                    d.Unpack(msg)
-                    details.append(msg)
-                    break
-            else:
-                details.append(d)
-        return st.code, st.message, details
-
     diffs = []
     for label, row in zip(labels, answers):
         code_a, body_a = row[0]
         for model, (code_b, body_b) in zip(models[1:], row[1:]):
-            same = code_a == code_b and (body_a == body_b if code_a == "OK" else status(body_a) == status(body_b))
+            same = code_a == code_b and (body_a == body_b if code_a == "OK" else status_key(body_a) == status_key(body_b))
             if not same:
                 diffs.append(f"{label}: {models[0]} {code_a} vs {model} {code_b}")
     return diffs
@@ -231,7 +215,7 @@ def main() -> int:
                         say(f"bench: {backend}: parity probes: {parity[-1]}")
                         if diffs:
                             raise SystemExit("bench: the aio variant does not answer like the sync server; "
-                                             "fix bench/aio_server.py before comparing speed")
+                                             "fix entitlement/aio_server.py before comparing speed")
                         loads = {CHECK: (check_requests(common), common.tokens[ADVISOR_ID]),
                                  VERIFY: (verify_requests(accounts), common.tokens[PLATFORM_CALLER_ID])}
                         for method, (reqs, token) in loads.items():

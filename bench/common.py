@@ -37,3 +37,21 @@ def collector_out_of_the_way() -> None:
     a core from the server and the load generator."""
     gc.collect()
     gc.freeze()
+
+
+def status_key(body: bytes) -> tuple[object, ...]:
+    """A serialized google.rpc.Status as (code, message, details unpacked), for comparing errors of
+    two servers: map fields such as ErrorInfo.metadata serialize in no fixed order."""
+    from google.rpc import error_details_pb2, status_pb2
+    st = status_pb2.Status.FromString(body)
+    details: list[object] = []
+    for d in st.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+            if d.Is(cls.DESCRIPTOR):
+                msg = cls()
+                d.Unpack(msg)
+                details.append(msg)
+                break
+        else:
+            details.append(d)
+    return st.code, st.message, details

@@ -131,7 +131,7 @@ class ServerSpec:
                         programs_dir=ROOT / "programs", callers_file=self.callers_file, key_dir=self.key_dir,
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
                         max_workers=self.workers, processes=self.processes, cpu_affinity=self.cpu_affinity,
-                        grace_seconds=1,
+                        grace_seconds=1, server_model="threads",  # kind sync: the thread-pool server
                         log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
                         check_burst=self.check_burst)
 

@@ -2,11 +2,15 @@
 model, answers ("ready", port, pid) on `conn`, serves until it receives "stop", then exits.
 
 Models:
-- sync:      entitlement.server_main.start(ctx, "127.0.0.1:0"), the real server, unchanged;
-- aio:       bench.aio_server.build(ctx, executor, streams), the grpc.aio twin (same servicers, each
-             method wrapped once in the same behaviours, calls offloaded to thread pools of the
-             same sizes);
-- aio-inline: the same, with the hot reads (bench.aio_server.HOT_READS) run on the event loop;
+- sync:      entitlement.server_main.start(ctx, "127.0.0.1:0") with ENTITLEMENT_SERVER_MODEL=threads,
+             the real thread-pool server, unchanged;
+- aio:       entitlement.aio_server.build(ctx, executor, streams, inline=nothing): the event-loop
+             server with every call offloaded to thread pools of the same sizes (same servicers,
+             each method wrapped once in the same behaviours);
+- aio-inline: the same with the hot reads (entitlement.aio_server.HOT_READS) run on the event loop:
+             the production event-loop server (ENTITLEMENT_SERVER_MODEL=event-loop, the default on
+             SQLite), built here on the benchmark's loop (also on PostgreSQL, where production
+             runs nothing on the loop, to show what a blocking round trip there costs);
 - sync-echo: grpc.server built like server_main.start (same pool size and options), no
              interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
@@ -206,7 +210,7 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     streams = futures.ThreadPoolExecutor(max_workers=max(Settings().stream_workers, 1), thread_name_prefix="rpc-stream")
     ctx = None
     if spec.kind in (AIO, AIO_INLINE):
-        from bench import aio_server
+        from entitlement import aio_server
         ctx = _context(spec)
         server, health_servicer = aio_server.build(
             ctx, executor, streams, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())

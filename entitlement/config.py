@@ -9,6 +9,7 @@ from pathlib import Path
 from entitlement import affinity
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER_MODELS = ("auto", "threads", "event-loop")  # Settings.server_model
 DEFAULT_CHECK_RATE_PER_MIN = 120  # the server's (from_env) default; see Settings.check_rate_per_min
 
 
@@ -24,6 +25,13 @@ def _bool(name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SystemExit(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _env(name, default).lower()
+    if value not in allowed:
+        raise SystemExit(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def _int(name: str, default: int, minimum: int | None = None) -> int:
@@ -55,6 +63,9 @@ class Settings:
     # gRPC itself); 0: 8 per thread of the two pools (entitlement/server_main.py).
     max_concurrent_rpcs: int = 0
     processes: int = 1
+    # auto | threads | event-loop (entitlement/server_main.py, entitlement/aio_server.py; README
+    # "Server models"): auto is the event loop on SQLite and the thread pool on PostgreSQL.
+    server_model: str = "auto"
     # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
     cpu_affinity: affinity.Setting = affinity.AUTO
     grace_seconds: int = 10
@@ -133,6 +144,7 @@ class Settings:
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
+            server_model=_choice("ENTITLEMENT_SERVER_MODEL", d.server_model, SERVER_MODELS),
             cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),

@@ -8,6 +8,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -21,9 +22,9 @@ from entitlement.api.identity import CallerInterceptor
 from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
-from entitlement.config import Settings
+from entitlement.config import SERVER_MODELS, Settings
 from entitlement.dbhealth import DatabaseMonitor, monitor_for
-from entitlement.tls import check_transport, server_tls
+from entitlement.tls import ServerTLS, check_transport, server_tls
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
                             eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
@@ -34,6 +35,20 @@ SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
 )
 log = structlog.get_logger("entitlement.server")
+
+
+class Serving(Protocol):
+    """A started server of either model (Running here, entitlement.aio_server.LoopRunning)."""
+
+    port: int
+    monitor: DatabaseMonitor | None
+
+    @property
+    def server(self) -> Any: ...
+
+    def set_serving(self, serving: bool) -> None: ...
+
+    def stop(self, grace: float) -> None: ...
 
 
 @dataclass
@@ -85,14 +100,46 @@ def call_behaviors(ctx: Context, monitor: DatabaseMonitor | None = None,
     return behaviors
 
 
-def start(ctx: Context, listen: str) -> Running:
-    """Serve on `listen`: TLS (mutual with a client CA) when the settings give a certificate; plaintext
-    only on a loopback address or with `insecure` (entitlement.tls.TransportError otherwise)."""
+AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
+
+
+def server_model(ctx: Context) -> str:
+    """The server model these settings ask for (ENTITLEMENT_SERVER_MODEL; README "Server models"):
+    `auto` is the event loop on SQLite (its reads are local: answered on the loop) and the thread
+    pool on PostgreSQL (every read is a network round trip, which must not stop a loop)."""
+    model = ctx.settings.server_model
+    if model == AUTO:
+        return EVENT_LOOP if ctx.db.dialect == "sqlite" else THREADS
+    return model
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    # Several server processes share one port through SO_REUSEPORT (the kernel spreads
+    # connections); a single process keeps it off so that a port in use is an error.
+    return [("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+
+
+def server_credentials(tls: ServerTLS | None) -> grpc.ServerCredentials | None:
+    """TLS credentials of the settings' certificate (mutual when a client CA is given), or None."""
+    if tls is None:
+        return None
+    return grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.client_ca,
+                                       require_client_auth=tls.client_ca is not None)
+
+
+def start(ctx: Context, listen: str) -> Serving:
+    """Serve on `listen` with the settings' server model: TLS (mutual with a client CA) when the
+    settings give a certificate; plaintext only on a loopback address or with `insecure`
+    (entitlement.tls.TransportError otherwise)."""
     tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
     check_transport(listen, tls, ctx.settings.insecure)
     monitor = monitor_for(ctx.db, ctx.settings.db_ping_ms, ctx.settings.db_ping_timeout_ms)
     # Without a client CA the server asks for no certificate: no call can carry one.
     behaviors = call_behaviors(ctx, monitor, client_certificates=tls is not None and bool(ctx.settings.tls_client_ca_file))
+    if server_model(ctx) == EVENT_LOOP:
+        from entitlement import aio_server
+        return aio_server.start(ctx, listen, tls, behaviors, monitor)
     # Streaming calls (change streams, log streams, registry imports) hold a thread while they last:
     # they get threads of their own, and the server's pool serves the unary calls only, so it can
     # stay small (fewer threads fight less over the interpreter lock: README "Status").
@@ -100,10 +147,7 @@ def start(ctx: Context, listen: str) -> Running:
                                              thread_name_prefix="rpc-stream")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc"),
-        # Several server processes share one port through SO_REUSEPORT (the kernel spreads
-        # connections); a single process keeps it off so that a port in use is an error.
-        options=[("grpc.so_reuseport", 1 if ctx.settings.processes > 1 else 0),
-                 ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=server_options(ctx.settings),
         maximum_concurrent_rpcs=concurrency_limit(ctx.settings),
     )
     # Our services' methods are wrapped once in the behaviours (not server interceptors: see
@@ -116,12 +160,8 @@ def start(ctx: Context, listen: str) -> Running:
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.client_ca,
-                                                  require_client_auth=tls.client_ca is not None)
-        port = server.add_secure_port(listen, credentials)
+    credentials = server_credentials(tls)
+    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
@@ -146,7 +186,7 @@ def serve_forever(ctx: Context) -> None:
     tune_gc()
     running = start(ctx, ctx.settings.listen)
     s = ctx.settings
-    log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect,
+    log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect, server_model=server_model(ctx),
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),

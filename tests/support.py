@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.clock import FixedClock
-from entitlement.server_main import Running
+from entitlement.server_main import Serving
 from entitlement.synthetic import COLUMNS
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2_grpc, common_pb2,
                             eligibility_pb2_grpc, registry_pb2_grpc)
@@ -97,7 +97,7 @@ class Harness:
     backend: str
     url: str
     ctx: Context
-    running: Running
+    running: Serving
     channel: grpc.Channel
     tokens: dict[str, str]
     clock: FixedClock

@@ -13,6 +13,7 @@ import threading
 import traceback
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +30,7 @@ from entitlement.live_status import (CLOSED, HALF_OPEN, OPEN, LiveStatusClient,
                                      LiveStatusUnavailable)
 from entitlement.programs import ProgramCatalog
 from entitlement.registry import SnapshotRef
-from entitlement.server_main import Running, start
+from entitlement.server_main import Serving, start
 from entitlement.v1 import activation_pb2, eligibility_pb2
 
 PATH = "/v1/statut-demandeur-emploi"
@@ -451,11 +452,14 @@ def test_data_date() -> None:
 class LiveServer:
     h: Harness
     agency: FakeAgency
-    running: Running
+    running: Serving
     channel: grpc.Channel
 
     def advisor(self) -> As:
         return As(self.channel, self.h.tokens["advisor-paris"])
+
+    def platform(self) -> As:
+        return As(self.channel, self.h.tokens["platform-oc"])
 
     def check(self, agency_id: str, birth: dt.date) -> Any:
         [decision] = self.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
@@ -463,24 +467,31 @@ class LiveServer:
         return decision
 
 
-@pytest.fixture(scope="module")
-def live_server(harness: Harness) -> Iterator[LiveServer]:
+@contextmanager
+def serving_with_live_source(harness: Harness, **client: Any) -> Iterator[LiveServer]:
     """A second server on the harness's database and secrets (so its registry snapshot), with
-    a live status source configured."""
+    a live status source configured (a FakeAgency; `client`: LiveStatusClient settings)."""
     fake = FakeAgency().start()
     ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0"), clock=harness.clock)
-    ctx = dataclasses.replace(ctx, live=LiveStatusClient(
-        fake.url, timeout_s=0.3, retries=1, backoff_base_s=0.001, breaker_failures=1000,
-        breaker_reset_s=30, bearer_token="agency-token"))
+    settings = {"timeout_s": 0.3, "retries": 1, "backoff_base_s": 0.001, "breaker_failures": 1000,
+                "breaker_reset_s": 30, "bearer_token": "agency-token", **client}
+    ctx = dataclasses.replace(ctx, live=LiveStatusClient(fake.url, **settings))
     running = start(ctx, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield LiveServer(harness, fake, running, channel)
     finally:
+        fake.release.set()
         channel.close()
         running.stop(0)
         ctx.db.dispose()
         fake.stop()
+
+
+@pytest.fixture(scope="module")
+def live_server(harness: Harness) -> Iterator[LiveServer]:
+    with serving_with_live_source(harness) as server:
+        yield server
 
 
 @pytest.fixture
@@ -562,3 +573,26 @@ def test_server_without_live_source_says_snapshot(harness: Harness) -> None:
     [d] = advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
         job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
     assert d.facts_source == "snapshot" and d.eligible
+
+
+def test_a_check_waiting_for_the_live_source_holds_up_no_other_call(harness: Harness) -> None:
+    """With a live status source, CheckEligibility may wait on the network: it runs in the pool in
+    either server model (entitlement/aio_server.py: on SQLite the event-loop server answers the hot
+    reads on its loop, except such a check). While one check waits for an answer the agency holds
+    back, another caller's verification is answered."""
+    with serving_with_live_source(harness, timeout_s=30, retries=0) as server:
+        fake = server.agency
+        agency_id, birth = next_person()
+        fake.people[agency_id] = agency_record(agency_id, birth)
+        fake.default = "block"  # answers only once `release` is set
+        answers: list[Any] = []
+        checking = threading.Thread(target=lambda: answers.append(server.check(agency_id, birth)))
+        checking.start()
+        fake.wait_for_requests(1)  # the check is waiting for the agency
+        status = server.platform().VerifyEntitlement(
+            activation_pb2.VerifyEntitlementRequest(account_id="nobody-while-waiting"), timeout=20)
+        assert not status.active
+        assert checking.is_alive() and not answers  # answered while the check still waits
+        fake.release.set()
+        checking.join(timeout=20)
+        assert len(answers) == 1 and answers[0].facts_source == "live" and answers[0].eligible

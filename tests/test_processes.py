@@ -31,6 +31,9 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         pids = {line["pid"] for line in d.log_lines() if line.get("event") == "rpc"}
         assert len(pids) == 2, f"connections were served by {len(pids)} process(es)"
         assert server.proc.pid not in pids  # the supervisor serves nothing itself
+        # ENTITLEMENT_SERVER_MODEL unset (auto): the event loop on SQLite, the thread pool on PostgreSQL.
+        models = [line["server_model"] for line in d.log_lines() if line.get("event") == "serving"]
+        assert models == ["event-loop" if fresh_url.startswith("sqlite") else "threads"] * 2
         for channel in channels:
             channel.close()
         server.proc.send_signal(signal.SIGTERM)
@@ -39,6 +42,34 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         assert sorted(stopped) == sorted(pids)
     finally:
         server.close()
+
+
+def test_the_other_server_model_serves_and_stops_as_asked(fresh_url: str, tmp_path: Path) -> None:
+    """ENTITLEMENT_SERVER_MODEL set against auto's choice (the thread pool on SQLite, the event loop
+    on PostgreSQL): served, said in the "serving" line, stopped cleanly by SIGTERM."""
+    model = "threads" if fresh_url.startswith("sqlite") else "event-loop"
+    d = prepare(tmp_path / "srv", fresh_url)
+    d.extra_env["ENTITLEMENT_SERVER_MODEL"] = model
+    server = Server(d)
+    try:
+        resp = As(server.channel, d.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity("P0000001", pool_birth(1)), program="programs/premium-job-seekers"))
+        assert resp.decisions[0].eligible
+        assert [line["server_model"] for line in d.log_lines() if line.get("event") == "serving"] == [model]
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        assert [line["event"] for line in d.log_lines()][-2:] == ["stopping", "stopped"]
+    finally:
+        server.close()
+
+
+def test_an_unknown_server_model_is_refused_at_start(tmp_path: Path) -> None:
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env["ENTITLEMENT_SERVER_MODEL"] = "fibers"
+    result = d.run()
+    assert result.returncode != 0
+    assert "ENTITLEMENT_SERVER_MODEL must be one of auto, threads, event-loop, got 'fibers'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_several_processes_need_a_fixed_port(tmp_path: Path) -> None:

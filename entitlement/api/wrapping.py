@@ -2,7 +2,7 @@
 rate limit), written once for every RPC shape (unary or streaming).
 
 They are applied by wrapping each method's handler ONCE, when the services are registered
-(`WrappingRegistrar`; bench/aio_server.py does the same for its grpc.aio twin), not as gRPC server
+(`WrappingRegistrar`; entitlement/aio_server.py does the same for the event-loop server), not as gRPC server
 interceptors: a server interceptor runs on every call and builds a new method handler each time,
 which on the hot path cost more than a registry lookup.
 

@@ -1,0 +1,496 @@
+"""The event-loop server model (ENTITLEMENT_SERVER_MODEL; README "Server models"): a grpc.aio
+server serving the same servicers, wrapped in the same behaviours, as entitlement.server_main's
+thread-pool server, with the hot reads answered on the event loop itself.
+
+Why: on SQLite, a check or a verification is one short local read (no network, no lock wait in WAL
+mode). In the thread-pool server every call is handed from gRPC's polling thread to a pool thread
+and back, and the threads contend for the interpreter lock; on the event loop, gRPC's own poller
+delivers the request and the answer leaves from the same thread. Measured: 1.19x to 1.36x the checks
+per second of the thread-pool server on the same machine (BENCHMARKS.md, "Server models").
+
+How each of our methods is served (wrapped ONCE, at registration, in the production behaviours
+exactly as the thread-pool server wraps them: `server_main.call_behaviors` (access log, caller's
+identity, rate limit) and `entitlement.api.wrapping.wrap_handler` (tolerant decoding, the call's
+deadline, pre-serialized answers)):
+- the unary methods named in `inline` (`inline_methods`: CheckEligibility and VerifyEntitlement on
+  SQLite; CheckEligibility not when a live status source is configured, whose HTTP lookups would
+  stop the loop) run on the event loop, with an InlineContext;
+- every other unary method runs in a ThreadPoolExecutor of max_workers threads
+  (`loop.run_in_executor`) inside a copy of the call's contextvars, with a SyncContext (the
+  grpc.ServicerContext calls our code makes, done through the loop when they touch the call);
+- streaming methods run on a pool of their own (stream_workers threads), as in the thread-pool
+  server. A server stream's responses reach the loop through a bounded queue (the pool thread
+  waits while the client reads slowly); a client stream's requests are read by the loop one by one.
+  Either stops waiting once the call is over (cancelled, deadline passed).
+An abort (our access log's `context.abort_with_status`) is raised through the sync code and awaited
+on the loop (`context.abort` is a coroutine in grpc.aio). Health (grpc.health.v1, kept in step with
+the database by entitlement.dbhealth's monitor, as in the thread-pool server) and reflection are
+served bare.
+
+The loop runs in a thread of its own ("rpc-loop"); `start` returns a LoopRunning with the
+thread-pool server's Running interface (port, monitor, set_serving, stop), so server.py's signal
+handling, several processes on one port (SO_REUSEPORT) and TLS are the same for both models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import inspect
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from entitlement.api import servicers as api_servicers
+from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
+from entitlement.app import Context
+from entitlement.dbhealth import DatabaseMonitor
+from entitlement.server_main import SERVICE_NAMES, call_behaviors, concurrency_limit, server_credentials, server_options
+from entitlement.tls import ServerTLS
+
+STREAM_BUFFER = 16  # a server stream's responses made ahead of what the loop has taken
+_ENDED_POLL_S = 0.1  # a pool thread waiting on the loop checks this often whether the call is over
+
+# ------------------------------------------------------------------------------------ servicers
+
+class _CallEnded(grpc.RpcError):  # type: ignore[misc]
+    """What a pool thread meets when it waits on the loop for a call that is over (cancelled,
+    deadline passed, server stopped): for a client stream, what the sync server's request iterator
+    raises then (entitlement.api.wrapping maps it)."""
+
+
+_GONE = object()
+
+
+def _from_thread(loop: asyncio.AbstractEventLoop, start: Callable[[], Any],
+                 ended: Callable[[], bool] = lambda: False, gone: Any = _GONE) -> Any:
+    """Run `start` on the event loop from a pool thread and return its result, awaited on the loop
+    when it is awaitable (aio objects are not thread-safe). Waits in slices: once the call has
+    `ended` or the loop no longer runs (the server stopped), stops waiting and returns `gone`
+    (raises _CallEnded when none is given). Nothing is left pending on a loop that stopped."""
+    done: futures.Future[Any] = futures.Future()
+    task: list[asyncio.Future[Any]] = []
+
+    def finish(t: asyncio.Future[Any]) -> None:
+        if t.cancelled():
+            done.set_exception(_CallEnded())
+        elif (exc := t.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(t.result())
+
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            value = start()
+            if not inspect.isawaitable(value):
+                done.set_result(value)
+                return
+            task.append(asyncio.ensure_future(value))
+            task[0].add_done_callback(finish)
+        except BaseException as exc:  # handed to the waiting thread
+            done.set_exception(exc)
+
+    try:
+        loop.call_soon_threadsafe(run)
+    except RuntimeError:  # the loop is closed: the server has stopped
+        done.cancel()
+    while not done.cancelled():
+        try:
+            return done.result(timeout=_ENDED_POLL_S)
+        except futures.TimeoutError:
+            if ended() or not loop.is_running():
+                if done.cancel():  # not started on the loop: it never will be
+                    break
+                if task and loop.is_running():
+                    loop.call_soon_threadsafe(task[0].cancel)  # answered by finish: _CallEnded
+                elif not loop.is_running():
+                    break
+    if gone is _GONE:
+        raise _CallEnded()
+    return gone
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], gone: Any = None) -> Any:
+    """`fn()` run on the loop (a call on the call's aio context); `gone` once the server stopped."""
+    return _from_thread(loop, fn, gone=gone)
+
+
+class _AbortFromThread(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, status: grpc.Status | None = None) -> None:
+        super().__init__(details)
+        self.code, self.details, self.status = code, details, status
+
+
+class SyncContext:
+    """The grpc.ServicerContext a sync servicer method expects, over the call's aio context, for
+    use from a pool thread (the calls our servicers and the sync server's API make). Made on the
+    event loop: the call's deadline and its end are noted there, so that the deadline binding of
+    every call (time_remaining, is_active) costs the pool thread no trip to the loop."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> None:
+        self._context, self._loop = context, loop
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._ended = threading.Event()
+        context.add_done_callback(lambda _context: self._ended.set())
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        def register() -> bool:
+            if self._context.done():
+                return False
+            self._context.add_done_callback(lambda _context: callback())
+            return True
+        return bool(_on_loop(self._loop, register, gone=False))
+
+    def is_active(self) -> bool:
+        return not self._ended.is_set()
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()  # type: ignore[no-any-return]
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _AbortFromThread(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        raise _AbortFromThread(status.code, status.details, status)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        _on_loop(self._loop, lambda: self._context.set_code(code))
+
+    def set_details(self, details: str) -> None:
+        _on_loop(self._loop, lambda: self._context.set_details(details))
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        _on_loop(self._loop, lambda: self._context.set_trailing_metadata(metadata))
+
+    def code(self) -> Any:
+        return _on_loop(self._loop, self._context.code)
+
+
+class _BlockingRequests:
+    """A client stream seen from a pool thread: each next() waits for the event loop to read the
+    next message of the aio request iterator, and gives up once the call is over (a cancelled
+    call's handler task is cancelled on the loop, and nothing would answer the wait)."""
+
+    def __init__(self, requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop,
+                 context: "SyncContext") -> None:
+        self._requests, self._loop, self._context = requests, loop, context
+
+    def __iter__(self) -> "_BlockingRequests":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return _from_thread(self._loop, self._requests.__anext__, ended=lambda: not self._context.is_active())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+
+async def _reraise_abort(context: grpc.aio.ServicerContext, abort: _AbortFromThread) -> None:
+    if abort.status is not None:
+        await context.abort_with_status(abort.status)
+    await context.abort(abort.code, abort.details)
+
+
+_END = object()
+
+
+def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
+             client_streaming: bool, server_streaming: bool) -> Callable[[Any, Any], Any]:
+    """An async method of the same shape that runs the sync `method` in `executor`, inside a copy
+    of the caller's contextvars, with a SyncContext. A server stream's responses are handed to the
+    event loop one by one as the sync iterator yields them."""
+
+    def args(request: Any, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+        sync_context = SyncContext(context, loop)
+        return (_BlockingRequests(request, loop, sync_context) if client_streaming else request), sync_context
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, contextvars.copy_context().run, method,
+                                              *args(request, context, loop))
+        except _AbortFromThread as abort:
+            await _reraise_abort(context, abort)
+
+    async def call_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        # Bounded: the pool thread makes the next response only when the loop has taken the earlier
+        # ones (a long stream is not buffered whole when the client reads slowly), as the sync
+        # server pulls its response iterator as it sends.
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        slots = threading.Semaphore(STREAM_BUFFER)  # responses handed over and not yet taken
+        request, sync_context = args(request, context, loop)
+
+        def hand_over(item: Any) -> bool:
+            while not slots.acquire(timeout=_ENDED_POLL_S):
+                if not sync_context.is_active() or not loop.is_running():
+                    return False  # the client is gone, or the server stopped: no more responses
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: the server has stopped
+                return False
+            return True
+
+        def drain() -> None:
+            responses = method(request, sync_context)
+            try:
+                for item in responses:
+                    if not hand_over(item):
+                        return
+            except BaseException as exc:  # handed to the loop, raised there
+                hand_over(exc)
+            else:
+                hand_over(_END)
+            finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()  # the method's scopes end (its access log line) in this thread
+
+        loop.run_in_executor(executor, contextvars.copy_context().run, drain)
+        while (item := await queue.get()) is not _END:
+            slots.release()
+            if isinstance(item, _AbortFromThread):
+                await _reraise_abort(context, item)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    wrapper = call_stream if server_streaming else call
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class InlineContext(SyncContext):
+    """The same, for a method run on the event loop itself: every call goes straight to the aio
+    context (through the loop, it would wait for itself)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        if self._context.done():
+            return False
+        self._context.add_done_callback(lambda _context: callback())
+        return True
+
+    def is_active(self) -> bool:
+        return not self._context.done()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()  # type: ignore[no-any-return]
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._context.set_details(details)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata(metadata)
+
+    def code(self) -> Any:
+        return self._context.code()
+
+
+def _inline(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """An async unary method that runs the sync unary `method` on the event loop (no thread)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return method(request, InlineContext(context))
+        except _AbortFromThread as abort:
+            await _reraise_abort(context, abort)
+
+    call.__name__ = method.__name__
+    return call
+
+
+# The hot reads: CheckEligibility (the registry lookup) and VerifyEntitlement (one account's status).
+HOT_READS = frozenset({"CheckEligibility", "VerifyEntitlement"})
+
+
+def inline_methods(ctx: Context) -> frozenset[str]:
+    """The unary methods the event-loop server answers on the loop itself: the hot reads, when
+    nothing in them can wait on a network (SQLite; CheckEligibility without a live status source).
+    On PostgreSQL every method runs in the pool: a round trip on the loop would stop every call."""
+    if ctx.db.dialect != "sqlite":
+        return frozenset()
+    return HOT_READS if ctx.live is None else HOT_READS - {"CheckEligibility"}
+
+
+class _AioRegistrar:
+    """Stands in for the server in the generated `add_*Servicer_to_server` functions (as the sync
+    server's WrappingRegistrar does): each method's handler wrapped once in `behaviors`, then served
+    by the aio server inline or offloaded (see the module docstring)."""
+
+    def __init__(self, server: grpc.aio.Server, behaviors: list[BehaviorInterceptor],
+                 executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str]) -> None:
+        self.server, self.behaviors, self.inline = server, behaviors, inline
+        self.executor, self.streams = executor, stream_executor
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the generated code registers the same methods by name just after."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        served = {}
+        for name, handler in handlers.items():
+            w = wrap_handler(handler, f"/{service}/{name}", self.behaviors)
+            kw = {"request_deserializer": w.request_deserializer, "response_serializer": w.response_serializer}
+            if w.unary_unary is not None:
+                fn = (_inline(w.unary_unary) if name in self.inline
+                      else _offload(w.unary_unary, self.executor, False, False))
+                served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
+            elif w.unary_stream is not None:
+                served[name] = grpc.unary_stream_rpc_method_handler(
+                    _offload(w.unary_stream, self.streams, False, True), **kw)
+            elif w.stream_unary is not None:
+                served[name] = grpc.stream_unary_rpc_method_handler(
+                    _offload(w.stream_unary, self.streams, True, False), **kw)
+            else:
+                served[name] = grpc.stream_stream_rpc_method_handler(
+                    _offload(w.stream_stream, self.streams, True, True), **kw)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, served),))
+
+
+# ------------------------------------------------------------------------------------- server
+
+def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any, Any], None]]]:
+    """Every servicer of entitlement.api.servicers, with its service descriptor and generated
+    add_*_to_server function, found from its generated base class (so a service added to the
+    thread-pool server is served by this one too)."""
+    out = []
+    for _name, cls in sorted(vars(api_servicers).items()):
+        if not isinstance(cls, type) or cls.__module__ != api_servicers.__name__:
+            continue
+        for base in cls.__mro__[1:]:
+            grpc_module = sys.modules.get(base.__module__)
+            if grpc_module is None or not base.__module__.endswith("_pb2_grpc") or not base.__name__.endswith("Servicer"):
+                continue
+            service_name = base.__name__[: -len("Servicer")]
+            pb2 = importlib.import_module(base.__module__[: -len("_grpc")])
+            out.append((cls(ctx), pb2.DESCRIPTOR.services_by_name[service_name],
+                        getattr(grpc_module, f"add_{base.__name__}_to_server")))
+            break
+    if not out:
+        raise RuntimeError("no servicer found in entitlement.api.servicers")
+    return out
+
+
+def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: futures.ThreadPoolExecutor,
+          inline: frozenset[str], behaviors: list[BehaviorInterceptor] | None = None,
+          ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The server (not started: add a port and start it, on the loop that is to run it): unary calls
+    offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
+    `inline` run on the event loop; `behaviors` default to server_main.call_behaviors(ctx)."""
+    server = grpc.aio.server(options=server_options(ctx.settings),
+                             maximum_concurrent_rpcs=concurrency_limit(ctx.settings))
+    ours = _AioRegistrar(server, call_behaviors(ctx) if behaviors is None else behaviors,
+                         executor, stream_executor, inline)
+    for sync_servicer, _service, add in servicers(ctx):
+        add(sync_servicer, ours)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool = True) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, status)
+
+
+class LoopRunning:
+    """A started event-loop server, with the interface of server_main.Running (port, monitor,
+    set_serving, stop), every method called from a thread other than the loop's."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
+                 health_servicer: health.aio.HealthServicer, port: int, monitor: DatabaseMonitor | None,
+                 pools: tuple[futures.ThreadPoolExecutor, ...]) -> None:
+        self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
+        self.port, self.monitor, self._pools = port, monitor, pools
+        self._stopping = threading.Lock()
+        self._stopped = False
+
+    def set_serving(self, serving: bool) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(set_serving(self.health, serving), self._loop).result()
+
+    def stop(self, grace: float) -> None:
+        """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
+        drain), then refuse new calls and let calls in flight finish within `grace` seconds; then
+        the loop and the pools end. Once; a second call returns when the first is done."""
+        with self._stopping:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self.monitor is not None:
+                self.monitor.stop()  # first: no ping may set SERVING again
+            self.set_serving(False)
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+            for pool in self._pools:
+                pool.shutdown(wait=False)  # their calls were ended with the server's
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+
+def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[BehaviorInterceptor],
+          monitor: DatabaseMonitor | None) -> LoopRunning:
+    """Serve on `listen` (the transport already checked by server_main.start, which calls this)
+    from a new event loop in a thread of its own; health SERVING once the port is open, then kept
+    in step with the database by `monitor`."""
+    pool = futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc")
+    streams = futures.ThreadPoolExecutor(max_workers=max(ctx.settings.stream_workers, 1),
+                                         thread_name_prefix="rpc-stream")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="rpc-loop", daemon=True)
+    thread.start()
+
+    async def open_port() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        # Made on the loop that runs it (a grpc.aio server belongs to the loop it is made on).
+        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors)
+        credentials = server_credentials(tls)
+        port = (server.add_insecure_port(listen) if credentials is None
+                else server.add_secure_port(listen, credentials))
+        if port == 0:
+            raise SystemExit(f"cannot listen on {listen}")
+        await server.start()
+        await set_serving(health_servicer, True)
+        return server, health_servicer, port
+
+    try:
+        server, health_servicer, port = asyncio.run_coroutine_threadsafe(open_port(), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        pool.shutdown(wait=False)
+        streams.shutdown(wait=False)
+        raise
+    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams))
+    if monitor is not None:
+        monitor.start(running.set_serving)
+    return running

@@ -1,0 +1,187 @@
+"""The two server models (ENTITLEMENT_SERVER_MODEL: the thread-pool server of
+entitlement/server_main.py, the event-loop server of entitlement/aio_server.py) serve the same API.
+
+The rest of the suite runs each backend with its `auto` model (SQLite: the event loop; PostgreSQL:
+the thread pool). Here each backend is served by BOTH models at once, on the same database, and
+every answer (successes byte for byte, errors as their google.rpc.Status) must be the same; then
+what differs in their plumbing: a cancelled stream gives its thread back, and the setting itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.type import date_pb2
+from grpc_status import rpc_status
+
+from bench.common import status_key
+from own_server import own_server
+from support import Harness, identity, next_person
+
+from entitlement import app
+from entitlement.config import Settings
+from entitlement.server_main import EVENT_LOOP, THREADS, server_model, start
+from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2, registry_pb2
+
+MODELS = (THREADS, EVENT_LOOP)
+ELIGIBILITY = "/entitlement.v1.EligibilityService/"
+ACTIVATION = "/entitlement.v1.ActivationService/"
+AUDIT = "/entitlement.v1.AuditService/"
+
+
+@pytest.fixture(scope="module")
+def both(harness: Harness) -> Iterator[dict[str, grpc.Channel]]:
+    """A server of each model on the harness's database, secrets and callers."""
+    running, channels, contexts = [], {}, []
+    try:
+        for model in MODELS:
+            ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0", server_model=model),
+                            clock=harness.clock)
+            contexts.append(ctx)
+            assert server_model(ctx) == model
+            running.append(start(ctx, "127.0.0.1:0"))
+            channels[model] = grpc.insecure_channel(f"127.0.0.1:{running[-1].port}")
+        yield channels
+    finally:
+        for channel in channels.values():
+            channel.close()
+        for r in running:
+            r.stop(0)
+        for ctx in contexts:
+            ctx.db.dispose()
+
+
+Answer = tuple[str, Any]
+
+
+def _status(err: grpc.RpcError) -> Answer:
+    """An error as its code and google.rpc.Status (bench.common.status_key)."""
+    st = rpc_status.from_call(err)
+    if st is None:
+        return err.code().name, (err.details(),)
+    return err.code().name, status_key(st.SerializeToString())
+
+
+def ask(channel: grpc.Channel, shape: str, path: str, request: bytes, metadata: tuple[tuple[str, str], ...]) -> Answer:
+    """The answer to one raw call: ("OK", response bytes, or the list of a stream's), or the error."""
+    ident = (lambda b: b)
+    try:
+        if shape == "uu":
+            return "OK", channel.unary_unary(path, request_serializer=ident, response_deserializer=ident)(
+                request, metadata=metadata, timeout=15)
+        if shape == "us":
+            return "OK", list(channel.unary_stream(path, request_serializer=ident, response_deserializer=ident)(
+                request, metadata=metadata, timeout=15))
+        return "OK", channel.stream_unary(path, request_serializer=ident, response_deserializer=ident)(
+            iter([request]), metadata=metadata, timeout=15)
+    except grpc.RpcError as err:
+        return _status(err)
+
+
+def _date(d: dt.date) -> date_pb2.Date:
+    return date_pb2.Date(year=d.year, month=d.month, day=d.day)
+
+
+def probes(h: Harness) -> list[tuple[str, str, str, bytes, tuple[tuple[str, str], ...]]]:
+    """Calls whose answers must not depend on the server model: successes, and each error path of
+    the behaviours and handlers (a fixed x-request-id makes error details comparable)."""
+    def md(caller: str | None) -> tuple[tuple[str, str], ...]:
+        rid = (("x-request-id", "models-probe-0001"),)
+        return rid + ((("authorization", f"Bearer {h.tokens[caller]}"),) if caller else ())
+
+    agency_id, birth = next_person()
+    person = common_pb2.JobSeekerIdentity(agency_id=agency_id, birth_date=_date(birth))
+    check = eligibility_pb2.CheckEligibilityRequest(program="programs/premium-job-seekers",
+                                                    job_seeker=person).SerializeToString()
+    activate = activation_pb2.ActivateEntitlementRequest(
+        request_id=f"models-{uuid.uuid4().hex[:12]}", job_seeker=person, program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="server models").SerializeToString()
+    return [
+        ("check", "uu", ELIGIBILITY + "CheckEligibility", check, md("advisor-paris")),
+        ("check, every program", "uu", ELIGIBILITY + "CheckEligibility",
+         eligibility_pb2.CheckEligibilityRequest(job_seeker=person).SerializeToString(), md("advisor-paris")),
+        ("check, invalid fields", "uu", ELIGIBILITY + "CheckEligibility",
+         eligibility_pb2.CheckEligibilityRequest(program="nope", job_seeker=common_pb2.JobSeekerIdentity(
+             agency_id="!!")).SerializeToString(), md("advisor-paris")),
+        ("check, undecodable bytes", "uu", ELIGIBILITY + "CheckEligibility", b"\xff\xff\xff", md("advisor-paris")),
+        ("check, no credentials", "uu", ELIGIBILITY + "CheckEligibility", check, md(None)),
+        ("check, wrong role", "uu", ELIGIBILITY + "CheckEligibility", check, md("platform-oc")),
+        ("list programs", "uu", ELIGIBILITY + "ListPrograms", b"", md("advisor-paris")),
+        # The same request_id twice: the first server activates, the second replays its answer.
+        ("activate (then its replay)", "uu", ACTIVATION + "ActivateEntitlement", activate, md("advisor-paris")),
+        ("verify, unknown account", "uu", ACTIVATION + "VerifyEntitlement",
+         activation_pb2.VerifyEntitlementRequest(account_id="nobody-here").SerializeToString(), md("platform-oc")),
+        ("verify, invalid account id", "uu", ACTIVATION + "VerifyEntitlement",
+         activation_pb2.VerifyEntitlementRequest(account_id="\x01").SerializeToString(), md("platform-oc")),
+        ("usage, empty request", "uu", ACTIVATION + "ReportUsage", b"", md("platform-oc")),
+        ("signing keys", "uu", ACTIVATION + "GetSigningKeys", b"", md("platform-oc")),
+        ("funder's activations", "uu", AUDIT + "ListActivations",
+         audit_pb2.ListActivationsRequest(page_size=5).SerializeToString(), md("funder-ministry")),
+        ("event log stream", "us", AUDIT + "StreamEvents",
+         audit_pb2.StreamEventsRequest(start_sequence=1, tree_size=1).SerializeToString(), md("funder-ministry")),
+        ("event log stream, bad size", "us", AUDIT + "StreamEvents",
+         audit_pb2.StreamEventsRequest(tree_size=-1).SerializeToString(), md("funder-ministry")),
+        ("change stream, bad cursor", "us", ACTIVATION + "WatchEntitlementChanges",
+         activation_pb2.WatchEntitlementChangesRequest(cursor="not-a-cursor").SerializeToString(), md("platform-oc")),
+        ("client stream, role refused", "su", "/entitlement.v1.RegistryService/ImportExtract",
+         registry_pb2.ImportExtractRequest().SerializeToString(), md("advisor-paris")),
+        ("health", "uu", "/grpc.health.v1.Health/Check", b"", ()),
+        ("unknown method", "uu", ELIGIBILITY + "Nope", b"", md("advisor-paris")),
+    ]
+
+
+def test_both_models_answer_every_probe_alike(harness: Harness, both: dict[str, grpc.Channel]) -> None:
+    answered_ok = set()
+    for label, shape, path, request, metadata in probes(harness):
+        first, second = (ask(both[m], shape, path, request, metadata) for m in MODELS)
+        assert first == second, f"{label}: {THREADS} {first[0]} vs {EVENT_LOOP} {second[0]}"
+        if first[0] == "OK":
+            answered_ok.add(label)
+    # The probes reach the handlers, not only the error paths.
+    assert {"check", "activate (then its replay)", "funder's activations", "event log stream",
+            "signing keys", "health"} <= answered_ok
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_cancelled_change_stream_gives_its_thread_back(
+        model: str, backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """With ONE stream thread, a second change stream is served only once the first, cancelled by
+    its client, has let its thread go."""
+    with own_server(backend[0], tmp_path / "own", request, stream_workers=1, server_model=model) as server:
+        stub = server.channel.unary_stream(ACTIVATION + "WatchEntitlementChanges",
+                                           request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        md = (("authorization", f"Bearer {server.tokens['platform-oc']}"),)
+        for _ in range(3):
+            call = stub(b"", metadata=md, timeout=10)
+            first = next(iter(call))  # the bookmark: the stream holds the only stream thread
+            bookmark = activation_pb2.EntitlementChange.FromString(first)
+            assert bookmark.type == activation_pb2.EntitlementChange.ChangeType.CHANGE_TYPE_UNSPECIFIED
+            assert bookmark.cursor
+            call.cancel()
+
+
+def test_the_setting_is_read_and_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENTITLEMENT_SERVER_MODEL", raising=False)
+    assert Settings.from_env().server_model == "auto"
+    for value in ("threads", "event-loop", "Event-Loop"):
+        monkeypatch.setenv("ENTITLEMENT_SERVER_MODEL", value)
+        assert Settings.from_env().server_model == value.lower()
+    monkeypatch.setenv("ENTITLEMENT_SERVER_MODEL", "asyncio")
+    with pytest.raises(SystemExit) as info:
+        Settings.from_env()
+    assert "ENTITLEMENT_SERVER_MODEL" in str(info.value) and "auto, threads, event-loop" in str(info.value)
+
+
+def test_auto_is_the_event_loop_on_sqlite_and_the_thread_pool_on_postgresql(harness: Harness) -> None:
+    expected = EVENT_LOOP if harness.backend == "sqlite" else THREADS
+    assert harness.ctx.settings.server_model == "auto"
+    assert server_model(harness.ctx) == expected
+    assert hasattr(harness.running, "server")
+    assert isinstance(harness.running.server, grpc.aio.Server) == (expected == EVENT_LOOP)
