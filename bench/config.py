@@ -124,6 +124,7 @@ class ServerSpec:
     check_rate_per_min: int = 0  # the per-caller rate limit (0: no limiter interceptor)
     check_burst: int = 20
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
+    server_model: str = "threads"  # kind sync: ENTITLEMENT_SERVER_MODEL of server_main.start (threads | event-loop)
 
     def settings(self) -> Settings:
         assert self.callers_file and self.key_dir and self.pseudonym_key_file
@@ -131,7 +132,7 @@ class ServerSpec:
                         programs_dir=ROOT / "programs", callers_file=self.callers_file, key_dir=self.key_dir,
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
                         max_workers=self.workers, processes=self.processes, cpu_affinity=self.cpu_affinity,
-                        grace_seconds=1, server_model="threads",  # kind sync: the thread-pool server
+                        grace_seconds=1, server_model=self.server_model,
                         log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
                         check_burst=self.check_burst)
 

@@ -2,11 +2,13 @@
 echo floor, on SQLite and PostgreSQL, the targets of issue #8, and 1 vs 2 server processes.
 
 For each backend, a fresh database (migrated, a synthetic registry imported) is served by the real
-server (`entitlement.server_main.start`, the production interceptors: access log, caller, and the
-rate limiter set far above the load) in its own process; one grpc.aio load-generator process
-drives it, closed loop at each concurrency level, then open loop at half the best throughput
-measured (the p99 target). The sync echo server (same server model, no interceptor) is measured
-in the same run; throughput is printed as a ratio to it. On PostgreSQL, CheckEligibility,
+server (`entitlement.server_main.start`, in the backend's production server model: BENCH_SERVER_MODEL,
+auto by default = the event loop on SQLite, the thread pool on PostgreSQL; the production
+behaviours: access log, caller, and the rate limiter set far above the load) in its own process;
+one grpc.aio load-generator process drives it, closed loop at each concurrency level, then open
+loop at half the best throughput measured (the p99 target). The echo server of the same model
+(sync-echo for threads, aio-echo-inline for the event loop; no behaviour) is measured in the same
+run; throughput is printed as a ratio to it. On PostgreSQL, CheckEligibility,
 ActivateEntitlement and the echo are then measured with 1 and 2 server processes on one port
 (SO_REUSEPORT, as server.py runs them with ENTITLEMENT_PROCESSES=2).
 
@@ -35,6 +37,8 @@ Settings (environment):
                      path is printed)
   BENCH_OUTPUT       BENCHMARKS.md (its "rpcs" section is rewritten); "-" to only print
   BENCH_JSON         also write every result as JSON to this file (the test reads it)
+  BENCH_SERVER_MODEL auto (default), threads or event-loop: as ENTITLEMENT_SERVER_MODEL, the real
+                     server's model on every backend (and so its echo floor)
   BENCH_RPCS         only these RPCs, e.g. ListActivations (all five by default); the echo floor is
                      still measured. A partial run only prints: it never rewrites BENCHMARKS.md. Without
                      ActivateEntitlement, ListActivations lists activations made before its runs by
@@ -62,7 +66,8 @@ from typing import Any
 
 from bench.common import collector_out_of_the_way, say
 from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, FUNDER_ID, LIST, METHOD_PATHS,
-                          PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, FillSpec,
+                          PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, AIO_ECHO_INLINE,
+                          FillSpec,
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
 from bench.prepare import Common, database, migrate_and_import, prepare_common
 from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
@@ -71,7 +76,7 @@ from bench.report import percentile
 from bench.sections import replace_section
 from entitlement import affinity
 from entitlement.affinity import OFF
-from entitlement.config import ROOT, Settings
+from entitlement.config import ROOT, SERVER_MODELS, Settings
 
 SECTION = "rpcs"
 CONTROL = "control"  # the backend column of the control: a second echo server, paired like an RPC
@@ -90,6 +95,18 @@ SCALING, PINNING = "scaling", "pinning"  # the comparison parts (RunResult.part)
 PAIRED_ROUNDS, QUICK_PAIRED_ROUNDS = 4, 2
 ROUND_WARMUP = 0.25
 CALL_TIMEOUT = 300.0
+THREADS, EVENT_LOOP = "threads", "event-loop"
+# Each server model's echo floor, built the same way (bench/servers.py): the thread-pool server's is
+# the sync echo; the event-loop server's answers on the loop, as its hot reads are answered.
+FLOOR = {THREADS: SYNC_ECHO, EVENT_LOOP: AIO_ECHO_INLINE}
+
+
+def backend_model(setting: str, backend: str) -> str:
+    """The server model a backend is served with: BENCH_SERVER_MODEL, `auto` as production's
+    (entitlement.server_main.server_model: the event loop on SQLite, the thread pool on PostgreSQL)."""
+    if setting == "auto":
+        return EVENT_LOOP if backend == "sqlite" else THREADS
+    return setting
 
 
 def _cpu_affinity() -> affinity.Setting:
@@ -120,6 +137,7 @@ class RpcsConfig:
     rpcs: tuple[str, ...] = RPCS
     cpu_affinity: affinity.Setting = affinity.AUTO  # every server's, as ENTITLEMENT_CPU_AFFINITY (but the pinning part's)
     pinning: bool = True    # the pinning part (BENCH_PINNING=0: skipped)
+    server_model: str = "auto"  # BENCH_SERVER_MODEL: as ENTITLEMENT_SERVER_MODEL, for every backend
 
     @property
     def paired_rounds(self) -> int:
@@ -159,7 +177,15 @@ class RpcsConfig:
             json_path=Path(js) if js else None, keep=os.environ.get("BENCH_KEEP", "") == "1",
             rpcs=tuple(r for r in RPCS if r in rpcs),
             cpu_affinity=_cpu_affinity(),
-            pinning=os.environ.get("BENCH_PINNING", "1") != "0")
+            pinning=os.environ.get("BENCH_PINNING", "1") != "0",
+            server_model=_server_model())
+
+
+def _server_model() -> str:
+    value = os.environ.get("BENCH_SERVER_MODEL", "").strip().lower() or "auto"
+    if value not in SERVER_MODELS:
+        raise SystemExit(f"BENCH_SERVER_MODEL must be one of {', '.join(SERVER_MODELS)}, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -267,7 +293,8 @@ class Runner:
             for k, n in m["queries"].items():
                 queries[k] = queries.get(k, 0) + n
         each = [sum(m["server_cpu_each"][i] for m in parts) for i in range(len(group))]
-        r = RunResult(backend=backend, model=SYNC_ECHO if method == ECHO else SYNC, method=method,
+        spec = group[0].spec
+        r = RunResult(backend=backend, model=spec.server_model if spec.kind == SYNC else spec.kind, method=method,
                       concurrency=0 if rate else concurrency or max(self.cfg.concurrency),
                       seconds=sum(m["seconds"] for m in parts), calls=sum(m["calls"] for m in parts), errors=errors,
                       p50_ms=percentile(latencies, 50) * 1e3, p95_ms=percentile(latencies, 95) * 1e3,
@@ -369,7 +396,8 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
                     seed_people: list[tuple[str, dt.date]], pool_people: list[tuple[str, dt.date]]) -> None:
     client = runner.client
     adv, plat, fund = (common.tokens[k] for k in (ADVISOR_ID, PLATFORM_CALLER_ID, FUNDER_CALLER_ID))
-    spec = server_spec(cfg, common, backend, url, SYNC, count_queries=True)
+    model = backend_model(cfg.server_model, backend)
+    spec = server_spec(cfg, common, backend, url, SYNC, count_queries=True, server_model=model)
     activate_pool, redeem_pool = f"{backend}:activate", f"{backend}:redeem"
     with server_group(spec) as group:
         srv = group[0]
@@ -402,8 +430,10 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
     if backend == "postgres" and cfg.scaling and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say("bench.rpcs: postgres: 1 vs 2 server processes on one port, alternating rounds")
         conc = max(cfg.concurrency)
-        with server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port())) as one, \
-                server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port(), processes=2)) as two:
+        with server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port(),
+                                      server_model=model)) as one, \
+                server_group(server_spec(cfg, common, backend, url, SYNC, "scaling", port=free_port(), processes=2,
+                                         server_model=model)) as two:
             runner.compare(backend, [one, two], CHECK, conc, SCALING, requests=check_requests(common.people), token=adv)
             runner.compare(backend, [one, two], ACTIVATE, conc, SCALING, token=adv, pool=activate_pool)
         with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "scaling", port=free_port())) as one, \
@@ -414,9 +444,13 @@ def measure_backend(runner: Runner, cfg: RpcsConfig, common: Common, backend: st
     if cpu is not None and {CHECK, ACTIVATE} <= set(cfg.rpcs):
         say(f"bench.rpcs: {backend}: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
         conc = min(cfg.concurrency)
-        with free_and_pinned(cfg, common, backend, url, SYNC, cpu) as pair:
+        with free_and_pinned(cfg, common, backend, url, SYNC, cpu, server_model=model) as pair:
             runner.compare(backend, pair, CHECK, conc, PINNING, requests=check_requests(common.people), token=adv)
             runner.compare(backend, pair, ACTIVATE, conc, PINNING, token=adv, pool=activate_pool)
+
+
+def _models_text(cfg: RpcsConfig, backends: tuple[str, ...]) -> str:
+    return ", ".join(f"{b} {backend_model(cfg.server_model, b)}" for b in backends)
 
 
 def _affinity_text(setting: affinity.Setting) -> str:
@@ -431,22 +465,23 @@ def pin_cpu(cfg: RpcsConfig) -> int | None:
     return allowed[0] if cfg.pinning and len(allowed) > 1 else None
 
 
-def measure_echo_pinning(runner: Runner, cfg: RpcsConfig, common: Common) -> None:
+def measure_echo_pinning(runner: Runner, cfg: RpcsConfig, common: Common, floor: str) -> None:
     cpu = pin_cpu(cfg)
     if cpu is None or not {CHECK, ACTIVATE} <= set(cfg.rpcs):  # (as the backends' pinning part)
         return
-    say(f"bench.rpcs: echo: 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
-    with free_and_pinned(cfg, common, "echo", "", SYNC_ECHO, cpu) as pair:
+    say(f"bench.rpcs: echo ({floor}): 1 process left to the kernel vs pinned to CPU {cpu}, alternating rounds")
+    with free_and_pinned(cfg, common, "echo", "", floor, cpu) as pair:
         runner.compare("-", pair, ECHO, min(cfg.concurrency), PINNING, requests=check_requests(common.people, 1))
 
 
 @contextmanager
 def free_and_pinned(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str,
-                    cpu: int) -> Iterator[list[list[Server]]]:
+                    cpu: int, **kw: Any) -> Iterator[list[list[Server]]]:
     """Two 1-process servers alike but for their affinity: left to the kernel, and pinned to `cpu`."""
-    with server_group(server_spec(cfg, common, backend, url, kind, "off", port=free_port(), cpu_affinity=OFF)) as free, \
+    with server_group(server_spec(cfg, common, backend, url, kind, "off", port=free_port(), cpu_affinity=OFF,
+                                  **kw)) as free, \
             server_group(server_spec(cfg, common, backend, url, kind, f"cpu{cpu}", port=free_port(),
-                                     cpu_affinity=(cpu,))) as pinned:
+                                     cpu_affinity=(cpu,), **kw)) as pinned:
         yield [free, pinned]
 
 
@@ -483,7 +518,7 @@ def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: s
     """`tag`: told apart in the log's name (servers of one kind and backend side by side)."""
     n = kw.get("processes", 1)
     kw.setdefault("cpu_affinity", cfg.cpu_affinity)
-    name = f"{backend}-{kind}-{n}p" + (f"-{tag}" if tag else "")
+    name = f"{backend}-{kind if kind != SYNC else kw.get('server_model', THREADS)}-{n}p" + (f"-{tag}" if tag else "")
     return ServerSpec(kind=kind, workers=cfg.workers, log_path=common.tmp / "logs" / f"{name}.log",
                       log_level=cfg.log_level, database_url=url, callers_file=common.callers_file,
                       key_dir=common.key_dir, pseudonym_key_file=common.pseudonym_key_file,
@@ -492,8 +527,9 @@ def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: s
 
 # ---------------------------------------------------------------------------------------- report
 
-def _echo_best(results: list[RunResult], processes: int = 1) -> RunResult | None:
-    echo = [r for r in results if r.method == ECHO and r.backend == "-" and not r.rate and r.processes == processes]
+def _echo_best(results: list[RunResult], model: str, processes: int = 1) -> RunResult | None:
+    echo = [r for r in results if r.method == ECHO and r.backend == "-" and r.model == model and not r.rate
+            and r.processes == processes]
     return max(echo, key=lambda r: r.rps) if echo else None
 
 
@@ -507,7 +543,7 @@ def _part_runs(results: list[RunResult], part: str = SCALING) -> list[RunResult]
     return [r for r in results if r.part == part]
 
 
-HEAD = ("backend", "rpc", "load", "req/s", "echo req/s", "x echo", "p50 ms", "p95 ms", "p99 ms", "srv cores",
+HEAD = ("backend", "model", "rpc", "load", "req/s", "echo req/s", "x echo", "p50 ms", "p95 ms", "p99 ms", "srv cores",
         "srv CPU us/call", "switches/call", "cli cores", "other cores", "SQL/call", "txn/call", "errors")
 
 
@@ -517,7 +553,7 @@ def _cells(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
     load = (f"open {r.rate:,.0f}/s" if r.rate else f"c={r.concurrency}") + (f" ({r.note})" if r.note else "")
     per = _per_call(r)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
-    return (r.backend, r.method, load, f"{r.rps:,.0f}", echo, ratio, f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
+    return (r.backend, r.model, r.method, load, f"{r.rps:,.0f}", echo, ratio, f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
             f"{r.p99_ms:.2f}", f"{r.server_cpu_s / r.seconds:.2f}", f"{r.cpu_us_per_call:,.0f}",
             f"{r.server_switches / r.calls:.1f}" if r.calls else "-", f"{r.client_cpu_s / r.seconds:.2f}",
             f"{r.other_cores:.2f}", f"{per['statements']:.1f}" if per else "-", f"{per['transactions']:.1f}" if per else "-", errors)
@@ -540,18 +576,21 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]], numeric_from: int
 
 
 def results_table(results: list[RunResult], md: bool) -> str:
-    return _table(HEAD, [_cells(results, r) for r in _main_rows(results)], 3, md)
+    return _table(HEAD, [_cells(results, r) for r in _main_rows(results)], 4, md)
 
 
 def targets(results: list[RunResult]) -> list[dict[str, Any]]:
     """Per backend and RPC: best closed-loop throughput over the echo's best, and p99 at half."""
     main = _main_rows(results)
-    echo = _echo_best(main)
     out = []
-    for backend in ["-", *dict.fromkeys(r.backend for r in main if r.method != ECHO)]:
+    cases = [("-", floor) for floor in dict.fromkeys(r.model for r in main if r.method == ECHO and r.backend == "-")]
+    cases += [(b, m) for b, m in dict.fromkeys((r.backend, r.model) for r in main
+                                               if r.method != ECHO and r.backend != CONTROL)]
+    for backend, model in cases:
+        echo = _echo_best(main, FLOOR.get(model, model))
         for method in (ECHO,) if backend == "-" else RPCS:
-            closed = [r for r in main if r.backend == backend and r.method == method and not r.rate]
-            half = [r for r in main if r.backend == backend and r.method == method and r.rate]
+            closed = [r for r in main if r.backend == backend and r.model == model and r.method == method and not r.rate]
+            half = [r for r in main if r.backend == backend and r.model == model and r.method == method and r.rate]
             if not closed:
                 continue
             best = max(closed, key=lambda r: r.rps / r.echo_rps if r.echo_rps else r.rps)
@@ -559,7 +598,7 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
             ratio = best.rps / ref if ref else float("nan")
             want = TARGET_RATIO.get(method, {}).get(backend)
             p99 = half[-1].p99_ms if half else float("nan")
-            out.append({"backend": backend, "rpc": method, "best_rps": best.rps, "at": best.concurrency,
+            out.append({"backend": backend, "model": model, "rpc": method, "best_rps": best.rps, "at": best.concurrency,
                         "echo_rps": ref, "ratio": ratio, "ratio_target": want,
                         "round_ratios": list(best.round_ratios),
                         "ratio_met": None if want is None else ratio >= want, "half_rate": half[-1].rate if half else 0,
@@ -573,15 +612,15 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
 def targets_table(rows: list[dict[str, Any]], md: bool) -> str:
     def met(v: bool | None) -> str:
         return "-" if v is None else "met" if v else "NOT met"
-    head = ("backend", "rpc", "req/s (best x echo)", "x echo", "rounds", "target", "met", "half rate /s",
+    head = ("backend", "model", "rpc", "req/s (best x echo)", "x echo", "rounds", "target", "met", "half rate /s",
             "p99 ms there", "p99 < 10 ms", "handlers' p99 ms there", "other cores there")
-    body = [(t["backend"], t["rpc"], f"{t['best_rps']:,.0f} (c={t['at']})", f"{t['ratio']:.2f}",
+    body = [(t["backend"], t["model"], t["rpc"], f"{t['best_rps']:,.0f} (c={t['at']})", f"{t['ratio']:.2f}",
              f"{min(t['round_ratios']):.2f}-{max(t['round_ratios']):.2f}" if t["round_ratios"] else "-",
              f">= {t['ratio_target']:g}" if t["ratio_target"] is not None else "-", met(t["ratio_met"]),
              f"{t['half_rate']:,.0f}", f"{t['p99_half_ms']:.2f}", met(t["p99_met"]),
              "-" if math.isnan(t["server_p99_half_ms"]) else f"{t['server_p99_half_ms']:.2f}",
              f"{t['other_cores_half']:.2f}") for t in rows]
-    return _table(head, body, 2, md)
+    return _table(head, body, 3, md)
 
 
 def control_text(results: list[RunResult]) -> str:
@@ -589,9 +628,9 @@ def control_text(results: list[RunResult]) -> str:
     runs = [r for r in results if r.backend == CONTROL and r.echo_rps]
     if not runs:
         return ""
-    parts = [f"c={r.concurrency}: {r.rps / r.echo_rps:.2f} (rounds {min(r.round_ratios):.2f}-{max(r.round_ratios):.2f})"
-             for r in runs if r.round_ratios]
-    return ("Control (rows `control`): a second echo server, measured as each RPC is, in rounds alternating with "
+    parts = [f"{r.model} c={r.concurrency}: {r.rps / r.echo_rps:.2f} (rounds {min(r.round_ratios):.2f}-"
+             f"{max(r.round_ratios):.2f})" for r in runs if r.round_ratios]
+    return ("Control (rows `control`): a second echo server of each floor, measured as each RPC is, in rounds alternating with "
             "the echo server's windows; x echo " + "; ".join(parts) + ". An RPC exactly as fast as echo would "
             "read this, not 1.00: how far it is from 1.00 is the pairing's own error in this run.")
 
@@ -652,7 +691,7 @@ def scaling_table(rows: list[dict[str, Any]], md: bool) -> str:
 
 def pinning(results: list[RunResult]) -> list[dict[str, Any]]:
     runs = _part_runs(results, PINNING)
-    return [{"backend": free.backend, "rpc": free.method, "concurrency": free.concurrency,
+    return [{"backend": free.backend, "model": free.model, "rpc": free.method, "concurrency": free.concurrency,
              "rps_free": free.rps, "rps_pinned": pinned.rps,
              "factor": pinned.rps / free.rps if free.rps else float("nan"),
              "cpu_free": free.cpu_us_per_call, "cpu_pinned": pinned.cpu_us_per_call,
@@ -664,26 +703,29 @@ def pinning(results: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def pinning_table(rows: list[dict[str, Any]], md: bool) -> str:
-    head = ("backend", "rpc", "conc", "free req/s", "pinned req/s", "x", "srv CPU us/call free / pinned",
+    head = ("backend", "model", "rpc", "conc", "free req/s", "pinned req/s", "x", "srv CPU us/call free / pinned",
             "switches/call free / pinned", "p99 ms free / pinned", "CPUs free / pinned")
-    body = [(s["backend"], s["rpc"], str(s["concurrency"]), f"{s['rps_free']:,.0f}", f"{s['rps_pinned']:,.0f}",
+    body = [(s["backend"], s["model"], s["rpc"], str(s["concurrency"]), f"{s['rps_free']:,.0f}", f"{s['rps_pinned']:,.0f}",
              f"{s['factor']:.2f}", f"{s['cpu_free']:,.0f} / {s['cpu_pinned']:,.0f}",
              f"{s['switches_free']:.1f} / {s['switches_pinned']:.1f}", f"{s['p99_free']:.1f} / {s['p99_pinned']:.1f}",
              f"{s['cpus_free']} / {s['cpus_pinned']}") for s in rows]
-    return _table(head, body, 2, md)
+    return _table(head, body, 3, md)
 
 
 def pinning_summary(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    parts = [f"{'echo' if s['backend'] == '-' else s['backend'] + ' ' + s['rpc']} {s['factor']:.2f}x" for s in rows]
+    parts = [f"{s['model'] if s['backend'] == '-' else s['backend'] + ' ' + s['rpc']} {s['factor']:.2f}x"
+             for s in rows]
     text = "Pinned to one CPU against left to the kernel, throughput: " + "; ".join(parts) + "."
-    echo = next((s for s in rows if s["rpc"] == ECHO), None)
-    if echo and echo["rps_free"] and echo["rps_pinned"]:
+    for echo in (s for s in rows if s["rpc"] == ECHO):
+        if not (echo["rps_free"] and echo["rps_pinned"]):
+            continue
         ratios = [f"{s['backend']} {s['rpc']} {s['rps_free'] / echo['rps_free']:.2f} left to the kernel, "
-                  f"{s['rps_pinned'] / echo['rps_pinned']:.2f} pinned" for s in rows if s["rpc"] != ECHO]
+                  f"{s['rps_pinned'] / echo['rps_pinned']:.2f} pinned" for s in rows
+                  if s["rpc"] != ECHO and FLOOR.get(s["model"]) == echo["model"]]
         if ratios:
-            text += (f" The echo server {'gains too' if echo['factor'] > 1 else 'does not gain'} "
+            text += (f" The echo server {echo['model']} {'gains too' if echo['factor'] > 1 else 'does not gain'} "
                      f"({echo['factor']:.2f}x): against the echo of this part (its windows minutes apart from "
                      "the RPC's, not paired), x echo " + "; ".join(ratios) + ".")
     return text
@@ -767,7 +809,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
-- Server: the real one, `entitlement.server_main.start` (sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls and {Settings().stream_workers} for the streaming ones, pool of {cfg.workers + Settings().stream_workers} DB connections), in its own process, with the production interceptors: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: the sync echo server (`bench/servers.py`: `grpc.server` with the same pool size and options, no interceptor, bytes in, bytes out), measured in the same run.
+- Server: the real one, `entitlement.server_main.start`, in the server model production gives each backend (`BENCH_SERVER_MODEL` {cfg.server_model}: {_models_text(cfg, m.backends)}; README "Server models"): **threads** = sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls; **event-loop** = grpc.aio with CheckEligibility and VerifyEntitlement answered on the loop, the other unary calls on a ThreadPoolExecutor of {cfg.workers}; either with {Settings().stream_workers} threads for the streaming calls and a pool of {cfg.workers + Settings().stream_workers} DB connections. In its own process, with the production behaviours: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: per model, the echo server built the same way (`bench/servers.py`, no behaviour, bytes in, bytes out, same pool size and options), measured in the same run: **sync-echo** (`grpc.server`) for threads, **aio-echo-inline** (`grpc.aio`, answered on the loop) for event-loop; each backend's RPCs are paired with the floor of their model, and column "model" says which.
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
@@ -815,24 +857,28 @@ def main() -> int:
         client = Client()
         runner = Runner(cfg, client)
 
-        say("bench.rpcs: echo floor")
-        with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO)) as echo_group:
-            echo_requests = check_requests(common.people, 1)
-            runner.closed_then_half("-", echo_group, ECHO, requests=echo_requests)
-            runner.echo = (echo_group, echo_requests)  # from now on, paired with each closed-loop case
-            say("bench.rpcs: control: a second echo server, measured as the RPCs are")
-            with server_group(server_spec(cfg, common, "echo", "", SYNC_ECHO, "control", port=free_port())) as twin:
-                for c in cfg.concurrency:
-                    runner.run(CONTROL, twin, ECHO, concurrency=c, paired=True, requests=echo_requests)
-            for backend in backends:
-                t = time.monotonic()
-                with database(backend, common, cfg.pg_admin_url) as url:
-                    summary = migrate_and_import(url, common)
-                    say(f"bench.rpcs: {backend}: migrated, {summary.rows_imported:,} people imported "
-                        f"({time.monotonic() - t:.1f} s)")
-                    measure_backend(runner, cfg, common, backend, url, seed_people, pool_people)
-            runner.echo = None
-            measure_echo_pinning(runner, cfg, common)
+        echo_requests = check_requests(common.people, 1)
+        models = {backend: backend_model(cfg.server_model, backend) for backend in backends}
+        for model in dict.fromkeys(models.values()):
+            floor = FLOOR[model]
+            say(f"bench.rpcs: echo floor of the {model} server ({floor})")
+            with server_group(server_spec(cfg, common, "echo", "", floor)) as echo_group:
+                runner.closed_then_half("-", echo_group, ECHO, requests=echo_requests)
+                runner.echo = (echo_group, echo_requests)  # from now on, paired with each closed-loop case
+                say("bench.rpcs: control: a second echo server, measured as the RPCs are")
+                with server_group(server_spec(cfg, common, "echo", "", floor, "control", port=free_port())) as twin:
+                    for c in cfg.concurrency:
+                        runner.run(CONTROL, twin, ECHO, concurrency=c, paired=True, requests=echo_requests)
+                for backend in (b for b in backends if models[b] == model):
+                    t = time.monotonic()
+                    with database(backend, common, cfg.pg_admin_url) as url:
+                        summary = migrate_and_import(url, common)
+                        say(f"bench.rpcs: {backend}: migrated, {summary.rows_imported:,} people imported "
+                            f"({time.monotonic() - t:.1f} s)")
+                        measure_backend(runner, cfg, common, backend, url, seed_people, pool_people)
+                runner.echo = None
+        for floor in dict.fromkeys(FLOOR[m] for m in models.values()):
+            measure_echo_pinning(runner, cfg, common, floor)
     except KeyboardInterrupt:
         say("bench.rpcs: interrupted")
         return 130

@@ -2,8 +2,9 @@
 model, answers ("ready", port, pid) on `conn`, serves until it receives "stop", then exits.
 
 Models:
-- sync:      entitlement.server_main.start(ctx, "127.0.0.1:0") with ENTITLEMENT_SERVER_MODEL=threads,
-             the real thread-pool server, unchanged;
+- sync:      entitlement.server_main.start(ctx, "127.0.0.1:0"), the real server, unchanged, in the
+             model of spec.server_model (threads by default: the thread-pool server; bench.rpcs
+             asks for each backend's production model);
 - aio:       entitlement.aio_server.build(ctx, executor, streams, inline=nothing): the event-loop
              server with every call offloaded to thread pools of the same sizes (same servicers,
              each method wrapped once in the same behaviours);

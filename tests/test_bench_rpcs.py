@@ -92,8 +92,11 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     assert len(judged) == 3 and all(t["ratio_met"] in (True, False) and t["p99_met"] in (True, False) for t in judged)
     text = out.read_text()
     assert text.count("<!-- section:rpcs -->") == 1 and "<!-- /section:rpcs -->" in text
-    for method in RPCS:
-        assert f"| sqlite | {method} |" in text
+    for method in RPCS:  # served by SQLite's production model (auto), paired with that model's floor
+        assert f"| sqlite | event-loop | {method} |" in text
+    assert f"| - | aio-echo-inline | {ECHO} |" in text
+    assert {(r["backend"], r["model"]) for r in results if not r["part"]} == {
+        ("-", "aio-echo-inline"), (CONTROL, "aio-echo-inline"), ("sqlite", "event-loop")}
     assert "| cli cores | other cores |" in text and "| handlers' p99 ms there |" in text
     assert "Quick mode" in text
 
