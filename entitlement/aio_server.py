@@ -28,8 +28,9 @@ the database by entitlement.dbhealth's monitor, as in the thread-pool server) an
 served bare.
 
 The loop runs in a thread of its own ("rpc-loop"); `start` returns a LoopRunning with the
-thread-pool server's Running interface (port, monitor, set_serving, stop), so server.py's signal
-handling, several processes on one port (SO_REUSEPORT) and TLS are the same for both models.
+thread-pool server's Running interface (port, monitor, set_serving, stop): server.py's signal
+handling (entitlement.server_main.serve_forever stops the server once, from its main thread), several
+processes on one port (SO_REUSEPORT) and TLS are the same for both models.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from entitlement.tls import ServerTLS
 
 STREAM_BUFFER = 16  # a server stream's responses made ahead of what the loop has taken
 _ENDED_POLL_S = 0.1  # a pool thread waiting on the loop checks this often whether the call is over
+_EOF_SETTLE_TURNS = 5  # turns of the loop a client stream's end waits for a cancellation to show
 
 # ------------------------------------------------------------------------------------ servicers
 
@@ -76,7 +78,8 @@ def _from_thread(loop: asyncio.AbstractEventLoop, start: Callable[[], Any],
     """Run `start` on the event loop from a pool thread and return its result, awaited on the loop
     when it is awaitable (aio objects are not thread-safe). Waits in slices: once the call has
     `ended` or the loop no longer runs (the server stopped), stops waiting and returns `gone`
-    (raises _CallEnded when none is given). Nothing is left pending on a loop that stopped."""
+    (raises _CallEnded when none is given): what was not started yet never starts, an awaitable
+    already started is cancelled while the loop still runs (on a stopped loop it is left as is)."""
     done: futures.Future[Any] = futures.Future()
     task: list[asyncio.Future[Any]] = []
 
@@ -106,15 +109,20 @@ def _from_thread(loop: asyncio.AbstractEventLoop, start: Callable[[], Any],
     except RuntimeError:  # the loop is closed: the server has stopped
         done.cancel()
     while not done.cancelled():
-        try:
-            return done.result(timeout=_ENDED_POLL_S)
-        except futures.TimeoutError:
-            if ended() or not loop.is_running():
-                if done.cancel():  # not started on the loop: it never will be
-                    break
-                if task and loop.is_running():
+        finished, _ = futures.wait((done,), timeout=_ENDED_POLL_S)
+        if finished:
+            if done.cancelled():
+                break
+            return done.result()  # (a TimeoutError raised on the loop is its result, not our wait's)
+        if ended() or not loop.is_running():
+            if done.cancel():  # not started on the loop: it never will be
+                break
+            if not loop.is_running():
+                break
+            if task:
+                try:
                     loop.call_soon_threadsafe(task[0].cancel)  # answered by finish: _CallEnded
-                elif not loop.is_running():
+                except RuntimeError:  # the loop closed meanwhile
                     break
     if gone is _GONE:
         raise _CallEnded()
@@ -156,6 +164,10 @@ class SyncContext:
     def is_active(self) -> bool:
         return not self._ended.is_set()
 
+    def ended(self) -> bool:
+        """The call is over (its done callback ran)."""
+        return self._ended.is_set()
+
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
@@ -189,8 +201,11 @@ class SyncContext:
 
 class _BlockingRequests:
     """A client stream seen from a pool thread: each next() waits for the event loop to read the
-    next message of the aio request iterator, and gives up once the call is over (a cancelled
-    call's handler task is cancelled on the loop, and nothing would answer the wait)."""
+    next message of the aio request iterator. A call that is over (the client cancelled, its
+    deadline passed, the server stopped) raises _CallEnded, as the sync server's request iterator
+    raises an RpcError then: whether the wait is cut short, or gRPC ends the stream as if the client
+    had finished sending (it does, on a cancelled call), the handler never mistakes a cut-off stream
+    for a whole one."""
 
     def __init__(self, requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop,
                  context: "SyncContext") -> None:
@@ -199,9 +214,24 @@ class _BlockingRequests:
     def __iter__(self) -> "_BlockingRequests":
         return self
 
+    async def _receive(self) -> Any:
+        try:
+            return await self._requests.__anext__()
+        except StopAsyncIteration:
+            # gRPC reads a cancelled call's stream (client gone, deadline passed) as ended, and
+            # marks the call done only a moment later, on the loop: let it (a whole stream's end
+            # costs these few turns of the loop once).
+            for _ in range(_EOF_SETTLE_TURNS):
+                if self._context.ended() or self._context._context.time_remaining() == 0:
+                    raise _CallEnded() from None
+                await asyncio.sleep(0)
+            if self._context.ended():
+                raise _CallEnded() from None
+            raise
+
     def __next__(self) -> Any:
         try:
-            return _from_thread(self._loop, self._requests.__anext__, ended=lambda: not self._context.is_active())
+            return _from_thread(self._loop, self._receive, ended=lambda: not self._context.is_active())
         except StopAsyncIteration:
             raise StopIteration from None
 
@@ -253,8 +283,9 @@ def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
             return True
 
         def drain() -> None:
-            responses = method(request, sync_context)
+            responses: Any = ()
             try:
+                responses = method(request, sync_context)
                 for item in responses:
                     if not hand_over(item):
                         return
@@ -421,6 +452,19 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool 
         await health_servicer.set(name, status)
 
 
+def _await_on(loop: asyncio.AbstractEventLoop, thread: threading.Thread, coro: Any) -> Any:
+    """Run `coro` on the loop from another thread and wait for its result, in slices: if the loop's
+    thread has died (an error escaped the loop), raise instead of waiting for good."""
+    pending = asyncio.run_coroutine_threadsafe(coro, loop)
+    while True:
+        finished, _ = futures.wait((pending,), timeout=_ENDED_POLL_S)
+        if finished:
+            return pending.result()
+        if not thread.is_alive():
+            pending.cancel()
+            raise RuntimeError("the event loop's thread has ended")
+
+
 class LoopRunning:
     """A started event-loop server, with the interface of server_main.Running (port, monitor,
     set_serving, stop), every method called from a thread other than the loop's."""
@@ -430,31 +474,48 @@ class LoopRunning:
                  pools: tuple[futures.ThreadPoolExecutor, ...]) -> None:
         self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
         self.port, self.monitor, self._pools = port, monitor, pools
-        self._stopping = threading.Lock()
-        self._stopped = False
+        self._lock = threading.Lock()
+        self._stopper: threading.Thread | None = None  # the thread running stop(), once it started
+        self._stopped = threading.Event()
 
     def set_serving(self, serving: bool) -> None:
-        if self._loop.is_closed():
+        if self._loop.is_closed() or not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(set_serving(self.health, serving), self._loop).result()
+        _await_on(self._loop, self._thread, set_serving(self.health, serving))
 
     def stop(self, grace: float) -> None:
         """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
         drain), then refuse new calls and let calls in flight finish within `grace` seconds; then
-        the loop and the pools end. Once; a second call returns when the first is done."""
-        with self._stopping:
-            if self._stopped:
-                return
-            self._stopped = True
+        the loop and the pools end. Done once: a call from another thread while it runs returns
+        when it is done; a call from the thread already stopping (a second signal handled in the
+        middle of the first one's stop) returns at once."""
+        with self._lock:
+            stopper = self._stopper
+            if stopper is None:
+                self._stopper = threading.current_thread()
+        if stopper is not None:
+            if stopper is not threading.current_thread():
+                self._stopped.wait()
+            return
+        try:
             if self.monitor is not None:
                 self.monitor.stop()  # first: no ping may set SERVING again
-            self.set_serving(False)
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+            if self._thread.is_alive():
+                self.set_serving(False)
+                _await_on(self._loop, self._thread, self.server.stop(grace))
             for pool in self._pools:
                 pool.shutdown(wait=False)  # their calls were ended with the server's
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+        finally:
+            self._stopped.set()
+
+
+class _CannotListen(Exception):
+    """Raised on the loop (a SystemExit there would end the loop's thread), turned into SystemExit
+    by start() in its caller's thread."""
 
 
 def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[BehaviorInterceptor],
@@ -476,19 +537,22 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
         port = (server.add_insecure_port(listen) if credentials is None
                 else server.add_secure_port(listen, credentials))
         if port == 0:
-            raise SystemExit(f"cannot listen on {listen}")
+            raise _CannotListen(f"cannot listen on {listen}")
         await server.start()
         await set_serving(health_servicer, True)
         return server, health_servicer, port
 
     try:
-        server, health_servicer, port = asyncio.run_coroutine_threadsafe(open_port(), loop).result()
-    except BaseException:
-        loop.call_soon_threadsafe(loop.stop)
+        server, health_servicer, port = _await_on(loop, thread, open_port())
+    except BaseException as exc:
+        if thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
         pool.shutdown(wait=False)
         streams.shutdown(wait=False)
+        if isinstance(exc, _CannotListen):
+            raise SystemExit(str(exc)) from None
         raise
     running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams))
     if monitor is not None:

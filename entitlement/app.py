@@ -56,7 +56,9 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
     """Load and check everything the server needs; raise SystemExit with the fix when something is
     missing (bad program file, unmigrated database, missing key)."""
     catalog = ProgramCatalog.load(settings.programs_dir)
-    db = Database(settings.database_url, pool_size=settings.max_workers + settings.stream_workers,
+    # One connection per thread that may hold one: the two pools', and the event loop's thread
+    # (the event-loop server model runs CheckEligibility's caller lookup there).
+    db = Database(settings.database_url, pool_size=settings.max_workers + settings.stream_workers + 1,
                   lock_timeout_ms=settings.db_lock_timeout_ms, statement_timeout_ms=settings.db_statement_timeout_ms,
                   connect_timeout_s=settings.db_connect_timeout_s,
                   # SQLite: WAL checkpoints off the commits' path (entitlement/storage/db.py).

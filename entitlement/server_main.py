@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import signal
-import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -192,19 +192,22 @@ def serve_forever(ctx: Context) -> None:
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
              max_concurrent_rpcs=concurrency_limit(s),
              cpus=affinity.cpus_of("self"))
-    stopped = threading.Event()
+    requested: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name, grace_seconds=ctx.settings.grace_seconds)
-        running.stop(ctx.settings.grace_seconds)
-        stopped.set()
+        # Only noted here: the main loop below stops the server, once. (Stopping inside the handler
+        # let a second signal, handled in the middle of the first one's stop, start another.)
+        if not requested:
+            log.info("stopping", signal=signal.Signals(signum).name, grace_seconds=ctx.settings.grace_seconds)
+        requested.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # A process-directed signal may be delivered to any thread (gRPC's, the workers'); Python runs
     # the handler only when the main thread executes bytecode, which an untimed wait never does.
     # Wait in short slices so SIGTERM is always handled promptly.
-    while not stopped.wait(timeout=0.2):
-        pass
+    while not requested:
+        time.sleep(0.2)
+    running.stop(ctx.settings.grace_seconds)
     ctx.db.dispose()
     log.info("stopped")

@@ -13,6 +13,7 @@ started with less than deadline.FLOOR_S left, and not committed for a caller tha
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import sqlite3
 import threading
@@ -233,11 +234,14 @@ def test_a_retry_while_the_first_attempt_waits_is_refused_then_answered_once(har
 
 # ---------------------------------------------------------------------------- a client stream
 
+@pytest.mark.parametrize("checksum", [False, True], ids=["no-sha256", "sha256"])
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
-def test_a_client_stream_given_up_midway(harness: Harness, tmp_path: Path, how: str) -> None:
+def test_a_client_stream_given_up_midway(harness: Harness, tmp_path: Path, how: str, checksum: bool) -> None:
     """The agency's feed stalls mid-extract and gives up: the import ends CANCELLED or
     DEADLINE_EXCEEDED (not an unexpected error), the server stays well. (The extract is the test
-    registry itself, so that even a completed import would change nothing.)"""
+    registry itself, so that even a completed import would change nothing.) With the file's
+    SHA-256 in the header, a server that took the cut-off stream for a whole one would answer
+    INVALID_ARGUMENT (the bytes differ) instead: it must not."""
     h = harness
     extract = make_registry_file(tmp_path / "registry.csv").read_bytes()
     gate = threading.Event()
@@ -245,7 +249,8 @@ def test_a_client_stream_given_up_midway(harness: Harness, tmp_path: Path, how: 
 
     def messages() -> Iterator[registry_pb2.ImportExtractRequest]:
         yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
-            extracted_on=date_msg(TODAY - dt.timedelta(days=1)), source_name="stalled.csv"))
+            extracted_on=date_msg(TODAY - dt.timedelta(days=1)), source_name="stalled.csv",
+            sha256=hashlib.sha256(extract).hexdigest() if checksum else ""))
         yield registry_pb2.ImportExtractRequest(chunk=extract[:4096])
         sent.set()
         gate.wait(WAIT_LIMIT_S)  # the feed stalls

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +25,8 @@ from google.type import date_pb2
 from grpc_status import rpc_status
 
 from bench.common import status_key
-from own_server import own_server
-from support import Harness, identity, next_person
+from own_server import next_ledger_person, own_server
+from support import Api, Harness, identity, next_person
 
 from entitlement import app
 from entitlement.config import Settings
@@ -185,3 +188,37 @@ def test_auto_is_the_event_loop_on_sqlite_and_the_thread_pool_on_postgresql(harn
     assert server_model(harness.ctx) == expected
     assert hasattr(harness.running, "server")
     assert isinstance(harness.running.server, grpc.aio.Server) == (expected == EVENT_LOOP)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_on_sqlite_the_event_loop_answers_checks_while_every_pool_thread_waits(
+        model: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The event-loop model answers CheckEligibility on its loop: with its one pool thread held by
+    an activation waiting for the database's write lock, a check is still answered; the thread-pool
+    model, its one thread held the same way, answers it only once the activation is done (the
+    check's deadline passes first)."""
+    with own_server("sqlite", tmp_path / "own", request, max_workers=1, server_model=model,
+                    db_lock_timeout_ms=30_000) as server:
+        api = Api(server)
+        check_id, check_birth = next_ledger_person()
+        agency_id, birth = next_ledger_person()
+        holder = sqlite3.connect(server.url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock: the activation waits for it
+        activated: list[Any] = []
+        activating = threading.Thread(target=lambda: activated.append(api.activate(agency_id, birth)))
+        try:
+            activating.start()
+            time.sleep(1.0)  # the activation reaches the pool's only thread and waits there
+            try:
+                answer = api.advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+                    job_seeker=identity(check_id, check_birth), program="programs/premium-job-seekers"), timeout=3)
+                outcome = "answered" if answer.decisions[0].eligible else "not eligible"
+            except grpc.RpcError as err:
+                outcome = err.code().name
+            assert activating.is_alive() and not activated  # the activation was still waiting throughout
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            activating.join(timeout=30)
+        assert outcome == ("answered" if model == EVENT_LOOP else "DEADLINE_EXCEEDED")
+        assert len(activated) == 1 and activated[0].activation.state == activation_pb2.ACTIVE

@@ -601,6 +601,33 @@ def test_sigterm_is_handled_whichever_thread_receives_it(server_dir: ServerDir) 
         server.close()
 
 
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_second_signal_during_the_stop_changes_nothing(server_dir: ServerDir, model: str) -> None:
+    """SIGTERM, then SIGINT while the first stop still waits for a call in flight (Ctrl-C pressed
+    twice; a supervisor that signals every process): one graceful stop, exit 0. (Stopping inside
+    the signal handler made the second signal wait for good on the first stop, in the event-loop
+    model.)"""
+    server_dir.extra_env["ENTITLEMENT_SERVER_MODEL"] = model
+    server = Server(server_dir)
+    try:
+        watch = As(server.channel, server_dir.tokens["platform-oc"]).WatchEntitlementChanges(
+            activation_pb2.WatchEntitlementChangesRequest(), timeout=60)
+        next(iter(watch))  # its bookmark: a call in flight, which the stop waits for (grace: 5 s)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while not any(x.get("event") == "stopping" for x in server_dir.log_lines()):
+            assert time.monotonic() < deadline, "no stopping line after SIGTERM"
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=30) == 0
+        events = [x for x in server_dir.log_lines() if x.get("event") in ("serving", "stopping", "stopped")]
+        assert [(x["event"], x.get("server_model", x.get("signal"))) for x in events] == [
+            ("serving", model), ("stopping", "SIGTERM"), ("stopped", None)]
+        watch.cancel()
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------------------------------------------ INTERNAL
 
 LEAKS = ("select", "activations", "sqlite", "no such", "traceback", "valueerror", "operationalerror", "corrupt")
