@@ -60,7 +60,6 @@ from entitlement.tls import ServerTLS
 
 STREAM_BUFFER = 16  # a server stream's responses made ahead of what the loop has taken
 _ENDED_POLL_S = 0.1  # a pool thread waiting on the loop checks this often whether the call is over
-_EOF_SETTLE_TURNS = 5  # turns of the loop a client stream's end waits for a cancellation to show
 
 # ------------------------------------------------------------------------------------ servicers
 
@@ -164,10 +163,6 @@ class SyncContext:
     def is_active(self) -> bool:
         return not self._ended.is_set()
 
-    def ended(self) -> bool:
-        """The call is over (its done callback ran)."""
-        return self._ended.is_set()
-
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
@@ -201,11 +196,10 @@ class SyncContext:
 
 class _BlockingRequests:
     """A client stream seen from a pool thread: each next() waits for the event loop to read the
-    next message of the aio request iterator. A call that is over (the client cancelled, its
-    deadline passed, the server stopped) raises _CallEnded, as the sync server's request iterator
-    raises an RpcError then: whether the wait is cut short, or gRPC ends the stream as if the client
-    had finished sending (it does, on a cancelled call), the handler never mistakes a cut-off stream
-    for a whole one."""
+    next message of the aio request iterator, and raises _CallEnded once the call is over (the
+    client cancelled, its deadline passed, the server stopped), as the sync server's request
+    iterator raises an RpcError then. (gRPC may also end a cancelled call's stream as if the
+    client had finished sending: entitlement.api.wrapping tells the two apart, for both models.)"""
 
     def __init__(self, requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop,
                  context: "SyncContext") -> None:
@@ -214,24 +208,9 @@ class _BlockingRequests:
     def __iter__(self) -> "_BlockingRequests":
         return self
 
-    async def _receive(self) -> Any:
-        try:
-            return await self._requests.__anext__()
-        except StopAsyncIteration:
-            # gRPC reads a cancelled call's stream (client gone, deadline passed) as ended, and
-            # marks the call done only a moment later, on the loop: let it (a whole stream's end
-            # costs these few turns of the loop once).
-            for _ in range(_EOF_SETTLE_TURNS):
-                if self._context.ended() or self._context._context.time_remaining() == 0:
-                    raise _CallEnded() from None
-                await asyncio.sleep(0)
-            if self._context.ended():
-                raise _CallEnded() from None
-            raise
-
     def __next__(self) -> Any:
         try:
-            return _from_thread(self._loop, self._receive, ended=lambda: not self._context.is_active())
+            return _from_thread(self._loop, self._requests.__anext__, ended=lambda: not self._context.is_active())
         except StopAsyncIteration:
             raise StopIteration from None
 

@@ -96,5 +96,22 @@ def check_caller() -> None:
     raise exceeded() if expired() else _cancelled()
 
 
+def over(settle_s: float = 0.0) -> bool:
+    """Whether the call is over for its client (deadline passed, or cancelled), waiting up to
+    `settle_s` for a cancellation to show: gRPC may report a cancelled call's request stream as
+    ended a moment before it reports the call itself as cancelled."""
+    budget = _current.get()
+    if budget is None:
+        return False
+    until = time.monotonic() + settle_s
+    while True:
+        left = remaining()
+        if (left is not None and left <= 0) or not budget.active():
+            return True
+        if time.monotonic() >= until:
+            return False
+        time.sleep(0.005)
+
+
 def _cancelled() -> Cancelled:
     return Cancelled("the call was cancelled before its work was committed; nothing was")

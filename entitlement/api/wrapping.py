@@ -15,7 +15,9 @@ logged, authenticated and authorized like any other before its body is refused.
 Every call also runs with its deadline bound for the storage layer (entitlement/deadline.py; bound
 outermost, so that the caller's own lookup keeps to it too), and a client stream that ends because
 the client gave up (cancelled, deadline passed) becomes CANCELLED or DEADLINE_EXCEEDED instead of
-an unexpected error (gRPC raises a bare RpcError from the request iterator)."""
+an unexpected error (gRPC raises a bare RpcError from the request iterator) or, worse, a stream
+taken for whole (gRPC may end a cancelled call's request stream as a finished one: its end waits up
+to STREAM_END_SETTLE_S for the cancellation to show)."""
 
 from __future__ import annotations
 
@@ -64,17 +66,28 @@ def _checked(request: Any) -> Any:
     return request
 
 
+STREAM_END_SETTLE_S = 0.05  # how long a client stream's end waits for a cancellation to show
+
+
+def _client_gone() -> Exception:
+    return (deadline.exceeded() if deadline.expired() else
+            Cancelled("the client cancelled the call while sending its requests; nothing was committed"))
+
+
 def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
     it = iter(requests)
     while True:
         try:
             request = next(it)
         except StopIteration:
+            # A cancelled call's stream may end as a finished one (gRPC, both server models, when
+            # the cancellation is seen a moment after the stream's end): a cut-off stream must
+            # never be taken for a whole one (an import of half a file). Once per stream.
+            if deadline.over(STREAM_END_SETTLE_S):
+                raise _client_gone() from None
             return
         except grpc.RpcError:  # gRPC ends the request stream so when the client is gone
-            raise (deadline.exceeded() if deadline.expired() else
-                   Cancelled("the client cancelled the call while sending its requests; nothing was "
-                             "committed")) from None
+            raise _client_gone() from None
         yield _checked(request)
 
 
