@@ -5,8 +5,9 @@ thread-pool server, with the hot reads answered on the event loop itself.
 Why: on SQLite, a check or a verification is one short local read (no network, no lock wait in WAL
 mode). In the thread-pool server every call is handed from gRPC's polling thread to a pool thread
 and back, and the threads contend for the interpreter lock; on the event loop, gRPC's own poller
-delivers the request and the answer leaves from the same thread. Measured: 1.19x to 1.36x the checks
-per second of the thread-pool server on the same machine (BENCHMARKS.md, "Server models").
+delivers the request and the answer leaves from the same thread. Measured: 1.13x to 1.36x the checks
+per second of the thread-pool server on the same machine, 0.98x to 1.18x the verifications
+(BENCHMARKS.md, "Server models"; README "Server models").
 
 How each of our methods is served (wrapped ONCE, at registration, in the production behaviours
 exactly as the thread-pool server wraps them: `server_main.call_behaviors` (access log, caller's
