@@ -839,7 +839,11 @@ def count_grpc(store: Store, common: Common, paths: dict[str, str], requests: li
            "ENTITLEMENT_KEY_DIR": paths["key_dir"], "ENTITLEMENT_PSEUDONYM_KEY_FILE": paths["pseudonym_key_file"],
            "ENTITLEMENT_LOG_KEY_FILE": paths["log_key_file"], "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
            "ENTITLEMENT_PROCESSES": "1", "ENTITLEMENT_LOG_LEVEL": "info", "ENTITLEMENT_ISSUER": "urn:entitlement:bench",
-           "ENTITLEMENT_LISTEN": f"127.0.0.1:{port}"}
+           "ENTITLEMENT_LISTEN": f"127.0.0.1:{port}",
+           # The thread-pool model, whose floor is the echo this section divides by (bench.instructions'
+           # echo_server default); SQLite's production default is the event loop, which hands an
+           # activation to its pool: bench.instructions counts both models.
+           "ENTITLEMENT_SERVER_MODEL": "threads"}
     try:
         with under_callgrind([sys.executable, str(ROOT / "server.py")], env, port, store.tmp / "grpc.cg") as count:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -3,9 +3,11 @@
 Throughput on a shared 2-core VM swings with whatever else runs; an instruction count does not:
 callgrind counts the instructions the server process executes, the same for the same code and
 inputs whatever the machine is doing. This benchmark runs the real server (`server.py`, the
-production entry, with its collector tuning) and a bare echo server built like it (same
-`grpc.server`, thread pool and options, no behaviour) under `valgrind --tool=callgrind`, switches
-counting on only around N sequential calls of one RPC (after warm-up calls), and divides.
+production entry, with its collector tuning) in each server model (ENTITLEMENT_SERVER_MODEL threads,
+then event-loop), and the bare echo server of that model built like it (threads: the same
+`grpc.server`, thread pool and options; event-loop: grpc.aio answering on its loop; no behaviour),
+under `valgrind --tool=callgrind`, switches counting on only around N sequential calls of one RPC
+(after warm-up calls), and divides.
 
 The echo/ours ratio of instructions is the throughput ratio a server-bound run would show (the
 server process runs Python under one GIL: its throughput is the inverse of its cost per call);
@@ -21,6 +23,7 @@ fewer allocations).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import platform
@@ -76,10 +79,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 300) ->
     raise SystemExit(f"server not listening on {port} after {limit_s:.0f} s")
 
 
-def echo_server(port: int) -> None:
-    """The floor: the bench's sync echo server (bench/servers.py: built as entitlement.server_main
-    builds ours, no behaviour), served until killed."""
+MODELS = (("threads", "sync-echo"), ("event-loop", "aio-echo-inline"))  # each server model and its floor
+
+
+def echo_server(port: int, model: str = "threads") -> None:
+    """The floor of a server model, served until killed: for threads, the bench's sync echo server
+    (bench/servers.py: built as entitlement.server_main builds ours, no behaviour); for the event
+    loop, a grpc.aio echo server answering on its loop (as entitlement.aio_server answers the hot
+    reads), same options, concurrency bound and collector tuning."""
     settings = Settings()  # the defaults server.py runs with: its pool size and concurrency bound
+    if model == "event-loop":
+        asyncio.run(_aio_echo_server(port, settings))
+        return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
                          options=OPTIONS,
                          maximum_concurrent_rpcs=concurrency_limit(settings))
@@ -89,6 +100,19 @@ def echo_server(port: int) -> None:
     tune_gc()  # as server.py's serve_forever
     server.start()
     server.wait_for_termination()
+
+
+async def _aio_echo_server(port: int, settings: Settings) -> None:
+    server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=concurrency_limit(settings))
+
+    async def echo(request: bytes, context: object) -> bytes:
+        return request
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    tune_gc()
+    await server.start()
+    await server.wait_for_termination()
 
 
 @contextmanager
@@ -169,90 +193,103 @@ def who(person: tuple[str, dt.date]) -> common_pb2.JobSeekerIdentity:
         year=birth.year, month=birth.month, day=birth.day))
 
 
+Row = tuple[str, str, int, int, float]  # model, rpc, calls, instructions, bytes of the request (rows listed)
+
+
+def measure_model(model: str, floor: str, n: int, tmp: Path, env: dict[str, str], tokens: dict[str, str],
+                  people: list[tuple[str, dt.date]]) -> list[Row]:
+    """The floor of `model`, then server.py in that model (ENTITLEMENT_SERVER_MODEL), every RPC."""
+    rows: list[Row] = []
+    # The floor.
+    port = free_port()
+    with under_callgrind([sys.executable, "-c", f"from bench.instructions import echo_server; echo_server({port}, {model!r})"],
+                         dict(os.environ), port, tmp / f"echo-{model}.cg") as count:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(ECHO_METHOD)
+            payload = b"x" * 80
+            md = (("authorization", "Bearer " + "a" * 43),)
+            for _ in range(50):
+                call(payload, metadata=md, timeout=120)
+            total = count(lambda: repeat(n, lambda: call(payload, metadata=md, timeout=120)))
+            rows.append((model, f"Echo ({floor}, floor)", n, total, len(payload)))
+            say(f"{model}: echo: {total // n:,} instructions/call")
+
+    # Ours.
+    port = free_port()
+    env["ENTITLEMENT_LISTEN"] = f"127.0.0.1:{port}"
+    env["ENTITLEMENT_SERVER_MODEL"] = model
+    with under_callgrind([sys.executable, "server.py"], env, port, tmp / f"server-{model}.cg") as count:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            adv = (("authorization", f"Bearer {tokens['bench-advisor']}"),)
+            plat = (("authorization", f"Bearer {tokens['bench-platform']}"),)
+            elig = eligibility_pb2_grpc.EligibilityServiceStub(ch)
+            act = activation_pb2_grpc.ActivationServiceStub(ch)
+            # Warm-up, and the people the server finds eligible (for the writes).
+            eligible = []
+            for p in people:
+                r = elig.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=who(p), program=PROGRAM),
+                                          metadata=adv, timeout=120)
+                if r.decisions[0].eligible:
+                    eligible.append(p)
+                if len(eligible) >= 2 * (n // 3) + 2:
+                    break
+            writes = max(1, n // 3)
+            if len(eligible) < 2 * writes + 2:
+                raise SystemExit(f"only {len(eligible)} eligible people in the synthetic registry")
+            check_req = eligibility_pb2.CheckEligibilityRequest(job_seeker=who(eligible[0]), program=PROGRAM)
+            total = count(lambda: repeat(n, lambda: elig.CheckEligibility(check_req, metadata=adv, timeout=120)))
+            rows.append((model, "CheckEligibility", n, total, check_req.ByteSize()))
+            say(f"{model}: CheckEligibility: {total // n:,} instructions/call")
+
+            def activate(p: tuple[str, dt.date], i: int) -> activation_pb2.ActivateEntitlementResponse:
+                return act.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                    request_id=f"bench-instr-{i}", job_seeker=who(p), program=PROGRAM,
+                    platform="platforms/openclassrooms", reason="bench"), metadata=adv, timeout=120)
+            first = activate(eligible[-1], 10**6)  # warm-up of the write path
+            act.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                token=first.activation_token, account_id="bench-account-0"), metadata=plat, timeout=120)
+            made: list[str] = []
+            batch = eligible[1:1 + writes]
+            total = count(lambda: made.extend(activate(p, i).activation_token for i, p in enumerate(batch)))
+            rows.append((model, "ActivateEntitlement", writes, total, 0))
+            say(f"{model}: ActivateEntitlement: {total // writes:,} instructions/call")
+            total = count(lambda: repeat(len(made), lambda i: act.RedeemActivationToken(
+                activation_pb2.RedeemActivationTokenRequest(token=made[i], account_id=f"bench-account-{i + 1}"),
+                metadata=plat, timeout=120), indexed=True))
+            rows.append((model, "RedeemActivationToken", len(made), total, 0))
+            say(f"{model}: RedeemActivationToken: {total // len(made):,} instructions/call")
+            verify_req = activation_pb2.VerifyEntitlementRequest(account_id="bench-account-1")
+            if not act.VerifyEntitlement(verify_req, metadata=plat, timeout=120).active:
+                raise SystemExit("the redeemed account is not active")
+            total = count(lambda: repeat(n, lambda: act.VerifyEntitlement(verify_req, metadata=plat, timeout=120)))
+            rows.append((model, "VerifyEntitlement", n, total, verify_req.ByteSize()))
+            say(f"{model}: VerifyEntitlement: {total // n:,} instructions/call")
+            # The funder's first page, newest first: the activations made above (as bench.rpcs lists
+            # them, pages of 100; a page costs the same at any depth).
+            aud = audit_pb2_grpc.AuditServiceStub(ch)
+            fund = (("authorization", f"Bearer {tokens['bench-funder']}"),)
+            list_req = audit_pb2.ListActivationsRequest(page_size=LIST_PAGE, funder=FUNDER)
+            listed = len(aud.ListActivations(list_req, metadata=fund, timeout=120).activations)
+            lists = max(10, n // 10)
+            total = count(lambda: repeat(lists, lambda: aud.ListActivations(list_req, metadata=fund, timeout=120)))
+            rows.append((model, f"ListActivations ({listed} per page)", lists, total, listed))
+            say(f"{model}: ListActivations: {total // lists:,} instructions/call, {total // lists // max(listed, 1):,} per row")
+    return rows
+
+
 def main() -> int:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         say("bench.instructions: valgrind is not installed; skipped")
         return 0
     n = int(os.environ.get("BENCH_INSTR_CALLS", "900"))
     started = time.time()
-    rows: list[tuple[str, int, int, float]] = []  # rpc, calls, instructions, bytes of the request (rows listed)
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-instr-") as d:
-        tmp = Path(d)
-        env, tokens, people = prepare(tmp)
-
-        # The floor.
-        port = free_port()
-        with under_callgrind([sys.executable, "-c", f"from bench.instructions import echo_server; echo_server({port})"],
-                             dict(os.environ), port, tmp / "echo.cg") as count:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                call = ch.unary_unary(ECHO_METHOD)
-                payload = b"x" * 80
-                md = (("authorization", "Bearer " + "a" * 43),)
-                for _ in range(50):
-                    call(payload, metadata=md, timeout=120)
-                total = count(lambda: repeat(n, lambda: call(payload, metadata=md, timeout=120)))
-                rows.append(("Echo (floor)", n, total, len(payload)))
-                say(f"echo: {total // n:,} instructions/call")
-
-        # Ours.
-        port = free_port()
-        env["ENTITLEMENT_LISTEN"] = f"127.0.0.1:{port}"
-        with under_callgrind([sys.executable, "server.py"], env, port, tmp / "server.cg") as count:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                adv = (("authorization", f"Bearer {tokens['bench-advisor']}"),)
-                plat = (("authorization", f"Bearer {tokens['bench-platform']}"),)
-                elig = eligibility_pb2_grpc.EligibilityServiceStub(ch)
-                act = activation_pb2_grpc.ActivationServiceStub(ch)
-                # Warm-up, and the people the server finds eligible (for the writes).
-                eligible = []
-                for p in people:
-                    r = elig.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(job_seeker=who(p), program=PROGRAM),
-                                              metadata=adv, timeout=120)
-                    if r.decisions[0].eligible:
-                        eligible.append(p)
-                    if len(eligible) >= 2 * (n // 3) + 2:
-                        break
-                writes = max(1, n // 3)
-                if len(eligible) < 2 * writes + 2:
-                    raise SystemExit(f"only {len(eligible)} eligible people in the synthetic registry")
-                check_req = eligibility_pb2.CheckEligibilityRequest(job_seeker=who(eligible[0]), program=PROGRAM)
-                total = count(lambda: repeat(n, lambda: elig.CheckEligibility(check_req, metadata=adv, timeout=120)))
-                rows.append(("CheckEligibility", n, total, check_req.ByteSize()))
-                say(f"CheckEligibility: {total // n:,} instructions/call")
-
-                def activate(p: tuple[str, dt.date], i: int) -> activation_pb2.ActivateEntitlementResponse:
-                    return act.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-                        request_id=f"bench-instr-{i}", job_seeker=who(p), program=PROGRAM,
-                        platform="platforms/openclassrooms", reason="bench"), metadata=adv, timeout=120)
-                first = activate(eligible[-1], 10**6)  # warm-up of the write path
-                act.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
-                    token=first.activation_token, account_id="bench-account-0"), metadata=plat, timeout=120)
-                made: list[str] = []
-                batch = eligible[1:1 + writes]
-                total = count(lambda: made.extend(activate(p, i).activation_token for i, p in enumerate(batch)))
-                rows.append(("ActivateEntitlement", writes, total, 0))
-                say(f"ActivateEntitlement: {total // writes:,} instructions/call")
-                total = count(lambda: repeat(len(made), lambda i: act.RedeemActivationToken(
-                    activation_pb2.RedeemActivationTokenRequest(token=made[i], account_id=f"bench-account-{i + 1}"),
-                    metadata=plat, timeout=120), indexed=True))
-                rows.append(("RedeemActivationToken", len(made), total, 0))
-                say(f"RedeemActivationToken: {total // len(made):,} instructions/call")
-                verify_req = activation_pb2.VerifyEntitlementRequest(account_id="bench-account-1")
-                if not act.VerifyEntitlement(verify_req, metadata=plat, timeout=120).active:
-                    raise SystemExit("the redeemed account is not active")
-                total = count(lambda: repeat(n, lambda: act.VerifyEntitlement(verify_req, metadata=plat, timeout=120)))
-                rows.append(("VerifyEntitlement", n, total, verify_req.ByteSize()))
-                say(f"VerifyEntitlement: {total // n:,} instructions/call")
-                # The funder's first page, newest first: the activations made above (as bench.rpcs lists
-                # them, pages of 100; a page costs the same at any depth).
-                aud = audit_pb2_grpc.AuditServiceStub(ch)
-                fund = (("authorization", f"Bearer {tokens['bench-funder']}"),)
-                list_req = audit_pb2.ListActivationsRequest(page_size=LIST_PAGE, funder=FUNDER)
-                listed = len(aud.ListActivations(list_req, metadata=fund, timeout=120).activations)
-                lists = max(10, n // 10)
-                total = count(lambda: repeat(lists, lambda: aud.ListActivations(list_req, metadata=fund, timeout=120)))
-                rows.append((f"ListActivations ({listed} per page)", lists, total, listed))
-                say(f"ListActivations: {total // lists:,} instructions/call, {total // lists // max(listed, 1):,} per row")
+        for model, floor in MODELS:  # each on a database of its own (the same synthetic people)
+            tmp = Path(d) / model
+            tmp.mkdir()
+            env, tokens, people = prepare(tmp)
+            rows += measure_model(model, floor, n, tmp, env, tokens, people)
     write_section(rows, time.time() - started)
     return 0
 
@@ -260,9 +297,8 @@ def main() -> int:
 TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitlement": 0.25}
 
 
-def write_section(rows: list[tuple[str, int, int, float]], seconds: float) -> None:
-    echo = rows[0][2] / rows[0][1]
-    n = rows[0][1]
+def write_section(rows: list[Row], seconds: float) -> None:
+    n = rows[0][2]
     lines = [
         "## Instructions per call, counted by valgrind (`python -m bench.instructions`)",
         "",
@@ -274,29 +310,34 @@ def write_section(rows: list[tuple[str, int, int, float]], seconds: float) -> No
         f"{n:,} calls per read RPC and {max(1, n // 3):,} per write: the cyclic collector's runs, counted with "
         "the calls, average out over such a window (with 300 calls a verification read 0.58 or 0.62 of echo "
         "depending on whether a collection fell inside it).",
-        "- Servers: `server.py` as in production (SQLite, 2,000 synthetic people, one JSON access line per "
-        "call, rate limit off) and an echo server built the same way (same `grpc.server`, pool, options and collector tuning, "
-        "no behaviour; 80-byte payload and an `authorization` header like ours).",
+        "- Servers, per server model (`ENTITLEMENT_SERVER_MODEL`, README \"Server models\"; SQLite's default is "
+        "event-loop): `server.py` as in production (SQLite, 2,000 synthetic people, a database of its own per "
+        "model, one JSON access line per call, rate limit off) and the echo server of that model, built the "
+        "same way (threads: `grpc.server` with the same pool and options; event-loop: `grpc.aio.server` "
+        "answering on its loop, as the event-loop server answers CheckEligibility and VerifyEntitlement; both "
+        "with the same concurrency bound and collector tuning, no behaviour, an 80-byte payload and an "
+        "`authorization` header like ours).",
         f"- ListActivations: a funder's ({FUNDER}) first page of {LIST_PAGE}, newest first, over the activations "
         "the ActivateEntitlement calls made (real decisions, each with its caps' counters); per row = per call / "
         "the rows of the page.",
-        "- x echo = echo's instructions per call / the RPC's: the throughput ratio a run bound by the server "
-        "process would show (one GIL: throughput is the inverse of the cost per call). Targets of issue "
+        "- x echo = the model's echo instructions per call / the RPC's: the throughput ratio a run bound by the "
+        "server process would show (one GIL: throughput is the inverse of the cost per call). Targets of issue "
         "\"Step 7\" are throughput ratios on the 2-core machine.",
         "",
-        "| rpc | calls | instructions/call | x echo | target |",
-        "|---|---:|---:|---:|---|",
+        "| model | rpc | calls | instructions/call | x echo | target |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    for rpc, calls, total, _size in rows:
+    echo = {model: total / calls for model, rpc, calls, total, _ in rows if rpc.startswith("Echo")}
+    for model, rpc, calls, total, _size in rows:
         per = total / calls
-        ratio = echo / per
+        ratio = echo[model] / per
         target = TARGETS.get(rpc)
         verdict = "-" if target is None else (f">= {target}: met" if ratio >= target else f">= {target}: not met")
-        lines.append(f"| {rpc} | {calls:,} | {per:,.0f} | {ratio:.2f} | {verdict} |" if ratio >= 0.1 else
-                     f"| {rpc} | {calls:,} | {per:,.0f} | {ratio:.3f} | {verdict} |")
-    for rpc, calls, total, listed in rows:
+        lines.append(f"| {model} | {rpc} | {calls:,} | {per:,.0f} | {ratio:.2f} | {verdict} |" if ratio >= 0.1 else
+                     f"| {model} | {rpc} | {calls:,} | {per:,.0f} | {ratio:.3f} | {verdict} |")
+    for model, rpc, calls, total, listed in rows:
         if rpc.startswith("ListActivations") and listed:
-            lines += ["", f"ListActivations: {total / calls / listed:,.0f} instructions per row listed."]
+            lines += ["", f"ListActivations ({model}): {total / calls / listed:,.0f} instructions per row listed."]
     replace_section(ROOT / "BENCHMARKS.md", "instructions", "\n".join(lines))
     say("\n".join(lines))
 
