@@ -483,13 +483,13 @@ class LoopRunning:
             if self._thread.is_alive():
                 self.set_serving(False)
                 _await_on(self._loop, self._thread, self.server.stop(grace))
+        finally:  # whatever failed above, the pools, the loop and its thread end
             for pool in self._pools:
                 pool.shutdown(wait=False)  # their calls were ended with the server's
             if not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
-        finally:
             self._stopped.set()
 
 

@@ -103,14 +103,15 @@ def over(settle_s: float = 0.0) -> bool:
     budget = _current.get()
     if budget is None:
         return False
-    until = time.monotonic() + settle_s
-    while True:
-        left = remaining()
-        if (left is not None and left <= 0) or not budget.active():
-            return True
-        if time.monotonic() >= until:
-            return False
+    left = remaining()
+    if (left is not None and left <= 0) or not budget.active():
+        return True
+    until = time.monotonic() + settle_s  # (a deadline passing meanwhile is the caller's next check's)
+    while time.monotonic() < until:
         time.sleep(0.005)
+        if not budget.active():
+            return True
+    return False
 
 
 def _cancelled() -> Cancelled:

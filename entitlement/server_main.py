@@ -183,15 +183,6 @@ def tune_gc() -> None:
 
 
 def serve_forever(ctx: Context) -> None:
-    tune_gc()
-    running = start(ctx, ctx.settings.listen)
-    s = ctx.settings
-    log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect, server_model=server_model(ctx),
-             programs=[p.id for p in ctx.catalog.all()],
-             transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
-             check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
-             max_concurrent_rpcs=concurrency_limit(s),
-             cpus=affinity.cpus_of("self"))
     requested: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -201,13 +192,25 @@ def serve_forever(ctx: Context) -> None:
             log.info("stopping", signal=signal.Signals(signum).name, grace_seconds=ctx.settings.grace_seconds)
         requested.append(signum)
 
+    # Before the server starts: a signal while it starts is noted, and it stops as soon as it runs.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    tune_gc()
+    running = start(ctx, ctx.settings.listen)
+    s = ctx.settings
+    log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect, server_model=server_model(ctx),
+             programs=[p.id for p in ctx.catalog.all()],
+             transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
+             check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
+             max_concurrent_rpcs=concurrency_limit(s),
+             cpus=affinity.cpus_of("self"))
     # A process-directed signal may be delivered to any thread (gRPC's, the workers'); Python runs
     # the handler only when the main thread executes bytecode, which an untimed wait never does.
     # Wait in short slices so SIGTERM is always handled promptly.
     while not requested:
         time.sleep(0.2)
-    running.stop(ctx.settings.grace_seconds)
-    ctx.db.dispose()
-    log.info("stopped")
+    try:
+        running.stop(ctx.settings.grace_seconds)
+    finally:
+        ctx.db.dispose()
+        log.info("stopped")

@@ -18,7 +18,8 @@ from entitlement.config import ROOT
                     reason="needs valgrind, its headers and gcc (on every machine kind here)")
 def test_breakdown_counts_every_piece(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
-    out.write_text("# Benchmarks\n\n| Echo (floor) | 300 | 364,000 | 1.00 | - |\n")
+    out.write_text("# Benchmarks\n\n| threads | Echo (sync-echo, floor) | 300 | 364,000 | 1.00 | - |\n"
+                   "| event-loop | Echo (aio-echo-inline, floor) | 300 | 490,000 | 1.00 | - |\n")
     env = {**os.environ, "BENCH_BREAKDOWN_CALLS": "5", "BENCH_OUTPUT": str(out)}
     proc = subprocess.run([sys.executable, "-m", "bench.breakdown"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -35,3 +36,4 @@ def test_breakdown_counts_every_piece(tmp_path: Path) -> None:
         parts = [v for (r, label), v in rows.items() if r == rpc and label.startswith("of which")]
         assert all(p < whole for p in parts), (rpc, rows)
     assert "beyond the echo call" in out.read_text()
+    assert "the thread-pool model's floor): 364,000 instructions" in out.read_text()  # that model's echo row
