@@ -86,11 +86,10 @@ def machine_busy_seconds() -> float:
     return (sum(values[:8]) - idle) / CLK_TCK  # user nice system idle iowait irq softirq steal
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU seconds (user + system) of every live process named postgres: the database's backends
-    and workers, whoever their clients are. A process that ends between two readings takes its
-    count with it (the benchmark's backends live as long as its pool)."""
-    total = 0.0
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of every live process named postgres (the database's backends
+    and workers, whoever their clients are), by pid."""
+    out: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -100,8 +99,20 @@ def postgres_cpu_seconds() -> float:
         except OSError:  # gone meanwhile, or not ours to read
             continue
         if stat[:stat.rindex(b")")].endswith(b"(postgres"):
-            total += _stat_cpu(stat)
-    return total
+            out[int(entry)] = _stat_cpu(stat)
+    return out
+
+
+def postgres_cpu_seconds() -> float:
+    return sum(postgres_cpu().values())
+
+
+def postgres_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """The database's CPU between two readings: each process alive at the second reading, less what
+    it had at the first (all of it when it started in between). A process that ended in between
+    takes its count with it (left out: the sum once went negative when other clients' backends
+    ended during a window)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if cpu >= before.get(pid, 0.0))
 
 
 def client(conn: Connection) -> None:
@@ -338,14 +349,14 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         # The sampled interval, w0 to w1, spans the CPU readings; scaled to the window below. The
         # /proc walks (context switches, the database's CPU) are just outside it, so that what they
         # cost is neither counted as the client's nor stretches the interval.
-        d0, x0 = postgres_cpu_seconds(), sum(context_switches(p) for p in pids)
+        d0, x0 = postgres_cpu(), sum(context_switches(p) for p in pids)
         w0, wall0 = time.perf_counter(), time.time()
         s0, c0, m0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
         s1, c1, m1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         w1 = time.perf_counter()
-        x1, d1 = sum(context_switches(p) for p in pids), postgres_cpu_seconds()
+        x1, d1 = sum(context_switches(p) for p in pids), postgres_cpu()
         await asyncio.gather(*tasks)
     finally:
         for ch in channels:
@@ -363,7 +374,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             "latencies": array("d", latencies).tobytes(),
             "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
             "machine_cpu_s": (m1 - m0) * scale, "server_switches": (x1 - x0) * scale,
-            "postgres_cpu_s": (d1 - d0) * scale,
+            "postgres_cpu_s": postgres_cpu_between(d0, d1) * scale,
             "wall_start": wall0 - (w0 - t_start), "wall_end": wall0 - (w0 - t_start) + window}
 
 
