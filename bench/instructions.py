@@ -46,7 +46,7 @@ from bench.common import say
 from bench.config import ECHO_SERVICE
 from bench.procs import commit, free_port
 from bench.sections import replace_section
-from bench.servers import OPTIONS, _echo
+from bench.servers import OPTIONS, _echo, aio_echo
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
 from entitlement.clock import SystemClock
@@ -103,12 +103,7 @@ def echo_server(port: int, model: str = "threads") -> None:
 
 
 async def _aio_echo_server(port: int, settings: Settings) -> None:
-    server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=concurrency_limit(settings))
-
-    async def echo(request: bytes, context: object) -> bytes:
-        return request
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server = aio_echo(settings.max_workers, None)  # answered on the loop
     server.add_insecure_port(f"127.0.0.1:{port}")
     tune_gc()
     await server.start()

@@ -76,7 +76,7 @@ from bench.report import percentile
 from bench.sections import replace_section
 from entitlement import affinity
 from entitlement.affinity import OFF
-from entitlement.config import ROOT, SERVER_MODELS, Settings
+from entitlement.config import EVENT_LOOP, ROOT, SERVER_MODELS, THREADS, Settings, resolve_server_model
 
 SECTION = "rpcs"
 CONTROL = "control"  # the backend column of the control: a second echo server, paired like an RPC
@@ -95,18 +95,15 @@ SCALING, PINNING = "scaling", "pinning"  # the comparison parts (RunResult.part)
 PAIRED_ROUNDS, QUICK_PAIRED_ROUNDS = 4, 2
 ROUND_WARMUP = 0.25
 CALL_TIMEOUT = 300.0
-THREADS, EVENT_LOOP = "threads", "event-loop"
 # Each server model's echo floor, built the same way (bench/servers.py): the thread-pool server's is
 # the sync echo; the event-loop server's answers on the loop, as its hot reads are answered.
 FLOOR = {THREADS: SYNC_ECHO, EVENT_LOOP: AIO_ECHO_INLINE}
 
 
 def backend_model(setting: str, backend: str) -> str:
-    """The server model a backend is served with: BENCH_SERVER_MODEL, `auto` as production's
-    (entitlement.server_main.server_model: the event loop on SQLite, the thread pool on PostgreSQL)."""
-    if setting == "auto":
-        return EVENT_LOOP if backend == "sqlite" else THREADS
-    return setting
+    """The server model a backend is served with: BENCH_SERVER_MODEL, `auto` resolved as production
+    resolves it."""
+    return resolve_server_model(setting, backend == "sqlite")
 
 
 def _cpu_affinity() -> affinity.Setting:

@@ -202,10 +202,28 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     server.stop(0).wait()
 
 
-async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
+def aio_echo(workers: int, executor: futures.Executor | None) -> Any:
+    """The grpc.aio echo server (not started; call on the loop that is to run it), bounded as
+    server_main.start bounds ours: answered on the loop (executor None: the event-loop server's
+    floor, aio-echo-inline) or handed to `executor` (aio-echo)."""
     import grpc
     from entitlement.config import Settings
-    from entitlement.server_main import max_concurrent_rpcs, tune_gc
+    from entitlement.server_main import max_concurrent_rpcs
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        if executor is None:
+            return request
+        return await asyncio.get_running_loop().run_in_executor(executor, _echo, request, None)
+    server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs(
+        workers, Settings().stream_workers))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    return server
+
+
+async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
+    from entitlement.config import Settings
+    from entitlement.server_main import tune_gc
     loop = asyncio.get_running_loop()
     executor = futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc")
     streams = futures.ThreadPoolExecutor(max_workers=max(Settings().stream_workers, 1), thread_name_prefix="rpc-stream")
@@ -216,15 +234,7 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
         server, health_servicer = aio_server.build(
             ctx, executor, streams, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())
     else:
-        async def echo(request: bytes, context: Any) -> bytes:
-            if spec.kind == AIO_ECHO_INLINE:
-                return request
-            return await loop.run_in_executor(executor, _echo, request, None)
-        # The same bound as server_main.start's.
-        server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs(
-            spec.workers, Settings().stream_workers))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        server = aio_echo(spec.workers, None if spec.kind == AIO_ECHO_INLINE else executor)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         raise SystemExit("cannot listen on 127.0.0.1:0")

@@ -455,7 +455,7 @@ class LoopRunning:
         self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
         self.port, self.monitor, self._pools = port, monitor, pools
         self._lock = threading.Lock()
-        self._stopper: threading.Thread | None = None  # the thread running stop(), once it started
+        self._stopping = False
         self._stopped = threading.Event()
 
     def set_serving(self, serving: bool) -> None:
@@ -466,16 +466,12 @@ class LoopRunning:
     def stop(self, grace: float) -> None:
         """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
         drain), then refuse new calls and let calls in flight finish within `grace` seconds; then
-        the loop and the pools end. Done once: a call from another thread while it runs returns
-        when it is done; a call from the thread already stopping (a second signal handled in the
-        middle of the first one's stop) returns at once."""
+        the loop and the pools end. Done once: a later call returns when the first is done (the
+        process stops it once, from its main thread: entitlement.server_main.serve_forever)."""
         with self._lock:
-            stopper = self._stopper
-            if stopper is None:
-                self._stopper = threading.current_thread()
-        if stopper is not None:
-            if stopper is not threading.current_thread():
-                self._stopped.wait()
+            first, self._stopping = not self._stopping, True
+        if not first:
+            self._stopped.wait()
             return
         try:
             if self.monitor is not None:

@@ -10,6 +10,16 @@ from entitlement import affinity
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_MODELS = ("auto", "threads", "event-loop")  # Settings.server_model
+AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
+
+
+def resolve_server_model(setting: str, sqlite: bool) -> str:
+    """The server model a setting gives (README "Server models"): `auto` is the event loop on SQLite
+    (its reads are local: answered on the loop) and the thread pool on PostgreSQL (every read is a
+    network round trip, which must not stop a loop)."""
+    if setting == AUTO:
+        return EVENT_LOOP if sqlite else THREADS
+    return setting
 DEFAULT_CHECK_RATE_PER_MIN = 120  # the server's (from_env) default; see Settings.check_rate_per_min
 
 

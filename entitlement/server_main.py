@@ -22,7 +22,7 @@ from entitlement.api.identity import CallerInterceptor
 from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
 from entitlement.app import Context
-from entitlement.config import SERVER_MODELS, Settings
+from entitlement.config import EVENT_LOOP, Settings, resolve_server_model
 from entitlement.dbhealth import DatabaseMonitor, monitor_for
 from entitlement.tls import ServerTLS, check_transport, server_tls
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, eligibility_pb2,
@@ -100,17 +100,9 @@ def call_behaviors(ctx: Context, monitor: DatabaseMonitor | None = None,
     return behaviors
 
 
-AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
-
-
 def server_model(ctx: Context) -> str:
-    """The server model these settings ask for (ENTITLEMENT_SERVER_MODEL; README "Server models"):
-    `auto` is the event loop on SQLite (its reads are local: answered on the loop) and the thread
-    pool on PostgreSQL (every read is a network round trip, which must not stop a loop)."""
-    model = ctx.settings.server_model
-    if model == AUTO:
-        return EVENT_LOOP if ctx.db.dialect == "sqlite" else THREADS
-    return model
+    """The server model of this context (ENTITLEMENT_SERVER_MODEL, `auto` resolved by its database)."""
+    return resolve_server_model(ctx.settings.server_model, ctx.db.dialect == "sqlite")
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

@@ -30,7 +30,8 @@ from support import Api, Harness, identity, next_person
 
 from entitlement import app
 from entitlement.config import Settings
-from entitlement.server_main import EVENT_LOOP, THREADS, server_model, start
+from entitlement.config import EVENT_LOOP, THREADS
+from entitlement.server_main import server_model, start
 from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2, registry_pb2
 
 MODELS = (THREADS, EVENT_LOOP)
