@@ -223,3 +223,52 @@ def test_verify_chooses_as_the_ordered_statement_did(db: Database) -> None:
             key = _verify_order(today)
             expected = db.hot.first(_LIVE_FIRST, {"platform": "pf", "account": f"acct-{n}", "today": today})
             assert key(min(rows, key=key)) == key(expected), (n, today, rows)
+
+
+def test_awkward_values_read_back_as_sqlalchemy_reads_them(db: Database) -> None:
+    """Parameters that need quoting or escaping on the way (quotes, backslashes, percent signs,
+    `$1`, non-ASCII; bytes with NUL and backslash bytes; NULL) find the same rows hot as through
+    SQLAlchemy (on PostgreSQL the hot path dumps them itself, as text, for a prepared statement)."""
+    now = dt.datetime(2026, 3, 16, tzinfo=dt.timezone.utc)
+    accounts = ["acct-o'brien", 'acct-"q"', "acct-back\\slash", "acct-100%", "acct-%s-%(x)s-$1", "acct-élève-日本"]
+    keys = [b"\x00\\'\x01" * 8, bytes(range(32))]
+    with db.engine.begin() as conn:
+        for n, account in enumerate(accounts):
+            conn.execute(Activation.__table__.insert().values(
+                id=f"odd-{n}", program_id=f"p{n}", program_version="1", person_key=keys[n % 2],
+                state="active", start_date=now.date(), end_date=now.date() + dt.timedelta(days=n),
+                advisor_id="a", agency_code="1", platform_id="pf'%", state_reason="", decision_json="{}",
+                snapshot_id=None, token_jti="j", account_id=account, redeemed_at=now, created_at=now,
+                updated_at=now))
+    by_key = select(Activation.id, Activation.account_id).where(Activation.person_key == bindparam("key"))
+    cases = [(_VERIFY, {"platform": "pf'%", "account": a}) for a in accounts]
+    cases += [(by_key, {"key": k}) for k in keys]
+    cases += [(text("SELECT CAST(:v AS TEXT) IS NULL AS null_in, CAST(:w AS TEXT) AS w"), {"v": None, "w": "x'%"})]
+    found = 0
+    with db.engine.connect() as conn:
+        for stmt, params in cases:
+            expected = [tuple(r) for r in conn.execute(stmt, params).all()]
+            assert [tuple(r) for r in db.hot.all(stmt, params)] == expected, (stmt, params)
+            found += len(expected)
+    assert found == len(accounts) * 2 + 1  # every account by its own id, then by its key, and the NULL probe
+
+
+def test_postgresql_prepares_each_statement_once_per_connection(db: Database) -> None:
+    """PostgreSQL: a hot read's statement is PREPAREd on the thread's connection the first time,
+    then only executed (its name and values travel, the server parses and plans it once); a new
+    connection (after a disconnect) prepares it again."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has no server-side prepared statements (sqlite3 caches its own)")
+    listing = text("SELECT statement FROM pg_prepared_statements WHERE name LIKE 'hot%' ORDER BY name")
+    for n in range(5):
+        db.hot.all(_VERIFY, {"platform": "pf", "account": f"acct-{n}"})
+    statements = [r[0] for r in db.hot.all(listing)]
+    assert len(statements) == 2, statements  # _VERIFY, once; the listing itself
+    assert sum("FROM activations" in s for s in statements) == 1, statements
+    with psycopg.connect(db.url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (db.hot._local.conn.info.backend_pid,))
+    with pytest.raises(DBAPIError) as info:
+        db.hot.all(_VERIFY, {"platform": "pf", "account": "acct-0"})
+    assert info.value.connection_invalidated
+    assert db.hot.all(_VERIFY, {"platform": "pf", "account": "acct-0"}) == []
+    assert len(db.hot.all(listing)) == 2  # the new connection prepared both again
