@@ -463,6 +463,13 @@ class LoopRunning:
             return
         _await_on(self._loop, self._thread, set_serving(self.health, serving))
 
+    def failure(self) -> str | None:
+        """The loop's thread ended while nobody stopped it (an error escaped the loop): nothing
+        answers calls any more, health checks included."""
+        if not self._stopping and not self._thread.is_alive():
+            return "the event loop's thread has ended"
+        return None
+
     def stop(self, grace: float) -> None:
         """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
         drain), then refuse new calls and let calls in flight finish within `grace` seconds; then
@@ -479,6 +486,10 @@ class LoopRunning:
             if self._thread.is_alive():
                 self.set_serving(False)
                 _await_on(self._loop, self._thread, self.server.stop(grace))
+            elif not self._loop.is_closed() and not self._loop.is_running():
+                # The loop's thread died (failure()): run the loop here, once more, to stop the
+                # server (its calls ended, its port let go) rather than leave that to the exit.
+                self._loop.run_until_complete(self.server.stop(0))
         finally:  # whatever failed above, the pools, the loop and its thread end
             for pool in self._pools:
                 pool.shutdown(wait=False)  # their calls were ended with the server's

@@ -50,6 +50,9 @@ class Serving(Protocol):
 
     def stop(self, grace: float) -> None: ...
 
+    def failure(self) -> str | None:
+        """Why this server can no longer answer, though its process runs; None while it can."""
+
 
 @dataclass
 class Running:
@@ -73,6 +76,9 @@ class Running:
         self.server.stop(grace).wait()
         if self.stream_pool is not None:
             self.stream_pool.shutdown(wait=False)  # its calls were ended with the server's
+
+    def failure(self) -> str | None:
+        return None  # gRPC's sync server tells nothing of its threads (a health probe would)
 
 
 def max_concurrent_rpcs(unary_workers: int, stream_workers: int, configured: int = 0) -> int:
@@ -199,10 +205,19 @@ def serve_forever(ctx: Context) -> None:
     # A process-directed signal may be delivered to any thread (gRPC's, the workers'); Python runs
     # the handler only when the main thread executes bytecode, which an untimed wait never does.
     # Wait in short slices so SIGTERM is always handled promptly.
-    while not requested:
+    # The server failing under a running process (the event loop's thread ended) stops the process
+    # with an error, so that its supervisor (server.py's, systemd, Kubernetes) starts another at
+    # once instead of waiting for health probes to fail.
+    failure = None
+    while not requested and failure is None:
         time.sleep(0.2)
+        failure = running.failure()
+    if failure is not None:
+        log.error("server_failed", reason=failure)
     try:
         running.stop(ctx.settings.grace_seconds)
     finally:
         ctx.db.dispose()
         log.info("stopped")
+    if failure is not None:
+        raise SystemExit(1)

@@ -223,3 +223,73 @@ def test_on_sqlite_the_event_loop_answers_checks_while_every_pool_thread_waits(
             activating.join(timeout=30)
         assert outcome == ("answered" if model == EVENT_LOOP else "DEADLINE_EXCEEDED")
         assert len(activated) == 1 and activated[0].activation.state == activation_pb2.ACTIVE
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's, on purpose
+def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(harness: Harness) -> None:
+    """The event-loop model: if the loop's thread ends while nobody stopped the server (an error
+    escaped the loop; simulated here by raising SystemExit in that thread), serve_forever stops
+    what is left and exits 1, so that a supervisor starts another process at once, instead of
+    keeping a process up that answers nothing, health checks included."""
+    import ctypes
+    import gc
+    import os
+    import signal
+    import socket
+
+    import structlog
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from entitlement.server_main import serve_forever
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = app.build(dataclasses.replace(harness.ctx.settings, listen=f"127.0.0.1:{port}", server_model=EVENT_LOOP),
+                    clock=harness.clock)
+    before = {t.ident for t in threading.enumerate() if t.name == "rpc-loop"}
+    seen: dict[str, Any] = {}
+
+    def kill_the_loop() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            seen["first"] = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30).status
+            (loop_thread,) = [t for t in threading.enumerate() if t.name == "rpc-loop" and t.ident not in before]
+            assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(loop_thread.ident),
+                                                              ctypes.py_object(SystemExit)) == 1
+            try:  # wakes the loop, which meets the exception
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                pass
+            loop_thread.join(30)
+            seen["loop_ended"] = not loop_thread.is_alive()
+        if not returned.wait(15):  # serve_forever did not notice: stop it as an operator would
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threshold = gc.get_threshold()
+    returned = threading.Event()
+    killer = threading.Thread(target=kill_the_loop)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            killer.start()
+            with pytest.raises(SystemExit) as exited:
+                try:
+                    serve_forever(ctx)
+                finally:
+                    returned.set()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        gc.unfreeze()  # serve_forever's tune_gc, undone for the rest of the suite
+        gc.set_threshold(*threshold)
+        killer.join(30)
+        ctx.db.dispose()
+    assert seen == {"first": health_pb2.HealthCheckResponse.SERVING, "loop_ended": True}
+    assert exited.value.code == 1
+    events = [e["event"] for e in logs]
+    assert "server_failed" in events and events[-1] == "stopped", events
+    failed = next(e for e in logs if e["event"] == "server_failed")
+    assert failed["reason"] == "the event loop's thread has ended"
+    with socket.socket() as s:  # the port was let go: nothing listens there any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0
