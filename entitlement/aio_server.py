@@ -140,7 +140,29 @@ class _AbortFromThread(Exception):
         self.code, self.details, self.status = code, details, status
 
 
-class SyncContext:
+class _CallContext:
+    """What both adapters below share: the grpc.ServicerContext calls that only read the call's
+    aio context (thread-safe) or raise (an abort, awaited on the loop by the method's wrapper)."""
+
+    _context: grpc.aio.ServicerContext
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()  # type: ignore[no-any-return]
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _AbortFromThread(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        raise _AbortFromThread(status.code, status.details, status)
+
+
+class SyncContext(_CallContext):
     """The grpc.ServicerContext a sync servicer method expects, over the call's aio context, for
     use from a pool thread (the calls our servicers and the sync server's API make). Made on the
     event loop: the call's deadline and its end are noted there, so that the deadline binding of
@@ -166,21 +188,6 @@ class SyncContext:
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
-
-    def peer(self) -> str:
-        return self._context.peer()  # type: ignore[no-any-return]
-
-    def auth_context(self) -> Any:
-        return self._context.auth_context()
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _AbortFromThread(code, details)
-
-    def abort_with_status(self, status: grpc.Status) -> None:
-        raise _AbortFromThread(status.code, status.details, status)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         _on_loop(self._loop, lambda: self._context.set_code(code))
@@ -292,9 +299,9 @@ def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
     return wrapper
 
 
-class InlineContext(SyncContext):
-    """The same, for a method run on the event loop itself: every call goes straight to the aio
-    context (through the loop, it would wait for itself)."""
+class InlineContext(_CallContext):
+    """The same as SyncContext, for a method run on the event loop itself: every call goes straight
+    to the aio context (through the loop, it would wait for itself)."""
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self._context = context

@@ -241,7 +241,7 @@ def test_awkward_values_read_back_as_sqlalchemy_reads_them(db: Database) -> None
                 snapshot_id=None, token_jti="j", account_id=account, redeemed_at=now, created_at=now,
                 updated_at=now))
     by_key = select(Activation.id, Activation.account_id).where(Activation.person_key == bindparam("key"))
-    cases = [(_VERIFY, {"platform": "pf'%", "account": a}) for a in accounts]
+    cases: list[tuple[Any, dict[str, Any]]] = [(_VERIFY, {"platform": "pf'%", "account": a}) for a in accounts]
     cases += [(by_key, {"key": k}) for k in keys]
     cases += [(text("SELECT CAST(:v AS TEXT) IS NULL AS null_in, CAST(:w AS TEXT) AS w"), {"v": None, "w": "x'%"})]
     found = 0

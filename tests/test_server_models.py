@@ -255,6 +255,7 @@ def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(harnes
             health = health_pb2_grpc.HealthStub(channel)
             seen["first"] = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30).status
             (loop_thread,) = [t for t in threading.enumerate() if t.name == "rpc-loop" and t.ident not in before]
+            assert loop_thread.ident is not None
             assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(loop_thread.ident),
                                                               ctypes.py_object(SystemExit)) == 1
             try:  # wakes the loop, which meets the exception

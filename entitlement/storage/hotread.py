@@ -41,12 +41,13 @@ from sqlalchemy.sql.dml import Insert, UpdateBase
 
 from entitlement import deadline
 
+_TEXT: Any = None  # psycopg's PyFormat.TEXT (None on an install without psycopg: SQLite only)
 try:
     from psycopg.adapt import PyFormat
 
     _TEXT = PyFormat.TEXT
-except ImportError:  # SQLite-only installs
-    _TEXT = None
+except ImportError:
+    pass
 
 
 class Prepared:
