@@ -496,7 +496,7 @@ class LoopRunning:
             elif not self._loop.is_closed() and not self._loop.is_running():
                 # The loop's thread died (failure()): run the loop here, once more, to stop the
                 # server (its calls ended, its port let go) rather than leave that to the exit.
-                self._loop.run_until_complete(self.server.stop(0))
+                self._loop.run_until_complete(asyncio.wait_for(self.server.stop(0), 10))
         finally:  # whatever failed above, the pools, the loop and its thread end
             for pool in self._pools:
                 pool.shutdown(wait=False)  # their calls were ended with the server's

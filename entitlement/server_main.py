@@ -206,8 +206,9 @@ def serve_forever(ctx: Context) -> None:
     # the handler only when the main thread executes bytecode, which an untimed wait never does.
     # Wait in short slices so SIGTERM is always handled promptly.
     # The server failing under a running process (the event loop's thread ended) stops the process
-    # with an error, so that its supervisor (server.py's, systemd, Kubernetes) starts another at
-    # once instead of waiting for health probes to fail.
+    # with an error, so that what runs it (systemd, Kubernetes; server.py's supervisor stops the
+    # other processes and exits non-zero) starts it again at once, without waiting for health
+    # probes to fail.
     failure = None
     while not requested and failure is None:
         time.sleep(0.2)

@@ -272,3 +272,42 @@ def test_postgresql_prepares_each_statement_once_per_connection(db: Database) ->
     assert info.value.connection_invalidated
     assert db.hot.all(_VERIFY, {"platform": "pf", "account": "acct-0"}) == []
     assert len(db.hot.all(listing)) == 2  # the new connection prepared both again
+
+
+def test_untyped_and_oddly_named_parameters_read_as_sqlalchemy_reads_them(db: Database) -> None:
+    """A text() parameter without a type (the value's own type goes to the server, as a cursor
+    sends it), a bind name SQLAlchemy leaves with a hyphen, a literal percent sign in the SQL."""
+    from sqlalchemy import String
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        (text("SELECT :x AS v"), {"x": 5}),
+        (text("SELECT :x AS v"), {"x": "five"}),  # the same statement, another type
+        (text("SELECT 1 AS one FROM activations WHERE state = 'x' AND 2 = :x"), {"x": 2**40}),
+        (select(bindparam("my-key", type_=String).label("v")), {"my-key": "a-b"}),
+        (text("SELECT 'a%' AS pct, 'b%%' AS two, CAST(:x AS TEXT) AS x"), {"x": "%s %(y)s $1"}),
+    ]
+    with db.engine.connect() as conn:
+        for stmt, params in cases:
+            expected = [tuple(r) for r in conn.execute(stmt, params).all()]
+            assert [tuple(r) for r in db.hot.all(stmt, params)] == expected, (stmt, params)
+            assert [type(v) for r in db.hot.all(stmt, params) for v in r] == [type(v) for r in expected for v in r]
+
+
+def test_postgresql_prepares_again_a_statement_whose_plan_no_longer_fits(db: Database) -> None:
+    """PostgreSQL: a column's type changed under a prepared statement (a migration): the server
+    refuses its old plan (0A000, "cached plan must not change result type"); the read prepares it
+    again and answers, instead of failing on every thread until their connections are replaced. A
+    statement the server no longer has (26000: DEALLOCATEd, or a pooler that moved the connection)
+    is prepared again too."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has no server-side prepared statements (sqlite3 caches its own)")
+    from sqlalchemy import Integer
+    read = text("SELECT label FROM hot_plan WHERE id = :id").bindparams(bindparam("id", type_=Integer))
+    with db.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE hot_plan (id INTEGER PRIMARY KEY, label VARCHAR(10))"))
+        conn.execute(text("INSERT INTO hot_plan VALUES (1, 'one')"))
+    assert [tuple(r) for r in db.hot.all(read, {"id": 1})] == [("one",)]
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE hot_plan ALTER COLUMN label TYPE TEXT"))
+    assert [tuple(r) for r in db.hot.all(read, {"id": 1})] == [("one",)]
+    db.hot._local.conn.pgconn.exec_(b"DEALLOCATE ALL")
+    assert [tuple(r) for r in db.hot.all(read, {"id": 1})] == [("one",)]

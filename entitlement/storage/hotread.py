@@ -136,7 +136,7 @@ class Prepared:
         return self.row._make(values)
 
 
-_PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
+_PYFORMAT = re.compile(r"%\(([^)]+)\)s|%%")  # as psycopg reads them (a bind name may hold a "-")
 
 
 class _Session:
@@ -144,13 +144,14 @@ class _Session:
     adapters: dumps the parameters and loads the rows exactly as a cursor does) and the statements
     prepared on it (by name)."""
 
-    __slots__ = ("tx", "names")
+    __slots__ = ("tx", "names", "made")
 
     def __init__(self, conn: Any) -> None:
         from psycopg.adapt import Transformer
 
         self.tx = Transformer(conn)
-        self.names: dict[Prepared, bytes] = {}
+        self.names: dict[tuple[Prepared, tuple[int, ...]], bytes] = {}  # by statement and parameter types
+        self.made = 0  # statements prepared on this connection (their names: hot_0, hot_1, ...)
 
 
 def _close_quietly(conn: Any) -> None:
@@ -237,7 +238,7 @@ class HotReads:
         try:
             conn = self._connection()
             if self._libpq:
-                raw = _execute_prepared(conn, self._local.session, p, args)
+                raw = _execute_prepared(conn, self._local.session, p, args, one)
             else:
                 # sqlite3: a new cursor (cheap), so that no statement stays open on the connection
                 # between calls, pinning a WAL snapshot.
@@ -248,8 +249,6 @@ class HotReads:
                 raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
-        if one:
-            raw = raw[:1]
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
@@ -270,31 +269,50 @@ class HotReads:
         return err
 
 
-def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any) -> list[tuple[Any, ...]]:
+# A prepared statement the server no longer has (26000: a pooler that moved us to another session)
+# or whose plan no longer fits (0A000 "cached plan must not change result type": a column's type
+# changed under it): prepared again, once, instead of failing until the connection is replaced.
+_PREPARE_AGAIN = frozenset({b"26000", b"0A000"})
+
+
+def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any, one: bool) -> list[tuple[Any, ...]]:
     """PostgreSQL: one statement through libpq itself (psycopg.pq), prepared on this connection the
     first time (PREPARE once, then only its name and the values travel): psycopg's cursor spends
     more of the process's CPU on an execute than the read itself (measured: README "Hot path"), and
     the server skips parsing and planning. The values are dumped and the rows loaded by psycopg's
-    own adapters (the connection's Transformer), so the rows are exactly what a cursor returns.
-    libpq waits for the answer without the interpreter lock, as psycopg's cursor does. Errors are
-    psycopg's own (the server's SQLSTATE, or a connection lost)."""
+    own adapters (the connection's Transformer), and the statement is prepared with the types those
+    adapters give the values (one prepared statement per statement and types, as psycopg keys its
+    own), so the rows are what a cursor returns. libpq waits for the answer without the interpreter
+    lock, as psycopg's cursor does. Errors are psycopg's own (the server's SQLSTATE, or a connection
+    lost)."""
     from psycopg import errors, pq
 
     pgconn = conn.pgconn
     sql, order = p.numbered()
-    name = session.names.get(p)
-    if name is None:
-        name = f"hot_{len(session.names)}".encode()
-        # No parameter types: the server takes them from the statement (SQLAlchemy casts each
-        # placeholder on PostgreSQL, e.g. `$1::VARCHAR`).
-        result = pgconn.prepare(name, sql)
-        if result.status != pq.ExecStatus.COMMAND_OK:
-            raise errors.error_from_result(result, encoding=conn.info.encoding)
-        session.names[p] = name
     tx = session.tx
     values = tx.dump_sequence([args[n] for n in order], [_TEXT] * len(order)) if order else None
-    result = pgconn.exec_prepared(name, values)
-    if result.status != pq.ExecStatus.TUPLES_OK:
+    key: tuple[Prepared, tuple[int, ...]] = (p, tuple(tx.types or ()) if order else ())
+    for attempt in (1, 2):
+        name = session.names.get(key)
+        if name is None:
+            name = f"hot_{session.made}".encode()
+            result = pgconn.prepare(name, sql, key[1] or None)
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                raise errors.error_from_result(result, encoding=conn.info.encoding)
+            session.made += 1
+            session.names[key] = name
+        result = pgconn.exec_prepared(name, values)
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            break
+        if attempt == 1 and result.error_field(pq.DiagnosticField.SQLSTATE) in _PREPARE_AGAIN:
+            del session.names[key]
+            pgconn.exec_(b"DEALLOCATE " + name)  # (already gone after a 26000: its error is ignored)
+            continue
         raise errors.error_from_result(result, encoding=conn.info.encoding)
+    n = min(result.ntuples, 1) if one else result.ntuples
+    if not n:
+        return []
     tx.set_pgresult(result)
-    return tx.load_rows(0, result.ntuples, tuple) if result.ntuples else []
+    rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
+    tx.set_pgresult(None)  # the result's memory goes now, not at this thread's next read
+    return rows
