@@ -9,7 +9,9 @@ Settings (environment):
   BENCH_PEOPLE       synthetic registry size (20000); BENCH_ACTIVATIONS redeemed activations (200)
   BENCH_WORKERS      unary thread-pool size of every model (the server's default, Settings.max_workers)
   BENCH_BACKENDS     sqlite,postgres (postgres is skipped when BENCH_PG_URL does not answer)
-  BENCH_PG_URL       postgresql://postgres@127.0.0.1:5432/test (admin URL to create a throwaway db)
+  BENCH_PG_URL       postgresql://postgres@127.0.0.1:5432/test (admin URL to create a throwaway db; its host,
+                     port and query are kept: postgresql://postgres@/test?host=/var/run/postgresql
+                     goes through the Unix socket)
   BENCH_LOG_LEVEL    the servers' log level (info); their logs go to files in the temp dir
   BENCH_OUTPUT       BENCHMARKS.md (its "server-models" section is rewritten); "-" to only print
   BENCH_KEEP=1       keep the temp dir (databases, server logs)

@@ -55,7 +55,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import say
+from bench.common import pg_database, pg_url, say
 from bench.prepare import Common, prepare_common
 from bench.procs import commit, loadavg, machine, usable_backends
 
@@ -127,11 +127,11 @@ class Store:
                 src.close()
             url = f"sqlite:///{path}"
         else:
-            base = self.url.rsplit("/", 1)[1]
+            base = pg_database(self.url)
             name = f"floor_{uuid.uuid4().hex[:10]}"
             with psycopg.connect(self.admin_url, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{base}"')
-            url = f"{self.url.rsplit('/', 1)[0]}/{name}"
+            url = pg_url(self.url, name)
         self.clones.append(url)
         return url
 
@@ -142,7 +142,7 @@ class Store:
                 p.unlink(missing_ok=True)
         else:
             with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+                conn.execute(f'DROP DATABASE IF EXISTS "{pg_database(url)}" WITH (FORCE)')
         if url in self.clones:
             self.clones.remove(url)
 
@@ -163,7 +163,7 @@ def base_database(backend: str, tmp: Path, admin_url: str) -> Iterator[Store]:
     name = f"floor_base_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    store = Store(backend, f"{admin_url.rsplit('/', 1)[0]}/{name}", tmp, admin_url)
+    store = Store(backend, pg_url(admin_url, name), tmp, admin_url)
     try:
         yield store
     finally:
@@ -416,7 +416,7 @@ def cpu_of(pids: list[int]) -> float:
 def pg_backends(admin_url: str, url: str) -> list[int]:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                            (url.rsplit("/", 1)[1],)).fetchall()
+                            (pg_database(url),)).fetchall()
     return [int(r[0]) for r in rows]
 
 

@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import psycopg
 
-from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, pg_url, say
 from bench.sections import replace_section
 from entitlement import app, audit, rollup, rules
 from entitlement.callers import Caller, write_callers
@@ -332,7 +332,7 @@ def main() -> int:
                 pg_name = f"entitlement_bench_{uuid.uuid4().hex[:10]}"
                 with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                     conn.execute(f'CREATE DATABASE "{pg_name}"')
-                url, path = PG_ADMIN.rsplit("/", 1)[0] + "/" + pg_name, None
+                url, path = pg_url(PG_ADMIN, pg_name), None
             else:
                 path = tmp / "activations.db"
                 url = f"sqlite:///{path}"

@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, pg_url, say
 from bench.sections import replace_section
 from entitlement import eventlog, logformat, logtree, merkle, note
 from entitlement.config import ROOT
@@ -168,7 +168,7 @@ class Store:
             self.pg_name = f"entitlement_bench_{uuid.uuid4().hex[:10]}"
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.pg_name}"')
-            self.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.pg_name
+            self.url = pg_url(PG_ADMIN, self.pg_name)
         upgrade(self.url)
         self.rows: list[tuple[int, int, bytes]] = []
         self.count = 0

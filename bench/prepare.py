@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.common import pg_url
 from bench.config import ADVISOR_ID, FUNDER_CALLER_ID, FUNDER_ID, NOW, PLATFORM_CALLER_ID, PLATFORM_ID, TODAY
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
@@ -83,7 +84,7 @@ def database(backend: str, common: Common, pg_admin_url: str) -> Iterator[str]:
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"{pg_admin_url.rsplit('/', 1)[0]}/{name}"
+        yield pg_url(pg_admin_url, name)
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

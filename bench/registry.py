@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, say
+from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, pg_url, say
 from bench.sections import replace_section
 from entitlement import registry, synthetic
 from entitlement.config import ROOT
@@ -80,7 +80,7 @@ class Target:
             self.pg_name = f"entitlement_bench_{uuid.uuid4().hex[:10]}"
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.pg_name}"')
-            self.url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.pg_name
+            self.url = pg_url(PG_ADMIN, self.pg_name)
         upgrade(self.url)
 
     def drop(self) -> None:

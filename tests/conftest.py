@@ -20,6 +20,8 @@ import pytest
 
 from support import (CALLERS, TODAY, Api, Harness, make_registry_file)
 
+from bench.common import pg_url
+
 from entitlement import app, doctor, logs, registry
 from entitlement.callers import write_callers
 from entitlement.clock import FixedClock
@@ -56,8 +58,7 @@ def create_pg_database(admin_url: str) -> tuple[str, str]:
     name = f"entitlement_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = admin_url.rsplit("/", 1)[0]
-    return name, f"{base}/{name}"
+    return name, pg_url(admin_url, name)
 
 
 def drop_pg_database(admin_url: str, name: str) -> None:

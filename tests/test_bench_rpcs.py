@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
+
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
 from bench.rpcs import CONTROL, PINNING, QUICK_PAIRED_ROUNDS
 
@@ -156,3 +159,20 @@ def test_the_databases_cpu_is_read_from_its_processes(pg_server: str) -> None:
     # A backend that ended between the readings is left out, not counted negative.
     gone = {pid + 10**7: cpu + 100.0 for pid, cpu in before.items()}
     assert 0.2 <= postgres_cpu_between({**before, **gone}, after) == postgres_cpu_between(before, after)
+
+
+def test_the_benchmarks_derive_database_urls_that_keep_the_servers_address() -> None:
+    """BENCH_PG_URL names a server and an admin database; each run's own database must be reached
+    the same way: user, password, host, port, and a query (PostgreSQL's Unix socket:
+    `?host=/var/run/postgresql`), which cutting the URL at its last "/" lost."""
+    from sqlalchemy.engine import make_url
+
+    from bench.common import pg_database, pg_url
+    assert pg_url("postgresql://u:secret@db.example:5433/test", "run_1") == "postgresql://u:secret@db.example:5433/run_1"
+    socket_url = pg_url("postgresql://postgres@/test?host=/var/run/postgresql", "run_2")
+    assert pg_database(socket_url) == "run_2"
+    assert dict(make_url(socket_url).query) == {"host": "/var/run/postgresql"}
+    if not Path("/var/run/postgresql/.s.PGSQL.5432").exists():
+        pytest.skip("no PostgreSQL Unix socket here to connect through (the URLs above were checked)")
+    with psycopg.connect(pg_url("postgresql://postgres@/postgres?host=/var/run/postgresql", "test")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("test",)
