@@ -6,6 +6,7 @@ import gc
 import os
 
 import psycopg
+from sqlalchemy.engine import make_url
 
 from entitlement.config import ROOT
 
@@ -21,13 +22,11 @@ def say(msg: str) -> None:
 def pg_url(admin_url: str, database: str) -> str:
     """The URL of another database on the server of `admin_url`, with the same user, host, port and
     query (`postgresql://postgres@/test?host=/var/run/postgresql`: PostgreSQL's Unix socket)."""
-    from sqlalchemy.engine import make_url
     return make_url(admin_url).set(database=database).render_as_string(hide_password=False)
 
 
 def pg_database(url: str) -> str:
     """The database name of a PostgreSQL URL."""
-    from sqlalchemy.engine import make_url
     return make_url(url).database or ""
 
 

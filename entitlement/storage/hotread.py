@@ -33,6 +33,9 @@ from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
 
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
 from sqlalchemy import Engine
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -40,14 +43,6 @@ from sqlalchemy.sql import Select, TextClause
 from sqlalchemy.sql.dml import Insert, UpdateBase
 
 from entitlement import deadline
-
-_TEXT: Any = None  # psycopg's PyFormat.TEXT (None on an install without psycopg: SQLite only)
-try:
-    from psycopg.adapt import PyFormat
-
-    _TEXT = PyFormat.TEXT
-except ImportError:
-    pass
 
 
 class Prepared:
@@ -147,8 +142,6 @@ class _Session:
     __slots__ = ("tx", "names", "made")
 
     def __init__(self, conn: Any) -> None:
-        from psycopg.adapt import Transformer
-
         self.tx = Transformer(conn)
         self.names: dict[tuple[Prepared, tuple[int, ...]], bytes] = {}  # by statement and parameter types
         self.made = 0  # statements prepared on this connection (their names: hot_0, hot_1, ...)
@@ -285,12 +278,10 @@ def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any, one:
     own), so the rows are what a cursor returns. libpq waits for the answer without the interpreter
     lock, as psycopg's cursor does. Errors are psycopg's own (the server's SQLSTATE, or a connection
     lost)."""
-    from psycopg import errors, pq
-
     pgconn = conn.pgconn
     sql, order = p.numbered()
     tx = session.tx
-    values = tx.dump_sequence([args[n] for n in order], [_TEXT] * len(order)) if order else None
+    values = tx.dump_sequence([args[n] for n in order], [PyFormat.TEXT] * len(order)) if order else None
     key: tuple[Prepared, tuple[int, ...]] = (p, tuple(tx.types or ()) if order else ())
     for attempt in (1, 2):
         name = session.names.get(key)
@@ -298,7 +289,7 @@ def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any, one:
             name = f"hot_{session.made}".encode()
             result = pgconn.prepare(name, sql, key[1] or None)
             if result.status != pq.ExecStatus.COMMAND_OK:
-                raise errors.error_from_result(result, encoding=conn.info.encoding)
+                raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
             session.made += 1
             session.names[key] = name
         result = pgconn.exec_prepared(name, values)
@@ -308,7 +299,7 @@ def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any, one:
             del session.names[key]
             pgconn.exec_(b"DEALLOCATE " + name)  # (already gone after a 26000: its error is ignored)
             continue
-        raise errors.error_from_result(result, encoding=conn.info.encoding)
+        raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
     n = min(result.ntuples, 1) if one else result.ntuples
     if not n:
         return []
