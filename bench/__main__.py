@@ -66,6 +66,13 @@ def verify_requests(accounts: list[str]) -> tuple[bytes, ...]:
     return tuple(activation_pb2.VerifyEntitlementRequest(account_id=a).SerializeToString() for a in accounts)
 
 
+def hot_loads(common: Common, accounts: list[str]) -> dict[str, tuple[tuple[bytes, ...], str]]:
+    """The two hot reads' requests and the token each is sent with: CheckEligibility (advisor) over
+    registry people, VerifyEntitlement (platform) over redeemed accounts."""
+    return {CHECK: (check_requests(common), common.tokens[ADVISOR_ID]),
+            VERIFY: (verify_requests(accounts), common.tokens[PLATFORM_CALLER_ID])}
+
+
 def probes(common: Common, person: tuple[str, dt.date],
            accounts: list[str]) -> list[tuple[str, str, str, bytes, tuple[tuple[str, str], ...]]]:
     """Requests whose answers must be identical from every model: successes and each error path
@@ -218,9 +225,7 @@ def main() -> int:
                         if diffs:
                             raise SystemExit("bench: the aio variant does not answer like the sync server; "
                                              "fix entitlement/aio_server.py before comparing speed")
-                        loads = {CHECK: (check_requests(common), common.tokens[ADVISOR_ID]),
-                                 VERIFY: (verify_requests(accounts), common.tokens[PLATFORM_CALLER_ID])}
-                        for method, (reqs, token) in loads.items():
+                        for method, (reqs, token) in hot_loads(common, accounts).items():
                             for conc in cfg.concurrency:
                                 results += measure(client, srv, MODELS, backend, method, reqs, token, conc, cfg)
     except KeyboardInterrupt:

@@ -195,7 +195,7 @@ def markdown(rows: list[tuple[str, str, int]], echo: int | None, n: int, seconds
     lines = [
         "## Where a check's and a verification's instructions go (`python -m bench.breakdown`)",
         "",
-        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}; {seconds:.0f} s in all.",
+        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {commit()}; {seconds:.0f} s in all.",
         f"- valgrind (callgrind) instruction counts per call, in-process, {n} calls of each piece after 20 "
         "unmeasured ones (the real code, no gRPC: its own cost is the echo call of section \"instructions\"). "
         "CheckEligibility cycles over 500 registry people (about half eligible: their answer carries a "

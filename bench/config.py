@@ -25,6 +25,11 @@ SYNC, AIO = "sync", "aio"
 AIO_INLINE = "aio-inline"  # aio with the hot reads (CheckEligibility, VerifyEntitlement) run on the event loop
 SYNC_ECHO, AIO_ECHO = "sync-echo", "aio-echo"
 AIO_ECHO_INLINE = "aio-echo-inline"  # aio echo answered on the event loop: what the thread hop costs
+# The ladder of bench.readfloor (thread-pool servers answering CheckEligibility's and
+# VerifyEntitlement's paths): bytes back; the RPC's one hot read, then bytes back; the servicer
+# method with the caller's identity (no access log); the real server is SYNC.
+FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER = "floor-echo", "floor-read", "floor-handler"
+FLOOR_KINDS = (FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER)
 MODELS = (SYNC, AIO, AIO_INLINE)
 ECHO_MODELS = (SYNC_ECHO, AIO_ECHO, AIO_ECHO_INLINE)
 ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO, AIO_INLINE: AIO_ECHO_INLINE}
@@ -109,7 +114,7 @@ class BenchConfig:
 class ServerSpec:
     """What a server process needs: built from plain values, so it crosses `spawn` as is."""
 
-    kind: str               # sync | aio | aio-inline | sync-echo | aio-echo | aio-echo-inline
+    kind: str               # sync | aio | aio-inline | sync-echo | aio-echo | aio-echo-inline | floor-*
     workers: int
     log_path: Path
     log_level: str = "info"

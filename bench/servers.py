@@ -16,6 +16,13 @@ Models:
              interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
 - aio-echo-inline: the same, answered on the event loop (no thread hop), to show what the hop costs.
+- floor-echo / floor-read / floor-handler (bench.readfloor): grpc.server built like sync-echo,
+             answering the paths of CheckEligibility and VerifyEntitlement: with the request's
+             bytes (floor-echo); with them after the RPC's one hot read, on the real database
+             through `ctx.db.hot` (floor-read: the request decoded, the statement run, nothing
+             else); with the servicer method wrapped in the caller's identity only
+             (floor-handler: what the real server runs, less the access log, health and
+             reflection).
 
 Several processes on one port (spec.processes > 1, a fixed spec.port): one serve() process each,
 started as server.py starts its workers (spawn, then app.build and server_main.start, which turns
@@ -37,6 +44,7 @@ file of the spec, never to the terminal.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import sys
@@ -46,7 +54,8 @@ from concurrent import futures
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.config import AIO, AIO_ECHO, AIO_ECHO_INLINE, AIO_INLINE, ECHO_SERVICE, NOW, SYNC, SYNC_ECHO, ServerSpec
+from bench.config import (AIO, AIO_ECHO, AIO_ECHO_INLINE, AIO_INLINE, ECHO_SERVICE, FLOOR_ECHO, FLOOR_HANDLER,
+                          FLOOR_KINDS, FLOOR_READ, NOW, PLATFORM_ID, SYNC, SYNC_ECHO, ServerSpec)
 from entitlement import affinity
 
 OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
@@ -130,7 +139,7 @@ def serve(spec: ServerSpec, conn: Connection) -> None:
         # Every server, ours and echo, pinned as server.py pins its processes (before any thread
         # starts; a refusal reaches the orchestrator as any other failure to start).
         affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
-        if spec.kind in (SYNC, SYNC_ECHO):
+        if spec.kind in (SYNC, SYNC_ECHO, *FLOOR_KINDS):
             _serve_sync(spec, conn)
         elif spec.kind in (AIO, AIO_INLINE, AIO_ECHO, AIO_ECHO_INLINE):
             asyncio.run(_serve_aio(spec, conn))
@@ -190,8 +199,14 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
                          options=_options(spec),
                          maximum_concurrent_rpcs=max_concurrent_rpcs(spec.workers, Settings().stream_workers))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    ctx = None
+    if spec.kind == SYNC_ECHO:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    else:
+        ctx = None if spec.kind == FLOOR_ECHO else _context(spec)
+        for service, handlers in _floor_handlers(spec.kind, ctx).items():
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     port = server.add_insecure_port(f"127.0.0.1:{spec.port}")
     if port == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{spec.port}")
@@ -200,6 +215,51 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     conn.send(("ready", port, os.getpid()))
     _serve_until_stop(conn, None)
     server.stop(0).wait()
+    if ctx is not None:
+        ctx.db.dispose()
+
+
+def _floor_handlers(kind: str, ctx: Any) -> dict[str, dict[str, Any]]:
+    """bench.readfloor's handlers (module docstring), by service and method name."""
+    import grpc
+
+    from entitlement import registry
+    from entitlement.activation import _VERIFY
+    from entitlement.api.identity import CallerInterceptor
+    from entitlement.api.servicers import ActivationServicer, EligibilityServicer
+    from entitlement.api.wrapping import wrap_handler
+    from entitlement.v1 import activation_pb2, eligibility_pb2
+    check, verify = "entitlement.v1.EligibilityService", "entitlement.v1.ActivationService"
+    if kind == FLOOR_ECHO:
+        return {check: {"CheckEligibility": grpc.unary_unary_rpc_method_handler(_echo)},
+                verify: {"VerifyEntitlement": grpc.unary_unary_rpc_method_handler(_echo)}}
+    if kind == FLOOR_READ:
+        def read_check(request: bytes, context: Any) -> bytes:
+            who = eligibility_pb2.CheckEligibilityRequest.FromString(request).job_seeker
+            b = who.birth_date
+            registry.lookup(ctx.db.hot, ctx.pseudo.person_key(who.agency_id), dt.date(b.year, b.month, b.day))
+            return request
+
+        def read_verify(request: bytes, context: Any) -> bytes:
+            account = activation_pb2.VerifyEntitlementRequest.FromString(request).account_id
+            ctx.db.hot.all(_VERIFY, {"platform": PLATFORM_ID, "account": account})
+            return request
+        return {check: {"CheckEligibility": grpc.unary_unary_rpc_method_handler(read_check)},
+                verify: {"VerifyEntitlement": grpc.unary_unary_rpc_method_handler(read_verify)}}
+    if kind != FLOOR_HANDLER:
+        raise ValueError(f"unknown floor server {kind!r}")
+    behaviors = [CallerInterceptor(ctx.callers, client_certificates=False)]  # as server_main.start without mutual TLS
+    eligibility, activation = EligibilityServicer(ctx), ActivationServicer(ctx)
+    return {
+        check: {"CheckEligibility": wrap_handler(grpc.unary_unary_rpc_method_handler(
+            eligibility.CheckEligibility, request_deserializer=eligibility_pb2.CheckEligibilityRequest.FromString,
+            response_serializer=eligibility_pb2.CheckEligibilityResponse.SerializeToString),
+            f"/{check}/CheckEligibility", behaviors)},
+        verify: {"VerifyEntitlement": wrap_handler(grpc.unary_unary_rpc_method_handler(
+            activation.VerifyEntitlement, request_deserializer=activation_pb2.VerifyEntitlementRequest.FromString,
+            response_serializer=activation_pb2.EntitlementStatus.SerializeToString),
+            f"/{verify}/VerifyEntitlement", behaviors)},
+    }
 
 
 def aio_echo(workers: int, executor: futures.Executor | None) -> Any:

@@ -1,0 +1,205 @@
+"""Where a hot read's server time goes in the thread-pool server (`python -m bench.readfloor`).
+
+Question: on PostgreSQL the thread-pool server's CheckEligibility and VerifyEntitlement sit at their
+targets' line (issue #8: >= 0.5 and >= 0.6 of the echo server's calls a second). How much of the
+echo's throughput does the database round trip alone leave, and what does each further piece cost
+in the server process, where every call also pays gRPC's thread hand-overs and the interpreter
+lock? (bench.breakdown counts the pieces in-process, without either.)
+
+A ladder of thread-pool servers (bench/servers.py, each `grpc.server` with the same pool size,
+options and concurrency bound as server_main.start), all answering the two RPCs' own paths, all sent
+the same requests with the same bearer token by the same load generator, measured in alternating
+rounds (bench.__main__.measure: A B C D, D C B A, ...):
+- floor-echo:    the request's bytes sent back;
+- floor-read:    the request decoded and the RPC's one hot read run on the real database
+                 (`ctx.db.hot`, the production read path: registry.lookup, VerifyEntitlement's
+                 statement), then the bytes sent back;
+- floor-handler: the servicer method itself, wrapped (entitlement.api.wrapping) in the caller's
+                 identity only: validation, the use case, its read, the answer, the deadline;
+- sync:          the real server (server_main.start, ENTITLEMENT_SERVER_MODEL=threads), which adds
+                 the access log, the rate limiter (set to 1e9 a minute: never refuses, always runs),
+                 health and reflection.
+
+Settings (environment), as for `python -m bench`: BENCH_SECONDS (measured seconds per server and
+case, 5), BENCH_ROUNDS (4), BENCH_WARMUP (0.5), BENCH_CONCURRENCY (8,32), BENCH_PEOPLE (20000),
+BENCH_ACTIVATIONS (accounts VerifyEntitlement cycles over, 200), BENCH_WORKERS, BENCH_BACKENDS
+(postgres here by default; sqlite too if asked), BENCH_PG_URL, BENCH_LOG_LEVEL, BENCH_OUTPUT
+(BENCHMARKS.md, its "read-floor" section; "-" to only print), BENCH_KEEP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.__main__ import hot_loads, measure, server_spec
+from bench.config import (ADVISOR_ID, CHECK, FLOOR_ECHO, FLOOR_HANDLER, FLOOR_KINDS, FLOOR_READ, PLATFORM_CALLER_ID,
+                          SYNC, VERIFY, BenchConfig, RunResult, SeedSpec)
+from bench.common import say
+from bench.prepare import database, migrate_and_import, prepare_common
+from bench.procs import Client, commit, loadavg, machine, servers, usable_backends
+from bench.sections import replace_section
+
+SECTION = "read-floor"
+LADDER = (FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER, SYNC)
+STEP = {
+    FLOOR_ECHO: "bytes back (echo at the RPC's path)",
+    FLOOR_READ: "+ the RPC's hot read (request decoded, one statement)",
+    FLOOR_HANDLER: "+ the rest of the servicer method and the caller's identity",
+    SYNC: "+ access log, rate limiter, health, reflection: the real server",
+}
+TARGETS = {CHECK: 0.5, VERIFY: 0.6}
+
+
+def cpu_us(r: RunResult) -> float:
+    return r.server_cpu_s / r.calls * 1e6 if r.calls else 0.0
+
+
+def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
+    """One table row per run: its step's throughput over the floor-echo's of the same case, and
+    its server CPU per call over the step before's."""
+    out: list[tuple[str, ...]] = []
+    by_case: dict[tuple[str, str, int], dict[str, RunResult]] = {}
+    for r in results:
+        by_case.setdefault((r.backend, r.method, r.concurrency), {})[r.model] = r
+    for (backend, method, conc), case in by_case.items():
+        echo = case[FLOOR_ECHO]
+        previous = None
+        for kind in LADDER:
+            r = case[kind]
+            added = "-" if previous is None else f"{cpu_us(r) - cpu_us(previous):+,.0f}"
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
+            out.append((backend, method, str(conc), kind, STEP[kind], f"{r.rps:,.0f}",
+                        f"{r.rps / echo.rps:.2f}" if echo.rps else "-", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                        f"{cpu_us(r):,.0f}", added, errors))
+            previous = r
+    return out
+
+
+HEADER = ("backend", "rpc", "conc", "server", "step", "req/s", "x echo", "p50 ms", "p99 ms", "srv CPU us/call",
+          "step's CPU us/call", "errors")
+
+
+def conclusions(results: list[RunResult]) -> list[str]:
+    """Per backend and RPC, at the concurrency where the real server's ratio is best: what the read
+    alone leaves of the echo's throughput, and the server CPU per call of each step against the
+    target's budget (echo's CPU per call / target: a server that spends more per call than that
+    cannot reach the target when, as here, the server process is the limit)."""
+    lines = []
+    cases: dict[tuple[str, str], dict[int, dict[str, RunResult]]] = {}
+    for r in results:
+        cases.setdefault((r.backend, r.method), {}).setdefault(r.concurrency, {})[r.model] = r
+    for (backend, method), by_conc in cases.items():
+        conc, case = max(by_conc.items(), key=lambda kv: kv[1][SYNC].rps / max(kv[1][FLOOR_ECHO].rps, 1e-9))
+        echo, read, handler, real = (case[k] for k in LADDER)
+        target = TARGETS[method]
+        budget = cpu_us(echo) / target
+        lines.append(
+            f"- **{backend} {method}** (c={conc}, where the real server's ratio is best): the echo answers "
+            f"{echo.rps:,.0f} calls/s at {cpu_us(echo):,.0f} us of server CPU each; with the one hot read "
+            f"{read.rps / echo.rps:.2f} x echo ({cpu_us(read):,.0f} us); with the servicer method and the caller's "
+            f"identity {handler.rps / echo.rps:.2f} x ({cpu_us(handler):,.0f} us); the real server "
+            f"{real.rps / echo.rps:.2f} x ({cpu_us(real):,.0f} us). Target {target} x echo: a budget of "
+            f"{budget:,.0f} us a call, of which the read's step takes {cpu_us(read) - cpu_us(echo):,.0f}, the "
+            f"method's {cpu_us(handler) - cpu_us(read):,.0f}, the access log's and the rest's "
+            f"{cpu_us(real) - cpu_us(handler):,.0f}.")
+    return lines
+
+
+def markdown(results: list[RunResult], cfg: BenchConfig, code: str, elapsed: float, pg_ver: str, load: str) -> str:
+    cpu, mem = machine()
+    lines = [
+        "## Where a hot read's server time goes (`python -m bench.readfloor`)",
+        "",
+        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {code}; {elapsed:.0f} s in all. "
+        f"Machine: `nproc` = {len(os.sched_getaffinity(0))} ({cpu}), {mem:.0f} GiB; load average {load} at the start."
+        + (f" PostgreSQL {pg_ver}." if pg_ver else ""),
+        "- A ladder of thread-pool servers (`grpc.server`, the same pool of "
+        f"{cfg.workers} threads, options and concurrency bound as `server_main.start`), each answering "
+        "CheckEligibility's and VerifyEntitlement's own paths, all sent the same requests with the same "
+        "bearer token by one grpc.aio load generator (closed loop, one channel): **floor-echo** sends the "
+        "request's bytes back; **floor-read** decodes the request and runs the RPC's one hot read on the real "
+        "database (`ctx.db.hot`: registry.lookup; VerifyEntitlement's statement), then sends the bytes back; "
+        "**floor-handler** runs the servicer method wrapped in the caller's identity only (validation, the use "
+        "case and its read, the answer, the deadline); **sync** is the real server (`server_main.start`, "
+        "threads: adds the access log, one JSON line a call to a file, the rate limiter set never to refuse, "
+        "health and reflection). "
+        f"Each case: {cfg.seconds:g} s per server in {cfg.rounds} rounds, the servers alternating round by round "
+        f"(A B C D, D C B A, ...), each round after {cfg.warmup:g} s of unmeasured calls. CheckEligibility cycles "
+        f"over {min(2000, cfg.people):,} of {cfg.people:,} registry people; VerifyEntitlement over "
+        f"{cfg.activations} accounts redeemed through the real RPCs first.",
+        "- Columns: x echo = req/s over floor-echo's in the same case; srv CPU us/call = utime + stime of the "
+        "server process over the measured windows, per call answered; step's CPU = that over the step before's. "
+        "Issue #8's targets compare the real server with the sync echo of `python -m bench.rpcs` (its own path, "
+        "no metadata); floor-echo differs from it only by the path and the bearer token it is sent.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join("---:" if h not in ("backend", "rpc", "server", "step", "errors") else "---" for h in HEADER) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows(results)),
+        "",
+        "### Reading",
+        "",
+        *conclusions(results),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    os.environ.setdefault("BENCH_BACKENDS", "postgres")
+    cfg = BenchConfig.from_env()
+    began = time.monotonic()
+    load = loadavg()
+    code = commit()
+    tmp = Path(tempfile.mkdtemp(prefix="entitlement-readfloor-"))
+    client: Client | None = None
+    results: list[RunResult] = []
+    try:
+        backends, skipped, pg_ver = usable_backends(list(cfg.backends), cfg.pg_admin_url, "bench.readfloor")
+        if not backends:
+            raise SystemExit(f"bench.readfloor: no backend to measure ({skipped})")
+        common = prepare_common(tmp, cfg.people)
+        client = Client()
+        for backend in backends:
+            with database(backend, common, cfg.pg_admin_url) as url:
+                summary = migrate_and_import(url, common)
+                say(f"bench.readfloor: {backend}: migrated, {summary.rows_imported:,} people imported")
+                real = dataclasses.replace(server_spec(SYNC, cfg, common, backend, url), check_rate_per_min=10**9)
+                with servers([real]) as sync_srv:
+                    seeded = client.ask("seed", SeedSpec(
+                        port=sync_srv[SYNC].port, advisor_token=common.tokens[ADVISOR_ID],
+                        platform_token=common.tokens[PLATFORM_CALLER_ID],
+                        candidates=tuple((a, b.isoformat()) for a, b in common.candidates), count=cfg.activations))
+                    accounts = [acc for acc, _, _ in seeded]
+                    with servers([server_spec(k, cfg, common, backend, url) for k in FLOOR_KINDS]) as floor:
+                        srv = {**sync_srv, **floor}
+                        for method, (reqs, token) in hot_loads(common, accounts).items():
+                            for conc in cfg.concurrency:
+                                results += measure(client, srv, LADDER, backend, method, reqs, token, conc, cfg)
+    except KeyboardInterrupt:
+        say("bench.readfloor: interrupted")
+        return 130
+    finally:
+        if client is not None:
+            client.stop()
+        if cfg.keep:
+            say(f"bench.readfloor: kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.monotonic() - began
+    text = markdown(results, cfg, code, elapsed, pg_ver, load)
+    say("")
+    say(text)
+    if cfg.output is not None:
+        replace_section(cfg.output, SECTION, text)
+        say(f"\nbench.readfloor: wrote {cfg.output} ({elapsed:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
