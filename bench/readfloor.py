@@ -12,13 +12,16 @@ the same requests with the same bearer token by the same load generator, measure
 rounds (bench.__main__.measure: A B C D, D C B A, ...):
 - floor-echo:    the request's bytes sent back;
 - floor-read:    the request decoded and the RPC's one hot read run on the real database
-                 (`ctx.db.hot`, the production read path: registry.lookup, VerifyEntitlement's
-                 statement), then the bytes sent back;
+                 (`ctx.db.hot`, the production read path: registry.lookup after the person key's
+                 HMAC, VerifyEntitlement's statement), then the bytes sent back; a check of
+                 premium-job-seekers (no cap) reads nothing else (a capped program would add the
+                 counters' statement);
 - floor-handler: the servicer method itself, wrapped (entitlement.api.wrapping) in the caller's
                  identity only: validation, the use case, its read, the answer, the deadline;
 - sync:          the real server (server_main.start, ENTITLEMENT_SERVER_MODEL=threads), which adds
-                 the access log, the rate limiter (set to 1e9 a minute: never refuses, always runs),
-                 health and reflection.
+                 the access log and, for checks, the rate limiter (set to 1e9 a minute: never
+                 refuses, always runs); health, reflection and the database monitor's ping (once a
+                 second) are served beside.
 
 Settings (environment), as for `python -m bench`: BENCH_SECONDS (measured seconds per server and
 case, 5), BENCH_ROUNDS (4), BENCH_WARMUP (0.5), BENCH_CONCURRENCY (8,32), BENCH_PEOPLE (20000),
@@ -52,13 +55,21 @@ STEP = {
     FLOOR_ECHO: "bytes back (echo at the RPC's path)",
     FLOOR_READ: "+ the RPC's hot read (request decoded, one statement)",
     FLOOR_HANDLER: "+ the rest of the servicer method and the caller's identity",
-    SYNC: "+ access log, rate limiter, health, reflection: the real server",
+    SYNC: "+ access log (checks: + rate limiter): the real server",
 }
 TARGETS = {CHECK: 0.5, VERIFY: 0.6}
 
 
 def cpu_us(r: RunResult) -> float:
-    return r.server_cpu_s / r.calls * 1e6 if r.calls else 0.0
+    return r.server_cpu_s / r.calls * 1e6 if r.calls else float("nan")
+
+
+def _us(x: float, signed: bool = False) -> str:
+    return "-" if x != x else f"{x:+,.0f}" if signed else f"{x:,.0f}"  # (x != x: NaN, no call answered)
+
+
+def _ratio(r: RunResult, echo: RunResult) -> str:
+    return f"{r.rps / echo.rps:.2f}" if echo.rps else "-"
 
 
 def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
@@ -73,51 +84,52 @@ def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
         previous = None
         for kind in LADDER:
             r = case[kind]
-            added = "-" if previous is None else f"{cpu_us(r) - cpu_us(previous):+,.0f}"
+            added = "-" if previous is None else _us(cpu_us(r) - cpu_us(previous), signed=True)
             errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
-            out.append((backend, method, str(conc), kind, STEP[kind], f"{r.rps:,.0f}",
-                        f"{r.rps / echo.rps:.2f}" if echo.rps else "-", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
-                        f"{cpu_us(r):,.0f}", added, errors))
+            rounds = "-".join(f"{x:,.0f}" for x in (min(r.round_rps), max(r.round_rps))) if r.round_rps else "-"
+            out.append((backend, method, str(conc), kind, STEP[kind], f"{r.rps:,.0f}", rounds, _ratio(r, echo),
+                        f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", _us(cpu_us(r)), added, errors))
             previous = r
     return out
 
 
-HEADER = ("backend", "rpc", "conc", "server", "step", "req/s", "x echo", "p50 ms", "p99 ms", "srv CPU us/call",
+HEADER = ("backend", "rpc", "conc", "server", "step", "req/s", "rounds req/s", "x echo", "p50 ms", "p99 ms", "srv CPU us/call",
           "step's CPU us/call", "errors")
 
 
 def conclusions(results: list[RunResult]) -> list[str]:
-    """Per backend and RPC, at the concurrency where the real server's ratio is best: what the read
-    alone leaves of the echo's throughput, and the server CPU per call of each step against the
-    target's budget (echo's CPU per call / target: a server that spends more per call than that
-    cannot reach the target when, as here, the server process is the limit)."""
+    """Per backend, RPC and concurrency: what the read alone leaves of the echo's throughput, and
+    the server CPU per call of each step against the target's budget (echo's CPU per call / target:
+    a server that spends more per call than that cannot reach the target when, as here, the server
+    process is the limit). Issue #8 takes the best ratio over the concurrency levels."""
     lines = []
     cases: dict[tuple[str, str], dict[int, dict[str, RunResult]]] = {}
     for r in results:
         cases.setdefault((r.backend, r.method), {}).setdefault(r.concurrency, {})[r.model] = r
     for (backend, method), by_conc in cases.items():
-        conc, case = max(by_conc.items(), key=lambda kv: kv[1][SYNC].rps / max(kv[1][FLOOR_ECHO].rps, 1e-9))
-        echo, read, handler, real = (case[k] for k in LADDER)
-        target = TARGETS[method]
-        budget = cpu_us(echo) / target
-        lines.append(
-            f"- **{backend} {method}** (c={conc}, where the real server's ratio is best): the echo answers "
-            f"{echo.rps:,.0f} calls/s at {cpu_us(echo):,.0f} us of server CPU each; with the one hot read "
-            f"{read.rps / echo.rps:.2f} x echo ({cpu_us(read):,.0f} us); with the servicer method and the caller's "
-            f"identity {handler.rps / echo.rps:.2f} x ({cpu_us(handler):,.0f} us); the real server "
-            f"{real.rps / echo.rps:.2f} x ({cpu_us(real):,.0f} us). Target {target} x echo: a budget of "
-            f"{budget:,.0f} us a call, of which the read's step takes {cpu_us(read) - cpu_us(echo):,.0f}, the "
-            f"method's {cpu_us(handler) - cpu_us(read):,.0f}, the access log's and the rest's "
-            f"{cpu_us(real) - cpu_us(handler):,.0f}.")
+        for conc, case in sorted(by_conc.items()):
+            echo, read, handler, real = (case[k] for k in LADDER)
+            target = TARGETS[method]
+            budget = cpu_us(echo) / target
+            lines.append(
+                f"- **{backend} {method}**, c={conc}: the echo answers {echo.rps:,.0f} calls/s at "
+                f"{_us(cpu_us(echo))} us of server CPU each; with the one hot read {_ratio(read, echo)} x echo "
+                f"({_us(cpu_us(read))} us); with the servicer method and the caller's identity "
+                f"{_ratio(handler, echo)} x ({_us(cpu_us(handler))} us); the real server {_ratio(real, echo)} x "
+                f"({_us(cpu_us(real))} us). Target {target} x echo: a budget of {_us(budget)} us a call, of which "
+                f"the echo itself takes {_us(cpu_us(echo))}, the read's step {_us(cpu_us(read) - cpu_us(echo))}, "
+                f"the method's {_us(cpu_us(handler) - cpu_us(read))}, the access log's "
+                f"{_us(cpu_us(real) - cpu_us(handler))}.")
     return lines
 
 
-def markdown(results: list[RunResult], cfg: BenchConfig, code: str, elapsed: float, pg_ver: str, load: str) -> str:
+def markdown(results: list[RunResult], cfg: BenchConfig, code: str, started: dt.datetime, elapsed: float,
+             pg_ver: str, load: str) -> str:
     cpu, mem = machine()
     lines = [
         "## Where a hot read's server time goes (`python -m bench.readfloor`)",
         "",
-        f"- Run on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {code}; {elapsed:.0f} s in all. "
+        f"- Run on {started:%Y-%m-%d %H:%M} UTC (its start), {code}; {elapsed:.0f} s in all. "
         f"Machine: `nproc` = {len(os.sched_getaffinity(0))} ({cpu}), {mem:.0f} GiB; load average {load} at the start."
         + (f" PostgreSQL {pg_ver}." if pg_ver else ""),
         "- A ladder of thread-pool servers (`grpc.server`, the same pool of "
@@ -125,19 +137,22 @@ def markdown(results: list[RunResult], cfg: BenchConfig, code: str, elapsed: flo
         "CheckEligibility's and VerifyEntitlement's own paths, all sent the same requests with the same "
         "bearer token by one grpc.aio load generator (closed loop, one channel): **floor-echo** sends the "
         "request's bytes back; **floor-read** decodes the request and runs the RPC's one hot read on the real "
-        "database (`ctx.db.hot`: registry.lookup; VerifyEntitlement's statement), then sends the bytes back; "
+        "database (`ctx.db.hot`: registry.lookup after the person key's HMAC, the only statement of a check of "
+        "this uncapped program; VerifyEntitlement's statement), then sends the bytes back; "
         "**floor-handler** runs the servicer method wrapped in the caller's identity only (validation, the use "
         "case and its read, the answer, the deadline); **sync** is the real server (`server_main.start`, "
-        "threads: adds the access log, one JSON line a call to a file, the rate limiter set never to refuse, "
-        "health and reflection). "
+        "threads: adds the access log, one JSON line a call to a file, and for checks the rate limiter, set "
+        "never to refuse; health, reflection and the database monitor's ping are served beside). "
         f"Each case: {cfg.seconds:g} s per server in {cfg.rounds} rounds, the servers alternating round by round "
         f"(A B C D, D C B A, ...), each round after {cfg.warmup:g} s of unmeasured calls. CheckEligibility cycles "
         f"over {min(2000, cfg.people):,} of {cfg.people:,} registry people; VerifyEntitlement over "
         f"{cfg.activations} accounts redeemed through the real RPCs first.",
         "- Columns: x echo = req/s over floor-echo's in the same case; srv CPU us/call = utime + stime of the "
         "server process over the measured windows, per call answered; step's CPU = that over the step before's. "
-        "Issue #8's targets compare the real server with the sync echo of `python -m bench.rpcs` (its own path, "
-        "no metadata); floor-echo differs from it only by the path and the bearer token it is sent.",
+        "Issue #8's targets compare the real server with the sync echo of `python -m bench.rpcs` (one request, "
+        "its own path, no metadata, a generic handler); floor-echo is sent the RPC's requests and bearer token "
+        "at the RPC's path, its methods registered with gRPC core as the real server's are. "
+        "rounds req/s = the lowest and highest round (the shared machine's speed drifts within a run).",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---:" if h not in ("backend", "rpc", "server", "step", "errors") else "---" for h in HEADER) + "|",
@@ -153,7 +168,7 @@ def markdown(results: list[RunResult], cfg: BenchConfig, code: str, elapsed: flo
 def main() -> int:
     os.environ.setdefault("BENCH_BACKENDS", "postgres")
     cfg = BenchConfig.from_env()
-    began = time.monotonic()
+    began, started = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     load = loadavg()
     code = commit()
     tmp = Path(tempfile.mkdtemp(prefix="entitlement-readfloor-"))
@@ -192,7 +207,7 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - began
-    text = markdown(results, cfg, code, elapsed, pg_ver, load)
+    text = markdown(results, cfg, code, started, elapsed, pg_ver, load)
     say("")
     say(text)
     if cfg.output is not None:

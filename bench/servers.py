@@ -17,12 +17,12 @@ Models:
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
 - aio-echo-inline: the same, answered on the event loop (no thread hop), to show what the hop costs.
 - floor-echo / floor-read / floor-handler (bench.readfloor): grpc.server built like sync-echo,
-             answering the paths of CheckEligibility and VerifyEntitlement: with the request's
-             bytes (floor-echo); with them after the RPC's one hot read, on the real database
-             through `ctx.db.hot` (floor-read: the request decoded, the statement run, nothing
-             else); with the servicer method wrapped in the caller's identity only
-             (floor-handler: what the real server runs, less the access log, health and
-             reflection).
+             its methods registered as the real server's are, answering the paths of
+             CheckEligibility and VerifyEntitlement: with the request's bytes (floor-echo); with
+             them after the RPC's one hot read, on the real database through `ctx.db.hot`
+             (floor-read: the request decoded, for a check the person key's HMAC, the statement
+             run; nothing else); with the servicer method wrapped in the caller's identity only
+             (floor-handler: what the real server runs, less the access log and the rate limiter).
 
 Several processes on one port (spec.processes > 1, a fixed spec.port): one serve() process each,
 started as server.py starts its workers (spawn, then app.build and server_main.start, which turns
@@ -206,17 +206,22 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     else:
         ctx = None if spec.kind == FLOOR_ECHO else _context(spec)
         for service, handlers in _floor_handlers(spec.kind, ctx).items():
+            # Registered with gRPC core as the generated code registers ours (the real server's
+            # dispatch), not looked up through a generic handler.
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+            server.add_registered_method_handlers(service, handlers)
     port = server.add_insecure_port(f"127.0.0.1:{spec.port}")
     if port == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{spec.port}")
     tune_gc()  # the floor built as ours is, its collector tuning included
     server.start()
     conn.send(("ready", port, os.getpid()))
-    _serve_until_stop(conn, None)
-    server.stop(0).wait()
-    if ctx is not None:
-        ctx.db.dispose()
+    try:
+        _serve_until_stop(conn, None)
+        server.stop(0).wait()
+    finally:
+        if ctx is not None:
+            ctx.db.dispose()
 
 
 def _floor_handlers(kind: str, ctx: Any) -> dict[str, dict[str, Any]]:
