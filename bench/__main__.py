@@ -165,7 +165,7 @@ def measure(client: Client, srv: dict[str, Server], models: tuple[str, ...], bac
                       p99_ms=report.percentile(latencies, 99) * 1e3,
                       server_cpu_s=sum(m["server_cpu_s"] for m in ms), client_cpu_s=sum(m["client_cpu_s"] for m in ms),
                       machine_cpu_s=sum(m["machine_cpu_s"] for m in ms),
-                      round_rps=tuple(m["calls"] / m["seconds"] for m in ms))
+                      round_rps=tuple(m["calls"] / m["seconds"] for m in ms), calls_made=sum(m["made"] for m in ms))
         errs = f"  errors {r.errors}" if r.errors else ""
         say(f"  {backend:<8} {model:<15} {method:<17} c={concurrency:<3} {r.rps:>8,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
             f"p99 {r.p99_ms:6.2f} ms  server CPU {r.server_cpu_s:5.2f} s{errs}")
@@ -185,7 +185,7 @@ def main() -> int:
     try:
         say(f"bench: {cfg.seconds:g} s measured per model and case in {cfg.rounds} alternating round(s), each after "
             f"{cfg.warmup:g} s warm-up; concurrency {cfg.concurrency}; {cfg.workers} workers; temp dir {tmp}")
-        backends, skipped, pg_ver = usable_backends(cfg.backends, cfg.pg_admin_url, "bench")
+        backends, skipped, pg_ver = usable_backends(list(cfg.backends), cfg.pg_admin_url, "bench")
         common = prepare_common(tmp, cfg.people)
         say(f"bench: synthetic registry of {cfg.people:,} people")
         client = Client()
@@ -248,7 +248,7 @@ def main() -> int:
         f"the echo and SQLite windows.")
     cpu, mem = machine()
     nproc = len(os.sched_getaffinity(0))
-    method = report.Method(
+    how = report.Method(
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), nproc=nproc, cpu=cpu, memory_gib=mem,
         python=platform.python_version(), grpcio=metadata.version("grpcio"), warmup=cfg.warmup, seconds=cfg.seconds,
         rounds=cfg.rounds, commit=code, concurrency=cfg.concurrency, backends=tuple(backends), skipped=skipped,
@@ -256,7 +256,7 @@ def main() -> int:
         log_level=cfg.log_level, parity="; ".join(parity) or "not run", elapsed_s=elapsed, loadavg=loadavg)
     if cfg.output is not None:
         # BENCHMARKS.md holds one section per benchmark (bench/sections.py); this one is ours.
-        replace_section(cfg.output, SECTION, report.markdown(method, results))
+        replace_section(cfg.output, SECTION, report.markdown(how, results))
         say(f"\nbench: wrote {cfg.output} ({elapsed:.0f} s in all)")
     return 0
 

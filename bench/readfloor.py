@@ -68,6 +68,14 @@ def _us(x: float, signed: bool = False) -> str:
     return "-" if x != x else f"{x:+,.0f}" if signed else f"{x:,.0f}"  # (x != x: NaN, no call answered)
 
 
+def sql_per_call(r: RunResult) -> str:
+    """The SQL statements the server sent per call of the case, warm-up calls included ("-": the
+    echo, which has no database)."""
+    if r.model == FLOOR_ECHO or not r.calls_made:
+        return "-"
+    return f"{r.queries.get('statements', 0) / r.calls_made:.2f}"
+
+
 def _ratio(r: RunResult, echo: RunResult) -> str:
     return f"{r.rps / echo.rps:.2f}" if echo.rps else "-"
 
@@ -88,13 +96,13 @@ def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
             errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
             rounds = "-".join(f"{x:,.0f}" for x in (min(r.round_rps), max(r.round_rps))) if r.round_rps else "-"
             out.append((backend, method, str(conc), kind, STEP[kind], f"{r.rps:,.0f}", rounds, _ratio(r, echo),
-                        f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", _us(cpu_us(r)), added, errors))
+                        f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", _us(cpu_us(r)), added, sql_per_call(r), errors))
             previous = r
     return out
 
 
 HEADER = ("backend", "rpc", "conc", "server", "step", "req/s", "rounds req/s", "x echo", "p50 ms", "p99 ms", "srv CPU us/call",
-          "step's CPU us/call", "errors")
+          "step's CPU us/call", "SQL/call", "errors")
 
 
 def conclusions(results: list[RunResult]) -> list[str]:
@@ -148,7 +156,9 @@ def markdown(results: list[RunResult], cfg: BenchConfig, code: str, started: dt.
         f"over {min(2000, cfg.people):,} of {cfg.people:,} registry people; VerifyEntitlement over "
         f"{cfg.activations} accounts redeemed through the real RPCs first.",
         "- Columns: x echo = req/s over floor-echo's in the same case; srv CPU us/call = utime + stime of the "
-        "server process over the measured windows, per call answered; step's CPU = that over the step before's. "
+        "server process over the measured windows, per call answered; step's CPU = that over the step before's; "
+        "SQL/call = statements the server sent (its engine's events and the hot reads' listeners) over every "
+        "call of the case, warm-up included (the health monitor's ping, once a second, adds a little). "
         "Issue #8's targets compare the real server with the sync echo of `python -m bench.rpcs` (one request, "
         "its own path, no metadata, a generic handler); floor-echo is sent the RPC's requests and bearer token "
         "at the RPC's path, its methods registered with gRPC core as the real server's are. "
@@ -184,7 +194,8 @@ def main() -> int:
             with database(backend, common, cfg.pg_admin_url) as url:
                 summary = migrate_and_import(url, common)
                 say(f"bench.readfloor: {backend}: migrated, {summary.rows_imported:,} people imported")
-                real = dataclasses.replace(server_spec(SYNC, cfg, common, backend, url), check_rate_per_min=10**9)
+                real = dataclasses.replace(server_spec(SYNC, cfg, common, backend, url), check_rate_per_min=10**9,
+                                           count_queries=True)
                 with servers([real]) as sync_srv:
                     seeded = client.ask("seed", SeedSpec(
                         port=sync_srv[SYNC].port, advisor_token=common.tokens[ADVISOR_ID],
@@ -195,7 +206,12 @@ def main() -> int:
                         srv = {**sync_srv, **floor}
                         for method, (reqs, token) in hot_loads(common, accounts).items():
                             for conc in cfg.concurrency:
-                                results += measure(client, srv, LADDER, backend, method, reqs, token, conc, cfg)
+                                before = {k: srv[k].counts() for k in LADDER}
+                                case = measure(client, srv, LADDER, backend, method, reqs, token, conc, cfg)
+                                after = {k: srv[k].counts() for k in LADDER}
+                                # SQL statements the server sent over the case (warm-up calls included)
+                                results += [dataclasses.replace(r, queries={"statements": after[r.model].get(
+                                    "statements", 0) - before[r.model].get("statements", 0)}) for r in case]
     except KeyboardInterrupt:
         say("bench.readfloor: interrupted")
         return 130

@@ -199,12 +199,13 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc"),
                          options=_options(spec),
                          maximum_concurrent_rpcs=max_concurrent_rpcs(spec.workers, Settings().stream_workers))
-    ctx = None
+    ctx, counter = None, None
     if spec.kind == SYNC_ECHO:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     else:
         ctx = None if spec.kind == FLOOR_ECHO else _context(spec)
+        counter = QueryCounter(ctx.db) if ctx is not None else None  # (bench.readfloor: SQL per call)
         for service, handlers in _floor_handlers(spec.kind, ctx).items():
             # Registered with gRPC core as the generated code registers ours (the real server's
             # dispatch), not looked up through a generic handler.
@@ -217,7 +218,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     server.start()
     conn.send(("ready", port, os.getpid()))
     try:
-        _serve_until_stop(conn, None)
+        _serve_until_stop(conn, counter)
         server.stop(0).wait()
     finally:
         if ctx is not None:
