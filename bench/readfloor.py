@@ -80,14 +80,19 @@ def _ratio(r: RunResult, echo: RunResult) -> str:
     return f"{r.rps / echo.rps:.2f}" if echo.rps else "-"
 
 
+def cases(results: list[RunResult]) -> dict[tuple[str, str, int], dict[str, RunResult]]:
+    """The runs by case (backend, RPC, concurrency), then by server, in the order they were run."""
+    out: dict[tuple[str, str, int], dict[str, RunResult]] = {}
+    for r in results:
+        out.setdefault((r.backend, r.method, r.concurrency), {})[r.model] = r
+    return out
+
+
 def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
     """One table row per run: its step's throughput over the floor-echo's of the same case, and
     its server CPU per call over the step before's."""
     out: list[tuple[str, ...]] = []
-    by_case: dict[tuple[str, str, int], dict[str, RunResult]] = {}
-    for r in results:
-        by_case.setdefault((r.backend, r.method, r.concurrency), {})[r.model] = r
-    for (backend, method, conc), case in by_case.items():
+    for (backend, method, conc), case in cases(results).items():
         echo = case[FLOOR_ECHO]
         previous = None
         for kind in LADDER:
@@ -111,23 +116,19 @@ def conclusions(results: list[RunResult]) -> list[str]:
     a server that spends more per call than that cannot reach the target when, as here, the server
     process is the limit). Issue #8 takes the best ratio over the concurrency levels."""
     lines = []
-    cases: dict[tuple[str, str], dict[int, dict[str, RunResult]]] = {}
-    for r in results:
-        cases.setdefault((r.backend, r.method), {}).setdefault(r.concurrency, {})[r.model] = r
-    for (backend, method), by_conc in cases.items():
-        for conc, case in sorted(by_conc.items()):
-            echo, read, handler, real = (case[k] for k in LADDER)
-            target = TARGETS[method]
-            budget = cpu_us(echo) / target
-            lines.append(
-                f"- **{backend} {method}**, c={conc}: the echo answers {echo.rps:,.0f} calls/s at "
-                f"{_us(cpu_us(echo))} us of server CPU each; with the one hot read {_ratio(read, echo)} x echo "
-                f"({_us(cpu_us(read))} us); with the servicer method and the caller's identity "
-                f"{_ratio(handler, echo)} x ({_us(cpu_us(handler))} us); the real server {_ratio(real, echo)} x "
-                f"({_us(cpu_us(real))} us). Target {target} x echo: a budget of {_us(budget)} us a call, of which "
-                f"the echo itself takes {_us(cpu_us(echo))}, the read's step {_us(cpu_us(read) - cpu_us(echo))}, "
-                f"the method's {_us(cpu_us(handler) - cpu_us(read))}, the access log's "
-                f"{_us(cpu_us(real) - cpu_us(handler))}.")
+    for (backend, method, conc), case in cases(results).items():
+        echo, read, handler, real = (case[k] for k in LADDER)
+        target = TARGETS[method]
+        budget = cpu_us(echo) / target
+        lines.append(
+            f"- **{backend} {method}**, c={conc}: the echo answers {echo.rps:,.0f} calls/s at "
+            f"{_us(cpu_us(echo))} us of server CPU each; with the one hot read {_ratio(read, echo)} x echo "
+            f"({_us(cpu_us(read))} us); with the servicer method and the caller's identity "
+            f"{_ratio(handler, echo)} x ({_us(cpu_us(handler))} us); the real server {_ratio(real, echo)} x "
+            f"({_us(cpu_us(real))} us). Target {target} x echo: a budget of {_us(budget)} us a call, of which "
+            f"the echo itself takes {_us(cpu_us(echo))}, the read's step {_us(cpu_us(read) - cpu_us(echo))}, "
+            f"the method's {_us(cpu_us(handler) - cpu_us(read))}, the access log's "
+            f"{_us(cpu_us(real) - cpu_us(handler))}.")
     return lines
 
 

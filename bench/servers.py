@@ -206,6 +206,8 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     else:
         ctx = None if spec.kind == FLOOR_ECHO else _context(spec)
         counter = QueryCounter(ctx.db) if ctx is not None else None  # (bench.readfloor: SQL per call)
+        if spec.kind == FLOOR_HANDLER:
+            _serve_floor_handler(server, ctx)
         for service, handlers in _floor_handlers(spec.kind, ctx).items():
             # Registered with gRPC core as the generated code registers ours (the real server's
             # dispatch), not looked up through a generic handler.
@@ -226,14 +228,12 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
 
 
 def _floor_handlers(kind: str, ctx: Any) -> dict[str, dict[str, Any]]:
-    """bench.readfloor's handlers (module docstring), by service and method name."""
+    """bench.readfloor's bare handlers (module docstring), by service and method name (none for
+    floor-handler, whose services are registered as the real server's: _serve_floor_handler)."""
     import grpc
 
     from entitlement import registry
     from entitlement.activation import _VERIFY
-    from entitlement.api.identity import CallerInterceptor
-    from entitlement.api.servicers import ActivationServicer, EligibilityServicer
-    from entitlement.api.wrapping import wrap_handler
     from entitlement.v1 import activation_pb2, eligibility_pb2
     check, verify = "entitlement.v1.EligibilityService", "entitlement.v1.ActivationService"
     if kind == FLOOR_ECHO:
@@ -254,18 +254,19 @@ def _floor_handlers(kind: str, ctx: Any) -> dict[str, dict[str, Any]]:
                 verify: {"VerifyEntitlement": grpc.unary_unary_rpc_method_handler(read_verify)}}
     if kind != FLOOR_HANDLER:
         raise ValueError(f"unknown floor server {kind!r}")
-    behaviors = [CallerInterceptor(ctx.callers, client_certificates=False)]  # as server_main.start without mutual TLS
-    eligibility, activation = EligibilityServicer(ctx), ActivationServicer(ctx)
-    return {
-        check: {"CheckEligibility": wrap_handler(grpc.unary_unary_rpc_method_handler(
-            eligibility.CheckEligibility, request_deserializer=eligibility_pb2.CheckEligibilityRequest.FromString,
-            response_serializer=eligibility_pb2.CheckEligibilityResponse.SerializeToString),
-            f"/{check}/CheckEligibility", behaviors)},
-        verify: {"VerifyEntitlement": wrap_handler(grpc.unary_unary_rpc_method_handler(
-            activation.VerifyEntitlement, request_deserializer=activation_pb2.VerifyEntitlementRequest.FromString,
-            response_serializer=activation_pb2.EntitlementStatus.SerializeToString),
-            f"/{verify}/VerifyEntitlement", behaviors)},
-    }
+    return {}  # (served by _serve_floor_handler)
+
+
+def _serve_floor_handler(server: Any, ctx: Any) -> None:
+    """floor-handler: the two services registered exactly as server_main.start registers them
+    (the generated functions through WrappingRegistrar), wrapped in the caller's identity only."""
+    from entitlement.api.identity import CallerInterceptor
+    from entitlement.api.servicers import ActivationServicer, EligibilityServicer
+    from entitlement.api.wrapping import WrappingRegistrar
+    from entitlement.v1 import activation_pb2_grpc, eligibility_pb2_grpc
+    ours = WrappingRegistrar(server, [CallerInterceptor(ctx.callers, client_certificates=False)])  # no mutual TLS
+    eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), ours)
+    activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), ours)
 
 
 def aio_echo(workers: int, executor: futures.Executor | None) -> Any:
