@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.instructions
 	$(BIN)/python -m bench.breakdown
 	$(BIN)/python -m bench.readfloor
+	$(BIN)/python -m bench.mixed
 	$(BIN)/python -m bench.activation_floor
 
 ## make stress: the reliability tests at stress sizes (ENTITLEMENT_STRESS=1: 20 kill -9 per backend,

@@ -130,6 +130,7 @@ class ServerSpec:
     check_burst: int = 20
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
     server_model: str = "threads"  # kind sync: ENTITLEMENT_SERVER_MODEL of server_main.start (threads | event-loop)
+    switch_interval_us: int = 0  # 0: Python's own, as server.py; else sys.setswitchinterval (bench.mixed's experiment)
 
     def settings(self) -> Settings:
         assert self.callers_file and self.key_dir and self.pseudonym_key_file

@@ -179,6 +179,13 @@ def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+def _switch_interval(spec: ServerSpec) -> None:
+    """bench.mixed's experiment: the interpreter's switch interval, when the spec sets one (server.py
+    leaves Python's own, 5 ms)."""
+    if spec.switch_interval_us:
+        sys.setswitchinterval(spec.switch_interval_us / 1_000_000)
+
+
 def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     import grpc
     if spec.kind == SYNC:
@@ -187,6 +194,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
         counter = QueryCounter(ctx.db) if spec.count_queries else None
         tune_gc()  # as server.py (serve_forever): without it, the default collector's full collections
         # (tens of ms over every unfrozen object) were most of ListActivations' p99 at half rate
+        _switch_interval(spec)
         running = start(ctx, ctx.settings.listen)
         conn.send(("ready", running.port, os.getpid()))
         _serve_until_stop(conn, counter)
@@ -217,6 +225,7 @@ def _serve_sync(spec: ServerSpec, conn: Connection) -> None:
     if port == 0:
         raise SystemExit(f"cannot listen on 127.0.0.1:{spec.port}")
     tune_gc()  # the floor built as ours is, its collector tuning included
+    _switch_interval(spec)
     server.start()
     conn.send(("ready", port, os.getpid()))
     try:
@@ -306,6 +315,7 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     if port == 0:
         raise SystemExit("cannot listen on 127.0.0.1:0")
     tune_gc()  # every model, ours and echo, with the collector tuning of server.py
+    _switch_interval(spec)
     await server.start()
     if spec.kind in (AIO, AIO_INLINE):
         await aio_server.set_serving(health_servicer)
