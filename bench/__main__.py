@@ -35,7 +35,7 @@ from bench import report
 from bench.config import (ADVISOR_ID, AIO, CHECK, ECHO, ECHO_MODELS, METHOD_PATHS, MODELS, PLATFORM_CALLER_ID,
                           PROGRAM, SYNC, VERIFY, BenchConfig, LoadSpec, RunResult, SeedSpec, ServerSpec)
 from bench.common import say, status_key
-from bench.prepare import Common, database, migrate_and_import, prepare_common
+from bench.prepare import Common, imported_database, prepare_common
 from bench.procs import Client, Server, commit, machine, servers, usable_backends
 from bench.sections import replace_section
 
@@ -197,11 +197,7 @@ def main() -> int:
                 results += measure(client, srv, ECHO_MODELS, "-", ECHO, echo_req, "", conc, cfg)
 
         for backend in backends:
-            t = time.monotonic()
-            with database(backend, common, cfg.pg_admin_url) as url:
-                summary = migrate_and_import(url, common)
-                say(f"bench: {backend}: migrated, {summary.rows_imported:,} people imported "
-                    f"({time.monotonic() - t:.1f} s)")
+            with imported_database(backend, common, cfg.pg_admin_url, "bench") as url:
                 with servers([server_spec(SYNC, cfg, common, backend, url)]) as sync_srv:
                     t = time.monotonic()
                     seeded = client.ask("seed", SeedSpec(

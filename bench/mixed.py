@@ -53,7 +53,7 @@ from typing import Any
 from bench.common import collector_out_of_the_way, say
 from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, FUNDER_CALLER_ID, LIST, SYNC, FillSpec, LoadSpec, PagesSpec,
                           ServerSpec, _float, _int, _list)
-from bench.prepare import database, migrate_and_import, prepare_common
+from bench.prepare import imported_database, prepare_common
 from bench.procs import CALL_TIMEOUT, Client, Server, commit, loadavg, machine, server_group, usable_backends
 from bench.report import percentile
 from bench.rpcs import UNLIMITED_RATE, activate_requests, backend_model, check_requests, list_first_page
@@ -163,6 +163,8 @@ def one_round(fg: Client, bg: Client, server: Server, cfg: MixedConfig, backgrou
         if status != "ok":
             raise RuntimeError(f"{client.name}: run failed:\n{value}")
         answers.append(value)
+    if background != NONE and answers[1]["dry"]:
+        raise SystemExit(f"bench.mixed: the {background} requests ran out within a round: raise BENCH_PEOPLE")
     return answers[0], (answers[1] if background != NONE else None)
 
 
@@ -176,9 +178,12 @@ def measure_cases(fg: Client, bg: Client, servers: list[tuple[int, Server]], cfg
     check_lat: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     bg_lat: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     for r in range(cfg.rounds):
-        flip = (lambda xs: xs[::-1]) if r % 2 else (lambda xs: xs)
-        for background in flip(list(cfg.backgrounds)):
-            for us, server in flip(servers):
+        backgrounds, order = list(cfg.backgrounds), list(servers)
+        if r % 2:
+            backgrounds.reverse()
+            order.reverse()
+        for background in backgrounds:
+            for us, server in order:
                 f, b = one_round(fg, bg, server, cfg, background, loads)
                 c = cases[background, us]
                 c.seconds += f["seconds"]
@@ -320,11 +325,7 @@ def main() -> int:
         common = prepare_common(tmp, cfg.people)
         fg, bg = Client(), Client()
         for backend in backends:
-            t = time.monotonic()
-            with database(backend, common, cfg.pg_admin_url) as url:
-                summary_ = migrate_and_import(url, common)
-                say(f"bench.mixed: {backend}: migrated, {summary_.rows_imported:,} people imported "
-                    f"({time.monotonic() - t:.1f} s)")
+            with imported_database(backend, common, cfg.pg_admin_url, "bench.mixed") as url:
                 cases.extend(measure_backend(cfg, fg, bg, common, backend, url))
     except KeyboardInterrupt:
         say("bench.mixed: interrupted")

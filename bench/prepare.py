@@ -4,6 +4,7 @@ callers file, the synthetic registry extract, and one migrated, imported databas
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import pg_url
+from bench.common import pg_url, say
 from bench.config import ADVISOR_ID, FUNDER_CALLER_ID, FUNDER_ID, NOW, PLATFORM_CALLER_ID, PLATFORM_ID, TODAY
 from entitlement import registry, synthetic
 from entitlement.callers import Caller, write_callers
@@ -88,6 +89,17 @@ def database(backend: str, common: Common, pg_admin_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def imported_database(backend: str, common: Common, pg_admin_url: str, label: str) -> Iterator[str]:
+    """`database`, migrated and with the synthetic extract imported (migrate_and_import), said so
+    under `label` (the benchmark's name); yields its URL."""
+    t = time.monotonic()
+    with database(backend, common, pg_admin_url) as url:
+        summary = migrate_and_import(url, common)
+        say(f"{label}: {backend}: migrated, {summary.rows_imported:,} people imported ({time.monotonic() - t:.1f} s)")
+        yield url
 
 
 def migrate_and_import(url: str, common: Common) -> registry.ImportSummary:

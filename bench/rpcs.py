@@ -69,7 +69,7 @@ from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, F
                           PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, AIO_ECHO_INLINE,
                           FillSpec,
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
-from bench.prepare import Common, database, migrate_and_import, prepare_common
+from bench.prepare import Common, imported_database, prepare_common
 from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
                          usable_backends)
 from bench.report import percentile
@@ -867,11 +867,7 @@ def main() -> int:
                     for c in cfg.concurrency:
                         runner.run(CONTROL, twin, ECHO, concurrency=c, paired=True, requests=echo_requests)
                 for backend in (b for b in backends if models[b] == model):
-                    t = time.monotonic()
-                    with database(backend, common, cfg.pg_admin_url) as url:
-                        summary = migrate_and_import(url, common)
-                        say(f"bench.rpcs: {backend}: migrated, {summary.rows_imported:,} people imported "
-                            f"({time.monotonic() - t:.1f} s)")
+                    with imported_database(backend, common, cfg.pg_admin_url, "bench.rpcs") as url:
                         measure_backend(runner, cfg, common, backend, url, seed_people, pool_people)
                 runner.echo = None
         for floor in dict.fromkeys(FLOOR[m] for m in models.values()):
