@@ -28,7 +28,7 @@ Settings (environment):
   BENCH_MIXED_INTERVALS  switch intervals compared, in us (none: Python's own, as server.py)
   BENCH_MIXED_ROUNDS     rounds (4); BENCH_SECONDS measured per case and round (3)
   BENCH_WARMUP           unmeasured seconds before each case's round (0.5)
-  BENCH_QUICK=1          the test's mode: small registry, short rounds, pages only
+  BENCH_QUICK=1          the test's mode: small registry, one short round
   BENCH_BACKENDS, BENCH_PG_URL, BENCH_PEOPLE, BENCH_WORKERS: as for `python -m bench.rpcs`
   BENCH_OUTPUT           BENCHMARKS.md (its "mixed" section is rewritten); "-" to only print
   BENCH_JSON             also write the results as JSON to this file (the test reads it)
@@ -58,6 +58,7 @@ from bench.procs import CALL_TIMEOUT, Client, Server, commit, loadavg, machine, 
 from bench.report import percentile
 from bench.rpcs import UNLIMITED_RATE, activate_requests, backend_model, check_requests, list_first_page
 from bench.sections import replace_section
+from bench.servers import SWITCH_INTERVAL_EVENT
 from entitlement.config import ROOT, Settings
 
 SECTION = "mixed"
@@ -104,7 +105,7 @@ class MixedConfig:
                    seconds=_float("BENCH_SECONDS", 0.6 if quick else 3.0),
                    warmup=_float("BENCH_WARMUP", 0.2 if quick else 0.5),
                    people=max(_int("BENCH_PEOPLE", 4000 if quick else 50_000), 1000), pages=2 if quick else 10,
-                   backgrounds=(NONE, LIST) if quick else (NONE, LIST, ACTIVATE), backends=backends,
+                   backgrounds=(NONE, LIST, ACTIVATE), backends=backends,
                    pg_admin_url=os.environ.get("BENCH_PG_URL", "").strip() or "postgresql://postgres@127.0.0.1:5432/test",
                    workers=max(_int("BENCH_WORKERS", Settings().max_workers), 1),
                    output=None if out == "-" else Path(out) if out else ROOT / "BENCHMARKS.md",
@@ -124,7 +125,7 @@ class Case:
     background_calls: int = 0
     background_seconds: float = 0.0
     background_errors: dict[str, int] = field(default_factory=dict)
-    background_ms: dict[str, float] = field(default_factory=dict)  # p50, p99
+    background_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, max
     server_cpu_s: float = 0.0
 
     @property
@@ -163,9 +164,17 @@ def one_round(fg: Client, bg: Client, server: Server, cfg: MixedConfig, backgrou
         if status != "ok":
             raise RuntimeError(f"{client.name}: run failed:\n{value}")
         answers.append(value)
-    if background != NONE and answers[1]["dry"]:
+    if background == NONE:
+        return answers[0], None
+    f, b = answers
+    if b["dry"]:
         raise SystemExit(f"bench.mixed: the {background} requests ran out within a round: raise BENCH_PEOPLE")
-    return answers[0], (answers[1] if background != NONE else None)
+    # Each load generator opens its channels before its window: the two windows must coincide.
+    overlap = min(f["wall_end"], b["wall_end"]) - max(f["wall_start"], b["wall_start"])
+    if overlap < 0.9 * f["seconds"]:
+        raise SystemExit(f"bench.mixed: the {background} calls ran beside only {max(overlap, 0):.2f} s of the "
+                         f"checks' {f['seconds']:.2f} s window")
+    return f, b
 
 
 def measure_cases(fg: Client, bg: Client, servers: list[tuple[int, Server]], cfg: MixedConfig, backend: str,
@@ -212,6 +221,8 @@ def measure_backend(cfg: MixedConfig, fg: Client, bg: Client, common: Any, backe
     with ExitStack() as stack:
         servers = [(us, stack.enter_context(server_group(spec_for(cfg, common, backend, url, us)))[0])
                    for us in cfg.intervals]
+        for us, server in servers:
+            confirm_interval(server, us)
         first = servers[0][1]
         # Activations for the pages to list, made by the real RPC (not measured).
         have = bg.ask("fill", FillSpec(port=first.port, token=adv, source=pool_name, target=f"{backend}:made",
@@ -231,6 +242,16 @@ def measure_backend(cfg: MixedConfig, fg: Client, bg: Client, common: Any, backe
                 + (f"  errors {c.check_errors} {c.background_errors}" if c.check_errors or c.background_errors else ""))
         out.extend(cases)
     return out
+
+
+def confirm_interval(server: Server, us: int) -> None:
+    """The switch interval the server says it runs with (bench.servers logs it when one is set)."""
+    if not us:
+        return
+    said = [json.loads(line)["us"] for line in server.spec.log_path.read_text().splitlines()
+            if SWITCH_INTERVAL_EVENT in line]
+    if said != [us]:
+        raise SystemExit(f"bench.mixed: the server asked for a switch interval of {us} us says {said}")
 
 
 def _interval(us: int) -> str:
@@ -282,11 +303,17 @@ def summary(cases: list[Case], cfg: MixedConfig) -> str:
     return "\n".join(lines)
 
 
+def _backgrounds_text(cfg: MixedConfig) -> str:
+    what = {NONE: "nothing", LIST: f"ListActivations (a funder's pages of 100, cycling over the first {cfg.pages})",
+            ACTIVATE: "ActivateEntitlement (an advisor's, each person once)"}
+    return ", ".join(what[b] for b in cfg.backgrounds)
+
+
 def markdown(cfg: MixedConfig, cases: list[Case], meta: dict[str, Any]) -> str:
     return "\n".join([
         "## Checks behind long calls (`python -m bench.mixed`)",
         "",
-        f"- Run on {meta['date']}, commit {meta['commit']}, Python {meta['python']}; `nproc` = {meta['nproc']} "
+        f"- Run on {meta['date']}, {meta['commit']}, Python {meta['python']}; `nproc` = {meta['nproc']} "
         f"({meta['cpu']}), {meta['memory_gib']:.0f} GiB; load average {meta['load_start']} at the start, "
         f"{meta['load_end']} at the end; {meta['elapsed']:.0f} s in all."
         + (f" PostgreSQL {meta['pg_version']}." if meta.get("pg_version") else "")
@@ -299,9 +326,8 @@ def markdown(cfg: MixedConfig, cases: list[Case], meta: dict[str, Any]) -> str:
                   "else (the experiment of `BENCH_MIXED_INTERVALS`)") + ".",
         f"- Load: one load generator sends CheckEligibility (an advisor's, cycling over registry people) at "
         f"{cfg.rate:g} calls a second, open loop (each call on time whatever the others' fate; latency from when it "
-        f"was due); a second one keeps {cfg.inflight} calls of a long RPC in flight beside them (closed loop): "
-        f"ListActivations (a funder's pages of 100, cycling over the first {cfg.pages}), ActivateEntitlement (an advisor's, "
-        "each person once), or nothing. Each case: "
+        f"was due); a second one keeps {cfg.inflight} calls of a long RPC in flight beside them (closed loop, its "
+        "window checked to coincide with the checks'): " + _backgrounds_text(cfg) + ". Each case: "
         f"{cfg.rounds} rounds of {cfg.seconds:g} s (each after {cfg.warmup:g} s unmeasured), the cases taking turns "
         "within each round, in reverse order every other round; percentiles over the rounds' merged latencies.",
         "",
@@ -323,7 +349,8 @@ def main() -> int:
         say(f"bench.mixed: checks at {cfg.rate:g}/s behind {cfg.inflight} long calls in flight; switch interval "
             f"{', '.join(_interval(us) for us in cfg.intervals)}; {cfg.rounds} rounds of {cfg.seconds:g} s; temp dir {tmp}")
         common = prepare_common(tmp, cfg.people)
-        fg, bg = Client(), Client()
+        fg = Client()
+        bg = Client()
         for backend in backends:
             with imported_database(backend, common, cfg.pg_admin_url, "bench.mixed") as url:
                 cases.extend(measure_backend(cfg, fg, bg, common, backend, url))

@@ -45,7 +45,7 @@ from bench.__main__ import hot_loads, measure, server_spec
 from bench.config import (ADVISOR_ID, CHECK, FLOOR_ECHO, FLOOR_HANDLER, FLOOR_KINDS, FLOOR_READ, PLATFORM_CALLER_ID,
                           SYNC, VERIFY, BenchConfig, RunResult, SeedSpec)
 from bench.common import say
-from bench.prepare import database, migrate_and_import, prepare_common
+from bench.prepare import imported_database, prepare_common
 from bench.procs import Client, commit, loadavg, machine, servers, usable_backends
 from bench.sections import replace_section
 
@@ -192,9 +192,7 @@ def main() -> int:
         common = prepare_common(tmp, cfg.people)
         client = Client()
         for backend in backends:
-            with database(backend, common, cfg.pg_admin_url) as url:
-                summary = migrate_and_import(url, common)
-                say(f"bench.readfloor: {backend}: migrated, {summary.rows_imported:,} people imported")
+            with imported_database(backend, common, cfg.pg_admin_url, "bench.readfloor") as url:
                 real = dataclasses.replace(server_spec(SYNC, cfg, common, backend, url), check_rate_per_min=10**9,
                                            count_queries=True)
                 with servers([real]) as sync_srv:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import sys
@@ -179,11 +180,17 @@ def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+SWITCH_INTERVAL_EVENT = "bench_switch_interval"
+
+
 def _switch_interval(spec: ServerSpec) -> None:
     """bench.mixed's experiment: the interpreter's switch interval, when the spec sets one (server.py
     leaves Python's own, 5 ms)."""
     if spec.switch_interval_us:
         sys.setswitchinterval(spec.switch_interval_us / 1_000_000)
+        # Read back into the server's log: bench.mixed checks that the server runs with it.
+        print(json.dumps({"event": SWITCH_INTERVAL_EVENT, "us": round(sys.getswitchinterval() * 1_000_000)}),
+              file=sys.stderr, flush=True)
 
 
 def _serve_sync(spec: ServerSpec, conn: Connection) -> None:

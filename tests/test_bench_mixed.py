@@ -1,7 +1,9 @@
 """`python -m bench.mixed` at a tiny size on both backends, so that it cannot rot: every case (checks
-alone and behind a funder's pages, on two servers with their own switch intervals) answered every
-call of its windows without an error, the background made its calls, and the section was written.
-Nothing about speed is asserted (the benchmark prints the figures)."""
+alone, behind a funder's pages, behind advisors' activations, on two servers with their own switch
+intervals) answered every call of its windows without an error, the background made its calls
+beside the checks (the benchmark stops when the two windows do not coincide, and when a server does
+not say it runs with the interval asked for), and the section was written. Nothing about speed is
+asserted (the benchmark prints the figures)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def test_checks_alone_and_behind_pages_on_both_backends(tmp_path: Path, request:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(results.read_text())["cases"]
     seen = {(c["backend"], c["background"], c["interval_us"]) for c in cases}
-    assert seen == {(b, bg, us) for b in ("sqlite", "postgres") for bg in ("-", "ListActivations")
+    assert seen == {(b, bg, us) for b in ("sqlite", "postgres") for bg in ("-", "ListActivations", "ActivateEntitlement")
                     for us in (5000, 1000)}, seen
     for c in cases:
         assert c["checks"] > 0 and not c["check_errors"], c
@@ -43,7 +45,9 @@ def test_checks_alone_and_behind_pages_on_both_backends(tmp_path: Path, request:
     text = out.read_text()
     assert f"<!-- section:{SECTION} -->" in text and f"<!-- /section:{SECTION} -->" in text
     assert "| postgres | threads | 1,000 us | ListActivations x 2 |" in text
+    assert "| sqlite | event-loop | 5,000 us | ActivateEntitlement x 2 |" in text
     assert "| sqlite | event-loop | 5,000 us | nothing |" in text
+    assert "commit commit" not in text
 
 
 def test_a_bad_interval_is_refused_naming_the_setting() -> None:
