@@ -172,8 +172,11 @@ class SyncContext(_CallContext):
         self._context, self._loop = context, loop
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else time.monotonic() + remaining
-        self._ended = threading.Event()
-        context.add_done_callback(lambda _context: self._ended.set())
+        # The callback holds the event alone, not this object: gRPC keeps its done callbacks in a
+        # reference cycle of its own objects (the context, the call's state), left to the cyclic
+        # collector; this object, and what a handler hung on it, stay out of that cycle.
+        ended = self._ended = threading.Event()
+        context.add_done_callback(lambda _context: ended.set())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         def register() -> bool:
