@@ -39,8 +39,8 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history
+from sqlalchemy.orm import PassiveFlag, Session
+from sqlalchemy.orm.attributes import get_history
 
 from entitlement import eventlog
 from entitlement.storage import direct
@@ -131,7 +131,7 @@ def _span_touched(a: Activation) -> bool:
     # building every attribute's AttributeState: those and the instance's state refer to each other,
     # a reference cycle per flushed activation for the cyclic collector (tests/test_cyclic_garbage.py).
     def changed(name: str) -> bool:
-        return get_history(a, name, passive=PASSIVE_NO_INITIALIZE).has_changes()
+        return get_history(a, name, passive=PassiveFlag.PASSIVE_NO_INITIALIZE).has_changes()
     if any(changed(name) for name in ("start_date", "end_date", "state")):
         return True
     return a.state == "revoked" and changed("updated_at")
