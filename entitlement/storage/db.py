@@ -270,8 +270,10 @@ class Database:
                 finally:
                     # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
                     # rollback (psycopg syncs the pipeline before its ROLLBACK).
-                    direct.end(session, failed)
-                    _forget(session)
+                    try:
+                        direct.end(session, failed)
+                    finally:
+                        _forget(session)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
