@@ -52,7 +52,8 @@ migrate: $(STAMP)
 ## hot RPCs, each backend in its production server model against that model's echo floor, issue #8 targets, 1 vs 2 processes ~8 min; registry at 6 M rows
 ## ~5 min; token verification on one core ~30 s; audit log verification at 1 M events ~2 min; 1 M activations ~25 min on both backends;
 ## instructions per call under valgrind, both server models ~4 min, and where a check's and a verification's go ~20 s; where a hot read's server
-## CPU goes on PostgreSQL, a ladder from echo to the real server ~2 min; an activation's storage floor and breakdown against
+## CPU goes on PostgreSQL, a ladder from echo to the real server ~2 min; checks behind a funder's pages or advisors'
+## activations ~2 min; an activation's storage floor and breakdown against
 ## the budget of the targets ~8 min).
 ## Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench (BENCH_QUICK=1: a few
 ## seconds per case in bench.rpcs)
