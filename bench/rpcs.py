@@ -749,7 +749,7 @@ def round_trips_text(results: list[RunResult]) -> str:
                 parts.append(f"{method} {tot['statements']:.1f} statements{queued} + {tot['transactions']:.1f} "
                              f"transactions x 2 = ~{trips:.1f} round trips")
             else:
-                parts.append(f"{method} {tot['statements']:.1f} statements (BEGIN included) in "
+                parts.append(f"{method} {tot['statements']:.1f} statements (BEGIN and savepoints included) in "
                              f"{tot['transactions']:.1f} transactions")
         lines.append(f"- {backend}: " + "; ".join(parts) + ".")
     return "\n".join(lines)
@@ -829,7 +829,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 {round_trips_text(results)}
 
-On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's writes after its conditional update: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT; reads sent ahead together (an activation's first three) share one round trip, with the BEGIN; and leaving pipeline mode after the COMMIT costs one Sync. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network.
+On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's writes after its conditional update: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT; reads sent ahead together (an activation's first three) share one round trip, with the BEGIN; and leaving pipeline mode after the COMMIT costs one Sync. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network, and writers that queue behind another share its transaction and its COMMIT, each in a savepoint of its own (group commit, entitlement/storage/db.py: fewer transactions than calls, two more statements per writer that joined one).
 """
 
 

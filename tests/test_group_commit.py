@@ -1,0 +1,374 @@
+"""Group commit (SQLite, entitlement/storage/db.py `_Group`): writers of one server process that
+queue while another writes share its transaction, each block in a savepoint of its own, and the last
+one commits it for all. What must hold, on a real database with real threads:
+
+- every block that returned is committed, and durable when it returns; a block that raised left
+  nothing, and took nothing of the others with it;
+- a commit that fails fails every member of the group, and commits none of them;
+- a transaction that an error rolled back whole fails every member whose work was in it;
+- a lone writer commits at once; and a group handed to a writer that then gave up is still
+  committed.
+
+On PostgreSQL writers are not grouped (each its own transaction, run side by side): the same
+scenarios run there and show one commit per write.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from support import Api, Harness, next_person
+
+from entitlement import deadline
+from entitlement.errors import Cancelled
+from entitlement.storage.db import Database, GroupAborted
+from entitlement.storage.migrate import upgrade
+from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead
+
+
+@pytest.fixture
+def gdb(fresh_url: str) -> Iterator[Database]:
+    upgrade(fresh_url)
+    database = Database(fresh_url, pool_size=12, lock_timeout_ms=10_000)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+def _is_sqlite(db: Database) -> bool:
+    return db.dialect == "sqlite"
+
+
+@contextmanager
+def counted(db: Database) -> Iterator[dict[str, int]]:
+    """COMMITs and savepoints the write engine sends while the block runs."""
+    counts = {"commit": 0, "savepoint": 0, "rollback_savepoint": 0}
+
+    def on_commit(_conn: Any) -> None:
+        counts["commit"] += 1
+
+    def on_savepoint(_conn: Any, _name: str) -> None:
+        counts["savepoint"] += 1
+
+    def on_rollback_savepoint(_conn: Any, _name: str, _ctx: Any) -> None:
+        counts["rollback_savepoint"] += 1
+    hooks: list[tuple[str, Callable[..., None]]] = [
+        ("commit", on_commit), ("savepoint", on_savepoint), ("rollback_savepoint", on_rollback_savepoint)]
+    for name, fn in hooks:
+        event.listen(db.engine, name, fn)
+    try:
+        yield counts
+    finally:
+        for name, fn in hooks:
+            event.remove(db.engine, name, fn)
+
+
+def _size(db: Database) -> int:
+    with db.read() as s:
+        return int(s.execute(select(LogHead.size)).scalar_one())
+
+
+def _bump(s: Any, by: int = 1) -> None:
+    s.execute(update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + by))
+
+
+class Holder:
+    """A write that bumps the log head, then holds its block open until released."""
+
+    def __init__(self, db: Database) -> None:
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(db,), daemon=True)
+        self.thread.start()
+        assert self.inside.wait(30)
+
+    def _run(self, db: Database) -> None:
+        try:
+            with db.write() as s:
+                _bump(s)
+                self.inside.set()
+                self.release.wait(30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self.inside.set()
+
+    def finish(self) -> None:
+        self.release.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _queued(db: Database, n: int) -> None:
+    """Wait until n writers are blocked on the SQLite writers' lock (on PostgreSQL: a short wait)."""
+    if not _is_sqlite(db):
+        time.sleep(0.2)
+        return
+    queue = db._writers
+    assert queue is not None
+    for _ in range(3000):
+        if queue.waiting >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"only {queue.waiting} writers queued, {n} expected")
+
+
+def _run_queued(db: Database, holder: Holder, blocks: list[Any]) -> list[BaseException | None]:
+    """Start one writer per block behind `holder`, release it, and return each writer's outcome."""
+    outcomes: list[BaseException | None] = [None] * len(blocks)
+
+    def writer(i: int) -> None:
+        try:
+            with db.write() as s:
+                blocks[i](s)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            outcomes[i] = exc
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(len(blocks))]
+    for t in threads:
+        t.start()
+    _queued(db, len(blocks))
+    holder.finish()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    return outcomes
+
+
+def test_writers_queued_behind_a_write_share_one_commit(gdb: Database) -> None:
+    with counted(gdb) as counts:
+        holder = Holder(gdb)
+        outcomes = _run_queued(gdb, holder, [_bump] * 8)
+    assert holder.error is None and outcomes == [None] * 8
+    assert _size(gdb) == 9
+    if _is_sqlite(gdb):
+        # The holder handed its open transaction to the queue: one COMMIT for the nine writes (a
+        # writer that reached the lock after the group ended would open a second one).
+        assert 1 <= counts["commit"] < 9
+        assert counts["savepoint"] == 9 - counts["commit"]
+    else:
+        assert counts["commit"] == 9 and counts["savepoint"] == 0
+
+
+def test_a_lone_writer_commits_at_once(gdb: Database) -> None:
+    with counted(gdb) as counts:
+        with gdb.write() as s:
+            _bump(s)
+        assert counts["commit"] == 1  # committed before the block's `with` returned
+        assert counts["savepoint"] == 0
+    # Durable for another connection (an independent reader) as soon as it returned.
+    assert _size(gdb) == 1
+
+
+def test_a_failing_member_leaves_nothing_and_takes_nothing_of_the_others(gdb: Database) -> None:
+    class Refused(Exception):
+        pass
+
+    def fails(s: Any) -> None:
+        _bump(s, 1000)
+        raise Refused()
+
+    def breaks_a_constraint(s: Any) -> None:
+        _bump(s, 1000)
+        s.execute(text("INSERT INTO log_head (id, size) VALUES (1, 0)"))  # the same primary key
+
+    with counted(gdb) as counts:
+        holder = Holder(gdb)
+        outcomes = _run_queued(gdb, holder, [_bump, fails, _bump, breaks_a_constraint, _bump])
+    assert holder.error is None
+    assert outcomes[0] is None and outcomes[2] is None and outcomes[4] is None
+    assert isinstance(outcomes[1], Refused)
+    assert isinstance(outcomes[3], IntegrityError)
+    assert _size(gdb) == 4  # the holder's and the three others' bumps; none of the 1000s
+    if _is_sqlite(gdb):
+        assert counts["rollback_savepoint"] == 2
+
+
+def test_a_member_whose_caller_gave_up_is_not_committed_with_the_group(gdb: Database) -> None:
+    def gives_up(s: Any) -> None:
+        _bump(s, 1000)
+        # The client cancels the call before the block ends (as gRPC's context would report it);
+        # the bound stays on this writer's thread, which ends with the block.
+        deadline.bound(30, active=lambda: False).__enter__()
+
+    holder = Holder(gdb)
+    outcomes = _run_queued(gdb, holder, [_bump, gives_up, _bump])
+    assert holder.error is None
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], Cancelled)
+    assert _size(gdb) == 3
+
+
+def test_a_failed_commit_fails_every_member_and_commits_none(gdb: Database) -> None:
+    """A foreign key checked at COMMIT (SQLite's defer_foreign_keys; PostgreSQL: a constraint set
+    DEFERRED) that one member leaves broken makes the group's COMMIT fail: on SQLite every member
+    of the group fails with it and nothing is committed; on PostgreSQL only that member's own."""
+    def dangling(s: Any) -> None:
+        _bump(s, 1000)
+        if _is_sqlite(gdb):
+            s.execute(text("PRAGMA defer_foreign_keys = ON"))
+        else:
+            s.execute(text("SET CONSTRAINTS ALL DEFERRED"))
+        # A ledger entry of an activation that does not exist.
+        s.execute(text("INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, "
+                       "amount_cents, created_at) VALUES ('missing', 'p', 'f', 'commit', '2026-03', 1, "
+                       "'2026-03-16 10:00:00')"))
+
+    if not _is_sqlite(gdb):
+        deferrable = gdb.engine.connect()
+        fk = deferrable.execute(text(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'ledger_entries'::regclass AND contype = 'f' "
+            "AND condeferrable")).first()
+        deferrable.close()
+        if fk is None:
+            pytest.skip("PostgreSQL: no deferrable foreign key on ledger_entries to defer; writers there "
+                        "commit one by one anyway (test_writers_queued_behind_a_write_share_one_commit)")
+    holder = Holder(gdb)
+    outcomes = _run_queued(gdb, holder, [_bump, dangling, _bump])
+    # The commit's own error (the foreign key) to whoever made it; GroupAborted to the others.
+    errors = [holder.error, *outcomes]
+    assert all(e is not None for e in errors), errors
+    assert sum(isinstance(e, IntegrityError) for e in errors) == 1
+    assert all(isinstance(e, GroupAborted) for e in errors if not isinstance(e, IntegrityError))
+    assert _size(gdb) == 0
+    # The writers' lock and the database are usable at once.
+    with gdb.write() as s:
+        _bump(s)
+    assert _size(gdb) == 1
+
+
+def test_a_transaction_rolled_back_whole_fails_every_member_in_it(gdb: Database) -> None:
+    """SQLite rolls a whole transaction back on some errors (a full disk, an I/O error): the members
+    whose work was in it must not be told it was committed. Here a member ends the transaction
+    itself, as SQLite would, then fails."""
+    if not _is_sqlite(gdb):
+        pytest.skip("PostgreSQL: each write is its own transaction (no group to lose)")
+
+    class DiskFull(Exception):
+        pass
+
+    def rolls_back_all(s: Any) -> None:
+        s.connection().connection.driver_connection.execute("ROLLBACK")
+        raise DiskFull()
+
+    holder = Holder(gdb)
+    outcomes = _run_queued(gdb, holder, [_bump, rolls_back_all, _bump])
+    assert isinstance(outcomes[1], (DiskFull, OperationalError)), outcomes[1]
+    # The holder opened the group: its work was in the lost transaction. The queued bumps that took
+    # the lock before the failing member were too; those after it began a new group and landed.
+    assert isinstance(holder.error, GroupAborted), holder.error
+    others = [outcomes[0], outcomes[2]]
+    assert all(o is None or isinstance(o, GroupAborted) for o in others), others
+    landed = sum(o is None for o in others)
+    assert _size(gdb) == landed  # exactly the writes told they were committed
+    with gdb.write() as s:
+        _bump(s)
+    assert _size(gdb) == landed + 1
+
+
+def test_a_group_handed_to_a_writer_that_gave_up_is_still_committed(gdb: Database) -> None:
+    """The writer a group is handed to may give up its wait just as the lock is released (its own
+    bound ran out): the members waiting for the commit then make it themselves."""
+    if not _is_sqlite(gdb):
+        pytest.skip("PostgreSQL: writers are not grouped")
+    queue = gdb._writers
+    assert queue is not None
+    holder = Holder(gdb)
+    with queue._count:
+        queue.waiting += 1  # a writer counted as queued, that will never take the lock
+    counted_out = False
+    try:
+        holder.release.set()
+        # The holder hands the open group over (the lock free, the group still open) ...
+        for _ in range(3000):
+            if queue.group is not None and not queue._lock.locked():
+                break
+            time.sleep(0.001)
+        else:
+            raise AssertionError("the holder never handed its group over")
+        # ... and the writer gives up without ever taking the lock.
+        with queue._count:
+            queue.waiting -= 1
+        counted_out = True
+        holder.finish()
+    finally:
+        if not counted_out:
+            with queue._count:
+                queue.waiting -= 1
+    assert holder.error is None
+    assert queue.group is None
+    assert _size(gdb) == 1
+
+
+def test_a_writer_queued_past_its_bound_fails_without_touching_the_group(fresh_url: str) -> None:
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=4, lock_timeout_ms=200)
+    try:
+        holder = Holder(db)
+        try:
+            if _is_sqlite(db):
+                with pytest.raises(OperationalError, match="database is locked"):
+                    with db.write() as s:
+                        _bump(s, 1000)
+            else:  # the row lock's wait: lock_timeout
+                with pytest.raises(OperationalError):
+                    with db.write() as s:
+                        _bump(s, 1000)
+        finally:
+            holder.finish()
+        assert holder.error is None
+        assert _size(db) == 1
+    finally:
+        db.dispose()
+
+
+def test_activations_queued_behind_a_write_share_its_commit_over_the_channel(api: Api, harness: Harness) -> None:
+    """Through the real server: advisors' activations that arrive while a write holds the SQLite
+    lock all join that write's group; every one is answered with its token and lands whole (its
+    row, its ledger entries, its event), and the group ends in one COMMIT. On PostgreSQL each is
+    its own transaction."""
+    db = harness.ctx.db
+    sqlite = _is_sqlite(db)
+    people = [next_person() for _ in range(6)]
+    with counted(db) as counts:
+        holder = _EmptyHolder(db)  # holds the writers' lock (SQLite) and writes nothing
+        with ThreadPoolExecutor(len(people)) as pool:
+            futures = [pool.submit(api.activate, agency_id, birth) for agency_id, birth in people]
+            _queued(db, len(people))
+            holder.finish()
+            responses = [f.result(timeout=30) for f in futures]
+    assert holder.error is None
+    ids = [r.activation.name.removeprefix("activations/") for r in responses]
+    assert len(set(ids)) == len(people) and all(r.activation_token for r in responses)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation).where(Activation.id.in_(ids))).scalar_one() \
+            == len(people)
+        assert s.execute(select(func.count(func.distinct(LedgerEntry.activation_id)))
+                         .where(LedgerEntry.activation_id.in_(ids))).scalar_one() == len(people)
+        assert s.execute(select(func.count()).select_from(Event).where(
+            Event.subject.in_([f"activations/{i}" for i in ids]))).scalar_one() == len(people)
+    if sqlite:
+        assert counts["commit"] == 1 and counts["savepoint"] == len(people)
+    else:
+        assert counts["commit"] >= len(people) and counts["savepoint"] == 0
+
+
+class _EmptyHolder(Holder):
+    """A write transaction that writes nothing, held open until released (on SQLite it holds the
+    writers' lock and the file's write lock; on PostgreSQL it blocks no one)."""
+
+    def _run(self, db: Database) -> None:
+        try:
+            with db.write():
+                self.inside.set()
+                self.release.wait(30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self.inside.set()
