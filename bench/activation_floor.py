@@ -398,6 +398,27 @@ def replay_one(conn: Any, ops: list[Op]) -> None:
     cur.close()
 
 
+GROUP = 4  # activations per transaction in the grouped replay: the event-loop server's write threads
+
+
+def grouped(series: list[list[Op]], size: int) -> list[list[Op]]:
+    """The series as SQLite's group commit sends it when `size` writers queue behind one another
+    (entitlement/storage/db.py `_Group`): one BEGIN IMMEDIATE and one COMMIT per `size` activations,
+    each one after the first in a savepoint of its own."""
+    out = []
+    for i, ops in enumerate(series):
+        first, last = i % size == 0, i % size == size - 1 or i == len(series) - 1
+        kept: list[Op] = [] if first else [("execute", 'SAVEPOINT "sa_savepoint_1"', ())]
+        kept += [(k, st, p) for k, st, p in ops if k not in ("commit", "reset")
+                 and not (k == "execute" and st.startswith("BEGIN") and not first)]
+        if not first:
+            kept.append(("execute", 'RELEASE SAVEPOINT "sa_savepoint_1"', ()))
+        if last:
+            kept.append(("commit", "", None))
+        out.append(kept)
+    return out
+
+
 def backend_pid(conn: Any) -> int | None:
     return int(conn.info.backend_pid) if hasattr(conn, "info") and hasattr(conn.info, "backend_pid") else None
 
@@ -891,6 +912,7 @@ class BackendResult:
     profiled: int
     instructions: dict[str, int] = field(default_factory=dict)
     statements: list[str] = field(default_factory=list)
+    grouped: list[dict[str, float]] = field(default_factory=list)  # SQLite: GROUP activations per commit
 
 
 def median_of(runs: list[dict[str, float]], key: str) -> float:
@@ -911,17 +933,22 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
         say(f"{backend}: {ops['statements']:.1f} statements, {ops['commits']:.1f} commits per activation")
         settings = durability(store, paths)
         say(f"{backend}: {settings}")
-        replays, inproc = [], []
+        replays, inproc, groups = [], [], []
         for r in range(cfg.rounds):
             replays.append(run_replay(store, paths, series, cfg.warmup, expected).per())
+            if backend == "sqlite":  # group commit is SQLite's (PostgreSQL writers run side by side)
+                groups.append(run_replay(store, paths, grouped(series, GROUP), cfg.warmup, expected).per())
             inproc.append(run_inprocess(store, paths, requests, cfg.warmup, expected).per())
             say(f"{backend}: round {r + 1}: raw replay {replays[-1]['wall_us']:,.0f} us wall, "
-                f"{replays[-1]['cpu_us']:,.0f} us CPU; in-process {inproc[-1]['wall_us']:,.0f} us wall, "
+                f"{replays[-1]['cpu_us']:,.0f} us CPU" + (
+                    f" ({GROUP} per commit: {groups[-1]['wall_us']:,.0f} us wall, {groups[-1]['cpu_us']:,.0f} us CPU)"
+                    if groups else "") + f"; in-process {inproc[-1]['wall_us']:,.0f} us wall, "
                 f"{inproc[-1]['cpu_us']:,.0f} us CPU per activation")
         prof = cProfile.Profile(time.thread_time)
         run_inprocess(store, paths, requests, cfg.warmup, expected, prof)
         profile = buckets(pstats.Stats(prof))
-        result = BackendResult(backend, settings, ops, replays, inproc, profile, cfg.measured, statements=statements)
+        result = BackendResult(backend, settings, ops, replays, inproc, profile, cfg.measured, statements=statements,
+                               grouped=groups)
         if cfg.vg_measured and have_valgrind():
             n = min(cfg.vg_measured, cfg.measured)
             say(f"{backend}: counting instructions under valgrind ({n} activations)")
@@ -959,7 +986,7 @@ def main() -> int:
         Path(os.environ["BENCH_JSON"]).write_text(json.dumps({
             "echo": {"rps": echo.rps, "windows": echo.windows, "server_cpu_us": echo.server_cpu_us,
                      "client_cpu_us": echo.client_cpu_us, "instructions": echo.instructions},
-            "backends": [{"backend": r.backend, "ops": r.ops, "replay": r.replay, "inprocess": r.inprocess,
+            "backends": [{"backend": r.backend, "ops": r.ops, "replay": r.replay, "inprocess": r.inprocess, "grouped": r.grouped,
                           "profile_us": {k: v / r.profiled * 1e6 for k, v in r.profile.items()},
                           "instructions": r.instructions, "durability": r.durability} for r in results]},
             indent=1))
@@ -995,6 +1022,10 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
         "transaction, every result read; on PostgreSQL the writes the service queued in pipeline mode are queued "
         "too, from the same statement on): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
         "PostgreSQL, the backend serving the connection (`/proc/<pid>/stat`; WAL writer and checkpointer not counted).",
+        f"- **Grouped replay** (SQLite): the same statements, {GROUP} activations per transaction, each one after the "
+        "first in a savepoint of its own: what the service's group commit sends when that many writers queue behind "
+        "one another (entitlement/storage/db.py `_Group`; the event-loop server writes on 4 threads). A lone "
+        "writer commits alone, as in the raw replay.",
         "- **In-process**: `ActivationServicer.ActivateEntitlement` called directly (the advisor bound as the identity "
         "behaviour binds it): everything an activation does but gRPC, authentication and the access log.",
         f"- **Echo**, this run: {echo.rps:,.0f} req/s (sync echo server of bench/servers.py, bench.load closed loop c=8, "
@@ -1027,6 +1058,11 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
               "PG backend CPU us |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        if r.grouped:
+            lines.append(f"| {r.backend} | raw replay, {GROUP} per commit (group commit) | "
+                         f"{r.ops['statements'] + 2 * (GROUP - 1) / GROUP:.1f} | {r.ops['commits'] / GROUP:.2f} | "
+                         f"{median_of(r.grouped, 'wall_us'):,.0f} | {median_of(r.grouped, 'wall_p50_us'):,.0f} | "
+                         f"{median_of(r.grouped, 'client_cpu_us'):,.0f} | - |")
         for label, runs in (("raw replay (floor)", r.replay), ("in-process servicer", r.inprocess)):
             lines.append(f"| {r.backend} | {label} | {r.ops['statements']:.1f} | {r.ops['commits']:.1f} | "
                          f"{median_of(runs, 'wall_us'):,.0f} | {median_of(runs, 'wall_p50_us'):,.0f} | "

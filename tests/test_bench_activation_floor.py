@@ -33,6 +33,10 @@ def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
     replay, full = sqlite["replay"][0], sqlite["inprocess"][0]
     assert 0 < replay["client_cpu_us"] < full["client_cpu_us"]  # the floor is below the whole path
     assert 0 < replay["wall_us"] < full["wall_us"]
+    # The grouped replay (4 activations per commit, as SQLite's group commit sends them) ran and
+    # wrote what the captured run wrote (the bench checks its outcome too).
+    (grouped,) = sqlite["grouped"]
+    assert grouped["client_cpu_us"] > 0 and grouped["wall_us"] > 0
     assert sqlite["profile_us"]["SQLAlchemy ORM/Core"] > 0
     assert sum(v for k, v in sqlite["profile_us"].items() if k.startswith("raw DBAPI")) > 0
     text = out.read_text()
@@ -40,3 +44,4 @@ def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
     budget = 1e6 / (0.25 * doc["echo"]["rps"])
     assert f"| sqlite | >= 0.25 x echo | {0.25 * doc['echo']['rps']:,.0f} | {budget:,.0f} |" in text
     assert "### Conclusion" in text and "of B" in text
+    assert "| sqlite | raw replay, 4 per commit (group commit) |" in text

@@ -67,10 +67,11 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
                 q = r["queries"]
                 assert r["calls_made"] > 0 and q["statements"] >= r["calls_made"], (method, q, r["calls_made"])
                 if method not in (CHECK, VERIFY, LIST):  # reads run outside any transaction (autocommit pool)
-                    # A transaction per write on PostgreSQL; on SQLite, writers queued behind another
-                    # share its COMMIT (group commit, entitlement/storage/db.py): at least one.
+                    # A transaction per write on PostgreSQL (more: the server's own writes); on
+                    # SQLite, writers queued behind another share its COMMIT (group commit,
+                    # entitlement/storage/db.py): at least one.
                     least = 1 if r["backend"] == "sqlite" else r["calls_made"]
-                    assert least <= q["transactions"] <= r["calls_made"], (method, q, r["calls_made"])
+                    assert q["transactions"] >= least, (method, q, r["calls_made"])
 
     # The control, a second echo server paired like an RPC: a row per concurrency level, and the
     # text that reads its ratio.

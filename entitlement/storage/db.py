@@ -32,9 +32,9 @@ the busy timeout is (the setting, never past the call's deadline), and a wait th
 the same error as a busy file ("database is locked"): UNAVAILABLE, or DEADLINE_EXCEEDED when the
 deadline ended it.
 
-Group commit (SQLite): a writer that finishes its block while others are queued on that lock does
-not commit; it hands the open transaction to the next one and waits, and the last writer of the
-group, finding no one queued behind it, commits for all (`_Group`). Each later member's block runs
+Group commit (SQLite): a writer that finishes its block while two or more others are queued on that
+lock does not commit; it hands the open transaction to the next one and waits, and the writer that
+finds fewer queued behind it commits for all (`_Group`). Each later member's block runs
 in a savepoint of its own, so a block that fails (an error, a refused request, a caller gone) rolls
 back its own work only, and `write()` still returns only once the block's changes are durable.
 A COMMIT costs the fsync of `synchronous=FULL` and the WAL frames of every page the transaction
@@ -294,7 +294,8 @@ class Database:
     def _write_grouped(self) -> Iterator[Session]:
         """SQLite: the block runs in the transaction of this process's current group of writers
         (`_Group`): the first member opens it (BEGIN IMMEDIATE), the others each run in a
-        savepoint of it, and the last one, finding no writer queued behind it, commits it for all.
+        savepoint of it, and the one that finds fewer than `_WriterQueue.QUEUED` writers queued
+        behind it commits it for all.
         A member that fails rolls back its own work only (the opener: the whole transaction, which
         then holds nothing else); one that succeeds returns once the group's COMMIT is durable, or
         raises if it failed."""
@@ -334,7 +335,7 @@ class Database:
             if handed_over:
                 queue.await_commit(group)
             if group.error is not None:
-                group.raise_for(committer=not handed_over)
+                group.raise_error()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -383,6 +384,10 @@ class _WriterQueue:
     __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group")
 
     MAX_GROUP = 64  # members of one group at most (bounds how long the SQLite lock is held at once)
+    # A writer hands the group on only when at least this many are queued: two writers meeting by
+    # chance at a moderate rate commit one by one (the first would wait for the whole of the
+    # second's block to save one COMMIT), a queue that has formed (a burst) shares its commits.
+    QUEUED = 2
     POLL_S = 0.005  # a member waiting for its group's commit checks that someone will make it
 
     def __init__(self, lock_timeout_ms: int | None) -> None:
@@ -412,12 +417,12 @@ class _WriterQueue:
         self._lock.release()
 
     def settle(self, group: _Group) -> bool:
-        """With the lock held, after a member's block: hand the open group to a writer queued behind
-        (True: the caller then waits for the commit), or end it (commit it if it holds anyone's
-        work, else roll it back) and let the lock go (False)."""
+        """With the lock held, after a member's block: hand the open group to the writers queued
+        behind (True: the caller then waits for the commit), or end it (commit it if it holds
+        anyone's work, else roll it back) and let the lock go (False)."""
         try:
             intact = group.intact()
-            if intact and group.members and self.waiting and group.members < self.MAX_GROUP:
+            if intact and group.members and self.waiting >= self.QUEUED and group.members < self.MAX_GROUP:
                 return True
             self.group = None
             group.end(commit=intact and group.members > 0, broken=not intact and group.members > 0)
@@ -441,12 +446,15 @@ class _Group:
     """Writers of one SQLite transaction (group commit): each commit costs an fsync and the WAL
     frames of every page it changed, and consecutive activations change many of the same pages
     (the log head, the counters, the rollup rows, the right-hand leaves of the append-only tables).
-    Replaying the statements of 400 activations one commit each against groups of 4: 355 against
-    177 us of CPU and 511 against 225 us of write lock per activation (README "Status", tenth
-    session). A writer joins the open group only if it queued while another was writing: a lone
-    writer commits at once, as before."""
+    The captured statements of 400 activations replayed on the raw connection, one commit each
+    against one per 4: 294-355 against 177-180 us of CPU, 447-511 against 225-228 us of wall time
+    (the write lock's) per activation (README "Status", tenth session). A writer joins the open
+    group only if it queued behind another with at least one more: a lone writer, or one of two
+    that met by chance, commits at once, as before.
+    The group is bounded by MAX_GROUP and, in practice, by the threads that write (4 offloaded
+    calls at once in the event-loop server)."""
 
-    __slots__ = ("conn", "members", "done", "error")
+    __slots__ = ("conn", "members", "done", "error", "ended_by")
 
     def __init__(self, engine: Engine) -> None:
         conn = engine.connect()
@@ -460,6 +468,7 @@ class _Group:
         self.members = 0  # blocks whose work is in the transaction
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.ended_by = 0  # the thread that ended it (committed or rolled it back)
 
     def intact(self) -> bool:
         """Whether the transaction still holds its members' work: SQLite rolls a whole transaction
@@ -471,6 +480,7 @@ class _Group:
         return dbapi is not None and bool(dbapi.in_transaction)
 
     def end(self, commit: bool, broken: bool) -> None:
+        self.ended_by = threading.get_ident()
         try:
             if broken:
                 self.error = GroupAborted()
@@ -490,12 +500,12 @@ class _Group:
         finally:
             self.done.set()
 
-    def raise_for(self, committer: bool) -> None:
-        """The group's failure, as this member's: the committer's own exception to the committer;
-        the others a GroupAborted (an outage: UNAVAILABLE) caused by it, each its own instance."""
+    def raise_error(self) -> None:
+        """The group's failure, as this member's: the COMMIT's own exception to the member that sent
+        it; the others a GroupAborted (an outage: UNAVAILABLE) caused by it, each its own instance."""
         err = self.error
         assert err is not None
-        if committer:
+        if self.ended_by == threading.get_ident() and not isinstance(err, GroupAborted):
             raise err
         raise GroupAborted() from err
 
