@@ -446,9 +446,9 @@ class _Group:
     """Writers of one SQLite transaction (group commit): each commit costs an fsync and the WAL
     frames of every page it changed, and consecutive activations change many of the same pages
     (the log head, the counters, the rollup rows, the right-hand leaves of the append-only tables).
-    The captured statements of 400 activations replayed on the raw connection, one commit each
-    against one per 4: 294-355 against 177-180 us of CPU, 447-511 against 225-228 us of wall time
-    (the write lock's) per activation (README "Status", tenth session). A writer joins the open
+    An activation's captured statements replayed on the raw connection, one commit each against one
+    per 4 (savepoints included; `python -m bench.activation_floor`, three rounds): 312-370 against
+    234-286 us of CPU, 475-540 against 311-359 us of wall time (the write lock's) per activation. A writer joins the open
     group only if it queued behind another with at least one more: a lone writer, or one of two
     that met by chance, commits at once, as before.
     The group is bounded by MAX_GROUP and, in practice, by the threads that write (4 offloaded
