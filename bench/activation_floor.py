@@ -1060,7 +1060,7 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
     for r in results:
         if r.grouped:
             lines.append(f"| {r.backend} | raw replay, {GROUP} per commit (group commit) | "
-                         f"{r.ops['statements'] + 2 * (GROUP - 1) / GROUP:.1f} | {r.ops['commits'] / GROUP:.2f} | "
+                         f"{r.ops['statements'] + (GROUP - 1) / GROUP:.1f} | {r.ops['commits'] / GROUP:.2f} | "
                          f"{median_of(r.grouped, 'wall_us'):,.0f} | {median_of(r.grouped, 'wall_p50_us'):,.0f} | "
                          f"{median_of(r.grouped, 'client_cpu_us'):,.0f} | - |")
         for label, runs in (("raw replay (floor)", r.replay), ("in-process servicer", r.inprocess)):

@@ -8,9 +8,11 @@ none bound, unchanged. With a deadline bound, the database:
   `statement_timeout`; SQLite: `PRAGMA busy_timeout`), and reports a wait cut short by it as
   DEADLINE_EXCEEDED, not as an outage;
 - rolls a write back instead of committing it when the caller is gone meanwhile (deadline passed
-  or call cancelled): no work is committed for a caller that gave up, except in the instant
-  between this last check and the commit. That race cannot be closed from the server: a client
-  that gave up retries with the same request_id (AIP-155) and gets the one answer.
+  or call cancelled): no work is committed for a caller that gave up, except between this last
+  check and the commit: an instant, or on SQLite, for a write that shared its commit with the
+  writers queued behind it (group commit, storage/db.py), the time their blocks take (other
+  calls' short writes: work outside a call never joins). That race cannot be closed from the
+  server: a client that gave up retries with the same request_id (AIP-155) and gets the one answer.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def bind(remaining_s: float | None) -> None:
     deadline), for threads that own their context (the database health monitor's ping)."""
     expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
     _current.set(Budget(expires, lambda: True))
+
+
+def in_call() -> bool:
+    """Whether this context serves a call (its budget bound, deadline or not), rather than a
+    background thread's, a job's or a command's work."""
+    return _current.get() is not None
 
 
 def remaining() -> float | None:

@@ -32,9 +32,10 @@ the busy timeout is (the setting, never past the call's deadline), and a wait th
 the same error as a busy file ("database is locked"): UNAVAILABLE, or DEADLINE_EXCEEDED when the
 deadline ended it.
 
-Group commit (SQLite): a writer that finishes its block while two or more others are queued on that
-lock does not commit; it hands the open transaction to the next one and waits, and the writer that
-finds fewer queued behind it commits for all (`_Group`). Each later member's block runs
+Group commit (SQLite): a call's writer that finishes its block while two or more others are queued
+on that lock does not commit; it hands the open transaction to the next one and waits, and the
+writer that finds fewer queued behind it commits for all (`_Group`; work outside a call never
+joins a group). Each later member's block runs
 in a savepoint of its own, so a block that fails (an error, a refused request, a caller gone) rolls
 back its own work only, and `write()` still returns only once the block's changes are durable.
 A COMMIT costs the fsync of `synchronous=FULL` and the WAL frames of every page the transaction
@@ -119,7 +120,7 @@ def _deadline_errors() -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
-        if isinstance(exc, DatabaseDown):
+        if isinstance(exc, (DatabaseDown, GroupAborted)):
             raise
         if deadline.expired() or _capped_by_deadline.get():
             err = deadline.exceeded()
@@ -306,14 +307,20 @@ class Database:
         assert queue is not None
         with _deadline_errors():
             queue.acquire()
-            group = queue.group
-            opener = group is None
-            if group is None:
-                try:
+            try:
+                group = queue.group
+                if group is not None and not deadline.in_call():
+                    # Work outside a call (an import's batch, a job, a command) may be long: it
+                    # ends the open group for its members (commits it) and writes on its own, so
+                    # that no call's answer waits for it.
+                    queue.end_open(group)
+                    group = None
+                opener = group is None
+                if group is None:
                     group = queue.group = _Group(self.engine)
-                except BaseException:
-                    queue.release()
-                    raise
+            except BaseException:
+                queue.release()
+                raise
             try:
                 # The opener's session uses the group's transaction without committing it (its
                 # rollback is the transaction's: nothing else is in it yet); a later member's
@@ -325,6 +332,7 @@ class Database:
                         yield session
                         deadline.check_caller()  # nothing is committed for a caller that gave up
                 finally:
+                    group.blocks += 1
                     session.close()
                     _forget(session)
                 group.members += 1
@@ -383,7 +391,7 @@ class _WriterQueue:
 
     __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group")
 
-    MAX_GROUP = 64  # members of one group at most (bounds how long the SQLite lock is held at once)
+    MAX_GROUP = 64  # blocks run in one group at most (bounds how long the SQLite lock is held at once)
     # A writer hands the group on only when at least this many are queued: two writers meeting by
     # chance at a moderate rate commit one by one (the first would wait for the whole of the
     # second's block to save one COMMIT), a queue that has formed (a burst) shares its commits.
@@ -421,14 +429,18 @@ class _WriterQueue:
         behind (True: the caller then waits for the commit), or end it (commit it if it holds
         anyone's work, else roll it back) and let the lock go (False)."""
         try:
-            intact = group.intact()
-            if intact and group.members and self.waiting >= self.QUEUED and group.members < self.MAX_GROUP:
+            if group.intact() and group.members and self.waiting >= self.QUEUED and group.blocks < self.MAX_GROUP:
                 return True
-            self.group = None
-            group.end(commit=intact and group.members > 0, broken=not intact and group.members > 0)
+            self.end_open(group)
             return False
         finally:
             self._lock.release()
+
+    def end_open(self, group: _Group) -> None:
+        """With the lock held: end the open group (commit it if it holds anyone's work)."""
+        self.group = None
+        intact = group.intact()
+        group.end(commit=intact and group.members > 0, broken=not intact and group.members > 0)
 
     def await_commit(self, group: _Group) -> None:
         """Wait for the group's commit. A writer the group was handed to may give up before taking
@@ -448,13 +460,18 @@ class _Group:
     (the log head, the counters, the rollup rows, the right-hand leaves of the append-only tables).
     An activation's captured statements replayed on the raw connection, one commit each against one
     per 4 (savepoints included; `python -m bench.activation_floor`, three rounds): 312-370 against
-    234-286 us of CPU, 475-540 against 311-359 us of wall time (the write lock's) per activation. A writer joins the open
-    group only if it queued behind another with at least one more: a lone writer, or one of two
-    that met by chance, commits at once, as before.
-    The group is bounded by MAX_GROUP and, in practice, by the threads that write (4 offloaded
-    calls at once in the event-loop server)."""
+    234-286 us of CPU, 475-540 against 311-359 us of wall time (the write lock's) per activation.
 
-    __slots__ = ("conn", "members", "done", "error", "ended_by")
+    A call's writer that takes the lock while a group is open joins it (it was queued, or came just
+    as the group was handed on); the writer that finds two or more queued behind it hands the group
+    on, the one that finds fewer commits it (or, if the writers it was handed to gave up their wait,
+    one of the members waiting for the commit does). A lone writer, or one of two that met by
+    chance, commits at once, as before. Work outside a call (an import's batch, a job, a command)
+    never joins: it commits the open group for its members first. The group is bounded by
+    MAX_GROUP blocks and, in practice, by the threads that write (4 offloaded calls at once in the
+    event-loop server)."""
+
+    __slots__ = ("conn", "members", "blocks", "done", "error")
 
     def __init__(self, engine: Engine) -> None:
         conn = engine.connect()
@@ -466,9 +483,9 @@ class _Group:
             raise
         self.conn = conn
         self.members = 0  # blocks whose work is in the transaction
+        self.blocks = 0  # blocks run in it, failed ones included
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.ended_by = 0  # the thread that ended it (committed or rolled it back)
 
     def intact(self) -> bool:
         """Whether the transaction still holds its members' work: SQLite rolls a whole transaction
@@ -480,7 +497,6 @@ class _Group:
         return dbapi is not None and bool(dbapi.in_transaction)
 
     def end(self, commit: bool, broken: bool) -> None:
-        self.ended_by = threading.get_ident()
         try:
             if broken:
                 self.error = GroupAborted()
@@ -489,6 +505,8 @@ class _Group:
                     self.conn.commit()
                 except BaseException as exc:
                     self.error = exc
+                    if self.members > 1:  # its members each raise GroupAborted: the cause, once
+                        _log.warning("group commit failed", error=type(exc).__name__, members=self.members)
                     # SQLite may keep the transaction open after a failed COMMIT, and SQLAlchemy's
                     # pool would then hand the connection out inside it: closed instead (SQLite
                     # rolls back what a closed connection left).
@@ -501,11 +519,12 @@ class _Group:
             self.done.set()
 
     def raise_error(self) -> None:
-        """The group's failure, as this member's: the COMMIT's own exception to the member that sent
-        it; the others a GroupAborted (an outage: UNAVAILABLE) caused by it, each its own instance."""
+        """The group's failure, as this member's: a member alone in its group gets the COMMIT's own
+        exception, as without group commit; the members of a larger group each a GroupAborted (an
+        outage: UNAVAILABLE) caused by it, whoever happened to send the COMMIT."""
         err = self.error
         assert err is not None
-        if self.ended_by == threading.get_ident() and not isinstance(err, GroupAborted):
+        if self.members == 1 and not isinstance(err, GroupAborted):
             raise err
         raise GroupAborted() from err
 
