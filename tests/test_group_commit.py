@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from support import Api, Harness, next_person
+from test_writer_queue import Holder as WriteHolder
 
 from entitlement import deadline
 from entitlement.errors import Cancelled, DeadlineExceeded
@@ -82,25 +83,9 @@ def _bump(s: Any, by: int = 1) -> None:
     s.execute(update(LogHead).where(LogHead.id == 1).values(size=LogHead.size + by))
 
 
-class Holder:
-    """A write that bumps the log head, then holds its block open until released."""
-
-    def __init__(self, db: Database) -> None:
-        self.inside, self.release = threading.Event(), threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(db,), daemon=True)
-        self.thread.start()
-        assert self.inside.wait(30)
-
-    def _run(self, db: Database) -> None:
-        try:
-            with db.write() as s:
-                _bump(s)
-                self.inside.set()
-                self.release.wait(30)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-            self.inside.set()
+class Holder(WriteHolder):
+    """A write that bumps the log head, then holds its block open until released (its outcome is
+    the test's to read: `error`)."""
 
     def finish(self) -> None:
         self.release.set()
