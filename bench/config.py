@@ -165,6 +165,8 @@ class LoadSpec:
     pool: str = ""          # take requests once each from this pool of the load generator
     keep_tokens: str = ""   # ActivateEntitlement: add a RedeemActivationToken request per granted
                             # activation to this pool (its token, a new account id)
+    start_at: float = 0.0   # wall clock (time.time()) at which the warm-up begins, once the channels are
+                            # ready; 0: at once (two load generators given one start their windows together)
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,8 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         codes: Counter[str] = Counter()
         made = 0
         counter = 0
+        if spec.start_at:
+            await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0 = time.perf_counter()
         t_start, t_end = t0 + spec.warmup, t0 + spec.warmup + spec.seconds
         dry_at: list[float] = []  # when the pool ran dry

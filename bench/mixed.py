@@ -64,6 +64,7 @@ from entitlement.config import ROOT, Settings
 SECTION = "mixed"
 PYTHON_DEFAULT_US = 5000  # sys.getswitchinterval() of a fresh interpreter, in us
 NONE = "-"  # the background of the reference case: nothing
+START_DELAY_S = 1.0  # from a round's start to both load generators' warm-up (their channels open first)
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,10 @@ def one_round(fg: Client, bg: Client, server: Server, cfg: MixedConfig, backgrou
     """Both load generators on `server` at once: the checks at cfg.rate, and the background's calls
     (none for NONE) kept in flight over the same window."""
     collector_out_of_the_way()
+    # One start for both (each opens its channels first, which a busy machine can make slow): their
+    # windows coincide, as the check below requires.
     common = {"port": server.port, "server_pid": server.pid, "warmup": cfg.warmup, "seconds": cfg.seconds,
-              "channels": 4}
+              "channels": 4, "start_at": time.time() + START_DELAY_S}
     fg.conn.send(("run", LoadSpec(method=CHECK, rate=cfg.rate, **loads[CHECK], **common)))
     if background != NONE:
         bg.conn.send(("run", LoadSpec(method=background, concurrency=cfg.inflight, **loads[background], **common)))
@@ -327,7 +330,7 @@ def markdown(cfg: MixedConfig, cases: list[Case], meta: dict[str, Any]) -> str:
         f"- Load: one load generator sends CheckEligibility (an advisor's, cycling over registry people) at "
         f"{cfg.rate:g} calls a second, open loop (each call on time whatever the others' fate; latency from when it "
         f"was due); a second one keeps {cfg.inflight} calls of a long RPC in flight beside them (closed loop, its "
-        "window checked to coincide with the checks'): " + _backgrounds_text(cfg) + ". Each case: "
+        "window started at the same instant as the checks' and checked to coincide with it): " + _backgrounds_text(cfg) + ". Each case: "
         f"{cfg.rounds} rounds of {cfg.seconds:g} s (each after {cfg.warmup:g} s unmeasured), the cases taking turns "
         "within each round, in reverse order every other round; percentiles over the rounds' merged latencies.",
         "",
