@@ -43,6 +43,9 @@ Settings (environment):
                      still measured. A partial run only prints: it never rewrites BENCHMARKS.md. Without
                      ActivateEntitlement, ListActivations lists activations made before its runs by
                      unmeasured ActivateEntitlement calls.
+  BENCH_OPEN_RATE    partial runs only: the open-loop cases at this many calls a second instead of
+                     half each one's best (to compare two versions at one rate; the "half rate"
+                     columns and the p99 verdicts are then at that rate, as the run's last line says)
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ class RpcsConfig:
     cpu_affinity: affinity.Setting = affinity.AUTO  # every server's, as ENTITLEMENT_CPU_AFFINITY (but the pinning part's)
     pinning: bool = True    # the pinning part (BENCH_PINNING=0: skipped)
     server_model: str = "auto"  # BENCH_SERVER_MODEL: as ENTITLEMENT_SERVER_MODEL, for every backend
+    open_rate: float = 0.0  # BENCH_OPEN_RATE: the open-loop rate instead of half the best (partial runs)
 
     @property
     def paired_rounds(self) -> int:
@@ -161,6 +165,10 @@ class RpcsConfig:
             raise SystemExit(f"BENCH_RPCS: unknown RPC(s) {', '.join(sorted(set(rpcs) - set(RPCS)))}; "
                              f"choose among {', '.join(RPCS)}")
         partial = set(rpcs) != set(RPCS)
+        open_rate = _float("BENCH_OPEN_RATE", 0.0)
+        if open_rate < 0 or (open_rate and not partial):
+            raise SystemExit("BENCH_OPEN_RATE must be a positive rate in calls a second, and goes with BENCH_RPCS "
+                             "(a partial run, which only prints): the p99 target is judged at half the best rate")
         return cls(
             quick=quick, seconds=seconds, warmup=_float("BENCH_WARMUP", 0.2 if quick else 1.0), concurrency=conc,
             channels=max(_int("BENCH_CHANNELS", 16), 1),
@@ -175,7 +183,7 @@ class RpcsConfig:
             rpcs=tuple(r for r in RPCS if r in rpcs),
             cpu_affinity=_cpu_affinity(),
             pinning=os.environ.get("BENCH_PINNING", "1") != "0",
-            server_model=_server_model())
+            server_model=_server_model(), open_rate=open_rate)
 
 
 def _server_model() -> str:
@@ -371,10 +379,11 @@ class Runner:
         return out
 
     def closed_then_half(self, backend: str, group: list[Server], method: str, **kw: Any) -> None:
-        """Each concurrency level, then open loop at half the best throughput measured."""
+        """Each concurrency level, then open loop at half the best throughput measured (or at
+        BENCH_OPEN_RATE)."""
         best = max(self.run(backend, group, method, concurrency=c, **kw).rps for c in self.cfg.concurrency)
         if best > 0:
-            self.run(backend, group, method, rate=best / 2, **kw)
+            self.run(backend, group, method, rate=self.cfg.open_rate or best / 2, **kw)
 
 
 def _per_call(r: RunResult) -> dict[str, float]:
@@ -912,6 +921,9 @@ def main() -> int:
     say("")
     say(round_trips_text(results))
     say(f"\nLoad average {m.loadavg_start} at the start, {m.loadavg_end} at the end; {elapsed:.0f} s in all.")
+    if cfg.open_rate:
+        say(f"BENCH_OPEN_RATE: every open-loop case ran at {cfg.open_rate:g} calls a second, not at half its best "
+            "throughput: the \"half rate\" columns and the p99 verdicts above are at that rate.")
     if cfg.json_path is not None:
         cfg.json_path.write_text(json.dumps({"results": [asdict(r) for r in results], "targets": targets(results),
                                              "scaling": scaling(results), "pinning": pinning(results)},

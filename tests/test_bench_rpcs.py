@@ -180,3 +180,23 @@ def test_the_benchmarks_derive_database_urls_that_keep_the_servers_address() -> 
         pytest.skip("no PostgreSQL Unix socket here to connect through (the URLs above were checked)")
     with psycopg.connect(pg_url("postgresql://postgres@/postgres?host=/var/run/postgresql", "test")) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("test",)
+
+
+def test_a_partial_run_can_set_the_open_loop_rate(tmp_path: Path) -> None:
+    """BENCH_OPEN_RATE (two versions compared at one rate): every open-loop case runs at that rate,
+    and the run says its p99 verdicts are at it; a full run (which writes BENCHMARKS.md, whose p99
+    target is at half the best rate) refuses it."""
+    js = tmp_path / "rpcs.json"
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_RPCS": "CheckEligibility", "BENCH_BACKENDS": "sqlite",
+           "BENCH_OPEN_RATE": "70", "BENCH_SCALING": "0", "BENCH_PINNING": "0", "BENCH_OUTPUT": "-",
+           "BENCH_JSON": str(js)}
+    proc = subprocess.run([sys.executable, "-m", "bench.rpcs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    opened = [r for r in json.loads(js.read_text())["results"] if r["rate"]]
+    assert {r["method"] for r in opened} == {"CheckEligibility", "Echo"}
+    assert all(r["rate"] == 70 for r in opened), [r["rate"] for r in opened]
+    assert "every open-loop case ran at 70 calls a second" in proc.stdout + proc.stderr
+    full = subprocess.run([sys.executable, "-m", "bench.rpcs"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "BENCH_OPEN_RATE": "70", "BENCH_OUTPUT": "-"})
+    assert full.returncode != 0 and "BENCH_OPEN_RATE" in full.stderr + full.stdout
