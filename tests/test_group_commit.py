@@ -84,8 +84,21 @@ def _bump(s: Any, by: int = 1) -> None:
 
 
 class Holder(WriteHolder):
-    """A write that bumps the log head, then holds its block open until released (its outcome is
-    the test's to read: `error`)."""
+    """A write that does its `work` (bumps the log head), then holds its block open until released
+    (its outcome is the test's to read: `error`)."""
+
+    def work(self, s: Any) -> None:
+        _bump(s)
+
+    def _run(self, db: Database) -> None:
+        try:
+            with db.write() as s:
+                self.work(s)
+                self.inside.set()
+                self.release.wait(30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            self.inside.set()
 
     def finish(self) -> None:
         self.release.set()
@@ -256,23 +269,16 @@ def test_a_failed_commit_fails_every_member_and_commits_none(gdb: Database) -> N
 class _DanglingHolder(Holder):
     """A write that leaves a foreign key broken, checked only at COMMIT, and holds its block open."""
 
-    def _run(self, db: Database) -> None:
-        try:
-            with db.write() as s:
-                _bump(s, 1000)
-                if db.dialect == "sqlite":
-                    s.execute(text("PRAGMA defer_foreign_keys = ON"))
-                else:
-                    s.execute(text("SET CONSTRAINTS ALL DEFERRED"))
-                # A ledger entry of an activation that does not exist.
-                s.execute(text("INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, "
-                               "amount_cents, created_at) VALUES ('missing', 'p', 'f', 'commit', '2026-03', 1, "
-                               "'2026-03-16 10:00:00')"))
-                self.inside.set()
-                self.release.wait(30)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-            self.inside.set()
+    def work(self, s: Any) -> None:
+        _bump(s, 1000)
+        if s.get_bind().dialect.name == "sqlite":
+            s.execute(text("PRAGMA defer_foreign_keys = ON"))
+        else:
+            s.execute(text("SET CONSTRAINTS ALL DEFERRED"))
+        # A ledger entry of an activation that does not exist.
+        s.execute(text("INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, "
+                       "amount_cents, created_at) VALUES ('missing', 'p', 'f', 'commit', '2026-03', 1, "
+                       "'2026-03-16 10:00:00')"))
 
 
 def test_a_transaction_rolled_back_whole_fails_every_member_in_it(gdb: Database) -> None:
@@ -400,14 +406,8 @@ class _EmptyHolder(Holder):
     """A write transaction that writes nothing, held open until released (on SQLite it holds the
     writers' lock and the file's write lock; on PostgreSQL it blocks no one)."""
 
-    def _run(self, db: Database) -> None:
-        try:
-            with db.write():
-                self.inside.set()
-                self.release.wait(30)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-            self.inside.set()
+    def work(self, s: Any) -> None:
+        pass
 
 
 def test_work_outside_a_call_never_joins_a_group(gdb: Database) -> None:

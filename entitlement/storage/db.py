@@ -35,9 +35,9 @@ deadline ended it.
 Group commit (SQLite): a call's writer that finishes its block while two or more others are queued
 on that lock does not commit; it hands the open transaction to the next one and waits, and the
 writer that finds fewer queued behind it commits for all (`_Group`; work outside a call never
-joins a group). Each later member's block runs
-in a savepoint of its own, so a block that fails (an error, a refused request, a caller gone) rolls
-back its own work only, and `write()` still returns only once the block's changes are durable.
+joins a group). Each later member's block runs in a savepoint of its own, so a block that fails
+(an error, a refused request, a caller gone) rolls back its own work only, and `write()` still
+returns only once the block's changes are durable.
 A COMMIT costs the fsync of `synchronous=FULL` and the WAL frames of every page the transaction
 changed, and consecutive activations change many of the same pages; a lone writer commits at once,
 as before. What it trades: an early member of a group waits for the later members' blocks too.
@@ -429,7 +429,7 @@ class _WriterQueue:
         behind (True: the caller then waits for the commit), or end it (commit it if it holds
         anyone's work, else roll it back) and let the lock go (False)."""
         try:
-            if group.intact() and group.members and self.waiting >= self.QUEUED and group.blocks < self.MAX_GROUP:
+            if group.members and self.waiting >= self.QUEUED and group.blocks < self.MAX_GROUP and group.intact():
                 return True
             self.end_open(group)
             return False
@@ -439,8 +439,7 @@ class _WriterQueue:
     def end_open(self, group: _Group) -> None:
         """With the lock held: end the open group (commit it if it holds anyone's work)."""
         self.group = None
-        intact = group.intact()
-        group.end(commit=intact and group.members > 0, broken=not intact and group.members > 0)
+        group.end()
 
     def await_commit(self, group: _Group) -> None:
         """Wait for the group's commit. A writer the group was handed to may give up before taking
@@ -496,11 +495,13 @@ class _Group:
         dbapi = conn.connection.driver_connection
         return dbapi is not None and bool(dbapi.in_transaction)
 
-    def end(self, commit: bool, broken: bool) -> None:
+    def end(self) -> None:
+        """Commit the transaction if it holds anyone's work and is intact; fail its members if it
+        holds work SQLite lost; close it; wake the members waiting."""
         try:
-            if broken:
+            if self.members and not self.intact():
                 self.error = GroupAborted()
-            if commit:
+            elif self.members:
                 try:
                     self.conn.commit()
                 except BaseException as exc:
