@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import func, insert, select, text
+from test_writer_queue import Holder as WriteHolder
 
 from entitlement import app
 from entitlement.storage.db import Checkpointer, Database
 from entitlement.storage.migrate import SchemaNotCurrent, upgrade
-from entitlement.storage.models import LogNode
+from entitlement.storage.models import LogHead, LogNode
 
 PAGE = 4096
 BLOB = 3 * PAGE  # each row of the writes below fills about three pages of the log
@@ -84,6 +85,92 @@ def test_the_thread_keeps_the_log_small_under_steady_writes(migrated: str) -> No
             time.sleep(0.15)
         assert db.checkpointer is not None and db.checkpointer.runs > 0
         assert _wal_pages(path) < 1000, _wal_pages(path)
+    finally:
+        db.dispose()
+
+
+def test_the_log_starts_over_under_steady_writes(migrated: str) -> None:
+    """SQLite starts the log over only when a writer begins while all of it is copied. Under steady
+    writes a commit lands during nearly every checkpoint, so none ever did: the log grew to the
+    safety net, whose threshold counts every page in it, copied or not, and from there every commit
+    checkpointed. The thread starts the log over itself (a RESTART checkpoint once nothing is left
+    to copy and no writer is at it), so the log stays a fraction of what was written. The writes: a
+    thread's, about twenty pages a commit every few milliseconds (as activations at 260 a second),
+    the thread's interval the server's."""
+    path = _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=app.SQLITE_CHECKPOINT_EVERY_S)
+    try:
+        assert db.checkpointer is not None
+        commits, pages = 600, 20
+        for i in range(commits):
+            with db.write() as s:
+                s.execute(insert(LogNode), [{"level": 60, "idx": i * 8 + j, "hash": os.urandom(pages * PAGE // 8)}
+                                            for j in range(8)])
+            time.sleep(0.003)
+        written = commits * pages
+        assert _wal_pages(path) < written // 3, (_wal_pages(path), written, db.checkpointer.runs)
+        assert db.checkpointer.restarts > 0
+        with db.read() as s:
+            assert s.execute(select(func.count()).select_from(LogNode).where(LogNode.level == 60)).scalar_one() == commits * 8
+    finally:
+        db.dispose()
+
+
+def test_the_restart_never_waits_for_a_writer(migrated: str) -> None:
+    """A RESTART checkpoint waits for the writer lock, and then for readers while holding it, as
+    long as its connection's busy timeout: the thread's is 0, so a held lock is an answer (busy),
+    and the writer holding it goes on untouched."""
+    path = _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=3600)
+    try:
+        assert db.checkpointer is not None
+        _write(db, 0, 20)
+        db.checkpointer.run_once()  # the log copied and started over
+        _write(db, 20, 20)
+        import sqlite3
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another connection holds the writer lock
+            other.execute("INSERT INTO log_nodes (level, idx, hash) VALUES (60, 40, x'00')")
+            busy, log_frames, done = db.checkpointer.run_once()
+            assert busy == 1 and done == log_frames > 0  # copied, but not started over
+            assert db.checkpointer.restarts == 1
+            assert db.checkpointer._conn is not None
+            assert db.checkpointer._conn.execute("PRAGMA busy_timeout").fetchone() == (0,)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        with db.read() as s:
+            assert s.execute(select(LogNode.idx).where(LogNode.level == 60)).scalars().all() == list(range(41))
+    finally:
+        db.dispose()
+
+
+def test_the_restart_leaves_the_writers_and_their_groups_alone(migrated: str) -> None:
+    """While a writer holds this process's writers' lock (its group's transaction open), the
+    restart is not sent (it would hold SQLite's writer lock while copying what that writer commits):
+    the thread answers busy after a few tries, never ends the group nor counts as a queued writer,
+    and the writer commits as it would have. Once the lock is free, it runs."""
+    _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=3600)
+    try:
+        assert db.checkpointer is not None
+        _write(db, 0, 10)
+        holder = WriteHolder(db)  # bumps the log head's size in a transaction held open
+        try:
+            queue = db._writers
+            assert queue is not None and queue.group is not None
+            group = queue.group
+            busy, log_frames, done = db.checkpointer.run_once()
+            assert busy == 1 and done == log_frames > 0 and db.checkpointer.restarts == 0
+            assert queue.group is group and not group.done.is_set() and queue.waiting == 0
+        finally:
+            holder.done()
+        assert group.done.is_set() and group.error is None and group.members == 1
+        busy, _log, _done = db.checkpointer.run_once()
+        assert busy == 0 and db.checkpointer.restarts == 1
+        with db.read() as s:
+            assert s.execute(select(LogHead.size)).scalar_one() == 1  # the holder's write
     finally:
         db.dispose()
 

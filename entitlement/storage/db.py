@@ -48,8 +48,23 @@ finds the log past `wal_autocheckpoint` pages, 1,000 by default: about one activ
 paid 5 to 8 ms more for it (p99 of sequential activations 8.6 ms; without checkpoints 3.4 ms). The
 server's Database does them in a thread of its own instead (`checkpoint_every_s`), a passive
 checkpoint every quarter of a second on a connection of its own, which waits for no reader or
-writer; its commits checkpoint only if that thread falls 10,000 pages behind (the safety net).
+writer; its commits checkpoint only if the log reaches 10,000 pages (the safety net).
 The checkpoint keeps the durability of the commits' connections (synchronous=FULL).
+A checkpoint copies the log but does not shorten it: the log starts over from its beginning only
+when a writer begins while all of it is copied, and under steady writes a commit landed during
+nearly every checkpoint, so it never was. The log then grew to the safety net, whose threshold
+counts every page in the log, copied or not: from there every commit checkpointed (activations at
+267 a second, SQLite, `python -m bench.rpcs`: a commit held 8-16 ms about every 250 activations,
+the slowest 1 % of the calls). So a passive checkpoint that copied the whole log is followed by a
+RESTART one, which makes sure no reader still reads the log (so that the next writer starts it
+over) but holds SQLite's writer lock meanwhile, and copies, under that lock, whatever was committed
+since: a few commits' pages and the fsyncs took it 2-9 ms, a stall for every writer each quarter of
+a second. It is sent only when it has nothing to copy: when this process's writers' lock is free,
+no group is open, and no group has ended since the passive checkpoint began (`_WriterQueue.commits`);
+otherwise another passive checkpoint copies what came, outside any lock, and the thread tries
+again, a few times per run. It takes that lock without queueing (`try_take`: never counted as a
+queued writer, never a wait), and its connection's busy timeout is 0: a reader still on the log or
+another process's writer is an answer (busy), never a wait with the writer lock held.
 
 Deadlines: within a gRPC call, transactions keep to the call's deadline (entitlement/deadline.py,
 bound for every call by entitlement/api/wrapping.py): a write is not started too close to it, nor
@@ -64,6 +79,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -200,10 +216,12 @@ class Database:
         reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT"}
         self.reader: Engine = create_engine(self.url, **reader_kwargs)
         self.checkpointer: Checkpointer | None = None
+        # SQLite: this process's writers queue here before BEGIN IMMEDIATE (module docstring).
+        self._writers = _WriterQueue(lock_timeout_ms) if self.dialect == "sqlite" else None
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if checkpoint_every_s > 0 and database and database != ":memory:":
-                self.checkpointer = Checkpointer(database, checkpoint_every_s)
+                self.checkpointer = Checkpointer(database, checkpoint_every_s, self._writers)
                 # A Database dropped without dispose() stops its thread too.
                 weakref.finalize(self, self.checkpointer.stop)
             autocheckpoint = Checkpointer.SAFETY_NET_PAGES if self.checkpointer else None
@@ -213,8 +231,6 @@ class Database:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
-        # SQLite: this process's writers queue here before BEGIN IMMEDIATE (module docstring).
-        self._writers = _WriterQueue(lock_timeout_ms) if self.dialect == "sqlite" else None
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
         self.hot = HotReads(self.reader, lambda: self._refuse_reads, DatabaseDown)
@@ -389,7 +405,7 @@ class _WriterQueue:
     """The lock this process's SQLite writers take before writing, and the group of writers whose
     transaction is open (see the module docstring)."""
 
-    __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group")
+    __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group", "commits")
 
     MAX_GROUP = 64  # blocks run in one group at most (bounds how long the SQLite lock is held at once)
     # A writer hands the group on only when at least this many are queued: two writers meeting by
@@ -404,6 +420,7 @@ class _WriterQueue:
         self._count = threading.Lock()  # guards `waiting`
         self.waiting = 0  # writers blocked in acquire()
         self.group: _Group | None = None  # the open group (read and changed with `_lock` held)
+        self.commits = 0  # groups ended (their COMMITs, or rollbacks), for the checkpoint thread
 
     def acquire(self) -> None:
         if self._lock.acquire(blocking=False):
@@ -424,6 +441,11 @@ class _WriterQueue:
     def release(self) -> None:
         self._lock.release()
 
+    def try_take(self) -> bool:
+        """The lock if it is free now, for someone who is not a writer (the checkpoint thread):
+        never counted as queued, so the writers' groups form as without it."""
+        return self._lock.acquire(blocking=False)
+
     def settle(self, group: _Group) -> bool:
         """With the lock held, after a member's block: hand the open group to the writers queued
         behind (True: the caller then waits for the commit), or end it (commit it if it holds
@@ -439,7 +461,12 @@ class _WriterQueue:
     def end_open(self, group: _Group) -> None:
         """With the lock held: end the open group (commit it if it holds anyone's work)."""
         self.group = None
-        group.end()
+        try:
+            group.end()
+        finally:
+            # Counted once the COMMIT's pages are in the log, the lock still held: a checkpoint
+            # thread that read the count before has seen a change by the time it can take the lock.
+            self.commits += 1
 
     def await_commit(self, group: _Group) -> None:
         """Wait for the group's commit. A writer the group was handed to may give up before taking
@@ -539,21 +566,26 @@ class GroupAborted(OperationalError):
 
 
 class Checkpointer:
-    """SQLite: passive WAL checkpoints in a thread of their own (see the module docstring)."""
+    """SQLite: WAL checkpoints in a thread of their own, each passive one followed by a restart of
+    the log (see the module docstring)."""
 
     SAFETY_NET_PAGES = 10_000  # the commits' wal_autocheckpoint while this thread does the work
+    RESTART_TRIES = 4  # moments looked for, per run, to start the log over (then the next run's turn)
+    RESTART_RETRY_S = 0.001
 
-    def __init__(self, path: str, every_s: float) -> None:
-        self._path, self._every_s = path, every_s
+    def __init__(self, path: str, every_s: float, writers: _WriterQueue | None = None) -> None:
+        self._path, self._every_s, self._writers = path, every_s, writers
         self._stop = threading.Event()
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # run_once from a test or a tool, beside the thread
-        self.runs = self.failures = 0
+        self.runs = self.failures = self.restarts = 0
         self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
 
     def run_once(self) -> tuple[int, int, int]:
-        """One passive checkpoint: (busy, frames in the log, frames checkpointed), SQLite's answer."""
+        """One passive checkpoint, then, if it copied the whole log, a RESTART one at a moment when
+        that is cheap (module docstring): (busy, frames in the log, frames checkpointed), SQLite's
+        answer to the last of them."""
         with self._lock:
             if self._stop.is_set():
                 raise RuntimeError("the checkpoint thread was stopped")
@@ -561,12 +593,45 @@ class Checkpointer:
                 # Autocommit; the commits' durability; a busy checkpoint lock (another checkpoint
                 # running) is an answer (busy = 1), not a wait. mode=rw: a file deleted behind the
                 # server is an error here, never a new empty database.
+                # timeout=0: the restart never waits on SQLite's busy handler, since it would wait
+                # for readers holding the writer lock (busy is an answer; the next run tries again).
                 self._conn = sqlite3.connect(f"{Path(self._path).resolve().as_uri()}?mode=rw", uri=True,
-                                             isolation_level=None, check_same_thread=False)
+                                             isolation_level=None, check_same_thread=False, timeout=0)
                 self._conn.execute("PRAGMA synchronous=FULL")
-            busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            queue = self._writers
+            seen = queue.commits if queue is not None else 0
+            busy, log_frames, done = self._passive()
             self.runs += 1
+            for _ in range(self.RESTART_TRIES):
+                if busy or not log_frames or done != log_frames:
+                    break  # a checkpoint lock taken by another, or frames left to copy: next run
+                if queue is None:
+                    return self._conn_restart()
+                if queue.commits == seen and queue.try_take():
+                    try:
+                        if queue.group is None and queue.commits == seen:
+                            return self._conn_restart()
+                    finally:
+                        queue.release()
+                # A writer committed since, or is at it: copy that too, outside the lock, and retry.
+                time.sleep(self.RESTART_RETRY_S)
+                seen = queue.commits
+                busy, log_frames, done = self._passive()
+            else:
+                if log_frames and done == log_frames:
+                    busy = 1  # copied, not started over (as SQLite answers a RESTART it could not finish)
             return int(busy), int(log_frames), int(done)
+
+    def _passive(self) -> tuple[int, int, int]:
+        assert self._conn is not None
+        busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(log_frames), int(done)
+
+    def _conn_restart(self) -> tuple[int, int, int]:
+        assert self._conn is not None
+        busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        self.restarts += not busy
+        return int(busy), int(log_frames), int(done)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._every_s):
