@@ -3,7 +3,11 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
 
 - Every `interval` it pings the database with a `timeout`: a failed or unanswered ping sets
   NOT_SERVING, the next good one SERVING again. A ping starts on time even when an earlier one
-  hangs (a silent network): each runs in a thread of its own, and at most MAX_HANGING may hang.
+  hangs (a silent network): the pings run one after another in a thread (`_Pinger`) that keeps its
+  connections from one ping to the next; a ping that does not answer in time is left to that
+  thread, the next one gets a new thread, and at most MAX_HANGING may hang. (A thread per ping,
+  as before, opened a new database connection at every ping, for the hot reads' probe, which keeps
+  one per thread: on PostgreSQL a new backend every second, per server process.)
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.
@@ -23,6 +27,7 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +53,7 @@ class DatabaseMonitor:
         self._healthy = True  # the server starts SERVING: app.build has just read the database
         self._stopping = False
         self._hanging = 0
+        self._pinger: _Pinger | None = None  # the thread the next ping runs in
         self._probe_writes = False  # SQLite: a call met the database locked; probe with a write
         self._down_since = 0.0
         self._last_error = ""
@@ -69,6 +75,10 @@ class DatabaseMonitor:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self._timeout + 1)
+        with self._lock:
+            pinger, self._pinger = self._pinger, None
+        if pinger is not None:
+            pinger.retire()
 
     def outage_seen(self) -> None:
         """A call met a database outage: check now (cheap; called from RPC threads)."""
@@ -83,28 +93,28 @@ class DatabaseMonitor:
             if self._hanging >= MAX_HANGING:
                 return False
             self._hanging += 1
-        done = threading.Event()
-        outcome = [False]
-
-        def run() -> None:
-            try:
-                bind_deadline(self._timeout)  # SQLite: the write probe waits for the lock this long at most
-                self._db.ping(write=writes and self._db.is_sqlite)
-                outcome[0] = True
-            except Exception as exc:  # any failure is a failed ping; the type is enough to log
-                self._last_error = type(exc).__name__
-            finally:
-                with self._lock:
-                    self._hanging -= 1
-                done.set()
-
-        threading.Thread(target=run, name="db-ping", daemon=True).start()
-        if not done.wait(self._timeout):
+            if self._pinger is None:
+                self._pinger = _Pinger(self)
+            pinger = self._pinger
+        job = _Ping(writes)
+        pinger.jobs.put(job)
+        if not job.done.wait(self._timeout):
             self._last_error = "PingTimeout"
+            with self._lock:
+                if self._pinger is pinger:
+                    self._pinger = None  # hanging: left to end with its ping; the next gets a new one
+            pinger.retire()
             return False
-        if outcome[0] and writes:
+        if job.error:
+            self._last_error = job.error
+            return False
+        if writes:
             self._probe_writes = False
-        return outcome[0]
+        return True
+
+    def _ping_done(self) -> None:
+        with self._lock:
+            self._hanging -= 1
 
     def _run(self) -> None:
         last = 0.0
@@ -134,6 +144,41 @@ class DatabaseMonitor:
         else:
             self._down_since = time.monotonic()
             log.warning("database_unreachable", error=self._last_error)
+
+
+class _Ping:
+    __slots__ = ("writes", "done", "error")
+
+    def __init__(self, writes: bool) -> None:
+        self.writes = writes
+        self.done = threading.Event()
+        self.error = ""  # the failure's type name ("" once done: answered)
+
+
+class _Pinger:
+    """A thread that runs a monitor's pings one after another, so that the connections a ping uses
+    (the hot reads keep one per thread) last from one ping to the next. Retired when a ping hangs
+    in it (it ends once that ping returns) or the monitor stops."""
+
+    def __init__(self, monitor: DatabaseMonitor) -> None:
+        self._monitor = monitor
+        self.jobs: queue.SimpleQueue[_Ping | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="db-ping", daemon=True).start()
+
+    def retire(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        monitor = self._monitor
+        while (job := self.jobs.get()) is not None:
+            try:
+                bind_deadline(monitor._timeout)  # SQLite: the write probe waits for the lock this long at most
+                monitor._db.ping(write=job.writes and monitor._db.is_sqlite)
+            except Exception as exc:  # any failure is a failed ping; the type is enough to log
+                job.error = type(exc).__name__
+            finally:
+                monitor._ping_done()
+                job.done.set()
 
 
 def monitor_for(db: Database, ping_ms: int, ping_timeout_ms: int) -> DatabaseMonitor | None:

@@ -40,7 +40,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 from own_server import Person, own_server
@@ -48,9 +48,11 @@ from support import As, Harness, failure, identity
 from tcp_proxy import TcpProxy
 
 from entitlement import credentials, doctor
+from entitlement.dbhealth import DatabaseMonitor
 from entitlement.callers import Caller
 from entitlement.server_main import SERVICE_NAMES
 from entitlement.storage.db import Database, bind_deadline
+from entitlement.storage.migrate import upgrade
 from entitlement.v1 import activation_pb2, eligibility_pb2
 
 STRESS = os.environ.get("ENTITLEMENT_STRESS") == "1"
@@ -503,6 +505,29 @@ def test_settings_bound_every_database_wait(fresh_url: str) -> None:
     finally:
         db.dispose()
         cli_db.dispose()
+
+
+def test_the_monitors_pings_keep_their_connections(fresh_url: str) -> None:
+    """The monitor's pings run one after another in one thread, whose connections last from one
+    ping to the next: twenty pings open one connection of each engine at most. (A thread per ping
+    opened one for the hot reads' probe at every ping, since they keep one per thread: on
+    PostgreSQL a new backend every second, per server process.)"""
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=4, lock_timeout_ms=5000)
+    made: list[str] = []
+    event.listen(db.reader, "connect", lambda *_a: made.append("reader"))
+    event.listen(db.engine, "connect", lambda *_a: made.append("engine"))
+    monitor = DatabaseMonitor(db, interval_s=3600, timeout_s=10)
+    try:
+        for _ in range(20):
+            assert monitor.ping()
+        assert made.count("reader") == 1 and made.count("engine") <= 1, made
+        if db.is_sqlite:
+            assert monitor.ping(writes=True)  # the write probe too
+            assert made.count("reader") == 1 and made.count("engine") <= 1, made
+    finally:
+        monitor.stop()
+        db.dispose()
 
 
 def test_a_restart_nobody_noticed_costs_no_call(pg_server: str) -> None:

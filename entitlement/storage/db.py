@@ -51,20 +51,22 @@ checkpoint every quarter of a second on a connection of its own, which waits for
 writer; its commits checkpoint only if the log reaches 10,000 pages (the safety net).
 The checkpoint keeps the durability of the commits' connections (synchronous=FULL).
 A checkpoint copies the log but does not shorten it: the log starts over from its beginning only
-when a writer begins while all of it is copied, and under steady writes a commit landed during
-nearly every checkpoint, so it never was. The log then grew to the safety net, whose threshold
-counts every page in the log, copied or not: from there every commit checkpointed (activations at
-267 a second, SQLite, `python -m bench.rpcs`: a commit held 8-16 ms about every 250 activations,
-the slowest 1 % of the calls). So a passive checkpoint that copied the whole log is followed by a
-RESTART one, which makes sure no reader still reads the log (so that the next writer starts it
-over) but holds SQLite's writer lock meanwhile, and copies, under that lock, whatever was committed
-since: a few commits' pages and the fsyncs took it 2-9 ms, a stall for every writer each quarter of
-a second. It is sent only when it has nothing to copy: when this process's writers' lock is free,
-no group is open, and no group has ended since the passive checkpoint began (`_WriterQueue.commits`);
-otherwise another passive checkpoint copies what came, outside any lock, and the thread tries
-again, a few times per run. It takes that lock without queueing (`try_take`: never counted as a
-queued writer, never a wait), and its connection's busy timeout is 0: a reader still on the log or
-another process's writer is an answer (busy), never a wait with the writer lock held.
+when a writer begins while all of it is copied and no reader is still on it, and under steady
+writes a commit landed during nearly every checkpoint, so it never did. The log then grew to the
+safety net, whose threshold counts every page in the log, copied or not: from there every commit
+checkpointed (activations at 260-267 a second, SQLite, `python -m bench.rpcs`: a commit held 8-16
+ms about every 250 activations, the slowest 1 % of the calls). So a passive checkpoint that copied
+the whole log is followed by a RESTART one, which checks that no reader is still on the log (then
+the next writer starts it over) and holds SQLite's writer lock meanwhile. Sent at any moment (a
+first version, not kept), it copied under that lock whatever had been committed since: a few
+commits' pages and their fsyncs, 2-9 ms, a stall for every writer each quarter of a second. It is
+sent only when it has nothing to copy: this process's writers' lock free, no group open, and no
+group ended since the passive checkpoint began (`_WriterQueue.commits`; another process's commit,
+a command-line tool's, may still land in between, and is then copied under the lock); otherwise
+another passive checkpoint copies what came, outside any lock, and the thread tries again, a few
+times per run. It takes that lock without queueing (`try_take`: never counted as a queued writer,
+never a wait), and its connection's busy timeout is 0: a reader still on the log or another
+process's writer is an answer (busy), never a wait with the writer lock held.
 
 Deadlines: within a gRPC call, transactions keep to the call's deadline (entitlement/deadline.py,
 bound for every call by entitlement/api/wrapping.py): a write is not started too close to it, nor
@@ -443,7 +445,8 @@ class _WriterQueue:
 
     def try_take(self) -> bool:
         """The lock if it is free now, for someone who is not a writer (the checkpoint thread):
-        never counted as queued, so the writers' groups form as without it."""
+        never counted as queued, so no writer hands a group on for it (a writer that arrives in
+        the moment it is held waits, counted, as behind any holder)."""
         return self._lock.acquire(blocking=False)
 
     def settle(self, group: _Group) -> bool:
@@ -566,8 +569,9 @@ class GroupAborted(OperationalError):
 
 
 class Checkpointer:
-    """SQLite: WAL checkpoints in a thread of their own, each passive one followed by a restart of
-    the log (see the module docstring)."""
+    """SQLite: WAL checkpoints in a thread of their own: passive ones, and a RESTART one when a
+    passive one copied the whole log and a moment comes when it has nothing to copy, so that the
+    next writer starts the log over (see the module docstring)."""
 
     SAFETY_NET_PAGES = 10_000  # the commits' wal_autocheckpoint while this thread does the work
     RESTART_TRIES = 4  # moments looked for, per run, to start the log over (then the next run's turn)
@@ -585,7 +589,7 @@ class Checkpointer:
     def run_once(self) -> tuple[int, int, int]:
         """One passive checkpoint, then, if it copied the whole log, a RESTART one at a moment when
         that is cheap (module docstring): (busy, frames in the log, frames checkpointed), SQLite's
-        answer to the last of them."""
+        answer to the last of them; busy is also 1 when the log was copied but no such moment came."""
         with self._lock:
             if self._stop.is_set():
                 raise RuntimeError("the checkpoint thread was stopped")
