@@ -174,6 +174,46 @@ def test_a_reader_on_the_log_is_an_answer_not_a_wait(migrated: str) -> None:
         db.dispose()
 
 
+def test_a_commit_during_the_passive_checkpoint_puts_the_restart_off(migrated: str) -> None:
+    """A group that commits while the passive checkpoint copies the log adds pages that checkpoint
+    did not copy; a RESTART sent then would copy them holding SQLite's writer lock. The thread sees
+    the commit (`_WriterQueue.commits`), copies it in another passive checkpoint outside any lock,
+    and only then sends the RESTART. (The commit is made to land in that window by wrapping the
+    thread's passive checkpoint: SQLite offers no hook inside one.)"""
+    _sqlite_only(migrated)
+    db = _server_db(migrated, every_s=3600)
+    try:
+        checkpointer = db.checkpointer
+        assert checkpointer is not None
+        _write(db, 0, 10)
+        checkpointer.run_once()  # its connection made; the log copied
+        assert checkpointer._conn is not None
+        sent: list[str] = []
+        checkpointer._conn.set_trace_callback(sent.append)
+        passive = checkpointer._passive
+        injected: list[int] = []
+
+        def passive_then_a_commit() -> tuple[int, int, int]:
+            answer = passive()
+            if not injected:
+                injected.append(1)
+                writer = threading.Thread(target=_write, args=(db, 10, 1))  # another thread's write
+                writer.start()
+                writer.join(30)
+            return answer
+        checkpointer._passive = passive_then_a_commit  # type: ignore[method-assign]
+        _write(db, 11, 5)  # a log to copy
+        restarts = checkpointer.restarts
+        busy, log_frames, done = checkpointer.run_once()
+        modes = [q.split("(")[1].rstrip(")") for q in sent if "wal_checkpoint" in q]
+        assert modes == ["PASSIVE", "PASSIVE", "RESTART"], modes
+        assert busy == 0 and done == log_frames and checkpointer.restarts == restarts + 1
+        with db.read() as s:
+            assert s.execute(select(LogNode.idx).where(LogNode.level == 60)).scalars().all() == list(range(16))
+    finally:
+        db.dispose()
+
+
 def test_the_restart_leaves_the_writers_and_their_groups_alone(migrated: str) -> None:
     """While a writer holds this process's writers' lock (its group's transaction open), the
     restart is not sent (it would hold SQLite's writer lock while copying what that writer commits):
