@@ -223,6 +223,7 @@ class Database:
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if checkpoint_every_s > 0 and database and database != ":memory:":
+                assert self._writers is not None
                 self.checkpointer = Checkpointer(database, checkpoint_every_s, self._writers)
                 # A Database dropped without dispose() stops its thread too.
                 weakref.finalize(self, self.checkpointer.stop)
@@ -577,7 +578,7 @@ class Checkpointer:
     RESTART_TRIES = 4  # moments looked for, per run, to start the log over (then the next run's turn)
     RESTART_RETRY_S = 0.001
 
-    def __init__(self, path: str, every_s: float, writers: _WriterQueue | None = None) -> None:
+    def __init__(self, path: str, every_s: float, writers: _WriterQueue) -> None:
         self._path, self._every_s, self._writers = path, every_s, writers
         self._stop = threading.Event()
         self._conn: sqlite3.Connection | None = None
@@ -603,18 +604,18 @@ class Checkpointer:
                                              isolation_level=None, check_same_thread=False, timeout=0)
                 self._conn.execute("PRAGMA synchronous=FULL")
             queue = self._writers
-            seen = queue.commits if queue is not None else 0
+            seen = queue.commits
             busy, log_frames, done = self._passive()
             self.runs += 1
             for _ in range(self.RESTART_TRIES):
                 if busy or not log_frames or done != log_frames:
                     break  # a checkpoint lock taken by another, or frames left to copy: next run
-                if queue is None:
-                    return self._conn_restart()
                 if queue.commits == seen and queue.try_take():
                     try:
                         if queue.group is None and queue.commits == seen:
-                            return self._conn_restart()
+                            busy, log_frames, done = self._checkpoint("RESTART")
+                            self.restarts += not busy
+                            return busy, log_frames, done
                     finally:
                         queue.release()
                 # A writer committed since, or is at it: copy that too, outside the lock, and retry.
@@ -624,17 +625,14 @@ class Checkpointer:
             else:
                 if log_frames and done == log_frames:
                     busy = 1  # copied, not started over (as SQLite answers a RESTART it could not finish)
-            return int(busy), int(log_frames), int(done)
+            return busy, log_frames, done
 
     def _passive(self) -> tuple[int, int, int]:
-        assert self._conn is not None
-        busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(busy), int(log_frames), int(done)
+        return self._checkpoint("PASSIVE")
 
-    def _conn_restart(self) -> tuple[int, int, int]:
+    def _checkpoint(self, mode: str) -> tuple[int, int, int]:
         assert self._conn is not None
-        busy, log_frames, done = self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        self.restarts += not busy
+        busy, log_frames, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(busy), int(log_frames), int(done)
 
     def _loop(self) -> None:
