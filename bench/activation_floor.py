@@ -317,6 +317,11 @@ def capture(store: Store, paths: dict[str, str], requests: list[bytes]) -> tuple
     ctx = build_context(url, paths)
     try:
         runner = InProcess(ctx)
+        # The program's counter row, known to this process before the first captured activation
+        # (the service checks it once per program and process, in a transaction of its own:
+        # entitlement/counters.py ensure_row), so that each activation's capture is one transaction.
+        from entitlement import counters
+        counters.ensure_row(ctx.db, PROGRAM_NAME.split("/")[1])
         series = []
         for req in requests:
             with capturing(ctx.db) as ops:

@@ -202,8 +202,14 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
                                         "m": cmd.mentor_id})
     # The live source is asked before the write transaction, never inside it.
     live = person_facts.ask_live(ctx, cmd.job_seeker.agency_id, cmd.job_seeker.birth_date)
+    counters.ensure_row(ctx.db, program.id)  # once per program and process (counters.Reservation)
     with inflight.claim(ctx.db, caller.id, cmd.request_id):
-        result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
+        try:
+            result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest,
+                                                   live)
+        except counters.CounterRowMissing:  # deleted outside the service since: made again, once
+            counters.ensure_row(ctx.db, program.id, missing=True)
+            result = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
     return result
 
 
@@ -212,11 +218,13 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         st = direct.of(s)
-        # PostgreSQL: the first reads (the request's lock, its stored response, the person's facts)
-        # leave together with BEGIN, in one round trip; each is read below where it was (direct.py).
+        # PostgreSQL: the first reads (the request's lock, its stored response, the person's facts,
+        # their live activations in the program, locked) leave together with BEGIN, in one round
+        # trip; each is read below where it was (direct.py).
         st.pipeline()
+        live_read = (_LIVE_ROWS, {"program": program.id, "person": person_key})
         st.prefetch(inflight.lock_read(s, caller.id, cmd.request_id), _replay_read(caller, cmd.request_id),
-                    None if live.source == person_facts.LIVE else registry.lookup_read(person_key))
+                    None if live.source == person_facts.LIVE else registry.lookup_read(person_key), live_read)
         inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
         if replay is not None:
@@ -237,7 +245,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
         # The person's live rows in this program, locked (one statement for both checks below).
-        live_rows = st.all(_LIVE_ROWS, {"program": program.id, "person": person_key})
+        live_rows = st.all(*live_read)
         existing = next((r.id for r in live_rows if r.end_date >= today), None)
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the
@@ -258,11 +266,10 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             _expire_stale(s, ctx, stale, today)
         plan, end = decision.funding_plan, decision.access_end
         assert plan is not None and end is not None
-        if not counters.reserve(s, program, plan.total_cents, today):
-            raise _cap_reached(program.name)  # another activation took the last room meanwhile
-        # Nothing below reads a row count or goes through the ORM: on PostgreSQL the writes are
-        # queued and travel with the log_head UPDATE, the Merkle read and the COMMIT (direct.py).
-        # (Back in pipeline mode if a rare path above left it; a no-op otherwise.)
+        # Nothing below reads a row count or goes through the ORM until the event's sequence
+        # number: on PostgreSQL the writes are queued and travel with the log_head UPDATE (the
+        # program counter's conditional UPDATE among them), the Merkle read and the COMMIT
+        # (direct.py). (Back in pipeline mode if a rare path above left it; a no-op otherwise.)
         st.pipeline()
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex
@@ -293,6 +300,10 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         # writer's) until the commit, so what can be written before it is.
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
                   {"activation_id": activation_id, "token": token})
+        # The seat and the cents, taken just before the event (its answer read with the sequence
+        # number's): the counter row, locked from this UPDATE to the commit, is held no longer
+        # than the log head, which every writer queues on anyway (counters.Reservation).
+        reservation = counters.reservation(s, program, plan.total_cents, today)
         eventlog.append(s, time=now, type="activation.created", actor=caller.actor,
                         subject=f"activations/{activation_id}", program_id=program.id, reason=cmd.reason,
                         platform_id=cmd.platform_id, read_rollup_timezone=True,
@@ -302,6 +313,8 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                                  "registry_snapshot": snapshot.id if snapshot else None,
                                  "facts_source": source, "committed_cents": plan.total_cents,
                                  "shares": {f: c for f, _bp, c in plan.shares}})
+        if not reservation.taken():
+            raise _cap_reached(program.name)  # another activation took the last room meanwhile
         # After the event: on PostgreSQL its log_head row lock orders every writer's rollup rows.
         rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
                            [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
@@ -444,6 +457,9 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         st = direct.of(s)
+        # PostgreSQL: in pipeline mode from the start, so that the BEGIN travels with the read of the
+        # row (direct.py) and the binding with the log_head UPDATE; nothing here goes through the ORM.
+        st.pipeline()
         a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
         if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
@@ -455,7 +471,6 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         if state not in LIVE:
             raise FailedPrecondition(f"the entitlement is {state}", reason="ENTITLEMENT_NOT_ACTIVE",
                                      metadata={"current_state": state.upper()})
-        st.pipeline()  # PostgreSQL: the binding travels with the log_head UPDATE (direct.py)
         st.execute(_BIND_ACCOUNT, {"id": a.id, "account": account_id, "now": now})
         eventlog.append(s, time=now, type="activation.redeemed", actor=caller.actor,
                         subject=f"activations/{a.id}", program_id=a.program_id, platform_id=a.platform_id,

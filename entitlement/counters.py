@@ -1,7 +1,7 @@
 """Program counters: seats taken and cents committed (net of releases) per program.
 
-`reserve` is the one place caps are enforced: a single conditional UPDATE in the activation's own
-transaction. On PostgreSQL the row lock it takes makes concurrent activations queue on the
+`reservation` is the one place caps are enforced: a single conditional UPDATE in the activation's
+own transaction. On PostgreSQL the row lock it takes makes concurrent activations queue on the
 counter, and the WHERE clause re-reads the committed value, so no interleaving can overspend; on
 SQLite writers are already serialized by BEGIN IMMEDIATE.
 """
@@ -9,6 +9,7 @@ SQLite writers are already serialized by BEGIN IMMEDIATE.
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 
 from sqlalchemy import Connection, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from entitlement.programs import Program
 from entitlement.storage import direct
+from entitlement.storage.db import Database
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import ProgramCounter
 
@@ -62,26 +64,65 @@ def _reserve_statement(seats_cap: bool, budget_cap: bool) -> Update:
 _RESERVE = {(seats, budget): _reserve_statement(seats, budget) for seats in (False, True) for budget in (False, True)}
 
 
-def reserve(s: Session, program: Program, cents: int, day: dt.date) -> bool:
-    """Take one seat and `cents`, within the caps in force on `day`, in one conditional UPDATE;
-    False when a cap would be exceeded. A program's counter row is created on its first
-    activation (when the UPDATE finds no row), so the usual activation costs one statement."""
+class CounterRowMissing(Exception):
+    """The program's counter row, made by `ensure_row` before the transaction, is gone (nothing in
+    the service deletes one): the caller makes it again and retries the activation."""
+
+
+# Programs whose counter row each Database is known to hold (rows are made once and never deleted).
+_KNOWN: weakref.WeakKeyDictionary[Database, set[str]] = weakref.WeakKeyDictionary()
+
+
+def ensure_row(db: Database, program_id: str, missing: bool = False) -> None:
+    """Make the program's counter row if it does not exist yet, in a transaction of its own (once
+    per program and server process: then remembered; `missing`: a transaction found it gone, look
+    again). The activation's conditional UPDATE then always finds the row, so an UPDATE that
+    changes nothing means a cap refused."""
+    known = _KNOWN.setdefault(db, set())
+    if missing:
+        known.discard(program_id)
+    if program_id in known:
+        return
+    with db.write() as s:
+        _ensure_row(s, program_id)
+    known.add(program_id)
+
+
+class Reservation:
+    """One seat and `cents`, taken within the caps in force, in one conditional UPDATE, in two
+    steps: the UPDATE is sent when made (on PostgreSQL, in the write path's pipeline, it is queued
+    and travels with the next statement whose rows are read: the event log's sequence number), and
+    `taken` reads its answer. The counter row is locked from the UPDATE to the commit, so sending
+    it late keeps activations of one program queued on it no longer than they queue on the event
+    log's head anyway. Needs the row to exist (`ensure_row`, before the transaction): nothing else
+    in the transaction may wait on a counter row once it holds the log head (a writer holding the
+    counter and waiting for the head would deadlock with it)."""
+
+    __slots__ = ("_s", "_program_id", "_count")
+
+    def __init__(self, s: Session, stmt: Update, params: dict[str, object]) -> None:
+        self._s, self._program_id = s, str(params["program"])
+        self._count = direct.of(s).changed_later(stmt, params)
+
+    def taken(self) -> bool:
+        if self._count.value() == 1:
+            return True
+        s = self._s
+        direct.of(s).end(failed=False)  # the ORM read below: out of pipeline mode
+        if s.get(ProgramCounter, self._program_id) is None:  # a plain read: no lock, no wait
+            raise CounterRowMissing(self._program_id)
+        return False  # the row is there: a cap refused
+
+
+def reservation(s: Session, program: Program, cents: int, day: dt.date) -> Reservation:
+    """Send the conditional UPDATE that takes one seat and `cents` within the caps in force on
+    `day` (the one place caps are enforced); `taken()` on the answer says whether it took."""
     seats = program.optional_value("max_seats", day)
     budget = program.optional_value("max_budget_cents", day)
-    params = {"program": program.id, "cents": cents,
-              "max_seats": seats.value if seats is not None else None,
-              "max_cents": budget.value if budget is not None else None}
-    stmt = _RESERVE[(seats is not None, budget is not None)]
-    st = direct.of(s)
-    if st.changed(stmt, params) == 1:
-        return True
-    st.end(failed=False)  # the ORM below (a program's first activation, or a cap): out of pipeline mode
-    if s.get(ProgramCounter, program.id) is None:
-        _ensure_row(s, program.id)
-    # Again, whether we created the row or found it: on PostgreSQL a concurrent first activation of
-    # the program may have committed the row between the UPDATE above (no row then) and the read
-    # (READ COMMITTED). Only this UPDATE's answer says whether a cap refused.
-    return st.changed(stmt, params) == 1
+    params: dict[str, object] = {"program": program.id, "cents": cents,
+                                 "max_seats": seats.value if seats is not None else None,
+                                 "max_cents": budget.value if budget is not None else None}
+    return Reservation(s, _RESERVE[(seats is not None, budget is not None)], params)
 
 
 def release(s: Session, program_id: str, cents: int) -> None:

@@ -378,3 +378,88 @@ def test_a_prefetched_read_that_fails_fails_the_transaction(db: Database) -> Non
     _clean(db, dbapi)
     with db.read() as s:
         assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 0
+
+
+def _counting_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many Syncs psycopg queues from here on (a spy: the real method still runs)."""
+    syncs = [0]
+    real = psycopg.Pipeline._enqueue_sync
+
+    def counted(self: Any) -> None:
+        syncs[0] += 1
+        real(self)
+    monkeypatch.setattr(psycopg.Pipeline, "_enqueue_sync", counted)
+    return syncs
+
+
+def test_a_pipelined_transaction_waits_for_no_begin_and_leaves_without_a_sync(
+        db: Database, backend: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: a transaction that enters pipeline mode before its first statement sends its
+    BEGIN (and a Sync) without waiting for the answer, which comes back with the first read's; the
+    COMMIT's Sync answers everything, so leaving pipeline mode sends no other Sync (psycopg's own
+    exit sends one: a round trip after every write transaction). One BEGIN only: the server
+    reports no "transaction in progress" warning, and the writes are committed."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    syncs = _counting_syncs(monkeypatch)
+    notices: list[str] = []
+    row = _person()
+    with db.write() as s:
+        st, dbapi = _pipelined(s)
+        dbapi.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        pipe = dbapi._pipeline
+        assert pipe is not None and pipe.result_queue, "BEGIN's answer was waited for"
+        assert syncs[0] == 1  # BEGIN's, queued
+        before = st.first(_BUMP).size  # BEGIN's answer and its Sync's come with this one
+        assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        st.execute(_INSERT, row)
+        assert st.first(_BUMP).size == before + 1
+    assert syncs[0] == 2, syncs  # BEGIN's and the COMMIT's: none to leave pipeline mode
+    assert notices == []
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.get(Activation, row["id"]) is not None
+        assert s.execute(select(LogHead.size)).scalar_one() == before + 1 + 3  # _clean's bumps too
+
+
+def test_a_pipeline_left_before_the_commit_still_syncs_what_is_queued(db: Database, backend: tuple[str, str]) -> None:
+    """Leaving pipeline mode in the middle of a transaction (before an ORM statement) sends its Sync
+    and reads every queued answer: the quick exit is only for after the COMMIT."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    row = _person()
+    with db.write() as s:
+        st, dbapi = _pipelined(s)
+        st.execute(_INSERT, row)
+        st.end(failed=False)
+        assert not _pipeline_on(dbapi)
+        assert s.get(Activation, row["id"]) is not None  # the ORM sees the queued INSERT
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.get(Activation, row["id"]) is not None
+
+
+def test_a_count_read_later_travels_with_the_next_read(db: Database, backend: tuple[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`changed_later`: in a pipeline the UPDATE is queued and its row count read after the next read
+    that waits (no Sync of its own); with nothing read since, `value` waits for it; elsewhere (SQLite)
+    it is counted at once. Counts are exact either way (2 rows, then none)."""
+    a, b = _person(), _person()
+    suspend = update(Activation).where(Activation.id.in_([a["id"], b["id"]]), Activation.state == "active").values(
+        state="suspended")
+    syncs = _counting_syncs(monkeypatch) if backend[0] != "sqlite" else [0]
+    with db.write() as s:
+        st, dbapi = _pipelined(s)
+        st.execute_many(_INSERT, [a, b])
+        taken = syncs[0]
+        count = st.changed_later(suspend)
+        head = st.first(_BUMP).size  # the read that brings the count's answer along
+        assert count.value() == 2
+        assert syncs[0] == taken  # no Sync (no round trip) for the count
+        again = st.changed_later(suspend)  # nothing read since: value() waits for it
+        assert again.value() == 0
+        assert head >= 1
+    _clean(db, dbapi)
+    with db.read() as s:
+        states = s.execute(select(Activation.state).where(Activation.id.in_([a["id"], b["id"]]))).scalars()
+        assert sorted(states) == ["suspended", "suspended"]

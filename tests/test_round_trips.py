@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import pytest
 from sqlalchemy import event
 from support import Api, identity, next_person
 
@@ -133,3 +135,28 @@ def test_the_write_path_sends_no_statement_it_can_do_without(api: Api) -> None:
     # The idempotency record and the log's left halves: one statement each.
     assert sum(1 for s in sent if s.startswith("SELECT idempotency_records")) == 1, sent
     assert sum(1 for s in sent if s.startswith("SELECT log_nodes")) <= 1, sent
+
+
+def test_an_activation_on_postgresql_syncs_its_pipeline_once_after_its_begin(api: Api, monkeypatch: Any) -> None:
+    """PostgreSQL: an activation's transaction runs in pipeline mode from its BEGIN, whose Sync is
+    sent but not waited for (direct.py); the program counter's UPDATE waits for no Sync of its own
+    (its row count comes back with the event's sequence number: counters.Reservation); the COMMIT's
+    Sync is the last one (leaving pipeline mode after it sends none). Two Syncs in all; counted on
+    psycopg's own method (a spy: it still runs)."""
+    if api.h.backend == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    import psycopg
+    api.activate()  # warm: the program's counter row is known, the caller cached
+    syncs: list[str] = []
+    real = psycopg.Pipeline._enqueue_sync
+
+    def counted(self: Any) -> None:
+        if _serving_a_call():
+            syncs.append(threading.current_thread().name)
+        real(self)
+    monkeypatch.setattr(psycopg.Pipeline, "_enqueue_sync", counted)
+    with counting(api) as trips:
+        made = api.activate(request_id=f"rt-{uuid.uuid4().hex[:12]}")
+    assert made.activation.name.startswith("activations/")
+    assert trips.transactions == 1, trips
+    assert len(syncs) == 2, syncs

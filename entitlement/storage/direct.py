@@ -27,20 +27,26 @@ Pipeline (PostgreSQL): after `pipeline()`, the statements whose results nobody r
 `execute_many`) are queued in psycopg's pipeline mode instead of each waiting for its answer. They
 go to the server with the next statement whose rows are read (`first`, `all`: psycopg flushes the
 queue then) or with the COMMIT, in one round trip. Reads known in advance can be sent ahead
-together (`prefetch`): an activation's first three leave with its BEGIN. Of its 13 to 14
-statements, 7 are queued and 3 prefetched: its waits on PostgreSQL, counted by delaying every answer
-by 20 ms, went from 16.7 to 7.9, and the event log's head row (locked by every writer from its sequence number to its commit) is
-held for one or two round trips (the COMMIT's, and a Merkle read for one event in two) instead of
-five or six. A redemption queues 3 of its 5 to 6. The price: an error in a queued statement (a unique
-violation) is raised by that later call, as the same SQLAlchemy exception; `changed` (a row count)
-waits for the queue. `Database.write` ends the pipeline with the transaction (`end`). On SQLite,
+together (`prefetch`), and a row count can be read later (`changed_later`: it comes back with the
+next read's answer). Entered before the transaction's first statement, the pipeline takes the
+BEGIN too, sent without waiting for its answer (psycopg waits for it: a round trip for BEGIN
+alone); after the COMMIT, whose Sync answered everything, it is left without another Sync (psycopg's
+exit sends one: a round trip after every write transaction). An activation's 13 to 14 statements
+then wait 3 or 4 times (BEGIN with its first four reads; its queued writes, the program counter's
+UPDATE and the event log's head; a Merkle read for one event in two; the COMMIT): measured by
+delaying every answer of the server by 20 ms (in process, sequential), 3.9 waits an activation
+against 8.0 before these three changes (and 16.7 before the pipeline). The event log's head row,
+locked by every writer from its sequence number to its commit, is held for one or two round trips;
+the program counter's row, locked by every activation of the program, no longer than that. A
+redemption waits 3 or 4 times as well. The price: an error in a queued statement (a unique
+violation) is raised by that later call, as the same SQLAlchemy exception; `changed` (a row count
+now) waits for the queue. `Database.write` ends the pipeline with the transaction (`end`). On SQLite,
 where nothing crosses a network, `pipeline()` does nothing."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
@@ -61,6 +67,7 @@ _CURSORS_KEY = "entitlement_cursors"  # a psycopg connection's reused cursors, i
 # run itself.
 PREFETCHED = "entitlement.direct.prefetched"
 COUNTED = "entitlement.direct.counted"  # a statement `changed` waits for (a round trip, pipeline or not)
+_COUNT_LATER_SLOT = -1  # the cursor of a statement whose row count is read later (changed_later)
 _prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
 _prepared_lock = threading.Lock()
 
@@ -79,8 +86,7 @@ def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...]
 class Statements:
     """One transaction's statements on its DBAPI connection (see the module docstring)."""
 
-    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_pipe", "_cursors",
-                 "_prefetched")
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_cursors", "_prefetched")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -90,13 +96,13 @@ class Statements:
         # Whether any cursor listener is registered (tests, benchmarks), read once per transaction:
         # the joined dispatcher builds a new listener view at every attribute access.
         self._listened = bool(conn.dispatch.before_cursor_execute)
-        self._pipeline: AbstractContextManager[Any] | None = None  # psycopg's conn.pipeline()
-        self._pipe: Any = None  # the psycopg Pipeline it entered
+        self._pipeline: Any = None  # the psycopg Pipeline this transaction entered (_enter_pipeline)
         # psycopg: cursors are made once per DBAPI connection and reused by its transactions (making
         # one costs about 18 us of CPU, more than sending most of these statements), kept in the
         # connection's info (SQLAlchemy clears it when the connection is replaced): slot 0 for what
         # reads rows or a row count at once, 1 for the writes queued in a pipeline (whose results
-        # arrive later, never read), 2 and up for prefetched reads. sqlite3: a new cursor each
+        # arrive later, never read), -1 for a row count read later (changed_later), 2 and up for
+        # prefetched reads. sqlite3: a new cursor each
         # time, as cheap as reusing one, and no statement is left open on the connection across
         # the commit.
         self._cursors: dict[int, Any] | None = (
@@ -117,12 +123,10 @@ class Statements:
             raise RuntimeError("a pipeline belongs in a write transaction (Database.write)")
         if self._dialect.name != "postgresql":
             return
-        cm = self._dbapi.pipeline()
         try:
-            self._pipe = cm.__enter__()
+            self._pipeline = _enter_pipeline(self._dbapi)
         except self._error as exc:
             self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
-        self._pipeline = cm
 
     @property
     def pipelined(self) -> bool:
@@ -131,12 +135,14 @@ class Statements:
     def end(self, failed: bool) -> None:
         """Leave pipeline mode (a no-op without one). `failed`: the transaction is being given up, so
         the errors of queued statements are dropped (the exception on its way out is the one that
-        counts) and the rollback then runs out of pipeline mode. A connection that cannot leave it
-        cleanly is invalidated, never handed to the next transaction in pipeline mode."""
-        cm, pipe, self._pipeline, self._pipe = self._pipeline, self._pipe, None, None
+        counts) and the rollback then runs out of pipeline mode. After the COMMIT, whose Sync
+        answered everything, it leaves without another round trip (`_leave_pipeline`). A
+        connection that cannot leave it cleanly is invalidated, never handed to the next
+        transaction in pipeline mode."""
+        pipe, self._pipeline = self._pipeline, None
         if failed:
             self._prefetched = None
-        if cm is None:
+        if pipe is None:
             return
         try:
             if failed:
@@ -144,7 +150,7 @@ class Statements:
                     pipe.sync()
                 except self._error:
                     pass
-            cm.__exit__(None, None, None)
+            _leave_pipeline(self._dbapi, pipe)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the connection must not be reused
             # The exception's type only: a driver's message may quote a row's values.
             log.warning("leaving pipeline mode failed; connection discarded", error=type(exc).__name__)
@@ -241,18 +247,51 @@ class Statements:
         this statement included, is answered)."""
         p, cursor = self._run(stmt, params, context=COUNTED)
         if self._pipeline is not None:
-            try:
-                self._pipe.sync()
-            except self._error as exc:
-                self._forget_cursors()
-                self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
+            self._sync(p, cursor)
         return int(cursor.rowcount)
+
+    def changed_later(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> "Count":
+        """`changed` whose answer is read later: in a pipeline the statement is queued (on a cursor
+        of its own) and travels with the next statement whose rows are read; `Count.value` then
+        reads its row count without another round trip (or waits for it, if nothing was read
+        since). Elsewhere it runs at once, as `changed` does."""
+        if self._pipeline is None:
+            return Count(self, None, None, self.changed(stmt, params))
+        p, cursor = self._run(stmt, params, slot=_COUNT_LATER_SLOT)
+        return Count(self, p, cursor, None)
+
+    def _sync(self, p: Prepared, cursor: Any) -> None:
+        try:
+            self._pipeline.sync()
+        except self._error as exc:
+            self._forget_cursors()
+            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
 
     def execute_many(self, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
         """Run a statement without RETURNING once per row (the DBAPI's executemany; queued in a
         pipeline)."""
         if rows:
             self._run(stmt, None, rows, queued=True)
+
+
+class Count:
+    """The row count of a statement sent by `Statements.changed_later`."""
+
+    __slots__ = ("_st", "_p", "_cursor", "_value")
+
+    def __init__(self, st: Statements, p: Prepared | None, cursor: Any, value: int | None) -> None:
+        self._st, self._p, self._cursor, self._value = st, p, cursor, value
+
+    def value(self) -> int:
+        if self._value is None:
+            cursor, p = self._cursor, self._p
+            assert p is not None
+            if cursor.pgresult is None:  # nothing read since it was queued: its answer is not here yet
+                if self._st._pipeline is None:
+                    raise RuntimeError("changed_later: the pipeline ended before its count was read")
+                self._st._sync(p, cursor)
+            self._value = int(cursor.rowcount)
+        return self._value
 
 
 def execute_text(conn: Connection, sql: str) -> None:
@@ -268,6 +307,53 @@ def execute_text(conn: Connection, sql: str) -> None:
         cursor.execute(sql)
     except conn.dialect.loaded_dbapi.Error as exc:
         conn._handle_dbapi_exception(exc, sql, (), cursor, None)
+
+
+def _enter_pipeline(dbapi: Any) -> Any:
+    """psycopg's `Connection.pipeline()` without its context manager, so that `_leave_pipeline` may
+    leave without the Sync its exit always sends (psycopg 3.3, pinned: tests/test_direct.py holds the
+    internals used here to what they do)."""
+    import psycopg  # the PostgreSQL driver: only ever reached with it
+    from psycopg import pq
+    pipe = psycopg.Pipeline(dbapi)
+    with dbapi.lock:
+        if dbapi._pipeline is not None:
+            raise RuntimeError("the connection is in pipeline mode already")
+        dbapi._pipeline = pipe
+    try:
+        pipe.__enter__()
+        if dbapi.pgconn.transaction_status == pq.TransactionStatus.IDLE and not dbapi.autocommit:
+            # The transaction's BEGIN and a Sync, as psycopg sends them, but not waited for: their
+            # answers are read with the first read's (psycopg waits for them: a round trip for
+            # BEGIN alone). Until then libpq reports the connection busy, and from the Sync's
+            # answer on, in a transaction, so psycopg sends no BEGIN of its own.
+            with dbapi.lock:
+                dbapi.wait(dbapi._exec_command(dbapi._get_tx_start_command()))
+                pipe._enqueue_sync()
+                dbapi.wait(pipe._communicate_gen())
+    except BaseException:
+        _leave_pipeline(dbapi, pipe)
+        raise
+    return pipe
+
+
+def _leave_pipeline(dbapi: Any, pipe: Any) -> None:
+    """Leave pipeline mode. When nothing is queued nor awaited and no transaction is open (after
+    the COMMIT, which psycopg sends with a Sync and whose answers it has read), libpq leaves it at
+    once (`PQexitPipelineMode`); otherwise psycopg's exit sends a Sync and reads what is left: one
+    more round trip, which every write transaction used to pay after its COMMIT."""
+    from psycopg import pq
+    try:
+        if (not pipe.command_queue and not pipe.result_queue
+                and dbapi.pgconn.transaction_status == pq.TransactionStatus.IDLE):
+            with dbapi.lock:
+                pipe._exit(None)
+        else:
+            pipe.__exit__(None, None, None)
+    finally:
+        if pipe.level == 0:
+            with dbapi.lock:
+                dbapi._pipeline = None
 
 
 def in_pipeline(dbapi_connection: Any) -> bool:
