@@ -750,10 +750,11 @@ def round_trips_text(results: list[RunResult]) -> str:
             tot = {k: sum(r.queries.get(k, 0) for r in rs) / made
                    for k in ("statements", "transactions", "checkouts", "queued", "pipelines", "begins_joined")}
             if backend == "postgres":
-                trips = (tot["statements"] - tot["queued"] + 2 * tot["transactions"] - tot["begins_joined"]
-                         + tot["pipelines"])
-                queued = (f" - {tot['queued']:.1f} queued in a pipeline + {tot['pipelines']:.1f} pipeline exits"
-                          f" - {tot['begins_joined']:.1f} BEGIN sent with the first statement"
+                # A transaction ended in pipeline mode leaves it after its COMMIT at no cost (the
+                # COMMIT's Sync answered everything: entitlement/storage/direct.py).
+                trips = tot["statements"] - tot["queued"] + 2 * tot["transactions"] - tot["begins_joined"]
+                queued = (f" - {tot['queued']:.1f} queued in a pipeline"
+                          f" - {tot['begins_joined']:.1f} BEGIN sent with the first statements"
                           if tot["queued"] else "")
                 parts.append(f"{method} {tot['statements']:.1f} statements{queued} + {tot['transactions']:.1f} "
                              f"transactions x 2 = ~{trips:.1f} round trips")
@@ -838,7 +839,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 {round_trips_text(results)}
 
-On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's writes after its conditional update: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT; reads sent ahead together (an activation's first three) share one round trip, with the BEGIN; and leaving pipeline mode after the COMMIT costs one Sync. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network, and writers that queue behind another share its transaction and its COMMIT, each in a savepoint of its own (group commit, entitlement/storage/db.py: fewer transactions than calls, one more statement per writer that joined one: a SAVEPOINT and its RELEASE, no BEGIN).
+On PostgreSQL a transaction costs two round trips besides its statements (psycopg sends BEGIN, then COMMIT). A statement queued in psycopg's pipeline mode (an activation's and a redemption's writes, an activation's program counter UPDATE: entitlement/storage/direct.py) travels with the next statement that reads rows or with the COMMIT; reads sent ahead together (an activation's first four) share one round trip, with the BEGIN; leaving pipeline mode after the COMMIT costs nothing. There is no pool pre-ping, and hot reads (CheckEligibility, VerifyEntitlement) run on the autocommit pool, outside any transaction; on SQLite nothing crosses a network, and writers that queue behind another share its transaction and its COMMIT, each in a savepoint of its own (group commit, entitlement/storage/db.py: fewer transactions than calls, one more statement per writer that joined one: a SAVEPOINT and its RELEASE, no BEGIN).
 """
 
 

@@ -33,9 +33,9 @@ entitlement/), the SQL statements sent, the transactions ended (commit, rollback
 checkouts of the transactional pool (no round trip: there is no pre-ping); on PostgreSQL also the
 statements queued in psycopg's pipeline mode without a round trip of their own (sent while the
 connection is in pipeline mode and reading no rows, or prefetched with an earlier read of the same
-batch: entitlement/storage/direct.py), the BEGINs queued with a transaction's first statement, and
-the transactions that ended in pipeline mode (each then costs one more round trip, the Sync that
-leaves it); the message "counts" answers them.
+batch: entitlement/storage/direct.py), the BEGINs queued with a transaction's first statements, and
+the transactions that ended in pipeline mode (leaving it after the COMMIT costs no round trip);
+the message "counts" answers them.
 
 Output (stdout, stderr and the JSON logs, which go to stderr as in production) goes to the log
 file of the spec, never to the terminal.

@@ -112,8 +112,8 @@ def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> 
     """bench.servers.QueryCounter, which the round-trip figures of BENCHMARKS.md come from: a
     statement sent in pipeline mode that reads no rows is counted as queued (no round trip of its
     own), one that reads rows is not, except a read prefetched with an earlier read of its batch; a
-    BEGIN queued with a pipelined transaction's first statement is counted, and a transaction
-    committed in pipeline mode counts one pipeline exit. Nothing of that on SQLite, or outside a
+    BEGIN queued with a pipelined transaction's first statements is counted, and a transaction
+    committed in pipeline mode is counted as such (leaving it then costs nothing). Nothing of that on SQLite, or outside a
     pipeline."""
     from sqlalchemy import func, insert, select, update
 
