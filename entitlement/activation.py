@@ -202,12 +202,13 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
                                         "m": cmd.mentor_id})
     # The live source is asked before the write transaction, never inside it.
     live = person_facts.ask_live(ctx, cmd.job_seeker.agency_id, cmd.job_seeker.birth_date)
-    counters.ensure_row(ctx.db, program.id)  # once per program and process (counters.Reservation)
+    counters.ensure_row(ctx.db, program.id)  # once per program and Database (counters.Reservation)
     with inflight.claim(ctx.db, caller.id, cmd.request_id):
         try:
             result: ActivationResult = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest,
                                                    live)
-        except counters.CounterRowMissing:  # deleted outside the service since: made again, once
+        except counters.CounterRowMissing:  # deleted outside the service since: made again, once (gone
+            # again at once, someone is deleting it as it is made: that second one is INTERNAL)
             counters.ensure_row(ctx.db, program.id, missing=True)
             result = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
     return result
@@ -301,8 +302,8 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
                   {"activation_id": activation_id, "token": token})
         # The seat and the cents, taken just before the event (its answer read with the sequence
-        # number's): the counter row, locked from this UPDATE to the commit, is held no longer
-        # than the log head, which every writer queues on anyway (counters.Reservation).
+        # number's): the counter row is locked from this UPDATE to the commit, that is while this
+        # writer waits for the log head and holds it, no more (counters.Reservation).
         reservation = counters.reservation(s, program, plan.total_cents, today)
         eventlog.append(s, time=now, type="activation.created", actor=caller.actor,
                         subject=f"activations/{activation_id}", program_id=program.id, reason=cmd.reason,

@@ -75,8 +75,8 @@ _KNOWN: weakref.WeakKeyDictionary[Database, set[str]] = weakref.WeakKeyDictionar
 
 def ensure_row(db: Database, program_id: str, missing: bool = False) -> None:
     """Make the program's counter row if it does not exist yet, in a transaction of its own (once
-    per program and server process: then remembered; `missing`: a transaction found it gone, look
-    again). The activation's conditional UPDATE then always finds the row, so an UPDATE that
+    per program and Database, which a server process builds once: then remembered; `missing`: a
+    transaction found it gone, look again). The activation's conditional UPDATE then always finds the row, so an UPDATE that
     changes nothing means a cap refused."""
     known = _KNOWN.setdefault(db, set())
     if missing:
@@ -92,9 +92,9 @@ class Reservation:
     """One seat and `cents`, taken within the caps in force, in one conditional UPDATE, in two
     steps: the UPDATE is sent when made (on PostgreSQL, in the write path's pipeline, it is queued
     and travels with the next statement whose rows are read: the event log's sequence number), and
-    `taken` reads its answer. The counter row is locked from the UPDATE to the commit, so sending
-    it late keeps activations of one program queued on it no longer than they queue on the event
-    log's head anyway. Needs the row to exist (`ensure_row`, before the transaction): nothing else
+    `taken` reads its answer. The counter row is locked from the UPDATE to the commit, so sent
+    late it is held only while its writer waits for the event log's head and holds it: activations
+    of one program no longer queue on it through their earlier round trips. Needs the row to exist (`ensure_row`, before the transaction): nothing else
     in the transaction may wait on a counter row once it holds the log head (a writer holding the
     counter and waiting for the head would deadlock with it)."""
 

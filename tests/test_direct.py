@@ -401,14 +401,21 @@ def test_a_pipelined_transaction_waits_for_no_begin_and_leaves_without_a_sync(
     reports no "transaction in progress" warning, and the writes are committed."""
     if backend[0] == "sqlite":
         pytest.skip("SQLite has no pipeline mode")
+    from psycopg._pipeline_base import BasePipeline
     syncs = _counting_syncs(monkeypatch)
+    fetches = [0]  # psycopg's blocking read of a pipeline's answers
+    real_fetch = BasePipeline._fetch_gen
+
+    def fetch(self: Any, *, flush: bool) -> Any:
+        fetches[0] += 1
+        return real_fetch(self, flush=flush)
+    monkeypatch.setattr(BasePipeline, "_fetch_gen", fetch)
     notices: list[str] = []
     row = _person()
     with db.write() as s:
         st, dbapi = _pipelined(s)
+        assert fetches[0] == 0, "BEGIN's answer was waited for"
         dbapi.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-        pipe = dbapi._pipeline
-        assert pipe is not None and pipe.result_queue, "BEGIN's answer was waited for"
         assert syncs[0] == 1  # BEGIN's, queued
         before = st.first(_BUMP).size  # BEGIN's answer and its Sync's come with this one
         assert dbapi.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
@@ -463,3 +470,36 @@ def test_a_count_read_later_travels_with_the_next_read(db: Database, backend: tu
     with db.read() as s:
         states = s.execute(select(Activation.state).where(Activation.id.in_([a["id"], b["id"]]))).scalars()
         assert sorted(states) == ["suspended", "suspended"]
+
+
+def test_a_queued_failure_met_when_leaving_the_pipeline_is_raised_there(db: Database) -> None:
+    """Leaving pipeline mode in the middle of a transaction (before an ORM statement) reads every
+    queued answer: a queued INSERT that failed (a duplicate key) is raised right there as
+    SQLAlchemy's IntegrityError, not swallowed into a broken connection and a confusing error at
+    the next statement; the transaction rolls back and the connection stays usable."""
+    row = _person()
+    with db.write() as s:
+        direct.of(s).execute(_INSERT, row)
+    with pytest.raises(IntegrityError):
+        with db.write() as s:
+            st, dbapi = _pipelined(s)
+            st.execute(_INSERT, row)  # the same id: refused (at once on SQLite)
+            st.end(failed=False)
+    _clean(db, dbapi)
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 1
+
+
+def test_a_second_count_read_later_reads_the_first_one_first(db: Database) -> None:
+    """Two `changed_later` in one transaction share a cursor: the second reads the first's answer
+    before it is sent, so each count stays its own."""
+    a, b = _person(), _person()
+    with db.write() as s:
+        st, dbapi = _pipelined(s)
+        st.execute_many(_INSERT, [a, b])
+        first = st.changed_later(update(Activation).where(Activation.id.in_([a["id"], b["id"]])).values(
+            state="suspended"))
+        second = st.changed_later(update(Activation).where(Activation.id == a["id"]).values(state="revoked"))
+        st.first(_BUMP)
+        assert (first.value(), second.value()) == (2, 1)
+    _clean(db, dbapi)

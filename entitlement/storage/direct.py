@@ -86,7 +86,8 @@ def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...]
 class Statements:
     """One transaction's statements on its DBAPI connection (see the module docstring)."""
 
-    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_cursors", "_prefetched")
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_cursors", "_prefetched",
+                 "_pending_count")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -108,6 +109,7 @@ class Statements:
         self._cursors: dict[int, Any] | None = (
             conn.connection.info.setdefault(_CURSORS_KEY, {}) if self._dialect.name == "postgresql" else None)
         self._prefetched: dict[Any, tuple[Prepared, Any]] | None = None
+        self._pending_count: Count | None = None  # changed_later's, until its value is read
 
     def pipeline(self) -> None:
         """From here to the end of the transaction, queue what `execute` and `execute_many` send
@@ -145,16 +147,26 @@ class Statements:
         if pipe is None:
             return
         try:
-            if failed:
+            if failed and (pipe.command_queue or pipe.result_queue):
                 try:  # out of an aborted pipeline; what it raises is the same failure, reported already
                     pipe.sync()
                 except self._error:
                     pass
             _leave_pipeline(self._dbapi, pipe)
+        except self._error as exc:
+            if not failed and not in_pipeline(self._dbapi):
+                # A queued statement's error, met on the way out (the transaction goes on through the
+                # ORM): raised as SQLAlchemy's, as the statement itself would have raised it.
+                self._forget_cursors()
+                self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
+            self._discard(exc)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the connection must not be reused
-            # The exception's type only: a driver's message may quote a row's values.
-            log.warning("leaving pipeline mode failed; connection discarded", error=type(exc).__name__)
-            self._conn.invalidate()
+            self._discard(exc)
+
+    def _discard(self, exc: Exception) -> None:
+        # The exception's type only: a driver's message may quote a row's values.
+        log.warning("leaving pipeline mode failed; connection discarded", error=type(exc).__name__)
+        self._conn.invalidate()
 
     def prefetch(self, *reads: tuple[Select[Any] | UpdateBase, dict[str, Any]] | None) -> None:
         """In a pipeline (PostgreSQL): send these reads now, in one round trip with whatever is
@@ -257,8 +269,12 @@ class Statements:
         since). Elsewhere it runs at once, as `changed` does."""
         if self._pipeline is None:
             return Count(self, None, None, self.changed(stmt, params))
+        pending = self._pending_count
+        if pending is not None:
+            pending.value()  # its answer first: the two share a cursor
         p, cursor = self._run(stmt, params, slot=_COUNT_LATER_SLOT)
-        return Count(self, p, cursor, None)
+        self._pending_count = Count(self, p, cursor, None)
+        return self._pending_count
 
     def _sync(self, p: Prepared, cursor: Any) -> None:
         try:
@@ -291,6 +307,8 @@ class Count:
                     raise RuntimeError("changed_later: the pipeline ended before its count was read")
                 self._st._sync(p, cursor)
             self._value = int(cursor.rowcount)
+            if self._st._pending_count is self:
+                self._st._pending_count = None
         return self._value
 
 
@@ -310,18 +328,24 @@ def execute_text(conn: Connection, sql: str) -> None:
 
 
 def _enter_pipeline(dbapi: Any) -> Any:
-    """psycopg's `Connection.pipeline()` without its context manager, so that `_leave_pipeline` may
-    leave without the Sync its exit always sends (psycopg 3.3, pinned: tests/test_direct.py holds the
-    internals used here to what they do)."""
+    """psycopg's `Connection.pipeline()` entered by hand (no nesting: a connection already in
+    pipeline mode is refused), so that `_leave_pipeline` may leave without the Sync psycopg's exit
+    always sends, and so that the BEGIN can go without waiting (psycopg 3.3, pinned:
+    tests/test_direct.py holds the internals used here to what they do)."""
     import psycopg  # the PostgreSQL driver: only ever reached with it
     from psycopg import pq
-    pipe = psycopg.Pipeline(dbapi)
     with dbapi.lock:
+        dbapi._check_connection_ok()
         if dbapi._pipeline is not None:
             raise RuntimeError("the connection is in pipeline mode already")
-        dbapi._pipeline = pipe
+        pipe = dbapi._pipeline = psycopg.Pipeline(dbapi)
     try:
         pipe.__enter__()
+    except BaseException:
+        with dbapi.lock:  # never entered: nothing to leave
+            dbapi._pipeline = None
+        raise
+    try:
         if dbapi.pgconn.transaction_status == pq.TransactionStatus.IDLE and not dbapi.autocommit:
             # The transaction's BEGIN and a Sync, as psycopg sends them, but not waited for: their
             # answers are read with the first read's (psycopg waits for them: a round trip for
@@ -357,9 +381,11 @@ def _leave_pipeline(dbapi: Any, pipe: Any) -> None:
 
 
 def in_pipeline(dbapi_connection: Any) -> bool:
-    """Whether a DBAPI connection is in psycopg's pipeline mode (never, for sqlite3)."""
+    """Whether a DBAPI connection is in psycopg's pipeline mode, as libpq or psycopg sees it (never,
+    for sqlite3)."""
     pgconn = getattr(dbapi_connection, "pgconn", None)
-    return bool(pgconn is not None and pgconn.pipeline_status)
+    return bool(pgconn is not None and (pgconn.pipeline_status
+                                        or getattr(dbapi_connection, "_pipeline", None) is not None))
 
 
 def end(session: Session, failed: bool) -> None:
