@@ -37,7 +37,8 @@ UPDATE and the event log's head; a Merkle read for one event in two; the COMMIT)
 delaying every answer of the server by 20 ms (in process, sequential), 3.9 waits an activation
 against 8.0 before these three changes (and 16.7 before the pipeline). The event log's head row,
 locked by every writer from its sequence number to its commit, is held for one or two round trips;
-the program counter's row, locked by every activation of the program, no longer than that. A
+the program counter's row, locked by every activation of the program, from just before that
+(`counters.Reservation`), no longer through the activation's earlier round trips. A
 redemption waits 3 or 4 times as well. The price: an error in a queued statement (a unique
 violation) is raised by that later call, as the same SQLAlchemy exception; `changed` (a row count
 now) waits for the queue. `Database.write` ends the pipeline with the transaction (`end`). On SQLite,
@@ -154,9 +155,10 @@ class Statements:
                     pass
             _leave_pipeline(self._dbapi, pipe)
         except self._error as exc:
-            if not failed and not in_pipeline(self._dbapi):
-                # A queued statement's error, met on the way out (the transaction goes on through the
-                # ORM): raised as SQLAlchemy's, as the statement itself would have raised it.
+            if not failed and self._conn.in_transaction() and not in_pipeline(self._dbapi):
+                # A queued statement's error, met on the way out in the middle of the transaction
+                # (which goes on through the ORM): raised as SQLAlchemy's, as the statement itself
+                # would have raised it. (After the COMMIT nothing is raised: the work is done.)
                 self._forget_cursors()
                 self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
             self._discard(exc)
