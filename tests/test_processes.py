@@ -22,6 +22,13 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
     d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
     server = Server(d)
     try:
+        # Server() returns once either process answers health checks; the other may still be
+        # starting (seen once in CI on PostgreSQL: all 16 connections went to the first): wait
+        # until both said "serving" (each logs it once it is bound), so the kernel spreads them.
+        deadline = time.monotonic() + 30
+        while sum(1 for line in d.log_lines() if line.get("event") == "serving") < 2:
+            assert time.monotonic() < deadline, "the second process never said serving"
+            time.sleep(0.05)
         channels = [grpc.insecure_channel(d.address, options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(16)]
         for i, channel in enumerate(channels, start=1):
