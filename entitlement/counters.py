@@ -78,7 +78,9 @@ def ensure_row(db: Database, program_id: str, missing: bool = False) -> None:
     per program and Database, which a server process builds once: then remembered; `missing`: a
     transaction found it gone, look again). The activation's conditional UPDATE then always finds the row, so an UPDATE that
     changes nothing means a cap refused."""
-    known = _KNOWN.setdefault(db, set())
+    known = _KNOWN.get(db)  # (per activation: no new set made when there is one)
+    if known is None:
+        known = _KNOWN.setdefault(db, set())
     if missing:
         known.discard(program_id)
     if program_id in known:
