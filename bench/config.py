@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from entitlement.affinity import AUTO, Setting
-from entitlement.config import ROOT, Settings
+from entitlement.config import EVENT_LOOPS, ROOT, Settings
 
 # The instant every server of the benchmark lives at (a FixedClock, as in the tests): decisions,
 # activations and their tokens are the same whatever the machine's date.
@@ -60,6 +60,15 @@ def _int(name: str, default: int) -> int:
     if value != int(value) or value < 0:
         raise SystemExit(f"{name} must be a non-negative integer, got {value}")
     return int(value)
+
+
+def bench_event_loop() -> str:
+    """BENCH_EVENT_LOOP: the loop of every event-loop server of a benchmark, ours and the aio
+    echoes alike (as ENTITLEMENT_EVENT_LOOP: auto, uvloop or asyncio; auto by default)."""
+    value = os.environ.get("BENCH_EVENT_LOOP", "").strip().lower() or "auto"
+    if value not in EVENT_LOOPS:
+        raise SystemExit(f"BENCH_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {value!r}")
+    return value
 
 
 def _list(name: str, default: str) -> list[str]:
@@ -130,6 +139,8 @@ class ServerSpec:
     check_burst: int = 20
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
     server_model: str = "threads"  # kind sync: ENTITLEMENT_SERVER_MODEL of server_main.start (threads | event-loop)
+    # ENTITLEMENT_EVENT_LOOP of every event-loop server, ours and the aio echoes alike (BENCH_EVENT_LOOP)
+    event_loop: str = field(default_factory=lambda: bench_event_loop())
     switch_interval_us: int = 0  # 0: Python's own, as server.py; else sys.setswitchinterval (bench.mixed's experiment)
 
     def settings(self) -> Settings:
@@ -138,7 +149,7 @@ class ServerSpec:
                         programs_dir=ROOT / "programs", callers_file=self.callers_file, key_dir=self.key_dir,
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
                         max_workers=self.workers, processes=self.processes, cpu_affinity=self.cpu_affinity,
-                        grace_seconds=1, server_model=self.server_model,
+                        grace_seconds=1, server_model=self.server_model, event_loop=self.event_loop,
                         log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
                         check_burst=self.check_burst)
 

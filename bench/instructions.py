@@ -88,8 +88,10 @@ def echo_server(port: int, model: str = "threads") -> None:
     loop, a grpc.aio echo server answering on its loop (as entitlement.aio_server answers the hot
     reads), same options, concurrency bound and collector tuning."""
     settings = Settings()  # the defaults server.py runs with: its pool size and concurrency bound
-    if model == "event-loop":
-        asyncio.run(_aio_echo_server(port, settings))
+    if model == "event-loop":  # on the loop server.py runs (ENTITLEMENT_EVENT_LOOP, as its environment says)
+        from entitlement.aio_server import new_event_loop
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(Settings.from_env().event_loop)) as runner:
+            runner.run(_aio_echo_server(port, settings))
         return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
                          options=OPTIONS,
@@ -292,6 +294,14 @@ def main() -> int:
 TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitlement": 0.25}
 
 
+def _loop_text() -> str:
+    """The event-loop servers' loop, ours and the echo's (ENTITLEMENT_EVENT_LOOP as this run's
+    environment gives it)."""
+    from entitlement.aio_server import event_loop_kind
+    setting = Settings.from_env().event_loop
+    return f"{event_loop_kind(setting)}'s (`ENTITLEMENT_EVENT_LOOP` {setting})"
+
+
 def write_section(rows: list[Row], seconds: float) -> None:
     n = rows[0][2]
     lines = [
@@ -309,7 +319,8 @@ def write_section(rows: list[Row], seconds: float) -> None:
         "event-loop): `server.py` as in production (SQLite, 2,000 synthetic people, a database of its own per "
         "model, one JSON access line per call, rate limit off) and the echo server of that model, built the "
         "same way (threads: `grpc.server` with the same pool and options; event-loop: `grpc.aio.server` "
-        "answering on its loop, as the event-loop server answers CheckEligibility and VerifyEntitlement; both "
+        f"answering on its loop, {_loop_text()}, as the event-loop server answers CheckEligibility and "
+        "VerifyEntitlement on its own; both "
         "with the same concurrency bound and collector tuning, no behaviour, an 80-byte payload and an "
         "`authorization` header like ours).",
         f"- ListActivations: a funder's ({FUNDER}) first page of {LIST_PAGE}, newest first, over the activations "

@@ -39,6 +39,8 @@ Settings (environment):
   BENCH_JSON         also write every result as JSON to this file (the test reads it)
   BENCH_SERVER_MODEL auto (default), threads or event-loop: as ENTITLEMENT_SERVER_MODEL, the real
                      server's model on every backend (and so its echo floor)
+  BENCH_EVENT_LOOP   auto (default), uvloop or asyncio: as ENTITLEMENT_EVENT_LOOP, the loop of the
+                     event-loop servers, ours and the aio echo floor alike
   BENCH_RPCS         only these RPCs, e.g. ListActivations (all five by default); the echo floor is
                      still measured. A partial run only prints: it never rewrites BENCHMARKS.md. Without
                      ActivateEntitlement, ListActivations lists activations made before its runs by
@@ -71,7 +73,7 @@ from bench.common import collector_out_of_the_way, say
 from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, FUNDER_ID, LIST, METHOD_PATHS,
                           PLATFORM_CALLER_ID, PLATFORM_ID, PROGRAM, REDEEM, SYNC, SYNC_ECHO, VERIFY, AIO_ECHO_INLINE,
                           FillSpec,
-                          LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list)
+                          LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list, bench_event_loop)
 from bench.prepare import Common, imported_database, prepare_common
 from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
                          usable_backends)
@@ -519,6 +521,13 @@ def fill(client: Client, spec: FillSpec) -> None:
         say(f"  ({have:,} activation tokens ready for RedeemActivationToken, {time.monotonic() - t:.1f} s)")
 
 
+def _loop_text() -> str:
+    """The event-loop servers' loop, as the method text says it."""
+    from entitlement.aio_server import event_loop_kind
+    setting = bench_event_loop()
+    return f"{event_loop_kind(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}; ENTITLEMENT_EVENT_LOOP), the aio echo's too"
+
+
 def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str, tag: str = "",
                 **kw: Any) -> ServerSpec:
     """`tag`: told apart in the log's name (servers of one kind and backend side by side)."""
@@ -816,7 +825,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 - Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
-- Server: the real one, `entitlement.server_main.start`, in the server model production gives each backend (`BENCH_SERVER_MODEL` {cfg.server_model}: {_models_text(cfg, m.backends)}; README "Server models"): **threads** = sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls; **event-loop** = grpc.aio with CheckEligibility and VerifyEntitlement answered on the loop on SQLite (on PostgreSQL, asked for with BENCH_SERVER_MODEL, nothing runs on the loop), the other unary calls on a ThreadPoolExecutor of {cfg.workers}; either with {Settings().stream_workers} threads for the streaming calls and a pool of {cfg.workers + Settings().stream_workers + 1} DB connections (one per thread that may hold one, the loop's included). In its own process, with the production behaviours: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: per model, the echo server built the same way (`bench/servers.py`, no behaviour, bytes in, bytes out, same pool size and options), measured in the same run: **sync-echo** (`grpc.server`) for threads, **aio-echo-inline** (`grpc.aio`, answered on the loop) for event-loop; each backend's RPCs are paired with the floor of their model, and column "model" says which.
+- Server: the real one, `entitlement.server_main.start`, in the server model production gives each backend (`BENCH_SERVER_MODEL` {cfg.server_model}: {_models_text(cfg, m.backends)}; README "Server models"): **threads** = sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls; **event-loop** = grpc.aio on {_loop_text()} with CheckEligibility and VerifyEntitlement answered on the loop on SQLite (on PostgreSQL, asked for with BENCH_SERVER_MODEL, nothing runs on the loop), the other unary calls on a ThreadPoolExecutor of {cfg.workers}; either with {Settings().stream_workers} threads for the streaming calls and a pool of {cfg.workers + Settings().stream_workers + 1} DB connections (one per thread that may hold one, the loop's included). In its own process, with the production behaviours: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: per model, the echo server built the same way (`bench/servers.py`, no behaviour, bytes in, bytes out, same pool size and options), measured in the same run: **sync-echo** (`grpc.server`) for threads, **aio-echo-inline** (`grpc.aio`, answered on the loop) for event-loop; each backend's RPCs are paired with the floor of their model, and column "model" says which.
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.

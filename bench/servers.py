@@ -143,7 +143,11 @@ def serve(spec: ServerSpec, conn: Connection) -> None:
         if spec.kind in (SYNC, SYNC_ECHO, *FLOOR_KINDS):
             _serve_sync(spec, conn)
         elif spec.kind in (AIO, AIO_INLINE, AIO_ECHO, AIO_ECHO_INLINE):
-            asyncio.run(_serve_aio(spec, conn))
+            # On a loop of the kind the real event-loop server runs (spec.event_loop): the floor is
+            # built the same way as ours.
+            from entitlement.aio_server import new_event_loop
+            with asyncio.Runner(loop_factory=lambda: new_event_loop(spec.event_loop)) as runner:
+                runner.run(_serve_aio(spec, conn))
         else:
             raise ValueError(f"unknown server model {spec.kind!r}")
     except BaseException:

@@ -11,6 +11,8 @@ from entitlement import affinity
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_MODELS = ("auto", "threads", "event-loop")  # Settings.server_model
 AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # Settings.event_loop (the event-loop model's loop)
+UVLOOP, ASYNCIO = EVENT_LOOPS[1:]
 
 
 def resolve_server_model(setting: str, sqlite: bool) -> str:
@@ -76,6 +78,10 @@ class Settings:
     # auto | threads | event-loop (entitlement/server_main.py, entitlement/aio_server.py; README
     # "Server models"): auto is the event loop on SQLite and the thread pool on PostgreSQL.
     server_model: str = "auto"
+    # auto | uvloop | asyncio: the event-loop model's loop (entitlement/aio_server.py `new_event_loop`;
+    # README "Server models"): auto is uvloop where it is installed (a dependency everywhere but
+    # Windows), else the standard library's. The thread-pool model runs no loop.
+    event_loop: str = "auto"
     # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
     cpu_affinity: affinity.Setting = affinity.AUTO
     grace_seconds: int = 10
@@ -155,6 +161,7 @@ class Settings:
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
             server_model=_choice("ENTITLEMENT_SERVER_MODEL", d.server_model, SERVER_MODELS),
+            event_loop=_choice("ENTITLEMENT_EVENT_LOOP", d.event_loop, EVENT_LOOPS),
             cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),

@@ -44,6 +44,10 @@ class Serving(Protocol):
     monitor: DatabaseMonitor | None
 
     @property
+    def event_loop(self) -> str | None:
+        """uvloop | asyncio for the event-loop model; None for the thread pool, which runs no loop."""
+
+    @property
     def server(self) -> Any: ...
 
     def set_serving(self, serving: bool) -> None: ...
@@ -61,6 +65,7 @@ class Running:
     port: int
     monitor: DatabaseMonitor | None = None  # keeps health in step with the database (entitlement/dbhealth.py)
     stream_pool: futures.ThreadPoolExecutor | None = None  # the streaming calls' threads
+    event_loop: str | None = None  # the thread-pool model runs no event loop (aio_server.LoopRunning's is named)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -197,6 +202,7 @@ def serve_forever(ctx: Context) -> None:
     running = start(ctx, ctx.settings.listen)
     s = ctx.settings
     log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect, server_model=server_model(ctx),
+             event_loop=running.event_loop,
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),

@@ -39,8 +39,9 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         assert len(pids) == 2, f"connections were served by {len(pids)} process(es)"
         assert server.proc.pid not in pids  # the supervisor serves nothing itself
         # ENTITLEMENT_SERVER_MODEL unset (auto): the event loop on SQLite, the thread pool on PostgreSQL.
-        models = [line["server_model"] for line in d.log_lines() if line.get("event") == "serving"]
-        assert models == ["event-loop" if fresh_url.startswith("sqlite") else "threads"] * 2
+        models = [(line["server_model"], line["event_loop"]) for line in d.log_lines() if line.get("event") == "serving"]
+        # ENTITLEMENT_EVENT_LOOP unset (auto): uvloop for the event loop; the thread pool runs none.
+        assert models == [("event-loop", "uvloop") if fresh_url.startswith("sqlite") else ("threads", None)] * 2
         for channel in channels:
             channel.close()
         server.proc.send_signal(signal.SIGTERM)
@@ -51,18 +52,26 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         server.close()
 
 
-def test_the_other_server_model_serves_and_stops_as_asked(fresh_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("asked", ["the other model", "the event loop on asyncio"])
+def test_the_other_server_model_serves_and_stops_as_asked(asked: str, fresh_url: str, tmp_path: Path) -> None:
     """ENTITLEMENT_SERVER_MODEL set against auto's choice (the thread pool on SQLite, the event loop
-    on PostgreSQL): served, said in the "serving" line, stopped cleanly by SIGTERM."""
-    model = "threads" if fresh_url.startswith("sqlite") else "event-loop"
+    on PostgreSQL), or the event loop on the standard library's loop (ENTITLEMENT_EVENT_LOOP=asyncio,
+    against auto's uvloop): served, said in the "serving" line, stopped cleanly by SIGTERM."""
+    if asked == "the other model":
+        model = "threads" if fresh_url.startswith("sqlite") else "event-loop"
+        env, loop = {"ENTITLEMENT_SERVER_MODEL": model}, None if model == "threads" else "uvloop"
+    else:
+        model, loop = "event-loop", "asyncio"
+        env = {"ENTITLEMENT_SERVER_MODEL": model, "ENTITLEMENT_EVENT_LOOP": loop}
     d = prepare(tmp_path / "srv", fresh_url)
-    d.extra_env["ENTITLEMENT_SERVER_MODEL"] = model
+    d.extra_env.update(env)
     server = Server(d)
     try:
         resp = As(server.channel, d.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
             job_seeker=identity("P0000001", pool_birth(1)), program="programs/premium-job-seekers"))
         assert resp.decisions[0].eligible
-        assert [line["server_model"] for line in d.log_lines() if line.get("event") == "serving"] == [model]
+        assert [(line["server_model"], line["event_loop"]) for line in d.log_lines()
+                if line.get("event") == "serving"] == [(model, loop)]
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=30) == 0
         assert [line["event"] for line in d.log_lines()][-2:] == ["stopping", "stopped"]
@@ -70,12 +79,15 @@ def test_the_other_server_model_serves_and_stops_as_asked(fresh_url: str, tmp_pa
         server.close()
 
 
-def test_an_unknown_server_model_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name,value,allowed", [("ENTITLEMENT_SERVER_MODEL", "fibers", "auto, threads, event-loop"),
+                                                ("ENTITLEMENT_EVENT_LOOP", "trio", "auto, uvloop, asyncio")])
+def test_an_unknown_server_model_or_loop_is_refused_at_start(name: str, value: str, allowed: str,
+                                                              tmp_path: Path) -> None:
     d = prepare(tmp_path / "srv", with_registry=False)
-    d.extra_env["ENTITLEMENT_SERVER_MODEL"] = "fibers"
+    d.extra_env[name] = value
     result = d.run()
     assert result.returncode != 0
-    assert "ENTITLEMENT_SERVER_MODEL must be one of auto, threads, event-loop, got 'fibers'" in result.stderr
+    assert f"{name} must be one of {allowed}, got {value!r}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -5,6 +5,8 @@ The rest of the suite runs each backend with its `auto` model (SQLite: the event
 the thread pool). Here each backend is served by BOTH models at once, on the same database, and
 every answer (successes byte for byte, errors as their google.rpc.Status) must be the same; then
 what differs in their plumbing: a cancelled stream gives its thread back, and the setting itself.
+The event-loop model is served twice, on each of its loops (ENTITLEMENT_EVENT_LOOP: uvloop, auto's
+choice, and the standard library's asyncio).
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from bench.common import status_key
 from own_server import next_ledger_person, own_server
 from support import Api, Harness, identity, next_person
 
-from entitlement import app
+from entitlement import aio_server, app
 from entitlement.config import Settings
-from entitlement.config import EVENT_LOOP, THREADS
+from entitlement.config import ASYNCIO, EVENT_LOOP, THREADS, UVLOOP
 from entitlement.server_main import server_model, start
 from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2, registry_pb2
 
 MODELS = (THREADS, EVENT_LOOP)
+# Each server model, the event loop on each of its loops: (label, model, ENTITLEMENT_EVENT_LOOP, the
+# loop it must run: None for the thread pool, which runs none).
+SERVERS = ((THREADS, THREADS, "auto", None), ("event-loop/uvloop", EVENT_LOOP, UVLOOP, UVLOOP),
+           ("event-loop/asyncio", EVENT_LOOP, ASYNCIO, ASYNCIO))
 ELIGIBILITY = "/entitlement.v1.EligibilityService/"
 ACTIVATION = "/entitlement.v1.ActivationService/"
 AUDIT = "/entitlement.v1.AuditService/"
@@ -42,16 +48,21 @@ AUDIT = "/entitlement.v1.AuditService/"
 
 @pytest.fixture(scope="module")
 def both(harness: Harness) -> Iterator[dict[str, grpc.Channel]]:
-    """A server of each model on the harness's database, secrets and callers."""
+    """A server of each model (the event loop on each of its loops) on the harness's database,
+    secrets and callers."""
     running, channels, contexts = [], {}, []
     try:
-        for model in MODELS:
-            ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0", server_model=model),
-                            clock=harness.clock)
+        for label, model, loop_setting, loop in SERVERS:
+            ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0", server_model=model,
+                                                event_loop=loop_setting), clock=harness.clock)
             contexts.append(ctx)
             assert server_model(ctx) == model
             running.append(start(ctx, "127.0.0.1:0"))
-            channels[model] = grpc.insecure_channel(f"127.0.0.1:{running[-1].port}")
+            assert running[-1].event_loop == loop
+            if loop is not None:  # the loop object itself, not only what the server says of it
+                loop_module = type(running[-1]._loop).__module__  # type: ignore[attr-defined]
+                assert loop_module.split(".")[0] == ("uvloop" if loop == UVLOOP else "asyncio"), loop_module
+            channels[label] = grpc.insecure_channel(f"127.0.0.1:{running[-1].port}")
         yield channels
     finally:
         for channel in channels.values():
@@ -144,8 +155,9 @@ def probes(h: Harness) -> list[tuple[str, str, str, bytes, tuple[tuple[str, str]
 def test_both_models_answer_every_probe_alike(harness: Harness, both: dict[str, grpc.Channel]) -> None:
     answered_ok = set()
     for label, shape, path, request, metadata in probes(harness):
-        first, second = (ask(both[m], shape, path, request, metadata) for m in MODELS)
-        assert first == second, f"{label}: {THREADS} {first[0]} vs {EVENT_LOOP} {second[0]}"
+        first, *others = (ask(both[server[0]], shape, path, request, metadata) for server in SERVERS)
+        for server, other in zip(SERVERS[1:], others):
+            assert first == other, f"{label}: {THREADS} {first[0]} vs {server[0]} {other[0]}"
         if first[0] == "OK":
             answered_ok.add(label)
     # The probes reach the handlers, not only the error paths.
@@ -171,16 +183,20 @@ def test_a_cancelled_change_stream_gives_its_thread_back(
             call.cancel()
 
 
-def test_the_setting_is_read_and_refused_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ENTITLEMENT_SERVER_MODEL", raising=False)
-    assert Settings.from_env().server_model == "auto"
-    for value in ("threads", "event-loop", "Event-Loop"):
-        monkeypatch.setenv("ENTITLEMENT_SERVER_MODEL", value)
-        assert Settings.from_env().server_model == value.lower()
-    monkeypatch.setenv("ENTITLEMENT_SERVER_MODEL", "asyncio")
+@pytest.mark.parametrize("name,field,values,allowed", [
+    ("ENTITLEMENT_SERVER_MODEL", "server_model", ("threads", "event-loop", "Event-Loop"), "auto, threads, event-loop"),
+    ("ENTITLEMENT_EVENT_LOOP", "event_loop", ("uvloop", "asyncio", "AsyncIO"), "auto, uvloop, asyncio")])
+def test_the_setting_is_read_and_refused_from_the_environment(
+        name: str, field: str, values: tuple[str, ...], allowed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(name, raising=False)
+    assert getattr(Settings.from_env(), field) == "auto"
+    for value in values:
+        monkeypatch.setenv(name, value)
+        assert getattr(Settings.from_env(), field) == value.lower()
+    monkeypatch.setenv(name, "fibers")
     with pytest.raises(SystemExit) as info:
         Settings.from_env()
-    assert "ENTITLEMENT_SERVER_MODEL" in str(info.value) and "auto, threads, event-loop" in str(info.value)
+    assert name in str(info.value) and allowed in str(info.value)
 
 
 def test_auto_is_the_event_loop_on_sqlite_and_the_thread_pool_on_postgresql(harness: Harness) -> None:
@@ -189,6 +205,8 @@ def test_auto_is_the_event_loop_on_sqlite_and_the_thread_pool_on_postgresql(harn
     assert server_model(harness.ctx) == expected
     assert hasattr(harness.running, "server")
     assert isinstance(harness.running.server, grpc.aio.Server) == (expected == EVENT_LOOP)
+    # auto's loop is uvloop (a dependency of the service): the suite's event-loop servers run on it.
+    assert harness.running.event_loop == (UVLOOP if expected == EVENT_LOOP else None)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -226,12 +244,14 @@ def test_on_sqlite_the_event_loop_answers_checks_while_every_pool_thread_waits(
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop's, on purpose
-def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(harness: Harness) -> None:
-    """The event-loop model: if the loop's thread ends while nobody stopped the server (an error
-    escaped the loop; simulated here by raising SystemExit in that thread), serve_forever stops
-    what is left and exits 1, so that a supervisor starts another process at once, instead of
-    keeping a process up that answers nothing, health checks included."""
-    import ctypes
+@pytest.mark.parametrize("loop_setting", (UVLOOP, ASYNCIO))
+def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(
+        harness: Harness, loop_setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event-loop model, on either loop: if the loop's thread ends while nobody stopped the
+    server (an error escaped the loop; simulated here by a callback raising SystemExit on it),
+    serve_forever stops what is left and exits 1, so that a supervisor starts another process at
+    once, instead of keeping a process up that answers nothing, health checks included."""
+    import asyncio
     import gc
     import os
     import signal
@@ -245,23 +265,29 @@ def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(harnes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = app.build(dataclasses.replace(harness.ctx.settings, listen=f"127.0.0.1:{port}", server_model=EVENT_LOOP),
-                    clock=harness.clock)
+    ctx = app.build(dataclasses.replace(harness.ctx.settings, listen=f"127.0.0.1:{port}", server_model=EVENT_LOOP,
+                                        event_loop=loop_setting), clock=harness.clock)
     before = {t.ident for t in threading.enumerate() if t.name == "rpc-loop"}
     seen: dict[str, Any] = {}
+    loops: list[asyncio.AbstractEventLoop] = []
+    made = aio_server.new_event_loop
+
+    def recorded(setting: str) -> asyncio.AbstractEventLoop:
+        loops.append(made(setting))
+        return loops[-1]
+    monkeypatch.setattr(aio_server, "new_event_loop", recorded)
+
+    def die() -> None:
+        raise SystemExit
 
     def kill_the_loop() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             seen["first"] = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30).status
             (loop_thread,) = [t for t in threading.enumerate() if t.name == "rpc-loop" and t.ident not in before]
-            assert loop_thread.ident is not None
-            assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(loop_thread.ident),
-                                                              ctypes.py_object(SystemExit)) == 1
-            try:  # wakes the loop, which meets the exception
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                pass
+            (loop,) = loops
+            assert aio_server.loop_kind(loop) == loop_setting
+            loop.call_soon_threadsafe(die)
             loop_thread.join(30)
             seen["loop_ended"] = not loop_thread.is_alive()
         if not returned.wait(15):  # serve_forever did not notice: stop it as an operator would
