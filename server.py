@@ -18,7 +18,7 @@ import time
 from types import FrameType
 
 from entitlement import affinity, app, logs
-from entitlement.config import Settings
+from entitlement.config import EVENT_LOOP, EventLoopUnavailable, Settings, resolve_event_loop, resolve_server_model
 from entitlement.programs import ProgramFileError
 from entitlement.server_main import serve_forever
 from entitlement.storage.migrate import SchemaNotCurrent
@@ -30,8 +30,10 @@ def _prepare(settings: Settings) -> app.Context | None:
         # Transport first: an unsafe listen address is refused before anything is loaded.
         check_transport(settings.listen, server_tls(settings.tls_cert_file, settings.tls_key_file,
                                                     settings.tls_client_ca_file), settings.insecure)
+        if resolve_server_model(settings.server_model, settings.database_url.startswith("sqlite")) == EVENT_LOOP:
+            resolve_event_loop(settings.event_loop)  # the loop asked for is installed
         return app.build(settings)
-    except (ProgramFileError, SchemaNotCurrent, TransportError) as exc:
+    except (ProgramFileError, SchemaNotCurrent, TransportError, EventLoopUnavailable) as exc:
         print(f"entitlement: cannot start: {exc}", file=sys.stderr)
         return None
 

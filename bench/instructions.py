@@ -297,9 +297,9 @@ TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitleme
 def _loop_text() -> str:
     """The event-loop servers' loop, ours and the echo's (ENTITLEMENT_EVENT_LOOP as this run's
     environment gives it)."""
-    from entitlement.aio_server import event_loop_kind
+    from entitlement.config import resolve_event_loop
     setting = Settings.from_env().event_loop
-    return f"{event_loop_kind(setting)}'s (`ENTITLEMENT_EVENT_LOOP` {setting})"
+    return f"{resolve_event_loop(setting)}'s (`ENTITLEMENT_EVENT_LOOP` {setting})"
 
 
 def write_section(rows: list[Row], seconds: float) -> None:

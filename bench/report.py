@@ -257,9 +257,9 @@ def saturation(results: list[RunResult], nproc: int) -> str:
 
 def _loop_text() -> str:
     from bench.config import bench_event_loop
-    from entitlement.aio_server import event_loop_kind
+    from entitlement.config import resolve_event_loop
     setting = bench_event_loop()
-    return f"{event_loop_kind(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}, as ENTITLEMENT_EVENT_LOOP)"
+    return f"{resolve_event_loop(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}, as ENTITLEMENT_EVENT_LOOP)"
 
 
 def markdown(method: Method, results: list[RunResult]) -> str:

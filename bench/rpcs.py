@@ -523,9 +523,9 @@ def fill(client: Client, spec: FillSpec) -> None:
 
 def _loop_text() -> str:
     """The event-loop servers' loop, as the method text says it."""
-    from entitlement.aio_server import event_loop_kind
+    from entitlement.config import resolve_event_loop
     setting = bench_event_loop()
-    return f"{event_loop_kind(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}; ENTITLEMENT_EVENT_LOOP), the aio echo's too"
+    return f"{resolve_event_loop(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}; ENTITLEMENT_EVENT_LOOP), the aio echo's too"
 
 
 def server_spec(cfg: RpcsConfig, common: Common, backend: str, url: str, kind: str, tag: str = "",

@@ -55,7 +55,7 @@ from grpc_reflection.v1alpha import reflection
 from entitlement.api import servicers as api_servicers
 from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
 from entitlement.app import Context
-from entitlement.config import ASYNCIO, AUTO, UVLOOP
+from entitlement.config import ASYNCIO, UVLOOP, EventLoopUnavailable, resolve_event_loop
 from entitlement.dbhealth import DatabaseMonitor
 from entitlement.server_main import SERVICE_NAMES, call_behaviors, concurrency_limit, server_credentials, server_options
 from entitlement.tls import ServerTLS
@@ -508,8 +508,10 @@ class LoopRunning:
             if not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
-            self._loop.close()
-            self._stopped.set()
+            try:
+                self._loop.close()
+            finally:  # (uvloop's close raises in more cases than asyncio's): a later stop() never waits forever
+                self._stopped.set()
 
 
 class _CannotListen(Exception):
@@ -517,38 +519,24 @@ class _CannotListen(Exception):
     by start() in its caller's thread."""
 
 
-def event_loop_kind(setting: str) -> str:
-    """The loop ENTITLEMENT_EVENT_LOOP gives (README "Server models"): `uvloop` (libuv's loop,
-    written in Cython) for `auto` where it is installed, `asyncio` (the standard library's) for
-    `asyncio` or where uvloop is not; `uvloop` asked for but not installed is refused."""
-    if setting in (AUTO, UVLOOP):
-        try:
-            importlib.import_module("uvloop")
-        except ImportError:
-            if setting == UVLOOP:
-                raise SystemExit("ENTITLEMENT_EVENT_LOOP is uvloop, but uvloop is not installed "
-                                 "(pip install uvloop; it has no Windows build): set it to auto or asyncio") from None
-            return ASYNCIO
-        return UVLOOP
-    return ASYNCIO
-
-
 def new_event_loop(setting: str) -> asyncio.AbstractEventLoop:
-    """A new event loop of the kind ENTITLEMENT_EVENT_LOOP gives (`event_loop_kind`). Every call of
-    this model goes through the loop: gRPC's poller thread wakes it through a socket for each
-    event, and the answers, and the hand-overs to the pool and back, are its callbacks. Counted by
-    valgrind (BENCHMARKS.md "instructions"), uvloop runs the aio echo call in 38 % fewer
+    """A new event loop of the kind ENTITLEMENT_EVENT_LOOP gives (config.resolve_event_loop). Every
+    call of this model goes through the loop: gRPC's poller thread wakes it through a socket for
+    each event, and the answers, and the hand-overs to the pool and back, are its callbacks. Counted
+    by valgrind (BENCHMARKS.md "instructions"), uvloop runs the aio echo call in 38 % fewer
     instructions than asyncio's loop, and a check or a verification in 23-27 % fewer (about 200,000
     a call); the answers are the same (tests/test_server_models.py serves every probe on both)."""
-    if event_loop_kind(setting) == UVLOOP:
+    if resolve_event_loop(setting) == UVLOOP:
         import uvloop
         return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    # The standard library's own loop, whatever loop policy someone installed (uvloop.install()).
+    return asyncio.SelectorEventLoop() if sys.platform != "win32" else asyncio.new_event_loop()
 
 
 def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
-    """`uvloop` or `asyncio`: the kind of loop `new_event_loop` made (said in the "serving" line)."""
-    return UVLOOP if type(loop).__module__.split(".")[0] == "uvloop" else ASYNCIO
+    """`uvloop` or `asyncio`: the kind of `loop` (said in the "serving" line)."""
+    uv = sys.modules.get("uvloop")
+    return UVLOOP if uv is not None and isinstance(loop, uv.Loop) else ASYNCIO
 
 
 def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[BehaviorInterceptor],
@@ -556,10 +544,13 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
     """Serve on `listen` (the transport already checked by server_main.start, which calls this)
     from a new event loop in a thread of its own; health SERVING once the port is open, then kept
     in step with the database by `monitor`."""
+    try:
+        loop = new_event_loop(ctx.settings.event_loop)  # first: a loop not installed is refused before any thread starts
+    except EventLoopUnavailable as exc:
+        raise SystemExit(str(exc)) from None
     pool = futures.ThreadPoolExecutor(max_workers=ctx.settings.max_workers, thread_name_prefix="rpc")
     streams = futures.ThreadPoolExecutor(max_workers=max(ctx.settings.stream_workers, 1),
                                          thread_name_prefix="rpc-stream")
-    loop = new_event_loop(ctx.settings.event_loop)
     thread = threading.Thread(target=loop.run_forever, name="rpc-loop", daemon=True)
     thread.start()
 

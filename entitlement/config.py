@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,30 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_MODELS = ("auto", "threads", "event-loop")  # Settings.server_model
 AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # Settings.event_loop (the event-loop model's loop)
-UVLOOP, ASYNCIO = EVENT_LOOPS[1:]
+AUTO_LOOP, UVLOOP, ASYNCIO = EVENT_LOOPS
+
+
+class EventLoopUnavailable(Exception):
+    """ENTITLEMENT_EVENT_LOOP asks for a loop this installation does not have."""
+
+
+def resolve_event_loop(setting: str) -> str:
+    """The loop ENTITLEMENT_EVENT_LOOP gives the event-loop model (README "Server models"):
+    `uvloop` (libuv's loop, in Cython) for `auto` where it is installed, `asyncio` (the standard
+    library's) for `asyncio` or where uvloop is not; `uvloop` asked for but not installed raises
+    EventLoopUnavailable (server.py refuses to start)."""
+    if setting not in EVENT_LOOPS:
+        raise ValueError(f"event loop setting must be one of {', '.join(EVENT_LOOPS)}, got {setting!r}")
+    if setting == ASYNCIO:
+        return ASYNCIO
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        if setting == UVLOOP:
+            raise EventLoopUnavailable("ENTITLEMENT_EVENT_LOOP is uvloop, but uvloop is not installed "
+                                       "(pip install uvloop; it has no Windows build): set it to auto or asyncio") from None
+        return ASYNCIO
+    return UVLOOP
 
 
 def resolve_server_model(setting: str, sqlite: bool) -> str:

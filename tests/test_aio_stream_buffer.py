@@ -19,7 +19,8 @@ from typing import Any
 import grpc
 import pytest
 
-from entitlement.aio_server import STREAM_BUFFER, _offload
+from entitlement.aio_server import STREAM_BUFFER, _offload, new_event_loop
+from entitlement.config import ASYNCIO, UVLOOP
 
 MESSAGE = b"x" * 32 * 1024  # 32 KiB: gRPC's flow-control window holds only a few
 TOTAL = 2000  # 64 MiB in all: far more than any transport buffer
@@ -43,11 +44,12 @@ class Produced:
             self.closed.set()
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[grpc.Channel, Produced]]:
+@pytest.fixture(params=[UVLOOP, ASYNCIO])
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[grpc.Channel, Produced]]:
+    """The streaming method served by a grpc.aio server on each of the event-loop model's loops."""
     produced = Produced()
     pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-test")
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(request.param)
     thread = threading.Thread(target=loop.run_forever, name="stream-test-loop", daemon=True)
     thread.start()
 

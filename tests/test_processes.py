@@ -52,17 +52,29 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         server.close()
 
 
-@pytest.mark.parametrize("asked", ["the other model", "the event loop on asyncio"])
+def _without_uvloop(root: Path) -> str:
+    """A PYTHONPATH under which `import uvloop` fails, as where it is not installed (a package of
+    that name, first on the path, that raises ImportError)."""
+    (root / "uvloop").mkdir(parents=True)
+    (root / "uvloop" / "__init__.py").write_text('raise ImportError("uvloop hidden by the test")\n')
+    return os.pathsep.join([str(root), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+
+
+@pytest.mark.parametrize("asked", ["the other model", "the event loop on asyncio", "auto where uvloop is not installed"])
 def test_the_other_server_model_serves_and_stops_as_asked(asked: str, fresh_url: str, tmp_path: Path) -> None:
     """ENTITLEMENT_SERVER_MODEL set against auto's choice (the thread pool on SQLite, the event loop
     on PostgreSQL), or the event loop on the standard library's loop (ENTITLEMENT_EVENT_LOOP=asyncio,
-    against auto's uvloop): served, said in the "serving" line, stopped cleanly by SIGTERM."""
+    against auto's uvloop; or auto where uvloop cannot be imported): served, said in the "serving"
+    line, stopped cleanly by SIGTERM."""
     if asked == "the other model":
         model = "threads" if fresh_url.startswith("sqlite") else "event-loop"
         env, loop = {"ENTITLEMENT_SERVER_MODEL": model}, None if model == "threads" else "uvloop"
-    else:
+    elif asked == "the event loop on asyncio":
         model, loop = "event-loop", "asyncio"
         env = {"ENTITLEMENT_SERVER_MODEL": model, "ENTITLEMENT_EVENT_LOOP": loop}
+    else:
+        model, loop = "event-loop", "asyncio"
+        env = {"ENTITLEMENT_SERVER_MODEL": model, "PYTHONPATH": _without_uvloop(tmp_path / "path")}
     d = prepare(tmp_path / "srv", fresh_url)
     d.extra_env.update(env)
     server = Server(d)
@@ -77,6 +89,20 @@ def test_the_other_server_model_serves_and_stops_as_asked(asked: str, fresh_url:
         assert [line["event"] for line in d.log_lines()][-2:] == ["stopping", "stopped"]
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_uvloop_asked_for_where_it_is_not_installed_is_refused_at_start(processes: int, tmp_path: Path) -> None:
+    """ENTITLEMENT_EVENT_LOOP=uvloop where uvloop cannot be imported: refused before serving, once
+    (with several processes, by the supervisor, before any is started), exit 2, the reason said."""
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env.update({"ENTITLEMENT_EVENT_LOOP": "uvloop", "ENTITLEMENT_PROCESSES": str(processes),
+                        "PYTHONPATH": _without_uvloop(tmp_path / "path")})
+    result = d.run()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("entitlement: cannot start: ENTITLEMENT_EVENT_LOOP is uvloop, but uvloop is not "
+                               "installed") == 1, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("name,value,allowed", [("ENTITLEMENT_SERVER_MODEL", "fibers", "auto, threads, event-loop"),

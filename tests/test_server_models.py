@@ -32,7 +32,7 @@ from support import Api, Harness, identity, next_person
 
 from entitlement import aio_server, app
 from entitlement.config import Settings
-from entitlement.config import ASYNCIO, EVENT_LOOP, THREADS, UVLOOP
+from entitlement.config import (ASYNCIO, EVENT_LOOP, THREADS, UVLOOP, EventLoopUnavailable, resolve_event_loop)
 from entitlement.server_main import server_model, start
 from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2, registry_pb2
 
@@ -197,6 +197,25 @@ def test_the_setting_is_read_and_refused_from_the_environment(
     with pytest.raises(SystemExit) as info:
         Settings.from_env()
     assert name in str(info.value) and allowed in str(info.value)
+
+
+def test_without_uvloop_auto_is_asyncio_and_uvloop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where uvloop cannot be imported (no Windows build), `auto` gives the standard library's loop;
+    `uvloop` asked for is refused, saying why; a value outside the setting's is an error."""
+    import sys
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert resolve_event_loop("auto") == ASYNCIO
+    loop = aio_server.new_event_loop("auto")
+    try:
+        assert aio_server.loop_kind(loop) == ASYNCIO and type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
+    with pytest.raises(EventLoopUnavailable, match="ENTITLEMENT_EVENT_LOOP is uvloop, but uvloop is not installed"):
+        resolve_event_loop("uvloop")
+    with pytest.raises(ValueError, match="'UVLOOP'"):
+        resolve_event_loop("UVLOOP")
+    monkeypatch.undo()
+    assert resolve_event_loop("auto") == UVLOOP  # installed here: a dependency of the service
 
 
 def test_auto_is_the_event_loop_on_sqlite_and_the_thread_pool_on_postgresql(harness: Harness) -> None:
