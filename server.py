@@ -18,9 +18,9 @@ import time
 from types import FrameType
 
 from entitlement import affinity, app, logs
-from entitlement.config import EVENT_LOOP, EventLoopUnavailable, Settings, resolve_event_loop, resolve_server_model
+from entitlement.config import EVENT_LOOP, EventLoopUnavailable, Settings, resolve_event_loop
 from entitlement.programs import ProgramFileError
-from entitlement.server_main import serve_forever
+from entitlement.server_main import serve_forever, server_model
 from entitlement.storage.migrate import SchemaNotCurrent
 from entitlement.tls import TransportError, check_transport, server_tls
 
@@ -30,9 +30,14 @@ def _prepare(settings: Settings) -> app.Context | None:
         # Transport first: an unsafe listen address is refused before anything is loaded.
         check_transport(settings.listen, server_tls(settings.tls_cert_file, settings.tls_key_file,
                                                     settings.tls_client_ca_file), settings.insecure)
-        if resolve_server_model(settings.server_model, settings.database_url.startswith("sqlite")) == EVENT_LOOP:
-            resolve_event_loop(settings.event_loop)  # the loop asked for is installed
-        return app.build(settings)
+        ctx = app.build(settings)
+        if server_model(ctx) == EVENT_LOOP:
+            try:
+                resolve_event_loop(settings.event_loop)  # the loop asked for is installed
+            except EventLoopUnavailable:
+                ctx.db.dispose()
+                raise
+        return ctx
     except (ProgramFileError, SchemaNotCurrent, TransportError, EventLoopUnavailable) as exc:
         print(f"entitlement: cannot start: {exc}", file=sys.stderr)
         return None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from entitlement.affinity import AUTO, Setting
-from entitlement.config import EVENT_LOOPS, ROOT, Settings
+from entitlement.config import AUTO_LOOP, EVENT_LOOPS, ROOT, Settings, _choice, resolve_event_loop
 
 # The instant every server of the benchmark lives at (a FixedClock, as in the tests): decisions,
 # activations and their tokens are the same whatever the machine's date.
@@ -65,10 +65,13 @@ def _int(name: str, default: int) -> int:
 def bench_event_loop() -> str:
     """BENCH_EVENT_LOOP: the loop of every event-loop server of a benchmark, ours and the aio
     echoes alike (as ENTITLEMENT_EVENT_LOOP: auto, uvloop or asyncio; auto by default)."""
-    value = os.environ.get("BENCH_EVENT_LOOP", "").strip().lower() or "auto"
-    if value not in EVENT_LOOPS:
-        raise SystemExit(f"BENCH_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {value!r}")
-    return value
+    return _choice("BENCH_EVENT_LOOP", AUTO_LOOP, EVENT_LOOPS)
+
+
+def event_loop_text(setting: str, variable: str) -> str:
+    """The event-loop servers' loop as a benchmark's method text says it: the loop `setting` (the
+    value of `variable`) gives here."""
+    return f"{resolve_event_loop(setting)}'s loop (`{variable}` {setting})"
 
 
 def _list(name: str, default: str) -> list[str]:
@@ -140,7 +143,7 @@ class ServerSpec:
     count_queries: bool = False  # count SQL statements, transactions and pool checkouts (sync only)
     server_model: str = "threads"  # kind sync: ENTITLEMENT_SERVER_MODEL of server_main.start (threads | event-loop)
     # ENTITLEMENT_EVENT_LOOP of every event-loop server, ours and the aio echoes alike (BENCH_EVENT_LOOP)
-    event_loop: str = field(default_factory=lambda: bench_event_loop())
+    event_loop: str = field(default_factory=bench_event_loop)
     switch_interval_us: int = 0  # 0: Python's own, as server.py; else sys.setswitchinterval (bench.mixed's experiment)
 
     def settings(self) -> Settings:

@@ -43,7 +43,7 @@ import grpc
 from google.type import date_pb2
 
 from bench.common import say
-from bench.config import ECHO_SERVICE
+from bench.config import ECHO_SERVICE, event_loop_text
 from bench.procs import commit, free_port
 from bench.sections import replace_section
 from bench.servers import OPTIONS, _echo, aio_echo
@@ -294,14 +294,6 @@ def main() -> int:
 TARGETS = {"CheckEligibility": 0.5, "VerifyEntitlement": 0.6, "ActivateEntitlement": 0.25}
 
 
-def _loop_text() -> str:
-    """The event-loop servers' loop, ours and the echo's (ENTITLEMENT_EVENT_LOOP as this run's
-    environment gives it)."""
-    from entitlement.config import resolve_event_loop
-    setting = Settings.from_env().event_loop
-    return f"{resolve_event_loop(setting)}'s (`ENTITLEMENT_EVENT_LOOP` {setting})"
-
-
 def write_section(rows: list[Row], seconds: float) -> None:
     n = rows[0][2]
     lines = [
@@ -319,7 +311,7 @@ def write_section(rows: list[Row], seconds: float) -> None:
         "event-loop): `server.py` as in production (SQLite, 2,000 synthetic people, a database of its own per "
         "model, one JSON access line per call, rate limit off) and the echo server of that model, built the "
         "same way (threads: `grpc.server` with the same pool and options; event-loop: `grpc.aio.server` "
-        f"answering on its loop, {_loop_text()}, as the event-loop server answers CheckEligibility and "
+        f"answering on its loop, {event_loop_text(Settings.from_env().event_loop, 'ENTITLEMENT_EVENT_LOOP')}, as the event-loop server answers CheckEligibility and "
         "VerifyEntitlement on its own; both "
         "with the same concurrency bound and collector tuning, no behaviour, an 80-byte payload and an "
         "`authorization` header like ours).",

@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bench.config import AIO, AIO_ECHO_INLINE, AIO_INLINE, CHECK, ECHO, ECHO_MODELS, ECHO_OF, MODELS, SYNC, VERIFY, RunResult
+from bench.config import (AIO, AIO_ECHO_INLINE, AIO_INLINE, CHECK, ECHO, ECHO_MODELS, ECHO_OF, MODELS, SYNC, VERIFY, RunResult,
+                          bench_event_loop, event_loop_text)
 
 # A difference in throughput below this is called small (and, with a single round, level).
 LEVEL = 0.05
@@ -255,13 +256,6 @@ def saturation(results: list[RunResult], nproc: int) -> str:
             f"shared machine.{real_txt}")
 
 
-def _loop_text() -> str:
-    from bench.config import bench_event_loop
-    from entitlement.config import resolve_event_loop
-    setting = bench_event_loop()
-    return f"{resolve_event_loop(setting)}'s loop (`BENCH_EVENT_LOOP` {setting}, as ENTITLEMENT_EVENT_LOOP)"
-
-
 def markdown(method: Method, results: list[RunResult]) -> str:
     conc = " and ".join(str(c) for c in method.concurrency)
     skipped = f" ({method.skipped})" if method.skipped else ""
@@ -277,7 +271,7 @@ Question: for our real handlers, is the sync thread-pool gRPC server (`entitleme
 
 - Machine: `nproc` = {method.nproc} ({method.cpu}), {method.memory_gib:.0f} GiB. Run on {method.date}; {method.elapsed_s:.0f} s in all. Python {method.python}, grpcio {method.grpcio}. Code: {method.commit}.
 - Backends: {", ".join(method.backends)}{pg}{skipped}. Synthetic registry of {method.people:,} people; {method.activations} activations created and redeemed to platform accounts through the real RPCs. CheckEligibility (advisor, program premium-job-seekers) cycles over registry people; VerifyEntitlement (platform) over the redeemed accounts. FixedClock at 2026-03-16. Servers log at `{method.log_level}` (one JSON access line per call) to a file.
-- Server models, each in its own process: **sync** = `server_main.start` unchanged (ENTITLEMENT_SERVER_MODEL=threads) (ThreadPoolExecutor of {method.workers}, its behaviours wrapped around each method); **aio** = `grpc.aio.server` with each of our methods wrapped once in the production behaviours, as the sync server wraps them (`server_main.call_behaviors`, `wrapping.wrap_handler`), the wrapped call run with `loop.run_in_executor` on a ThreadPoolExecutor of {method.workers} (streams on a pool of their own) (`entitlement/aio_server.py`, nothing inline); **aio-inline** = the same aio server with the two hot reads (CheckEligibility, VerifyEntitlement) run on the event loop itself: the production event-loop server (ENTITLEMENT_SERVER_MODEL=event-loop, the default on SQLite) (no thread hand-over; the sync server cannot do this, its handler waits for the request message that only its polling thread delivers; a blocking PostgreSQL round trip then stops the loop); **sync-echo** / **aio-echo** = the same set-ups with no interceptor and one bytes-in/bytes-out method (aio-echo hops to the pool as our handlers must; **aio-echo-inline** answers on the event loop, the floor of aio-inline). Every aio server, ours and the echoes, on {_loop_text()}.
+- Server models, each in its own process: **sync** = `server_main.start` unchanged (ENTITLEMENT_SERVER_MODEL=threads) (ThreadPoolExecutor of {method.workers}, its behaviours wrapped around each method); **aio** = `grpc.aio.server` with each of our methods wrapped once in the production behaviours, as the sync server wraps them (`server_main.call_behaviors`, `wrapping.wrap_handler`), the wrapped call run with `loop.run_in_executor` on a ThreadPoolExecutor of {method.workers} (streams on a pool of their own) (`entitlement/aio_server.py`, nothing inline); **aio-inline** = the same aio server with the two hot reads (CheckEligibility, VerifyEntitlement) run on the event loop itself: the production event-loop server (ENTITLEMENT_SERVER_MODEL=event-loop, the default on SQLite) (no thread hand-over; the sync server cannot do this, its handler waits for the request message that only its polling thread delivers; a blocking PostgreSQL round trip then stops the loop); **sync-echo** / **aio-echo** = the same set-ups with no interceptor and one bytes-in/bytes-out method (aio-echo hops to the pool as our handlers must; **aio-echo-inline** answers on the event loop, the floor of aio-inline). Every aio server, ours and the echoes, on {event_loop_text(bench_event_loop(), 'BENCH_EVENT_LOOP')}.
 - Parity check before timing, same requests to every model (successes and each error path): {method.parity}.
 - Load: one grpc.aio client process, one channel, pre-serialized requests, {conc} calls in flight. Each case (model x RPC x concurrency) is measured for {method.seconds:g} s in {method.rounds} rounds of {per_round:g} s, each after {method.warmup:g} s of warm-up calls; the models alternate round by round (sync, aio, aio-inline, then the other way round, ...), and the conclusion compares rounds of the same index. Client and server share the {method.nproc} cores.
 - Columns: req/s = calls completed OK in the measured windows / their length; x echo = req/s over the echo server of the same model at the same concurrency; p50/p95/p99 = client-side latency; srv CPU s = utime+stime of the server process (/proc/PID/stat) over the {method.seconds:g} s measured; srv CPU/call = that per call; cli CPU s = the client's.
