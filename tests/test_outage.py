@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -550,3 +551,80 @@ def test_a_restart_nobody_noticed_costs_no_call(pg_server: str) -> None:
     finally:
         db.dispose()
         proxy.close()
+
+
+def _hold_the_pool(db: Database) -> list[Any]:
+    """Every connection the write pool may hand out, checked out and held: a checkout after this
+    waits (the pool's timeout, here the lock wait), as under a load that keeps every connection busy."""
+    pool = db.engine.pool
+    return [db.engine.connect() for _ in range(pool.size() + max(pool._max_overflow, 0))]  # type: ignore[attr-defined]
+
+
+def test_a_slow_ping_is_no_outage_while_the_database_answers_calls(fresh_url: str) -> None:
+    """A ping that gets no answer in time fails when nothing else got an answer either (a silent
+    database), and does not while the database answers the calls around it (seen in `bench.rpcs`:
+    with two server processes pinned to a CPU each, a ping waited over 2 s while checks answered,
+    and the server refused every call for a second). Here the ping waits for a pooled connection
+    (all held) while hot reads answer. A SQLite write probe counts commits only: under WAL, reads
+    answer while another connection holds the write lock."""
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=1, lock_timeout_ms=5000, connect_timeout_s=2)
+    monitor = DatabaseMonitor(db, interval_s=3600, timeout_s=0.3)
+    held = _hold_the_pool(db)
+    stop = threading.Event()
+    reads = [0]
+
+    def read_in_a_loop() -> None:
+        while not stop.is_set():
+            assert db.hot.first(text("SELECT 1"))[0] == 1
+            reads[0] += 1
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_in_a_loop, daemon=True)
+    try:
+        assert not monitor.ping(), "nothing answered: an unanswered ping is a failed one"
+        reader.start()
+        assert monitor.ping(), "hot reads answered meanwhile: a slow ping is no outage"
+        if db.is_sqlite:
+            assert not monitor.ping(writes=True), "reads are no evidence for the write probe"
+        assert reads[0] > 0
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        if reader.is_alive():
+            reader.join(5)
+        monitor.stop()
+        db.dispose()
+
+
+def test_what_counts_as_the_database_answering(fresh_url: str) -> None:
+    """Database.answered_since: a committed write counts for everything; a read (transaction,
+    snapshot statement or hot read) for everything but SQLite's write probe; a failed write not at
+    all."""
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=2, lock_timeout_ms=5000)
+    try:
+        t0 = time.monotonic()
+        assert not db.answered_since(t0)
+        with db.read() as s:
+            s.execute(text("SELECT 1"))
+        assert db.answered_since(t0) and not db.answered_since(t0, writes=True)
+        t1 = time.monotonic()
+        with db.snapshot() as conn:
+            conn.execute(text("SELECT 1"))
+        assert db.answered_since(t1) and not db.answered_since(t1, writes=True)
+        t2 = time.monotonic()
+        db.hot.first(text("SELECT 1"))
+        assert db.answered_since(t2) and not db.answered_since(t2, writes=True)
+        t3 = time.monotonic()
+        with pytest.raises(RuntimeError):
+            with db.write() as s:
+                s.execute(text("UPDATE log_head SET size = size"))
+                raise RuntimeError("rolled back")
+        assert not db.answered_since(t3, writes=True)
+        with db.write() as s:
+            s.execute(text("UPDATE log_head SET size = size"))
+        assert db.answered_since(t3, writes=True) and db.answered_since(t3)
+    finally:
+        db.dispose()

@@ -234,6 +234,10 @@ class Database:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
+        # When a write transaction last committed, and a read (transaction or snapshot statement)
+        # last ended without error (time.monotonic()): the health monitor's evidence that the
+        # database answers while its own ping is slow (`answered_since`).
+        self.wrote_at = self.read_at = 0.0
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
         self.hot = HotReads(self.reader, lambda: self._refuse_reads, DatabaseDown)
@@ -241,6 +245,16 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    def answered_since(self, since: float, *, writes: bool = False) -> bool:
+        """Whether the database answered this process at or after `since` (time.monotonic()): a
+        write transaction committed, or, unless `writes`, any read ended without error, hot reads
+        included. The health monitor's evidence when its ping is slow (entitlement/dbhealth.py).
+        `writes`: only a commit counts (SQLite's write probe: under WAL, reads go on while the
+        write lock is held elsewhere)."""
+        if self.wrote_at >= since:
+            return True
+        return not writes and max(self.read_at, self.hot.answered_at) >= since
 
     def fail_fast(self, *, writes: bool, reads: bool) -> None:
         """From now on, refuse (DatabaseDown) new write / read transactions without trying them."""
@@ -302,6 +316,7 @@ class Database:
                             direct.end(session, failed=True)
                             raise
                     failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
+                    self.wrote_at = time.monotonic()
                 finally:
                     # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
                     # rollback (psycopg syncs the pipeline before its ROLLBACK).
@@ -363,6 +378,7 @@ class Database:
                 queue.await_commit(group)
             if group.error is not None:
                 group.raise_error()
+            self.wrote_at = time.monotonic()  # the group's COMMIT is durable
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -374,6 +390,7 @@ class Database:
                 try:
                     with session.begin():
                         yield session
+                    self.read_at = time.monotonic()
                 finally:
                     _forget(session)
 
@@ -387,6 +404,7 @@ class Database:
             raise DatabaseDown()
         with _deadline_errors(), self.reader.connect() as conn:
             yield conn
+        self.read_at = time.monotonic()
 
     def dispose(self) -> None:
         if self.checkpointer is not None:

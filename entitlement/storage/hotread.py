@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import weakref
 from collections import namedtuple
 from collections.abc import Callable
@@ -173,6 +174,9 @@ class HotReads:
         # Called with the SQL of every statement sent (tests and benchmarks count round trips; the
         # engine's cursor events do not see these statements).
         self.listeners: list[Callable[[str], None]] = []
+        # When a read here last answered (time.monotonic()): the health monitor's evidence that the
+        # database answers while its own ping is slow (Database.answered_since).
+        self.answered_at = 0.0
 
     def prepare(self, stmt: Select[Any] | TextClause) -> Prepared:
         p = self._prepared.get(stmt)
@@ -238,10 +242,12 @@ class HotReads:
                 cursor = conn.execute(p.sql, args)
                 if one:
                     row = cursor.fetchone()
+                    self.answered_at = _monotonic()
                     return [] if row is None else [p.convert(row)]
                 raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
+        self.answered_at = _monotonic()
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
@@ -260,6 +266,9 @@ class HotReads:
             timeout.database_wait = True  # type: ignore[attr-defined]
             return timeout
         return err
+
+
+_monotonic = time.monotonic
 
 
 # A prepared statement the server no longer has (26000: a pooler that moved us to another session)
