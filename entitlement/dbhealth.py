@@ -2,16 +2,12 @@
 status (grpc.health.v1: every service and the overall "") in step with it (README "Database outage").
 
 - Every `interval` it pings the database with a `timeout`: a failed or unanswered ping sets
-  NOT_SERVING, the next good one SERVING again. An unanswered ping is not a failure when the
-  database answered this process's calls meanwhile (a read ended, a write committed; for SQLite's
-  write probe, a write committed): one slow round trip under load then no longer fails every call
-  for a ping interval (seen with two server processes pinned to a CPU each, BENCHMARKS.md "1 vs 2
-  server processes": a ping waited over 2 s while the calls around it answered). A ping starts on time even when an earlier one
-  hangs (a silent network): the pings run one after another in a thread (`_Pinger`) that keeps its
-  connections from one ping to the next; a ping that does not answer in time is left to that
-  thread, the next one gets a new thread, and at most MAX_HANGING may hang. (A thread per ping,
-  as before, opened a new database connection at every ping, for the hot reads' probe, which keeps
-  one per thread: on PostgreSQL a new backend every second, per server process.)
+  NOT_SERVING, the next good one SERVING again. A failed or unanswered ping is no outage when
+  calls of this process sent after it got their answers from the database (Database.answered_since:
+  a read, on either pool or the hot reads', ended; a write committed; for SQLite's write probe, a
+  write committed): one stalled round trip under load no longer fails every call for a ping
+  interval (seen with two server processes pinned to a CPU each, README "Database outage": a ping
+  waited over 2 s while the calls around it answered). A silent or dead database answers no call.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.
@@ -42,7 +38,7 @@ from entitlement.storage.db import Database, bind_deadline
 
 log = structlog.get_logger("entitlement.dbhealth")
 
-MAX_HANGING = 3  # pings allowed to hang at once; beyond, a ping counts as failed without being tried
+MAX_HANGING = 3  # pings allowed to hang at once; beyond, a ping is not tried (the calls decide: ping())
 MIN_GAP_S = 0.05  # calls meeting an outage wake the monitor at most this often
 
 
@@ -92,17 +88,22 @@ class DatabaseMonitor:
             self._wake.set()
 
     def ping(self, writes: bool = False) -> bool:
-        """One ping (SQLite: a write probe with `writes`): True when the database answered in time,
-        or when, while the ping went unanswered, the database answered this process's calls (a
-        slow ping is then no outage: logged, not reported)."""
+        """One ping (SQLite: a write probe with `writes`): True when the database answered it in
+        time, or when, although it failed or went unanswered, the database answered this process's
+        calls sent after it (`_answered`: logged, not reported as an outage)."""
         sent = time.monotonic()
         with self._lock:
-            if self._hanging >= MAX_HANGING:
-                return self._answered(sent - self._timeout, writes, "PingsHanging")
-            self._hanging += 1
-            if self._pinger is None:
-                self._pinger = _Pinger(self)
-            pinger = self._pinger
+            tried = self._hanging < MAX_HANGING
+            if tried:
+                self._hanging += 1
+                if self._pinger is None:
+                    self._pinger = _Pinger(self)
+                pinger = self._pinger
+        if not tried:
+            # Too many pings hang already: this one is not tried, and the calls decide once its
+            # time is up (stop() waits for this thread up to timeout + 1 s).
+            time.sleep(self._timeout)
+            return self._answered(sent, writes, "PingsHanging")
         job = _Ping(writes)
         pinger.jobs.put(job)
         if not job.done.wait(self._timeout):
@@ -112,21 +113,22 @@ class DatabaseMonitor:
             pinger.retire()
             return self._answered(sent, writes, "PingTimeout")
         if job.error:
-            self._last_error = job.error
-            return False
+            return self._answered(sent, writes, job.error)
         if writes:
             self._probe_writes = False
         return True
 
     def _answered(self, since: float, writes: bool, error: str) -> bool:
-        """A ping that got no answer in time: no outage if the database answered the calls since
-        `since` (a write committed, for a write probe), as under a load that makes one round trip
-        slow (a connection's backend, or the ping's thread, starved of CPU for a while: seen in
-        `python -m bench.rpcs` with two server processes pinned to a CPU each). Otherwise a failed
-        ping (`error`)."""
+        """A ping that failed (`error`) or got no answer in time: no outage if calls of this
+        process sent after `since` got their answer from the database (Database.answered_since; a
+        write committed, for SQLite's write probe), as under a load that stalls one round trip (the
+        ping's thread or its connection's backend starved of CPU for a while: seen in
+        `python -m bench.rpcs` with two server processes pinned to a CPU each), or with the write
+        pool exhausted while the reads' pool answers, or when a write probe loses the SQLite lock to
+        this process's own committing writers. Otherwise a failed ping."""
         if self._db.answered_since(since, writes=writes):
-            log.warning("database_ping_slow", error=error, timeout_ms=round(self._timeout * 1000),
-                        note="the database answered calls meanwhile: not an outage")
+            log.warning("database_ping_missed", error=error, timeout_ms=round(self._timeout * 1000),
+                        note="calls sent after the ping got their answers: not an outage")
             return True
         self._last_error = error
         return False

@@ -49,7 +49,7 @@ from support import As, Harness, failure, identity
 from tcp_proxy import TcpProxy
 
 from entitlement import credentials, doctor
-from entitlement.dbhealth import DatabaseMonitor
+from entitlement.dbhealth import MAX_HANGING, DatabaseMonitor
 from entitlement.callers import Caller
 from entitlement.server_main import SERVICE_NAMES
 from entitlement.storage.db import Database, bind_deadline
@@ -560,48 +560,69 @@ def _hold_the_pool(db: Database) -> list[Any]:
     return [db.engine.connect() for _ in range(pool.size() + max(pool._max_overflow, 0))]  # type: ignore[attr-defined]
 
 
-def test_a_slow_ping_is_no_outage_while_the_database_answers_calls(fresh_url: str) -> None:
-    """A ping that gets no answer in time fails when nothing else got an answer either (a silent
-    database), and does not while the database answers the calls around it (seen in `bench.rpcs`:
-    with two server processes pinned to a CPU each, a ping waited over 2 s while checks answered,
-    and the server refused every call for a second). Here the ping waits for a pooled connection
-    (all held) while hot reads answer. A SQLite write probe counts commits only: under WAL, reads
-    answer while another connection holds the write lock."""
+@pytest.mark.parametrize("ping", ["unanswered", "failed"])
+def test_a_missed_ping_is_no_outage_while_the_database_answers_calls(fresh_url: str, ping: str) -> None:
+    """A ping that fails or gets no answer in time is an outage when nothing else got an answer
+    either (a silent database), and not while calls sent after it get their answers (seen in
+    `bench.rpcs`: with two server processes pinned to a CPU each, a ping waited over 2 s while
+    checks answered, and the server refused every call for a second). Here the ping waits for a
+    pooled connection (all held) while hot reads answer: past the ping's timeout ("unanswered"), or
+    until the pool gives up ("failed", its wait shorter than the ping's timeout). A SQLite write
+    probe counts commits only: under WAL, reads answer while another connection holds the write
+    lock. Beyond MAX_HANGING pings hanging, a ping is not tried, and the calls decide."""
     upgrade(fresh_url)
-    db = Database(fresh_url, pool_size=1, lock_timeout_ms=5000, connect_timeout_s=2)
-    monitor = DatabaseMonitor(db, interval_s=3600, timeout_s=0.3)
+    unanswered = ping == "unanswered"
+    db = Database(fresh_url, pool_size=1, lock_timeout_ms=5000 if unanswered else 200, connect_timeout_s=2)
+    monitor = DatabaseMonitor(db, interval_s=3600, timeout_s=0.3 if unanswered else 2.0)
     held = _hold_the_pool(db)
     stop = threading.Event()
-    reads = [0]
+    reads: list[int] = []
+    errors: list[BaseException] = []
 
     def read_in_a_loop() -> None:
-        while not stop.is_set():
-            assert db.hot.first(text("SELECT 1"))[0] == 1
-            reads[0] += 1
-            time.sleep(0.01)
+        try:
+            while not stop.is_set():
+                reads.append(db.hot.first(text("SELECT 1"))[0])
+                time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            errors.append(exc)
 
     reader = threading.Thread(target=read_in_a_loop, daemon=True)
     try:
-        assert not monitor.ping(), "nothing answered: an unanswered ping is a failed one"
+        assert not monitor.ping(), f"nothing answered: a ping {ping} is a failed one"
         reader.start()
-        assert monitor.ping(), "hot reads answered meanwhile: a slow ping is no outage"
+        limit = time.monotonic() + 10
+        while not reads and not errors and time.monotonic() < limit:
+            time.sleep(0.01)
+        assert reads and not errors, errors
+        assert monitor.ping(), f"hot reads answered meanwhile: a ping {ping} is no outage"
         if db.is_sqlite:
             assert not monitor.ping(writes=True), "reads are no evidence for the write probe"
-        assert reads[0] > 0
+        if unanswered:  # pings hang (each until the pool gives up, 5 s): fill up to MAX_HANGING
+            while monitor._hanging < MAX_HANGING:
+                assert monitor.ping()
+            assert monitor.ping(), "not tried (too many hanging): the answered reads decide"
+            stop.set()
+            reader.join(5)
+            assert not monitor.ping(), "not tried, and nothing answered: a failed ping"
+        assert not errors, errors
     finally:
         stop.set()
         for conn in held:
             conn.close()
         if reader.is_alive():
             reader.join(5)
+        limit = time.monotonic() + 10  # the hanging pings end once the pool has connections again
+        while monitor._hanging and time.monotonic() < limit:
+            time.sleep(0.01)
         monitor.stop()
         db.dispose()
 
 
 def test_what_counts_as_the_database_answering(fresh_url: str) -> None:
     """Database.answered_since: a committed write counts for everything; a read (transaction,
-    snapshot statement or hot read) for everything but SQLite's write probe; a failed write not at
-    all."""
+    snapshot statement or hot read) for everything but SQLite's write probe; a write rolled back not
+    at all; each from the time the work began."""
     upgrade(fresh_url)
     db = Database(fresh_url, pool_size=2, lock_timeout_ms=5000)
     try:
@@ -626,5 +647,14 @@ def test_what_counts_as_the_database_answering(fresh_url: str) -> None:
         with db.write() as s:
             s.execute(text("UPDATE log_head SET size = size"))
         assert db.answered_since(t3, writes=True) and db.answered_since(t3)
+        # Stamped with the work's start: work begun before `since` vouches for nothing after it.
+        with db.read() as s:
+            t4 = time.monotonic()
+            s.execute(text("SELECT 1"))
+        assert not db.answered_since(t4)
+        with db.write() as s:
+            s.execute(text("UPDATE log_head SET size = size"))
+            t5 = time.monotonic()
+        assert not db.answered_since(t5)
     finally:
         db.dispose()

@@ -234,9 +234,9 @@ class Database:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
-        # When a write transaction last committed, and a read (transaction or snapshot statement)
-        # last ended without error (time.monotonic()): the health monitor's evidence that the
-        # database answers while its own ping is slow (`answered_since`).
+        # The latest start (time.monotonic()) of a write transaction that committed, and of a read
+        # (transaction or snapshot statement) that ended without error: the health monitor's
+        # evidence that the database answers requests sent after its ping (`answered_since`).
         self.wrote_at = self.read_at = 0.0
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
@@ -247,9 +247,11 @@ class Database:
         return self.dialect == "sqlite"
 
     def answered_since(self, since: float, *, writes: bool = False) -> bool:
-        """Whether the database answered this process at or after `since` (time.monotonic()): a
-        write transaction committed, or, unless `writes`, any read ended without error, hot reads
-        included. The health monitor's evidence when its ping is slow (entitlement/dbhealth.py).
+        """Whether work of this process begun at or after `since` (time.monotonic()) got its answer
+        from the database: a write transaction committed, or, unless `writes`, a read (either pool's,
+        or a hot read) ended without error. The health monitor's evidence when its ping fails or
+        goes unanswered (entitlement/dbhealth.py). Stamped with the work's start, so an answer that
+        arrives late, or a block that ends after an outage began, cannot vouch for a later ping.
         `writes`: only a commit counts (SQLite's write probe: under WAL, reads go on while the
         write lock is held elsewhere)."""
         if self.wrote_at >= since:
@@ -298,6 +300,7 @@ class Database:
         if self._refuse_writes:
             raise DatabaseDown()
         deadline.check_start()
+        started = time.monotonic()
         with _deadline_errors(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
@@ -316,7 +319,7 @@ class Database:
                             direct.end(session, failed=True)
                             raise
                     failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
-                    self.wrote_at = time.monotonic()
+                    self.wrote_at = max(self.wrote_at, started)
                 finally:
                     # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
                     # rollback (psycopg syncs the pipeline before its ROLLBACK).
@@ -337,6 +340,7 @@ class Database:
         if self._refuse_writes:
             raise DatabaseDown()
         deadline.check_start()
+        started = time.monotonic()
         queue = self._writers
         assert queue is not None
         with _deadline_errors():
@@ -378,19 +382,20 @@ class Database:
                 queue.await_commit(group)
             if group.error is not None:
                 group.raise_error()
-            self.wrote_at = time.monotonic()  # the group's COMMIT is durable
+            self.wrote_at = max(self.wrote_at, started)  # the group's COMMIT is durable
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
         if self._refuse_reads:
             raise DatabaseDown()
+        started = time.monotonic()
         with _deadline_errors(), self.engine.connect() as conn:
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 try:
                     with session.begin():
                         yield session
-                    self.read_at = time.monotonic()
+                    self.read_at = max(self.read_at, started)
                 finally:
                     _forget(session)
 
@@ -402,9 +407,10 @@ class Database:
         single rows use `self.hot` instead."""
         if self._refuse_reads:
             raise DatabaseDown()
+        started = time.monotonic()
         with _deadline_errors(), self.reader.connect() as conn:
             yield conn
-        self.read_at = time.monotonic()
+        self.read_at = max(self.read_at, started)
 
     def dispose(self) -> None:
         if self.checkpointer is not None:

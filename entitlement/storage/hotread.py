@@ -174,8 +174,9 @@ class HotReads:
         # Called with the SQL of every statement sent (tests and benchmarks count round trips; the
         # engine's cursor events do not see these statements).
         self.listeners: list[Callable[[str], None]] = []
-        # When a read here last answered (time.monotonic()): the health monitor's evidence that the
-        # database answers while its own ping is slow (Database.answered_since).
+        # The latest start (time.monotonic()) of a read here that got its answer: the health
+        # monitor's evidence that the database answers requests sent after its ping
+        # (Database.answered_since).
         self.answered_at = 0.0
 
     def prepare(self, stmt: Select[Any] | TextClause) -> Prepared:
@@ -232,6 +233,7 @@ class HotReads:
             for listener in self.listeners:
                 listener(p.sql)
         conn = None
+        started = _monotonic()
         try:
             conn = self._connection()
             if self._libpq:
@@ -242,12 +244,14 @@ class HotReads:
                 cursor = conn.execute(p.sql, args)
                 if one:
                     row = cursor.fetchone()
-                    self.answered_at = _monotonic()
+                    if started > self.answered_at:
+                        self.answered_at = started
                     return [] if row is None else [p.convert(row)]
                 raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
-        self.answered_at = _monotonic()
+        if started > self.answered_at:
+            self.answered_at = started
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
