@@ -244,10 +244,9 @@ class HotReads:
                 cursor = conn.execute(p.sql, args)
                 if one:
                     row = cursor.fetchone()
-                    if started > self.answered_at:
-                        self.answered_at = started
-                    return [] if row is None else [p.convert(row)]
-                raw = cursor.fetchall()
+                    raw = [] if row is None else [row]
+                else:
+                    raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
         if started > self.answered_at:
