@@ -3,11 +3,13 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
 
 - Every `interval` it pings the database with a `timeout`: a failed or unanswered ping sets
   NOT_SERVING, the next good one SERVING again. A failed or unanswered ping is no outage when
-  calls of this process sent after it got their answers from the database (Database.answered_since:
-  a read, on either pool or the hot reads', ended; a write committed; for SQLite's write probe, a
-  write committed): one stalled round trip under load no longer fails every call for a ping
-  interval (seen with two server processes pinned to a CPU each, README "Database outage": a ping
-  waited over 2 s while the calls around it answered). A silent or dead database answers no call.
+  the database answered this process's calls after the ping was sent (Database.answered_since: a
+  hot read's statement or a write's COMMIT answered then, even if sent before; a read transaction
+  begun then ended; for SQLite's write probe, a COMMIT only): one stalled round trip under load no
+  longer fails every call for a ping interval (seen with two server processes pinned to a CPU
+  each, README "Database outage": a ping waited over 2 s while the calls around it answered; and
+  in CI, README "Database outage", a call and the ping stalled together). A silent or dead
+  database answers no call.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.
@@ -56,7 +58,7 @@ class DatabaseMonitor:
         self._pinger: _Pinger | None = None  # the thread the next ping runs in
         self._probe_writes = False  # SQLite: a call met the database locked; probe with a write
         self._down_since = 0.0
-        self._last_error = ""
+        self._last_error: dict[str, object] = {}  # the last failed ping's log fields
         self._thread = threading.Thread(target=self._run, name="db-health", daemon=True)
 
     @property
@@ -90,7 +92,7 @@ class DatabaseMonitor:
     def ping(self, writes: bool = False) -> bool:
         """One ping (SQLite: a write probe with `writes`): True when the database answered it in
         time, or when, although it failed or went unanswered, the database answered this process's
-        calls sent after it (`_answered`: logged, not reported as an outage)."""
+        calls after it was sent (`_answered`: logged, not reported as an outage)."""
         sent = time.monotonic()
         with self._lock:
             tried = self._hanging < MAX_HANGING
@@ -103,7 +105,7 @@ class DatabaseMonitor:
             # Too many pings hang already: this one is not tried, and the calls decide once its
             # time is up (stop() waits for this thread up to timeout + 1 s).
             time.sleep(self._timeout)
-            return self._answered(sent, writes, "PingsHanging")
+            return self._answered(sent, writes, "PingsHanging", "")
         job = _Ping(writes)
         pinger.jobs.put(job)
         if not job.done.wait(self._timeout):
@@ -111,26 +113,32 @@ class DatabaseMonitor:
                 if self._pinger is pinger:
                     self._pinger = None  # hanging: left to end with its ping; the next gets a new one
             pinger.retire()
-            return self._answered(sent, writes, "PingTimeout")
+            return self._answered(sent, writes, "PingTimeout", "")
         if job.error:
-            return self._answered(sent, writes, job.error)
+            return self._answered(sent, writes, job.error, job.detail)
         if writes:
             self._probe_writes = False
         return True
 
-    def _answered(self, since: float, writes: bool, error: str) -> bool:
-        """A ping that failed (`error`) or got no answer in time: no outage if calls of this
-        process sent after `since` got their answer from the database (Database.answered_since; a
-        write committed, for SQLite's write probe), as under a load that stalls one round trip (the
+    def _answered(self, since: float, writes: bool, error: str, detail: str) -> bool:
+        """A ping that failed (`error`) or got no answer in time: no outage if the database
+        answered this process's calls after `since` (Database.answered_since; a COMMIT, for SQLite's
+        write probe), as under a load that stalls one round trip (the
         ping's thread or its connection's backend starved of CPU for a while: seen in
         `python -m bench.rpcs` with two server processes pinned to a CPU each), or with the write
         pool exhausted while the reads' pool answers, or when a write probe loses the SQLite lock to
-        this process's own committing writers. Otherwise a failed ping."""
+        this process's own committing writers. Otherwise a failed ping. Logged with the error's
+        type, the driver's message for it (`detail`: a ping sends no data, so its messages hold none)
+        and how long the ping had been waiting."""
+        fields: dict[str, object] = {"error": error, "waited_ms": round((time.monotonic() - since) * 1000),
+                                     "timeout_ms": round(self._timeout * 1000)}
+        if detail:
+            fields["detail"] = detail
         if self._db.answered_since(since, writes=writes):
-            log.warning("database_ping_missed", error=error, timeout_ms=round(self._timeout * 1000),
-                        note="calls sent after the ping got their answers: not an outage")
+            log.warning("database_ping_missed", **fields,
+                        note="the database answered calls after the ping was sent: not an outage")
             return True
-        self._last_error = error
+        self._last_error = fields
         return False
 
     def _ping_done(self) -> None:
@@ -164,16 +172,17 @@ class DatabaseMonitor:
             log.info("database_reachable", down_ms=round((time.monotonic() - self._down_since) * 1000))
         else:
             self._down_since = time.monotonic()
-            log.warning("database_unreachable", error=self._last_error)
+            log.warning("database_unreachable", **self._last_error)
 
 
 class _Ping:
-    __slots__ = ("writes", "done", "error")
+    __slots__ = ("writes", "done", "error", "detail")
 
     def __init__(self, writes: bool) -> None:
         self.writes = writes
         self.done = threading.Event()
         self.error = ""  # the failure's type name ("" once done: answered)
+        self.detail = ""  # the driver's message for it (_detail)
 
 
 class _Pinger:
@@ -195,11 +204,21 @@ class _Pinger:
             try:
                 bind_deadline(monitor._timeout)  # SQLite: the write probe waits for the lock this long at most
                 monitor._db.ping(write=job.writes and monitor._db.is_sqlite)
-            except Exception as exc:  # any failure is a failed ping; the type is enough to log
-                job.error = type(exc).__name__
+            except Exception as exc:  # any failure is a failed ping
+                job.error, job.detail = type(exc).__name__, _detail(exc)
             finally:
                 monitor._ping_done()
                 job.done.set()
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of the driver's own message for a ping's failure (SQLAlchemy's text around it
+    adds the statement and a link), at most 200 characters: what an operator needs to tell a
+    refused connection from a dead one or a full pool. A ping's statement carries no parameter, so
+    no personal data can be in it."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def monitor_for(db: Database, ping_ms: int, ping_timeout_ms: int) -> DatabaseMonitor | None:

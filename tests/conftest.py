@@ -155,3 +155,24 @@ def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture
 def api(harness: Harness) -> Api:
     return Api(harness)
+
+
+HEALTH_EVENTS = ("database_unreachable", "database_reachable", "database_ping_missed")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used the shared servers' log gets, in its report, the database health
+    monitors' last events from it (a CI run shows a failure's report, never the log file: in CI a
+    monitor once reported an outage that no local run reproduced)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    server_log = getattr(item, "funcargs", {}).get("server_log")
+    if report.when != "call" or not report.failed or server_log is None:
+        return
+    path, stream = server_log
+    stream.flush()
+    events = [line.rstrip() for line in path.read_text(errors="replace").splitlines()
+              if any(f'"event": "{e}"' in line for e in HEALTH_EVENTS)]
+    report.sections.append(("database health events in the servers' log (the last 20)",
+                            "\n".join(events[-20:]) or "none"))

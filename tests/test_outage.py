@@ -38,6 +38,8 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
+import structlog.testing
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -595,7 +597,14 @@ def test_a_missed_ping_is_no_outage_while_the_database_answers_calls(fresh_url: 
         while not reads and not errors and time.monotonic() < limit:
             time.sleep(0.01)
         assert reads and not errors, errors
-        assert monitor.ping(), f"hot reads answered meanwhile: a ping {ping} is no outage"
+        with structlog.testing.capture_logs() as logged:
+            assert monitor.ping(), f"hot reads answered meanwhile: a ping {ping} is no outage"
+        missed = [e for e in logged if e["event"] == "database_ping_missed"]
+        assert len(missed) == 1, logged
+        assert missed[0]["error"] == ("PingTimeout" if unanswered else "TimeoutError"), missed
+        assert missed[0]["waited_ms"] >= (300 if unanswered else 0), missed
+        # a failed ping says why, in the driver's words (here the pool's: every connection held)
+        assert unanswered or "QueuePool limit" in missed[0]["detail"], missed
         if db.is_sqlite:
             assert not monitor.ping(writes=True), "reads are no evidence for the write probe"
         if unanswered:  # pings hang (each until the pool gives up, 5 s): fill up to MAX_HANGING
@@ -622,7 +631,10 @@ def test_a_missed_ping_is_no_outage_while_the_database_answers_calls(fresh_url: 
 def test_what_counts_as_the_database_answering(fresh_url: str) -> None:
     """Database.answered_since: a committed write counts for everything; a read (transaction,
     snapshot statement or hot read) for everything but SQLite's write probe; a write rolled back not
-    at all; each from the time the work began."""
+    at all. A COMMIT or a hot read's statement counts from when its answer came (sent before `since`
+    and answered after it: the database answered after `since`; in CI a call and the ping once
+    stalled together, and the call sent before the ping vouched for nothing); a read transaction
+    or snapshot statement from when it began (a block may end long after its last answer)."""
     upgrade(fresh_url)
     db = Database(fresh_url, pool_size=2, lock_timeout_ms=5000)
     try:
@@ -647,14 +659,29 @@ def test_what_counts_as_the_database_answering(fresh_url: str) -> None:
         with db.write() as s:
             s.execute(text("UPDATE log_head SET size = size"))
         assert db.answered_since(t3, writes=True) and db.answered_since(t3)
-        # Stamped with the work's start: work begun before `since` vouches for nothing after it.
+        # A read transaction begun before `since` vouches for nothing after it...
         with db.read() as s:
             t4 = time.monotonic()
             s.execute(text("SELECT 1"))
         assert not db.answered_since(t4)
+        # ... a COMMIT answered after it does,
         with db.write() as s:
             s.execute(text("UPDATE log_head SET size = size"))
             t5 = time.monotonic()
-        assert not db.answered_since(t5)
+        assert db.answered_since(t5, writes=True) and db.answered_since(t5)
+        # ... and so does a hot read sent before it and answered after it.
+        slow = text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
+                    "SELECT count(*) FROM c" if db.is_sqlite else "SELECT pg_sleep(0.5)")
+        sent = threading.Event()
+        db.hot.listeners.append(lambda _sql: sent.set())  # called just before the statement goes
+        reader = threading.Thread(target=db.hot.first, args=(slow,), daemon=True)
+        reader.start()
+        assert sent.wait(10)
+        time.sleep(0.02)
+        t6 = time.monotonic()
+        assert reader.is_alive(), "the slow read answered before `since`: the case is not tested"
+        assert not db.answered_since(t6)
+        reader.join(30)
+        assert db.answered_since(t6) and not db.answered_since(t6, writes=True)
     finally:
         db.dispose()

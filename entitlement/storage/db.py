@@ -234,9 +234,9 @@ class Database:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
         self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
-        # The latest start (time.monotonic()) of a write transaction that committed, and of a read
-        # (transaction or snapshot statement) that ended without error: the health monitor's
-        # evidence that the database answers requests sent after its ping (`answered_since`).
+        # When (time.monotonic()) the database last answered a write's COMMIT, and the latest
+        # start of a read (transaction or snapshot statement) that ended without error: the health
+        # monitor's evidence that the database answers after its ping was sent (`answered_since`).
         self.wrote_at = self.read_at = 0.0
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
@@ -247,13 +247,13 @@ class Database:
         return self.dialect == "sqlite"
 
     def answered_since(self, since: float, *, writes: bool = False) -> bool:
-        """Whether work of this process begun at or after `since` (time.monotonic()) got its answer
-        from the database: a write transaction committed, or, unless `writes`, a read (either pool's,
-        or a hot read) ended without error. The health monitor's evidence when its ping fails or
-        goes unanswered (entitlement/dbhealth.py). Stamped with the work's start, so an answer that
-        arrives late, or a block that ends after an outage began, cannot vouch for a later ping.
-        `writes`: only a commit counts (SQLite's write probe: under WAL, reads go on while the
-        write lock is held elsewhere)."""
+        """Whether the database answered this process at or after `since` (time.monotonic()): a
+        write's COMMIT, or, unless `writes`, a hot read's statement, answered then (work sent
+        before `since` counts: its answer came after), or a read transaction or snapshot statement
+        begun then ended without error (a block may end well after its last answer: its start
+        counts). The health monitor's evidence when its ping fails or goes unanswered
+        (entitlement/dbhealth.py). `writes`: only a commit counts (SQLite's write probe: under WAL,
+        reads go on while the write lock is held elsewhere)."""
         if self.wrote_at >= since:
             return True
         return not writes and max(self.read_at, self.hot.answered_at) >= since
@@ -300,7 +300,6 @@ class Database:
         if self._refuse_writes:
             raise DatabaseDown()
         deadline.check_start()
-        started = time.monotonic()
         with _deadline_errors(), self.engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
@@ -319,7 +318,7 @@ class Database:
                             direct.end(session, failed=True)
                             raise
                     failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
-                    self.wrote_at = max(self.wrote_at, started)
+                    self.wrote_at = time.monotonic()  # the COMMIT's answer
                 finally:
                     # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
                     # rollback (psycopg syncs the pipeline before its ROLLBACK).
@@ -340,7 +339,6 @@ class Database:
         if self._refuse_writes:
             raise DatabaseDown()
         deadline.check_start()
-        started = time.monotonic()
         queue = self._writers
         assert queue is not None
         with _deadline_errors():
@@ -382,7 +380,7 @@ class Database:
                 queue.await_commit(group)
             if group.error is not None:
                 group.raise_error()
-            self.wrote_at = max(self.wrote_at, started)  # the group's COMMIT is durable
+            self.wrote_at = time.monotonic()  # the group's COMMIT is durable: its answer
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -174,9 +174,8 @@ class HotReads:
         # Called with the SQL of every statement sent (tests and benchmarks count round trips; the
         # engine's cursor events do not see these statements).
         self.listeners: list[Callable[[str], None]] = []
-        # The latest start (time.monotonic()) of a read here that got its answer: the health
-        # monitor's evidence that the database answers requests sent after its ping
-        # (Database.answered_since).
+        # When (time.monotonic()) a read here last got its answer: the health monitor's evidence
+        # that the database answers after its ping was sent (Database.answered_since).
         self.answered_at = 0.0
 
     def prepare(self, stmt: Select[Any] | TextClause) -> Prepared:
@@ -233,7 +232,6 @@ class HotReads:
             for listener in self.listeners:
                 listener(p.sql)
         conn = None
-        started = _monotonic()
         try:
             conn = self._connection()
             if self._libpq:
@@ -249,8 +247,7 @@ class HotReads:
                     raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
-        if started > self.answered_at:
-            self.answered_at = started
+        self.answered_at = _monotonic()
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
