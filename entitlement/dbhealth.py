@@ -9,7 +9,8 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
   longer fails every call for a ping interval (seen with two server processes pinned to a CPU
   each, README "Database outage": a ping waited over 2 s while the calls around it answered; and
   in CI, README "Database outage", a call and the ping stalled together). A silent or dead
-  database answers no call.
+  database answers no call. A ping this thread finds unanswered at its timeout after oversleeping
+  (the whole process stood still) gets as long again as it overslept: its answer may be in hand.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.
@@ -108,7 +109,19 @@ class DatabaseMonitor:
             return self._answered(sent, writes, "PingsHanging", "")
         job = _Ping(writes)
         pinger.jobs.put(job)
-        if not job.done.wait(self._timeout):
+        answered = job.done.wait(self._timeout)
+        if not answered:
+            # This thread may have woken late: when the whole process stood still (a call holding
+            # the interpreter lock, a machine starved of CPU), the ping's own thread, runnable too,
+            # may hold its answer already. It gets as long again as this thread overslept (at most
+            # a timeout): a stall of the process is not the database's.
+            late = time.monotonic() - sent - self._timeout
+            answered = late > 0 and job.done.wait(min(late, self._timeout))
+            if answered:
+                log.warning("database_ping_late", waited_ms=round((time.monotonic() - sent) * 1000),
+                            late_ms=round(late * 1000), timeout_ms=round(self._timeout * 1000),
+                            note="this process stood still meanwhile: not an outage")
+        if not answered:
             with self._lock:
                 if self._pinger is pinger:
                     self._pinger = None  # hanging: left to end with its ping; the next gets a new one

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -624,6 +625,75 @@ def test_a_missed_ping_is_no_outage_while_the_database_answers_calls(fresh_url: 
         limit = time.monotonic() + 10  # the hanging pings end once the pool has connections again
         while monitor._hanging and time.monotonic() < limit:
             time.sleep(0.01)
+        monitor.stop()
+        db.dispose()
+
+
+def _stand_still(at_least_s: float) -> Callable[[], float]:
+    """A stall of the whole process of `at_least_s` or more, to call later (measured now, in short
+    steps): a regular expression that backtracks exponentially holds the interpreter lock
+    throughout (the re module never lets it go), so no other thread of this process runs
+    meanwhile, as in a long call holding the lock, a stop-the-world pause or a machine that does
+    not schedule the process. The call returns how long it stood still."""
+    pattern, n = re.compile(r"(a+)+$"), 16
+    while True:
+        started = time.monotonic()
+        pattern.match("a" * n + "b")
+        took = time.monotonic() - started
+        if took >= at_least_s:
+            break
+        n += 1 if took > at_least_s / 4 else 2
+    subject = "a" * n + "b"
+
+    def stall() -> float:
+        started = time.monotonic()
+        pattern.match(subject)
+        return time.monotonic() - started
+    return stall
+
+
+def test_a_stall_of_the_whole_process_is_no_outage(fresh_url: str) -> None:
+    """The process stands still (every thread) while a ping waits for its answer: when it runs
+    again, the monitor's thread, late past the ping's timeout, waits as long again for the ping's
+    own thread, which has its answer (before 2026-12-06 it judged at once: an outage in about half
+    of such stalls, in a measurement; in CI a shared test server reported one, 17 tests refused).
+    A ping whose answer comes after its timeout while the process runs is still unanswered."""
+    upgrade(fresh_url)
+    db = Database(fresh_url, pool_size=1, lock_timeout_ms=10000, connect_timeout_s=2)
+    monitor = DatabaseMonitor(db, interval_s=3600, timeout_s=0.2)
+    outcome: list[bool] = []
+    stand_still = _stand_still(3 * 0.2)
+    try:
+        assert monitor.ping()
+        for stall in (True, False):
+            held = _hold_the_pool(db)  # the ping waits for a connection, the interpreter lock free
+            outcome.clear()
+            pinging = threading.Thread(target=lambda: outcome.append(monitor.ping()), daemon=True)
+            with structlog.testing.capture_logs() as logged:
+                pinging.start()
+                time.sleep(0.05)  # the ping is sent, and waits
+                if stall:
+                    held.pop().close()  # the ping may go on...
+                    stood = stand_still()  # ...but nothing in this process runs
+                    for conn in held:
+                        conn.close()
+                else:
+                    time.sleep(0.5)  # the answer comes after the timeout, the process running
+                    for conn in held:
+                        conn.close()
+                pinging.join(10)
+            assert not pinging.is_alive()
+            late = [e for e in logged if e["event"] == "database_ping_late"]
+            if stall:
+                assert outcome == [True], f"the process stood still {stood:.2f} s: no outage ({logged})"
+                assert len(late) == 1 and late[0]["late_ms"] > 0, (logged, outcome)
+            else:
+                assert outcome == [False], "an answer after the timeout, the process running: unanswered"
+                assert not late, logged
+            limit = time.monotonic() + 10  # the hanging ping ends now that the pool has its connection
+            while monitor._hanging and time.monotonic() < limit:
+                time.sleep(0.01)
+    finally:
         monitor.stop()
         db.dispose()
 
