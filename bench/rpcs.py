@@ -462,6 +462,23 @@ def _models_text(cfg: RpcsConfig, backends: tuple[str, ...]) -> str:
     return ", ".join(f"{b} {backend_model(cfg.server_model, b)}" for b in backends)
 
 
+def autogroup_text() -> str:
+    """Linux's autogroup scheduling on this machine, for the scaling part's method: with it on, the
+    PostgreSQL server (started in a session of its own) and the servers measured here are scheduled
+    as two groups, and a backend woken on a CPU where its group has little weight may wait seconds
+    to run (README, "Database outage")."""
+    try:
+        value = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except OSError:
+        return "Linux's autogroup scheduling: not on this kernel."
+    if value == "0":
+        return "Linux's autogroup scheduling was off (`kernel.sched_autogroup_enabled` = 0)."
+    return ("Linux's autogroup scheduling was on (`kernel.sched_autogroup_enabled` = 1): PostgreSQL, "
+            "started in a session of its own, and these servers run as two scheduling groups; "
+            "saturated, a few calls may wait 0.2-3 s for a backend that the kernel does not run "
+            "(README, \"Database outage\"; none with it off).")
+
+
 def _affinity_text(setting: affinity.Setting) -> str:
     text = setting if isinstance(setting, str) else ",".join(map(str, setting))
     return text + (" (pinned only when the processes are as many as the CPUs)" if setting == affinity.AUTO else "")
@@ -809,7 +826,7 @@ Two 1-process servers (the real one per backend, and the echo), identical but fo
 
 Each process is a spawned `server_main.start` (in PostgreSQL's model; the echo rows: the sync echo, whatever that model) with `processes=2` in its settings (SO_REUSEPORT), as `server.py` runs them with `ENTITLEMENT_PROCESSES=2`, and pinned as it pins them (`ENTITLEMENT_CPU_AFFINITY` {_affinity_text(cfg.cpu_affinity)}: with `auto` on a 2-CPU machine, each of the 2 processes on a CPU of its own while the single process is left to the kernel; "CPUs" gives what each process's threads may run on); the load generator's {cfg.channels} connections are spread over them by the kernel (the per-process CPU in brackets shows how evenly). The 1-process and 2-process servers run side by side, idle in turn: each case is measured in {SCALING_ROUNDS} rounds of {cfg.seconds / SCALING_ROUNDS:g} s (each after {cfg.warmup:g} s of warm-up) in alternating order (1 2, 2 1), so that drift in the machine's other load falls on both. Client, servers and PostgreSQL share the {m.nproc} cores: "machine busy" is every process's CPU over the window (/proc/stat, other work on the machine included), out of {m.nproc}.
 
-{scaling_summary(scale)}
+{scaling_summary(scale)} {autogroup_text()}
 """ if scale else "")
     return f"""## The hot RPCs against the echo floor (`python -m bench.rpcs`)
 
