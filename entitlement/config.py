@@ -154,8 +154,9 @@ class Settings:
     #   failed ping, back to SERVING after a good one; while NOT_SERVING, calls that need the
     #   database answer UNAVAILABLE at once); 0 = no monitor (health stays SERVING). A call meeting
     #   an outage makes it ping at once. Recovery is noticed within about one interval.
-    # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping, unless calls
-    #   sent after it got their answers from the database (entitlement/dbhealth.py).
+    # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping, unless the
+    #   database answered this process's calls after it was sent; a monitor that woke late (the
+    #   process stood still) waits as long again, at most this (entitlement/dbhealth.py).
     # Settings built by hand (tests, benchmarks) keep these defaults. The command-line tools'
     # own Database objects (migrations, doctor, imports, jobs) keep theirs: a 30 s SQLite lock wait,
     # no PostgreSQL timeouts.

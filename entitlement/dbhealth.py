@@ -10,7 +10,8 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
   each, README "Database outage": a ping waited over 2 s while the calls around it answered; and
   in CI, README "Database outage", a call and the ping stalled together). A silent or dead
   database answers no call. A ping this thread finds unanswered at its timeout after oversleeping
-  (the whole process stood still) gets as long again as it overslept: its answer may be in hand.
+  (the whole process stood still, or this thread alone got no CPU) gets as long again as it
+  overslept, at most a timeout: its answer may be in hand, or come as soon as its thread runs.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.
@@ -117,7 +118,7 @@ class DatabaseMonitor:
             # a timeout): a stall of the process is not the database's.
             late = time.monotonic() - sent - self._timeout
             answered = late > 0 and job.done.wait(min(late, self._timeout))
-            if answered:
+            if answered and not job.error:
                 log.warning("database_ping_late", waited_ms=round((time.monotonic() - sent) * 1000),
                             late_ms=round(late * 1000), timeout_ms=round(self._timeout * 1000),
                             note="this process stood still meanwhile: not an outage")
@@ -141,8 +142,9 @@ class DatabaseMonitor:
         `python -m bench.rpcs` with two server processes pinned to a CPU each), or with the write
         pool exhausted while the reads' pool answers, or when a write probe loses the SQLite lock to
         this process's own committing writers. Otherwise a failed ping. Logged with the error's
-        type, the driver's message for it (`detail`: a ping sends no data, so its messages hold none)
-        and how long the ping had been waiting."""
+        type, the driver's message for it (`detail`: a ping sends no call's data; a connection
+        error may name the database's host, port, user and database, never a password) and how
+        long the ping had been waiting."""
         fields: dict[str, object] = {"error": error, "waited_ms": round((time.monotonic() - since) * 1000),
                                      "timeout_ms": round(self._timeout * 1000)}
         if detail:
@@ -228,7 +230,8 @@ def _detail(exc: BaseException) -> str:
     """The first line of the driver's own message for a ping's failure (SQLAlchemy's text around it
     adds the statement and a link), at most 200 characters: what an operator needs to tell a
     refused connection from a dead one or a full pool. A ping's statement carries no parameter, so
-    no personal data can be in it."""
+    no call's data can be in it (a connection error may name the database's host, port, user and
+    database: infrastructure, never a password)."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip()
     return text.splitlines()[0][:200] if text else ""

@@ -157,7 +157,7 @@ def api(harness: Harness) -> Api:
     return Api(harness)
 
 
-HEALTH_EVENTS = ("database_unreachable", "database_reachable", "database_ping_missed")
+HEALTH_EVENTS = ("database_unreachable", "database_reachable", "database_ping_missed", "database_ping_late")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -318,7 +318,7 @@ class Database:
                             direct.end(session, failed=True)
                             raise
                     failed = False  # committed (a PostgreSQL pipeline's queue went with the COMMIT)
-                    self.wrote_at = time.monotonic()  # the COMMIT's answer
+                    self.wrote_at = max(self.wrote_at, time.monotonic())  # the COMMIT's answer
                 finally:
                     # After the COMMIT; or, when the COMMIT itself failed, after SQLAlchemy's
                     # rollback (psycopg syncs the pipeline before its ROLLBACK).
@@ -380,7 +380,7 @@ class Database:
                 queue.await_commit(group)
             if group.error is not None:
                 group.raise_error()
-            self.wrote_at = time.monotonic()  # the group's COMMIT is durable: its answer
+            self.wrote_at = max(self.wrote_at, time.monotonic())  # the group's COMMIT is durable: its answer
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -247,7 +247,9 @@ class HotReads:
                     raw = cursor.fetchall()
         except self._dbapi_error as exc:
             raise self._translate(exc, p, conn) from exc
-        self.answered_at = _monotonic()
+        answered = _monotonic()
+        if answered > self.answered_at:  # threads race here: the latest answer wins
+            self.answered_at = answered
         return [p.convert(r) for r in raw]
 
     def _translate(self, exc: Exception, p: Prepared, conn: Any) -> BaseException:
