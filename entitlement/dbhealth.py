@@ -6,10 +6,9 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
   the database answered this process's calls after the ping was sent (Database.answered_since: a
   hot read's statement or a write's COMMIT answered then, even if sent before; a read transaction
   begun then ended; for SQLite's write probe, a COMMIT only): one stalled round trip under load no
-  longer fails every call for a ping interval (seen with two server processes pinned to a CPU
-  each, README "Database outage": a ping waited over 2 s while the calls around it answered; and
-  in CI, README "Database outage", a call and the ping stalled together). A silent or dead
-  database answers no call. A ping this thread finds unanswered at its timeout after oversleeping
+  longer fails every call for a ping interval (README "Database outage": with two server
+  processes pinned to a CPU each, a ping waited over 2 s while the calls around it answered; in CI,
+  a call and the ping stalled together). A silent or dead database answers no call. A ping this thread finds unanswered at its timeout after oversleeping
   (the whole process stood still, or this thread alone got no CPU) gets as long again as it
   overslept, at most a timeout: its answer may be in hand, or come as soon as its thread runs.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
@@ -137,9 +136,9 @@ class DatabaseMonitor:
     def _answered(self, since: float, writes: bool, error: str, detail: str) -> bool:
         """A ping that failed (`error`) or got no answer in time: no outage if the database
         answered this process's calls after `since` (Database.answered_since; a COMMIT, for SQLite's
-        write probe), as under a load that stalls one round trip (the
-        ping's thread or its connection's backend starved of CPU for a while: seen in
-        `python -m bench.rpcs` with two server processes pinned to a CPU each), or with the write
+        write probe), as under a load that stalls one round trip (the ping's thread or its
+        connection's backend starved of CPU for a while: seen in `python -m bench.rpcs` with two
+        server processes pinned to a CPU each), or with the write
         pool exhausted while the reads' pool answers, or when a write probe loses the SQLite lock to
         this process's own committing writers. Otherwise a failed ping. Logged with the error's
         type, the driver's message for it (`detail`: a ping sends no call's data; a connection

@@ -6,6 +6,8 @@ import csv
 import datetime as dt
 import itertools
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,11 @@ def expect_error(fn: Any, request: Any, code: grpc.StatusCode, **kw: Any) -> Fai
         assert f.code == code, f"expected {code.name}, got {f.code.name}: {f.message}"
         return f
     raise AssertionError(f"expected {code.name}, the call succeeded")
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
+    """Polls `condition` until it holds; fails the test, naming `what`, after `limit_s`."""
+    limit = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < limit, f"still not true after {limit_s:g} s: {what}"
+        time.sleep(0.005)

@@ -30,7 +30,8 @@ import psycopg
 import pytest
 from sqlalchemy import func, select, text
 
-from support import TODAY, Api, Harness, date_msg, expect_error, identity, make_registry_file, next_person
+from support import (TODAY, Api, Harness, date_msg, expect_error, identity, make_registry_file, next_person,
+                     wait_until)
 
 from entitlement import deadline, doctor, inflight
 from entitlement.errors import Cancelled, DeadlineExceeded
@@ -86,13 +87,6 @@ class Blocker:
             row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                "AND wait_event_type = 'Lock'").fetchone()
         return bool(row and row[0])
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    limit = time.monotonic() + WAIT_LIMIT_S
-    while not condition():
-        assert time.monotonic() < limit, f"still not true after {WAIT_LIMIT_S} s: {what}"
-        time.sleep(0.02)
 
 
 def log_lines(h: Harness, request_id: str) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 from own_server import Person, own_server
-from support import As, Harness, failure, identity
+from support import As, Harness, failure, identity, wait_until
 from tcp_proxy import TcpProxy
 
 from entitlement import credentials, doctor
@@ -598,9 +598,7 @@ def test_a_missed_ping_is_no_outage_while_the_database_answers_calls(fresh_url: 
     try:
         assert not monitor.ping(), f"nothing answered: a ping {ping} is a failed one"
         reader.start()
-        limit = time.monotonic() + 10
-        while not reads and not errors and time.monotonic() < limit:
-            time.sleep(0.01)
+        wait_until(lambda: bool(reads or errors), "a first hot read")
         assert reads and not errors, errors
         with structlog.testing.capture_logs() as logged:
             assert monitor.ping(), f"hot reads answered meanwhile: a ping {ping} is no outage"
@@ -681,10 +679,7 @@ def test_a_stall_of_the_whole_process_is_no_outage(fresh_url: str) -> None:
             pinging = threading.Thread(target=lambda: outcome.append(monitor.ping()), daemon=True)
             with structlog.testing.capture_logs() as logged:
                 pinging.start()
-                limit = time.monotonic() + 10
-                while not monitor._hanging and time.monotonic() < limit:
-                    time.sleep(0.005)
-                assert monitor._hanging == 1  # the ping is sent, and waits for a connection
+                wait_until(lambda: monitor._hanging == 1, "the ping sent")  # it waits for a connection
                 time.sleep(0.02)
                 if stall:
                     held.pop().close()  # the ping may go on...
@@ -705,9 +700,7 @@ def test_a_stall_of_the_whole_process_is_no_outage(fresh_url: str) -> None:
             else:
                 assert outcome == [False], "an answer after the timeout, the process running: unanswered"
                 assert not late, logged
-            limit = time.monotonic() + 10  # the hanging ping ends now that the pool has its connection
-            while monitor._hanging and time.monotonic() < limit:
-                time.sleep(0.01)
+            wait_until(lambda: not monitor._hanging, "the hanging ping ended (the pool has its connections)")
     finally:
         monitor.stop()
         db.dispose()
