@@ -146,9 +146,13 @@ class _CallContext:
     aio context (thread-safe) or raise (an abort, awaited on the loop by the method's wrapper)."""
 
     _context: grpc.aio.ServicerContext
+    _metadata: Any = None
 
     def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
+        # Kept: grpc.aio builds the tuple afresh at every call of its own (one per behaviour).
+        if self._metadata is None:
+            self._metadata = self._context.invocation_metadata()
+        return self._metadata
 
     def peer(self) -> str:
         return self._context.peer()  # type: ignore[no-any-return]
