@@ -1,5 +1,5 @@
 """The hot paths' answers built in place or kept serialized (entitlement/api/convert.py:
-check_answer, activation, activation_response) are, byte for byte on the wire, the messages the
+check_answer, activation, activation_response, status) are, byte for byte on the wire, the messages the
 plain builders make (the conversions as they were before, frozen in
 tests/test_list_activations_output.py: every message built by its constructor from its field
 values), over every program of the catalog and random people, days, snapshots and activation
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 
+from google.type import date_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_list_activations_output import _ref_activation, _ref_decision
 
 from entitlement import rules
-from entitlement.activation import ActivationView
+from entitlement.activation import ActivationView, EntitlementStatus
 from entitlement.api import convert
 from entitlement.config import ROOT
 from entitlement.programs import ProgramCatalog
@@ -70,3 +71,22 @@ def test_activation_builders_are_the_plain_builders_messages(
     assert convert.activation(view).SerializeToString() == plain.SerializeToString()
     want = activation_pb2.ActivateEntitlementResponse(activation=plain, activation_token=token)
     assert convert.activation_response(view, token).SerializeToString() == want.SerializeToString()
+
+
+@settings(max_examples=300, deadline=None)
+@given(account=st.text(min_size=1, max_size=40), active=st.booleans(), activation=st.sampled_from(["", "0123abcd" * 4]),
+       program=st.sampled_from(["", *(p.id for p in PROGRAMS)]), state=st.sampled_from(["", "nonsense", *convert.STATE_TO_PROTO]),
+       end=st.none() | DAYS, tier=st.sampled_from(["", "premium"]))
+def test_verification_answer_is_the_plain_builders_message(account: str, active: bool, activation: str, program: str,
+                                                           state: str, end: dt.date | None, tier: str) -> None:
+    """VerifyEntitlement's answer (its end date set in place) is the message built from its fields."""
+    s = EntitlementStatus(account_id=account, active=active, activation_id=activation, program_id=program,
+                          state=state, end_date=end, tier=tier)
+    want = activation_pb2.EntitlementStatus(
+        account_id=account, active=active, activation=f"activations/{activation}" if activation else "",
+        program=f"programs/{program}" if program else "",
+        state=convert.STATE_TO_PROTO.get(state, activation_pb2.ACTIVATION_STATE_UNSPECIFIED),
+        end_date=None if end is None else date_pb2.Date(year=end.year, month=end.month, day=end.day), tier=tier)
+    got = convert.status(s)
+    assert got.SerializeToString() == want.SerializeToString()
+    assert got.HasField("end_date") == (end is not None)

@@ -57,6 +57,9 @@ def test_rows_written_directly_read_back_as_through_the_orm(db: Database) -> Non
                 if isinstance(value, dt.datetime):
                     got = got if got.tzinfo else got.replace(tzinfo=dt.timezone.utc)  # SQLite: naive UTC
                 assert got == value, key
+            # Found by its key through the ORM: stored as the BLOB SQLAlchemy writes (on SQLite the
+            # direct path binds a bytearray, hotread._sqlite_blob; a TEXT would not compare equal).
+            assert s.execute(select(Activation.id).where(Activation.person_key == r["person_key"])).scalar_one() == r["id"]
             mine = st.first(_COLUMNS, {"id": r["id"]})
             theirs = s.connection().execute(_COLUMNS, {"id": r["id"]}).one()
             assert tuple(mine) == tuple(theirs)

@@ -195,12 +195,16 @@ _ANSWER_ENTRIES, _DECISION_FIELDS = ByIdentity(4096), ByIdentity(1024)
 
 
 def status(s: EntitlementStatus) -> activation_pb2.EntitlementStatus:
-    return activation_pb2.EntitlementStatus(
+    m = activation_pb2.EntitlementStatus(
         account_id=s.account_id, active=s.active,
         activation=f"activations/{s.activation_id}" if s.activation_id else "",
         program=f"programs/{s.program_id}" if s.program_id else "",
-        state=STATE_TO_PROTO.get(s.state, activation_pb2.ACTIVATION_STATE_UNSPECIFIED),
-        end_date=date(s.end_date), tier=s.tier)
+        state=STATE_TO_PROTO.get(s.state, activation_pb2.ACTIVATION_STATE_UNSPECIFIED), tier=s.tier)
+    d = s.end_date
+    if d is not None:  # set in place: a Date made apart would be copied in (a verification's answer)
+        end = m.end_date
+        end.year, end.month, end.day = d.year, d.month, d.day
+    return m
 
 
 def report_row(r: ReportRow) -> audit_pb2.FundingReportRow:
