@@ -18,12 +18,15 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
                             eligibility_pb2, eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
 
-def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations, prefix: str = "job_seeker") -> eligibility.JobSeeker:
-    val.pattern(msg.agency_id, val.AGENCY_ID_RE, f"{prefix}.agency_id", "1 to 32 letters or digits", v)
+def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations) -> eligibility.JobSeeker:
+    """The `job_seeker` field of a check or an activation (its field names spelled once, here:
+    every check validates it)."""
+    agency_id = msg.agency_id
+    val.pattern(agency_id, val.AGENCY_ID_RE, "job_seeker.agency_id", "1 to 32 letters or digits", v)
     # An explicitly set but empty Date (0-0-0) is no birth date: refused, never "not registered".
     # (An unset one is already reported by check_required.)
-    birth = val.date(msg.birth_date, f"{prefix}.birth_date", v, required=msg.HasField("birth_date"))
-    return eligibility.JobSeeker(msg.agency_id, birth)  # type: ignore[arg-type]
+    birth = val.date(msg.birth_date, "job_seeker.birth_date", v, required=msg.HasField("birth_date"))
+    return eligibility.JobSeeker(agency_id, birth)  # type: ignore[arg-type]
 
 
 class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):

@@ -26,28 +26,31 @@ MAX_REASON = 500
 _MESSAGE, _STRING, _OTHER = 0, 1, 2
 
 
-def _required_fields(descriptor: Descriptor) -> tuple[tuple[str, int], ...]:
-    """(name, kind) of the REQUIRED fields (per the proto annotations), read once per message type."""
+def _required_fields(descriptor: Descriptor) -> tuple[tuple[str, int, bool], ...]:
+    """(name, kind, whether to look inside) of the REQUIRED fields (per the proto annotations),
+    read once per message type; a message field is looked inside only when its type has REQUIRED
+    fields of its own (a google.type.Date has none)."""
     found = _REQUIRED.get(descriptor)
     if found is None:
         found = _REQUIRED[descriptor] = tuple(
             (f.name, _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else
-             _STRING if f.type == FieldDescriptor.TYPE_STRING else _OTHER)
+             _STRING if f.type == FieldDescriptor.TYPE_STRING else _OTHER,
+             f.type == FieldDescriptor.TYPE_MESSAGE and bool(_required_fields(f.message_type)))
             for f in descriptor.fields
             if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior])
     return found
 
 
-_REQUIRED: dict[Descriptor, tuple[tuple[str, int], ...]] = {}
+_REQUIRED: dict[Descriptor, tuple[tuple[str, int, bool], ...]] = {}
 
 
 def check_required(msg: Message, v: Violations, prefix: str = "") -> None:
     """Add a violation for each REQUIRED field (per the proto annotations) that is unset, recursively."""
-    for name, kind in _required_fields(msg.DESCRIPTOR):
+    for name, kind, inside in _required_fields(msg.DESCRIPTOR):
         if kind == _MESSAGE:
             if not msg.HasField(name):
                 v.add(prefix + name, "is required")
-            else:
+            elif inside:
                 check_required(getattr(msg, name), v, prefix + name + ".")
         elif kind == _STRING and not getattr(msg, name):
             v.add(prefix + name, "is required")
