@@ -38,10 +38,13 @@ class LiveAnswer:
     facts: PersonFacts | None = None
 
 
+_NO_LIVE_SOURCE = LiveAnswer(SNAPSHOT)  # (immutable: one for every check of a server without a live source)
+
+
 def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
     """Ask the live source, if any. Call it outside any database transaction."""
     if ctx.live is None:
-        return LiveAnswer(SNAPSHOT)
+        return _NO_LIVE_SOURCE
     try:
         return LiveAnswer(LIVE, ctx.live.fetch(agency_id, birth_date))
     except LiveStatusUnavailable as exc:

@@ -62,6 +62,8 @@ ROLES: dict[str, frozenset[str]] = {
     "/entitlement.v1.RegistryService/ImportExtract": frozenset({"agency", "admin"}),
 }
 
+_NO_ROLE: frozenset[str] = frozenset()  # a method missing from ROLES: refused to every role
+
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 
 
@@ -148,7 +150,7 @@ class CallerInterceptor(BehaviorInterceptor):
 
     def authenticate(self, metadata: tuple[Any, ...] | None, context: grpc.ServicerContext) -> Caller:
         token = bearer(metadata)
-        by_certificate = self._certificate_caller(context)
+        by_certificate = self._certificate_caller(context) if self._client_certificates else None
         if token is None:
             if by_certificate is not None:
                 return by_certificate
@@ -171,7 +173,7 @@ class CallerInterceptor(BehaviorInterceptor):
         caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
         logs.bind_caller(caller.id, caller.role)
-        allowed = ROLES.get(method, frozenset())
+        allowed = ROLES.get(method, _NO_ROLE)
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",
                                    reason="ROLE_NOT_ALLOWED", metadata={"role": caller.role})
