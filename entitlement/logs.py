@@ -30,8 +30,8 @@ class _Sink:
     """The stream every line goes to: one write per line, under one lock, so that lines from
     concurrent calls never interleave (structlog's own lines and `rpc` below alike).
 
-    A plain file stream (stderr, a log file: a text layer over a buffer over a file descriptor, in
-    an ASCII-compatible encoding) gets each line as one `os.write` of its bytes: the text layer's
+    A plain file stream (stderr, a log file: a text layer over a buffer, or straight over the file
+    (stderr under PYTHONUNBUFFERED), over a file descriptor, in an ASCII-compatible encoding) gets each line as one `os.write` of its bytes: the text layer's
     write and flush cost five times as much, on every call. The lines are JSON with every
     non-ASCII character escaped, so their bytes are what the text layer would have written. Other
     streams (io.StringIO in tests, anything that transforms what it is given) are written and
@@ -71,8 +71,11 @@ _ASCII_COMPATIBLE = frozenset({"utf-8", "ascii", "iso8859-1", "iso8859-15", "cp1
 def _plain_fd(stream: TextIO) -> int | None:
     """The file descriptor under `stream` when writing bytes there is writing to the stream."""
     buffer = getattr(stream, "buffer", None)
-    if not (isinstance(stream, io.TextIOWrapper) and isinstance(buffer, (io.BufferedWriter, io.BufferedRandom))
-            and isinstance(buffer.raw, io.FileIO)):
+    # Under PYTHONUNBUFFERED (or -u), common in containers, stderr's text layer sits straight on
+    # its FileIO (write-through), with no buffer between.
+    raw = buffer if isinstance(buffer, io.FileIO) else (
+        buffer.raw if isinstance(buffer, (io.BufferedWriter, io.BufferedRandom)) else None)
+    if not (isinstance(stream, io.TextIOWrapper) and isinstance(raw, io.FileIO)):
         return None
     try:
         encoding = codecs.lookup(stream.encoding).name
@@ -80,7 +83,7 @@ def _plain_fd(stream: TextIO) -> int | None:
         return None
     if encoding not in _ASCII_COMPATIBLE or stream.closed:
         return None
-    return buffer.raw.fileno()
+    return raw.fileno()
 
 
 class _LineLogger:

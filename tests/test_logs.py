@@ -180,6 +180,17 @@ def test_only_plain_file_streams_are_written_through_their_descriptor(tmp_path: 
     base = Path(str(tmp_path))
     with (base / "plain.log").open("w") as plain:
         assert logs._plain_fd(plain) == plain.fileno()
+    # stderr under PYTHONUNBUFFERED / -u: the text layer straight over the file, no buffer between.
+    unbuffered = io.TextIOWrapper(io.FileIO(base / "unbuffered.log", "w"), encoding="utf-8", write_through=True)
+    unbuffered.write("before ")  # what the text layer was given before goes first
+    assert logs._plain_fd(unbuffered) == unbuffered.fileno()
+    logs.configure("info", stream=unbuffered)
+    logs.begin_call("rid-unbuffered", "/m")
+    logs.rpc("OK", 1.25)
+    logs.configure("info", stream=io.StringIO())
+    unbuffered.close()
+    head, line = (base / "unbuffered.log").read_text().split(" ", 1)
+    assert head == "before" and json.loads(line)["request_id"] == "rid-unbuffered"
     for transforming in (io.TextIOWrapper(io.BytesIO()), (base / "wide.log").open("w", encoding="utf-16"),
                          io.TextIOWrapper(gzip.open(base / "z.gz", "wb")), io.StringIO()):
         assert logs._plain_fd(transforming) is None, transforming  # written as text, as before
