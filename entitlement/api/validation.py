@@ -35,7 +35,7 @@ def _required_fields(descriptor: Descriptor) -> tuple[tuple[str, int, bool], ...
         found = _REQUIRED[descriptor] = tuple(
             (f.name, _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else
              _STRING if f.type == FieldDescriptor.TYPE_STRING else _OTHER,
-             f.type == FieldDescriptor.TYPE_MESSAGE and bool(_required_fields(f.message_type)))
+             f.message_type is not None and bool(_required_fields(f.message_type)))
             for f in descriptor.fields
             if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior])
     return found
