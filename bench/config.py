@@ -30,6 +30,12 @@ AIO_ECHO_INLINE = "aio-echo-inline"  # aio echo answered on the event loop: what
 # method with the caller's identity (no access log); the real server is SYNC.
 FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER = "floor-echo", "floor-read", "floor-handler"
 FLOOR_KINDS = (FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER)
+# bench.readfloor's event-loop rungs (grpc.aio on the production loop, answering the same paths on
+# the loop itself): bytes back; the RPC's one hot read made from the loop (PostgreSQL: libpq in
+# non-blocking mode, no pool thread; SQLite: the production read, run on the loop as the
+# event-loop server runs it), then bytes back.
+LOOP_ECHO, LOOP_READ = "loop-echo", "loop-read"
+LOOP_KINDS = (LOOP_ECHO, LOOP_READ)
 MODELS = (SYNC, AIO, AIO_INLINE)
 ECHO_MODELS = (SYNC_ECHO, AIO_ECHO, AIO_ECHO_INLINE)
 ECHO_OF = {SYNC: SYNC_ECHO, AIO: AIO_ECHO, AIO_INLINE: AIO_ECHO_INLINE}

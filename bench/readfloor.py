@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 
 from bench.__main__ import hot_loads, measure, server_spec
-from bench.config import (ADVISOR_ID, CHECK, FLOOR_ECHO, FLOOR_HANDLER, FLOOR_KINDS, FLOOR_READ, PLATFORM_CALLER_ID,
-                          SYNC, VERIFY, BenchConfig, RunResult, SeedSpec)
+from bench.config import (ADVISOR_ID, CHECK, FLOOR_ECHO, FLOOR_HANDLER, FLOOR_KINDS, FLOOR_READ, LOOP_ECHO,
+                          LOOP_KINDS, LOOP_READ, PLATFORM_CALLER_ID, SYNC, VERIFY, BenchConfig, RunResult, SeedSpec)
 from bench.common import say
 from bench.prepare import imported_database, prepare_common
 from bench.procs import Client, commit, loadavg, machine, servers, usable_backends
@@ -51,11 +51,16 @@ from bench.sections import replace_section
 
 SECTION = "read-floor"
 LADDER = (FLOOR_ECHO, FLOOR_READ, FLOOR_HANDLER, SYNC)
+LOOP = (LOOP_ECHO, LOOP_READ)  # the event loop's rungs, against their own echo (loop-echo)
+SERVERS = LADDER + LOOP
+ECHOES = (FLOOR_ECHO, LOOP_ECHO)
 STEP = {
     FLOOR_ECHO: "bytes back (echo at the RPC's path)",
     FLOOR_READ: "+ the RPC's hot read (request decoded, one statement)",
     FLOOR_HANDLER: "+ the rest of the servicer method and the caller's identity",
     SYNC: "+ access log (checks: + rate limiter): the real server",
+    LOOP_ECHO: "event loop: bytes back, on the loop",
+    LOOP_READ: "event loop: + the hot read made from the loop (PostgreSQL: libpq non-blocking)",
 }
 TARGETS = {CHECK: 0.5, VERIFY: 0.6}
 
@@ -71,7 +76,7 @@ def _us(x: float, signed: bool = False) -> str:
 def sql_per_call(r: RunResult) -> str:
     """The SQL statements the server sent per call of the case, warm-up calls included ("-": the
     echo, which has no database)."""
-    if r.model == FLOOR_ECHO or not r.calls_made:
+    if r.model in ECHOES or not r.calls_made:
         return "-"
     return f"{r.queries.get('statements', 0) / r.calls_made:.2f}"
 
@@ -93,10 +98,11 @@ def rows(results: list[RunResult]) -> list[tuple[str, ...]]:
     its server CPU per call over the step before's."""
     out: list[tuple[str, ...]] = []
     for (backend, method, conc), case in cases(results).items():
-        echo = case[FLOOR_ECHO]
         previous = None
-        for kind in LADDER:
+        for kind in SERVERS:
             r = case[kind]
+            if kind in ECHOES:  # each ladder against its own echo
+                echo, previous = r, None
             added = "-" if previous is None else _us(cpu_us(r) - cpu_us(previous), signed=True)
             errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "0"
             rounds = "-".join(f"{x:,.0f}" for x in (min(r.round_rps), max(r.round_rps))) if r.round_rps else "-"
@@ -128,7 +134,10 @@ def conclusions(results: list[RunResult]) -> list[str]:
             f"({_us(cpu_us(real))} us). Target {target} x echo: a budget of {_us(budget)} us a call, of which "
             f"the echo itself takes {_us(cpu_us(echo))}, the read's step {_us(cpu_us(read) - cpu_us(echo))}, "
             f"the method's {_us(cpu_us(handler) - cpu_us(read))}, the access log's "
-            f"{_us(cpu_us(real) - cpu_us(handler))}.")
+            f"{_us(cpu_us(real) - cpu_us(handler))}. On the event loop: its echo {case[LOOP_ECHO].rps:,.0f} calls/s "
+            f"({_us(cpu_us(case[LOOP_ECHO]))} us), with the read made from the loop "
+            f"{_ratio(case[LOOP_READ], case[LOOP_ECHO])} x its echo ({_us(cpu_us(case[LOOP_READ]))} us, the read's "
+            f"step {_us(cpu_us(case[LOOP_READ]) - cpu_us(case[LOOP_ECHO]))}).")
     return lines
 
 
@@ -152,11 +161,19 @@ def markdown(results: list[RunResult], cfg: BenchConfig, code: str, started: dt.
         "case and its read, the answer, the deadline); **sync** is the real server (`server_main.start`, "
         "threads: adds the access log, one JSON line a call to a file, and for checks the rate limiter, set "
         "never to refuse; health, reflection and the database monitor's ping are served beside). "
+        "And two event-loop rungs (`grpc.aio.server` on the production loop, options and concurrency bound as "
+        "aio-echo-inline, answering on the loop itself), each against its own echo: **loop-echo** sends the "
+        "bytes back; **loop-read** first makes the RPC's one hot read from the loop: on PostgreSQL its statement "
+        "sent by libpq in non-blocking mode (prepared once per connection, values and rows through psycopg's "
+        f"adapters as `ctx.db.hot` does, on {cfg.workers} connections, a call waiting for a free one), the loop "
+        "awaiting the answer where a pool thread blocks on it; on SQLite the production read, on the loop as the "
+        "event-loop server runs it. What the event-loop server could reach on PostgreSQL were its hot reads made "
+        "that way (it hands them to its pool: README \"Server models\"). "
         f"Each case: {cfg.seconds:g} s per server in {cfg.rounds} rounds, the servers alternating round by round "
         f"(A B C D, D C B A, ...), each round after {cfg.warmup:g} s of unmeasured calls. CheckEligibility cycles "
         f"over {min(2000, cfg.people):,} of {cfg.people:,} registry people; VerifyEntitlement over "
         f"{cfg.activations} accounts redeemed through the real RPCs first.",
-        "- Columns: x echo = req/s over floor-echo's in the same case; srv CPU us/call = utime + stime of the "
+        "- Columns: x echo = req/s over floor-echo's (loop rungs: loop-echo's) in the same case; srv CPU us/call = utime + stime of the "
         "server process over the measured windows, per call answered; step's CPU = that over the step before's; "
         "SQL/call = statements the server sent (its engine's events and the hot reads' listeners) over every "
         "call of the case, warm-up included (the health monitor's ping, once a second, adds a little). "
@@ -201,13 +218,13 @@ def main() -> int:
                         platform_token=common.tokens[PLATFORM_CALLER_ID],
                         candidates=tuple((a, b.isoformat()) for a, b in common.candidates), count=cfg.activations))
                     accounts = [acc for acc, _, _ in seeded]
-                    with servers([server_spec(k, cfg, common, backend, url) for k in FLOOR_KINDS]) as floor:
+                    with servers([server_spec(k, cfg, common, backend, url) for k in (*FLOOR_KINDS, *LOOP_KINDS)]) as floor:
                         srv = {**sync_srv, **floor}
                         for method, (reqs, token) in hot_loads(common, accounts).items():
                             for conc in cfg.concurrency:
-                                before = {k: srv[k].counts() for k in LADDER}
-                                case = measure(client, srv, LADDER, backend, method, reqs, token, conc, cfg)
-                                after = {k: srv[k].counts() for k in LADDER}
+                                before = {k: srv[k].counts() for k in SERVERS}
+                                case = measure(client, srv, SERVERS, backend, method, reqs, token, conc, cfg)
+                                after = {k: srv[k].counts() for k in SERVERS}
                                 # SQL statements the server sent over the case (warm-up calls included)
                                 results += [dataclasses.replace(r, queries={"statements": after[r.model].get(
                                     "statements", 0) - before[r.model].get("statements", 0)}) for r in case]

@@ -16,6 +16,15 @@ Models:
              interceptor, one bytes-in/bytes-out method /bench.Echo/Echo;
 - aio-echo:  grpc.aio.server built like `aio`, the same echo method offloaded to the same pool;
 - aio-echo-inline: the same, answered on the event loop (no thread hop), to show what the hop costs.
+- loop-echo / loop-read (bench.readfloor): grpc.aio.server built like aio-echo-inline, answering
+             the same two paths on the event loop: with the request's bytes (loop-echo); with them
+             after the RPC's one hot read made from the loop (loop-read): on PostgreSQL its
+             statement sent by libpq in non-blocking mode (prepared once per connection, values and
+             rows through psycopg's adapters as ctx.db.hot does, on as many connections as the
+             thread-pool server has pool threads, a call waiting for a free one), the loop awaiting
+             the answer instead of a pool thread blocking on it; on SQLite the production read, run
+             on the loop as the event-loop server runs it. What the event-loop server could reach on
+             PostgreSQL, were its hot reads made that way (it hands them to its pool).
 - floor-echo / floor-read / floor-handler (bench.readfloor): grpc.server built like sync-echo,
              its methods registered as the real server's are, answering the paths of
              CheckEligibility and VerifyEntitlement: with the request's bytes (floor-echo); with
@@ -56,7 +65,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.config import (AIO, AIO_ECHO, AIO_ECHO_INLINE, AIO_INLINE, ECHO_SERVICE, FLOOR_ECHO, FLOOR_HANDLER,
-                          FLOOR_KINDS, FLOOR_READ, NOW, PLATFORM_ID, SYNC, SYNC_ECHO, ServerSpec)
+                          FLOOR_KINDS, FLOOR_READ, LOOP_ECHO, LOOP_KINDS, NOW, PLATFORM_ID, SYNC, SYNC_ECHO,
+                          ServerSpec)
 from entitlement import affinity
 
 OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
@@ -142,7 +152,7 @@ def serve(spec: ServerSpec, conn: Connection) -> None:
         affinity.apply(spec.cpu_affinity, spec.index, spec.processes)
         if spec.kind in (SYNC, SYNC_ECHO, *FLOOR_KINDS):
             _serve_sync(spec, conn)
-        elif spec.kind in (AIO, AIO_INLINE, AIO_ECHO, AIO_ECHO_INLINE):
+        elif spec.kind in (AIO, AIO_INLINE, AIO_ECHO, AIO_ECHO_INLINE, *LOOP_KINDS):
             # On a loop of the kind the real event-loop server runs (spec.event_loop): the floor is
             # built the same way as ours.
             from entitlement.aio_server import new_event_loop
@@ -314,12 +324,18 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     loop = asyncio.get_running_loop()
     executor = futures.ThreadPoolExecutor(max_workers=spec.workers, thread_name_prefix="rpc")
     streams = futures.ThreadPoolExecutor(max_workers=max(Settings().stream_workers, 1), thread_name_prefix="rpc-stream")
-    ctx = None
+    ctx, counter, reads = None, None, None
     if spec.kind in (AIO, AIO_INLINE):
         from entitlement import aio_server
         ctx = _context(spec)
         server, health_servicer = aio_server.build(
             ctx, executor, streams, aio_server.HOT_READS if spec.kind == AIO_INLINE else frozenset())
+    elif spec.kind in LOOP_KINDS:
+        if spec.kind != LOOP_ECHO:
+            ctx = _context(spec)
+            counter = QueryCounter(ctx.db)
+            reads = _LoopReads(ctx, spec.workers)
+        server = _loop_floor(spec, ctx, reads)
     else:
         server = aio_echo(spec.workers, None if spec.kind == AIO_ECHO_INLINE else executor)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -333,10 +349,161 @@ async def _serve_aio(spec: ServerSpec, conn: Connection) -> None:
     conn.send(("ready", port, os.getpid()))
     # A dedicated thread waits for "stop" so the event loop stays free (and the RPC pool untouched).
     waiter = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="control")
-    await loop.run_in_executor(waiter, conn.recv)
+    await loop.run_in_executor(waiter, _serve_until_stop, conn, counter)
     await server.stop(0)
+    if reads is not None:
+        reads.close()
     executor.shutdown(wait=True)
     streams.shutdown(wait=True)
     waiter.shutdown(wait=False)
     if ctx is not None:
         ctx.db.dispose()
+
+
+class _LoopReads:
+    """loop-read's hot reads (module docstring): one statement made from the event loop. On
+    PostgreSQL through libpq in non-blocking mode on `size` connections of the reader engine (the
+    connections ctx.db.hot makes, one per pool thread there), each statement prepared once per
+    connection, its values dumped and its rows loaded by psycopg's adapters, as
+    entitlement.storage.hotread does; the loop waits for the socket instead of a thread blocking on
+    it. On SQLite the production read (ctx.db.hot), on the loop as the event-loop server runs it."""
+
+    def __init__(self, ctx: Any, size: int) -> None:
+        self.ctx = ctx
+        self.hot = ctx.db.hot
+        self.pg = ctx.db.dialect == "postgresql"
+        self.free: list[tuple[Any, Any, dict[Any, bytes]]] = []
+        self.waiting: Any = None
+        self._waiters: dict[int, Any] = {}  # socket -> the future of the statement waiting on it
+        if self.pg:
+            import collections
+
+            from psycopg.adapt import Transformer
+            self.waiting = collections.deque()
+            for _ in range(size):
+                fairy = self.hot._reader.raw_connection()  # the reader engine's connect parameters
+                conn = fairy.dbapi_connection
+                fairy.detach()
+                conn.pgconn.nonblocking = 1
+                self.free.append((conn, Transformer(conn), {}))
+            self._conns = list(self.free)
+            self._by_fd = {slot[0].pgconn.socket: slot for slot in self._conns}
+
+    async def all(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        if not self.pg:
+            return self.hot.all(stmt, params)
+        p = self.hot.prepare(stmt)
+        for listener in self.hot.listeners:  # counted as ctx.db.hot counts its statements
+            listener(p.sql)
+        loop = asyncio.get_running_loop()
+        if self.free:
+            slot = self.free.pop()
+        else:
+            wait = loop.create_future()
+            self.waiting.append(wait)
+            slot = await wait
+        try:
+            return [p.convert(r) for r in await self._run(loop, slot, p, p.parameters(params))]
+        finally:
+            if self.waiting:
+                self.waiting.popleft().set_result(slot)
+            else:
+                self.free.append(slot)
+
+    async def _run(self, loop: Any, slot: tuple[Any, Any, dict[Any, bytes]], p: Any, args: Any) -> list[Any]:
+        from psycopg import pq
+        from psycopg.adapt import PyFormat
+        conn, tx, names = slot
+        pgconn = conn.pgconn
+        sql, order = p.numbered()
+        values = tx.dump_sequence([args[n] for n in order], [PyFormat.TEXT] * len(order)) if order else None
+        key = (p, tuple(tx.types or ()) if order else ())
+        name = names.get(key)
+        if name is None:  # once per connection and statement: prepared and waited for
+            name = names[key] = f"loop_{len(names)}".encode()
+            pgconn.send_prepare(name, sql, key[1] or None)
+            await self._result(loop, pgconn)
+        pgconn.send_query_prepared(name, values)
+        result = await self._result(loop, pgconn)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise RuntimeError(f"loop-read: {result.error_message.decode(errors='replace')}")
+        if not result.ntuples:
+            return []
+        tx.set_pgresult(result)
+        rows: list[Any] = tx.load_rows(0, result.ntuples, tuple)
+        tx.set_pgresult(None)
+        return rows
+
+    async def _result(self, loop: Any, pgconn: Any) -> Any:
+        """The last result of the statement sent (libpq ends each with a None). Each connection's
+        socket is watched by the loop from its first statement on (one reader each, kept: adding and
+        removing it per statement costs two epoll_ctl calls a read), which wakes the statement
+        waiting on it."""
+        while pgconn.flush():  # (a statement this small is sent whole at once)
+            await asyncio.sleep(0)
+        fd = pgconn.socket
+        if fd not in self._waiters:
+            self._waiters[fd] = None
+            loop.add_reader(fd, self._readable, fd)
+        last = None
+        while True:
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    return last
+                last = result
+            ready = self._waiters[fd] = loop.create_future()
+            await ready
+
+    def _readable(self, fd: int) -> None:
+        ready = self._waiters.get(fd)
+        if ready is not None and not ready.done():
+            self._waiters[fd] = None
+            ready.set_result(None)
+        elif ready is None:  # nobody waits (a notice between statements): read into libpq's buffer
+            slot = self._by_fd.get(fd)
+            if slot is not None:
+                slot[0].pgconn.consume_input()
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd in self._waiters:
+            loop.remove_reader(fd)
+        for conn, _tx, _names in getattr(self, "_conns", []):
+            conn.close()
+
+
+def _loop_floor(spec: ServerSpec, ctx: Any, reads: _LoopReads | None) -> Any:
+    """loop-echo / loop-read (module docstring): built like aio-echo-inline (options, concurrency
+    bound), answering CheckEligibility's and VerifyEntitlement's paths on the loop."""
+    import grpc
+
+    from entitlement import registry
+    from entitlement.activation import _VERIFY
+    from entitlement.config import Settings
+    from entitlement.server_main import max_concurrent_rpcs
+    from entitlement.v1 import activation_pb2, eligibility_pb2
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def read_check(request: bytes, context: Any) -> bytes:
+        who = eligibility_pb2.CheckEligibilityRequest.FromString(request).job_seeker
+        stmt, params = registry.lookup_read(ctx.pseudo.person_key(who.agency_id))
+        await reads.all(stmt, params)  # type: ignore[union-attr]
+        return request
+
+    async def read_verify(request: bytes, context: Any) -> bytes:
+        account = activation_pb2.VerifyEntitlementRequest.FromString(request).account_id
+        await reads.all(_VERIFY, {"platform": PLATFORM_ID, "account": account})  # type: ignore[union-attr]
+        return request
+
+    check, verify = (echo, echo) if reads is None else (read_check, read_verify)
+    server = grpc.aio.server(options=OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs(
+        spec.workers, Settings().stream_workers))
+    for service, method, fn in (("entitlement.v1.EligibilityService", "CheckEligibility", check),
+                                ("entitlement.v1.ActivationService", "VerifyEntitlement", verify)):
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service, {method: grpc.unary_unary_rpc_method_handler(fn)}),))
+    return server
