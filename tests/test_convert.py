@@ -61,6 +61,17 @@ def test_activation_builders_are_the_plain_builders_messages(
         facts: rules.PersonFacts | None, day: dt.date, snapshot: SnapshotRef | None,
         circumstances: rules.Circumstances, program: object, state: str, created: dt.datetime,
         redeemed: dt.datetime | None, account: str | None, reason: str, token: str) -> None:
+    # Without a cap's counts the decision's bytes are kept per decision (convert.activation_response)
+    # and reused: both paths, and a second activation of the same decision, against the plain builders.
+    for counts in ((circumstances.seats_used, circumstances.cents_committed), (0, 0), (0, 0)):
+        _check_activation_builders(program, facts, day, snapshot, circumstances._replace(
+            seats_used=counts[0], cents_committed=counts[1]), state, created, redeemed, account, reason, token)
+
+
+def _check_activation_builders(program: object, facts: rules.PersonFacts | None, day: dt.date,
+                               snapshot: SnapshotRef | None, circumstances: rules.Circumstances, state: str,
+                               created: dt.datetime, redeemed: dt.datetime | None, account: str | None,
+                               reason: str, token: str) -> None:
     d = rules.evaluate(program, facts, day, circumstances)  # type: ignore[arg-type]
     view = ActivationView(
         id="0123456789abcdef" * 2, program_id=d.program_id, state=state, person_ref="r" * 43, advisor_id="A0001",

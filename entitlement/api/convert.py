@@ -162,11 +162,19 @@ def activation(a: ActivationView) -> activation_pb2.Activation:
 
 
 def activation_response(a: ActivationView, token: str) -> activation_pb2.ActivateEntitlementResponse:
-    """ActivateEntitlementResponse(activation=activation(a), activation_token=token), in place."""
-    out = activation_pb2.ActivateEntitlementResponse(
-        activation={**_view_kwargs(a), "decision": _decision_kwargs(a.decision, a.snapshot),
-                    "funding": _plan_fields(a.decision.funding_plan)}, activation_token=token)
-    _fill_decision(out.activation.decision, a.decision)
+    """ActivateEntitlementResponse(activation=activation(a), activation_token=token), in place. Its
+    decision and funding are parsed from their bytes, serialized once per shared decision (people in
+    the same situation share one: rules._decision), as a page of ListActivations does; except a
+    decision carrying a cap's counts (seats, cents), which is this activation's own: built here."""
+    d = a.decision
+    if d.circumstances.seats_used or d.circumstances.cents_committed:
+        out = activation_pb2.ActivateEntitlementResponse(
+            activation={**_view_kwargs(a), "decision": _decision_kwargs(d, a.snapshot),
+                        "funding": _plan_fields(d.funding_plan)}, activation_token=token)
+        _fill_decision(out.activation.decision, d)
+        return out
+    out = activation_pb2.ActivateEntitlementResponse(activation=_view_kwargs(a), activation_token=token)
+    out.activation.MergeFromString(_decision_fields(d, a.snapshot))
     return out
 
 
