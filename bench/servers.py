@@ -375,40 +375,72 @@ class _LoopReads:
         self.free: list[tuple[Any, Any, dict[Any, bytes]]] = []
         self.waiting: Any = None
         self._waiters: dict[int, Any] = {}  # socket -> the future of the statement waiting on it
+        self._by_fd: dict[int, tuple[Any, Any, dict[Any, bytes]]] = {}
+        self._conns: list[tuple[Any, Any, dict[Any, bytes]]] = []
         if self.pg:
             import collections
-
-            from psycopg.adapt import Transformer
             self.waiting = collections.deque()
-            for _ in range(size):
-                fairy = self.hot._reader.raw_connection()  # the reader engine's connect parameters
-                conn = fairy.dbapi_connection
-                fairy.detach()
-                conn.pgconn.nonblocking = 1
-                self.free.append((conn, Transformer(conn), {}))
+            self.free = [self._open() for _ in range(size)]
             self._conns = list(self.free)
-            self._by_fd = {slot[0].pgconn.socket: slot for slot in self._conns}
 
     async def all(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         if not self.pg:
-            return self.hot.all(stmt, params)
+            return list(self.hot.all(stmt, params))
         p = self.hot.prepare(stmt)
         for listener in self.hot.listeners:  # counted as ctx.db.hot counts its statements
             listener(p.sql)
         loop = asyncio.get_running_loop()
-        if self.free:
-            slot = self.free.pop()
-        else:
-            wait = loop.create_future()
-            self.waiting.append(wait)
-            slot = await wait
+        slot = await self._take(loop)
+        ok = False
         try:
-            return [p.convert(r) for r in await self._run(loop, slot, p, p.parameters(params))]
+            rows = await self._run(loop, slot, p, p.parameters(params))
+            ok = True
         finally:
-            if self.waiting:
-                self.waiting.popleft().set_result(slot)
-            else:
-                self.free.append(slot)
+            # A connection left mid-statement (an error, the call cancelled) is replaced, not reused.
+            self._give(slot if ok else self._replace(loop, slot))
+        return [p.convert(r) for r in rows]
+
+    async def _take(self, loop: Any) -> tuple[Any, Any, dict[Any, bytes]]:
+        if self.free:
+            return self.free.pop()
+        wait = loop.create_future()
+        self.waiting.append(wait)
+        try:
+            return await wait  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if wait.done() and not wait.cancelled():  # handed a connection as it was cancelled
+                self._give(wait.result())
+            raise
+
+    def _give(self, slot: tuple[Any, Any, dict[Any, bytes]]) -> None:
+        while self.waiting:
+            wait = self.waiting.popleft()
+            if not wait.done():  # (a waiter cancelled meanwhile is skipped)
+                wait.set_result(slot)
+                return
+        self.free.append(slot)
+
+    def _open(self) -> tuple[Any, Any, dict[Any, bytes]]:
+        from psycopg.adapt import Transformer
+        fairy = self.hot._reader.raw_connection()  # the reader engine's connect parameters
+        conn = fairy.dbapi_connection
+        fairy.detach()
+        conn.pgconn.nonblocking = 1
+        slot: tuple[Any, Any, dict[Any, bytes]] = (conn, Transformer(conn), {})
+        self._by_fd[conn.pgconn.socket] = slot
+        return slot
+
+    def _replace(self, loop: Any, slot: tuple[Any, Any, dict[Any, bytes]]) -> tuple[Any, Any, dict[Any, bytes]]:
+        conn = slot[0]
+        fd = conn.pgconn.socket
+        if self._waiters.pop(fd, "none") != "none":
+            loop.remove_reader(fd)
+        self._by_fd.pop(fd, None)
+        conn.close()
+        self._conns.remove(slot)
+        fresh = self._open()
+        self._conns.append(fresh)
+        return fresh
 
     async def _run(self, loop: Any, slot: tuple[Any, Any, dict[Any, bytes]], p: Any, args: Any) -> list[Any]:
         from psycopg import pq
@@ -420,13 +452,17 @@ class _LoopReads:
         key = (p, tuple(tx.types or ()) if order else ())
         name = names.get(key)
         if name is None:  # once per connection and statement: prepared and waited for
-            name = names[key] = f"loop_{len(names)}".encode()
+            name = f"loop_{len(names)}".encode()
             pgconn.send_prepare(name, sql, key[1] or None)
-            await self._result(loop, pgconn)
+            prepared = await self._result(loop, pgconn)
+            if prepared is None or prepared.status != pq.ExecStatus.COMMAND_OK:
+                raise RuntimeError("loop-read: PREPARE failed: "
+                                   + (prepared.error_message.decode(errors="replace") if prepared else "no result"))
+            names[key] = name
         pgconn.send_query_prepared(name, values)
         result = await self._result(loop, pgconn)
-        if result.status != pq.ExecStatus.TUPLES_OK:
-            raise RuntimeError(f"loop-read: {result.error_message.decode(errors='replace')}")
+        if result is None or result.status != pq.ExecStatus.TUPLES_OK:
+            raise RuntimeError("loop-read: " + (result.error_message.decode(errors="replace") if result else "no result"))
         if not result.ntuples:
             return []
         tx.set_pgresult(result)
@@ -454,23 +490,26 @@ class _LoopReads:
                     return last
                 last = result
             ready = self._waiters[fd] = loop.create_future()
-            await ready
+            try:
+                await ready
+            finally:
+                self._waiters[fd] = None
 
     def _readable(self, fd: int) -> None:
         ready = self._waiters.get(fd)
         if ready is not None and not ready.done():
             self._waiters[fd] = None
             ready.set_result(None)
-        elif ready is None:  # nobody waits (a notice between statements): read into libpq's buffer
-            slot = self._by_fd.get(fd)
-            if slot is not None:
-                slot[0].pgconn.consume_input()
+            return
+        slot = self._by_fd.get(fd)  # nobody waits (a notice between statements): into libpq's buffer
+        if slot is not None:
+            slot[0].pgconn.consume_input()
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
         for fd in self._waiters:
             loop.remove_reader(fd)
-        for conn, _tx, _names in getattr(self, "_conns", []):
+        for conn, _tx, _names in self._conns:
             conn.close()
 
 

@@ -61,8 +61,9 @@ def test_activation_builders_are_the_plain_builders_messages(
         facts: rules.PersonFacts | None, day: dt.date, snapshot: SnapshotRef | None,
         circumstances: rules.Circumstances, program: object, state: str, created: dt.datetime,
         redeemed: dt.datetime | None, account: str | None, reason: str, token: str) -> None:
-    # Without a cap's counts the decision's bytes are kept per decision (convert.activation_response)
-    # and reused: both paths, and a second activation of the same decision, against the plain builders.
+    # An uncapped program's decision is shared, its bytes kept and reused (convert.activation_response);
+    # a capped one's built in place: with and without counts, and a second activation of the same
+    # decision, against the plain builders.
     for counts in ((circumstances.seats_used, circumstances.cents_committed), (0, 0), (0, 0)):
         _check_activation_builders(program, facts, day, snapshot, circumstances._replace(
             seats_used=counts[0], cents_committed=counts[1]), state, created, redeemed, account, reason, token)

@@ -12,6 +12,7 @@ from google.type import date_pb2
 from entitlement import rules
 from entitlement.memo import ByIdentity
 from entitlement.activation import ActivationView, EntitlementStatus
+from entitlement.counters import CAP_CRITERIA
 from entitlement.audit import EventView, ListedActivation, ReportRow
 from entitlement.changes import Change
 from entitlement.programs import Program
@@ -164,16 +165,18 @@ def activation(a: ActivationView) -> activation_pb2.Activation:
 def activation_response(a: ActivationView, token: str) -> activation_pb2.ActivateEntitlementResponse:
     """ActivateEntitlementResponse(activation=activation(a), activation_token=token), in place. Its
     decision and funding are parsed from their bytes, serialized once per shared decision (people in
-    the same situation share one: rules._decision), as a page of ListActivations does; except a
-    decision carrying a cap's counts (seats, cents), which is this activation's own: built here."""
+    the same situation share one: rules._decision), as a page of ListActivations does; except the
+    decision of a capped program, which is this activation's own (its cap's criteria, made afresh,
+    carry the counts of the moment): built here, not kept."""
     d = a.decision
-    if d.circumstances.seats_used or d.circumstances.cents_committed:
+    if any(c.criterion in CAP_CRITERIA for c in d.criteria):
         out = activation_pb2.ActivateEntitlementResponse(
             activation={**_view_kwargs(a), "decision": _decision_kwargs(d, a.snapshot),
                         "funding": _plan_fields(d.funding_plan)}, activation_token=token)
         _fill_decision(out.activation.decision, d)
         return out
-    out = activation_pb2.ActivateEntitlementResponse(activation=_view_kwargs(a), activation_token=token)
+    out = activation_pb2.ActivateEntitlementResponse(activation=_view_kwargs(a),  # type: ignore[arg-type]
+                                                     activation_token=token)
     out.activation.MergeFromString(_decision_fields(d, a.snapshot))
     return out
 

@@ -26,18 +26,21 @@ MAX_REASON = 500
 _MESSAGE, _STRING, _OTHER = 0, 1, 2
 
 
+def _is_required(f: FieldDescriptor) -> bool:
+    return field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+
+
 def _required_fields(descriptor: Descriptor) -> tuple[tuple[str, int, bool], ...]:
     """(name, kind, whether to look inside) of the REQUIRED fields (per the proto annotations),
     read once per message type; a message field is looked inside only when its type has REQUIRED
-    fields of its own (a google.type.Date has none)."""
+    fields of its own (a google.type.Date has none: check_required would find nothing there)."""
     found = _REQUIRED.get(descriptor)
     if found is None:
         found = _REQUIRED[descriptor] = tuple(
             (f.name, _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else
              _STRING if f.type == FieldDescriptor.TYPE_STRING else _OTHER,
-             f.message_type is not None and bool(_required_fields(f.message_type)))
-            for f in descriptor.fields
-            if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior])
+             f.message_type is not None and any(_is_required(g) for g in f.message_type.fields))
+            for f in descriptor.fields if _is_required(f))
     return found
 
 

@@ -133,11 +133,15 @@ class Prepared:
         return self.row._make(values)
 
 
-def _sqlite_blob(value: Any) -> bytearray | None:
+def _sqlite_blob(value: Any) -> Any:
     """sqlite3 binds a bytearray as it is; SQLAlchemy's LargeBinary processor gives it a memoryview,
     which it first offers to its adapters (a failed lookup of `__adapt__` / `__conform__` at every
-    value: ~300 ns, a twentieth of a registry lookup). The same BLOB is stored and compared."""
-    return None if value is None else bytearray(value)
+    value: ~300 ns, a twentieth of a registry lookup). The same BLOB is stored and compared. Bytes
+    only: anything else goes as SQLAlchemy's processor sends it (a memoryview; TypeError for what
+    has no buffer, where bytearray would make an int that many zero bytes)."""
+    if type(value) is bytes:
+        return bytearray(value)
+    return None if value is None else memoryview(value)
 
 
 _PYFORMAT = re.compile(r"%\(([^)]+)\)s|%%")  # as psycopg reads them (a bind name may hold a "-")
