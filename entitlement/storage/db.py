@@ -240,7 +240,7 @@ class Database:
         self.wrote_at = self.read_at = 0.0
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
-        self.hot = HotReads(self.reader, lambda: self._refuse_reads, DatabaseDown)
+        self.hot = HotReads(self.reader, DatabaseDown)
 
     @property
     def is_sqlite(self) -> bool:
@@ -261,6 +261,7 @@ class Database:
     def fail_fast(self, *, writes: bool, reads: bool) -> None:
         """From now on, refuse (DatabaseDown) new write / read transactions without trying them."""
         self._refuse_writes, self._refuse_reads = writes, reads
+        self.hot.refusing = reads
 
     def ping(self, *, write: bool = False) -> None:
         """One round trip per pool, even while failing fast (the health monitor's probe). `write` (SQLite):

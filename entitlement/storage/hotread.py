@@ -170,12 +170,15 @@ def _close_quietly(conn: Any) -> None:
 class HotReads:
     """Single statements on each thread's own autocommit DBAPI connection (see the module docstring)."""
 
-    def __init__(self, reader: Engine, refuse: Callable[[], bool], down: Callable[[], BaseException]) -> None:
+    def __init__(self, reader: Engine, down: Callable[[], BaseException]) -> None:
         self._reader = reader
         self._dialect = reader.dialect
         self._libpq = reader.dialect.name == "postgresql"
         self._dbapi_error: type[Exception] = reader.dialect.loaded_dbapi.Error
-        self._refuse, self._down = refuse, down
+        self._down = down
+        # Set by the Database (its health monitor's fail_fast): reads are refused without trying.
+        # (An attribute, not a callable: every read looks at it.)
+        self.refusing = False
         self._prepared: dict[object, Prepared] = {}
         self._local = threading.local()
         self._generation = 0
@@ -221,6 +224,7 @@ class HotReads:
                 pass
 
     def _connection(self) -> Any:
+        """This thread's connection (_run looks for it first itself: every read finds it there)."""
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is not None and local.generation == self._generation:
@@ -237,15 +241,18 @@ class HotReads:
         return local.conn
 
     def _run(self, p: Prepared, params: dict[str, Any], one: bool, probe: bool = False) -> list[Any]:
-        if not probe and self._refuse():
+        if self.refusing and not probe:
             raise self._down()
         args = p.parameters(params)
         if self.listeners:
             for listener in self.listeners:
                 listener(p.sql)
-        conn = None
+        local = self._local
+        conn = getattr(local, "conn", None)
         try:
-            conn = self._connection()
+            if conn is None or local.generation != self._generation:
+                conn = None
+                conn = self._connection()
             if self._libpq:
                 raw = _execute_prepared(conn, self._local.session, p, args, one)
             else:
