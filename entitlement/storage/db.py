@@ -233,7 +233,7 @@ class Database:
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
-        self._refuse_writes = self._refuse_reads = False  # set by the health monitor (fail_fast)
+        self._refuse_writes = False  # set by the health monitor (fail_fast); reads: self.hot.refusing
         # When (time.monotonic()) the database last answered a write's COMMIT, and the latest
         # start of a read (transaction or snapshot statement) that ended without error: the health
         # monitor's evidence that the database answers after its ping was sent (`answered_since`).
@@ -260,8 +260,8 @@ class Database:
 
     def fail_fast(self, *, writes: bool, reads: bool) -> None:
         """From now on, refuse (DatabaseDown) new write / read transactions without trying them."""
-        self._refuse_writes, self._refuse_reads = writes, reads
-        self.hot.refusing = reads
+        self._refuse_writes = writes
+        self.hot.refusing = reads  # (the hot reads, transactions and snapshots alike)
 
     def ping(self, *, write: bool = False) -> None:
         """One round trip per pool, even while failing fast (the health monitor's probe). `write` (SQLite):
@@ -386,7 +386,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
-        if self._refuse_reads:
+        if self.hot.refusing:
             raise DatabaseDown()
         started = time.monotonic()
         with _deadline_errors(), self.engine.connect() as conn:
@@ -404,7 +404,7 @@ class Database:
         need SQLAlchemy (a funder's page of activations: its statement varies with the filters);
         every statement sees the database as of its own start, no BEGIN / COMMIT. The hot reads of
         single rows use `self.hot` instead."""
-        if self._refuse_reads:
+        if self.hot.refusing:
             raise DatabaseDown()
         started = time.monotonic()
         with _deadline_errors(), self.reader.connect() as conn:

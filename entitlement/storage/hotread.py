@@ -223,12 +223,9 @@ class HotReads:
             except Exception:  # noqa: BLE001 - a dead connection may fail to close
                 pass
 
-    def _connection(self) -> Any:
-        """This thread's connection (_run looks for it first itself: every read finds it there)."""
+    def _connect(self) -> Any:
+        """A new connection for this thread (_run uses the thread's own while its generation holds)."""
         local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is not None and local.generation == self._generation:
-            return conn
         generation = self._generation
         fairy = self._reader.raw_connection()  # the reader engine's connect parameters and events
         conn = fairy.dbapi_connection
@@ -252,7 +249,7 @@ class HotReads:
         try:
             if conn is None or local.generation != self._generation:
                 conn = None
-                conn = self._connection()
+                conn = self._connect()
             if self._libpq:
                 raw = _execute_prepared(conn, self._local.session, p, args, one)
             else:
