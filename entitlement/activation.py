@@ -76,7 +76,10 @@ class ActivationResult:
     token: str
 
 
-class EntitlementStatus(NamedTuple):  # (a named tuple: one is made per verification, a frozen dataclass costs twice as much)
+class EntitlementStatus(NamedTuple):
+    """An account's entitlement (VerifyEntitlement, a redemption's answer, the change stream): a
+    named tuple, as one is made per verification and a frozen dataclass costs twice as much."""
+
     account_id: str
     active: bool
     activation_id: str = ""

@@ -8,9 +8,10 @@ status (grpc.health.v1: every service and the overall "") in step with it (READM
   begun then ended; for SQLite's write probe, a COMMIT only): one stalled round trip under load no
   longer fails every call for a ping interval (README "Database outage": with two server
   processes pinned to a CPU each, a ping waited over 2 s while the calls around it answered; in CI,
-  a call and the ping stalled together). A silent or dead database answers no call. A ping this thread finds unanswered at its timeout after oversleeping
-  (the whole process stood still, or this thread alone got no CPU) gets as long again as it
-  overslept, at most a timeout: its answer may be in hand, or come as soon as its thread runs.
+  a call and the ping stalled together). A silent or dead database answers no call. A ping this
+  thread finds unanswered at its timeout after oversleeping (the whole process stood still, or
+  this thread alone got no CPU) gets as long again as it overslept, at most a timeout: its answer
+  may be in hand, or come as soon as its thread runs.
 - A call that meets an outage (the access-log interceptor calls `outage_seen`) wakes it at once: it
   pings right away instead of at the next tick. One broken connection (a database restart seen by
   a single call) is therefore not reported as an outage if the ping that follows succeeds.

@@ -31,8 +31,9 @@ class _Sink:
     concurrent calls never interleave (structlog's own lines and `rpc` below alike).
 
     A plain file stream (stderr, a log file: a text layer over a buffer, or straight over the file
-    (stderr under PYTHONUNBUFFERED), over a file descriptor, in an ASCII-compatible encoding) gets each line as one `os.write` of its bytes: the text layer's
-    write and flush cost five times as much, on every call. The lines are JSON with every
+    (stderr under PYTHONUNBUFFERED), over a file descriptor, in an ASCII-compatible encoding) gets
+    each line as one `os.write` of its bytes: the text layer's write and flush cost five times as
+    much, on every call. The lines are JSON with every
     non-ASCII character escaped, so their bytes are what the text layer would have written. Other
     streams (io.StringIO in tests, anything that transforms what it is given) are written and
     flushed as text."""
