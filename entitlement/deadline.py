@@ -36,18 +36,33 @@ class Budget(NamedTuple):  # (a named tuple: one is made per call, a frozen data
 _current: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("call_deadline", default=None)
 
 
+def _always() -> bool:
+    return True
+
+
+def enter(remaining_s: float | None, active: Callable[[], bool] = _always) -> contextvars.Token[Budget | None]:
+    """From now on (in this context), a call with `remaining_s` seconds left (None: no deadline),
+    over for its client once `active()` is False; `leave(token)` ends it. What `with bound(...)`
+    does, for the gRPC edge's unary calls (entitlement/api/wrapping.py), which bind it in a
+    try/finally of their own: no object made per call."""
+    expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
+    return _current.set(Budget(expires, active))
+
+
+leave: Callable[[contextvars.Token[Budget | None]], None] = _current.reset
+"""`leave(token)`: the deadline bound before `enter` gave `token` holds again."""
+
+
 class bound:  # noqa: N801 - used as a function: `with deadline.bound(...)`
-    """Run the block as a call with `remaining_s` seconds left (None: no deadline). A class rather
-    than a generator: it wraps every call (entitlement/api/wrapping.py)."""
+    """Run the block as a call with `remaining_s` seconds left (None: no deadline)."""
 
-    __slots__ = ("_budget", "_reset")
+    __slots__ = ("_remaining_s", "_active", "_reset")
 
-    def __init__(self, remaining_s: float | None, active: Callable[[], bool] = lambda: True) -> None:
-        expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
-        self._budget = Budget(expires, active)
+    def __init__(self, remaining_s: float | None, active: Callable[[], bool] = _always) -> None:
+        self._remaining_s, self._active = remaining_s, active
 
     def __enter__(self) -> None:
-        self._reset = _current.set(self._budget)
+        self._reset = enter(self._remaining_s, self._active)
 
     def __exit__(self, *exc: object) -> None:
         _current.reset(self._reset)
@@ -56,8 +71,7 @@ class bound:  # noqa: N801 - used as a function: `with deadline.bound(...)`
 def bind(remaining_s: float | None) -> None:
     """Bound the rest of this thread's context to `remaining_s` seconds from now (None: no
     deadline), for threads that own their context (the database health monitor's ping)."""
-    expires = None if remaining_s is None or remaining_s >= NO_DEADLINE_S else time.monotonic() + remaining_s
-    _current.set(Budget(expires, lambda: True))
+    enter(remaining_s)
 
 
 def in_call() -> bool:

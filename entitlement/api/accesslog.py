@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from entitlement import logs
 from entitlement.api import errors
-from entitlement.api.wrapping import BehaviorInterceptor
+from entitlement.api.wrapping import BehaviorInterceptor, Handler
 from entitlement.errors import DomainError
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -59,10 +59,57 @@ class AccessLogInterceptor(BehaviorInterceptor):
               context: grpc.ServicerContext) -> AbstractContextManager[None]:
         return _Logged(self._on_outage, method, metadata, context)
 
+    def around_unary(self, fn: Handler, method: str) -> Handler:
+        """What `scope` does, in the call's own frame (every call of ours goes through it)."""
+        on_outage = self._on_outage
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            rid = _request_id(context.invocation_metadata())
+            logs.begin_call(rid, method)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return fn(request, context)
+            except BaseException as exc:
+                code, status = _outcome(exc, rid, context, on_outage)
+                if status is None:
+                    raise
+                context.abort_with_status(status)
+                raise  # (abort_with_status raises; a context whose abort returned lets the error through)
+            finally:
+                logs.rpc(code, int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000)
+        return unary
+
+
+def _outcome(exc: BaseException, rid: str, context: grpc.ServicerContext,
+             on_outage: Callable[[], None] | None) -> tuple[str, grpc.Status | None]:
+    """For a call that raised `exc`: the code its line says, and the status to abort it with
+    (None: `exc` goes through as it is). Logs what the operators must see."""
+    if isinstance(exc, DomainError):
+        status_code, status = errors.domain_status(exc, rid)
+        if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            log.info("access_refused", reason=exc.reason)
+        if getattr(exc, "database_wait", False) and on_outage is not None:
+            on_outage()  # a lock wait cut by the deadline: the monitor probes the database
+        return status_code.name, status
+    if not isinstance(exc, Exception):
+        return "OK", None  # GeneratorExit and the like: as it is
+    if _is_outage(exc):
+        log.warning("database_unavailable", error=type(exc).__name__)
+        if on_outage is not None:
+            on_outage()
+        return "UNAVAILABLE", errors.unavailable_status(rid)
+    if _is_abort(context):
+        return "OK", None  # the handler aborted the call itself: its status stands
+    # The traceback stays in our logs; exception text from the database driver is never
+    # shown to callers, and the engine hides bound parameters (hide_parameters=True).
+    log.error("unhandled_exception", error=type(exc).__name__, exc_info=exc)
+    return "INTERNAL", errors.internal_status(rid)
+
 
 class _Logged:
-    """One call's scope: its request id bound, its exceptions mapped, its line written. A class
-    rather than a generator (it wraps every call)."""
+    """One call's scope, for the streaming methods (`around_unary` does the same for the others):
+    its request id bound, its exceptions mapped, its line written."""
 
     __slots__ = ("_on_outage", "_context", "_rid", "_started")
 
@@ -78,29 +125,11 @@ class _Logged:
     def __exit__(self, _type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
         code = "OK"
         try:
-            if isinstance(exc, DomainError):
-                status_code, status = errors.domain_status(exc, self._rid)
-                code = status_code.name
-                if status_code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                    log.info("access_refused", reason=exc.reason)
-                if getattr(exc, "database_wait", False) and self._on_outage is not None:
-                    self._on_outage()  # a lock wait cut by the deadline: the monitor probes the database
-                self._context.abort_with_status(status)
-            elif isinstance(exc, Exception):
-                if _is_outage(exc):
-                    code = "UNAVAILABLE"
-                    log.warning("database_unavailable", error=type(exc).__name__)
-                    if self._on_outage is not None:
-                        self._on_outage()
-                    self._context.abort_with_status(errors.unavailable_status(self._rid))
-                if _is_abort(self._context):
-                    return False  # the handler aborted the call itself: its status stands
-                code = "INTERNAL"
-                # The traceback stays in our logs; exception text from the database driver is never
-                # shown to callers, and the engine hides bound parameters (hide_parameters=True).
-                log.error("unhandled_exception", error=type(exc).__name__, exc_info=exc)
-                self._context.abort_with_status(errors.internal_status(self._rid))
-            return False  # no exception, or one that is not an Exception (GeneratorExit): as it is
+            if exc is not None:
+                code, status = _outcome(exc, self._rid, self._context, self._on_outage)
+                if status is not None:
+                    self._context.abort_with_status(status)
+            return False
         finally:
             # Milliseconds to the microsecond: what round(x, 3) gives (but at exact half-microsecond
             # ties, rounded up here), without its detour through a decimal string.

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from entitlement import logs
-from entitlement.api.wrapping import BehaviorInterceptor
+from entitlement.api.wrapping import BehaviorInterceptor, Handler
 from entitlement.callers import Caller, Directory
 from entitlement.errors import PermissionDenied, Unauthenticated
 from entitlement.tls import CALLER_URI_PREFIX
@@ -170,14 +170,33 @@ class CallerInterceptor(BehaviorInterceptor):
         """Authenticates and authorizes now (refusing the call); the block runs as the caller."""
         if not method.startswith(PACKAGE):
             return _NOTHING
+        return _AsCaller(self._admit(method, ROLES.get(method, _NO_ROLE), metadata, context))
+
+    def around_unary(self, fn: Handler, method: str) -> Handler:
+        """What `scope` does, in the call's own frame (every call of ours goes through it)."""
+        if not method.startswith(PACKAGE):
+            return fn
+        allowed = ROLES.get(method, _NO_ROLE)
+        admit = self._admit
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            reset = _caller.set(admit(method, allowed, context.invocation_metadata(), context))
+            try:
+                return fn(request, context)
+            finally:
+                _caller.reset(reset)
+        return unary
+
+    def _admit(self, method: str, allowed: frozenset[str], metadata: tuple[Any, ...] | None,
+               context: grpc.ServicerContext) -> Caller:
+        """The caller of this call, when it may call `method` (whose roles are `allowed`)."""
         caller = self.authenticate(metadata, context)
         # Bound before the role check, so a refused call's log lines say who was refused.
         logs.bind_caller(caller.id, caller.role)
-        allowed = ROLES.get(method, _NO_ROLE)
         if caller.role not in allowed:
             raise PermissionDenied(f"role {caller.role} may not call {method.rsplit('/', 1)[-1]}",
                                    reason="ROLE_NOT_ALLOWED", metadata={"role": caller.role})
-        return _AsCaller(caller)
+        return caller
 
 
 class _AsCaller:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from entitlement.api.identity import _caller
-from entitlement.api.wrapping import BehaviorInterceptor
+from entitlement.api.wrapping import BehaviorInterceptor, Handler
 from entitlement.errors import RateLimited
 
 LIMITED = frozenset({
@@ -67,7 +67,24 @@ class RateLimitInterceptor(BehaviorInterceptor):
     def scope(self, method: str, metadata: tuple[Any, ...] | None,
               context: grpc.ServicerContext) -> AbstractContextManager[None]:
         """Takes the caller's token now (refusing the call when there is none); nothing to undo."""
-        caller = _caller.get() if method in self.methods else None
+        if method in self.methods:
+            self._take()
+        return _NOTHING
+
+    def around_unary(self, fn: Handler, method: str) -> Handler:
+        """What `scope` does, without a context manager per call."""
+        if method not in self.methods:
+            return fn
+        take = self._take
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            take()
+            return fn(request, context)
+        return unary
+
+    def _take(self) -> None:
+        """The calling caller's token, taken; RateLimited when there is none."""
+        caller = _caller.get()
         if caller is not None:
             wait = self.buckets.take(caller.id)
             if wait > 0:
@@ -77,7 +94,6 @@ class RateLimitInterceptor(BehaviorInterceptor):
                     f"CheckEligibility and ActivateEntitlement per caller; retry in {wait:.1f} s",
                     retry_delay_s=wait, metadata={"limit_per_minute": str(per_min),
                                                   "retry_after_ms": str(max(1, round(wait * 1000)))})
-        return _NOTHING
 
 
 _NOTHING = nullcontext()
