@@ -108,8 +108,8 @@ def _outcome(exc: BaseException, rid: str, context: grpc.ServicerContext,
 
 
 class _Logged:
-    """One call's scope, for the streaming methods (`around_unary` does the same for the others):
-    its request id bound, its exceptions mapped, its line written."""
+    """One call's scope, for the methods that stream their responses (`around_unary` does the same
+    for the others): its request id bound, its exceptions mapped, its line written."""
 
     __slots__ = ("_on_outage", "_context", "_rid", "_started")
 

@@ -200,7 +200,8 @@ class CallerInterceptor(BehaviorInterceptor):
 
 
 class _AsCaller:
-    """The block runs with `current_caller()` = caller (a class, not a generator: every call)."""
+    """The block runs with `current_caller()` = caller (a class, not a generator; the calls that
+    stream their responses: `around_unary` binds it for the others)."""
 
     __slots__ = ("_caller", "_reset")
 

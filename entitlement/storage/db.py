@@ -113,7 +113,8 @@ _capped_by_deadline: ContextVar[bool] = ContextVar("entitlement_wait_capped_by_d
 
 def bind_deadline(seconds_left: float | None) -> None:
     """Bound this thread's next database waits by a deadline `seconds_left` from now (None: none).
-    For threads that own their context (the health monitor's ping); calls use deadline.bound."""
+    For threads that own their context (the health monitor's ping); calls get theirs at the gRPC
+    edge (entitlement/api/wrapping.py)."""
     deadline.bind(seconds_left)
 
 
