@@ -182,7 +182,7 @@ def _handler(request: bytes, context: grpc.ServicerContext) -> bytes:
         raise OperationalError("SELECT 1", None, RuntimeError("server closed the connection"))
     if what == "lock-wait":
         err = DeadlineExceeded("the deadline passed while waiting for a lock")
-        err.database_wait = True  # type: ignore[attr-defined]
+        err.database_wait = True
         raise err
     if what == "own-abort":
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the handler's own status")
