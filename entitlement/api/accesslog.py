@@ -71,6 +71,7 @@ class AccessLogInterceptor(BehaviorInterceptor):
             try:
                 return fn(request, context)
             except BaseException as exc:
+                code = "UNKNOWN"  # what gRPC answers should _outcome itself fail (its logging)
                 code, status = _outcome(exc, rid, context, on_outage)
                 if status is None:
                     raise
@@ -126,6 +127,7 @@ class _Logged:
         code = "OK"
         try:
             if exc is not None:
+                code = "UNKNOWN"  # (as in around_unary)
                 code, status = _outcome(exc, self._rid, self._context, self._on_outage)
                 if status is not None:
                     self._context.abort_with_status(status)
