@@ -136,9 +136,18 @@ def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], gone: Any =
 
 
 class _AbortFromThread(Exception):
+    """An abort asked for through one of the adapters below, raised through the sync code and
+    applied on the loop by the method's wrapper (`context.abort` is a coroutine in grpc.aio)."""
+
     def __init__(self, code: grpc.StatusCode, details: str, status: grpc.Status | None = None) -> None:
         super().__init__(details)
         self.code, self.details, self.status = code, details, status
+
+    @property
+    def abort_code(self) -> grpc.StatusCode:
+        """The status it ends the call with: a handler's own abort's stands (the access log reads
+        it: the aio context has no code set yet while this goes up through the behaviours)."""
+        return self.code
 
 
 class _CallContext:

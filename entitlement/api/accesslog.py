@@ -100,8 +100,9 @@ def _outcome(exc: BaseException, rid: str, context: grpc.ServicerContext,
         if on_outage is not None:
             on_outage()
         return "UNAVAILABLE", errors.unavailable_status(rid)
-    if _is_abort(context):
-        return "OK", None  # the handler aborted the call itself: its status stands
+    aborted = _aborted(exc, context)
+    if aborted is not None:
+        return aborted.name, None  # the handler aborted the call itself: its status stands
     # The traceback stays in our logs; exception text from the database driver is never
     # shown to callers, and the engine hides bound parameters (hide_parameters=True).
     log.error("unhandled_exception", error=type(exc).__name__, exc_info=exc)
@@ -138,7 +139,12 @@ class _Logged:
             logs.rpc(code, int((time.perf_counter() - self._started) * 1_000_000 + 0.5) / 1000)
 
 
-def _is_abort(context: grpc.ServicerContext) -> bool:
-    """True when a handler already aborted the call itself (grpc raises to unwind it)."""
-    code = getattr(context, "code", lambda: None)()
-    return code is not None and code != grpc.StatusCode.OK
+def _aborted(exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status of the call when a handler already aborted it itself (gRPC raises to unwind it),
+    else None. The sync server's context knows it by then; the event-loop server's adapters carry
+    it on the exception they raise (entitlement/aio_server.py `_AbortFromThread`), since the aio
+    context is aborted only afterwards, on the loop."""
+    code = getattr(exc, "abort_code", None)
+    if code is None:
+        code = getattr(context, "code", lambda: None)()
+    return None if code is None or code == grpc.StatusCode.OK else code
