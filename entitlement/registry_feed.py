@@ -3,16 +3,28 @@
 The bytes are spooled to a temporary file (constant memory), checked against the announced
 checksum and size limit, then imported exactly as `entitlement registry import` does. One import
 at a time per server process; a second concurrent push is told to retry (ABORTED).
+
+The spool holds personal data (names, birth dates, identifiers) in clear. It goes when the import
+ends, whatever the outcome; a process killed during an import (kill -9, a crash, a power cut)
+cannot remove it, so every server sweeps such leftovers when it starts (`sweep_stale_spools`):
+each spool is locked (flock) by the process importing it, and the kernel lets the lock go when
+that process dies, so a spool nobody holds is a dead one, removed; one another live process is
+importing into (several server processes on one machine) is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import fcntl
 import hashlib
+import os
+import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +39,43 @@ MAX_REJECTS_RETURNED = 1000
 DEFAULT_MIN_RATIO = 0.5
 
 _one_import = threading.Lock()
+
+SPOOL_PREFIX = "entitlement-extract-"  # in the temporary directory (TMPDIR)
+_SPOOL_LOCK = ".lock"
+SPOOL_GRACE_S = 60.0  # a spool younger than this is never swept (its process may not have locked it yet)
+
+
+@contextlib.contextmanager
+def _spool() -> Iterator[Path]:
+    """A temporary directory for one import's bytes, locked by this process while it lasts."""
+    with tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX) as tmp:
+        with open(Path(tmp) / _SPOOL_LOCK, "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield Path(tmp)
+
+
+def sweep_stale_spools(directory: str | None = None, now: float | None = None) -> int:
+    """Remove the spools that imports killed mid-way left in `directory` (the temporary directory
+    by default): those no live process holds locked, older than SPOOL_GRACE_S. Returns how many."""
+    root = Path(directory or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(SPOOL_PREFIX)]
+    except OSError:
+        return 0
+    for spool in candidates:
+        try:
+            st = spool.lstat()
+            if not spool.is_dir() or spool.is_symlink() or st.st_uid != os.getuid() or now - st.st_mtime < SPOOL_GRACE_S:
+                continue
+            with open(spool / _SPOOL_LOCK, "ab") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live import: BlockingIOError
+                shutil.rmtree(spool)
+            removed += 1
+        except OSError:  # locked (alive), gone meanwhile, or not ours to remove: left as it is
+            continue
+    return removed
 
 
 @dataclass(frozen=True)
@@ -48,8 +97,8 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
         raise Aborted("another registry import is running in this server; retry later",
                       reason="IMPORT_IN_PROGRESS")
     try:
-        with tempfile.TemporaryDirectory(prefix="entitlement-extract-") as tmp:
-            path = Path(tmp) / "extract.csv"
+        with _spool() as tmp:
+            path = tmp / "extract.csv"
             digest = hashlib.sha256()
             size = 0
             with path.open("wb") as fh:
@@ -62,7 +111,7 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                     fh.write(chunk)
             if header.sha256 and header.sha256.lower() != digest.hexdigest():
                 raise InvalidArgument.single("header.sha256", "does not match the bytes received")
-            rejects = Path(tmp) / "rejects.csv"
+            rejects = tmp / "rejects.csv"
             try:
                 summary = registry.import_extract(
                     ctx.db, ctx.pseudo, ctx.clock, path, extracted_on=header.extracted_on, actor=caller.actor,

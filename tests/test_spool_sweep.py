@@ -1,0 +1,134 @@
+"""A registry extract pushed over gRPC is spooled in clear (names, birth dates, identifiers) while
+it is imported. kill -9 during the import leaves the spool behind; the next server to start on the
+machine removes it, and leaves alone the spool of an import another live server process is
+running (several processes on one machine share the temporary directory), as well as a spool too
+young to be locked yet. Real `server.py` processes, a real import stream, a real kill."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from load_clients import AGENCY, registry_extract
+from support import date_msg
+from test_server_ops import Server, prepare
+
+from entitlement.registry_feed import SPOOL_GRACE_S, SPOOL_PREFIX
+from entitlement.v1 import registry_pb2, registry_pb2_grpc
+
+WAIT_S = 60.0
+
+
+def _wait(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"waited {WAIT_S}s for {what}"
+        time.sleep(0.02)
+
+
+def _spools(spool_dir: Path) -> list[Path]:
+    return sorted(p for p in spool_dir.iterdir() if p.name.startswith(SPOOL_PREFIX))
+
+
+def _age(path: Path, seconds: float) -> None:
+    """As if the spool had been made `seconds` ago (what the sweep judges a spool's age by)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+class HeldImport:
+    """An ImportExtract whose stream stays open after its first chunk until `finish()`."""
+
+    def __init__(self, server: Server) -> None:
+        self.body = registry_extract(1, 3000)
+        self.release = threading.Event()
+        self.answer: dict[str, object] = {}
+        self.thread = threading.Thread(target=self._push, args=(server,))
+        self.thread.start()
+
+    def _parts(self) -> Iterator[registry_pb2.ImportExtractRequest]:
+        yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
+            extracted_on=date_msg(dt.date.today()), source_name="held.csv",
+            sha256=hashlib.sha256(self.body).hexdigest()))
+        yield registry_pb2.ImportExtractRequest(chunk=self.body[:32 * 1024])
+        self.release.wait(WAIT_S)
+        yield registry_pb2.ImportExtractRequest(chunk=self.body[32 * 1024:])
+
+    def _push(self, server: Server) -> None:
+        channel = grpc.insecure_channel(server.dir.address)
+        try:
+            self.answer["ok"] = registry_pb2_grpc.RegistryServiceStub(channel).ImportExtract(
+                self._parts(), metadata=server.metadata(AGENCY, "held-" + uuid.uuid4().hex), timeout=WAIT_S)
+        except grpc.RpcError as err:
+            self.answer["error"] = err.code()
+        finally:
+            channel.close()
+
+    def finish(self) -> dict[str, object]:
+        self.release.set()
+        self.thread.join(WAIT_S)
+        return self.answer
+
+
+def test_a_spool_left_by_kill_9_is_removed_at_the_next_start_and_a_live_one_is_not(
+        fresh_url: str, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "tmp"  # the servers' TMPDIR
+    spool_dir.mkdir()
+    a = prepare(tmp_path / "a", fresh_url)
+    a.extra_env["TMPDIR"] = str(spool_dir)
+    server = Server(a)
+    held = None
+    try:
+        held = HeldImport(server)
+        _wait(lambda: any((p / "extract.csv").exists() and (p / "extract.csv").stat().st_size > 0
+                          for p in _spools(spool_dir)), "the server to spool the first bytes")
+        [live] = _spools(spool_dir)
+        _age(live, 10 * SPOOL_GRACE_S)
+
+        # Another server process starting on the same machine sweeps: the live import's spool stays.
+        b = prepare(tmp_path / "b", fresh_url, migrate=False)
+        b.extra_env["TMPDIR"] = str(spool_dir)
+        other = Server(b)
+        try:
+            assert _spools(spool_dir) == [live]
+            assert not [x for x in b.log_lines() if x.get("event") == "stale_extract_spools_removed"]
+        finally:
+            other.close()
+
+        # kill -9 in the middle of the import: the spool, personal data in clear, stays behind.
+        server.proc.kill()
+        server.proc.wait(timeout=WAIT_S)
+        assert held.finish().get("error") is not None
+        assert _spools(spool_dir) == [live] and (live / "extract.csv").stat().st_size > 0
+    finally:
+        if held is not None:
+            held.release.set()
+        server.close()
+
+    young = spool_dir / (SPOOL_PREFIX + "young")  # just made by a process that has not locked it yet
+    young.mkdir()
+    unrelated = spool_dir / "someone-else"
+    unrelated.mkdir()
+    _age(live, 10 * SPOOL_GRACE_S)
+    _age(unrelated, 10 * SPOOL_GRACE_S)
+    server = Server(a)  # the restart
+    try:
+        assert _spools(spool_dir) == [young]
+        assert unrelated.exists()
+        [line] = [x for x in a.log_lines() if x.get("event") == "stale_extract_spools_removed"]
+        assert line["count"] == 1 and line["level"] == "warning"
+        # And the service imports as before (its own spool gone once the import ends).
+        again = HeldImport(server)
+        answer = again.finish()
+        assert "ok" in answer, answer
+        assert _spools(spool_dir) == [young]
+    finally:
+        server.close()
