@@ -17,7 +17,9 @@ import sys
 import time
 from types import FrameType
 
-from entitlement import affinity, app, logs
+import structlog
+
+from entitlement import affinity, app, logs, registry_feed
 from entitlement.config import EVENT_LOOP, EventLoopUnavailable, Settings, resolve_event_loop
 from entitlement.programs import ProgramFileError
 from entitlement.server_main import serve_forever, server_model
@@ -84,9 +86,18 @@ def _supervise(settings: Settings) -> int:
     return 1 if failed or any(c.exitcode != 0 for c in children) else 0
 
 
+def _sweep_spools() -> None:
+    """Registry extracts that a server killed during an import left spooled (personal data in
+    clear) go before this one serves: entitlement/registry_feed.py. Once, before any worker."""
+    removed = registry_feed.sweep_stale_spools()
+    if removed:
+        structlog.get_logger("entitlement.server").warning("stale_extract_spools_removed", count=removed)
+
+
 def main() -> int:
     settings = Settings.from_env()
     logs.configure(settings.log_level)
+    _sweep_spools()
     if settings.processes > 1:
         return _supervise(settings)
     affinity.apply(settings.cpu_affinity)  # before any thread starts

@@ -7,9 +7,10 @@ at a time per server process; a second concurrent push is told to retry (ABORTED
 The spool holds personal data (names, birth dates, identifiers) in clear. It goes when the import
 ends, whatever the outcome; a process killed during an import (kill -9, a crash, a power cut)
 cannot remove it, so every server sweeps such leftovers when it starts (`sweep_stale_spools`):
-each spool is locked (flock) by the process importing it, and the kernel lets the lock go when
-that process dies, so a spool nobody holds is a dead one, removed; one another live process is
-importing into (several server processes on one machine) is left alone.
+each spool is locked (flock, on a local filesystem) by the process importing into it from its
+making until it is gone, and the kernel lets the lock go when that process dies, so a spool nobody
+holds is a dead one, removed; a spool another live process is importing into (several server
+processes on one machine) is left alone. A leftover stays until a server starts on the machine.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from entitlement import registry
 from entitlement.app import Context
@@ -39,42 +43,71 @@ MAX_REJECTS_RETURNED = 1000
 DEFAULT_MIN_RATIO = 0.5
 
 _one_import = threading.Lock()
+log = structlog.get_logger("entitlement.registry")
 
-SPOOL_PREFIX = "entitlement-extract-"  # in the temporary directory (TMPDIR)
+SPOOL_PREFIX = "entitlement-extract-"  # in the temporary directory (TMPDIR, a local filesystem)
 _SPOOL_LOCK = ".lock"
-SPOOL_GRACE_S = 60.0  # a spool younger than this is never swept (its process may not have locked it yet)
+SPOOL_GRACE_S = 60.0  # a spool touched more recently than this is never swept
+# A spool without a lock file was made by a version before the locks (a rolling upgrade: its import
+# may still run, reading its file): swept only once nothing in it changed for this long.
+UNLOCKED_SPOOL_GRACE_S = 3600.0
 
 
 @contextlib.contextmanager
 def _spool() -> Iterator[Path]:
-    """A temporary directory for one import's bytes, locked by this process while it lasts."""
-    with tempfile.TemporaryDirectory(prefix=SPOOL_PREFIX) as tmp:
-        with open(Path(tmp) / _SPOOL_LOCK, "wb") as lock:
+    """A directory (0700) for one import's bytes, locked by this process from its making until it
+    is gone (the lock is let go only after the removal: a sweep never races the removal)."""
+    tmp = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX))
+    try:
+        with open(tmp / _SPOOL_LOCK, "wb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield Path(tmp)
+            try:
+                yield tmp
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (when the lock file could not be made)
+
+
+def _last_change(spool: Path, st: os.stat_result) -> float:
+    """The latest mtime of the spool and of what it holds (bytes still arriving move extract.csv's)."""
+    latest = st.st_mtime
+    with os.scandir(spool) as entries:
+        for entry in entries:
+            latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+    return latest
 
 
 def sweep_stale_spools(directory: str | None = None, now: float | None = None) -> int:
     """Remove the spools that imports killed mid-way left in `directory` (the temporary directory
-    by default): those no live process holds locked, older than SPOOL_GRACE_S. Returns how many."""
-    root = Path(directory or tempfile.gettempdir())
+    by default): ours, that no live process holds locked, unchanged for SPOOL_GRACE_S (an hour
+    for a spool without a lock file). Returns how many; one that could not be removed is logged."""
+    root = directory or tempfile.gettempdir()
     now = time.time() if now is None else now
     removed = 0
     try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(SPOOL_PREFIX)]
+        with os.scandir(root) as entries:
+            candidates = [Path(e.path) for e in entries if e.name.startswith(SPOOL_PREFIX)]
     except OSError:
         return 0
     for spool in candidates:
         try:
-            st = spool.lstat()
-            if not spool.is_dir() or spool.is_symlink() or st.st_uid != os.getuid() or now - st.st_mtime < SPOOL_GRACE_S:
+            st = spool.lstat()  # the entry itself: a symlink is not a directory here
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            locked = (spool / _SPOOL_LOCK).exists()
+            if now - _last_change(spool, st) < (SPOOL_GRACE_S if locked else UNLOCKED_SPOOL_GRACE_S):
                 continue
             with open(spool / _SPOOL_LOCK, "ab") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live import: BlockingIOError
-                shutil.rmtree(spool)
+                shutil.rmtree(spool)  # (no symlink followed: rmtree works from directory descriptors)
             removed += 1
-        except OSError:  # locked (alive), gone meanwhile, or not ours to remove: left as it is
-            continue
+        except BlockingIOError:
+            continue  # a live import's
+        except FileNotFoundError:
+            continue  # gone meanwhile (its import ended)
+        except OSError as exc:
+            log.warning("stale_extract_spool_not_removed", spool=spool.name, error=type(exc).__name__)
     return removed
 
 

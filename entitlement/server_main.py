@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from entitlement import affinity, registry_feed
+from entitlement import affinity
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api import ratelimit
 from entitlement.api.identity import CallerInterceptor
@@ -137,10 +137,6 @@ def start(ctx: Context, listen: str) -> Serving:
     (entitlement.tls.TransportError otherwise)."""
     tls = server_tls(ctx.settings.tls_cert_file, ctx.settings.tls_key_file, ctx.settings.tls_client_ca_file)
     check_transport(listen, tls, ctx.settings.insecure)
-    # Registry extracts a killed process left spooled (personal data in clear): entitlement/registry_feed.py.
-    swept = registry_feed.sweep_stale_spools()
-    if swept:
-        log.warning("stale_extract_spools_removed", count=swept)
     monitor = monitor_for(ctx.db, ctx.settings.db_ping_ms, ctx.settings.db_ping_timeout_ms)
     # Without a client CA the server asks for no certificate: no call can carry one.
     behaviors = call_behaviors(ctx, monitor, client_certificates=tls is not None and bool(ctx.settings.tls_client_ca_file))

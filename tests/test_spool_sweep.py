@@ -1,8 +1,9 @@
 """A registry extract pushed over gRPC is spooled in clear (names, birth dates, identifiers) while
 it is imported. kill -9 during the import leaves the spool behind; the next server to start on the
 machine removes it, and leaves alone the spool of an import another live server process is
-running (several processes on one machine share the temporary directory), as well as a spool too
-young to be locked yet. Real `server.py` processes, a real import stream, a real kill."""
+running (several processes on one machine share the temporary directory), a spool too young to
+be locked yet, and a spool without a lock file (a version before the locks, during a rolling
+upgrade) that changed within the hour. Real `server.py` processes, a real import stream, a real kill."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from load_clients import AGENCY, registry_extract
 from support import date_msg
 from test_server_ops import Server, prepare
 
-from entitlement.registry_feed import SPOOL_GRACE_S, SPOOL_PREFIX
+from entitlement.registry_feed import SPOOL_GRACE_S, SPOOL_PREFIX, UNLOCKED_SPOOL_GRACE_S
 from entitlement.v1 import registry_pb2, registry_pb2_grpc
 
 WAIT_S = 60.0
@@ -39,9 +40,10 @@ def _spools(spool_dir: Path) -> list[Path]:
 
 
 def _age(path: Path, seconds: float) -> None:
-    """As if the spool had been made `seconds` ago (what the sweep judges a spool's age by)."""
+    """As if nothing in the spool had changed for `seconds` (what the sweep judges it by)."""
     then = time.time() - seconds
-    os.utime(path, (then, then))
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        os.utime(p, (then, then))
 
 
 class HeldImport:
@@ -113,22 +115,27 @@ def test_a_spool_left_by_kill_9_is_removed_at_the_next_start_and_a_live_one_is_n
             held.release.set()
         server.close()
 
-    young = spool_dir / (SPOOL_PREFIX + "young")  # just made by a process that has not locked it yet
+    young = spool_dir / (SPOOL_PREFIX + "1-young")  # just made by a process that has not locked it yet
     young.mkdir()
+    legacy_recent, legacy_old = spool_dir / (SPOOL_PREFIX + "2-legacy"), spool_dir / (SPOOL_PREFIX + "3-legacy")
+    for legacy, age in ((legacy_recent, 10 * SPOOL_GRACE_S), (legacy_old, 2 * UNLOCKED_SPOOL_GRACE_S)):
+        legacy.mkdir()
+        (legacy / "extract.csv").write_bytes(b"identifiant,dateNaissance\n")
+        _age(legacy, age)
     unrelated = spool_dir / "someone-else"
     unrelated.mkdir()
-    _age(live, 10 * SPOOL_GRACE_S)
     _age(unrelated, 10 * SPOOL_GRACE_S)
+    _age(live, 10 * SPOOL_GRACE_S)  # the killed import's, as if the restart came ten minutes later
     server = Server(a)  # the restart
     try:
-        assert _spools(spool_dir) == [young]
+        assert _spools(spool_dir) == [young, legacy_recent]
         assert unrelated.exists()
         [line] = [x for x in a.log_lines() if x.get("event") == "stale_extract_spools_removed"]
-        assert line["count"] == 1 and line["level"] == "warning"
+        assert line["count"] == 2 and line["level"] == "warning"
         # And the service imports as before (its own spool gone once the import ends).
         again = HeldImport(server)
         answer = again.finish()
         assert "ok" in answer, answer
-        assert _spools(spool_dir) == [young]
+        assert _spools(spool_dir) == [young, legacy_recent]
     finally:
         server.close()
