@@ -59,14 +59,16 @@ def _spool() -> Iterator[Path]:
     is gone (the lock is let go only after the removal: a sweep never races the removal)."""
     tmp = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX))
     try:
-        with open(tmp / _SPOOL_LOCK, "wb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield tmp
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # (when the lock file could not be made)
+        lock = open(tmp / _SPOOL_LOCK, "wb")  # noqa: SIM115 - closed below, after the removal
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _last_change(spool: Path, st: os.stat_result) -> float:
@@ -78,12 +80,12 @@ def _last_change(spool: Path, st: os.stat_result) -> float:
     return latest
 
 
-def sweep_stale_spools(directory: str | None = None, now: float | None = None) -> int:
-    """Remove the spools that imports killed mid-way left in `directory` (the temporary directory
-    by default): ours, that no live process holds locked, unchanged for SPOOL_GRACE_S (an hour
-    for a spool without a lock file). Returns how many; one that could not be removed is logged."""
-    root = directory or tempfile.gettempdir()
-    now = time.time() if now is None else now
+def sweep_stale_spools() -> int:
+    """Remove the spools that imports killed mid-way left in the temporary directory: ours, that no
+    live process holds locked, unchanged for SPOOL_GRACE_S (an hour for a spool without a lock
+    file). Returns how many; one that could not be removed is logged."""
+    root = tempfile.gettempdir()
+    now = time.time()
     removed = 0
     try:
         with os.scandir(root) as entries:

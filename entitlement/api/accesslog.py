@@ -77,7 +77,7 @@ class AccessLogInterceptor(BehaviorInterceptor):
                     raise
                 context.abort_with_status(status)
                 raise  # (abort_with_status raises; a context whose abort returned lets the error through)
-            finally:
+            finally:  # (the latency as _Logged.__exit__ rounds it, inline: every call)
                 logs.rpc(code, int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000)
         return unary
 
