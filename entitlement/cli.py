@@ -433,7 +433,9 @@ Client:  entitlement verify learner-42 --address localhost:50051 --ca {d}/ca.crt
 
 
 def cmd_privacy_purge(args: argparse.Namespace) -> int:
-    from entitlement import privacy
+    import tempfile
+
+    from entitlement import privacy, registry_feed
     settings = Settings.from_env()
     days = args.retention_days if args.retention_days is not None else settings.retention_days
     db = _migrated_db(settings)
@@ -444,11 +446,15 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     finally:
         db.dispose()
+    # Registry extracts a server killed during an import left spooled on this machine (personal
+    # data in clear): the purge is run daily, a server may not start here again soon.
+    spools = registry_feed.sweep_stale_spools(dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"retention {days} days (before {summary.cutoff}): {verb} the rows of {summary.registry_snapshots} "
           f"registry snapshot(s) ({summary.registry_rows} rows), {summary.idempotency_records} idempotency "
           f"record(s); {'would scrub' if args.dry_run else 'scrubbed'} {summary.activations_scrubbed} ended "
-          "activation(s) (account id, decision details)")
+          f"activation(s) (account id, decision details); {'would remove' if args.dry_run else 'removed'} "
+          f"{spools} registry extract spool(s) a killed import left in {tempfile.gettempdir()}")
     return 0
 
 

@@ -6,11 +6,13 @@ at a time per server process; a second concurrent push is told to retry (ABORTED
 
 The spool holds personal data (names, birth dates, identifiers) in clear. It goes when the import
 ends, whatever the outcome; a process killed during an import (kill -9, a crash, a power cut)
-cannot remove it, so every server sweeps such leftovers when it starts (`sweep_stale_spools`):
+cannot remove it, so every server sweeps such leftovers when it starts, and so does the daily
+`entitlement privacy purge` on the machine it runs on (`sweep_stale_spools`):
 each spool is locked (flock, on a local filesystem) by the process importing into it from its
 making until it is gone, and the kernel lets the lock go when that process dies, so a spool nobody
 holds is a dead one, removed; a spool another live process is importing into (several server
-processes on one machine) is left alone. A leftover stays until a server starts on the machine.
+processes on one machine) is left alone. A leftover stays until a server starts on the machine or
+the purge runs there.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ def _last_change(spool: Path, st: os.stat_result) -> float:
     return latest
 
 
-def sweep_stale_spools() -> int:
+def sweep_stale_spools(dry_run: bool = False) -> int:
     """Remove the spools that imports killed mid-way left in the temporary directory: ours, that no
     live process holds locked, unchanged for SPOOL_GRACE_S (an hour for a spool without a lock
-    file). Returns how many; one that could not be removed is logged."""
+    file). Returns how many (`dry_run`: how many would go, none removed); one that could not be
+    removed is logged. Run by `server.py` at start and by `entitlement privacy purge`."""
     root = tempfile.gettempdir()
     now = time.time()
     removed = 0
@@ -100,9 +103,13 @@ def sweep_stale_spools() -> int:
             locked = (spool / _SPOOL_LOCK).exists()
             if now - _last_change(spool, st) < (SPOOL_GRACE_S if locked else UNLOCKED_SPOOL_GRACE_S):
                 continue
-            with open(spool / _SPOOL_LOCK, "ab") as lock:
+            if dry_run and not locked:
+                removed += 1
+                continue
+            with open(spool / _SPOOL_LOCK, "rb" if dry_run else "ab") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live import: BlockingIOError
-                shutil.rmtree(spool)  # (no symlink followed: rmtree works from directory descriptors)
+                if not dry_run:
+                    shutil.rmtree(spool)  # (no symlink followed: rmtree works from directory descriptors)
             removed += 1
         except BlockingIOError:
             continue  # a live import's

@@ -3,13 +3,16 @@ it is imported. kill -9 during the import leaves the spool behind; the next serv
 machine removes it, and leaves alone the spool of an import another live server process is
 running (several processes on one machine share the temporary directory), a spool too young to
 be locked yet, and a spool without a lock file (a version before the locks, during a rolling
-upgrade) that changed within the hour. Real `server.py` processes, a real import stream, a real kill."""
+upgrade) that changed within the hour. The daily `entitlement privacy purge` sweeps the same way on
+the machine it runs on (a killed server may not start there again soon). Real `server.py`
+processes, a real import stream, a real kill, the real command."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -20,9 +23,9 @@ import grpc
 
 from load_clients import AGENCY, registry_extract
 from support import date_msg
-from test_server_ops import Server, prepare
+from test_server_ops import PYTHON, ROOT, Server, prepare
 
-from entitlement.registry_feed import SPOOL_GRACE_S, SPOOL_PREFIX, UNLOCKED_SPOOL_GRACE_S
+from entitlement.registry_feed import _SPOOL_LOCK, SPOOL_GRACE_S, SPOOL_PREFIX, UNLOCKED_SPOOL_GRACE_S
 from entitlement.v1 import registry_pb2, registry_pb2_grpc
 
 WAIT_S = 60.0
@@ -138,4 +141,59 @@ def test_a_spool_left_by_kill_9_is_removed_at_the_next_start_and_a_live_one_is_n
         assert "ok" in answer, answer
         assert _spools(spool_dir) == [young, legacy_recent]
     finally:
+        server.close()
+
+
+def _purge(env: dict[str, str], *flags: str) -> str:
+    done = subprocess.run([PYTHON, "-m", "entitlement.cli", "privacy", "purge", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_daily_purge_removes_dead_spools_on_its_machine_and_leaves_a_live_import_alone(
+        fresh_url: str, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    a = prepare(tmp_path / "a", fresh_url)
+    a.extra_env["TMPDIR"] = str(spool_dir)
+    dead = spool_dir / (SPOOL_PREFIX + "1-dead")  # locked by an importer that was killed: nobody holds it
+    dead.mkdir()
+    (dead / _SPOOL_LOCK).touch()
+    (dead / "extract.csv").write_bytes(b"identifiant,dateNaissance\n")
+    server = Server(a)  # its start sweeps nothing of this yet: the dead one is not old enough
+    held = None
+    try:
+        assert _spools(spool_dir) == [dead]
+        # Left, as far as this server knows, after it started.
+        legacy_old, legacy_recent = spool_dir / (SPOOL_PREFIX + "2-legacy"), spool_dir / (SPOOL_PREFIX + "3-legacy")
+        for legacy, age in ((legacy_old, 2 * UNLOCKED_SPOOL_GRACE_S), (legacy_recent, 10 * SPOOL_GRACE_S)):
+            legacy.mkdir()
+            (legacy / "extract.csv").write_bytes(b"identifiant,dateNaissance\n")
+            _age(legacy, age)
+        young = spool_dir / (SPOOL_PREFIX + "4-young")  # a dead importer's too, but changed within the minute
+        young.mkdir()
+        (young / _SPOOL_LOCK).touch()
+        held = HeldImport(server)
+        _wait(lambda: len(_spools(spool_dir)) == 5, "the server to spool the first bytes")
+        [live] = [p for p in _spools(spool_dir) if p not in (dead, legacy_old, legacy_recent, young)]
+        for spool in (live, dead):
+            _age(spool, 10 * SPOOL_GRACE_S)
+
+        # Counting only: nothing goes.
+        out = _purge(a.env(), "--dry-run")
+        assert f"would remove 2 registry extract spool(s) a killed import left in {spool_dir}" in out, out
+        assert len(_spools(spool_dir)) == 5
+
+        out = _purge(a.env())
+        assert f"removed 2 registry extract spool(s) a killed import left in {spool_dir}" in out, out
+        assert _spools(spool_dir) == sorted([legacy_recent, young, live])
+        assert (live / "extract.csv").stat().st_size > 0  # the live import's, untouched
+
+        answer = held.finish()
+        assert "ok" in answer, answer  # the import went through beside the purge
+        assert _spools(spool_dir) == [legacy_recent, young]
+    finally:
+        if held is not None:
+            held.release.set()
         server.close()
