@@ -78,6 +78,24 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the live threads of a process have spent runnable but not running (waiting in a run
+    queue for a CPU), summed (/proc/<pid>/task/*/schedstat, its second field; a thread that has
+    exited takes its time with it)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
     with open("/proc/stat", "rb") as fh:
@@ -352,12 +370,14 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         # /proc walks (context switches, the database's CPU) are just outside it, so that what they
         # cost is neither counted as the client's nor stretches the interval.
         d0, x0 = postgres_cpu(), sum(context_switches(p) for p in pids)
+        q0, k0 = sum(run_queue_wait(p) for p in pids), run_queue_wait(os.getpid())
         w0, wall0 = time.perf_counter(), time.time()
         s0, c0, m0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
         s1, c1, m1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         w1 = time.perf_counter()
+        q1, k1 = sum(run_queue_wait(p) for p in pids), run_queue_wait(os.getpid())
         x1, d1 = sum(context_switches(p) for p in pids), postgres_cpu()
         await asyncio.gather(*tasks)
     finally:
@@ -376,6 +396,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             "latencies": array("d", latencies).tobytes(),
             "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
             "machine_cpu_s": (m1 - m0) * scale, "server_switches": (x1 - x0) * scale,
+            "server_wait_s": (q1 - q0) * scale, "client_wait_s": (k1 - k0) * scale,
             "postgres_cpu_s": postgres_cpu_between(d0, d1) * scale,
             "wall_start": wall0 - (w0 - t_start), "wall_end": wall0 - (w0 - t_start) + window}
 

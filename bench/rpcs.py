@@ -308,6 +308,8 @@ class Runner:
                       p50_ms=percentile(latencies, 50) * 1e3, p95_ms=percentile(latencies, 95) * 1e3,
                       p99_ms=percentile(latencies, 99) * 1e3, server_cpu_s=sum(each),
                       server_switches=sum(m.get("server_switches", 0.0) for m in parts),
+                      server_wait_s=sum(m.get("server_wait_s", 0.0) for m in parts),
+                      client_wait_s=sum(m.get("client_wait_s", 0.0) for m in parts),
                       client_cpu_s=sum(m["client_cpu_s"] for m in parts),
                       machine_cpu_s=sum(m["machine_cpu_s"] for m in parts),
                       postgres_cpu_s=sum(m["postgres_cpu_s"] for m in parts),
@@ -570,7 +572,8 @@ def _part_runs(results: list[RunResult], part: str = SCALING) -> list[RunResult]
 
 
 HEAD = ("backend", "model", "rpc", "load", "req/s", "echo req/s", "x echo", "p50 ms", "p95 ms", "p99 ms", "srv cores",
-        "srv CPU us/call", "switches/call", "cli cores", "other cores", "SQL/call", "txn/call", "errors")
+        "srv CPU us/call", "switches/call", "cli cores", "srv / cli queued", "other cores", "SQL/call", "txn/call",
+        "errors")
 
 
 def _cells(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
@@ -582,7 +585,12 @@ def _cells(results: list[RunResult], r: RunResult) -> tuple[str, ...]:
     return (r.backend, r.model, r.method, load, f"{r.rps:,.0f}", echo, ratio, f"{r.p50_ms:.2f}", f"{r.p95_ms:.2f}",
             f"{r.p99_ms:.2f}", f"{r.server_cpu_s / r.seconds:.2f}", f"{r.cpu_us_per_call:,.0f}",
             f"{r.server_switches / r.calls:.1f}" if r.calls else "-", f"{r.client_cpu_s / r.seconds:.2f}",
-            f"{r.other_cores:.2f}", f"{per['statements']:.1f}" if per else "-", f"{per['transactions']:.1f}" if per else "-", errors)
+            _queued(r), f"{r.other_cores:.2f}", f"{per['statements']:.1f}" if per else "-", f"{per['transactions']:.1f}" if per else "-", errors)
+
+
+def _queued(r: RunResult) -> str:
+    """Seconds a second the server's / the load generator's threads waited for a CPU (runnable)."""
+    return f"{r.server_wait_s / r.seconds:.2f} / {r.client_wait_s / r.seconds:.2f}" if r.seconds else "-"
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]], numeric_from: int, md: bool) -> str:
@@ -631,6 +639,7 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
                         "p99_half_ms": p99, "p99_met": p99 < TARGET_P99_MS if half else None,
                         "p99_half_achieved": half[-1].rps if half else 0.0,
                         "other_cores_half": half[-1].other_cores if half else float("nan"),
+                        "queued_half": _queued(half[-1]) if half else "-",
                         "server_p99_half_ms": half[-1].server_p99_ms if half else float("nan")})
     return out
 
@@ -639,13 +648,13 @@ def targets_table(rows: list[dict[str, Any]], md: bool) -> str:
     def met(v: bool | None) -> str:
         return "-" if v is None else "met" if v else "NOT met"
     head = ("backend", "model", "rpc", "req/s (best x echo)", "x echo", "rounds", "target", "met", "half rate /s",
-            "p99 ms there", "p99 < 10 ms", "handlers' p99 ms there", "other cores there")
+            "p99 ms there", "p99 < 10 ms", "handlers' p99 ms there", "srv / cli queued there", "other cores there")
     body = [(t["backend"], t["model"], t["rpc"], f"{t['best_rps']:,.0f} (c={t['at']})", f"{t['ratio']:.2f}",
              f"{min(t['round_ratios']):.2f}-{max(t['round_ratios']):.2f}" if t["round_ratios"] else "-",
              f">= {t['ratio_target']:g}" if t["ratio_target"] is not None else "-", met(t["ratio_met"]),
              f"{t['half_rate']:,.0f}", f"{t['p99_half_ms']:.2f}", met(t["p99_met"]),
              "-" if math.isnan(t["server_p99_half_ms"]) else f"{t['server_p99_half_ms']:.2f}",
-             f"{t['other_cores_half']:.2f}") for t in rows]
+             t["queued_half"], f"{t['other_cores_half']:.2f}") for t in rows]
     return _table(head, body, 3, md)
 
 
@@ -840,8 +849,8 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
-- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the measured windows, per second; srv CPU us/call = the server's CPU over the calls answered OK; other cores = what the rest of the machine used meanwhile, per second: all its CPU (/proc/stat) but the server's, the load generator's and, on PostgreSQL, the database's own processes' (every process named postgres) (other work on this shared machine: a tail that comes with it is not ours); switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work (a thread that ends within a window takes its count with it); SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
-- Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop; "handlers' p99 ms there": the p99 of the `latency_ms` our servers' access log gave the calls that ended in that window, the time inside our handlers only, without gRPC's queueing before them, the transport or the load generator; "other cores there": what the rest of the machine used during that window, as in the results table).
+- Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the measured windows, per second; srv CPU us/call = the server's CPU over the calls answered OK; other cores = what the rest of the machine used meanwhile, per second: all its CPU (/proc/stat) but the server's, the load generator's and, on PostgreSQL, the database's own processes' (every process named postgres) (other work on this shared machine: a tail that comes with it is not ours); switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work (a thread that ends within a window takes its count with it); srv / cli queued = seconds, per second of the windows, that the server's / the load generator's threads spent runnable but not running, waiting in a run queue for a CPU (their schedstat run delay, /proc/PID/task/*/schedstat, summed over threads; a thread waiting for the GIL or for work sleeps and is not counted): time a call spends with nothing of ours or gRPC's to run it, which this 2-CPU virtual machine adds even half loaded; SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
+- Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop; "handlers' p99 ms there": the p99 of the `latency_ms` our servers' access log gave the calls that ended in that window, the time inside our handlers only, without gRPC's queueing before them, the transport or the load generator; "srv / cli queued there" and "other cores there": as in the results table, during that window).
 
 ### Results
 
