@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from types import FrameType
 
@@ -89,9 +90,14 @@ def _supervise(settings: Settings) -> int:
 def _sweep_spools() -> None:
     """Registry extracts that a server killed during an import left spooled (personal data in
     clear) go before this one serves: entitlement/registry_feed.py. Once, before any worker."""
-    removed = registry_feed.sweep_stale_spools()
+    log = structlog.get_logger("entitlement.server")
+    try:
+        removed = registry_feed.sweep_stale_spools()
+    except OSError as exc:  # the server starts all the same; what the directory holds is unknown
+        log.warning("extract_spools_not_swept", directory=tempfile.gettempdir(), error=type(exc).__name__)
+        return
     if removed:
-        structlog.get_logger("entitlement.server").warning("stale_extract_spools_removed", count=removed)
+        log.warning("stale_extract_spools_removed", count=removed)
 
 
 def main() -> int:

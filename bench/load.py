@@ -59,41 +59,43 @@ def _stat_cpu(data: bytes) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
-def context_switches(pid: int) -> int:
-    """Context switches of a process so far, voluntary and not, summed over its live threads
-    (/proc/<pid>/task/*/status; a thread that has exited takes its count with it)."""
-    total = 0
+def _per_thread(pid: int, name: str, read: Any) -> dict[str, float]:
+    """`read(file contents)` of /proc/<pid>/task/<tid>/<name> for each live thread, by thread id."""
+    out: dict[str, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return 0
+        return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/status", "rb") as fh:
-                for line in fh:
-                    if line.startswith((b"voluntary_ctxt_switches:", b"nonvoluntary_ctxt_switches:")):
-                        total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
-def run_queue_wait(pid: int) -> float:
-    """Seconds the live threads of a process have spent runnable but not running (waiting in a run
-    queue for a CPU), summed (/proc/<pid>/task/*/schedstat, its second field; a thread that has
-    exited takes its time with it)."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
-                total += int(fh.read().split()[1])
+            with open(f"/proc/{pid}/task/{tid}/{name}", "rb") as fh:
+                out[tid] = read(fh.read())
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
-    return total / 1e9
+    return out
+
+
+def _switches(status: bytes) -> float:
+    return float(sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith((b"voluntary_ctxt_switches:", b"nonvoluntary_ctxt_switches:"))))
+
+
+def context_switches(pid: int) -> dict[str, float]:
+    """Context switches of each live thread of a process so far, voluntary and not
+    (/proc/<pid>/task/*/status), by thread id: see `grown`."""
+    return _per_thread(pid, "status", _switches)
+
+
+def run_queue_wait(pid: int) -> dict[str, float]:
+    """Seconds each live thread of a process has spent runnable but not running (waiting in a run
+    queue for a CPU; /proc/<pid>/task/*/schedstat, its second field, in ns), by thread id."""
+    return _per_thread(pid, "schedstat", lambda data: int(data.split()[1]) / 1e9)
+
+
+def grown(before: dict[str, float], after: dict[str, float]) -> float:
+    """What the threads alive at the end added since `before`: a thread born meanwhile counts in
+    full, one that ended meanwhile not at all (its share is lost, never subtracted)."""
+    return sum(v - before.get(tid, 0.0) for tid, v in after.items())
 
 
 def machine_busy_seconds() -> float:
@@ -369,16 +371,16 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         # The sampled interval, w0 to w1, spans the CPU readings; scaled to the window below. The
         # /proc walks (context switches, the database's CPU) are just outside it, so that what they
         # cost is neither counted as the client's nor stretches the interval.
-        d0, x0 = postgres_cpu(), sum(context_switches(p) for p in pids)
-        q0, k0 = sum(run_queue_wait(p) for p in pids), run_queue_wait(os.getpid())
+        d0, x0 = postgres_cpu(), [context_switches(p) for p in pids]
+        q0, k0 = [run_queue_wait(p) for p in pids], run_queue_wait(os.getpid())
         w0, wall0 = time.perf_counter(), time.time()
         s0, c0, m0 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         while time.perf_counter() < t_end and not dry_at:
             await asyncio.sleep(min(0.05, max(0.0, t_end - time.perf_counter())))
         s1, c1, m1 = server_cpu(pids), cpu_seconds(os.getpid()), machine_busy_seconds()
         w1 = time.perf_counter()
-        q1, k1 = sum(run_queue_wait(p) for p in pids), run_queue_wait(os.getpid())
-        x1, d1 = sum(context_switches(p) for p in pids), postgres_cpu()
+        q1, k1 = [run_queue_wait(p) for p in pids], run_queue_wait(os.getpid())
+        x1, d1 = [context_switches(p) for p in pids], postgres_cpu()
         await asyncio.gather(*tasks)
     finally:
         for ch in channels:
@@ -395,8 +397,9 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
     return {"seconds": window, "calls": ok, "errors": dict(codes), "made": made, "dry": bool(dry_at),
             "latencies": array("d", latencies).tobytes(),
             "server_cpu_s": sum(each), "server_cpu_each": each, "client_cpu_s": (c1 - c0) * scale,
-            "machine_cpu_s": (m1 - m0) * scale, "server_switches": (x1 - x0) * scale,
-            "server_wait_s": (q1 - q0) * scale, "client_wait_s": (k1 - k0) * scale,
+            "machine_cpu_s": (m1 - m0) * scale,
+            "server_switches": sum(grown(a, b) for a, b in zip(x0, x1)) * scale,
+            "server_wait_s": sum(grown(a, b) for a, b in zip(q0, q1)) * scale, "client_wait_s": grown(k0, k1) * scale,
             "postgres_cpu_s": postgres_cpu_between(d0, d1) * scale,
             "wall_start": wall0 - (w0 - t_start), "wall_end": wall0 - (w0 - t_start) + window}
 

@@ -438,6 +438,20 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
     from entitlement import privacy, registry_feed
     settings = Settings.from_env()
     days = args.retention_days if args.retention_days is not None else settings.retention_days
+    # First, whatever becomes of the database's part: registry extracts a server killed during an
+    # import left spooled on this machine (personal data in clear); the purge runs daily, a server
+    # may not start here again soon. Only the spools of this user in this TMPDIR: run the purge as
+    # the servers' user, with their TMPDIR.
+    where = tempfile.gettempdir()
+    try:
+        spools = registry_feed.sweep_stale_spools(dry_run=args.dry_run)
+        swept = True
+        print(f"{'would remove' if args.dry_run else 'removed'} {spools} registry extract spool(s) a killed "
+              f"import left in {where}")
+    except OSError as exc:
+        swept = False
+        print(f"entitlement: cannot list {where} for registry extract spools ({type(exc).__name__}); "
+              "any left there stay", file=sys.stderr)
     db = _migrated_db(settings)
     try:
         summary = privacy.purge(db, now=dt.datetime.now(dt.timezone.utc), retention_days=days,
@@ -446,16 +460,12 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     finally:
         db.dispose()
-    # Registry extracts a server killed during an import left spooled on this machine (personal
-    # data in clear): the purge is run daily, a server may not start here again soon.
-    spools = registry_feed.sweep_stale_spools(dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"retention {days} days (before {summary.cutoff}): {verb} the rows of {summary.registry_snapshots} "
           f"registry snapshot(s) ({summary.registry_rows} rows), {summary.idempotency_records} idempotency "
           f"record(s); {'would scrub' if args.dry_run else 'scrubbed'} {summary.activations_scrubbed} ended "
-          f"activation(s) (account id, decision details); {'would remove' if args.dry_run else 'removed'} "
-          f"{spools} registry extract spool(s) a killed import left in {tempfile.gettempdir()}")
-    return 0
+          "activation(s) (account id, decision details)")
+    return 0 if swept else 1
 
 
 class ProgressBar:
@@ -661,7 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     privacy = sub.add_parser("privacy", help="personal data retention").add_subparsers(
         dest="privacy_command", required=True)
-    pg = privacy.add_parser("purge", help="delete personal data older than ENTITLEMENT_RETENTION_DAYS (run daily)")
+    pg = privacy.add_parser("purge", help="delete personal data older than ENTITLEMENT_RETENTION_DAYS (run daily)",
+                            description="Delete personal data older than ENTITLEMENT_RETENTION_DAYS from the database, "
+                            "and remove the registry extracts a killed server left spooled in TMPDIR on this machine "
+                            "(run it daily on every server machine, as the servers' user, with their TMPDIR).")
     pg.add_argument("--retention-days", type=int, help="override ENTITLEMENT_RETENTION_DAYS (default 1095)")
     pg.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     operator(pg)

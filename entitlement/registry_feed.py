@@ -86,27 +86,29 @@ def sweep_stale_spools(dry_run: bool = False) -> int:
     """Remove the spools that imports killed mid-way left in the temporary directory: ours, that no
     live process holds locked, unchanged for SPOOL_GRACE_S (an hour for a spool without a lock
     file). Returns how many (`dry_run`: how many would go, none removed); one that could not be
-    removed is logged. Run by `server.py` at start and by `entitlement privacy purge`."""
+    removed is logged. Raises OSError when the temporary directory cannot be listed (what it holds
+    is then unknown). Run by `server.py` at start and by `entitlement privacy purge`."""
     root = tempfile.gettempdir()
     now = time.time()
     removed = 0
-    try:
-        with os.scandir(root) as entries:
-            candidates = [Path(e.path) for e in entries if e.name.startswith(SPOOL_PREFIX)]
-    except OSError:
-        return 0
+    with os.scandir(root) as entries:
+        candidates = [Path(e.path) for e in entries if e.name.startswith(SPOOL_PREFIX)]
     for spool in candidates:
         try:
             st = spool.lstat()  # the entry itself: a symlink is not a directory here
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
                 continue
-            locked = (spool / _SPOOL_LOCK).exists()
-            if now - _last_change(spool, st) < (SPOOL_GRACE_S if locked else UNLOCKED_SPOOL_GRACE_S):
+            lock_path = spool / _SPOOL_LOCK
+            has_lock_file = os.path.lexists(lock_path)
+            if now - _last_change(spool, st) < (SPOOL_GRACE_S if has_lock_file else UNLOCKED_SPOOL_GRACE_S):
                 continue
-            if dry_run and not locked:
+            if dry_run and not has_lock_file:
                 removed += 1
                 continue
-            with open(spool / _SPOOL_LOCK, "rb" if dry_run else "ab") as lock:
+            # Never through a symlink (ELOOP: logged, left); made if missing (a spool of a version
+            # before the locks), except in a dry run, which changes nothing.
+            flags = os.O_RDONLY if dry_run else os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            with open(os.open(lock_path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "rb" if dry_run else "ab") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live import: BlockingIOError
                 if not dry_run:
                     shutil.rmtree(spool)  # (no symlink followed: rmtree works from directory descriptors)

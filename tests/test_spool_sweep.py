@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -20,12 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from load_clients import AGENCY, registry_extract
 from support import date_msg
 from test_server_ops import PYTHON, ROOT, Server, prepare
 
+from entitlement import cli
 from entitlement.registry_feed import _SPOOL_LOCK, SPOOL_GRACE_S, SPOOL_PREFIX, UNLOCKED_SPOOL_GRACE_S
+from entitlement.storage.db import Database
 from entitlement.v1 import registry_pb2, registry_pb2_grpc
 
 WAIT_S = 60.0
@@ -175,8 +179,11 @@ def test_the_daily_purge_removes_dead_spools_on_its_machine_and_leaves_a_live_im
         young.mkdir()
         (young / _SPOOL_LOCK).touch()
         held = HeldImport(server)
-        _wait(lambda: len(_spools(spool_dir)) == 5, "the server to spool the first bytes")
+        _wait(lambda: len(_spools(spool_dir)) == 5, "the server to make its spool")
         [live] = [p for p in _spools(spool_dir) if p not in (dead, legacy_old, legacy_recent, young)]
+        # Locked, and its first bytes in: left alone below for its lock, not for being young.
+        _wait(lambda: (live / "extract.csv").exists() and (live / "extract.csv").stat().st_size > 0,
+              "the server to spool the first bytes")
         for spool in (live, dead):
             _age(spool, 10 * SPOOL_GRACE_S)
 
@@ -197,3 +204,44 @@ def test_the_daily_purge_removes_dead_spools_on_its_machine_and_leaves_a_live_im
         if held is not None:
             held.release.set()
         server.close()
+
+
+def test_the_purge_says_so_and_fails_when_it_cannot_look_for_spools(
+        db: Database, fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Spools it could not look for may hold personal data: the command's exit status says so (a
+    daily job's failure is seen), and the database's part of the purge is done all the same."""
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))  # what gettempdir() then answers
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", fresh_url)
+    assert cli.main(["privacy", "purge", "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert f"cannot list {missing} for registry extract spools (FileNotFoundError); any left there stay" in err
+    assert "would delete the rows of 0 registry snapshot(s)" in out, (out, err)  # the database's part ran
+
+    missing.mkdir()
+    assert cli.main(["privacy", "purge", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert f"would remove 0 registry extract spool(s) a killed import left in {missing}" in out and not err
+
+
+def test_a_lock_file_that_is_a_symlink_is_never_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool's `.lock` planted as a symlink: the sweep neither opens nor makes what it points to,
+    and leaves that spool (logged) while it sweeps a dead one beside it."""
+    from entitlement.registry_feed import sweep_stale_spools
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    planted = tmp_path / (SPOOL_PREFIX + "planted")
+    planted.mkdir()
+    (planted / _SPOOL_LOCK).symlink_to(elsewhere / "made-through-the-link")
+    dead = tmp_path / (SPOOL_PREFIX + "dead")
+    dead.mkdir()
+    (dead / _SPOOL_LOCK).touch()
+    then = time.time() - 2 * UNLOCKED_SPOOL_GRACE_S
+    for spool in (planted, dead):  # both unchanged for two hours (the link itself, not followed)
+        os.utime(spool / _SPOOL_LOCK, (then, then), follow_symlinks=False)
+        os.utime(spool, (then, then))
+    assert sweep_stale_spools(dry_run=True) == 1  # the dead one; the planted one has a "lock file" it cannot open
+    assert sweep_stale_spools() == 1
+    assert _spools(tmp_path) == [planted] and not dead.exists()
+    assert list(elsewhere.iterdir()) == []  # nothing made through the link
