@@ -253,6 +253,7 @@ class RunResult:
     cpus: str = ""                # CPUs the server process(es) may run on, all threads ("0-1"; "0 and 1" for 2)
     postgres_cpu_s: float = 0.0   # every process named postgres (its backends and workers), same windows
     server_p99_ms: float = float("nan")  # open loop: p99 of the handlers' own latency (the servers' access log)
+    p99_wo_worst_ms: float = float("nan")  # open loop: p99 without the calls due in the window's worst 0.1 s
     server_wait_s: float = 0.0    # seconds the server's threads were runnable but not running (schedstat), same windows
     client_wait_s: float = 0.0    # the same for the load generator's threads
 

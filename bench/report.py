@@ -51,6 +51,23 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(1, min(rank, len(sorted_values))) - 1]
 
 
+def p99_without_worst(calls: list[tuple[float, float]], slow: float, span: float) -> float:
+    """(due time, latency) pairs of an open-loop window: the p99 latency once the calls due within
+    the `span` seconds holding the most calls slower than `slow` are left out (nothing left out when
+    none is that slow). Tells one short stall (one burst of late calls: the p99 falls well under
+    `slow`) from latency spread over the window (it stays): a diagnostic, never a verdict."""
+    late = sorted(due for due, latency in calls if latency > slow)
+    worst, start, j = 0, None, 0
+    for i, t in enumerate(late):  # the span starting at each late call's due time
+        while j < len(late) and late[j] < t + span:
+            j += 1
+        if j - i > worst:
+            worst, start = j - i, t
+    kept = sorted(latency for due, latency in calls
+                  if start is None or not start <= due < start + span)
+    return percentile(kept, 99)
+
+
 def echo_of(results: list[RunResult], r: RunResult) -> RunResult | None:
     if r.method == ECHO or r.model not in ECHO_OF:
         return None

@@ -78,7 +78,7 @@ from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, F
 from bench.prepare import Common, imported_database, prepare_common
 from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
                          usable_backends)
-from bench.report import percentile
+from bench.report import p99_without_worst, percentile
 from bench.sections import replace_section
 from entitlement import affinity
 from entitlement.affinity import OFF
@@ -91,6 +91,7 @@ RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
 TARGET_RATIO = {CHECK: {"sqlite": 0.5, "postgres": 0.5}, VERIFY: {"sqlite": 0.6, "postgres": 0.6},
                 ACTIVATE: {"sqlite": 0.25, "postgres": 0.15}}
 TARGET_P99_MS = 10.0  # at half the best measured throughput, open loop
+WORST_SPAN_S = 0.1  # the p99 "without the worst tenth of a second" (a diagnostic of the misses)
 UNLIMITED_RATE = 10**9  # the rate limiter stays in the chain, far above any load here
 LIST_PAGES = 10
 SCALING_ROUNDS = 2  # 1 vs 2 processes, pinned vs not: each case in rounds of alternating order (A B, B A)
@@ -316,6 +317,10 @@ class Runner:
                       round_rps=tuple(m["calls"] / m["seconds"] for m in parts), rate=rate, processes=len(group),
                       server_cpu_each=tuple(each), calls_made=sum(m["made"] for m in parts), queries=queries)
         r.cpus = " and ".join(server_cpus(s.pid) for s in group)  # (no "|": it ends up in tables)
+        if rate:
+            calls = [(due, latency * 1e3) for m in parts
+                     for due, latency in zip(array("d", m["dues"]), array("d", m["latencies"]))]
+            r.p99_wo_worst_ms = p99_without_worst(calls, TARGET_P99_MS, WORST_SPAN_S)
         if method != ECHO:  # (echo servers log no call)
             handler = sorted(self._handler_latencies(group, method, parts, parse=bool(rate)))
             if handler:
@@ -640,7 +645,8 @@ def targets(results: list[RunResult]) -> list[dict[str, Any]]:
                         "p99_half_achieved": half[-1].rps if half else 0.0,
                         "other_cores_half": half[-1].other_cores if half else float("nan"),
                         "queued_half": _queued(half[-1]) if half else "-",
-                        "server_p99_half_ms": half[-1].server_p99_ms if half else float("nan")})
+                        "server_p99_half_ms": half[-1].server_p99_ms if half else float("nan"),
+                        "p99_wo_worst_half_ms": half[-1].p99_wo_worst_ms if half else float("nan")})
     return out
 
 
@@ -648,11 +654,13 @@ def targets_table(rows: list[dict[str, Any]], md: bool) -> str:
     def met(v: bool | None) -> str:
         return "-" if v is None else "met" if v else "NOT met"
     head = ("backend", "model", "rpc", "req/s (best x echo)", "x echo", "rounds", "target", "met", "half rate /s",
-            "p99 ms there", "p99 < 10 ms", "handlers' p99 ms there", "srv / cli queued there", "other cores there")
+            "p99 ms there", "p99 < 10 ms", "without its worst 0.1 s", "handlers' p99 ms there", "srv / cli queued there",
+            "other cores there")
     body = [(t["backend"], t["model"], t["rpc"], f"{t['best_rps']:,.0f} (c={t['at']})", f"{t['ratio']:.2f}",
              f"{min(t['round_ratios']):.2f}-{max(t['round_ratios']):.2f}" if t["round_ratios"] else "-",
              f">= {t['ratio_target']:g}" if t["ratio_target"] is not None else "-", met(t["ratio_met"]),
              f"{t['half_rate']:,.0f}", f"{t['p99_half_ms']:.2f}", met(t["p99_met"]),
+             "-" if math.isnan(t["p99_wo_worst_half_ms"]) else f"{t['p99_wo_worst_half_ms']:.2f}",
              "-" if math.isnan(t["server_p99_half_ms"]) else f"{t['server_p99_half_ms']:.2f}",
              t["queued_half"], f"{t['other_cores_half']:.2f}") for t in rows]
     return _table(head, body, 3, md)
@@ -850,7 +858,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 - Requests: CheckEligibility (advisor) cycles over registry people; ActivateEntitlement (advisor, premium-job-seekers: no cap) takes each eligible person once, with a unique request id; RedeemActivationToken (platform) takes each token once with a new account id (tokens from the measured ActivateEntitlement calls, topped up before each window by unmeasured ones); VerifyEntitlement (platform) cycles over {cfg.seed_accounts} accounts redeemed before the runs; ListActivations (funder {FUNDER_ID}) cycles over pages 1 to {LIST_PAGES} of 100, newest first.
 - Echo pairing: the echo server stays up for the whole run, and every closed-loop case of a real RPC is measured in {rounds} rounds of {cfg.seconds / rounds:g} s, alternating with {rounds} windows of the echo server at the same concurrency, {cfg.seconds / 2 / rounds:g} s each, in alternating order (echo RPC, RPC echo, ...; each window after {ROUND_WARMUP:g} s of unmeasured calls, the first RPC window after {cfg.warmup:g} s). x echo is the case's calls over its measured seconds, against the same for its echo windows; "rounds" (targets table: the concurrency level with the best x echo) gives the lowest and highest ratio of one round to its echo window. Control: a second echo server measured the same way (rows `control`). The speed of this shared machine drifts by up to a third within a minute: alternation makes both sides of a ratio see the same drift.
 - Columns: req/s = calls answered OK in the measured windows / their length; echo req/s = the same for the paired echo windows; x echo = req/s over echo req/s; p50/p95/p99 = client-side latency; srv / cli cores = CPU seconds (utime + stime, /proc/PID/stat) of the server / load generator over the measured windows, per second; srv CPU us/call = the server's CPU over the calls answered OK; other cores = what the rest of the machine used meanwhile, per second: all its CPU (/proc/stat) but the server's, the load generator's and, on PostgreSQL, the database's own processes' (every process named postgres) (other work on this shared machine: a tail that comes with it is not ours); switches/call = the server's context switches (voluntary and not, all its threads: /proc/PID/task/*/status) over the calls answered OK, mostly threads waiting for the GIL or for work; srv / cli queued = thread-seconds, per second of the windows, that the server's / the load generator's threads spent runnable but not running, waiting in a run queue for a CPU (their schedstat run delay, /proc/PID/task/*/schedstat, summed over threads: 0.5 is, say, one thread waiting half the time; a thread waiting for the GIL or for work sleeps and is not counted): how much these processes' threads (ours, gRPC's, the load generator's, PostgreSQL's beside them) contend for the 2 CPUs, time in which a call has nothing running it (both columns: what each thread alive at a window's end added during it; a thread that ended within a window is not counted); SQL/call, txn/call = SQL statements and transactions the server sent per call (SQLAlchemy events on its engine, warm-up included).
-- Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop; "handlers' p99 ms there": the p99 of the `latency_ms` our servers' access log gave the calls that ended in that window, the time inside our handlers only, without gRPC's queueing before them, the transport or the load generator; "srv / cli queued there" and "other cores there": as in the results table, during that window).
+- Targets (issue #8): the best x echo over the concurrency levels: CheckEligibility >= 0.5, VerifyEntitlement >= 0.6, ActivateEntitlement >= 0.25 on SQLite and >= 0.15 on PostgreSQL; p99 under 10 ms at half the best throughput (open loop; "handlers' p99 ms there": the p99 of the `latency_ms` our servers' access log gave the calls that ended in that window, the time inside our handlers only, without gRPC's queueing before them, the transport or the load generator; "without its worst 0.1 s": the p99 of that window once the calls due within the tenth of a second that holds the most calls slower than 10 ms are left out, a diagnostic and never the verdict: well under 10 ms when one short stall made the miss, about the p99 itself when the latency was spread over the window; "srv / cli queued there" and "other cores there": as in the results table, during that window).
 
 ### Results
 

@@ -61,6 +61,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
                 assert min(ratios) - 1e-9 <= overall <= max(ratios) + 1e-9, (method, overall, ratios)
         for r in opened:
             assert set(r["errors"]) <= OVERLOAD, f"{method} (open loop): errors {r['errors']}"
+            assert 0 < r["p99_wo_worst_ms"] < 60_000, (method, r["p99_wo_worst_ms"])  # from each call's due time
             if method != ECHO:  # the handlers' own p99, from the server's access log of that window
                 assert 0 < r["server_p99_ms"] < 60_000, (method, r["server_p99_ms"])
         if method != ECHO:
@@ -106,7 +107,7 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
     assert {(r["backend"], r["model"]) for r in results if not r["part"]} == {
         ("-", "aio-echo-inline"), (CONTROL, "aio-echo-inline"), ("sqlite", "event-loop")}
     assert "| cli cores | srv / cli queued | other cores |" in text
-    assert "| handlers' p99 ms there | srv / cli queued there | other cores there |" in text
+    assert "| without its worst 0.1 s | handlers' p99 ms there | srv / cli queued there | other cores there |" in text
     if os.path.exists("/proc/self/schedstat"):  # the kernel keeps run delays: some were counted
         main = [r for r in results if not r["part"]]
         assert sum(r["server_wait_s"] for r in main) > 0 and sum(r["client_wait_s"] for r in main) > 0
@@ -205,3 +206,17 @@ def test_a_partial_run_can_set_the_open_loop_rate(tmp_path: Path) -> None:
     full = subprocess.run([sys.executable, "-m", "bench.rpcs"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "BENCH_OPEN_RATE": "70", "BENCH_OUTPUT": "-"})
     assert full.returncode != 0 and "BENCH_OPEN_RATE" in full.stderr + full.stdout
+
+
+def test_the_p99_without_its_worst_tenth_of_a_second_tells_a_stall_from_spread_latency() -> None:
+    from bench.report import p99_without_worst
+    steady = [(i / 1000, 1.0 + (i % 7) / 10) for i in range(2000)]  # 2 s at 1,000 calls a second
+    # A 50 ms stall: the calls due in it answered 30 ms late; p99 30 ms, and 1.6 ms once it is left out.
+    stall = [(due, 30.0 if 0.8 <= due < 0.85 else latency) for due, latency in steady]
+    assert p99_without_worst(stall, 10.0, 0.1) == 1.6
+    # As many slow calls spread over the window: leaving a tenth of a second out changes nothing.
+    spread = [(due, 30.0 if i % 40 == 0 else latency) for i, (due, latency) in enumerate(steady)]
+    assert p99_without_worst(spread, 10.0, 0.1) == 30.0
+    # Nothing that slow: nothing left out.
+    assert p99_without_worst(steady, 10.0, 0.1) == 1.6
+    assert p99_without_worst([], 10.0, 0.1) == 0.0
