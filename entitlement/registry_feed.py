@@ -106,9 +106,9 @@ def sweep_stale_spools(dry_run: bool = False) -> int:
                 removed += 1
                 continue
             # Never through a symlink (ELOOP: logged, left); made if missing (a spool of a version
-            # before the locks), except in a dry run, which changes nothing.
-            flags = os.O_RDONLY if dry_run else os.O_WRONLY | os.O_CREAT | os.O_APPEND
-            with open(os.open(lock_path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "rb" if dry_run else "ab") as lock:
+            # before the locks), except in a dry run, which changes nothing. (flock needs no write.)
+            create = 0 if dry_run else os.O_CREAT
+            with open(os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | create, 0o600), "rb") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live import: BlockingIOError
                 if not dry_run:
                     shutil.rmtree(spool)  # (no symlink followed: rmtree works from directory descriptors)
