@@ -71,7 +71,7 @@ PROGRAM_NAME = "programs/premium-job-seekers"
 PLATFORM_NAME = "platforms/openclassrooms"
 TARGET = {"sqlite": 0.25, "postgres": 0.15}
 SERVED_CONCURRENCY = (1, 8)  # calls in flight of served_cpu's batches
-SERVED_WARMUP = 20  # unmeasured activations served first
+SERVED_WARMUP = 60  # unmeasured activations served first (at the highest concurrency)
 ECHO_PAYLOAD = b"x" * 80
 
 
@@ -940,7 +940,7 @@ def count_children(store: Store, paths: dict[str, str], series: list[list[Op]], 
 def served_cpu(store: Store, common: Common, paths: dict[str, str], batches: list[list[bytes]],
                warmup: list[bytes]) -> list[dict[str, float]]:
     """ActivateEntitlement answered by the real server (server.py, the backend's production model,
-    access log on) on a clone, `warmup` first; then each batch with SERVED_CONCURRENCY's calls in
+    access log on) on a clone, `warmup` first (at the highest concurrency); then each batch with SERVED_CONCURRENCY's calls in
     flight (threads of a sync gRPC client in this process): the server process's CPU per
     activation (utime + stime, all its threads) and the wall time per activation."""
     import grpc
@@ -969,26 +969,36 @@ def served_cpu(store: Store, common: Common, paths: dict[str, str], batches: lis
             grpc.channel_ready_future(ch).result(timeout=60)
             call = ch.unary_unary("/entitlement.v1.ActivationService/ActivateEntitlement")
             md = (("authorization", f"Bearer {common.tokens[ADVISOR]}"),)
-            for req in warmup:
-                call(req, metadata=md, timeout=60)
-            out = []
-            for conc, batch in zip(SERVED_CONCURRENCY, batches):
+
+            def send_all(batch: list[bytes], conc: int) -> None:
                 it = iter(batch)
                 lock = threading.Lock()
+                failed: list[BaseException] = []
 
                 def send() -> None:
-                    while True:
+                    while not failed:
                         with lock:
                             req = next(it, None)
                         if req is None:
                             return
-                        call(req, metadata=md, timeout=60)
+                        try:
+                            call(req, metadata=md, timeout=60)
+                        except BaseException as exc:  # noqa: BLE001 - reported by send_all
+                            failed.append(exc)
                 threads = [threading.Thread(target=send) for _ in range(conc)]
-                cpu, wall = cpu_s(), time.perf_counter()
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
+                if failed:
+                    raise RuntimeError(f"bench.activation_floor: a served activation failed: {failed[0]!r}")
+            # At the highest concurrency: every pool thread and its database connection warmed (on
+            # PostgreSQL, psycopg prepares a statement on a connection at its fifth execution).
+            send_all(warmup, max(SERVED_CONCURRENCY))
+            out = []
+            for conc, batch in zip(SERVED_CONCURRENCY, batches):
+                cpu, wall = cpu_s(), time.perf_counter()
+                send_all(batch, conc)
                 wall, cpu = time.perf_counter() - wall, cpu_s() - cpu
                 out.append({"concurrency": conc, "calls": len(batch), "cpu_us": cpu / len(batch) * 1e6,
                             "wall_us": wall / len(batch) * 1e6})
@@ -1031,7 +1041,8 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
     (tmp / backend).mkdir(exist_ok=True)
     with base_database(backend, tmp / backend, cfg.pg_admin_url) as store:
         say(f"{backend}: preparing (migrate, {len(common.people):,} registry rows, eligible people)")
-        people = prepare_base(store, common, paths, n_series + SERVED_WARMUP + len(SERVED_CONCURRENCY) * cfg.measured)
+        per_round = SERVED_WARMUP + len(SERVED_CONCURRENCY) * cfg.measured  # people each round's served run takes
+        people = prepare_base(store, common, paths, n_series + cfg.rounds * per_round)
         served_requests = requests_for(people[n_series:], prefix="served")
         people = people[:n_series]
         requests = requests_for(people)
@@ -1042,7 +1053,7 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
         say(f"{backend}: {ops['statements']:.1f} statements, {ops['commits']:.1f} commits per activation")
         settings = durability(store, paths)
         say(f"{backend}: {settings}")
-        replays, inproc, groups = [], [], []
+        replays, inproc, groups, served_rounds = [], [], [], []
         for r in range(cfg.rounds):
             replays.append(run_replay(store, paths, series, cfg.warmup, expected).per())
             if backend == "sqlite":  # group commit is SQLite's (PostgreSQL writers run side by side)
@@ -1053,10 +1064,16 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
                     f" ({GROUP} per commit: {groups[-1]['wall_us']:,.0f} us wall, {groups[-1]['cpu_us']:,.0f} us CPU)"
                     if groups else "") + f"; in-process {inproc[-1]['wall_us']:,.0f} us wall, "
                 f"{inproc[-1]['cpu_us']:,.0f} us CPU per activation")
-        say(f"{backend}: the same work served by server.py ({', '.join(map(str, SERVED_CONCURRENCY))} in flight)")
-        served = served_cpu(store, common, paths, [
-            served_requests[SERVED_WARMUP + i * cfg.measured:SERVED_WARMUP + (i + 1) * cfg.measured]
-            for i in range(len(SERVED_CONCURRENCY))], served_requests[:SERVED_WARMUP])
+            # The same work served by server.py, in the same round (fresh people: its own slice).
+            mine = served_requests[r * per_round:(r + 1) * per_round]
+            served_rounds.append(served_cpu(store, common, paths, [
+                mine[SERVED_WARMUP + i * cfg.measured:SERVED_WARMUP + (i + 1) * cfg.measured]
+                for i in range(len(SERVED_CONCURRENCY))], mine[:SERVED_WARMUP]))
+        served = [{"concurrency": conc, "calls": cfg.measured,
+                   "cpu_us": statistics.median(rnd[i]["cpu_us"] for rnd in served_rounds),
+                   "wall_us": statistics.median(rnd[i]["wall_us"] for rnd in served_rounds),
+                   "rounds_cpu_us": [rnd[i]["cpu_us"] for rnd in served_rounds]}
+                  for i, conc in enumerate(SERVED_CONCURRENCY)]
         say(f"{backend}: the parts alone, natively (CPU time)")
         timed = count_children(store, paths, series, requests, people, cfg.warmup, cfg.measured,
                                components=True, valgrind=False)
@@ -1081,8 +1098,8 @@ def main() -> int:
     backends, skipped, version = usable_backends(list(cfg.backends), cfg.pg_admin_url, "bench.activation_floor")
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as d:
         tmp = Path(d)
-        common = prepare_common(tmp, max(1000, 4 * (cfg.warmup + (1 + len(SERVED_CONCURRENCY)) * cfg.measured
-                                                    + SERVED_WARMUP + 2)))
+        common = prepare_common(tmp, max(1000, 4 * (cfg.warmup + cfg.measured + 2 + cfg.rounds * (
+            SERVED_WARMUP + len(SERVED_CONCURRENCY) * cfg.measured))))
         paths = paths_of(common)
         say(f"echo: measuring req/s (c=8, {cfg.echo_seconds:g} s, twice)")
         echo = measure_echo(cfg, tmp)
@@ -1284,7 +1301,9 @@ def cpu_table(results: list[BackendResult], echo: Echo, budget_us: dict[str, flo
              f"`time.process_time` over the {results[0].profiled} measured activations); the in-process call and the raw "
              "replay from the table above; served = the real server (server.py, the backend's production model, "
              "access log on) on a clone, its process's CPU (all threads) per activation, "
-             + " then ".join(f"{c} in flight" for c in SERVED_CONCURRENCY) + " (a sync gRPC client's threads).", "",
+             + " then ".join(f"{c} in flight" for c in SERVED_CONCURRENCY) + " (a sync gRPC client's threads, after "
+             f"{SERVED_WARMUP} unmeasured at {max(SERVED_CONCURRENCY)}), in every round after the in-process run, fresh "
+             "people each time: the median of the rounds (their spread in brackets).", "",
              "| backend | part | CPU us per activation | of B |", "|---|---|---:|---:|"]
     for r, c in rows:
         if c is None:
@@ -1305,8 +1324,10 @@ def cpu_table(results: list[BackendResult], echo: Echo, budget_us: dict[str, flo
         lines.append(row("of which the rest: SQLAlchemy ORM/Core + our Python (in-process - raw replay - its parts)",
                          c["rest"]))
         for sv in r.served:
+            spread = sv.get("rounds_cpu_us") or [sv["cpu_us"]]
             lines.append(row(f"**served** by server.py, {sv['concurrency']:.0f} in flight "
-                             f"({1e6 / sv['wall_us']:,.0f} activations/s)", sv["cpu_us"]))
+                             f"({1e6 / sv['wall_us']:,.0f} activations/s; rounds {min(spread):,.0f}-{max(spread):,.0f} us)",
+                             sv["cpu_us"]))
             lines.append(row(f"of which beyond the in-process call and echo ({sv['concurrency']:.0f} in flight: "
                              "authentication, access log, hand-overs between threads)",
                              sv["cpu_us"] - c["inproc"] - echo.server_cpu_us))

@@ -57,4 +57,5 @@ def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
     assert [s["concurrency"] for s in sqlite["served"]] == [1, 8]
     for served in sqlite["served"]:
         assert served["calls"] == 12 and served["cpu_us"] > 0 and served["wall_us"] > 0
+        assert len(served["rounds_cpu_us"]) == 1  # one per round (BENCH_FLOOR_ROUNDS)
     assert "| sqlite | **served** by server.py, 8 in flight" in text
