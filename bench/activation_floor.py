@@ -1028,7 +1028,7 @@ class BackendResult:
     instructions: dict[str, int] = field(default_factory=dict)
     statements: list[str] = field(default_factory=list)
     grouped: list[dict[str, float]] = field(default_factory=list)  # SQLite: GROUP activations per commit
-    served: list[dict[str, float]] = field(default_factory=list)  # served_cpu's, per concurrency
+    served: list[dict[str, Any]] = field(default_factory=list)  # served_cpu's, per concurrency (medians of the rounds)
     timed: dict[str, float] = field(default_factory=dict)  # CPU us per item of each child part, natively
 
 
@@ -1085,8 +1085,8 @@ def measure_backend(cfg: FloorConfig, backend: str, common: Common, paths: dict[
         if cfg.vg_measured and have_valgrind():
             n = min(cfg.vg_measured, cfg.measured)
             say(f"{backend}: counting instructions under valgrind ({n} activations)")
-            result.instructions = count_children(store, paths, series, requests, people, cfg.warmup, n,
-                                                 components=backend == "sqlite")
+            result.instructions = {k: int(v) for k, v in count_children(
+                store, paths, series, requests, people, cfg.warmup, n, components=backend == "sqlite").items()}
             result.instructions["grpc"] = count_grpc(store, common, paths, requests, cfg.warmup, n)
             say(f"  {backend}: gRPC ActivateEntitlement: {result.instructions['grpc']:,} instructions per call")
         return result
@@ -1324,12 +1324,12 @@ def cpu_table(results: list[BackendResult], echo: Echo, budget_us: dict[str, flo
         lines.append(row("of which the rest: SQLAlchemy ORM/Core + our Python (in-process - raw replay - its parts)",
                          c["rest"]))
         for sv in r.served:
-            spread = sv.get("rounds_cpu_us") or [sv["cpu_us"]]
+            spread: list[float] = sv.get("rounds_cpu_us") or [sv["cpu_us"]]
             lines.append(row(f"**served** by server.py, {sv['concurrency']:.0f} in flight "
                              f"({1e6 / sv['wall_us']:,.0f} activations/s; rounds {min(spread):,.0f}-{max(spread):,.0f} us)",
                              sv["cpu_us"]))
-            lines.append(row(f"of which beyond the in-process call and echo ({sv['concurrency']:.0f} in flight: "
-                             "authentication, access log, hand-overs between threads)",
+            lines.append(row(f"of which beyond the in-process call and echo ({sv['concurrency']:.0f} in flight: the edge, "
+                             "authentication and access log, and the same code running slower in the server's threads)",
                              sv["cpu_us"] - c["inproc"] - echo.server_cpu_us))
     return lines
 
