@@ -64,7 +64,7 @@ import psycopg
 
 from bench.common import pg_database, pg_url, say
 from bench.prepare import Common, prepare_common
-from bench.procs import commit, loadavg, machine, usable_backends
+from bench.procs import commit, loadavg, machine, stop_process, usable_backends
 
 ADVISOR = "bench-advisor"
 PROGRAM_NAME = "programs/premium-job-seekers"
@@ -645,13 +645,7 @@ class Counted:
             yield name, int(items), _totals(self.out) if self.valgrind else int(done[1])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _part(name: str, items: int, work: Callable[[], None]) -> None:
@@ -875,6 +869,17 @@ def count_echo(tmp: Path, calls: int) -> int:
     return total // calls
 
 
+def server_env(url: str, paths: dict[str, str], port: int, model: str) -> dict[str, str]:
+    """server.py's environment for a run on `url`: one process on `port`, the access log on, the
+    rate limiter off, in server model `model`."""
+    return {**os.environ, "ENTITLEMENT_DATABASE_URL": url, "ENTITLEMENT_CALLERS_FILE": paths["callers_file"],
+            "ENTITLEMENT_KEY_DIR": paths["key_dir"], "ENTITLEMENT_PSEUDONYM_KEY_FILE": paths["pseudonym_key_file"],
+            "ENTITLEMENT_LOG_KEY_FILE": paths["log_key_file"], "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
+            "ENTITLEMENT_PROCESSES": "1", "ENTITLEMENT_LOG_LEVEL": "info",
+            "ENTITLEMENT_ISSUER": "urn:entitlement:bench", "ENTITLEMENT_LISTEN": f"127.0.0.1:{port}",
+            "ENTITLEMENT_SERVER_MODEL": model}
+
+
 def count_grpc(store: Store, common: Common, paths: dict[str, str], requests: list[bytes], warmup: int,
                n: int) -> int:
     """Instructions per ActivateEntitlement answered by the real server (server.py, as in
@@ -886,15 +891,10 @@ def count_grpc(store: Store, common: Common, paths: dict[str, str], requests: li
     from entitlement.config import ROOT
     url = store.clone()
     port = free_port()
-    env = {**os.environ, "ENTITLEMENT_DATABASE_URL": url, "ENTITLEMENT_CALLERS_FILE": paths["callers_file"],
-           "ENTITLEMENT_KEY_DIR": paths["key_dir"], "ENTITLEMENT_PSEUDONYM_KEY_FILE": paths["pseudonym_key_file"],
-           "ENTITLEMENT_LOG_KEY_FILE": paths["log_key_file"], "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
-           "ENTITLEMENT_PROCESSES": "1", "ENTITLEMENT_LOG_LEVEL": "info", "ENTITLEMENT_ISSUER": "urn:entitlement:bench",
-           "ENTITLEMENT_LISTEN": f"127.0.0.1:{port}",
-           # The thread-pool model, whose floor is the echo this section divides by (bench.instructions'
-           # echo_server default); SQLite's production default is the event loop, which hands an
-           # activation to its pool: bench.instructions counts both models.
-           "ENTITLEMENT_SERVER_MODEL": "threads"}
+    # The thread-pool model, whose floor is the echo this section divides by (bench.instructions'
+    # echo_server default); SQLite's production default is the event loop, which hands an
+    # activation to its pool: bench.instructions counts both models.
+    env = server_env(url, paths, port, "threads")
     try:
         with under_callgrind([sys.executable, str(ROOT / "server.py")], env, port, store.tmp / "grpc.cg") as count:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -950,12 +950,7 @@ def served_cpu(store: Store, common: Common, paths: dict[str, str], batches: lis
     from entitlement.config import ROOT
     url = store.clone()
     port = free_port()
-    env = {**os.environ, "ENTITLEMENT_DATABASE_URL": url, "ENTITLEMENT_CALLERS_FILE": paths["callers_file"],
-           "ENTITLEMENT_KEY_DIR": paths["key_dir"], "ENTITLEMENT_PSEUDONYM_KEY_FILE": paths["pseudonym_key_file"],
-           "ENTITLEMENT_LOG_KEY_FILE": paths["log_key_file"], "ENTITLEMENT_CHECK_RATE_PER_MIN": "0",
-           "ENTITLEMENT_PROCESSES": "1", "ENTITLEMENT_LOG_LEVEL": "info", "ENTITLEMENT_ISSUER": "urn:entitlement:bench",
-           "ENTITLEMENT_LISTEN": f"127.0.0.1:{port}",
-           "ENTITLEMENT_SERVER_MODEL": backend_model("auto", store.backend)}
+    env = server_env(url, paths, port, backend_model("auto", store.backend))
     log = open(store.tmp / "served.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=log)
@@ -1006,12 +1001,7 @@ def served_cpu(store: Store, common: Common, paths: dict[str, str], batches: lis
                     f"server CPU {cpu / len(batch) * 1e6:,.0f} us per activation")
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         store.drop(url)
 

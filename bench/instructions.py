@@ -44,7 +44,7 @@ from google.type import date_pb2
 
 from bench.common import say
 from bench.config import ECHO_SERVICE, event_loop_text
-from bench.procs import commit, free_port
+from bench.procs import commit, free_port, stop_process
 from bench.sections import replace_section
 from bench.servers import OPTIONS, _echo, aio_echo
 from entitlement import registry, synthetic
@@ -131,12 +131,7 @@ def under_callgrind(argv: list[str], env: dict[str, str], port: int, out: Path) 
             return _totals(out)
         yield count
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=60)
 
 
 def _totals(out: Path) -> int:

@@ -129,6 +129,18 @@ def server_cpus(pid: int) -> str:
     return ranges(cpus_of(pid))
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Stop a child process started with subprocess: SIGTERM, then SIGKILL if it outlives `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now (for servers that must share a fixed one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
