@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from entitlement import affinity
+from entitlement import affinity, hostcheck
 from entitlement.api.accesslog import AccessLogInterceptor
 from entitlement.api import ratelimit
 from entitlement.api.identity import CallerInterceptor
@@ -208,6 +208,9 @@ def serve_forever(ctx: Context) -> None:
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),
              max_concurrent_rpcs=concurrency_limit(s),
              cpus=affinity.cpus_of("self"))
+    transport_warning = hostcheck.database_transport_warning(ctx.db.url)
+    if transport_warning is not None:
+        log.warning("loopback_tcp_stalls", **transport_warning)
     # A process-directed signal may be delivered to any thread (gRPC's, the workers'); Python runs
     # the handler only when the main thread executes bytecode, which an untimed wait never does.
     # Wait in short slices so SIGTERM is always handled promptly.

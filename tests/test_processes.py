@@ -14,6 +14,7 @@ import pytest
 from support import As, identity, pool_birth
 from test_server_ops import Server, prepare
 
+from entitlement import hostcheck
 from entitlement.v1 import eligibility_pb2
 
 
@@ -42,6 +43,16 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         models = [(line["server_model"], line["event_loop"]) for line in d.log_lines() if line.get("event") == "serving"]
         # ENTITLEMENT_EVENT_LOOP unset (auto): uvloop for the event loop; the thread pool runs none.
         assert models == [("event-loop", "uvloop") if fresh_url.startswith("sqlite") else ("threads", None)] * 2
+        # Each process warns at start when its database is on loopback TCP under BBR (the test
+        # database: 127.0.0.1), with the congestion control the kernel gives such a connection.
+        warned = [line for line in d.log_lines() if line.get("event") == "loopback_tcp_stalls"]
+        cc = hostcheck.accepted_congestion_control("127.0.0.1")
+        if fresh_url.startswith("sqlite") or hostcheck.database_loopback_address(fresh_url) is None \
+                or cc not in hostcheck.STALLING:
+            assert warned == []
+        else:
+            assert [(w["level"], w["congestion_control"], w["address"]) for w in warned] == [("warning", cc, "127.0.0.1")] * 2
+            assert {w["pid"] for w in warned} == pids
         for channel in channels:
             channel.close()
         server.proc.send_signal(signal.SIGTERM)
