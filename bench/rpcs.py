@@ -80,7 +80,7 @@ from bench.procs import (Client, Server, commit, free_port, loadavg, machine, se
                          usable_backends)
 from bench.report import p99_without_worst, percentile
 from bench.sections import replace_section
-from entitlement import affinity
+from entitlement import affinity, hostcheck
 from entitlement.affinity import OFF
 from entitlement.config import EVENT_LOOP, ROOT, SERVER_MODELS, THREADS, Settings, resolve_server_model
 
@@ -817,6 +817,27 @@ class Method:
     loadavg_start: str
     loadavg_end: str
     elapsed_s: float
+    loopback_cc: str = ""  # loopback_cc_text() at the start
+
+
+def loopback_cc_text() -> str:
+    """The congestion control loopback TCP connections get on this machine (the load generator's
+    to the servers, theirs to PostgreSQL): under BBR, answers over about 128 KB wait about 40 ms now
+    and then (README "PostgreSQL on the same host"), which a p99 shows."""
+    accepted = hostcheck.accepted_congestion_control("127.0.0.1")
+    try:
+        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        default = ""
+    if accepted is None:
+        return "TCP congestion control on loopback: not readable on this system."
+    where = ("the host's default" if accepted == default else
+             f"the loopback route's `congctl`; the host's default is `{default}`" if default else "")
+    text = f"TCP connections on loopback (127.0.0.1) got `{accepted}` ({where})"
+    if accepted in hostcheck.STALLING:
+        return text + (": answers over about 128 KB (a page of ListActivations, from PostgreSQL and to the load "
+                       "generator) may wait about 40 ms (README \"PostgreSQL on the same host\").")
+    return text + "."
 
 
 def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:
@@ -851,7 +872,7 @@ Written by `python -m bench.rpcs` (part of `make bench`, code in `bench/rpcs.py`
 
 ### Method
 
-- Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}.
+- Machine: `nproc` = {m.nproc} ({m.cpu}), {m.memory_gib:.0f} GiB, shared with other work: load average (1/5/15 min) {m.loadavg_start} at the start, {m.loadavg_end} at the end. Run on {m.date}; {m.elapsed_s:.0f} s in all. Python {m.python}, grpcio {m.grpcio}. Code: {m.commit}. {m.loopback_cc}
 - Backends: {", ".join(m.backends)}{pg}{skipped}. Each a fresh database, migrated, with a synthetic registry of {cfg.people:,} people imported (about half eligible). FixedClock at 2026-03-16.
 - Server: the real one, `entitlement.server_main.start`, in the server model production gives each backend (`BENCH_SERVER_MODEL` {cfg.server_model}: {_models_text(cfg, m.backends)}; README "Server models"): **threads** = sync gRPC, ThreadPoolExecutor of {cfg.workers} for the unary calls; **event-loop** = grpc.aio on {event_loop_text(bench_event_loop(), 'BENCH_EVENT_LOOP')} (the aio echo's too) with CheckEligibility and VerifyEntitlement answered on the loop on SQLite (on PostgreSQL, asked for with BENCH_SERVER_MODEL, nothing runs on the loop), the other unary calls on a ThreadPoolExecutor of {cfg.workers}; either with {Settings().stream_workers} threads for the streaming calls and a pool of {cfg.workers + Settings().stream_workers + 1} DB connections (one per thread that may hold one, the loop's included). In its own process, with the production behaviours: access log (one JSON line per call at `{cfg.log_level}`, to a file), caller, and the per-caller rate limiter (set to {UNLIMITED_RATE:.0e} a minute so it never refuses); CPU affinity `{_affinity_text(cfg.cpu_affinity)}`, the echo's too. Floor: per model, the echo server built the same way (`bench/servers.py`, no behaviour, bytes in, bytes out, same pool size and options), measured in the same run: **sync-echo** (`grpc.server`) for threads, **aio-echo-inline** (`grpc.aio`, answered on the loop) for event-loop; each backend's RPCs are paired with the floor of their model, and column "model" says which.
 - Load: one grpc.aio load-generator process, {cfg.channels} channels (connections), pre-serialized requests. Closed loop: {conc} calls in flight. Open loop: calls sent at a fixed rate, half the best closed-loop throughput of that RPC on that backend, whatever the answers; latency counted from when each call was due. Each case: {cfg.seconds:g} s measured after {cfg.warmup:g} s of unmeasured calls (a closed-loop case of a real RPC, and the control: in rounds, below) (a RedeemActivationToken window ends early only if its tokens run out; none did unless an `(early)` note says so).
@@ -886,6 +907,8 @@ def main() -> int:
     cfg = RpcsConfig.from_env()
     began = time.monotonic()
     load_start = loadavg()
+    loopback_cc = loopback_cc_text()
+    say(f"bench.rpcs: {loopback_cc}")
     code = commit()
     tmp = Path(tempfile.mkdtemp(prefix="entitlement-bench-rpcs-"))
     client: Client | None = None
@@ -942,7 +965,8 @@ def main() -> int:
     m = Method(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                nproc=len(os.sched_getaffinity(0)), cpu=cpu, memory_gib=mem, python=platform.python_version(),
                grpcio=metadata.version("grpcio"), commit=code, backends=tuple(backends), skipped=skipped,
-               postgres_version=pg_ver, loadavg_start=load_start, loadavg_end=loadavg(), elapsed_s=elapsed)
+               postgres_version=pg_ver, loadavg_start=load_start, loadavg_end=loadavg(), elapsed_s=elapsed,
+               loopback_cc=loopback_cc)
     say("")
     say(results_table(results, False))
     say("")

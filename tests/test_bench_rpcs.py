@@ -17,6 +17,7 @@ import pytest
 
 from bench.config import ACTIVATE, CHECK, ECHO, LIST, REDEEM, VERIFY
 from bench.rpcs import CONTROL, PINNING, QUICK_PAIRED_ROUNDS
+from entitlement import hostcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 RPCS = (CHECK, ACTIVATE, REDEEM, VERIFY, LIST)
@@ -112,6 +113,11 @@ def test_quick_rpcs_benchmark_measures_every_rpc(tmp_path: Path) -> None:
         main = [r for r in results if not r["part"]]
         assert sum(r["server_wait_s"] for r in main) > 0 and sum(r["client_wait_s"] for r in main) > 0
     assert "Quick mode" in text
+    # The method says which congestion control loopback connections got (it shapes the p99s).
+    cc = hostcheck.accepted_congestion_control("127.0.0.1")
+    if cc is not None:
+        assert f"TCP connections on loopback (127.0.0.1) got `{cc}`" in text
+        assert ("may wait about 40 ms" in text) == (cc in hostcheck.STALLING)
 
 
 def test_the_query_counter_tells_queued_statements_from_round_trips(db: Any) -> None:
