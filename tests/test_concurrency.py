@@ -208,7 +208,10 @@ def _assert_servers_healthy(c: Cluster) -> None:
         codes = collections.Counter(x["code"] for x in lines)
         assert lines, f"server {s.dir.address} served no call"
         assert not {"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"} & set(codes), (codes, s.stderr()[-4000:])
-        errors = [x for x in s.dir.log_lines() if x.get("level") in ("error", "warning")]
+        # (The start-up warning about this host's loopback TCP, entitlement/hostcheck.py, is about
+        # the machine, logged before any call: not a fault of the run.)
+        errors = [x for x in s.dir.log_lines() if x.get("level") in ("error", "warning")
+                  and x.get("event") != "loopback_tcp_stalls"]
         assert errors == [], errors[:3]
         assert s.proc.poll() is None
 
