@@ -54,7 +54,7 @@ migrate: $(STAMP)
 ## instructions per call under valgrind, both server models ~4 min, and where a check's and a verification's go ~20 s; where a hot read's server
 ## CPU goes on PostgreSQL, a ladder from echo to the real server ~2 min; checks behind a funder's pages or advisors'
 ## activations ~2 min; an activation's storage floor and breakdown against
-## the budget of the targets ~8 min).
+## the budget of the targets ~8 min; PostgreSQL's answers by size over loopback TCP and its Unix socket ~1 min).
 ## Quicker: BENCH_REGISTRY_ROWS=500000 BENCH_ACTIVATIONS=100000 make bench (BENCH_QUICK=1: a few
 ## seconds per case in bench.rpcs)
 bench: $(STAMP)
@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.readfloor
 	$(BIN)/python -m bench.mixed
 	$(BIN)/python -m bench.activation_floor
+	$(BIN)/python -m bench.loopback
 
 ## make stress: the reliability tests at stress sizes (ENTITLEMENT_STRESS=1: 20 kill -9 per backend,
 ## bigger fuzzing, outage and deadline runs), then a 10-minute soak (memory flat, only expected errors)
