@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -634,3 +635,27 @@ def test_the_same_file_extracted_on_a_later_date_is_a_new_snapshot(db: Database,
     assert not later.unchanged and later.snapshot_id > first.snapshot_id
     with db.read() as s:
         assert registry.current_snapshot(s) == registry.SnapshotRef(later.snapshot_id, TODAY)
+
+
+def test_a_sqlite_write_takes_the_connection_the_last_one_gave_back(db: Database) -> None:
+    """SQLite: each connection keeps a page cache, dropped when another connection wrote since its
+    last transaction; the pool hands out the most recently returned connection (LIFO), so that
+    writes in a row run on one warm connection instead of each on the next in turn."""
+    if not db.is_sqlite:
+        pytest.skip("PostgreSQL's backends share their buffers: no per-connection page cache to keep warm")
+
+    def dbapi_of(session: Any) -> int:
+        return id(session.connection().connection.dbapi_connection)
+    # Two connections in the pool: a read transaction held open while a write runs beside it.
+    with db.read() as r:
+        reader = dbapi_of(r)
+        with db.write() as w:
+            writer = dbapi_of(w)
+    assert reader != writer
+    # The read gave its connection back last: the writes that follow, one after another, all take it.
+    used = []
+    for _ in range(4):
+        with db.write() as w:
+            used.append(dbapi_of(w))
+            w.execute(text("UPDATE log_head SET size = size WHERE id = 1"))
+    assert used == [reader] * 4
