@@ -209,7 +209,8 @@ class Database:
             # wrote since its last transaction: handed out in turn (the pool's default, FIFO), every
             # write started cold and read its pages again from the file. Measured (20th session,
             # server.py, SQLite activations, strace): 40-43 pread calls an activation against 9-10;
-            # at 8 in flight, 3 alternated pairs: 1.04-1.17 x the activations a second (README Status).
+            # at 8 in flight, 3 alternated pairs: 1.04-1.17 x the activations a second, but within
+            # bench.rpcs' noise in ratios to echo (README Status, twentieth session).
             kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout, pool_use_lifo=True)
         elif self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout,
