@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, make_url
 
 from bench.common import say
 from bench.prepare import pg_problem
-from bench.procs import commit, loadavg, machine, pg_version
+from bench.procs import commit, loadavg, loopback_cc_text, machine, pg_version
 from bench.report import percentile
 from bench.sections import replace_section
 from entitlement import hostcheck
@@ -166,8 +166,8 @@ def conclusion(cases: list[Case], cc: str | None) -> str:
                if cc in hostcheck.STALLING else "This congestion control is not known to stall: look further."))
 
 
-def markdown(cfg: Config, cases: list[Case], cc: str | None, version: str, socket_note: str, started: str,
-             load: tuple[str, str], elapsed: float) -> str:
+def markdown(cfg: Config, cases: list[Case], cc: str | None, cc_text: str, version: str, socket_note: str,
+             started: str, load: tuple[str, str], elapsed: float) -> str:
     cpu, mem = machine()
     return f"""## PostgreSQL's answers by size, over loopback TCP and its Unix socket (`python -m bench.loopback`)
 
@@ -176,7 +176,7 @@ Written by `python -m bench.loopback` (part of `make bench`, code in `bench/loop
 ### Method
 
 - Machine: `nproc` = {len(os.sched_getaffinity(0))} ({cpu}), {mem:.0f} GiB; load average {load[0]} at the start, {load[1]} at the end. Run on {started}; {elapsed:.0f} s in all. Python {platform.python_version()}, psycopg {psycopg.__version__}, PostgreSQL {version}. Code: {commit()}.
-- {hostcheck_text(cc, cfg)}
+- {cc_text} PostgreSQL's backend, the sender, sends its answers under it.
 - Load: {cfg.threads} threads, each with its own connection (autocommit), one query every {cfg.interval_s * 1000:g} ms, whose answer is rows of {ROW_BYTES:,} bytes adding up to the size (a page of 100 activations is about 170 KB from the database); each query timed to its last row, {cfg.seconds:g} s per case after one unmeasured query per connection; TCP and the socket in alternating order from size to size.{socket_note}
 
 ### Results
@@ -185,14 +185,6 @@ Written by `python -m bench.loopback` (part of `make bench`, code in `bench/loop
 
 {conclusion(cases, cc)}
 """
-
-
-def hostcheck_text(cc: str | None, cfg: Config) -> str:
-    host = make_url(cfg.pg_url).host or "?"
-    if cc is None:
-        return f"TCP: {host} (the congestion control of a connection accepted there: not readable on this system)."
-    return (f"TCP: {host}; a connection accepted there gets `{cc}` (its route's `congctl`, else the host's default "
-            f"`net.ipv4.tcp_congestion_control`): PostgreSQL's backend sends its answers under it.")
 
 
 def main() -> int:
@@ -205,7 +197,8 @@ def main() -> int:
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     address = hostcheck.database_loopback_address(cfg.pg_url) or make_url(cfg.pg_url).host or "127.0.0.1"
     cc = hostcheck.accepted_congestion_control(address)
-    say(f"bench.loopback: TCP connections accepted on {address} get {cc or 'an unknown congestion control'}")
+    cc_text = loopback_cc_text(address)  # at the start: the host as measured
+    say(f"bench.loopback: {cc_text}")
     sock = socket_url(cfg.pg_url, cfg.socket_dir)
     socket_note = ""
     if not Path(cfg.socket_dir).is_dir() or pg_problem(libpq(sock)):
@@ -221,7 +214,7 @@ def main() -> int:
             say(f"  {transport:12s} {c[1]:>6s} KB  {c[2]:>6s} queries  p50 {c[3]:>6s}  p99 {c[4]:>6s}  "
                 f"max {c[5]:>6s} ms  over {SLOW_MS:.0f} ms: {c[6]}")
     cases.sort(key=lambda c: (c.transport != TCP, c.size_kb))
-    text = markdown(cfg, cases, cc, pg_version(libpq(cfg.pg_url)), socket_note, started, (load_start, loadavg()),
+    text = markdown(cfg, cases, cc, cc_text, pg_version(libpq(cfg.pg_url)), socket_note, started, (load_start, loadavg()),
                     time.monotonic() - began)
     say("")
     say(conclusion(cases, cc))

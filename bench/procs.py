@@ -141,6 +141,27 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
         proc.wait()
 
 
+def loopback_cc_text(address: str = "127.0.0.1") -> str:
+    """For a benchmark's method: the congestion control TCP connections accepted on `address` get
+    on this machine (the route's `congctl`, else the host's default), which decides whether answers
+    over about 128 KB wait about 40 ms now and then (README "PostgreSQL on the same host")."""
+    from entitlement import hostcheck
+    accepted = hostcheck.accepted_congestion_control(address)
+    try:
+        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        default = ""
+    if accepted is None:
+        return f"TCP congestion control on loopback ({address}): not readable on this system."
+    where = ("the host's default" if accepted == default else
+             f"the loopback route's `congctl`; the host's default is `{default}`" if default else "the route's")
+    text = f"TCP connections on loopback ({address}) got `{accepted}` ({where})"
+    if accepted in hostcheck.STALLING:
+        return text + (": answers over about 128 KB (a page of ListActivations, from PostgreSQL and to a client) "
+                       "may wait about 40 ms (README \"PostgreSQL on the same host\").")
+    return text + "."
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now (for servers that must share a fixed one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

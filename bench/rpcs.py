@@ -76,11 +76,11 @@ from bench.config import (ACTIVATE, ADVISOR_ID, CHECK, ECHO, FUNDER_CALLER_ID, F
                           LoadSpec, PagesSpec, RunResult, SeedSpec, ServerSpec, _float, _int, _list, bench_event_loop,
                           event_loop_text)
 from bench.prepare import Common, imported_database, prepare_common
-from bench.procs import (Client, Server, commit, free_port, loadavg, machine, server_cpus, server_group,
+from bench.procs import (Client, Server, commit, free_port, loadavg, loopback_cc_text, machine, server_cpus, server_group,
                          usable_backends)
 from bench.report import p99_without_worst, percentile
 from bench.sections import replace_section
-from entitlement import affinity, hostcheck
+from entitlement import affinity
 from entitlement.affinity import OFF
 from entitlement.config import EVENT_LOOP, ROOT, SERVER_MODELS, THREADS, Settings, resolve_server_model
 
@@ -818,26 +818,6 @@ class Method:
     loadavg_end: str
     elapsed_s: float
     loopback_cc: str = ""  # loopback_cc_text() at the start
-
-
-def loopback_cc_text() -> str:
-    """The congestion control loopback TCP connections get on this machine (the load generator's
-    to the servers, theirs to PostgreSQL): under BBR, answers over about 128 KB wait about 40 ms now
-    and then (README "PostgreSQL on the same host"), which a p99 shows."""
-    accepted = hostcheck.accepted_congestion_control("127.0.0.1")
-    try:
-        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        default = ""
-    if accepted is None:
-        return "TCP congestion control on loopback: not readable on this system."
-    where = ("the host's default" if accepted == default else
-             f"the loopback route's `congctl`; the host's default is `{default}`" if default else "")
-    text = f"TCP connections on loopback (127.0.0.1) got `{accepted}` ({where})"
-    if accepted in hostcheck.STALLING:
-        return text + (": answers over about 128 KB (a page of ListActivations, from PostgreSQL and to the load "
-                       "generator) may wait about 40 ms (README \"PostgreSQL on the same host\").")
-    return text + "."
 
 
 def markdown(cfg: RpcsConfig, m: Method, results: list[RunResult]) -> str:

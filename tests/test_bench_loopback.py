@@ -44,4 +44,4 @@ def test_the_benchmark_measures_both_transports_and_writes_its_section(pg_server
     assert all(int(r.split(" | ")[2].replace(",", "")) > 0 for r in rows)  # queries answered in every case
     cc = hostcheck.accepted_congestion_control("127.0.0.1")
     if cc is not None and hostcheck.database_loopback_address(pg_server) == "127.0.0.1":
-        assert f"a connection accepted there gets `{cc}`" in text
+        assert f"TCP connections on loopback (127.0.0.1) got `{cc}`" in text
