@@ -71,6 +71,7 @@ REPORT_TARGET_S = 2.0
 PROGRAMS = ("premium-job-seekers", "premium-job-seekers", "opencfa-apprentices")
 FUNDER = "france-travail"
 CHUNK = 50_000
+MB = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,32 @@ class Data:
     seconds: float = 0.0
     rollup_seconds: float = 0.0
     rollup_rows: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes: database, ledger (table + indexes), ledger_indexes
+
+
+def storage_sizes(backend: str, url: str, path: Path | None) -> dict[str, int]:
+    """What the filled database takes on disk: the whole database, the ledger table with its
+    indexes, and those indexes alone (SQLite: the dbstat table, pages in use; PostgreSQL: the
+    relations' sizes)."""
+    if backend == "sqlite":
+        assert path is not None
+        lite = sqlite3.connect(path)
+        try:
+            pages = dict(lite.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
+            owned = [r[0] for r in lite.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger_entries'")]
+            size = lite.execute("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()").fetchone()[0]
+        finally:
+            lite.close()
+        indexes = sum(pages.get(name, 0) for name in owned)
+        return {"database": int(size), "ledger": int(pages.get("ledger_entries", 0) + indexes),
+                "ledger_indexes": int(indexes)}
+    with psycopg.connect(url) as pg:
+        row = pg.execute("SELECT pg_database_size(current_database()), pg_total_relation_size('ledger_entries'), "
+                         "pg_indexes_size('ledger_entries')").fetchone()
+    assert row is not None
+    size, ledger, indexes = row
+    return {"database": int(size), "ledger": int(ledger), "ledger_indexes": int(indexes)}
 
 
 def rows(plan_by: dict[str, Plan], rng: random.Random) -> Any:
@@ -235,6 +262,7 @@ def fill(backend: str, url: str, path: Path | None) -> Data:
     finally:
         db.dispose()
     d.rollup_seconds, d.rollup_rows = time.perf_counter() - t1, months + days
+    d.sizes = storage_sizes(backend, url, path)
     return d
 
 
@@ -342,7 +370,8 @@ def main() -> int:
                 data = fill(backend, url, path)
                 say(f"  {backend}: {data.activations:,} activations, {data.ledger:,} ledger entries "
                     f"in {data.seconds:.0f} s; report rollup ({data.rollup_rows:,} rows) built in "
-                    f"{data.rollup_seconds:.0f} s")
+                    f"{data.rollup_seconds:.0f} s; database {data.sizes['database'] / MB:,.0f} MB, of which the "
+                    f"ledger {data.sizes['ledger'] / MB:,.0f} MB (its indexes {data.sizes['ledger_indexes'] / MB:,.0f} MB)")
                 runs.append(serve_and_time(backend, url, tmp / backend, data))
                 # Written after each backend (a run stopped during the next one keeps these figures).
                 say(markdown(runs))
@@ -374,7 +403,9 @@ def markdown(runs: list[Run]) -> str:
         "PostgreSQL; then ANALYZE, and VACUUM ANALYZE on PostgreSQL as autovacuum would), not through the RPCs; "
         "then the funding report's rollup (entitlement/rollup.py: per funder x program, money per month and "
         "activity counters per day; the service keeps it in each write's transaction) is rebuilt from those rows "
-        "(`rollup s`). The real server then serves it in-process (fixed clock on "
+        "(`rollup s`). Sizes once filled and rolled up: the whole database (`database MB`), the ledger table with "
+        "its indexes (`ledger MB`) and those indexes alone (SQLite: the `dbstat` table's pages; PostgreSQL: "
+        "`pg_database_size`, `pg_total_relation_size`, `pg_indexes_size`). The real server then serves it in-process (fixed clock on "
         f"{TODAY.isoformat()}); every call goes over gRPC on loopback.",
         f"- ListActivations: pages of {PAGE}, newest first, as an admin, following `next_page_token` from page 1; "
         "the latency at a depth is the median of the 11 pages around it (keyset pagination: no OFFSET). "
@@ -384,16 +415,17 @@ def markdown(runs: list[Run]) -> str:
         "counts of every funder and program, read from the rollup, equal their computation from the activations "
         "and `commit` entries (the query the report ran before the rollup).",
         "",
-        "| backend | activations | ledger entries | fill s | rollup s | page 1 ms | page 100 ms | page 1,000 ms | "
+        "| backend | activations | ledger entries | fill s | rollup s | database MB | ledger MB | ledger indexes MB | page 1 ms | page 100 ms | page 1,000 ms | "
         "page 10,000 ms | p99 page ms | report (funder) ms | report (admin) ms | report = raw rows | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in runs:
         ok = (all(v < PAGE_TARGET_MS for v in r.pages.values())
               and all(v < REPORT_TARGET_S * 1000 for v in r.report_ms.values()))
         cells = [f"{r.pages[d]:.1f}" if d in r.pages else "-" for d in (1, 100, 1000, 10000)]
         lines.append(f"| {r.backend} | {r.data.activations:,} | {r.data.ledger:,} | {r.data.seconds:.0f} | "
-                     f"{r.data.rollup_seconds:.0f} | " + " | ".join(cells) + f" | {r.pages_p99_ms:.1f} | {r.report_ms.get('funder', 0):.0f} | "
+                     f"{r.data.rollup_seconds:.0f} | " + " | ".join(f"{r.data.sizes.get(k, 0) / MB:,.0f}" for k in (
+                         "database", "ledger", "ledger_indexes")) + " | " + " | ".join(cells) + f" | {r.pages_p99_ms:.1f} | {r.report_ms.get('funder', 0):.0f} | "
                      f"{r.report_ms.get('admin', 0):.0f} | {'yes' if r.rollup_exact else 'NO'} | {'met' if ok else 'MISSED'} |")
     return "\n".join(lines) + "\n"
 

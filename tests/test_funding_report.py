@@ -17,12 +17,13 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 from alembic import command
-from sqlalchemy import select
+from sqlalchemy import inspect, select, text
 
 from own_server import Person, on_day, own_server, write_registry
 from support import TODAY, Api, Harness, identity
 
-from entitlement import jobs, registry, rollup
+from entitlement import doctor, jobs, registry, rollup
+from entitlement.storage.db import Database
 from entitlement.storage.migrate import alembic_config, upgrade
 from entitlement.storage.models import Activation, Event, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
@@ -216,6 +217,7 @@ def test_report_columns_match_the_raw_rows_after_a_random_history(
         check(h, api, SEED)
         rollup_in_another_time_zone(h, api)
         backfill_rebuilds_what_was_maintained(h)
+        ledger_report_indexes_go_and_come_back(h, api)
         h.clock.advance(dt.timedelta(days=400))  # everything has ended by now
         jobs.run_settlement(h.ctx)
         check(h, api, SEED)
@@ -251,9 +253,33 @@ def api_names(h: Harness) -> list[str]:
 def backfill_rebuilds_what_was_maintained(h: Harness) -> None:
     """Migration 0010's backfill, from the same rows, writes the rollup the service maintained."""
     maintained = stored_rollup(h)
-    command.downgrade(alembic_config(h.url), "-1")
+    command.downgrade(alembic_config(h.url), "0009")  # 0010's downgrade drops the rollup's tables
     upgrade(h.url)
     assert stored_rollup(h) == maintained, SEED
+
+
+FORMER = {"ix_ledger_month_cover", "ix_ledger_funder_program_month", "ix_ledger_kind_funder_month"}
+
+
+def ledger_report_indexes_go_and_come_back(h: Harness, api: Api) -> None:
+    """Migration 0011 makes the ledger's three report indexes one; its downgrade builds them again.
+    Either way the entries, the rollup and the report stay as they were."""
+    def ledger() -> tuple[set[str], list[tuple[object, ...]]]:
+        with h.ctx.db.read() as s:
+            rows = [tuple(r) for r in s.execute(select(LedgerEntry.__table__).order_by(LedgerEntry.id)).all()]
+        return {str(ix["name"]) for ix in inspect(h.ctx.db.engine).get_indexes("ledger_entries")}, rows
+
+    indexes, entries = ledger()
+    assert entries and indexes == {"ix_ledger_activation", "ix_ledger_kind_funder_month_cents"}, SEED
+    maintained = stored_rollup(h)
+    command.downgrade(alembic_config(h.url), "0010")
+    assert ledger() == ({"ix_ledger_activation"} | FORMER, entries), SEED
+    check(h, api, SEED)
+    upgrade(h.url)
+    assert ledger() == (indexes, entries), SEED
+    assert stored_rollup(h) == maintained, SEED
+    assert doctor.check(h.ctx.db) == [], SEED
+    check(h, api, SEED)
 
 
 def test_the_settlement_job_logs_one_event_per_activation_it_books_for(
@@ -297,3 +323,20 @@ def test_the_settlement_job_logs_one_event_per_activation_it_books_for(
             assert [json.loads(e.payload_json)["consumed_months"] for e in booked(names[0])] == [
                 ["2026-03", "2026-04", "2026-05"], ["2026-06"]]
             assert len(booked(names[1])) == 1
+
+
+def test_the_rollups_money_is_read_from_one_index_in_order(db: Database) -> None:
+    """The rebuild's money (rollup.MONEY_QUERY, every ledger entry grouped) reads the report index
+    alone and in its order: no table row, no sort of the entries. At 1,793,216 entries that was
+    1.0 s against 6.0 s on SQLite, 0.8 s against 5.6-6.2 s on PostgreSQL (README "Status")."""
+    compiled = rollup.MONEY_QUERY.compile(db.engine, compile_kwargs={"literal_binds": True})
+    with db.read() as s:
+        if db.is_sqlite:
+            plan = [r[-1] for r in s.execute(text(f"EXPLAIN QUERY PLAN {compiled}")).all()]
+            assert plan[0] == "SCAN ledger_entries USING COVERING INDEX ix_ledger_kind_funder_month_cents", plan
+            assert not any("GROUP BY" in step for step in plan), plan  # no temporary B-tree to group in
+        else:
+            s.execute(text("SET LOCAL enable_seqscan = off"))  # as on a large ledger: the table is empty here
+            plan = [r[0] for r in s.execute(text(f"EXPLAIN {compiled}")).all()]
+            assert any("Index Only Scan using ix_ledger_kind_funder_month_cents" in step for step in plan), plan
+            assert not any("Sort" in step for step in plan), plan
