@@ -25,8 +25,10 @@ database 1,708 -> 1,416 MB and 1,336 -> 1,058 MB; the rebuild's money 1.0 s on S
 (6.0 s with the two dropped and no amount in the third: the entries sorted), 5.6-6.2 s -> 0.8 s on
 PostgreSQL. README "Status" (twenty-first session) has the rest.
 
-Both directions read every entry once to build an index (the downgrade builds three): seconds per
-million entries.
+Both directions read every entry to build an index (the downgrade builds three), with writes
+to the ledger blocked meanwhile (run by `entitlement db upgrade`, the server stopped). Measured on
+1,793,216 entries (bench.activations' fill at 200,000 activations): up 15.3 and 12.2 s on SQLite,
+12.1 and 14.6 s on PostgreSQL; down 21.7 s (SQLite) and 29.0 s (PostgreSQL).
 
 Revision ID: 0011
 Revises: 0010
