@@ -86,14 +86,19 @@ def month_last(day: dt.date) -> dt.date:
 
 def activity(span: Span, commit_month: str, tz: ZoneInfo) -> list[tuple[dt.date, str]]:
     """The (day, counter) contributions of one `commit` entry (see the module docstring)."""
-    s = max(span.start_date, month_first(commit_month))
-    e = span.end_date
+    revoked_on = span.updated_at.astimezone(tz).date() if span.state == "revoked" else None
+    return activity_of(span.start_date, span.end_date, revoked_on, commit_month)
+
+
+def activity_of(start: dt.date, end: dt.date, revoked_on: dt.date | None,
+                commit_month: str) -> list[tuple[dt.date, str]]:
+    """`activity` from what it depends on: the dates, and for a revoked activation the civil day
+    (in the rollup's time zone) of its revocation, its last update."""
+    s = max(start, month_first(commit_month))
+    e = end
     out: list[tuple[dt.date, str]] = []
-    if span.state == "revoked":
-        r = span.updated_at.astimezone(tz).date()
-        last_live = min(e, r - dt.timedelta(days=1))
-    else:
-        r, last_live = None, e
+    r = revoked_on
+    last_live = e if r is None else min(e, r - dt.timedelta(days=1))
     if s <= last_live:
         out += [(s, "live_from"), (last_live + dt.timedelta(days=1), "live_until")]
     if r is not None:
@@ -276,13 +281,25 @@ def _money(s: Session) -> dict[MonthKey, dict[str, int]]:
 
 
 def _activity(s: Session, tz: ZoneInfo) -> dict[DayKey, dict[str, int]]:
-    out: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
+    """Every `commit` entry's contributions. Entries of the same funder, program and month whose
+    activations share their dates (and, revoked, the day of their revocation) contribute alike:
+    counted first, then computed once per distinct kind. At 200,000 activations (bench.activations'
+    fill) 13.9-14.7 s before, 5.7-7.3 s after, on both backends (README "Status", twenty-first
+    session)."""
     q = (select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
                 *(getattr(Activation, c) for c in SPAN))
          .join(Activation, Activation.id == LedgerEntry.activation_id).where(LedgerEntry.kind == "commit"))
-    for r in s.execute(q.execution_options(yield_per=20_000)):
-        for day, counter in activity(Span.of(r), r.month, tz):
-            out[(r.funder_id, r.program_id, day)][counter] += 1
+    alike: dict[tuple[str, str, str, dt.date, dt.date, dt.date | None], int] = defaultdict(int)
+    utc = dt.timezone.utc
+    for funder, program, month, start, end, state, updated in s.execute(q.execution_options(yield_per=20_000)):
+        revoked_on = None
+        if state == "revoked":  # SQLite gives naive UTC (as Span.of reads it)
+            revoked_on = (updated if updated.tzinfo else updated.replace(tzinfo=utc)).astimezone(tz).date()
+        alike[(funder, program, month, start, end, revoked_on)] += 1
+    out: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
+    for (funder, program, month, start, end, revoked_on), n in alike.items():
+        for day, counter in activity_of(start, end, revoked_on, month):
+            out[(funder, program, day)][counter] += n
     return {k: v for k, v in out.items() if any(v.values())}
 
 
