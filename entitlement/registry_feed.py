@@ -51,7 +51,9 @@ SPOOL_PREFIX = "entitlement-extract-"  # in the temporary directory (TMPDIR, a l
 _SPOOL_LOCK = ".lock"
 SPOOL_GRACE_S = 60.0  # a spool touched more recently than this is never swept
 # A spool without a lock file was made by a version before the locks (a rolling upgrade: its import
-# may still run, reading its file): swept only once nothing in it changed for this long.
+# may still run, reading its file): swept only once nothing in it changed for this long. An EMPTY
+# one holds no import's file (an import writes its extract at once): an import killed just after
+# making its spool, or during its removal (`.lock` gone, the directory not yet): SPOOL_GRACE_S.
 UNLOCKED_SPOOL_GRACE_S = 3600.0
 
 
@@ -100,7 +102,10 @@ def sweep_stale_spools(dry_run: bool = False) -> int:
                 continue
             lock_path = spool / _SPOOL_LOCK
             has_lock_file = os.path.lexists(lock_path)
-            if now - _last_change(spool, st) < (SPOOL_GRACE_S if has_lock_file else UNLOCKED_SPOOL_GRACE_S):
+            with os.scandir(spool) as inside:
+                empty = next(inside, None) is None
+            grace = SPOOL_GRACE_S if has_lock_file or empty else UNLOCKED_SPOOL_GRACE_S
+            if now - _last_change(spool, st) < grace:
                 continue
             if dry_run and not has_lock_file:
                 removed += 1

@@ -245,3 +245,21 @@ def test_a_lock_file_that_is_a_symlink_is_never_followed(tmp_path: Path, monkeyp
     assert sweep_stale_spools() == 1
     assert _spools(tmp_path) == [planted] and not dead.exists()
     assert list(elsewhere.iterdir()) == []  # nothing made through the link
+
+
+def test_an_empty_spool_without_lock_goes_after_the_short_grace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import killed between making its spool and its lock file, or while removing it (`.lock`
+    gone, the directory not yet), leaves an empty directory: swept once unchanged for SPOOL_GRACE_S,
+    not the hour an unlocked spool holding an extract gets (an older version's import may read it)."""
+    from entitlement.registry_feed import sweep_stale_spools
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    empty_old, empty_new, legacy = (tmp_path / (SPOOL_PREFIX + n) for n in ("empty-old", "empty-new", "legacy"))
+    for spool in (empty_old, empty_new, legacy):
+        spool.mkdir()
+    (legacy / "extract.csv").write_bytes(b"identifiant;dateNaissance\n")
+    _age(empty_old, 2 * SPOOL_GRACE_S)
+    _age(legacy, 2 * SPOOL_GRACE_S)
+    assert sweep_stale_spools(dry_run=True) == 1 and empty_old.exists()
+    assert sweep_stale_spools() == 1
+    assert _spools(tmp_path) == sorted([legacy, empty_new])
+    assert not empty_old.exists() and list(legacy.iterdir()) == [legacy / "extract.csv"]
