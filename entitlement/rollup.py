@@ -86,8 +86,15 @@ def month_last(day: dt.date) -> dt.date:
 
 def activity(span: Span, commit_month: str, tz: ZoneInfo) -> list[tuple[dt.date, str]]:
     """The (day, counter) contributions of one `commit` entry (see the module docstring)."""
-    revoked_on = span.updated_at.astimezone(tz).date() if span.state == "revoked" else None
-    return activity_of(span.start_date, span.end_date, revoked_on, commit_month)
+    return activity_of(span.start_date, span.end_date, revocation_day(span.state, span.updated_at, tz), commit_month)
+
+
+def revocation_day(state: str, updated_at: dt.datetime, tz: ZoneInfo) -> dt.date | None:
+    """A revoked activation's civil day of revocation (its last update) in `tz`; None otherwise.
+    A naive time is UTC (as SQLite gives it back)."""
+    if state != "revoked":
+        return None
+    return (updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=dt.timezone.utc)).astimezone(tz).date()
 
 
 def activity_of(start: dt.date, end: dt.date, revoked_on: dt.date | None,
@@ -290,12 +297,8 @@ def _activity(s: Session, tz: ZoneInfo) -> dict[DayKey, dict[str, int]]:
                 *(getattr(Activation, c) for c in SPAN))
          .join(Activation, Activation.id == LedgerEntry.activation_id).where(LedgerEntry.kind == "commit"))
     alike: dict[tuple[str, str, str, dt.date, dt.date, dt.date | None], int] = defaultdict(int)
-    utc = dt.timezone.utc
     for funder, program, month, start, end, state, updated in s.execute(q.execution_options(yield_per=20_000)):
-        revoked_on = None
-        if state == "revoked":  # SQLite gives naive UTC (as Span.of reads it)
-            revoked_on = (updated if updated.tzinfo else updated.replace(tzinfo=utc)).astimezone(tz).date()
-        alike[(funder, program, month, start, end, revoked_on)] += 1
+        alike[(funder, program, month, start, end, revocation_day(state, updated, tz))] += 1
     out: dict[DayKey, dict[str, int]] = defaultdict(lambda: dict.fromkeys(ACTIVITY, 0))
     for (funder, program, month, start, end, revoked_on), n in alike.items():
         for day, counter in activity_of(start, end, revoked_on, month):
