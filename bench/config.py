@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from entitlement.affinity import AUTO, Setting
-from entitlement.config import AUTO_LOOP, EVENT_LOOPS, ROOT, Settings, _choice, resolve_event_loop
+from entitlement.config import AUTO_LOOP, EVENT_LOOPS, LOOP_WRITES, ROOT, Settings, _choice, resolve_event_loop
 
 # The instant every server of the benchmark lives at (a FixedClock, as in the tests): decisions,
 # activations and their tokens are the same whatever the machine's date.
@@ -72,6 +72,12 @@ def bench_event_loop() -> str:
     """BENCH_EVENT_LOOP: the loop of every event-loop server of a benchmark, ours and the aio
     echoes alike (as ENTITLEMENT_EVENT_LOOP: auto, uvloop or asyncio; auto by default)."""
     return _choice("BENCH_EVENT_LOOP", AUTO_LOOP, EVENT_LOOPS)
+
+
+def bench_loop_writes() -> str:
+    """BENCH_LOOP_WRITES: as ENTITLEMENT_LOOP_WRITES (auto or off; auto by default), for our
+    event-loop servers (SQLite: an activation's and a redemption's write on the loop)."""
+    return _choice("BENCH_LOOP_WRITES", "auto", LOOP_WRITES)
 
 
 def event_loop_text(setting: str, variable: str) -> str:
@@ -150,6 +156,7 @@ class ServerSpec:
     server_model: str = "threads"  # kind sync: ENTITLEMENT_SERVER_MODEL of server_main.start (threads | event-loop)
     # ENTITLEMENT_EVENT_LOOP of every event-loop server, ours and the aio echoes alike (BENCH_EVENT_LOOP)
     event_loop: str = field(default_factory=bench_event_loop)
+    loop_writes: str = field(default_factory=bench_loop_writes)  # ENTITLEMENT_LOOP_WRITES (BENCH_LOOP_WRITES)
     switch_interval_us: int = 0  # 0: Python's own, as server.py; else sys.setswitchinterval (bench.mixed's experiment)
 
     def settings(self) -> Settings:
@@ -159,6 +166,7 @@ class ServerSpec:
                         pseudonym_key_file=self.pseudonym_key_file, issuer="urn:entitlement:bench",
                         max_workers=self.workers, processes=self.processes, cpu_affinity=self.cpu_affinity,
                         grace_seconds=1, server_model=self.server_model, event_loop=self.event_loop,
+                        loop_writes=self.loop_writes,
                         log_level=self.log_level, check_rate_per_min=self.check_rate_per_min,
                         check_burst=self.check_burst)
 

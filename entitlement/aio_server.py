@@ -57,6 +57,7 @@ from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
 from entitlement.app import Context
 from entitlement.config import ASYNCIO, UVLOOP, EventLoopUnavailable, resolve_event_loop
 from entitlement.dbhealth import DatabaseMonitor
+from entitlement.storage.db import Database, LoopWriteDeferred, loop_write
 from entitlement.server_main import SERVICE_NAMES, call_behaviors, concurrency_limit, server_credentials, server_options
 from entitlement.tls import ServerTLS
 
@@ -361,8 +362,34 @@ def _inline(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     return call
 
 
+def _loop_write(method: Callable[[Any, Any], Any], executor: futures.Executor, db: Database) -> Callable[[Any, Any], Any]:
+    """An async unary method that runs the sync unary `method`, a write, on the event loop when the
+    database lets it write there without waiting (`Database.loop_writes_ok`, entitlement/storage/db.py
+    `loop_write`), and in `executor` otherwise, or when its write was deferred (LoopWriteDeferred:
+    raised before anything was written or logged; the call then runs from its start in the pool)."""
+    offloaded = _offload(method, executor, False, False)
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if db.loop_writes_ok():
+            try:
+                with loop_write():
+                    return method(request, InlineContext(context))
+            except LoopWriteDeferred:
+                pass
+            except _AbortFromThread as abort:
+                await _reraise_abort(context, abort)
+                return None
+        return await offloaded(request, context)
+
+    call.__name__ = method.__name__
+    return call
+
+
 # The hot reads: CheckEligibility (the registry lookup) and VerifyEntitlement (one account's status).
 HOT_READS = frozenset({"CheckEligibility", "VerifyEntitlement"})
+# The writes of a signup (entitlement/storage/db.py "Writes on the event loop"): run on the loop when
+# they need not wait, else in the pool.
+LOOP_WRITES = frozenset({"ActivateEntitlement", "RedeemActivationToken"})
 
 
 def inline_methods(ctx: Context) -> frozenset[str]:
@@ -372,6 +399,15 @@ def inline_methods(ctx: Context) -> frozenset[str]:
     if ctx.db.dialect != "sqlite":
         return frozenset()
     return HOT_READS if ctx.live is None else HOT_READS - {"CheckEligibility"}
+
+
+def loop_write_methods(ctx: Context) -> frozenset[str]:
+    """The unary methods whose writes the event-loop server runs on the loop when they need not wait
+    (`_loop_write`): on SQLite, unless ENTITLEMENT_LOOP_WRITES is off; ActivateEntitlement not when
+    a live status source is configured (its HTTP lookup comes before the write)."""
+    if ctx.db.dialect != "sqlite" or ctx.settings.loop_writes == "off":
+        return frozenset()
+    return LOOP_WRITES if ctx.live is None else LOOP_WRITES - {"ActivateEntitlement"}
 
 
 class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -423,9 +459,10 @@ class _AioRegistrar(_TableRegistrar):
     docstring)."""
 
     def __init__(self, table: _MethodTable, behaviors: list[BehaviorInterceptor],
-                 executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str]) -> None:
+                 executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str],
+                 loop_writes: frozenset[str], db: Database) -> None:
         super().__init__(table)
-        self.behaviors, self.inline = behaviors, inline
+        self.behaviors, self.inline, self.loop_writes, self.db = behaviors, inline, loop_writes, db
         self.executor, self.streams = executor, stream_executor
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
@@ -435,6 +472,7 @@ class _AioRegistrar(_TableRegistrar):
             kw = {"request_deserializer": w.request_deserializer, "response_serializer": w.response_serializer}
             if w.unary_unary is not None:
                 fn = (_inline(w.unary_unary) if name in self.inline
+                      else _loop_write(w.unary_unary, self.executor, self.db) if name in self.loop_writes
                       else _offload(w.unary_unary, self.executor, False, False))
                 served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
             elif w.unary_stream is not None:
@@ -475,15 +513,18 @@ def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any,
 
 def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: futures.ThreadPoolExecutor,
           inline: frozenset[str], behaviors: list[BehaviorInterceptor] | None = None,
-          ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+          loop_writes: frozenset[str] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server (not started: add a port and start it, on the loop that is to run it): unary calls
     offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
-    `inline` run on the event loop; `behaviors` default to server_main.call_behaviors(ctx)."""
+    `inline` run on the event loop, those in `loop_writes` (default: `loop_write_methods(ctx)`) on
+    the loop when their write need not wait; `behaviors` default to server_main.call_behaviors(ctx)."""
+    if loop_writes is None:
+        loop_writes = loop_write_methods(ctx)
     server = grpc.aio.server(options=server_options(ctx.settings),
                              maximum_concurrent_rpcs=concurrency_limit(ctx.settings))
     table = _MethodTable()
     ours = _AioRegistrar(table, call_behaviors(ctx) if behaviors is None else behaviors,
-                         executor, stream_executor, inline)
+                         executor, stream_executor, inline, loop_writes, ctx.db)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
     health_servicer = health.aio.HealthServicer()

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_MODELS = ("auto", "threads", "event-loop")  # Settings.server_model
 AUTO, THREADS, EVENT_LOOP = SERVER_MODELS
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # Settings.event_loop (the event-loop model's loop)
+LOOP_WRITES = ("auto", "off")  # Settings.loop_writes
 AUTO_LOOP, UVLOOP, ASYNCIO = EVENT_LOOPS
 
 
@@ -106,6 +107,10 @@ class Settings:
     # README "Server models"): auto is uvloop where it is installed (a dependency everywhere but
     # Windows), else the standard library's. The thread-pool model runs no loop.
     event_loop: str = "auto"
+    # auto | off: on SQLite, the event-loop model runs an activation's and a redemption's write on the
+    # loop itself when nothing would make it wait (entitlement/aio_server.py `_loop_write`; README
+    # "Server models"); off: always in the pool, as every other write.
+    loop_writes: str = "auto"
     # auto | off | a list of CPUs: pin each server process to one CPU (entitlement/affinity.py).
     cpu_affinity: affinity.Setting = affinity.AUTO
     grace_seconds: int = 10
@@ -188,6 +193,7 @@ class Settings:
             processes=_int("ENTITLEMENT_PROCESSES", d.processes),
             server_model=_choice("ENTITLEMENT_SERVER_MODEL", d.server_model, SERVER_MODELS),
             event_loop=_choice("ENTITLEMENT_EVENT_LOOP", d.event_loop, EVENT_LOOPS),
+            loop_writes=_choice("ENTITLEMENT_LOOP_WRITES", d.loop_writes, LOOP_WRITES),
             cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),

@@ -24,6 +24,7 @@ from entitlement import logs
 from entitlement.api import errors
 from entitlement.api.wrapping import BehaviorInterceptor, Handler
 from entitlement.errors import DomainError
+from entitlement.storage.db import LoopWriteDeferred
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 log = structlog.get_logger("entitlement.rpc")
@@ -70,6 +71,9 @@ class AccessLogInterceptor(BehaviorInterceptor):
             code = "OK"
             try:
                 return fn(request, context)
+            except LoopWriteDeferred:
+                code = ""  # run again in the pool, whose run writes the call's line
+                raise
             except BaseException as exc:
                 code = "UNKNOWN"  # what gRPC answers should _outcome itself fail (its logging)
                 code, status = _outcome(exc, rid, context, on_outage)
@@ -78,7 +82,8 @@ class AccessLogInterceptor(BehaviorInterceptor):
                 context.abort_with_status(status)
                 raise  # (abort_with_status raises; a context whose abort returned lets the error through)
             finally:  # (the latency as _Logged.__exit__ rounds it, inline: every call)
-                logs.rpc(code, int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000)
+                if code:
+                    logs.rpc(code, int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000)
         return unary
 
 

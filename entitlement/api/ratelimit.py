@@ -24,6 +24,7 @@ import grpc
 from entitlement.api.identity import _caller
 from entitlement.api.wrapping import BehaviorInterceptor, Handler
 from entitlement.errors import RateLimited
+from entitlement.storage.db import LoopWriteDeferred
 
 LIMITED = frozenset({
     "/entitlement.v1.EligibilityService/CheckEligibility",
@@ -55,6 +56,12 @@ class TokenBuckets:
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
 
+    def give_back(self, key: str) -> None:
+        """Return a token taken by a call that did not run (it runs again and takes one then)."""
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, self._clock()))
+            self._buckets[key] = (min(self.burst, tokens + 1.0), at)
+
 
 class RateLimitInterceptor(BehaviorInterceptor):
     def __init__(self, buckets: TokenBuckets, methods: frozenset[str] = LIMITED) -> None:
@@ -75,12 +82,21 @@ class RateLimitInterceptor(BehaviorInterceptor):
         """What `scope` does, without a context manager per call."""
         if method not in self.methods:
             return fn
-        take = self._take
+        take, give_back = self._take, self._give_back
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             take()
-            return fn(request, context)
+            try:
+                return fn(request, context)
+            except LoopWriteDeferred:  # the call runs again in the pool, taking its token there
+                give_back()
+                raise
         return unary
+
+    def _give_back(self) -> None:
+        caller = _caller.get()
+        if caller is not None:
+            self.buckets.give_back(caller.id)
 
     def _take(self) -> None:
         """The calling caller's token, taken; RateLimited when there is none."""

@@ -42,6 +42,20 @@ A COMMIT costs the fsync of `synchronous=FULL` and the WAL frames of every page 
 changed, and consecutive activations change many of the same pages; a lone writer commits at once,
 as before. What it trades: an early member of a group waits for the later members' blocks too.
 
+Writes on the event loop (SQLite, the event-loop server; entitlement/aio_server.py `_loop_write`):
+an activation or a redemption handed from the loop to a pool thread and back paid about 30 thread
+switches a call (the interpreter lock passed between the loop and the pool at every sqlite3 call
+that lets it go) against about 10 when it ran on the loop itself. So the loop runs those writes
+itself, inside `loop_write()`, as long as nothing would make it wait: this process's writers' lock
+is taken without waiting (`try_take`), BEGIN IMMEDIATE is sent with a busy timeout of 0 (another
+process holding SQLite's lock, a command-line import, is an answer, not a wait), and the block
+never hands its group on (the loop would then wait for the group's COMMIT): it commits the open
+group itself. When the lock is taken or SQLite's lock is held, the write raises LoopWriteDeferred
+before anything was written, and the call is run again, from its start, in the pool, as any other
+(only the first write of a call may be deferred: a later one, after a write began, waits on the
+loop). The COMMIT's fsync is made on the loop: `loop_writes_ok` sends the writes to the pool while
+the recent COMMITs (an average) take over LOOP_COMMIT_BOUND_S, on a disk slower than a local SSD.
+
 WAL checkpoints (SQLite, the server's Database): SQLite copies its write-ahead log back into the
 database file (a checkpoint: reads of the log, writes and fsyncs of the file) in the commit that
 finds the log past `wal_autocheckpoint` pages, 1,000 by default: about one activation in a hundred
@@ -109,6 +123,40 @@ DEADLINE_MARGIN_S = 0.1
 # Whether the current transaction's lock waits were cut to the call's deadline (rather than to the
 # configured bound): a wait that then fails is DEADLINE_EXCEEDED, not an outage.
 _capped_by_deadline: ContextVar[bool] = ContextVar("entitlement_wait_capped_by_deadline", default=False)
+# Above this average COMMIT time (fsync included), SQLite writes leave the event loop for the pool.
+LOOP_COMMIT_BOUND_S = 0.002
+
+
+class LoopWriteDeferred(BaseException):
+    """A write on the event loop (`loop_write`) that would have to wait (this process's writers'
+    lock taken, SQLite's held by another process): raised before anything was written, so that the
+    call runs again in the pool. A BaseException: no `except Exception` of a handler takes it for
+    an error of its own; the access log and the rate limit let it through without a line or a
+    token (entitlement/api/accesslog.py, entitlement/api/ratelimit.py)."""
+
+
+class _LoopCall:
+    __slots__ = ("began",)
+
+    def __init__(self) -> None:
+        self.began = False  # a write block of this call began (its later writes may no longer be deferred)
+
+
+_loop_call: ContextVar[_LoopCall | None] = ContextVar("entitlement_loop_write", default=None)
+
+
+@contextmanager
+def loop_write() -> Iterator[None]:
+    """The event loop's scope for a call whose writes it runs itself (see the module docstring)."""
+    token = _loop_call.set(_LoopCall())
+    try:
+        yield
+    finally:
+        _loop_call.reset(token)
+
+
+def _locked(exc: OperationalError) -> bool:
+    return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig).lower()
 
 
 def bind_deadline(seconds_left: float | None) -> None:
@@ -249,6 +297,14 @@ class Database:
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
         self.hot = HotReads(self.reader, DatabaseDown)
+        # Writes run on the event loop (`loop_write`), and those deferred to the pool (the tests read them).
+        self.loop_writes = self.loop_deferrals = 0
+
+    def loop_writes_ok(self) -> bool:
+        """Whether a write may be tried on the event loop now (SQLite: this process's writers' lock
+        free, nobody queued for it, the recent COMMITs fast; module docstring)."""
+        q = self._writers
+        return q is not None and not q.busy() and q.commit_s < LOOP_COMMIT_BOUND_S
 
     @property
     def is_sqlite(self) -> bool:
@@ -350,8 +406,14 @@ class Database:
         deadline.check_start()
         queue = self._writers
         assert queue is not None
+        loop_call = _loop_call.get()
+        may_defer = loop_call is not None and not loop_call.began
         with _deadline_errors():
-            queue.acquire()
+            if not may_defer:
+                queue.acquire()
+            elif not queue.try_take():
+                self.loop_deferrals += 1
+                raise LoopWriteDeferred()
             try:
                 group = queue.group
                 if group is not None and not deadline.in_call():
@@ -362,10 +424,19 @@ class Database:
                     group = None
                 opener = group is None
                 if group is None:
-                    group = queue.group = _Group(self.engine)
+                    try:
+                        group = queue.group = _Group(self.engine)  # BEGIN IMMEDIATE (busy timeout 0 if may_defer)
+                    except OperationalError as exc:
+                        if may_defer and _locked(exc):  # another process holds SQLite's lock
+                            self.loop_deferrals += 1
+                            raise LoopWriteDeferred() from None
+                        raise
             except BaseException:
                 queue.release()
                 raise
+            if loop_call is not None:
+                loop_call.began = True
+                self.loop_writes += 1
             try:
                 # The opener's session uses the group's transaction without committing it (its
                 # rollback is the transaction's: nothing else is in it yet); a later member's
@@ -384,7 +455,7 @@ class Database:
             except BaseException:
                 queue.settle(group)  # this block's work is out of the transaction; the others' stays
                 raise
-            handed_over = queue.settle(group)
+            handed_over = queue.settle(group, hand_over=loop_call is None)  # the loop never waits for a COMMIT
             if handed_over:
                 queue.await_commit(group)
             if group.error is not None:
@@ -439,7 +510,7 @@ class _WriterQueue:
     """The lock this process's SQLite writers take before writing, and the group of writers whose
     transaction is open (see the module docstring)."""
 
-    __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group", "commits")
+    __slots__ = ("_lock", "_limit_ms", "_count", "waiting", "group", "commits", "commit_s")
 
     MAX_GROUP = 64  # blocks run in one group at most (bounds how long the SQLite lock is held at once)
     # A writer hands the group on only when at least this many are queued: two writers meeting by
@@ -455,6 +526,11 @@ class _WriterQueue:
         self.waiting = 0  # writers blocked in acquire()
         self.group: _Group | None = None  # the open group (read and changed with `_lock` held)
         self.commits = 0  # groups ended (their COMMITs, or rollbacks), for the checkpoint thread
+        self.commit_s = 0.0  # the groups' recent end (COMMIT, fsync included), seconds: a moving average
+
+    def busy(self) -> bool:
+        """Whether a writer holds the lock or waits for it (a racy glance: for `loop_writes_ok`)."""
+        return self._lock.locked() or self.waiting > 0
 
     def acquire(self) -> None:
         if self._lock.acquire(blocking=False):
@@ -481,12 +557,13 @@ class _WriterQueue:
         the moment it is held waits, counted, as behind any holder)."""
         return self._lock.acquire(blocking=False)
 
-    def settle(self, group: _Group) -> bool:
+    def settle(self, group: _Group, hand_over: bool = True) -> bool:
         """With the lock held, after a member's block: hand the open group to the writers queued
-        behind (True: the caller then waits for the commit), or end it (commit it if it holds
-        anyone's work, else roll it back) and let the lock go (False)."""
+        behind (True: the caller then waits for the commit; never when not `hand_over`), or end it
+        (commit it if it holds anyone's work, else roll it back) and let the lock go (False)."""
         try:
-            if group.members and self.waiting >= self.QUEUED and group.blocks < self.MAX_GROUP and group.intact():
+            if (hand_over and group.members and self.waiting >= self.QUEUED and group.blocks < self.MAX_GROUP
+                    and group.intact()):
                 return True
             self.end_open(group)
             return False
@@ -496,9 +573,11 @@ class _WriterQueue:
     def end_open(self, group: _Group) -> None:
         """With the lock held: end the open group (commit it if it holds anyone's work)."""
         self.group = None
+        started = time.perf_counter()
         try:
             group.end()
         finally:
+            self.commit_s += (time.perf_counter() - started - self.commit_s) / 8
             # Counted once the COMMIT's pages are in the log, the lock still held: a checkpoint
             # thread that read the count before has seen a change by the time it can take the lock.
             self.commits += 1
@@ -794,9 +873,13 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool 
             # 50 ms steps, so that calls with similar deadlines share the value). Setting it costs a
             # PRAGMA (~30 us, no I/O), paid only when it changes: by a call whose deadline is nearer
             # than the setting. Reads under WAL do not wait for writers: they keep the last value.
-            busy_ms = wait_bound_ms(lock_timeout_ms)
-            if busy_ms < lock_timeout_ms:
-                busy_ms -= busy_ms % 50
+            loop_call = _loop_call.get()
+            if loop_call is not None and not loop_call.began:
+                busy_ms = 0  # on the event loop: SQLite's lock held elsewhere is an answer (LoopWriteDeferred)
+            else:
+                busy_ms = wait_bound_ms(lock_timeout_ms)
+                if busy_ms < lock_timeout_ms:
+                    busy_ms -= busy_ms % 50
             info = conn.connection.info
             if info.get(_BUSY_MS) != busy_ms:
                 conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
