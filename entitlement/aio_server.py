@@ -16,6 +16,9 @@ deadline, pre-serialized answers)):
 - the unary methods named in `inline` (`inline_methods`: CheckEligibility and VerifyEntitlement on
   SQLite; CheckEligibility not when a live status source is configured, whose HTTP lookups would
   stop the loop) run on the event loop, with an InlineContext;
+- the writes of a signup (`loop_write_methods`: ActivateEntitlement and RedeemActivationToken on
+  SQLite, unless ENTITLEMENT_LOOP_WRITES is off) run on the event loop when their write need not
+  wait, else in the executor (`_loop_write`; entitlement/storage/db.py "Writes on the event loop");
 - every other unary method runs in a ThreadPoolExecutor of max_workers threads
   (`loop.run_in_executor`) inside a copy of the call's contextvars, with a SyncContext (the
   grpc.ServicerContext calls our code makes, done through the loop when they touch the call);
@@ -460,7 +463,8 @@ class _AioRegistrar(_TableRegistrar):
 
     def __init__(self, table: _MethodTable, behaviors: list[BehaviorInterceptor],
                  executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str],
-                 loop_writes: frozenset[str], db: Database) -> None:
+                 loop_writes: frozenset[str] = frozenset(), db: Database | None = None) -> None:
+        assert db is not None or not loop_writes, "writes on the loop need the database"
         super().__init__(table)
         self.behaviors, self.inline, self.loop_writes, self.db = behaviors, inline, loop_writes, db
         self.executor, self.streams = executor, stream_executor
@@ -472,7 +476,8 @@ class _AioRegistrar(_TableRegistrar):
             kw = {"request_deserializer": w.request_deserializer, "response_serializer": w.response_serializer}
             if w.unary_unary is not None:
                 fn = (_inline(w.unary_unary) if name in self.inline
-                      else _loop_write(w.unary_unary, self.executor, self.db) if name in self.loop_writes
+                      else _loop_write(w.unary_unary, self.executor, self.db)  # type: ignore[arg-type]
+                      if name in self.loop_writes
                       else _offload(w.unary_unary, self.executor, False, False))
                 served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
             elif w.unary_stream is not None:
