@@ -892,8 +892,9 @@ def count_grpc(store: Store, common: Common, paths: dict[str, str], requests: li
     url = store.clone()
     port = free_port()
     # The thread-pool model, whose floor is the echo this section divides by (bench.instructions'
-    # echo_server default); SQLite's production default is the event loop, which hands an
-    # activation to its pool: bench.instructions counts both models.
+    # echo_server default); SQLite's production default is the event loop, which runs an
+    # activation's write on its loop when it need not wait (README "Server models"):
+    # bench.instructions counts both models.
     env = server_env(url, paths, port, "threads")
     try:
         with under_callgrind([sys.executable, str(ROOT / "server.py")], env, port, store.tmp / "grpc.cg") as count:
