@@ -232,3 +232,29 @@ def test_on_the_loop_sqlite_held_elsewhere_defers_at_once_and_the_pool_still_wai
     finally:
         holder.close()
     assert _rows(db) == {100, 102}
+
+
+def test_slow_commits_send_the_writes_to_the_pool_until_they_are_fast_again(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The fsync of a loop write's COMMIT holds the loop: while the recent COMMITs average more than
+    LOOP_COMMIT_BOUND_S (a slow disk; set here as the writers' queue measures it), the signup's
+    writes run in the pool, without a try on the loop; the pool's fast COMMITs bring the average
+    down, and the writes come back to the loop."""
+    from entitlement.storage.db import LOOP_COMMIT_BOUND_S
+    with own_server("sqlite", tmp_path / "own", request) as server:
+        api, db = Api(server), server.ctx.db
+        queue = db._writers
+        assert queue is not None
+        queue.commit_s = 3 * LOOP_COMMIT_BOUND_S  # as after a few COMMITs of 6 ms
+        assert not db.loop_writes_ok()
+        before = (db.loop_writes, db.loop_deferrals)
+        made = [_activate(api, *next_ledger_person()) for _ in range(2)]
+        assert all(m.activation.state == activation_pb2.ACTIVE for m in made)
+        assert (db.loop_writes, db.loop_deferrals) == before  # in the pool, never tried on the loop
+        for _ in range(30):  # the pool's own COMMITs, fast on this disk, bring the average down
+            if db.loop_writes_ok():
+                break
+            _activate(api, *next_ledger_person())
+        assert db.loop_writes_ok() and queue.commit_s < LOOP_COMMIT_BOUND_S
+        _activate(api, *next_ledger_person())
+        assert db.loop_writes == before[0] + 1
