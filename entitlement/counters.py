@@ -85,7 +85,7 @@ def ensure_row(db: Database, program_id: str, missing: bool = False) -> None:
         known.discard(program_id)
     if program_id in known:
         return
-    with db.write() as s:
+    with db.write(idempotent=True) as s:  # (on the event loop: the activation's own write may still be deferred)
         _ensure_row(s, program_id)
     known.add(program_id)
 

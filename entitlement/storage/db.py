@@ -52,9 +52,11 @@ process holding SQLite's lock, a command-line import, is an answer, not a wait),
 never hands its group on (the loop would then wait for the group's COMMIT): it commits the open
 group itself. When the lock is taken or SQLite's lock is held, the write raises LoopWriteDeferred
 before anything was written, and the call is run again, from its start, in the pool, as any other
-(only the first write of a call may be deferred: a later one, after a write began, waits on the
-loop). The COMMIT's fsync is made on the loop: `loop_writes_ok` sends the writes to the pool while
-the recent COMMITs (an average) take over LOOP_COMMIT_BOUND_S, on a disk slower than a local SSD.
+(only the first write of a call may be deferred, a write that only makes what is missing,
+`write(idempotent=True)`, not counting: a later one, after a write began, waits on the loop). The
+COMMIT's fsync is made on the loop: `loop_writes_ok` sends the writes to the pool while the recent
+COMMITs that wrote rows (an average; rollbacks and empty COMMITs are not samples of the disk) take
+over LOOP_COMMIT_BOUND_S, on a disk slower than a local SSD.
 
 WAL checkpoints (SQLite, the server's Database): SQLite copies its write-ahead log back into the
 database file (a checkpoint: reads of the log, writes and fsyncs of the file) in the commit that
@@ -352,12 +354,14 @@ class Database:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
 
-    def write(self) -> AbstractContextManager[Session]:
+    def write(self, idempotent: bool = False) -> AbstractContextManager[Session]:
         """A read-write transaction, committed on success, rolled back on any exception (and, in a
         gRPC call, when the caller gave up: see entitlement/deadline.py). On SQLite, writers that
         queue meanwhile share its commit (group commit: `_Group`); either way the block's changes
-        are durable, or none of them, once it returns."""
-        return self._write_grouped() if self._writers is not None else self._write_alone()
+        are durable, or none of them, once it returns. `idempotent`: the block only makes what is
+        missing, so that a re-run of the call repeats it harmlessly (on the event loop, a later
+        write of the call may still be deferred: module docstring)."""
+        return self._write_grouped(idempotent) if self._writers is not None else self._write_alone()
 
     @contextmanager
     def _write_alone(self) -> Iterator[Session]:
@@ -393,7 +397,7 @@ class Database:
                         _forget(session)
 
     @contextmanager
-    def _write_grouped(self) -> Iterator[Session]:
+    def _write_grouped(self, idempotent: bool = False) -> Iterator[Session]:
         """SQLite: the block runs in the transaction of this process's current group of writers
         (`_Group`): the first member opens it (BEGIN IMMEDIATE), the others each run in a
         savepoint of it, and the one that finds fewer than `_WriterQueue.QUEUED` writers queued
@@ -435,7 +439,9 @@ class Database:
                 queue.release()
                 raise
             if loop_call is not None:
-                loop_call.began = True
+                # A block that only makes what is missing (`idempotent`: a re-run of the call repeats
+                # it harmlessly) leaves a later write of the call free to be deferred.
+                loop_call.began = loop_call.began or not idempotent
                 self.loop_writes += 1
             try:
                 # The opener's session uses the group's transaction without committing it (its
@@ -453,7 +459,8 @@ class Database:
                     _forget(session)
                 group.members += 1
             except BaseException:
-                queue.settle(group)  # this block's work is out of the transaction; the others' stays
+                # This block's work is out of the transaction; the others' stays.
+                queue.settle(group, hand_over=loop_call is None)
                 raise
             handed_over = queue.settle(group, hand_over=loop_call is None)  # the loop never waits for a COMMIT
             if handed_over:
@@ -526,7 +533,7 @@ class _WriterQueue:
         self.waiting = 0  # writers blocked in acquire()
         self.group: _Group | None = None  # the open group (read and changed with `_lock` held)
         self.commits = 0  # groups ended (their COMMITs, or rollbacks), for the checkpoint thread
-        self.commit_s = 0.0  # the groups' recent end (COMMIT, fsync included), seconds: a moving average
+        self.commit_s = 0.0  # recent COMMITs that wrote (fsync included), seconds: a moving average
 
     def busy(self) -> bool:
         """Whether a writer holds the lock or waits for it (a racy glance: for `loop_writes_ok`)."""
@@ -577,7 +584,8 @@ class _WriterQueue:
         try:
             group.end()
         finally:
-            self.commit_s += (time.perf_counter() - started - self.commit_s) / 8
+            if group.wrote:  # a COMMIT that wrote (rollbacks and empty COMMITs, a few us, would hide a slow fsync)
+                self.commit_s += (time.perf_counter() - started - self.commit_s) / 8
             # Counted once the COMMIT's pages are in the log, the lock still held: a checkpoint
             # thread that read the count before has seen a change by the time it can take the lock.
             self.commits += 1
@@ -611,7 +619,7 @@ class _Group:
     MAX_GROUP blocks and, in practice, by the threads that write (4 offloaded calls at once in the
     event-loop server)."""
 
-    __slots__ = ("conn", "members", "blocks", "done", "error")
+    __slots__ = ("conn", "members", "blocks", "done", "error", "changes", "wrote")
 
     def __init__(self, engine: Engine) -> None:
         conn = engine.connect()
@@ -622,6 +630,9 @@ class _Group:
             conn.close()
             raise
         self.conn = conn
+        dbapi = conn.connection.driver_connection
+        self.changes = dbapi.total_changes if dbapi is not None else 0  # rows this connection changed so far
+        self.wrote = False  # set by end(): its COMMIT wrote rows (a sample of the COMMITs' time)
         self.members = 0  # blocks whose work is in the transaction
         self.blocks = 0  # blocks run in it, failed ones included
         self.done = threading.Event()
@@ -643,6 +654,8 @@ class _Group:
             if self.members and not self.intact():
                 self.error = GroupAborted()
             elif self.members:
+                dbapi = self.conn.connection.driver_connection
+                self.wrote = dbapi is not None and dbapi.total_changes != self.changes
                 try:
                     self.conn.commit()
                 except BaseException as exc:
@@ -884,6 +897,9 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool 
             if info.get(_BUSY_MS) != busy_ms:
                 conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
                 info[_BUSY_MS] = busy_ms
+        elif conn.connection.info.get(_BUSY_MS) == 0:  # left by a write on the event loop: reads wait as before
+            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={lock_timeout_ms}")
+            conn.connection.info[_BUSY_MS] = lock_timeout_ms
         # Straight on the DBAPI connection (entitlement/storage/direct.py): an execution context for
         # a constant statement cost more than the statement, at every transaction.
         direct.execute_text(conn, "BEGIN IMMEDIATE" if write else "BEGIN")
