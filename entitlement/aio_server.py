@@ -566,8 +566,9 @@ class LoopRunning:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
                  health_servicer: health.aio.HealthServicer, port: int, monitor: DatabaseMonitor | None,
-                 pools: tuple[futures.ThreadPoolExecutor, ...]) -> None:
+                 pools: tuple[futures.ThreadPoolExecutor, ...], loop_writes: frozenset[str] = frozenset()) -> None:
         self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
+        self.loop_writes = loop_writes  # said in the "serving" line
         self.port, self.monitor, self._pools = port, monitor, pools
         self.event_loop = loop_kind(loop)  # said in the "serving" line
         self._lock = threading.Lock()
@@ -682,7 +683,8 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
         if isinstance(exc, _CannotListen):
             raise SystemExit(str(exc)) from None
         raise
-    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams))
+    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams),
+                          loop_write_methods(ctx))
     if monitor is not None:
         monitor.start(running.set_serving)
     return running

@@ -48,6 +48,10 @@ class Serving(Protocol):
         """uvloop | asyncio for the event-loop model; None for the thread pool, which runs no loop."""
 
     @property
+    def loop_writes(self) -> frozenset[str]:
+        """The methods whose writes run on the event loop when they need not wait (none in the thread pool)."""
+
+    @property
     def server(self) -> Any: ...
 
     def set_serving(self, serving: bool) -> None: ...
@@ -66,6 +70,7 @@ class Running:
     monitor: DatabaseMonitor | None = None  # keeps health in step with the database (entitlement/dbhealth.py)
     stream_pool: futures.ThreadPoolExecutor | None = None  # the streaming calls' threads
     event_loop: str | None = None  # the thread-pool model runs no event loop (aio_server.LoopRunning's is named)
+    loop_writes: frozenset[str] = frozenset()  # nor writes on one (aio_server.loop_write_methods)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -202,7 +207,7 @@ def serve_forever(ctx: Context) -> None:
     running = start(ctx, ctx.settings.listen)
     s = ctx.settings
     log.info("serving", listen=s.listen, port=running.port, database=ctx.db.dialect, server_model=server_model(ctx),
-             event_loop=running.event_loop,
+             event_loop=running.event_loop, loop_writes=sorted(running.loop_writes),
              programs=[p.id for p in ctx.catalog.all()],
              transport="mtls" if s.tls_client_ca_file else "tls" if s.tls_cert_file else "plaintext",
              check_rate_per_min=s.check_rate_per_min, callers_file=s.callers_file.exists(),

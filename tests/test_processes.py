@@ -40,9 +40,12 @@ def test_two_processes_share_the_port_and_stop_together(fresh_url: str, tmp_path
         assert len(pids) == 2, f"connections were served by {len(pids)} process(es)"
         assert server.proc.pid not in pids  # the supervisor serves nothing itself
         # ENTITLEMENT_SERVER_MODEL unset (auto): the event loop on SQLite, the thread pool on PostgreSQL.
-        models = [(line["server_model"], line["event_loop"]) for line in d.log_lines() if line.get("event") == "serving"]
+        models = [(line["server_model"], line["event_loop"], line["loop_writes"])
+                  for line in d.log_lines() if line.get("event") == "serving"]
         # ENTITLEMENT_EVENT_LOOP unset (auto): uvloop for the event loop; the thread pool runs none.
-        assert models == [("event-loop", "uvloop") if fresh_url.startswith("sqlite") else ("threads", None)] * 2
+        # ENTITLEMENT_LOOP_WRITES unset (auto): the signup's writes on the loop on SQLite.
+        sqlite_line = ("event-loop", "uvloop", ["ActivateEntitlement", "RedeemActivationToken"])
+        assert models == [sqlite_line if fresh_url.startswith("sqlite") else ("threads", None, [])] * 2
         # Each process warns at start when its database is on loopback TCP under BBR (the test
         # database: 127.0.0.1), with the congestion control the kernel gives such a connection.
         warned = [line for line in d.log_lines() if line.get("event") == "loopback_tcp_stalls"]
