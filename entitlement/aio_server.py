@@ -658,10 +658,11 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
                                          thread_name_prefix="rpc-stream")
     thread = threading.Thread(target=loop.run_forever, name="rpc-loop", daemon=True)
     thread.start()
+    loop_writes = loop_write_methods(ctx)  # what the server does and what its "serving" line says, once
 
     async def open_port() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # Made on the loop that runs it (a grpc.aio server belongs to the loop it is made on).
-        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors)
+        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes)
         credentials = server_credentials(tls)
         port = (server.add_insecure_port(listen) if credentials is None
                 else server.add_secure_port(listen, credentials))
@@ -683,8 +684,7 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
         if isinstance(exc, _CannotListen):
             raise SystemExit(str(exc)) from None
         raise
-    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams),
-                          loop_write_methods(ctx))
+    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams), loop_writes)
     if monitor is not None:
         monitor.start(running.set_serving)
     return running

@@ -157,6 +157,12 @@ def loop_write() -> Iterator[None]:
         _loop_call.reset(token)
 
 
+def _deferrable() -> _LoopCall | None:
+    """The event loop's call whose next write may still be deferred (none of its writes began), or None."""
+    call = _loop_call.get()
+    return call if call is not None and not call.began else None
+
+
 def _locked(exc: OperationalError) -> bool:
     return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig).lower()
 
@@ -411,7 +417,7 @@ class Database:
         queue = self._writers
         assert queue is not None
         loop_call = _loop_call.get()
-        may_defer = loop_call is not None and not loop_call.began
+        may_defer = _deferrable() is not None
         with _deadline_errors():
             if not may_defer:
                 queue.acquire()
@@ -886,8 +892,7 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool 
             # 50 ms steps, so that calls with similar deadlines share the value). Setting it costs a
             # PRAGMA (~30 us, no I/O), paid only when it changes: by a call whose deadline is nearer
             # than the setting. Reads under WAL do not wait for writers: they keep the last value.
-            loop_call = _loop_call.get()
-            if loop_call is not None and not loop_call.began:
+            if _deferrable() is not None:
                 busy_ms = 0  # on the event loop: SQLite's lock held elsewhere is an answer (LoopWriteDeferred)
             else:
                 busy_ms = wait_bound_ms(lock_timeout_ms)
