@@ -273,7 +273,17 @@ class Database:
                           connect_args=_pg_connect_args(pg_lock_timeout_ms, statement_timeout_ms, connect_timeout_s))
         else:
             raise SystemExit(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
-        self.engine: Engine = create_engine(self.url, **kwargs)
+        writer_kwargs = kwargs
+        if self.dialect == "postgresql":
+            # psycopg's own prepared statements (a statement run 5 times is PREPAREd) are off on
+            # this engine: whenever it has any, psycopg ends every ROLLBACK (and every statement
+            # whose status is ROLLBACK, DROP or ALTER) with a DEALLOCATE ALL, which would drop the
+            # statements the write path prepares itself (entitlement/storage/direct.py, `_Wire`),
+            # and the next write on that connection would fail. The hot writes and reads prepare
+            # their own; the rest of this engine's statements are planned at each run, as psycopg
+            # did until their fifth.
+            writer_kwargs = {**kwargs, "connect_args": {**kwargs["connect_args"], "prepare_threshold": None}}
+        self.engine: Engine = create_engine(self.url, **writer_kwargs)
         # Hot-path reads of one or two independent statements (checks, token verification) need
         # no transaction of their own: in autocommit each statement reads one consistent snapshot,
         # and a read costs one round trip instead of BEGIN + SELECT + COMMIT. This engine makes

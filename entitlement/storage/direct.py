@@ -42,7 +42,19 @@ the program counter's row, locked by every activation of the program, from just 
 redemption waits 3 or 4 times as well. The price: an error in a queued statement (a unique
 violation) is raised by that later call, as the same SQLAlchemy exception; `changed` (a row count
 now) waits for the queue. `Database.write` ends the pipeline with the transaction (`end`). On SQLite,
-where nothing crosses a network, `pipeline()` does nothing."""
+where nothing crosses a network, `pipeline()` does nothing.
+
+In a pipeline a statement goes to libpq itself, not through a psycopg cursor (`_Wire`): PREPAREd once
+per connection and parameter types (the PREPARE queued in the pipeline before the statement's first
+use), then only its name and values travel (`PQsendQueryPrepared`), the values dumped and the rows
+loaded by psycopg's own adapters (the connection's Transformer, with the formats a cursor picks), as
+entitlement/storage/hotread.py runs the hot reads. Its answer is still matched and checked by
+psycopg's pipeline (an `_Answer` in the pipeline's result queue where a cursor would be, or nothing
+for a write whose answer nobody reads): the BEGIN, the Syncs, the COMMIT, errors and aborted
+pipelines stay psycopg's. Why: a cursor spends ~40 us of the process's CPU on each statement beside
+the wire (query conversion, prepare bookkeeping, a poll of the socket per queued command); 13
+statements in one pipelined transaction, BEGIN and COMMIT included, cost 650-970 us of client CPU
+through cursors against 350-420 us this way (scratch measure; BENCHMARKS.md for the activation)."""
 
 from __future__ import annotations
 
@@ -62,13 +74,13 @@ from entitlement.storage.hotread import Prepared
 log = structlog.get_logger("entitlement.storage")
 _INFO_KEY = "entitlement_direct"
 WRITE_OPTION = "entitlement_write"  # the execution option Database.write sets on its connection
-_CURSORS_KEY = "entitlement_cursors"  # a psycopg connection's reused cursors, in its info
+_CURSORS_KEY = "entitlement_cursors"  # a psycopg connection's reused cursor, in its info
+_WIRE_KEY = "entitlement_wire"  # a psycopg connection's _Wire (its prepared statements), in its info
 # What cursor listeners get as `context` for a statement `prefetch` sends ahead (bench.servers
 # counts round trips with it); None for the others, as SQLAlchemy passes for a statement it did not
 # run itself.
 PREFETCHED = "entitlement.direct.prefetched"
 COUNTED = "entitlement.direct.counted"  # a statement `changed` waits for (a round trip, pipeline or not)
-_COUNT_LATER_SLOT = -1  # the cursor of a statement whose row count is read later (changed_later)
 _prepared: dict[tuple[str, str, Any, tuple[str, ...] | None], Prepared] = {}
 _prepared_lock = threading.Lock()
 
@@ -87,30 +99,27 @@ def _prepare(dialect: Any, stmt: Select[Any] | UpdateBase, keys: tuple[str, ...]
 class Statements:
     """One transaction's statements on its DBAPI connection (see the module docstring)."""
 
-    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_cursors", "_prefetched",
-                 "_pending_count")
+    __slots__ = ("_conn", "_dbapi", "_dialect", "_error", "_listened", "_pipeline", "_wire", "_cursors",
+                 "_prefetched")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._dbapi = conn.connection.driver_connection
+        self._dbapi: Any = conn.connection.driver_connection
         self._dialect = conn.dialect
         self._error: type[Exception] = conn.dialect.loaded_dbapi.Error
         # Whether any cursor listener is registered (tests, benchmarks), read once per transaction:
         # the joined dispatcher builds a new listener view at every attribute access.
         self._listened = bool(conn.dispatch.before_cursor_execute)
         self._pipeline: Any = None  # the psycopg Pipeline this transaction entered (_enter_pipeline)
-        # psycopg: cursors are made once per DBAPI connection and reused by its transactions (making
-        # one costs about 18 us of CPU, more than sending most of these statements), kept in the
-        # connection's info (SQLAlchemy clears it when the connection is replaced): slot 0 for what
-        # reads rows or a row count at once, 1 for the writes queued in a pipeline (whose results
-        # arrive later, never read), -1 for a row count read later (changed_later), 2 and up for
-        # prefetched reads. sqlite3: a new cursor each
-        # time, as cheap as reusing one, and no statement is left open on the connection across
-        # the commit.
+        self._wire: _Wire | None = None  # in a pipeline: the connection's prepared statements and adapters
+        # psycopg, out of a pipeline: a cursor made once per DBAPI connection and reused by its
+        # transactions (making one costs about 18 us of CPU, more than sending most of these
+        # statements), kept in the connection's info (SQLAlchemy clears it when the connection is
+        # replaced). sqlite3: a new cursor each time, as cheap as reusing one, and no statement is
+        # left open on the connection across the commit.
         self._cursors: dict[int, Any] | None = (
             conn.connection.info.setdefault(_CURSORS_KEY, {}) if self._dialect.name == "postgresql" else None)
-        self._prefetched: dict[Any, tuple[Prepared, Any]] | None = None
-        self._pending_count: Count | None = None  # changed_later's, until its value is read
+        self._prefetched: dict[Any, tuple[Prepared, _Answer]] | None = None
 
     def pipeline(self) -> None:
         """From here to the end of the transaction, queue what `execute` and `execute_many` send
@@ -126,10 +135,15 @@ class Statements:
             raise RuntimeError("a pipeline belongs in a write transaction (Database.write)")
         if self._dialect.name != "postgresql":
             return
+        info = self._conn.connection.info
+        wire = info.get(_WIRE_KEY)
+        if wire is None:
+            wire = info[_WIRE_KEY] = _Wire(self._dbapi)
         try:
             self._pipeline = _enter_pipeline(self._dbapi)
         except self._error as exc:
             self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
+        self._wire = wire
 
     @property
     def pipelined(self) -> bool:
@@ -143,6 +157,7 @@ class Statements:
         connection that cannot leave it cleanly is invalidated, never handed to the next
         transaction in pipeline mode."""
         pipe, self._pipeline = self._pipeline, None
+        wire = self._wire
         if failed:
             self._prefetched = None
         if pipe is None:
@@ -159,11 +174,14 @@ class Statements:
                 # A queued statement's error, met on the way out in the middle of the transaction
                 # (which goes on through the ORM): raised as SQLAlchemy's, as the statement itself
                 # would have raised it. (After the COMMIT nothing is raised: the work is done.)
-                self._forget_cursors()
+                self._forget(exc)
                 self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
             self._discard(exc)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the connection must not be reused
             self._discard(exc)
+        finally:
+            if wire is not None:
+                wire.settle(kept=not failed)
 
     def _discard(self, exc: Exception) -> None:
         # The exception's type only: a driver's message may quote a row's values.
@@ -184,8 +202,8 @@ class Statements:
             if read is None:
                 continue
             stmt, params = read
-            p, cursor = self._run(stmt, params, slot=2 + len(prefetched), context=PREFETCHED)
-            prefetched[(stmt, frozenset(params.items()))] = (p, cursor)
+            p, answer = self._run(stmt, params, context=PREFETCHED)
+            prefetched[(stmt, frozenset(params.items()))] = (p, answer)
         self._prefetched = prefetched
 
     def _taken(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None) -> tuple[Prepared, Any] | None:
@@ -193,24 +211,30 @@ class Statements:
             return None
         return self._prefetched.pop((stmt, frozenset((params or {}).items())), None)
 
-    def _forget_cursors(self) -> None:
-        """After an error: SQLAlchemy closes the cursor of a failed statement; new ones next time."""
+    def _forget(self, exc: BaseException | None = None) -> None:
+        """After an error: SQLAlchemy closes the cursor of a failed statement (new ones next time);
+        the statements prepared in this transaction may not exist (`_Wire.settle`), nor, after a
+        26000 or 0A000, any of them."""
         if self._cursors is not None:
             self._cursors.clear()
         self._prefetched = None
+        if self._wire is not None:
+            self._wire.failed(exc)
 
-    def _cursor(self, slot: int) -> Any:
+    def _cursor(self) -> Any:
         cursors = self._cursors
         if cursors is None:
             return self._dbapi.cursor()
-        cursor = cursors.get(slot)
+        cursor = cursors.get(0)
         if cursor is None or cursor.closed:
-            cursor = cursors[slot] = self._dbapi.cursor()
+            cursor = cursors[0] = self._dbapi.cursor()
         return cursor
 
     def _run(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None,
              many: Sequence[dict[str, Any]] | None = None, queued: bool = False,
-             slot: int = 0, context: str | None = None) -> tuple[Prepared, Any]:
+             context: str | None = None) -> tuple[Prepared, Any]:
+        """Send a statement: through the pipeline (an `_Answer` for its results, None when `queued`:
+        nobody reads them), else on a cursor (which then holds its results)."""
         first = many[0] if many is not None else params or {}
         keys = tuple(first) if isinstance(stmt, Insert) else None
         p = _prepare(self._dialect, stmt, keys)
@@ -221,36 +245,89 @@ class Statements:
             args = p.parameters(first)
         if self._listened:
             conn.dispatch.before_cursor_execute(conn, None, p.sql, args, context, many is not None)
+        if self._pipeline is not None:
+            answer = None if queued else _Answer(self._wire.encoding)  # type: ignore[union-attr]
+            return p, self._send(p, args if many is not None else (args,), answer)
         cursor = None
         try:
-            cursor = self._cursor(1 if queued and self._pipeline is not None else slot)
+            cursor = self._cursor()
             if many is not None:
                 cursor.executemany(p.sql, args)
             else:
                 cursor.execute(p.sql, args)
         except self._error as exc:
-            self._forget_cursors()
+            self._forget(exc)
             conn._handle_dbapi_exception(exc, p.sql, args, cursor, None)
         return p, cursor
 
+    def _send(self, p: Prepared, rows: Sequence[dict[str, Any]], answer: _Answer | None) -> _Answer | None:
+        """Queue a statement in the pipeline, once per row (libpq sends it without waiting);
+        `answer` gets the last row's results."""
+        dbapi, pipe, wire = self._dbapi, self._pipeline, self._wire
+        assert wire is not None
+        try:
+            with dbapi.lock:
+                if pipe.command_queue:  # psycopg's own commands first, in their order
+                    dbapi.wait(pipe._communicate_gen())
+                last = len(rows) - 1
+                pgconn = dbapi.pgconn
+                for i, row in enumerate(rows):
+                    name, values, formats = wire.bind(p, row, pipe)
+                    pgconn.send_query_prepared(name, values, param_formats=formats)
+                    pipe.result_queue.append((answer, None) if answer is not None and i == last else None)
+                # On its way now, without waiting for the socket (libpq's non-blocking mode: what the
+                # socket does not take goes with the next flush): the server runs it while this
+                # thread goes on, as it did when psycopg's cursor sent each statement.
+                pgconn.flush()
+        except self._error as exc:
+            self._forget(exc)
+            self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
+        return answer
+
+    def _result(self, p: Prepared, answer: _Answer) -> Any:
+        """A pipelined statement's result (a PGresult), waiting for it if it has not come yet: the
+        queue is flushed and every answer up to it read (one round trip)."""
+        if answer.result is None:
+            pipe, dbapi = self._pipeline, self._dbapi
+            if pipe is None:
+                raise RuntimeError("the pipeline ended before this statement's answer was read")
+            try:
+                with dbapi.lock:
+                    if pipe.command_queue:
+                        dbapi.wait(pipe._communicate_gen())
+                    dbapi.wait(pipe._fetch_gen(flush=True))
+            except self._error as exc:
+                self._forget(exc)
+                self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
+            if answer.result is None:
+                raise RuntimeError("the pipeline gave no answer to a statement sent")
+        return answer.result
+
+    def _rows(self, p: Prepared, sent: Any, one: bool) -> list[Any]:
+        if isinstance(sent, _Answer):
+            assert self._wire is not None
+            raw = self._wire.rows(self._result(p, sent), one)
+        else:
+            try:
+                if one:
+                    row = sent.fetchone()
+                    raw = [] if row is None else [row]
+                else:
+                    raw = sent.fetchall()
+            except self._error as exc:
+                self._forget(exc)
+                self._conn._handle_dbapi_exception(exc, p.sql, None, sent, None)
+        return [p.convert(r) for r in raw]
+
     def first(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> Any:
         """The first row (a named tuple, values converted as SQLAlchemy would), or None."""
-        p, cursor = self._taken(stmt, params) or self._run(stmt, params)
-        try:
-            row = cursor.fetchone()
-        except self._error as exc:
-            self._forget_cursors()
-            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
-        return None if row is None else p.convert(row)
+        p, sent = self._taken(stmt, params) or self._run(stmt, params)
+        rows = self._rows(p, sent, one=True)
+        return rows[0] if rows else None
 
     def all(self, stmt: Select[Any] | UpdateBase, params: dict[str, Any] | None = None) -> list[Any]:
-        p, cursor = self._taken(stmt, params) or self._run(stmt, params)
-        try:
-            rows = cursor.fetchall()
-        except self._error as exc:
-            self._forget_cursors()
-            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
-        return [p.convert(r) for r in rows]
+        p, sent = self._taken(stmt, params) or self._run(stmt, params)
+        return self._rows(p, sent, one=False)
 
     def execute(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> None:
         """Run a statement without RETURNING whose row count nobody needs (queued in a pipeline)."""
@@ -259,31 +336,24 @@ class Statements:
     def changed(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> int:
         """Run a statement without RETURNING; the rows it changed (in a pipeline: once its queue,
         this statement included, is answered)."""
-        p, cursor = self._run(stmt, params, context=COUNTED)
-        if self._pipeline is not None:
-            self._sync(p, cursor)
-        return int(cursor.rowcount)
+        p, sent = self._run(stmt, params, context=COUNTED)
+        return self._count(p, sent)
+
+    def _count(self, p: Prepared, sent: Any) -> int:
+        if isinstance(sent, _Answer):
+            count = self._result(p, sent).command_tuples
+            return -1 if count is None else int(count)
+        return int(sent.rowcount)
 
     def changed_later(self, stmt: UpdateBase, params: dict[str, Any] | None = None) -> "Count":
-        """`changed` whose answer is read later: in a pipeline the statement is queued (on a cursor
-        of its own) and travels with the next statement whose rows are read; `Count.value` then
-        reads its row count without another round trip (or waits for it, if nothing was read
-        since). Elsewhere it runs at once, as `changed` does."""
+        """`changed` whose answer is read later: in a pipeline the statement is queued and travels
+        with the next statement whose rows are read; `Count.value` then reads its row count without
+        another round trip (or waits for it, if nothing was read since). Elsewhere it runs at once,
+        as `changed` does."""
         if self._pipeline is None:
             return Count(self, None, None, self.changed(stmt, params))
-        pending = self._pending_count
-        if pending is not None:
-            pending.value()  # its answer first: the two share a cursor
-        p, cursor = self._run(stmt, params, slot=_COUNT_LATER_SLOT)
-        self._pending_count = Count(self, p, cursor, None)
-        return self._pending_count
-
-    def _sync(self, p: Prepared, cursor: Any) -> None:
-        try:
-            self._pipeline.sync()
-        except self._error as exc:
-            self._forget_cursors()
-            self._conn._handle_dbapi_exception(exc, p.sql, None, cursor, None)
+        p, answer = self._run(stmt, params)
+        return Count(self, p, answer, None)
 
     def execute_many(self, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
         """Run a statement without RETURNING once per row (the DBAPI's executemany; queued in a
@@ -295,23 +365,118 @@ class Statements:
 class Count:
     """The row count of a statement sent by `Statements.changed_later`."""
 
-    __slots__ = ("_st", "_p", "_cursor", "_value")
+    __slots__ = ("_st", "_p", "_answer", "_value")
 
-    def __init__(self, st: Statements, p: Prepared | None, cursor: Any, value: int | None) -> None:
-        self._st, self._p, self._cursor, self._value = st, p, cursor, value
+    def __init__(self, st: Statements, p: Prepared | None, answer: _Answer | None, value: int | None) -> None:
+        self._st, self._p, self._answer, self._value = st, p, answer, value
 
     def value(self) -> int:
         if self._value is None:
-            cursor, p = self._cursor, self._p
-            assert p is not None
-            if cursor.pgresult is None:  # nothing read since it was queued: its answer is not here yet
-                if self._st._pipeline is None:
-                    raise RuntimeError("changed_later: the pipeline ended before its count was read")
-                self._st._sync(p, cursor)
-            self._value = int(cursor.rowcount)
-            if self._st._pending_count is self:
-                self._st._pending_count = None
+            assert self._p is not None and self._answer is not None
+            self._value = self._st._count(self._p, self._answer)
         return self._value
+
+
+class _Answer:
+    """Where psycopg's pipeline leaves the results of one statement sent by `Statements._send`: it
+    stands in the pipeline's result queue where a cursor would, and is checked as a cursor checks
+    its results (psycopg 3.3's `BasePipeline._process_results`; tests/test_direct.py holds it to that)."""
+
+    __slots__ = ("result", "_encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.result: Any = None
+        self._encoding = encoding
+
+    def _check_results(self, results: list[Any]) -> None:
+        from psycopg import errors, pq
+        for r in results:
+            if r.status == pq.ExecStatus.FATAL_ERROR:
+                raise errors.error_from_result(r, encoding=self._encoding)
+            if r.status == pq.ExecStatus.PIPELINE_ABORTED:
+                raise errors.PipelineAborted("pipeline aborted")
+
+    def _set_results(self, results: list[Any]) -> None:
+        self.result = results[-1]
+
+
+# A prepared statement the server no longer has (26000: a pooler that moved us to another session)
+# or whose plan no longer fits (0A000 "cached plan must not change result type": a column's type
+# changed under it): every name is forgotten, and prepared again (under new names) from the next
+# transaction on. The transaction that met it fails, as it did through psycopg's cursors.
+_PREPARE_AGAIN = frozenset({"26000", "0A000"})
+
+
+class _Wire:
+    """PostgreSQL, one DBAPI connection's: psycopg's Transformer (dumps the values and loads the
+    rows as a cursor of this connection does) and the statements PREPAREd on it by this module, by
+    statement and parameter types (`w_0`, `w_1`, ...: psycopg's own are `_pg3_N`, the hot reads'
+    are on connections of their own). A name is kept once the transaction that prepared it ends
+    well: after an error its PREPARE may not have run, so the next transaction prepares it again
+    under a new name."""
+
+    __slots__ = ("tx", "names", "made", "fresh", "formats", "encoding")
+
+    def __init__(self, dbapi: Any) -> None:
+        from psycopg.adapt import Transformer
+        self.tx = Transformer(dbapi)
+        self.names: dict[tuple[Prepared, tuple[int, ...]], bytes] = {}
+        self.made = 0
+        self.fresh: list[tuple[Prepared, tuple[int, ...]]] = []  # prepared in this transaction
+        self.formats: dict[int, list[Any]] = {}  # a cursor's (PyFormat.AUTO) for n values, built once
+        self.encoding: str = dbapi.info.encoding
+
+    def bind(self, p: Prepared, row: dict[str, Any], pipe: Any) -> tuple[bytes, Any, Any]:
+        """The prepared statement's name (its PREPARE queued in the pipeline first, if new on this
+        connection), the values dumped, and their formats."""
+        sql, order = p.numbered()
+        if order:
+            formats = self.formats.get(len(order))
+            if formats is None:
+                from psycopg.adapt import PyFormat
+                formats = self.formats[len(order)] = [PyFormat.AUTO] * len(order)
+            tx = self.tx
+            values: Any = tx.dump_sequence([row[n] for n in order], formats)
+            key = (p, tuple(tx.types or ()))
+            wire_formats: Any = tx.formats
+        else:
+            values = wire_formats = None
+            key = (p, ())
+        name = self.names.get(key)
+        if name is None:
+            name = f"w_{self.made}".encode()
+            self.made += 1
+            pipe.pgconn.send_prepare(name, sql, key[1] or None)
+            pipe.result_queue.append(None)  # checked by psycopg: an error fails the transaction
+            self.names[key] = name
+            self.fresh.append(key)
+        return name, values, wire_formats
+
+    def rows(self, result: Any, one: bool) -> list[tuple[Any, ...]]:
+        n = min(result.ntuples, 1) if one else result.ntuples
+        if not n:
+            return []
+        tx = self.tx
+        tx.set_pgresult(result)
+        rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
+        tx.set_pgresult(None)  # the result's memory goes now
+        return rows
+
+    def failed(self, exc: BaseException | None) -> None:
+        """An error in the transaction: its PREPAREs are in doubt; after a 26000 or 0A000, all."""
+        if getattr(exc, "sqlstate", None) in _PREPARE_AGAIN:
+            self.names.clear()
+        else:
+            for key in self.fresh:
+                self.names.pop(key, None)
+        self.fresh.clear()
+
+    def settle(self, kept: bool) -> None:
+        """The transaction's end: what it prepared is kept if it ended well, else forgotten."""
+        if kept:
+            self.fresh.clear()
+        else:
+            self.failed(None)
 
 
 def execute_text(conn: Connection, sql: str) -> None:
