@@ -12,7 +12,9 @@
    and counters come out the same). The connection is opened by the service's own Database, so
    durability and session settings are the service's: SQLite WAL with `synchronous=FULL`,
    foreign keys on, `BEGIN IMMEDIATE`; PostgreSQL READ COMMITTED with the server's
-   `synchronous_commit` (reported), psycopg's own statement preparation.
+   `synchronous_commit` (reported). On PostgreSQL the statements the service pipelines are sent
+   as it sends them, on libpq itself (`_RawPipeline`: PREPAREd once, then by name), the others
+   through a psycopg cursor.
 3. The full path in-process (no gRPC), on another clone, the same series: wall and CPU per
    activation, and a cProfile breakdown (CPU timer) into buckets.
 4. The parts every activation needs, each on its own in a child process (token signing, Merkle
@@ -385,31 +387,142 @@ def raw_connection(url: str, paths: dict[str, str]) -> Iterator[Any]:
 
 def replay_one(conn: Any, ops: list[Op]) -> None:
     cur = conn.cursor()
-    pipeline = None
+    wire: _RawPipeline | None = None
     for kind, statement, params in ops:
-        if kind == "execute":
-            cur.execute(statement, params)
+        if kind in ("execute", "executemany") and wire is not None:
+            for row in (params if kind == "executemany" else [params]):
+                wire.send(statement, row)
             # In a pipeline a result is known only once fetched: a statement reading rows is waited
             # for (what the service does), one that does not stays queued.
-            if (cur.description is not None if pipeline is None else
-                    statement.lstrip()[:6].upper() == "SELECT" or " RETURNING " in statement):
+            if statement.lstrip()[:6].upper() == "SELECT" or " RETURNING " in statement:
+                wire.read()
+        elif kind == "execute":
+            cur.execute(statement, params)
+            if cur.description is not None:
                 cur.fetchall()
         elif kind == "executemany":
             cur.executemany(statement, params)
         elif kind == "pipeline":  # as the service: queued until a read or the COMMIT
-            pipeline = conn.pipeline()
-            pipeline.__enter__()
+            wire = _RawPipeline.of(conn)
+            wire.enter()
         elif kind == "commit":
-            conn.commit()
-            if pipeline is not None:
-                pipeline.__exit__(None, None, None)
-                pipeline = None
+            if wire is not None:
+                wire.commit()
+                wire = None
+            else:
+                conn.commit()
         else:  # the pool's reset on return: a rollback, a no-op after a commit
             conn.rollback()
-            if pipeline is not None:
-                pipeline.__exit__(None, None, None)
-                pipeline = None
     cur.close()
+
+
+class _RawPipeline:
+    """The pipelined part of a replayed transaction (PostgreSQL), sent as the service sends it
+    (entitlement/storage/direct.py) with nothing around libpq: each statement PREPAREd on its first
+    use on the connection, then sent by name, its values dumped by psycopg's adapters; the BEGIN
+    sent without waiting; a read flushes the queue and waits; the COMMIT goes with a Sync."""
+
+    _of: dict[int, _RawPipeline] = {}
+
+    def __init__(self, conn: Any) -> None:
+        from psycopg.adapt import Transformer
+        self.conn, self.pgconn = conn, conn.pgconn
+        self.tx = Transformer(conn)
+        self.names: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self.texts: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+        self.pending = 0  # statements (and PREPAREs) sent whose results are not read yet
+
+    @classmethod
+    def of(cls, conn: Any) -> _RawPipeline:
+        wire = cls._of.get(id(conn))
+        if wire is None or wire.conn is not conn:
+            wire = cls._of[id(conn)] = cls(conn)
+        return wire
+
+    def enter(self) -> None:
+        from psycopg import pq
+        pg = self.pgconn
+        pg.enter_pipeline_mode()
+        if pg.transaction_status == pq.TransactionStatus.IDLE:
+            pg.send_query_params(b"BEGIN", None)
+            self.pending += 1
+
+    def send(self, statement: str, params: dict[str, Any]) -> None:
+        from psycopg.adapt import PyFormat
+
+        from entitlement.storage.hotread import numbered
+        text = self.texts.get(statement)
+        if text is None:
+            text = self.texts[statement] = numbered(statement)
+        sql, order = text
+        tx, pg = self.tx, self.pgconn
+        values = tx.dump_sequence([params[n] for n in order], [PyFormat.AUTO] * len(order)) if order else None
+        key = (statement, tuple(tx.types or ()) if order else ())
+        name = self.names.get(key)
+        if name is None:
+            name = self.names[key] = f"r_{len(self.names)}".encode()
+            pg.send_prepare(name, sql, key[1] or None)
+            self.pending += 1
+        pg.send_query_prepared(name, values, param_formats=tx.formats if order else None)
+        self.pending += 1
+        pg.flush()
+
+    def read(self) -> list[tuple[Any, ...]]:
+        """Every answer sent for, the last one's rows loaded."""
+        pg = self.pgconn
+        pg.send_flush_request()
+        self._flush()
+        last = None
+        while self.pending:
+            last = self._result()
+            self.pending -= 1
+        if last is None or not last.ntuples:
+            return []
+        self.tx.set_pgresult(last)
+        rows: list[tuple[Any, ...]] = self.tx.load_rows(0, last.ntuples, tuple)
+        self.tx.set_pgresult(None)
+        return rows
+
+    def commit(self) -> None:
+        from psycopg import pq
+        pg = self.pgconn
+        pg.send_query_params(b"COMMIT", None)
+        self.pending += 1
+        pg.pipeline_sync()
+        self._flush()
+        while self.pending:
+            self._result()
+            self.pending -= 1
+        self._wait()
+        sync = pg.get_result()
+        if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
+            raise RuntimeError("replay: no Sync after the COMMIT")
+        pg.exit_pipeline_mode()
+
+    def _flush(self) -> None:
+        import select
+        while self.pgconn.flush():
+            select.select([], [self.pgconn.socket], [])
+
+    def _wait(self) -> None:
+        import select
+        pg = self.pgconn
+        pg.consume_input()
+        while pg.is_busy():
+            select.select([pg.socket], [], [])
+            pg.consume_input()
+
+    def _result(self) -> Any:
+        """One statement's result (and the end of its results)."""
+        from psycopg import errors, pq
+        self._wait()
+        result = self.pgconn.get_result()
+        if result.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED):
+            raise errors.error_from_result(result, encoding=self.conn.info.encoding)
+        self._wait()
+        if self.pgconn.get_result() is not None:
+            raise RuntimeError("replay: more than one result for a statement")
+        return result
 
 
 GROUP = 4  # activations per transaction in the grouped replay: the event-loop server's write threads
@@ -1145,8 +1258,9 @@ def report(cfg: FloorConfig, results: list[BackendResult], echo: Echo, seconds: 
         "with SQLAlchemy's `before_cursor_execute` / `commit` / pool `reset` events on the server's engines while the "
         "real servicer ran the series, replayed through the raw DBAPI connection (`sqlite3` / `psycopg`, opened by the "
         "service's own Database: same PRAGMAs, connect options, transaction boundaries, durability; one cursor per "
-        "transaction, every result read; on PostgreSQL the writes the service queued in pipeline mode are queued "
-        "too, from the same statement on): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
+        "transaction, every result read; on PostgreSQL, from the statement where the service entered pipeline mode on, "
+        "sent as the service sends them: on libpq itself, each statement PREPAREd once per connection then sent by "
+        "name, writes queued until a read or the COMMIT): zero ORM, zero Python logic. CPU: this process (`process_time`) plus, on "
         "PostgreSQL, the backend serving the connection (`/proc/<pid>/stat`; WAL writer and checkpointer not counted).",
         f"- **Grouped replay** (SQLite): the same statements, {GROUP} activations per transaction, each one after the "
         "first in a savepoint of its own: what the service's group commit sends when that many writers queue behind "

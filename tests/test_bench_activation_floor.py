@@ -59,3 +59,23 @@ def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
         assert served["calls"] == 12 and served["cpu_us"] > 0 and served["wall_us"] > 0
         assert len(served["rounds_cpu_us"]) == 1  # one per round (BENCH_FLOOR_ROUNDS)
     assert "| sqlite | **served** by server.py, 8 in flight" in text
+
+
+def test_tiny_floor_benchmark_replays_postgresqls_pipeline(tmp_path: Path, pg_server: str) -> None:
+    """On PostgreSQL the replay sends the pipelined statements as the service does, on libpq itself
+    (bench/activation_floor.py `_RawPipeline`): it must write what the captured activations wrote
+    (the bench checks the events, activations and ledger entries it leaves, and fails otherwise),
+    one transaction each, and stay below the whole in-process path."""
+    out, js = tmp_path / "BENCHMARKS.md", tmp_path / "floor.json"
+    env = {**os.environ, "BENCH_BACKENDS": "postgres", "BENCH_PG_URL": pg_server, "BENCH_OUTPUT": str(out),
+           "BENCH_JSON": str(js), "BENCH_FLOOR_ACTIVATIONS": "12", "BENCH_FLOOR_WARMUP": "3",
+           "BENCH_FLOOR_ROUNDS": "1", "BENCH_FLOOR_VG_ACTIVATIONS": "0", "BENCH_FLOOR_ECHO_SECONDS": "0.5"}
+    proc = subprocess.run([sys.executable, "-m", "bench.activation_floor"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (pg,) = json.loads(js.read_text())["backends"]
+    assert pg["backend"] == "postgres"
+    assert pg["ops"]["commits"] == 1 and pg["ops"]["statements"] >= 8
+    replay, full = pg["replay"][0], pg["inprocess"][0]
+    assert 0 < replay["client_cpu_us"] < full["client_cpu_us"]
+    assert "| postgres | raw replay (floor) |" in out.read_text()

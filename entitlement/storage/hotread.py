@@ -103,13 +103,7 @@ class Prepared:
         order of first use) and the names in that order (psycopg's pyformat converted once, as
         psycopg converts it at every execute)."""
         if self._numbered is None:
-            order: dict[str, int] = {}
-
-            def number(m: re.Match[str]) -> str:
-                if m.group(1) is None:
-                    return "%"
-                return f"${order.setdefault(m.group(1), len(order) + 1)}"
-            self._numbered = (_PYFORMAT.sub(number, self.sql).encode(), tuple(order))
+            self._numbered = numbered(self.sql)
         return self._numbered
 
     def parameters(self, params: dict[str, Any]) -> list[Any] | dict[str, Any]:
@@ -145,6 +139,18 @@ def _sqlite_blob(value: Any) -> Any:
 
 
 _PYFORMAT = re.compile(r"%\(([^)]+)\)s|%%")  # as psycopg reads them (a bind name may hold a "-")
+
+
+def numbered(sql: str) -> tuple[bytes, tuple[str, ...]]:
+    """A pyformat statement (`%(name)s`) with libpq's placeholders instead ($1, $2, ...: one per
+    distinct name, in order of first use), and the names in that order."""
+    order: dict[str, int] = {}
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) is None:
+            return "%"
+        return f"${order.setdefault(m.group(1), len(order) + 1)}"
+    return _PYFORMAT.sub(number, sql).encode(), tuple(order)
 
 
 class _Session:
