@@ -1102,7 +1102,7 @@ def served_cpu(store: Store, common: Common, paths: dict[str, str], batches: lis
                 if failed:
                     raise RuntimeError(f"bench.activation_floor: a served activation failed: {failed[0]!r}")
             # At the highest concurrency: every pool thread and its database connection warmed (on
-            # PostgreSQL, psycopg prepares a statement on a connection at its fifth execution).
+            # PostgreSQL, the write path prepares its statements on a connection at their first use).
             send_all(warmup, max(SERVED_CONCURRENCY))
             out = []
             for conc, batch in zip(SERVED_CONCURRENCY, batches):

@@ -619,3 +619,54 @@ def test_statements_dropped_under_the_connection_fail_one_write_then_are_prepare
             assert s.get(Activation, lost["id"]) is None
     finally:
         solo.dispose()
+
+
+def test_failed_transactions_leave_no_prepared_statements_behind(db: Database, backend: tuple[str, str]) -> None:
+    """PostgreSQL: a PREPARE that ran stays on the server whatever becomes of its transaction, so a
+    connection whose writes keep failing (refusals, replays) prepares each statement once, not once
+    per failure."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    solo = _one_connection(db.url)
+    try:
+        counts = []
+        for _ in range(6):
+            with pytest.raises(ZeroDivisionError):
+                with solo.write() as s:
+                    st, dbapi = _pipelined(s)
+                    st.execute(_INSERT, _person())
+                    st.first(_BUMP)
+                    1 / 0  # noqa: B018 - a refusal after the reads: the transaction rolls back
+            counts.append(len(_prepared_here(dbapi)))
+        assert counts == [2] * 6, counts
+        with solo.read() as s:
+            assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 0
+    finally:
+        solo.dispose()
+
+
+def test_statements_dropped_under_the_connection_are_prepared_again_after_a_commit_that_met_it(
+        db: Database, backend: tuple[str, str]) -> None:
+    """PostgreSQL: a transaction of queued writes only meets a prepared statement gone at its COMMIT
+    (psycopg reads the answers there): that write fails, and the next one prepares again."""
+    if backend[0] == "sqlite":
+        pytest.skip("SQLite has no pipeline mode")
+    solo = _one_connection(db.url)
+    try:
+        with solo.write() as s:
+            st, dbapi = _pipelined(s)
+            st.execute(_INSERT, _person())
+        with dbapi.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        dbapi.commit()
+        with pytest.raises(DBAPIError):
+            with solo.write() as s:
+                _pipelined(s)[0].execute(_INSERT, _person())
+        row = _person()
+        with solo.write() as s:
+            _pipelined(s)[0].execute(_INSERT, row)
+        with solo.read() as s:
+            assert s.get(Activation, row["id"]) is not None
+            assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 2
+    finally:
+        solo.dispose()

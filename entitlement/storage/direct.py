@@ -49,12 +49,14 @@ per connection and parameter types (the PREPARE queued in the pipeline before th
 use), then only its name and values travel (`PQsendQueryPrepared`), the values dumped and the rows
 loaded by psycopg's own adapters (the connection's Transformer, with the formats a cursor picks), as
 entitlement/storage/hotread.py runs the hot reads. Its answer is still matched and checked by
-psycopg's pipeline (an `_Answer` in the pipeline's result queue where a cursor would be, or nothing
-for a write whose answer nobody reads): the BEGIN, the Syncs, the COMMIT, errors and aborted
-pipelines stay psycopg's. Why: a cursor spends ~40 us of the process's CPU on each statement beside
-the wire (query conversion, prepare bookkeeping, a poll of the socket per queued command); 13
-statements in one pipelined transaction, BEGIN and COMMIT included, cost 650-970 us of client CPU
-through cursors against 350-420 us this way (scratch measure; BENCHMARKS.md for the activation)."""
+psycopg's pipeline (an `_Answer` in the pipeline's result queue where a cursor would be): the
+BEGIN, the Syncs, the COMMIT, errors and aborted pipelines stay psycopg's. Why: a cursor spends
+~40 us of the process's CPU on each statement beside the wire (query conversion, prepare
+bookkeeping, a poll of the socket per queued command); 13 statements in one pipelined transaction,
+BEGIN and COMMIT included, cost 650-970 us of client CPU through cursors against 350-420 us this
+way (scratch measure); an activation 4.52 M -> 3.63 M instructions in process (README "Hot path").
+psycopg's own preparation is off on these connections (entitlement/storage/db.py: its DEALLOCATE
+ALL at a ROLLBACK would drop ours)."""
 
 from __future__ import annotations
 
@@ -174,14 +176,14 @@ class Statements:
                 # A queued statement's error, met on the way out in the middle of the transaction
                 # (which goes on through the ORM): raised as SQLAlchemy's, as the statement itself
                 # would have raised it. (After the COMMIT nothing is raised: the work is done.)
-                self._forget(exc)
+                self._forget()
                 self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
             self._discard(exc)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the connection must not be reused
             self._discard(exc)
         finally:
             if wire is not None:
-                wire.settle(kept=not failed)
+                wire.settle()
 
     def _discard(self, exc: Exception) -> None:
         # The exception's type only: a driver's message may quote a row's values.
@@ -211,15 +213,11 @@ class Statements:
             return None
         return self._prefetched.pop((stmt, frozenset((params or {}).items())), None)
 
-    def _forget(self, exc: BaseException | None = None) -> None:
-        """After an error: SQLAlchemy closes the cursor of a failed statement (new ones next time);
-        the statements prepared in this transaction may not exist (`_Wire.settle`), nor, after a
-        26000 or 0A000, any of them."""
+    def _forget(self) -> None:
+        """After an error: SQLAlchemy closes the cursor of a failed statement; new ones next time."""
         if self._cursors is not None:
             self._cursors.clear()
         self._prefetched = None
-        if self._wire is not None:
-            self._wire.failed(exc)
 
     def _cursor(self) -> Any:
         cursors = self._cursors
@@ -246,8 +244,7 @@ class Statements:
         if self._listened:
             conn.dispatch.before_cursor_execute(conn, None, p.sql, args, context, many is not None)
         if self._pipeline is not None:
-            answer = None if queued else _Answer(self._wire.encoding)  # type: ignore[union-attr]
-            return p, self._send(p, args if many is not None else (args,), answer)
+            return p, self._send(p, args if many is not None else (args,), reading=not queued)
         cursor = None
         try:
             cursor = self._cursor()
@@ -256,33 +253,34 @@ class Statements:
             else:
                 cursor.execute(p.sql, args)
         except self._error as exc:
-            self._forget(exc)
+            self._forget()
             conn._handle_dbapi_exception(exc, p.sql, args, cursor, None)
         return p, cursor
 
-    def _send(self, p: Prepared, rows: Sequence[dict[str, Any]], answer: _Answer | None) -> _Answer | None:
-        """Queue a statement in the pipeline, once per row (libpq sends it without waiting);
-        `answer` gets the last row's results."""
+    def _send(self, p: Prepared, rows: Sequence[dict[str, Any]], reading: bool) -> _Answer | None:
+        """Queue a statement in the pipeline, once per row (libpq sends it without waiting); when
+        `reading`, the answer that gets the last row's results."""
         dbapi, pipe, wire = self._dbapi, self._pipeline, self._wire
         assert wire is not None
+        answer: _Answer | None = None
         try:
             with dbapi.lock:
                 if pipe.command_queue:  # psycopg's own commands first, in their order
                     dbapi.wait(pipe._communicate_gen())
-                last = len(rows) - 1
                 pgconn = dbapi.pgconn
-                for i, row in enumerate(rows):
-                    name, values, formats = wire.bind(p, row, pipe)
+                for row in rows:
+                    key, name, values, formats = wire.bind(p, row, pipe)
                     pgconn.send_query_prepared(name, values, param_formats=formats)
-                    pipe.result_queue.append((answer, None) if answer is not None and i == last else None)
+                    answer = _Answer(wire, key)
+                    pipe.result_queue.append((answer, None))
                 # On its way now, without waiting for the socket (libpq's non-blocking mode: what the
                 # socket does not take goes with the next flush): the server runs it while this
                 # thread goes on, as it did when psycopg's cursor sent each statement.
                 pgconn.flush()
         except self._error as exc:
-            self._forget(exc)
+            self._forget()
             self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
-        return answer
+        return answer if reading else None
 
     def _result(self, p: Prepared, answer: _Answer) -> Any:
         """A pipelined statement's result (a PGresult), waiting for it if it has not come yet: the
@@ -297,7 +295,7 @@ class Statements:
                         dbapi.wait(pipe._communicate_gen())
                     dbapi.wait(pipe._fetch_gen(flush=True))
             except self._error as exc:
-                self._forget(exc)
+                self._forget()
                 self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
             if answer.result is None:
                 raise RuntimeError("the pipeline gave no answer to a statement sent")
@@ -315,7 +313,7 @@ class Statements:
                 else:
                     raw = sent.fetchall()
             except self._error as exc:
-                self._forget(exc)
+                self._forget()
                 self._conn._handle_dbapi_exception(exc, p.sql, None, sent, None)
         return [p.convert(r) for r in raw]
 
@@ -378,57 +376,70 @@ class Count:
 
 
 class _Answer:
-    """Where psycopg's pipeline leaves the results of one statement sent by `Statements._send`: it
-    stands in the pipeline's result queue where a cursor would, and is checked as a cursor checks
-    its results (psycopg 3.3's `BasePipeline._process_results`; tests/test_direct.py holds it to that)."""
+    """Where psycopg's pipeline leaves the results of one command `Statements._send` queued (a
+    PREPARE, or a statement): it stands in the pipeline's result queue where a cursor would, and is
+    checked as a cursor checks its results (psycopg 3.3's `BasePipeline._process_results`, which
+    raises the first error of a batch after reading them all; tests/test_direct.py holds it to
+    that). A PREPARE's answer tells the connection's `_Wire` that the name exists on the server; a
+    statement that meets a prepared statement gone or stale tells it to prepare again."""
 
-    __slots__ = ("result", "_encoding")
+    __slots__ = ("result", "_wire", "_key", "_prepare")
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(self, wire: _Wire, key: tuple[Prepared, tuple[int, ...]], prepare: bool = False) -> None:
         self.result: Any = None
-        self._encoding = encoding
+        self._wire, self._key, self._prepare = wire, key, prepare
 
     def _check_results(self, results: list[Any]) -> None:
         from psycopg import errors, pq
         for r in results:
-            if r.status == pq.ExecStatus.FATAL_ERROR:
-                raise errors.error_from_result(r, encoding=self._encoding)
-            if r.status == pq.ExecStatus.PIPELINE_ABORTED:
+            status = r.status
+            if status == pq.ExecStatus.FATAL_ERROR:
+                error = errors.error_from_result(r, encoding=self._wire.encoding)
+                self._wire.stale(self._key, error.sqlstate)
+                raise error
+            if status == pq.ExecStatus.PIPELINE_ABORTED:
                 raise errors.PipelineAborted("pipeline aborted")
+            if status != pq.ExecStatus.COMMAND_OK and status != pq.ExecStatus.TUPLES_OK:
+                raise errors.InternalError(f"unexpected result status from query: {pq.ExecStatus(status).name}")
 
     def _set_results(self, results: list[Any]) -> None:
-        self.result = results[-1]
+        if self._prepare:
+            self._wire.prepared(self._key)
+        else:
+            self.result = results[-1]
 
 
-# A prepared statement the server no longer has (26000: a pooler that moved us to another session)
-# or whose plan no longer fits (0A000 "cached plan must not change result type": a column's type
-# changed under it): every name is forgotten, and prepared again (under new names) from the next
-# transaction on. The transaction that met it fails, as it did through psycopg's cursors.
-_PREPARE_AGAIN = frozenset({"26000", "0A000"})
+# A prepared statement the server no longer has (26000: DEALLOCATE ALL from elsewhere, a pooler that
+# moved us to another session: every name is forgotten) or whose plan no longer fits (0A000 "cached
+# plan must not change result type": a column's type changed under it; that name is forgotten). The
+# transaction that met it fails, as it did through psycopg's cursors; the next one prepares again,
+# under new names.
+_GONE, _STALE_PLAN = "26000", "0A000"
 
 
 class _Wire:
     """PostgreSQL, one DBAPI connection's: psycopg's Transformer (dumps the values and loads the
     rows as a cursor of this connection does) and the statements PREPAREd on it by this module, by
     statement and parameter types (`w_0`, `w_1`, ...: psycopg's own are `_pg3_N`, the hot reads'
-    are on connections of their own). A name is kept once the transaction that prepared it ends
-    well: after an error its PREPARE may not have run, so the next transaction prepares it again
-    under a new name."""
+    are on connections of their own). A PREPARE counts once its answer says it ran: one whose
+    transaction ended before that (an error before it, in the same pipeline) is forgotten at the
+    transaction's end and prepared again under a new name; one that ran is kept whatever became of
+    the transaction (a prepared statement outlives a ROLLBACK)."""
 
-    __slots__ = ("tx", "names", "made", "fresh", "formats", "encoding")
+    __slots__ = ("tx", "names", "made", "unconfirmed", "formats", "encoding")
 
     def __init__(self, dbapi: Any) -> None:
         from psycopg.adapt import Transformer
         self.tx = Transformer(dbapi)
         self.names: dict[tuple[Prepared, tuple[int, ...]], bytes] = {}
         self.made = 0
-        self.fresh: list[tuple[Prepared, tuple[int, ...]]] = []  # prepared in this transaction
+        self.unconfirmed: set[tuple[Prepared, tuple[int, ...]]] = set()  # PREPAREs sent, not yet answered
         self.formats: dict[int, list[Any]] = {}  # a cursor's (PyFormat.AUTO) for n values, built once
         self.encoding: str = dbapi.info.encoding
 
-    def bind(self, p: Prepared, row: dict[str, Any], pipe: Any) -> tuple[bytes, Any, Any]:
-        """The prepared statement's name (its PREPARE queued in the pipeline first, if new on this
-        connection), the values dumped, and their formats."""
+    def bind(self, p: Prepared, row: dict[str, Any], pipe: Any) -> tuple[tuple[Prepared, tuple[int, ...]], bytes, Any, Any]:
+        """The statement's key and prepared name (its PREPARE queued in the pipeline first, if new
+        on this connection), the values dumped, and their formats."""
         sql, order = p.numbered()
         if order:
             formats = self.formats.get(len(order))
@@ -447,36 +458,41 @@ class _Wire:
             name = f"w_{self.made}".encode()
             self.made += 1
             pipe.pgconn.send_prepare(name, sql, key[1] or None)
-            pipe.result_queue.append(None)  # checked by psycopg: an error fails the transaction
+            pipe.result_queue.append((_Answer(self, key, prepare=True), None))
             self.names[key] = name
-            self.fresh.append(key)
-        return name, values, wire_formats
+            self.unconfirmed.add(key)
+        return key, name, values, wire_formats
 
     def rows(self, result: Any, one: bool) -> list[tuple[Any, ...]]:
+        from psycopg import errors, pq
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise errors.ProgrammingError("the statement returned no rows")
         n = min(result.ntuples, 1) if one else result.ntuples
         if not n:
             return []
         tx = self.tx
         tx.set_pgresult(result)
-        rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
-        tx.set_pgresult(None)  # the result's memory goes now
+        try:
+            rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
+        finally:
+            tx.set_pgresult(None)  # the result's memory goes now
         return rows
 
-    def failed(self, exc: BaseException | None) -> None:
-        """An error in the transaction: its PREPAREs are in doubt; after a 26000 or 0A000, all."""
-        if getattr(exc, "sqlstate", None) in _PREPARE_AGAIN:
-            self.names.clear()
-        else:
-            for key in self.fresh:
-                self.names.pop(key, None)
-        self.fresh.clear()
+    def prepared(self, key: tuple[Prepared, tuple[int, ...]]) -> None:
+        self.unconfirmed.discard(key)
 
-    def settle(self, kept: bool) -> None:
-        """The transaction's end: what it prepared is kept if it ended well, else forgotten."""
-        if kept:
-            self.fresh.clear()
-        else:
-            self.failed(None)
+    def stale(self, key: tuple[Prepared, tuple[int, ...]], sqlstate: str | None) -> None:
+        if sqlstate == _GONE:
+            self.names.clear()
+            self.unconfirmed.clear()
+        elif sqlstate == _STALE_PLAN:
+            self.names.pop(key, None)
+
+    def settle(self) -> None:
+        """The transaction's end: PREPAREs never answered are forgotten (they may not exist)."""
+        for key in self.unconfirmed:
+            self.names.pop(key, None)
+        self.unconfirmed.clear()
 
 
 def execute_text(conn: Connection, sql: str) -> None:
