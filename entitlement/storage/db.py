@@ -307,6 +307,8 @@ class Database:
         else:
             _configure_postgresql(self.engine, pg_lock_timeout_ms or 0, statement_timeout_ms)
             _discard_pipelined(self.engine)
+            for engine in (self.engine, self.reader):
+                _ended_by_the_server_is_a_disconnect(engine)
         self._refuse_writes = False  # set by the health monitor (fail_fast); reads: self.hot.refusing
         # When (time.monotonic()) the database last answered a write's COMMIT, and the latest
         # start of a read (transaction or snapshot statement) that ended without error: the health
@@ -862,6 +864,21 @@ def _configure_postgresql(engine: Engine, lock_timeout_ms: int, statement_timeou
         _capped_by_deadline.set(True)
         conn.exec_driver_sql(f"SELECT set_config('lock_timeout', '{ms}', true), "
                              f"set_config('statement_timeout', '{ms}', true)")
+
+
+def _ended_by_the_server_is_a_disconnect(engine: Engine) -> None:
+    """An error of SQLSTATE class 57P (the server ended the session: an administrator's or a fast
+    shutdown, a crash, pg_terminate_backend) is a lost connection, as the socket's end would be:
+    SQLAlchemy then invalidates it, and the pool's older connections, instead of handing them out
+    to fail one by one. psycopg reports the connection closed only once libpq has met the end of
+    the socket; a write that sent its statements in one go after the server ended the session reads
+    the server's last message (57P01, "terminating connection due to administrator command") first."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx: Any) -> None:
+        sqlstate = getattr(ctx.original_exception, "sqlstate", None)
+        if sqlstate and sqlstate.startswith("57P") and not ctx.is_disconnect:
+            ctx.is_disconnect = True
 
 
 def _savepoint_statement(sql: str) -> Any:
