@@ -307,7 +307,11 @@ class Statements:
     def _rows(self, p: Prepared, sent: Any, one: bool) -> list[Any]:
         if isinstance(sent, _Answer):
             assert self._wire is not None
-            raw = self._wire.rows(self._result(p, sent), one)
+            result = self._result(p, sent)
+            try:
+                raw = self._wire.rows(result, one)
+            except self._error as exc:  # a value psycopg cannot load, raised as SQLAlchemy's
+                self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
         else:
             try:
                 if one:
