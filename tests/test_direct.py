@@ -670,3 +670,29 @@ def test_statements_dropped_under_the_connection_are_prepared_again_after_a_comm
             assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 2
     finally:
         solo.dispose()
+
+
+def test_a_transaction_queuing_more_than_a_socket_holds_still_commits(db: Database, backend: tuple[str, str]) -> None:
+    """PostgreSQL: writes queued in a pipeline wait in libpq's buffer for the next read or the COMMIT,
+    but never more than `direct.SEND_AT` bytes of them: psycopg's COMMIT flushes only a few times
+    before it waits for the server's answer, which the server cannot give before it has every
+    statement (15 MB queued then hung the COMMIT for good). On SQLite every statement runs at once."""
+    rows = [_person(decision_json="x" * 50_000) for _ in range(300)]
+    done: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with db.write() as s:
+                st, _ = _pipelined(s)
+                st.execute_many(_INSERT, rows)
+            done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done.append(exc)
+    import threading
+    worker = threading.Thread(target=write, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the COMMIT hangs"
+    assert done == [None], done
+    with db.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == len(rows)

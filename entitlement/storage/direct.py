@@ -145,6 +145,7 @@ class Statements:
             self._pipeline = _enter_pipeline(self._dbapi)
         except self._error as exc:
             self._conn._handle_dbapi_exception(exc, "<pipeline>", None, None, None)
+        wire.unsent = 0
         self._wire = wire
 
     @property
@@ -268,11 +269,13 @@ class Statements:
                 if pipe.command_queue:  # psycopg's own commands first, in their order
                     dbapi.wait(pipe._communicate_gen())
                 pgconn = dbapi.pgconn
+                size = 0
                 for row in rows:
                     key, name, values, formats = wire.bind(p, row, pipe)
                     pgconn.send_query_prepared(name, values, param_formats=formats)
                     answer = _Answer(wire, key)
                     pipe.result_queue.append((answer, None))
+                    size += _MESSAGE_BYTES + (sum(len(v) for v in values if v is not None) if values else 0)
                 # Left in libpq's buffer (non-blocking mode: it sends by itself only past 8 KB): it
                 # goes with the next read's flush or the COMMIT's Sync, in the same send. psycopg's
                 # cursor sent each statement at once, so the server ran it while this thread went
@@ -280,6 +283,14 @@ class Statements:
                 # about 100 us of this process's system CPU and 100 us of the backend's (in process,
                 # three alternated runs of 400: 1,004-1,113 against 1,137-1,340 us, the backend 750-875
                 # against 800-975), for 60-350 us less wall time one call at a time.
+                # But at most SEND_AT bytes wait so: psycopg's COMMIT (and the rollback's Sync)
+                # flushes only a few times without waiting for the socket to take the rest, then waits
+                # for an answer the server cannot give before it has all the statements: with more
+                # than a socket's worth queued (tens of MB), the COMMIT would hang for good.
+                wire.unsent += size
+                if wire.unsent > SEND_AT:
+                    dbapi.wait(_send_all(pgconn))  # every byte out, waiting for the socket as needed
+                    wire.unsent = 0
         except self._error as exc:
             self._forget()
             self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
@@ -296,7 +307,8 @@ class Statements:
                 with dbapi.lock:
                     if pipe.command_queue:
                         dbapi.wait(pipe._communicate_gen())
-                    dbapi.wait(pipe._fetch_gen(flush=True))
+                    dbapi.wait(pipe._fetch_gen(flush=True))  # (sends every byte queued first)
+                    self._wire.unsent = 0  # type: ignore[union-attr]
             except self._error as exc:
                 self._forget()
                 self._conn._handle_dbapi_exception(exc, p.sql, None, None, None)
@@ -382,6 +394,16 @@ class Count:
         return self._value
 
 
+SEND_AT = 64 * 1024  # bytes of queued statements past which they are sent at once (`Statements._send`)
+_MESSAGE_BYTES = 32  # a Bind + Execute's own bytes beside the values and the name, about
+
+
+def _send_all(pgconn: Any) -> Any:
+    """psycopg's generator that sends every byte of libpq's buffer (waiting for the socket)."""
+    from psycopg.generators import send
+    return send(pgconn)
+
+
 class _Answer:
     """Where psycopg's pipeline leaves the results of one command `Statements._send` queued (a
     PREPARE, or a statement): it stands in the pipeline's result queue where a cursor would, and is
@@ -433,7 +455,7 @@ class _Wire:
     transaction's end and prepared again under a new name; one that ran is kept whatever became of
     the transaction (a prepared statement outlives a ROLLBACK)."""
 
-    __slots__ = ("tx", "names", "made", "unconfirmed", "formats", "encoding")
+    __slots__ = ("tx", "names", "made", "unconfirmed", "formats", "encoding", "unsent")
 
     def __init__(self, dbapi: Any) -> None:
         from psycopg.adapt import Transformer
@@ -443,6 +465,7 @@ class _Wire:
         self.unconfirmed: set[tuple[Prepared, tuple[int, ...]]] = set()  # PREPAREs sent, not yet answered
         self.formats: dict[int, list[Any]] = {}  # a cursor's (PyFormat.AUTO) for n values, built once
         self.encoding: str = dbapi.info.encoding
+        self.unsent = 0  # bytes (about) queued in libpq's buffer since everything was last sent
 
     def bind(self, p: Prepared, row: dict[str, Any], pipe: Any) -> tuple[tuple[Prepared, tuple[int, ...]], bytes, Any, Any]:
         """The statement's key and prepared name (its PREPARE queued in the pipeline first, if new
