@@ -476,12 +476,8 @@ class _RawPipeline:
         while self.pending:
             last = self._result()
             self.pending -= 1
-        if last is None or not last.ntuples:
-            return []
-        self.tx.set_pgresult(last)
-        rows: list[tuple[Any, ...]] = self.tx.load_rows(0, last.ntuples, tuple)
-        self.tx.set_pgresult(None)
-        return rows
+        from entitlement.storage.hotread import loaded
+        return [] if last is None else loaded(self.tx, last, one=False)
 
     def commit(self) -> None:
         from psycopg import pq

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -508,9 +509,17 @@ def test_a_second_count_read_later_reads_the_first_one_first(db: Database) -> No
     _clean(db, dbapi)
 
 
-def _one_connection(fresh_url: str) -> Database:
-    """A Database whose transactions, run one after another, all use the same connection."""
-    return Database(fresh_url, pool_size=1)
+@pytest.fixture
+def solo(db: Database) -> Iterator[Database]:
+    """PostgreSQL: a Database on `db`'s database whose transactions, run one after another, all use
+    the same connection (the write path's prepared statements are per connection)."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has no pipeline mode")
+    one = Database(db.url, pool_size=1)
+    try:
+        yield one
+    finally:
+        one.dispose()
 
 
 def _prepared_here(dbapi: Any) -> set[str]:
@@ -522,154 +531,124 @@ def _prepared_here(dbapi: Any) -> set[str]:
 
 
 def test_pipelined_statements_are_prepared_once_per_connection_and_rows_match_a_cursors(
-        db: Database, backend: tuple[str, str]) -> None:
+        solo: Database) -> None:
     """PostgreSQL: in a pipeline each statement is PREPAREd on its first use on a connection and
     then only executed by name (libpq); its values and rows are what a psycopg cursor sends and
     reads: the same row read back through the ORM, bytes, dates and times included."""
-    if backend[0] == "sqlite":
-        pytest.skip("SQLite has no pipeline mode")
-    solo = _one_connection(db.url)
-    try:
-        rows = [_person(), _person()]
-        with solo.write() as s:
-            st, dbapi = _pipelined(s)
-            st.execute(_INSERT, rows[0])
-            got = st.first(_COLUMNS, {"id": rows[0]["id"]})
-            names = _prepared_here(dbapi)
-        assert len(names) == 2, names  # the INSERT and the SELECT
-        with solo.write() as s:
-            st, same = _pipelined(s)
-            st.execute(_INSERT, rows[1])
-            again = st.first(_COLUMNS, {"id": rows[1]["id"]})
-            assert same is dbapi and _prepared_here(dbapi) == names  # nothing prepared again
-        with solo.read() as s:
-            for row, read in ((rows[0], got), (rows[1], again)):
-                orm = s.get(Activation, row["id"])
-                assert orm is not None
-                assert (read.id, read.person_key, read.start_date, read.end_date, read.account_id, read.created_at) == (
-                    orm.id, orm.person_key, orm.start_date, orm.end_date, orm.account_id, orm.created_at)
-                assert read.person_key == row["person_key"] and read.created_at == NOW
-    finally:
-        solo.dispose()
+    rows = [_person(), _person()]
+    with solo.write() as s:
+        st, dbapi = _pipelined(s)
+        st.execute(_INSERT, rows[0])
+        got = st.first(_COLUMNS, {"id": rows[0]["id"]})
+        names = _prepared_here(dbapi)
+    assert len(names) == 2, names  # the INSERT and the SELECT
+    with solo.write() as s:
+        st, same = _pipelined(s)
+        st.execute(_INSERT, rows[1])
+        again = st.first(_COLUMNS, {"id": rows[1]["id"]})
+        assert same is dbapi and _prepared_here(dbapi) == names  # nothing prepared again
+    with solo.read() as s:
+        for row, read in ((rows[0], got), (rows[1], again)):
+            orm = s.get(Activation, row["id"])
+            assert orm is not None
+            assert (read.id, read.person_key, read.start_date, read.end_date, read.account_id, read.created_at) == (
+                orm.id, orm.person_key, orm.start_date, orm.end_date, orm.account_id, orm.created_at)
+            assert read.person_key == row["person_key"] and read.created_at == NOW
 
 
 def test_a_rollback_on_the_connection_leaves_the_pipelines_statements_working(
-        db: Database, backend: tuple[str, str]) -> None:
+        solo: Database) -> None:
     """PostgreSQL: psycopg ends a ROLLBACK with DEALLOCATE ALL whenever it has prepared statements
     of its own (a statement run 5 times through its cursors), which would drop the write path's
     too: it has none on the writer engine, so after ORM statements run many times and a rollback
     on the same connection, the next pipelined write still runs and commits."""
-    if backend[0] == "sqlite":
-        pytest.skip("SQLite has no pipeline mode")
-    solo = _one_connection(db.url)
-    try:
+    with solo.write() as s:
+        st, dbapi = _pipelined(s)
+        st.first(_BUMP)
+    prepared = _prepared_here(dbapi)
+    assert prepared
+    with pytest.raises(ZeroDivisionError):
         with solo.write() as s:
-            st, dbapi = _pipelined(s)
-            st.first(_BUMP)
-        prepared = _prepared_here(dbapi)
-        assert prepared
-        with pytest.raises(ZeroDivisionError):
-            with solo.write() as s:
-                for _ in range(8):  # through psycopg's cursor, as the ORM runs them
-                    s.execute(select(func.count()).select_from(Activation)).scalar_one()
-                1 / 0  # noqa: B018 - the transaction rolls back
-        assert _prepared_here(dbapi) == prepared
-        row = _person()
-        with solo.write() as s:
-            st, same = _pipelined(s)
-            assert same is dbapi
-            st.execute(_INSERT, row)
-            st.first(_BUMP)
-        with solo.read() as s:
-            assert s.get(Activation, row["id"]) is not None
-    finally:
-        solo.dispose()
+            for _ in range(8):  # through psycopg's cursor, as the ORM runs them
+                s.execute(select(func.count()).select_from(Activation)).scalar_one()
+            1 / 0  # noqa: B018 - the transaction rolls back
+    assert _prepared_here(dbapi) == prepared
+    row = _person()
+    with solo.write() as s:
+        st, same = _pipelined(s)
+        assert same is dbapi
+        st.execute(_INSERT, row)
+        st.first(_BUMP)
+    with solo.read() as s:
+        assert s.get(Activation, row["id"]) is not None
 
 
 def test_statements_dropped_under_the_connection_fail_one_write_then_are_prepared_again(
-        db: Database, backend: tuple[str, str]) -> None:
+        solo: Database) -> None:
     """PostgreSQL: if the server no longer has the write path's prepared statements (a DEALLOCATE
     ALL from elsewhere, a pooler moving the session), the write that meets it fails as SQLAlchemy's
     error and writes nothing; the connection stays usable and the next write prepares them again."""
-    if backend[0] == "sqlite":
-        pytest.skip("SQLite has no pipeline mode")
-    solo = _one_connection(db.url)
-    try:
+    with solo.write() as s:
+        st, dbapi = _pipelined(s)
+        st.first(_BUMP)
+    with dbapi.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    dbapi.commit()
+    lost = _person()
+    with pytest.raises(DBAPIError) as caught:
         with solo.write() as s:
-            st, dbapi = _pipelined(s)
+            st, _ = _pipelined(s)
+            st.execute(_INSERT, lost)
             st.first(_BUMP)
-        with dbapi.cursor() as cur:
-            cur.execute("DEALLOCATE ALL")
-        dbapi.commit()
-        lost = _person()
-        with pytest.raises(DBAPIError) as caught:
-            with solo.write() as s:
-                st, _ = _pipelined(s)
-                st.execute(_INSERT, lost)
-                st.first(_BUMP)
-        assert isinstance(caught.value.orig, psycopg.errors.InvalidSqlStatementName)
-        row = _person()
-        with solo.write() as s:
-            st, same = _pipelined(s)
-            assert same is dbapi
-            st.execute(_INSERT, row)
-            st.first(_BUMP)
-        with solo.read() as s:
-            assert s.get(Activation, row["id"]) is not None
-            assert s.get(Activation, lost["id"]) is None
-    finally:
-        solo.dispose()
+    assert isinstance(caught.value.orig, psycopg.errors.InvalidSqlStatementName)
+    row = _person()
+    with solo.write() as s:
+        st, same = _pipelined(s)
+        assert same is dbapi
+        st.execute(_INSERT, row)
+        st.first(_BUMP)
+    with solo.read() as s:
+        assert s.get(Activation, row["id"]) is not None
+        assert s.get(Activation, lost["id"]) is None
 
 
-def test_failed_transactions_leave_no_prepared_statements_behind(db: Database, backend: tuple[str, str]) -> None:
+def test_failed_transactions_leave_no_prepared_statements_behind(solo: Database) -> None:
     """PostgreSQL: a PREPARE that ran stays on the server whatever becomes of its transaction, so a
     connection whose writes keep failing (refusals, replays) prepares each statement once, not once
     per failure."""
-    if backend[0] == "sqlite":
-        pytest.skip("SQLite has no pipeline mode")
-    solo = _one_connection(db.url)
-    try:
-        counts = []
-        for _ in range(6):
-            with pytest.raises(ZeroDivisionError):
-                with solo.write() as s:
-                    st, dbapi = _pipelined(s)
-                    st.execute(_INSERT, _person())
-                    st.first(_BUMP)
-                    1 / 0  # noqa: B018 - a refusal after the reads: the transaction rolls back
-            counts.append(len(_prepared_here(dbapi)))
-        assert counts == [2] * 6, counts
-        with solo.read() as s:
-            assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 0
-    finally:
-        solo.dispose()
+    counts = []
+    for _ in range(6):
+        with pytest.raises(ZeroDivisionError):
+            with solo.write() as s:
+                st, dbapi = _pipelined(s)
+                st.execute(_INSERT, _person())
+                st.first(_BUMP)
+                1 / 0  # noqa: B018 - a refusal after the reads: the transaction rolls back
+        counts.append(len(_prepared_here(dbapi)))
+    assert counts == [2] * 6, counts
+    with solo.read() as s:
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 0
 
 
 def test_statements_dropped_under_the_connection_are_prepared_again_after_a_commit_that_met_it(
-        db: Database, backend: tuple[str, str]) -> None:
+        solo: Database) -> None:
     """PostgreSQL: a transaction of queued writes only meets a prepared statement gone at its COMMIT
     (psycopg reads the answers there): that write fails, and the next one prepares again."""
-    if backend[0] == "sqlite":
-        pytest.skip("SQLite has no pipeline mode")
-    solo = _one_connection(db.url)
-    try:
+    with solo.write() as s:
+        st, dbapi = _pipelined(s)
+        st.execute(_INSERT, _person())
+    with dbapi.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    dbapi.commit()
+    with pytest.raises(DBAPIError):
         with solo.write() as s:
-            st, dbapi = _pipelined(s)
-            st.execute(_INSERT, _person())
-        with dbapi.cursor() as cur:
-            cur.execute("DEALLOCATE ALL")
-        dbapi.commit()
-        with pytest.raises(DBAPIError):
-            with solo.write() as s:
-                _pipelined(s)[0].execute(_INSERT, _person())
-        row = _person()
-        with solo.write() as s:
-            _pipelined(s)[0].execute(_INSERT, row)
-        with solo.read() as s:
-            assert s.get(Activation, row["id"]) is not None
-            assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 2
-    finally:
-        solo.dispose()
+            _pipelined(s)[0].execute(_INSERT, _person())
+    row = _person()
+    with solo.write() as s:
+        _pipelined(s)[0].execute(_INSERT, row)
+    with solo.read() as s:
+        assert s.get(Activation, row["id"]) is not None
+        assert s.execute(select(func.count()).select_from(Activation)).scalar_one() == 2
 
 
 def test_a_transaction_queuing_more_than_a_socket_holds_still_commits(db: Database, backend: tuple[str, str]) -> None:

@@ -65,13 +65,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-
+from psycopg import Pipeline
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.generators import send as _send_all
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.dml import Insert, UpdateBase
 
-from entitlement.storage.hotread import Prepared
+from entitlement.storage.hotread import Prepared, loaded
 
 log = structlog.get_logger("entitlement.storage")
 _INFO_KEY = "entitlement_direct"
@@ -289,7 +293,7 @@ class Statements:
                 # than a socket's worth queued (tens of MB), the COMMIT would hang for good.
                 wire.unsent += size
                 if wire.unsent > SEND_AT:
-                    dbapi.wait(_send_all(pgconn))  # every byte out, waiting for the socket as needed
+                    dbapi.wait(_send_all(pgconn))  # psycopg's: every byte out, waiting for the socket
                     wire.unsent = 0
         except self._error as exc:
             self._forget()
@@ -398,12 +402,6 @@ SEND_AT = 64 * 1024  # bytes of queued statements past which they are sent at on
 _MESSAGE_BYTES = 32  # a Bind + Execute's own bytes beside the values and the name, about
 
 
-def _send_all(pgconn: Any) -> Any:
-    """psycopg's generator that sends every byte of libpq's buffer (waiting for the socket)."""
-    from psycopg.generators import send
-    return send(pgconn)
-
-
 class _Answer:
     """Where psycopg's pipeline leaves the results of one command `Statements._send` queued (a
     PREPARE, or a statement): it stands in the pipeline's result queue where a cursor would, and is
@@ -419,17 +417,16 @@ class _Answer:
         self._wire, self._key, self._prepare = wire, key, prepare
 
     def _check_results(self, results: list[Any]) -> None:
-        from psycopg import errors, pq
         for r in results:
             status = r.status
             if status == pq.ExecStatus.FATAL_ERROR:
-                error = errors.error_from_result(r, encoding=self._wire.encoding)
+                error = pg_errors.error_from_result(r, encoding=self._wire.encoding)
                 self._wire.stale(self._key, error.sqlstate)
                 raise error
             if status == pq.ExecStatus.PIPELINE_ABORTED:
-                raise errors.PipelineAborted("pipeline aborted")
+                raise pg_errors.PipelineAborted("pipeline aborted")
             if status != pq.ExecStatus.COMMAND_OK and status != pq.ExecStatus.TUPLES_OK:
-                raise errors.InternalError(f"unexpected result status from query: {pq.ExecStatus(status).name}")
+                raise pg_errors.InternalError(f"unexpected result status from query: {pq.ExecStatus(status).name}")
 
     def _set_results(self, results: list[Any]) -> None:
         if self._prepare:
@@ -458,7 +455,6 @@ class _Wire:
     __slots__ = ("tx", "names", "made", "unconfirmed", "formats", "encoding", "unsent")
 
     def __init__(self, dbapi: Any) -> None:
-        from psycopg.adapt import Transformer
         self.tx = Transformer(dbapi)
         self.names: dict[tuple[Prepared, tuple[int, ...]], bytes] = {}
         self.made = 0
@@ -474,7 +470,6 @@ class _Wire:
         if order:
             formats = self.formats.get(len(order))
             if formats is None:
-                from psycopg.adapt import PyFormat
                 formats = self.formats[len(order)] = [PyFormat.AUTO] * len(order)
             tx = self.tx
             values: Any = tx.dump_sequence([row[n] for n in order], formats)
@@ -494,19 +489,9 @@ class _Wire:
         return key, name, values, wire_formats
 
     def rows(self, result: Any, one: bool) -> list[tuple[Any, ...]]:
-        from psycopg import errors, pq
         if result.status != pq.ExecStatus.TUPLES_OK:
-            raise errors.ProgrammingError("the statement returned no rows")
-        n = min(result.ntuples, 1) if one else result.ntuples
-        if not n:
-            return []
-        tx = self.tx
-        tx.set_pgresult(result)
-        try:
-            rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
-        finally:
-            tx.set_pgresult(None)  # the result's memory goes now
-        return rows
+            raise pg_errors.ProgrammingError("the statement returned no rows")
+        return loaded(self.tx, result, one)
 
     def prepared(self, key: tuple[Prepared, tuple[int, ...]]) -> None:
         self.unconfirmed.discard(key)
@@ -545,13 +530,11 @@ def _enter_pipeline(dbapi: Any) -> Any:
     pipeline mode is refused), so that `_leave_pipeline` may leave without the Sync psycopg's exit
     always sends, and so that the BEGIN can go without waiting (psycopg 3.3, pinned:
     tests/test_direct.py holds the internals used here to what they do)."""
-    import psycopg  # the PostgreSQL driver: only ever reached with it
-    from psycopg import pq
     with dbapi.lock:
         dbapi._check_connection_ok()
         if dbapi._pipeline is not None:
             raise RuntimeError("the connection is in pipeline mode already")
-        pipe = dbapi._pipeline = psycopg.Pipeline(dbapi)
+        pipe = dbapi._pipeline = Pipeline(dbapi)
     try:
         pipe.__enter__()
     except BaseException:
@@ -579,7 +562,6 @@ def _leave_pipeline(dbapi: Any, pipe: Any) -> None:
     the COMMIT, which psycopg sends with a Sync and whose answers it has read), libpq leaves it at
     once (`PQexitPipelineMode`); otherwise psycopg's exit sends a Sync and reads what is left: one
     more round trip, which every write transaction used to pay after its COMMIT."""
-    from psycopg import pq
     try:
         if (not pipe.command_queue and not pipe.result_queue
                 and dbapi.pgconn.transaction_status == pq.TransactionStatus.IDLE):

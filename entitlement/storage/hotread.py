@@ -333,10 +333,18 @@ def _execute_prepared(conn: Any, session: _Session, p: Prepared, args: Any, one:
             pgconn.exec_(b"DEALLOCATE " + name)  # (already gone after a 26000: its error is ignored)
             continue
         raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
+    return loaded(tx, result, one)
+
+
+def loaded(tx: Any, result: Any, one: bool) -> list[tuple[Any, ...]]:
+    """The rows of a PGresult (the first only, if `one`), loaded by psycopg's adapters as a cursor
+    loads them."""
     n = min(result.ntuples, 1) if one else result.ntuples
     if not n:
         return []
     tx.set_pgresult(result)
-    rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
-    tx.set_pgresult(None)  # the result's memory goes now, not at this thread's next read
+    try:
+        rows: list[tuple[Any, ...]] = tx.load_rows(0, n, tuple)
+    finally:
+        tx.set_pgresult(None)  # the result's memory goes now, not with the connection's next read
     return rows
