@@ -17,7 +17,7 @@ calls of one long RPC in flight (closed loop): ListActivations, ActivateEntitlem
 reference). Each case is measured in rounds, the cases taking turns round by round (their order
 reversed every other round); the rounds' latencies are merged before percentiles are taken.
 
-The experiment behind README "Status" (ninth session): BENCH_MIXED_INTERVALS=5000,1000,500 serves
+The experiment behind docs/PERFORMANCE-LOG.md (ninth session): BENCH_MIXED_INTERVALS=5000,1000,500 serves
 each backend with one server per interpreter switch interval (`sys.setswitchinterval`, in us; how
 long a thread that wants the lock waits before the running one is made to let go; 5,000 is Python's
 own, which server.py keeps), side by side on the same database, taking turns in every round.

@@ -5,7 +5,7 @@ its threads (gRPC's poller, the worker pool) hand that lock to each other thousa
 second. Left to the kernel, they run on different cores: every hand-over wakes a thread on another
 core, and the interpreter's shared objects move from one core's cache to the other's. Pinned, the
 same server does the same work with fewer switches and less CPU per call (measured by
-`python -m bench.rpcs`, BENCHMARKS.md "One process pinned to one CPU"; README "Status").
+`python -m bench.rpcs`, BENCHMARKS.md "One process pinned to one CPU"; docs/PERFORMANCE-LOG.md).
 
 Settings:
 - `auto` (the default): pinned only when ENTITLEMENT_PROCESSES equals the number of CPUs this

@@ -291,7 +291,7 @@ def _activity(s: Session, tz: ZoneInfo) -> dict[DayKey, dict[str, int]]:
     """Every `commit` entry's contributions. Entries of the same funder, program and month whose
     activations share their dates (and, revoked, the day of their revocation) contribute alike:
     counted first, then computed once per distinct kind. At 200,000 activations (bench.activations'
-    fill) 13.9-14.7 s before, 5.7-7.3 s after, on both backends (README "Status", twenty-first
+    fill) 13.9-14.7 s before, 5.7-7.3 s after, on both backends (docs/PERFORMANCE-LOG.md, twenty-first
     session)."""
     q = (select(LedgerEntry.funder_id, LedgerEntry.program_id, LedgerEntry.month,
                 *(getattr(Activation, c) for c in SPAN))

@@ -150,7 +150,7 @@ def start(ctx: Context, listen: str) -> Serving:
         return aio_server.start(ctx, listen, tls, behaviors, monitor)
     # Streaming calls (change streams, log streams, registry imports) hold a thread while they last:
     # they get threads of their own, and the server's pool serves the unary calls only, so it can
-    # stay small (fewer threads fight less over the interpreter lock: README "Status").
+    # stay small (fewer threads fight less over the interpreter lock: docs/PERFORMANCE-LOG.md).
     stream_pool = futures.ThreadPoolExecutor(max_workers=max(ctx.settings.stream_workers, 1),
                                              thread_name_prefix="rpc-stream")
     server = grpc.server(

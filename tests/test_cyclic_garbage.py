@@ -1,7 +1,7 @@
 """Calls leave no reference cycles of ours (or of SQLAlchemy's through ours) for the cyclic
 collector: what reference counting frees goes at once, and what only the collector can free is
 collected in young-generation runs that stop every thread of the server (2-4 ms each under load,
-when an activation left about 50 such objects: README "Status", ninth session). Over the real
+when an activation left about 50 such objects: docs/PERFORMANCE-LOG.md, ninth session). Over the real
 channel, on both backends (gRPC's own per-call cycles in its event-loop server are not ours: only
 objects of SQLAlchemy's and of this service's modules are counted)."""
 

@@ -328,7 +328,7 @@ def test_the_settlement_job_logs_one_event_per_activation_it_books_for(
 def test_the_rollups_money_is_read_from_one_index_in_order(db: Database) -> None:
     """The rebuild's money (rollup.MONEY_QUERY, every ledger entry grouped) reads the report index
     alone and in its order: no table row, no sort of the entries. At 1,793,216 entries that was
-    1.0 s against 6.0 s on SQLite, 0.8 s against 5.6-6.2 s on PostgreSQL (README "Status")."""
+    1.0 s against 6.0 s on SQLite, 0.8 s against 5.6-6.2 s on PostgreSQL (docs/PERFORMANCE-LOG.md)."""
     compiled = rollup.MONEY_QUERY.compile(db.engine, compile_kwargs={"literal_binds": True})
     with db.read() as s:
         if db.is_sqlite:

@@ -266,7 +266,7 @@ class Database:
             # write started cold and read its pages again from the file. Measured (20th session,
             # server.py, SQLite activations, strace): 40-43 pread calls an activation against 9-10;
             # at 8 in flight, 3 alternated pairs: 1.04-1.17 x the activations a second, but within
-            # bench.rpcs' noise in ratios to echo (README Status, twentieth session).
+            # bench.rpcs' noise in ratios to echo (docs/PERFORMANCE-LOG.md, twentieth session).
             kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout, pool_use_lifo=True)
         elif self.dialect == "postgresql":
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout,
@@ -527,7 +527,7 @@ def _forget(session: Session) -> None:
     """Drop what the transaction kept in `session.info` (direct.py's statements, the event log's
     head): each entry holds the transaction, which holds the session: a reference cycle per
     transaction, left for the cyclic collector, whose young-generation runs then stopped every
-    thread for 2-4 ms, every 0.3 s under activations at 220 a second (README "Status", ninth session)."""
+    thread for 2-4 ms, every 0.3 s under activations at 220 a second (docs/PERFORMANCE-LOG.md, ninth session)."""
     session.info.clear()
 
 

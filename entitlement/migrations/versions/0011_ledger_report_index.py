@@ -23,7 +23,7 @@ and the disk. With bench.activations at 200,000 activations (1,793,216 entries),
 after: the ledger's indexes 570 -> 278 MB on SQLite and 636 -> 359 MB on PostgreSQL, the whole
 database 1,708 -> 1,416 MB and 1,336 -> 1,058 MB; the rebuild's money 1.0 s on SQLite either way
 (6.0 s with the two dropped and no amount in the third: the entries sorted), 5.6-6.2 s -> 0.8 s on
-PostgreSQL. README "Status" (twenty-first session) has the rest.
+PostgreSQL. docs/PERFORMANCE-LOG.md (twenty-first session) has the rest.
 
 Both directions read every entry to build an index (the downgrade builds three), with writes
 to the ledger blocked meanwhile (run by `entitlement db upgrade`, the server stopped). Measured on
