@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from collections.abc import Callable
 from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -292,8 +293,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                     "kind": "commit", "month": month, "amount_cents": cents, "created_at": now}
                    for funder, _bp, cents in plan.shares]
         st.execute_many(_INSERT_LEDGER, entries)
-        exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days),
-                  dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc))
+        exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days), access_ends(end, ctx.settings.timezone))
         token = tokens.sign(ctx.keys, tokens.TokenClaims(
             issuer=ctx.settings.issuer, platform_id=cmd.platform_id,
             subject=ctx.pseudo.platform_subject(cmd.platform_id, person_key), program_id=program.id,
@@ -322,6 +322,12 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
                            [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
         return ActivationResult(view(ctx, SimpleNamespace(**row), stored, decision), token)
+
+
+def access_ends(end: dt.date, timezone: str) -> dt.datetime:
+    """The instant access ends: midnight after the end date in the service's time zone (Europe/Paris:
+    23:00 or 22:00 UTC), which no token outlives."""
+    return dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), tzinfo=ZoneInfo(timezone))
 
 
 # What an activation stores of its decision, made once per decision object and snapshot: people in

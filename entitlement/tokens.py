@@ -56,6 +56,10 @@ TOKEN_TYPE = "entitlement-activation+jwt"
 ALGORITHM = "EdDSA"
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "nbf", "iat", "jti", "program", "entitlement"]
+# How far in the future a token's `nbf` may be when redeemed: another server process's clock may run
+# a little ahead of the one that checks (the platforms' verifier allows the same, token_verifier.py
+# DEFAULT_LEEWAY_S). `exp` gets none: the service's own clock says when access ends.
+NBF_LEEWAY_S = 60
 RELOAD_INTERVAL_S = 2.0  # a running server looks at the key folder at most this often
 DEFAULT_TOKEN_TTL = dt.timedelta(days=30)
 STATES = ("next", "signing", "retiring", "expired")
@@ -481,7 +485,7 @@ def verify(keys: KeyStore, token: str, *, issuer: str, audience: str, now: dt.da
             raise TokenError("TOKEN_INVALID", f"token claim {name} must be an integer")
     if claims["exp"] <= ts:
         raise TokenError("TOKEN_EXPIRED", "token has expired")
-    if claims["nbf"] > ts:
+    if claims["nbf"] > ts + NBF_LEEWAY_S:
         raise TokenError("TOKEN_INVALID", "token is not valid yet")
     return TokenClaims(claims["iss"], claims["aud"], claims["sub"], claims["program"], claims["entitlement"],
                        claims["jti"], claims["iat"], claims["nbf"], claims["exp"])

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import jwt
@@ -607,6 +609,33 @@ def test_token_attacks_are_refused_and_bind_nothing(api: Api, harness: Harness, 
     assert not api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=account)).active
     # The genuine token was not used up.
     assert redeem(api, resp.activation_token, account).activation == resp.activation.name
+
+
+def test_a_token_redeems_on_a_clock_a_little_behind_the_one_that_signed_it(api: Api, harness: Harness) -> None:
+    """Another server process whose clock runs 30 s behind the signer's still redeems a fresh token
+    (its `nbf` is the signing instant); an `nbf` an hour ahead stays refused ("not-valid-yet")."""
+    resp = api.activate()
+    with clock_at(harness, harness.clock.now() - dt.timedelta(seconds=30)):
+        assert redeem(api, resp.activation_token, "acct-" + rid()).activation == resp.activation.name
+
+
+def test_no_token_outlives_the_access_it_grants(api: Api, harness: Harness) -> None:
+    """`exp` is capped at the end of access: midnight after the end date in the service's time zone
+    (Europe/Paris: 23:00 UTC in winter), not midnight UTC, an hour later. The token lifetime is
+    stretched past the activation's end for the call, so the cap is what sets `exp`."""
+    ctx = harness.ctx
+    settings = ctx.settings
+    object.__setattr__(ctx, "settings", dataclasses.replace(settings, token_ttl_days=800))
+    try:
+        resp = api.activate()
+    finally:
+        object.__setattr__(ctx, "settings", settings)
+    claims = jwt.decode(resp.activation_token, options={"verify_signature": False})
+    e = resp.activation.end_date
+    ends = dt.datetime.combine(dt.date(e.year, e.month, e.day) + dt.timedelta(days=1), dt.time(),
+                               ZoneInfo("Europe/Paris"))
+    assert ends.astimezone(dt.timezone.utc).hour in (22, 23)
+    assert claims["exp"] == int(ends.timestamp())
 
 
 # ----------------------------------------------------------------------- jose, another language
