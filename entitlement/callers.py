@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 ROLES = ("platform", "advisor", "funder", "agency", "admin")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# An advisor's agency code: stored with each activation it makes (activations.agency_code, 16
+# characters) and in the actor of its events; ListActivations filters on it with the same pattern.
+AGENCY_CODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,10 @@ def _caller(where: str, raw: dict[str, Any]) -> Caller:
     values = {}
     for f in ("id", *SCOPE_FIELDS[role]):
         v = raw.get(f, "")
-        if not isinstance(v, str) or not ID_RE.fullmatch(v):
+        if f == "agency_code":
+            if not isinstance(v, str) or not AGENCY_CODE_RE.fullmatch(v):
+                raise SystemExit(f"{where}.{f}: required, 1 to 16 letters, digits, '.', '_' or '-'")
+        elif not isinstance(v, str) or not ID_RE.fullmatch(v):
             raise SystemExit(f"{where}.{f}: required, letters, digits, '.', '_' or '-'")
         values[f] = v
     return Caller(role=role, **values)

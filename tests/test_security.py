@@ -189,6 +189,27 @@ def test_caller_ids_are_never_reused(managed: Harness) -> None:
         make_caller("x1", "funder", funder_id="f", platform_id="p")
 
 
+def test_an_agency_code_is_what_an_activation_stores_and_a_listing_filters_on(managed: Harness) -> None:
+    """An advisor's agency code is stored with every activation it makes (16 characters) and is
+    ListActivations' filter: a longer one is refused when the caller is made (it answered INTERNAL at
+    every activation on PostgreSQL), and any code a caller may have can be filtered on ('-', '.')."""
+    h = managed
+    with pytest.raises(ValueError, match="agency_code: required, 1 to 16"):
+        make_caller(unique("adv"), "advisor", advisor_id="A0106", agency_code="AGENCY-IDF-PARIS-11")
+    code = "IDF-PARIS.11_B"
+    token = create(h, make_caller(unique("adv"), "advisor", advisor_id="A0107", agency_code=code))
+    agency_id, birth = next_ledger_person()
+    created = as_token(h, token).ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="agency code"))
+    assert created.activation.agency_code == code
+    listed = As(h.channel, h.tokens["admin"]).ListActivations(audit_pb2.ListActivationsRequest(agency_code=code))
+    assert [a.name for a in listed.activations] == [created.activation.name]
+    f = expect_error(As(h.channel, h.tokens["admin"]).ListActivations,
+                     audit_pb2.ListActivationsRequest(agency_code="A" * 17), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "agency_code" in f.message
+
+
 @pytest.mark.parametrize("header,reason", [
     (None, "CREDENTIALS_MISSING"),
     ("Bearer ", "CREDENTIALS_INVALID"),

@@ -185,7 +185,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         v = Violations()
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         val.pattern(request.funder, val.FUNDER_RE, "funder", "a funder id such as region-idf", v)
-        val.pattern(request.agency_code, val.AGENCY_CODE_RE, "agency_code", "1 to 16 letters or digits", v)
+        val.pattern(request.agency_code, val.AGENCY_CODE_RE, "agency_code",
+                    "1 to 16 letters, digits, '.', '_' or '-'", v)
         state = ""
         if request.state:
             state = convert.PROTO_TO_STATE.get(request.state, "")

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.type import date_pb2
 
+from entitlement import callers
 from entitlement.errors import Violations
 
 PROGRAM_NAME_RE = re.compile(r"^programs/([a-z][a-z0-9-]{1,62})$")
@@ -111,6 +112,6 @@ def pattern(value: str, regex: re.Pattern[str], field: str, description: str, v:
 MENTOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 FUNDER_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
-AGENCY_CODE_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+AGENCY_CODE_RE = callers.AGENCY_CODE_RE  # any agency code a caller can have
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 UTC = dt.timezone.utc

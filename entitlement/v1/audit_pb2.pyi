@@ -73,7 +73,9 @@ class ListActivationsRequest(_message.Message):
     or give its own id.
     """
     agency_code: _builtins.str
-    """Only activations made by this agency."""
+    """Only activations made by this agency (an advisor's agency code: 1-16 letters, digits, ".", "_"
+    or "-").
+    """
     state: _activation_pb2.ActivationState.ValueType
     """Only activations in this state."""
     @_builtins.property
