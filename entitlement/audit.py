@@ -24,7 +24,8 @@ from entitlement.registry import SnapshotRef
 from entitlement.storage.db import utc
 from entitlement.storage.models import Activation, Event, LedgerEntry, LogNode, ReportMonth
 
-MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+# A month of this century (ASCII digits): what the reports, the ledger and ReportUsage name months by.
+MONTH_RE = re.compile(r"^20[0-9]{2}-(0[1-9]|1[0-2])$")
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
     when the rollup counts days in another time zone than the service's."""
     for name, value in (("start_month", start_month), ("end_month", end_month)):
         if value and not MONTH_RE.fullmatch(value):
-            raise InvalidArgument.single(name, "expected YYYY-MM")
+            raise InvalidArgument.single(name, "expected YYYY-MM, from 2000-01 to 2099-12")
     if start_month and end_month and start_month > end_month:
         raise InvalidArgument.single("end_month", "is before start_month")
     programs = _scope_programs(ctx, caller, funder, program_id)

@@ -70,9 +70,12 @@ def decode_cursor(cursor: str) -> int:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
-    if not text.startswith(_CURSOR_TAG) or not text[len(_CURSOR_TAG):].isdigit():
+    digits = text[len(_CURSOR_TAG):]
+    # 1 to 19 ASCII digits (a sequence number): str.isdigit() takes '²', which int() then refuses,
+    # and int() refuses more than 4,300 digits.
+    if not text.startswith(_CURSOR_TAG) or not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
         raise bad
-    return int(text[len(_CURSOR_TAG):])
+    return int(digits)
 
 
 def bookmark(seq: int) -> Change:

@@ -166,8 +166,9 @@ def _cases() -> list[Case]:
         "page_token")
     add("ListActivations-malformed-program", "admin", "ListActivations", lst(program="premium"), "program")
     add("ListActivations-malformed-funder", "admin", "ListActivations", lst(funder="Region IDF"), "funder")
-    add("ListActivations-malformed-agency_code", "admin", "ListActivations", lst(agency_code="75-011"),
+    add("ListActivations-malformed-agency_code", "admin", "ListActivations", lst(agency_code="75 011"),
         "agency_code")
+    add("ListActivations-long-agency_code", "admin", "ListActivations", lst(agency_code="A" * 17), "agency_code")
     add("ListActivations-unknown-state", "admin", "ListActivations", lst(state=99), "state")  # type: ignore[arg-type]
     add("ListActivations-timestamp-before-year-1", "admin", "ListActivations",
         lst(create_time_from=ts(-99_999_999_999)), "create_time_from")
@@ -175,7 +176,8 @@ def _cases() -> list[Case]:
         lst(create_time_to=ts(0, 2_000_000_000)), "create_time_to")
 
     report = audit_pb2.GetFundingReportRequest
-    for bad in ("2026-13", "2026-3", "202603", "2026-00", "March"):
+    for bad in ("2026-13", "2026-3", "202603", "2026-00", "March", "0000-01", "1999-12", "2100-01",
+                "\u0662\u0660\u0662\u0666-03"):
         add(f"GetFundingReport-bad-start_month-{bad}", "admin", "GetFundingReport", report(start_month=bad),
             "start_month")
     add("GetFundingReport-bad-end_month", "admin", "GetFundingReport", report(end_month="2026-1x"), "end_month")
@@ -183,6 +185,11 @@ def _cases() -> list[Case]:
         report(start_month="2026-03", end_month="2026-02"), "end_month")
     add("GetFundingReport-malformed-program", "admin", "GetFundingReport", report(program="programs/"), "program")
     add("GetFundingReport-malformed-funder", "admin", "GetFundingReport", report(funder="-x"), "funder")
+
+    usage = activation_pb2.ReportUsageRequest
+    for bad in ("0000-01", "2026-13", "\u0662\u0660\u0662\u0666-03"):
+        add(f"ReportUsage-bad-month-{bad}", "platform-oc", "ReportUsage",
+            usage(account_id="acct-1", month=bad, used=True), "month")
 
     events = audit_pb2.ListEventsRequest
     add("ListEvents-negative-page_size", "admin", "ListEvents", events(page_size=-1), "page_size")

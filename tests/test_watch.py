@@ -5,6 +5,7 @@ the stream limit, and streams ending when the server stops."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import time
 import uuid
@@ -123,8 +124,14 @@ def test_expiry_by_the_settlement_job_is_a_change(api: Api, harness: Harness) ->
     assert summary(expired) == ("EXPIRED", "EXPIRED", account, False)
 
 
-@pytest.mark.parametrize("cursor", ["not-a-cursor", "", changes.encode_cursor(10**12)],
-                         ids=["garbage", "other-tag", "ahead-of-the-log"])
+def _tagged(text: str) -> str:
+    return base64.urlsafe_b64encode(f"entitlement.v1.changes:{text}".encode()).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "", changes.encode_cursor(10**12), _tagged("\u00b2"),
+                                    _tagged("\u0663"), _tagged("9" * 5000), _tagged("-1")],
+                         ids=["garbage", "other-tag", "ahead-of-the-log", "superscript-digit",
+                              "arabic-indic-digit", "5000-digits", "negative"])
 def test_bad_cursors_are_invalid_argument(api: Api, cursor: str) -> None:
     if cursor == "":
         cursor = "b3RoZXI6MTI"  # base64 of another service's text

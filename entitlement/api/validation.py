@@ -113,5 +113,5 @@ MENTOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 FUNDER_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 AGENCY_CODE_RE = callers.AGENCY_CODE_RE  # any agency code a caller can have
-MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+MONTH_RE = re.compile(r"^20[0-9]{2}-(0[1-9]|1[0-2])$")  # as audit.MONTH_RE: 2000-01 to 2099-12
 UTC = dt.timezone.utc

@@ -143,9 +143,9 @@ class GetFundingReportRequest(_message.Message):
     program: _builtins.str
     """Only this program, `programs/{program_id}`."""
     start_month: _builtins.str
-    """First month included, `YYYY-MM`; empty for no lower bound."""
+    """First month included, `YYYY-MM` (2000-01 to 2099-12); empty for no lower bound."""
     end_month: _builtins.str
-    """Last month included, `YYYY-MM`; empty for no upper bound."""
+    """Last month included, `YYYY-MM` (2000-01 to 2099-12); empty for no upper bound."""
     def __init__(
         self,
         *,
