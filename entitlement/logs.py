@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -23,6 +24,22 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 def _add_pid(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
     """Which server process wrote the line (several may share a port: ENTITLEMENT_PROCESSES)."""
     event["pid"] = os.getpid()
+    return event
+
+
+# PostgreSQL's DETAIL line of a constraint violation quotes the row's values ("Key (a, b)=(x, y)
+# already exists.", "Failing row contains (...)."): a platform's account id, a request's text. The
+# engine hides bound parameters, but the server's own text travels in the exception's message, and
+# an exception no handler expected is logged with its traceback (entitlement/api/accesslog.py).
+_DETAIL = re.compile(r"^(DETAIL:\s*).+$", re.MULTILINE)
+
+
+def _hide_row_values(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+    """Drop what follows DETAIL: in a rendered traceback (the constraint's name, on the line before,
+    says which one failed)."""
+    text = event.get("exception")
+    if isinstance(text, str) and "DETAIL:" in text:
+        event["exception"] = _DETAIL.sub(r"\1(row values not logged)", text)
     return event
 
 
@@ -263,6 +280,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             _add_pid,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _hide_row_values,
             structlog.processors.JSONRenderer(sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

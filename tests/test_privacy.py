@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from google.type import date_pb2
 from sqlalchemy import func, select
 
-from own_server import on_day, own_server
+from own_server import next_ledger_person, on_day, own_server
 from support import TODAY, As, date_msg, identity
 from test_server_ops import Server, prepare
 
@@ -274,6 +274,37 @@ def test_no_personal_data_in_logs_or_funder_answers(traffic_server: tuple[Server
     # The scan can fail: it finds each kind of value, whatever its spelling.
     assert hits("dateNaissance=23/04/1996 codePostal=92347 id=priva0001") == [
         "PRIVA0001", "PRIVA0001 birth 23/04/1996", "PRIVA0001 postal 92347"]
+
+
+def test_a_database_error_no_handler_expected_logs_no_row_values(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        server_log: tuple[Path, Any]) -> None:
+    """PostgreSQL's message for a constraint violation quotes the row ("DETAIL: Key (...)=(...)
+    already exists."): the traceback of an error that escapes every handler (INTERNAL) is logged
+    without it. A unique index the service does not have makes the second activation with the same
+    reason fail past its retries."""
+    secret = "reason-" + uuid.uuid4().hex
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        with h.ctx.db.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE UNIQUE INDEX test_one_per_reason ON activations (state_reason)")
+        adv = As(h.channel, h.tokens["advisor-paris"])
+
+        def activate(ident: str, birth: dt.date) -> Any:
+            return adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                job_seeker=identity(ident, birth), program="programs/premium-job-seekers",
+                platform="platforms/openclassrooms", reason=secret))
+        activate(*next_ledger_person())
+        with pytest.raises(grpc.RpcError) as info:
+            activate(*next_ledger_person())
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert secret not in (info.value.details() or "")
+    path, stream = server_log
+    stream.flush()
+    lines = path.read_text().splitlines()
+    # The index's name (PostgreSQL) or its column (SQLite, whose message quotes no value) names it.
+    failure = [json.loads(x) for x in lines if "test_one_per_reason" in x or "activations.state_reason" in x]
+    assert failure and {x["event"] for x in failure} == {"unhandled_exception"}, failure  # (one per backend run)
+    assert not [x for x in lines if secret in x], "a row value reached the log"
 
 
 # ------------------------------------------------------------------------------------ retention
