@@ -293,12 +293,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                     "kind": "commit", "month": month, "amount_cents": cents, "created_at": now}
                    for funder, _bp, cents in plan.shares]
         st.execute_many(_INSERT_LEDGER, entries)
-        exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days), access_ends(end, ctx.settings.timezone))
-        token = tokens.sign(ctx.keys, tokens.TokenClaims(
-            issuer=ctx.settings.issuer, platform_id=cmd.platform_id,
-            subject=ctx.pseudo.platform_subject(cmd.platform_id, person_key), program_id=program.id,
-            activation_id=activation_id, jti=jti, issued_at=int(now.timestamp()),
-            not_before=int(now.timestamp()), expires_at=int(exp.timestamp())))
+        token = _token(ctx, cmd.platform_id, person_key, program.id, activation_id, jti, now, end)
         # Before the event: on PostgreSQL, the event's UPDATE of log_head holds that row (every
         # writer's) until the commit, so what can be written before it is.
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
@@ -322,6 +317,17 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         rollup.commitments(s, activation_id, rollup.Span(today, end, "active", now),
                            [(e["funder_id"], e["program_id"], e["month"], e["amount_cents"]) for e in entries])
         return ActivationResult(view(ctx, SimpleNamespace(**row), stored, decision), token)
+
+
+def _token(ctx: Context, platform_id: str, person_key: bytes, program_id: str, activation_id: str, jti: str,
+           now: dt.datetime, end: dt.date) -> str:
+    """The activation token: valid from now for the token lifetime, never past the end of access."""
+    exp = min(now + dt.timedelta(days=ctx.settings.token_ttl_days), access_ends(end, ctx.settings.timezone))
+    return tokens.sign(ctx.keys, tokens.TokenClaims(
+        issuer=ctx.settings.issuer, platform_id=platform_id,
+        subject=ctx.pseudo.platform_subject(platform_id, person_key), program_id=program_id,
+        activation_id=activation_id, jti=jti, issued_at=int(now.timestamp()),
+        not_before=int(now.timestamp()), expires_at=int(exp.timestamp())))
 
 
 def access_ends(end: dt.date, timezone: str) -> dt.datetime:
@@ -412,6 +418,44 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
                         program_id=a.program_id, reason=cmd.reason, payload=payload)
         _remember(s, ctx, caller, cmd.request_id, cmd.action, digest, {"activation_id": a.id})
         return view(ctx, a)
+
+
+def reissue_token(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationResult:
+    """A new token for a live activation never redeemed (cmd.action is "reissue"): a new `jti`, so the
+    old token no longer matches; the ledger is untouched; one `activation.token_reissued` event."""
+    digest = _request_hash("reissue", {"a": cmd.activation_id, "r": cmd.reason})
+    with inflight.claim(ctx.db, caller.id, cmd.request_id):
+        result: ActivationResult = _with_retry(_reissue_once, ctx, caller, cmd, digest)
+    return result
+
+
+def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: str) -> ActivationResult:
+    now, today = ctx.clock.now(), ctx.clock.today()
+    with ctx.db.write() as s:
+        inflight.lock(s, caller.id, cmd.request_id)
+        replay = _replay(s, caller, cmd.request_id, "reissue", digest)
+        if replay is not None:
+            a = s.get(Activation, replay["activation_id"])
+            assert a is not None
+            return ActivationResult(view(ctx, a), replay["token"])
+        a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        current = effective_state(a, today)
+        if current not in LIVE:
+            raise FailedPrecondition(
+                f"cannot reissue the token of activations/{a.id}: it is {current}", reason="INVALID_STATE",
+                metadata={"current_state": current.upper(), "action": "reissue_token"})
+        if a.account_id is not None:
+            # (The platform's account id stays out of the answer: the advisor has no use for it.)
+            raise FailedPrecondition(f"the token of activations/{a.id} was already redeemed",
+                                     reason="TOKEN_ALREADY_REDEEMED", metadata={"activation": f"activations/{a.id}"})
+        jti = uuid.uuid4().hex
+        token = _token(ctx, a.platform_id, a.person_key, a.program_id, a.id, jti, now, a.end_date)
+        a.token_jti, a.updated_at = jti, now
+        eventlog.append(s, time=now, type="activation.token_reissued", actor=caller.actor,
+                        subject=f"activations/{a.id}", program_id=a.program_id, reason=cmd.reason,
+                        platform_id=a.platform_id, payload={"platform": a.platform_id, "jti": jti})
+        _remember(s, ctx, caller, cmd.request_id, "reissue", digest, {"activation_id": a.id, "token": token})
+        return ActivationResult(view(ctx, a), token)
 
 
 def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) -> dict[str, int]:

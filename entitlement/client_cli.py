@@ -322,6 +322,20 @@ def _transition(method: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def cmd_reissue_token(args: argparse.Namespace) -> int:
+    request_id = args.request_id or uuid.uuid4().hex
+    req = activation_pb2.TransitionActivationRequest(
+        name=_name("activations", args.activation), reason=args.reason, request_id=request_id)
+    resp = _call(args, activation_pb2_grpc.ActivationServiceStub, "ReissueActivationToken", req)
+    if args.json:
+        _print_json(resp)
+        return 0
+    _print_activation(resp.activation)
+    print(f"request id: {request_id} (repeat it with --request-id to retry safely)")
+    print(f"token: {resp.activation_token}")
+    return 0
+
+
 def cmd_redeem(args: argparse.Namespace) -> int:
     req = activation_pb2.RedeemActivationTokenRequest(token=args.token_value, account_id=args.account_id)
     return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "RedeemActivationToken", req),
@@ -423,6 +437,12 @@ def add_commands(sub: Any, programs: Any) -> None:
         p.add_argument("activation", help="activations/ID or ID")
         p.add_argument("--reason", required=True, help="why (recorded in the event log)")
         request_id(p)
+
+    p = command("reissue-token", cmd_reissue_token,
+                "advisor: a new token for an activation never redeemed (the old one stops working)")
+    p.add_argument("activation", help="activations/ID or ID")
+    p.add_argument("--reason", required=True, help="why (recorded in the event log)")
+    request_id(p)
 
     p = command("redeem", cmd_redeem, "platform: bind an activation token to one of your accounts")
     p.add_argument("token_value", metavar="TOKEN", help="the activation token")

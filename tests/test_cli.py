@@ -123,6 +123,19 @@ def test_activate_then_get_suspend_resume_revoke(run: Run) -> None:
         "INVALID_ARGUMENT", "name: must look like activations/")
 
 
+def test_reissue_token_prints_a_new_token_and_the_old_one_stops_redeeming(run: Run) -> None:
+    act = activate(run, "--reason", "cli test")
+    r = run("advisor-paris", "reissue-token", act["activation"], "--reason", "lost the link")
+    assert r.code == 0, r.err
+    again = r.fields()
+    assert again["activation"] == act["activation"] and again["state"] == "active (cli test)"
+    assert again["token"].count(".") == 2 and again["token"] != act["token"]
+    run("platform-oc", "redeem", act["token"], "acct-cli-reissue").error("FAILED_PRECONDITION", "[TOKEN_INVALID]")
+    assert run("platform-oc", "redeem", again["token"], "acct-cli-reissue").code == 0
+    run("advisor-paris", "reissue-token", act["activation"], "--reason", "again").error(
+        "FAILED_PRECONDITION", "[TOKEN_ALREADY_REDEEMED]")
+
+
 def test_activate_with_the_same_request_id_is_idempotent(run: Run) -> None:
     agency_id, birth = next_person()
     argv = ("activate", agency_id, birth.isoformat(), "--program", f"programs/{PROGRAM}",

@@ -133,7 +133,7 @@ def _cases() -> list[Case]:
         add(f"GetActivation-malformed-name-{bad[:14]}", "advisor-paris", "GetActivation",
             activation_pb2.GetActivationRequest(name=bad), "name")
 
-    for method in ("SuspendActivation", "ResumeActivation", "RevokeActivation"):
+    for method in ("SuspendActivation", "ResumeActivation", "RevokeActivation", "ReissueActivationToken"):
         add(f"{method}-missing-name", "advisor-paris", method, transition(name=""), "name")
         add(f"{method}-malformed-name", "advisor-paris", method, transition(name="activations/not-hex"), "name")
         add(f"{method}-empty-reason", "advisor-paris", method, transition(reason=""), "reason")
@@ -350,7 +350,7 @@ def call_empty(api: Api, path: str, caller: str | None) -> Any:
 
 
 def test_role_table_covers_every_rpc_of_the_contract() -> None:
-    assert len(METHODS) == 20
+    assert len(METHODS) == 21
     assert set(ROLES) == set(METHODS), {"missing": set(METHODS) - set(ROLES), "extra": set(ROLES) - set(METHODS)}
     for path, roles in ROLES.items():
         assert roles and roles <= set(REPRESENTATIVE), path

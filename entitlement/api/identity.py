@@ -47,6 +47,7 @@ ROLES: dict[str, frozenset[str]] = {
     "/entitlement.v1.ActivationService/SuspendActivation": ADVISOR,
     "/entitlement.v1.ActivationService/ResumeActivation": ADVISOR,
     "/entitlement.v1.ActivationService/RevokeActivation": ADVISOR,
+    "/entitlement.v1.ActivationService/ReissueActivationToken": ADVISOR,
     "/entitlement.v1.ActivationService/RedeemActivationToken": frozenset({"platform"}),
     "/entitlement.v1.ActivationService/VerifyEntitlement": frozenset({"platform"}),
     "/entitlement.v1.ActivationService/GetSigningKeys": ALL,

@@ -85,15 +85,18 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         v.raise_if_any()
         return convert.activation(activation.get(self.ctx, current_caller(), activation_id))
 
-    def _transition(self, action: str, request: activation_pb2.TransitionActivationRequest) -> activation_pb2.Activation:
+    @staticmethod
+    def _command(action: str, request: activation_pb2.TransitionActivationRequest) -> activation.TransitionCommand:
         v = Violations()
         val.check_required(request, v)
         activation_id = val.name(request.name, val.ACTIVATION_NAME_RE, "name", "activations/{32 hex digits}", v)
         reason = val.text(request.reason, "reason", v)
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
         v.raise_if_any()
-        return convert.activation(activation.transition(self.ctx, current_caller(), activation.TransitionCommand(
-            activation_id, action, reason, request.request_id)))
+        return activation.TransitionCommand(activation_id, action, reason, request.request_id)
+
+    def _transition(self, action: str, request: activation_pb2.TransitionActivationRequest) -> activation_pb2.Activation:
+        return convert.activation(activation.transition(self.ctx, current_caller(), self._command(action, request)))
 
     def SuspendActivation(self, request: activation_pb2.TransitionActivationRequest,
                           context: grpc.ServicerContext) -> activation_pb2.Activation:
@@ -106,6 +109,11 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def RevokeActivation(self, request: activation_pb2.TransitionActivationRequest,
                          context: grpc.ServicerContext) -> activation_pb2.Activation:
         return self._transition("revoke", request)
+    def ReissueActivationToken(self, request: activation_pb2.TransitionActivationRequest,
+                               context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
+        result = activation.reissue_token(self.ctx, current_caller(), self._command("reissue", request))
+        return convert.activation_response(result.activation, result.token)
+
 
     def RedeemActivationToken(self, request: activation_pb2.RedeemActivationTokenRequest,
                               context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:

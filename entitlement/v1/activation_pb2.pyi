@@ -245,7 +245,7 @@ Global___GetActivationRequest: _TypeAlias = GetActivationRequest  # noqa: Y015
 
 @_typing.final
 class TransitionActivationRequest(_message.Message):
-    """Used by SuspendActivation, ResumeActivation and RevokeActivation."""
+    """Used by SuspendActivation, ResumeActivation, RevokeActivation and ReissueActivationToken."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -60,6 +60,11 @@ class ActivationServiceStub:
                 request_serializer=entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.SerializeToString,
                 response_deserializer=entitlement_dot_v1_dot_activation__pb2.Activation.FromString,
                 _registered_method=True)
+        self.ReissueActivationToken = channel.unary_unary(
+                '/entitlement.v1.ActivationService/ReissueActivationToken',
+                request_serializer=entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.SerializeToString,
+                response_deserializer=entitlement_dot_v1_dot_activation__pb2.ActivateEntitlementResponse.FromString,
+                _registered_method=True)
         self.RedeemActivationToken = channel.unary_unary(
                 '/entitlement.v1.ActivationService/RedeemActivationToken',
                 request_serializer=entitlement_dot_v1_dot_activation__pb2.RedeemActivationTokenRequest.SerializeToString,
@@ -150,6 +155,22 @@ class ActivationServiceServicer:
         of access owed up to today are consumed and what was committed and can no longer be owed is
         released (under `use` programs, months whose use may still be reported stay reserved until
         their report window closes). Errors as SuspendActivation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReissueActivationToken(self, request, context):
+        """Signs a new activation token for a live activation whose token was never redeemed (the job
+        seeker lost it, or it expired unused: a token lives ENTITLEMENT_TOKEN_TTL_DAYS), instead of a
+        revocation and a new activation, which the funders would pay twice. The new token carries a new
+        `jti`; the old one stops redeeming at once (FAILED_PRECONDITION `TOKEN_INVALID`). Nothing
+        changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
+        the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
+        token). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
+        (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
+        (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +305,11 @@ def add_ActivationServiceServicer_to_server(servicer, server):
                     servicer.RevokeActivation,
                     request_deserializer=entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.FromString,
                     response_serializer=entitlement_dot_v1_dot_activation__pb2.Activation.SerializeToString,
+            ),
+            'ReissueActivationToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReissueActivationToken,
+                    request_deserializer=entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.FromString,
+                    response_serializer=entitlement_dot_v1_dot_activation__pb2.ActivateEntitlementResponse.SerializeToString,
             ),
             'RedeemActivationToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RedeemActivationToken,
@@ -446,6 +472,33 @@ class ActivationService:
             '/entitlement.v1.ActivationService/RevokeActivation',
             entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.SerializeToString,
             entitlement_dot_v1_dot_activation__pb2.Activation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReissueActivationToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entitlement.v1.ActivationService/ReissueActivationToken',
+            entitlement_dot_v1_dot_activation__pb2.TransitionActivationRequest.SerializeToString,
+            entitlement_dot_v1_dot_activation__pb2.ActivateEntitlementResponse.FromString,
             options,
             channel_credentials,
             insecure,

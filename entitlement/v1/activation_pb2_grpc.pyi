@@ -89,6 +89,18 @@ class ActivationServiceStub:
     released (under `use` programs, months whose use may still be reported stay reserved until
     their report window closes). Errors as SuspendActivation.
     """
+    ReissueActivationToken: _grpc.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.ActivateEntitlementResponse]
+    """Signs a new activation token for a live activation whose token was never redeemed (the job
+    seeker lost it, or it expired unused: a token lives ENTITLEMENT_TOKEN_TTL_DAYS), instead of a
+    revocation and a new activation, which the funders would pay twice. The new token carries a new
+    `jti`; the old one stops redeeming at once (FAILED_PRECONDITION `TOKEN_INVALID`). Nothing
+    changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
+    the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
+    token). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
+    (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
+    (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+    """
     RedeemActivationToken: _grpc.UnaryUnaryMultiCallable[_activation_pb2.RedeemActivationTokenRequest, _activation_pb2.EntitlementStatus]
     """Binds an activation token to the platform's own account id, once. Any later redemption of
     the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
@@ -218,6 +230,18 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     of access owed up to today are consumed and what was committed and can no longer be owed is
     released (under `use` programs, months whose use may still be reported stay reserved until
     their report window closes). Errors as SuspendActivation.
+    """
+    ReissueActivationToken: _aio.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.ActivateEntitlementResponse]  # type: ignore[assignment]
+    """Signs a new activation token for a live activation whose token was never redeemed (the job
+    seeker lost it, or it expired unused: a token lives ENTITLEMENT_TOKEN_TTL_DAYS), instead of a
+    revocation and a new activation, which the funders would pay twice. The new token carries a new
+    `jti`; the old one stops redeeming at once (FAILED_PRECONDITION `TOKEN_INVALID`). Nothing
+    changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
+    the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
+    token). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
+    (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
+    (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
     """
     RedeemActivationToken: _aio.UnaryUnaryMultiCallable[_activation_pb2.RedeemActivationTokenRequest, _activation_pb2.EntitlementStatus]  # type: ignore[assignment]
     """Binds an activation token to the platform's own account id, once. Any later redemption of
@@ -375,6 +399,24 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         of access owed up to today are consumed and what was committed and can no longer be owed is
         released (under `use` programs, months whose use may still be reported stay reserved until
         their report window closes). Errors as SuspendActivation.
+        """
+
+    @_abc_1.abstractmethod
+    def ReissueActivationToken(
+        self,
+        request: _activation_pb2.TransitionActivationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_activation_pb2.ActivateEntitlementResponse, _abc.Awaitable[_activation_pb2.ActivateEntitlementResponse]]:
+        """Signs a new activation token for a live activation whose token was never redeemed (the job
+        seeker lost it, or it expired unused: a token lives ENTITLEMENT_TOKEN_TTL_DAYS), instead of a
+        revocation and a new activation, which the funders would pay twice. The new token carries a new
+        `jti`; the old one stops redeeming at once (FAILED_PRECONDITION `TOKEN_INVALID`). Nothing
+        changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
+        the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
+        token). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
+        (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
+        (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
         """
 
     @_abc_1.abstractmethod

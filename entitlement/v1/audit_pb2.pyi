@@ -322,7 +322,8 @@ class Event(_message.Message):
     """Position in the log, from 1, without gaps."""
     type: _builtins.str
     """e.g. `activation.created`, `activation.suspended`, `activation.resumed`,
-    `activation.revoked`, `activation.redeemed`, `registry.snapshot_switched`.
+    `activation.revoked`, `activation.redeemed`, `activation.token_reissued`,
+    `registry.snapshot_switched`.
     """
     actor: _builtins.str
     """Who did it: `advisor:{advisor_id}@{agency_code}`, `platform:{platform_id}`, `system`, ..."""
