@@ -1,5 +1,5 @@
 """Use cases of funders and admins: list activations, the funding report, the event log.
-A funder's scope (the programs it funds) is applied inside each query."""
+A funder's scope (the activations it has a share of, and their events) is applied inside each query."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Date, Integer, and_, bindparam, case, func, or_, select, tuple_
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from entitlement import rollup, rules
 from entitlement.activation import LIVE
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, PermissionDenied
+from entitlement.eventlog import ACTIVATION_PREFIX
 from entitlement.paging import PageTokens, page_size
 from entitlement.registry import SnapshotRef
 from entitlement.storage.db import utc
@@ -69,8 +70,43 @@ def _tokens(ctx: Context) -> PageTokens:
     return PageTokens(ctx.pseudo.derive("page-token"))
 
 
+def _scope_funder(caller: Caller, funder: str) -> str:
+    """The funder whose share decides what a query may touch; "" for none (an admin without a
+    funder filter). _scope_programs refuses another funder's id from a funder."""
+    return (caller.funder_id or "") if caller.role == "funder" else funder
+
+
+def funds(activation_id: Any, funder: Any) -> ColumnElement[bool]:
+    """The funder has a share of this activation's funding: a `commit` ledger entry of the
+    activation booked for it (one per funder of the plan decided at activation, zero cents
+    included).
+
+    The ledger, not the program's dated `funders`: the plan was decided from the values in force on
+    the activation's start date and booked then; it is what the funder pays by and what
+    GetFundingReport reads, whatever the program file says later. (Comparing the start date with
+    the intervals during which the funder has a share would need one range per interval OR'ed in
+    every statement, and would follow any later edit of a past value.) The cost is one probe of
+    ix_ledger_activation (activation_id, funder_id, kind) per candidate row, answered from the index
+    alone, after the cheap filter on the programs the funder has a share of on some date."""
+    return (select(LedgerEntry.activation_id)
+            .where(LedgerEntry.activation_id == activation_id, LedgerEntry.funder_id == funder,
+                   LedgerEntry.kind == "commit")
+            .exists())
+
+
+def readable_event(e: Any, funder: Any, programs: list[str]) -> ColumnElement[bool]:
+    """The event is about an activation the funder has a share of (`funds`). Every event with a
+    program is about an activation (subject `activations/{id}`): there are no program-level events.
+    `programs`: those the funder has a share of on some date (ProgramCatalog.funded_by), a cheap
+    first filter."""
+    return and_(e.program_id.in_(programs), e.subject.startswith(ACTIVATION_PREFIX),
+                funds(func.substr(e.subject, len(ACTIVATION_PREFIX) + 1), funder))
+
+
 def _scope_programs(ctx: Context, caller: Caller, funder: str, program_id: str) -> list[str] | None:
-    """Program ids the query may touch; None means no restriction (admin without funder filter)."""
+    """Program ids the query may touch; None means no restriction (admin without funder filter).
+    With a funder, those it has a share of on some date: a superset of the programs of the
+    activations it funds, which the queries narrow to those (`funds`)."""
     if caller.role == "funder":
         if funder and funder != caller.funder_id:
             raise PermissionDenied("a funder can only audit what it funds", reason="OUT_OF_SCOPE")
@@ -117,16 +153,19 @@ _LISTED_COLUMNS = (Activation.id, Activation.program_id, Activation.state, Activ
 _LISTED_QUERIES: dict[tuple[Any, ...], Select[Any]] = {}
 
 
-def _listed_query(shape: tuple[bool, bool, str, bool, bool, bool]) -> Select[Any]:
+def _listed_query(shape: tuple[bool, bool, bool, str, bool, bool, bool]) -> Select[Any]:
     """The statement of one combination of filters (which are set, not their values: those are
     bound parameters), built once: building a select costs more than running it on a small page."""
     q = _LISTED_QUERIES.get(shape)
     if q is not None:
         return q
-    scoped, agency, state, created_from, created_to, position = shape
+    scoped, funder, agency, state, created_from, created_to, position = shape
     q = select(*_LISTED_COLUMNS)
     if scoped:
         q = q.where(Activation.program_id.in_(bindparam("programs", expanding=True)))
+    if funder:
+        # One statement still: the rows come in index order as before, each probed once (`funds`).
+        q = q.where(funds(Activation.id, bindparam("funder", type_=LedgerEntry.funder_id.type)))
     if agency:
         q = q.where(Activation.agency_code == bindparam("agency_code"))
     if state == "expired":
@@ -203,10 +242,13 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
     tokens = _tokens(ctx)
     position = tokens.read(token, "activations", filters)
     programs = _scope_programs(ctx, caller, f.funder, f.program_id)
+    funder = _scope_funder(caller, f.funder)
     today = ctx.clock.today()
     params: dict[str, Any] = {"limit": size + 1}
     if programs is not None:
         params["programs"] = programs
+    if funder:
+        params["funder"] = funder
     if f.agency_code:
         params["agency_code"] = f.agency_code
     if f.state:
@@ -217,7 +259,7 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
         params["created_to"] = f.created_to
     if position:
         params["after_time"], params["after_id"] = dt.datetime.fromisoformat(position[0]), position[1]
-    q = _listed_query((programs is not None, bool(f.agency_code), f.state, bool(f.created_from),
+    q = _listed_query((programs is not None, bool(funder), bool(f.agency_code), f.state, bool(f.created_from),
                        bool(f.created_to), bool(position)))
     with ctx.db.snapshot() as conn:
         rows = conn.execute(q, params).all()
@@ -350,7 +392,8 @@ def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: 
     q = select(Event, LogNode.hash).outerjoin(LogNode, and_(LogNode.level == 0, LogNode.idx == Event.seq - 1))
     q = q.where(Event.seq > after)
     if caller.role == "funder":
-        q = q.where(Event.program_id.in_(ctx.catalog.funded_by(caller.funder_id)))
+        funder = caller.funder_id or ""
+        q = q.where(readable_event(Event, funder, ctx.catalog.funded_by(funder)))
     q = q.order_by(Event.seq).limit(size + 1)
     with ctx.db.read() as s:
         rows = list(s.execute(q).all())

@@ -306,6 +306,7 @@ class ProgramCatalog:
         return list(self._by_id.values())
 
     def funded_by(self, funder: str) -> list[str]:
-        """Ids of programs the funder has a share of on any date."""
+        """Ids of programs the funder has a share of on any date: a superset of what it may audit,
+        which is the activations it has a share of (entitlement.audit.funds)."""
         return [p.id for p in self._by_id.values()
                 if any(funder in v.value for v in p.parameters["funders"].values)]

@@ -2,8 +2,9 @@
 consistency proofs, and the stream of the log's leaves a funder downloads to verify it offline.
 
 Proofs are over the whole log and are hashes only, so any funder may ask for any of them. The
-stream gives a funder the events of the programs it funds in full, and every other leaf as its
-sequence number and stored leaf hash only: enough to recompute the roots, nothing of the content.
+stream gives a funder the events about the activations it has a share of in full, and every other
+leaf as its sequence number and stored leaf hash only: enough to recompute the roots, nothing of
+the content.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import and_, select
+from sqlalchemy.orm import aliased
 
 from entitlement import logtree, note
 from entitlement.app import Context
-from entitlement.audit import EventView
+from entitlement.audit import EventView, readable_event
 from entitlement.callers import Caller
 from entitlement.errors import FailedPrecondition, InvalidArgument
 from entitlement.storage.db import utc
@@ -126,28 +128,35 @@ def stream_entries(ctx: Context, caller: Caller, *, start_sequence: int,
     start = max(start_sequence, 1)
     if start > end + 1:
         raise InvalidArgument.single("start_sequence", f"is beyond tree_size {end} + 1")
-    readable = None if caller.role == "admin" else frozenset(ctx.catalog.funded_by(caller.funder_id or ""))
-    return _entries(ctx, start, end, readable)
+    funder = None if caller.role == "admin" else caller.funder_id or ""
+    return _entries(ctx, start, end, funder)
 
 
-def _entries(ctx: Context, start: int, end: int, readable: frozenset[str] | None) -> Iterator[EntryView]:
+def _entries(ctx: Context, start: int, end: int, funder: str | None) -> Iterator[EntryView]:
+    """`funder`: None for an admin (every event in full); else the events it may read
+    (audit.readable_event) come in full and the others as NULLs from the query itself: their
+    content never leaves the database."""
     # Driven by the events table: an event row missing from it (deleted behind the service's back)
     # is missing from the stream, which the verifier reports, rather than hidden as a hash.
     node = and_(LogNode.level == 0, LogNode.idx == Event.seq - 1)
+    if funder is None:
+        q = select(Event.seq, LogNode.hash, Event).outerjoin(LogNode, node)
+    else:
+        shown = aliased(Event)  # the same row again, joined only where the funder may read it
+        readable = and_(shown.seq == Event.seq, readable_event(shown, funder, ctx.catalog.funded_by(funder)))
+        q = select(Event.seq, LogNode.hash, shown).outerjoin(LogNode, node).outerjoin(shown, readable)
     after = start - 1
     while after < end:
-        q = (select(Event, LogNode.hash).outerjoin(LogNode, node).where(Event.seq > after, Event.seq <= end)
-             .order_by(Event.seq).limit(STREAM_BATCH))
+        batch = q.where(Event.seq > after, Event.seq <= end).order_by(Event.seq).limit(STREAM_BATCH)
         with ctx.db.read() as s:
-            rows = s.execute(q).all()
+            rows = s.execute(batch).all()
         if not rows:
             return
-        for e, leaf in rows:
+        for seq, leaf, e in rows:
             leaf_hash = bytes(leaf) if leaf is not None else b""
-            if readable is None or (e.program_id is not None and e.program_id in readable):
-                yield EntryView(e.seq, leaf_hash, EventView(e.seq, utc(e.time), e.type, e.actor, e.subject,
-                                                            e.reason, e.payload_json, e.program_id or "",
-                                                            leaf_hash))
+            if e is not None:
+                yield EntryView(seq, leaf_hash, EventView(e.seq, utc(e.time), e.type, e.actor, e.subject,
+                                                          e.reason, e.payload_json, e.program_id or "", leaf_hash))
             else:
-                yield EntryView(e.seq, leaf_hash, None)
-        after = rows[-1][0].seq
+                yield EntryView(seq, leaf_hash, None)
+        after = rows[-1][0]

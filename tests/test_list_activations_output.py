@@ -1,7 +1,8 @@
 """ListActivations answers byte for byte what it answered before it was made cheaper per row (plain
 columns on the autocommit pool, each distinct decision decoded and serialized once, messages built in
 place): the reference below is the former code (ORM instances in a read transaction,
-activation.view, convert.activation), frozen here. Compared on the wire (the raw response bytes)
+activation.view, convert.activation), frozen here, with the funder scope it has had since (an
+activation of which the funder has a `commit` ledger entry). Compared on the wire (the raw response bytes)
 over a randomized set of activations: real ones made through the RPCs, and rows written directly
 with every variant a stored activation can take (states live past their end date, redeemed or
 not, snapshots or none, live facts, funding plans or none, purged decisions, counters and mentors
@@ -31,7 +32,7 @@ from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.paging import page_size
 from entitlement.storage.db import utc
-from entitlement.storage.models import Activation
+from entitlement.storage.models import Activation, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2, common_pb2
 
 METHOD = "/entitlement.v1.AuditService/ListActivations"
@@ -108,9 +109,14 @@ def reference_page(ctx: Context, caller: Caller, f: audit.ActivationFilter, size
     filters = {**f.__dict__, "caller": caller.id}
     position = audit._tokens(ctx).read(token, "activations", filters)
     programs = audit._scope_programs(ctx, caller, f.funder, f.program_id)
+    funder = caller.funder_id if caller.role == "funder" else f.funder
     q = select(Activation)
     if programs is not None:
         q = q.where(Activation.program_id.in_(programs))
+    if funder:
+        q = q.where(select(LedgerEntry.id).where(LedgerEntry.activation_id == Activation.id,
+                                                 LedgerEntry.funder_id == funder,
+                                                 LedgerEntry.kind == "commit").exists())
     if f.agency_code:
         q = q.where(Activation.agency_code == f.agency_code)
     today = ctx.clock.today()
@@ -196,8 +202,13 @@ def _variant(rng: random.Random, template: dict[str, Any]) -> str:
 
 
 def _make_random(h: Harness, n: int, seed: int) -> None:
-    """Rows written directly, shaped like the service's, varied at random."""
+    """Rows written directly, shaped like the service's, varied at random, each with a `commit`
+    ledger entry per funder of its program, one funder left out now and then (a plan decided when
+    the program's funders were others)."""
     rng = random.Random(seed)
+    funders = {p: sorted({f for v in h.ctx.catalog.get(p).parameters["funders"].values for f in v.value})
+               for p in PROGRAMS}
+    commits = []
     with h.ctx.db.read() as s:
         templates = [json.loads(t) for t in s.execute(select(Activation.decision_json)).scalars()]
     assert templates
@@ -224,8 +235,15 @@ def _make_random(h: Harness, n: int, seed: int) -> None:
             "redeemed_at": created + dt.timedelta(seconds=rng.randrange(1, 10**6)) if redeemed else None,
             "created_at": created, "updated_at": created + dt.timedelta(seconds=rng.randrange(0, 10**6)),
         })
+        shares = list(funders[rows[-1]["program_id"]])
+        if rng.random() < 0.2:
+            shares.remove(rng.choice(shares))
+        commits += [{"activation_id": rows[-1]["id"], "program_id": rows[-1]["program_id"], "funder_id": f,
+                     "kind": "commit", "month": start.strftime("%Y-%m"), "amount_cents": 1000, "created_at": created}
+                    for f in shares]
     with h.ctx.db.write() as s:
         s.connection().execute(Activation.__table__.insert(), rows)
+        s.connection().execute(LedgerEntry.__table__.insert(), commits)
 
 
 # ------------------------------------------------------------------------------- the tests

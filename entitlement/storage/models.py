@@ -117,7 +117,9 @@ class LedgerEntry(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        Index("ix_ledger_activation", "activation_id"),
+        # An activation's entries; with the funder and kind, a funder's scope (audit.funds: is there a
+        # `commit` of this activation for this funder?) is answered from the index alone (0012).
+        Index("ix_ledger_activation", "activation_id", "funder_id", "kind"),
         # Read alone (index-only): the `commit` entries of a funder and program up to a month with
         # their activation ids (the rollup's rebuild of its activity, the report's path in another
         # time zone), and every entry's money grouped in this order (the rebuild of its money,

@@ -5,8 +5,9 @@ isort:skip_file
 AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
-activations of programs it funds and only its own share of the money; the scope is applied in
-the database query itself, never by filtering afterwards. Job seekers appear only as keyed
+the activations it has a share of (in the funding plan decided when each started: a program's
+funders may change over time) and only its own share of the money; the scope is applied in the
+database query itself, never by filtering afterwards. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
 
 The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was
@@ -28,9 +29,10 @@ checkpoints of the log (GetCheckpoint) in the C2SP tlog-checkpoint format, a C2S
 with an Ed25519 key of its own. A funder keeps each checkpoint it verified; the next time it asks
 for the events (StreamEvents, up to a new checkpoint's size) and a consistency proof from the one
 it kept, and checks all of it offline (`entitlement audit export` then `entitlement audit verify`).
-Proofs are over the whole log, but a funder reads only events of programs it funds: every other
-event reaches it as its sequence number and leaf hash alone (enough to recompute the roots, no
-content; what it learns is how many events there are and where its own fall among them).
+Proofs are over the whole log, but a funder reads only the events about the activations it has a
+share of: every other event reaches it as its sequence number and leaf hash alone (enough to
+recompute the roots, no content; what it learns is how many events there are and where its own
+fall among them).
 """
 
 from collections import abc as _abc
@@ -69,8 +71,8 @@ class ListActivationsRequest(_message.Message):
     program: _builtins.str
     """Only this program, `programs/{program_id}`."""
     funder: _builtins.str
-    """Only programs this funder pays for. A funder caller may leave it empty (its own id is used)
-    or give its own id.
+    """Only activations this funder has a share of. A funder caller may leave it empty (its own id
+    is used) or give its own id.
     """
     agency_code: _builtins.str
     """Only activations made by this agency (an advisor's agency code: 1-16 letters, digits, ".", "_"
@@ -571,8 +573,8 @@ class LogEntry(_message.Message):
     """The leaf hash stored for this sequence number."""
     @_builtins.property
     def event(self) -> Global___Event:
-        """The event; absent when the caller may not read it (a funder, for another program's event
-        or an event about no program).
+        """The event; absent when the caller may not read it (a funder, for an event about an activation
+        it has no share of, or about no activation).
         """
 
     def __init__(

@@ -99,7 +99,7 @@ class AuditServiceServicer:
 
     def ListEvents(self, request, context):
         """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-        A funder sees the events about activations of programs it funds.
+        A funder sees the events about the activations it has a share of.
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
         """

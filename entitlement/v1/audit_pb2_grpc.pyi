@@ -5,8 +5,9 @@ isort:skip_file
 AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
-activations of programs it funds and only its own share of the money; the scope is applied in
-the database query itself, never by filtering afterwards. Job seekers appear only as keyed
+the activations it has a share of (in the funding plan decided when each started: a program's
+funders may change over time) and only its own share of the money; the scope is applied in the
+database query itself, never by filtering afterwards. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
 
 The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was
@@ -28,9 +29,10 @@ checkpoints of the log (GetCheckpoint) in the C2SP tlog-checkpoint format, a C2S
 with an Ed25519 key of its own. A funder keeps each checkpoint it verified; the next time it asks
 for the events (StreamEvents, up to a new checkpoint's size) and a consistency proof from the one
 it kept, and checks all of it offline (`entitlement audit export` then `entitlement audit verify`).
-Proofs are over the whole log, but a funder reads only events of programs it funds: every other
-event reaches it as its sequence number and leaf hash alone (enough to recompute the roots, no
-content; what it learns is how many events there are and where its own fall among them).
+Proofs are over the whole log, but a funder reads only the events about the activations it has a
+share of: every other event reaches it as its sequence number and leaf hash alone (enough to
+recompute the roots, no content; what it learns is how many events there are and where its own
+fall among them).
 """
 
 from collections import abc as _abc
@@ -77,7 +79,7 @@ class AuditServiceStub:
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-    A funder sees the events about activations of programs it funds.
+    A funder sees the events about the activations it has a share of.
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -131,7 +133,7 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]  # type: ignore[assignment]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-    A funder sees the events about activations of programs it funds.
+    A funder sees the events about the activations it has a share of.
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -200,7 +202,7 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.ListEventsResponse, _abc.Awaitable[_audit_pb2.ListEventsResponse]]:
         """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-        A funder sees the events about activations of programs it funds.
+        A funder sees the events about the activations it has a share of.
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
         """
