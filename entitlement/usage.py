@@ -7,8 +7,11 @@ The rules (entitlement.consumption has the months and the money):
 - the account must be bound to an activation of the calling platform, else NOT_FOUND (the same
   answer for another platform's accounts: nothing leaks);
 - `month` names a month of access of that activation (the calendar month it begins in) that has
-  begun; when the account had several activations with such a month (a new one after a
-  revocation), the report is for the most recent one during which access was on in that month;
+  begun; when the account holds several activations with such a month (one per program at once,
+  e.g. OpenCFA and premium; a new one after a revocation), `program` (optional) restricts them to
+  that program's, and the report is for one during which access was on in that month, else one
+  merely having it; each time a `use` program's activation first (a report changes nothing under
+  `access`: sent there, a month of use would never be billed), then the most recent;
 - idempotent: the same report again changes nothing; `used = false` for a month already consumed
   contradicts it and is refused (FAILED_PRECONDITION, `USAGE_ALREADY_CONSUMED`); `used = false`
   for a month not consumed records nothing (the month is released when its report window closes);
@@ -41,6 +44,7 @@ class UsageReport:
     month: str  # YYYY-MM
     used: bool
     request_id: str = ""
+    program_id: str = ""  # empty: any program's activation (see _choose)
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,24 @@ class UsageOutcome:
 
 
 def report_usage(ctx: Context, caller: Caller, report: UsageReport) -> UsageOutcome:
-    digest = _request_hash("report_usage", {"a": report.account_id, "m": report.month, "u": report.used})
+    fields: dict[str, object] = {"a": report.account_id, "m": report.month, "u": report.used}
+    if report.program_id:  # only when given: the digests stored before the field existed still match
+        fields["p"] = report.program_id
+    digest = _request_hash("report_usage", fields)
     with inflight.claim(ctx.db, caller.id, report.request_id):
         result: UsageOutcome = _with_retry(_report_once, ctx, caller, report, digest)
     return result
 
 
-def _not_found(account_id: str) -> NotFound:
-    return NotFound(f"no entitlement of this platform is bound to account {account_id}",
-                    reason="ACCOUNT_NOT_FOUND", metadata={"account_id": account_id})
+def _not_found(account_id: str, program_id: str) -> NotFound:
+    if not program_id:
+        return NotFound(f"no entitlement of this platform is bound to account {account_id}",
+                        reason="ACCOUNT_NOT_FOUND", metadata={"account_id": account_id})
+    # The same answer whether the account is unknown, another platform's, or holds no activation of
+    # the program (or the program does not exist): nothing leaks.
+    return NotFound(f"no entitlement of this platform in programs/{program_id} is bound to account {account_id}",
+                    reason="ACCOUNT_NOT_FOUND",
+                    metadata={"account_id": account_id, "program": f"programs/{program_id}"})
 
 
 def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str) -> UsageOutcome:
@@ -68,12 +81,14 @@ def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str)
         replay = _replay(s, caller, report.request_id, "report_usage", digest)
         if replay is not None:
             return UsageOutcome(replay["activation_id"], False)
-        candidates = s.execute(select(Activation).where(
+        query = select(Activation).where(
             Activation.platform_id == caller.platform_id, Activation.account_id == report.account_id)
-            .order_by(Activation.start_date.desc(), Activation.created_at.desc())
-            .with_for_update()).scalars().all()
+        if report.program_id:
+            query = query.where(Activation.program_id == report.program_id)
+        candidates = s.execute(query.order_by(Activation.start_date.desc(), Activation.created_at.desc())
+                               .with_for_update()).scalars().all()
         if not candidates:
-            raise _not_found(report.account_id)
+            raise _not_found(report.account_id, report.program_id)
         chosen = _choose(ctx, s, candidates, report.month, today)
         if chosen is None:
             raise FailedPrecondition(
@@ -117,13 +132,14 @@ def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str)
 
 def _choose(ctx: Context, s: Session, candidates: Sequence[Activation], label: str,
             today: dt.date) -> tuple[Activation, consumption.AccessMonth, bool] | None:
-    """The most recent activation having a month of access `label` during which access was on,
-    else the most recent having that month at all."""
+    """An activation having a month of access `label` during which access was on, else one having
+    that month at all; each time one of a `use` program first (under `access` a report changes
+    nothing: a month of use reported there would never be billed), then the most recent
+    (`candidates` come most recent first)."""
     found: list[tuple[Activation, consumption.AccessMonth, bool]] = []
-    for a in candidates:
-        t = ledger.terms(a)
-        if t is None:
-            continue
+    with_terms = [(a, t) for a in candidates if (t := ledger.terms(a)) is not None]
+    with_terms.sort(key=lambda at: at[1].basis != "use")  # stable: recency kept within each basis
+    for a, t in with_terms:
         month = consumption.month_of(label, consumption.access_months(a.start_date, t.months, a.end_date))
         if month is None:
             continue

@@ -497,6 +497,76 @@ def test_report_usage_scope_and_validation(h: Harness, api: Api) -> None:
     expect(h, act.name, consumed=["2026-03"], released_months=0, program=OPENCFA)
 
 
+def _two_programs_on_one_account(api: Api) -> tuple[str, str, str]:
+    """One person's OpenCFA activation (16 March) and premium one (17 March, the more recent), both
+    bound to the same platform account: (OpenCFA's name, premium's name, the account)."""
+    agency_id, birth = next_ledger_person()
+    account = "learner-" + uuid.uuid4().hex[:12]
+
+    def bind(program: str) -> str:
+        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{program}",
+            platform="platforms/openclassrooms", reason="two programs", mentor_id="M-0042" if program == OPENCFA else ""))
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id=account))
+        return resp.activation.name
+
+    cfa = bind(OPENCFA)
+    with on_day(api.h, D(2026, 3, 17)):
+        premium = bind(PREMIUM)
+    return cfa, premium, account
+
+
+def test_usage_reports_go_to_the_use_program_when_one_account_holds_two(h: Harness, api: Api) -> None:
+    """Without `program`, a report goes to the activation whose funders owe months of use (OpenCFA),
+    not to the more recent premium one, where it would change nothing: the months reported used are
+    consumed on OpenCFA and never released unbilled."""
+    cfa, premium, account = _two_programs_on_one_account(api)
+    with on_day(h, D(2026, 4, 20)):
+        report_usage(api, account, "2026-03", True)
+        report_usage(api, account, "2026-04", True)
+        expect(h, cfa, consumed=["2026-03", "2026-04"], released_months=0, program=OPENCFA)
+        expect(h, premium, consumed=[], released_months=0)  # premium's months are the job's to book
+    with on_day(h, D(2026, 6, 20)):  # March's and April's report windows closed
+        settle(h, cfa)
+        expect(h, cfa, consumed=["2026-03", "2026-04"], released_months=0, program=OPENCFA)
+    assert_report_matches_ledger(h, api)
+
+
+def test_a_usage_report_may_name_its_program(h: Harness, api: Api) -> None:
+    cfa, premium, account = _two_programs_on_one_account(api)
+
+    def report(program: str, month: str = "2026-03", request_id: str = "") -> activation_pb2.ReportUsageRequest:
+        return activation_pb2.ReportUsageRequest(account_id=account, month=month, used=True, program=program,
+                                                 request_id=request_id)
+
+    with on_day(h, D(2026, 4, 20)):
+        api.platform.ReportUsage(report(f"programs/{PREMIUM}"))  # for premium: changes nothing
+        expect(h, cfa, consumed=[], released_months=0, program=OPENCFA)
+        expect(h, premium, consumed=[], released_months=0)
+        request_id = uuid.uuid4().hex
+        api.platform.ReportUsage(report(f"programs/{OPENCFA}", request_id=request_id))
+        expect(h, cfa, consumed=["2026-03"], released_months=0, program=OPENCFA)
+        api.platform.ReportUsage(report(f"programs/{OPENCFA}", request_id=request_id))  # a replay
+        # The same request_id for another program is another report.
+        f = expect_error(api.platform.ReportUsage, report(f"programs/{PREMIUM}", request_id=request_id),
+                         grpc.StatusCode.FAILED_PRECONDITION)
+        assert f.reason == "REQUEST_ID_REUSED"
+        for bad in ("opencfa-apprentices", "programs/", "programs/Bad Name", "activations/x"):
+            f = expect_error(api.platform.ReportUsage, report(bad), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "program" in f.fields, (bad, f)
+        # No activation of that program on this account: the same answer as an unknown account.
+        none = expect_error(api.platform.ReportUsage, report("programs/deuxieme-chance-numerique"),
+                            grpc.StatusCode.NOT_FOUND)
+        unknown = expect_error(api.platform.ReportUsage, activation_pb2.ReportUsageRequest(
+            account_id="nobody-" + uuid.uuid4().hex[:8], month="2026-03", used=True,
+            program="programs/deuxieme-chance-numerique"), grpc.StatusCode.NOT_FOUND)
+        assert none.reason == unknown.reason == "ACCOUNT_NOT_FOUND"
+        assert set(none.metadata) == set(unknown.metadata) and {"account_id", "program"} <= set(none.metadata)
+        expect(h, cfa, consumed=["2026-03"], released_months=0, program=OPENCFA)
+    assert_report_matches_ledger(h, api)
+
+
 # ------------------------------------------------------------------------------------------ jobs
 
 def test_the_settlement_job_over_every_activation_is_idempotent(h: Harness, api: Api) -> None:

@@ -144,9 +144,10 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
         val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
         val.pattern(request.month, val.MONTH_RE, "month", "a month YYYY-MM", v)
+        program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/opencfa-apprentices", v)
         v.raise_if_any()
         usage.report_usage(self.ctx, current_caller(), usage.UsageReport(
-            request.account_id, request.month, request.used, request.request_id))
+            request.account_id, request.month, request.used, request.request_id, program_id))
         return activation_pb2.ReportUsageResponse()
 
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,

@@ -410,6 +410,7 @@ class ReportUsageRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     MONTH_FIELD_NUMBER: _builtins.int
     USED_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
     account_id: _builtins.str
@@ -418,6 +419,11 @@ class ReportUsageRequest(_message.Message):
     """The month of access, named by the calendar month it begins in, as `YYYY-MM`."""
     used: _builtins.bool
     """Whether the learner used Premium during that month."""
+    program: _builtins.str
+    """`programs/{program_id}`: the report is for this program's activation bound to the account.
+    Empty: the activation is chosen as ReportUsage says (a `use` program's first). A platform
+    whose accounts may hold several programs at once should set it.
+    """
     def __init__(
         self,
         *,
@@ -425,10 +431,11 @@ class ReportUsageRequest(_message.Message):
         account_id: _builtins.str = ...,
         month: _builtins.str = ...,
         used: _builtins.bool = ...,
+        program: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "month", b"month", "request_id", b"request_id", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "month", b"month", "program", b"program", "request_id", b"request_id", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -148,15 +148,21 @@ class ActivationServiceStub:
 
     Idempotent: the same report again changes nothing and succeeds. A report contradicting a
     month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-    `used = false` is accepted (until then the month was only not reported). When the account
-    held several of the platform's activations with that month (a new one after a revocation),
-    the report is for the most recent during which access was on in that month. With a
+    `used = false` is accepted (until then the month was only not reported).
+
+    Which activation a report is for: an account may be bound to several of the platform's
+    activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
+    one after a revocation). With `program`, only that program's activations count. Among those
+    that count, the report is for one during which access was on in that month, else one merely
+    having the month; in each case an activation of a program whose funders owe months of use
+    comes first (a report changes nothing under `access`), then the most recent. With a
     `request_id`, a retry while the first attempt is still processed is ABORTED with reason
     `REQUEST_IN_FLIGHT` (retry later).
 
-    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`),
-    NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the calling platform is bound to
-    this account; another platform's accounts answer the same), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
+    calling platform, of `program` when given, is bound to this account; another platform's
+    accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
     `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
     (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
     `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
@@ -290,15 +296,21 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
 
     Idempotent: the same report again changes nothing and succeeds. A report contradicting a
     month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-    `used = false` is accepted (until then the month was only not reported). When the account
-    held several of the platform's activations with that month (a new one after a revocation),
-    the report is for the most recent during which access was on in that month. With a
+    `used = false` is accepted (until then the month was only not reported).
+
+    Which activation a report is for: an account may be bound to several of the platform's
+    activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
+    one after a revocation). With `program`, only that program's activations count. Among those
+    that count, the report is for one during which access was on in that month, else one merely
+    having the month; in each case an activation of a program whose funders owe months of use
+    comes first (a report changes nothing under `access`), then the most recent. With a
     `request_id`, a retry while the first attempt is still processed is ABORTED with reason
     `REQUEST_IN_FLIGHT` (retry later).
 
-    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`),
-    NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the calling platform is bound to
-    this account; another platform's accounts answer the same), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
+    calling platform, of `program` when given, is bound to this account; another platform's
+    accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
     `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
     (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
     `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
@@ -489,15 +501,21 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Idempotent: the same report again changes nothing and succeeds. A report contradicting a
         month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-        `used = false` is accepted (until then the month was only not reported). When the account
-        held several of the platform's activations with that month (a new one after a revocation),
-        the report is for the most recent during which access was on in that month. With a
+        `used = false` is accepted (until then the month was only not reported).
+
+        Which activation a report is for: an account may be bound to several of the platform's
+        activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
+        one after a revocation). With `program`, only that program's activations count. Among those
+        that count, the report is for one during which access was on in that month, else one merely
+        having the month; in each case an activation of a program whose funders owe months of use
+        comes first (a report changes nothing under `access`), then the most recent. With a
         `request_id`, a retry while the first attempt is still processed is ABORTED with reason
         `REQUEST_IN_FLIGHT` (retry later).
 
-        Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`),
-        NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the calling platform is bound to
-        this account; another platform's accounts answer the same), FAILED_PRECONDITION with reason
+        Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+        not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
+        calling platform, of `program` when given, is bound to this account; another platform's
+        accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
         `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
         (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
         `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
