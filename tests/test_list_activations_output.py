@@ -69,15 +69,18 @@ def _ref_timestamp(t: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def _ref_plan(plan: rules.FundingPlan | None) -> common_pb2.FundingPlan | None:
+def _ref_plan(plan: rules.FundingPlan | None, funder: str = "") -> common_pb2.FundingPlan | None:
+    """`funder`: a funder caller's answer, its own share alone."""
     if plan is None:
         return None
     return common_pb2.FundingPlan(
         price_per_month_cents=plan.price_per_month_cents, months=plan.months, total_cents=plan.total_cents,
-        shares=[common_pb2.FundingShare(funder=f, share_basis_points=bp, amount_cents=c) for f, bp, c in plan.shares])
+        shares=[common_pb2.FundingShare(funder=f, share_basis_points=bp, amount_cents=c) for f, bp, c in plan.shares
+                if not funder or f == funder])
 
 
-def _ref_decision(d: rules.Decision, snapshot: registry.SnapshotRef | None) -> common_pb2.EligibilityDecision:
+def _ref_decision(d: rules.Decision, snapshot: registry.SnapshotRef | None,
+                  funder: str = "") -> common_pb2.EligibilityDecision:
     return common_pb2.EligibilityDecision(
         program=f"programs/{d.program_id}", eligible=d.eligible,
         criteria=[common_pb2.Criterion(criterion=c.criterion, passed=c.passed, reason_code=c.reason_code,
@@ -86,21 +89,21 @@ def _ref_decision(d: rules.Decision, snapshot: registry.SnapshotRef | None) -> c
         parameters=[common_pb2.ParameterValue(name=p.name, value_json=p.value_json,
                                               effective_from=_ref_date(p.effective_from), reference=p.reference)
                     for p in d.parameters],
-        funding_plan=_ref_plan(d.funding_plan),
+        funding_plan=_ref_plan(d.funding_plan, funder),
         registry_snapshot=snapshot.name if snapshot else "",
         registry_extracted_on=_ref_date(snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
         access_end_date=_ref_date(d.access_end), facts_source=d.circumstances.facts_source)
 
 
-def _ref_activation(a: dict[str, Any]) -> activation_pb2.Activation:
+def _ref_activation(a: dict[str, Any], funder: str = "") -> activation_pb2.Activation:
     return activation_pb2.Activation(
         name=f"activations/{a['id']}", program=f"programs/{a['program_id']}", state=STATE_TO_PROTO[a["state"]],
         job_seeker_ref=a["person_ref"], advisor_id=a["advisor_id"], agency_code=a["agency_code"],
         start_date=_ref_date(a["start_date"]), end_date=_ref_date(a["end_date"]),
         create_time=_ref_timestamp(a["created_at"]), update_time=_ref_timestamp(a["updated_at"]),
         platform=f"platforms/{a['platform_id']}", account_id=a["account_id"] or "",
-        redeem_time=_ref_timestamp(a["redeemed_at"]), decision=_ref_decision(a["decision"], a["snapshot"]),
-        funding=_ref_plan(a["decision"].funding_plan), state_reason=a["state_reason"])
+        redeem_time=_ref_timestamp(a["redeemed_at"]), decision=_ref_decision(a["decision"], a["snapshot"], funder),
+        funding=_ref_plan(a["decision"].funding_plan, funder), state_reason=a["state_reason"])
 
 
 def reference_page(ctx: Context, caller: Caller, f: audit.ActivationFilter, size: int, token: str) -> bytes:
@@ -143,7 +146,8 @@ def reference_page(ctx: Context, caller: Caller, f: audit.ActivationFilter, size
         last = rows[-1]
         next_token = audit._tokens(ctx).issue("activations", filters, [utc(last.created_at).isoformat(), last.id])
     views = [_ref_view(ctx, a) for a in rows]
-    return audit_pb2.ListActivationsResponse(activations=[_ref_activation(v) for v in views],
+    own = caller.funder_id if caller.role == "funder" else ""  # a funder sees its own share alone
+    return audit_pb2.ListActivationsResponse(activations=[_ref_activation(v, own) for v in views],
                                              next_page_token=next_token).SerializeToString()
 
 

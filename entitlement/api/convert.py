@@ -91,18 +91,21 @@ def _timestamp_fields(t: dt.datetime | None) -> dict[str, int] | None:
     return {"seconds": since.days * 86400 + since.seconds, "nanos": t.microsecond * 1000}
 
 
-def _plan_fields(plan: rules.FundingPlan | None) -> dict[str, Any] | None:
+def _plan_fields(plan: rules.FundingPlan | None, funder: str = "") -> dict[str, Any] | None:
+    """A plan's fields; with `funder` (a funder caller's audit answer), its own share alone."""
     if plan is None:
         return None
     return {"price_per_month_cents": plan.price_per_month_cents, "months": plan.months,
             "total_cents": plan.total_cents,
-            "shares": [{"funder": f, "share_basis_points": bp, "amount_cents": c} for f, bp, c in plan.shares]}
+            "shares": [{"funder": f, "share_basis_points": bp, "amount_cents": c} for f, bp, c in plan.shares
+                       if not funder or f == funder]}
 
 
-def _decision_kwargs(d: rules.Decision, snapshot: SnapshotRef | None) -> dict[str, Any]:
-    """A decision's fields but its criteria and parameters (see _fill_decision)."""
+def _decision_kwargs(d: rules.Decision, snapshot: SnapshotRef | None, funder: str = "") -> dict[str, Any]:
+    """A decision's fields but its criteria and parameters (see _fill_decision); with `funder`, its
+    funding plan shows that funder's share alone."""
     return {"program": "programs/" + d.program_id, "eligible": d.eligible, "as_of": _date_fields(d.as_of),
-            "program_version": d.program_version, "funding_plan": _plan_fields(d.funding_plan),
+            "program_version": d.program_version, "funding_plan": _plan_fields(d.funding_plan, funder),
             "registry_snapshot": snapshot.name if snapshot else "",
             "registry_extracted_on": _date_fields(
                 snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
@@ -181,24 +184,28 @@ def activation_response(a: ActivationView, token: str) -> activation_pb2.Activat
     return out
 
 
-def listed_activations(items: Sequence[ListedActivation], next_page_token: str) -> audit_pb2.ListActivationsResponse:
+def listed_activations(items: Sequence[ListedActivation], next_page_token: str,
+                       funder: str = "") -> audit_pb2.ListActivationsResponse:
     """A page of ListActivations: for each item, the message activation() builds, in the response,
     its decision and funding serialized once per shared decision (audit.ListedActivation) and
-    parsed into each."""
+    funder, and parsed into each. `funder`: a funder caller's id, whose answer shows its own share
+    of the money alone (in `funding` and the decision's `funding_plan`); "" for an admin (all)."""
     out = audit_pb2.ListActivationsResponse(next_page_token=next_page_token)
     add = out.activations.add
     for (*fields, d, snapshot, state_reason) in items:
-        add(**_activation_kwargs(*fields, state_reason)).MergeFromString(_decision_fields(d, snapshot))
+        add(**_activation_kwargs(*fields, state_reason)).MergeFromString(_decision_fields(d, snapshot, funder))
     return out
 
 
-def _decision_fields(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
-    """An Activation's `decision` and `funding` fields, serialized; once per decision object."""
-    raw: bytes | None = _DECISION_FIELDS.get(d, snapshot)
+def _decision_fields(d: rules.Decision, snapshot: SnapshotRef | None, funder: str = "") -> bytes:
+    """An Activation's `decision` and `funding` fields, serialized; once per decision object,
+    snapshot and funder (`funder`: that funder's share alone; "": every share)."""
+    raw: bytes | None = _DECISION_FIELDS.get(d, snapshot, funder)
     if raw is None:
-        m = activation_pb2.Activation(decision=_decision_kwargs(d, snapshot), funding=_plan_fields(d.funding_plan))
+        m = activation_pb2.Activation(decision=_decision_kwargs(d, snapshot, funder),
+                                      funding=_plan_fields(d.funding_plan, funder))
         _fill_decision(m.decision, d)
-        raw = _DECISION_FIELDS.put(d, m.SerializeToString(), snapshot)
+        raw = _DECISION_FIELDS.put(d, m.SerializeToString(), snapshot, funder)
     return raw
 
 

@@ -209,7 +209,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         items, token = audit.list_activations(self.ctx, current_caller(), audit.ActivationFilter(
             program_id, request.funder, request.agency_code, state, created_from, created_to),
             request.page_size, request.page_token)
-        return convert.listed_activations(items, token)
+        caller = current_caller()  # a funder sees its own share of the money alone
+        return convert.listed_activations(items, token, caller.funder_id if caller.role == "funder" else "")
 
     def GetFundingReport(self, request: audit_pb2.GetFundingReportRequest,
                          context: grpc.ServicerContext) -> audit_pb2.GetFundingReportResponse:

@@ -120,7 +120,9 @@ class Activation(_message.Message):
 
     @_builtins.property
     def funding(self) -> _common_pb2.FundingPlan:
-        """What was committed and who pays."""
+        """What was committed and who pays. In a funder's ListActivations, `shares` (here and in the
+        decision's `funding_plan`) holds its own share alone.
+        """
 
     def __init__(
         self,

@@ -6,8 +6,15 @@ AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
 the activations it has a share of (in the funding plan decided when each started: a program's
-funders may change over time) and only its own share of the money; the scope is applied in the
-database query itself, never by filtering afterwards. Job seekers appear only as keyed
+funders may change over time); the scope is applied in the database query itself, never by
+filtering afterwards. Of the money, ListActivations (`funding` and the decision's
+`funding_plan`: price, months and total, and its own share alone) and GetFundingReport (its own
+rows) show a funder its own share only. The events about an activation it has a share of are
+the exception: their `payload_json` is covered by the Merkle log's leaf hashes, so it is given
+as logged, with every funder's amounts (`activation.created`: the whole funding plan, `shares`;
+`ledger.*`, revocations, expiries, curtailments: the cents consumed or released per funder).
+That split is no secret among a program's funders: it is the program's plan, which
+ListPrograms publishes to every caller. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
 
 The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was

@@ -76,7 +76,8 @@ class AuditServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListActivations(self, request, context):
-        """Lists activations, newest first, with filters (AIP-158 pagination).
+        """Lists activations, newest first, with filters (AIP-158 pagination). A funder's answer shows
+        its own share of each activation's money alone (admins see every funder's).
 
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
         is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
@@ -99,7 +100,8 @@ class AuditServiceServicer:
 
     def ListEvents(self, request, context):
         """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-        A funder sees the events about the activations it has a share of.
+        A funder sees the events about the activations it has a share of, their payloads whole (every
+        funder's amounts: see the top of this file).
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
         """

@@ -6,8 +6,15 @@ AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
 the activations it has a share of (in the funding plan decided when each started: a program's
-funders may change over time) and only its own share of the money; the scope is applied in the
-database query itself, never by filtering afterwards. Job seekers appear only as keyed
+funders may change over time); the scope is applied in the database query itself, never by
+filtering afterwards. Of the money, ListActivations (`funding` and the decision's
+`funding_plan`: price, months and total, and its own share alone) and GetFundingReport (its own
+rows) show a funder its own share only. The events about an activation it has a share of are
+the exception: their `payload_json` is covered by the Merkle log's leaf hashes, so it is given
+as logged, with every funder's amounts (`activation.created`: the whole funding plan, `shares`;
+`ledger.*`, revocations, expiries, curtailments: the cents consumed or released per funder).
+That split is no secret among a program's funders: it is the program's plan, which
+ListPrograms publishes to every caller. Job seekers appear only as keyed
 pseudonyms (`job_seeker_ref`); no name, birth date or agency identifier is ever returned.
 
 The event log is also a Merkle log (RFC 6962 / RFC 9162), so funders can prove the record was
@@ -64,7 +71,8 @@ class AuditServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     ListActivations: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListActivationsRequest, _audit_pb2.ListActivationsResponse]
-    """Lists activations, newest first, with filters (AIP-158 pagination).
+    """Lists activations, newest first, with filters (AIP-158 pagination). A funder's answer shows
+    its own share of each activation's money alone (admins see every funder's).
 
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
     is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
@@ -79,7 +87,8 @@ class AuditServiceStub:
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-    A funder sees the events about the activations it has a share of.
+    A funder sees the events about the activations it has a share of, their payloads whole (every
+    funder's amounts: see the top of this file).
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -118,7 +127,8 @@ class AuditServiceStub:
 class AuditServiceAsyncStub(AuditServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListActivations: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListActivationsRequest, _audit_pb2.ListActivationsResponse]  # type: ignore[assignment]
-    """Lists activations, newest first, with filters (AIP-158 pagination).
+    """Lists activations, newest first, with filters (AIP-158 pagination). A funder's answer shows
+    its own share of each activation's money alone (admins see every funder's).
 
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
     is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
@@ -133,7 +143,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]  # type: ignore[assignment]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-    A funder sees the events about the activations it has a share of.
+    A funder sees the events about the activations it has a share of, their payloads whole (every
+    funder's amounts: see the top of this file).
 
     Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
     """
@@ -175,7 +186,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.ListActivationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.ListActivationsResponse, _abc.Awaitable[_audit_pb2.ListActivationsResponse]]:
-        """Lists activations, newest first, with filters (AIP-158 pagination).
+        """Lists activations, newest first, with filters (AIP-158 pagination). A funder's answer shows
+        its own share of each activation's money alone (admins see every funder's).
 
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
         is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
@@ -202,7 +214,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.ListEventsResponse, _abc.Awaitable[_audit_pb2.ListEventsResponse]]:
         """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
-        A funder sees the events about the activations it has a share of.
+        A funder sees the events about the activations it has a share of, their payloads whole (every
+        funder's amounts: see the top of this file).
 
         Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
         """
