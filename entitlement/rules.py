@@ -230,9 +230,13 @@ def _seats_available(program: Program, c: Circumstances, day: dt.date) -> Criter
     return CriterionResult("seats_available", False, "CAP_REACHED", f"All {seats} seats are taken.")
 
 
-def _budget_available(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
+def _budget_available(program: Program, c: Circumstances, day: dt.date,
+                      cost: int | None = None) -> CriterionResult:
+    """`cost`: what the activation would commit (evaluate gives it: fewer months than the program's
+    length when access is cut short at the registration's end); default the full length's cost."""
     budget = program.value("max_budget_cents", day).value
-    cost = funding_plan(program, day).total_cents
+    if cost is None:
+        cost = funding_plan(program, day).total_cents
     if c.cents_committed + cost <= budget:
         return CriterionResult("budget_available", True, "",
                                f"{format_eur(budget - c.cents_committed)} of {format_eur(budget)} left.")
@@ -374,7 +378,10 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
     """Evaluate every criterion of `program` for a person (None: not in the registry) on `day`."""
     results = [_program_open(program, day)]
     for name in program.criteria:
-        if name in CIRCUMSTANCE_CHECKS:
+        if name == "budget_available" and facts is not None:  # the cap weighs what would be committed
+            cost = _plan_until(program, day, entitlement_end(program, facts, day)).total_cents
+            results.append(_budget_available(program, circumstances, day, cost))
+        elif name in CIRCUMSTANCE_CHECKS:
             results.append(CIRCUMSTANCE_CHECKS[name](program, circumstances, day))
         elif facts is None:
             results.append(_not_registered(name))

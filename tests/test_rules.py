@@ -293,3 +293,33 @@ def test_people_in_the_same_situation_share_one_decision_object() -> None:
     assert other_category is not a and other_category.criteria != a.criteria
     later = rules.evaluate(PREMIUM, facts(), day + dt.timedelta(days=1), circumstances)
     assert later is not a and later.as_of == day + dt.timedelta(days=1)
+
+
+def test_the_budget_cap_weighs_what_the_decision_would_commit() -> None:
+    """A registration known to end soon cuts access short (`months_after_registration_end`), so the
+    activation commits fewer months than the program's length: the budget cap and its message weigh
+    that commitment, not the full length's cost."""
+    day = dt.date(2018, 2, 15)
+    person = facts(registration_ended_on=dt.date(2018, 2, 20))  # access until 31 March 2018: 2 months
+    budget = IDF.value("max_budget_cents", day).value
+    full = rules.funding_plan(IDF, day).total_cents
+    roomy = rules.evaluate(IDF, person, day, rules.Circumstances(registry_extracted_on=day))
+    assert roomy.eligible and roomy.funding_plan is not None
+    commitment = roomy.funding_plan.total_cents
+    assert commitment == 2 * IDF.value("price_per_month_cents", day).value < full
+
+    def budget_check(left: int) -> rules.CriterionResult:
+        d = rules.evaluate(IDF, person, day, rules.Circumstances(registry_extracted_on=day,
+                                                                 cents_committed=budget - left))
+        [c] = [c for c in d.criteria if c.criterion == "budget_available"]
+        assert d.eligible is c.passed
+        return c
+
+    assert budget_check(commitment).passed  # exactly what is left: it fits
+    assert budget_check(commitment + 1000).passed
+    refused = budget_check(commitment - 1)
+    assert refused.reason_code == "CAP_REACHED"
+    assert rules.format_eur(commitment) in refused.detail and rules.format_eur(full) not in refused.detail
+    # Someone whose access runs the program's whole length still weighs its full cost.
+    assert not rules.evaluate(IDF, facts(), day, rules.Circumstances(
+        registry_extracted_on=day, cents_committed=budget - full + 1)).eligible
