@@ -163,7 +163,7 @@ def prepare(tmp: Path) -> tuple[dict[str, str], dict[str, str], list[tuple[str, 
     db = Database(url, pool_size=2)
     try:
         registry.import_extract(db, pseudo, SystemClock(), extract,
-                                extracted_on=dt.date.today() - dt.timedelta(days=1))
+                                extracted_on=SystemClock().today() - dt.timedelta(days=1))
     finally:
         db.dispose()
     people = [(r["identifiant"], dt.date.fromisoformat(r["dateNaissance"])) for r in synthetic.rows(PEOPLE)]

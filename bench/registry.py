@@ -29,6 +29,7 @@ import psycopg
 from bench.common import BACKENDS, OUTPUT, PG_ADMIN, pg_reachable, pg_url, say
 from bench.sections import replace_section
 from entitlement import registry, synthetic
+from entitlement.clock import SystemClock
 from entitlement.config import ROOT
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
@@ -93,7 +94,7 @@ def timed_import(target: Target, path: Path, key_file: Path, rows: int) -> Impor
     """`entitlement registry import` in a child process: wall time and the child's peak RSS."""
     env = {**os.environ, "ENTITLEMENT_DATABASE_URL": target.url, "ENTITLEMENT_PSEUDONYM_KEY_FILE": str(key_file)}
     cmd = [sys.executable, "-m", "entitlement.cli", "registry", "import", str(path), "--quiet",
-           "--rejects", os.devnull]
+           "--extracted-on", SystemClock(os.environ.get("ENTITLEMENT_TIMEZONE", "Europe/Paris")).today().isoformat(), "--rejects", os.devnull]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

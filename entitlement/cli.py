@@ -163,17 +163,27 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     except SchemaNotCurrent as exc:
         return _fail(str(exc))
     pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file)
+    # The date the agency extracted the file, as it says: never guessed (a default of today would
+    # make a two-month-old file pass for fresh data).
     try:
-        extracted = dt.date.fromisoformat(args.extracted_on) if args.extracted_on else dt.date.today()
+        if not registry.ISO_DATE_RE.fullmatch(args.extracted_on):
+            raise ValueError
+        extracted = dt.date.fromisoformat(args.extracted_on)
     except ValueError:
         return _fail(f"--extracted-on: expected a date YYYY-MM-DD, got {args.extracted_on!r}")
+    clock = SystemClock(settings.timezone)
     rejects = Path(args.rejects) if args.rejects else Path(str(args.file) + ".rejects.csv")
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
     try:
-        summary = registry.import_extract(db, pseudo, SystemClock(settings.timezone), Path(args.file),
+        summary = registry.import_extract(db, pseudo, clock, Path(args.file),
                                           extracted_on=extracted, actor="operator:cli", rejects_path=rejects,
                                           on_progress=bar, min_ratio=args.min_ratio,
                                           keep_snapshots=args.keep_snapshots)
+    except registry.ExtractDatedInFuture as exc:
+        return _fail(f"--extracted-on: {exc} (in {settings.timezone}); import refused, previous snapshot still in force")
+    except registry.ExtractOlderThanCurrent as exc:
+        return _fail(f"--extracted-on: {exc}; import refused, previous snapshot still in force "
+                     "(an extract of the same day or later is accepted)")
     except registry.ExtractError as exc:
         return _fail(f"import refused, previous snapshot still in force: {exc}")
     finally:
@@ -533,9 +543,15 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
         creds_path.chmod(0o600)
     tokens = json.loads(creds_path.read_text())
     db = Database(settings.database_url)
-    summary = registry.import_extract(db, pseudo, SystemClock(settings.timezone), ROOT / "demo" / "registry.csv",
-                                      extracted_on=dt.date.today(), actor="operator:demo")
-    db.dispose()
+    clock = SystemClock(settings.timezone)
+    try:
+        # The demo file is synthetic: taken as extracted today (the service's day, not the host's).
+        summary = registry.import_extract(db, pseudo, clock, ROOT / "demo" / "registry.csv",
+                                          extracted_on=clock.today(), actor="operator:demo")
+    except registry.ExtractError as exc:
+        return _fail(f"demo registry not imported: {exc}")
+    finally:
+        db.dispose()
     print(f"demo registry: snapshot {summary.snapshot_id}, {summary.rows_imported} people"
           + (" (unchanged)" if summary.unchanged else ""))
     if log_signer is not None:
@@ -597,7 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("registry", help="job-seeker registry extracts").add_subparsers(dest="registry_command", required=True)
     imp = reg.add_parser("import", help="import an extract as a new snapshot")
     imp.add_argument("file")
-    imp.add_argument("--extracted-on", help="extraction date YYYY-MM-DD (default today)")
+    imp.add_argument("--extracted-on", required=True, metavar="DATE",
+                     help="the date the agency extracted the file, YYYY-MM-DD (required: not later than today, "
+                          "not before the current snapshot's)")
     imp.add_argument("--rejects", help="where to write rejected rows (default FILE.rejects.csv)")
     imp.add_argument("--min-ratio", type=float, default=0.5,
                      help="refuse an extract with fewer valid rows than this share of the current snapshot "

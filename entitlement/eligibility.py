@@ -47,6 +47,10 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     facts, snapshot, source = person_facts.lookup(ctx.db.hot, key, who.birth_date, live)
     usage = counters.usage(ctx.db.hot, programs)
     extracted = person_facts.data_date(snapshot, source, today)
+    if extracted is not None and day < extracted <= today:
+        # A past day (as_of) judged on data extracted since: as fresh as data can be for that day.
+        # (Data dated after today is a wrong date: the rule refuses it.)
+        extracted = day
     decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
         registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],
         mentor_id=mentor_id, facts_source=source)) for p in programs)

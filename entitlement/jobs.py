@@ -154,7 +154,9 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
             program = deps.catalog.get(a.program_id)
             decision = rules.decision_from_dict(json.loads(a.decision_json)["decision"])
             decided_on = decision.circumstances.registry_extracted_on
-            if program is None or (decided_on is not None and decided_on >= snapshot.extracted_on):
+            # Decided on data as new as this snapshot's: nothing to re-check. (Unless that data was
+            # dated after today: a wrong date, which must not exempt it from every later extract.)
+            if program is None or (decided_on is not None and snapshot.extracted_on <= decided_on <= today):
                 summary.up_to_date += 1
                 continue
             verdict = rules.revalidate(program, _facts(s, snapshot.id, a.person_key), a.start_date, today,

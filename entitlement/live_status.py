@@ -32,6 +32,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from entitlement.pseudonym import normalize_agency_id
 from entitlement.rules import PersonFacts
 
 PATH = "/v1/statut-demandeur-emploi"
@@ -145,7 +146,10 @@ class LiveStatusClient:
 
     def fetch(self, agency_id: str, birth_date: dt.date) -> PersonFacts | None:
         """The person's facts, or None when the source does not know them (404) or knows them
-        with another birth date. Raises LiveStatusUnavailable when no usable answer came."""
+        with another birth date. Raises LiveStatusUnavailable when no usable answer came. The
+        source is asked for the canonical identifiant (`normalize_agency_id`, the form person keys
+        are made of), and an answer counts only if it names exactly that one."""
+        agency_id = normalize_agency_id(agency_id)
         ticket = self.breaker.acquire()
         if ticket is None:
             raise LiveStatusUnavailable("breaker_open", "live status source unavailable: circuit breaker open")
@@ -234,8 +238,10 @@ def _parse(body: bytes, agency_id: str, birth_date: dt.date) -> PersonFacts | No
             raise ValueError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise _Retryable("malformed") from None
-    if ident is not None and str(ident).strip().upper() != agency_id.upper():
-        return None  # an answer about someone else is no answer
+    # An answer about someone else is no answer. Both sides in canonical form, then compared
+    # exactly: the same person as the person key the decision is recorded under, never a near match.
+    if ident is not None and normalize_agency_id(str(ident)) != normalize_agency_id(agency_id):
+        return None
     if answered_birth != birth_date:
         return None  # answered exactly like an unknown identifier
     return PersonFacts(birth_date=answered_birth, postal_code=postal, registered_on=registered,

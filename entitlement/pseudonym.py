@@ -14,6 +14,17 @@ import secrets
 from pathlib import Path
 
 
+def normalize_agency_id(raw: str) -> str:
+    """The agency's `identifiant` in its one canonical form: surrounding whitespace removed, letters
+    upper-cased. The agency does not tell `1234567a` from `1234567A`, so neither may this service:
+    every path that turns an identifiant into a person key (checks, activations, registry imports,
+    the live status source) goes through here (`Pseudonymizer.person_key` applies it too). Only an
+    ASCII identifiant is upper-cased: a non-ASCII one is left as it is, for validation to refuse it
+    (str.upper would turn the dotless 'ı' into an ASCII 'I' and the long 'ſ' into 'S')."""
+    text = raw.strip()
+    return text.upper() if text.isascii() else text
+
+
 class PrefixedHmac:
     """HMAC-SHA256(key, prefix || message) (RFC 2104), with the hash states after the padded key
     and the prefix computed once: a pseudonym is computed at every check, and OpenSSL's one-shot
@@ -59,8 +70,9 @@ class Pseudonymizer:
         return cls(bytes.fromhex(path.read_text().strip()))
 
     def person_key(self, agency_id: str) -> bytes:
-        """Registry lookup key of a job seeker: 32 bytes, stored instead of the agency id."""
-        return self._person.digest(agency_id.encode())
+        """Registry lookup key of a job seeker: 32 bytes, stored instead of the agency id. The id
+        is normalised first (`normalize_agency_id`): its case and surrounding spaces never matter."""
+        return self._person.digest(normalize_agency_id(agency_id).encode())
 
     def person_ref(self, person_key: bytes) -> str:
         """The pseudonym shown in activations, audit output and logs (hex, 32 chars)."""

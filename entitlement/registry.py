@@ -10,7 +10,9 @@ ignored: they are never kept beyond the csv module's row, never stored.
 Each import is a snapshot (id, checksum, extraction date, counts). Rows are loaded under the new
 snapshot id while lookups keep using the previous one; the switch is the single UPDATE that marks
 the new snapshot complete. A failed or interrupted import (kill -9 included) leaves the previous
-snapshot in force; its rows are discarded by the next import.
+snapshot in force; its rows are discarded by the next import. An extract dated after today or
+before the snapshot in force is refused (`check_extraction_date`), so the newest snapshot by id is
+also the newest by extraction date.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple, IO, Any
 
 from psycopg.errors import UniqueViolation
-from sqlalchemy import Connection, Select, and_, bindparam, delete, func, select, update
+from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -59,6 +61,27 @@ class ExtractError(ValueError):
     """The file as a whole cannot be imported (no header, wrong columns, not UTF-8, empty, cut off)."""
 
 
+class ExtractDatedInFuture(ExtractError):
+    """The extraction date is after today (in the service's time zone): a typo, never data. Taken,
+    it would count as fresh data for ever, and every later extract would look older than it."""
+
+    def __init__(self, extracted_on: dt.date, today: dt.date) -> None:
+        super().__init__(f"extracted_on {extracted_on.isoformat()} is after today ({today.isoformat()}): "
+                         "an extract cannot be dated in the future")
+        self.extracted_on, self.today = extracted_on, today
+
+
+class ExtractOlderThanCurrent(ExtractError):
+    """The extraction date is before the current snapshot's: a late or re-sent older file, which
+    would replace newer data. (The same date is accepted: a corrected re-send of that day's file.)"""
+
+    def __init__(self, extracted_on: dt.date, current: "SnapshotRef") -> None:
+        super().__init__(f"extracted_on {extracted_on.isoformat()} is before the current snapshot's "
+                         f"({current.name}, extracted on {current.extracted_on.isoformat()}): an older "
+                         "extract would replace newer data")
+        self.extracted_on, self.current = extracted_on, current
+
+
 class SnapshotRef(NamedTuple):  # immutable; a named tuple: one per check
     id: int
     extracted_on: dt.date
@@ -75,7 +98,7 @@ class ImportSummary:
     rows_read: int
     rows_imported: int
     rows_rejected: int
-    unchanged: bool  # the same file was already the current snapshot: nothing was changed
+    unchanged: bool  # the same file, with the same extraction date, was already the current snapshot: nothing was changed
 
 
 @dataclass(frozen=True)
@@ -93,11 +116,17 @@ class _Reject(ValueError):
     pass
 
 
+# YYYY-MM-DD in ASCII digits, nothing else: Python 3.11's date.fromisoformat also takes an ISO week
+# date (`2021-W01-1`, ten characters too), which PostgreSQL's COPY refuses (the whole import then
+# fails) and SQLite would keep as text.
+ISO_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
 def _iso(raw: str, name: str) -> str:
-    """The date as ISO text, after checking it is a real calendar date."""
+    """The date as ISO text, after checking it is YYYY-MM-DD and a real calendar date."""
     text = raw.strip()
     try:
-        if len(text) != 10:
+        if not ISO_DATE_RE.fullmatch(text):
             raise ValueError
         dt.date.fromisoformat(text)
     except ValueError:
@@ -121,6 +150,8 @@ class _Parser:
         agency_id = row[i_id].strip()
         if not AGENCY_ID_RE.fullmatch(agency_id):
             raise _Reject("identifiant: 1 to 32 letters or digits")
+        # (ASCII, as the pattern holds: person_key upper-cases it, so `1234567a` and `1234567A` are one
+        # person here as in every check and activation, and a second row of either is a duplicate.)
         birth = _iso(row[i_birth], "dateNaissance")
         postal = row[i_postal].strip()
         if not POSTAL_RE.fullmatch(postal):
@@ -164,11 +195,38 @@ def _sha256(path: Path) -> str:
 
 
 def current_snapshot(session: Session) -> SnapshotRef | None:
+    """The snapshot in force: the newest complete one. (Newest by id is newest by extraction date:
+    `import_extract` never switches to an extract dated before the current one.)"""
     row = session.execute(
         select(RegistrySnapshot.id, RegistrySnapshot.extracted_on)
         .where(RegistrySnapshot.status == "complete").order_by(RegistrySnapshot.id.desc()).limit(1)
     ).first()
     return SnapshotRef(row.id, row.extracted_on) if row else None
+
+
+def check_extraction_date(extracted_on: dt.date, today: dt.date, current: SnapshotRef | None) -> None:
+    """Raise ExtractDatedInFuture or ExtractOlderThanCurrent when an extract of `extracted_on` must
+    not become the data in force, on `today` (the service's civil date), `current` being in force.
+    A current snapshot itself dated after today (stamped so before this check existed) does not
+    hold back an older extract: that is how its wrong date gets corrected."""
+    if extracted_on > today:
+        raise ExtractDatedInFuture(extracted_on, today)
+    if current is not None and extracted_on < current.extracted_on <= today:
+        raise ExtractOlderThanCurrent(extracted_on, current)
+
+
+def check_new_extract(db: Database, clock: Clock, extracted_on: dt.date) -> None:
+    """`check_extraction_date` against the snapshot in force now: lets a caller refuse an extract
+    before receiving it (RegistryService.ImportExtract). `import_extract` checks again."""
+    with db.read() as s:
+        current = current_snapshot(s)
+    check_extraction_date(extracted_on, clock.today(), current)
+
+
+# The switch to a new snapshot, on PostgreSQL: serialized across processes by this transaction-scoped
+# advisory lock, so that the date check and the switch see every earlier switch (SQLite: BEGIN
+# IMMEDIATE serializes writers already). The key: the first 8 bytes of SHA-256("entitlement.registry_switch").
+_SWITCH_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_switch").digest()[:8], "big", signed=True)
 
 
 def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path, *,
@@ -181,17 +239,26 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
     Streams the file (constant memory), validates every row and writes each rejected one to
     `rejects_path` with its line number and reason: rows read = imported + rejected. Refuses to
     switch when nothing valid was read, or fewer rows than `min_ratio` x the current snapshot's
-    (a cut-off extract must not de-register people). Afterwards, complete snapshots beyond the
+    (a cut-off extract must not de-register people). Refuses an extract dated after today (the
+    clock's civil date, in the service's time zone) or before the current snapshot
+    (`check_extraction_date`: ExtractDatedInFuture, ExtractOlderThanCurrent); the same bytes with
+    the same date answer `unchanged`. Afterwards, complete snapshots beyond the
     newest `keep_snapshots` lose their rows (their metadata stays: decisions refer to it).
     `progress(rows_read)` and `on_progress(Progress)` are called after each stored batch.
     """
+    today = clock.today()
+    if extracted_on > today:  # before reading a byte
+        raise ExtractDatedInFuture(extracted_on, today)
     digest = _sha256(path)
     with db.read() as s:
         current = s.execute(
             select(RegistrySnapshot).where(RegistrySnapshot.status == "complete")
             .order_by(RegistrySnapshot.id.desc()).limit(1)).scalar_one_or_none()
-    # The same bytes extracted again on a later date are news: the data is confirmed as of that date.
-    if current is not None and current.sha256 == digest and extracted_on <= current.extracted_on:
+    check_extraction_date(extracted_on, today, SnapshotRef(current.id, current.extracted_on) if current else None)
+    # Unchanged only when both the bytes and the date are the current snapshot's. The same bytes
+    # extracted again on a later date are news: the data is confirmed as of that date (and with
+    # another date at all, the date on record is corrected).
+    if current is not None and current.sha256 == digest and extracted_on == current.extracted_on:
         return ImportSummary(current.id, digest, current.rows_read, current.rows_imported,
                              current.rows_rejected, unchanged=True)
     _discard_unfinished(db)
@@ -255,6 +322,10 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                 f"{path}: {imported} valid rows, fewer than {min_ratio:.0%} of the current snapshot's "
                 f"{current.rows_imported}: is the extract cut off? (--min-ratio 0 accepts it)")
         with db.write() as s:
+            # Again at the switch, in its transaction: another process may have switched meanwhile.
+            if not db.is_sqlite:
+                s.execute(select(func.pg_advisory_xact_lock(literal(_SWITCH_LOCK_KEY, BigInteger))))
+            check_extraction_date(extracted_on, today, current_snapshot(s))
             s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id).values(
                 status="complete", completed_at=clock.now(), rows_read=read, rows_imported=imported,
                 rows_rejected=rejected))

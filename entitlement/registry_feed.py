@@ -146,6 +146,7 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
         raise Aborted("another registry import is running in this server; retry later",
                       reason="IMPORT_IN_PROGRESS")
     try:
+        _check_date(ctx, header)  # before a byte is received: the whole file would be refused anyway
         with _spool() as tmp:
             path = tmp / "extract.csv"
             digest = hashlib.sha256()
@@ -166,6 +167,8 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                     ctx.db, ctx.pseudo, ctx.clock, path, extracted_on=header.extracted_on, actor=caller.actor,
                     rejects_path=rejects, min_ratio=header.min_ratio or DEFAULT_MIN_RATIO,
                     source_name=header.source_name or "pushed-extract.csv")
+            except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
+                raise _date_error(ctx, exc) from None
             except registry.ExtractError as exc:
                 # The temp path means nothing to the agency: name its file instead.
                 message = str(exc).replace(str(path), header.source_name or "the extract")
@@ -174,6 +177,26 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
             return PushResult(summary, _first_rejects(rejects))
     finally:
         _one_import.release()
+
+
+def _check_date(ctx: Context, header: PushHeader) -> None:
+    try:
+        registry.check_new_extract(ctx.db, ctx.clock, header.extracted_on)
+    except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
+        raise _date_error(ctx, exc) from None
+
+
+def _date_error(ctx: Context, exc: registry.ExtractError) -> InvalidArgument | FailedPrecondition:
+    """A date in the future is a bad argument (INVALID_ARGUMENT on header.extracted_on); an older
+    extract than the current snapshot's is refused as the state stands (FAILED_PRECONDITION)."""
+    if isinstance(exc, registry.ExtractDatedInFuture):
+        return InvalidArgument.single("header.extracted_on", f"{exc} (in {ctx.settings.timezone})")
+    assert isinstance(exc, registry.ExtractOlderThanCurrent)
+    return FailedPrecondition(
+        f"import refused, previous snapshot still in force: {exc}; an extract of the same day or later is accepted",
+        reason="EXTRACT_OLDER_THAN_CURRENT",
+        metadata={"extracted_on": exc.extracted_on.isoformat(), "current_snapshot": exc.current.name,
+                  "current_extracted_on": exc.current.extracted_on.isoformat()})
 
 
 def _first_rejects(path: Path) -> list[tuple[int, str]]:

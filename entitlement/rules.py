@@ -254,8 +254,11 @@ def _freshness_result(program: Program, day: dt.date, extracted_on: dt.date | No
     if extracted_on is None:
         return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE", "No registry data imported.")
     age = (day - extracted_on).days
+    if age < 0:  # data dated after the day decided: a wrong date, never fresh data (README "Registry extracts")
+        return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
+                               f"Registry data is dated {extracted_on.isoformat()}, after {day.isoformat()}.")
     if age <= limit:
-        return CriterionResult("registry_data_fresh", True, "", f"Registry data is {max(age, 0)} days old.")
+        return CriterionResult("registry_data_fresh", True, "", f"Registry data is {age} days old.")
     return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
                            f"Registry data is {age} days old; the program accepts at most {limit}.")
 

@@ -34,6 +34,7 @@ from support import POOL_SIZE, date_msg, identity, make_registry_file, pool_birt
 from test_server_ops import Server
 
 from entitlement import doctor, merkle, note, synthetic
+from entitlement.clock import SystemClock
 from entitlement.doctor import Acknowledged
 from entitlement.storage.db import Database
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, registry_pb2,
@@ -243,7 +244,7 @@ def importer(server: Server, told: Told, filler_rows: int, stop: threading.Event
 
             def parts(data: bytes = body) -> Any:
                 yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
-                    extracted_on=date_msg(dt.date.today()), source_name=f"load-{n}.csv",
+                    extracted_on=date_msg(SystemClock().today()), source_name=f"load-{n}.csv",
                     sha256=hashlib.sha256(data).hexdigest(),
                     min_ratio=1e-9))  # sizes vary on purpose: a smaller extract is not a cut-off one here
                 for i in range(0, len(data), 1 << 20):

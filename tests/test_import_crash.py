@@ -54,10 +54,12 @@ def test_kill_9_during_import_leaves_the_previous_snapshot(fresh_url: str, tmp_p
     db = Database(target, pool_size=2)
     small = tmp_path / "small.csv"
     synthetic.write(small, 10)
-    first = registry.import_extract(db, pseudo, SystemClock(), small, extracted_on=dt.date.today())
+    today = SystemClock().today()
+    first = registry.import_extract(db, pseudo, SystemClock(), small, extracted_on=today)
     known = synthetic.KNOWN[0]
     env = {**os.environ, "ENTITLEMENT_DATABASE_URL": target, "ENTITLEMENT_PSEUDONYM_KEY_FILE": str(key_file)}
-    cmd = [*CLI, "registry", "import", str(big_extract), "--quiet", "--rejects", str(tmp_path / "r.csv")]
+    cmd = [*CLI, "registry", "import", str(big_extract), "--extracted-on", today.isoformat(), "--quiet",
+           "--rejects", str(tmp_path / "r.csv")]
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

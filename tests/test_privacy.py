@@ -207,7 +207,7 @@ def run_traffic(t: Traffic, registry_file: Path) -> None:
     bad = {"identifiant": BAD_ROW_ID, "nom": "Bad", "prenom": "Row", "dateNaissance": "1996-02-30",
            "codePostal": "92347", "dateInscription": "2024-02-01", "codeCategorieInscription": "1"}
     data = registry_file.read_bytes() + (",".join(bad.get(c, "") for c in COLUMNS) + "\n").encode()
-    header = registry_pb2.ExtractHeader(extracted_on=date_msg(dt.date.today()), source_name="push.csv",
+    header = registry_pb2.ExtractHeader(extracted_on=date_msg(SystemClock().today()), source_name="push.csv",
                                         sha256=hashlib.sha256(data).hexdigest())
     registry_pb2_grpc.RegistryServiceStub(t.server.channel).ImportExtract(
         iter([registry_pb2.ImportExtractRequest(header=header), registry_pb2.ImportExtractRequest(chunk=data)]),
@@ -241,7 +241,7 @@ def traffic_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
     db = Database(d.database_url, pool_size=1)
     try:
         registry.import_extract(db, Pseudonymizer.from_file(d.pseudonym_key_file), SystemClock(), extract,
-                                extracted_on=dt.date.today() - dt.timedelta(days=1))
+                                extracted_on=SystemClock().today() - dt.timedelta(days=1))
     finally:
         db.dispose()
     server = Server(d)
@@ -372,10 +372,12 @@ def test_purge_deletes_personal_data_past_the_retention_period(
         for a in scrubbed:
             stored = json.loads(a.decision_json)
             assert stored["purged"] and all(c[3] == "" for c in stored["decision"]["criteria"])
-        # The snapshot in force still answers; the live activations are untouched.
-        assert As(h.channel, h.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
-            job_seeker=identity("R0000010", people["R0000010"][0]), program="programs/premium-job-seekers")
-        ).decisions[0].eligible
+        # The snapshot in force still answers (on a day not before its extraction date: data dated
+        # after the day decided is never fresh); the live activations are untouched.
+        with on_day(h, TODAY + dt.timedelta(days=30)):
+            assert As(h.channel, h.tokens["advisor-paris"]).CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+                job_seeker=identity("R0000010", people["R0000010"][0]), program="programs/premium-job-seekers")
+            ).decisions[0].eligible
         assert plat.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="ret-3")).active
         assert not plat.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="ret-1")).activation
         # The audit log keeps its pseudonyms: same events, same job_seeker_ref, plus the purge's own.

@@ -132,7 +132,7 @@ def prepare(root: Path, database_url: str | None = None, *, migrate: bool = True
             db = Database(url, pool_size=1)
             try:
                 registry.import_extract(db, pseudo, SystemClock(), make_registry_file(root / "registry.csv"),
-                                        extracted_on=dt.date.today())
+                                        extracted_on=SystemClock().today())
             finally:
                 db.dispose()
     return d

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import threading
 import time
@@ -28,6 +27,7 @@ from load_clients import AGENCY, People, Told, activator, checkpoints, registry_
 from support import date_msg
 from test_server_ops import Server, prepare
 
+from entitlement.clock import SystemClock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
 from entitlement.storage.models import Activation, IdempotencyRecord
@@ -70,7 +70,7 @@ def test_sigterm_under_load_completes_calls_in_flight_refuses_new_ones_and_loses
 
         def parts() -> Iterator[registry_pb2.ImportExtractRequest]:
             yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
-                extracted_on=date_msg(dt.date.today()), source_name="drain.csv",
+                extracted_on=date_msg(SystemClock().today()), source_name="drain.csv",
                 sha256=hashlib.sha256(body).hexdigest()))
             yield registry_pb2.ImportExtractRequest(chunk=first)
             finish.wait(WAIT_S)

@@ -9,7 +9,6 @@ processes, a real import stream, a real kill, the real command."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import subprocess
@@ -28,6 +27,7 @@ from support import date_msg
 from test_server_ops import PYTHON, ROOT, Server, prepare
 
 from entitlement import cli
+from entitlement.clock import SystemClock
 from entitlement.registry_feed import _SPOOL_LOCK, SPOOL_GRACE_S, SPOOL_PREFIX, UNLOCKED_SPOOL_GRACE_S
 from entitlement.storage.db import Database
 from entitlement.v1 import registry_pb2, registry_pb2_grpc
@@ -65,7 +65,7 @@ class HeldImport:
 
     def _parts(self) -> Iterator[registry_pb2.ImportExtractRequest]:
         yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
-            extracted_on=date_msg(dt.date.today()), source_name="held.csv",
+            extracted_on=date_msg(SystemClock().today()), source_name="held.csv",
             sha256=hashlib.sha256(self.body).hexdigest()))
         yield registry_pb2.ImportExtractRequest(chunk=self.body[:32 * 1024])
         self.release.wait(WAIT_S)

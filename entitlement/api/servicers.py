@@ -21,8 +21,7 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations) -> eligibility.JobSeeker:
     """The `job_seeker` field of a check or an activation (its field names spelled once, here:
     every check validates it)."""
-    agency_id = msg.agency_id
-    val.pattern(agency_id, val.AGENCY_ID_RE, "job_seeker.agency_id", "1 to 32 letters or digits", v)
+    agency_id = val.agency_id(msg.agency_id, "job_seeker.agency_id", v)  # canonical: case and spaces never matter
     # An explicitly set but empty Date (0-0-0) is no birth date: refused, never "not registered".
     # (An unset one is already reported by check_required.)
     birth = val.date(msg.birth_date, "job_seeker.birth_date", v, required=msg.HasField("birth_date"))
@@ -109,11 +108,11 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def RevokeActivation(self, request: activation_pb2.TransitionActivationRequest,
                          context: grpc.ServicerContext) -> activation_pb2.Activation:
         return self._transition("revoke", request)
+
     def ReissueActivationToken(self, request: activation_pb2.TransitionActivationRequest,
                                context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
         result = activation.reissue_token(self.ctx, current_caller(), self._command("reissue", request))
         return convert.activation_response(result.activation, result.token)
-
 
     def RedeemActivationToken(self, request: activation_pb2.RedeemActivationTokenRequest,
                               context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:

@@ -14,6 +14,7 @@ from google.type import date_pb2
 
 from entitlement import callers
 from entitlement.errors import Violations
+from entitlement.pseudonym import normalize_agency_id
 
 PROGRAM_NAME_RE = re.compile(r"^programs/([a-z][a-z0-9-]{1,62})$")
 ACTIVATION_NAME_RE = re.compile(r"^activations/([0-9a-f]{32})$")
@@ -102,6 +103,16 @@ def text(value: str, field: str, v: Violations, *, maximum: int = MAX_REASON) ->
     elif any(ord(c) < 32 and c not in "\t" for c in value):
         v.add(field, "must not contain control characters")
     return value
+
+
+def agency_id(value: str, field: str, v: Violations) -> str:
+    """The agency's identifiant in its canonical form (entitlement.pseudonym.normalize_agency_id:
+    trimmed, upper-cased), with a violation unless that is 1 to 32 letters or digits. (Empty: left
+    to check_required.)"""
+    canonical = normalize_agency_id(value)
+    if value and not AGENCY_ID_RE.fullmatch(canonical):
+        v.add(field, "1 to 32 letters or digits")
+    return canonical
 
 
 def pattern(value: str, regex: re.Pattern[str], field: str, description: str, v: Violations) -> str:

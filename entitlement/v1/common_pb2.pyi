@@ -46,7 +46,8 @@ class JobSeekerIdentity(_message.Message):
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     agency_id: _builtins.str
     """The agency's job-seeker identifier (`identifiant` in the agency's status API): 1 to 32
-    characters, letters and digits only.
+    characters, letters and digits only. Its case and surrounding spaces do not matter:
+    `1234567a` is `1234567A` (the same person, the same activation).
     """
     @_builtins.property
     def birth_date(self) -> _date_pb2.Date:

@@ -72,7 +72,10 @@ class ExtractHeader(_message.Message):
     """
     @_builtins.property
     def extracted_on(self) -> _date_pb2.Date:
-        """The date the agency extracted the data (what decisions report as the data's age)."""
+        """The date the agency extracted the data (what decisions report as the data's age). Not after
+        today (in the service's time zone, Europe/Paris by default), not before the date of the
+        snapshot in force (the same date is accepted: a corrected re-send of that day's file).
+        """
 
     def __init__(
         self,
@@ -104,7 +107,9 @@ class ImportExtractResponse(_message.Message):
     snapshot: _builtins.str
     """The snapshot now in force, as `registrySnapshots/{id}`."""
     unchanged: _builtins.bool
-    """True when this exact file was already the current snapshot: nothing was changed."""
+    """True when this exact file, with this `extracted_on`, was already the current snapshot:
+    nothing was changed.
+    """
     sha256: _builtins.str
     rows_read: _builtins.int
     rows_imported: _builtins.int

@@ -43,11 +43,14 @@ class RegistryServiceStub:
     spooled to disk (constant memory), then imported: every row validated, rejected rows listed
     with their line number and reason, rows read = imported + rejected. The switch to the new
     snapshot is atomic: lookups see the previous snapshot until the import completes, and a
-    failed import leaves it in force. Sending the same file again changes nothing
-    (`unchanged = true`).
+    failed import leaves it in force. Sending the same file with the same `extracted_on` again
+    changes nothing (`unchanged = true`).
 
-    Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on`, a chunk over
-    1 MiB, `sha256` not matching the bytes received), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on` or one after
+    today in the service's time zone, a chunk over 1 MiB, `sha256` not matching the bytes
+    received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
+    the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
+    `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
     snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
     with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
@@ -63,11 +66,14 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     spooled to disk (constant memory), then imported: every row validated, rejected rows listed
     with their line number and reason, rows read = imported + rejected. The switch to the new
     snapshot is atomic: lookups see the previous snapshot until the import completes, and a
-    failed import leaves it in force. Sending the same file again changes nothing
-    (`unchanged = true`).
+    failed import leaves it in force. Sending the same file with the same `extracted_on` again
+    changes nothing (`unchanged = true`).
 
-    Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on`, a chunk over
-    1 MiB, `sha256` not matching the bytes received), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on` or one after
+    today in the service's time zone, a chunk over 1 MiB, `sha256` not matching the bytes
+    received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
+    the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
+    `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
     snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
     with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
@@ -86,11 +92,14 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         spooled to disk (constant memory), then imported: every row validated, rejected rows listed
         with their line number and reason, rows read = imported + rejected. The switch to the new
         snapshot is atomic: lookups see the previous snapshot until the import completes, and a
-        failed import leaves it in force. Sending the same file again changes nothing
-        (`unchanged = true`).
+        failed import leaves it in force. Sending the same file with the same `extracted_on` again
+        changes nothing (`unchanged = true`).
 
-        Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on`, a chunk over
-        1 MiB, `sha256` not matching the bytes received), FAILED_PRECONDITION with reason
+        Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on` or one after
+        today in the service's time zone, a chunk over 1 MiB, `sha256` not matching the bytes
+        received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
+        the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
+        `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
         snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
         with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
