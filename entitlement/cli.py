@@ -280,6 +280,15 @@ def cmd_jobs_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_revalidation(r: Any) -> None:
+    if r.snapshot_id is None:
+        print("no registry snapshot imported: nothing to revalidate against")
+        return
+    print(f"revalidated against registry snapshot {r.snapshot_id}: {r.examined} live activations examined, "
+          f"{r.up_to_date} decided on data as recent, {r.still_eligible} still eligible, {r.curtailed} curtailed, "
+          f"{r.expired} expired at once, {r.released_cents} cents released")
+
+
 def cmd_jobs_revalidate(args: argparse.Namespace) -> int:
     from entitlement import jobs
     deps = _job_deps()
@@ -289,12 +298,25 @@ def cmd_jobs_revalidate(args: argparse.Namespace) -> int:
         r = jobs.run_revalidation(deps)
     finally:
         deps.db.dispose()
-    if r.snapshot_id is None:
-        print("no registry snapshot imported: nothing to revalidate against")
-        return 0
-    print(f"revalidated against registry snapshot {r.snapshot_id}: {r.examined} live activations examined, "
-          f"{r.up_to_date} decided on data as recent, {r.still_eligible} still eligible, {r.curtailed} curtailed, "
-          f"{r.expired} expired at once, {r.released_cents} cents released")
+    _print_revalidation(r)
+    return 0
+
+
+def cmd_jobs_daily(args: argparse.Namespace) -> int:
+    """Revalidation, then settlement up to today: in that order, an activation the new extract ends
+    before today has its months settled by its new end date (settled first, a month begun today
+    would be booked as consumed, then stay so)."""
+    from entitlement import jobs
+    deps = _job_deps()
+    if isinstance(deps, str):
+        return _fail(deps)
+    try:
+        _print_revalidation(jobs.run_revalidation(deps))
+        r = jobs.run_settlement(deps)
+    finally:
+        deps.db.dispose()
+    print(f"settled up to {r.as_of.isoformat()}: {r.examined} activations examined, {r.expired} expired, "
+          f"{r.months_consumed} months consumed ({r.consumed_cents} cents), {r.released_cents} cents released")
     return 0
 
 
@@ -637,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_jobs_run)
     jobs.add_parser("revalidate", help="re-check live activations against the current registry snapshot; "
                     "curtail those no longer eligible").set_defaults(func=cmd_jobs_revalidate)
+    jobs.add_parser("daily", help="revalidate, then settle up to today: the daily run, in the order that "
+                    "matters").set_defaults(func=cmd_jobs_daily)
 
     doc = sub.add_parser("doctor", help="check the database's invariants (ledger, counters, event log, "
                          "acknowledged requests); exit 1 on any problem")

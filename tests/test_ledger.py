@@ -26,6 +26,7 @@ from support import Api, Harness, expect_error, identity
 from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, registry
+from entitlement.clock import SystemClock
 from entitlement.money import split_cents
 from entitlement.storage.models import Activation, Event, LedgerEntry, ProgramCounter
 from entitlement.v1 import activation_pb2, audit_pb2
@@ -604,6 +605,10 @@ def test_jobs_from_the_command_line(backend: tuple[str, str], tmp_path: Path, re
         assert "--until" in capsys.readouterr().err
         assert cli.main(["jobs", "revalidate"]) == 0
         assert capsys.readouterr().out.startswith("revalidated against registry snapshot ")
+        assert cli.main(["jobs", "daily"]) == 0  # revalidation, then settlement up to today
+        lines = capsys.readouterr().out.splitlines()
+        assert [x.split(" ", 1)[0] for x in lines] == ["revalidated", "settled"], lines
+        assert lines[1].startswith(f"settled up to {SystemClock().today().isoformat()}: 1 activations examined")
 
 
 # ------------------------------------------------------------------------------------ revalidation
