@@ -33,7 +33,7 @@ from sqlalchemy import func, select, text
 from support import (TODAY, Api, Harness, date_msg, expect_error, identity, make_registry_file, next_person,
                      wait_until)
 
-from entitlement import deadline, doctor, inflight
+from entitlement import counters, deadline, doctor, inflight
 from entitlement.errors import Cancelled, DeadlineExceeded
 from entitlement.storage.models import Activation, Event, IdempotencyRecord, LedgerEntry
 from entitlement.v1 import activation_pb2, registry_pb2
@@ -53,6 +53,10 @@ class Blocker:
         self._release: Callable[[], None] | None = None
 
     def __enter__(self) -> "Blocker":
+        # The program's counter row is made by the first activation a Database serves, in a write
+        # of its own before the call's claim (counters.ensure_row): made now, so that a test run
+        # alone sees its call claimed, then waiting for this lock, as after any earlier activation.
+        counters.ensure_row(self.h.ctx.db, "premium-job-seekers")
         if self.h.backend == "sqlite":
             conn = sqlite3.connect(self.h.url.removeprefix("sqlite:///"), isolation_level=None, timeout=30)
             conn.execute("BEGIN IMMEDIATE")
