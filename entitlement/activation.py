@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -165,6 +165,27 @@ def _remember(s: Session, ctx: Context, caller: Caller, request_id: str, method:
             "response": json.dumps(result).encode(), "created_at": ctx.clock.now()})
 
 
+def _as_answered(v: ActivationView) -> dict[str, Any]:
+    """What of an activation may change after a call answered it: kept with the call's idempotency
+    record, so that a replay answers what the call answered (AIP-155), not the row as it is now."""
+    return {"state": v.state, "state_reason": v.state_reason, "updated_at": v.updated_at.isoformat(),
+            "end_date": v.end_date.isoformat(), "account_id": v.account_id,
+            "redeemed_at": v.redeemed_at.isoformat() if v.redeemed_at else None}
+
+
+def _replayed(ctx: Context, a: Activation, replay: dict[str, Any]) -> ActivationView:
+    """The activation as the first call answered it (records made before these fields were kept:
+    as it is now)."""
+    current = view(ctx, a)
+    was = replay.get("answered")
+    if not was:
+        return current
+    return replace(current, state=was["state"], state_reason=was["state_reason"],
+                   updated_at=dt.datetime.fromisoformat(was["updated_at"]),
+                   end_date=dt.date.fromisoformat(was["end_date"]), account_id=was["account_id"],
+                   redeemed_at=dt.datetime.fromisoformat(was["redeemed_at"]) if was["redeemed_at"] else None)
+
+
 def _with_retry(fn: Any, *args: Any) -> Any:
     """Re-run a write once after a unique-constraint race: the re-run sees the winner's committed
     row and answers ALREADY_EXISTS or replays the stored response."""
@@ -235,7 +256,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             st.end(failed=False)  # the ORM reads below: out of pipeline mode
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
-            return ActivationResult(view(ctx, a), replay["token"])
+            return ActivationResult(_replayed(ctx, a, replay), replay["token"])
         facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
@@ -259,7 +280,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 st.end(failed=False)  # the ORM read below: out of pipeline mode
                 winner = s.get(Activation, replay["activation_id"])
                 assert winner is not None
-                return ActivationResult(view(ctx, winner), replay["token"])
+                return ActivationResult(_replayed(ctx, winner, replay), replay["token"])
             raise AlreadyExists(f"this job seeker already has a live activation in {program.name}: "
                                 f"activations/{existing}", reason="ACTIVATION_EXISTS",
                                 metadata={"activation": f"activations/{existing}"})
@@ -296,8 +317,11 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         token = _token(ctx, cmd.platform_id, person_key, program.id, activation_id, jti, now, end)
         # Before the event: on PostgreSQL, the event's UPDATE of log_head holds that row (every
         # writer's) until the commit, so what can be written before it is.
+        # (What the answer says of what may change later: as made now, `_as_answered`'s fields.)
         _remember(s, ctx, caller, cmd.request_id, "activate", digest,
-                  {"activation_id": activation_id, "token": token})
+                  {"activation_id": activation_id, "token": token, "answered": {
+                      "state": "active", "state_reason": cmd.reason, "updated_at": now.isoformat(),
+                      "end_date": end.isoformat(), "account_id": None, "redeemed_at": None}})
         # The seat and the cents, taken just before the event (its answer read with the sequence
         # number's): the counter row is locked from this UPDATE to the commit, that is while this
         # writer waits for the log head and holds it, no more (counters.Reservation).
@@ -399,14 +423,14 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
         if replay is not None:
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
-            return view(ctx, a)
+            return _replayed(ctx, a, replay)
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
         current = effective_state(a, today)
         if current not in allowed_from:
             # The row lock may have waited for a concurrent retry of this very request: replay it.
             replay = _replay(s, caller, cmd.request_id, cmd.action, digest)
             if replay is not None:
-                return view(ctx, a)
+                return _replayed(ctx, a, replay)
             raise FailedPrecondition(
                 f"cannot {cmd.action} activations/{a.id}: it is {current}",
                 reason="INVALID_STATE", metadata={"current_state": current.upper(), "action": cmd.action})
@@ -416,8 +440,10 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
             payload["released_cents"] = _release_unstarted(s, ctx, a, today)
         eventlog.append(s, time=now, type=event_type, actor=caller.actor, subject=f"activations/{a.id}",
                         program_id=a.program_id, reason=cmd.reason, payload=payload)
-        _remember(s, ctx, caller, cmd.request_id, cmd.action, digest, {"activation_id": a.id})
-        return view(ctx, a)
+        answer = view(ctx, a)
+        _remember(s, ctx, caller, cmd.request_id, cmd.action, digest,
+                  {"activation_id": a.id, "answered": _as_answered(answer)})
+        return answer
 
 
 def reissue_token(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationResult:
@@ -437,7 +463,7 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
         if replay is not None:
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
-            return ActivationResult(view(ctx, a), replay["token"])
+            return ActivationResult(_replayed(ctx, a, replay), replay["token"])
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
         current = effective_state(a, today)
         if current not in LIVE:
@@ -454,8 +480,10 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
         eventlog.append(s, time=now, type="activation.token_reissued", actor=caller.actor,
                         subject=f"activations/{a.id}", program_id=a.program_id, reason=cmd.reason,
                         platform_id=a.platform_id, payload={"platform": a.platform_id, "jti": jti})
-        _remember(s, ctx, caller, cmd.request_id, "reissue", digest, {"activation_id": a.id, "token": token})
-        return ActivationResult(view(ctx, a), token)
+        answer = view(ctx, a)
+        _remember(s, ctx, caller, cmd.request_id, "reissue", digest,
+                  {"activation_id": a.id, "token": token, "answered": _as_answered(answer)})
+        return ActivationResult(answer, token)
 
 
 def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) -> dict[str, int]:

@@ -256,6 +256,26 @@ def test_activate_replays_with_the_same_request_id(api: Api) -> None:
     assert delta(before, ledger(api, this_month())) == {f: (1, PRICE * MONTHS // 2, 0) for f in FUNDERS}
 
 
+def test_replays_answer_what_the_first_call_answered_after_later_changes(api: Api) -> None:
+    """AIP-155: a retry after later changes (a suspension, a resumption, a redemption) gets the answer
+    the call first gave (state, reason, update time, binding), not the activation as it is now."""
+    agency_id, birth = next_person()
+    activate_id, suspend_id = rid(), rid()
+    first = api.activate(agency_id, birth, request_id=activate_id, reason="first answer")
+    name = first.activation.name
+    suspended = move(api, "suspend", name, "paused", request_id=suspend_id)
+    move(api, "resume", name, "back")
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=first.activation_token, account_id="acct-" + rid()[:12]))
+    again = api.activate(agency_id, birth, request_id=activate_id, reason="first answer")
+    assert again.activation == first.activation and again.activation_token == first.activation_token
+    replay = move(api, "suspend", name, "paused", request_id=suspend_id)
+    assert replay == suspended
+    assert (replay.state, replay.state_reason, replay.account_id) == (activation_pb2.SUSPENDED, "paused", "")
+    now = get(api, name)
+    assert (now.state, now.state_reason) == (activation_pb2.ACTIVE, "back") and now.account_id
+
+
 def test_activate_request_id_reused_for_another_request_is_refused(api: Api) -> None:
     agency_id, birth = next_person()
     request_id = rid()

@@ -102,7 +102,10 @@ class ActivationServiceServicer:
         for the course platform.
 
         Idempotent with `request_id` (AIP-155): the same id with the same request returns the same
-        activation and token; the same id with a different request is FAILED_PRECONDITION; the same
+        activation and token, as first answered (a later suspension or redemption does not show in
+        the replay; GetActivation has the activation as it is now; the same holds for the
+        transitions and ReissueActivationToken); the same id with a different request is
+        FAILED_PRECONDITION; the same
         id arriving while the first request is still being processed is ABORTED with reason
         `REQUEST_IN_FLIGHT` at once (no waiting): retry it later to get the stored response.
 
