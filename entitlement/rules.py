@@ -128,8 +128,13 @@ def access_end(start: dt.date, months: int) -> dt.date:
 
 
 def department_of(postal_code: str) -> str:
-    """Department of a French postal code: 3 digits overseas (97x, 98x), else the first 2."""
-    return postal_code[:3] if postal_code[:2] in ("97", "98") else postal_code[:2]
+    """Department of a French postal code: 3 digits overseas (97x, 98x); Corsica's 20xxx are
+    Corse-du-Sud (2A) below 20200, Haute-Corse (2B) from it (the codes program files name); else
+    the first 2 digits."""
+    head = postal_code[:2]
+    if head == "20":
+        return "2A" if postal_code < "20200" else "2B"
+    return postal_code[:3] if head in ("97", "98") else head
 
 
 _Check = Callable[[Program, PersonFacts, dt.date], CriterionResult]

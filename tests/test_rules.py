@@ -70,7 +70,26 @@ def test_access_end(start: str, months: int, end: str) -> None:
 def test_departments() -> None:
     assert rules.department_of("75011") == "75"
     assert rules.department_of("97400") == "974"
-    assert rules.department_of("20000") == "20"
+    # Corsica: Corse-du-Sud (2A) below 20200, Haute-Corse (2B) from it, as program files name them.
+    assert [rules.department_of(c) for c in ("20000", "20090", "20169", "20200", "20290", "20600")] == \
+        ["2A", "2A", "2A", "2B", "2B", "2B"]
+
+
+def test_a_program_for_corsica_takes_its_residents_and_refuses_department_20(tmp_path: Path) -> None:
+    src = (ROOT / "programs" / "opencfa-apprentices.yaml").read_text()
+    idf = '["75", "77", "78", "91", "92", "93", "94", "95"]'
+    assert idf in src
+    path = tmp_path / "opencfa-apprentices.yaml"
+    path.write_text(src.replace(idf, '["2A"]'))
+    program = load_program(path)
+    day = dt.date(2022, 6, 1)
+    young = dict(birth_date=dt.date(2000, 1, 1))
+    assert "OUTSIDE_REGION" not in rules.evaluate(program, facts(postal_code="20000", **young), day).failed_reasons
+    assert "OUTSIDE_REGION" in rules.evaluate(program, facts(postal_code="20200", **young), day).failed_reasons
+    path.write_text(src.replace(idf, '["20"]'))
+    with pytest.raises(ProgramFileError) as info:
+        load_program(path)
+    assert "2A" in str(info.value)
 
 
 def fresh(day: dt.date) -> rules.Circumstances:
