@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import queue
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, IO, Any
 
+import psycopg
 from psycopg.errors import UniqueViolation
 from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -80,6 +83,14 @@ class ExtractOlderThanCurrent(ExtractError):
                          f"({current.name}, extracted on {current.extracted_on.isoformat()}): an older "
                          "extract would replace newer data")
         self.extracted_on, self.current = extracted_on, current
+
+
+class ImportInProgress(ExtractError):
+    """Another import of the registry is running, in this process or another (a server process, the
+    command line): one at a time, since an import starts by discarding what earlier imports left."""
+
+    def __init__(self) -> None:
+        super().__init__("another registry import is running (in this or another process); retry later")
 
 
 class SnapshotRef(NamedTuple):  # immutable; a named tuple: one per check
@@ -229,6 +240,42 @@ def check_new_extract(db: Database, clock: Clock, extracted_on: dt.date) -> None
 _SWITCH_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_switch").digest()[:8], "big", signed=True)
 
 
+# One import at a time across every process on the database: an import starts by discarding the
+# rows of imports left unfinished (`_discard_unfinished`), which, with another import still loading,
+# deleted that one's rows, and it then switched to its snapshot with the gaps (people wrongly
+# NOT_REGISTERED, live activations curtailed by the next revalidation). PostgreSQL: a session-level
+# advisory lock on a connection of its own, for the whole import; SQLite: an exclusive flock on a
+# file beside the database. Both end with the process that holds them, so an import killed
+# mid-way leaves an `importing` snapshot the next one discards, as before.
+_IMPORT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_import").digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _import_lock(db: Database) -> Iterator[None]:
+    if db.is_sqlite:
+        database = db.engine.url.database
+        if not database or database == ":memory:":
+            yield  # one process, one connection: nothing else can import
+            return
+        with open(f"{database}.import-lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ImportInProgress() from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return
+    # A connection of its own, not one of the pool's (an import may take minutes).
+    url = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_IMPORT_LOCK_KEY,)).fetchone()
+        if not row or not row[0]:
+            raise ImportInProgress()
+        yield  # (the lock ends with the session, when the connection closes)
+
+
 def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path, *,
                    extracted_on: dt.date, actor: str = "system", rejects_path: Path | None = None,
                    progress: Callable[[int], None] | None = None,
@@ -261,6 +308,18 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
     if current is not None and current.sha256 == digest and extracted_on == current.extracted_on:
         return ImportSummary(current.id, digest, current.rows_read, current.rows_imported,
                              current.rows_rejected, unchanged=True)
+    with _import_lock(db):
+        return _import_locked(db, pseudo, clock, path, extracted_on=extracted_on, actor=actor,
+                              rejects_path=rejects_path, progress=progress, on_progress=on_progress,
+                              min_ratio=min_ratio, keep_snapshots=keep_snapshots, source_name=source_name,
+                              digest=digest, current=current, today=today)
+
+
+def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path, *, extracted_on: dt.date,
+                   actor: str, rejects_path: Path | None, progress: Callable[[int], None] | None,
+                   on_progress: Callable[[Progress], None] | None, min_ratio: float, keep_snapshots: int,
+                   source_name: str, digest: str, current: Any, today: dt.date) -> ImportSummary:
+    """import_extract's work, with the import lock held (no other import runs anywhere)."""
     _discard_unfinished(db)
     with db.write() as s:
         snap = RegistrySnapshot(source_name=(source_name or path.name)[:255], sha256=digest, extracted_on=extracted_on,
@@ -326,9 +385,12 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
             if not db.is_sqlite:
                 s.execute(select(func.pg_advisory_xact_lock(literal(_SWITCH_LOCK_KEY, BigInteger))))
             check_extraction_date(extracted_on, today, current_snapshot(s))
-            s.execute(update(RegistrySnapshot).where(RegistrySnapshot.id == snapshot_id).values(
+            switched = s.execute(update(RegistrySnapshot).where(
+                RegistrySnapshot.id == snapshot_id, RegistrySnapshot.status == "importing").values(
                 status="complete", completed_at=clock.now(), rows_read=read, rows_imported=imported,
-                rows_rejected=rejected))
+                rows_rejected=rejected)).rowcount
+            if switched != 1:  # discarded meanwhile (by a process without the import lock): never live
+                raise ExtractError(f"{path}: the import was discarded before it could switch; import it again")
             eventlog.append(s, time=clock.now(), type="registry.snapshot_switched", actor=actor,
                             subject=f"registrySnapshots/{snapshot_id}", payload={
                                 "sha256": digest, "extracted_on": extracted_on.isoformat(),

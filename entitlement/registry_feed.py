@@ -169,6 +169,9 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                     source_name=header.source_name or "pushed-extract.csv")
             except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
                 raise _date_error(ctx, exc) from None
+            except registry.ImportInProgress:
+                raise Aborted("another registry import is running (another server process, or the command "
+                              "line); retry later", reason="IMPORT_IN_PROGRESS") from None
             except registry.ExtractError as exc:
                 # The temp path means nothing to the agency: name its file instead.
                 message = str(exc).replace(str(path), header.source_name or "the extract")
