@@ -186,6 +186,15 @@ def _replayed(ctx: Context, a: Activation, replay: dict[str, Any]) -> Activation
                    redeemed_at=dt.datetime.fromisoformat(was["redeemed_at"]) if was["redeemed_at"] else None)
 
 
+def _replayed_token(ctx: Context, a: Activation, token: str) -> str:
+    """The token an activation's replay answers: the one first answered, unless a reissue replaced
+    it since (its `jti` no longer the activation's): then one for the current `jti`, signed now, as
+    the stored one would redeem nothing."""
+    if tokens.decode_unverified(token).get("jti") == a.token_jti:
+        return token
+    return _token(ctx, a.platform_id, a.person_key, a.program_id, a.id, a.token_jti, ctx.clock.now(), a.end_date)
+
+
 def _with_retry(fn: Any, *args: Any) -> Any:
     """Re-run a write once after a unique-constraint race: the re-run sees the winner's committed
     row and answers ALREADY_EXISTS or replays the stored response."""
@@ -256,7 +265,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             st.end(failed=False)  # the ORM reads below: out of pipeline mode
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
-            return ActivationResult(_replayed(ctx, a, replay), replay["token"])
+            return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
         facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
@@ -280,7 +289,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 st.end(failed=False)  # the ORM read below: out of pipeline mode
                 winner = s.get(Activation, replay["activation_id"])
                 assert winner is not None
-                return ActivationResult(_replayed(ctx, winner, replay), replay["token"])
+                return ActivationResult(_replayed(ctx, winner, replay), _replayed_token(ctx, winner, replay["token"]))
             raise AlreadyExists(f"this job seeker already has a live activation in {program.name}: "
                                 f"activations/{existing}", reason="ACTIVATION_EXISTS",
                                 metadata={"activation": f"activations/{existing}"})

@@ -14,7 +14,7 @@ import grpc
 import jwt
 from sqlalchemy import func, select
 
-from support import Api, Harness, expect_error
+from support import Api, Harness, expect_error, next_person
 
 from entitlement.storage.models import Event, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
@@ -131,3 +131,16 @@ def test_a_suspended_activation_gets_a_token_that_redeems(api: Api) -> None:
     again = reissue(api, made.activation.name)
     assert again.activation.state == activation_pb2.SUSPENDED
     assert redeem(api, again.activation_token, "acct-" + uuid.uuid4().hex[:8]).activation == made.activation.name
+
+
+def test_an_activation_replayed_after_a_reissue_answers_a_token_that_redeems(api: Api) -> None:
+    """The token first answered was replaced by the reissue: the replay answers one for the current
+    jti (the stored one would redeem nothing)."""
+    rid = uuid.uuid4().hex
+    agency_id, birth = next_person()
+    made = api.activate(agency_id, birth, request_id=rid)
+    again = reissue(api, made.activation.name)
+    replayed = api.activate(agency_id, birth, request_id=rid)
+    assert replayed.activation.name == made.activation.name
+    assert claims(replayed.activation_token)["jti"] == claims(again.activation_token)["jti"]
+    assert redeem(api, replayed.activation_token, "acct-" + uuid.uuid4().hex[:8]).activation == made.activation.name

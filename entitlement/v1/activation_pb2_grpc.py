@@ -170,7 +170,8 @@ class ActivationServiceServicer:
         `jti`; the old one stops redeeming at once (FAILED_PRECONDITION `TOKEN_INVALID`). Nothing
         changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
         the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
-        token). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
+        token; an ActivateEntitlement replayed after a reissue answers a token of the current `jti`,
+        signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
         (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
         (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
         `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
