@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from entitlement.errors import Unauthenticated
+from entitlement.errors import PermissionDenied, Unauthenticated
 
 if TYPE_CHECKING:
     from entitlement.storage.db import Database
@@ -133,11 +133,15 @@ class Credential:
     revoked_at: dt.datetime | None = None
 
     def problem(self, now: dt.datetime) -> str:
-        """"" when usable now, else REVOKED or EXPIRED."""
+        """"" when usable now, else REVOKED, EXPIRED or MISCONFIGURED (an advisor made before agency
+        codes were held to 16 characters, the size activations store: every activation it made
+        would fail)."""
         if self.revoked_at is not None:  # at once, whatever the clocks say
             return "REVOKED"
         if self.expires_at is not None and self.expires_at <= now:
             return "EXPIRED"
+        if self.caller.role == "advisor" and not AGENCY_CODE_RE.fullmatch(self.caller.agency_code):
+            return "MISCONFIGURED"
         return ""
 
 
@@ -204,6 +208,9 @@ class Directory:
             raise Unauthenticated("these credentials were revoked", reason="CREDENTIALS_REVOKED")
         if problem == "EXPIRED":
             raise Unauthenticated("these credentials have expired", reason="CREDENTIALS_EXPIRED")
+        if problem == "MISCONFIGURED":
+            raise PermissionDenied("this caller's agency code is not 1 to 16 letters, digits, '.', '_' or '-': "
+                                   "an operator must create it again with a valid one", reason="CALLER_MISCONFIGURED")
         return cred.caller
 
     def by_id(self, caller_id: str) -> Caller | None:

@@ -44,7 +44,7 @@ class CallerRow:
     """One caller as `callers list` shows it: its newest credential and how many are usable."""
 
     caller: Caller
-    state: str  # active | expired | revoked
+    state: str  # active | expired | revoked | misconfigured (Credential.problem)
     created_at: dt.datetime
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
@@ -168,7 +168,8 @@ def list_callers(db: Database, now: dt.datetime) -> list[CallerRow]:
         newest = creds[0]
         cred = credential_of(newest)
         usable = _usable(creds, now)
-        state = "active" if usable else ("revoked" if newest.revoked_at is not None else "expired")
+        state = ("active" if usable else "revoked" if newest.revoked_at is not None
+                 else "misconfigured" if cred.problem(now) == "MISCONFIGURED" else "expired")
         out.append(CallerRow(cred.caller, state, utc(newest.created_at), cred.expires_at, cred.revoked_at,
                              len(usable)))
     return out

@@ -210,6 +210,20 @@ def test_an_agency_code_is_what_an_activation_stores_and_a_listing_filters_on(ma
     assert "agency_code" in f.message
 
 
+def test_an_advisor_stored_with_a_too_long_agency_code_is_refused_clearly(managed: Harness) -> None:
+    """Made before agency codes were held to 16 characters (as activations store them), such an
+    advisor answered INTERNAL at every activation on PostgreSQL: now PERMISSION_DENIED
+    `CALLER_MISCONFIGURED` at once, on both backends, with nothing written."""
+    h = managed
+    old = Caller(id=unique("adv"), role="advisor", advisor_id="A0108", agency_code="AGENCY-IDF-PARIS-11")
+    token = create(h, old)  # as an earlier version stored it
+    agency_id, birth = next_ledger_person()
+    f = expect_error(as_token(h, token).ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="old caller"), grpc.StatusCode.PERMISSION_DENIED)
+    assert f.reason == "CALLER_MISCONFIGURED" and "agency code" in f.message
+
+
 @pytest.mark.parametrize("header,reason", [
     (None, "CREDENTIALS_MISSING"),
     ("Bearer ", "CREDENTIALS_INVALID"),
