@@ -74,6 +74,12 @@ class Pseudonymizer:
         is normalised first (`normalize_agency_id`): its case and surrounding spaces never matter."""
         return self._person.digest(normalize_agency_id(agency_id).encode())
 
+    def legacy_person_key(self, agency_id: str) -> bytes:
+        """The key versions before `normalize_agency_id` made of an identifiant, spaces trimmed and
+        its case as written: differs from `person_key` for an identifiant with lower-case letters,
+        whose activations a registry import re-keys (entitlement/registry.py `_rekey`)."""
+        return self._person.digest(agency_id.strip().encode())
+
     def person_ref(self, person_key: bytes) -> str:
         """The pseudonym shown in activations, audit output and logs (hex, 32 chars)."""
         return self._ref.digest(person_key).hex()[:32]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple, IO, Any
 
 import psycopg
+import structlog
 from psycopg.errors import UniqueViolation
 from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -46,7 +47,9 @@ from entitlement.rules import PersonFacts
 from entitlement.storage.db import Database
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
-from entitlement.storage.models import RegistryPerson, RegistrySnapshot
+from entitlement.storage.models import Activation, RegistryPerson, RegistrySnapshot
+
+_log = structlog.get_logger("entitlement.registry")
 
 REQUIRED_COLUMNS = ("identifiant", "dateNaissance", "codePostal", "dateInscription",
                     "dateCessationInscription", "codeCategorieInscription")
@@ -153,6 +156,10 @@ class _Parser:
         self.idx = [header.index(c) for c in REQUIRED_COLUMNS]
         self.width = len(header)
         self.key = pseudo.person_key
+        self.legacy = pseudo.legacy_person_key
+        # (key as an earlier version made it, key now) of each identifiant written with lower-case
+        # letters (rare: the agency writes them upper-case): their activations are re-keyed at the switch.
+        self.rekey: list[tuple[bytes, bytes]] = []
 
     def __call__(self, row: list[str]) -> Row:
         if len(row) != self.width:
@@ -175,7 +182,10 @@ class _Parser:
         category = CATEGORIES.get(row[i_cat].strip())
         if category is None:
             raise _Reject("codeCategorieInscription: expected 1 to 8")
-        return self.key(agency_id), birth, postal, registered, ended, category
+        key = self.key(agency_id)
+        if not agency_id.isupper() and not agency_id.isdigit():  # lower-case letters in it
+            self.rekey.append((self.legacy(agency_id), key))
+        return key, birth, postal, registered, ended, category
 
 
 class _CountingReader(io.RawIOBase):
@@ -391,10 +401,12 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                 rows_rejected=rejected)).rowcount
             if switched != 1:  # discarded meanwhile (by a process without the import lock): never live
                 raise ExtractError(f"{path}: the import was discarded before it could switch; import it again")
+            rekeyed = _rekey(s, clock, actor, parse.rekey, pseudo.person_ref)
             eventlog.append(s, time=clock.now(), type="registry.snapshot_switched", actor=actor,
                             subject=f"registrySnapshots/{snapshot_id}", payload={
                                 "sha256": digest, "extracted_on": extracted_on.isoformat(),
-                                "rows_read": read, "rows_imported": imported, "rows_rejected": rejected})
+                                "rows_read": read, "rows_imported": imported, "rows_rejected": rejected,
+                                **({"activations_rekeyed": rekeyed} if rekeyed else {})})
     except BaseException:
         _discard_unfinished(db, counts=(snapshot_id, read, rejected))
         raise
@@ -667,6 +679,41 @@ class _BulkWriter:
                 else:
                     self.reject(line_no, "identifiant: duplicate of an earlier row")
         return stored
+
+
+def _rekey(s: Session, clock: Clock, actor: str, pairs: list[tuple[bytes, bytes]],
+           ref: Callable[[bytes], str]) -> int:
+    """In the switch's transaction: the activations an earlier version keyed by an identifiant as
+    written with lower-case letters get the key of its canonical form (pseudonym.normalize_agency_id),
+    so that the person is one person again (one live activation per program, revalidation against
+    this snapshot, its pseudonyms). One `activation.person_rekeyed` event each (the pseudonyms before
+    and after, for the funders' records). An activation whose new key would make a second live one
+    in its program (the person was activated again under the new key) keeps its old key, logged:
+    `entitlement doctor` cannot tell them apart, an operator must settle it. Returns how many."""
+    if not pairs:
+        return 0
+    new_of = dict(pairs)
+    done = 0
+    olds = list(new_of)
+    for i in range(0, len(olds), 500):
+        rows = s.execute(select(Activation.id, Activation.person_key, Activation.program_id,
+                                Activation.platform_id).where(Activation.person_key.in_(olds[i:i + 500]))).all()
+        for activation_id, old_key, program_id, platform_id in rows:
+            new_key = new_of[bytes(old_key)]
+            try:
+                with s.begin_nested():
+                    s.execute(update(Activation).where(Activation.id == activation_id).values(person_key=new_key))
+            except IntegrityError:
+                _log.warning("activation_not_rekeyed", activation=activation_id,
+                             reason="a live activation of the program holds the new key")
+                continue
+            eventlog.append(s, time=clock.now(), type="activation.person_rekeyed", actor=actor,
+                            subject=f"activations/{activation_id}", program_id=program_id, platform_id=platform_id,
+                            reason="identifiant written with lower-case letters by an earlier version: "
+                                   "keyed by its upper-case form, as every identifiant now",
+                            payload={"previous_job_seeker_ref": ref(bytes(old_key)), "job_seeker_ref": ref(new_key)})
+            done += 1
+    return done
 
 
 def _discard_unfinished(db: Database, counts: tuple[int, int, int] | None = None) -> None:

@@ -332,7 +332,7 @@ class Event(_message.Message):
     type: _builtins.str
     """e.g. `activation.created`, `activation.suspended`, `activation.resumed`,
     `activation.revoked`, `activation.redeemed`, `activation.token_reissued`,
-    `registry.snapshot_switched`.
+    `activation.person_rekeyed`, `registry.snapshot_switched`.
     """
     actor: _builtins.str
     """Who did it: `advisor:{advisor_id}@{agency_code}`, `platform:{platform_id}`, `system`, ..."""
