@@ -13,6 +13,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -34,7 +35,7 @@ def _add_pid(_logger: object, _name: str, event: dict[str, object]) -> dict[str,
 _DETAIL = re.compile(r"^(DETAIL:\s*).+$", re.MULTILINE)
 
 
-def _hide_row_values(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+def _hide_row_values(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop what follows DETAIL: in a rendered traceback (the constraint's name, on the line before,
     says which one failed)."""
     text = event.get("exception")

@@ -395,7 +395,7 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
             if not db.is_sqlite:
                 s.execute(select(func.pg_advisory_xact_lock(literal(_SWITCH_LOCK_KEY, BigInteger))))
             check_extraction_date(extracted_on, today, current_snapshot(s))
-            switched = s.execute(update(RegistrySnapshot).where(
+            switched = s.execute(update(RegistrySnapshot).where(  # type: ignore[attr-defined]
                 RegistrySnapshot.id == snapshot_id, RegistrySnapshot.status == "importing").values(
                 status="complete", completed_at=clock.now(), rows_read=read, rows_imported=imported,
                 rows_rejected=rejected)).rowcount
