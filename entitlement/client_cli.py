@@ -30,7 +30,7 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 PAGE_SIZE_CAP = 1000  # servers coerce larger page sizes down to their own maximum (AIP-158)
-MONTH_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+MONTH_RE = re.compile(r"20[0-9]{2}-(0[1-9]|1[0-2])")  # as the server's
 STATES = ("active", "suspended", "revoked", "expired")
 MONEY = ("committed_cents", "consumed_cents", "released_cents")
 COUNTS = ("activations_live", "activations_ended", "person_months_consumed")

@@ -37,8 +37,8 @@ from entitlement.rules import PersonFacts
 
 PATH = "/v1/statut-demandeur-emploi"
 MAX_BODY = 64 * 1024  # a status answer is well under 1 KiB
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
-_POSTAL_RE = re.compile(r"^\d{5}$")
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_POSTAL_RE = re.compile(r"^[0-9]{5}$")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 

@@ -181,7 +181,7 @@ def _check_value(path: Path, field: str, name: str, value: object) -> None:
             fail("must be a non-empty list of registration categories 1 to 8")
     elif name == "departments":
         if not isinstance(value, list) or not value or any(
-                not isinstance(d, str) or not re.fullmatch(r"\d{2,3}|2A|2B", d) or d == "20" for d in value):
+                not isinstance(d, str) or not re.fullmatch(r"[0-9]{2,3}|2A|2B", d) or d == "20" for d in value):
             fail("must be a non-empty list of department codes as strings, e.g. ['75', '93'] "
                  "(Corsica: '2A', '2B')")
     elif name == "funders":

@@ -54,7 +54,7 @@ _log = structlog.get_logger("entitlement.registry")
 REQUIRED_COLUMNS = ("identifiant", "dateNaissance", "codePostal", "dateInscription",
                     "dateCessationInscription", "codeCategorieInscription")
 AGENCY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
-POSTAL_RE = re.compile(r"^\d{5}$")
+POSTAL_RE = re.compile(r"^[0-9]{5}$")  # ASCII digits: \d takes any script's
 CATEGORIES = {str(i): i for i in range(1, 9)}
 BATCH = 20_000
 COPY_NULL = "\\N"

@@ -140,6 +140,18 @@ def test_a_date_that_is_not_yyyy_mm_dd_rejects_its_row_only(db: Database, tmp_pa
     assert births == [dt.date(1990, 5, 17)] * 2
 
 
+def test_a_postal_code_of_other_digits_than_ascii_rejects_its_row(db: Database, tmp_path: Path) -> None:
+    """`\\d` matches any script's digits: `٧٥٠١١` passed for a postal code, and no department rule
+    could ever place it. Only ASCII digits are a postal code."""
+    people = [_person("GOOD003"), _person("POST001", codePostal="\u0667\u0665\u0660\u0661\u0661"),
+              _person("POST002", codePostal="\uff17\uff15\uff10\uff11\uff11")]
+    rejects = tmp_path / "rejects.csv"
+    summary = _import(db, _extract(tmp_path / "p.csv", people), TODAY - dt.timedelta(days=1), rejects_path=rejects)
+    assert (summary.rows_read, summary.rows_imported, summary.rows_rejected) == (3, 1, 2)
+    with rejects.open(encoding="utf-8", newline="") as fh:
+        assert [r[1] for r in list(csv.reader(fh))[1:]] == ["codePostal: expected 5 digits"] * 2
+
+
 def test_an_older_extract_is_refused_and_the_newer_stays_in_force(db: Database, tmp_path: Path) -> None:
     march = _import(db, _extract(tmp_path / "march.csv", [
         _person("NEW0001"), _person("OLD0001", dateCessationInscription="2026-02-15")]), dt.date(2026, 3, 15))
