@@ -125,7 +125,17 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     # Several server processes share one port through SO_REUSEPORT (the kernel spreads
     # connections); a single process keeps it off so that a port in use is an error.
     return [("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Dead clients found by HTTP/2 pings (config.py `keepalive_seconds`), only while calls are open.
+            ("grpc.keepalive_time_ms", settings.keepalive_seconds * 1000),
+            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_seconds * 1000),
+            # (gRPC core stops pinging after 2 pings with no data frame sent meanwhile: an idle change
+            # stream sends none, so without this its dead client would be found by no ping at all.)
+            ("grpc.http2.max_pings_without_data", 0),
+            # The wait for a ping's answer that gRPC core (1.85) actually applies: one minute by default
+            # whatever keepalive_timeout_ms says (the argument of chttp2's internal.h; checked by
+            # tests/test_watch.py's vanished-client test, which fails without it).
+            ("grpc.http2.ping_timeout_ms", settings.keepalive_timeout_seconds * 1000)]
 
 
 def server_credentials(tls: ServerTLS | None) -> grpc.ServerCredentials | None:

@@ -4,7 +4,8 @@ database away without touching the machine's PostgreSQL (other tests use it).
 `cut()`: every relayed connection is closed (both sides) and the port stops listening, so a new
 connection is refused, as when the database host is down. `silence()`: every relayed connection is
 closed, and new ones are accepted but never answered, as when the host stops answering (a client
-then waits for its own timeouts). `restore()`: relay again, on the same port.
+then waits for its own timeouts). `freeze()`: connections stay open but
+carry nothing, as when a peer vanished without closing. `restore()`: relay again, on the same port.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class TcpProxy:
         self._closed = False
         self._silent = False
         self._held: set[socket.socket] = set()  # accepted while silent, never answered
+        self._frozen = False  # relayed connections stay open but carry nothing (`freeze`)
         self.port = 0
         self.accepted = 0  # connections relayed since the start (a figure for the report)
         self._listen()
@@ -78,7 +80,8 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._frozen:  # frozen: read and dropped, as on a path that lost its peer
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -115,6 +118,11 @@ class TcpProxy:
             conns, self._conns = set(self._conns), set()
         for sock in conns:
             self._drop(sock)
+
+    def freeze(self) -> None:
+        """Keep every relayed connection open but carry nothing more either way: a peer that
+        vanished without closing (a laptop closed, a NAT that dropped the flow)."""
+        self._frozen = True
 
     def restore(self) -> None:
         """Relay connections again, on the same port (those held while silent are closed)."""

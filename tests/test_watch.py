@@ -231,3 +231,44 @@ def test_open_streams_leave_the_unary_calls_their_threads(
         finally:
             for call in calls:
                 call.cancel()
+
+
+def test_a_vanished_clients_stream_ends_by_keepalive_and_frees_its_slot(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A platform whose connection vanishes without closing (the proxy between stops carrying
+    anything) held its change stream's slot for the kernel's two hours of TCP keepalive: every
+    other stream was RESOURCE_EXHAUSTED meanwhile. The server's HTTP/2 keepalive pings now find it
+    dead and end the call (here 1 s + 1 s; 60 s + 20 s by default)."""
+    from tcp_proxy import TcpProxy
+    with own_server(backend[0], tmp_path / "srv", request, watch_max_streams=1, keepalive_seconds=1,
+                    keepalive_timeout_seconds=1) as h:
+        proxy = TcpProxy("127.0.0.1", h.running.port)
+        far = grpc.insecure_channel(f"127.0.0.1:{proxy.port}")
+        try:
+            meta = (("authorization", f"Bearer {h.tokens['platform-oc']}"),)
+            far_watch = far.unary_stream("/entitlement.v1.ActivationService/WatchEntitlementChanges",
+                                         request_serializer=activation_pb2.WatchEntitlementChangesRequest.SerializeToString,
+                                         response_deserializer=Change.FromString)
+            held = far_watch(activation_pb2.WatchEntitlementChangesRequest(), metadata=meta, timeout=120)
+            next(iter(held))  # its bookmark: the slot is taken
+            api = Api(h)
+
+            def slot_free() -> bool:
+                call = watch(api, timeout=5)
+                try:
+                    next(iter(call))
+                    return True
+                except grpc.RpcError as err:
+                    assert failure(err).reason == "TOO_MANY_WATCHERS", err
+                    return False
+                finally:
+                    call.cancel()
+            assert not slot_free()
+            proxy.freeze()
+            limit = time.monotonic() + 20
+            while not slot_free():
+                assert time.monotonic() < limit, "the vanished client's stream still holds its slot after 20 s"
+                time.sleep(0.5)
+        finally:
+            far.close()
+            proxy.close()
