@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from entitlement import eventlog, ledger, registry, rules
 from entitlement.ledger import LIVE, Booking, Deps
-from entitlement.storage.models import Activation, LedgerEntry, RegistryPerson
+from entitlement.storage.models import Activation, LedgerEntry, RegistryPerson, RegistrySnapshot
 
 REVALIDATION_ACTOR = "system:revalidation"
 
@@ -61,6 +61,13 @@ class RevalidationSummary:
     curtailed: int = 0
     expired: int = 0
     released_cents: int = 0
+    skipped: int = 0  # their snapshot's rows went during the run (a later import pruned them): next run
+
+
+def _rows_kept(s: Session, snapshot_id: int) -> bool:
+    """Whether the snapshot still holds its rows (complete, not superseded or purged)."""
+    status = s.execute(select(RegistrySnapshot.status).where(RegistrySnapshot.id == snapshot_id)).scalar_one_or_none()
+    return status == "complete"
 
 
 def _lock(s: Session, activation_id: str) -> Activation | None:
@@ -150,17 +157,31 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
             a = _lock(s, activation_id)
             if a is None or not ledger.is_live(a, today):
                 continue
+            # The snapshot in force now, in this activation's transaction: imports may switch (and
+            # prune the rows of older snapshots) while a long run goes on.
+            snapshot = registry.current_snapshot(s) or snapshot
             summary.examined += 1
             program = deps.catalog.get(a.program_id)
-            decision = rules.decision_from_dict(json.loads(a.decision_json)["decision"])
+            stored = json.loads(a.decision_json)
+            decision = rules.decision_from_dict(stored["decision"])
             decided_on = decision.circumstances.registry_extracted_on
-            # Decided on data as new as this snapshot's: nothing to re-check. (Unless that data was
-            # dated after today: a wrong date, which must not exempt it from every later extract.)
-            if program is None or (decided_on is not None and snapshot.extracted_on <= decided_on <= today):
+            decided_snapshot = (stored.get("registry_snapshot") or {}).get("id")
+            # Decided on this very snapshot, or (facts from the live source) on data as new as its
+            # own: nothing to re-check. A corrected extract of the same day is another snapshot, so
+            # it is re-checked. (Data dated after today is a wrong date, which must not exempt an
+            # activation from every later extract.)
+            if program is None or decided_snapshot == snapshot.id or (
+                    decided_snapshot is None and decided_on is not None
+                    and snapshot.extracted_on <= decided_on <= today):
                 summary.up_to_date += 1
                 continue
-            verdict = rules.revalidate(program, _facts(s, snapshot.id, a.person_key), a.start_date, today,
-                                       snapshot.extracted_on)
+            facts = _facts(s, snapshot.id, a.person_key)
+            if facts is None and not _rows_kept(s, snapshot.id):
+                # Its rows went meanwhile (pruned by two later imports, or purged): an absence that
+                # says nothing about the person. Left for the next run.
+                summary.skipped += 1
+                continue
+            verdict = rules.revalidate(program, facts, a.start_date, today, snapshot.extracted_on)
             if verdict.eligible or verdict.access_end is None or verdict.access_end >= a.end_date:
                 summary.still_eligible += 1
                 continue
