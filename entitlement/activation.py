@@ -27,7 +27,7 @@ from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, Per
                                 ResourceExhausted)
 from entitlement.storage import direct
 from entitlement.storage.db import utc
-from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry
+from entitlement.storage.models import Activation, IdempotencyRecord, LedgerEntry, ProgramCounter
 
 LIVE = ("active", "suspended")
 STATES = ("active", "suspended", "revoked", "expired")
@@ -297,7 +297,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         stale = [r.id for r in live_rows if r.end_date < today]
         if stale:
             st.end(failed=False)  # the ORM's unit of work: out of pipeline mode (entered again below)
-            _expire_stale(s, ctx, stale, today)
+            _expire_stale(s, ctx, stale, today, program.id)
         plan, end = decision.funding_plan, decision.access_end
         assert plan is not None and end is not None
         # Nothing below reads a row count or goes through the ORM until the event's sequence
@@ -397,7 +397,11 @@ _LIVE_ROWS = select(Activation.id, Activation.end_date).where(
     Activation.state.in_(LIVE)).with_for_update()
 
 
-def _expire_stale(s: Session, ctx: Context, stale_ids: list[str], today: dt.date) -> None:
+def _expire_stale(s: Session, ctx: Context, stale_ids: list[str], today: dt.date, program_id: str) -> None:
+    # The program's counter row first: expiring writes an event (the log head's row) and may release
+    # cents (the counter's), and every activation takes the counter before the log head; taken in
+    # the other order here, a renewal and the program's other activations deadlocked.
+    s.execute(select(ProgramCounter.program_id).where(ProgramCounter.program_id == program_id).with_for_update())
     for activation_id in stale_ids:  # locked by _LIVE_ROWS already
         a = s.get(Activation, activation_id)
         assert a is not None
