@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import and_, case, func, select, text
@@ -72,7 +73,7 @@ def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = Non
     `trusted`: a checkpoint fetched earlier (its signature already verified by the caller); the log
     must extend it. `acknowledged`: requests clients were told succeeded."""
     problems: list[Problem] = []
-    with db.read() as s:
+    with _snapshot(db) as s:
         problems += _event_log(s, leaves, trusted)
         problems += _activations_have_their_records(s)
         problems += _ledger_balances(s)
@@ -83,6 +84,22 @@ def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = Non
         problems += _registry(s)
         problems += _report_rollup(s)
     return problems
+
+
+@contextmanager
+def _snapshot(db: Database) -> Iterator[Session]:
+    """One consistent view of the whole database for every check: SQLite's read transaction is one
+    already (WAL); on PostgreSQL, READ COMMITTED gives each statement its own, so beside running
+    servers the checks compared counts taken at different moments and reported gaps and mismatches
+    that were not there. REPEATABLE READ, READ ONLY: one snapshot, no lock taken."""
+    if db.is_sqlite:
+        with db.read() as s:
+            yield s
+        return
+    with db.engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with Session(bind=conn, autoflush=False) as s, s.begin():
+            yield s
 
 
 def _event_log(s: Session, leaves: bool, trusted: Checkpoint | None) -> list[Problem]:
