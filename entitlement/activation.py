@@ -450,7 +450,10 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
         a.state, a.state_reason, a.updated_at = new_state, cmd.reason, now
         payload: dict[str, Any] = {"from": current, "to": new_state}
         if cmd.action == "revoke":
-            payload["released_cents"] = _release_unstarted(s, ctx, a, today)
+            booking = _settle_at_revocation(s, ctx, a, today)
+            # What the revocation booked, per funder: the report moves by it, and so the log says it.
+            payload.update(released_cents=booking.released, consumed_cents=booking.consumed,
+                           consumed_months=booking.months_consumed)
         eventlog.append(s, time=now, type=event_type, actor=caller.actor, subject=f"activations/{a.id}",
                         program_id=a.program_id, reason=cmd.reason, payload=payload)
         answer = view(ctx, a)
@@ -499,12 +502,12 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
         return ActivationResult(answer, token)
 
 
-def _release_unstarted(s: Session, ctx: Context, a: Activation, today: dt.date) -> dict[str, int]:
+def _settle_at_revocation(s: Session, ctx: Context, a: Activation, today: dt.date) -> ledger.Booking:
     """Revocation settles the activation (entitlement.consumption): the months owed up to today are
     consumed, and everything committed that can no longer be owed is released (for `use`
     programs, months whose use may still be reported stay reserved until their report window
-    closes). Returns the cents released now, per funder."""
-    return ledger.settle(s, ctx, a, today, ended_on=today).released
+    closes). Returns what it booked now, per funder."""
+    return ledger.settle(s, ctx, a, today, ended_on=today)
 
 
 # ---------------------------------------------------------------------------------------- platform

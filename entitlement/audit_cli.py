@@ -96,7 +96,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         except (OSError, note.NoteError) as exc:
             return _fail(f"--trusted {args.trusted}: not a checkpoint ({exc})")
     out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission
+        return _fail(f"{args.dir}: cannot make the export's directory ({exc.strerror or exc})")
     address = args.address or os.environ.get("ENTITLEMENT_ADDRESS", client_cli.DEFAULT_ADDRESS)
     metadata = _metadata(args)
     # The client commands' channel (TLS with --ca, mutual TLS with --cert/--key), plaintext without.

@@ -186,6 +186,9 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
                      "(an extract of the same day or later is accepted)")
     except registry.ExtractError as exc:
         return _fail(f"import refused, previous snapshot still in force: {exc}")
+    except OSError as exc:  # the file missing, a directory, unreadable; or the rejects file unwritable
+        return _fail(f"import refused, previous snapshot still in force: {exc.filename or args.file}: "
+                     f"{exc.strerror or exc}")
     finally:
         if bar:
             bar.done()

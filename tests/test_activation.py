@@ -225,7 +225,11 @@ def test_revoke_releases_the_months_not_yet_begun(api: Api, suspend_first: bool)
     released = 11 * PRICE
     assert delta(after_activation, ledger(api, month)) == {f: (0, 0, released // 2) for f in FUNDERS}
     [revoked] = [e for e in events_of(api, act.name) if e.type == "activation.revoked"]
-    assert json.loads(revoked.payload_json)["released_cents"] == {f: released // 2 for f in FUNDERS}
+    payload = json.loads(revoked.payload_json)
+    assert payload["released_cents"] == {f: released // 2 for f in FUNDERS}
+    # The month begun is consumed by the revocation: the event says so, as the report does.
+    assert payload["consumed_cents"] == {f: PRICE // 2 for f in FUNDERS}
+    assert payload["consumed_months"] == [month]
 
 
 def test_revoke_a_month_later_releases_ten_months_in_the_month_of_revocation(api: Api, harness: Harness) -> None:

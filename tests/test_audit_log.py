@@ -485,3 +485,12 @@ def test_concurrent_writers_build_one_consistent_tree(fresh_url: str) -> None:
         assert stored == tree.nodes
     finally:
         db.dispose()
+
+
+def test_an_export_into_a_path_that_is_a_file_is_one_line_not_a_traceback(
+        api: Api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    code, output = run_cli(capsys, "audit", "export", str(taken), "--address", f"127.0.0.1:{api.h.running.port}",
+                           f"--token={api.h.tokens['funder-ministry']}")
+    assert code == 1 and "Traceback" not in output and "cannot make the export's directory" in output, output

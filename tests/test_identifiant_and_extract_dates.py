@@ -428,6 +428,12 @@ def test_the_cli_needs_the_extraction_date_and_checks_it(cli_env: Database, tmp_
     assert tomorrow in err and "after today" in err and "Europe/Paris" in err
     assert _current(cli_env) is None
 
+    # A file that is not there, or a directory: one line and exit 1, no traceback.
+    for missing in (str(tmp_path / "nowhere.csv"), str(tmp_path)):
+        assert cli.main(["registry", "import", missing, "--quiet", "--extracted-on", today.isoformat()]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("entitlement: import refused") and "Traceback" not in err and missing in err, err
+
     assert cli.main(["registry", "import", path, "--quiet", "--extracted-on", today.isoformat()]) == 0
     assert "snapshot" in capsys.readouterr().out
     older = (today - dt.timedelta(days=40)).isoformat()

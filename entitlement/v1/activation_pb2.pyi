@@ -7,7 +7,8 @@ platform about it with a signed token.
 
 Callers:
 - agency advisors (role `advisor`, scoped to their agency code): ActivateEntitlement,
-  GetActivation, SuspendActivation, ResumeActivation, RevokeActivation. The advisor id and
+  GetActivation, SuspendActivation, ResumeActivation, RevokeActivation,
+  ReissueActivationToken. The advisor id and
   agency code recorded on each action come from the caller's credentials, never from the request.
 - the course platform (role `platform`, scoped to its platform id): RedeemActivationToken,
   VerifyEntitlement, GetSigningKeys, ReportUsage, WatchEntitlementChanges.
