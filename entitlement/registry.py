@@ -693,8 +693,11 @@ def _rekey(s: Session, clock: Clock, actor: str, pairs: list[tuple[bytes, bytes]
     if not pairs:
         return 0
     new_of = dict(pairs)
-    done = 0
     olds = list(new_of)
+    rekeyed = []
+    # Every row first, then the events: an event takes the log head, and a revocation holds its
+    # activation's row while it waits for the log head; holding the head while waiting for a row
+    # would deadlock with it.
     for i in range(0, len(olds), 500):
         rows = s.execute(select(Activation.id, Activation.person_key, Activation.program_id,
                                 Activation.platform_id).where(Activation.person_key.in_(olds[i:i + 500]))).all()
@@ -707,13 +710,14 @@ def _rekey(s: Session, clock: Clock, actor: str, pairs: list[tuple[bytes, bytes]
                 _log.warning("activation_not_rekeyed", activation=activation_id,
                              reason="a live activation of the program holds the new key")
                 continue
-            eventlog.append(s, time=clock.now(), type="activation.person_rekeyed", actor=actor,
-                            subject=f"activations/{activation_id}", program_id=program_id, platform_id=platform_id,
-                            reason="identifiant written with lower-case letters by an earlier version: "
-                                   "keyed by its upper-case form, as every identifiant now",
-                            payload={"previous_job_seeker_ref": ref(bytes(old_key)), "job_seeker_ref": ref(new_key)})
-            done += 1
-    return done
+            rekeyed.append((activation_id, bytes(old_key), new_key, program_id, platform_id))
+    for activation_id, old_key, new_key, program_id, platform_id in rekeyed:
+        eventlog.append(s, time=clock.now(), type="activation.person_rekeyed", actor=actor,
+                        subject=f"activations/{activation_id}", program_id=program_id, platform_id=platform_id,
+                        reason="identifiant written with lower-case letters by an earlier version: "
+                               "keyed by its upper-case form, as every identifiant now",
+                        payload={"previous_job_seeker_ref": ref(old_key), "job_seeker_ref": ref(new_key)})
+    return len(rekeyed)
 
 
 def _discard_unfinished(db: Database, counts: tuple[int, int, int] | None = None) -> None:
