@@ -96,6 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except (OSError, note.NoteError) as exc:
             return _fail(f"--trusted {args.trusted}: not a checkpoint ({exc})")
     out = Path(args.dir)
+    made = not out.exists()  # removed again if the export fails before writing anything in it
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, no permission
@@ -121,10 +122,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                     old_size=trusted_size, new_size=size), metadata=metadata, timeout=args.timeout)
                 (out / PROOF_FILE).write_text(logformat.ConsistencyProof(
                     proof.old_size, proof.new_size, tuple(proof.hashes)).to_json(), encoding="utf-8")
+            # (An empty log: nothing to stream; tree_size 0 would mean "the log's size now", and events
+            # logged since the checkpoint would come too.)
             written = _write_events(out / EVENTS_FILE, stub.StreamEvents(
                 audit_pb2.StreamEventsRequest(start_sequence=1, tree_size=size), metadata=metadata,
-                timeout=args.timeout))
+                timeout=args.timeout) if size else ())
     except grpc.RpcError as err:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         return _fail(client_cli._describe(err))
     (out / CHECKPOINT_FILE).write_text(cp.checkpoint, encoding="utf-8")
     (out / KEY_FILE).write_text(cp.verifier_key + "\n", encoding="utf-8")

@@ -494,3 +494,12 @@ def test_an_export_into_a_path_that_is_a_file_is_one_line_not_a_traceback(
     code, output = run_cli(capsys, "audit", "export", str(taken), "--address", f"127.0.0.1:{api.h.running.port}",
                            f"--token={api.h.tokens['funder-ministry']}")
     assert code == 1 and "Traceback" not in output and "cannot make the export's directory" in output, output
+
+
+def test_a_refused_export_leaves_no_directory_behind(api: Api, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    code, output = run_cli(capsys, "audit", "export", str(out), "--address", f"127.0.0.1:{api.h.running.port}",
+                           f"--token={api.h.tokens['platform-oc']}")  # not a funder: refused
+    assert code == 1 and "PERMISSION_DENIED" in output, output
+    assert not out.exists()
