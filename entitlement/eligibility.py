@@ -57,13 +57,20 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     return CheckResult(decisions, snapshot)
 
 
-def list_programs(ctx: Context, caller: Caller, size: int, token: str, day: dt.date) -> tuple[list[Program], str]:
+def list_programs(ctx: Context, caller: Caller, size: int, token: str,
+                  as_of: dt.date | None) -> tuple[list[Program], str, dt.date]:
+    """A page of programs and their parameters on `as_of` (default: today), the next page's token,
+    and the day the page shows. A token is bound to the request's `as_of` as given, and carries the
+    day its first page showed: the pages of one listing show one day, even across midnight (a token
+    bound to the day resolved from an empty `as_of` was refused after midnight)."""
     size = page_size(size, default=50, maximum=200)
     tokens = PageTokens(ctx.pseudo.derive("page-token"))
-    filters = {"as_of": day.isoformat(), "caller": caller.id}
+    filters = {"as_of": as_of.isoformat() if as_of else "", "caller": caller.id}
     position = tokens.read(token, "programs", filters)
     after = str(position[0]) if position else ""
+    day = as_of or (dt.date.fromisoformat(str(position[1])) if position and len(position) > 1
+                    else ctx.clock.today())
     programs = [p for p in ctx.catalog.all() if p.id > after]
     page = programs[:size]
-    next_token = tokens.issue("programs", filters, [page[-1].id]) if len(programs) > size else ""
-    return page, next_token
+    next_token = tokens.issue("programs", filters, [page[-1].id, day.isoformat()]) if len(programs) > size else ""
+    return page, next_token, day

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 
 from support import Api
@@ -50,3 +51,26 @@ def test_a_funder_pages_only_through_what_it_funds(api: Api) -> None:
     everything = _names(api, "admin")
     assert mine and set(mine) <= set(everything)
     assert set(_names(api, "funder-idf")).isdisjoint(_names(api, "admin", program="programs/premium-job-seekers"))
+
+
+def test_a_programs_listing_goes_on_across_midnight(api: Api) -> None:
+    """ListPrograms without `as_of` shows today's parameters; its page token was bound to the day
+    resolved, so the next page asked for after midnight was INVALID_ARGUMENT. The token now carries
+    its listing's day: every page shows that day."""
+    from entitlement.v1 import eligibility_pb2
+    clock = api.h.clock
+    first = api.advisor.ListPrograms(eligibility_pb2.ListProgramsRequest(page_size=1))
+    assert first.next_page_token
+    names = [p.name for p in first.programs]
+    token = first.next_page_token
+    before = clock.now()
+    clock.advance(dt.timedelta(days=1))  # midnight passes between two pages
+    try:
+        while token:
+            page = api.advisor.ListPrograms(eligibility_pb2.ListProgramsRequest(page_size=1, page_token=token))
+            names += [p.name for p in page.programs]
+            token = page.next_page_token
+    finally:
+        clock.advance(before - clock.now())
+    everything = api.advisor.ListPrograms(eligibility_pb2.ListProgramsRequest(page_size=200))
+    assert names == [p.name for p in everything.programs]

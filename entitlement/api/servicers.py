@@ -48,10 +48,10 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
     def ListPrograms(self, request: eligibility_pb2.ListProgramsRequest,
                      context: grpc.ServicerContext) -> eligibility_pb2.ListProgramsResponse:
         v = Violations()
-        day = val.date(request.as_of, "as_of", v) or self.ctx.clock.today()
+        as_of = val.date(request.as_of, "as_of", v)
         v.raise_if_any()
-        programs, token = eligibility.list_programs(self.ctx, current_caller(), request.page_size,
-                                                    request.page_token, day)
+        programs, token, day = eligibility.list_programs(self.ctx, current_caller(), request.page_size,
+                                                         request.page_token, as_of)
         return eligibility_pb2.ListProgramsResponse(programs=[convert.program(p, day) for p in programs],
                                                     next_page_token=token)
 
