@@ -474,6 +474,8 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
     from entitlement import privacy, registry_feed
     settings = Settings.from_env()
     days = args.retention_days if args.retention_days is not None else settings.retention_days
+    if args.retention_days is not None and args.retention_days < 1:  # before anything is done
+        return _fail(f"--retention-days must be at least 1, got {args.retention_days}")
     # First, whatever becomes of the database's part: registry extracts a server killed during an
     # import left spooled on this machine (personal data in clear); the purge runs daily, a server
     # may not start here again soon. Only the spools of this user in this TMPDIR: run the purge as

@@ -353,6 +353,9 @@ def test_purge_deletes_personal_data_past_the_retention_period(
         # The command, counting only (its clock is the real one: a period of one day covers it all).
         monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", h.url)
         capsys.readouterr()
+        assert cli.main(["privacy", "purge", "--dry-run", "--retention-days", "0"]) == 1  # named, before any work
+        out = capsys.readouterr()
+        assert out.err.startswith("entitlement: --retention-days must be at least 1") and not out.out, out
         assert cli.main(["privacy", "purge", "--dry-run", "--retention-days", "1"]) == 0
         out = capsys.readouterr().out
         assert "would delete the rows of 1 registry snapshot(s) (20 rows), 4 idempotency record(s)" in out
