@@ -299,7 +299,12 @@ def cmd_activate(args: argparse.Namespace) -> int:
     req = activation_pb2.ActivateEntitlementRequest(
         request_id=request_id, job_seeker=_identity(args), program=_name("programs", args.program),
         platform=_name("platforms", args.platform), reason=args.reason or "")
-    resp = _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req)
+    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req),
+                         request_id)
+
+
+def _print_issued(args: argparse.Namespace, resp: Any, request_id: str) -> int:
+    """An answer carrying an activation and its token (ActivateEntitlement, ReissueActivationToken)."""
     if args.json:
         _print_json(resp)
         return 0
@@ -326,14 +331,8 @@ def cmd_reissue_token(args: argparse.Namespace) -> int:
     request_id = args.request_id or uuid.uuid4().hex
     req = activation_pb2.TransitionActivationRequest(
         name=_name("activations", args.activation), reason=args.reason, request_id=request_id)
-    resp = _call(args, activation_pb2_grpc.ActivationServiceStub, "ReissueActivationToken", req)
-    if args.json:
-        _print_json(resp)
-        return 0
-    _print_activation(resp.activation)
-    print(f"request id: {request_id} (repeat it with --request-id to retry safely)")
-    print(f"token: {resp.activation_token}")
-    return 0
+    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ReissueActivationToken", req),
+                         request_id)
 
 
 def cmd_redeem(args: argparse.Namespace) -> int:

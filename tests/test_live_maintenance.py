@@ -6,40 +6,23 @@ recomputation and its replacement was lost from the funding report."""
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import create_pg_database, drop_pg_database
-from support import CALLERS, TODAY, make_registry_file, pool_birth
+from pg_context import pg_context
+from support import CALLERS, pool_birth
 
-from entitlement import activation, app, doctor, registry, rollup
-from entitlement.callers import write_callers
-from entitlement.clock import FixedClock
-from entitlement.config import ROOT, Settings
+from entitlement import activation, doctor, rollup
 from entitlement.eligibility import JobSeeker
-from entitlement.storage.migrate import upgrade
 
 
 def test_doctor_and_rebuild_beside_activations(backend: tuple[str, str], tmp_path: Path,
                                                request: pytest.FixtureRequest) -> None:
     if backend[0] == "sqlite":
         pytest.skip("SQLite: the doctor reads one WAL snapshot and the rebuild holds the one write lock")
-    admin = request.getfixturevalue("pg_server")
-    name, url = create_pg_database(admin)
-    settings = Settings(listen="127.0.0.1:0", database_url=url, programs_dir=ROOT / "programs",
-                        callers_file=tmp_path / "callers.json", key_dir=tmp_path / "keys",
-                        pseudonym_key_file=tmp_path / "pseudonym.key", issuer="urn:entitlement:test",
-                        token_ttl_days=30, max_workers=8, grace_seconds=2)
-    upgrade(url)
-    write_callers(settings.callers_file, CALLERS)
-    clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
-    ctx = app.build(settings, clock=clock, create_secrets=True)
-    try:
-        registry.import_extract(ctx.db, ctx.pseudo, clock, make_registry_file(tmp_path / "registry.csv"),
-                                extracted_on=TODAY - dt.timedelta(days=1))
+    with pg_context(request.getfixturevalue("pg_server"), tmp_path) as (ctx, _clock):
         adv = next(c for c in CALLERS if c.id == "advisor-paris")
         people = iter(range(1, 2000))
         lock = threading.Lock()
@@ -72,6 +55,3 @@ def test_doctor_and_rebuild_beside_activations(backend: tuple[str, str], tmp_pat
         assert not failures, failures
         assert not seen, seen  # nothing reported while the activations went on
         assert not doctor.check(ctx.db)  # and the rollup matches the raw rows afterwards
-    finally:
-        ctx.db.dispose()
-        drop_pg_database(admin, name)

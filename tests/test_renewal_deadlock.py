@@ -14,15 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import create_pg_database, drop_pg_database
-from support import CALLERS, TODAY, make_registry_file, pool_birth
+from pg_context import pg_context
+from support import CALLERS, pool_birth
 
-from entitlement import activation, app, doctor, registry
-from entitlement.callers import write_callers
-from entitlement.clock import FixedClock
-from entitlement.config import ROOT, Settings
+from entitlement import activation, doctor
+from entitlement.config import ROOT
 from entitlement.eligibility import JobSeeker
-from entitlement.storage.migrate import upgrade
 
 SHORT = "one-month-test"
 SHORT_YAML = f"""
@@ -44,22 +41,10 @@ def test_renewals_past_the_end_date_beside_other_activations_do_not_deadlock(
         backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if backend[0] == "sqlite":
         pytest.skip("SQLite has one writer at a time: its transactions never hold row locks in turn")
-    admin = request.getfixturevalue("pg_server")
-    name, url = create_pg_database(admin)
     programs = tmp_path / "programs"
     shutil.copytree(ROOT / "programs", programs)
     (programs / f"{SHORT}.yaml").write_text(SHORT_YAML)
-    settings = Settings(listen="127.0.0.1:0", database_url=url, programs_dir=programs,
-                        callers_file=tmp_path / "callers.json", key_dir=tmp_path / "keys",
-                        pseudonym_key_file=tmp_path / "pseudonym.key", issuer="urn:entitlement:test",
-                        token_ttl_days=30, max_workers=16, grace_seconds=2)
-    upgrade(url)
-    write_callers(settings.callers_file, CALLERS)
-    clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
-    ctx = app.build(settings, clock=clock, create_secrets=True)
-    try:
-        registry.import_extract(ctx.db, ctx.pseudo, clock, make_registry_file(tmp_path / "registry.csv"),
-                                extracted_on=TODAY - dt.timedelta(days=1))
+    with pg_context(request.getfixturevalue("pg_server"), tmp_path, programs, max_workers=16) as (ctx, clock):
         adv = next(c for c in CALLERS if c.id == "advisor-paris")
 
         def act(i: int) -> str:
@@ -81,6 +66,3 @@ def test_renewals_past_the_end_date_beside_other_activations_do_not_deadlock(
             outcomes = collections.Counter(f.result() for f in futures)
         assert outcomes == {"OK": len(futures)}, outcomes
         assert not doctor.check(ctx.db)
-    finally:
-        ctx.db.dispose()
-        drop_pg_database(admin, name)
