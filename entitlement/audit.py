@@ -70,12 +70,6 @@ def _tokens(ctx: Context) -> PageTokens:
     return PageTokens(ctx.pseudo.derive("page-token"))
 
 
-def _scope_funder(caller: Caller, funder: str) -> str:
-    """The funder whose share decides what a query may touch; "" for none (an admin without a
-    funder filter). _scope_programs refuses another funder's id from a funder."""
-    return (caller.funder_id or "") if caller.role == "funder" else funder
-
-
 def funds(activation_id: Any, funder: Any) -> ColumnElement[bool]:
     """The funder has a share of this activation's funding: a `commit` ledger entry of the
     activation booked for it (one per funder of the plan decided at activation, zero cents
@@ -103,22 +97,24 @@ def readable_event(e: Any, funder: Any, programs: list[str]) -> ColumnElement[bo
                 funds(func.substr(e.subject, len(ACTIVATION_PREFIX) + 1), funder))
 
 
-def _scope_programs(ctx: Context, caller: Caller, funder: str, program_id: str) -> list[str] | None:
-    """Program ids the query may touch; None means no restriction (admin without funder filter).
-    With a funder, those it has a share of on some date: a superset of the programs of the
-    activations it funds, which the queries narrow to those (`funds`)."""
+def _scope(ctx: Context, caller: Caller, funder: str, program_id: str) -> tuple[str, list[str] | None]:
+    """The funder whose share decides what the query may touch ("" for none: an admin without a
+    funder filter; a funder caller is always its own, another funder's id is refused), and the
+    program ids it may touch (None: no restriction). With a funder, those it has a share of on some
+    date: a superset of the programs of the activations it funds, which the queries narrow to those
+    (`funds`)."""
     if caller.role == "funder":
         if funder and funder != caller.funder_id:
             raise PermissionDenied("a funder can only audit what it funds", reason="OUT_OF_SCOPE")
-        funder = caller.funder_id
+        funder = caller.funder_id or ""
     if not funder:
-        return [program_id] if program_id else None
+        return "", ([program_id] if program_id else None)
     funded = ctx.catalog.funded_by(funder)
     if program_id:
         if program_id not in funded:
             raise PermissionDenied(f"programs/{program_id} is not funded by {funder}", reason="OUT_OF_SCOPE")
-        return [program_id]
-    return funded
+        return funder, [program_id]
+    return funder, funded
 
 
 class ListedActivation(NamedTuple):
@@ -241,8 +237,7 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
     filters = asdict(f) | {"caller": caller.id}
     tokens = _tokens(ctx)
     position = tokens.read(token, "activations", filters)
-    programs = _scope_programs(ctx, caller, f.funder, f.program_id)
-    funder = _scope_funder(caller, f.funder)
+    funder, programs = _scope(ctx, caller, f.funder, f.program_id)
     today = ctx.clock.today()
     params: dict[str, Any] = {"limit": size + 1}
     if programs is not None:
@@ -319,9 +314,7 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
             raise InvalidArgument.single(name, "expected YYYY-MM, from 2000-01 to 2099-12")
     if start_month and end_month and start_month > end_month:
         raise InvalidArgument.single("end_month", "is before start_month")
-    programs = _scope_programs(ctx, caller, funder, program_id)
-    if caller.role == "funder":
-        funder = caller.funder_id
+    funder, programs = _scope(ctx, caller, funder, program_id)
     today = ctx.clock.today()
     rows: dict[tuple[str, str, str], ReportRow] = {}
     with ctx.db.read() as s:

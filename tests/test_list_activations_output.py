@@ -111,7 +111,7 @@ def reference_page(ctx: Context, caller: Caller, f: audit.ActivationFilter, size
     size = page_size(size, default=50, maximum=500)
     filters = {**f.__dict__, "caller": caller.id}
     position = audit._tokens(ctx).read(token, "activations", filters)
-    programs = audit._scope_programs(ctx, caller, f.funder, f.program_id)
+    _funder, programs = audit._scope(ctx, caller, f.funder, f.program_id)
     funder = caller.funder_id if caller.role == "funder" else f.funder
     q = select(Activation)
     if programs is not None:
