@@ -252,6 +252,7 @@ def verify_log(lines: Iterable[str], checkpoint: note.Checkpoint, *, trusted: no
     prev_iter = iter(previous) if previous is not None else None
     prev_tree = merkle.CompactRange() if prev_iter is not None else None
     prev_first_difference: int | None = None
+    prev_first_hidden: int | None = None  # read in full in the previous export, a leaf hash only now
     for lineno, line in enumerate(lines, start=1):
         try:
             entry = parse_entry(line)
@@ -303,7 +304,10 @@ def verify_log(lines: Iterable[str], checkpoint: note.Checkpoint, *, trusted: no
         if tree.size == old_size:
             old_root = tree.root()
         if prev_iter is not None and prev_tree is not None and seq <= old_size:
-            prev_hash = _previous_hash(prev_iter, seq)
+            prev = _previous_entry(prev_iter, seq)
+            prev_hash = None if prev is None else prev[0]
+            if prev is not None and prev[1] and entry.event is None and prev_first_hidden is None:
+                prev_first_hidden = seq  # read in full before, a leaf hash only now: moved out of view
             if prev_hash is None:
                 prev_iter = None
                 problems.add(None, f"the previous export ends or is malformed before seq {seq}: it cannot "
@@ -321,6 +325,10 @@ def verify_log(lines: Iterable[str], checkpoint: note.Checkpoint, *, trusted: no
     root = tree.root()
     previous_ok = prev_tree is not None and prev_iter is not None and prev_tree.size == old_size and \
         trusted is not None and prev_tree.root() == trusted.root_hash
+    if prev_first_hidden is not None and previous_ok:
+        problems.add(prev_first_hidden, f"seq {prev_first_hidden}: you read this event in full in the export you "
+                                        f"verified before; it now comes as a leaf hash only (its program or "
+                                        f"subject was changed: moved out of your view)")
     if prev_first_difference is not None and previous_ok:
         problems.add(prev_first_difference, f"seq {prev_first_difference}: its leaf hash is not the one you "
                                             f"verified before against the trusted checkpoint (rewritten)")
@@ -359,7 +367,8 @@ def _logged_as(event: LogEvent, logged: bytes) -> int | None:
     return None
 
 
-def _previous_hash(lines: Iterator[str], seq: int) -> bytes | None:
+def _previous_entry(lines: Iterator[str], seq: int) -> tuple[bytes, bool] | None:
+    """The previous export's leaf hash at `seq` and whether that export gave the event in full."""
     line = next(lines, None)
     if line is None:
         return None
@@ -370,8 +379,9 @@ def _previous_hash(lines: Iterator[str], seq: int) -> bytes | None:
     if entry.seq != seq:
         return None
     if entry.event is not None:
-        return entry.event.leaf_hash()
-    return entry.leaf_hash
+        return entry.event.leaf_hash(), True
+    assert entry.leaf_hash is not None
+    return entry.leaf_hash, False
 
 
 def read_checkpoint(path: Path, verifier: note.Verifier, what: str) -> note.Checkpoint:
