@@ -195,6 +195,9 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
             booking = ledger.settle(s, deps, a, today)
             summary.released_cents += booking.released_cents
             reasons = ", ".join(verdict.failed_reasons)
+            # Not the day the person's registration ended (`verdict.stopped_on`): the registry's
+            # data about a person, which the append-only log would keep past any purge; the
+            # criteria failed and the new end date say what funders need.
             eventlog.append(
                 s, time=deps.clock.now(), type="activation.curtailed", actor=REVALIDATION_ACTOR,
                 subject=f"activations/{a.id}", program_id=a.program_id,
@@ -202,7 +205,6 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
                        f"{snapshot.extracted_on.isoformat()}",
                 payload={"from": previous_state, "to": a.state, "previous_end_date": previous_end.isoformat(),
                          "end_date": a.end_date.isoformat(), "failed_criteria": list(verdict.failed_reasons),
-                         "stopped_on": verdict.stopped_on.isoformat() if verdict.stopped_on else None,
                          "registry_snapshot": snapshot.id, "consumed_months": booking.months_consumed,
                          "released_cents": booking.released})
     return summary

@@ -51,6 +51,13 @@ def test_a_corrected_extract_of_the_same_day_is_revalidated(
         with h.ctx.db.read() as s:
             end = s.execute(select(Activation.end_date).where(Activation.id == activation_id)).scalar_one()
         assert end == dt.date(2026, 4, 30)  # the end of the month after the registration's end
+        # The registry's date about the person is not logged: the append-only log, which funders
+        # read, would keep it past any purge (found by a review).
+        with h.ctx.db.read() as s:
+            logged = s.execute(select(Event.payload_json, Event.reason).where(
+                Event.type == "activation.curtailed", Event.subject == f"activations/{activation_id}")).one()
+        assert "2026-03-01" not in logged.payload_json + logged.reason, logged
+        assert '"failed_criteria":["REGISTRATION_ENDED"]' in logged.payload_json.replace(" ", "")
 
 
 def test_a_snapshot_pruned_during_the_run_curtails_nobody(
