@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import Api, Harness, failure, identity, next_person
+from support import Api, As, Harness, failure, identity, next_person
 
 from entitlement import changes, jobs, registry
 from entitlement.v1 import activation_pb2
@@ -272,3 +272,40 @@ def test_a_vanished_clients_stream_ends_by_keepalive_and_frees_its_slot(
         finally:
             far.close()
             proxy.close()
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_revoked_platforms_open_stream_ends_and_gets_nothing_after(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """A platform revoked (its token leaked, say) is refused every new call within the caller
+    cache's time; its change stream opened before went on streaming its accounts' changes for ever,
+    holding a slot (found by a review). It now ends UNAUTHENTICATED (CREDENTIALS_REVOKED) at its
+    next read of the log after the cache's time, and gets nothing logged after the revocation."""
+    from entitlement import credentials
+    from entitlement.callers import make_caller
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, caller_cache_seconds=1,
+                    watch_poll_ms=50) as h:
+        api = Api(h)
+        caller_id = f"plat-{uuid.uuid4().hex[:8]}"
+        token = credentials.create(h.ctx.db, make_caller(caller_id, "platform", platform_id="openclassrooms"),
+                                   now=h.clock.now(), actor="operator:test").token
+        stream = iter(As(h.channel, token).WatchEntitlementChanges(activation_pb2.WatchEntitlementChangesRequest(),
+                                                                   timeout=WAIT))
+        mark = next(stream)  # a bookmark: the stream is open
+        assert mark.type == Change.CHANGE_TYPE_UNSPECIFIED and mark.cursor
+        credentials.revoke(h.ctx.db, caller_id, now=h.clock.now(), actor="operator:test", reason="leaked")
+        time.sleep(1.2)  # the caller cache's time (1 s here): every new call of it is refused by now
+        agency_id, birth = next_ledger_person()  # redeemed by the platform's other caller, after
+        made = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="watch test"))
+        account = "learner-" + uuid.uuid4().hex[:12]
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=made.activation_token, account_id=account))
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for change in stream:
+                got.append(change)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value
+        assert failure(info.value).reason == "CREDENTIALS_REVOKED"
+        assert account not in [c.status.account_id for c in got]

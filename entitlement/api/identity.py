@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -66,6 +67,9 @@ ROLES: dict[str, frozenset[str]] = {
 _NO_ROLE: frozenset[str] = frozenset()  # a method missing from ROLES: refused to every role
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+# For the calls that stream their responses: the caller authenticated again, with the call's own
+# credentials (see `caller_check`).
+_recheck: contextvars.ContextVar[Callable[[], Caller] | None] = contextvars.ContextVar("recheck", default=None)
 
 
 def current_caller() -> Caller:
@@ -73,6 +77,18 @@ def current_caller() -> Caller:
     if caller is None:  # only reachable if a method bypassed the interceptor
         raise Unauthenticated("missing credentials", reason="CREDENTIALS_MISSING")
     return caller
+
+
+def caller_check() -> Callable[[], Caller]:
+    """For a call that streams its responses for as long as its caller wishes (a change stream):
+    a function that authenticates the call's credentials again and raises UNAUTHENTICATED once they
+    no longer hold (revoked, expired, rotated out: within the caller cache's time, as a new call
+    would be refused). Checked only when the call started, a stream opened before a revocation
+    went on streaming for ever (found by a review). Take it at the start of the handler."""
+    check = _recheck.get()
+    if check is None:  # only reachable if a method bypassed the interceptor
+        raise Unauthenticated("missing credentials", reason="CREDENTIALS_MISSING")
+    return check
 
 
 def bearer(metadata: tuple[Any, ...] | None) -> str | None:
@@ -171,7 +187,12 @@ class CallerInterceptor(BehaviorInterceptor):
         """Authenticates and authorizes now (refusing the call); the block runs as the caller."""
         if not method.startswith(PACKAGE):
             return _NOTHING
-        return _AsCaller(self._admit(method, ROLES.get(method, _NO_ROLE), metadata, context))
+        allowed = ROLES.get(method, _NO_ROLE)
+        caller = self._admit(method, allowed, metadata, context)
+
+        def recheck() -> Caller:
+            return self._admit(method, allowed, metadata, context)
+        return _AsCaller(caller, recheck)
 
     def around_unary(self, fn: Handler, method: str) -> Handler:
         """What `scope` does, in the call's own frame (every call of ours goes through it)."""
@@ -204,15 +225,18 @@ class _AsCaller:
     """The block runs with `current_caller()` = caller (a class, not a generator; the calls that
     stream their responses: `around_unary` binds it for the others)."""
 
-    __slots__ = ("_caller", "_reset")
+    __slots__ = ("_caller", "_recheck", "_reset", "_reset_recheck")
 
-    def __init__(self, caller: Caller) -> None:
+    def __init__(self, caller: Caller, recheck: Callable[[], Caller]) -> None:
         self._caller = caller
+        self._recheck = recheck
 
     def __enter__(self) -> None:
         self._reset = _caller.set(self._caller)
+        self._reset_recheck = _recheck.set(self._recheck)
 
     def __exit__(self, *exc: object) -> None:
+        _recheck.reset(self._reset_recheck)
         _caller.reset(self._reset)
 
 

@@ -4,6 +4,7 @@ case, convert the result. Errors are raised as domain errors; interceptors map t
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -11,7 +12,7 @@ import grpc
 from entitlement import activation, audit, changes, eligibility, registry_feed, transparency, usage
 from entitlement.api import convert
 from entitlement.api import validation as val
-from entitlement.api.identity import current_caller
+from entitlement.api.identity import caller_check, current_caller
 from entitlement.app import Context
 from entitlement.errors import InvalidArgument, ResourceExhausted, Violations
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
@@ -152,6 +153,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         caller = current_caller()
+        still_allowed = caller_check()
         position = changes.start_position(self.ctx, request.cursor)
         if not self._watchers.acquire(blocking=False):
             raise ResourceExhausted(
@@ -175,6 +177,10 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                 yield convert.change(changes.bookmark(position))
             interval = self.ctx.settings.watch_poll_ms / 1000
             while not done.is_set():
+                # Its credentials again before each read (cached for the caller cache's time): a
+                # platform revoked, expired or rotated out meanwhile gets UNAUTHENTICATED, and its
+                # stream ends (found by a review: a stream opened before went on for ever).
+                caller = still_allowed()
                 batch, position, more = changes.poll(self.ctx, caller, position)
                 for change in batch:
                     yield convert.change(change)
@@ -253,9 +259,13 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                      context: grpc.ServicerContext) -> Iterator[audit_pb2.LogEntry]:
         entries = transparency.stream_entries(self.ctx, current_caller(), start_sequence=request.start_sequence,
                                               tree_size=request.tree_size)
+        still_allowed, checked = caller_check(), time.monotonic()
         for e in entries:
             if not context.is_active():
                 return
+            if time.monotonic() - checked >= 1.0:  # a long stream: its credentials again, once a second
+                still_allowed()
+                checked = time.monotonic()
             yield audit_pb2.LogEntry(sequence=e.seq, leaf_hash=e.leaf_hash,
                                      event=convert.event(e.event) if e.event is not None else None)
 
