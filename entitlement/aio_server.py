@@ -55,6 +55,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from entitlement.api import public
 from entitlement.api import servicers as api_servicers
 from entitlement.api.wrapping import BehaviorInterceptor, wrap_handler
 from entitlement.app import Context
@@ -532,11 +533,14 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: f
                          executor, stream_executor, inline, loop_writes, ctx.db)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
-    health_servicer = health.aio.HealthServicer()
+    # Health and reflection with their open streams capped (entitlement/api/public.py): each open
+    # one counts against the process's concurrent-call limit on this server.
+    limit = ctx.settings.public_streams
+    health_servicer = public.CappedAioHealth(limit)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _TableRegistrar(table))
     # (what reflection.enable_server_reflection does for an aio server, into the table)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)), _TableRegistrar(table))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(public.CappedAioReflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), limit), _TableRegistrar(table))
     server.add_generic_rpc_handlers((table,))
     return server, health_servicer
 

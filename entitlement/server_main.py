@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from entitlement import affinity, hostcheck
 from entitlement.api.accesslog import AccessLogInterceptor
-from entitlement.api import ratelimit
+from entitlement.api import public, ratelimit
 from entitlement.api.identity import CallerInterceptor
 from entitlement.api.wrapping import BehaviorInterceptor, WrappingRegistrar
 from entitlement.api.servicers import ActivationServicer, AuditServicer, EligibilityServicer, RegistryServicer
@@ -71,6 +71,7 @@ class Running:
     stream_pool: futures.ThreadPoolExecutor | None = None  # the streaming calls' threads
     event_loop: str | None = None  # the thread-pool model runs no event loop (aio_server.LoopRunning's is named)
     loop_writes: frozenset[str] = frozenset()  # nor writes on one (aio_server.loop_write_methods)
+    extra_pools: tuple[futures.ThreadPoolExecutor, ...] = ()  # reflection's (entitlement/api/public.py)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,8 +85,9 @@ class Running:
             self.monitor.stop()  # first: no ping may set SERVING again
         self.set_serving(False)
         self.server.stop(grace).wait()
-        if self.stream_pool is not None:
-            self.stream_pool.shutdown(wait=False)  # its calls were ended with the server's
+        for pool in (self.stream_pool, *self.extra_pools):
+            if pool is not None:
+                pool.shutdown(wait=False)  # its calls were ended with the server's
 
     def failure(self) -> str | None:
         return None  # gRPC's sync server tells nothing of its threads (a health probe would)
@@ -177,13 +179,16 @@ def start(ctx: Context, listen: str) -> Serving:
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), ours)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    # Reflection's streams on a pool of their own, capped (entitlement/api/public.py): open ones
+    # held the unary calls' threads.
+    reflection_pool = public.add_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            ctx.settings.public_streams)
     credentials = server_credentials(tls)
     port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
-    running = Running(server, health_servicer, port, monitor, stream_pool)
+    running = Running(server, health_servicer, port, monitor, stream_pool, extra_pools=(reflection_pool,))
     running.set_serving(True)
     if monitor is not None:
         monitor.start(running.set_serving)

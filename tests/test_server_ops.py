@@ -11,6 +11,7 @@ import ctypes
 import datetime as dt
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -339,6 +340,61 @@ def test_reflection_lists_and_describes_the_services_without_credentials(shared_
     assert "grpc.health.v1.Health" in names
     assert not described.HasField("error_response"), described.error_response.error_message
     assert described.file_descriptor_response.file_descriptor_proto
+
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_open_health_watches_and_reflection_streams_are_capped_and_leave_the_calls_served(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """Health and reflection need no credentials, and each has a stream a client may hold open.
+    Unbounded, an anonymous client locked every caller out (found by a review): on the event loop
+    96 open Health.Watch streams took every call slot of the process (RESOURCE_EXHAUSTED for all),
+    and on the thread pool 4 open reflection streams held the 4 unary threads (every check waited).
+    Now each kind is capped at ENTITLEMENT_PUBLIC_STREAMS (entitlement/api/public.py)."""
+    from own_server import next_ledger_person, own_server
+    limit = 4
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, max_workers=4,
+                    public_streams=limit) as h:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(h.channel)
+        health_stub = health_pb2_grpc.HealthStub(h.channel)
+        held: list[Any] = []
+        ends: list[queue.Queue[Any]] = []
+        try:
+            for _ in range(limit):  # reflection streams left open by a client that sends nothing more
+                requests: queue.Queue[Any] = queue.Queue()
+                requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+                call = reflect.ServerReflectionInfo(iter(requests.get, None), timeout=30)
+                assert next(call).HasField("list_services_response")
+                held.append(call)
+                ends.append(requests)
+            with pytest.raises(grpc.RpcError) as info:
+                next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=5))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+            assert "ENTITLEMENT_PUBLIC_STREAMS" in (info.value.details() or "")
+            refused = 0
+            for _ in range(3 * limit):  # health watches: capped where each holds a call slot
+                watch = health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+                try:
+                    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                    held.append(watch)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    refused += 1
+            # (the thread-pool server's Watch holds no thread and no slot: not capped)
+            assert refused == (2 * limit if model == "event-loop" else 0)
+            assert health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            agency_id, birth = next_ledger_person()
+            [decision] = As(h.channel, h.tokens["advisor-paris"]).CheckEligibility(
+                eligibility_pb2.CheckEligibilityRequest(job_seeker=identity(agency_id, birth),
+                                                        program="programs/premium-job-seekers"), timeout=5).decisions
+            assert decision.eligible
+        finally:
+            for call in held:
+                call.cancel()
+            for requests in ends:
+                requests.put(None)
 
 
 # ------------------------------------------------------------------------------------------ access log

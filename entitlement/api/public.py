@@ -1,0 +1,101 @@
+"""Health and reflection: the services anyone may call, without credentials (load balancers'
+probes, `grpcurl`), with a bound on the streams they can hold open.
+
+Why: both have a stream a client may keep open as long as it likes (Health.Watch, and reflection's
+ServerReflectionInfo), and nothing authenticates it. Unbounded, an anonymous client holding enough
+of them locked every caller out (found by a review): on the event loop each open stream counts
+against the process's concurrent-call limit (ENTITLEMENT_MAX_CONCURRENT_RPCS: 96 open watches and
+every call answered RESOURCE_EXHAUSTED), and on the thread pool each reflection stream held one of
+the unary calls' threads (4 of them and every check waited). Now each kind is capped at
+`ENTITLEMENT_PUBLIC_STREAMS` open at once per process; one more is refused RESOURCE_EXHAUSTED at
+once. Reflection streams of the thread-pool server run on a small pool of their own (one thread
+more than the cap, so that one beyond it is refused rather than queued). The thread-pool server's
+Health.Watch holds nothing (grpc's non-blocking watch: no thread, no call slot) and is not capped.
+Health.Check is unary and never capped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+
+def _refusal(kind: str, limit: int) -> str:
+    return (f"this server already holds {limit} open {kind} (ENTITLEMENT_PUBLIC_STREAMS); close one, "
+            f"or retry later")
+
+
+class CappedReflection(reflection.ReflectionServicer):
+    """The thread-pool server's reflection, at most `limit` streams open at once."""
+
+    def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
+        super().__init__(service_names)
+        self._limit = limit
+        self._open = threading.BoundedSemaphore(limit)
+
+    def ServerReflectionInfo(self, request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if not self._open.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal("reflection streams", self._limit))
+        try:
+            yield from super().ServerReflectionInfo(request_iterator, context)
+        finally:
+            self._open.release()
+
+
+def add_reflection(server: grpc.Server, service_names: tuple[str, ...], limit: int) -> futures.ThreadPoolExecutor:
+    """Reflection on the thread-pool server, on a pool of its own (returned: shut it down with the
+    server)."""
+    pool = futures.ThreadPoolExecutor(max_workers=limit + 1, thread_name_prefix="rpc-reflection")
+    method = CappedReflection(service_names, limit).ServerReflectionInfo
+
+    def on_pool(request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        return method(request_iterator, context)
+    on_pool.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    handler = grpc.stream_stream_rpc_method_handler(
+        on_pool, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}),))
+    return pool
+
+
+class CappedAioReflection(reflection.aio.ReflectionServicer):
+    """The event-loop server's reflection, at most `limit` streams open at once (on the loop: no lock)."""
+
+    def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
+        super().__init__(service_names)
+        self._limit = limit
+        self._count = 0
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        if self._count >= self._limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal("reflection streams", self._limit))
+        self._count += 1
+        try:
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
+        finally:
+            self._count -= 1
+
+
+class CappedAioHealth(health.aio.HealthServicer):
+    """The event-loop server's health, at most `limit` Watch streams open at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+        self._count = 0
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        if self._count >= self._limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal("health watches", self._limit))
+        self._count += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._count -= 1
