@@ -3,6 +3,8 @@
 With a live status source configured, its answer is used (source "live"); when it fails or its
 circuit breaker is open, the latest registry snapshot is used instead and the decision says so
 (source "snapshot_fallback": the data may be stale). Without one, the snapshot (source "snapshot").
+The live source gets a share of the call's time left (its gRPC deadline, entitlement/deadline.py),
+so that a fallback still comes before the caller gives up.
 
 Two steps, so that the network call is never made inside a database transaction (a write
 transaction on SQLite holds the database's write lock): `ask_live` before the transaction,
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy import Connection
 
-from entitlement import registry
+from entitlement import deadline, registry
 from entitlement.app import Context
 from entitlement.live_status import LiveStatusUnavailable
 from entitlement.registry import SnapshotRef
@@ -40,13 +42,30 @@ class LiveAnswer:
 
 _NO_LIVE_SOURCE = LiveAnswer(SNAPSHOT)  # (immutable: one for every check of a server without a live source)
 
+# Of the call's time left, the live source gets LIVE_SHARE less AFTER_LIVE_S: the rest is for what
+# follows (the snapshot read, an activation's write, which is not started with less than
+# deadline.FLOOR_S left, the answer's way back). Below MIN_LIVE_S it is not asked at all.
+LIVE_SHARE = 0.8
+AFTER_LIVE_S = deadline.FLOOR_S + 0.05
+MIN_LIVE_S = 0.05
+
+
+def live_budget(left: float | None) -> float | None:
+    """The time the live source may take in a call with `left` seconds left (None: no deadline,
+    the source's own bounds only); 0 when too little is left to ask it."""
+    if left is None:
+        return None
+    budget = left * LIVE_SHARE - AFTER_LIVE_S
+    return budget if budget >= MIN_LIVE_S else 0.0
+
 
 def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
-    """Ask the live source, if any. Call it outside any database transaction."""
+    """Ask the live source, if any, within the call's deadline (`live_budget`). Call it outside any
+    database transaction."""
     if ctx.live is None:
         return _NO_LIVE_SOURCE
     try:
-        return LiveAnswer(LIVE, ctx.live.fetch(agency_id, birth_date))
+        return LiveAnswer(LIVE, ctx.live.fetch(agency_id, birth_date, budget_s=live_budget(deadline.remaining())))
     except LiveStatusUnavailable as exc:
         # No person data here: the reason code and HTTP status only.
         log.warning("live_status_unavailable", reason=exc.reason, status=exc.status,

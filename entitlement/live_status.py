@@ -11,20 +11,30 @@ answer is parsed. Neither the agency id, the birth date nor a name is ever logge
 exception message (causes are dropped with `from None`: urllib/http.client errors can carry the
 URL, which holds both).
 
-Resilience: each attempt has a timeout; timeouts, connection errors, 5xx and malformed answers are
-retried with exponential backoff and full jitter within an overall deadline; 4xx other than 404
-are not retried. A circuit breaker (closed / open / half-open) opens after `breaker_failures`
-consecutive failed fetches, fails fast while open and lets one probe through (a single attempt)
-after `breaker_reset_s`. Standard library only; the client is thread-safe.
+Resilience: each attempt has a timeout, in wall time from the connection to the answer's last
+byte (a socket timeout bounds each read only: a source sending its answer a byte at a time would
+hold the thread for ever; one watchdog thread cuts every attempt off at its end); timeouts,
+connection errors, 5xx and malformed answers are retried with exponential backoff and full jitter
+within an overall deadline, itself shortened to the caller's budget when one is given; 4xx other
+than 404 and answers about someone else are not retried. A circuit breaker (closed / open /
+half-open) opens after `breaker_failures` consecutive failed fetches, fails fast while open and
+lets one probe through (a single attempt) after `breaker_reset_s`; a fetch cut short by its
+caller's budget proves nothing about the source and counts neither way. Standard library only; the
+client is thread-safe. (Not bounded: the host name's resolution, getaddrinfo; use an IP address or
+a local resolver when that matters.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import http.client
+import itertools
 import json
+import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -45,8 +55,10 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 class LiveStatusUnavailable(Exception):
     """The live source gave no usable answer. `reason` is a short code (`timeout`, `connection`,
-    `http_error`, `malformed`, `rejected`, `breaker_open`); `status` the HTTP status when there
-    was one. The message never names the person."""
+    `http_error`, `malformed`, `rejected`, `mismatch`: an answer about someone else or naming
+    nobody, `breaker_open`, `deadline`: the caller's deadline left no time or cut the fetch short
+    before the source failed on its own account); `status` the HTTP status when there was one. The
+    message never names the person."""
 
     def __init__(self, reason: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -107,6 +119,90 @@ class CircuitBreaker:
             if probe:
                 self._probing = False
 
+    def release(self, probe: bool = False) -> None:
+        """A call that proved nothing either way (cut short by its caller's deadline): nothing
+        counted; a probe's turn passes to the next call."""
+        if probe:
+            with self._lock:
+                self._probing = False
+
+
+class _Alarm:
+    __slots__ = ("action", "fired")
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action: Callable[[], None] | None = action
+        self.fired = False
+
+
+class _Watchdog:
+    """One daemon thread for the ends of every attempt in flight (started at the first; a
+    threading.Timer would start a thread per live call): a heap of (time.monotonic() deadline,
+    alarm), disarmed alarms dropped when they reach its top. An alarm's action runs on that thread
+    under the watchdog's lock: once `disarm` has returned, it has run to its end or never will (the
+    attempt may then close its socket: a closed socket's number may be another's by then). Actions
+    must be short and never block."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """No alarm, no thread (also in a forked child: it has none of its parent's threads)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._order = itertools.count()  # (ties: never compare two alarms)
+        self._thread: threading.Thread | None = None
+
+    def arm(self, at: float, action: Callable[[], None]) -> _Alarm:
+        alarm = _Alarm(action)
+        with self._cond:
+            heapq.heappush(self._heap, (at, next(self._order), alarm))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="live-status-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is alarm:
+                self._cond.notify()  # sooner than what the thread waits for
+        return alarm
+
+    def disarm(self, alarm: _Alarm) -> bool:
+        """Stop the alarm: True when in time, False when its action ran."""
+        with self._cond:
+            alarm.action = None
+            return not alarm.fired
+
+    def _run(self) -> None:
+        heap = self._heap
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while heap and (heap[0][2].action is None or heap[0][0] <= now):
+                    alarm = heapq.heappop(heap)[2]
+                    if alarm.action is not None:
+                        alarm.fired = True
+                        try:
+                            alarm.action()
+                        except Exception:  # noqa: BLE001 - the watchdog must outlive any action
+                            pass
+                        alarm.action = None
+                self._cond.wait(heap[0][0] - now if heap else None)
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.reset)
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """(The watchdog's action, at an attempt's end.) Shut the attempt's socket down: a blocked read
+    or write returns or fails at once. socket.socket's own method: SSLSocket's would first try a
+    TLS goodbye. No socket yet (or a TLS one still in its handshake, which the TLS layer bounds by
+    the timeout on its own): the attempt sees the alarm has gone off once connected."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
 
 class LiveStatusClient:
     def __init__(self, base_url: str, timeout_s: float, retries: int, backoff_base_s: float,
@@ -144,36 +240,52 @@ class LiveStatusClient:
         self._ssl = ssl.create_default_context() if self._https else None
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
 
-    def fetch(self, agency_id: str, birth_date: dt.date) -> PersonFacts | None:
+    def fetch(self, agency_id: str, birth_date: dt.date, budget_s: float | None = None) -> PersonFacts | None:
         """The person's facts, or None when the source does not know them (404) or knows them
         with another birth date. Raises LiveStatusUnavailable when no usable answer came. The
         source is asked for the canonical identifiant (`normalize_agency_id`, the form person keys
-        are made of), and an answer counts only if it names exactly that one."""
+        are made of), and an answer counts only if it names exactly that one (else `mismatch`).
+        `budget_s`: the most time the caller gives the whole fetch (None: `deadline_s`); when it
+        leaves none, or cuts the fetch short before the source failed on its own account, the
+        reason is `deadline` and the breaker counts nothing (the source may be fine)."""
         agency_id = normalize_agency_id(agency_id)
+        if budget_s is not None and budget_s <= 0:
+            raise LiveStatusUnavailable("deadline", "live status source not asked: no time left in the call")
         ticket = self.breaker.acquire()
         if ticket is None:
             raise LiveStatusUnavailable("breaker_open", "live status source unavailable: circuit breaker open")
-        ok = False
+        ok = neutral = False
         try:
-            result = self._fetch(agency_id, birth_date, attempts=1 if ticket else self.retries + 1)
+            result = self._fetch(agency_id, birth_date, 1 if ticket else self.retries + 1, budget_s)
             ok = True
             return result
+        except LiveStatusUnavailable as exc:
+            neutral = exc.reason == "deadline"
+            raise
         finally:  # any other outcome, even an unexpected error, counts as a failure
             if ok:
                 self.breaker.success()
+            elif neutral:
+                self.breaker.release(probe=ticket)
             else:
                 self.breaker.failure(probe=ticket)
 
-    def _fetch(self, agency_id: str, birth_date: dt.date, attempts: int) -> PersonFacts | None:
+    def _fetch(self, agency_id: str, birth_date: dt.date, attempts: int,
+               budget_s: float | None) -> PersonFacts | None:
         query = urllib.parse.urlencode({"identifiant": agency_id, "dateNaissance": birth_date.isoformat()})
         target = f"{self._path}?{query}"
-        deadline = self._clock() + self.deadline_s
-        last, made = _Retryable("timeout"), 0
+        start = self._clock()
+        own = start + self.deadline_s
+        deadline = own if budget_s is None else min(own, start + budget_s)
+        # failed: an attempt failed on the source's own account (not a timeout the caller's budget
+        # made shorter than `timeout_s`)
+        last, made, failed = _Retryable("timeout"), 0, False
         for attempt in range(attempts):
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
             made += 1
+            cut_by_caller = deadline < own and remaining < self.timeout_s
             try:
                 status, body = self._get(target, min(self.timeout_s, remaining))
                 if status == 404:
@@ -183,39 +295,60 @@ class LiveStatusClient:
                                                 f"HTTP {status} (not retried)", status)
                 if status != 200:
                     raise _Retryable("http_error", status)
-                return _parse(body, agency_id, birth_date)
+                try:
+                    return _parse(body, agency_id, birth_date)
+                except (_Retryable, LiveStatusUnavailable):
+                    raise
+                except Exception:  # noqa: BLE001 - whatever the answer, it only ever means "no answer"
+                    raise _Retryable("malformed") from None
             except _Retryable as exc:
                 last = exc
+                failed = failed or not (cut_by_caller and exc.reason == "timeout")
             if attempt + 1 < attempts:
                 wait = self._rng.uniform(0, self.backoff_base_s * 2 ** attempt)  # full jitter
                 if self._clock() + wait >= deadline:
                     break
                 self._sleep(wait)
+        if deadline < own and not failed:
+            raise LiveStatusUnavailable("deadline", f"live status source unavailable: the call's deadline "
+                                        f"cut it short (after {made} attempt(s))")
         detail = f"HTTP {last.status}" if last.status else last.reason
         raise LiveStatusUnavailable(last.reason, f"live status source unavailable: {detail} "
                                     f"(after {made} attempt(s))", last.status)
 
     def _get(self, target: str, timeout: float) -> tuple[int, bytes]:
+        """One attempt, cut off `timeout` seconds (wall time) after it starts (reason `timeout`)."""
         conn: http.client.HTTPConnection
         if self._https:
             conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        alarm = _WATCHDOG.arm(time.monotonic() + timeout, lambda: _cut(conn))
+        cut = False
         try:
-            conn.request("GET", target, headers=self._headers)
-            resp = conn.getresponse()
-            body = resp.read(MAX_BODY + 1) if resp.status == 200 else b""
+            try:
+                conn.connect()
+                if alarm.fired:  # it went off before there was a socket to shut down
+                    raise TimeoutError
+                conn.request("GET", target, headers=self._headers)
+                resp = conn.getresponse()
+                body = resp.read(MAX_BODY + 1) if resp.status == 200 else b""
+            finally:
+                cut = not _WATCHDOG.disarm(alarm)
+            if cut:  # what came may have been cut short (a body without a length ends at the cut)
+                raise _Retryable("timeout")
             return resp.status, body
         except TimeoutError:
             raise _Retryable("timeout") from None
-        except (OSError, http.client.HTTPException):
-            raise _Retryable("connection") from None
+        except (OSError, ValueError, http.client.HTTPException):
+            raise _Retryable("timeout" if cut else "connection") from None
         finally:
             conn.close()
 
 
 def _parse(body: bytes, agency_id: str, birth_date: dt.date) -> PersonFacts | None:
-    """Keep only the fields the rules need; anything unusable is `malformed` (retried)."""
+    """Keep only the fields the rules need; anything unusable is `malformed` (retried), an answer
+    not naming exactly this person `mismatch` (LiveStatusUnavailable)."""
     try:
         if len(body) > MAX_BODY:
             raise ValueError
@@ -236,12 +369,15 @@ def _parse(body: bytes, agency_id: str, birth_date: dt.date) -> PersonFacts | No
             category = int(category)
         if isinstance(category, bool) or not isinstance(category, int) or not 1 <= category <= 8:
             raise ValueError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise _Retryable("malformed") from None
-    # An answer about someone else is no answer. Both sides in canonical form, then compared
-    # exactly: the same person as the person key the decision is recorded under, never a near match.
-    if ident is not None and normalize_agency_id(str(ident)) != normalize_agency_id(agency_id):
-        return None
+    except (ValueError, KeyError, TypeError, RecursionError):  # (UnicodeDecodeError is a ValueError;
+        raise _Retryable("malformed") from None                 # RecursionError: JSON nested too deep)
+    # An answer about someone else, or naming nobody, is no answer about this person (not "not
+    # registered": the snapshot decides instead), and a source giving one is broken (not retried;
+    # a breaker failure). Both sides in canonical form, then compared exactly: the same person as
+    # the person key the decision is recorded under, never a near match.
+    if not isinstance(ident, str) or normalize_agency_id(ident) != normalize_agency_id(agency_id):
+        raise LiveStatusUnavailable("mismatch", "live status source answered about someone else, or "
+                                    "named nobody (not retried)")
     if answered_birth != birth_date:
         return None  # answered exactly like an unknown identifier
     return PersonFacts(birth_date=answered_birth, postal_code=postal, registered_on=registered,

@@ -391,8 +391,10 @@ def test_the_live_answer_must_name_the_canonical_identifiant() -> None:
     birth = dt.date(1990, 5, 17)
     assert live_status._parse(answer("1234567A"), "1234567a", birth) is not None
     assert live_status._parse(answer("1234567a"), "1234567A", birth) is not None
-    assert live_status._parse(answer("1234567B"), "1234567A", birth) is None
-    assert live_status._parse(answer("1234567Aı"), "1234567AI", birth) is None
+    for other, asked in (("1234567B", "1234567A"), ("1234567Aı", "1234567AI")):
+        with pytest.raises(live_status.LiveStatusUnavailable) as info:  # no answer about the one asked
+            live_status._parse(answer(other), asked, birth)
+        assert info.value.reason == "mismatch"
 
 
 # ------------------------------------------------------------------------------------------ the CLI

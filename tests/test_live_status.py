@@ -9,7 +9,9 @@ import datetime as dt
 import json
 import random
 import socket
+import ssl
 import threading
+import time
 import traceback
 import urllib.parse
 from collections.abc import Iterator
@@ -24,13 +26,14 @@ import pytest
 
 from support import TODAY, As, Harness, identity, next_person
 
-from entitlement import app, facts, rules
+from entitlement import app, facts, live_status, rules
 from entitlement.config import ROOT, Settings
 from entitlement.live_status import (CLOSED, HALF_OPEN, OPEN, LiveStatusClient,
                                      LiveStatusUnavailable)
 from entitlement.programs import ProgramCatalog
 from entitlement.registry import SnapshotRef
 from entitlement.server_main import Serving, start
+from entitlement.tls import make_ca
 from entitlement.v1 import activation_pb2, eligibility_pb2
 
 PATH = "/v1/statut-demandeur-emploi"
@@ -54,7 +57,8 @@ class FakeAgency:
     """The agency's status endpoint on 127.0.0.1, with switchable behaviours. Each request takes
     the next behaviour of `script`, else `default`: `ok` (the person of `people`, 404 when
     unknown), `slow` (answers after `slow_s`, longer than the client's timeout), `block` (waits
-    for `release`), `500`, `503`, `malformed` (not JSON), `401`, `drop` (closes the connection)."""
+    for `release`), `500`, `503`, `malformed` (not JSON), `nested` (JSON nested deeper than the
+    parser's recursion limit), `401`, `drop` (closes the connection)."""
 
     def __init__(self) -> None:
         self.people: dict[str, dict[str, Any]] = {}
@@ -123,6 +127,8 @@ class FakeAgency:
             self._send(h, int(behaviour), b'{"error": "x"}')
         elif behaviour == "malformed":
             self._send(h, 200, b'{"identifiant": "P1", "dateNaissance": ')
+        elif behaviour == "nested":
+            self._send(h, 200, b"[" * 50_000)
         elif behaviour == "drop":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
@@ -141,6 +147,65 @@ class FakeAgency:
             h.wfile.write(body)
         except OSError:
             pass
+
+
+class Trickle:
+    """A source on 127.0.0.1 that sends `head` at once, then `tail` one byte every `every_s`
+    seconds (each byte well within the client's per-read timeout, the whole far beyond it); over
+    TLS with `tls` (a TLS record a byte)."""
+
+    def __init__(self, head: bytes, tail: bytes, every_s: float = 0.05, tls: ssl.SSLContext | None = None) -> None:
+        self.head, self.tail, self.every_s, self.tls = head, tail, every_s, tls
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def http_body(cls, body: bytes) -> "Trickle":
+        """An HTTP 200 whose headers come at once, its body a byte at a time."""
+        return cls(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                   % len(body), body)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            conn.recv(65536)  # the request
+            conn.sendall(self.head)
+            for i in range(len(self.tail)):
+                if self.stopping.wait(self.every_s):
+                    return
+                conn.sendall(self.tail[i:i + 1])
+        except OSError:
+            pass  # the client cut it off
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+
+
+@contextmanager
+def trickling(head: bytes, tail: bytes, tls: ssl.SSLContext | None = None) -> Iterator[Trickle]:
+    t = Trickle(head, tail, tls=tls)
+    try:
+        yield t
+    finally:
+        t.stop()
 
 
 class FakeClock:
@@ -211,9 +276,23 @@ def test_wrong_birth_date_is_answered_like_an_unknown_person(agency: FakeAgency)
     assert client(agency).fetch("P1", BIRTH + dt.timedelta(days=1)) is None
 
 
-def test_answer_about_someone_else_is_none(agency: FakeAgency) -> None:
-    agency.people["P1"] = agency_record("P2", BIRTH)
-    assert client(agency).fetch("P1", BIRTH) is None
+@pytest.mark.parametrize("ident", ["P2", None, 1, "absent"])
+def test_answer_about_someone_else_or_nobody_is_no_answer(agency: FakeAgency, ident: Any) -> None:
+    """Not "not registered" (None would decide NOT_REGISTERED for a registered person): no usable
+    answer, not retried (asked again, a source mixing people up has no better answer), and a
+    failure for the breaker (a source answering about the wrong people is broken)."""
+    record = agency_record("P1", BIRTH)
+    if ident == "absent":
+        del record["identifiant"]
+    else:
+        record["identifiant"] = ident
+    agency.people["P1"] = record
+    c = client(agency, retries=2, breaker_failures=1)
+    exc = unavailable(c)
+    assert exc.reason == "mismatch"
+    assert agency.requests == 1
+    assert c.breaker.state == OPEN
+    assert_nothing_personal(exc)
 
 
 def test_base_url_with_a_path_prefix(agency: FakeAgency) -> None:
@@ -250,7 +329,8 @@ def test_failures_then_success(agency: FakeAgency, failure: str) -> None:
 
 
 @pytest.mark.parametrize("failure,reason,status", [("500", "http_error", 500), ("malformed", "malformed", None),
-                                                    ("drop", "connection", None), ("slow", "timeout", None)])
+                                                    ("nested", "malformed", None), ("drop", "connection", None),
+                                                    ("slow", "timeout", None)])
 def test_retries_exhausted(agency: FakeAgency, failure: str, reason: str, status: int | None) -> None:
     agency.people["P1"] = agency_record("P1", BIRTH)
     agency.default = failure
@@ -268,6 +348,21 @@ def test_unusable_answers_are_malformed(agency: FakeAgency, fields: dict[str, An
     agency.people["P1"] = {**agency_record("P1", BIRTH), **fields}
     exc = unavailable(client(agency, retries=0))
     assert exc.reason == "malformed"
+    assert_nothing_personal(exc)
+
+
+def test_an_unexpected_error_reading_an_answer_is_no_answer(agency: FakeAgency,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever reading an answer raises, it means "fall back to the snapshot", never an error of
+    the call; and it counts against the source."""
+    def broken(value: object) -> dt.date:
+        raise RuntimeError(f"cannot read {value}")  # (a message that would carry personal data)
+    monkeypatch.setattr(live_status, "_date", broken)
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    c = client(agency, retries=1, breaker_failures=1)
+    exc = unavailable(c)
+    assert exc.reason == "malformed" and agency.requests == 2
+    assert c.breaker.state == OPEN
     assert_nothing_personal(exc)
 
 
@@ -311,6 +406,116 @@ def test_overall_deadline_stops_retries(agency: FakeAgency) -> None:
     c = client(agency, retries=10, deadline_s=2.5, clock=clock, sleep=sleep)
     assert "after 3 attempt(s)" in str(unavailable(c))
     assert agency.requests == 3  # at 0, 1 and 2 seconds; none at 3, past the deadline
+
+
+def fetch_within(c: LiveStatusClient, limit_s: float, ident: str = "P1", birth: dt.date = BIRTH,
+                 **kw: Any) -> tuple[Any, float]:
+    """(what c.fetch(ident, birth) returned or raised, seconds it took); fails when it takes more
+    than `limit_s` (the fetch is then left running, in a daemon thread)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(c.fetch(ident, birth, **kw))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit_s)
+    assert not worker.is_alive(), f"the fetch still runs after {limit_s} s"
+    return outcome[0], time.monotonic() - started
+
+
+TRICKLED = json.dumps(agency_record("P1", BIRTH)).encode()  # ~500 bytes: 25 s at one every 50 ms
+
+
+@pytest.mark.parametrize("part", ["body", "headers", "body_over_tls"])
+def test_an_answer_trickled_in_is_cut_off_at_the_attempts_end(part: str, tmp_path: Path) -> None:
+    """The socket timeout bounds each read, not the attempt: a source sending its body or its
+    headers a byte every 50 ms held the thread for as long as it went on. Each attempt is cut off
+    at its end (0.2 s here): a timeout, retried. Over TLS too (the socket under the TLS layer is
+    shut down)."""
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(TRICKLED), TRICKLED)
+    head, tail = (b"", response) if part == "headers" else (response[:-len(TRICKLED)], TRICKLED)
+    server_tls = client_tls = None
+    if part == "body_over_tls":
+        ca = make_ca(tmp_path, [])
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(ca.server_cert, ca.server_key)
+        client_tls = ssl.create_default_context(cafile=str(ca.ca_cert))
+    with trickling(head, tail, server_tls) as source:
+        scheme = "https" if client_tls else "http"
+        c = LiveStatusClient(f"{scheme}://127.0.0.1:{source.port}", 0.2, 1, 0.001, 5, 30, "")
+        if client_tls:
+            c._ssl = client_tls  # (trusts the test CA)
+        exc, took = fetch_within(c, 2.0)
+        assert isinstance(exc, LiveStatusUnavailable) and exc.reason == "timeout", exc
+        assert "after 2 attempt(s)" in str(exc) and source.requests == 2
+        assert took < 1.0
+        assert_nothing_personal(exc)
+
+
+def test_one_watchdog_thread_for_every_attempt_and_none_cut_that_ended_in_time(agency: FakeAgency) -> None:
+    """Not a thread per attempt: one watchdog, whatever the number of attempts. An attempt that
+    ended in time is not cut afterwards (its deadline passes later), and its alarm is dropped."""
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    c = client(agency, timeout_s=0.05, retries=0)
+    for _ in range(30):
+        assert c.fetch("P1", BIRTH) is not None
+    time.sleep(0.15)  # every deadline past
+    assert c.fetch("P1", BIRTH) is not None and c.breaker.state == CLOSED
+    assert [t.name for t in threading.enumerate()].count("live-status-watchdog") == 1
+    until = time.monotonic() + 2.0
+    while live_status._WATCHDOG._heap and time.monotonic() < until:  # (dropped by the watchdog's thread)
+        time.sleep(0.01)
+    assert not live_status._WATCHDOG._heap
+
+
+def test_a_callers_budget_bounds_the_fetch_and_proves_nothing_about_the_source(agency: FakeAgency) -> None:
+    """A caller with less time than the fetch's own deadline (3 x 2 s here) gives it `budget_s`:
+    the fetch ends then (reason `deadline`), and the breaker counts nothing (one failure would open
+    it here): the source may be fine, only slower than that caller can wait."""
+    agency.default = "slow"
+    c = client(agency, timeout_s=2.0, retries=2, breaker_failures=1)
+    exc, took = fetch_within(c, 1.5, budget_s=0.2)
+    assert isinstance(exc, LiveStatusUnavailable) and exc.reason == "deadline", exc
+    assert took < 1.0 and agency.requests == 1
+    assert c.breaker.state == CLOSED
+    requests = agency.requests
+    exc, took = fetch_within(c, 0.5, budget_s=0.0)  # no time left: not asked at all
+    assert isinstance(exc, LiveStatusUnavailable) and exc.reason == "deadline", exc
+    assert agency.requests == requests and c.breaker.state == CLOSED
+    assert_nothing_personal(exc)
+    # A failure of the source's own within the budget counts, as without one.
+    agency.default = "500"
+    exc, took = fetch_within(c, 1.5, budget_s=0.5)
+    assert isinstance(exc, LiveStatusUnavailable) and exc.reason == "http_error", exc
+    assert c.breaker.state == OPEN
+
+
+def test_a_probe_cut_short_by_its_caller_lets_the_next_call_probe(agency: FakeAgency) -> None:
+    agency.people["P1"] = agency_record("P1", BIRTH)
+    agency.default = "500"
+    clock = FakeClock()
+    c = client(agency, timeout_s=2.0, retries=0, breaker_failures=1, breaker_reset_s=30, clock=clock)
+    unavailable(c)
+    clock.t += 30
+    agency.default = "slow"
+    exc, _ = fetch_within(c, 1.5, budget_s=0.1)  # the probe, cut short by its caller
+    assert isinstance(exc, LiveStatusUnavailable) and exc.reason == "deadline", exc
+    assert c.breaker.state == HALF_OPEN
+    agency.default = "ok"
+    assert c.fetch("P1", BIRTH) is not None  # the next probe, not "breaker_open"
+    assert c.breaker.state == CLOSED
+
+
+def test_live_budget() -> None:
+    assert facts.live_budget(None) is None  # no deadline: the source's own bounds
+    assert facts.live_budget(1.0) == pytest.approx(0.7)
+    assert facts.live_budget(30.0) == pytest.approx(23.9)  # (the fetch's own deadline is shorter)
+    assert facts.live_budget(0.15) == 0.0 and facts.live_budget(-1.0) == 0.0  # not worth asking
 
 
 # ---------------------------------------------------------------------------- circuit breaker
@@ -454,6 +659,7 @@ class LiveServer:
     agency: FakeAgency
     running: Serving
     channel: grpc.Channel
+    client: LiveStatusClient
 
     def advisor(self) -> As:
         return As(self.channel, self.h.tokens["advisor-paris"])
@@ -461,25 +667,31 @@ class LiveServer:
     def platform(self) -> As:
         return As(self.channel, self.h.tokens["platform-oc"])
 
-    def check(self, agency_id: str, birth: dt.date) -> Any:
+    def check(self, agency_id: str, birth: dt.date, timeout: float | None = None) -> Any:
         [decision] = self.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
-            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers"),
+            timeout=timeout).decisions
         return decision
 
 
 @contextmanager
-def serving_with_live_source(harness: Harness, **client: Any) -> Iterator[LiveServer]:
+def serving_with_live_source(harness: Harness, url: str | None = None, max_workers: int | None = None,
+                             **client: Any) -> Iterator[LiveServer]:
     """A second server on the harness's database and secrets (so its registry snapshot), with
-    a live status source configured (a FakeAgency; `client`: LiveStatusClient settings)."""
+    a live status source configured (a FakeAgency, or `url`; `client`: LiveStatusClient settings)."""
     fake = FakeAgency().start()
-    ctx = app.build(dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0"), clock=harness.clock)
+    settings0 = dataclasses.replace(harness.ctx.settings, listen="127.0.0.1:0")
+    if max_workers is not None:
+        settings0 = dataclasses.replace(settings0, max_workers=max_workers)
+    ctx = app.build(settings0, clock=harness.clock)
     settings = {"timeout_s": 0.3, "retries": 1, "backoff_base_s": 0.001, "breaker_failures": 1000,
                 "breaker_reset_s": 30, "bearer_token": "agency-token", **client}
-    ctx = dataclasses.replace(ctx, live=LiveStatusClient(fake.url, **settings))
+    live_client = LiveStatusClient(url or fake.url, **settings)
+    ctx = dataclasses.replace(ctx, live=live_client)
     running = start(ctx, "127.0.0.1:0")
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:
-        yield LiveServer(harness, fake, running, channel)
+        yield LiveServer(harness, fake, running, channel, live_client)
     finally:
         fake.release.set()
         channel.close()
@@ -533,17 +745,105 @@ def test_live_not_found_is_not_registered(live: LiveServer) -> None:
 def test_live_source_failing_falls_back_to_the_snapshot(live: LiveServer) -> None:
     agency_id, birth = next_person()
     live.agency.people[agency_id] = agency_record(agency_id, birth, ended="2026-03-01")
-    for behaviour in ("500", "slow", "malformed"):
+    for behaviour in ("500", "slow", "malformed", "nested"):
         live.agency.default = behaviour
         d = live.check(agency_id, birth)  # no error to the caller
         assert d.facts_source == "snapshot_fallback"
         assert d.eligible  # the snapshot's answer: registered and active
         assert d.registry_snapshot.startswith("registrySnapshots/")
-    assert live.agency.requests == 6  # two attempts each
+    assert live.agency.requests == 8  # two attempts each
     log = Path(live.h.log_path).read_text()
     assert '"event": "live_status_unavailable"' in log
     assert agency_id not in log and birth.isoformat() not in log
     assert not any(name in log for name in SECRET_NAMES)
+
+
+def test_an_answer_about_someone_else_falls_back_to_the_snapshot(live: LiveServer) -> None:
+    """The source answers 200 about another person (a gateway's mix-up, a cache keyed wrongly), or
+    names nobody: no answer about this one. A registered person is not refused NOT_REGISTERED on
+    it (nor anyone granted on facts that may be another's): the snapshot decides."""
+    agency_id, birth = next_person()  # registered and eligible in the snapshot
+    nameless = agency_record(agency_id, birth, ended="2026-03-01")
+    del nameless["identifiant"]
+    for record in (agency_record("ZZ" + agency_id, birth), nameless):
+        live.agency.people[agency_id] = record
+        d = live.check(agency_id, birth)
+        assert (d.facts_source, d.eligible) == ("snapshot_fallback", True), [
+            c.reason_code for c in d.criteria if not c.passed]
+    assert live.agency.requests == 2  # not retried
+    log = Path(live.h.log_path).read_text()
+    assert '"reason": "mismatch"' in log
+    assert agency_id not in log and birth.isoformat() not in log
+
+
+def test_a_caller_deadline_shorter_than_the_live_source_still_gets_the_snapshot(harness: Harness) -> None:
+    """The default settings (800 ms an attempt, 2 retries: 2.55 s a lookup) and an agency that
+    stalls: a check with a 1 s deadline gets the snapshot's answer in time, not DEADLINE_EXCEEDED.
+    That lookup, cut short by the caller, does not open the breaker (1 failure would)."""
+    with serving_with_live_source(harness, timeout_s=0.8, retries=2, backoff_base_s=0.05,
+                                  breaker_failures=1) as server:
+        server.agency.default = "slow"
+        agency_id, birth = next_person()  # registered and eligible in the snapshot
+        started = time.monotonic()
+        try:
+            d = server.check(agency_id, birth, timeout=1.0)
+        except grpc.RpcError as err:
+            pytest.fail(f"{err.code().name} after {time.monotonic() - started:.2f} s instead of the snapshot's answer")
+        assert (d.facts_source, d.eligible) == ("snapshot_fallback", True)
+        assert server.client.breaker.state == CLOSED
+        server.agency.default = "ok"
+        server.agency.people[agency_id] = agency_record(agency_id, birth)
+        assert server.check(agency_id, birth).facts_source == "live"
+
+
+@contextmanager
+def serving_with_a_trickling_source(harness: Harness, agency_id: str, birth: dt.date,
+                                    max_workers: int | None = None) -> Iterator[LiveServer]:
+    """A server whose live source answers 200 at once, then its body (the person's record) a byte
+    every 50 ms: 25 s in all. Each attempt takes 0.3 s at most, two a lookup."""
+    source = Trickle.http_body(json.dumps(agency_record(agency_id, birth)).encode())
+    try:
+        with serving_with_live_source(harness, url=f"http://127.0.0.1:{source.port}", max_workers=max_workers,
+                                      timeout_s=0.3, retries=1) as server:
+            yield server
+    finally:
+        source.stop()
+
+
+def test_a_source_trickling_its_answer_falls_back_to_the_snapshot(harness: Harness) -> None:
+    """The check gets the snapshot's answer in about 2 x 0.3 s, not DEADLINE_EXCEEDED once the
+    agency has trickled for as long as the caller waits."""
+    agency_id, birth = next_person()  # registered and eligible in the snapshot
+    with serving_with_a_trickling_source(harness, agency_id, birth) as server:
+        started = time.monotonic()
+        try:
+            d = server.check(agency_id, birth, timeout=2.5)
+        except grpc.RpcError as err:
+            pytest.fail(f"{err.code().name} after {time.monotonic() - started:.1f} s instead of the "
+                        "snapshot's answer")
+        assert (d.facts_source, d.eligible) == ("snapshot_fallback", True)
+
+
+def test_checks_on_a_trickling_source_do_not_starve_the_server(harness: Harness) -> None:
+    """Two checks given up by their callers after 1 s held both pool threads for as long as the
+    agency trickled (the breaker never opened: nothing had failed), and every other call waited:
+    here ListPrograms, answered in a millisecond otherwise."""
+    agency_id, birth = next_person()
+    with serving_with_a_trickling_source(harness, agency_id, birth, max_workers=2) as server:
+        def give_up_check() -> None:
+            try:
+                server.check(agency_id, birth, timeout=1.0)
+            except grpc.RpcError:
+                pass
+        checks = [threading.Thread(target=give_up_check) for _ in range(2)]
+        for th in checks:
+            th.start()
+        for th in checks:
+            th.join()
+        try:
+            server.advisor().ListPrograms(eligibility_pb2.ListProgramsRequest(), timeout=1.5)
+        except grpc.RpcError as err:
+            pytest.fail(f"ListPrograms: {err.code().name}: the pool is held by checks nobody waits for")
 
 
 def test_activation_records_where_its_facts_came_from(live: LiveServer) -> None:
