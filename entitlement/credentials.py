@@ -10,6 +10,14 @@ Rotation: a new token for the same caller (same role and scope); the previous to
 for the overlap (default ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES = 60), then is expired.
 Revocation: every token of the caller stops at once in the table; running servers notice within
 their cache time (ENTITLEMENT_CALLER_CACHE_SECONDS).
+
+Concurrent commands on one caller id (two operators at once) run one after the other: each takes
+the id's lock first thing in its transaction (`_lock`). On PostgreSQL (READ COMMITTED) the row
+locks of `_rows` were not enough: a create found no row to lock, so two creates of one id both
+succeeded (one id, two callers of different roles), and a revocation waiting on a rotation's row
+locks then saw only the rows that existed when its statement began, leaving the rotation's new
+token usable. The lock is a transaction-scoped advisory lock keyed by the id; the statements after
+it see every command on the id committed before. SQLite: BEGIN IMMEDIATE serializes writers already.
 """
 
 from __future__ import annotations
@@ -18,12 +26,12 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import BigInteger, func, literal, select
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog
 from entitlement.callers import Caller, CallerDirectory, credential_of, make_caller, new_token, token_hash
-from entitlement.storage.db import Database, utc
+from entitlement.storage.db import Database, advisory_key, utc
 from entitlement.storage.models import CallerCredential
 
 
@@ -60,6 +68,14 @@ def _iso(t: dt.datetime | None) -> str | None:
     return None if t is None else utc(t).isoformat()
 
 
+def _lock(s: Session, caller_id: str) -> None:
+    """Hold `caller_id` until the transaction ends (module docstring): the first statement of every
+    command that reads a caller's rows and then writes, before `_rows`."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(
+            literal(advisory_key("entitlement.caller", caller_id), BigInteger))))
+
+
 def _rows(s: Session, caller_id: str) -> list[CallerCredential]:
     return list(s.execute(select(CallerCredential).where(CallerCredential.caller_id == caller_id)
                           .order_by(CallerCredential.created_at.desc(), CallerCredential.id)
@@ -92,6 +108,7 @@ def create(db: Database, caller: Caller, *, now: dt.datetime, actor: str,
                           "pick another id")
     expires_at = now + expires_in if expires_in is not None else None
     with db.write() as s:
+        _lock(s, caller.id)
         if _rows(s, caller.id):
             raise CallerError(f"caller {caller.id} exists already (ids are never reused; "
                               f"`entitlement callers rotate {caller.id}` gives it a new token)")
@@ -111,6 +128,7 @@ def rotate(db: Database, caller_id: str, *, now: dt.datetime, actor: str, overla
     if overlap < dt.timedelta(0):
         raise CallerError("the overlap cannot be negative")
     with db.write() as s:
+        _lock(s, caller_id)
         rows = _rows(s, caller_id)
         if not rows:
             raise CallerError(f"no caller {caller_id} in the database (`entitlement callers list`)")
@@ -139,6 +157,7 @@ def rotate(db: Database, caller_id: str, *, now: dt.datetime, actor: str, overla
 def revoke(db: Database, caller_id: str, *, now: dt.datetime, actor: str, reason: str = "") -> int:
     """Revoke every token of `caller_id` now; returns how many were still usable."""
     with db.write() as s:
+        _lock(s, caller_id)
         rows = _rows(s, caller_id)
         if not rows:
             raise CallerError(f"no caller {caller_id} in the database (callers of the credentials file are "

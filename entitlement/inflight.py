@@ -15,7 +15,6 @@ Two guards, both released by the end of the first attempt whatever its outcome (
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from sqlalchemy.orm import Session
 from entitlement.errors import Aborted
 from entitlement.storage import direct
 from entitlement.storage.db import Database
+from entitlement.storage.db import advisory_key as _advisory_key
 
 _lock = threading.Lock()
 _processing: set[tuple[str, str, str]] = set()
@@ -63,8 +63,7 @@ def is_processing(db: Database, caller_id: str, request_id: str) -> bool:
 
 def advisory_key(caller_id: str, request_id: str) -> int:
     """The signed 64-bit PostgreSQL advisory lock key of a (caller, request_id)."""
-    digest = hashlib.sha256(f"entitlement.request\0{caller_id}\0{request_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return _advisory_key("entitlement.request", caller_id, request_id)
 
 
 # Built once (every write with a request id on PostgreSQL runs it), run on Core.

@@ -44,7 +44,7 @@ from entitlement import eventlog
 from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
-from entitlement.storage.db import Database
+from entitlement.storage.db import Database, advisory_key
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import Activation, RegistryPerson, RegistrySnapshot
@@ -247,7 +247,7 @@ def check_new_extract(db: Database, clock: Clock, extracted_on: dt.date) -> None
 # The switch to a new snapshot, on PostgreSQL: serialized across processes by this transaction-scoped
 # advisory lock, so that the date check and the switch see every earlier switch (SQLite: BEGIN
 # IMMEDIATE serializes writers already). The key: the first 8 bytes of SHA-256("entitlement.registry_switch").
-_SWITCH_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_switch").digest()[:8], "big", signed=True)
+_SWITCH_LOCK_KEY = advisory_key("entitlement.registry_switch")
 
 
 # One import at a time across every process on the database: an import starts by discarding the
@@ -257,7 +257,7 @@ _SWITCH_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_switch")
 # advisory lock on a connection of its own, for the whole import; SQLite: an exclusive flock on a
 # file beside the database. Both end with the process that holds them, so an import killed
 # mid-way leaves an `importing` snapshot the next one discards, as before.
-_IMPORT_LOCK_KEY = int.from_bytes(hashlib.sha256(b"entitlement.registry_import").digest()[:8], "big", signed=True)
+_IMPORT_LOCK_KEY = advisory_key("entitlement.registry_import")
 
 
 @contextmanager

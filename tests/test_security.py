@@ -1,8 +1,9 @@
 """Step 5, on both backends: callers managed in the database (create, rotate with an overlap, revoke,
-expiry, the lookup cache), the `entitlement callers` commands, credentials refused as they should
-be, TLS and mutual TLS (a certificate from another CA refused, a platform known by its
-certificate), the CLI over TLS, the refusal to serve plaintext on a non-loopback address, and the
-per-caller rate limit with its RetryInfo. Each group runs on a server of its own."""
+expiry, the lookup cache, two operators at once on one id), the `entitlement callers` commands,
+credentials refused as they should be, TLS and mutual TLS (a certificate from another CA refused, a
+platform known by its certificate), the CLI over TLS, the refusal to serve plaintext on a
+non-loopback address, and the per-caller rate limit with its RetryInfo. Each group runs on a server
+of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy import select
 
 from own_server import next_ledger_person, on_day, own_server
 from support import As, Failure, Harness, expect_error, failure, identity
@@ -30,6 +33,7 @@ from entitlement.callers import Caller, CallerDirectory, Directory, make_caller,
 from entitlement.config import ROOT
 from entitlement.errors import Unauthenticated
 from entitlement.server_main import start
+from entitlement.storage.db import Database
 from entitlement.storage.models import CallerCredential, Event
 from entitlement.tls import Authority, TransportError, check_transport, is_loopback, make_ca
 from entitlement.v1 import activation_pb2, audit_pb2, eligibility_pb2
@@ -187,6 +191,74 @@ def test_caller_ids_are_never_reused(managed: Harness) -> None:
         make_caller("x1", "advisor", advisor_id="A1")
     with pytest.raises(ValueError, match="has no platform"):
         make_caller("x1", "funder", funder_id="f", platform_id="p")
+
+
+# Two operators at once on one caller id (PostgreSQL, READ COMMITTED, was the racy one: the row locks
+# of `credentials._rows` left a create with nothing to lock, and a revocation blind to the rows a
+# rotation it waited on had added). `_rows` is wrapped to hold the first command inside its
+# transaction while the second one starts; on SQLite the writers queue as before.
+
+NOW = dt.datetime(2026, 3, 16, 10, tzinfo=dt.timezone.utc)
+
+
+def test_two_creates_of_one_id_at_once_make_one_caller(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    both_looked = threading.Barrier(2, timeout=2)
+    original = credentials._rows
+
+    def rows_then_wait(s: Any, caller_id: str) -> Any:
+        found = original(s, caller_id)
+        try:
+            both_looked.wait()  # until the other operator's transaction has looked for the id too...
+        except threading.BrokenBarrierError:
+            pass  # ...unless it cannot before this one ends (it waits on the id's lock)
+        return found
+    monkeypatch.setattr(credentials, "_rows", rows_then_wait)
+    results: dict[str, object] = {}
+
+    def create(role: str, **scope: str) -> None:
+        try:
+            results[role] = credentials.create(db, make_caller("shared-id", role, **scope), now=NOW, actor=OPERATOR)
+        except Exception as exc:  # noqa: BLE001
+            results[role] = exc
+    threads = [threading.Thread(target=create, args=("advisor",), kwargs={"advisor_id": "A1", "agency_code": "75011"}),
+               threading.Thread(target=create, args=("admin",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    with db.read() as s:
+        roles = sorted(r.role for r in s.execute(select(CallerCredential).where(
+            CallerCredential.caller_id == "shared-id")).scalars())
+    assert len(roles) == 1, f"one caller id, two callers: {roles}; results {results}"
+    refused_one = results["admin" if roles == ["advisor"] else "advisor"]
+    assert isinstance(refused_one, credentials.CallerError) and "exists already" in str(refused_one), results
+
+
+def test_a_revocation_racing_a_rotation_stops_the_new_token_too(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials.create(db, make_caller("raced", "platform", platform_id="openclassrooms"), now=NOW, actor=OPERATOR)
+    rotation_holds_the_rows = threading.Event()
+    original = credentials._rows
+
+    def rows(s: Any, caller_id: str) -> Any:
+        found = original(s, caller_id)
+        if threading.current_thread().name == "rotate":
+            rotation_holds_the_rows.set()
+            time.sleep(1.0)  # the revocation starts meanwhile, and waits for the rotation
+        return found
+    monkeypatch.setattr(credentials, "_rows", rows)
+    issued: list[credentials.Issued] = []
+    rotate = threading.Thread(name="rotate", target=lambda: issued.append(credentials.rotate(
+        db, "raced", now=NOW, actor=OPERATOR, overlap=dt.timedelta(minutes=60))))
+    rotate.start()
+    assert rotation_holds_the_rows.wait(10)
+    usable = credentials.revoke(db, "raced", now=NOW, actor=OPERATOR, reason="leaked")
+    rotate.join(30)
+    assert issued
+    directory = Directory(CallerDirectory.empty(), db, lambda: NOW + dt.timedelta(minutes=10), ttl_seconds=0)
+    with pytest.raises(Unauthenticated) as exc:
+        directory.authenticate(issued[0].token)  # the rotation's new token stopped with the others
+    assert exc.value.reason == "CREDENTIALS_REVOKED"
+    assert usable == 2  # it found both tokens of the rotation it waited for
 
 
 def test_an_agency_code_is_what_an_activation_stores_and_a_listing_filters_on(managed: Harness) -> None:

@@ -95,6 +95,7 @@ a wait ended by the configured bound is an outage (UNAVAILABLE).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sqlite3
 import threading
 import time
@@ -215,6 +216,14 @@ event.listen(_Session, "before_flush", rollup.before_flush)
 def utc(value: dt.datetime) -> dt.datetime:
     """SQLite returns naive datetimes; everything we store is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def advisory_key(*parts: str) -> int:
+    """A signed 64-bit PostgreSQL advisory lock key: the first 8 bytes of the SHA-256 of `parts`
+    joined by NUL. The first part names the use (`entitlement.request`, `entitlement.caller`,
+    `entitlement.registry_switch`, ...), so keys of different uses do not collide (but by a 2^-64
+    chance)."""
+    return int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest()[:8], "big", signed=True)
 
 
 def normalize_url(url: str) -> str:
