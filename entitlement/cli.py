@@ -502,7 +502,9 @@ def cmd_privacy_purge(args: argparse.Namespace) -> int:
     print(f"retention {days} days (before {summary.cutoff}): {verb} the rows of {summary.registry_snapshots} "
           f"registry snapshot(s) ({summary.registry_rows} rows), {summary.idempotency_records} idempotency "
           f"record(s); {'would scrub' if args.dry_run else 'scrubbed'} {summary.activations_scrubbed} ended "
-          "activation(s) (account id, decision details)")
+          f"activation(s) (account id, decision details); kept {summary.activations_kept} ended activation(s) "
+          "whose ledger still holds reserved money (a usage report may still come; a later purge scrubs them "
+          "once the settlement has released it)")
     return 0 if swept else 1
 
 

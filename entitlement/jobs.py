@@ -26,7 +26,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog, ledger, registry, rules
@@ -76,10 +76,10 @@ def _lock(s: Session, activation_id: str) -> Activation | None:
 
 def _settlement_candidates(deps: Deps, only: Iterable[str] | None) -> list[str]:
     """Live activations, and ended ones with money still reserved (months awaiting a usage report)."""
-    net = func.sum(case((LedgerEntry.kind == "commit", LedgerEntry.amount_cents), else_=-LedgerEntry.amount_cents))
     live = select(Activation.id).where(Activation.state.in_(LIVE))
     reserved = (select(LedgerEntry.activation_id).join(Activation, Activation.id == LedgerEntry.activation_id)
-                .where(Activation.state.not_in(LIVE)).group_by(LedgerEntry.activation_id).having(net > 0))
+                .where(Activation.state.not_in(LIVE)).group_by(LedgerEntry.activation_id)
+                .having(ledger.RESERVED_CENTS > 0))
     if only is not None:
         ids = list(only)
         live = live.where(Activation.id.in_(ids))

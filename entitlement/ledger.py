@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from entitlement import consumption, counters, eventlog, rules
@@ -29,6 +29,12 @@ from entitlement.storage.db import Database, utc
 from entitlement.storage.models import Activation, Event, LedgerEntry
 
 LIVE = ("active", "suspended")
+# The money an activation's ledger still holds reserved, summed over its entries in SQL (committed -
+# consumed - released, module docstring): above 0 while some month may still be owed. The settlement
+# job looks for ended activations with some (months awaiting a usage report); the privacy purge
+# leaves those bound to their account.
+RESERVED_CENTS = func.sum(case((LedgerEntry.kind == "commit", LedgerEntry.amount_cents),
+                               else_=-LedgerEntry.amount_cents))
 HISTORY_EVENTS = {"activation.suspended": "suspend", "activation.resumed": "resume", "activation.revoked": "end"}
 SETTLEMENT_ACTOR = "system:settlement"
 

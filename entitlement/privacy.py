@@ -9,7 +9,13 @@ What is personal here, and what the purge does with it (cutoff = now - retention
 - activations that ended before the cutoff (expired with an end date before it, revoked before
   it): the platform account id they were bound to is cleared and the free-text details of their
   stored eligibility decision (department, dates) are blanked (criteria, reason codes, parameters
-  and money stay: funders' reports still add up);
+  and money stay: funders' reports still add up). Except those whose ledger still holds reserved
+  money (`ledger.RESERVED_CENTS`): months of a `use` program whose usage report may still come
+  (ReportUsage finds the activation by its account id; unbound, a month really used would never be
+  billed). They are left as they are and counted (`activations_kept`) until the money is settled:
+  the month reported used (consumed), or released by the settlement job once its report window
+  closed (entitlement/jobs.py); a purge after that scrubs them. Only a short retention meets them:
+  the default is years past any report window;
 - idempotency records (stored responses of mutations, an activation token included) created
   before the cutoff: deleted (retries come within minutes, not years).
 
@@ -28,9 +34,10 @@ from dataclasses import asdict, dataclass
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from entitlement import eventlog
+from entitlement import eventlog, ledger
 from entitlement.storage.db import Database
-from entitlement.storage.models import Activation, IdempotencyRecord, RegistryPerson, RegistrySnapshot
+from entitlement.storage.models import (Activation, IdempotencyRecord, LedgerEntry, RegistryPerson,
+                                        RegistrySnapshot)
 
 BATCH = 500
 
@@ -42,6 +49,7 @@ class PurgeSummary:
     registry_rows: int
     activations_scrubbed: int
     idempotency_records: int
+    activations_kept: int  # ended before the cutoff, left as they are: money still reserved (docstring)
 
     @property
     def anything(self) -> bool:
@@ -78,10 +86,20 @@ def purge(db: Database, *, now: dt.datetime, retention_days: int, actor: str, dr
         ended = and_(Activation.account_id.is_not(None) | Activation.decision_json.not_like('%"purged": true%'),
                      or_(and_(Activation.state == "expired", Activation.end_date < cutoff_day),
                          and_(Activation.state == "revoked", Activation.updated_at < cutoff)))
-        activation_ids = list(s.execute(select(Activation.id).where(ended)).scalars())
+        # Per ended activation, in the query: does its ledger still hold reserved money? (A
+        # correlated sum over its few entries, found by the ledger's index on the activation.)
+        reserved = select(ledger.RESERVED_CENTS).where(LedgerEntry.activation_id == Activation.id).scalar_subquery()
+        holds_money = func.coalesce(reserved, 0) > 0
+        activation_ids: list[str] = []
+        kept = 0
+        for activation_id, held in s.execute(select(Activation.id, holds_money).where(ended)):
+            if held:
+                kept += 1
+            else:
+                activation_ids.append(activation_id)
         idem = int(s.execute(select(func.count()).select_from(IdempotencyRecord)
                              .where(IdempotencyRecord.created_at < cutoff)).scalar_one())
-        summary = PurgeSummary(cutoff.isoformat(), snapshots, rows, len(activation_ids), idem)
+        summary = PurgeSummary(cutoff.isoformat(), snapshots, rows, len(activation_ids), idem, kept)
         if dry_run or not summary.anything:
             return summary
         if counts:

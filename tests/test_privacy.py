@@ -7,7 +7,8 @@
    (in any usual spelling, and as google.type.Date values) and postal codes: zero hits.
 2. Retention: `entitlement privacy purge` deletes the personal data older than the period (the rows
    of old registry snapshots, ended activations' account ids and decision details, old idempotency
-   records) and the audit log keeps its pseudonyms.
+   records) and the audit log keeps its pseudonyms; an ended activation whose money is still
+   reserved for a usage report keeps its account until the report comes or its window closes.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from own_server import next_ledger_person, on_day, own_server
 from support import TODAY, As, date_msg, identity
 from test_server_ops import Server, prepare
 
-from entitlement import cli, privacy, registry
+from entitlement import cli, jobs, privacy, registry
 from entitlement.changes import encode_cursor
 from entitlement.clock import SystemClock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
-from entitlement.storage.models import Activation, Event, IdempotencyRecord, RegistryPerson, RegistrySnapshot
+from entitlement.storage.models import (Activation, Event, IdempotencyRecord, LedgerEntry, RegistryPerson,
+                                        RegistrySnapshot)
 from entitlement.synthetic import COLUMNS
 from entitlement.v1 import (activation_pb2, audit_pb2, eligibility_pb2, registry_pb2, registry_pb2_grpc)
 
@@ -360,6 +362,7 @@ def test_purge_deletes_personal_data_past_the_retention_period(
         out = capsys.readouterr().out
         assert "would delete the rows of 1 registry snapshot(s) (20 rows), 4 idempotency record(s)" in out
         assert "would scrub 2 ended activation(s)" in out
+        assert "kept 0 ended activation(s) whose ledger still holds reserved money" in out
         assert counts() == {"rows": 40, "idem": 4, "accounts": 4}
 
         later = h.clock.now() + dt.timedelta(days=1095 + 31)
@@ -395,3 +398,63 @@ def test_purge_deletes_personal_data_past_the_retention_period(
         with db.read() as s:
             assert s.execute(select(func.count()).select_from(Event).where(
                 Event.type == "privacy.purged")).scalar_one() == 1
+
+
+def test_purge_keeps_an_activation_whose_use_may_still_be_reported_bound_to_its_account(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """OpenCFA (`funders_owe: use`, reports until 31 days after a month ends). Two activations
+    revoked today keep their first month (16 March - 15 April) reserved until the platform reports
+    it, until 16 May. A purge with a short retention (any value >= 1 is accepted) two days later
+    unbound them: the report of a month really used was then NOT_FOUND, and the funders were never
+    billed for it (found by a review). Now they are kept; each is scrubbed by the first purge after
+    its money is settled: by the report for one, by the settlement's release once the window
+    closed for the other."""
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        adv = As(h.channel, h.tokens["advisor-paris"])
+        plat = As(h.channel, h.tokens["platform-oc"])
+        names = {}
+        for account in ("cfa-reported", "cfa-silent"):
+            ident, birth = next_ledger_person()
+            made = adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+                job_seeker=identity(ident, birth), program="programs/opencfa-apprentices",
+                platform="platforms/openclassrooms", reason="apprentice", mentor_id="T-1"))
+            plat.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+                token=made.activation_token, account_id=account))
+            adv.RevokeActivation(activation_pb2.TransitionActivationRequest(name=made.activation.name, reason="left"))
+            names[account] = made.activation.name.split("/")[1]
+        db = h.ctx.db
+
+        def bound() -> set[str]:
+            with db.read() as s:
+                return set(s.execute(select(Activation.account_id).where(Activation.id.in_(list(names.values())),
+                                                                         Activation.account_id.is_not(None))).scalars())
+
+        def purge() -> privacy.PurgeSummary:
+            return privacy.purge(db, now=h.clock.now(), retention_days=1, actor="operator:dpo")
+
+        with on_day(h, TODAY + dt.timedelta(days=2)):
+            summary = purge()
+            try:
+                plat.ReportUsage(activation_pb2.ReportUsageRequest(
+                    account_id="cfa-reported", month=TODAY.strftime("%Y-%m"), used=True))
+            except grpc.RpcError as err:
+                pytest.fail(f"the use of {TODAY:%Y-%m}, within its report window, refused after the purge: "
+                            f"{err.code().name} {err.details()}")
+            assert bound() == {"cfa-reported", "cfa-silent"}
+            assert (summary.activations_scrubbed, summary.activations_kept) == (0, 2), summary
+            with db.read() as s:
+                consumed = s.execute(select(func.count()).select_from(LedgerEntry).where(
+                    LedgerEntry.activation_id == names["cfa-reported"], LedgerEntry.kind == "consume")).scalar_one()
+            assert consumed > 0, "the month reported used was not consumed"
+            # Its month consumed, nothing of it is reserved any more: the next purge scrubs it.
+            summary = purge()
+            assert (summary.activations_scrubbed, summary.activations_kept) == (1, 1), summary
+            assert bound() == {"cfa-silent"}
+        with on_day(h, TODAY + dt.timedelta(days=61)):  # 16 May: the last day its use may be reported
+            assert (purge().activations_scrubbed, bound()) == (0, {"cfa-silent"})
+        with on_day(h, TODAY + dt.timedelta(days=62)):  # the window closed, but nothing released yet
+            assert purge().activations_kept == 1
+            assert jobs.run_settlement(h.ctx).released_cents > 0
+            summary = purge()
+            assert (summary.activations_scrubbed, summary.activations_kept) == (1, 0), summary
+            assert bound() == set()
