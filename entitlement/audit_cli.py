@@ -49,6 +49,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Offline: reads files only (entitlement.logformat, .note, .merkle)."""
     from entitlement import logformat, note
+    if args.previous_events and not args.trusted:
+        return _fail("--previous-events needs --trusted: the checkpoint that export was verified against "
+                     "(it is compared with that checkpoint's leaves only)")
     try:
         report = logformat.verify_files(
             Path(args.events), Path(args.checkpoint), args.key,
@@ -118,10 +121,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                 if trusted_size > size:
                     return _fail(f"the trusted checkpoint ({trusted_size} events) is larger than the log's "
                                  f"({size}): the log lost events")
-                proof = stub.GetConsistencyProof(audit_pb2.GetConsistencyProofRequest(
-                    old_size=trusted_size, new_size=size), metadata=metadata, timeout=args.timeout)
-                (out / PROOF_FILE).write_text(logformat.ConsistencyProof(
-                    proof.old_size, proof.new_size, tuple(proof.hashes)).to_json(), encoding="utf-8")
+                if size == 0:  # both empty: nothing to prove (new_size 0 would mean "the log's size now")
+                    consistency = logformat.ConsistencyProof(0, 0, ())
+                else:
+                    proof = stub.GetConsistencyProof(audit_pb2.GetConsistencyProofRequest(
+                        old_size=trusted_size, new_size=size), metadata=metadata, timeout=args.timeout)
+                    consistency = logformat.ConsistencyProof(proof.old_size, proof.new_size, tuple(proof.hashes))
+                (out / PROOF_FILE).write_text(consistency.to_json(), encoding="utf-8")
+            elif (out / PROOF_FILE).exists():
+                # An earlier export's proof, of other checkpoints: verified with this export it
+                # fails, and left there it could be taken for this one's.
+                (out / PROOF_FILE).unlink()
             # (An empty log: nothing to stream; tree_size 0 would mean "the log's size now", and events
             # logged since the checkpoint would come too.)
             written = _write_events(out / EVENTS_FILE, stub.StreamEvents(

@@ -152,12 +152,28 @@ def parse_entry(line: str) -> Entry:
     bad = [name for name, value in strings.items() if not isinstance(value, str)]
     if bad:
         raise FormatError(f"seq {seq}: {', '.join(bad)} must be strings")
+    # Text that is not UTF-8 (bytes read_lines could not decode, or a lone surrogate escape such as
+    # \ud800) hashes to nothing: this entry is bad, the verifier goes on (it raised a traceback).
+    unencodable = [name for name, value in strings.items() if not _utf8(value)]
+    if unencodable:
+        raise FormatError(f"seq {seq}: {', '.join(unencodable)} not valid UTF-8 text")
     return Entry(seq, leaf_hash, LogEvent(seq=seq, time_us=parse_time(record["time"]), **strings))
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def read_lines(path: Path) -> Iterator[str]:
-    with path.open("r", encoding="utf-8", newline="\n") as fh:
-        for line in fh:
+    """The file's non-blank lines. Bytes that are not UTF-8 are kept as lone surrogates
+    (surrogateescape), so that the line they are on is reported bad (parse_entry), not the file."""
+    with path.open("rb") as fh:
+        for raw in fh:
+            line = raw.decode("utf-8", errors="surrogateescape")
             if line.strip():
                 yield line
 
@@ -421,7 +437,7 @@ def verify_files(events: Path, checkpoint: Path, key: str, *, trusted: Path | No
     if proof is not None:
         try:
             consistency = ConsistencyProof.from_json(proof.read_text(encoding="utf-8"))
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise FormatError(f"consistency proof {proof}: {exc}") from None
     return verify_log(read_lines(events), new, trusted=old, proof=consistency,
                       previous=read_lines(previous) if previous is not None else None)

@@ -75,7 +75,8 @@ def write_registry(path: Path, people: dict[str, Person]) -> Path:
 def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
                people: dict[str, Person] | None = None, watch_poll_ms: int = 100,
                make_channel: Callable[[int], grpc.Channel] | None = None,
-               server_url: Callable[[str], str] | None = None, **overrides: Any) -> Iterator[Harness]:
+               server_url: Callable[[str], str] | None = None, import_registry: bool = True,
+               **overrides: Any) -> Iterator[Harness]:
     """The real server on a fresh database of `backend`, over a real channel (`make_channel(port)`,
     plaintext by default); `overrides` replace Settings fields (TLS, rate limits, ...). The server
     reaches its database at `server_url(url)` when given (a fault-injecting proxy, tests/tcp_proxy.py);
@@ -99,8 +100,9 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
     tokens = write_callers(settings.callers_file, CALLERS)
     clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
     ctx = app.build(settings, clock=clock, create_secrets=True)
-    extract = write_registry(root / "registry.csv", people if people is not None else default_people())
-    registry.import_extract(ctx.db, ctx.pseudo, clock, extract, extracted_on=TODAY - dt.timedelta(days=1))
+    if import_registry:  # (without: an empty event log)
+        extract = write_registry(root / "registry.csv", people if people is not None else default_people())
+        registry.import_extract(ctx.db, ctx.pseudo, clock, extract, extracted_on=TODAY - dt.timedelta(days=1))
     running = start(ctx, settings.listen)
     channel = make_channel(running.port) if make_channel else grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:

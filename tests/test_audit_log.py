@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -522,3 +523,64 @@ def test_a_refused_export_leaves_no_directory_behind(api: Api, tmp_path: Path,
                            f"--token={api.h.tokens['platform-oc']}")  # not a funder: refused
     assert code == 1 and "PERMISSION_DENIED" in output, output
     assert not out.exists()
+
+
+def test_verify_names_a_line_that_is_not_utf8_text_and_goes_on(
+        scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bytes that are not UTF-8, or a lone surrogate escape (\\ud800), in an event's text: the
+    verifier names that event and exits 1 (it ended on a traceback naming nothing)."""
+    lines = (scene.trusted / "events.jsonl").read_bytes().splitlines(keepends=True)
+    k, j = scene.premium[2], scene.premium[4]
+    for i, line in enumerate(lines):
+        seq = json.loads(line)["seq"]
+        if seq == k:
+            lines[i] = line.replace(b'"reason":"', b'"reason":"\xff\xfe', 1)
+        elif seq == j:
+            lines[i] = line.replace(b'"reason":"', b'"reason":"\\ud800', 1)
+    bad = tmp_path / "bad"
+    shutil.copytree(scene.trusted, bad)
+    (bad / "events.jsonl").write_bytes(b"".join(lines))
+    code, output = verify(capsys, bad, scene.vkey)
+    assert code == 1 and "Traceback" not in output, output
+    assert first_bad(output) == str(min(k, j)), output
+    assert f"seq {k}: reason not valid UTF-8 text" in output and f"seq {j}: reason not valid UTF-8 text" in output
+
+
+def test_previous_events_without_a_trusted_checkpoint_is_refused(
+        scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--previous-events` is compared with the trusted checkpoint's leaves: alone it was ignored
+    without a word, and the funder believed the comparison made."""
+    code, output = run_cli(capsys, "audit", "verify", str(scene.trusted / "events.jsonl"), "--checkpoint",
+                           str(scene.trusted / "checkpoint.txt"), "--key", scene.vkey,
+                           "--previous-events", str(scene.trusted / "events.jsonl"))
+    assert code == 1 and "--previous-events needs --trusted" in output, output
+
+
+def test_an_export_without_trusted_removes_an_earlier_exports_proof(
+        scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-exported into the same directory without --trusted, the proof of the export before stayed
+    beside checkpoints it does not join (a verification with it then failed, or misled)."""
+    bundle = export(capsys, scene.h, MINISTRY, tmp_path / "again", trusted=scene.trusted / "checkpoint.txt")
+    assert (bundle / "consistency.json").exists()
+    activate(scene.api)
+    export(capsys, scene.h, MINISTRY, bundle)
+    assert not (bundle / "consistency.json").exists()
+    code, output = verify(capsys, bundle, scene.vkey)
+    assert code == 0, output
+
+
+def test_an_empty_log_is_exported_and_verified_against_an_empty_trusted_checkpoint(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A new service's log holds nothing yet: the export streams nothing (a tree size of 0 asks for
+    the log's size now) and proves nothing (a consistency proof's new size 0 means the same)."""
+    with own_server(backend[0], tmp_path / "own", request, import_registry=False) as h:
+        first = export(capsys, h, MINISTRY, tmp_path / "first")
+        assert (first / "events.jsonl").read_text() == ""
+        vkey = (first / "verifier-key.txt").read_text().strip()
+        code, output = verify(capsys, first, vkey)
+        assert code == 0, output
+        second = export(capsys, h, MINISTRY, tmp_path / "second", trusted=first / "checkpoint.txt")
+        assert json.loads((second / "consistency.json").read_text()) == {"old_size": 0, "new_size": 0, "proof": []}
+        code, output = verify(capsys, second, vkey, trusted=first / "checkpoint.txt")
+        assert code == 0, output
