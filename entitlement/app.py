@@ -44,7 +44,8 @@ def live_status_client(settings: Settings) -> LiveStatusClient | None:
             settings.live_status_url, timeout_s=settings.live_status_timeout_ms / 1000,
             retries=settings.live_status_retries, backoff_base_s=LIVE_STATUS_BACKOFF_BASE_S,
             breaker_failures=settings.live_status_breaker_failures,
-            breaker_reset_s=settings.live_status_breaker_reset_s, bearer_token=settings.live_status_token)
+            breaker_reset_s=settings.live_status_breaker_reset_s, bearer_token=settings.live_status_token,
+            insecure=settings.insecure)
     except ValueError as exc:
         raise SystemExit(f"ENTITLEMENT_LIVE_STATUS_*: {exc}") from None
 

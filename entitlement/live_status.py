@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+import ipaddress
 import http.client
 import itertools
 import json
@@ -204,17 +205,37 @@ def _cut(conn: http.client.HTTPConnection) -> None:
             pass
 
 
+def _loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name
+
+
 class LiveStatusClient:
     def __init__(self, base_url: str, timeout_s: float, retries: int, backoff_base_s: float,
                  breaker_failures: int, breaker_reset_s: float, bearer_token: str = "",
                  clock: Callable[[], float] = time.monotonic, *, deadline_s: float | None = None,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
+                 insecure: bool = False) -> None:
         """`deadline_s` bounds a whole fetch (attempts and waits); by default the worst case of
         the attempts and backoffs. `clock` drives the deadline and the breaker; `sleep` the
-        backoff waits (both injectable for tests)."""
+        backoff waits (both injectable for tests). `insecure`: an http:// URL may name another host
+        than a loopback address (ENTITLEMENT_INSECURE, as for the server's own plaintext)."""
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the live status URL must be http:// or https:// with a host")
+        if not base_url.isascii():
+            raise ValueError("the live status URL must be ASCII (percent-encode its path)")
+        # Each request carries a person's identifiant and birth date, and the bearer token: in
+        # clear only to this machine (found by a review: the server's own plaintext guard did not
+        # cover its outgoing calls).
+        if parts.scheme == "http" and not insecure and not _loopback_host(parts.hostname):
+            raise ValueError("an http:// URL is allowed only to a loopback address (identifiants, birth dates "
+                             "and the token would cross the network in clear): use https://, or set "
+                             "ENTITLEMENT_INSECURE=1")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("the live status URL must have no query, fragment or credentials")
         if timeout_s <= 0 or retries < 0 or backoff_base_s < 0 or breaker_failures < 1 or breaker_reset_s < 0:

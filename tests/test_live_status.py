@@ -310,6 +310,28 @@ def test_bad_base_url_is_refused(url: str) -> None:
         LiveStatusClient(url, 1.0, 1, 0.01, 5, 30, "")
 
 
+
+@pytest.mark.parametrize("url", ["http://status.agency.example/api", "http://10.1.2.3:8080", "http://[2001:db8::1]/"])
+def test_a_plaintext_url_to_another_host_is_refused_unless_insecure(url: str) -> None:
+    """Each request carries an identifiant, a birth date and the bearer token: in clear only to
+    this machine, as the server's own plaintext guard (found by a review: it accepted any host)."""
+    with pytest.raises(ValueError, match="allowed only to a loopback address"):
+        LiveStatusClient(url, 1.0, 1, 0.01, 5, 30, "")
+    LiveStatusClient(url, 1.0, 1, 0.01, 5, 30, "", insecure=True)  # ENTITLEMENT_INSECURE=1
+    LiveStatusClient(url.replace("http://", "https://"), 1.0, 1, 0.01, 5, 30, "")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://localhost:9", "http://[::1]:9/"])
+def test_a_plaintext_url_to_this_machine_is_accepted(url: str) -> None:
+    LiveStatusClient(url, 1.0, 1, 0.01, 5, 30, "")
+
+
+def test_a_url_that_is_not_ascii_is_refused_at_start() -> None:
+    """(It gave INTERNAL at every check, http.client refusing the request line.)"""
+    with pytest.raises(ValueError, match="ASCII"):
+        LiveStatusClient("https://agency.example/statut-demandeur-\u00e9", 1.0, 1, 0.01, 5, 30, "")
+
+
 # ---------------------------------------------------------------------------- retries, timeouts
 
 def test_timeout_then_retry_succeeds(agency: FakeAgency) -> None:
