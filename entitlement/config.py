@@ -125,6 +125,7 @@ class Settings:
     live_status_breaker_reset_s: int = 30  # how long it stays open before one probe is let through
     watch_poll_ms: int = 500  # how often a WatchEntitlementChanges stream reads the event log
     watch_max_streams: int = 4  # change streams served at once per process (each holds a worker)
+    watch_max_per_caller: int = 2  # of those, held by one caller at once (one platform cannot take them all)
     public_streams: int = 8  # open Health.Watch / reflection streams per process, each (entitlement/api/public.py)
     # HTTP/2 keepalive pings to clients with calls open: a connection that answers none within the
     # timeout is closed, ending its calls (a change stream's slot, a push holding the import) instead
@@ -214,6 +215,7 @@ class Settings:
                                              d.live_status_breaker_reset_s),
             watch_poll_ms=_int("ENTITLEMENT_WATCH_POLL_MS", d.watch_poll_ms),
             watch_max_streams=_int("ENTITLEMENT_WATCH_MAX_STREAMS", d.watch_max_streams),
+            watch_max_per_caller=_int("ENTITLEMENT_WATCH_MAX_PER_CALLER", d.watch_max_per_caller),
             public_streams=_int("ENTITLEMENT_PUBLIC_STREAMS", d.public_streams),
             keepalive_seconds=_int("ENTITLEMENT_KEEPALIVE_SECONDS", d.keepalive_seconds, minimum=1),
             keepalive_timeout_seconds=_int("ENTITLEMENT_KEEPALIVE_TIMEOUT_SECONDS", d.keepalive_timeout_seconds,

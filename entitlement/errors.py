@@ -63,7 +63,10 @@ class Unauthenticated(DomainError):
 
 
 class ResourceExhausted(DomainError):
+    """With `retry_delay_s`, answered with a google.rpc.RetryInfo saying when to try again."""
+
     reason = "RESOURCE_EXHAUSTED"
+    retry_delay_s: float | None = None
 
 
 class RateLimited(ResourceExhausted):

@@ -141,29 +141,66 @@ def test_bad_cursors_are_invalid_argument(api: Api, cursor: str) -> None:
     assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in f.fields
 
 
+PLATFORMS = ("platform-oc", "platform-other")
+
+
 def test_the_number_of_streams_is_limited(api: Api, harness: Harness) -> None:
     limit = harness.ctx.settings.watch_max_streams
+    assert limit == 2 * harness.ctx.settings.watch_max_per_caller  # the two platforms fill it
     calls = []
     try:
-        for _ in range(limit):
-            call = _open_when_free(api)
+        for i in range(limit):
+            call = _open_when_free(api, PLATFORMS[i % 2])
             calls.append(call)
         with pytest.raises(grpc.RpcError) as info:
             next(iter(watch(api, timeout=5)))
         f = failure(info.value)
         assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED and f.reason == "TOO_MANY_WATCHERS"
+        assert f.metadata["limit"] == "server" and _retry_delay_s(info.value) == 5.0
         calls.pop().cancel()  # a slot comes back when a client goes away
-        calls.append(_open_when_free(api))
+        calls.append(_open_when_free(api, PLATFORMS[(limit - 1) % 2]))
     finally:
         for call in calls:
             call.cancel()
 
 
-def _open_when_free(api: Api) -> Any:
+def test_one_caller_cannot_take_every_stream_slot(api: Api, harness: Harness) -> None:
+    """A platform holding every change-stream slot of a process had every other platform refused
+    (found by a review): one caller holds `watch_max_per_caller` at most; the refusal says which
+    limit, and when to retry."""
+    per_caller = harness.ctx.settings.watch_max_per_caller
+    calls = []
+    try:
+        for _ in range(per_caller):
+            calls.append(_open_when_free(api, "platform-oc"))
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(watch(api, caller="platform-oc", timeout=5)))
+        f = failure(info.value)
+        assert f.code == grpc.StatusCode.RESOURCE_EXHAUSTED and f.reason == "TOO_MANY_WATCHERS"
+        assert f.metadata["limit"] == "caller" and _retry_delay_s(info.value) == 5.0
+        calls.append(_open_when_free(api, "platform-other"))  # another platform still gets one
+    finally:
+        for call in calls:
+            call.cancel()
+
+
+def _retry_delay_s(err: grpc.RpcError) -> float | None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for d in status.details if status is not None else ():
+        if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            d.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def _open_when_free(api: Api, caller: str = "platform-oc") -> Any:
     """Open a stream and read its bookmark, retrying while cancelled streams release their slot."""
     deadline = time.monotonic() + 5
     while True:
-        call = watch(api)
+        call = watch(api, caller=caller)
         try:
             next(iter(call))
             return call
@@ -215,7 +252,7 @@ def test_open_streams_leave_the_unary_calls_their_threads(
     stream and every unary call waited for it."""
     with own_server(backend[0], tmp_path / "own", request, max_workers=1, stream_workers=6) as server:
         api = Api(server)
-        calls = [watch(api, timeout=20) for _ in range(server.ctx.settings.watch_max_streams)]
+        calls = [watch(api, caller=PLATFORMS[i % 2], timeout=20) for i in range(server.ctx.settings.watch_max_streams)]
         try:
             for call in calls:
                 next(iter(call))  # its bookmark: the stream is open and holding a thread

@@ -61,7 +61,7 @@ def to_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[s
 def domain_status(err: e.DomainError, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     code = code_of(err)
     violations = err.violations if isinstance(err, e.InvalidArgument) else None
-    retry = err.retry_delay_s if isinstance(err, e.RateLimited) else None
+    retry = err.retry_delay_s if isinstance(err, e.ResourceExhausted) else None
     return code, to_status(code, err.message, err.reason, {**err.metadata, "request_id": request_id}, violations,
                            retry)
 

@@ -61,6 +61,8 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._watchers = threading.BoundedSemaphore(max(1, ctx.settings.watch_max_streams))
+        self._watching: dict[str, int] = {}  # caller id -> its change streams open (under _watching_lock)
+        self._watching_lock = threading.Lock()
 
     def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
                             context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
@@ -150,21 +152,55 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
             request.account_id, request.month, request.used, request.request_id, program_id))
         return activation_pb2.ReportUsageResponse()
 
+    # A refused change stream's RetryInfo: a slot frees when a stream ends (its client's cancel, its
+    # deadline, or keepalive finding its connection dead: up to 80 s by default).
+    WATCH_RETRY_S = 5.0
+
+    def _take_watch_slot(self, caller_id: str) -> None:
+        """One of the process's change-stream slots, at most `watch_max_per_caller` of them for one
+        caller (found by a review: one platform could hold every slot, every other platform then
+        refused); RESOURCE_EXHAUSTED TOO_MANY_WATCHERS with a RetryInfo otherwise."""
+        settings = self.ctx.settings
+        per_caller = max(1, settings.watch_max_per_caller)
+        with self._watching_lock:
+            if not self._watchers.acquire(blocking=False):
+                exc = ResourceExhausted(
+                    f"this server already serves {settings.watch_max_streams} change streams; retry later",
+                    reason="TOO_MANY_WATCHERS", metadata={"limit": "server",
+                                                          "max_streams": str(settings.watch_max_streams)})
+                exc.retry_delay_s = self.WATCH_RETRY_S
+                raise exc
+            if self._watching.get(caller_id, 0) >= per_caller:
+                self._watchers.release()
+                exc = ResourceExhausted(
+                    f"this caller already holds {per_caller} change streams on this server (one is enough: it "
+                    f"sees every change of the platform); close one, or retry later", reason="TOO_MANY_WATCHERS",
+                    metadata={"limit": "caller", "max_streams": str(per_caller)})
+                exc.retry_delay_s = self.WATCH_RETRY_S
+                raise exc
+            self._watching[caller_id] = self._watching.get(caller_id, 0) + 1
+
+    def _give_back_watch_slot(self, caller_id: str) -> None:
+        with self._watching_lock:
+            left = self._watching.get(caller_id, 0) - 1
+            if left > 0:
+                self._watching[caller_id] = left
+            else:
+                self._watching.pop(caller_id, None)
+            self._watchers.release()
+
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         caller = current_caller()
         still_allowed = caller_check()
         position = changes.start_position(self.ctx, request.cursor)
-        if not self._watchers.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"this server already serves {self.ctx.settings.watch_max_streams} change streams; retry later",
-                reason="TOO_MANY_WATCHERS", metadata={"max_streams": str(self.ctx.settings.watch_max_streams)})
+        self._take_watch_slot(caller.id)
         done = threading.Event()
         released = threading.Lock()
 
         def release_slot() -> None:  # once: on termination (cancel, deadline, server stop) or on return
             if released.acquire(blocking=False):
-                self._watchers.release()
+                self._give_back_watch_slot(caller.id)
 
         def on_termination() -> None:
             done.set()

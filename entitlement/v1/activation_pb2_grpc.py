@@ -279,7 +279,10 @@ class ActivationServiceServicer:
 
         Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
         apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
-        server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
+        server process at once, and ENTITLEMENT_WATCH_MAX_PER_CALLER (default 2) of them for one
+        caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
+        `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
+        goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
         UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).

@@ -189,7 +189,10 @@ class ActivationServiceStub:
 
     Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
     apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
-    server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
+    server process at once, and ENTITLEMENT_WATCH_MAX_PER_CALLER (default 2) of them for one
+    caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
+    `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
+    goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
     UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
@@ -341,7 +344,10 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
 
     Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
     apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
-    server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
+    server process at once, and ENTITLEMENT_WATCH_MAX_PER_CALLER (default 2) of them for one
+    caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
+    `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
+    goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
     UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
@@ -556,7 +562,10 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Each stream holds a thread of the server's stream pool (ENTITLEMENT_STREAM_WORKERS, default 8,
         apart from the unary calls' threads): at most ENTITLEMENT_WATCH_MAX_STREAMS (default 4) per
-        server process at once, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS`.
+        server process at once, and ENTITLEMENT_WATCH_MAX_PER_CALLER (default 2) of them for one
+        caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
+        `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
+        goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
         UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
