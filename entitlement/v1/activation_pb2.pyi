@@ -172,7 +172,9 @@ class ActivateEntitlementRequest(_message.Message):
     platform: _builtins.str
     """The course platform that will receive the token, as `platforms/{platform_id}`."""
     reason: _builtins.str
-    """Why the advisor activates (free text, at most 500 characters; no personal data please)."""
+    """Why the advisor activates (free text, at most 500 characters). Kept for ever in the
+    append-only event log, which funders read, and never purged: no personal data.
+    """
     mentor_id: _builtins.str
     """The mentor arranged for the job seeker, for programs that require one (see
     CheckEligibilityRequest.mentor_id).
@@ -258,7 +260,9 @@ class TransitionActivationRequest(_message.Message):
     name: _builtins.str
     """`activations/{activation_id}`."""
     reason: _builtins.str
-    """Why (1 to 500 characters); recorded in the event log."""
+    """Why (1 to 500 characters). Kept for ever in the append-only event log, which funders read,
+    and never purged: no personal data.
+    """
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
     def __init__(
