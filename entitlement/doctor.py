@@ -9,7 +9,10 @@ What it checks:
   caller trusts (one it fetched earlier), the log still extends it: same root at that size;
 - every activation has its `activation.created` event and its ledger commits; no ledger entry
   without its activation; the commits equal the funding plan and the amounts the created event
-  logged; consumed + released never exceed committed; program counters equal ledger sums;
+  logged; for every funder with an entry of the activation, consumed + released never exceed what
+  it committed (nothing, for a funder without a commit); every entry is a commit, consume or
+  release of a positive amount (a commit may be 0: a funder's share of a free program, or one that
+  rounds to no cent, still gives it the activation); program counters equal ledger sums;
 - an activation's state is the one its last logged state change left, and it is bound to an
   account exactly when a redemption was logged;
 - stored idempotent answers name rows that exist, and each acknowledged request (`Acknowledged`)
@@ -202,16 +205,29 @@ def _activations_have_their_records(s: Session) -> list[Problem]:
     return out
 
 
+LEDGER_KINDS = ("commit", "consume", "release")
+
+
 def _ledger_balances(s: Session) -> list[Problem]:
     """Per activation: commits add up to its funding plan and to the shares its created event
-    logged; per funder, consumed + released never exceed committed (what is left is still reserved)."""
+    logged; for every funder with an entry of it (a commit or not), consumed + released never
+    exceed committed (what is left is still reserved); and every entry is of a known kind, with a
+    positive amount (0 only for a commit: the activation writes one per funder of its plan, the
+    share of a free program or one rounding to no cent included)."""
     out: list[Problem] = []
     sums: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
-    for aid, funder, kind, cents in s.execute(
+    invalid = 0
+    for aid, funder, kind, cents, smallest in s.execute(
             select(LedgerEntry.activation_id, LedgerEntry.funder_id, LedgerEntry.kind,
-                   func.sum(LedgerEntry.amount_cents))
+                   func.sum(LedgerEntry.amount_cents), func.min(LedgerEntry.amount_cents))
             .group_by(LedgerEntry.activation_id, LedgerEntry.funder_id, LedgerEntry.kind)):
         sums[aid][(funder, kind)] = int(cents)
+        if kind not in LEDGER_KINDS or smallest < 0 or (smallest == 0 and kind != "commit"):
+            invalid += 1
+            if invalid <= 5:
+                what = f"entries of unknown kind {kind!r}" if kind not in LEDGER_KINDS else \
+                    f"a {kind} entry of {int(smallest)} cents"
+                out.append(Problem("LEDGER_ENTRY_INVALID", f"activations/{aid}, {funder}: {what}"))
     logged: dict[str, dict[str, int]] = {}
     for subject, payload_json in s.execute(select(Event.subject, Event.payload_json)
                                            .where(Event.type == "activation.created")):
@@ -221,7 +237,7 @@ def _ledger_balances(s: Session) -> list[Problem]:
     for aid, decision_json in s.execute(select(Activation.id, Activation.decision_json)):
         plan = json.loads(decision_json)["decision"]["funding_plan"]
         ledger = sums.get(aid, {})
-        committed = {f: c for (f, k), c in ledger.items() if k == "commit"}
+        committed = {f: c for (f, k), c in ledger.items() if k == "commit" and c}  # as the plan: no 0 shares
         expected = {f: int(c) for f, _bp, c in plan["shares"] if int(c)} if plan else {}
         if expected and not ledger:
             out.append(Problem("ACTIVATION_WITHOUT_LEDGER", f"activations/{aid}: no ledger entry, plan {expected}"))
@@ -232,7 +248,8 @@ def _ledger_balances(s: Session) -> list[Problem]:
         if aid in logged and logged[aid] != committed:
             out.append(Problem("COMMIT_NOT_AS_LOGGED",
                                f"activations/{aid}: committed {committed}, its created event logged {logged[aid]}"))
-        for funder, total in committed.items():
+        for funder in sorted({f for f, _k in ledger}):  # a funder that committed nothing may not spend
+            total = committed.get(funder, 0)
             spent = ledger.get((funder, "consume"), 0) + ledger.get((funder, "release"), 0)
             if spent > total:
                 out.append(Problem("LEDGER_OVERSPENT",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 import uuid
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from support import Api, As, Harness, identity, make_registry_file
 
 from entitlement import cli, doctor, eventlog, note, registry, rollup
 from entitlement.clock import FixedClock
+from entitlement.config import ROOT
 from entitlement.doctor import Acknowledged
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import upgrade
-from entitlement.storage.models import RegistrySnapshot
+from entitlement.storage.models import LedgerEntry, RegistrySnapshot
 from entitlement.v1 import activation_pb2, audit_pb2
 
 
@@ -149,6 +151,57 @@ def test_doctor_checks_acknowledged_requests_trusted_checkpoints_and_logged_stat
         codes = _codes(h.ctx.db, trusted=trusted)
         assert "LOG_TREE_MISMATCH" in codes  # proofs made of that node would not verify
         assert "EVENT_ALTERED" not in codes and "LOG_FORKED" not in codes  # the leaves still give the trusted root
+
+
+def _activate(h: Harness) -> str:
+    agency_id, birth = next_ledger_person()
+    act = Api(h).advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="doctor"))
+    return act.activation.name.split("/")[1]
+
+
+def test_doctor_checks_every_funder_of_an_activation_and_every_ledger_entry(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Money consumed or released for a funder that committed nothing to the activation is spent
+    beyond its commitment (the funding report shows that funder owing it); an entry of an unknown
+    kind, or of no positive amount, is named."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        aid = _activate(h)
+        assert doctor.check(h.ctx.db) == []
+        with h.ctx.db.write() as s:  # through the ORM: the report's rollup follows, as for any booking
+            assert "region-idf" not in {e.funder_id for e in s.query(LedgerEntry).filter_by(activation_id=aid)}
+            s.add(LedgerEntry(activation_id=aid, program_id="premium-job-seekers", funder_id="region-idf",
+                              kind="consume", month="2026-03", amount_cents=2000, created_at=h.clock.now()))
+        assert [(p.code, p.detail) for p in doctor.check(h.ctx.db)] == [
+            ("LEDGER_OVERSPENT", f"activations/{aid}, region-idf: consumed + released 2000 > committed 0")]
+
+        other = _activate(h)
+        with h.ctx.db.write() as s:  # written around the service: a kind it never books, a release of nothing
+            for kind, cents in (("refund", 500), ("release", 0)):
+                s.execute(text(
+                    "INSERT INTO ledger_entries (activation_id, program_id, funder_id, kind, month, amount_cents, "
+                    "created_at) VALUES (:id, 'premium-job-seekers', 'france-travail', :kind, '2026-03', :cents, "
+                    ":now)"), {"id": other, "kind": kind, "cents": cents, "now": h.clock.now()})
+        invalid = sorted(p.detail for p in doctor.check(h.ctx.db) if p.code == "LEDGER_ENTRY_INVALID")
+        assert invalid == [f"activations/{other}, france-travail: a release entry of 0 cents",
+                           f"activations/{other}, france-travail: entries of unknown kind 'refund'"]
+
+
+def test_the_zero_commits_of_a_free_program_are_sound(backend: tuple[str, str], tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    """An activation commits one entry per funder of its plan, 0 cents at a price of 0 (the entry
+    gives the funder the activation, README "Money and jobs"): not a commitment the plan lacks."""
+    programs = shutil.copytree(ROOT / "programs", tmp_path / "programs")
+    premium = programs / "premium-job-seekers.yaml"
+    assert premium.read_text().count("value: 2000\n") == 1
+    premium.write_text(premium.read_text().replace("value: 2000\n", "value: 0\n"))
+    with own_server(backend[0], tmp_path / "own", request, programs_dir=programs) as h:
+        aid = _activate(h)
+        with h.ctx.db.read() as s:
+            assert {(e.kind, e.amount_cents) for e in s.query(LedgerEntry).filter_by(activation_id=aid)} == {
+                ("commit", 0)}
+        assert doctor.check(h.ctx.db) == []
 
 
 def test_doctor_command_checks_a_trusted_checkpoint(fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
