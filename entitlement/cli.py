@@ -1,4 +1,4 @@
-"""The `entitlement` command: operator commands (db, demo, registry, programs, keys) and a client
+"""The `entitlement` command: operator commands (db, demo, registry, programs, keys, secrets) and a client
 for the people who use the service by hand (advisors, platform support staff, funders).
 
 Client commands read ENTITLEMENT_ADDRESS (default 127.0.0.1:50051) and ENTITLEMENT_TOKEN (the
@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entitlement.config import ROOT, Settings
+from entitlement.config import MAX_DAYS, MAX_HOURS, MAX_MINUTES, ROOT, Settings
 
 EXIT_USAGE = 2
 
@@ -27,12 +30,49 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _number(noun: str, maximum: float | None = None, *, integer: bool = False) -> Callable[[str], float]:
+    """argparse type of a number argument (`noun`: "number of days"): finite, and at most `maximum`
+    (beyond, a date computed from it would leave the calendar: OverflowError). argparse's error
+    names the flag."""
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if integer else ''}{noun}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite {noun}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a {noun} up to {maximum:g}, got {text!r}")
+        return value
+    return parse
+
+
+def _upgrade(url: str) -> str | None:
+    """Migrate the database to the head revision; what went wrong, in one line, or None."""
+    from alembic.util import CommandError
+
+    from entitlement.storage.migrate import SchemaNotCurrent, raised_by_migration, upgrade
+    try:
+        upgrade(url)
+    except SchemaNotCurrent as exc:  # at a revision of a newer version
+        return str(exc)
+    except CommandError as exc:
+        return f"database not migrated: {exc}"
+    except RuntimeError as exc:
+        if not raised_by_migration(exc):
+            raise
+        return f"database not migrated: {exc}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- operators
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from entitlement.storage.migrate import head_revision, upgrade
+    from entitlement.storage.migrate import head_revision
     settings = Settings.from_env()
-    upgrade(settings.database_url)
+    problem = _upgrade(settings.database_url)
+    if problem:
+        return _fail(problem)
     print(f"database at revision {head_revision()}")
     return 0
 
@@ -147,6 +187,28 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     _table(["KID", "CREATED", "SIGN FROM", "RETIRE AFTER", "PUBLISHED UNTIL", "STATE"],
            [[k["kid"], k["created"], k["sign_from"], k["retire_after"] or "-", k["published_until"] or "-",
              k["state"]] for k in keys])
+    return 0
+
+
+def cmd_secrets_init(args: argparse.Namespace) -> int:
+    """Create the pseudonym key (ENTITLEMENT_PSEUDONYM_KEY_FILE): 0600, its folder 0700 when
+    missing; an existing key is never replaced (every pseudonym stored was made with it)."""
+    from entitlement.pseudonym import Pseudonymizer, create_key_file
+    settings = Settings.from_env()
+    path = settings.pseudonym_key_file
+    try:
+        create_key_file(path)
+    except FileExistsError:
+        try:
+            Pseudonymizer.from_file(path)
+        except (OSError, ValueError) as exc:
+            return _fail(f"pseudonym key file {path} exists but is unusable ({exc}); it is not replaced")
+        print(f"pseudonym key {path} already exists (it is never replaced: every pseudonym stored was made with it)")
+        return 0
+    except OSError as exc:
+        return _fail(f"cannot create the pseudonym key {path}: {exc.strerror or exc}")
+    print(f"created pseudonym key {path} (mode 0600); keep it apart from the database, and back it up: "
+          "without it no stored pseudonym can be matched again")
     return 0
 
 
@@ -558,10 +620,11 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
     from entitlement.clock import SystemClock
     from entitlement.pseudonym import Pseudonymizer
     from entitlement.storage.db import Database
-    from entitlement.storage.migrate import upgrade
     from entitlement.tokens import KeyStore
     settings = Settings.from_env()
-    upgrade(settings.database_url)
+    problem = _upgrade(settings.database_url)
+    if problem:
+        return _fail(problem)
     pseudo = Pseudonymizer.from_file(settings.pseudonym_key_file, create=True)
     KeyStore.load(settings.key_dir, create=True, token_ttl=dt.timedelta(days=settings.token_ttl_days))
     from entitlement.logtree import load_signer
@@ -629,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     kc.set_defaults(func=cmd_keys_create)
     rot = keys.add_parser("rotate", help="create the next signing key: published now, signs after --publish-hours; "
                           "the current signer retires then")
-    rot.add_argument("--publish-hours", type=float, default=24.0,
+    rot.add_argument("--publish-hours", type=_number("number of hours", MAX_HOURS), default=24.0,
                      help="hours the new key is published before it signs (default 24: longer than platforms "
                           "cache the JWKS)")
     rot.add_argument("--operator", help="who does this, for the event log when a database is configured "
@@ -640,6 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="JSON instead of a table")
     lst.set_defaults(func=cmd_keys_list)
 
+    sec = sub.add_parser("secrets", help="the service's secrets").add_subparsers(
+        dest="secrets_command", required=True)
+    sec.add_parser("init", help="create the pseudonym key (ENTITLEMENT_PSEUDONYM_KEY_FILE, mode 0600) when "
+                       "missing; an existing one is never replaced").set_defaults(func=cmd_secrets_init)
+
     reg = sub.add_parser("registry", help="job-seeker registry extracts").add_subparsers(dest="registry_command", required=True)
     imp = reg.add_parser("import", help="import an extract as a new snapshot")
     imp.add_argument("file")
@@ -647,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the date the agency extracted the file, YYYY-MM-DD (required: not later than today, "
                           "not before the current snapshot's)")
     imp.add_argument("--rejects", help="where to write rejected rows (default FILE.rejects.csv)")
-    imp.add_argument("--min-ratio", type=float, default=0.5,
+    imp.add_argument("--min-ratio", type=_number("ratio"), default=0.5,
                      help="refuse an extract with fewer valid rows than this share of the current snapshot "
                           "(default 0.5; 0 accepts any non-empty extract)")
     imp.add_argument("--keep-snapshots", type=int, default=2,
@@ -691,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--advisor", help="advisor id (role advisor, with --agency)")
     cc.add_argument("--agency", help="agency code (role advisor)")
     cc.add_argument("--funder", help="funder id (role funder)")
-    cc.add_argument("--expires-days", type=float, help="the token expires after this many days (default: never)")
+    cc.add_argument("--expires-days", type=_number("number of days", MAX_DAYS),
+                    help="the token expires after this many days (default: never)")
     operator(cc)
     cc.set_defaults(func=cmd_callers_create)
     cl = callers.add_parser("list", help="callers of the database and of the credentials file")
@@ -699,9 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_callers_list)
     cr = callers.add_parser("rotate", help="a new token; the old one works for the overlap, then stops")
     cr.add_argument("id")
-    cr.add_argument("--overlap-minutes", type=float,
+    cr.add_argument("--overlap-minutes", type=_number("number of minutes", MAX_MINUTES),
                     help="how long the old token keeps working (ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES, default 60)")
-    cr.add_argument("--expires-days", type=float, help="lifetime of the new token (default: as the current one's)")
+    cr.add_argument("--expires-days", type=_number("number of days", MAX_DAYS),
+                    help="lifetime of the new token (default: as the current one's)")
     operator(cr)
     cr.set_defaults(func=cmd_callers_rotate)
     cv = callers.add_parser("revoke", help="stop every token of a caller (servers notice within their cache time)")
@@ -725,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Delete personal data older than ENTITLEMENT_RETENTION_DAYS from the database, "
                             "and remove the registry extracts a killed server left spooled in TMPDIR on this machine "
                             "(run it daily on every server machine, as the servers' user, with their TMPDIR).")
-    pg.add_argument("--retention-days", type=int, help="override ENTITLEMENT_RETENTION_DAYS (default 1095)")
+    pg.add_argument("--retention-days", type=_number("number of days", MAX_DAYS, integer=True),
+                    help="override ENTITLEMENT_RETENTION_DAYS (default 1095)")
     pg.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     operator(pg)
     pg.set_defaults(func=cmd_privacy_purge)
@@ -736,6 +807,31 @@ def build_parser() -> argparse.ArgumentParser:
     from entitlement import client_cli
     client_cli.add_commands(sub, programs)
     return p
+
+
+def _database_failure(exc: Exception) -> str | None:
+    """One line for an error the database raised (None for any other exception): unreachable,
+    a wrong URL, a login refused... Only the first line of the driver's message (never the
+    statement or its parameters: PostgreSQL's DETAIL quotes row values), and the URL without its
+    password."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return None
+    orig = exc.orig  # the driver's exception (str(exc) would add the statement)
+    lines = str(orig).strip().splitlines() if orig is not None else []
+    reason = lines[0].strip() if lines else type(orig or exc).__name__
+    url = os.environ.get("ENTITLEMENT_DATABASE_URL", "").strip() or Settings().database_url
+    try:
+        parsed = make_url(url)
+        shown, password = parsed.render_as_string(hide_password=True), parsed.password
+    except (sa_exc.ArgumentError, ValueError):
+        shown, password = "", None
+    if password:
+        reason = reason.replace(str(password), "***")
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return f"database unavailable ({reason}); check ENTITLEMENT_DATABASE_URL" + (f" ({shown})" if shown else "")
+    return f"database error ({type(orig or exc).__name__}: {reason})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -750,6 +846,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a database down or misnamed: one line, not a traceback
+        message = _database_failure(exc)
+        if message is None:
+            raise
+        return _fail(message)
 
 
 

@@ -6,6 +6,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from entitlement import affinity
 
@@ -71,7 +72,14 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _int(name: str, default: int, minimum: int | None = None) -> int:
+# Upper bounds of durations (settings and command-line arguments): beyond them a date computed from
+# one leaves the calendar (OverflowError), and no policy needs that long.
+MAX_DAYS = 36500  # 100 years
+MAX_HOURS = 87600  # 10 years
+MAX_MINUTES = 5256000  # 10 years
+
+
+def _int(name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
     raw = _env(name, str(default))
     try:
         value = int(raw)
@@ -79,6 +87,18 @@ def _int(name: str, default: int, minimum: int | None = None) -> int:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
     if minimum is not None and value < minimum:
         raise SystemExit(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SystemExit(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def _timezone(name: str, default: str) -> str:
+    value = _env(name, default)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise SystemExit(f"{name} must be a time zone of the IANA database (e.g. Europe/Paris, UTC), "
+                         f"got {value!r}") from None
     return value
 
 
@@ -193,7 +213,7 @@ class Settings:
             key_dir=Path(_env("ENTITLEMENT_KEY_DIR", str(d.key_dir))),
             pseudonym_key_file=Path(_env("ENTITLEMENT_PSEUDONYM_KEY_FILE", str(d.pseudonym_key_file))),
             issuer=_env("ENTITLEMENT_ISSUER", d.issuer),
-            token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days),
+            token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days, maximum=MAX_DAYS),
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),
@@ -204,7 +224,7 @@ class Settings:
             cpu_affinity=affinity.parse(_env(affinity.ENV, str(d.cpu_affinity))),
             grace_seconds=_int("ENTITLEMENT_GRACE_SECONDS", d.grace_seconds),
             log_level=_env("ENTITLEMENT_LOG_LEVEL", d.log_level),
-            timezone=_env("ENTITLEMENT_TIMEZONE", d.timezone),
+            timezone=_timezone("ENTITLEMENT_TIMEZONE", d.timezone),
             live_status_url=_env("ENTITLEMENT_LIVE_STATUS_URL", d.live_status_url),
             live_status_token=_env("ENTITLEMENT_LIVE_STATUS_TOKEN", d.live_status_token),
             live_status_timeout_ms=_int("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", d.live_status_timeout_ms),
@@ -226,10 +246,10 @@ class Settings:
             insecure=_bool("ENTITLEMENT_INSECURE", d.insecure),
             caller_cache_seconds=_int("ENTITLEMENT_CALLER_CACHE_SECONDS", d.caller_cache_seconds),
             caller_rotation_overlap_minutes=_int("ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES",
-                                                 d.caller_rotation_overlap_minutes),
+                                                 d.caller_rotation_overlap_minutes, maximum=MAX_MINUTES),
             check_rate_per_min=_int("ENTITLEMENT_CHECK_RATE_PER_MIN", DEFAULT_CHECK_RATE_PER_MIN),
             check_burst=_int("ENTITLEMENT_CHECK_BURST", d.check_burst),
-            retention_days=_int("ENTITLEMENT_RETENTION_DAYS", d.retention_days),
+            retention_days=_int("ENTITLEMENT_RETENTION_DAYS", d.retention_days, maximum=MAX_DAYS),
             log_origin=_env("ENTITLEMENT_LOG_ORIGIN", d.log_origin),
             log_key_file=_env("ENTITLEMENT_LOG_KEY_FILE", d.log_key_file),
             db_lock_timeout_ms=_int("ENTITLEMENT_DB_LOCK_TIMEOUT_MS", d.db_lock_timeout_ms),

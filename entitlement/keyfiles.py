@@ -1,5 +1,6 @@
-"""Ed25519 private key files (token signing keys, the event log's checkpoint key): made, written
-atomically with mode 0600, and read back with a reason when they are unusable."""
+"""Private key files (token signing keys, the event log's checkpoint key, the pseudonym key): made,
+written atomically with mode 0600, and the Ed25519 ones read back with a reason when they are
+unusable."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def create_private(path: Path, data: bytes) -> None:
+    """A new secret file that must never be replaced (FileExistsError when it exists): written as
+    write_private does, in its folder, made 0700 when missing."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, data, replace=False)
 
 
 def load_ed25519(path: Path) -> Ed25519PrivateKey:

@@ -135,8 +135,7 @@ def consistency_proof(session: Session, old_size: int, new_size: int) -> list[by
 def create_key_file(path: Path) -> None:
     """A new Ed25519 key, PKCS#8 PEM, mode 0600; refuses to replace an existing one (a new key
     means funders must be told the new verifier key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keyfiles.write_private(path, keyfiles.new_pem(), replace=False)
+    keyfiles.create_private(path, keyfiles.new_pem())
 
 
 def read_signer(path: Path, origin: str) -> note.Signer:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from entitlement import keyfiles
 
 
 def normalize_agency_id(raw: str) -> str:
@@ -46,6 +47,13 @@ class PrefixedHmac:
         return outer.digest()
 
 
+def create_key_file(path: Path) -> None:
+    """A new pseudonym key (32 random bytes, hex), mode 0600, its folder 0700 when missing
+    (`entitlement secrets init`). Never replaces one (FileExistsError): every pseudonym stored
+    was made with it."""
+    keyfiles.create_private(path, secrets.token_hex(32).encode())
+
+
 class Pseudonymizer:
     def __init__(self, key: bytes) -> None:
         if len(key) < 32:
@@ -63,10 +71,10 @@ class Pseudonymizer:
                     f"pseudonym key file {path} is missing; create one with "
                     f"`entitlement secrets init` or set ENTITLEMENT_PSEUDONYM_KEY_FILE"
                 )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
+            try:
+                create_key_file(path)
+            except FileExistsError:
+                pass  # made by another process meanwhile
         return cls(bytes.fromhex(path.read_text().strip()))
 
     def person_key(self, agency_id: str) -> bytes:

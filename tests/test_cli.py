@@ -1,5 +1,7 @@
 """The `entitlement` client commands, run in process against the real server, on both backends:
-readable output by default, JSON with --json, one-line errors on stderr with exit code 1."""
+readable output by default, JSON with --json, one-line errors on stderr with exit code 1. And the
+operator commands' failures (a database they cannot use, a bad setting or argument, a missing
+secret): one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -7,14 +9,18 @@ import csv
 import io
 import json
 import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from support import SPECIAL, TODAY, Api, Harness, next_person
 
 from entitlement import cli
+from entitlement.pseudonym import Pseudonymizer
+from entitlement.storage.migrate import upgrade
 
 PROGRAM = "premium-job-seekers"
 MONTH = TODAY.strftime("%Y-%m")
@@ -278,3 +284,123 @@ def test_malformed_date_is_a_one_line_error(run: Run) -> None:
 def test_missing_token_is_unauthenticated(run: Run) -> None:
     run(None, "programs", "list").error("UNAUTHENTICATED")
     run(None, "verify", "someone").error("UNAUTHENTICATED")
+
+
+# ------------------------------------------------------------------------------------ operators
+
+@pytest.fixture
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """operator(*argv): an operator command, its settings in tmp_path (SQLite database e.db, not
+    migrated). argparse's usage errors give their exit code (2)."""
+    for name, value in {"ENTITLEMENT_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}",
+                        "ENTITLEMENT_KEY_DIR": str(tmp_path / "keys"),
+                        "ENTITLEMENT_PSEUDONYM_KEY_FILE": str(tmp_path / "secrets" / "pseudonym.key"),
+                        "ENTITLEMENT_CALLERS_FILE": str(tmp_path / "callers.json")}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("ENTITLEMENT_TIMEZONE", "ENTITLEMENT_RETENTION_DAYS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run_(*argv: str) -> Result:
+        capsys.readouterr()
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run_
+
+
+def test_db_upgrade_of_a_database_of_a_newer_version_says_what_the_others_say(operator: Run, tmp_path: Path) -> None:
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}")
+    with sqlite3.connect(tmp_path / "e.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099future'")
+    line = operator("db", "upgrade").error("revision 0099future, which this version does not know",
+                                            "run that version instead")
+    assert operator("doctor").error() == line  # as the server and every other command say it
+
+
+def test_a_migration_refusing_the_data_is_one_line(operator: Run, tmp_path: Path) -> None:
+    """0005 hashes the event log into a Merkle tree, and refuses a log with a gap."""
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}", "0004")
+    with sqlite3.connect(tmp_path / "e.db") as conn:
+        conn.executemany("INSERT INTO events (seq, time, type, actor, subject, reason, payload_json) "
+                         "VALUES (?, '2026-03-16 10:00:00.000000', 'test.event', 'system', 'x/1', '', '{}')",
+                         [(1,), (3,)])
+        conn.execute("UPDATE log_head SET size = 3")
+    operator("db", "upgrade").error("database not migrated", "the event log has no event 2 (found 3)",
+                                    "restore it before migrating")
+
+
+@pytest.mark.parametrize("argv", [["doctor"], ["db", "upgrade"], ["jobs", "run"], ["callers", "list"],
+                                  ["registry", "import", "x.csv", "--extracted-on", "2026-03-16"]])
+def test_a_database_that_cannot_be_reached_is_one_line_without_its_password(
+        operator: Run, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    # Nothing listens on port 1: the database is down, or the URL is wrong.
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", "postgresql://postgres:pw-s3cret@127.0.0.1:1/entitlement")
+    line = operator(*argv).error("database unavailable (", "port 1 failed", "check ENTITLEMENT_DATABASE_URL",
+                                 "postgresql://postgres:***@127.0.0.1:1/entitlement")
+    assert "s3cret" not in line
+
+
+def test_a_database_url_that_cannot_be_parsed_is_one_line(operator: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", "postgresql://postgres:pw-s3cret@127.0.0.1:port/entitlement")
+    assert "s3cret" not in operator("doctor").error("the database URL cannot be parsed")
+
+
+@pytest.mark.parametrize("argv,flag,says", [
+    (["callers", "create", "f1", "--role", "funder", "--funder", "ft", "--expires-days", "nan"], "--expires-days",
+     "expected a finite number of days, got 'nan'"),
+    (["callers", "create", "f1", "--role", "funder", "--funder", "ft", "--expires-days", "1e12"], "--expires-days",
+     "expected a number of days up to 36500, got '1e12'"),
+    (["callers", "rotate", "f1", "--overlap-minutes", "nan"], "--overlap-minutes", "finite"),
+    (["callers", "rotate", "f1", "--expires-days", "inf"], "--expires-days", "finite"),
+    (["keys", "rotate", "--publish-hours", "nan"], "--publish-hours", "finite"),
+    (["keys", "rotate", "--publish-hours", "1e300"], "--publish-hours", "up to 87600"),
+    (["privacy", "purge", "--dry-run", "--retention-days", "100000000"], "--retention-days", "up to 36500"),
+    (["registry", "import", "x.csv", "--extracted-on", "2026-03-16", "--min-ratio", "nan"], "--min-ratio",
+     "finite"),  # NaN would pass every comparison: the guard against a truncated extract gone
+])
+def test_numbers_that_are_not_finite_or_too_large_are_refused_naming_the_flag(
+        operator: Run, tmp_path: Path, argv: list[str], flag: str, says: str) -> None:
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}")
+    assert operator("keys", "create").code == 0
+    r = operator(*argv)
+    assert r.code == 2 and r.out == "" and "Traceback" not in r.err, r  # argparse's usage error
+    [line] = [x for x in r.err.splitlines() if "error:" in x]
+    assert line.startswith(f"entitlement {argv[0]} {argv[1]}: error: argument {flag}: ") and says in line, line
+
+
+def test_a_retention_from_the_environment_beyond_the_calendar_is_refused(
+        operator: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}")
+    monkeypatch.setenv("ENTITLEMENT_RETENTION_DAYS", "100000000")
+    operator("privacy", "purge", "--dry-run").error("ENTITLEMENT_RETENTION_DAYS must be at most 36500")
+
+
+def test_an_unknown_time_zone_is_one_line(operator: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}")
+    monkeypatch.setenv("ENTITLEMENT_TIMEZONE", "Mars/Olympus")
+    operator("jobs", "run").error("ENTITLEMENT_TIMEZONE", "'Mars/Olympus'")
+
+
+def test_secrets_init_makes_the_pseudonym_key_the_missing_key_message_names(operator: Run, tmp_path: Path) -> None:
+    upgrade(f"sqlite:///{tmp_path / 'e.db'}")
+    extract = tmp_path / "x.csv"
+    extract.write_text("identifiant\n")
+    operator("registry", "import", str(extract), "--extracted-on", "2026-03-16").error(
+        "pseudonym key", "`entitlement secrets init`")
+    key = tmp_path / "secrets" / "pseudonym.key"
+    made = operator("secrets", "init")
+    assert made.code == 0 and str(key) in made.out, made
+    assert (key.stat().st_mode & 0o777, key.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    first = key.read_bytes()
+    Pseudonymizer.from_file(key)  # usable
+    again = operator("secrets", "init")
+    assert again.code == 0 and "already exists" in again.out, again
+    assert key.read_bytes() == first  # never replaced
+    r = operator("registry", "import", str(extract), "--extracted-on", "2026-03-16")
+    assert "pseudonym key" not in r.err, r  # the key is found now (the empty extract is refused for itself)
+    key.write_text("short")
+    operator("secrets", "init").error(f"pseudonym key file {key} exists but is unusable", "not replaced")
+    assert key.read_text() == "short"

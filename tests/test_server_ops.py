@@ -258,6 +258,16 @@ def test_refuses_to_start_on_a_database_from_a_newer_version(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
 
 
+def test_refuses_to_start_with_an_unknown_time_zone(tmp_path: Path) -> None:
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env["ENTITLEMENT_TIMEZONE"] = "Mars/Olympus"
+    result = d.run()
+    assert result.returncode != 0
+    assert "ENTITLEMENT_TIMEZONE must be a time zone of the IANA database" in result.stderr
+    assert "'Mars/Olympus'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 PROGRAM = "premium-job-seekers.yaml"
 BREAKS = {
     "unknown key": (lambda t: t + "colour: blue\n", "colour", "unknown key"),

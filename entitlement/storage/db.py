@@ -109,7 +109,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from entitlement import deadline, rollup
@@ -259,7 +259,11 @@ class Database:
         if lock_timeout_ms is None:
             lock_timeout_ms = CLI_SQLITE_LOCK_TIMEOUT_MS
         self.url = normalize_url(url)
-        parsed = make_url(self.url)
+        try:
+            parsed = make_url(self.url)
+        except (ArgumentError, ValueError):  # (the URL is not repeated: it may hold a password)
+            raise SystemExit("the database URL cannot be parsed: use sqlite:///PATH or "
+                             "postgresql://user@host:port/db") from None
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         # Waiting for a pooled connection is bounded too (the pool holds more than the workers).
