@@ -178,6 +178,7 @@ def _write_events(path: Path, stream: Any) -> int:
 # ---------------------------------------------------------------------------------------- parser
 
 def add_commands(sub: Any) -> None:
+    from entitlement.client_cli import seconds
     audit = sub.add_parser("audit", help="the Merkle event log: signing key, export, offline verification"
                            ).add_subparsers(dest="audit_command", required=True)
 
@@ -195,7 +196,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--ca", help="TLS: CA certificate of the server (ENTITLEMENT_CA_FILE); plaintext without")
     p.add_argument("--cert", help="mutual TLS: client certificate (ENTITLEMENT_CLIENT_CERT_FILE)")
     p.add_argument("--key", help="mutual TLS: client key (ENTITLEMENT_CLIENT_KEY_FILE)")
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each call in seconds (default 600)")
+    p.add_argument("--timeout", type=seconds, default=600.0, help="deadline of each call in seconds (default 600)")
     p.set_defaults(func=cmd_export)
 
     p = audit.add_parser(

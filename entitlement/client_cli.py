@@ -37,6 +37,18 @@ COUNTS = ("activations_live", "activations_ended", "person_months_consumed")
 REPORT_COLUMNS = ("funder", "program", "month", "activations_started", *MONEY, *COUNTS)
 
 
+def seconds(text: str) -> float:
+    """argparse type of a call's deadline: a number of seconds, above 0 and at most a day (nan, inf
+    or a negative one made every call DEADLINE_EXCEEDED at once, which read as the server's fault)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86_400:  # (False for nan)
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0 and at most 86400, got {text!r}")
+    return value
+
+
 class ClientError(Exception):
     pass
 
@@ -406,7 +418,7 @@ def add_commands(sub: Any, programs: Any) -> None:
         p.add_argument("--cert", help="mutual TLS: client certificate (ENTITLEMENT_CLIENT_CERT_FILE)")
         p.add_argument("--key", help="mutual TLS: client key (ENTITLEMENT_CLIENT_KEY_FILE)")
         p.add_argument("--json", action="store_true", help="print the response as JSON")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+        p.add_argument("--timeout", type=seconds, default=10.0, help="deadline in seconds (default 10)")
         p.set_defaults(func=client(func))
         return p
 

@@ -371,6 +371,18 @@ def test_numbers_that_are_not_finite_or_too_large_are_refused_naming_the_flag(
     assert line.startswith(f"entitlement {argv[0]} {argv[1]}: error: argument {flag}: ") and says in line, line
 
 
+@pytest.mark.parametrize("argv", [["jwks"], ["audit", "export", "out"]])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e9"])
+def test_a_call_deadline_that_is_not_a_sane_number_of_seconds_is_refused(
+        operator: Run, argv: list[str], value: str) -> None:
+    """(nan, inf or a negative deadline made every call DEADLINE_EXCEEDED at once: the server's fault,
+    it seemed.)"""
+    r = operator(*argv, "--timeout", value)
+    assert r.code == 2 and r.out == "" and "Traceback" not in r.err, r  # argparse's usage error
+    [line] = [x for x in r.err.splitlines() if "error:" in x]
+    assert "argument --timeout: expected a number of seconds above 0 and at most 86400" in line, line
+
+
 def test_a_retention_from_the_environment_beyond_the_calendar_is_refused(
         operator: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     upgrade(f"sqlite:///{tmp_path / 'e.db'}")
