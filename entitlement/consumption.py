@@ -18,12 +18,15 @@ with its decision):
 - `use`: every accessible month the platform reports as used, at most `usage_report_days` days
   after the month ended; a month not reported used by then is not owed.
 
-Money. The activation committed `months x price` when it started. Every month is *closed* once:
-consumed (owed) or released (never owed); months not yet closed are reserved. Closing the j-th
-month (in the order months are closed) books, per funder, split(j x price) - split((j-1) x price)
-(largest remainder, `money.split_cents`): each month's entries add up to the price to the cent,
-and once every month is closed each funder's consumed + released equals its commitment exactly.
-So at any time, per funder: committed = consumed + released + reserved.
+Money. The activation committed `months x price` when it started, split between its funders by
+their shares (largest remainder, `money.split_cents`). Every month is *closed* once: consumed
+(owed) or released (never owed); months not yet closed are reserved. Closing months books the
+price of each, split between the funders in proportion to what each has left (committed - closed;
+`money.split_by_weights`, the same largest-remainder rule), the last closing exactly what is left
+(`closing`): each month's entries add up to the price to the cent, no amount is negative or more
+than its funder has left, and once every month is closed each funder's consumed + released equals
+its commitment exactly. So at any time, per funder: committed = consumed + released + reserved,
+each of them >= 0.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from entitlement.money import split_cents
+from entitlement.money import split_by_weights
 from entitlement.programs import DEFAULTS
 from entitlement.rules import Decision, add_months
 
@@ -160,8 +163,24 @@ def assess(terms: Terms, start: dt.date, end: dt.date, transitions: Sequence[Tra
     return Assessment(tuple(to_consume), open_months)
 
 
-def closing(terms: Terms, closed: Mapping[str, int], months_closed: int) -> dict[str, int]:
-    """Per funder, what to book so that `months_closed` months are closed in all, given the cents
-    already closed (consumed + released) per funder."""
-    target = split_cents(months_closed * terms.price_cents, terms.shares_bp)
-    return {f: target[f] - closed.get(f, 0) for f in sorted(terms.shares_bp)}
+def closing(terms: Terms, committed: Mapping[str, int], closed: Mapping[str, int],
+            months_closed: int) -> dict[str, int]:
+    """Per funder, what to book so that `months_closed` months are closed in all, given what each
+    committed and has already closed (consumed + released).
+
+    The cents to close (`months_closed` x price, less what is closed) are split in proportion to
+    what each funder has left (committed - closed; money.split_by_weights), and the last closing
+    books exactly what is left. So every amount is between 0 and what its funder has left: a funder
+    never closes more than it committed, nor a negative amount. (Split by the fixed shares instead,
+    as split(j x price) - split((j - 1) x price), a funder whose share of a month is under a cent
+    could get -1 cent in a later month, three funders or more: the largest-remainder rule is not
+    monotonic (found by a review: 3 / 9996 / 1 bp at 15 EUR, the fourth month booked -1 cent for
+    the third funder, who had consumed 1 cent of a 0-cent commitment by then).)"""
+    left = {f: committed.get(f, 0) - closed.get(f, 0) for f in sorted(terms.shares_bp)}
+    cents = months_closed * terms.price_cents - sum(closed.values())
+    if cents <= 0:
+        return dict.fromkeys(left, 0)
+    reserved = sum(max(v, 0) for v in left.values())
+    if cents >= reserved:  # the last closing (or commitments short of the plan: never more than left)
+        return {f: max(v, 0) for f, v in left.items()}
+    return split_by_weights(cents, {f: max(v, 0) for f, v in left.items()})

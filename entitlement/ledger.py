@@ -148,7 +148,7 @@ def settle(s: Session, deps: Deps, a: Activation, today: dt.date, *, until: dt.d
     months_closed = sum(closed.values()) // t.price_cents
     for month in due:
         months_closed += 1
-        amounts = consumption.closing(t, closed, months_closed)
+        amounts = consumption.closing(t, b.committed, closed, months_closed)
         _book(s, deps, a, "consume", month.label, amounts)
         booking.months_consumed.append(month.label)
         for f, cents in amounts.items():
@@ -156,7 +156,7 @@ def settle(s: Session, deps: Deps, a: Activation, today: dt.date, *, until: dt.d
             booking.consumed[f] = booking.consumed.get(f, 0) + cents
     target = t.months - open_months
     if target > months_closed:
-        amounts = consumption.closing(t, closed, target)
+        amounts = consumption.closing(t, b.committed, closed, target)
         _book(s, deps, a, "release", today.strftime("%Y-%m"), amounts)
         counters.release(s, a.program_id, sum(amounts.values()))
         booking.released = amounts
@@ -171,12 +171,13 @@ def consume_month(s: Session, deps: Deps, a: Activation, label: str) -> dict[str
     assert t is not None
     if t.price_cents == 0:
         return {}
-    closed = balances(s, a.id).closed()
+    b = balances(s, a.id)
+    closed = b.closed()
     months_closed = sum(closed.values()) // t.price_cents + 1
     if months_closed > t.months:  # unreachable while the checks above hold; never overspend
         raise FailedPrecondition(f"nothing is reserved any more for {label}", reason="REPORT_WINDOW_CLOSED",
                                  metadata={"month": label})
-    amounts = consumption.closing(t, closed, months_closed)
+    amounts = consumption.closing(t, b.committed, closed, months_closed)
     _book(s, deps, a, "consume", label, amounts)
     return amounts
 

@@ -30,6 +30,27 @@ def split_cents(total_cents: int, shares_bp: Mapping[str, int]) -> dict[str, int
     return floors
 
 
+def split_by_weights(total_cents: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """Split `total_cents` in proportion to non-negative integer `weights` (not all zero), by the
+    same largest-remainder rule as split_cents (ties by funder id). With `total_cents` at most the
+    weights' sum, each part is at most its weight: closings split by what each funder has left
+    never take more than that (entitlement/consumption.py `closing`)."""
+    if total_cents < 0 or any(w < 0 for w in weights.values()):
+        raise ValueError("total and weights must not be negative")
+    whole = sum(weights.values())
+    if whole == 0:
+        raise ValueError("the weights must not all be zero")
+    floors: dict[str, int] = {}
+    remainders: list[tuple[int, str]] = []
+    for funder in sorted(weights):
+        floors[funder], rest = divmod(total_cents * weights[funder], whole)
+        remainders.append((rest, funder))
+    left = total_cents - sum(floors.values())
+    for _, funder in sorted(remainders, key=lambda r: (-r[0], r[1]))[:left]:
+        floors[funder] += 1
+    return floors
+
+
 def format_eur(cents: int) -> str:
     sign = "-" if cents < 0 else ""
     euros, rest = divmod(abs(cents), 100)
