@@ -119,8 +119,12 @@ def is_live(a: Activation, today: dt.date) -> bool:
 
 
 def _book(s: Session, deps: Deps, a: Activation, kind: str, month: str, amounts: dict[str, int]) -> None:
+    """The entries of one closing. A consumed month gets an entry for every funder, 0 cents
+    included (a share under a cent a month rounds to 0 in some months): the funding report counts a
+    funder's person-months by its consume entries (audit.proto `person_months_consumed`), and
+    missed that funder's months of 0 cents (found by a review). A release of 0 cents is not written."""
     for funder, cents in sorted(amounts.items()):
-        if cents:
+        if cents or kind == "consume":
             s.add(LedgerEntry(activation_id=a.id, program_id=a.program_id, funder_id=funder, kind=kind,
                               month=month, amount_cents=cents, created_at=deps.clock.now()))
 

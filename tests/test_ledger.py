@@ -801,3 +801,31 @@ def test_three_uneven_funders_are_booked_month_by_month_without_a_negative_or_ov
                 per_month[r.month] += r.amount_cents
         assert dict(per_month) == {m: 1500 for m in ("2026-03", "2026-04", "2026-05", "2026-06", "2026-07")}
         assert {f: closed[f] for f in committed} == committed  # revoked: everything closed, exactly
+
+
+def test_a_funder_whose_share_of_a_month_rounds_to_nothing_still_counts_that_person_month(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """audit.proto: `person_months_consumed` counts the activations with a consume entry of the
+    funder that month. A funder at 1 bp of 20 EUR (0.2 cent a month) had an entry one month in five,
+    so its report counted one person-month where five were consumed (found by a review): every
+    consumed month now books an entry for every funder, 0 cents included."""
+    from entitlement import doctor
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    _program_with(programs, "tiny-share", {"funder-a": 1, "funder-b": 9999}, 2000, 12)
+    with own_server(backend[0], tmp_path / "own", request, programs_dir=programs) as h:
+        api = Api(h)
+        agency_id, birth = next_ledger_person()
+        name = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/tiny-share",
+            platform="platforms/openclassrooms", reason="test")).activation.name
+        with on_day(h, D(2026, 7, 20)):  # the months beginning 16 March to 16 July: five
+            jobs.run_settlement(h.ctx, activation_ids=[name.split("/")[1]])
+            assert doctor.check(h.ctx.db) == []
+        report = api.admin.GetFundingReport(audit_pb2.GetFundingReportRequest(program="programs/tiny-share"))
+        months = {(r.funder, r.month): (r.consumed_cents, r.person_months_consumed) for r in report.rows
+                  if r.consumed_cents or r.person_months_consumed}
+        labels = ("2026-03", "2026-04", "2026-05", "2026-06", "2026-07")
+        assert {m: months.get(("funder-a", m), (0, 0))[1] for m in labels} == dict.fromkeys(labels, 1)
+        assert {m: months.get(("funder-b", m), (0, 0))[1] for m in labels} == dict.fromkeys(labels, 1)
+        assert sum(months[("funder-a", m)][0] + months[("funder-b", m)][0] for m in labels) == 5 * 2000
