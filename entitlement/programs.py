@@ -37,6 +37,8 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "registry_data_fresh": ("max_registry_age_days",),
 }
 COMMON_PARAMETERS = ("price_per_month_cents", "activation_months", "funders")
+MAX_PRICE_CENTS = 10_000_000  # 100,000 EUR a month: far above any real price, far below 64-bit sums
+MAX_CAP = 10**15  # seats or cents: the counters stay far below 64 bits
 # Parameters any program may set. `months_after_registration_end`: when the registry knows the
 # registration's end, access ends on the last day of the Nth month after it (0: that same month).
 # `funders_owe`: `access` (each month of access begun is owed; the default when absent) or `use`
@@ -155,14 +157,16 @@ def _check_value(path: Path, field: str, name: str, value: object) -> None:
         raise ProgramFileError(path, field, msg)
 
     if name in ("price_per_month_cents",):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            fail("must be a non-negative integer number of cents")
+        # (Bounded: an activation commits price x up to 120 months, summed in the program's 64-bit
+        # counter; an unbounded price failed at the first activation with a database error.)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PRICE_CENTS:
+            fail(f"must be an integer number of cents from 0 to {MAX_PRICE_CENTS}")
     elif name in ("activation_months", "max_age"):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 120:
             fail("must be an integer from 1 to 120")
     elif name in ("max_seats", "max_budget_cents"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail("must be a positive integer")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CAP:
+            fail(f"must be an integer from 1 to {MAX_CAP}")
     elif name == "max_registry_age_days":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
             fail("must be an integer number of days from 1 to 3650")

@@ -180,6 +180,9 @@ parameters:
 @pytest.mark.parametrize("edit,field", [
     (lambda s: s.replace("tier: premium", "tier: premium\ncolour: blue"), "colour"),
     (lambda s: s.replace("value: 2000", "value: -5"), "parameters.price_per_month_cents.values.2015-09-01.value"),
+    # (price x 120 months summed in a 64-bit counter: an unbounded price failed at the first activation)
+    (lambda s: s.replace("value: 2000", "value: 100000000000000000"),
+     "parameters.price_per_month_cents.values.2015-09-01.value"),
     (lambda s: s.replace("ministry-of-labour: 5000", "ministry-of-labour: 4000"), "parameters.funders.values.2015-09-01.value"),
     (lambda s: s.replace("start: 2015-09-01", "start: 2015-13-01"), "period.start"),
     (lambda s: s.replace("  - registration_active", "  - registration_active\n  - moon_phase"), "criteria[3]"),

@@ -275,7 +275,7 @@ BREAKS = {
                                   "{ministry-of-labour: 5000, france-travail: 4000}"),
                "parameters.funders.values.2015-09-01.value", "shares must sum to 10000"),
     "negative price": (lambda t: _replace(t, "value: 2000\n", "value: -2000\n"),
-                       "parameters.price_per_month_cents.values.2015-09-01.value", "non-negative"),
+                       "parameters.price_per_month_cents.values.2015-09-01.value", "from 0 to 10000000"),
     "bad period date": (lambda t: _replace(t, "start: 2015-09-01", "start: 2015-13-01"),
                         "period.start", "expected a date YYYY-MM-DD"),
     "bad value date": (lambda t: _replace(t, "      2015-09-01:\n        value: 12\n", "      2015-02-30:\n        value: 12\n"),
