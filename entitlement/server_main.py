@@ -177,7 +177,7 @@ def start(ctx: Context, listen: str) -> Serving:
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), ours)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), ours)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), ours)
-    health_servicer = health.HealthServicer()
+    health_servicer = public.Health()  # grpc's, without its deadlock (entitlement/api/public.py)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection's streams on a pool of their own, capped (entitlement/api/public.py): open ones
     # held the unary calls' threads.

@@ -407,6 +407,42 @@ def test_open_health_watches_and_reflection_streams_are_capped_and_leave_the_cal
                 requests.put(None)
 
 
+
+def test_health_watchers_going_away_while_health_flips_never_stop_the_server(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The thread-pool server's health (grpc_health's) sent each status to its watchers holding its
+    lock, and a closing watcher's callback, run on the server's event thread, took that lock: a
+    watcher going away as the status flipped (the database monitor, the server's stop) deadlocked
+    the event thread, and every call of the process with it (seen as a CI run hanging at a test's
+    server stop). Watchers come and go while the status flips; the server still answers after."""
+    from own_server import own_server
+    with own_server(backend[0], tmp_path / "srv", request, server_model="threads") as h:
+        stub = health_pb2_grpc.HealthStub(h.channel)
+        stop = threading.Event()
+
+        def flip() -> None:
+            serving = False
+            while not stop.is_set():
+                h.running.set_serving(serving)
+                serving = not serving
+        flipper = threading.Thread(target=flip, daemon=True)
+        flipper.start()
+        try:
+            for _ in range(60):
+                watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10) for _ in range(6)]
+                for w in watches:
+                    next(w)
+                for w in watches:
+                    w.cancel()
+        finally:
+            stop.set()
+            flipper.join(20)
+        assert not flipper.is_alive(), "setting the health status hangs: the server's event thread is stuck"
+        h.running.set_serving(True)
+        assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
 # ------------------------------------------------------------------------------------------ access log
 
 def _rpc_lines(server: Server, request_ids: set[str]) -> list[dict[str, Any]]:

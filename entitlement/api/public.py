@@ -11,7 +11,8 @@ the unary calls' threads (4 of them and every check waited). Now each kind is ca
 once. Reflection streams of the thread-pool server run on a small pool of their own (one thread
 more than the cap, so that one beyond it is refused rather than queued). The thread-pool server's
 Health.Watch holds nothing (grpc's non-blocking watch: no thread, no call slot) and is not capped.
-Health.Check is unary and never capped."""
+Health.Check is unary and never capped. The thread-pool server's health is grpc's without the
+deadlock of its status updates (`Health`)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,66 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 
 def _refusal(kind: str, limit: int) -> str:
     return (f"this server already holds {limit} open {kind} (ENTITLEMENT_PUBLIC_STREAMS); close one, "
             f"or retry later")
+
+
+class Health(health.HealthServicer):
+    """The thread-pool server's health: grpc's, without its deadlock.
+
+    grpc_health's `set` sends the new status to every watcher while holding the servicer's lock, and
+    each send waits for its completion, which the server's event thread delivers; that same thread
+    runs a closed watch's close callback, which takes the lock to forget the watcher. A watcher
+    closing while a status is sent (a client going away as the database monitor flips health, or
+    as the server stops) stopped that thread for good, and with it every call of the process; Check,
+    which takes the lock too, waited behind it (found as a hang of a test's server stop in CI).
+    Here statuses are sent outside that lock, one `set` after another (`_sends`, never taken by
+    the event thread), so watchers still see them in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sends = threading.Lock()
+
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+        if send_response_callback is None:  # a server without non-blocking streams: grpc's own
+            return super().Watch(request, context)
+        service = request.service
+        with self._sends:
+            with self._lock:
+                status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+            if not context.add_callback(self._on_close_callback(send_response_callback, service)):
+                with self._lock:  # ended already: its close callback will never run
+                    self._send_response_callbacks[service].discard(send_response_callback)
+                return None
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+        return None
+
+    def set(self, service: str, status: Any) -> None:
+        with self._sends:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                self._server_status[service] = status
+                watchers = list(self._send_response_callbacks.get(service, ()))
+            for send in watchers:  # (a watcher closed meanwhile: its send fails at once)
+                send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self) -> None:
+        with self._sends:
+            with self._lock:
+                if self._gracefully_shutting_down:
+                    return
+                services = list(self._server_status)
+        for service in services:
+            self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._lock:
+            self._gracefully_shutting_down = True
 
 
 class CappedReflection(reflection.ReflectionServicer):
