@@ -33,7 +33,7 @@ from entitlement.server_main import start
 from entitlement.storage.migrate import upgrade
 from entitlement.synthetic import COLUMNS
 
-LEDGER_PEOPLE = 400
+LEDGER_PEOPLE = 1000  # people the whole run takes, one by one (next_ledger_person), across every own server
 Person = tuple[str, str, str, str, str]  # birth, postal code, registered, ended ("" = open), category
 
 _counter = itertools.count(1)
