@@ -311,3 +311,36 @@ def test_postgresql_prepares_again_a_statement_whose_plan_no_longer_fits(db: Dat
     assert [tuple(r) for r in db.hot.all(read, {"id": 1})] == [("one",)]
     db.hot._local.conn.pgconn.exec_(b"DEALLOCATE ALL")
     assert [tuple(r) for r in db.hot.all(read, {"id": 1})] == [("one",)]
+
+
+@pytest.mark.parametrize("first", ["pool", "hot"])
+def test_a_lost_connection_seen_by_one_set_of_connections_replaces_the_others(
+        db: Database, request: pytest.FixtureRequest, first: str) -> None:
+    """PostgreSQL: every session of the database ended (a restart, for the server). The first read
+    to meet it fails, through the engines' pools or through the hot reads' per-thread connection;
+    the next read through the other set does not: one disconnect replaces all (each set used to
+    find its own dead connections, so a check could meet two failures in a row: the flake of
+    test_checks_survive_the_loss_of_every_connection)."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite has no server whose sessions could be ended")
+    admin = request.getfixturevalue("pg_server")
+
+    def pool_read() -> None:
+        with db.read() as s:
+            s.execute(text("SELECT 1")).scalar_one()
+
+    def hot_read() -> None:
+        db.hot.first(text("SELECT 1"))
+    reads = {"pool": pool_read, "hot": hot_read}
+    for read in reads.values():  # each set holds a live connection, idle now
+        read()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        ended = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                             "WHERE datname = %s AND pid <> pg_backend_pid()", (db.engine.url.database,)).fetchone()[0]
+    assert ended >= 2
+    with pytest.raises(DBAPIError) as info:
+        reads[first]()
+    assert info.value.connection_invalidated, info.value
+    other = "hot" if first == "pool" else "pool"
+    reads[other]()  # replaced before use: no second failure
+    reads[first]()

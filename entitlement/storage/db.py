@@ -330,6 +330,8 @@ class Database:
         # The hot reads (checks, token verification): one statement on a thread's own autocommit
         # DBAPI connection, made by the reader engine (entitlement/storage/hotread.py).
         self.hot = HotReads(self.reader, DatabaseDown)
+        if self.dialect == "postgresql":
+            _one_disconnect_for_all(self)
         # Writes run on the event loop (`loop_write`), and those deferred to the pool (the tests read them).
         self.loop_writes = self.loop_deferrals = 0
 
@@ -892,6 +894,28 @@ def _ended_by_the_server_is_a_disconnect(engine: Engine) -> None:
         sqlstate = getattr(ctx.original_exception, "sqlstate", None)
         if sqlstate and sqlstate.startswith("57P") and not ctx.is_disconnect:
             ctx.is_disconnect = True
+
+
+def _one_disconnect_for_all(db: "Database") -> None:
+    """A lost connection seen by one of the process's three sets of connections (the writer
+    engine's pool, the reader engine's, the hot reads' per-thread ones) is taken as the loss of all:
+    the server restarted, or an administrator ended every session. The pools' idle connections are
+    closed and the hot reads' replaced before their next use, so a restart costs the callers one
+    UNAVAILABLE, not one per set each met in turn (tests/test_hotread.py saw two now and then: a
+    check met the hot read's dead connection, the next one a pool's)."""
+    def drop_pools() -> None:
+        for engine in (db.engine, db.reader):
+            try:
+                engine.pool.dispose()  # idle connections closed; checked-out ones fail and are replaced
+            except Exception:  # noqa: BLE001 - closing dead connections may fail: they are gone anyway
+                pass
+
+    for engine in (db.engine, db.reader):
+        @event.listens_for(engine, "handle_error")
+        def _on_error(ctx: Any) -> None:  # after _ended_by_the_server_is_a_disconnect's (registered first)
+            if ctx.is_disconnect:
+                db.hot.invalidate()
+    db.hot.on_disconnect = drop_pools
 
 
 def _savepoint_statement(sql: str) -> Any:

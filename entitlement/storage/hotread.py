@@ -188,6 +188,7 @@ class HotReads:
         self._prepared: dict[object, Prepared] = {}
         self._local = threading.local()
         self._generation = 0
+        self.on_disconnect: Callable[[], None] | None = None  # called after a disconnect (set by Database)
         self._lock = threading.Lock()
         # The connections made here (their pool fairies), for dispose(); weak: a thread that ends
         # drops its thread-local fairy, and its connection closes with it.
@@ -283,6 +284,8 @@ class HotReads:
         if disconnect:
             self._local.conn = self._local.fairy = self._local.session = None
             self.invalidate()
+            if self.on_disconnect is not None:
+                self.on_disconnect()  # the engines' pools too (storage.db._one_disconnect_for_all)
         err = DBAPIError.instance(p.sql, None, exc, self._dbapi_error, hide_parameters=True,
                                   connection_invalidated=disconnect, dialect=self._dialect)
         if isinstance(err, OperationalError) and deadline.expired():
