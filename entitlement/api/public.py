@@ -31,7 +31,7 @@ def _refusal(kind: str, limit: int) -> str:
             f"or retry later")
 
 
-class Health(health.HealthServicer):
+class Health(health.HealthServicer):  # type: ignore[misc]  # (grpc_health, grpc_reflection: untyped)
     """The thread-pool server's health: grpc's, without its deadlock.
 
     grpc_health's `set` sends the new status to every watcher while holding the servicer's lock, and
@@ -42,6 +42,8 @@ class Health(health.HealthServicer):
     which takes the lock too, waited behind it (found as a hang of a test's server stop in CI).
     Here statuses are sent outside that lock, one `set` after another (`_sends`, never taken by
     the event thread), so watchers still see them in order."""
+
+    _gracefully_shutting_down: bool  # (grpc_health's)
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,7 +86,7 @@ class Health(health.HealthServicer):
             self._gracefully_shutting_down = True
 
 
-class CappedReflection(reflection.ReflectionServicer):
+class CappedReflection(reflection.ReflectionServicer):  # type: ignore[misc]  # (grpc_health, grpc_reflection: untyped)
     """The thread-pool server's reflection, at most `limit` streams open at once."""
 
     def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
@@ -118,7 +120,7 @@ def add_reflection(server: grpc.Server, service_names: tuple[str, ...], limit: i
     return pool
 
 
-class CappedAioReflection(reflection.aio.ReflectionServicer):
+class CappedAioReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # (grpc_health, grpc_reflection: untyped)
     """The event-loop server's reflection, at most `limit` streams open at once (on the loop: no lock)."""
 
     def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
@@ -126,7 +128,7 @@ class CappedAioReflection(reflection.aio.ReflectionServicer):
         self._limit = limit
         self._count = 0
 
-    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         if self._count >= self._limit:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal("reflection streams", self._limit))
         self._count += 1
@@ -137,7 +139,7 @@ class CappedAioReflection(reflection.aio.ReflectionServicer):
             self._count -= 1
 
 
-class CappedAioHealth(health.aio.HealthServicer):
+class CappedAioHealth(health.aio.HealthServicer):  # type: ignore[misc]  # (grpc_health, grpc_reflection: untyped)
     """The event-loop server's health, at most `limit` Watch streams open at once."""
 
     def __init__(self, limit: int) -> None:
