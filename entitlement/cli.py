@@ -740,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="check the database's invariants (ledger, counters, event log, "
                          "acknowledged requests); exit 1 on any problem")
-    doc.add_argument("--quick", action="store_true", help="skip recomputing every event's leaf hash")
+    doc.add_argument("--quick", action="store_true", help="skip the checks that read every event: each event's leaf hash, and the stored Merkle nodes against their leaves (with --trusted, the log is still checked to extend it, through the stored tree)")
     doc.add_argument("--trusted", metavar="CHECKPOINT", help="a signed checkpoint kept from earlier (GetCheckpoint, "
                      "`audit export`): the log must still extend it")
     doc.add_argument("--json", action="store_true")
