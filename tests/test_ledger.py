@@ -771,10 +771,7 @@ def test_three_uneven_funders_are_booked_month_by_month_without_a_negative_or_ov
     _program_with(programs, "three-uneven", shares, 1500, 12)
     with own_server(backend[0], tmp_path / "own", request, programs_dir=programs) as h:
         api = Api(h)
-        agency_id, birth = next_ledger_person()
-        name = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-            job_seeker=identity(agency_id, birth), program="programs/three-uneven",
-            platform="platforms/openclassrooms", reason="test")).activation.name
+        name = activate(api, "three-uneven").name
         activation_id = name.split("/")[1]
         problems = []
         for day in (D(2026, 3, 20), D(2026, 4, 20), D(2026, 5, 20), D(2026, 6, 20), D(2026, 7, 20)):
@@ -815,10 +812,7 @@ def test_a_funder_whose_share_of_a_month_rounds_to_nothing_still_counts_that_per
     _program_with(programs, "tiny-share", {"funder-a": 1, "funder-b": 9999}, 2000, 12)
     with own_server(backend[0], tmp_path / "own", request, programs_dir=programs) as h:
         api = Api(h)
-        agency_id, birth = next_ledger_person()
-        name = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-            job_seeker=identity(agency_id, birth), program="programs/tiny-share",
-            platform="platforms/openclassrooms", reason="test")).activation.name
+        name = activate(api, "tiny-share").name
         with on_day(h, D(2026, 7, 20)):  # the months beginning 16 March to 16 July: five
             jobs.run_settlement(h.ctx, activation_ids=[name.split("/")[1]])
             assert doctor.check(h.ctx.db) == []
