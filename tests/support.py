@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -205,3 +206,10 @@ def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) 
     while not condition():
         assert time.monotonic() < limit, f"still not true after {limit_s:g} s: {what}"
         time.sleep(0.005)
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a server's log written so far: whole lines only (the text after the last newline may be
+    a record the server is still writing; parsing it failed now and then in CI)."""
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.startswith("{")]

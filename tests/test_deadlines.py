@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import sqlite3
 import threading
 import time
@@ -30,8 +29,8 @@ import psycopg
 import pytest
 from sqlalchemy import func, select, text
 
-from support import (TODAY, Api, Harness, date_msg, expect_error, identity, make_registry_file, next_person,
-                     wait_until)
+from support import (TODAY, Api, Harness, date_msg, expect_error, identity, log_records, make_registry_file,
+                     next_person, wait_until)
 
 from entitlement import counters, deadline, doctor, inflight
 from entitlement.errors import Cancelled, DeadlineExceeded
@@ -94,13 +93,7 @@ class Blocker:
 
 
 def log_lines(h: Harness, request_id: str) -> list[dict[str, Any]]:
-    out = []
-    for line in h.log_path.read_text(encoding="utf-8").splitlines():
-        if request_id in line:
-            record = json.loads(line)
-            if record.get("request_id") == request_id:
-                out.append(record)
-    return out
+    return [r for r in log_records(h.log_path) if r.get("request_id") == request_id]
 
 
 def logged_code(h: Harness, request_id: str) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import sqlite3
 import threading
 import time
@@ -21,7 +20,7 @@ import grpc
 import pytest
 
 from own_server import next_ledger_person, own_server
-from support import Api, Harness, identity, next_person
+from support import Api, Harness, identity, log_records, next_person
 
 from entitlement import aio_server
 from entitlement.storage.db import Database, LoopWriteDeferred, loop_write
@@ -47,13 +46,7 @@ def _redeem(api: Api, token: str) -> Any:
 
 
 def _rpc_lines(log_path: Path, rid: str) -> list[dict[str, Any]]:
-    out = []
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        if rid in line:
-            record = json.loads(line)
-            if record.get("request_id") == rid and record.get("event") == "rpc":
-                out.append(record)
-    return out
+    return [r for r in log_records(log_path) if r.get("request_id") == rid and r.get("event") == "rpc"]
 
 
 def test_signup_writes_run_on_the_loop_on_sqlite_only(harness: Harness) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
-import json
 import os
 import queue
 import re
@@ -34,8 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import create_pg_database, drop_pg_database
-from support import (CALLERS, SPECIAL, Api, As, Harness, date_msg, failure, identity, make_registry_file,
-                     next_person, pool_birth)
+from support import (CALLERS, SPECIAL, Api, As, Harness, date_msg, failure, identity, log_records,
+                     make_registry_file, next_person, pool_birth)
 
 from entitlement import registry
 from entitlement.callers import write_callers
@@ -109,13 +108,7 @@ class ServerDir:
                               timeout=timeout)
 
     def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        # Whole lines only: the text after the last newline may be a line the server is still writing.
-        for raw in self.log_path.read_text(encoding="utf-8").split("\n")[:-1]:
-            raw = raw.strip()
-            if raw.startswith("{"):
-                lines.append(json.loads(raw))
-        return lines
+        return log_records(self.log_path)
 
 
 def prepare(root: Path, database_url: str | None = None, *, migrate: bool = True,
@@ -575,7 +568,7 @@ def test_agency_ids_and_birth_dates_never_reach_the_log(api: Api, harness: Harne
             fn(request, metadata=md(caller))
 
     text = harness.log_path.read_text(encoding="utf-8")
-    logged = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    logged = log_records(harness.log_path)
     assert {x["request_id"] for x in logged if x.get("event") == "rpc"} >= set(rids), "the calls were not logged"
     secrets = {a, b, c, ended[0]}
     for d in (a_birth, b_birth, c_birth, b_birth + dt.timedelta(days=3), b_birth - dt.timedelta(days=1), ended[1]):

@@ -20,7 +20,6 @@ from typing import Any
 
 import asyncio
 import datetime as dt
-import json
 import threading
 import uuid
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 from sqlalchemy.exc import OperationalError
 
-from support import failure
+from support import failure, log_records
 
 from entitlement import aio_server, deadline
 from entitlement.api.accesslog import AccessLogInterceptor
@@ -173,7 +172,7 @@ class Edge:
         return rid, answer
 
     def lines(self, rid: str) -> list[dict[str, Any]]:
-        return [x for x in map(json.loads, self.log_path.read_text().splitlines()) if x.get("request_id") == rid]
+        return [x for x in log_records(self.log_path) if x.get("request_id") == rid]
 
 
 def _handler(request: bytes, context: grpc.ServicerContext) -> bytes:
