@@ -32,7 +32,7 @@ def _add_pid(_logger: object, _name: str, event: dict[str, object]) -> dict[str,
 # already exists.", "Failing row contains (...)."): a platform's account id, a request's text. The
 # engine hides bound parameters, but the server's own text travels in the exception's message, and
 # an exception no handler expected is logged with its traceback (entitlement/api/accesslog.py).
-_DETAIL = re.compile(r"^(DETAIL:\s*).+$", re.MULTILINE)
+_DETAIL = re.compile(r"(DETAIL:[ \t]*)[^\n]+")  # (anywhere in a line: a message may quote it mid-line)
 
 
 def _hide_row_values(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -268,9 +268,36 @@ def _part(key: object, text: str) -> str:
 os.register_at_fork(after_in_child=_PARTS.clear)  # the process id is in them
 
 
+class _FromStdlib(logging.Handler):
+    """Lines of the standard library's `logging` (SQLAlchemy's pool, grpc, asyncio), from WARNING up,
+    as lines of ours (event `stdlib_log`, the logger's name, its message; a traceback through the same
+    redaction as ours). Without it they went to Python's last-resort handler: plain text among the
+    JSON lines on stderr, and a pool's "Exception during reset" traceback with PostgreSQL's DETAIL
+    line, a row's values, in full."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if "DETAIL:" in message:
+                message = _DETAIL.sub(r"\1(row values not logged)", message)
+            fields: dict[str, Any] = {"logger": record.name, "message": message}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger("entitlement.stdlib").log(record.levelno, "stdlib_log", **fields)
+        except Exception:  # noqa: BLE001 - logging's own convention: never raise from a handler
+            self.handleError(record)
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     if level not in LEVELS:
         raise SystemExit(f"ENTITLEMENT_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _FromStdlib)]:
+        root.removeHandler(handler)
+    root.addHandler(_FromStdlib())
     global _sink, _info_on
     sink = _Sink(stream or sys.stderr)
     _sink, _info_on = sink, LEVELS[level] <= logging.INFO

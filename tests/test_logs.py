@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -210,3 +211,27 @@ def test_only_plain_file_streams_are_written_through_their_descriptor(tmp_path: 
     finally:
         os.close(other)
     assert (base / "other.log").read_text() == ""
+
+
+def test_the_standard_librarys_logging_comes_out_as_our_lines_redacted(stream: io.StringIO,
+                                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """SQLAlchemy's pool, grpc and asyncio log through `logging`: their lines come out as ours (JSON,
+    one per line, to the same stream), a traceback through the same redaction of row values."""
+    pool = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+    try:
+        raise RuntimeError('duplicate key value violates unique constraint "uq_account"\n'
+                           "DETAIL:  Key (account_id)=(alice-account-42) already exists.")
+    except RuntimeError:
+        pool.error("Exception during reset or similar", exc_info=True)
+    logging.getLogger("grpc._server").warning("cannot do %s: %s", "that", "DETAIL:  Failing row contains (bob-7).")
+    logging.getLogger("asyncio").info("below WARNING: not logged")
+    lines = _lines(stream)
+    assert [(x["event"], x["logger"], x["level"]) for x in lines] == [
+        ("stdlib_log", "sqlalchemy.pool.impl.QueuePool", "error"), ("stdlib_log", "grpc._server", "warning")]
+    assert lines[0]["message"] == "Exception during reset or similar"
+    assert "RuntimeError" in lines[0]["exception"] and "uq_account" in lines[0]["exception"]
+    assert lines[1]["message"] == "cannot do that: DETAIL:  (row values not logged)"
+    text = stream.getvalue()
+    assert "alice-account-42" not in text and "bob-7" not in text
+    out, err = capfd.readouterr()
+    assert "Exception during reset" not in out + err  # (Python's last-resort handler wrote it to stderr)
