@@ -258,7 +258,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         st.pipeline()
         live_read = (_LIVE_ROWS, {"program": program.id, "person": person_key})
         st.prefetch(inflight.lock_read(s, caller.id, cmd.request_id), _replay_read(caller, cmd.request_id),
-                    None if live.source == person_facts.LIVE else registry.lookup_read(person_key), live_read)
+                    None if live.facts is not None else registry.lookup_read(person_key), live_read)
         inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
         if replay is not None:

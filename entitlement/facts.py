@@ -1,8 +1,9 @@
 """Where a person's facts come from, for eligibility checks and activations alike.
 
-With a live status source configured, its answer is used (source "live"); when it fails or its
-circuit breaker is open, the latest registry snapshot is used instead and the decision says so
-(source "snapshot_fallback": the data may be stale). Without one, the snapshot (source "snapshot").
+With a live status source configured, its answer is used (source "live"); when it fails, its
+circuit breaker is open, or it does not know a person the snapshot knows (`lookup`), the latest
+registry snapshot is used instead and the decision says so (source "snapshot_fallback": the data
+may be stale). Without one, the snapshot (source "snapshot").
 The live source gets a share of the call's time left (its gRPC deadline, entitlement/deadline.py),
 so that a fallback still comes before the caller gives up.
 
@@ -76,9 +77,21 @@ def ask_live(ctx: Context, agency_id: str, birth_date: dt.date) -> LiveAnswer:
 def lookup(conn: Connection | HotReads | direct.Statements, person_key: bytes, birth_date: dt.date,
            live: LiveAnswer) -> tuple[PersonFacts | None, SnapshotRef | None, str]:
     """(facts, snapshot, source): the live answer when there is one (no snapshot then: the facts
-    were not read from one), else the current snapshot's."""
+    were not read from one), else the current snapshot's.
+
+    A live "not found" (404) about a person the snapshot knows on that birth date is not taken as
+    "not registered": the agency's two sources then disagree on whether the person exists at all,
+    which its API does not do for a real registration (it answers with the end date), and a wrong
+    base path or a gateway answering 404 for everything would refuse every registered person. The
+    snapshot decides (source `snapshot_fallback`), and the log says so (reason `not_found`)."""
     if live.source == LIVE:
-        return live.facts, None, LIVE
+        if live.facts is not None:
+            return live.facts, None, LIVE
+        facts, snapshot = registry.lookup(conn, person_key, birth_date)
+        if facts is None:
+            return None, None, LIVE
+        log.warning("live_status_unavailable", reason="not_found", status=404, fallback="registry snapshot")
+        return facts, snapshot, SNAPSHOT_FALLBACK
     facts, snapshot = registry.lookup(conn, person_key, birth_date)
     return facts, snapshot, live.source
 

@@ -758,10 +758,39 @@ def test_live_answer_registers_someone_the_snapshot_says_ended(live: LiveServer)
 
 
 def test_live_not_found_is_not_registered(live: LiveServer) -> None:
-    agency_id, birth = next_person()
-    d = live.check(agency_id, birth)
+    """A 404 about someone the snapshot does not know either (nor on that birth date): not registered."""
+    d = live.check("NOBODY1", BIRTH)
     assert d.facts_source == "live" and not d.eligible
     assert "NOT_REGISTERED" in [c.reason_code for c in d.criteria]
+    agency_id, birth = next_person()  # in the snapshot, but on another birth date
+    d = live.check(agency_id, birth + dt.timedelta(days=1))
+    assert d.facts_source == "live" and not d.eligible
+    assert "NOT_REGISTERED" in [c.reason_code for c in d.criteria]
+    assert live.agency.requests == 2
+
+
+def test_live_not_found_about_someone_the_snapshot_knows_falls_back_to_it(live: LiveServer) -> None:
+    """A source answering 404 for everyone (a wrong base path, a gateway's catch-all) refuses no
+    registered person: the snapshot decides, checks and activations alike, and the log says why."""
+    agency_id, birth = next_person()  # registered and eligible in the snapshot; the fake does not know them
+    d = live.check(agency_id, birth)
+    assert (d.facts_source, d.eligible) == ("snapshot_fallback", True), [
+        c.reason_code for c in d.criteria if not c.passed]
+    assert d.registry_snapshot.startswith("registrySnapshots/")
+    other_id, other_birth = next_person()
+    act = live.advisor().ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(other_id, other_birth), program="programs/premium-job-seekers",
+        platform="platforms/openclassrooms", reason="live 404 test")).activation
+    assert act.decision.facts_source == "snapshot_fallback" and act.decision.eligible
+    assert act.decision.registry_snapshot.startswith("registrySnapshots/")
+    d = live.check("ENDED01", dt.date(1980, 4, 2))  # known to the snapshot as ended: its reason, not NOT_REGISTERED
+    assert d.facts_source == "snapshot_fallback"
+    assert [c.reason_code for c in d.criteria if not c.passed] == ["REGISTRATION_ENDED"]
+    assert live.agency.requests == 3  # one each: a 404 is not retried
+    assert live.client.breaker.state == CLOSED  # the source answered
+    log = Path(live.h.log_path).read_text()
+    assert '"reason": "not_found"' in log
+    assert agency_id not in log and other_id not in log and birth.isoformat() not in log
 
 
 def test_live_source_failing_falls_back_to_the_snapshot(live: LiveServer) -> None:

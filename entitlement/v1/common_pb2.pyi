@@ -243,8 +243,8 @@ class EligibilityDecision(_message.Message):
     facts_source: _builtins.str
     """Where the person's facts came from: `live` (the agency's live status source answered),
     `snapshot` (no live source is configured: the latest registry snapshot), or
-    `snapshot_fallback` (the live source was unavailable and the decision used the latest
-    snapshot, which may be stale).
+    `snapshot_fallback` (the live source was unavailable, or answered "not found" about a person
+    the snapshot knows, and the decision used the latest snapshot, which may be stale).
     """
     @_builtins.property
     def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___Criterion]:
