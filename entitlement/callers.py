@@ -15,6 +15,9 @@ also lets the database find a token by an indexed equality lookup.
 Lookups in the table are cached in memory for ENTITLEMENT_CALLER_CACHE_SECONDS (default 10) per
 token, so a call does not hit the database each time: a revocation takes effect on every server
 process within that time. Expiry is checked against the clock at each call, on the cached row.
+A token the table does not hold is not remembered: it is looked up again at its next call (a
+caller created meanwhile is accepted at once, and random tokens cannot push the entries of real
+callers out of the bounded cache).
 The Caller value handed to handlers is the same whatever the source.
 """
 
@@ -152,7 +155,7 @@ class Directory:
     revoked); `by_id(caller_id)` -> the caller a client certificate names, when it has a usable
     credential. The file is looked at first (no database work for its callers)."""
 
-    MAX_ENTRIES = 10_000  # tokens (good and bad) remembered; the oldest go first
+    MAX_ENTRIES = 10_000  # answers remembered (tokens the table holds, certificates' callers); the oldest go first
 
     def __init__(self, file: CallerDirectory, db: "Database | None", now: Callable[[], dt.datetime], *,
                  ttl_seconds: float = 10.0, monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -163,14 +166,15 @@ class Directory:
 
     # -- the cache ------------------------------------------------------------------------------
 
-    def _cached(self, key: str, load: Callable[[], Any]) -> Any:
+    def _cached(self, key: str, load: Callable[[], Any], *, keep_none: bool = True) -> Any:
+        """`load()`, remembered under `key` for the cache time; a None answer only with `keep_none`."""
         if self.ttl > 0:
             with self._lock:
                 hit = self._cache.get(key)
                 if hit is not None and self._monotonic() - hit[0] < self.ttl:
                     return hit[1]
         value = load()
-        if self.ttl > 0:
+        if self.ttl > 0 and (value is not None or keep_none):
             with self._lock:
                 self._cache[key] = (self._monotonic(), value)
                 self._cache.move_to_end(key)
@@ -200,7 +204,10 @@ class Directory:
         caller = self.file.resolve_digest(digest)
         if caller is not None:
             return caller
-        cred: Credential | None = self._cached("t:" + digest, lambda: self._by_hash(digest))
+        # An unknown token is not remembered (a None answer): remembered, it kept a caller created
+        # just after a failed attempt with its token refused for the cache time, and a stream of
+        # random tokens pushed every real caller's entry out of the cache (found by a review).
+        cred: Credential | None = self._cached("t:" + digest, lambda: self._by_hash(digest), keep_none=False)
         if cred is None:
             raise Unauthenticated("invalid credentials", reason="CREDENTIALS_INVALID")
         problem = cred.problem(self.now())

@@ -29,7 +29,7 @@ from support import As, Failure, Harness, expect_error, failure, identity
 
 from entitlement import cli, credentials
 from entitlement.api.ratelimit import TokenBuckets
-from entitlement.callers import Caller, CallerDirectory, Directory, make_caller, token_hash
+from entitlement.callers import Caller, CallerDirectory, Directory, make_caller, new_token, token_hash
 from entitlement.config import ROOT
 from entitlement.errors import Unauthenticated
 from entitlement.server_main import start
@@ -177,6 +177,34 @@ def test_a_revoked_caller_is_refused_within_the_cache_time(managed: Harness) -> 
         credentials.revoke(h.ctx.db, caller_id, now=h.clock.now(), actor=OPERATOR)
     with pytest.raises(credentials.CallerError, match="no usable token"):
         credentials.rotate(h.ctx.db, caller_id, now=h.clock.now(), actor=OPERATOR, overlap=dt.timedelta(0))
+
+
+def test_a_token_refused_once_works_as_soon_as_its_caller_exists(managed: Harness,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown token is not remembered: it was, for the cache time, so a caller created just
+    after a failed attempt with its token stayed refused that long."""
+    h = managed
+    token = new_token()
+    refused(h, token, "CREDENTIALS_INVALID")
+    assert "t:" + token_hash(token) not in h.ctx.callers._cache
+    monkeypatch.setattr(credentials, "new_token", lambda: token)  # the token the operator is given
+    create(h, make_caller(unique("adv"), "advisor", advisor_id="A0106", agency_code="75011"))
+    works(h, token)
+
+
+def test_random_tokens_do_not_push_real_callers_out_of_the_cache(managed: Harness,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown tokens took places in the bounded cache, the oldest entries going first: a stream of
+    random tokens made every real caller's next call read the database again."""
+    h = managed
+    token = create(h, make_caller(unique("adm"), "admin"))
+    works(h, token)
+    key = "t:" + token_hash(token)
+    assert key in h.ctx.callers._cache
+    monkeypatch.setattr(h.ctx.callers, "MAX_ENTRIES", 20)
+    for _ in range(50):
+        refused(h, new_token(), "CREDENTIALS_INVALID")
+    assert key in h.ctx.callers._cache
 
 
 def test_caller_ids_are_never_reused(managed: Harness) -> None:
@@ -357,10 +385,10 @@ def test_the_directory_caches_lookups_for_its_ttl(tmp_path: Path) -> None:
         with pytest.raises(Unauthenticated) as exc:
             directory.authenticate(token)
         assert exc.value.reason == "CREDENTIALS_REVOKED" and reads == 2
-        for _ in range(3):  # unknown tokens are remembered too: no database read per bad call
+        for _ in range(3):  # unknown tokens are not remembered: one read per attempt
             with pytest.raises(Unauthenticated):
                 directory.authenticate("x" * 43)
-        assert reads == 3
+        assert reads == 5
     finally:
         db.dispose()
 
