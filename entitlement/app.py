@@ -75,6 +75,14 @@ def _context(settings: Settings, db: Database, catalog: ProgramCatalog, clock: C
              create_secrets: bool) -> Context:
     ensure_current(db)
     clock = clock or SystemClock(settings.timezone)
+    # The credentials file is optional once callers are managed in the database.
+    callers = Directory(CallerDirectory.load(settings.callers_file) if settings.callers_file.exists()
+                        else CallerDirectory.empty(), db, clock.now, ttl_seconds=settings.caller_cache_seconds)
+    shared = callers.shared_ids()
+    if shared:
+        raise SystemExit(f"caller id(s) {', '.join(shared)} in both the credentials file {settings.callers_file} "
+                         "and the database (`entitlement callers list`): one id would be two callers. Give the "
+                         "file's callers other ids (ids of the database are never reused, even revoked)")
     return Context(
         settings=settings,
         db=db,
@@ -83,9 +91,7 @@ def _context(settings: Settings, db: Database, catalog: ProgramCatalog, clock: C
         keys=KeyStore.load(settings.key_dir, create=create_secrets, now=clock.now(),
                            token_ttl=dt.timedelta(days=settings.token_ttl_days)),
         pseudo=Pseudonymizer.from_file(settings.pseudonym_key_file, create=create_secrets),
-        # The credentials file is optional once callers are managed in the database.
-        callers=Directory(CallerDirectory.load(settings.callers_file) if settings.callers_file.exists()
-                          else CallerDirectory.empty(), db, clock.now, ttl_seconds=settings.caller_cache_seconds),
+        callers=callers,
         clock=clock,
         live=live_status_client(settings),
         log_signer=load_signer(settings.log_key_path, settings.log_origin, create=create_secrets),

@@ -215,6 +215,10 @@ class Directory:
             raise Unauthenticated("these credentials were revoked", reason="CREDENTIALS_REVOKED")
         if problem == "EXPIRED":
             raise Unauthenticated("these credentials have expired", reason="CREDENTIALS_EXPIRED")
+        if self.file.get(cred.caller.id) is not None:  # one id, two callers (see `shared_ids`)
+            raise PermissionDenied(f"caller {cred.caller.id} is also a caller of the credentials file: an operator "
+                                   "must revoke this one and create it again under another id",
+                                   reason="CALLER_MISCONFIGURED")
         if problem == "MISCONFIGURED":
             raise PermissionDenied("this caller's agency code is not 1 to 16 letters, digits, '.', '_' or '-': "
                                    "an operator must create it again with a valid one", reason="CALLER_MISCONFIGURED")
@@ -231,6 +235,20 @@ class Directory:
             if not cred.problem(now):
                 return cred.caller
         return None
+
+    def shared_ids(self) -> list[str]:
+        """The ids of the credentials file that the table holds too: each would be two callers
+        (roles and scopes of their own) under one id, sharing its rate limit, its idempotency
+        records and, under mutual TLS, its certificate. The server refuses to start with any."""
+        ids = sorted(self.file._by_id)
+        if self.db is None or not ids:
+            return []
+        from sqlalchemy import select
+
+        from entitlement.storage.models import CallerCredential
+        with self.db.read() as s:
+            return sorted(s.execute(select(CallerCredential.caller_id).where(
+                CallerCredential.caller_id.in_(ids)).distinct()).scalars())
 
     def _by_hash(self, digest: str) -> Credential | None:
         if self.db is None:

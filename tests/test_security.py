@@ -27,7 +27,7 @@ from sqlalchemy import select
 from own_server import next_ledger_person, on_day, own_server
 from support import As, Failure, Harness, expect_error, failure, identity
 
-from entitlement import cli, credentials
+from entitlement import app, cli, credentials
 from entitlement.api.ratelimit import TokenBuckets
 from entitlement.callers import Caller, CallerDirectory, Directory, make_caller, new_token, token_hash
 from entitlement.config import ROOT
@@ -219,6 +219,22 @@ def test_caller_ids_are_never_reused(managed: Harness) -> None:
         make_caller("x1", "advisor", advisor_id="A1")
     with pytest.raises(ValueError, match="has no platform"):
         make_caller("x1", "funder", funder_id="f", platform_id="p")
+
+
+def test_an_id_both_in_the_file_and_in_the_database_is_refused(backend: tuple[str, str], tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    """One id, two callers (roles and scopes of their own, one rate limit, one set of idempotency
+    records): a database caller made with an id of the file by an operator whose `callers create`
+    did not see the file. The server started, and served both."""
+    with own_server(backend[0], tmp_path / "shared", request) as h:
+        token = credentials.create(h.ctx.db, make_caller("funder-idf", "admin"), now=h.clock.now(),
+                                   actor=OPERATOR).token  # without `file`: the operator's own settings
+        f = expect_error(as_token(h, token).ListPrograms, eligibility_pb2.ListProgramsRequest(),
+                         grpc.StatusCode.PERMISSION_DENIED)
+        assert f.reason == "CALLER_MISCONFIGURED" and "credentials file" in f.message
+        works(h, h.tokens["funder-idf"])  # the file's caller keeps its id
+        with pytest.raises(SystemExit, match="funder-idf"):  # and a server no longer starts
+            app.build(h.ctx.settings, clock=h.clock)
 
 
 # Two operators at once on one caller id (PostgreSQL, READ COMMITTED, was the racy one: the row locks
