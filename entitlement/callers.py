@@ -100,6 +100,7 @@ class CallerDirectory:
         except ValueError as exc:
             raise SystemExit(f"callers file {path}: not valid JSON ({exc})") from None
         entries: dict[str, Caller] = {}
+        first: dict[str, tuple[int, Caller]] = {}  # by id and by token hash: the entry that came first
         for i, raw in enumerate(doc.get("callers", []) if isinstance(doc, dict) else []):
             where = f"callers file {path}: callers[{i}]"
             if not isinstance(raw, dict):
@@ -108,6 +109,16 @@ class CallerDirectory:
             if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
                 raise SystemExit(f"{where}.token_sha256: expected 64 lowercase hex digits")
             caller = _caller(where, raw)
+            # One id is one caller (several tokens of one caller are fine), one token one entry: the
+            # later entry silently took the token, or the id, of the earlier one.
+            if "t:" + digest in first:
+                raise SystemExit(f"{where}.token_sha256: the token of callers[{first['t:' + digest][0]}] too")
+            seen = first.get("i:" + caller.id)
+            if seen is not None and seen[1] != caller:
+                raise SystemExit(f"{where}.id: {caller.id} is callers[{seen[0]}] already, with another role or "
+                                 "scope (one id, one caller)")
+            first.setdefault("i:" + caller.id, (i, caller))
+            first["t:" + digest] = (i, caller)
             entries[digest] = caller
         return cls(entries)
 

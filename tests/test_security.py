@@ -237,6 +237,30 @@ def test_an_id_both_in_the_file_and_in_the_database_is_refused(backend: tuple[st
             app.build(h.ctx.settings, clock=h.clock)
 
 
+def test_the_credentials_file_holds_one_caller_per_id_and_one_entry_per_token(tmp_path: Path) -> None:
+    """Two entries of one id with other roles or scopes loaded as two callers under one id (the
+    later one also named by a client certificate), and two entries of one token kept the later
+    one only: both are refused at load now, naming the entries."""
+    path = tmp_path / "callers.json"
+
+    def entry(caller: Caller, token: str) -> dict[str, str]:
+        return {**{k: v for k, v in vars(caller).items() if v}, "token_sha256": token_hash(token)}
+
+    advisor = Caller(id="x1", role="advisor", advisor_id="A1", agency_code="75011")
+    admin = Caller(id="x1", role="admin")
+    path.write_text(json.dumps({"callers": [entry(advisor, "a" * 43), entry(admin, "b" * 43)]}))
+    with pytest.raises(SystemExit, match=r"callers\[1\]\.id: x1 is callers\[0\] already"):
+        CallerDirectory.load(path)
+    other = Caller(id="x2", role="admin")
+    path.write_text(json.dumps({"callers": [entry(advisor, "a" * 43), entry(other, "a" * 43)]}))
+    with pytest.raises(SystemExit, match=r"callers\[1\]\.token_sha256: the token of callers\[0\] too"):
+        CallerDirectory.load(path)
+    # Two tokens of one caller are fine.
+    path.write_text(json.dumps({"callers": [entry(advisor, "a" * 43), entry(advisor, "c" * 43)]}))
+    file = CallerDirectory.load(path)
+    assert file.resolve("a" * 43) == file.resolve("c" * 43) == advisor
+
+
 # Two operators at once on one caller id (PostgreSQL, READ COMMITTED, was the racy one: the row locks
 # of `credentials._rows` left a create with nothing to lock, and a revocation blind to the rows a
 # rotation it waited on had added). `_rows` is wrapped to hold the first command inside its
