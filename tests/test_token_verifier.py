@@ -63,7 +63,7 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> World:
     other = tokens.KeyStore.load(tmp_path_factory.mktemp("verifier-other") / "keys", create=True, now=now)
     jwks = store.jwks_json(now)
     return World(now, store, store.signer(now), other.signer(now), jwks, bt.TokenVerifier(jwks, ISSUER, PLATFORM),
-                 TokenVerifier(jwks, ISSUER, PLATFORM, leeway_s=0))
+                 TokenVerifier(jwks, ISSUER, PLATFORM))  # both allow 60 s, README's PyJWT code as ours
 
 
 # ------------------------------------------------------------------------------ making tokens
@@ -520,6 +520,36 @@ def test_leeway_applies_to_exp_nbf_and_iat(w: World) -> None:
         v.verify(iat_ahead, now=t + 69)
     assert refused.value.reason == tv.NOT_YET_VALID
     assert TokenVerifier(w.jwks, ISSUER, PLATFORM).leeway_s == tv.DEFAULT_LEEWAY_S
+
+
+def readme_pyjwt_verifier() -> type:
+    """README's "With PyJWT" code block, run as a platform would paste it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("#### With PyJWT", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md (With PyJWT)", "exec"), namespace)
+    verifier: type = namespace["TokenVerifier"]
+    return verifier
+
+
+def test_the_pyjwt_verifier_of_the_readme_allows_the_same_clock_skew(w: World) -> None:
+    """A platform whose clock runs 30 s behind the service (or a token 30 s past its exp) gets the
+    same answer from README's PyJWT code, its copy in bench/tokens.py and the recommended
+    verifier: accepted, as the 60 s the README promises; an hour off, refused by all three."""
+    verifiers: dict[str, Callable[[str], Any]] = {
+        "README": readme_pyjwt_verifier()(w.jwks, ISSUER, PLATFORM).verify,
+        "bench": bt.TokenVerifier(w.jwks, ISSUER, PLATFORM).verify,
+        "token_verifier": TokenVerifier(w.jwks, ISSUER, PLATFORM).verify,
+    }
+    ahead = real(w, issued_at=_at(30), not_before=_at(30), expires_at=_at(HOUR))  # signed 30 s "in the future"
+    just_expired = real(w, issued_at=_at(-HOUR), not_before=_at(-HOUR), expires_at=_at(-30))
+    for name, verify in verifiers.items():
+        for token in (ahead, just_expired):
+            assert verify(token) == payload_of(token), name
+        for token in (real(w, issued_at=_at(HOUR), not_before=_at(HOUR), expires_at=_at(2 * HOUR)),
+                      real(w, issued_at=_at(-2 * HOUR), not_before=_at(-2 * HOUR), expires_at=_at(-HOUR))):
+            with pytest.raises((jwt.InvalidTokenError, InvalidToken)):
+                verify(token)
 
 
 def test_jwks_loading_keeps_only_ed25519_keys(w: World) -> None:
