@@ -16,10 +16,12 @@ Key store: a folder (ENTITLEMENT_KEY_DIR) kept apart from the database. Each key
   refuses it.
 
 A key without metadata (deployments of before rotation, hand-made keys) is created and signs from
-its file's mtime; a key superseded without a recorded `retire_after` retires when the next key
-(by `sign_from`) starts signing. The signer is the newest key whose `sign_from` has passed, per
-the service clock (every method takes `now`); when no key has reached its `sign_from` yet (a
-first key, or a service clock behind the key files) the earliest one signs.
+its file's mtime; a key superseded without a recorded `retire_after` retires when the next key (by
+`sign_from`) starts signing; the newest key never retires, whatever its metadata says (a rotation
+undone by deleting the new key's files before it signs leaves the old key signing). The signer is
+the newest key whose `sign_from` has passed, per the service clock (every method takes `now`); when
+no key has reached its `sign_from` yet (a first key, or a service clock behind the key files) the
+earliest one signs.
 
 `entitlement keys create|rotate|list` manage the folder. Files are written atomically (a temp
 name, then a rename) and the metadata before the key, so a reader never sees a half-written key
@@ -161,13 +163,17 @@ class SigningKey:
 
 def _with_retirements(keys: list[SigningKey]) -> tuple[SigningKey, ...]:
     """Sorted by sign_from; each key's effective retirement is its recorded retire_after or, at the
-    latest, the instant the next key starts signing (it signs nothing after that)."""
+    latest, the instant the next key starts signing (it signs nothing after that). The newest key
+    never retires: a retire_after recorded for a key with no successor (the new key's files deleted
+    before it signed, a rotation undone) would drop the key that still signs."""
     ordered = sorted(keys, key=lambda k: k.order)
     out = []
     for i, k in enumerate(ordered):
-        candidates = [t for t in (k.retire_after, ordered[i + 1].sign_from if i + 1 < len(ordered) else None)
-                      if t is not None]
-        out.append(replace(k, retire_at=min(candidates) if candidates else None))
+        if i + 1 == len(ordered):
+            out.append(replace(k, retire_at=None))
+            continue
+        successor = ordered[i + 1].sign_from
+        out.append(replace(k, retire_at=successor if k.retire_after is None else min(k.retire_after, successor)))
     return tuple(out)
 
 

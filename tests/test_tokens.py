@@ -193,6 +193,33 @@ def test_a_token_of_a_retiring_key_verifies_until_it_expires(tmp_path: Path) -> 
     assert info.value.reason == "TOKEN_INVALID"  # the key is gone, whatever the token's exp says
 
 
+def test_a_rotation_undone_by_deleting_the_new_key_leaves_the_old_one_signing_and_published(tmp_path: Path) -> None:
+    """`keys rotate` by mistake, then the new key's files deleted before it signs (rotate refuses
+    while a key waits): the old key's recorded retire_after had no key to hand over to. It stays
+    the signer, published, and its tokens verify until they expire; a later rotation is as usual."""
+    keys = tmp_path / "keys"
+    a = tokens.create_first_key(keys, T0)
+    store = KeyStore.load(keys, now=T0, token_ttl=TTL, reload_interval_s=0)
+    b = tokens.rotate(keys, T0, publish_for=24 * HOUR, token_ttl=TTL).new_kid
+    for name in (f"{b}.pem", f"{b}.json"):
+        (keys / name).unlink()
+    store.refresh(force=True)
+
+    late = T0 + 20 * DAY  # well past the abandoned retire_after
+    token = tokens.sign(store, claims_at(late))
+    assert kid_of(token) == a and states(store, late) == {a: "signing"}
+    just_before_exp = late + TTL - dt.timedelta(seconds=1)
+    assert jwks_kids(store, just_before_exp) == [a]
+    assert tokens.verify(store, token, issuer="urn:test", audience="openclassrooms",
+                         now=just_before_exp).jti == _claims(token)["jti"]
+    assert store.signer(T0 + 90 * DAY).kid == a  # something still signs
+
+    c = tokens.rotate(keys, late, publish_for=24 * HOUR, token_ttl=TTL)
+    store.refresh(force=True)
+    assert c.previous_kid == a and store.signer(late + 24 * HOUR).kid == c.new_kid
+    assert states(store, late + 24 * HOUR + TTL) == {a: "expired", c.new_kid: "signing"}
+
+
 def test_keys_without_metadata_sign_from_their_mtime(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     write_bare_key(keys, "legacy-old", T0 - 10 * DAY)
