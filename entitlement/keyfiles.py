@@ -8,6 +8,7 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -44,10 +45,11 @@ def create_private(path: Path, data: bytes) -> None:
 
 
 def load_ed25519(path: Path) -> Ed25519PrivateKey:
-    """The key of a PKCS#8 PEM file; ValueError saying why it is unusable."""
+    """The key of a PKCS#8 PEM file; ValueError saying why it is unusable (a key type `cryptography`
+    does not know raises UnsupportedAlgorithm, not a ValueError: it is one too here)."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"not a readable PKCS#8 PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError("not an Ed25519 private key")

@@ -89,6 +89,16 @@ def write_bare_key(directory: Path, kid: str, mtime: dt.datetime) -> None:
     os.utime(path, (mtime.timestamp(), mtime.timestamp()))
 
 
+def unsupported_key_pem() -> bytes:
+    """A PKCS#8 PEM whose key type `cryptography` does not know (an Ed25519 key with its OID changed
+    to 1.3.101.116): it raises UnsupportedAlgorithm, not ValueError, as an SM2 or a post-quantum key
+    of a newer OpenSSL would."""
+    der = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    der = der.replace(bytes.fromhex("06032b6570"), bytes.fromhex("06032b6574"), 1)
+    return b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(der) + b"-----END PRIVATE KEY-----\n"
+
+
 def claims_at(now: dt.datetime, **kw: Any) -> tokens.TokenClaims:
     ts = int(now.timestamp())
     base: dict[str, Any] = dict(issuer="urn:test", platform_id="openclassrooms", subject="s" * 32,
@@ -296,6 +306,17 @@ def test_reload_waits_for_the_interval_and_keeps_the_keys_when_the_folder_breaks
     (keys / f"{b}.pem").unlink()
     (keys / f"{b}.json").unlink()
     assert store.refresh(force=True) is True and jwks_kids(store, T0) == [a]
+
+
+def test_a_key_file_of_an_unknown_key_type_is_refused_like_any_unusable_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    a = tokens.create_first_key(keys, T0)
+    store = KeyStore.load(keys, now=T0, reload_interval_s=3600)
+    (keys / "zz-unknown-type.pem").write_bytes(unsupported_key_pem())
+    with pytest.raises(SystemExit, match="zz-unknown-type.pem"):
+        KeyStore.load(keys, now=T0)
+    assert store.refresh(force=True) is False  # refused, logged; the keys in force stay
+    assert jwks_kids(store, T0) == [a] and store.signer(T0).kid == a
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -517,6 +538,20 @@ def test_rotation_on_a_running_server(own_server: Harness, tmp_path: Path) -> No
         assert kid_of(later.activation_token) == b
         assert redeem(api, later.activation_token, "acct-" + rid()).active
     assert {k.kid: k.state for k in h.ctx.keys.describe(dropped)} == {a: "expired", b: "signing"}
+
+
+def test_a_running_server_keeps_its_keys_when_a_key_file_of_an_unknown_type_appears(own_server: Harness) -> None:
+    """README: a folder that no longer loads is logged and the keys in force stay. Every call
+    that reads the keys after each reload interval still answers (none fails INTERNAL)."""
+    h, api = own_server, Api(own_server)
+    a = kid_of(api.activate().activation_token)
+    (h.ctx.settings.key_dir / "zz-unknown-type.pem").write_bytes(unsupported_key_pem())
+    for _ in range(3):
+        time.sleep(tokens.RELOAD_INTERVAL_S + 0.1)  # the next use looks at the folder again
+        assert [k["kid"] for k in rpc_jwks(api)["keys"]] == [a]
+        made = api.activate()
+        assert kid_of(made.activation_token) == a
+        assert redeem(api, made.activation_token, "acct-" + rid()).active
 
 
 # ------------------------------------------------------------------------------- token attacks
