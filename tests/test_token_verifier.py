@@ -552,6 +552,41 @@ def test_the_pyjwt_verifier_of_the_readme_allows_the_same_clock_skew(w: World) -
                 verify(token)
 
 
+def test_the_readme_refreshes_the_jwks_at_most_once_a_minute_even_when_the_refresh_fails(
+        w: World, tmp_path: Path) -> None:
+    """README's recommended snippet ("Verifying tokens in Python"), run as written with
+    token_verifier.py: tokens naming unknown kids (anyone can make them) call GetSigningKeys at
+    most once a minute, also while the answer is unusable or the call fails."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("### Verifying tokens in Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    calls: list[str] = []
+
+    def get_signing_keys() -> str:
+        calls.append("GetSigningKeys")
+        if len(calls) % 2:
+            return '{"keys": []}'  # an unusable answer
+        raise ConnectionError("the service is unreachable")
+
+    shutil.copy(Path(tv.__file__), tmp_path / "token_verifier.py")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        namespace: dict[str, Any] = {"jwks_json": w.jwks, "get_signing_keys": get_signing_keys}
+        exec(compile(code, "README.md (Python)", "exec"), namespace)  # issuer and platform: ours
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("token_verifier", None)
+    token = real(w)
+    assert namespace["claims_of"](token) == payload_of(token)
+    namespace["last_refresh"] -= 61  # a minute since the last refresh
+    stranger = jws(w, header(w, kid=w.other.kid), payload_of(token), key=w.other.private)
+    for _ in range(4):
+        with pytest.raises(Exception) as refused:
+            namespace["claims_of"](stranger)
+        assert isinstance(refused.value, (ConnectionError, namespace["InvalidToken"]))
+    assert calls == ["GetSigningKeys"]
+    assert namespace["claims_of"](token) == payload_of(token)  # the keys in force stayed
+
+
 def test_jwks_loading_keeps_only_ed25519_keys(w: World) -> None:
     ours = json.loads(w.jwks)["keys"][0]
     other = w.other.jwk()
