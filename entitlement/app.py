@@ -63,7 +63,9 @@ def build(settings: Settings, *, clock: Clock | None = None, create_secrets: boo
                   lock_timeout_ms=settings.db_lock_timeout_ms, statement_timeout_ms=settings.db_statement_timeout_ms,
                   connect_timeout_s=settings.db_connect_timeout_s,
                   # SQLite: WAL checkpoints off the commits' path (entitlement/storage/db.py).
-                  checkpoint_every_s=SQLITE_CHECKPOINT_EVERY_S)
+                  checkpoint_every_s=SQLITE_CHECKPOINT_EVERY_S,
+                  # PostgreSQL: the planner's statistics kept current (entitlement/storage/pgstats.py).
+                  analyze_every_s=settings.db_analyze_every_s)
     try:
         return _context(settings, db, catalog, clock, create_secrets)
     except BaseException:

@@ -189,6 +189,10 @@ class Settings:
     # - db_ping_timeout_ms: a ping that has not answered within this is a failed ping, unless the
     #   database answered this process's calls after it was sent; a monitor that woke late (the
     #   process stood still) waits as long again, at most this (entitlement/dbhealth.py).
+    # - db_analyze_every_s: PostgreSQL only; how often a server process ANALYZEs the tables that changed
+    #   by more than autovacuum's threshold since their last analyze (entitlement/storage/pgstats.py:
+    #   plans made on stale statistics were measured 10 to 500 times slower); 0 = never (autovacuum's
+    #   business alone).
     # Settings built by hand (tests, benchmarks) keep these defaults. The command-line tools'
     # own Database objects (migrations, doctor, imports, jobs) keep theirs: a 30 s SQLite lock wait,
     # no PostgreSQL timeouts.
@@ -197,6 +201,7 @@ class Settings:
     db_connect_timeout_s: int = 3
     db_ping_ms: int = 1000
     db_ping_timeout_ms: int = 2000
+    db_analyze_every_s: int = 30
 
     @property
     def log_key_path(self) -> Path:
@@ -257,4 +262,6 @@ class Settings:
             db_connect_timeout_s=_int("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", d.db_connect_timeout_s),
             db_ping_ms=_int("ENTITLEMENT_DB_PING_MS", d.db_ping_ms),
             db_ping_timeout_ms=_int("ENTITLEMENT_DB_PING_TIMEOUT_MS", d.db_ping_timeout_ms),
+            db_analyze_every_s=_int("ENTITLEMENT_DB_ANALYZE_EVERY_S", d.db_analyze_every_s, minimum=0,
+                                    maximum=86_400),
         )

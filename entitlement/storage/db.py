@@ -115,6 +115,7 @@ from sqlalchemy.orm import Session
 from entitlement import deadline, rollup
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
+from entitlement.storage.pgstats import StatisticsKeeper
 
 _log = structlog.get_logger("entitlement.storage")
 
@@ -246,13 +247,15 @@ _PING = {True: text("SELECT count(*) FROM sqlite_master"), False: text("SELECT 1
 
 class Database:
     def __init__(self, url: str, *, pool_size: int = 16, echo: bool = False, lock_timeout_ms: int | None = None,
-                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0, checkpoint_every_s: float = 0) -> None:
+                 statement_timeout_ms: int = 0, connect_timeout_s: int = 0, checkpoint_every_s: float = 0,
+                 analyze_every_s: float = 0) -> None:
         """`lock_timeout_ms`: SQLite busy timeout / PostgreSQL lock_timeout (0: unbounded; None: the
         command-line tools' bounds, 30 s on SQLite and none on PostgreSQL);
         `statement_timeout_ms`, `connect_timeout_s`: PostgreSQL only (0: none);
         `checkpoint_every_s`: SQLite file only, WAL checkpoints in a thread of this Database at this
-        interval instead of in commits (0: SQLite's own, in commits). The server passes its settings
-        (entitlement/app.py)."""
+        interval instead of in commits (0: SQLite's own, in commits); `analyze_every_s`: PostgreSQL
+        only, the planner's statistics kept current by a thread of this Database at this interval
+        (entitlement/storage/pgstats.py; 0: none). The server passes its settings (entitlement/app.py)."""
         if min(lock_timeout_ms or 0, statement_timeout_ms, connect_timeout_s) < 0:
             raise SystemExit("ENTITLEMENT_DB_*_TIMEOUT_*: a timeout cannot be negative")
         pg_lock_timeout_ms = lock_timeout_ms
@@ -305,6 +308,7 @@ class Database:
         reader_kwargs = {**kwargs, "isolation_level": "AUTOCOMMIT"}
         self.reader: Engine = create_engine(self.url, **reader_kwargs)
         self.checkpointer: Checkpointer | None = None
+        self.statistics: StatisticsKeeper | None = None
         # SQLite: this process's writers queue here before BEGIN IMMEDIATE (module docstring).
         self._writers = _WriterQueue(lock_timeout_ms) if self.dialect == "sqlite" else None
         if self.dialect == "sqlite":
@@ -322,6 +326,12 @@ class Database:
             _discard_pipelined(self.engine)
             for engine in (self.engine, self.reader):
                 _ended_by_the_server_is_a_disconnect(engine)
+            if analyze_every_s > 0:
+                # (its lock waits bounded: a table another ANALYZE or a VACUUM holds is the next run's)
+                self.statistics = StatisticsKeeper(
+                    self.url, _pg_connect_args(STATISTICS_LOCK_TIMEOUT_MS, 0, connect_timeout_s), analyze_every_s,
+                    advisory_key("entitlement.analyze"))
+                weakref.finalize(self, self.statistics.stop)
         self._refuse_writes = False  # set by the health monitor (fail_fast); reads: self.hot.refusing
         # When (time.monotonic()) the database last answered a write's COMMIT, and the latest
         # start of a read (transaction or snapshot statement) that ended without error: the health
@@ -533,6 +543,8 @@ class Database:
     def dispose(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.stop()
+        if self.statistics is not None:
+            self.statistics.stop()
         self.hot.invalidate()
         self.engine.dispose()
         self.reader.dispose()
@@ -925,6 +937,7 @@ def _savepoint_statement(sql: str) -> Any:
 
 
 CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy server this long
+STATISTICS_LOCK_TIMEOUT_MS = 1000  # pgstats: a table locked by another ANALYZE or a VACUUM is the next run's
 SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
 
 
