@@ -229,6 +229,11 @@ def _check_scope(caller: Caller, a: Activation | None, activation_id: str) -> Ac
 
 def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationResult:
     program = resolve_program(ctx, cmd.program_id)
+    if not ctx.callers.platform_known(cmd.platform_id):
+        # A token for a platform nobody can redeem it on, and its money committed: a typo's cost.
+        raise NotFound(f"platform platforms/{cmd.platform_id} not found: no platform caller with a usable "
+                       "credential has this platform id", reason="PLATFORM_NOT_FOUND",
+                       metadata={"platform": f"platforms/{cmd.platform_id}"})
     person_key = ctx.pseudo.person_key(cmd.job_seeker.agency_id)
     digest = _request_hash("activate", {"p": person_key.hex(), "b": cmd.job_seeker.birth_date,
                                         "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason,

@@ -89,6 +89,7 @@ class CallerDirectory:
     def __init__(self, entries: dict[str, Caller]) -> None:
         self._by_hash = entries
         self._by_id = {c.id: c for c in entries.values()}
+        self.platforms = frozenset(c.platform_id for c in entries.values() if c.role == "platform")
 
     @classmethod
     def load(cls, path: Path) -> "CallerDirectory":
@@ -246,6 +247,28 @@ class Directory:
             if not cred.problem(now):
                 return cred.caller
         return None
+
+    def platform_known(self, platform_id: str) -> bool:
+        """Some caller of role platform with this platform id has a usable credential (the file's
+        always do): the platforms an activation may be made for. A known answer is remembered for
+        the cache time; an unknown one is not (a platform created meanwhile is known at once)."""
+        if platform_id in self.file.platforms:
+            return True
+        return bool(self._cached("p:" + platform_id, lambda: self._platform_in_table(platform_id) or None,
+                                 keep_none=False))
+
+    def _platform_in_table(self, platform_id: str) -> bool:
+        if self.db is None:
+            return False
+        from sqlalchemy import select
+
+        from entitlement.storage.models import CallerCredential
+        with self.db.read() as s:
+            rows = s.execute(select(CallerCredential).where(CallerCredential.role == "platform",
+                                                            CallerCredential.platform_id == platform_id,
+                                                            CallerCredential.revoked_at.is_(None))).scalars().all()
+        now = self.now()
+        return any(not credential_of(r).problem(now) for r in rows)
 
     def shared_ids(self) -> list[str]:
         """The ids of the credentials file that the table holds too: each would be two callers

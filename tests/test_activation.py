@@ -23,8 +23,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from support import TODAY, Api, Failure, Harness, expect_error, failure, next_person
+from support import TODAY, Api, Failure, Harness, expect_error, failure, identity, next_person
 
+from entitlement import credentials
+from entitlement.callers import make_caller
 from entitlement.v1 import activation_pb2, audit_pb2
 
 PROGRAM = "programs/premium-job-seekers"
@@ -668,3 +670,36 @@ def test_the_answer_shows_the_decision_as_stored(api: Api) -> None:
         assert get(api, m.activation.name).SerializeToString(deterministic=True) == \
             m.activation.SerializeToString(deterministic=True)
     assert made[0].activation.decision == made[1].activation.decision
+
+
+# --------------------------------------------------------------------------- the token's platform
+
+def test_an_activation_for_a_platform_nobody_can_redeem_on_is_refused(api: Api, harness: Harness) -> None:
+    """A mistyped platform got a token no platform could redeem, and the funders' money committed:
+    the platform must be one a platform caller with a usable credential has (the credentials file's,
+    or `entitlement callers`': known as soon as created, unknown once revoked)."""
+    agency_id, birth = next_person()
+
+    def activate(platform: str) -> activation_pb2.ActivateEntitlementResponse:
+        return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            request_id=uuid.uuid4().hex, job_seeker=identity(agency_id, birth),
+            program="programs/premium-job-seekers", platform=f"platforms/{platform}", reason="platform test"))
+
+    platform = f"newplatform{uuid.uuid4().hex[:8]}"
+    f = expect_error(lambda _r: activate(platform), None, grpc.StatusCode.NOT_FOUND)
+    assert f.reason == "PLATFORM_NOT_FOUND" and f.metadata["platform"] == f"platforms/{platform}"
+    assert platform in f.message
+    now = harness.clock.now()
+    credentials.create(harness.ctx.db, make_caller(f"p-{platform}", "platform", platform_id=platform), now=now,
+                       actor="admin:test")
+    try:
+        act = activate(platform).activation  # at once: the refusal above was not remembered
+        assert act.platform == f"platforms/{platform}" and act.state == activation_pb2.ACTIVE
+    finally:
+        credentials.revoke(harness.ctx.db, f"p-{platform}", now=now, actor="admin:test")
+    move(api, "revoke", act.name, "platform test over")
+    harness.ctx.callers.forget()  # (a known platform is remembered for the cache time)
+    f = expect_error(lambda _r: activate(platform), None, grpc.StatusCode.NOT_FOUND)
+    assert f.reason == "PLATFORM_NOT_FOUND"
+    # Refused, nothing was written: the person can still be activated for a platform that exists.
+    assert activate("openclassrooms").activation.state == activation_pb2.ACTIVE

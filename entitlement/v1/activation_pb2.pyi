@@ -170,7 +170,9 @@ class ActivateEntitlementRequest(_message.Message):
     program: _builtins.str
     """`programs/{program_id}`."""
     platform: _builtins.str
-    """The course platform that will receive the token, as `platforms/{platform_id}`."""
+    """The course platform that will receive the token, as `platforms/{platform_id}`: one a
+    platform caller (credentials file or `entitlement callers`) with a usable credential has.
+    """
     reason: _builtins.str
     """Why the advisor activates (free text, at most 500 characters). Kept for ever in the
     append-only event log, which funders read, and never purged: no personal data.

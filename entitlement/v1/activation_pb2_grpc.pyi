@@ -65,8 +65,9 @@ class ActivationServiceStub:
     The client cannot tell that from a commit just before its deadline: it retries with the same
     `request_id` and gets the one activation.
 
-    Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
-    FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
+    Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
+    `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
+    `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
     the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
     euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
@@ -220,8 +221,9 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     The client cannot tell that from a commit just before its deadline: it retries with the same
     `request_id` and gets the one activation.
 
-    Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
-    FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
+    Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
+    `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
+    `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
     the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
     euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
@@ -378,8 +380,9 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         The client cannot tell that from a commit just before its deadline: it retries with the same
         `request_id` and gets the one activation.
 
-        Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program),
-        FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
+        Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
+        `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
+        `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
         the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
         `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
         euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
