@@ -101,7 +101,8 @@ def _ref_activation(a: dict[str, Any], funder: str = "") -> activation_pb2.Activ
         job_seeker_ref=a["person_ref"], advisor_id=a["advisor_id"], agency_code=a["agency_code"],
         start_date=_ref_date(a["start_date"]), end_date=_ref_date(a["end_date"]),
         create_time=_ref_timestamp(a["created_at"]), update_time=_ref_timestamp(a["updated_at"]),
-        platform=f"platforms/{a['platform_id']}", account_id=a["account_id"] or "",
+        # (a funder never sees the learner's platform account id: personal data, since the 26th session)
+        platform=f"platforms/{a['platform_id']}", account_id="" if funder else a["account_id"] or "",
         redeem_time=_ref_timestamp(a["redeemed_at"]), decision=_ref_decision(a["decision"], a["snapshot"], funder),
         funding=_ref_plan(a["decision"].funding_plan, funder), state_reason=a["state_reason"])
 

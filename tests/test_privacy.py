@@ -31,7 +31,7 @@ from google.type import date_pb2
 from sqlalchemy import func, select
 
 from own_server import next_ledger_person, on_day, own_server
-from support import TODAY, As, date_msg, identity
+from support import TODAY, Api, As, date_msg, identity
 from test_server_ops import Server, prepare
 
 from entitlement import cli, jobs, privacy, registry
@@ -458,3 +458,30 @@ def test_purge_keeps_an_activation_whose_use_may_still_be_reported_bound_to_its_
             summary = purge()
             assert (summary.activations_scrubbed, summary.activations_kept) == (1, 0), summary
             assert bound() == set()
+
+
+def test_a_funder_never_sees_the_learners_platform_account(api: Api) -> None:
+    """The platform account a token was redeemed for is the learner's id on the platform: personal
+    data the funders' audit has no use for. A funder's ListActivations shows that and when it was
+    redeemed, not for whom; an admin sees the account."""
+    r = api.activate(reason="account privacy")
+    account = f"learner-{uuid.uuid4().hex[:12]}"
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=r.activation_token, account_id=account))
+
+    def listed(caller: str) -> activation_pb2.Activation:
+        token = ""
+        while True:
+            page = api.as_(caller).ListActivations(audit_pb2.ListActivationsRequest(page_size=500, page_token=token))
+            for a in page.activations:
+                if a.name == r.activation.name:
+                    return a
+            token = page.next_page_token
+            assert token, f"{r.activation.name} not listed to {caller}"
+
+    for funder in ("funder-ministry", "funder-ft"):
+        a = listed(funder)
+        assert a.account_id == "" and a.HasField("redeem_time"), funder
+        assert account.encode() not in api.as_(funder).ListActivations(
+            audit_pb2.ListActivationsRequest(page_size=500)).SerializeToString()
+    assert listed("admin").account_id == account

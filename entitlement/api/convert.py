@@ -189,11 +189,15 @@ def listed_activations(items: Sequence[ListedActivation], next_page_token: str,
     """A page of ListActivations: for each item, the message activation() builds, in the response,
     its decision and funding serialized once per shared decision (audit.ListedActivation) and
     funder, and parsed into each. `funder`: a funder caller's id, whose answer shows its own share
-    of the money alone (in `funding` and the decision's `funding_plan`); "" for an admin (all)."""
+    of the money alone (in `funding` and the decision's `funding_plan`) and no platform account id;
+    "" for an admin (all)."""
     out = audit_pb2.ListActivationsResponse(next_page_token=next_page_token)
     add = out.activations.add
     for (*fields, d, snapshot, state_reason) in items:
-        add(**_activation_kwargs(*fields, state_reason)).MergeFromString(_decision_fields(d, snapshot, funder))
+        kwargs = _activation_kwargs(*fields, state_reason)
+        if funder:  # (the learner's id on the platform: personal data a funder has no use for)
+            kwargs["account_id"] = ""
+        add(**kwargs).MergeFromString(_decision_fields(d, snapshot, funder))
     return out
 
 

@@ -100,7 +100,10 @@ class Activation(_message.Message):
     platform: _builtins.str
     """The course platform the token was issued for, as `platforms/{platform_id}`."""
     account_id: _builtins.str
-    """The platform account the token was redeemed for; empty until redeemed."""
+    """The platform account the token was redeemed for; empty until redeemed, and always empty in
+    a funder's ListActivations (the learner's id on the platform: personal data; `redeem_time`
+    says whether and when it was redeemed).
+    """
     state_reason: _builtins.str
     """The reason given for the last state change (or for the activation itself)."""
     @_builtins.property
