@@ -59,9 +59,11 @@ class EntryView:
 
 def _signer(ctx: Context) -> note.Signer:
     if ctx.log_signer is None:
+        # (The key's path is in the server's log at start, not in an answer: callers are not told
+        # where the server keeps its files.)
         raise FailedPrecondition(
-            f"this server has no log signing key ({ctx.settings.log_key_path}): the operator creates it with "
-            f"`entitlement audit keygen` and restarts the server", reason="LOG_KEY_MISSING")
+            "this server has no log signing key (ENTITLEMENT_LOG_KEY_FILE): the operator creates it with "
+            "`entitlement audit keygen` and restarts the server", reason="LOG_KEY_MISSING")
     return ctx.log_signer
 
 

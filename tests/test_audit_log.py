@@ -23,11 +23,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from own_server import next_ledger_person, own_server
-from support import Api, Harness, expect_error, identity
+from support import Api, As, Harness, expect_error, identity
 
-from entitlement import cli, eventlog, logformat, logtree, merkle, note, transparency
-from entitlement.errors import FailedPrecondition
+from entitlement import cli, eventlog, logformat, logtree, merkle, note
 from entitlement.logformat import LogEvent
+from entitlement.server_main import start
 from entitlement.storage.db import Database
 from entitlement.storage.migrate import alembic_config, upgrade
 from entitlement.storage.models import Event, LogNode
@@ -231,12 +231,6 @@ def test_funder_export_and_offline_verify_with_consistency(api: Api, tmp_path: P
     (second / "consistency.json").write_text(lie.to_json())
     code, output = verify(capsys, second, vkey, trusted=first / "checkpoint.txt")
     assert code == 1 and "consistency proof" in output
-
-
-def test_without_a_log_key_the_checkpoint_is_a_failed_precondition(api: Api) -> None:
-    ctx = dataclasses.replace(api.h.ctx, log_signer=None)
-    with pytest.raises(FailedPrecondition, match="audit keygen"):
-        transparency.get_checkpoint(ctx)
 
 
 def test_keygen_creates_the_log_key_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -584,3 +578,18 @@ def test_an_empty_log_is_exported_and_verified_against_an_empty_trusted_checkpoi
         assert json.loads((second / "consistency.json").read_text()) == {"old_size": 0, "new_size": 0, "proof": []}
         code, output = verify(capsys, second, vkey, trusted=first / "checkpoint.txt")
         assert code == 0, output
+
+
+def test_without_a_log_key_get_checkpoint_says_what_to_do_and_not_where_the_server_keeps_it(
+        harness: Harness) -> None:
+    running = start(dataclasses.replace(harness.ctx, log_signer=None), "127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        f = expect_error(As(channel, harness.tokens[MINISTRY]).GetCheckpoint, audit_pb2.GetCheckpointRequest(),
+                         grpc.StatusCode.FAILED_PRECONDITION)
+        assert f.reason == "LOG_KEY_MISSING" and "entitlement audit keygen" in f.message
+        path = str(harness.ctx.settings.log_key_path)
+        assert path not in f.message and str(harness.ctx.settings.key_dir) not in f.message, f.message
+    finally:
+        channel.close()
+        running.stop(0)
