@@ -8,7 +8,9 @@ PostgreSQL tests use a fresh database created for the session and dropped at the
 from __future__ import annotations
 
 import datetime as dt
+import faulthandler
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +157,30 @@ def harness(backend: tuple[str, str], tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture
 def api(harness: Harness) -> Api:
     return Api(harness)
+
+
+# A test (its set-up and tear-down included) still running after HANG_S is taken for a hang (a
+# deadlock: the 25th session's health one held a CI run until it was killed): every thread's stack
+# is written to HANG_FILE and the run ends at once, exit status 1, instead of waiting for CI's
+# limit with nothing to show. .ci/run prints the file. The slowest test takes under a minute.
+HANG_S = float(os.environ.get("ENTITLEMENT_TEST_HANG_S", "600"))
+HANG_FILE = Path(os.environ.get("ENTITLEMENT_TEST_HANG_FILE",
+                                Path(tempfile.gettempdir()) / f"entitlement-tests-hang-{os.getpid()}.txt"))
+_hang_file: TextIO | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    global _hang_file
+    if HANG_S > 0:
+        if _hang_file is None:
+            _hang_file = HANG_FILE.open("w")  # (a file: pytest captures the standard streams' descriptors)
+        faulthandler.dump_traceback_later(HANG_S, exit=True, file=_hang_file)
+    try:
+        yield
+    finally:
+        if HANG_S > 0:
+            faulthandler.cancel_dump_traceback_later()
 
 
 HEALTH_EVENTS = ("database_unreachable", "database_reachable", "database_ping_missed", "database_ping_late")
