@@ -629,7 +629,7 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
     KeyStore.load(settings.key_dir, create=True, token_ttl=dt.timedelta(days=settings.token_ttl_days))
     from entitlement.logtree import load_signer
     log_signer = load_signer(settings.log_key_path, settings.log_origin, create=True)
-    creds_path = ROOT / "var" / "demo-credentials.json"
+    creds_path = settings.callers_file.parent / "demo-credentials.json"  # (var/, by default)
     if not settings.callers_file.exists() or not creds_path.exists():
         tokens = write_callers(settings.callers_file, [Caller(id=i, role=r, **scope) for i, r, scope in DEMO_CALLERS])
         creds_path.write_text(json.dumps(tokens, indent=2) + "\n")
@@ -649,18 +649,21 @@ def cmd_demo_init(args: argparse.Namespace) -> int:
           + (" (unchanged)" if summary.unchanged else ""))
     if log_signer is not None:
         print(f"event log checkpoints signed by {settings.log_key_path}; verifier key {log_signer.verifier.encode()}")
-    print("\nDemo credentials (local demo only; stored in var/demo-credentials.json):")
+    print(f"\nDemo credentials (local demo only; stored in {creds_path}):")
     for caller_id, token in tokens.items():
         print(f"  {caller_id:<26} {token}")
     adv, plat, fund = tokens["advisor-paris"], tokens["platform-openclassrooms"], tokens["funder-ministry"]
+    # The server's address when it is not the client's default (ENTITLEMENT_LISTEN set for the demo).
+    from entitlement.client_cli import DEFAULT_ADDRESS
+    at = "" if settings.listen == DEFAULT_ADDRESS else f"ENTITLEMENT_ADDRESS={settings.listen} "
     print(f"""
 Try, in another terminal (.venv/bin/entitlement, or `source .venv/bin/activate`):
-  ENTITLEMENT_TOKEN={adv} entitlement check DEMO0001 1990-05-17
-  ENTITLEMENT_TOKEN={adv} entitlement activate DEMO0001 1990-05-17 --program premium-job-seekers --platform openclassrooms
-  ENTITLEMENT_TOKEN={plat} entitlement redeem <TOKEN> learner-42
-  ENTITLEMENT_TOKEN={plat} entitlement verify learner-42
-  ENTITLEMENT_TOKEN={fund} entitlement activations
-  grpcurl -plaintext 127.0.0.1:50051 list          # reflection
+  {at}ENTITLEMENT_TOKEN={adv} entitlement check DEMO0001 1990-05-17
+  {at}ENTITLEMENT_TOKEN={adv} entitlement activate DEMO0001 1990-05-17 --program premium-job-seekers --platform openclassrooms
+  {at}ENTITLEMENT_TOKEN={plat} entitlement redeem <TOKEN> learner-42
+  {at}ENTITLEMENT_TOKEN={plat} entitlement verify learner-42
+  {at}ENTITLEMENT_TOKEN={fund} entitlement activations
+  grpcurl -plaintext {settings.listen} list          # reflection
 """)
     return 0
 

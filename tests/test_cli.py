@@ -416,3 +416,22 @@ def test_secrets_init_makes_the_pseudonym_key_the_missing_key_message_names(oper
     key.write_text("short")
     operator("secrets", "init").error(f"pseudonym key file {key} exists but is unusable", "not replaced")
     assert key.read_text() == "short"
+
+
+def test_demo_init_keeps_its_credentials_beside_the_callers_file_and_names_the_servers_address(
+        operator: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's examples reach the server it was set up for (ENTITLEMENT_LISTEN other than the
+    client's default), and its credentials go beside the callers file, not into the checkout."""
+    monkeypatch.setenv("ENTITLEMENT_LISTEN", "127.0.0.1:50999")
+    first = operator("demo", "init")
+    assert first.code == 0, first
+    creds = tmp_path / "demo-credentials.json"
+    tokens = json.loads(creds.read_text())
+    assert str(creds) in first.out and (creds.stat().st_mode & 0o777) == 0o600
+    assert f"ENTITLEMENT_ADDRESS=127.0.0.1:50999 ENTITLEMENT_TOKEN={tokens['advisor-paris']} entitlement check" \
+        in first.out
+    assert "grpcurl -plaintext 127.0.0.1:50999 list" in first.out
+    monkeypatch.delenv("ENTITLEMENT_LISTEN")
+    again = operator("demo", "init")
+    assert again.code == 0 and "ENTITLEMENT_ADDRESS" not in again.out, again
+    assert f"\n  ENTITLEMENT_TOKEN={tokens['advisor-paris']} entitlement check" in again.out  # the same tokens
