@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple, IO, Any
 
@@ -539,7 +540,10 @@ class _BulkWriter:
                 if self.db.is_sqlite:
                     conn.exec_driver_sql(
                         f"INSERT INTO registry_people ({self.COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        sorted((self.snapshot_id, *row) for _, row in batch))  # key order: B-tree locality
+                        # Key order (B-tree locality), by the key alone: two rows of one identifiant
+                        # may differ first by a date given in one and empty (None) in the other, which
+                        # a whole-row sort cannot compare. (Stable: a duplicate stays after its first.)
+                        sorted(((self.snapshot_id, *row) for _, row in batch), key=itemgetter(1)))
                 else:
                     self._copy(conn.connection.driver_connection, "registry_people", self.COLUMNS,
                                self.snapshot_id, batch)

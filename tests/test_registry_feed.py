@@ -88,3 +88,18 @@ def test_refused_pushes_leave_the_snapshot_in_force(api: Api, tmp_path: Path) ->
 def test_only_the_agency_feed_and_admins_push(api: Api, caller: str, tmp_path: Path) -> None:
     f = expect_error(api.as_(caller).ImportExtract, _stream(b"x"), grpc.StatusCode.PERMISSION_DENIED)
     assert f.reason == "ROLE_NOT_ALLOWED"
+
+
+def test_a_duplicate_differing_only_by_its_end_date_is_rejected_and_the_rest_imported(api: Api, tmp_path: Path) -> None:
+    """Two rows of one identifiant alike up to dateCessationInscription, given in one and empty in
+    the other (a person re-sent after a correction): SQLite's first batches were sorted as whole
+    rows, comparing the date with the empty one (None) raised TypeError and the whole import failed
+    (INTERNAL), where PostgreSQL rejected the second row as the duplicate it is."""
+    data = _extract(tmp_path, "DUPEND01,,Feed,Test,1991-01-01,75011,2025-01-06,2025-06-30,1\n"
+                              "DUPEND01,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n")
+    resp = api.as_("agency-feed").ImportExtract(_stream(data))
+    assert resp.rows_read == resp.rows_imported + resp.rows_rejected and resp.rows_rejected == 1
+    [rejected] = resp.rejected_rows
+    assert rejected.line == data.decode().count("\n") and "duplicate" in rejected.reason  # the second row
+    after = _check(api, "DUPEND01", "1991-01-01")  # the first row stands: registration ended
+    assert after.registry_snapshot == resp.snapshot and not after.eligible
