@@ -138,14 +138,16 @@ ISO_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 def _iso(raw: str, name: str) -> str:
-    """The date as ISO text, after checking it is YYYY-MM-DD and a real calendar date."""
+    """The date as ISO text, after checking it is YYYY-MM-DD and a real calendar date. The reason
+    of a rejected one never quotes it: a birth date written another way is still a birth date
+    (the reasons go back to the agency in ImportExtract's answer and into the rejects file)."""
     text = raw.strip()
+    if not ISO_DATE_RE.fullmatch(text):
+        raise _Reject(f"{name}: expected a date YYYY-MM-DD")
     try:
-        if not ISO_DATE_RE.fullmatch(text):
-            raise ValueError
         dt.date.fromisoformat(text)
     except ValueError:
-        raise _Reject(f"{name}: expected a date YYYY-MM-DD, got {text[:20]!r}") from None
+        raise _Reject(f"{name}: expected a date YYYY-MM-DD, not a day of the calendar") from None
     return text
 
 

@@ -103,3 +103,16 @@ def test_a_duplicate_differing_only_by_its_end_date_is_rejected_and_the_rest_imp
     assert rejected.line == data.decode().count("\n") and "duplicate" in rejected.reason  # the second row
     after = _check(api, "DUPEND01", "1991-01-01")  # the first row stands: registration ended
     assert after.registry_snapshot == resp.snapshot and not after.eligible
+
+
+def test_rejected_rows_never_echo_a_value_of_the_row(api: Api, tmp_path: Path) -> None:
+    """`rejected_rows`: "no row content is echoed". A bad date's reason quoted the value: a birth
+    date written another way (17/05/1990) went back in the answer, and into the rejects file."""
+    data = _extract(tmp_path, "ECHO0001,,Feed,Test,17/05/1990,75011,2025-01-06,,1\n"
+                              "ECHO0002,,Feed,Test,1990-05-17,75011,06/01/2025,,1\n"
+                              "ECHO0003,,Feed,Test,1990-05-17,75011,2025-01-06,2025-13-40,1\n")
+    resp = api.as_("agency-feed").ImportExtract(_stream(data))
+    reasons = [r.reason for r in resp.rejected_rows]
+    assert [r.split(":")[0] for r in reasons] == ["dateNaissance", "dateInscription", "dateCessationInscription"]
+    for value in ("17/05/1990", "06/01/2025", "2025-13-40", "1990", "2025"):
+        assert not any(value in r for r in reasons), (value, reasons)
