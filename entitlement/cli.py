@@ -246,6 +246,8 @@ def cmd_registry_import(args: argparse.Namespace) -> int:
     except registry.ExtractOlderThanCurrent as exc:
         return _fail(f"--extracted-on: {exc}; import refused, previous snapshot still in force "
                      "(an extract of the same day or later is accepted)")
+    except registry.ExtractCutOff as exc:
+        return _fail(f"import refused, previous snapshot still in force: {exc.accept_with('--min-ratio 0')}")
     except registry.ExtractError as exc:
         return _fail(f"import refused, previous snapshot still in force: {exc}")
     except OSError as exc:  # the file missing, a directory, unreadable; or the rejects file unwritable

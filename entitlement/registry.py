@@ -89,6 +89,19 @@ class ExtractOlderThanCurrent(ExtractError):
         self.extracted_on, self.current = extracted_on, current
 
 
+class ExtractCutOff(ExtractError):
+    """Far fewer valid rows than the snapshot in force (under `min_ratio` of its rows): a cut-off
+    file would de-register the people it lacks. The message says how to accept it anyway in the
+    caller's own terms (`accept_with`: a flag of the command line, a field of the request)."""
+
+    def __init__(self, path: Path, imported: int, min_ratio: float, current_rows: int) -> None:
+        super().__init__(f"{path}: {imported} valid rows, fewer than {min_ratio:.0%} of the current "
+                         f"snapshot's {current_rows}: is the extract cut off?")
+
+    def accept_with(self, how: str) -> str:
+        return f"{self} ({how} accepts it)"
+
+
 class ImportInProgress(ExtractError):
     """Another import of the registry is running, in this process or another (a server process, the
     command line): one at a time, since an import starts by discarding what earlier imports left."""
@@ -390,9 +403,7 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
         if imported == 0:
             raise ExtractError(f"{path}: no valid row; an empty extract would de-register everyone")
         if current is not None and imported < min_ratio * current.rows_imported:
-            raise ExtractError(
-                f"{path}: {imported} valid rows, fewer than {min_ratio:.0%} of the current snapshot's "
-                f"{current.rows_imported}: is the extract cut off? (--min-ratio 0 accepts it)")
+            raise ExtractCutOff(path, imported, min_ratio, current.rows_imported)
         with db.write() as s:
             # Again at the switch, in its transaction: another process may have switched meanwhile.
             if not db.is_sqlite:

@@ -173,8 +173,10 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                 raise Aborted("another registry import is running (another server process, or the command "
                               "line); retry later", reason="IMPORT_IN_PROGRESS") from None
             except registry.ExtractError as exc:
-                # The temp path means nothing to the agency: name its file instead.
-                message = str(exc).replace(str(path), header.source_name or "the extract")
+                # The temp path means nothing to the agency: name its file instead. (A min_ratio of 0
+                # is the default here: the smallest that accepts a cut-off extract is above it.)
+                text = exc.accept_with("header.min_ratio 1e-9") if isinstance(exc, registry.ExtractCutOff) else str(exc)
+                message = text.replace(str(path), header.source_name or "the extract")
                 raise FailedPrecondition(f"import refused, previous snapshot still in force: {message}",
                                          reason="EXTRACT_REFUSED") from None
             return PushResult(summary, _first_rejects(rejects))

@@ -116,3 +116,20 @@ def test_rejected_rows_never_echo_a_value_of_the_row(api: Api, tmp_path: Path) -
     assert [r.split(":")[0] for r in reasons] == ["dateNaissance", "dateInscription", "dateCessationInscription"]
     for value in ("17/05/1990", "06/01/2025", "2025-13-40", "1990", "2025"):
         assert not any(value in r for r in reasons), (value, reasons)
+
+
+def test_a_cut_off_push_is_told_the_header_field_that_accepts_it(api: Api, tmp_path: Path) -> None:
+    """The refusal of a cut-off extract told the agency `--min-ratio 0 accepts it`: a flag of the
+    command line, and over gRPC a min_ratio of 0 is the default (0.5), refused again. It names the
+    request's field and a value that does accept it."""
+    data = _extract(tmp_path)
+    cut = b"\n".join(data.splitlines()[:50]) + b"\n"
+    feed = api.as_("agency-feed").ImportExtract
+    f = expect_error(feed, _stream(cut), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "EXTRACT_REFUSED" and "fewer than 50%" in f.message
+    assert "--min-ratio" not in f.message and "header.min_ratio" in f.message, f.message
+    expect_error(feed, _stream(cut, min_ratio=0.0), grpc.StatusCode.FAILED_PRECONDITION)  # 0: the default
+    try:
+        assert feed(_stream(cut, min_ratio=1e-9)).rows_imported == 49  # what the message says accepts it
+    finally:
+        feed(_stream(data))  # the whole registry again, for the other tests
