@@ -204,19 +204,37 @@ class _Parser:
         return key, birth, postal, registered, ended, category
 
 
+# The longest line an extract may have. A row is a few hundred bytes; the csv module reads a whole
+# line, and makes a string of every field it holds, before a row can be judged: a file that is not
+# one row per line (a JSON dump, line ends lost) would be held whole, with a list of its fields.
+MAX_LINE_BYTES = 1 << 20
+
+
+class _LineTooLong(Exception):
+    """Raised through the text and csv layers by _CountingReader; the import names the line."""
+
+
 class _CountingReader(io.RawIOBase):
-    """Counts the bytes read, for the progress bar's percentage and ETA."""
+    """Counts the bytes read, for the progress bar's percentage and ETA, and refuses a line longer
+    than MAX_LINE_BYTES as soon as its bytes arrive (_LineTooLong), before any layer above holds it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw, self.count = raw, 0
+        self.line = 0  # bytes since the last line end (\n or \r)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
-        self.count += n or 0
-        return int(n or 0)
+        n = int(self.raw.readinto(buffer) or 0)  # type: ignore[attr-defined]
+        self.count += n
+        if n:
+            data = bytes(memoryview(buffer)[:n])  # (a copy of one read, 1 MiB at most: cheap beside its parsing)
+            end = max(data.rfind(b"\n"), data.rfind(b"\r"))
+            self.line = self.line + n if end < 0 else n - 1 - end
+            if self.line > MAX_LINE_BYTES:
+                raise _LineTooLong()
+        return n
 
     def close(self) -> None:
         self.raw.close()
@@ -396,6 +414,8 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                         batch = []
             except UnicodeDecodeError:
                 raise ExtractError(f"{path}: not UTF-8 text (after line {line_no})") from None
+            except _LineTooLong:
+                raise _line_too_long(path, line_no + 1) from None
             except csv.Error as exc:
                 raise ExtractError(f"{path}: malformed CSV after line {line_no}: {exc}") from None
             writer.put(batch)
@@ -444,6 +464,9 @@ def _open(path: Path) -> tuple[_CountingReader, Any, list[str]]:
     except UnicodeDecodeError:
         counter.close()
         raise ExtractError(f"{path}: not UTF-8 text") from None
+    except _LineTooLong:
+        counter.close()
+        raise _line_too_long(path, 1) from None
     if not header:
         counter.close()
         raise ExtractError(f"{path}: empty file (no header row)")
@@ -454,6 +477,11 @@ def _open(path: Path) -> tuple[_CountingReader, Any, list[str]]:
         problem = f"lacks column(s) {', '.join(missing)}" if missing else "repeats a column"
         raise ExtractError(f"{path}: header {problem}")
     return counter, reader, header
+
+
+def _line_too_long(path: Path, line_no: int) -> ExtractError:
+    return ExtractError(f"{path}: line {line_no} is longer than {MAX_LINE_BYTES >> 20} MiB: not a registry extract "
+                        "(a CSV file, one row per line)")
 
 
 class _BulkWriter:

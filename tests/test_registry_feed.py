@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,22 @@ def test_a_cut_off_push_is_told_the_header_field_that_accepts_it(api: Api, tmp_p
         assert feed(_stream(cut, min_ratio=1e-9)).rows_imported == 49  # what the message says accepts it
     finally:
         feed(_stream(data))  # the whole registry again, for the other tests
+
+
+def test_a_line_without_end_is_refused_without_being_held_whole(api: Api, tmp_path: Path) -> None:
+    """The csv module reads a whole line, and makes a string of every field it holds, before a row
+    can be judged: a pushed file that is not one row per line (a JSON dump of the status API, a
+    file whose line ends were lost) made the server hold the line and a list as long as its fields
+    (8 bytes each: 16 MiB of commas took some 150 MB; the 4 GiB an extract may weigh, tens of GB).
+    A line over 1 MiB now refuses the extract as soon as it is seen."""
+    header = _extract(tmp_path).split(b"\n", 1)[0] + b"\n"
+    feed = api.as_("agency-feed").ImportExtract
+    for data, line in ((header + b"," * (16 << 20) + b"\n", 2), (b"x," * (8 << 20), 1)):
+        tracemalloc.start()
+        try:
+            f = expect_error(feed, _stream(data, chunk=1 << 20), grpc.StatusCode.FAILED_PRECONDITION)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert f.reason == "EXTRACT_REFUSED" and f"line {line} is longer than 1 MiB" in f.message, f.message
+        assert peak < 24 << 20, f"the server held {peak >> 20} MiB for one line"

@@ -51,8 +51,8 @@ class RegistryServiceStub:
     received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
     the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
     `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
-    `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
-    snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
+    `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
+    than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
     with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
     PERMISSION_DENIED.
     """
@@ -74,8 +74,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
     the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
     `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
-    `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
-    snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
+    `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
+    than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
     with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
     PERMISSION_DENIED.
     """
@@ -100,8 +100,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
         the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
         `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
-        `EXTRACT_REFUSED` (not UTF-8, wrong header row, no valid row, far fewer rows than the current
-        snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
+        `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
+        than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
         with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
         PERMISSION_DENIED.
         """
