@@ -472,9 +472,12 @@ def _open(path: Path) -> tuple[_CountingReader, Any, list[str]]:
         raise ExtractError(f"{path}: empty file (no header row)")
     header = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing or len(set(header)) != len(header):
+    # A column the rules read, named twice, is ambiguous; others are ignored, repeated or not (two
+    # unnamed columns at the end of a spreadsheet's export).
+    repeated = [c for c in REQUIRED_COLUMNS if header.count(c) > 1]
+    if missing or repeated:
         counter.close()
-        problem = f"lacks column(s) {', '.join(missing)}" if missing else "repeats a column"
+        problem = f"lacks column(s) {', '.join(missing)}" if missing else f"repeats column(s) {', '.join(repeated)}"
         raise ExtractError(f"{path}: header {problem}")
     return counter, reader, header
 

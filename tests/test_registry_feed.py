@@ -153,3 +153,19 @@ def test_a_line_without_end_is_refused_without_being_held_whole(api: Api, tmp_pa
             tracemalloc.stop()
         assert f.reason == "EXTRACT_REFUSED" and f"line {line} is longer than 1 MiB" in f.message, f.message
         assert peak < 24 << 20, f"the server held {peak >> 20} MiB for one line"
+
+
+def test_a_repeated_ignored_column_is_ignored_and_a_repeated_needed_one_is_named(api: Api, tmp_path: Path) -> None:
+    """Any column named twice refused the whole extract ("header repeats a column", naming none):
+    a spreadsheet's export with two unnamed columns at the end (`...,codeCategorieInscription,,`)
+    kept every job seeker on the old data. Ignored columns are ignored, repeated or not; a column
+    the rules read, named twice, is ambiguous: refused, and named."""
+    lines = _extract(tmp_path, "REPCOL01,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n").decode().splitlines()
+    trailing = "".join(f"{line},,\n" for line in lines).encode()
+    resp = api.as_("agency-feed").ImportExtract(_stream(trailing))
+    assert resp.rows_rejected == 0 and resp.rows_imported == len(lines) - 1
+    assert _check(api, "REPCOL01", "1991-01-01").registry_snapshot == resp.snapshot
+
+    twice = "".join(f"{line},{line.split(',')[4]}\n" for line in lines).encode()  # dateNaissance again
+    f = expect_error(api.as_("agency-feed").ImportExtract, _stream(twice), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "EXTRACT_REFUSED" and "repeats column(s) dateNaissance" in f.message, f.message
