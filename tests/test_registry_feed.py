@@ -10,9 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from own_server import default_people, own_server, write_registry
 from support import TODAY, Api, date_msg, expect_error, identity, make_registry_file
 
-from entitlement.v1 import eligibility_pb2, registry_pb2
+from entitlement import registry
+from entitlement.v1 import eligibility_pb2, registry_pb2, registry_pb2_grpc
 
 
 def _stream(data: bytes, *, extracted_on: str = TODAY.isoformat(), sha256: str = "", chunk: int = 64 * 1024,
@@ -169,3 +171,30 @@ def test_a_repeated_ignored_column_is_ignored_and_a_repeated_needed_one_is_named
     twice = "".join(f"{line},{line.split(',')[4]}\n" for line in lines).encode()  # dateNaissance again
     f = expect_error(api.as_("agency-feed").ImportExtract, _stream(twice), grpc.StatusCode.FAILED_PRECONDITION)
     assert f.reason == "EXTRACT_REFUSED" and "repeats column(s) dateNaissance" in f.message, f.message
+
+
+def test_an_extract_in_lower_case_holds_no_more_memory_than_in_upper_case(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An identifiant written with lower-case letters may key activations of an earlier version,
+    re-keyed at the switch: the import kept a pair of keys for EVERY such row until then (about 200
+    bytes a row: 1.2 GB for a 6 M-row extract written in lower case), and the switch's transaction
+    looked every one up. Only the pairs of keys that have activations are kept now, the others
+    dropped after each batch (small batches here: what one batch holds meanwhile stays small)."""
+    monkeypatch.setattr(registry, "BATCH", 2_000)
+    peaks = {}
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        feed = registry_pb2_grpc.RegistryServiceStub(server.channel).ImportExtract
+        md = (("authorization", f"Bearer {server.tokens['agency-feed']}"),)
+        for case in (str.upper, str.lower):
+            people = default_people()
+            people.update({case(f"case{i:06d}x"): ("1990-01-01", "75011", "2024-01-15", "", "1")
+                           for i in range(40_000)})
+            data = write_registry(tmp_path / f"{case.__name__}.csv", people).read_bytes()
+            tracemalloc.start()
+            try:
+                resp = feed(_stream(data, chunk=1 << 20, min_ratio=1e-9), metadata=md, timeout=120)
+                _, peaks[case.__name__] = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert resp.rows_imported == len(people)
+    assert peaks["lower"] < peaks["upper"] + (3 << 20), {k: v >> 20 for k, v in peaks.items()}
