@@ -41,7 +41,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from entitlement import eventlog
+from entitlement import deadline, eventlog
 from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
@@ -411,6 +411,7 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                         reject(line_no, str(exc))
                         continue
                     if len(batch) >= BATCH:
+                        deadline.check_start()  # a caller that gave up (gRPC): stop, not load the rest for nobody
                         writer.put(batch)
                         batch = []
                         if parse.rekey:
@@ -445,7 +446,10 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
                                 "rows_read": read, "rows_imported": imported, "rows_rejected": rejected,
                                 **({"activations_rekeyed": rekeyed} if rekeyed else {})})
     except BaseException:
-        _discard_unfinished(db, counts=(snapshot_id, read, rejected))
+        # Whatever the call's deadline (past, when it ended the import) or its caller (gone): else the
+        # discard failed in turn and left the snapshot `importing`, its rows kept until the next import.
+        with deadline.bound(None):
+            _discard_unfinished(db, counts=(snapshot_id, read, rejected))
         raise
     finally:
         if rejects:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import func, select
 
 from own_server import default_people, own_server, write_registry
-from support import TODAY, Api, date_msg, expect_error, identity, make_registry_file
+from support import TODAY, Api, date_msg, expect_error, identity, make_registry_file, wait_until
 
 from entitlement import registry
+from entitlement.storage.models import RegistryPerson, RegistrySnapshot
 from entitlement.v1 import eligibility_pb2, registry_pb2, registry_pb2_grpc
 
 
@@ -198,3 +200,32 @@ def test_an_extract_in_lower_case_holds_no_more_memory_than_in_upper_case(
                 tracemalloc.stop()
             assert resp.rows_imported == len(people)
     assert peaks["lower"] < peaks["upper"] + (3 << 20), {k: v >> 20 for k, v in peaks.items()}
+
+
+def test_an_import_whose_deadline_passes_stops_and_leaves_no_rows_behind(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The deadline passing during the import (after the upload): the server went on loading the
+    whole file for nobody, then failed at the switch, and the discard of its rows ran under the
+    same expired deadline and failed too: the snapshot stayed `importing` with every row (personal
+    data, up to millions of rows) until the next import. It now stops at the next batch and its
+    rows go."""
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        feed = registry_pb2_grpc.RegistryServiceStub(server.channel).ImportExtract
+        md = (("authorization", f"Bearer {server.tokens['agency-feed']}"),)
+        people = default_people()
+        people.update({f"DL{i:07d}": ("1990-01-01", "75011", "2024-01-15", "", "1") for i in range(150_000)})
+        data = write_registry(tmp_path / "big.csv", people).read_bytes()
+        with pytest.raises(grpc.RpcError) as err:  # (the upload takes a fraction of it, the import seconds)
+            feed(_stream(data, chunk=1 << 20, min_ratio=1e-9), metadata=md, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def left_behind() -> list[tuple[int, str, int]]:
+            with server.ctx.db.read() as s:
+                rows = dict(s.execute(select(RegistryPerson.snapshot_id, func.count())
+                                      .group_by(RegistryPerson.snapshot_id)).all())
+                return [(sid, status, rows.get(sid, 0)) for sid, status in
+                        s.execute(select(RegistrySnapshot.id, RegistrySnapshot.status)).all() if status != "complete"]
+        wait_until(lambda: not any(status == "importing" for _, status, _ in left_behind()),
+                   "the import given up ended", limit_s=30)
+        # (one failed snapshot; none if, on a slow machine, the deadline passed during the upload)
+        assert all((status, rows) == ("failed", 0) for _, status, rows in left_behind()), left_behind()
