@@ -321,6 +321,14 @@ def _import_lock(db: Database) -> Iterator[None]:
         yield  # (the lock ends with the session, when the connection closes)
 
 
+def check_no_import_running(db: Database) -> None:
+    """ImportInProgress when an import holds the lock now (another server process, the command
+    line): lets a caller refuse an extract before receiving it (RegistryService.ImportExtract, whose
+    file may weigh gigabytes). The lock is let go at once: `import_extract` takes it itself."""
+    with _import_lock(db):
+        pass
+
+
 def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path, *,
                    extracted_on: dt.date, actor: str = "system", rejects_path: Path | None = None,
                    progress: Callable[[int], None] | None = None,

@@ -147,6 +147,10 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                       reason="IMPORT_IN_PROGRESS")
     try:
         _check_date(ctx, header)  # before a byte is received: the whole file would be refused anyway
+        try:  # likewise, while another process imports (its end will not come before this file's)
+            registry.check_no_import_running(ctx.db)
+        except registry.ImportInProgress:
+            raise _import_in_progress() from None
         with _spool() as tmp:
             path = tmp / "extract.csv"
             digest = hashlib.sha256()
@@ -169,9 +173,8 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                     source_name=header.source_name or "pushed-extract.csv")
             except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
                 raise _date_error(ctx, exc) from None
-            except registry.ImportInProgress:
-                raise Aborted("another registry import is running (another server process, or the command "
-                              "line); retry later", reason="IMPORT_IN_PROGRESS") from None
+            except registry.ImportInProgress:  # started meanwhile
+                raise _import_in_progress() from None
             except registry.ExtractError as exc:
                 # The temp path means nothing to the agency: name its file instead. (A min_ratio of 0
                 # is the default here: the smallest that accepts a cut-off extract is above it.)
@@ -182,6 +185,11 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
             return PushResult(summary, _first_rejects(rejects))
     finally:
         _one_import.release()
+
+
+def _import_in_progress() -> Aborted:
+    return Aborted("another registry import is running (another server process, or the command line); retry later",
+                   reason="IMPORT_IN_PROGRESS")
 
 
 def _check_date(ctx: Context, header: PushHeader) -> None:

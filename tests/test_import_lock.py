@@ -8,6 +8,8 @@ and the first goes live whole."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -79,3 +81,28 @@ def test_a_push_while_another_process_imports_is_aborted(api: Api, tmp_path: Pat
     with registry._import_lock(api.h.ctx.db):  # another process's import, holding the lock
         f = expect_error(feed, stream(), grpc.StatusCode.ABORTED)
     assert f.reason == "IMPORT_IN_PROGRESS" and "another registry import" in f.message
+
+
+def test_a_push_while_another_process_imports_is_aborted_before_its_file_is_received(api: Api, tmp_path: Path) -> None:
+    """The push was told only once its whole file was received and spooled (up to 4 GiB, sent and
+    written to disk for nothing): the lock was first tried by the import itself. It is tried as
+    soon as the header is in, before a byte of the file: here the rest of the file never comes."""
+    data = make_registry_file(tmp_path / "push.csv").read_bytes() + b"LOCKTST2,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n"
+    feed = api.as_("agency-feed").ImportExtract
+    rest = threading.Event()
+
+    def stream() -> object:
+        yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
+            extracted_on=date_msg(TODAY.isoformat()), source_name="push.csv"))
+        yield registry_pb2.ImportExtractRequest(chunk=data[:4096])
+        rest.wait(15)  # the rest of a large file, still to come
+        yield registry_pb2.ImportExtractRequest(chunk=data[4096:])
+
+    started = time.monotonic()
+    try:
+        with registry._import_lock(api.h.ctx.db):  # another process's import, holding the lock
+            f = expect_error(feed, stream(), grpc.StatusCode.ABORTED, timeout=60)
+    finally:
+        rest.set()
+    assert f.reason == "IMPORT_IN_PROGRESS"
+    assert time.monotonic() - started < 10, "the server waited for the whole file before refusing it"

@@ -60,8 +60,9 @@ class RegistryServiceServicer:
         the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
         `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
-        than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size limit), ABORTED
-        with reason `IMPORT_IN_PROGRESS` (another import runs in this server), UNAUTHENTICATED,
+        than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
+        limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
+        server process or the command line; told before the file is received), UNAUTHENTICATED,
         PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
