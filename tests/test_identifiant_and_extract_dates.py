@@ -44,6 +44,7 @@ NOW = dt.datetime.combine(TODAY, dt.time(9, 30), tzinfo=dt.timezone.utc)
 PSEUDO = Pseudonymizer(bytes(range(32)))
 COLUMNS = ["identifiant", "nom", *REQUIRED_COLUMNS[1:]]
 ADVISOR = Caller(id="advisor-paris", role="advisor", advisor_id="A0001", agency_code="75011")
+PLATFORM = Caller(id="platform-oc", role="platform", platform_id="openclassrooms")
 PREMIUM = "premium-job-seekers"
 
 
@@ -236,7 +237,8 @@ def _context(tmp_path: Path, url: str, now: dt.datetime = NOW) -> tuple[app.Cont
                         pseudonym_key_file=tmp_path / "pseudonym.key", issuer="urn:entitlement:test",
                         token_ttl_days=30, max_workers=2, grace_seconds=1)
     upgrade(url)
-    write_callers(settings.callers_file, [ADVISOR])
+    # (and a platform: activations are made for the platform of a platform caller)
+    write_callers(settings.callers_file, [ADVISOR, PLATFORM])
     clock = FixedClock(now)
     return app.build(settings, clock=clock, create_secrets=True), clock
 
