@@ -218,7 +218,7 @@ class Settings:
             key_dir=Path(_env("ENTITLEMENT_KEY_DIR", str(d.key_dir))),
             pseudonym_key_file=Path(_env("ENTITLEMENT_PSEUDONYM_KEY_FILE", str(d.pseudonym_key_file))),
             issuer=_env("ENTITLEMENT_ISSUER", d.issuer),
-            token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days, maximum=MAX_DAYS),
+            token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days, minimum=1, maximum=MAX_DAYS),
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers),
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers),
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),

@@ -261,6 +261,17 @@ def test_refuses_to_start_with_an_unknown_time_zone(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("ttl", ["0", "-1"])
+def test_refuses_to_start_with_a_token_lifetime_below_one_day(tmp_path: Path, ttl: str) -> None:
+    """Tokens would be born expired (exp <= iat): every redemption TOKEN_EXPIRED after the money
+    was committed."""
+    d = prepare(tmp_path / "srv", migrate=False)
+    d.extra_env["ENTITLEMENT_TOKEN_TTL_DAYS"] = ttl
+    result = d.run()
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"ENTITLEMENT_TOKEN_TTL_DAYS must be at least 1, got {ttl}"]
+
+
 PROGRAM = "premium-job-seekers.yaml"
 BREAKS = {
     "unknown key": (lambda t: t + "colour: blue\n", "colour", "unknown key"),
