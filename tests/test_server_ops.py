@@ -272,6 +272,40 @@ def test_refuses_to_start_with_a_token_lifetime_below_one_day(tmp_path: Path, tt
     assert result.stderr.strip().splitlines() == [f"ENTITLEMENT_TOKEN_TTL_DAYS must be at least 1, got {ttl}"]
 
 
+# Numbers out of their settings' bounds (entitlement/config.py, README "Configuration"): 0 where
+# nothing is documented for it, a negative number everywhere (CHECK_RATE_PER_MIN=-1 turned the limit
+# off), timeouts PostgreSQL would refuse on every connection. Before, MAX_WORKERS=0 was a traceback
+# from the thread pool and the others were taken.
+OUT_OF_BOUNDS = [
+    ("ENTITLEMENT_MAX_WORKERS", "0", "at least 1"), ("ENTITLEMENT_STREAM_WORKERS", "0", "at least 1"),
+    ("ENTITLEMENT_PROCESSES", "0", "at least 1"), ("ENTITLEMENT_PROCESSES", "-2", "at least 1"),
+    ("ENTITLEMENT_GRACE_SECONDS", "-1", "at least 0"),
+    ("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", "0", "at least 1"), ("ENTITLEMENT_LIVE_STATUS_RETRIES", "-1", "at least 0"),
+    ("ENTITLEMENT_LIVE_STATUS_BREAKER_FAILURES", "0", "at least 1"),
+    ("ENTITLEMENT_LIVE_STATUS_BREAKER_RESET_S", "0", "at least 1"),
+    ("ENTITLEMENT_WATCH_POLL_MS", "0", "at least 1"), ("ENTITLEMENT_WATCH_MAX_STREAMS", "0", "at least 1"),
+    ("ENTITLEMENT_WATCH_MAX_PER_CALLER", "0", "at least 1"), ("ENTITLEMENT_PUBLIC_STREAMS", "0", "at least 1"),
+    ("ENTITLEMENT_CALLER_CACHE_SECONDS", "-1", "at least 0"),
+    ("ENTITLEMENT_CALLER_ROTATION_OVERLAP_MINUTES", "-1", "at least 0"),
+    ("ENTITLEMENT_CHECK_RATE_PER_MIN", "-1", "at least 0"), ("ENTITLEMENT_CHECK_BURST", "0", "at least 1"),
+    ("ENTITLEMENT_RETENTION_DAYS", "0", "at least 1"),
+    ("ENTITLEMENT_DB_LOCK_TIMEOUT_MS", "-1", "at least 0"),
+    ("ENTITLEMENT_DB_LOCK_TIMEOUT_MS", "2147483648", "at most 2147483647"),
+    ("ENTITLEMENT_DB_STATEMENT_TIMEOUT_MS", "-1", "at least 0"),
+    ("ENTITLEMENT_DB_STATEMENT_TIMEOUT_MS", "2147483648", "at most 2147483647"),
+    ("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", "0", "at least 2"), ("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", "1", "at least 2"),
+    ("ENTITLEMENT_DB_PING_MS", "-1", "at least 0"), ("ENTITLEMENT_DB_PING_TIMEOUT_MS", "0", "at least 1"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "bound"), OUT_OF_BOUNDS, ids=[f"{n}={v}" for n, v, _ in OUT_OF_BOUNDS])
+def test_refuses_to_start_with_a_number_setting_out_of_its_bounds(tmp_path: Path, name: str, value: str,
+                                                                   bound: str) -> None:
+    d = prepare(tmp_path / "srv", migrate=False)
+    d.extra_env[name] = value
+    result = d.run()
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"{name} must be {bound}, got {value}"]
 PROGRAM = "premium-job-seekers.yaml"
 BREAKS = {
     "unknown key": (lambda t: t + "colour: blue\n", "colour", "unknown key"),
