@@ -24,11 +24,14 @@ from entitlement import affinity, app, logs, registry_feed
 from entitlement.config import EVENT_LOOP, EventLoopUnavailable, Settings, resolve_event_loop
 from entitlement.programs import ProgramFileError
 from entitlement.server_main import serve_forever, server_model
+from entitlement.storage.db import describe_failure
 from entitlement.storage.migrate import SchemaNotCurrent
 from entitlement.tls import TransportError, check_transport, server_tls
 
 
-def _prepare(settings: Settings) -> app.Context | None:
+def _prepare(settings: Settings) -> app.Context | int:
+    """The context to serve, or the exit code of a start refused in one line on stderr: 2 for a
+    configuration to fix, 1 for a database that cannot be reached or opened."""
     try:
         # Transport first: an unsafe listen address is refused before anything is loaded.
         check_transport(settings.listen, server_tls(settings.tls_cert_file, settings.tls_key_file,
@@ -43,7 +46,13 @@ def _prepare(settings: Settings) -> app.Context | None:
         return ctx
     except (ProgramFileError, SchemaNotCurrent, TransportError, EventLoopUnavailable) as exc:
         print(f"entitlement: cannot start: {exc}", file=sys.stderr)
-        return None
+        return 2
+    except Exception as exc:  # the database down, or the URL wrong: one line, as the CLI says it
+        message = describe_failure(exc, settings.database_url)
+        if message is None:
+            raise
+        print(f"entitlement: cannot start: {message}", file=sys.stderr)
+        return 1
 
 
 def _child(index: int) -> None:
@@ -51,8 +60,8 @@ def _child(index: int) -> None:
     affinity.apply(settings.cpu_affinity, index, settings.processes)  # before any thread starts
     logs.configure(settings.log_level)
     ctx = _prepare(settings)
-    if ctx is None:
-        raise SystemExit(2)
+    if isinstance(ctx, int):
+        raise SystemExit(ctx)
     serve_forever(ctx)
 
 
@@ -63,8 +72,8 @@ def _supervise(settings: Settings) -> int:
         return 2
     affinity.choose(settings.cpu_affinity, 0, settings.processes)  # a CPU not available: refused here, once
     ctx = _prepare(settings)  # fail fast, once, on a bad configuration
-    if ctx is None:
-        return 2
+    if isinstance(ctx, int):
+        return ctx
     ctx.db.dispose()
     spawn = multiprocessing.get_context("spawn")
     children = [spawn.Process(target=_child, args=(i,), name=f"entitlement-{i}") for i in range(settings.processes)]
@@ -108,8 +117,8 @@ def main() -> int:
         return _supervise(settings)
     affinity.apply(settings.cpu_affinity)  # before any thread starts
     ctx = _prepare(settings)
-    if ctx is None:
-        return 2
+    if isinstance(ctx, int):
+        return ctx
     serve_forever(ctx)
     return 0
 

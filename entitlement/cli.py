@@ -815,28 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _database_failure(exc: Exception) -> str | None:
-    """One line for an error the database raised (None for any other exception): unreachable,
-    a wrong URL, a login refused... Only the first line of the driver's message (never the
-    statement or its parameters: PostgreSQL's DETAIL quotes row values), and the URL without its
-    password."""
-    from sqlalchemy import exc as sa_exc
-    from sqlalchemy.engine import make_url
-    if not isinstance(exc, sa_exc.DBAPIError):
-        return None
-    orig = exc.orig  # the driver's exception (str(exc) would add the statement)
-    lines = str(orig).strip().splitlines() if orig is not None else []
-    reason = lines[0].strip() if lines else type(orig or exc).__name__
+    """One line for an error the database raised, None for any other (entitlement/storage/db.py)."""
+    from entitlement.storage.db import describe_failure
     url = os.environ.get("ENTITLEMENT_DATABASE_URL", "").strip() or Settings().database_url
-    try:
-        parsed = make_url(url)
-        shown, password = parsed.render_as_string(hide_password=True), parsed.password
-    except (sa_exc.ArgumentError, ValueError):
-        shown, password = "", None
-    if password:
-        reason = reason.replace(str(password), "***")
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
-        return f"database unavailable ({reason}); check ENTITLEMENT_DATABASE_URL" + (f" ({shown})" if shown else "")
-    return f"database error ({type(orig or exc).__name__}: {reason})"
+    return describe_failure(exc, url)
 
 
 def main(argv: list[str] | None = None) -> int:

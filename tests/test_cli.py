@@ -343,6 +343,14 @@ def test_a_database_that_cannot_be_reached_is_one_line_without_its_password(
     assert "s3cret" not in line
 
 
+def test_a_sqlite_file_that_is_not_a_database_is_unavailable_in_one_line(
+        operator: Run, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"this is not a database file, just text " * 100)
+    monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", f"sqlite:///{tmp_path / 'junk.db'}")
+    operator("doctor").error("database unavailable (file is not a database); check ENTITLEMENT_DATABASE_URL",
+                             f"sqlite:///{tmp_path / 'junk.db'}")
+
+
 def test_a_database_url_that_cannot_be_parsed_is_one_line(operator: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", "postgresql://postgres:pw-s3cret@127.0.0.1:port/entitlement")
     assert "s3cret" not in operator("doctor").error("the database URL cannot be parsed")

@@ -272,6 +272,25 @@ def test_refuses_to_start_with_a_token_lifetime_below_one_day(tmp_path: Path, tt
     assert result.stderr.strip().splitlines() == [f"ENTITLEMENT_TOKEN_TTL_DAYS must be at least 1, got {ttl}"]
 
 
+@pytest.mark.parametrize("kind", ["postgres-down", "sqlite-not-a-database"])
+def test_a_database_that_cannot_be_reached_or_opened_stops_the_start_in_one_line(tmp_path: Path, kind: str) -> None:
+    """Before: ~120 lines of psycopg / sqlite3 traceback. Now the line the CLI prints, password hidden."""
+    if kind == "postgres-down":  # nothing listens on port 1
+        url, says, shown = ("postgresql://postgres:pw-s3cret@127.0.0.1:1/entitlement", "port 1 failed",
+                            "postgresql://postgres:***@127.0.0.1:1/entitlement")
+    else:
+        (tmp_path / "junk.db").write_bytes(b"this is not a database file, just text " * 100)
+        url = shown = f"sqlite:///{tmp_path / 'junk.db'}"
+        says = "file is not a database"
+    d = prepare(tmp_path / "srv", url, migrate=False)
+    result = d.run()
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("entitlement: cannot start: database unavailable ("), line
+    assert says in line and f"check ENTITLEMENT_DATABASE_URL ({shown})" in line, line
+    assert "s3cret" not in line
+
+
 # Numbers out of their settings' bounds (entitlement/config.py, README "Configuration"): 0 where
 # nothing is documented for it, a negative number everywhere (CHECK_RATE_PER_MIN=-1 turned the limit
 # off), timeouts PostgreSQL would refuse on every connection. Before, MAX_WORKERS=0 was a traceback

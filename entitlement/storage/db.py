@@ -109,7 +109,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from entitlement import deadline, rollup
@@ -993,3 +993,28 @@ def _configure_sqlite(engine: Engine, lock_timeout_ms: int, *, emit_begin: bool 
     for method, sql in (("do_savepoint", "SAVEPOINT"), ("do_release_savepoint", "RELEASE SAVEPOINT"),
                         ("do_rollback_to_savepoint", "ROLLBACK TO SAVEPOINT")):
         setattr(engine.dialect, method, _savepoint_statement(sql))
+
+
+def describe_failure(exc: BaseException, url: str) -> str | None:
+    """One line for an error the database raised (None for any other exception): unreachable,
+    a wrong URL, a login refused, a file that is not a database... Only the first line of the
+    driver's message (never the statement or its parameters: PostgreSQL's DETAIL quotes row
+    values), and `url` without its password. The command-line tools and server.py's start say it
+    alike."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig  # the driver's exception (str(exc) would add the statement)
+    lines = str(orig).strip().splitlines() if orig is not None else []
+    reason = lines[0].strip() if lines else type(orig or exc).__name__
+    try:
+        parsed = make_url(url)
+        shown, password = parsed.render_as_string(hide_password=True), parsed.password
+    except (ArgumentError, ValueError):
+        shown, password = "", None
+    if password:
+        reason = reason.replace(str(password), "***")
+    # A SQLite file that is not a database (SQLITE_NOTADB) cannot be opened, as a wrong path.
+    not_a_database = getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB
+    if isinstance(exc, (OperationalError, InterfaceError)) or not_a_database:
+        return f"database unavailable ({reason}); check ENTITLEMENT_DATABASE_URL" + (f" ({shown})" if shown else "")
+    return f"database error ({type(orig or exc).__name__}: {reason})"
