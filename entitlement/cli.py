@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 from entitlement.config import MAX_DAYS, MAX_HOURS, MAX_MINUTES, ROOT, Settings
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a writer its reader left
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -822,6 +824,24 @@ def _database_failure(exc: Exception) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command's entry. Its output piped into a reader that stops early (`entitlement events
+    | head -1`): quiet, as other Unix tools, and exit code 141 (128 + SIGPIPE), not a
+    BrokenPipeError traceback (Python docs, "Note on SIGPIPE")."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        try:  # what is still buffered goes nowhere at exit instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # stdout without a file descriptor (embedded, tests): nothing is flushed to one
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -395,6 +395,30 @@ def test_health_answers_serving_without_credentials(shared_server: Server) -> No
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("command", [
+    ["--help"], ["programs", "check"], ["programs", "list", "--token", "{admin}"],
+    ["check", "CAT0006", SPECIAL["CAT0006"][0], "--token", "{advisor-paris}"],
+    ["events", "--token", "{admin}"], ["events", "--json", "--token", "{admin}"]])
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_into_a_pipe_closed_early_ends_quietly(shared_server: Server, command: list[str],
+                                                        unbuffered: str) -> None:
+    """`entitlement events | head -1`: the reader is gone before the command wrote (the pipe's read
+    end is closed at once, so every write fails: the worst case of `head`). Before: a
+    BrokenPipeError traceback. Now: nothing on stderr, exit code 141 (128 + SIGPIPE)."""
+    argv = [a.format(**shared_server.dir.tokens) for a in command]
+    env = {**shared_server.dir.env(), "ENTITLEMENT_ADDRESS": shared_server.dir.address, "PYTHONUNBUFFERED": unbuffered}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*CLI, *argv], cwd=ROOT, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    # argparse's own help, written unbuffered, ignores the error itself (and exits 0).
+    assert proc.returncode == 141 or (proc.returncode == 0 and argv == ["--help"] and unbuffered)
+
+
 def test_reflection_lists_and_describes_the_services_without_credentials(shared_server: Server) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(shared_server.channel)
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
