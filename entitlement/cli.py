@@ -330,9 +330,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_run(args: argparse.Namespace) -> int:
-    from entitlement import jobs
+    from entitlement import client_cli, jobs
     try:
-        until = dt.date.fromisoformat(args.until) if args.until else None
+        until = client_cli.strict_date(args.until) if args.until else None
     except ValueError:
         return _fail(f"--until: expected a date YYYY-MM-DD, got {args.until!r}")
     deps = _job_deps()

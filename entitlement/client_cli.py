@@ -53,9 +53,21 @@ class ClientError(Exception):
     pass
 
 
+# YYYY-MM-DD in ASCII digits, nothing else: date.fromisoformat (Python 3.11+) also takes an ISO week
+# date (1990-W20-4) and the basic format (19900517), which the messages say are not dates here.
+DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def strict_date(text: str) -> dt.date:
+    """A command-line date: YYYY-MM-DD and a real calendar date, else ValueError."""
+    if not DATE_RE.fullmatch(text):
+        raise ValueError(f"not YYYY-MM-DD: {text!r}")
+    return dt.date.fromisoformat(text)
+
+
 def _date(text: str, what: str) -> date_pb2.Date:
     try:
-        d = dt.date.fromisoformat(text)
+        d = strict_date(text)
     except ValueError:
         raise ClientError(f"{what}: expected a date YYYY-MM-DD, got {text!r}") from None
     return date_pb2.Date(year=d.year, month=d.month, day=d.day)

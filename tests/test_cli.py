@@ -281,6 +281,22 @@ def test_malformed_date_is_a_one_line_error(run: Run) -> None:
     run("advisor-paris", "programs", "list", "--as-of", "yesterday").error("--as-of")
 
 
+# date.fromisoformat (Python 3.11+) also takes ISO week dates and the basic format: each was taken
+# for a date although the message says YYYY-MM-DD.
+NOT_YYYY_MM_DD = ["1990-W20-4", "19900517", "1990W204", "2025W011", "1990-05-17T00:00", "١٩٩٠-٠٥-١٧"]
+
+
+@pytest.mark.parametrize("text", NOT_YYYY_MM_DD)
+def test_a_date_not_written_yyyy_mm_dd_is_refused_naming_the_argument(run: Run, operator: Run, text: str) -> None:
+    expected = f"expected a date YYYY-MM-DD, got {text!r}"
+    run("advisor-paris", "check", "P0000001", text).error("birth date", expected)
+    run("advisor-paris", "activate", "P0000001", text, "--program", PROGRAM, "--platform",
+        "openclassrooms").error("birth date", expected)
+    run("advisor-paris", "check", "P0000001", "1990-05-17", "--as-of", text).error("--as-of", expected)
+    run("advisor-paris", "programs", "list", "--as-of", text).error("--as-of", expected)
+    operator("jobs", "run", "--until", text).error("--until", expected)
+
+
 def test_missing_token_is_unauthenticated(run: Run) -> None:
     run(None, "programs", "list").error("UNAUTHENTICATED")
     run(None, "verify", "someone").error("UNAUTHENTICATED")
