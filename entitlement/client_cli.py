@@ -118,17 +118,28 @@ def _describe(err: grpc.RpcError) -> str:
     code = err.code().name if hasattr(err, "code") else "UNKNOWN"
     message = err.details() if hasattr(err, "details") else str(err)
     parts = [f"{code}: {message}"]
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    request_id = ""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except ValueError:  # a status whose details do not match its code or message: none shown
+        status = None
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 parts.append(f"[{info.reason}]")
+                request_id = request_id or info.metadata.get("request_id", "")
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 parts.extend(f"{v.field}: {v.description};" for v in bad.field_violations)
+    if not request_id and hasattr(err, "trailing_metadata"):
+        request_id = next((str(v) for k, v in (err.trailing_metadata() or ()) if k == "x-request-id"), "")
+    # What to quote to the operators (README: AIP-193 errors): the id their logs file the call under.
+    # None when the call never reached a handler (no server, gRPC's own limits).
+    if request_id:
+        parts.append(f"(request id {' '.join(request_id.split())[:64]})")
     return " ".join(parts)
 
 

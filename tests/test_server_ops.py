@@ -578,6 +578,30 @@ def test_every_call_logs_one_json_line(shared_server: Server) -> None:
         assert line["level"] == "info"
 
 
+@pytest.mark.parametrize(("caller", "argv", "code", "reason"), [
+    ("admin", ["get", "activations/" + "0" * 32], "NOT_FOUND", "[ACTIVATION_NOT_FOUND]"),
+    ("funder-ft", ["check", "P0002997", "1990-01-01"], "PERMISSION_DENIED", None),
+    (None, ["programs", "list"], "UNAUTHENTICATED", None),
+])
+def test_cli_errors_quote_the_request_id_the_server_logged(shared_server: Server, caller: str | None,
+                                                           argv: list[str], code: str, reason: str | None) -> None:
+    """README: errors carry the request_id to quote to operators. The CLI's one line printed the
+    code, message and reason, but not it."""
+    s = shared_server
+    env = {**s.dir.env(), "ENTITLEMENT_ADDRESS": s.dir.address}
+    env.pop("ENTITLEMENT_TOKEN", None)
+    token = [f"--token={s.dir.tokens[caller]}"] if caller else []
+    r = subprocess.run([*CLI, *argv, *token], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == "", r
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"entitlement: {code}: "), line
+    assert reason is None or reason in line, line
+    m = re.search(r" \(request id ([A-Za-z0-9_-]{1,64})\)$", line)
+    assert m, line
+    [logged] = _rpc_lines(s, {m.group(1)})
+    assert logged["code"] == code
+
+
 def test_refused_calls_are_logged_too(shared_server: Server) -> None:
     s = shared_server
     eligibility, _, _ = _stubs(s.channel)
