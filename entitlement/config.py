@@ -80,6 +80,10 @@ MAX_MINUTES = 5256000  # 10 years
 # PostgreSQL's lock_timeout and statement_timeout, and libpq's tcp_user_timeout (ms), are 32-bit:
 # beyond, every connection is refused ("invalid value for parameter").
 PG_MAX_MS = 2_147_483_647
+# gRPC's counts and its keepalive times in milliseconds are C ints too (beyond: OverflowError at start).
+C_INT_MAX = 2_147_483_647
+MAX_THREADS = 10_000  # per pool: 8 call slots per thread stay within a C int (ENTITLEMENT_MAX_CONCURRENT_RPCS)
+MAX_INTERVAL_MS = 86_400_000  # a day: the polls, pings and timeouts in ms (beyond, waits overflow time_t)
 
 
 def _int(name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -222,9 +226,11 @@ class Settings:
             pseudonym_key_file=Path(_env("ENTITLEMENT_PSEUDONYM_KEY_FILE", str(d.pseudonym_key_file))),
             issuer=_env("ENTITLEMENT_ISSUER", d.issuer),
             token_ttl_days=_int("ENTITLEMENT_TOKEN_TTL_DAYS", d.token_ttl_days, minimum=1, maximum=MAX_DAYS),
-            max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers, minimum=1),
-            stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers, minimum=1),
-            max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0),
+            max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers, minimum=1, maximum=MAX_THREADS),
+            stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers, minimum=1,
+                                  maximum=MAX_THREADS),
+            max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0,
+                                       maximum=C_INT_MAX),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes, minimum=1),
             server_model=_choice("ENTITLEMENT_SERVER_MODEL", d.server_model, SERVER_MODELS),
             event_loop=_choice("ENTITLEMENT_EVENT_LOOP", d.event_loop, EVENT_LOOPS),
@@ -235,19 +241,21 @@ class Settings:
             timezone=_timezone("ENTITLEMENT_TIMEZONE", d.timezone),
             live_status_url=_env("ENTITLEMENT_LIVE_STATUS_URL", d.live_status_url),
             live_status_token=_env("ENTITLEMENT_LIVE_STATUS_TOKEN", d.live_status_token),
-            live_status_timeout_ms=_int("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", d.live_status_timeout_ms, minimum=1),
+            live_status_timeout_ms=_int("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", d.live_status_timeout_ms, minimum=1,
+                                          maximum=MAX_INTERVAL_MS),
             live_status_retries=_int("ENTITLEMENT_LIVE_STATUS_RETRIES", d.live_status_retries, minimum=0),
             live_status_breaker_failures=_int("ENTITLEMENT_LIVE_STATUS_BREAKER_FAILURES",
                                               d.live_status_breaker_failures, minimum=1),
             live_status_breaker_reset_s=_int("ENTITLEMENT_LIVE_STATUS_BREAKER_RESET_S",
                                              d.live_status_breaker_reset_s, minimum=1),
-            watch_poll_ms=_int("ENTITLEMENT_WATCH_POLL_MS", d.watch_poll_ms, minimum=1),
+            watch_poll_ms=_int("ENTITLEMENT_WATCH_POLL_MS", d.watch_poll_ms, minimum=1, maximum=MAX_INTERVAL_MS),
             watch_max_streams=_int("ENTITLEMENT_WATCH_MAX_STREAMS", d.watch_max_streams, minimum=1),
             watch_max_per_caller=_int("ENTITLEMENT_WATCH_MAX_PER_CALLER", d.watch_max_per_caller, minimum=1),
             public_streams=_int("ENTITLEMENT_PUBLIC_STREAMS", d.public_streams, minimum=1),
-            keepalive_seconds=_int("ENTITLEMENT_KEEPALIVE_SECONDS", d.keepalive_seconds, minimum=1),
+            keepalive_seconds=_int("ENTITLEMENT_KEEPALIVE_SECONDS", d.keepalive_seconds, minimum=1,
+                                   maximum=C_INT_MAX // 1000),
             keepalive_timeout_seconds=_int("ENTITLEMENT_KEEPALIVE_TIMEOUT_SECONDS", d.keepalive_timeout_seconds,
-                                           minimum=1),
+                                           minimum=1, maximum=C_INT_MAX // 1000),
             tls_cert_file=_env("ENTITLEMENT_TLS_CERT_FILE", d.tls_cert_file),
             tls_key_file=_env("ENTITLEMENT_TLS_KEY_FILE", d.tls_key_file),
             tls_client_ca_file=_env("ENTITLEMENT_TLS_CLIENT_CA_FILE", d.tls_client_ca_file),
@@ -265,8 +273,9 @@ class Settings:
                                          minimum=0, maximum=PG_MAX_MS),
             db_connect_timeout_s=_int("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", d.db_connect_timeout_s, minimum=2,
                                       maximum=PG_MAX_MS // 1000),
-            db_ping_ms=_int("ENTITLEMENT_DB_PING_MS", d.db_ping_ms, minimum=0),
-            db_ping_timeout_ms=_int("ENTITLEMENT_DB_PING_TIMEOUT_MS", d.db_ping_timeout_ms, minimum=1),
+            db_ping_ms=_int("ENTITLEMENT_DB_PING_MS", d.db_ping_ms, minimum=0, maximum=MAX_INTERVAL_MS),
+            db_ping_timeout_ms=_int("ENTITLEMENT_DB_PING_TIMEOUT_MS", d.db_ping_timeout_ms, minimum=1,
+                                    maximum=MAX_INTERVAL_MS),
             db_analyze_every_s=_int("ENTITLEMENT_DB_ANALYZE_EVERY_S", d.db_analyze_every_s, minimum=0,
                                     maximum=86_400),
         )
