@@ -314,6 +314,8 @@ OUT_OF_BOUNDS = [
     ("ENTITLEMENT_DB_STATEMENT_TIMEOUT_MS", "2147483648", "at most 2147483647"),
     ("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", "0", "at least 2"), ("ENTITLEMENT_DB_CONNECT_TIMEOUT_S", "1", "at least 2"),
     ("ENTITLEMENT_DB_PING_MS", "-1", "at least 0"), ("ENTITLEMENT_DB_PING_TIMEOUT_MS", "0", "at least 1"),
+    ("ENTITLEMENT_DB_ANALYZE_EVERY_S", "-1", "at least 0"),
+    ("ENTITLEMENT_DB_ANALYZE_EVERY_S", "86401", "at most 86400"),
     # Above these, an OverflowError traceback at start (gRPC's C ints; waits beyond time_t).
     ("ENTITLEMENT_MAX_WORKERS", "1000000000", "at most 10000"),
     ("ENTITLEMENT_STREAM_WORKERS", "10001", "at most 10000"),
