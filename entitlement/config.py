@@ -122,6 +122,7 @@ class Settings:
     issuer: str = "urn:entitlement"
     token_ttl_days: int = 30
     max_workers: int = 4  # threads for the unary calls (entitlement/server_main.py: fewer fight less over the GIL)
+    import_idle_seconds: int = 60  # ImportExtract: the longest wait for the extract's next chunk (then ABORTED)
     stream_workers: int = 8  # threads for streaming calls (change streams, log streams, imports), apart
     # Calls a server process accepts at once, queued ones included (beyond: RESOURCE_EXHAUSTED from
     # gRPC itself); 0: 8 per thread of the two pools (entitlement/server_main.py).
@@ -229,6 +230,8 @@ class Settings:
             max_workers=_int("ENTITLEMENT_MAX_WORKERS", d.max_workers, minimum=1, maximum=MAX_THREADS),
             stream_workers=_int("ENTITLEMENT_STREAM_WORKERS", d.stream_workers, minimum=1,
                                   maximum=MAX_THREADS),
+            import_idle_seconds=_int("ENTITLEMENT_IMPORT_IDLE_SECONDS", d.import_idle_seconds, minimum=1,
+                                     maximum=86_400),
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0,
                                        maximum=C_INT_MAX),
             processes=_int("ENTITLEMENT_PROCESSES", d.processes, minimum=1),

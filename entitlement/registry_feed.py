@@ -23,6 +23,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import tempfile
@@ -125,6 +126,53 @@ def sweep_stale_spools(dry_run: bool = False) -> int:
         except OSError as exc:
             log.warning("stale_extract_spool_not_removed", spool=spool.name, error=type(exc).__name__)
     return removed
+
+
+def idle_bounded(chunks: Iterator[bytes], idle_s: float) -> Iterator[bytes]:
+    """`chunks`, each of which must come within `idle_s` seconds of the one before (ABORTED
+    `PUSH_IDLE` otherwise). A pusher that stopped sending without closing its stream (its connection
+    alive: keepalive sees nothing wrong) held this process's one import slot until its own deadline,
+    if it had set one, and every other push to the process was refused IMPORT_IN_PROGRESS meanwhile.
+    The chunks are read by a thread of their own (a blocked read cannot be given a timeout); it ends
+    with the call."""
+    box: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def put(item: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                if not put(("chunk", chunk)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            put(("error", exc))
+
+    threading.Thread(target=pump, name="import-chunks", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = box.get(timeout=idle_s)
+            except queue.Empty:
+                raise Aborted(f"no part of the extract came for {idle_s:g} s: the push is given up; send it again",
+                              reason="PUSH_IDLE", metadata={"idle_seconds": f"{idle_s:g}"}) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            assert isinstance(value, bytes)
+            yield value
+    finally:
+        stop.set()
 
 
 @dataclass(frozen=True)

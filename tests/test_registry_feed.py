@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +230,31 @@ def test_an_import_whose_deadline_passes_stops_and_leaves_no_rows_behind(
                    "the import given up ended", limit_s=30)
         # (one failed snapshot; none if, on a slow machine, the deadline passed during the upload)
         assert all((status, rows) == ("failed", 0) for _, status, rows in left_behind()), left_behind()
+
+
+def test_a_push_that_stops_sending_is_given_up_and_frees_the_import_slot(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A pusher stalled with its stream open (its connection alive) held the process's one import
+    slot until its own deadline, if any: every other push was IMPORT_IN_PROGRESS meanwhile. With no
+    chunk for ENTITLEMENT_IMPORT_IDLE_SECONDS the push is ABORTED PUSH_IDLE and the next one imports."""
+    with own_server(backend[0], tmp_path / "own", request, import_idle_seconds=1) as server:
+        feed = registry_pb2_grpc.RegistryServiceStub(server.channel).ImportExtract
+        md = (("authorization", f"Bearer {server.tokens['agency-feed']}"),)
+        data = write_registry(tmp_path / "again.csv", default_people()).read_bytes()
+        release = threading.Event()
+
+        def stalled() -> Iterator[registry_pb2.ImportExtractRequest]:
+            parts = _stream(data, chunk=len(data) // 2 + 1, min_ratio=1e-9)
+            yield next(parts)  # the header
+            yield next(parts)  # half the file, then nothing: the stream stays open
+            release.wait(30)
+
+        try:
+            f = expect_error(lambda r: feed(r, metadata=md, timeout=30), stalled(), grpc.StatusCode.ABORTED)
+        finally:
+            release.set()
+        assert f.reason == "PUSH_IDLE" and f.metadata["idle_seconds"] == "1", f
+        wait_until(lambda: not any(t.name == "import-chunks" for t in threading.enumerate()),
+                   "the thread reading the given-up push's chunks ended with it", limit_s=10)
+        done = feed(_stream(data, min_ratio=1e-9), metadata=md, timeout=30)  # the slot is free
+        assert done.rows_imported == len(default_people()) and done.snapshot.startswith("registrySnapshots/")

@@ -328,7 +328,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         assert extracted_on is not None
         header = registry_feed.PushHeader(extracted_on, first.header.source_name, first.header.sha256,
                                           first.header.min_ratio)
-        result = registry_feed.receive(self.ctx, current_caller(), header, _chunks(request_iterator))
+        chunks = registry_feed.idle_bounded(_chunks(request_iterator), self.ctx.settings.import_idle_seconds)
+        result = registry_feed.receive(self.ctx, current_caller(), header, chunks)
         s = result.summary
         return registry_pb2.ImportExtractResponse(
             snapshot=f"registrySnapshots/{s.snapshot_id}", unchanged=s.unchanged, sha256=s.sha256,

@@ -62,8 +62,9 @@ class RegistryServiceServicer:
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
         than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
         limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
-        server process or the command line; told before the file is received), UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        server process or the command line; told before the file is received) or `PUSH_IDLE` (no
+        chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

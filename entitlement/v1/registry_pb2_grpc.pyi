@@ -54,8 +54,9 @@ class RegistryServiceStub:
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
     than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
     limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
-    server process or the command line; told before the file is received), UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    server process or the command line; told before the file is received) or `PUSH_IDLE` (no
+    chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -78,8 +79,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
     than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
     limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
-    server process or the command line; told before the file is received), UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    server process or the command line; told before the file is received) or `PUSH_IDLE` (no
+    chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
+    UNAUTHENTICATED, PERMISSION_DENIED.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -105,8 +107,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
         than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
         limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
-        server process or the command line; told before the file is received), UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        server process or the command line; told before the file is received) or `PUSH_IDLE` (no
+        chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
+        UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
