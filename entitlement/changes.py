@@ -14,7 +14,9 @@ with a bookmark (a change without status) carrying the cursor of that position, 
 resume even if nothing happened before it disconnected.
 
 Each change carries the entitlement status as that change left it: the state after it (for
-`curtailed`, `active`, `suspended` or `expired`), the end date, the program and tier.
+`curtailed`, `active`, `suspended` or `expired`), the end date, the program and tier. The end date
+is the one in force after the change (a later curtailment's `previous_end_date`), so a change read
+again from an older cursor says what it said when first streamed.
 """
 
 from __future__ import annotations
@@ -117,6 +119,16 @@ def poll(ctx: Context, caller: Caller, after: int, limit: int = BATCH) -> tuple[
         activations = {a.id: a for a in s.execute(select(Activation).where(Activation.id.in_(ids))).scalars()}
         redeemed = {subject: seq for subject, seq in s.execute(select(Event.subject, Event.seq).where(
             Event.subject.in_(subjects), Event.type == "activation.redeemed"))}
+        # The curtailments after the batch's first event, in order: a change without an end date of
+        # its own left the one the first curtailment after it found (`previous_end_date`), not the
+        # row's as it is now (rare: usually none).
+        curtailments: dict[str, list[tuple[int, dt.date]]] = {}
+        for subject, seq, payload_json in s.execute(select(Event.subject, Event.seq, Event.payload_json).where(
+                Event.subject.in_(subjects), Event.type == "activation.curtailed", Event.seq > events[0].seq)
+                .order_by(Event.seq)):
+            previous = json.loads(payload_json).get("previous_end_date")
+            if previous:
+                curtailments.setdefault(subject, []).append((seq, dt.date.fromisoformat(previous)))
         out = []
         for e in events:
             a = activations.get(e.subject[len(ACTIVATION_PREFIX):])
@@ -130,7 +142,10 @@ def poll(ctx: Context, caller: Caller, after: int, limit: int = BATCH) -> tuple[
                 state = str(payload.get("to", a.state))
             else:
                 state = STATE_AFTER[e.type]
-            end = dt.date.fromisoformat(payload["end_date"]) if "end_date" in payload else a.end_date
+            if "end_date" in payload:
+                end = dt.date.fromisoformat(payload["end_date"])
+            else:
+                end = next((was for seq, was in curtailments.get(e.subject, ()) if seq > e.seq), a.end_date)
             program = ctx.catalog.get(a.program_id)
             status = EntitlementStatus(account_id=a.account_id, active=state == "active" and end >= today,
                                        activation_id=a.id, program_id=a.program_id, state=state, end_date=end,

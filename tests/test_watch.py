@@ -244,6 +244,43 @@ def test_curtailment_is_a_change_and_streams_end_when_the_server_stops(
         assert time.monotonic() - started < 10
 
 
+def test_a_change_read_again_after_a_curtailment_carries_the_end_date_it_left(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A change carries the status as that change left it: read again from an earlier cursor after a
+    curtailment, the redemption and a suspension carried the curtailed end date (the row's as it is
+    now), not the one they left, so a platform resuming from an older cursor was told otherwise than
+    when it read them live."""
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        call = watch(api, timeout=60)
+        stream = iter(call)
+        mark = next(stream)
+        agency_id, birth = next_ledger_person()
+        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="watch test"))
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id="learner-read-again"))
+        move(api, "suspend", resp.activation.name)
+        live = [next(stream), next(stream)]
+        later = dict(people)
+        birth_text, postal, reg, _end, cat = later[agency_id]
+        later[agency_id] = (birth_text, postal, reg, "2026-04-10", cat)
+        with on_day(server, dt.date(2026, 4, 20)):
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", later), extracted_on=dt.date(2026, 4, 15))
+            assert jobs.run_revalidation(server.ctx).curtailed == 1
+            live.append(next(stream))
+        call.cancel()
+        ends = [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in live]
+        assert [summary(c)[0] for c in live] == ["REDEEMED", "SUSPENDED", "CURTAILED"]
+        assert ends == [(2027, 3, 15), (2027, 3, 15), (2026, 5, 31)]
+        again = drain(watch(api, mark.cursor, timeout=2))
+        assert [(c.cursor, summary(c)) for c in again] == [(c.cursor, summary(c)) for c in live]
+        assert [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in again] == ends
+
+
 def test_open_streams_leave_the_unary_calls_their_threads(
         backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Streams run on threads of their own (ENTITLEMENT_STREAM_WORKERS): with a pool of ONE thread for
