@@ -325,7 +325,9 @@ class EntitlementStatus(_message.Message):
     account_id: _builtins.str
     """The platform account."""
     active: _builtins.bool
-    """True when Premium access is on today."""
+    """True when Premium access is on today (VerifyEntitlement: the account's; in an
+    EntitlementChange: the changed activation's, as the change left it).
+    """
     activation: _builtins.str
     """`activations/{activation_id}`; empty when the account has no entitlement."""
     program: _builtins.str

@@ -228,8 +228,9 @@ class ActivationServiceServicer:
         """Reports, per account and month of access, whether the learner used Premium. Under programs
         whose funders owe months of use (`funders_owe: use`), a month reported used is consumed in
         the funding ledger; under programs whose funders owe months of access (`access`, the default)
-        every month of access begun is owed anyway and reports change nothing (they are checked the
-        same way).
+        every month of access begun is owed anyway and reports change nothing (they are checked for
+        the account, the month being one of its months of access and having begun; access during the
+        month and the report window matter only under `use`).
 
         Months of access run from the activation's start day (an activation starting on 16 March has
         16 March - 15 April, 16 April - 15 May, ...) and are named by the calendar month they begin in:
@@ -269,7 +270,10 @@ class ActivationServiceServicer:
         """Streams the changes of the calling platform's entitlements (redeemed, suspended, resumed,
         revoked, expired, curtailed), each with the status it left, from a cursor. A change is sent
         once the activation is bound to one of the platform's accounts (the `REDEEMED` change comes
-        first). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
+        first). A change is about one activation, and its status is that activation's: an account
+        may hold several at once (OpenCFA and premium), so `active = false` in a change ends that
+        activation's access, not necessarily the account's; the account's Premium is on while any of
+        its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
         default) and runs until the client cancels or the server stops.
 
         Resuming: every change carries `cursor`, the position just after it. Calling again with the
