@@ -18,6 +18,7 @@ the purge runs there.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import datetime as dt
 import fcntl
@@ -133,8 +134,8 @@ def idle_bounded(chunks: Iterator[bytes], idle_s: float) -> Iterator[bytes]:
     `PUSH_IDLE` otherwise). A pusher that stopped sending without closing its stream (its connection
     alive: keepalive sees nothing wrong) held this process's one import slot until its own deadline,
     if it had set one, and every other push to the process was refused IMPORT_IN_PROGRESS meanwhile.
-    The chunks are read by a thread of their own (a blocked read cannot be given a timeout); it ends
-    with the call."""
+    The chunks are read by a thread of their own (a blocked read cannot be given a timeout), in the
+    call's contextvars; it ends with the call."""
     box: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=4)
     stop = threading.Event()
 
@@ -156,7 +157,10 @@ def idle_bounded(chunks: Iterator[bytes], idle_s: float) -> Iterator[bytes]:
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
             put(("error", exc))
 
-    threading.Thread(target=pump, name="import-chunks", daemon=True).start()
+    # In the call's context (its deadline, entitlement/deadline.py): the request stream's wrapper
+    # reads it to tell a client that gave up (CANCELLED, DEADLINE_EXCEEDED) from a finished stream.
+    call = contextvars.copy_context()
+    threading.Thread(target=call.run, args=(pump,), name="import-chunks", daemon=True).start()
     try:
         while True:
             try:
