@@ -206,5 +206,6 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
                 payload={"from": previous_state, "to": a.state, "previous_end_date": previous_end.isoformat(),
                          "end_date": a.end_date.isoformat(), "failed_criteria": list(verdict.failed_reasons),
                          "registry_snapshot": snapshot.id, "consumed_months": booking.months_consumed,
+                         "consumed_cents": dict(sorted(booking.consumed.items())),
                          "released_cents": booking.released})
     return summary

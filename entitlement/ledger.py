@@ -189,12 +189,15 @@ def consume_month(s: Session, deps: Deps, a: Activation, label: str) -> dict[str
 def expire(s: Session, deps: Deps, a: Activation, today: dt.date, *, actor: str = SETTLEMENT_ACTOR,
            reason: str = "end date passed") -> Booking:
     """Record that a live activation's end date has passed: state `expired`, the months owed
-    consumed, the remainder released, one `activation.expired` event."""
+    consumed, the remainder released, one `activation.expired` event (the months consumed, the cents
+    consumed and released per funder: audit.proto)."""
     previous = a.state
     a.state, a.updated_at = "expired", deps.clock.now()
     booking = settle(s, deps, a, today)
     eventlog.append(s, time=deps.clock.now(), type="activation.expired", actor=actor,
                     subject=f"activations/{a.id}", program_id=a.program_id, reason=reason,
                     payload={"from": previous, "to": "expired", "end_date": a.end_date.isoformat(),
-                             "consumed_months": booking.months_consumed, "released_cents": booking.released})
+                             "consumed_months": booking.months_consumed,
+                             "consumed_cents": dict(sorted(booking.consumed.items())),
+                             "released_cents": booking.released})
     return booking

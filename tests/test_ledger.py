@@ -743,6 +743,39 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             assert_report_matches_ledger(server, api)
 
 
+def test_expiry_and_curtailment_events_say_the_cents_they_consumed(backend: tuple[str, str], tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """audit.proto: the events of revocations, expiries and curtailments give the cents they consumed
+    or released per funder, so that a funder accounts for every move of its report from the log. An
+    expiry, or a curtailment, consuming the months begun since the last settlement named the months
+    but not the cents each funder owes for them (found by a review)."""
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        expiring = activate(api)
+        agency_id, birth = next_ledger_person()
+        curtailed = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}",
+            platform="platforms/openclassrooms", reason="ledger test")).activation
+        later = dict(people)
+        born, postal, registered, _end, category = later[agency_id]
+        later[agency_id] = (born, postal, registered, "2026-03-20", category)
+        with on_day(server, D(2026, 5, 10)):  # no settlement since the start: two months begun
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", later), extracted_on=D(2026, 5, 5))
+            assert jobs.run_revalidation(server.ctx, activation_ids=[curtailed.name.split("/")[1]]).expired == 1
+        with on_day(server, D(2027, 3, 16)):  # the day after the end date, never settled before
+            assert jobs.run_settlement(server.ctx, activation_ids=[expiring.name.split("/")[1]]).expired == 1
+        for name, kind, months in ((curtailed.name, "activation.curtailed", 2),
+                                   (expiring.name, "activation.expired", 12)):
+            [event] = [e for e in events_of(server, name) if e.type == kind]
+            payload = json.loads(event.payload_json)
+            assert len(payload["consumed_months"]) == months
+            m = money(server, name)
+            assert m.consumed == each(months * HALF)
+            assert payload.get("consumed_cents") == m.consumed, (kind, payload)
+
+
 # ------------------------------------------------------------------- three funders, uneven shares
 
 def _program_with(dir_: Path, pid: str, funders: dict[str, int], price: int, months: int) -> None:
