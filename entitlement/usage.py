@@ -16,7 +16,8 @@ The rules (entitlement.consumption has the months and the money):
   contradicts it and is refused (FAILED_PRECONDITION, `USAGE_ALREADY_CONSUMED`); `used = false`
   for a month not consumed records nothing (the month is released when its report window closes);
 - `used = true` is refused for a month during which access was never on (`NO_ACCESS_IN_MONTH`) and
-  after its report window (`REPORT_WINDOW_CLOSED`: `usage_report_days` after the month ended).
+  after its report window (`REPORT_WINDOW_CLOSED`: `usage_report_days` after the month ended),
+  judged on the day the report holds the account's activations (locked), not the day it arrived.
 - a report that consumes a month writes one `ledger.consumed` event (actor: the platform; payload:
   the month and the cents per funder, never the account id) in the same transaction.
 """
@@ -75,7 +76,6 @@ def _not_found(account_id: str, program_id: str) -> NotFound:
 
 
 def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str) -> UsageOutcome:
-    today = ctx.clock.today()
     with ctx.db.write() as s:
         inflight.lock(s, caller.id, report.request_id)
         replay = _replay(s, caller, report.request_id, "report_usage", digest)
@@ -89,6 +89,10 @@ def _report_once(ctx: Context, caller: Caller, report: UsageReport, digest: str)
                                .with_for_update()).scalars().all()
         if not candidates:
             raise _not_found(report.account_id, report.program_id)
+        # The day, once the rows are held: a report that waited for them while the settlement job,
+        # at midnight, released a month whose window had just closed is judged by the new day (by
+        # the day it arrived, that month was consumed after its release: closed twice).
+        today = ctx.clock.today()
         chosen = _choose(ctx, s, candidates, report.month, today)
         if chosen is None:
             raise FailedPrecondition(

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +22,16 @@ import grpc
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import Api, Harness, expect_error, identity
+from support import Api, Harness, expect_error, identity, wait_until
 from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, registry
 from entitlement.clock import SystemClock
 from entitlement.money import split_cents
-from entitlement.storage.models import Activation, Event, LedgerEntry, ProgramCounter
+from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead, ProgramCounter
 from entitlement.v1 import activation_pb2, audit_pb2
 
 PREMIUM, OPENCFA = "premium-job-seekers", "opencfa-apprentices"
@@ -597,6 +600,70 @@ def test_a_usage_report_may_name_its_program(h: Harness, api: Api) -> None:
         assert set(none.metadata) == set(unknown.metadata) and {"account_id", "program"} <= set(none.metadata)
         expect(h, cfa, consumed=["2026-03"], released_months=0, program=OPENCFA)
     assert_report_matches_ledger(h, api)
+
+
+def lock_waiters(h: Harness) -> int:
+    """PostgreSQL: the transactions of the test's database waiting for a lock now."""
+    with h.ctx.db.read() as s:
+        return int(s.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND datname = current_database()")).scalar_one())
+
+
+@contextmanager
+def log_head_held(h: Harness) -> Iterator[None]:
+    """Hold the event log's head row (PostgreSQL) until the block ends: every write waits for it at
+    its event, holding what it locked before (a settlement: the activation's row)."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with h.ctx.db.write() as s:
+            s.execute(select(LogHead.size).where(LogHead.id == 1).with_for_update())
+            holding.set()
+            done.wait(20)
+
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(hold)
+        assert holding.wait(10)
+        try:
+            yield
+        finally:
+            done.set()
+            holder.result()
+
+
+def test_a_usage_report_waiting_on_the_settlement_at_midnight_judges_its_window_after_it(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The settlement job runs at midnight, beside the server. A report on the last day of a month's
+    window that waited for the activation's row while the job, already on the next day, released
+    that month (its window closed) was judged by the day it arrived: the month was consumed after
+    its release, closed twice, and a later month used and reported in its window then found nothing
+    reserved (REPORT_WINDOW_CLOSED): never billed (found by a review). A report is judged by the
+    day once it holds the activation."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        act, account = activate_and_redeem(api, OPENCFA)
+        with on_day(server, D(2026, 4, 20)):  # revoked: March's and April's months may still be reported
+            move(api, "revoke", act.name, "left the apprenticeship")
+        expect(server, act.name, consumed=[], released_months=10, program=OPENCFA)
+        with on_day(server, D(2026, 5, 17)), ThreadPoolExecutor(2) as pool:  # March's window closed on 16 May
+            with log_head_held(server):
+                job = pool.submit(settle, server, act.name)  # holds the activation's row, at its event
+                wait_until(lambda: lock_waiters(server) == 1, "the job waiting for the log head")
+                server.clock.advance(-dt.timedelta(days=1))  # a report of 16 May, a moment before midnight
+                report = pool.submit(refuse_usage, api, account, "2026-03", True,
+                                     grpc.StatusCode.FAILED_PRECONDITION)
+                wait_until(lambda: lock_waiters(server) == 2, "the report waiting for the activation's row")
+                server.clock.advance(dt.timedelta(days=1))  # midnight has passed
+            assert job.result().released_cents == PRICE
+            assert report.result() == "REPORT_WINDOW_CLOSED"
+        expect(server, act.name, consumed=[], released_months=11, program=OPENCFA)
+        with on_day(server, D(2026, 5, 20)):  # April's month (16 April - 15 May) in its window
+            report_usage(api, account, "2026-04", True)
+        m = expect(server, act.name, consumed=["2026-04"], released_months=11, program=OPENCFA)
+        assert m.reserved == each(0, OPENCFA)
+        assert_report_matches_ledger(server, api)
 
 
 # ------------------------------------------------------------------------------------------ jobs

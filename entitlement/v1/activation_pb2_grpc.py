@@ -238,6 +238,9 @@ class ActivationServiceServicer:
         access was suspended from its first day to its last is not owed. Use may be reported from the
         month's first day until `usage_report_days` days (a program parameter, 31 by default) after
         its last day, also after the activation ended; a month not reported used by then is released.
+        The day is the one on which the report is made, holding the account's activations: a report
+        that waited for them while the settlement job, past midnight, released a month whose window
+        had just closed is late.
 
         Idempotent: the same report again changes nothing and succeeds. A report contradicting a
         month already consumed (`used = false` after `used = true`) is refused; `used = true` after
