@@ -434,7 +434,6 @@ def transition(ctx: Context, caller: Caller, cmd: TransitionCommand) -> Activati
 
 def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: str) -> ActivationView:
     allowed_from, new_state, event_type = TRANSITIONS[cmd.action]
-    now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, cmd.action, digest)
@@ -443,6 +442,10 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
             assert a is not None
             return _replayed(ctx, a, replay)
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        # The moment, once the row is held: a change that waited for it while the settlement job,
+        # past midnight, consumed the month of access beginning that day is made (and logged) on
+        # that day, not on the day before, when by the log that month would have had no access.
+        now, today = ctx.clock.now(), ctx.clock.today()
         current = effective_state(a, today)
         if current not in allowed_from:
             # The row lock may have waited for a concurrent retry of this very request: replay it.

@@ -28,7 +28,7 @@ from own_server import default_people, next_ledger_person, on_day, own_server, w
 from support import Api, Harness, expect_error, identity, wait_until
 from test_audit_log import IDF, MINISTRY, export, verify
 
-from entitlement import consumption, jobs, registry
+from entitlement import consumption, jobs, ledger, registry
 from entitlement.clock import SystemClock
 from entitlement.money import split_cents
 from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead, ProgramCounter
@@ -663,6 +663,44 @@ def test_a_usage_report_waiting_on_the_settlement_at_midnight_judges_its_window_
             report_usage(api, account, "2026-04", True)
         m = expect(server, act.name, consumed=["2026-04"], released_months=11, program=OPENCFA)
         assert m.reserved == each(0, OPENCFA)
+        assert_report_matches_ledger(server, api)
+
+
+def test_a_suspension_waiting_on_the_settlement_at_midnight_is_made_on_the_day_it_holds_the_row(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A suspension sent a moment before midnight that waited for the activation's row while the
+    settlement job, already on the next day, consumed the month of access beginning that day, was
+    logged on the day it arrived: by the log, that month was then suspended from its first day to its
+    last, never owed, and the funders paid for it (found by a review). A change is made, and logged,
+    as of the moment it holds the activation: the month consumed had its day of access."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        act = activate(api)
+        with on_day(server, D(2026, 4, 16)), ThreadPoolExecutor(2) as pool:  # April's month begins today
+            with log_head_held(server):
+                job = pool.submit(settle, server, act.name)  # holds the activation's row, at its event
+                wait_until(lambda: lock_waiters(server) == 1, "the job waiting for the log head")
+                server.clock.advance(-dt.timedelta(days=1))  # 15 April, a moment before midnight
+                suspend = pool.submit(move, api, "suspend", act.name, "hospital")
+                wait_until(lambda: lock_waiters(server) == 2, "the suspension waiting for the activation's row")
+                server.clock.advance(dt.timedelta(days=1))  # midnight has passed
+            assert job.result().months_consumed == 2
+            suspend.result()
+        with on_day(server, D(2026, 5, 20)):
+            move(api, "resume", act.name, "back")
+            settle(server, act.name)
+        m = money(server, act.name)
+        # Every month consumed had a day of access by the log's own account of the suspension.
+        tz = server.ctx.settings.timezone
+        with server.ctx.db.read() as s:
+            a = s.get(Activation, act.name.split("/")[1])
+            assert a is not None
+            periods = consumption.on_periods(a.start_date, ledger.history(s, a, tz), D(2026, 5, 20))
+        months = consumption.access_months(D(2026, 3, 16), MONTHS, D(2027, 3, 15))
+        assert [label for label in m.consumed_months
+                if not consumption.accessible(consumption.month_of(label, months), periods)] == [], periods
         assert_report_matches_ledger(server, api)
 
 
