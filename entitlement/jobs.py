@@ -94,15 +94,19 @@ def run_settlement(deps: Deps, until: dt.date | None = None, *,
     """Book consumption and expiry up to `until` (default today; never in the future).
     `activation_ids` limits the run to those activations (tests, repairs)."""
     today = deps.clock.today()
-    as_of = until or today
-    if as_of > today:
-        raise ValueError(f"cannot settle up to {as_of.isoformat()}: it is in the future (today is {today.isoformat()})")
-    summary = SettlementSummary(as_of)
+    if until is not None and until > today:
+        raise ValueError(f"cannot settle up to {until.isoformat()}: it is in the future (today is {today.isoformat()})")
+    summary = SettlementSummary(until or today)
     for activation_id in _settlement_candidates(deps, activation_ids):
         with deps.db.write() as s:
             a = _lock(s, activation_id)
             if a is None:
                 continue
+            # The day, once the row is held: a run that goes on past midnight settles each activation
+            # as of the day the server changes it on (as of the day the run began, a month of a `use`
+            # program that a revocation of the new day kept reportable was released).
+            today = deps.clock.today()
+            as_of = until or today
             summary.examined += 1
             if a.state in LIVE and a.end_date < as_of:
                 summary.add(ledger.expire(s, deps, a, today))

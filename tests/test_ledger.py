@@ -704,6 +704,52 @@ def test_a_suspension_waiting_on_the_settlement_at_midnight_is_made_on_the_day_i
         assert_report_matches_ledger(server, api)
 
 
+def test_a_settlement_run_past_midnight_releases_nothing_a_revocation_of_the_new_day_keeps_reportable(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A settlement run begun before midnight settled every activation as of the day it began. An
+    OpenCFA activation revoked after midnight, on the first day of a month of access (a day of
+    access: that month may be reported used), was then settled as of the day before, when that
+    month had not begun: released. Reported used, it was consumed after its release, closed twice,
+    and an earlier month used and reported within its window then found nothing reserved
+    (REPORT_WINDOW_CLOSED): never billed (found by a review). Each activation is settled as of the
+    day the job holds it."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        accounts = {act.name: account for act, account in (activate_and_redeem(api, OPENCFA) for _ in range(2))}
+        first, later = sorted(accounts)  # the job's order
+        first_id, account = first.split("/")[1], accounts[later]
+        with on_day(server, D(2026, 4, 15)), ThreadPoolExecutor(2) as pool:
+            holding, done = threading.Event(), threading.Event()
+
+            def hold_the_first() -> None:  # the job waits for it, its day already read
+                with server.ctx.db.write() as s:
+                    s.execute(select(Activation.id).where(Activation.id == first_id).with_for_update())
+                    holding.set()
+                    done.wait(20)
+
+            holder = pool.submit(hold_the_first)
+            assert holding.wait(10)
+            job = pool.submit(jobs.run_settlement, server.ctx, None,
+                              activation_ids=[first_id, later.split("/")[1]])
+            wait_until(lambda: lock_waiters(server) == 1, "the job waiting for the first activation")
+            server.clock.advance(dt.timedelta(days=1))  # midnight: 16 April, April's month begins
+            move(api, "revoke", later, "left the apprenticeship")  # March's and April's months reportable
+            expect(server, later, consumed=[], released_months=10, program=OPENCFA)
+            done.set()
+            holder.result()
+            job.result()
+            server.clock.advance(-dt.timedelta(days=1))
+        expect(server, later, consumed=[], released_months=10, program=OPENCFA)
+        with on_day(server, D(2026, 4, 20)):  # both used, reported within their windows
+            report_usage(api, account, "2026-04", True)
+            report_usage(api, account, "2026-03", True)
+        m = expect(server, later, consumed=["2026-03", "2026-04"], released_months=10, program=OPENCFA)
+        assert m.reserved == each(0, OPENCFA)
+        assert_report_matches_ledger(server, api)
+
+
 # ------------------------------------------------------------------------------------------ jobs
 
 def test_the_settlement_job_over_every_activation_is_idempotent(h: Harness, api: Api) -> None:
