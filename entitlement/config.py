@@ -86,6 +86,9 @@ MAX_THREADS = 10_000  # per pool: 8 call slots per thread stay within a C int (E
 MAX_INTERVAL_MS = 86_400_000  # a day: the polls, pings and timeouts in ms (beyond, waits overflow time_t)
 
 
+MAX_PROCESSES = 256  # server processes on one port (ENTITLEMENT_PROCESSES)
+
+
 def _int(name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
     raw = _env(name, str(default))
     try:
@@ -234,7 +237,8 @@ class Settings:
                                      maximum=86_400),
             max_concurrent_rpcs=_int("ENTITLEMENT_MAX_CONCURRENT_RPCS", d.max_concurrent_rpcs, minimum=0,
                                        maximum=C_INT_MAX),
-            processes=_int("ENTITLEMENT_PROCESSES", d.processes, minimum=1),
+            # (at most MAX_PROCESSES: a mistyped count forked that many servers, each with its pools)
+            processes=_int("ENTITLEMENT_PROCESSES", d.processes, minimum=1, maximum=MAX_PROCESSES),
             server_model=_choice("ENTITLEMENT_SERVER_MODEL", d.server_model, SERVER_MODELS),
             event_loop=_choice("ENTITLEMENT_EVENT_LOOP", d.event_loop, EVENT_LOOPS),
             loop_writes=_choice("ENTITLEMENT_LOOP_WRITES", d.loop_writes, LOOP_WRITES),

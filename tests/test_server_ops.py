@@ -298,6 +298,7 @@ def test_a_database_that_cannot_be_reached_or_opened_stops_the_start_in_one_line
 OUT_OF_BOUNDS = [
     ("ENTITLEMENT_MAX_WORKERS", "0", "at least 1"), ("ENTITLEMENT_STREAM_WORKERS", "0", "at least 1"),
     ("ENTITLEMENT_PROCESSES", "0", "at least 1"), ("ENTITLEMENT_PROCESSES", "-2", "at least 1"),
+    ("ENTITLEMENT_PROCESSES", "257", "at most 256"),
     ("ENTITLEMENT_GRACE_SECONDS", "-1", "at least 0"),
     ("ENTITLEMENT_LIVE_STATUS_TIMEOUT_MS", "0", "at least 1"), ("ENTITLEMENT_LIVE_STATUS_RETRIES", "-1", "at least 0"),
     ("ENTITLEMENT_LIVE_STATUS_BREAKER_FAILURES", "0", "at least 1"),
