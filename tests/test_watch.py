@@ -41,14 +41,17 @@ def drain(call: Any) -> list[Change]:
 
 
 def activate_and_redeem(api: Api, platform: str = "openclassrooms", caller: str = "platform-oc",
-                        suspend_first: bool = False) -> tuple[str, str]:
-    agency_id, birth = next_person()
+                        suspend_first: bool = False, person: tuple[str, dt.date] | None = None,
+                        account: str = "") -> tuple[str, str]:
+    """(activation name, account): a person (`person`, else the harness registry's next) activated
+    and redeemed for `account` (else a new one)."""
+    agency_id, birth = person or next_person()
     resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
         job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
         platform=f"platforms/{platform}", reason="watch test"))
     if suspend_first:
         move(api, "suspend", resp.activation.name)
-    account = "learner-" + uuid.uuid4().hex[:12]
+    account = account or "learner-" + uuid.uuid4().hex[:12]
     api.as_(caller).RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
         token=resp.activation_token, account_id=account))
     return resp.activation.name, account
@@ -57,6 +60,17 @@ def activate_and_redeem(api: Api, platform: str = "openclassrooms", caller: str 
 def move(api: Api, action: str, name: str) -> None:
     method = {"suspend": "SuspendActivation", "resume": "ResumeActivation", "revoke": "RevokeActivation"}[action]
     getattr(api.advisor, method)(activation_pb2.TransitionActivationRequest(name=name, reason=f"{action} for test"))
+
+
+def curtail(server: Harness, people: dict[str, Any], agency_id: str, tmp_path: Path) -> None:
+    """A later extract (of 2026-04-15) ends the person's registration on 2026-04-10, and revalidation
+    curtails their activation (to 2026-05-31). Run on a day after it (`on_day`)."""
+    later = dict(people)
+    birth_text, postal, reg, _end, cat = later[agency_id]
+    later[agency_id] = (birth_text, postal, reg, "2026-04-10", cat)
+    registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                            write_registry(tmp_path / "later.csv", later), extracted_on=dt.date(2026, 4, 15))
+    assert jobs.run_revalidation(server.ctx).curtailed == 1
 
 
 def summary(c: Change) -> tuple[str, str, str, bool]:
@@ -215,22 +229,13 @@ def test_curtailment_is_a_change_and_streams_end_when_the_server_stops(
     people = default_people()
     with own_server(backend[0], tmp_path / "own", request, people=people) as server:
         api = Api(server)
-        agency_id, birth = next_ledger_person()
-        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
-            platform="platforms/openclassrooms", reason="watch test"))
-        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
-            token=resp.activation_token, account_id="learner-curtailed"))
+        person = next_ledger_person()
+        activate_and_redeem(api, person=person, account="learner-curtailed")
         call = watch(api, timeout=60)
         stream = iter(call)
         next(stream)
-        later = dict(people)
-        birth_text, postal, reg, _end, cat = later[agency_id]
-        later[agency_id] = (birth_text, postal, reg, "2026-04-10", cat)
         with on_day(server, dt.date(2026, 4, 20)):
-            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
-                                    write_registry(tmp_path / "later.csv", later), extracted_on=dt.date(2026, 4, 15))
-            assert jobs.run_revalidation(server.ctx).curtailed == 1
+            curtail(server, people, person[0], tmp_path)
             curtailed = next(stream)
         assert summary(curtailed) == ("CURTAILED", "ACTIVE", "learner-curtailed", True)
         assert (curtailed.status.end_date.year, curtailed.status.end_date.month,
@@ -256,21 +261,12 @@ def test_a_change_read_again_after_a_curtailment_carries_the_end_date_it_left(
         call = watch(api, timeout=60)
         stream = iter(call)
         mark = next(stream)
-        agency_id, birth = next_ledger_person()
-        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
-            platform="platforms/openclassrooms", reason="watch test"))
-        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
-            token=resp.activation_token, account_id="learner-read-again"))
-        move(api, "suspend", resp.activation.name)
+        person = next_ledger_person()
+        name, _account = activate_and_redeem(api, person=person, account="learner-read-again")
+        move(api, "suspend", name)
         live = [next(stream), next(stream)]
-        later = dict(people)
-        birth_text, postal, reg, _end, cat = later[agency_id]
-        later[agency_id] = (birth_text, postal, reg, "2026-04-10", cat)
         with on_day(server, dt.date(2026, 4, 20)):
-            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
-                                    write_registry(tmp_path / "later.csv", later), extracted_on=dt.date(2026, 4, 15))
-            assert jobs.run_revalidation(server.ctx).curtailed == 1
+            curtail(server, people, person[0], tmp_path)
             live.append(next(stream))
         call.cancel()
         ends = [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in live]
