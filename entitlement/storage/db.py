@@ -115,6 +115,7 @@ from sqlalchemy.orm import Session
 from entitlement import deadline, rollup
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
+from entitlement.storage.periodic import PeriodicTask
 from entitlement.storage.pgstats import StatisticsKeeper
 
 _log = structlog.get_logger("entitlement.storage")
@@ -737,23 +738,24 @@ class GroupAborted(OperationalError):
         super().__init__(None, None, ConnectionError("the write transaction shared with other writers failed"))
 
 
-class Checkpointer:
+class Checkpointer(PeriodicTask):
     """SQLite: WAL checkpoints in a thread of their own: passive ones, and a RESTART one when a
     passive one copied the whole log and a moment comes when it has nothing to copy, so that the
-    next writer starts the log over (see the module docstring)."""
+    next writer starts the log over (see the module docstring). A failed run (the file gone, a disk
+    error): the commits' safety net stays."""
+
+    FAILED_EVENT = "sqlite WAL checkpoint failed"
 
     SAFETY_NET_PAGES = 10_000  # the commits' wal_autocheckpoint while this thread does the work
     RESTART_TRIES = 4  # moments looked for, per run, to start the log over (then the next run's turn)
     RESTART_RETRY_S = 0.001
 
     def __init__(self, path: str, every_s: float, writers: _WriterQueue) -> None:
-        self._path, self._every_s, self._writers = path, every_s, writers
-        self._stop = threading.Event()
+        super().__init__(every_s, "sqlite-checkpoint")
+        self._path, self._writers = path, writers
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()  # run_once from a test or a tool, beside the thread
-        self.runs = self.failures = self.restarts = 0
-        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
+        self.restarts = 0
+        self._start()
 
     def run_once(self) -> tuple[int, int, int]:
         """One passive checkpoint, then, if it copied the whole log, a RESTART one at a moment when
@@ -803,19 +805,6 @@ class Checkpointer:
         busy, log_frames, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(busy), int(log_frames), int(done)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._every_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the file gone, a disk error: the thread goes on,
-                # and the commits' safety net stays
-                self.failures += 1
-                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
-                    _log.warning("sqlite WAL checkpoint failed", error=type(exc).__name__,
-                                 failures=self.failures)
-                with self._lock:
-                    self._close()
-
     def _close(self) -> None:
         if self._conn is not None:
             try:
@@ -823,17 +812,6 @@ class Checkpointer:
             except sqlite3.Error:
                 pass
             self._conn = None
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        with self._lock:
-            self._close()
 
 
 def _discard_pipelined(engine: Engine) -> None:

@@ -20,13 +20,13 @@ down, ANALYZE not permitted to the service's role) is logged and the next run tr
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-import structlog
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+
+from entitlement.storage.periodic import PeriodicTask
 
 THRESHOLD_ROWS = 50  # autovacuum_analyze_threshold's default
 SCALE = 0.1  # autovacuum_analyze_scale_factor's default
@@ -37,24 +37,21 @@ _STALE = text(
     "WHERE s.schemaname = current_schema() "
     "AND s.n_mod_since_analyze > :threshold + :scale * GREATEST(c.reltuples, 0) ORDER BY s.relname")
 
-_log = structlog.get_logger("entitlement.storage")
 
-
-class StatisticsKeeper:
+class StatisticsKeeper(PeriodicTask):
     """ANALYZE of the tables that changed enough since their last one (module docstring), in a
     thread of its own, every `every_s` seconds; `run_once` for tests and tools."""
 
+    FAILED_EVENT = "postgresql_analyze_failed"
+
     def __init__(self, url: str, connect_args: dict[str, Any], every_s: float, lock_key: int) -> None:
+        super().__init__(every_s, "pg-statistics")
         self._engine: Engine = create_engine(url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT",
                                              hide_parameters=True, connect_args=connect_args,
                                              pool_pre_ping=True)
-        self._every_s, self._lock_key = every_s, lock_key
-        self._stop = threading.Event()
-        self._lock = threading.Lock()  # run_once from a test or a tool, beside the thread
-        self.runs = self.failures = 0
+        self._lock_key = lock_key
         self.analyzed: list[str] = []  # the tables of the last run that ANALYZEd any
-        self._thread = threading.Thread(target=self._loop, name="pg-statistics", daemon=True)
-        self._thread.start()
+        self._start()
 
     def run_once(self) -> list[str] | None:
         """ANALYZE the tables that need it: their names; None when another process held the lock."""
@@ -75,31 +72,12 @@ class StatisticsKeeper:
                                 raise
                             continue  # another ANALYZE or a VACUUM has it: the next run's
                         done.append(name)
-                    stale = done
                 finally:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_key})
             self.runs += 1
-            if stale:
-                self.analyzed = stale
-            return stale
+            if done:
+                self.analyzed = done
+            return done
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._every_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the database down, ANALYZE refused: the next run tries again
-                self.failures += 1
-                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
-                    _log.warning("postgresql_analyze_failed", error=type(exc).__name__, failures=self.failures)
-                self._engine.dispose()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        with self._lock:
-            self._engine.dispose()
+    def _close(self) -> None:
+        self._engine.dispose()  # (a new connection at the next run)
