@@ -20,9 +20,12 @@ run: $(STAMP)
 	$(BIN)/python server.py
 
 ## make test: install and run the whole suite (PostgreSQL tests need 127.0.0.1:5432, see README);
-## with node on PATH, first `npm ci` in tests/node for the jose cross-check of tokens
+## with node on PATH, first `npm ci` in tests/node for the jose cross-check of tokens.
+## TEST_WORKERS pytest-xdist processes, each file's tests in one of them (`--dist loadfile`: a
+## module's fixtures are made once); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) node-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0
 
 # Without node (or with npm failing outside CI) make test still runs: that one check then skips,
 # except under CI=true where it fails.

@@ -163,9 +163,13 @@ def api(harness: Harness) -> Api:
 # deadlock: the 25th session's health one held a CI run until it was killed): every thread's stack
 # is written to HANG_FILE and the run ends at once, exit status 1, instead of waiting for CI's
 # limit with nothing to show. .ci/run prints the file. The slowest test takes under a minute.
+# Under pytest-xdist (make test) each worker process has its own file, HANG_FILE + "." + its id
+# ("gw0", ...): the worker ends, xdist reports its test as crashed and the run fails.
 HANG_S = float(os.environ.get("ENTITLEMENT_TEST_HANG_S", "600"))
 HANG_FILE = Path(os.environ.get("ENTITLEMENT_TEST_HANG_FILE",
                                 Path(tempfile.gettempdir()) / f"entitlement-tests-hang-{os.getpid()}.txt"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    HANG_FILE = HANG_FILE.with_name(f"{HANG_FILE.name}.{os.environ['PYTEST_XDIST_WORKER']}")
 _hang_file: TextIO | None = None
 
 
