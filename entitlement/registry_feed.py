@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import csv
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import os
@@ -203,40 +204,60 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
             registry.check_no_import_running(ctx.db)
         except registry.ImportInProgress:
             raise _import_in_progress() from None
-        with _spool() as tmp:
-            path = tmp / "extract.csv"
-            digest = hashlib.sha256()
-            size = 0
-            with path.open("wb") as fh:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > MAX_EXTRACT_BYTES:
-                        raise ResourceExhausted(f"extract larger than {MAX_EXTRACT_BYTES} bytes",
-                                                reason="EXTRACT_TOO_LARGE")
-                    digest.update(chunk)
-                    fh.write(chunk)
-            if header.sha256 and header.sha256.lower() != digest.hexdigest():
-                raise InvalidArgument.single("header.sha256", "does not match the bytes received")
-            rejects = tmp / "rejects.csv"
-            try:
-                summary = registry.import_extract(
-                    ctx.db, ctx.pseudo, ctx.clock, path, extracted_on=header.extracted_on, actor=caller.actor,
-                    rejects_path=rejects, min_ratio=header.min_ratio or DEFAULT_MIN_RATIO,
-                    source_name=header.source_name or "pushed-extract.csv")
-            except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
-                raise _date_error(ctx, exc) from None
-            except registry.ImportInProgress:  # started meanwhile
-                raise _import_in_progress() from None
-            except registry.ExtractError as exc:
-                # The temp path means nothing to the agency: name its file instead. (A min_ratio of 0
-                # is the default here: the smallest that accepts a cut-off extract is above it.)
-                text = exc.accept_with("header.min_ratio 1e-9") if isinstance(exc, registry.ExtractCutOff) else str(exc)
-                message = text.replace(str(path), header.source_name or "the extract")
-                raise FailedPrecondition(f"import refused, previous snapshot still in force: {message}",
-                                         reason="EXTRACT_REFUSED") from None
-            return PushResult(summary, _first_rejects(rejects))
+        try:
+            return _spooled_import(ctx, caller, header, chunks)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            # The temporary directory's filesystem is full (or this process's file size or quota
+            # limit is reached): the operator's to fix, not the agency's file. Nothing was imported.
+            log.error("extract_spool_full", error=errno.errorcode.get(exc.errno or 0, "?"),
+                      spool_dir=tempfile.gettempdir())
+            raise ResourceExhausted(
+                "no room left on the server to spool the extract (its temporary directory is full); nothing "
+                "was imported, the previous snapshot stays in force: send the file again once the operator "
+                "has freed space", reason="SPOOL_FULL") from None
     finally:
         _one_import.release()
+
+
+# What a full filesystem, a disk quota or RLIMIT_FSIZE answer a write with.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _spooled_import(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[bytes]) -> PushResult:
+    with _spool() as tmp:
+        path = tmp / "extract.csv"
+        digest = hashlib.sha256()
+        size = 0
+        with path.open("wb") as fh:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > MAX_EXTRACT_BYTES:
+                    raise ResourceExhausted(f"extract larger than {MAX_EXTRACT_BYTES} bytes",
+                                            reason="EXTRACT_TOO_LARGE")
+                digest.update(chunk)
+                fh.write(chunk)
+        if header.sha256 and header.sha256.lower() != digest.hexdigest():
+            raise InvalidArgument.single("header.sha256", "does not match the bytes received")
+        rejects = tmp / "rejects.csv"
+        try:
+            summary = registry.import_extract(
+                ctx.db, ctx.pseudo, ctx.clock, path, extracted_on=header.extracted_on, actor=caller.actor,
+                rejects_path=rejects, min_ratio=header.min_ratio or DEFAULT_MIN_RATIO,
+                source_name=header.source_name or "pushed-extract.csv")
+        except (registry.ExtractDatedInFuture, registry.ExtractOlderThanCurrent) as exc:
+            raise _date_error(ctx, exc) from None
+        except registry.ImportInProgress:  # started meanwhile
+            raise _import_in_progress() from None
+        except registry.ExtractError as exc:
+            # The temp path means nothing to the agency: name its file instead. (A min_ratio of 0
+            # is the default here: the smallest that accepts a cut-off extract is above it.)
+            text = exc.accept_with("header.min_ratio 1e-9") if isinstance(exc, registry.ExtractCutOff) else str(exc)
+            message = text.replace(str(path), header.source_name or "the extract")
+            raise FailedPrecondition(f"import refused, previous snapshot still in force: {message}",
+                                     reason="EXTRACT_REFUSED") from None
+        return PushResult(summary, _first_rejects(rejects))
 
 
 def _import_in_progress() -> Aborted:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import tempfile
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from own_server import default_people, own_server, write_registry
-from support import TODAY, Api, date_msg, expect_error, identity, make_registry_file, wait_until
+from support import TODAY, Api, date_msg, expect_error, identity, log_records, make_registry_file, wait_until
 
 from entitlement import registry
 from entitlement.storage.models import RegistryPerson, RegistrySnapshot
@@ -258,3 +260,41 @@ def test_a_push_that_stops_sending_is_given_up_and_frees_the_import_slot(
                    "the thread reading the given-up push's chunks ended with it", limit_s=10)
         done = feed(_stream(data, min_ratio=1e-9), metadata=md, timeout=30)  # the slot is free
         assert done.rows_imported == len(default_people()) and done.snapshot.startswith("registrySnapshots/")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 32 KiB (tmpfs), unmounted afterwards."""
+    where = tmp_path / "small"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"a full filesystem needs a tmpfs mount, which this user may not make: {made.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_temporary_directory_is_told_as_such_and_imports_nothing(
+        api: Api, tmp_path: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool's filesystem full (ENOSPC on a 32 KiB tmpfs made the server's temporary directory)
+    was an INTERNAL "internal error": the agency retried a file that could not fit, and nothing
+    said the server's disk was the cause. It is RESOURCE_EXHAUSTED `SPOOL_FULL`, the previous
+    snapshot stays in force, no spool is left, the import slot is free, and the log says it."""
+    extra = "".join(f"FULL{i:05d},,Feed,Test,1991-01-01,75011,2025-01-06,,1\n" for i in range(2000))
+    data = _extract(tmp_path, extra)
+    assert len(data) > 64 * 1024
+    feed = api.as_("agency-feed").ImportExtract
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))  # where the server (in this process) spools
+    f = expect_error(feed, _stream(data), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert f.reason == "SPOOL_FULL" and "temporary directory is full" in f.message, f
+    assert "FULL0" not in f.message and str(small_tmpfs) not in f.message
+    assert list(small_tmpfs.iterdir()) == []  # the spool went with the failed push
+    assert not _check(api, "FULL00001", "1991-01-01").eligible  # nothing imported
+    records = [r for r in log_records(api.h.log_path) if r.get("event") == "extract_spool_full"]
+    assert records and records[-1]["error"] == "ENOSPC" and records[-1]["level"] == "error", records[-1:]
+    monkeypatch.undo()
+    done = feed(_stream(data))  # the slot is free; with room, the same file imports
+    assert done.rows_imported >= 2000 and _check(api, "FULL00001", "1991-01-01").eligible

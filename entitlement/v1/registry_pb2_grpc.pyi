@@ -52,8 +52,10 @@ class RegistryServiceStub:
     the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
     `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
-    than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
-    limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
+    than the current snapshot: the message says which), RESOURCE_EXHAUSTED with reason
+    `EXTRACT_TOO_LARGE` (file over the size limit) or `SPOOL_FULL` (the server's temporary
+    directory has no room for the file: nothing imported, send it again once its operator has
+    freed space), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
     server process or the command line; told before the file is received) or `PUSH_IDLE` (no
     chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
     UNAUTHENTICATED, PERMISSION_DENIED.
@@ -77,8 +79,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
     `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
     `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
-    than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
-    limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
+    than the current snapshot: the message says which), RESOURCE_EXHAUSTED with reason
+    `EXTRACT_TOO_LARGE` (file over the size limit) or `SPOOL_FULL` (the server's temporary
+    directory has no room for the file: nothing imported, send it again once its operator has
+    freed space), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
     server process or the command line; told before the file is received) or `PUSH_IDLE` (no
     chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
     UNAUTHENTICATED, PERMISSION_DENIED.
@@ -105,8 +109,10 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
         `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
-        than the current snapshot: the message says which), RESOURCE_EXHAUSTED (file over the size
-        limit), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
+        than the current snapshot: the message says which), RESOURCE_EXHAUSTED with reason
+        `EXTRACT_TOO_LARGE` (file over the size limit) or `SPOOL_FULL` (the server's temporary
+        directory has no room for the file: nothing imported, send it again once its operator has
+        freed space), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
         server process or the command line; told before the file is received) or `PUSH_IDLE` (no
         chunk came for ENTITLEMENT_IMPORT_IDLE_SECONDS, 60 by default: send the file again),
         UNAUTHENTICATED, PERMISSION_DENIED.
