@@ -76,8 +76,13 @@ def token_hash(token: str) -> str:
 
 
 def new_token() -> str:
-    """A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters), never beginning with
+    "-": one in 64 did, and `entitlement check ... --token -Xy...` then failed ("argument --token:
+    expected one argument"; argparse takes it for an option). Drawing again costs under 0.03 bits."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")  # anything else is refused without a lookup

@@ -436,7 +436,8 @@ def add_commands(sub: Any, programs: Any) -> None:
                 parent: Any = sub) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         p.add_argument("--address", help=f"server address (ENTITLEMENT_ADDRESS, default {DEFAULT_ADDRESS})")
-        p.add_argument("--token", help="bearer token (ENTITLEMENT_TOKEN)")
+        p.add_argument("--token", help="bearer token (ENTITLEMENT_TOKEN); one beginning with '-' (given out "
+                       "before 2026-12-07) as --token=TOKEN")
         p.add_argument("--ca", help="TLS: CA certificate of the server (ENTITLEMENT_CA_FILE); plaintext without")
         p.add_argument("--cert", help="mutual TLS: client certificate (ENTITLEMENT_CLIENT_CERT_FILE)")
         p.add_argument("--key", help="mutual TLS: client key (ENTITLEMENT_CLIENT_KEY_FILE)")
