@@ -211,15 +211,16 @@ class TokenVerifier:
     def verify(self, token: Union[str, bytes], *, now: Optional[float] = None) -> Dict[str, Any]:
         """The token's claims once every check of the module doc has passed; InvalidToken otherwise.
         `now` (seconds since the epoch) defaults to time.time()."""
+        if not isinstance(token, (str, bytes)):
+            raise InvalidToken(MALFORMED, "token must be a str")
+        # The length first: a request body of megabytes is refused before it is decoded or scanned.
+        if len(token) > self.max_token_chars:
+            raise InvalidToken(MALFORMED, f"token is longer than {self.max_token_chars} characters")
         if isinstance(token, bytes):
             try:
                 token = token.decode("ascii")
             except UnicodeDecodeError:
                 raise InvalidToken(MALFORMED, "token is not ASCII") from None
-        elif not isinstance(token, str):
-            raise InvalidToken(MALFORMED, "token must be a str")
-        if len(token) > self.max_token_chars:
-            raise InvalidToken(MALFORMED, f"token is longer than {self.max_token_chars} characters")
         match = _COMPACT.fullmatch(token)
         if match is None:
             raise InvalidToken(MALFORMED, "not a compact JWS of three base64url segments with a 64-byte signature")

@@ -646,6 +646,12 @@ def test_inputs_that_are_not_tokens(w: World) -> None:
         with pytest.raises(InvalidToken) as refused:
             w.ours.verify(bad)  # type: ignore[arg-type]
         assert refused.value.reason == tv.MALFORMED
+    # Bytes too long are refused for their length before any decoding (a request body of
+    # megabytes was decoded whole first; the message named its encoding instead).
+    for bad in (b"\xff" * (tv.MAX_TOKEN_CHARS + 1), b"a" * (tv.MAX_TOKEN_CHARS + 1)):
+        with pytest.raises(InvalidToken) as refused:
+            w.ours.verify(bad)
+        assert refused.value.reason == tv.MALFORMED and "longer than" in str(refused.value), refused.value
     for args in (("", PLATFORM), (ISSUER, "")):
         with pytest.raises(ValueError):
             TokenVerifier(w.jwks, *args)
