@@ -71,8 +71,8 @@ def _spool() -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (its failure, ENOLCK say, leaves no directory either)
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

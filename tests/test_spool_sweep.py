@@ -263,3 +263,23 @@ def test_an_empty_spool_without_lock_goes_after_the_short_grace(tmp_path: Path, 
     assert sweep_stale_spools() == 1
     assert _spools(tmp_path) == sorted([legacy, empty_new])
     assert not empty_old.exists() and list(legacy.iterdir()) == [legacy / "extract.csv"]
+
+
+def test_a_spool_whose_lock_cannot_be_taken_is_not_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock failing (ENOLCK: a filesystem without locks) left the spool's directory and its lock
+    file behind, until a sweep: the push's error and nothing else."""
+    import errno
+    import fcntl
+
+    from entitlement import registry_feed
+
+    def no_locks(*_a: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError) as failed:
+        with registry_feed._spool():
+            raise AssertionError("the spool was given without its lock")
+    assert failed.value.errno == errno.ENOLCK
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(SPOOL_PREFIX)]
