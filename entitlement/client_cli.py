@@ -73,7 +73,17 @@ def _date(text: str, what: str) -> date_pb2.Date:
     return date_pb2.Date(year=d.year, month=d.month, day=d.day)
 
 
-def _call(args: argparse.Namespace, stub_cls: Any, method: str, request: Message) -> Any:
+# After these, the change asked for may have been made (a deadline, a lost connection) or may be
+# made by trying again later: what to retry with is worth saying.
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                          grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def _call(args: argparse.Namespace, stub_cls: Any, method: str, request: Message, retry_key: str = "") -> Any:
+    """The answer of `method`; a ClientError describing the failure otherwise. With `retry_key`
+    (the request's idempotency key), a failure that a retry may mend says how to retry safely: the
+    same key gives the stored answer of a change already made instead of making a second one."""
     token = args.token or os.environ.get("ENTITLEMENT_TOKEN", "")
     address = args.address or os.environ.get("ENTITLEMENT_ADDRESS", DEFAULT_ADDRESS)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -82,7 +92,10 @@ def _call(args: argparse.Namespace, stub_cls: Any, method: str, request: Message
         try:
             return getattr(stub, method)(request, metadata=metadata, timeout=args.timeout)
         except grpc.RpcError as err:
-            raise ClientError(_describe(err)) from None
+            text = _describe(err)
+            if retry_key and hasattr(err, "code") and err.code() in _RETRY_CODES:
+                text += f"; to retry safely, run the same command with --request-id {retry_key}"
+            raise ClientError(text) from None
 
 
 def _option(args: argparse.Namespace, name: str, env: str) -> str:
@@ -334,8 +347,8 @@ def cmd_activate(args: argparse.Namespace) -> int:
     req = activation_pb2.ActivateEntitlementRequest(
         request_id=request_id, job_seeker=_identity(args), program=_name("programs", args.program),
         platform=_name("platforms", args.platform), reason=args.reason or "")
-    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req),
-                         request_id)
+    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req,
+                                     retry_key=request_id), request_id)
 
 
 def _print_issued(args: argparse.Namespace, resp: Any, request_id: str) -> int:
@@ -344,7 +357,8 @@ def _print_issued(args: argparse.Namespace, resp: Any, request_id: str) -> int:
         _print_json(resp)
         return 0
     _print_activation(resp.activation)
-    print(f"request id: {request_id} (repeat it with --request-id to retry safely)")
+    # (Not "request id": a server's error quotes its own log id under that name.)
+    print(f"idempotency key: {request_id} (repeat it with --request-id to retry safely)")
     print(f"token: {resp.activation_token}")
     return 0
 
@@ -358,7 +372,8 @@ def _transition(method: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         req = activation_pb2.TransitionActivationRequest(
             name=_name("activations", args.activation), reason=args.reason, request_id=args.request_id or "")
-        return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, method, req), _print_activation)
+        return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, method, req,
+                                 retry_key=args.request_id or ""), _print_activation)
     return run
 
 
@@ -366,8 +381,8 @@ def cmd_reissue_token(args: argparse.Namespace) -> int:
     request_id = args.request_id or uuid.uuid4().hex
     req = activation_pb2.TransitionActivationRequest(
         name=_name("activations", args.activation), reason=args.reason, request_id=request_id)
-    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ReissueActivationToken", req),
-                         request_id)
+    return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ReissueActivationToken", req,
+                                     retry_key=request_id), request_id)
 
 
 def cmd_redeem(args: argparse.Namespace) -> int:

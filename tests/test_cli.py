@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import re
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def test_activate_then_get_suspend_resume_revoke(run: Run) -> None:
     assert act["advisor"] == "A0001 (agency 75011)"
     assert act["funding"] == "240.00 EUR = 12 months x 20.00 EUR"
     assert set(act["funders"].split(", ")) == {"ministry-of-labour 50% 120.00 EUR", "france-travail 50% 120.00 EUR"}
-    assert re.fullmatch(r"[0-9a-f]{32} \(.*\)", act["request id"])
+    assert re.fullmatch(r"[0-9a-f]{32} \(.*\)", act["idempotency key"])
     assert act["token"].count(".") == 2  # a compact JWS
 
     got = run("advisor-paris", "get", name.removeprefix("activations/"))  # the bare id works too
@@ -459,3 +460,32 @@ def test_demo_init_keeps_its_credentials_beside_the_callers_file_and_names_the_s
     again = operator("demo", "init")
     assert again.code == 0 and "ENTITLEMENT_ADDRESS" not in again.out, again
     assert f"\n  ENTITLEMENT_TOKEN={tokens['advisor-paris']} entitlement check" in again.out  # the same tokens
+
+
+def test_an_activation_that_may_not_have_been_made_says_how_to_retry_it_safely(
+        run: Run, harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed `activate` (no server there, a deadline) dropped the idempotency key the command had
+    drawn: a retry drew another, and an activation made before a lost answer then came back as
+    ACTIVATION_EXISTS, its token lost. The error now names the key; retried with it, the command
+    gets the activation. A refusal that no retry mends (not eligible) names none."""
+    agency_id, birth = next_person()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    capsys.readouterr()
+    code = cli.main(["activate", agency_id, birth.isoformat(), "--program", PROGRAM, "--platform", "openclassrooms",
+                     "--address", closed, "--timeout", "2", f"--token={harness.tokens['advisor-paris']}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "UNAVAILABLE" in err, err
+    found = re.search(r"to retry safely, run the same command with --request-id ([0-9a-f]{32})$", err.strip())
+    assert found, err
+    r = run("advisor-paris", "activate", agency_id, birth.isoformat(), "--program", PROGRAM,
+            "--platform", "openclassrooms", "--request-id", found.group(1))
+    assert r.code == 0 and r.fields()["idempotency key"].startswith(found.group(1) + " "), r.err
+    again = run("advisor-paris", "activate", agency_id, birth.isoformat(), "--program", PROGRAM,
+                "--platform", "openclassrooms", "--request-id", found.group(1))
+    assert again.code == 0 and again.fields()["activation"] == r.fields()["activation"]  # the stored answer
+
+    refused = run("advisor-paris", "activate", "CAT0006", SPECIAL["CAT0006"][0], "--program", PROGRAM,
+                  "--platform", "openclassrooms").error("FAILED_PRECONDITION", "[NOT_ELIGIBLE]")
+    assert "--request-id" not in refused
