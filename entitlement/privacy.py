@@ -24,6 +24,12 @@ and ids of staff, never an identifier, a birth date or a postal code), and the a
 pseudonym (`person_key`), which is what the event log's `job_seeker_ref` is made from: the audit
 trail keeps its pseudonyms. Each purge that deletes something appends a `privacy.purged` event
 with the counts.
+
+Purges take turns: the README has the purge run daily on every server machine, so several may
+start at once on one PostgreSQL database. Each takes a transaction-scoped advisory lock first
+(SQLite: BEGIN IMMEDIATE serializes writers already), so the next one counts only what the one
+before left: it finds nothing, and logs nothing. (Without it, each counted the same rows before
+the other deleted them, and each logged a `privacy.purged` event with the same counts.)
 """
 
 from __future__ import annotations
@@ -32,14 +38,16 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, update
 
 from entitlement import eventlog, ledger
-from entitlement.storage.db import Database
+from entitlement.storage.db import Database, advisory_key
 from entitlement.storage.models import (Activation, IdempotencyRecord, LedgerEntry, RegistryPerson,
                                         RegistrySnapshot)
 
 BATCH = 500
+# One purge at a time on a PostgreSQL database (module docstring).
+_PURGE_LOCK_KEY = advisory_key("entitlement.privacy_purge")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,8 @@ def purge(db: Database, *, now: dt.datetime, retention_days: int, actor: str, dr
     cutoff = now - dt.timedelta(days=retention_days)
     cutoff_day = cutoff.date()
     with db.write() as s:
+        if not db.is_sqlite:  # before anything is counted: the purge before this one has committed
+            s.execute(select(func.pg_advisory_xact_lock(literal(_PURGE_LOCK_KEY, BigInteger))))
         current = s.execute(select(func.max(RegistrySnapshot.id)).where(RegistrySnapshot.status == "complete")
                             ).scalar_one_or_none()
         old = select(RegistrySnapshot.id).where(RegistrySnapshot.extracted_on < cutoff_day,

@@ -18,12 +18,16 @@ import datetime as dt
 import hashlib
 import json
 import re
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
@@ -485,3 +489,82 @@ def test_a_funder_never_sees_the_learners_platform_account(api: Api) -> None:
         assert account.encode() not in api.as_(funder).ListActivations(
             audit_pb2.ListActivationsRequest(page_size=500)).SerializeToString()
     assert listed("admin").account_id == account
+
+
+def _purge_fixture(h: Any) -> tuple[list[str], dt.datetime]:
+    """Two activations redeemed and revoked (with their idempotency records), and the instant a
+    purge with a retention of one day finds them all past it."""
+    adv = As(h.channel, h.tokens["advisor-paris"])
+    plat = As(h.channel, h.tokens["platform-oc"])
+    names = []
+    for n in range(2):
+        ident, birth = next_ledger_person()
+        made = adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            request_id=uuid.uuid4().hex, job_seeker=identity(ident, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="purged twice"))
+        plat.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=made.activation_token, account_id=f"twice-{uuid.uuid4().hex[:8]}"))
+        adv.RevokeActivation(activation_pb2.TransitionActivationRequest(name=made.activation.name, reason="ended"))
+        names.append(made.activation.name.split("/")[1])
+    jobs.run_settlement(h.ctx)  # (premium owes months of access: nothing stays reserved)
+    return names, h.clock.now() + dt.timedelta(days=3)
+
+
+def test_purges_run_at_once_on_two_machines_log_one_purge(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """README: run the purge daily on every server machine. Two machines' cron jobs sharing one
+    PostgreSQL database started together: each counted the rows before the other deleted them,
+    and each appended a `privacy.purged` event with the same counts (the audit log said twice what
+    was deleted, and both commands printed it). Now purges take turns: the second finds nothing
+    left and logs nothing. The two are made to overlap: a third session holds a row both must
+    change (PostgreSQL) or the write lock (SQLite) until both have started."""
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        names, later = _purge_fixture(h)
+        results: list[privacy.PurgeSummary] = []
+        errors: list[BaseException] = []
+
+        def machine() -> None:
+            db = Database(h.url, pool_size=2)
+            try:
+                results.append(privacy.purge(db, now=later, retention_days=1, actor="operator:cron"))
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=machine) for _ in range(2)]
+        if backend[0] == "postgres":
+            blocker = psycopg.connect(h.url.replace("postgresql+psycopg://", "postgresql://"))
+            blocker.execute("SELECT 1 FROM activations WHERE id = %s FOR UPDATE", (names[0],))
+            for t in threads:
+                t.start()
+            with psycopg.connect(h.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as watch:
+                for _ in range(200):
+                    waiting = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                            "AND wait_event_type = 'Lock'").fetchone()
+                    if waiting and waiting[0] >= 2:
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the two purges never both waited")
+            blocker.rollback()
+            blocker.close()
+        else:
+            blocker_sqlite = sqlite3.connect(h.url.removeprefix("sqlite:///"), isolation_level=None)
+            blocker_sqlite.execute("BEGIN IMMEDIATE")
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            blocker_sqlite.execute("ROLLBACK")
+            blocker_sqlite.close()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert sorted(r.activations_scrubbed for r in results) == [0, 2], results
+        assert sorted(r.idempotency_records for r in results)[0] == 0, results
+        with h.ctx.db.read() as s:
+            logged = s.execute(select(Event.payload_json).where(Event.type == "privacy.purged")).scalars().all()
+            bound = s.execute(select(func.count()).select_from(Activation).where(
+                Activation.id.in_(names), Activation.account_id.is_not(None))).scalar_one()
+        assert len(logged) == 1, f"{len(logged)} privacy.purged events for one purge: {logged}"
+        assert bound == 0
