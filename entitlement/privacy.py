@@ -3,9 +3,10 @@ ENTITLEMENT_RETENTION_DAYS (default 1095, three years). Run it daily, like the j
 
 What is personal here, and what the purge does with it (cutoff = now - retention):
 - registry rows (`registry_people`: keyed HMAC of the agency id, birth date, postal code,
-  registration dates and category) of every snapshot other than the one in force whose extraction
+  registration dates and category) of every snapshot older than the one in force whose extraction
   date is before the cutoff: deleted; the snapshot's record (checksum, date, counts) stays, since
-  decisions cite it. The snapshot in force is never purged, however old;
+  decisions cite it. The snapshot in force is never purged, however old, nor one an import
+  switches to while the purge runs;
 - activations that ended before the cutoff (expired with an end date before it, revoked before
   it): the platform account id they were bound to is cleared and the free-text details of their
   stored eligibility decision (department, dates) are blanked (criteria, reason codes, parameters
@@ -84,10 +85,14 @@ def purge(db: Database, *, now: dt.datetime, retention_days: int, actor: str, dr
             s.execute(select(func.pg_advisory_xact_lock(literal(_PURGE_LOCK_KEY, BigInteger))))
         current = s.execute(select(func.max(RegistrySnapshot.id)).where(RegistrySnapshot.status == "complete")
                             ).scalar_one_or_none()
-        old = select(RegistrySnapshot.id).where(RegistrySnapshot.extracted_on < cutoff_day,
-                                                RegistrySnapshot.status.in_(("complete", "superseded", "failed")))
-        if current is not None:
-            old = old.where(RegistrySnapshot.id != current)
+        # Of the complete snapshots, only those older than the one in force (newest by id is newest
+        # by extraction date, registry.py). Not "all but that one": on PostgreSQL (READ COMMITTED)
+        # an import switching to a newer snapshot after the statement above commits before the next
+        # one, which then saw the new snapshot, complete, as an old one, and deleted its rows.
+        complete_before = (and_(RegistrySnapshot.status == "complete", RegistrySnapshot.id < current)
+                           if current is not None else False)
+        old = select(RegistrySnapshot.id).where(RegistrySnapshot.extracted_on < cutoff_day, or_(
+            RegistrySnapshot.status.in_(("superseded", "failed")), complete_before))
         old_ids = list(s.execute(old).scalars())
         counts = dict(s.execute(select(RegistryPerson.snapshot_id, func.count()).where(
             RegistryPerson.snapshot_id.in_(old_ids)).group_by(RegistryPerson.snapshot_id)).all()) if old_ids else {}

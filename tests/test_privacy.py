@@ -32,9 +32,9 @@ import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
 from google.type import date_pb2
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
-from own_server import next_ledger_person, on_day, own_server
+from own_server import default_people, next_ledger_person, on_day, own_server
 from support import TODAY, Api, As, date_msg, identity
 from test_server_ops import Server, prepare
 
@@ -568,3 +568,55 @@ def test_purges_run_at_once_on_two_machines_log_one_purge(
                 Activation.id.in_(names), Activation.account_id.is_not(None))).scalar_one()
         assert len(logged) == 1, f"{len(logged)} privacy.purged events for one purge: {logged}"
         assert bound == 0
+
+
+def test_a_purge_leaves_the_snapshot_an_import_switched_to_while_it_ran(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The purge read the snapshot in force, then, in another statement, the snapshots to purge:
+    every one extracted before the cutoff but that one. On PostgreSQL (READ COMMITTED) an import
+    whose switch committed between the two statements had its new snapshot counted as an old one:
+    its rows were deleted and it was marked superseded, and the registry went back to the snapshot
+    before it (an extract older than the retention: a short one, any value >= 1 being accepted).
+    Now only snapshots older than the one in force are purged. The import is run from the purge's
+    first statement, on another connection (SQLite: it waits for the purge's write lock)."""
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        with h.ctx.db.read() as s:
+            first = registry.current_snapshot(s)
+        assert first is not None
+        newer = write_registry(tmp_path / "newer.csv", default_people())
+        imported: list[registry.ImportSummary] = []
+        purge_db = Database(h.url, pool_size=2)
+        import_db = Database(h.url, pool_size=2)
+
+        def run_import() -> None:
+            imported.append(registry.import_extract(import_db, h.ctx.pseudo, h.clock, newer,
+                                                    extracted_on=h.clock.today()))
+
+        worker = threading.Thread(target=run_import)
+
+        def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "max(registry_snapshots.id)" in statement and not worker.is_alive() and not imported:
+                worker.start()
+                if backend[0] == "postgres":
+                    worker.join(60)  # switched and committed before the purge's next statement
+        event.listen(purge_db.engine, "after_cursor_execute", after)
+        try:
+            summary = privacy.purge(purge_db, now=h.clock.now() + dt.timedelta(days=10), retention_days=1,
+                                    actor="operator:dpo")
+            worker.join(60)
+        finally:
+            purge_db.dispose()
+            import_db.dispose()
+        assert imported and not imported[0].unchanged
+        new_id = imported[0].snapshot_id
+        with h.ctx.db.read() as s:
+            current = registry.current_snapshot(s)
+            status = s.execute(select(RegistrySnapshot.status).where(RegistrySnapshot.id == new_id)).scalar_one()
+            rows = s.execute(select(func.count()).select_from(RegistryPerson).where(
+                RegistryPerson.snapshot_id == new_id)).scalar_one()
+        assert (current.id if current else None, status, rows) == (new_id, "complete", 1000), summary
+        # The snapshot before it is purged, by this purge or the next one.
+        privacy.purge(h.ctx.db, now=h.clock.now() + dt.timedelta(days=10), retention_days=1, actor="operator:dpo")
+        with h.ctx.db.read() as s:
+            assert s.execute(select(func.count()).select_from(RegistryPerson).where(
+                RegistryPerson.snapshot_id == first.id)).scalar_one() == 0
