@@ -25,7 +25,8 @@ deadline, pre-serialized answers)):
 - streaming methods run on a pool of their own (stream_workers threads), as in the thread-pool
   server. A server stream's responses reach the loop through a bounded queue (the pool thread
   waits while the client reads slowly); a client stream's requests are read by the loop one by one.
-  Either stops waiting once the call is over (cancelled, deadline passed).
+  Either stops waiting once the call is over (cancelled, deadline passed); a server stream over
+  before a thread took it is not run at all (as in the thread-pool server).
 An abort (our access log's `context.abort_with_status`) is raised through the sync code and awaited
 on the loop (`context.abort` is a coroutine in grpc.aio). Health (grpc.health.v1, kept in step with
 the database by entitlement.dbhealth's monitor, as in the thread-pool server) and reflection are
@@ -198,8 +199,13 @@ class SyncContext(_CallContext):
         context.add_done_callback(lambda _context: ended.set())
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
+        ended = self._ended
+
         def register() -> bool:
-            if self._context.done():
+            # False once the call is over, as the sync server's: the aio context's done() says only
+            # whether a status was sent (not so for a call its client cancelled or let expire), and
+            # a callback added after the call's end is never run.
+            if ended.is_set() or self._context.done():
                 return False
             self._context.add_done_callback(lambda _context: callback())
             return True
@@ -292,6 +298,8 @@ def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
             return True
 
         def drain() -> None:
+            if not sync_context.is_active():
+                return  # over while it waited for a thread (as in the sync server, the method never runs)
             responses: Any = ()
             try:
                 responses = method(request, sync_context)

@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 
 from bench.common import status_key
 from own_server import next_ledger_person, own_server
-from support import Api, Harness, identity, next_person
+from support import Api, Harness, identity, log_records, next_person
 
 from entitlement import aio_server, app
 from entitlement.config import Settings
@@ -181,6 +181,38 @@ def test_a_cancelled_change_stream_gives_its_thread_back(
             assert bookmark.type == activation_pb2.EntitlementChange.ChangeType.CHANGE_TYPE_UNSPECIFIED
             assert bookmark.cursor
             call.cancel()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_stream_given_up_while_it_waited_for_a_thread_never_runs(
+        model: str, backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        server_log: tuple[Path, Any]) -> None:
+    """With ONE stream thread, held by a change stream, a second change stream waits for it; its
+    client gives up (deadline) meanwhile. Once the first ends, the second, already over, is not run
+    (the thread-pool server's rule): it writes no access line, takes no change-stream slot, holds
+    no thread; a third stream is served at once. (On the event-loop server it used to run once the
+    thread was free, and its change stream, told by add_callback that the call was alive, polled
+    on for ever, holding the only stream thread: every later stream waited until its deadline.)"""
+    with own_server(backend[0], tmp_path / "own", request, stream_workers=1, server_model=model) as server:
+        stub = server.channel.unary_stream(ACTIVATION + "WatchEntitlementChanges",
+                                           request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        token = (("authorization", f"Bearer {server.tokens['platform-oc']}"),)
+        holder = stub(b"", metadata=token, timeout=30)
+        next(iter(holder))  # its bookmark: it holds the only stream thread
+        rid = f"given-up-{uuid.uuid4().hex[:12]}"
+        waiting = stub(b"", metadata=token + (("x-request-id", rid),), timeout=0.5)
+        with pytest.raises(grpc.RpcError) as gave_up:
+            next(iter(waiting))
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        holder.cancel()
+        third = stub(b"", metadata=token, timeout=5)
+        bookmark = activation_pb2.EntitlementChange.FromString(next(iter(third)))
+        assert bookmark.cursor
+        third.cancel()
+        time.sleep(0.5)  # (a line the given-up call would write, written by now)
+        server_log[1].flush()
+        lines = [r for r in log_records(server_log[0]) if r.get("request_id") == rid]
+        assert lines == [], lines
 
 
 @pytest.mark.parametrize("name,field,values,allowed", [
