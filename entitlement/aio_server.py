@@ -158,7 +158,9 @@ class _AbortFromThread(Exception):
 
 class _CallContext:
     """What both adapters below share: the grpc.ServicerContext calls that only read the call's
-    aio context (thread-safe) or raise (an abort, awaited on the loop by the method's wrapper)."""
+    aio context or raise (an abort, awaited on the loop by the method's wrapper). SyncContext reads
+    the peer and the auth context otherwise: they read gRPC's call object, freed once the call is
+    over, which a pool thread may outlive."""
 
     _context: grpc.aio.ServicerContext
     _metadata: Any = None
@@ -192,11 +194,25 @@ class SyncContext(_CallContext):
         self._context, self._loop = context, loop
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else time.monotonic() + remaining
+        # Read here, on the loop, while the call is alive (a client certificate's caller is read
+        # from it at the call's start and again by a stream's checks): grpc.aio frees its call
+        # object as soon as the call is over (cancelled, deadline passed), and reading it then
+        # from a pool thread was a segmentation fault of the whole process (mutual TLS, calls given
+        # up as a pool thread took them: tests/test_security.py).
+        self._auth = context.auth_context()
         # The callback holds the event alone, not this object: gRPC keeps its done callbacks in a
         # reference cycle of its own objects (the context, the call's state), left to the cyclic
         # collector; this object, and what a handler hung on it, stay out of that cycle.
         ended = self._ended = threading.Event()
         context.add_done_callback(lambda _context: ended.set())
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+    def peer(self) -> str:
+        ended = self._ended  # (read on the loop, for the reason above; "" once the call is over)
+        return str(_on_loop(self._loop, lambda: "" if ended.is_set() or self._context.done() else self._context.peer(),
+                            gone=""))
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         ended = self._ended

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -792,3 +794,59 @@ def test_no_new_token_begins_with_a_dash() -> None:
     assert not [t for t in drawn if t.startswith("-")]
     assert all(len(t) == 43 and TOKEN_RE.match(t) for t in drawn)
     assert len({t[0] for t in drawn}) == 63  # 64 URL-safe characters but the dash
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_mtls_calls_given_up_as_their_handler_starts_never_crash_the_server(
+        model: str, fresh_url: str, tmp_path: Path, pki: PKI) -> None:
+    """Mutual TLS, one unary thread, platforms known by their certificate alone, calling with
+    deadlines of a few milliseconds: many calls are given up just as a pool thread takes them. The
+    server (server.py, a process of its own) answers throughout and is still up at the end. (On the
+    event-loop server the caller's certificate was read from the pool thread on gRPC's call object,
+    which grpc.aio frees as soon as the call is over: a segmentation fault of the whole process
+    within a second or two of this load.)"""
+    from test_server_ops import PYTHON, START_TIMEOUT, prepare
+    d = prepare(tmp_path / "srv", fresh_url, with_registry=False)
+    d.extra_env.update({"ENTITLEMENT_SERVER_MODEL": model, "ENTITLEMENT_MAX_WORKERS": "1",
+                        "ENTITLEMENT_TLS_CERT_FILE": str(pki.dir / "server.crt"),
+                        "ENTITLEMENT_TLS_KEY_FILE": str(pki.dir / "server.key"),
+                        "ENTITLEMENT_TLS_CLIENT_CA_FILE": str(pki.ca)})
+    with d.log_path.open("w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen([PYTHON, "server.py"], cwd=ROOT, env=d.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        channels = [pki.channel(d.port, "platform-oc") for _ in range(6)]
+        keys = [c.unary_unary("/entitlement.v1.ActivationService/GetSigningKeys") for c in channels]
+        try:
+            answer = keys[0](b"", timeout=START_TIMEOUT, wait_for_ready=True)  # serving, over mTLS
+            assert activation_pb2.GetSigningKeysResponse.FromString(answer).jwks_json
+            until = time.monotonic() + 4
+            outcomes: dict[str, int] = {}
+
+            def load(call: Any, seed: int) -> None:
+                rng = random.Random(seed)
+                while time.monotonic() < until and proc.poll() is None:
+                    try:
+                        call(b"", timeout=rng.uniform(0.0005, 0.004))
+                        code = "OK"
+                    except grpc.RpcError as err:
+                        code = err.code().name
+                    outcomes[code] = outcomes.get(code, 0) + 1
+            threads = [threading.Thread(target=load, args=(call, i)) for i, call in enumerate(keys)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert proc.poll() is None, f"the server died ({proc.returncode}) under {outcomes}"
+            assert outcomes.get("DEADLINE_EXCEEDED", 0) > 0, outcomes  # calls were given up
+            answer = keys[0](b"", timeout=10)  # and it still answers
+            assert activation_pb2.GetSigningKeysResponse.FromString(answer).jwks_json
+        finally:
+            for c in channels:
+                c.close()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
