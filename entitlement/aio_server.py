@@ -200,6 +200,10 @@ class SyncContext(_CallContext):
         # from a pool thread was a segmentation fault of the whole process (mutual TLS, calls given
         # up as a pool thread took them: tests/test_security.py).
         self._auth = context.auth_context()
+        # Likewise the metadata (every call reads it: the caller's identity, the access log): read
+        # after the call's end it gave garbage for 298 of 300 calls in a scratch test of grpc.aio;
+        # no failure through this server was seen, the window being a few microseconds.
+        self._metadata = context.invocation_metadata()
         # The callback holds the event alone, not this object: gRPC keeps its done callbacks in a
         # reference cycle of its own objects (the context, the call's state), left to the cyclic
         # collector; this object, and what a handler hung on it, stay out of that cycle.
