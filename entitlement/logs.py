@@ -268,6 +268,9 @@ def _part(key: object, text: str) -> str:
 os.register_at_fork(after_in_child=_PARTS.clear)  # the process id is in them
 
 
+_CYGRPC, _ANSWER_UNSENT = "grpc._cython.cygrpc", "ExecuteBatchError raised in core by servicer method"
+
+
 class _FromStdlib(logging.Handler):
     """Lines of the standard library's `logging` (SQLAlchemy's pool, grpc, asyncio), from WARNING up,
     as lines of ours (event `stdlib_log`, the logger's name, its message; a traceback through the same
@@ -284,9 +287,16 @@ class _FromStdlib(logging.Handler):
             if "DETAIL:" in message:
                 message = _DETAIL.sub(r"\1(row values not logged)", message)
             fields: dict[str, Any] = {"logger": record.name, "message": message}
-            if record.exc_info:
+            level = record.levelno
+            if record.name == _CYGRPC and message.startswith(_ANSWER_UNSENT):
+                # grpc.aio (the event-loop model) logs this at ERROR, with a traceback, when core
+                # refuses to send an answer: the call had ended as it was sent (its client's deadline
+                # passed, or it cancelled; grpc/grpc#32551). The access log already says how the
+                # call ended; an ERROR line per late client would wake whoever alerts on errors.
+                level, fields["note"] = logging.WARNING, "the call had ended as its answer was sent"
+            elif record.exc_info:
                 fields["exc_info"] = record.exc_info
-            structlog.get_logger("entitlement.stdlib").log(record.levelno, "stdlib_log", **fields)
+            structlog.get_logger("entitlement.stdlib").log(level, "stdlib_log", **fields)
         except Exception:  # noqa: BLE001 - logging's own convention: never raise from a handler
             self.handleError(record)
 

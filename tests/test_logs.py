@@ -235,3 +235,22 @@ def test_the_standard_librarys_logging_comes_out_as_our_lines_redacted(stream: i
     assert "alice-account-42" not in text and "bob-7" not in text
     out, err = capfd.readouterr()
     assert "Exception during reset" not in out + err  # (Python's last-resort handler wrote it to stderr)
+
+
+def test_an_answer_grpc_could_not_send_to_a_client_gone_is_a_warning_without_traceback(stream: io.StringIO) -> None:
+    """grpc.aio logs "ExecuteBatchError raised in core by servicer method [...]" at ERROR with a
+    traceback when a call ended (its client's deadline, a cancel) just as its answer was sent (seen
+    by the review of the event-loop model; grpc/grpc#32551): a WARNING line of ours, no traceback.
+    Any other ERROR of the same logger stays an ERROR with its traceback."""
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    for text in ("ExecuteBatchError raised in core by servicer method [/entitlement.v1.EligibilityService/"
+                 "CheckEligibility]", "Unexpected [RuntimeError] raised by servicer method [/x/Y]"):
+        try:
+            raise RuntimeError("core said no")
+        except RuntimeError:
+            cygrpc.error(text, exc_info=True)
+    late, other = _lines(stream)
+    assert (late["level"], late["logger"], late["note"]) == (
+        "warning", "grpc._cython.cygrpc", "the call had ended as its answer was sent"), late
+    assert "exception" not in late and late["message"].endswith("CheckEligibility]")
+    assert other["level"] == "error" and "core said no" in other["exception"] and "note" not in other
