@@ -54,10 +54,22 @@ CLI = [PYTHON, "-c", "import sys; from entitlement.cli import main; sys.exit(mai
 START_TIMEOUT = 30.0
 
 
+# Ports handed out by free_port, each held by a socket bound to it (SO_REUSEADDR, never listening)
+# until this process ends. A port merely found free and let go could be taken, before the server
+# binds it, by another process (under pytest-xdist, the other worker's servers and probes bind
+# port 0 all the time): the server then fails to start, or the health check reaches the other
+# process's server. Bound this way the port is never handed out by bind(0) nor taken by connect(),
+# a connection to it is refused until the server listens, and the server (gRPC binds with
+# SO_REUSEADDR) binds it all the same, again after a restart.
+_RESERVED: list[socket.socket] = []
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    _RESERVED.append(s)
+    return int(s.getsockname()[1])
 
 
 @dataclass
