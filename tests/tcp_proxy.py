@@ -26,7 +26,22 @@ class TcpProxy:
         self._frozen = False  # relayed connections stay open but carry nothing (`freeze`)
         self.port = 0
         self.accepted = 0  # connections relayed since the start (a figure for the report)
+        # The port stays this proxy's while cut: a socket bound to it (never listening, so a new
+        # connection is still refused) until close(). Let go, the port could be taken during an
+        # outage by another process binding port 0 (under pytest-xdist, the other worker's servers):
+        # restore() then failed (address in use), or the server under test reached that process
+        # instead of the database.
+        self._reserve = self._bound(0)
+        self.port = self._reserve.getsockname()[1]
         self._listen()
+
+    @staticmethod
+    def _bound(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # (the reserve and the listener)
+        sock.bind(("127.0.0.1", port))
+        return sock
 
     def url_for(self, url: str) -> str:
         """`url` (postgresql://user@host:port/db) pointed at this proxy instead."""
@@ -36,12 +51,9 @@ class TcpProxy:
         return f"{scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}/{path}"
 
     def _listen(self) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener = self._bound(self.port)
         listener.listen(128)
         listener.settimeout(0.05)  # the accept loop notices a cut within this
-        self.port = listener.getsockname()[1]
         self._listener = listener
         threading.Thread(target=self._accept_loop, args=(listener,), name="proxy-accept", daemon=True).start()
 
@@ -139,3 +151,4 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self.restore()  # closes the held ones; no new listener once closed
+        self._reserve.close()
