@@ -469,12 +469,12 @@ def test_an_activation_that_may_not_have_been_made_says_how_to_retry_it_safely(
     ACTIVATION_EXISTS, its token lost. The error now names the key; retried with it, the command
     gets the activation. A refusal that no retry mends (not eligible) names none."""
     agency_id, birth = next_person()
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on: kept bound (another process cannot take it) until asked
         s.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{s.getsockname()[1]}"
-    capsys.readouterr()
-    code = cli.main(["activate", agency_id, birth.isoformat(), "--program", PROGRAM, "--platform", "openclassrooms",
-                     "--address", closed, "--timeout", "2", f"--token={harness.tokens['advisor-paris']}"])
+        capsys.readouterr()
+        code = cli.main(["activate", agency_id, birth.isoformat(), "--program", PROGRAM, "--platform", "openclassrooms",
+                         "--address", closed, "--timeout", "2", f"--token={harness.tokens['advisor-paris']}"])
     err = capsys.readouterr().err
     assert code == 1 and "UNAVAILABLE" in err, err
     found = re.search(r"to retry safely, run the same command with --request-id ([0-9a-f]{32})$", err.strip())

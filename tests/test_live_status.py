@@ -398,11 +398,11 @@ def test_client_errors_are_not_retried(agency: FakeAgency) -> None:
 
 
 def test_connection_refused(agency: FakeAgency) -> None:
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, never listening: refused, and no other process can take the port meanwhile
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = LiveStatusClient(f"http://127.0.0.1:{port}", 0.5, 1, 0.001, 5, 30, "")
-    exc = unavailable(c)
+        c = LiveStatusClient(f"http://127.0.0.1:{port}", 0.5, 1, 0.001, 5, 30, "")
+        exc = unavailable(c)
     assert exc.reason == "connection"
     assert_nothing_personal(exc)
 
