@@ -313,9 +313,8 @@ def test_the_process_stops_with_an_error_when_the_event_loops_thread_dies(
 
     from entitlement.server_main import serve_forever
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_server_ops import free_port
+    port = free_port()  # (kept bound until the server binds it: no other process can take it meanwhile)
     ctx = app.build(dataclasses.replace(harness.ctx.settings, listen=f"127.0.0.1:{port}", server_model=EVENT_LOOP,
                                         event_loop=loop_setting), clock=harness.clock)
     before = {t.ident for t in threading.enumerate() if t.name == "rpc-loop"}
