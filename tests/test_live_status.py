@@ -483,10 +483,12 @@ def test_one_watchdog_thread_for_every_attempt_and_none_cut_that_ended_in_time(a
     """Not a thread per attempt: one watchdog, whatever the number of attempts. An attempt that
     ended in time is not cut afterwards (its deadline passes later), and its alarm is dropped."""
     agency.people["P1"] = agency_record("P1", BIRTH)
-    c = client(agency, timeout_s=0.05, retries=0)
+    # Each attempt's deadline 0.5 s: a local answer comes well within it even when the other
+    # pytest-xdist worker loads both CPUs (0.05 s did not always: a fetch was cut, reason timeout).
+    c = client(agency, timeout_s=0.5, retries=0)
     for _ in range(30):
         assert c.fetch("P1", BIRTH) is not None
-    time.sleep(0.15)  # every deadline past
+    time.sleep(0.6)  # every deadline past
     assert c.fetch("P1", BIRTH) is not None and c.breaker.state == CLOSED
     assert [t.name for t in threading.enumerate()].count("live-status-watchdog") == 1
     until = time.monotonic() + 2.0
