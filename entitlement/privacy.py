@@ -39,7 +39,7 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, update
+from sqlalchemy import BigInteger, and_, delete, false, func, literal, or_, select, update
 
 from entitlement import eventlog, ledger
 from entitlement.storage.db import Database, advisory_key
@@ -90,7 +90,7 @@ def purge(db: Database, *, now: dt.datetime, retention_days: int, actor: str, dr
         # an import switching to a newer snapshot after the statement above commits before the next
         # one, which then saw the new snapshot, complete, as an old one, and deleted its rows.
         complete_before = (and_(RegistrySnapshot.status == "complete", RegistrySnapshot.id < current)
-                           if current is not None else False)
+                           if current is not None else false())
         old = select(RegistrySnapshot.id).where(RegistrySnapshot.extracted_on < cutoff_day, or_(
             RegistrySnapshot.status.in_(("superseded", "failed")), complete_before))
         old_ids = list(s.execute(old).scalars())
