@@ -538,6 +538,8 @@ def redeem(ctx: Context, caller: Caller, token: str, account_id: str) -> Entitle
     except tokens.TokenError as exc:
         if exc.reason == "TOKEN_WRONG_AUDIENCE":
             raise PermissionDenied(exc.message, reason=exc.reason) from None
+        if exc.claims is not None:  # expired, but redeemed while it was valid: a replay (proto)
+            _replayed_redemption(ctx, exc.claims)
         raise FailedPrecondition(exc.message, reason=exc.reason) from None
     try:
         result: EntitlementStatus = _with_retry(_redeem_once, ctx, caller, claims, account_id)
@@ -558,6 +560,26 @@ _BIND_ACCOUNT = update(Activation).where(Activation.id == bindparam("id")).value
     account_id=bindparam("account"), redeemed_at=bindparam("now"), updated_at=bindparam("now"))
 
 
+def _already_redeemed(a: Any) -> AlreadyExists:
+    return AlreadyExists(f"token was already redeemed for account {a.account_id}", reason="TOKEN_ALREADY_REDEEMED",
+                         metadata={"account_id": a.account_id, "activation": f"activations/{a.id}"})
+
+
+def _replayed_redemption(ctx: Context, claims: tokens.TokenClaims) -> None:
+    """An expired token (its signature, issuer and audience verified) that was redeemed while valid:
+    raises the replay's ALREADY_EXISTS with the binding, as before the expiry (a platform retrying
+    after a lost answer, late). Returns when it was never redeemed: then it is just expired."""
+    with ctx.db.read() as s:
+        a = s.execute(_REDEEMED_ROW, {"id": claims.activation_id}).first()
+    if a is not None and a.token_jti == claims.jti and a.platform_id == claims.platform_id \
+            and a.account_id is not None:
+        raise _already_redeemed(a)
+
+
+_REDEEMED_ROW = select(Activation.id, Activation.token_jti, Activation.platform_id, Activation.account_id).where(
+    Activation.id == bindparam("id"))
+
+
 def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, account_id: str) -> EntitlementStatus:
     now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
@@ -569,9 +591,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding
-            raise AlreadyExists(f"token was already redeemed for account {a.account_id}",
-                                reason="TOKEN_ALREADY_REDEEMED",
-                                metadata={"account_id": a.account_id, "activation": f"activations/{a.id}"})
+            raise _already_redeemed(a)
         state = effective_state(a, today)
         if state not in LIVE:
             raise FailedPrecondition(f"the entitlement is {state}", reason="ENTITLEMENT_NOT_ACTIVE",

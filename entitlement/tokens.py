@@ -72,10 +72,13 @@ log = structlog.get_logger("entitlement.keys")
 class TokenError(Exception):
     """A token we cannot accept. `reason` is TOKEN_INVALID, TOKEN_EXPIRED or TOKEN_WRONG_AUDIENCE."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, claims: "TokenClaims | None" = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # TOKEN_EXPIRED only: the claims of the token, whose signature, issuer and audience did
+        # verify (a redemption replayed after the expiry still answers the binding it made).
+        self.claims = claims
 
 
 class KeyStoreError(Exception):
@@ -489,12 +492,13 @@ def verify(keys: KeyStore, token: str, *, issuer: str, audience: str, now: dt.da
     for name in ("exp", "nbf", "iat"):
         if not isinstance(claims[name], int) or isinstance(claims[name], bool):
             raise TokenError("TOKEN_INVALID", f"token claim {name} must be an integer")
+    verified = TokenClaims(claims["iss"], claims["aud"], claims["sub"], claims["program"], claims["entitlement"],
+                           claims["jti"], claims["iat"], claims["nbf"], claims["exp"])
     if claims["exp"] <= ts:
-        raise TokenError("TOKEN_EXPIRED", "token has expired")
+        raise TokenError("TOKEN_EXPIRED", "token has expired", verified)
     if claims["nbf"] > ts + NBF_LEEWAY_S:
         raise TokenError("TOKEN_INVALID", "token is not valid yet")
-    return TokenClaims(claims["iss"], claims["aud"], claims["sub"], claims["program"], claims["entitlement"],
-                       claims["jti"], claims["iat"], claims["nbf"], claims["exp"])
+    return verified
 
 
 def decode_unverified(token: str) -> dict[str, Any]:

@@ -602,6 +602,25 @@ def test_expired_token_is_token_expired(api: Api, harness: Harness) -> None:
     assert redeem(api, resp.activation_token, "acct-" + rid()).active  # back in time, it is valid
 
 
+def test_a_redemption_replayed_after_the_token_expired_still_names_its_binding(api: Api, harness: Harness) -> None:
+    """The proto: any later redemption of a redeemed token is a replay, ALREADY_EXISTS with the
+    binding. After the token's expiry a replay (a platform retrying late after a lost answer)
+    answered TOKEN_EXPIRED, as if the redemption had failed. A token never redeemed still answers
+    TOKEN_EXPIRED."""
+    resp = api.activate()
+    account = "acct-" + rid()
+    assert redeem(api, resp.activation_token, account).active
+    unredeemed = api.activate()
+    with clock_moved(harness, 31):  # tokens live 30 days in the test settings
+        f = refuse_redeem(api, resp.activation_token, "acct-" + rid(), grpc.StatusCode.ALREADY_EXISTS)
+        assert f.reason == "TOKEN_ALREADY_REDEEMED", f
+        assert (f.metadata["account_id"], f.metadata["activation"]) == (account, resp.activation.name), f.metadata
+        f = refuse_redeem(api, unredeemed.activation_token, "acct-" + rid(), grpc.StatusCode.FAILED_PRECONDITION)
+        assert f.reason == "TOKEN_EXPIRED"
+    assert get(api, unredeemed.activation.name).account_id == ""
+    assert get(api, resp.activation.name).account_id == account  # nothing changed
+
+
 # ------------------------------------------------------------------------------------------ verify
 
 def test_verify_unknown_account_is_inactive_not_an_error(api: Api) -> None:

@@ -185,7 +185,7 @@ class ActivationServiceServicer:
         """Binds an activation token to the platform's own account id, once. Any later redemption of
         the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
         `TOKEN_ALREADY_REDEEMED` and the original binding in the ErrorInfo metadata (`account_id`,
-        `activation`); nothing changes. A platform retrying after a lost answer reads its binding
+        `activation`), after the token's expiry too; nothing changes. A platform retrying after a lost answer reads its binding
         there, or calls VerifyEntitlement.
 
         The token is verified offline-style: EdDSA only, `typ` entitlement-activation+jwt, a `kid`

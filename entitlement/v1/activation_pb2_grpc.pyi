@@ -111,7 +111,7 @@ class ActivationServiceStub:
     """Binds an activation token to the platform's own account id, once. Any later redemption of
     the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
     `TOKEN_ALREADY_REDEEMED` and the original binding in the ErrorInfo metadata (`account_id`,
-    `activation`); nothing changes. A platform retrying after a lost answer reads its binding
+    `activation`), after the token's expiry too; nothing changes. A platform retrying after a lost answer reads its binding
     there, or calls VerifyEntitlement.
 
     The token is verified offline-style: EdDSA only, `typ` entitlement-activation+jwt, a `kid`
@@ -274,7 +274,7 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     """Binds an activation token to the platform's own account id, once. Any later redemption of
     the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
     `TOKEN_ALREADY_REDEEMED` and the original binding in the ErrorInfo metadata (`account_id`,
-    `activation`); nothing changes. A platform retrying after a lost answer reads its binding
+    `activation`), after the token's expiry too; nothing changes. A platform retrying after a lost answer reads its binding
     there, or calls VerifyEntitlement.
 
     The token is verified offline-style: EdDSA only, `typ` entitlement-activation+jwt, a `kid`
@@ -476,7 +476,7 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Binds an activation token to the platform's own account id, once. Any later redemption of
         the same token, for the same account or another, is a replay: ALREADY_EXISTS with reason
         `TOKEN_ALREADY_REDEEMED` and the original binding in the ErrorInfo metadata (`account_id`,
-        `activation`); nothing changes. A platform retrying after a lost answer reads its binding
+        `activation`), after the token's expiry too; nothing changes. A platform retrying after a lost answer reads its binding
         there, or calls VerifyEntitlement.
 
         The token is verified offline-style: EdDSA only, `typ` entitlement-activation+jwt, a `kid`
