@@ -218,6 +218,12 @@ def receive(ctx: Context, caller: Caller, header: PushHeader, chunks: Iterable[b
                 "was imported, the previous snapshot stays in force: send the file again once the operator "
                 "has freed space", reason="SPOOL_FULL") from None
     finally:
+        # A push refused mid-stream (full spool, too large, a bad checksum) left `chunks` unfinished:
+        # closed here, its reading thread (idle_bounded) stops now, not when the collector frees the
+        # generator, which the refusal's traceback kept alive.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
         _one_import.release()
 
 

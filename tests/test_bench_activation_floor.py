@@ -32,8 +32,11 @@ def test_tiny_floor_benchmark_is_coherent(tmp_path: Path) -> None:
     assert sqlite["ops"]["commits"] == 1 and sqlite["ops"]["statements"] >= 8
     assert "synchronous=FULL" in sqlite["durability"] and "journal_mode=wal" in sqlite["durability"]
     replay, full = sqlite["replay"][0], sqlite["inprocess"][0]
-    assert 0 < replay["client_cpu_us"] < full["client_cpu_us"]  # the floor is below the whole path
-    assert 0 < replay["wall_us"] < full["wall_us"]
+    # The floor is below the whole path in CPU (the replay's work is a part of the path's; wall time
+    # is not compared: an fsync made slow by another process's disk use, the other make test worker's
+    # in CI, put one replay's wall above its full run's, 3,992 against 2,664 us).
+    assert 0 < replay["client_cpu_us"] < full["client_cpu_us"]
+    assert replay["wall_us"] > 0 and full["wall_us"] > 0
     # The grouped replay (4 activations per commit, as SQLite's group commit sends them) ran and
     # wrote what the captured run wrote (the bench checks its outcome too).
     (grouped,) = sqlite["grouped"]
