@@ -60,7 +60,7 @@ def test_a_retry_while_the_first_attempt_is_processed_is_aborted_then_replays(ap
             assert not first.done()
             started = time.monotonic()
             f = expect_error(lambda _r: suspend(api, act.name, request_id), None, grpc.StatusCode.ABORTED)
-            assert time.monotonic() - started < 2, "the retry waited for the first attempt"
+            assert time.monotonic() - started < 5, "the retry waited for the first attempt"
             assert f.reason == "REQUEST_IN_FLIGHT" and f.metadata["in_flight_request_id"] == request_id
         done = first.result(timeout=15)
     assert done.state == activation_pb2.SUSPENDED
