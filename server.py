@@ -5,7 +5,8 @@ With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process su
 processes sharing the port through SO_REUSEPORT (each pinned to a CPU of its own when N is the
 number of CPUs it may run on: ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
 exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully), and if
-one dies the others are stopped and the supervisor exits non-zero.
+one ends unasked (killed, failed, or stopped alone by a signal sent to it, exit 0 then) it is logged
+(`worker_ended`), the others are stopped and the supervisor exits non-zero.
 """
 
 from __future__ import annotations
@@ -80,18 +81,38 @@ def _supervise(settings: Settings) -> int:
     for child in children:
         child.start()
     failed = False
+    asked: list[bool] = []  # the supervisor asked the processes to stop (a signal to it, or one ended)
+    reported: set[int] = set()
+    log = structlog.get_logger("entitlement.server")
 
-    def stop_all(signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+    def stop_all() -> None:
+        asked.append(True)
         for child in children:
             if child.is_alive() and child.pid:
                 os.kill(child.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    while any(c.is_alive() for c in children):
-        if not failed and any(c.exitcode not in (None, 0) for c in children):
-            failed = True  # one died: stop the others, and report the failure
-            stop_all()
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop_all()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while True:
+        alive = any(c.is_alive() for c in children)  # before the exit codes: a last end is still seen
+        for index, child in enumerate(children):
+            code = child.exitcode
+            if code is None or index in reported or (asked and code == 0):
+                continue
+            # A process that ended unasked (killed, failed, or stopped alone by a signal sent to it
+            # and not to the supervisor: exit 0 then) left the port to the others at a fraction of
+            # its capacity: said, and all are stopped, so that what runs the server restarts it.
+            reported.add(index)
+            log.error("worker_ended", worker=index, worker_pid=child.pid,
+                      **({"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}))
+            if not failed:
+                failed = True
+                stop_all()
+        if not alive:
+            break
         time.sleep(0.2)
     return 1 if failed or any(c.exitcode != 0 for c in children) else 0
 

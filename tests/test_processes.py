@@ -223,3 +223,36 @@ def test_a_bad_cpu_affinity_is_refused_at_start(tmp_path: Path, value: str, mess
     # Once: with 2 processes the supervisor refuses it before starting any.
     assert result.stderr.count("ENTITLEMENT_CPU_AFFINITY") == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def _serving_pids(d: Any, count: int) -> list[int]:
+    deadline = time.monotonic() + 30
+    while True:
+        pids = [line["pid"] for line in d.log_lines() if line.get("event") == "serving"]
+        if len(pids) >= count:
+            return pids
+        assert time.monotonic() < deadline, f"{len(pids)} of {count} processes said serving"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_one_worker_ending_alone_stops_the_others_and_is_said(sig: signal.Signals, fresh_url: str,
+                                                               tmp_path: Path) -> None:
+    """One server process of two killed (kill -9), or stopped alone (SIGTERM to it, not to the
+    supervisor: it drains and exits 0): the port must not go on at half its capacity unseen. The
+    supervisor says which process ended and how, stops the other, and exits non-zero."""
+    d = prepare(tmp_path / "srv", fresh_url, with_registry=False)
+    d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
+    server = Server(d)
+    try:
+        victim, other = _serving_pids(d, 2)
+        os.kill(victim, sig)
+        assert server.proc.wait(timeout=30) == 1
+        ended = [line for line in d.log_lines() if line.get("event") == "worker_ended"]
+        assert [(e["level"], e["worker_pid"]) for e in ended] == [("error", victim)], ended
+        assert ended[0]["exit_code" if sig == signal.SIGTERM else "signal"] == (0 if sig == signal.SIGTERM else "SIGKILL")
+        assert other in [line["pid"] for line in d.log_lines() if line.get("event") == "stopped"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(other, 0)
+    finally:
+        server.close()
