@@ -4,7 +4,8 @@
 With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process supervises N server
 processes sharing the port through SO_REUSEPORT (each pinned to a CPU of its own when N is the
 number of CPUs it may run on: ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
-exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully), and if
+exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully; each gets SIGTERM too when the
+supervisor itself dies, even by kill -9: Linux), and if
 one ends unasked (killed, failed, or stopped alone by a signal sent to it, exit 0 then) it is logged
 (`worker_ended`), the others are stopped and the supervisor exits non-zero.
 """
@@ -56,7 +57,19 @@ def _prepare(settings: Settings) -> app.Context | int:
         return 1
 
 
-def _child(index: int) -> None:
+def _stop_with(supervisor: int) -> None:
+    """This server process gets SIGTERM (drains, as if the supervisor had passed it on) when its
+    supervisor dies, even by kill -9: else it went on serving the port unsupervised, beside any
+    server.py started again (SO_REUSEPORT). Linux (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:  # it died before that was set
+        raise SystemExit(1)
+
+
+def _child(index: int, supervisor: int) -> None:
+    _stop_with(supervisor)
     settings = Settings.from_env()
     affinity.apply(settings.cpu_affinity, index, settings.processes)  # before any thread starts
     logs.configure(settings.log_level)
@@ -77,7 +90,8 @@ def _supervise(settings: Settings) -> int:
         return ctx
     ctx.db.dispose()
     spawn = multiprocessing.get_context("spawn")
-    children = [spawn.Process(target=_child, args=(i,), name=f"entitlement-{i}") for i in range(settings.processes)]
+    children = [spawn.Process(target=_child, args=(i, os.getpid()), name=f"entitlement-{i}")
+                for i in range(settings.processes)]
     for child in children:
         child.start()
     failed = False

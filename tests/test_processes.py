@@ -250,9 +250,41 @@ def test_one_worker_ending_alone_stops_the_others_and_is_said(sig: signal.Signal
         assert server.proc.wait(timeout=30) == 1
         ended = [line for line in d.log_lines() if line.get("event") == "worker_ended"]
         assert [(e["level"], e["worker_pid"]) for e in ended] == [("error", victim)], ended
-        assert ended[0]["exit_code" if sig == signal.SIGTERM else "signal"] == (0 if sig == signal.SIGTERM else "SIGKILL")
+        how = ("exit_code", 0) if sig == signal.SIGTERM else ("signal", "SIGKILL")
+        assert ended[0][how[0]] == how[1]
         assert other in [line["pid"] for line in d.log_lines() if line.get("event") == "stopped"]
         with pytest.raises(ProcessLookupError):
             os.kill(other, 0)
     finally:
+        server.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(fresh_url: str, tmp_path: Path) -> None:
+    """The supervisor killed (kill -9, the OOM killer): its server processes must not go on serving
+    the port unsupervised (a server.py started again would share the port with them, SO_REUSEPORT,
+    whatever their version). Each is stopped as by SIGTERM: drained, "stopped" logged."""
+    d = prepare(tmp_path / "srv", fresh_url, with_registry=False)
+    d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
+    server = Server(d)
+    pids = _serving_pids(d, 2)
+    try:
+        server.proc.kill()
+        server.proc.wait(timeout=15)
+        deadline = time.monotonic() + 30
+        alive = set(pids)
+        while alive and time.monotonic() < deadline:
+            for pid in list(alive):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    alive.discard(pid)
+            time.sleep(0.1)
+        assert not alive, f"server processes {sorted(alive)} still run without their supervisor"
+        assert sorted(line["pid"] for line in d.log_lines() if line.get("event") == "stopped") == sorted(pids)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         server.close()
