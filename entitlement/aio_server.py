@@ -63,7 +63,8 @@ from entitlement.app import Context
 from entitlement.config import ASYNCIO, UVLOOP, EventLoopUnavailable, resolve_event_loop
 from entitlement.dbhealth import DatabaseMonitor
 from entitlement.storage.db import Database, LoopWriteDeferred, loop_write
-from entitlement.server_main import SERVICE_NAMES, call_behaviors, concurrency_limit, server_credentials, server_options
+from entitlement.server_main import (SERVICE_NAMES, add_port, call_behaviors, concurrency_limit, server_credentials,
+                                     server_options)
 from entitlement.tls import ServerTLS
 
 STREAM_BUFFER = 16  # a server stream's responses made ahead of what the loop has taken
@@ -696,8 +697,7 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
         # Made on the loop that runs it (a grpc.aio server belongs to the loop it is made on).
         server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes)
         credentials = server_credentials(tls)
-        port = (server.add_insecure_port(listen) if credentials is None
-                else server.add_secure_port(listen, credentials))
+        port = add_port(server, listen, credentials)
         if port == 0:
             raise _CannotListen(f"cannot listen on {listen}")
         await server.start()

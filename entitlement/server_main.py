@@ -148,6 +148,17 @@ def server_credentials(tls: ServerTLS | None) -> grpc.ServerCredentials | None:
                                        require_client_auth=tls.client_ca is not None)
 
 
+def add_port(server: Any, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port bound on `listen`, or 0 when it cannot be (in use, an address not of this host):
+    grpcio raises RuntimeError for that, which reached the operator as a traceback."""
+    try:
+        if credentials is None:
+            return int(server.add_insecure_port(listen))
+        return int(server.add_secure_port(listen, credentials))
+    except RuntimeError:
+        return 0
+
+
 def start(ctx: Context, listen: str) -> Serving:
     """Serve on `listen` with the settings' server model: TLS (mutual with a client CA) when the
     settings give a certificate; plaintext only on a loopback address or with `insecure`
@@ -184,7 +195,7 @@ def start(ctx: Context, listen: str) -> Serving:
     reflection_pool = public.add_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             ctx.settings.public_streams)
     credentials = server_credentials(tls)
-    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+    port = add_port(server, listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()

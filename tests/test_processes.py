@@ -288,3 +288,28 @@ def test_workers_stop_when_their_supervisor_is_killed(fresh_url: str, tmp_path: 
             except ProcessLookupError:
                 pass
         server.close()
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_port_in_use_stops_the_start_in_one_line(model: str, processes: int, tmp_path: Path) -> None:
+    """The port held by another program (listening, without SO_REUSEPORT): the server process says
+    so in one line, no traceback, and server.py exits non-zero (with 2 processes the supervisor
+    says which ended) instead of hanging."""
+    import socket
+    d = prepare(tmp_path / "srv", with_registry=False)
+    d.extra_env.update({"ENTITLEMENT_SERVER_MODEL": model, "ENTITLEMENT_PROCESSES": str(processes)})
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", d.port))
+    holder.listen()
+    try:
+        result = d.run()
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # (With 2, the second may be stopped by the supervisor before it reaches the port.)
+    assert 1 <= result.stderr.count(f"cannot listen on {d.address}") <= processes, result.stderr[-3000:]
+    if processes > 1:
+        assert '"event": "worker_ended"' in result.stderr, result.stderr[-3000:]
