@@ -412,6 +412,8 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
             try:
                 for row in reader:
                     line_no = reader.line_num
+                    if not row:  # an empty line (an export's trailing one): no row, not a reject
+                        continue
                     read += 1
                     try:
                         batch.append((line_no, parse(row)))

@@ -304,3 +304,18 @@ def test_a_full_temporary_directory_is_told_as_such_and_imports_nothing(
     monkeypatch.undo()
     done = feed(_stream(data))  # the slot is free; with room, the same file imports
     assert done.rows_imported >= 2000 and _check(api, "FULL00001", "1991-01-01").eligible
+
+
+def test_empty_lines_are_no_rows_and_no_rejects(api: Api, tmp_path: Path) -> None:
+    """An export ending with an empty line (or holding one) had it counted as a read row and listed
+    as rejected ("expected 9 fields, got 0"): the agency chased a bad row that was not there. Empty
+    lines are skipped; a line of blanks is still a malformed row."""
+    data = _extract(tmp_path, "EMPTYLN1,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n\n"
+                              "EMPTYLN2,,Feed,Test,1991-01-02,75011,2025-01-06,,1\n\n\n")
+    rows = data.decode().count("\n") - 1 - 3  # less the header and the three empty lines
+    resp = api.as_("agency-feed").ImportExtract(_stream(data))
+    assert (resp.rows_read, resp.rows_imported, resp.rows_rejected) == (rows, rows, 0), resp
+    assert _check(api, "EMPTYLN2", "1991-01-02").eligible
+    blanks = _extract(tmp_path, "   \n")
+    resp = api.as_("agency-feed").ImportExtract(_stream(blanks))
+    assert resp.rows_rejected == 1 and resp.rejected_rows[0].reason.startswith("expected 9 fields"), resp
