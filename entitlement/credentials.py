@@ -26,12 +26,12 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, func, literal, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog
 from entitlement.callers import Caller, CallerDirectory, credential_of, make_caller, new_token, token_hash
-from entitlement.storage.db import Database, advisory_key, utc
+from entitlement.storage.db import Database, advisory_key, hold_until_commit, utc
 from entitlement.storage.models import CallerCredential
 
 
@@ -71,9 +71,7 @@ def _iso(t: dt.datetime | None) -> str | None:
 def _lock(s: Session, caller_id: str) -> None:
     """Hold `caller_id` until the transaction ends (module docstring): the first statement of every
     command that reads a caller's rows and then writes, before `_rows`."""
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(select(func.pg_advisory_xact_lock(
-            literal(advisory_key("entitlement.caller", caller_id), BigInteger))))
+    hold_until_commit(s, advisory_key("entitlement.caller", caller_id))
 
 
 def _rows(s: Session, caller_id: str) -> list[CallerCredential]:

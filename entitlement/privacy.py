@@ -39,10 +39,10 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import BigInteger, and_, delete, false, func, literal, or_, select, update
+from sqlalchemy import and_, delete, false, func, or_, select, update
 
 from entitlement import eventlog, ledger
-from entitlement.storage.db import Database, advisory_key
+from entitlement.storage.db import Database, advisory_key, hold_until_commit
 from entitlement.storage.models import (Activation, IdempotencyRecord, LedgerEntry, RegistryPerson,
                                         RegistrySnapshot)
 
@@ -81,8 +81,7 @@ def purge(db: Database, *, now: dt.datetime, retention_days: int, actor: str, dr
     cutoff = now - dt.timedelta(days=retention_days)
     cutoff_day = cutoff.date()
     with db.write() as s:
-        if not db.is_sqlite:  # before anything is counted: the purge before this one has committed
-            s.execute(select(func.pg_advisory_xact_lock(literal(_PURGE_LOCK_KEY, BigInteger))))
+        hold_until_commit(s, _PURGE_LOCK_KEY)  # before anything is counted: the purge before this one has committed
         current = s.execute(select(func.max(RegistrySnapshot.id)).where(RegistrySnapshot.status == "complete")
                             ).scalar_one_or_none()
         # Of the complete snapshots, only those older than the one in force (newest by id is newest

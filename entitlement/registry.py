@@ -35,7 +35,7 @@ from typing import NamedTuple, IO, Any
 import psycopg
 import structlog
 from psycopg.errors import UniqueViolation
-from sqlalchemy import BigInteger, Connection, Select, and_, bindparam, delete, func, literal, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -45,7 +45,7 @@ from entitlement import deadline, eventlog
 from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
-from entitlement.storage.db import Database, advisory_key
+from entitlement.storage.db import Database, advisory_key, hold_until_commit
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import Activation, RegistryPerson, RegistrySnapshot
@@ -440,8 +440,7 @@ def _import_locked(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
             raise ExtractCutOff(path, imported, min_ratio, current.rows_imported)
         with db.write() as s:
             # Again at the switch, in its transaction: another process may have switched meanwhile.
-            if not db.is_sqlite:
-                s.execute(select(func.pg_advisory_xact_lock(literal(_SWITCH_LOCK_KEY, BigInteger))))
+            hold_until_commit(s, _SWITCH_LOCK_KEY)
             check_extraction_date(extracted_on, today, current_snapshot(s))
             switched = s.execute(update(RegistrySnapshot).where(  # type: ignore[attr-defined]
                 RegistrySnapshot.id == snapshot_id, RegistrySnapshot.status == "importing").values(

@@ -107,7 +107,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import BigInteger, Connection, Engine, create_engine, event, func, literal, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -226,6 +226,14 @@ def advisory_key(*parts: str) -> int:
     `entitlement.registry_switch`, ...), so keys of different uses do not collide (but by a 2^-64
     chance)."""
     return int.from_bytes(hashlib.sha256("\0".join(parts).encode()).digest()[:8], "big", signed=True)
+
+
+def hold_until_commit(s: Session, key: int) -> None:
+    """PostgreSQL: wait for, then hold until the transaction ends, the advisory lock `key`
+    (`advisory_key`): writers of one kind across server processes and commands take turns. SQLite:
+    nothing (BEGIN IMMEDIATE serializes every writer already)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(select(func.pg_advisory_xact_lock(literal(key, BigInteger))))
 
 
 def normalize_url(url: str) -> str:
