@@ -560,6 +560,11 @@ _BIND_ACCOUNT = update(Activation).where(Activation.id == bindparam("id")).value
     account_id=bindparam("account"), redeemed_at=bindparam("now"), updated_at=bindparam("now"))
 
 
+def _of_token(a: Any, claims: tokens.TokenClaims) -> bool:
+    """The activation row `a` (or None) is the one this token was signed for, as it stands now."""
+    return a is not None and a.token_jti == claims.jti and a.platform_id == claims.platform_id
+
+
 def _already_redeemed(a: Any) -> AlreadyExists:
     return AlreadyExists(f"token was already redeemed for account {a.account_id}", reason="TOKEN_ALREADY_REDEEMED",
                          metadata={"account_id": a.account_id, "activation": f"activations/{a.id}"})
@@ -571,8 +576,7 @@ def _replayed_redemption(ctx: Context, claims: tokens.TokenClaims) -> None:
     after a lost answer, late). Returns when it was never redeemed: then it is just expired."""
     with ctx.db.read() as s:
         a = s.execute(_REDEEMED_ROW, {"id": claims.activation_id}).first()
-    if a is not None and a.token_jti == claims.jti and a.platform_id == claims.platform_id \
-            and a.account_id is not None:
+    if _of_token(a, claims) and a.account_id is not None:
         raise _already_redeemed(a)
 
 
@@ -588,7 +592,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         # row (direct.py) and the binding with the log_head UPDATE; nothing here goes through the ORM.
         st.pipeline()
         a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
-        if a is None or a.token_jti != claims.jti or a.platform_id != claims.platform_id:
+        if not _of_token(a, claims):
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding
             raise _already_redeemed(a)
