@@ -561,8 +561,8 @@ _BIND_ACCOUNT = update(Activation).where(Activation.id == bindparam("id")).value
 
 
 def _of_token(a: Any, claims: tokens.TokenClaims) -> bool:
-    """The activation row `a` (or None) is the one this token was signed for, as it stands now."""
-    return a is not None and a.token_jti == claims.jti and a.platform_id == claims.platform_id
+    """The activation row `a` is the one this token was signed for, as it stands now."""
+    return bool(a.token_jti == claims.jti and a.platform_id == claims.platform_id)
 
 
 def _already_redeemed(a: Any) -> AlreadyExists:
@@ -576,7 +576,7 @@ def _replayed_redemption(ctx: Context, claims: tokens.TokenClaims) -> None:
     after a lost answer, late). Returns when it was never redeemed: then it is just expired."""
     with ctx.db.read() as s:
         a = s.execute(_REDEEMED_ROW, {"id": claims.activation_id}).first()
-    if _of_token(a, claims) and a.account_id is not None:
+    if a is not None and _of_token(a, claims) and a.account_id is not None:
         raise _already_redeemed(a)
 
 
@@ -592,7 +592,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         # row (direct.py) and the binding with the log_head UPDATE; nothing here goes through the ORM.
         st.pipeline()
         a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
-        if not _of_token(a, claims):
+        if a is None or not _of_token(a, claims):
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding
             raise _already_redeemed(a)
