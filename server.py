@@ -5,7 +5,8 @@ With ENTITLEMENT_PROCESSES=N (N > 1, for PostgreSQL deployments) this process su
 processes sharing the port through SO_REUSEPORT (each pinned to a CPU of its own when N is the
 number of CPUs it may run on: ENTITLEMENT_CPU_AFFINITY, entitlement/affinity.py). They are started with `spawn`, so no gRPC object
 exists before they start; SIGTERM or SIGINT is passed on to each (each drains gracefully; each gets SIGTERM too when the
-supervisor itself dies, even by kill -9: Linux), and if
+supervisor itself dies, even by kill -9: Linux; a stop asked while they still start ends them
+at once, exit 0), and if
 one ends unasked (killed, failed, or stopped alone by a signal sent to it, exit 0 then) it is logged
 (`worker_ended`), the others are stopped and the supervisor exits non-zero.
 """
@@ -79,6 +80,10 @@ def _child(index: int, supervisor: int) -> None:
     serve_forever(ctx)
 
 
+# The exit codes of a server process stopped as the supervisor asked (see _supervise).
+_STOPPED_AS_ASKED = (0, -signal.SIGTERM, -signal.SIGINT)
+
+
 def _supervise(settings: Settings) -> int:
     if settings.listen.rsplit(":", 1)[-1] == "0":
         print("entitlement: cannot start: ENTITLEMENT_PROCESSES > 1 needs a fixed port in ENTITLEMENT_LISTEN",
@@ -92,8 +97,6 @@ def _supervise(settings: Settings) -> int:
     spawn = multiprocessing.get_context("spawn")
     children = [spawn.Process(target=_child, args=(i, os.getpid()), name=f"entitlement-{i}")
                 for i in range(settings.processes)]
-    for child in children:
-        child.start()
     failed = False
     asked: list[bool] = []  # the supervisor asked the processes to stop (a signal to it, or one ended)
     reported: set[int] = set()
@@ -108,13 +111,23 @@ def _supervise(settings: Settings) -> int:
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stop_all()
 
+    # Before the processes start: a stop asked while they start stops them, and starts no more.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for child in children:
+        if not asked:
+            child.start()
+    if asked:  # again: a signal handled inside start() missed the process it was starting
+        stop_all()
+    started = [c for c in children if c.pid is not None]
     while True:
-        alive = any(c.is_alive() for c in children)  # before the exit codes: a last end is still seen
+        alive = any(c.is_alive() for c in started)  # before the exit codes: a last end is still seen
         for index, child in enumerate(children):
             code = child.exitcode
-            if code is None or index in reported or (asked and code == 0):
+            # Stopped as asked: drained (exit 0), or ended while still starting (before
+            # serve_forever handles signals; it had served nothing) by SIGTERM's default action,
+            # or by SIGINT's (Ctrl-C in a terminal reaches the whole group, the supervisor too).
+            if code is None or index in reported or (asked and code in _STOPPED_AS_ASKED):
                 continue
             # A process that ended unasked (killed, failed, or stopped alone by a signal sent to it
             # and not to the supervisor: exit 0 then) left the port to the others at a fraction of
@@ -128,7 +141,7 @@ def _supervise(settings: Settings) -> int:
         if not alive:
             break
         time.sleep(0.2)
-    return 1 if failed or any(c.exitcode != 0 for c in children) else 0
+    return 1 if failed or any(c.exitcode not in _STOPPED_AS_ASKED for c in started) else 0
 
 
 def _sweep_spools() -> None:

@@ -313,3 +313,68 @@ def test_a_port_in_use_stops_the_start_in_one_line(model: str, processes: int, t
     assert 1 <= result.stderr.count(f"cannot listen on {d.address}") <= processes, result.stderr[-3000:]
     if processes > 1:
         assert '"event": "worker_ended"' in result.stderr, result.stderr[-3000:]
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The server processes a supervisor started (multiprocessing's spawn children), by /proc."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                out.append(int(child))
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the supervisor", "Ctrl-C to the process group"])
+def test_a_stop_asked_while_the_workers_start_is_a_clean_stop(how: str, fresh_url: str, tmp_path: Path) -> None:
+    """A deployment stopped right after it started (a rollout undone, Ctrl-C in a terminal): the
+    server processes are still starting (importing, opening the database), before they handle
+    signals themselves. The supervisor must exit 0 without a `worker_ended` error or a traceback:
+    it asked them to stop (a process still starting ends by SIGTERM's default action; one that
+    got SIGINT from the terminal too waits for the supervisor's SIGTERM)."""
+    import subprocess
+
+    from test_server_ops import PYTHON, ROOT
+    d = prepare(tmp_path / "srv", fresh_url, with_registry=False)
+    d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
+    with d.log_path.open("w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen([PYTHON, "server.py"], cwd=ROOT, env=d.env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while len(_spawned_children(proc.pid)) < 2:
+                assert proc.poll() is None, d.log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the supervisor never started its two processes"
+                time.sleep(0.005)
+            workers = _spawned_children(proc.pid)
+            # Asked while they start: a spawned interpreter takes far longer than this to import
+            # the service and bind the port (it has not said "serving").
+            if how.startswith("SIGTERM"):
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the supervisor did not stop within 30 s of the stop; its processes: "
+                            f"{_spawned_children(proc.pid)}; log:\n{d.log_path.read_text()[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    text = d.log_path.read_text()
+    assert not any(line.get("event") == "serving" for line in d.log_lines()), \
+        "a process was already serving: the stop did not land while they started"
+    assert code == 0, text[-3000:]
+    assert "worker_ended" not in text and "Traceback" not in text, text[-3000:]
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
