@@ -548,11 +548,14 @@ def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any,
 
 def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: futures.ThreadPoolExecutor,
           inline: frozenset[str], behaviors: list[BehaviorInterceptor] | None = None,
-          loop_writes: frozenset[str] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+          loop_writes: frozenset[str] | None = None,
+          on_stop: list[Callable[[], None]] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server (not started: add a port and start it, on the loop that is to run it): unary calls
     offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
     `inline` run on the event loop, those in `loop_writes` (default: `loop_write_methods(ctx)`) on
-    the loop when their write need not wait; `behaviors` default to server_main.call_behaviors(ctx)."""
+    the loop when their write need not wait; `behaviors` default to server_main.call_behaviors(ctx).
+    `on_stop` (when given) receives what to call as a graceful stop begins (the change streams'
+    end: ActivationServicer.stop_streams)."""
     if loop_writes is None:
         loop_writes = loop_write_methods(ctx)
     server = grpc.aio.server(options=server_options(ctx.settings),
@@ -562,6 +565,8 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: f
                          executor, stream_executor, inline, loop_writes, ctx.db)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
+        if on_stop is not None and isinstance(sync_servicer, api_servicers.ActivationServicer):
+            on_stop.append(sync_servicer.stop_streams)
     # Health and reflection with their open streams capped (entitlement/api/public.py): each open
     # one counts against the process's concurrent-call limit on this server.
     limit = ctx.settings.public_streams
@@ -599,8 +604,10 @@ class LoopRunning:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
                  health_servicer: health.aio.HealthServicer, port: int, monitor: DatabaseMonitor | None,
-                 pools: tuple[futures.ThreadPoolExecutor, ...], loop_writes: frozenset[str] = frozenset()) -> None:
+                 pools: tuple[futures.ThreadPoolExecutor, ...], loop_writes: frozenset[str] = frozenset(),
+                 on_stop: tuple[Callable[[], None], ...] = ()) -> None:
         self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
+        self._on_stop = on_stop  # called as the stop begins (server_main.Running.on_stop)
         self.loop_writes = loop_writes  # said in the "serving" line
         self.port, self.monitor, self._pools = port, monitor, pools
         self.event_loop = loop_kind(loop)  # said in the "serving" line
@@ -622,8 +629,8 @@ class LoopRunning:
 
     def stop(self, grace: float) -> None:
         """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
-        drain), then refuse new calls and let calls in flight finish within `grace` seconds; then
-        the loop and the pools end. Done once: a later call returns when the first is done (the
+        drain), the change streams ended, then refuse new calls and let calls in flight finish
+        within `grace` seconds; then the loop and the pools end. Done once: a later call returns when the first is done (the
         process stops it once, from its main thread: entitlement.server_main.serve_forever)."""
         with self._lock:
             first, self._stopping = not self._stopping, True
@@ -635,6 +642,8 @@ class LoopRunning:
                 self.monitor.stop()  # first: no ping may set SERVING again
             if self._thread.is_alive():
                 self.set_serving(False)
+                for stopping in self._on_stop:
+                    stopping()
                 _await_on(self._loop, self._thread, self.server.stop(grace))
             elif not self._loop.is_closed() and not self._loop.is_running():
                 # The loop's thread died (failure()): run the loop here, once more, to stop the
@@ -692,10 +701,11 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
     thread = threading.Thread(target=loop.run_forever, name="rpc-loop", daemon=True)
     thread.start()
     loop_writes = loop_write_methods(ctx)  # what the server does and what its "serving" line says, once
+    on_stop: list[Callable[[], None]] = []
 
     async def open_port() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # Made on the loop that runs it (a grpc.aio server belongs to the loop it is made on).
-        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes)
+        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes, on_stop)
         credentials = server_credentials(tls)
         port = add_port(server, listen, credentials)
         if port == 0:
@@ -716,7 +726,8 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
         if isinstance(exc, _CannotListen):
             raise SystemExit(str(exc)) from None
         raise
-    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams), loop_writes)
+    running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams), loop_writes,
+                          tuple(on_stop))
     if monitor is not None:
         monitor.start(running.set_serving)
     return running

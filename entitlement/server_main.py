@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import signal
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
@@ -72,6 +73,8 @@ class Running:
     event_loop: str | None = None  # the thread-pool model runs no event loop (aio_server.LoopRunning's is named)
     loop_writes: frozenset[str] = frozenset()  # nor writes on one (aio_server.loop_write_methods)
     extra_pools: tuple[futures.ThreadPoolExecutor, ...] = ()  # reflection's (entitlement/api/public.py)
+    # Called as the stop begins: the change streams end then (ActivationServicer.stop_streams).
+    on_stop: tuple[Callable[[], None], ...] = ()
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -79,11 +82,14 @@ class Running:
             self.health.set(name, status)
 
     def stop(self, grace: float) -> None:
-        """Graceful stop: health NOT_SERVING first (load balancers drain), then refuse new calls and
-        let calls in flight finish within `grace` seconds."""
+        """Graceful stop: health NOT_SERVING first (load balancers drain), the change streams ended
+        (they never finish by themselves), then refuse new calls and let calls in flight finish
+        within `grace` seconds."""
         if self.monitor is not None:
             self.monitor.stop()  # first: no ping may set SERVING again
         self.set_serving(False)
+        for stopping in self.on_stop:
+            stopping()
         self.server.stop(grace).wait()
         for pool in (self.stream_pool, *self.extra_pools):
             if pool is not None:
@@ -185,7 +191,8 @@ def start(ctx: Context, listen: str) -> Serving:
     # entitlement.api.wrapping); health and reflection are served bare.
     ours = WrappingRegistrar(server, behaviors, stream_pool)
     eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), ours)
-    activation_pb2_grpc.add_ActivationServiceServicer_to_server(ActivationServicer(ctx), ours)
+    activations = ActivationServicer(ctx)
+    activation_pb2_grpc.add_ActivationServiceServicer_to_server(activations, ours)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), ours)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), ours)
     health_servicer = public.Health()  # grpc's, without its deadlock (entitlement/api/public.py)
@@ -199,7 +206,8 @@ def start(ctx: Context, listen: str) -> Serving:
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
-    running = Running(server, health_servicer, port, monitor, stream_pool, extra_pools=(reflection_pool,))
+    running = Running(server, health_servicer, port, monitor, stream_pool, extra_pools=(reflection_pool,),
+                      on_stop=(activations.stop_streams,))
     running.set_serving(True)
     if monitor is not None:
         monitor.start(running.set_serving)

@@ -379,3 +379,33 @@ def test_a_revoked_platforms_open_stream_ends_and_gets_nothing_after(
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value
         assert failure(info.value).reason == "CREDENTIALS_REVOKED"
         assert account not in [c.status.account_id for c in got]
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_graceful_stop_ends_change_streams_at_once_unavailable(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """A graceful stop (SIGTERM: ENTITLEMENT_GRACE_SECONDS for the calls in flight) let every open
+    change stream run on for the whole grace, as if it were a call about to finish (found by a
+    review): with a platform watching, every stop took the whole grace, the platform stayed on a
+    process that had said NOT_SERVING, and then gRPC cut the stream ("Cancelling all calls", no
+    reason; the access log said OK). Change streams now end when the stop begins, UNAVAILABLE with
+    reason SERVER_STOPPING: the platform calls again (another process answers) with its last cursor.
+    (Here the grace outlasts the stream's deadline: unfixed, the stream ends DEADLINE_EXCEEDED.)"""
+    import threading
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, grace_seconds=120) as h:
+        api = Api(h)
+        stream = iter(watch(api, timeout=WAIT))
+        mark = next(stream)
+        _name, account = activate_and_redeem(api, person=next_ledger_person())
+        assert summary(next(stream)) == ("REDEEMED", "ACTIVE", account, True)
+        stopping = threading.Thread(target=h.running.stop, args=(120,))
+        stopping.start()
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                next(stream)
+        finally:
+            stopping.join()
+        f = failure(info.value)
+        assert f.code == grpc.StatusCode.UNAVAILABLE and f.reason == "SERVER_STOPPING", info.value
+        assert "cursor" in info.value.details()
+        assert mark.cursor  # (what the platform resumes from, had no change come)

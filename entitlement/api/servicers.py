@@ -14,7 +14,7 @@ from entitlement.api import convert
 from entitlement.api import validation as val
 from entitlement.api.identity import caller_check, current_caller
 from entitlement.app import Context
-from entitlement.errors import InvalidArgument, ResourceExhausted, Violations
+from entitlement.errors import InvalidArgument, ResourceExhausted, Unavailable, Violations
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
@@ -63,6 +63,8 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._watchers = threading.BoundedSemaphore(max(1, ctx.settings.watch_max_streams))
         self._watching: dict[str, int] = {}  # caller id -> its change streams open (under _watching_lock)
         self._watching_lock = threading.Lock()
+        self._stopping = threading.Event()  # the server's graceful stop has begun (stop_streams)
+        self._wakes: set[threading.Event] = set()  # each open change stream's (under _watching_lock)
 
     def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
                             context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
@@ -189,17 +191,38 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                 self._watching.pop(caller_id, None)
             self._watchers.release()
 
+    def stop_streams(self) -> None:
+        """The server's graceful stop begins: every change stream ends now, UNAVAILABLE with reason
+        SERVER_STOPPING, and one opened from now on at once. A stream never finishes by itself, so
+        left to the grace it held the stop for all of it (ENTITLEMENT_GRACE_SECONDS), served by a
+        process already NOT_SERVING, and was then cut anyway (found by a review); ended now, its
+        platform calls again at once, another process answers, with its last cursor: nothing lost."""
+        self._stopping.set()
+        with self._watching_lock:
+            wakes = list(self._wakes)
+        for wake in wakes:
+            wake.set()
+
+    def _stopping_now(self) -> None:
+        if self._stopping.is_set():
+            raise Unavailable("this server is stopping: call again (another server process answers) with the "
+                              "cursor of the last change received", reason="SERVER_STOPPING")
+
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         caller = current_caller()
         still_allowed = caller_check()
         position = changes.start_position(self.ctx, request.cursor)
         self._take_watch_slot(caller.id)
-        done = threading.Event()
+        done = threading.Event()  # set when the call ends, or the server stops (stop_streams)
         released = threading.Lock()
+        with self._watching_lock:
+            self._wakes.add(done)
 
         def release_slot() -> None:  # once: on termination (cancel, deadline, server stop) or on return
             if released.acquire(blocking=False):
+                with self._watching_lock:
+                    self._wakes.discard(done)
                 self._give_back_watch_slot(caller.id)
 
         def on_termination() -> None:
@@ -209,6 +232,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         try:
             if not context.add_callback(on_termination):
                 return  # already terminated
+            self._stopping_now()
             if not request.cursor:
                 yield convert.change(changes.bookmark(position))
             interval = self.ctx.settings.watch_poll_ms / 1000
@@ -222,6 +246,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                     yield convert.change(change)
                 if not more:
                     done.wait(interval)
+                self._stopping_now()
         finally:
             release_slot()
 

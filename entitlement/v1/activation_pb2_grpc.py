@@ -277,7 +277,8 @@ class ActivationServiceServicer:
         may hold several at once (OpenCFA and premium), so `active = false` in a change ends that
         activation's access, not necessarily the account's; the account's Premium is on while any of
         its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
-        default) and runs until the client cancels or the server stops.
+        default) and runs until the client cancels or the server stops; a graceful stop (SIGTERM) ends it
+        as the stop begins, UNAVAILABLE with reason `SERVER_STOPPING`: call again with the last cursor.
 
         Resuming: every change carries `cursor`, the position just after it. Calling again with the
         cursor of the last change received sends exactly the changes that followed it: none lost,
@@ -293,7 +294,7 @@ class ActivationServiceServicer:
         goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
-        UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
+        UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -187,7 +187,8 @@ class ActivationServiceStub:
     may hold several at once (OpenCFA and premium), so `active = false` in a change ends that
     activation's access, not necessarily the account's; the account's Premium is on while any of
     its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
-    default) and runs until the client cancels or the server stops.
+    default) and runs until the client cancels or the server stops; a graceful stop (SIGTERM) ends it
+    as the stop begins, UNAVAILABLE with reason `SERVER_STOPPING`: call again with the last cursor.
 
     Resuming: every change carries `cursor`, the position just after it. Calling again with the
     cursor of the last change received sends exactly the changes that followed it: none lost,
@@ -203,7 +204,7 @@ class ActivationServiceStub:
     goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
-    UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
+    UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
     """
 
 @_typing.type_check_only
@@ -350,7 +351,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     may hold several at once (OpenCFA and premium), so `active = false` in a change ends that
     activation's access, not necessarily the account's; the account's Premium is on while any of
     its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
-    default) and runs until the client cancels or the server stops.
+    default) and runs until the client cancels or the server stops; a graceful stop (SIGTERM) ends it
+    as the stop begins, UNAVAILABLE with reason `SERVER_STOPPING`: call again with the last cursor.
 
     Resuming: every change carries `cursor`, the position just after it. Calling again with the
     cursor of the last change received sends exactly the changes that followed it: none lost,
@@ -366,7 +368,7 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
-    UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
+    UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
     """
 
 class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -576,7 +578,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         may hold several at once (OpenCFA and premium), so `active = false` in a change ends that
         activation's access, not necessarily the account's; the account's Premium is on while any of
         its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
-        default) and runs until the client cancels or the server stops.
+        default) and runs until the client cancels or the server stops; a graceful stop (SIGTERM) ends it
+        as the stop begins, UNAVAILABLE with reason `SERVER_STOPPING`: call again with the last cursor.
 
         Resuming: every change carries `cursor`, the position just after it. Calling again with the
         cursor of the last change received sends exactly the changes that followed it: none lost,
@@ -592,7 +595,7 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
-        UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
+        UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
         """
 
 def add_ActivationServiceServicer_to_server(servicer: ActivationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
