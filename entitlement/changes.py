@@ -13,6 +13,16 @@ row is locked until each writer commits). An empty cursor means "from now"; the 
 with a bookmark (a change without status) carrying the cursor of that position, so a client can
 resume even if nothing happened before it disconnected.
 
+A cursor also carries the first 8 bytes of the leaf hash of the event at its position (the Merkle
+log's, entitlement/logtree.py: over the event's time, type, subject, payload...), checked when it
+comes back. A sequence number alone was taken from any log long enough (found by a review): a
+platform's cursor given to another deployment, or to this service after its database was restored
+from a backup and logged other events at those numbers, was accepted and streamed from, the changes
+between the two histories' positions never sent (a revocation among them: Premium kept). Now such
+a cursor is INVALID_ARGUMENT and the platform resynchronises (VerifyEntitlement, then "from now").
+Cursors of the log's start (position 0) have no event to carry, and those issued before the hash
+was added (a bare number) are still taken as they are.
+
 Each change carries the entitlement status as that change left it: the state after it (for
 `curtailed`, `active`, `suspended` or `expired`), the end date, the program and tier. The end date
 is the one in force after the change (a later curtailment's `previous_end_date`), so a change read
@@ -25,11 +35,13 @@ import base64
 import binascii
 import datetime as dt
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from entitlement import logtree
 from entitlement.activation import EntitlementStatus
 from entitlement.app import Context
 from entitlement.callers import Caller
@@ -50,6 +62,7 @@ CHANGE_TYPES = {
 STATE_AFTER = {"activation.suspended": "suspended", "activation.resumed": "active",
                "activation.revoked": "revoked", "activation.expired": "expired"}
 _CURSOR_TAG = "entitlement.v1.changes:"
+_BOUND_BYTES = 8  # of the leaf hash a cursor carries
 BATCH = 200
 
 
@@ -62,38 +75,57 @@ class Change:
     status: EntitlementStatus | None  # None for a bookmark
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_TAG}{seq}".encode()).rstrip(b"=").decode()
+def encode_cursor(seq: int, leaf_hash: bytes = b"") -> str:
+    """The cursor of position `seq`, with the leaf hash of event `seq` (none for position 0)."""
+    text = f"{_CURSOR_TAG}{seq}" + (f".{leaf_hash[:_BOUND_BYTES].hex()}" if leaf_hash else "")
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
 
 
-def decode_cursor(cursor: str) -> int:
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """(sequence number, the hex of its event's leaf hash carried, "" when none)."""
     bad = InvalidArgument.single("cursor", "is not a cursor returned by WatchEntitlementChanges")
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
-    digits = text[len(_CURSOR_TAG):]
+    digits, dot, bound = text[len(_CURSOR_TAG):].partition(".")
     # 1 to 19 ASCII digits (a sequence number): str.isdigit() takes '²', which int() then refuses,
-    # and int() refuses more than 4,300 digits.
+    # and int() refuses more than 4,300 digits. Then, if any, the hash's 16 lowercase hex digits.
     if not text.startswith(_CURSOR_TAG) or not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
         raise bad
-    return int(digits)
+    if dot and (len(bound) != 2 * _BOUND_BYTES or bound.strip("0123456789abcdef")):
+        raise bad
+    return int(digits), bound
 
 
-def bookmark(seq: int) -> Change:
-    return Change(seq, encode_cursor(seq), "", None, None)
+def _leaves(s: Session, seqs: Iterable[int]) -> dict[int, bytes]:
+    """seq -> leaf hash of that event (positions past 0)."""
+    wanted = [seq for seq in seqs if seq > 0]
+    if not wanted:
+        return {}
+    found = logtree.fetch(s, [(0, seq - 1) for seq in wanted])
+    return {seq: found[(0, seq - 1)] for seq in wanted}
 
 
-def start_position(ctx: Context, cursor: str) -> int:
-    """The sequence number to stream after: the cursor's, or the log's head for "from now"."""
-    seq = decode_cursor(cursor) if cursor else None
+def start_position(ctx: Context, cursor: str) -> tuple[int, Change | None]:
+    """The sequence number to stream after (the cursor's, or the log's head for "from now"), and
+    for "from now" the bookmark to open with."""
+    seq, bound = decode_cursor(cursor) if cursor else (None, "")
     with ctx.db.read() as s:
         head = int(s.execute(select(LogHead.size).where(LogHead.id == 1)).scalar_one())
-    if seq is None:
-        return head
-    if seq > head:
-        raise InvalidArgument.single("cursor", "is ahead of the event log: it comes from another service")
-    return seq
+        if seq is None:
+            return head, Change(head, encode_cursor(head, _leaves(s, [head]).get(head, b"")), "", None, None)
+        if seq > head:
+            raise _foreign("is ahead of the event log")
+        if bound and (seq == 0 or _leaves(s, [seq])[seq][:_BOUND_BYTES].hex() != bound):
+            raise _foreign("is not a position of this service's event log")
+    return seq, None
+
+
+def _foreign(what: str) -> InvalidArgument:
+    return InvalidArgument.single("cursor", f"{what} (another deployment's cursor, or one from before a restore "
+                                            "of its database): check the accounts with VerifyEntitlement, then "
+                                            "watch from now (empty cursor)")
 
 
 def _state_at_redeem(s: Session, subject: str, seq: int) -> str:
@@ -129,7 +161,7 @@ def poll(ctx: Context, caller: Caller, after: int, limit: int = BATCH) -> tuple[
             previous = json.loads(payload_json).get("previous_end_date")
             if previous:
                 curtailments.setdefault(subject, []).append((seq, dt.date.fromisoformat(previous)))
-        out = []
+        found: list[tuple[Event, EntitlementStatus]] = []
         for e in events:
             a = activations.get(e.subject[len(ACTIVATION_PREFIX):])
             redeemed_at = redeemed.get(e.subject)
@@ -150,5 +182,8 @@ def poll(ctx: Context, caller: Caller, after: int, limit: int = BATCH) -> tuple[
             status = EntitlementStatus(account_id=a.account_id, active=state == "active" and end >= today,
                                        activation_id=a.id, program_id=a.program_id, state=state, end_date=end,
                                        tier=program.tier if program else "")
-            out.append(Change(e.seq, encode_cursor(e.seq), CHANGE_TYPES[e.type], utc(e.time), status))
+            found.append((e, status))
+        leaves = _leaves(s, [e.seq for e, _ in found])
+        out = [Change(e.seq, encode_cursor(e.seq, leaves[e.seq]), CHANGE_TYPES[e.type], utc(e.time), status)
+               for e, status in found]
         return out, events[-1].seq, len(events) == limit

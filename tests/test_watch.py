@@ -142,10 +142,15 @@ def _tagged(text: str) -> str:
     return base64.urlsafe_b64encode(f"entitlement.v1.changes:{text}".encode()).rstrip(b"=").decode()
 
 
+def _text(cursor: str) -> str:
+    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+
+
 @pytest.mark.parametrize("cursor", ["not-a-cursor", "", changes.encode_cursor(10**12), _tagged("\u00b2"),
-                                    _tagged("\u0663"), _tagged("9" * 5000), _tagged("-1")],
+                                    _tagged("\u0663"), _tagged("9" * 5000), _tagged("-1"),
+                                    _tagged("1.ZZZZZZZZZZZZZZZZ"), _tagged("0.0123456789abcdef")],
                          ids=["garbage", "other-tag", "ahead-of-the-log", "superscript-digit",
-                              "arabic-indic-digit", "5000-digits", "negative"])
+                              "arabic-indic-digit", "5000-digits", "negative", "hash-not-hex", "hash-of-no-event"])
 def test_bad_cursors_are_invalid_argument(api: Api, cursor: str) -> None:
     if cursor == "":
         cursor = "b3RoZXI6MTI"  # base64 of another service's text
@@ -409,3 +414,38 @@ def test_a_graceful_stop_ends_change_streams_at_once_unavailable(
         assert f.code == grpc.StatusCode.UNAVAILABLE and f.reason == "SERVER_STOPPING", info.value
         assert "cursor" in info.value.details()
         assert mark.cursor  # (what the platform resumes from, had no change come)
+
+
+def test_a_cursor_of_another_log_is_refused_not_streamed_from(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A cursor was a bare sequence number, accepted wherever the log was that long (found by a
+    review): a platform's cursor from another deployment, or from before its database was restored
+    from a backup (the numbers since then reused by other events), was streamed from, and the changes
+    between the two histories' positions were never sent. Here two servers log the same story:
+    the first one's cursor is refused by the second (INVALID_ARGUMENT naming `cursor`), as is one of
+    the second's own cursors with its number changed; the second's cursors work there, and so does
+    a bare number (the cursors issued before they carried a hash)."""
+    with own_server(backend[0], tmp_path / "a", request) as first, \
+            own_server(backend[0], tmp_path / "b", request) as second:
+        cursors = {}
+        for name, h in (("first", first), ("second", second)):
+            api = Api(h)
+            call = watch(api)
+            stream = iter(call)
+            next(stream)
+            activate_and_redeem(api, person=next_ledger_person(), account="learner-two-logs")
+            cursors[name] = next(stream).cursor
+            call.cancel()
+        position = {name: _text(c).partition(":")[2].partition(".") for name, c in cursors.items()}
+        assert position["first"][0] == position["second"][0]  # the same sequence number
+        api = Api(second)
+        assert drain(watch(api, cursors["second"], timeout=1.5)) == []  # its own: nothing after it yet
+        seq, _, bound = position["second"]
+        assert drain(watch(api, _tagged(seq), timeout=1.5)) == []  # a bare number, as issued before: taken
+        tampered = _tagged(f"{int(seq) - 1}.{bound}")
+        for cursor in (cursors["first"], tampered):
+            with pytest.raises(grpc.RpcError) as info:
+                next(iter(watch(api, cursor, timeout=5)))
+            f = failure(info.value)
+            assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in f.fields, info.value
+            assert "VerifyEntitlement" in f.message

@@ -212,7 +212,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         caller = current_caller()
         still_allowed = caller_check()
-        position = changes.start_position(self.ctx, request.cursor)
+        position, opening = changes.start_position(self.ctx, request.cursor)
         self._take_watch_slot(caller.id)
         done = threading.Event()  # set when the call ends, or the server stops (stop_streams)
         released = threading.Lock()
@@ -233,8 +233,8 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
             if not context.add_callback(on_termination):
                 return  # already terminated
             self._stopping_now()
-            if not request.cursor:
-                yield convert.change(changes.bookmark(position))
+            if opening is not None:  # "from now": a bookmark first
+                yield convert.change(opening)
             interval = self.ctx.settings.watch_poll_ms / 1000
             while not done.is_set():
                 # Its credentials again before each read (cached for the caller cache's time): a

@@ -203,6 +203,10 @@ class ActivationServiceStub:
     `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
     goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
 
+    A cursor is bound to the event log that issued it: one of another deployment, or from before a
+    restore of the database from a backup, is refused (INVALID_ARGUMENT), never streamed from; the
+    platform then checks its accounts with VerifyEntitlement and watches from now (empty cursor).
+
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
     UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
     """
@@ -366,6 +370,10 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
     `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
     goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
+
+    A cursor is bound to the event log that issued it: one of another deployment, or from before a
+    restore of the database from a backup, is refused (INVALID_ARGUMENT), never streamed from; the
+    platform then checks its accounts with VerifyEntitlement and watches from now (empty cursor).
 
     Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
     UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
@@ -593,6 +601,10 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
         `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
         goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
+
+        A cursor is bound to the event log that issued it: one of another deployment, or from before a
+        restore of the database from a backup, is refused (INVALID_ARGUMENT), never streamed from; the
+        platform then checks its accounts with VerifyEntitlement and watches from now (empty cursor).
 
         Errors: INVALID_ARGUMENT (a cursor this service did not issue), RESOURCE_EXHAUSTED,
         UNAVAILABLE (`SERVER_STOPPING`), UNAUTHENTICATED, PERMISSION_DENIED (not a platform caller).
