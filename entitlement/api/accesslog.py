@@ -37,9 +37,12 @@ def _request_id(metadata: tuple[Any, ...] | None) -> str:
     return os.urandom(8).hex()
 
 
-# SQLite raises OperationalError both for a busy or unreachable file (worth retrying) and for schema
-# errors such as a missing table (not worth retrying): only the former are outages.
-_SQLITE_OUTAGE = ("database is locked", "database is busy", "unable to open", "disk i/o", "readonly database")
+# SQLite raises OperationalError both for a busy, unreachable or full file (worth retrying) and for
+# schema errors such as a missing table (not worth retrying): only the former are outages. A full
+# disk ("database or disk is full", SQLITE_FULL: a COMMIT that cannot grow the log) is the operator's
+# to fix, as an unreachable file is; nothing of the failed write was committed.
+_SQLITE_OUTAGE = ("database is locked", "database is busy", "unable to open", "disk i/o", "readonly database",
+                  "disk is full")
 
 
 def _is_outage(exc: BaseException) -> bool:

@@ -1,0 +1,121 @@
+"""Writes that fail for the state of the database, not for a wait: a full disk (SQLite), a
+connection the server ended (PostgreSQL). Such a failure is an outage: answered UNAVAILABLE
+(reason DATABASE_UNAVAILABLE, retry with the same request_id), whatever the call's deadline, and
+the retry, once the database is back, makes the activation once. Through the real server, on a real
+full filesystem (a small tmpfs) and a real terminated PostgreSQL session.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import text
+
+from own_server import next_ledger_person, own_server
+from support import Api, Harness, failure, identity
+
+from entitlement.v1 import activation_pb2
+
+PROGRAM = "programs/premium-job-seekers"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of its own (a 32 MiB tmpfs), to fill."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"a full filesystem needs a tmpfs mount, which this user may not make: {made.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _activate(api: Api, person: tuple[str, Any], request_id: str, timeout: float = 30) -> Any:
+    return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        request_id=request_id, job_seeker=identity(*person), program=PROGRAM,
+        platform="platforms/openclassrooms", reason="write failure test"), timeout=timeout)
+
+
+def _made(h: Harness, request_id: str) -> int:
+    with h.ctx.db.read() as s:
+        return int(s.execute(text("SELECT count(*) FROM idempotency_records WHERE request_id = :r"),
+                             {"r": request_id}).scalar_one())
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of the filesystem (as another program would); the file to delete."""
+    filler = disk / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as fh:
+        for size in (len(chunk), 4096, 512, 1):  # to the last byte
+            try:
+                while True:
+                    fh.write(chunk[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def _truncate_log(db_path: Path) -> None:
+    """The operator's `PRAGMA wal_checkpoint(TRUNCATE)`: the write-ahead log copied back and cut to
+    zero bytes, so that the next commit must grow it (frames written over an old log's would find
+    room on a full disk)."""
+    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    try:
+        for _ in range(200):
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                break
+            time.sleep(0.01)  # a reader of the server's on the log, or its own checkpoint thread
+        else:
+            raise AssertionError("the log could not be truncated")
+    finally:
+        conn.close()
+    assert db_path.with_name(db_path.name + "-wal").stat().st_size == 0
+
+
+def _full_disk_activation(h: Harness, disk: Path, timeout: float) -> None:
+    """An activation whose COMMIT meets a full disk: UNAVAILABLE, nothing made; once there is room
+    again, its retry with the same request_id makes it once."""
+    api = Api(h)
+    _activate(api, next_ledger_person(), f"warm-{uuid.uuid4().hex[:8]}")  # the program's counter row made
+    person, request_id = next_ledger_person(), f"full-{uuid.uuid4().hex[:8]}"
+    _truncate_log(disk / "own" / "own.db")
+    filler = _fill(disk)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            _activate(api, person, request_id, timeout)
+    finally:
+        filler.unlink()
+    f = failure(refused.value)
+    assert (f.code, f.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"), f
+    assert _made(h, request_id) == 0
+    done = _activate(api, person, request_id)
+    assert done.activation.state == activation_pb2.ACTIVE
+    assert _activate(api, person, request_id).activation.name == done.activation.name  # replayed
+    assert _made(h, request_id) == 1
+
+
+def test_a_write_that_meets_a_full_disk_is_an_outage(backend: tuple[str, str], small_disk: Path,
+                                                      request: pytest.FixtureRequest) -> None:
+    """SQLite's "database or disk is full" (SQLITE_FULL, a COMMIT that cannot grow the log) was
+    answered INTERNAL, logged as an unhandled exception, and the health monitor not told; in a group
+    of writers the same COMMIT's failure was UNAVAILABLE (GroupAborted)."""
+    if backend[0] != "sqlite":
+        pytest.skip("PostgreSQL: its disk cannot be filled from a test; its disk full (SQLSTATE 53100) is "
+                    "an OperationalError, which the access log takes for an outage already")
+    with own_server("sqlite", small_disk / "own", request) as h:
+        _full_disk_activation(h, small_disk, timeout=30)
