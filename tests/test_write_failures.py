@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -119,3 +121,62 @@ def test_a_write_that_meets_a_full_disk_is_an_outage(backend: tuple[str, str], s
                     "an OperationalError, which the access log takes for an outage already")
     with own_server("sqlite", small_disk / "own", request) as h:
         _full_disk_activation(h, small_disk, timeout=30)
+
+
+def test_a_write_failing_for_no_wait_is_no_deadline_exceeded(backend: tuple[str, str], tmp_path: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    """A call whose deadline is nearer than the database's own bound on lock waits (here 60 s against a
+    deadline of 30 s) has its waits cut to the deadline, and a wait so cut is DEADLINE_EXCEEDED. Every
+    other failure of its transaction was too ("the call's deadline passed before its work was
+    committed; nothing was. Retry with a longer deadline"), its deadline far off: a full disk
+    (SQLite), a connection the server ended, perhaps during the COMMIT (PostgreSQL). They are
+    outages: UNAVAILABLE, as for a call with a longer deadline."""
+    name = backend[0]
+    if name == "sqlite":
+        disk = request.getfixturevalue("small_disk")
+        # (In the pool: a write on the event loop never waits, so its waits are never cut to the deadline.)
+        with own_server("sqlite", disk / "own", request, db_lock_timeout_ms=60_000, loop_writes="off") as h:
+            _full_disk_activation(h, disk, timeout=30)
+        return
+    with own_server("postgres", tmp_path / "own", request, db_lock_timeout_ms=60_000) as h:
+        api = Api(h)
+        _activate(api, next_ledger_person(), f"warm-{uuid.uuid4().hex[:8]}")
+        person, request_id = next_ledger_person(), f"ended-{uuid.uuid4().hex[:8]}"
+        outcome: list[BaseException | None] = []
+
+        def activate() -> None:
+            try:
+                _activate(api, person, request_id, timeout=30)
+                outcome.append(None)
+            except grpc.RpcError as err:
+                outcome.append(err)
+
+        with psycopg.connect(h.url) as holder:
+            # Another writer holds the event log's head: the activation's write waits for it.
+            holder.execute("SELECT size FROM log_head WHERE id = 1 FOR UPDATE")
+            caller = threading.Thread(target=activate)
+            caller.start()
+            try:
+                waiting = None
+                for _ in range(3000):
+                    waiting = holder.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pg_backend_pid() = ANY(pg_blocking_pids(pid))").fetchone()
+                    if waiting is not None:
+                        break
+                    time.sleep(0.01)
+                assert waiting is not None, "the activation never waited for the log head"
+                # An administrator (or a fast shutdown) ends its session.
+                holder.execute("SELECT pg_terminate_backend(%s)", (waiting[0],))
+                caller.join(30)
+                assert not caller.is_alive()
+            finally:
+                holder.rollback()
+        caller.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError), outcome
+        f = failure(outcome[0])
+        assert (f.code, f.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"), f
+        assert _made(h, request_id) == 0
+        done = _activate(api, person, request_id)  # the retry a client makes
+        assert done.activation.state == activation_pb2.ACTIVE
+        assert _made(h, request_id) == 1

@@ -89,7 +89,8 @@ bound for every call by entitlement/api/wrapping.py): a write is not started too
 committed for a caller that gave up; a lock wait never outlives it (SQLite: the busy timeout of the
 write; PostgreSQL: `SET LOCAL lock_timeout / statement_timeout`, a round trip paid only when the
 deadline is nearer than the session's own bound). A wait ended by the deadline is DEADLINE_EXCEEDED;
-a wait ended by the configured bound is an outage (UNAVAILABLE).
+a wait ended by the configured bound is an outage (UNAVAILABLE), as is any other failure (a lost
+connection, a full disk), whatever the deadline (`_deadline_errors`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,18 @@ def _locked(exc: OperationalError) -> bool:
     return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig).lower()
 
 
+# PostgreSQL's errors for a wait its bounds ended: lock_timeout (lock_not_available), statement_timeout
+# (query_canceled).
+_PG_WAIT_ENDED = frozenset({"55P03", "57014"})
+
+
+def _wait_ended(exc: OperationalError) -> bool:
+    """Whether `exc` ended a wait that the call's deadline may have bounded: SQLite's busy file or
+    this process's writers' lock ("database is locked"), PostgreSQL's lock or statement timeout.
+    Not a lost connection, a full disk, an I/O error: those are outages whatever the deadline."""
+    return _locked(exc) or getattr(exc.orig, "sqlstate", None) in _PG_WAIT_ENDED
+
+
 def bind_deadline(seconds_left: float | None) -> None:
     """Bound this thread's next database waits by a deadline `seconds_left` from now (None: none).
     For threads that own their context (the health monitor's ping); calls get theirs at the gRPC
@@ -193,12 +206,15 @@ def wait_bound_ms(limit_ms: int) -> int:
 @contextmanager
 def _deadline_errors() -> Iterator[None]:
     """A lock wait or statement cut short by the call's deadline is DEADLINE_EXCEEDED, not an
-    outage (it is still a sign of a busy database: the error says so, for the health monitor)."""
+    outage (it is still a sign of a busy database: the error says so, for the health monitor).
+    Only a wait's error: a transaction whose waits were cut to the deadline may still fail for
+    something else (a connection the server ended, perhaps during the COMMIT; a full disk), which
+    is the outage it is, not "the deadline passed ... nothing was committed"."""
     _capped_by_deadline.set(False)
     try:
         yield
     except OperationalError as exc:
-        if isinstance(exc, (DatabaseDown, GroupAborted)):
+        if isinstance(exc, (DatabaseDown, GroupAborted)) or not _wait_ended(exc):
             raise
         if deadline.expired() or _capped_by_deadline.get():
             err = deadline.exceeded()
