@@ -60,6 +60,7 @@ class _Sink:
         self.stream = stream
         self.lock = threading.Lock()
         self._fd = _plain_fd(stream)
+        self.dropped = 0  # lines the stream refused (write_line)
         if self._fd is not None:
             stream.flush()  # what the text layer holds goes first
 
@@ -67,7 +68,26 @@ class _Sink:
         self.write_line(line + "\n")
 
     def write_line(self, line: str) -> None:
-        """`line` ends with its newline."""
+        """`line` ends with its newline. A line the stream refuses (its disk full, its reader gone:
+        OSError; the stream closed: ValueError) is dropped and counted, never raised, as the standard
+        library's handlers do (logging.Handler.handleError): a call's line is written after its work,
+        a write's COMMIT included, and raised it made the answer an error (UNKNOWN, with the OSError's
+        text) although the work was done, and every retry's answer too, its replay's line failing
+        alike. (The first drop is told on stderr, if that takes it.)"""
+        try:
+            self._write_line(line)
+        except (OSError, ValueError):
+            with self.lock:
+                self.dropped += 1
+                first = self.dropped == 1
+            if first:
+                try:
+                    sys.stderr.write("entitlement: the log stream refuses lines; they are dropped\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+
+    def _write_line(self, line: str) -> None:
         fd = self._fd
         if fd is None:
             with self.lock:

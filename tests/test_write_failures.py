@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import psycopg
@@ -25,7 +25,8 @@ from sqlalchemy import text
 from own_server import next_ledger_person, own_server
 from support import Api, Harness, failure, identity
 
-from entitlement.v1 import activation_pb2
+from entitlement import logs
+from entitlement.v1 import activation_pb2, eligibility_pb2
 
 PROGRAM = "programs/premium-job-seekers"
 
@@ -180,3 +181,30 @@ def test_a_write_failing_for_no_wait_is_no_deadline_exceeded(backend: tuple[str,
         done = _activate(api, person, request_id)  # the retry a client makes
         assert done.activation.state == activation_pb2.ACTIVE
         assert _made(h, request_id) == 1
+
+
+def test_a_log_that_refuses_lines_changes_no_answer(backend: tuple[str, str], tmp_path: Path, small_disk: Path,
+                                                    request: pytest.FixtureRequest,
+                                                    server_log: tuple[Path, TextIO]) -> None:
+    """The server's log on a full disk (or its reader gone): the access log's line, written after the
+    call's work, raised its OSError, and the call answered UNKNOWN ("Unexpected <class 'OSError'>:
+    [Errno 28] No space left on device") with its activation committed; the client's retry with the
+    same request_id replayed it and failed the same way, so the client never learnt it. A line
+    the log refuses is dropped: the answers are the work's."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        api = Api(h)
+        _activate(api, next_ledger_person(), f"warm-{uuid.uuid4().hex[:8]}")
+        person, request_id = next_ledger_person(), f"logfull-{uuid.uuid4().hex[:8]}"
+        with (small_disk / "server.log").open("w") as stream:
+            filler = _fill(small_disk)
+            logs.configure("info", stream=stream)
+            try:
+                made = _activate(api, person, request_id)
+                assert _activate(api, person, request_id).activation.name == made.activation.name  # replayed
+                check = api.advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+                    job_seeker=identity(*next_ledger_person()), program=PROGRAM))
+                assert check.decisions[0].eligible
+            finally:
+                logs.configure("info", stream=server_log[1])  # the session's log again
+                filler.unlink()
+        assert made.activation.state == activation_pb2.ACTIVE and _made(h, request_id) == 1
