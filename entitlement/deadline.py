@@ -11,8 +11,9 @@ none bound, unchanged. With a deadline bound, the database:
   or call cancelled): no work is committed for a caller that gave up, except between this last
   check and the commit: an instant, or on SQLite, for a write that shared its commit with the
   writers queued behind it (group commit, storage/db.py), the time their blocks take (other
-  calls' short writes: work outside a call never joins). That race cannot be closed from the
-  server: a client that gave up retries with the same request_id (AIP-155) and gets the one answer.
+  calls' short writes: work outside a call, or marked long, never joins). That race cannot be
+  closed from the server: a client that gave up retries with the same request_id (AIP-155) and
+  gets the one answer.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from entitlement import deadline, eventlog
 from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
-from entitlement.storage.db import Database, advisory_key, hold_until_commit
+from entitlement.storage.db import Database, advisory_key, hold_until_commit, long_work
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import Activation, RegistryPerson, RegistrySnapshot
@@ -361,7 +361,9 @@ def import_extract(db: Database, pseudo: Pseudonymizer, clock: Clock, path: Path
     if current is not None and current.sha256 == digest and extracted_on == current.extracted_on:
         return ImportSummary(current.id, digest, current.rows_read, current.rows_imported,
                              current.rows_rejected, unchanged=True)
-    with _import_lock(db):
+    # Long writes (batches of BATCH rows, the prune): within a call (a pushed import) as well, they
+    # never join a group of the calls' short writes (storage.db.long_work).
+    with _import_lock(db), long_work():
         return _import_locked(db, pseudo, clock, path, extracted_on=extracted_on, actor=actor,
                               rejects_path=rejects_path, progress=progress, on_progress=on_progress,
                               min_ratio=min_ratio, keep_snapshots=keep_snapshots, source_name=source_name,

@@ -26,14 +26,16 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from support import Api, Harness, next_person
+from own_server import default_people, own_server, write_registry
+from support import TODAY, Api, Harness, date_msg, next_person
 from test_writer_queue import Holder as WriteHolder
 
 from entitlement import deadline
 from entitlement.errors import Cancelled, DeadlineExceeded
 from entitlement.storage.db import Database, GroupAborted
 from entitlement.storage.migrate import upgrade
-from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead
+from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead, RegistrySnapshot
+from entitlement.v1 import registry_pb2
 
 
 @pytest.fixture
@@ -487,3 +489,48 @@ def test_a_writer_that_cannot_begin_releases_the_lock(fresh_url: str, tmp_path: 
     finally:
         other.close()
         db.dispose()
+
+
+def test_a_registry_import_pushed_by_a_call_never_joins_a_group(backend: tuple[str, str], tmp_path: Any,
+                                                                request: pytest.FixtureRequest) -> None:
+    """An import pushed over gRPC (ImportExtract) writes within a call, but its writes are long
+    (batches of 20,000 rows, the prune of old snapshots' rows): as work outside a call, they commit
+    the open group for its members first and write in transactions of their own. (They joined it:
+    the members whose blocks were done waited for an import's batch, or its prune, before their
+    COMMIT and their answers.)"""
+    if backend[0] != "sqlite":
+        pytest.skip("PostgreSQL: writers are not grouped")
+    with own_server("sqlite", tmp_path / "own", request) as h:
+        db = h.ctx.db
+        data = write_registry(tmp_path / "push.csv", default_people()).read_bytes()
+
+        def messages() -> Iterator[registry_pb2.ImportExtractRequest]:
+            yield registry_pb2.ImportExtractRequest(header=registry_pb2.ExtractHeader(
+                extracted_on=date_msg(TODAY), source_name="pushed.csv"))
+            yield registry_pb2.ImportExtractRequest(chunk=data)
+
+        pushed: list[Any] = []
+
+        def push() -> None:
+            try:
+                pushed.append(Api(h).as_("agency-feed").ImportExtract(messages(), timeout=60))
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                pushed.append(exc)
+
+        with counted(db) as counts:
+            holder = _EmptyHolder(db)  # a group open, its member done (it is handed on when released)
+            thread = threading.Thread(target=push, daemon=True)
+            thread.start()
+            _queued(db, 1)  # the import's first write waits for the lock
+            with _one_group(db):
+                holder.release.set()
+            holder.finish()
+            thread.join(60)
+        assert holder.error is None
+        assert len(pushed) == 1 and isinstance(pushed[0], registry_pb2.ImportExtractResponse), pushed
+        assert pushed[0].rows_imported == len(default_people())
+        with db.read() as s:
+            assert s.execute(select(RegistrySnapshot.status).where(
+                RegistrySnapshot.id == int(pushed[0].snapshot.removeprefix("registrySnapshots/")))).scalar_one() \
+                == "complete"
+        assert counts["savepoint"] == 0, counts  # no write of the import ran in a group's savepoint

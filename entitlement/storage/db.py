@@ -35,9 +35,9 @@ deadline ended it.
 Group commit (SQLite): a call's writer that finishes its block while two or more others are queued
 on that lock does not commit; it hands the open transaction to the next one and waits, and the
 writer that finds fewer queued behind it commits for all (`_Group`; work outside a call never
-joins a group). Each later member's block runs in a savepoint of its own, so a block that fails
-(an error, a refused request, a caller gone) rolls back its own work only, and `write()` still
-returns only once the block's changes are durable.
+joins a group, nor does long work within a call: `long_work`). Each later member's block runs in a
+savepoint of its own, so a block that fails (an error, a refused request, a caller gone) rolls back
+its own work only, and `write()` still returns only once the block's changes are durable.
 A COMMIT costs the fsync of `synchronous=FULL` and the WAL frames of every page the transaction
 changed, and consecutive activations change many of the same pages; a lone writer commits at once,
 as before. What it trades: an early member of a group waits for the later members' blocks too.
@@ -159,6 +159,24 @@ def loop_write() -> Iterator[None]:
         yield
     finally:
         _loop_call.reset(token)
+
+
+# Set by `long_work`: this context's writes never join a group of calls' writes.
+_long_work: ContextVar[bool] = ContextVar("entitlement_long_work", default=False)
+
+
+@contextmanager
+def long_work() -> Iterator[None]:
+    """The writes of a long piece of work done within a call (a registry import pushed over gRPC:
+    its batches of 20,000 rows, the prune of old snapshots' rows), as those of work outside a call:
+    on SQLite they never join a group (`_Group`), whose members, their blocks done, would wait for
+    them before their COMMIT and their answers; each commits the open group for its members first
+    and writes in a transaction of its own."""
+    token = _long_work.set(True)
+    try:
+        yield
+    finally:
+        _long_work.reset(token)
 
 
 def _deferrable() -> _LoopCall | None:
@@ -488,10 +506,11 @@ class Database:
                 raise LoopWriteDeferred()
             try:
                 group = queue.group
-                if group is not None and not deadline.in_call():
-                    # Work outside a call (an import's batch, a job, a command) may be long: it
-                    # ends the open group for its members (commits it) and writes on its own, so
-                    # that no call's answer waits for it.
+                if group is not None and (_long_work.get() or not deadline.in_call()):
+                    # Work outside a call (an import's batch, a job, a command) may be long, as may
+                    # work within one marked so (`long_work`: a pushed import): it ends the open
+                    # group for its members (commits it) and writes on its own, so that no call's
+                    # answer waits for it.
                     queue.end_open(group)
                     group = None
                 opener = group is None
@@ -685,7 +704,8 @@ class _Group:
     on, the one that finds fewer commits it (or, if the writers it was handed to gave up their wait,
     one of the members waiting for the commit does). A lone writer, or one of two that met by
     chance, commits at once, as before. Work outside a call (an import's batch, a job, a command)
-    never joins: it commits the open group for its members first. The group is bounded by
+    never joins, nor does long work within one (`long_work`: an import pushed over gRPC): it
+    commits the open group for its members first. The group is bounded by
     MAX_GROUP blocks and, in practice, by the threads that write (4 offloaded calls at once in the
     event-loop server)."""
 
