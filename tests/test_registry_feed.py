@@ -8,6 +8,7 @@ import tempfile
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -319,3 +320,74 @@ def test_empty_lines_are_no_rows_and_no_rejects(api: Api, tmp_path: Path) -> Non
     blanks = _extract(tmp_path, "   \n")
     resp = api.as_("agency-feed").ImportExtract(_stream(blanks))
     assert resp.rows_rejected == 1 and resp.rejected_rows[0].reason.startswith("expected 9 fields"), resp
+
+
+def test_a_large_push_merges_in_slices_that_let_other_writers_in(api: Api, harness: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its first DIRECT_ROWS rows an extract is staged, then merged into registry_people in key
+    order. On SQLite one INSERT ... SELECT held the write lock for the whole merge (about 4 s a
+    million rows): every activation and redemption of the server waited, or failed UNAVAILABLE past
+    its lock timeout. It is merged MERGE_ROWS at a time, each slice a transaction of its own: a
+    writer polling the file meanwhile gets the lock between slices and sees the snapshot part-merged
+    (it never did). On both backends, with small sizes: duplicates of a row stored directly and of a
+    row staged (across slices) are each rejected with their line, and the first line's values kept."""
+    monkeypatch.setattr(registry, "BATCH", 500)
+    monkeypatch.setattr(registry._BulkWriter, "DIRECT_ROWS", 500)
+    monkeypatch.setattr(registry._BulkWriter, "MERGE_ROWS", 400)
+    monkeypatch.setattr(registry._BulkWriter, "MERGE_PAUSE_S", 0.05)
+    base = _extract(tmp_path).decode()
+    header, *rows = base.splitlines()
+    first_direct = rows[0].split(",")[0]
+    extra = ["SLICEDUP1,,Feed,Test,1991-01-01,75011,2025-01-06,,1",   # staged: its first line
+             *[f"SLICEX{i:04d},,Feed,Test,1991-01-01,75011,2025-01-06,,1" for i in range(900)],
+             "SLICEDUP1,,Feed,Test,1991-01-01,93100,2025-01-06,,1",   # a staged row's duplicate, slices later
+             rows[0].replace(rows[0].split(",")[5], "13001", 1)]      # a direct row's duplicate
+    data = "\n".join([header, *rows, *extra]) + "\n"
+    dup_lines = {len(rows) + 1 + 1 + 900 + 1, len(rows) + 1 + 1 + 900 + 2}  # (header = line 1)
+
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def poll_the_lock() -> None:
+        import sqlite3
+        conn = sqlite3.connect(harness.url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            while not stop.is_set():
+                try:
+                    conn.execute("BEGIN IMMEDIATE")  # another writer of the file, as the server's are
+                except sqlite3.OperationalError:
+                    stop.wait(0.002)  # locked: the import holds it
+                    continue
+                seen.add(conn.execute(
+                    "SELECT count(*) FROM registry_people WHERE snapshot_id = "
+                    "(SELECT max(id) FROM registry_snapshots WHERE status = 'importing')").fetchone()[0])
+                conn.execute("ROLLBACK")
+                stop.wait(0.002)
+        finally:
+            conn.close()
+
+    poller = threading.Thread(target=poll_the_lock, daemon=True) if harness.backend == "sqlite" else None
+    if poller:
+        poller.start()
+    try:
+        resp = api.as_("agency-feed").ImportExtract(_stream(data.encode(), chunk=8 * 1024))
+    finally:
+        stop.set()
+        if poller:
+            poller.join(10)
+    assert {r.line for r in resp.rejected_rows} == dup_lines
+    assert all("duplicate" in r.reason for r in resp.rejected_rows)
+    assert resp.rows_imported == len(rows) + 901 and resp.rows_read == resp.rows_imported + 2
+    snapshot_id = int(resp.snapshot.rsplit("/", 1)[1])
+    with harness.ctx.db.read() as s:
+        postal = {ident: s.execute(select(RegistryPerson.postal_code).where(
+            RegistryPerson.snapshot_id == snapshot_id,
+            RegistryPerson.person_key == harness.ctx.pseudo.person_key(ident))).scalar_one()
+            for ident in ("SLICEDUP1", first_direct)}
+        stored = s.execute(select(func.count()).select_from(RegistryPerson).where(
+            RegistryPerson.snapshot_id == snapshot_id)).scalar_one()
+    assert postal["SLICEDUP1"] == "75011" and postal[first_direct] != "13001"
+    assert stored == resp.rows_imported
+    if poller:
+        part_merged = sorted(n for n in seen if 500 < n < resp.rows_imported)
+        assert part_merged, f"no writer got the lock during the merge (row counts seen: {sorted(seen)})"

@@ -304,6 +304,9 @@ class Database:
         pg_lock_timeout_ms = lock_timeout_ms
         if lock_timeout_ms is None:
             lock_timeout_ms = CLI_SQLITE_LOCK_TIMEOUT_MS
+        # SQLite: the busy timeout of this Database's writes (for a connection it does not configure
+        # itself in a transaction's begin, the registry import's staging one); 0: unbounded.
+        self.sqlite_busy_ms = lock_timeout_ms or SQLITE_FOREVER_MS
         self.url = normalize_url(url)
         try:
             parsed = make_url(self.url)
