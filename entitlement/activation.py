@@ -480,7 +480,6 @@ def reissue_token(ctx: Context, caller: Caller, cmd: TransitionCommand) -> Activ
 
 
 def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: str) -> ActivationResult:
-    now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         inflight.lock(s, caller.id, cmd.request_id)
         replay = _replay(s, caller, cmd.request_id, "reissue", digest)
@@ -489,6 +488,10 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
             assert a is not None
             return ActivationResult(_replayed(ctx, a, replay), replay["token"])
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        # The moment, once the row is held (as a transition's): a reissue that waited for it past
+        # midnight of the end date judged the activation by the day before and signed a token for
+        # an activation whose access had ended (tests/test_reissue.py).
+        now, today = ctx.clock.now(), ctx.clock.today()
         current = effective_state(a, today)
         if current not in LIVE:
             raise FailedPrecondition(

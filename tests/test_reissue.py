@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import jwt
+import pytest
 from sqlalchemy import func, select
 
-from support import Api, Harness, expect_error, next_person
+from own_server import next_ledger_person, on_day, own_server
+from support import Api, Harness, expect_error, identity, next_person, wait_until
+from test_ledger import lock_waiters
 
-from entitlement.storage.models import Event, LedgerEntry
+from entitlement.storage.models import Activation, Event, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
 
 Transition = activation_pb2.TransitionActivationRequest
@@ -144,3 +150,47 @@ def test_an_activation_replayed_after_a_reissue_answers_a_token_that_redeems(api
     assert replayed.activation.name == made.activation.name
     assert claims(replayed.activation_token)["jti"] == claims(again.activation_token)["jti"]
     assert redeem(api, replayed.activation_token, "acct-" + uuid.uuid4().hex[:8]).activation == made.activation.name
+
+
+def test_a_reissue_that_waited_for_the_row_past_midnight_of_the_end_date_is_refused(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A reissue sent a moment before midnight of the end date, that waited for the activation's row
+    (held by the settlement job, or any other writer), judged the activation by the day it arrived:
+    past midnight it signed a token for an activation already expired (answered with state EXPIRED,
+    and `activation.token_reissued` logged after the end of access), where the proto promises
+    INVALID_STATE. A reissue is judged by the day once it holds the row, as the transitions are."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        made = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="reissue test"))
+        name, end = made.activation.name, made.activation.end_date
+        activation_id = name.split("/")[1]
+        with on_day(server, dt.date(end.year, end.month, end.day)), ThreadPoolExecutor(2) as pool:
+            holding, done = threading.Event(), threading.Event()
+
+            def hold_the_row() -> None:
+                with server.ctx.db.write() as s:
+                    s.execute(select(Activation.id).where(Activation.id == activation_id).with_for_update())
+                    holding.set()
+                    done.wait(20)
+
+            holder = pool.submit(hold_the_row)
+            assert holding.wait(10)
+            try:
+                answer = pool.submit(expect_error, api.advisor.ReissueActivationToken,
+                                     Transition(name=name, reason="lost the link"), grpc.StatusCode.FAILED_PRECONDITION)
+                wait_until(lambda: lock_waiters(server) == 1, "the reissue waiting for the activation's row")
+                server.clock.advance(dt.timedelta(days=1))  # midnight has passed: access has ended
+            finally:
+                done.set()
+                holder.result()
+            f = answer.result()
+            server.clock.advance(-dt.timedelta(days=1))
+        assert f.reason == "INVALID_STATE" and f.metadata["current_state"] == "EXPIRED"
+        with server.ctx.db.read() as s:
+            types = list(s.execute(select(Event.type).where(Event.subject == name)).scalars())
+        assert types == ["activation.created"]
