@@ -588,13 +588,15 @@ _REDEEMED_ROW = select(Activation.id, Activation.token_jti, Activation.platform_
 
 
 def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, account_id: str) -> EntitlementStatus:
-    now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         st = direct.of(s)
         # PostgreSQL: in pipeline mode from the start, so that the BEGIN travels with the read of the
         # row (direct.py) and the binding with the log_head UPDATE; nothing here goes through the ORM.
         st.pipeline()
         a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
+        # The moment, once the row is held (as a transition's): a redemption that waited for it past
+        # midnight of the end date bound an activation whose access had ended (tests/test_activation.py).
+        now, today = ctx.clock.now(), ctx.clock.today()
         if a is None or not _of_token(a, claims):
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding

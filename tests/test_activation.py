@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,11 +23,15 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import select
 
-from support import TODAY, Api, Failure, Harness, expect_error, failure, identity, next_person
+from own_server import next_ledger_person, on_day, own_server
+from support import TODAY, Api, Failure, Harness, expect_error, failure, identity, next_person, wait_until
+from test_ledger import lock_waiters
 
 from entitlement import credentials
 from entitlement.callers import make_caller
+from entitlement.storage.models import Activation, Event
 from entitlement.v1 import activation_pb2, audit_pb2
 
 PROGRAM = "programs/premium-job-seekers"
@@ -619,6 +624,54 @@ def test_a_redemption_replayed_after_the_token_expired_still_names_its_binding(a
         assert f.reason == "TOKEN_EXPIRED"
     assert get(api, unredeemed.activation.name).account_id == ""
     assert get(api, resp.activation.name).account_id == account  # nothing changed
+
+
+def test_a_redemption_that_waited_for_the_row_past_midnight_of_the_end_date_is_refused(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A redemption sent a moment before midnight of the end date (the token, valid until then,
+    verified), that waited for the activation's row held by another writer (the settlement job at
+    midnight), judged the activation by the day it arrived: past midnight it bound an activation
+    whose access had ended, answered OK with `active = false`, and logged `activation.redeemed`
+    after the end of access, where the proto promises `ENTITLEMENT_NOT_ACTIVE`. A redemption is
+    judged by the day once it holds the row."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        made = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=PROGRAM, platform="platforms/openclassrooms",
+            reason="redeem test"))
+        name, end = made.activation.name, made.activation.end_date
+        activation_id = name.split("/")[1]
+        with on_day(server, dt.date(end.year, end.month, end.day)), ThreadPoolExecutor(2) as pool:
+            # A token valid until the end of access (the first one lived 30 days).
+            token = api.advisor.ReissueActivationToken(activation_pb2.TransitionActivationRequest(
+                name=name, reason="lost the link")).activation_token
+            holding, done = threading.Event(), threading.Event()
+
+            def hold_the_row() -> None:
+                with server.ctx.db.write() as s:
+                    s.execute(select(Activation.id).where(Activation.id == activation_id).with_for_update())
+                    holding.set()
+                    done.wait(20)
+
+            holder = pool.submit(hold_the_row)
+            assert holding.wait(10)
+            try:
+                answer = pool.submit(refuse_redeem, api, token, "acct-" + rid(), grpc.StatusCode.FAILED_PRECONDITION)
+                wait_until(lambda: lock_waiters(server) == 1, "the redemption waiting for the activation's row")
+                server.clock.advance(dt.timedelta(days=1))  # midnight has passed: access has ended
+            finally:
+                done.set()
+                holder.result()
+            f = answer.result()
+            server.clock.advance(-dt.timedelta(days=1))
+        assert f.reason == "ENTITLEMENT_NOT_ACTIVE" and f.metadata["current_state"] == "EXPIRED"
+        with server.ctx.db.read() as s:
+            assert s.get(Activation, activation_id).account_id is None
+            types = list(s.execute(select(Event.type).where(Event.subject == name)).scalars())
+        assert "activation.redeemed" not in types
 
 
 # ------------------------------------------------------------------------------------------ verify
