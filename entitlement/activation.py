@@ -254,7 +254,6 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
 
 def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: Any, person_key: bytes,
                    digest: str, live: person_facts.LiveAnswer) -> ActivationResult:
-    now, today = ctx.clock.now(), ctx.clock.today()
     with ctx.db.write() as s:
         st = direct.of(s)
         # PostgreSQL: the first reads (the request's lock, its stored response, the person's facts,
@@ -271,6 +270,12 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             a = s.get(Activation, replay["activation_id"])
             assert a is not None
             return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
+        # The person's live rows in this program, locked (one statement for both checks below), then
+        # the moment, once they are held: a renewal that waited for the previous activation's row
+        # while the settlement job, past midnight, expired it, started on that activation's last day
+        # (both activations then owed a month of access for that day: tests/test_ledger.py).
+        live_rows = st.all(*live_read)
+        now, today = ctx.clock.now(), ctx.clock.today()
         facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
@@ -283,8 +288,6 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
-        # The person's live rows in this program, locked (one statement for both checks below).
-        live_rows = st.all(*live_read)
         existing = next((r.id for r in live_rows if r.end_date >= today), None)
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the

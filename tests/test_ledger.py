@@ -823,6 +823,42 @@ def test_activating_again_after_an_end_date_the_job_has_not_yet_settled(backend:
             assert_report_matches_ledger(server, api)
 
 
+def test_a_renewal_that_waited_for_the_expiry_at_midnight_starts_on_the_new_day(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A renewal sent a moment before midnight of the old activation's end date waits for the old
+    row, which the settlement job, already on the next day, holds to expire it. The renewal took
+    its day when it arrived: once the old row was expired it started on that last day, so that day
+    was in the old activation's last month of access and in the new one's first, and the funders
+    paid both months for it (found by a review). An activation takes its day once it holds the
+    person's rows in the program: it starts the day after the old one ended."""
+    if backend[0] != "postgres":
+        pytest.skip("orders the writers by PostgreSQL's row locks (SQLite's writers take one lock, in no set order)")
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        request_for = activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}",
+            platform="platforms/openclassrooms", reason="renewal")
+        first = api.advisor.ActivateEntitlement(request_for).activation
+        end = D(first.end_date.year, first.end_date.month, first.end_date.day)
+        with on_day(server, end + dt.timedelta(days=1)), ThreadPoolExecutor(2) as pool:
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", people), extracted_on=end)
+            with log_head_held(server):
+                job = pool.submit(settle, server, first.name)  # expires the old one; holds its row at its event
+                wait_until(lambda: lock_waiters(server) == 1, "the job waiting for the log head")
+                server.clock.advance(-dt.timedelta(days=1))  # the old one's last day, a moment before midnight
+                renewal = pool.submit(api.advisor.ActivateEntitlement, request_for)
+                wait_until(lambda: lock_waiters(server) == 2, "the renewal waiting for the old activation's row")
+                server.clock.advance(dt.timedelta(days=1))  # midnight has passed
+            assert job.result().expired == 1
+            second = renewal.result().activation
+            assert D(second.start_date.year, second.start_date.month, second.start_date.day) == end + dt.timedelta(days=1)
+            settle(server, second.name)
+            assert_report_matches_ledger(server, api)
+
+
 def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tuple[str, str], tmp_path: Path,
                                                                    request: pytest.FixtureRequest) -> None:
     people = default_people()
