@@ -129,8 +129,9 @@ class ActivationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetActivation(self, request, context):
-        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
+        to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,10 +139,13 @@ class ActivationServiceServicer:
 
     def SuspendActivation(self, request, context):
         """Suspends an active activation: access stops until resumed. A month of access suspended from
-        its first day to its last is not owed by the funders. Errors: INVALID_ARGUMENT,
-        NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE` and the current state in the
-        metadata, ABORTED with reason `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while
-        the first is being processed), UNAUTHENTICATED, PERMISSION_DENIED.
+        its first day to its last is not owed by the funders. Idempotent with `request_id` as
+        ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
+        INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
+        `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+        `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
+        `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
+        UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

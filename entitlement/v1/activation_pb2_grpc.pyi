@@ -76,15 +76,19 @@ class ActivationServiceStub:
     or admin).
     """
     GetActivation: _grpc.UnaryUnaryMultiCallable[_activation_pb2.GetActivationRequest, _activation_pb2.Activation]
-    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
+    to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
     """
     SuspendActivation: _grpc.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]
     """Suspends an active activation: access stops until resumed. A month of access suspended from
-    its first day to its last is not owed by the funders. Errors: INVALID_ARGUMENT,
-    NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE` and the current state in the
-    metadata, ABORTED with reason `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while
-    the first is being processed), UNAUTHENTICATED, PERMISSION_DENIED.
+    its first day to its last is not owed by the funders. Idempotent with `request_id` as
+    ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
+    INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
+    `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+    `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
+    `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
+    UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
     """
     ResumeActivation: _grpc.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]
     """Resumes a suspended activation. Errors as SuspendActivation."""
@@ -244,15 +248,19 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     or admin).
     """
     GetActivation: _aio.UnaryUnaryMultiCallable[_activation_pb2.GetActivationRequest, _activation_pb2.Activation]  # type: ignore[assignment]
-    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
+    to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
     """
     SuspendActivation: _aio.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]  # type: ignore[assignment]
     """Suspends an active activation: access stops until resumed. A month of access suspended from
-    its first day to its last is not owed by the funders. Errors: INVALID_ARGUMENT,
-    NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE` and the current state in the
-    metadata, ABORTED with reason `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while
-    the first is being processed), UNAUTHENTICATED, PERMISSION_DENIED.
+    its first day to its last is not owed by the funders. Idempotent with `request_id` as
+    ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
+    INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
+    `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+    `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
+    `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
+    UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
     """
     ResumeActivation: _aio.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]  # type: ignore[assignment]
     """Resumes a suspended activation. Errors as SuspendActivation."""
@@ -421,8 +429,9 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _activation_pb2.GetActivationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_activation_pb2.Activation, _abc.Awaitable[_activation_pb2.Activation]]:
-        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND, UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
+        to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
+        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
         """
 
     @_abc_1.abstractmethod
@@ -432,10 +441,13 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_activation_pb2.Activation, _abc.Awaitable[_activation_pb2.Activation]]:
         """Suspends an active activation: access stops until resumed. A month of access suspended from
-        its first day to its last is not owed by the funders. Errors: INVALID_ARGUMENT,
-        NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE` and the current state in the
-        metadata, ABORTED with reason `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while
-        the first is being processed), UNAUTHENTICATED, PERMISSION_DENIED.
+        its first day to its last is not owed by the funders. Idempotent with `request_id` as
+        ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
+        INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
+        `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+        `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
+        `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
+        UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
         """
 
     @_abc_1.abstractmethod
