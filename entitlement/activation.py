@@ -103,6 +103,13 @@ def effective_state(a: Any, today: dt.date) -> str:
     return "expired" if a.state in LIVE and a.end_date < today else a.state
 
 
+def effective_reason(state: str, end_date: dt.date, state_reason: str, today: dt.date) -> str:
+    """The reason of the last state change (activation.proto `state_reason`): of a live activation
+    past its end date, its expiry's, as the expiry job records it (ledger.expire), not the reason
+    of the suspension or the activation before it."""
+    return ledger.EXPIRY_REASON if state in LIVE and end_date < today else state_reason
+
+
 def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None,
          decision: rules.Decision | None = None) -> ActivationView:
     """`a`: an Activation, or the column values of one as a namespace (a new activation, whose
@@ -111,15 +118,16 @@ def view(ctx: Context, a: Any, stored: dict[str, Any] | None = None,
     if stored is None:
         stored = json.loads(a.decision_json)
     snap = stored.get("registry_snapshot")
+    today = ctx.clock.today()
     return ActivationView(
-        id=a.id, program_id=a.program_id, state=effective_state(a, ctx.clock.today()),
+        id=a.id, program_id=a.program_id, state=effective_state(a, today),
         person_ref=ctx.pseudo.person_ref(a.person_key), advisor_id=a.advisor_id, agency_code=a.agency_code,
         start_date=a.start_date, end_date=a.end_date, created_at=utc(a.created_at),
         updated_at=utc(a.updated_at), platform_id=a.platform_id, account_id=a.account_id,
         redeemed_at=utc(a.redeemed_at) if a.redeemed_at else None,
         decision=decision if decision is not None else rules.decision_from_dict(stored["decision"]),
         snapshot=registry.SnapshotRef(snap["id"], dt.date.fromisoformat(snap["extracted_on"])) if snap else None,
-        state_reason=a.state_reason)
+        state_reason=effective_reason(a.state, a.end_date, a.state_reason, today))
 
 
 def _request_hash(method: str, body: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement, Select
 
 from entitlement import rollup, rules
-from entitlement.activation import LIVE
+from entitlement.activation import LIVE, effective_reason
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument, PermissionDenied
@@ -265,6 +265,7 @@ def list_activations(ctx: Context, caller: Caller, f: ActivationFilter, size: in
     items = []
     for (aid, program_id, state, person_key, advisor_id, agency_code, start_date, end_date, created_at, updated_at,
          platform_id, account_id, redeemed_at, stored, state_reason) in rows:
+        state_reason = effective_reason(state, end_date, state_reason, today)
         if state in LIVE and end_date < today:
             state = "expired"  # activation.effective_state
         decision, snapshot = _listed_decision(stored)

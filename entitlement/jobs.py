@@ -189,24 +189,24 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
             if verdict.eligible or verdict.access_end is None or verdict.access_end >= a.end_date:
                 summary.still_eligible += 1
                 continue
+            # Not the day the person's registration ended (`verdict.stopped_on`): the registry's
+            # data about a person, which the append-only log would keep past any purge; the
+            # criteria failed and the new end date say what funders need.
+            reason = (f"no longer eligible ({', '.join(verdict.failed_reasons)}) in registry snapshot "
+                      f"{snapshot.id} of {snapshot.extracted_on.isoformat()}")
             previous_state, previous_end = a.state, a.end_date
             a.end_date, a.updated_at = verdict.access_end, deps.clock.now()
             if a.end_date < today:
-                a.state = "expired"
+                # A state change: its reason is the activation's state reason (activation.proto).
+                a.state, a.state_reason = "expired", reason
                 summary.expired += 1
             else:
                 summary.curtailed += 1
             booking = ledger.settle(s, deps, a, today)
             summary.released_cents += booking.released_cents
-            reasons = ", ".join(verdict.failed_reasons)
-            # Not the day the person's registration ended (`verdict.stopped_on`): the registry's
-            # data about a person, which the append-only log would keep past any purge; the
-            # criteria failed and the new end date say what funders need.
             eventlog.append(
                 s, time=deps.clock.now(), type="activation.curtailed", actor=REVALIDATION_ACTOR,
-                subject=f"activations/{a.id}", program_id=a.program_id,
-                reason=f"no longer eligible ({reasons}) in registry snapshot {snapshot.id} of "
-                       f"{snapshot.extracted_on.isoformat()}",
+                subject=f"activations/{a.id}", program_id=a.program_id, reason=reason,
                 payload={"from": previous_state, "to": a.state, "previous_end_date": previous_end.isoformat(),
                          "end_date": a.end_date.isoformat(), "failed_criteria": list(verdict.failed_reasons),
                          "registry_snapshot": snapshot.id, "consumed_months": booking.months_consumed,

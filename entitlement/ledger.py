@@ -37,6 +37,7 @@ RESERVED_CENTS = func.sum(case((LedgerEntry.kind == "commit", LedgerEntry.amount
                                else_=-LedgerEntry.amount_cents))
 HISTORY_EVENTS = {"activation.suspended": "suspend", "activation.resumed": "resume", "activation.revoked": "end"}
 SETTLEMENT_ACTOR = "system:settlement"
+EXPIRY_REASON = "end date passed"  # an expiry's reason: its event's, and the activation's `state_reason`
 
 
 class Deps(Protocol):
@@ -187,12 +188,13 @@ def consume_month(s: Session, deps: Deps, a: Activation, label: str) -> dict[str
 
 
 def expire(s: Session, deps: Deps, a: Activation, today: dt.date, *, actor: str = SETTLEMENT_ACTOR,
-           reason: str = "end date passed") -> Booking:
-    """Record that a live activation's end date has passed: state `expired`, the months owed
+           reason: str = EXPIRY_REASON) -> Booking:
+    """Record that a live activation's end date has passed: state `expired` with `reason` as its
+    state reason (the reason of its last state change, activation.proto), the months owed
     consumed, the remainder released, one `activation.expired` event (the months consumed, the cents
     consumed and released per funder: audit.proto)."""
     previous = a.state
-    a.state, a.updated_at = "expired", deps.clock.now()
+    a.state, a.state_reason, a.updated_at = "expired", reason, deps.clock.now()
     booking = settle(s, deps, a, today)
     eventlog.append(s, time=deps.clock.now(), type="activation.expired", actor=actor,
                     subject=f"activations/{a.id}", program_id=a.program_id, reason=reason,

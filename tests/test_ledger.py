@@ -921,6 +921,11 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             assert json.loads(curtailed["ended-march"][0].payload_json)["to"] == "expired"
             status = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=ids["ended-march"][1]))
             assert status.state == activation_pb2.EXPIRED
+            # Expired at once: a state change, whose reason is the curtailment's (the others are live:
+            # no state change, the activation's reason stays).
+            assert status.state_reason == curtailed["ended-march"][0].reason
+            live = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=ids["gone"][1]))
+            assert (live.state, live.state_reason) == (activation_pb2.ACTIVE, "revalidation test")
             assert_report_matches_ledger(server, api)
 
         with on_day(server, D(2026, 6, 1)):  # the settlement job then expires the curtailed one at its new end
@@ -928,6 +933,33 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             assert done.expired == 1
             expect(server, ids["ended-april"][1], consumed=["2026-03", "2026-04", "2026-05"], released_months=9)
             assert_report_matches_ledger(server, api)
+
+
+def test_an_expired_activation_gives_its_expiry_as_the_reason_of_its_last_state_change(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """activation.proto: `state_reason` is the reason given for the last state change. An activation
+    suspended ("hospital stay") whose end date then passed answered EXPIRED with the suspension's
+    reason, in GetActivation and in a funder's ListActivations, before the settlement job recorded
+    the expiry and after (its event says "end date passed"): an advisor read `expired (hospital
+    stay)` (found by a review). The expiry's reason is given, as the job records it."""
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        act = activate(api)
+        move(api, "suspend", act.name, "hospital stay")
+        end = D(act.end_date.year, act.end_date.month, act.end_date.day)
+
+        def answers() -> set[tuple[int, str]]:
+            got = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=act.name))
+            [listed] = api.as_("funder-ft").ListActivations(audit_pb2.ListActivationsRequest()).activations
+            return {(got.state, got.state_reason), (listed.state, listed.state_reason)}
+
+        assert answers() == {(activation_pb2.SUSPENDED, "hospital stay")}
+        with on_day(server, end + dt.timedelta(days=1)):
+            assert answers() == {(activation_pb2.EXPIRED, "end date passed")}  # before the job
+            assert settle(server, act.name).expired == 1
+            assert answers() == {(activation_pb2.EXPIRED, "end date passed")}
+            [expired] = [e for e in events_of(server, act.name) if e.type == "activation.expired"]
+            assert expired.reason == "end date passed"
 
 
 def test_expiry_and_curtailment_events_say_the_cents_they_consumed(backend: tuple[str, str], tmp_path: Path,

@@ -54,7 +54,8 @@ def _ref_view(ctx: Context, a: Activation) -> dict[str, Any]:
         redeemed_at=utc(a.redeemed_at) if a.redeemed_at else None,
         decision=rules.decision_from_dict(stored["decision"]),
         snapshot=registry.SnapshotRef(snap["id"], dt.date.fromisoformat(snap["extracted_on"])) if snap else None,
-        state_reason=a.state_reason)
+        # (Since: a live activation past its end date gives its expiry's reason, as the job records it.)
+        state_reason="end date passed" if a.state in LIVE and a.end_date < today else a.state_reason)
 
 
 def _ref_date(d: dt.date | None) -> date_pb2.Date | None:

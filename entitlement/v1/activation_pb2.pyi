@@ -105,7 +105,9 @@ class Activation(_message.Message):
     says whether and when it was redeemed).
     """
     state_reason: _builtins.str
-    """The reason given for the last state change (or for the activation itself)."""
+    """The reason given for the last state change (or for the activation itself); of an expired
+    activation, its expiry's: `end date passed`, or the curtailment's that ended it at once.
+    """
     @_builtins.property
     def start_date(self) -> _date_pb2.Date:
         """First and last day of access."""
