@@ -391,3 +391,77 @@ def test_a_large_push_merges_in_slices_that_let_other_writers_in(api: Api, harne
     if poller:
         part_merged = sorted(n for n in seen if 500 < n < resp.rows_imported)
         assert part_merged, f"no writer got the lock during the merge (row counts seen: {sorted(seen)})"
+
+
+def test_old_and_failed_snapshots_lose_their_rows_in_slices(backend: tuple[str, str], tmp_path: Path,
+                                                            request: pytest.FixtureRequest,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of a snapshot pruned after a newer one switched (`keep_snapshots`), and of an import
+    refused once its rows were stored (cut off: fewer rows than in force), are deleted. On SQLite one
+    DELETE of a whole snapshot held the write lock as long as the merge did (1.4 s per 500,000
+    rows), so they go MERGE_ROWS at a time, each slice its own transaction: a writer polling the
+    file meanwhile sees the snapshot part-emptied (never before: all of its rows, then none). On
+    both backends: the statuses (superseded, failed), no row left, and the invariants hold."""
+    from support import As
+
+    from entitlement import doctor
+    monkeypatch.setattr(registry._BulkWriter, "MERGE_ROWS", 300)
+    monkeypatch.setattr(registry._BulkWriter, "MERGE_PAUSE_S", 0.05)
+    people = {f"SLICE{i:05d}": ("1990-01-01", "75011", "2025-01-06", "", "1") for i in range(1500)}
+    with own_server(backend[0], tmp_path / "srv", request, people=people) as h:
+        feed = As(h.channel, h.tokens["agency-feed"]).ImportExtract
+        base = write_registry(tmp_path / "base.csv", people).read_bytes()
+        with h.ctx.db.read() as s:
+            [first] = s.execute(select(RegistrySnapshot.id)).scalars().all()
+
+        def counts_while(push: Any, snapshot: str) -> list[int]:
+            """The row counts of `snapshot` (SQL) a writer of the file saw between its lock's holders."""
+            seen: list[int] = []
+            stop = threading.Event()
+
+            def poll() -> None:
+                import sqlite3
+                conn = sqlite3.connect(h.url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+                try:
+                    while not stop.is_set():
+                        try:
+                            conn.execute("BEGIN IMMEDIATE")
+                        except sqlite3.OperationalError:
+                            stop.wait(0.002)
+                            continue
+                        seen.append(conn.execute(f"SELECT count(*) FROM registry_people WHERE snapshot_id = "
+                                                 f"({snapshot})").fetchone()[0])
+                        conn.execute("ROLLBACK")
+                        stop.wait(0.002)
+                finally:
+                    conn.close()
+            poller = threading.Thread(target=poll, daemon=True) if h.backend == "sqlite" else None
+            if poller:
+                poller.start()
+            try:
+                push()
+            finally:
+                stop.set()
+                if poller:
+                    poller.join(10)
+            return seen
+
+        second = feed(_stream(base + b"SLICEXTRA1,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n"))
+        seen = counts_while(lambda: feed(_stream(base + b"SLICEXTRA2,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n")),
+                            str(first))  # the third switches: the first is pruned (two kept)
+        cut = b"\n".join(base.splitlines()[:1401]) + b"\n"  # 1,400 rows against 1,501 in force
+        seen_cut = counts_while(lambda: expect_error(feed, _stream(cut, min_ratio=1.0), grpc.StatusCode.FAILED_PRECONDITION),
+                                "SELECT max(id) FROM registry_snapshots")
+        with h.ctx.db.read() as s:
+            status = dict(s.execute(select(RegistrySnapshot.id, RegistrySnapshot.status)).all())
+            rows = dict(s.execute(select(RegistryPerson.snapshot_id, func.count()).group_by(RegistryPerson.snapshot_id)).all())
+            cut_id = max(status)
+        assert status[first] == "superseded" and status[cut_id] == "failed"
+        assert first not in rows and cut_id not in rows
+        assert rows == {int(second.snapshot.rsplit("/", 1)[1]): 1501, cut_id - 1: 1501}
+        assert doctor.check(h.ctx.db) == []
+        if h.backend == "sqlite":
+            assert any(0 < n < 1500 for n in seen), f"the prune was one transaction (counts seen: {sorted(set(seen))})"
+            peak = seen_cut.index(max(seen_cut))
+            assert any(0 < n < 1400 for n in seen_cut[peak:]), \
+                f"the discard was one transaction (counts seen after the peak: {sorted(set(seen_cut[peak:]))})"
