@@ -318,7 +318,9 @@ def funding_report(ctx: Context, caller: Caller, funder: str, program_id: str, s
     funder, programs = _scope(ctx, caller, funder, program_id)
     today = ctx.clock.today()
     rows: dict[tuple[str, str, str], ReportRow] = {}
-    with ctx.db.read() as s:
+    # One snapshot for the money and the activity (PostgreSQL): read by separate statements, a
+    # revocation committing between them was counted ended with its release missing.
+    with ctx.db.read(consistent=True) as s:
         for (f, p, m), cols in rollup.money(s, funder, programs, start_month, end_month).items():
             rows[(f, p, m)] = ReportRow(f, p, m, **cols)
         # Activations live and ended: from the first month of the ledger in scope (nothing starts

@@ -340,3 +340,47 @@ def test_the_rollups_money_is_read_from_one_index_in_order(db: Database) -> None
             plan = [r[0] for r in s.execute(text(f"EXPLAIN {compiled}")).all()]
             assert any("Index Only Scan using ix_ledger_kind_funder_month_cents" in step for step in plan), plan
             assert not any("Sort" in step for step in plan), plan
+
+
+def test_a_report_reads_its_money_and_its_activity_at_one_moment(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """GetFundingReport reads the money (report_months) and the activity (report_days) by separate
+    statements. On PostgreSQL (READ COMMITTED) a revocation committing between the two was in one
+    and not the other: the activation counted ended, its released cents missing. The revocation is
+    made to commit exactly there (a statement hook on the server's engine runs it, over gRPC, just
+    before the activity is read): the report must be the one before the revocation, whole."""
+    from sqlalchemy import event
+
+    everyone = people()
+    with own_server(backend[0], tmp_path / "own", request, people=everyone) as h:
+        api = Api(h)
+        agency_id = sorted(everyone)[0]
+        act = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, dt.date.fromisoformat(everyone[agency_id][0])),
+            program=f"programs/{PREMIUM}", platform="platforms/openclassrooms", reason="report at one moment"))
+        h.clock.advance(dt.timedelta(days=40))  # a month of access consumed, the rest to release
+
+        def report() -> list[tuple[object, ...]]:
+            rows = api.admin.GetFundingReport(audit_pb2.GetFundingReportRequest()).rows
+            return [(r.funder, r.program, r.month, r.committed_cents, r.consumed_cents, r.released_cents,
+                     r.activations_live, r.activations_ended) for r in rows]
+
+        before = report()
+        fired: list[bool] = []
+
+        def revoke_first(conn: object, cursor: object, statement: str, *_a: object) -> None:
+            if fired or not statement.lstrip().upper().startswith("SELECT") or "report_days" not in statement:
+                return
+            fired.append(True)
+            api.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(
+                name=act.activation.name, reason="between the report's statements"))
+
+        event.listen(h.ctx.db.engine, "before_cursor_execute", revoke_first)
+        try:
+            during = report()
+        finally:
+            event.remove(h.ctx.db.engine, "before_cursor_execute", revoke_first)
+        after = report()
+        assert fired, "the report read no report_days row: the hook never ran"
+        assert after != before, "the revocation changed nothing in the report: the test proves nothing"
+        assert during == before, f"a report mixing two moments:\n before {before}\n during {during}\n after {after}"

@@ -560,12 +560,17 @@ class Database:
             self.wrote_at = max(self.wrote_at, time.monotonic())  # the group's COMMIT is durable: its answer
 
     @contextmanager
-    def read(self) -> Iterator[Session]:
-        """A read-only transaction (a consistent snapshot on SQLite's WAL)."""
+    def read(self, *, consistent: bool = False) -> Iterator[Session]:
+        """A read-only transaction (a consistent snapshot on SQLite's WAL). On PostgreSQL (READ
+        COMMITTED) each statement sees the database as of its own start, unless `consistent`: then
+        REPEATABLE READ, READ ONLY, every statement the same snapshot (no lock taken), for reads
+        whose statements must agree with each other (a funding report's money and activity)."""
         if self.hot.refusing:
             raise DatabaseDown()
         started = time.monotonic()
         with _deadline_errors(), self.engine.connect() as conn:
+            if consistent and not self.is_sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             with _Session(bind=conn, expire_on_commit=False, autoflush=False) as session:
                 try:
                     with session.begin():
