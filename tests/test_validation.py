@@ -126,6 +126,12 @@ def _cases() -> list[Case]:
         "reason")
     add("ActivateEntitlement-control-char-reason", "advisor-paris", "ActivateEntitlement",
         activate(reason="line\nbreak"), "reason")
+    # DEL and the C1 controls too: U+009B is a terminal's CSI, an escape sequence in the CLI's output
+    # and in the permanent event log (a reason is kept for good).
+    add("ActivateEntitlement-del-reason", "advisor-paris", "ActivateEntitlement", activate(reason="rub\x7fout"),
+        "reason")
+    add("ActivateEntitlement-c1-control-reason", "advisor-paris", "ActivateEntitlement",
+        activate(reason="clear\x9b2J"), "reason")
 
     add("GetActivation-missing-name", "advisor-paris", "GetActivation", activation_pb2.GetActivationRequest(), "name")
     for bad in ("activations/xyz", "activations/" + "AB" * 16, "activation/" + "ab" * 16, "ab" * 16,
@@ -138,6 +144,7 @@ def _cases() -> list[Case]:
         add(f"{method}-malformed-name", "advisor-paris", method, transition(name="activations/not-hex"), "name")
         add(f"{method}-empty-reason", "advisor-paris", method, transition(reason=""), "reason")
         add(f"{method}-long-reason", "advisor-paris", method, transition(reason="r" * 501), "reason")
+        add(f"{method}-c1-control-reason", "advisor-paris", method, transition(reason="\x9b31mred"), "reason")
         add(f"{method}-bad-request_id", "advisor-paris", method, transition(request_id="no spaces please"),
             "request_id")
 

@@ -100,7 +100,9 @@ def name(value: str, pattern: re.Pattern[str], field: str, example: str, v: Viol
 def text(value: str, field: str, v: Violations, *, maximum: int = MAX_REASON) -> str:
     if len(value) > maximum:
         v.add(field, f"must be at most {maximum} characters")
-    elif any(ord(c) < 32 and c not in "\t" for c in value):
+    elif any((ord(c) < 32 and c != "\t") or 127 <= ord(c) < 160 for c in value):
+        # C0 but tab, DEL and C1 (U+009B is a terminal's CSI): a reason is shown by the CLI and kept
+        # for good in the event log.
         v.add(field, "must not contain control characters")
     return value
 
