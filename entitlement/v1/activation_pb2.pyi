@@ -110,7 +110,9 @@ class Activation(_message.Message):
     """
     @_builtins.property
     def start_date(self) -> _date_pb2.Date:
-        """First and last day of access."""
+        """First and last day of access (the last as planned, or as a revalidation curtailed it; a
+        revoked activation keeps it: its access ended when it was revoked, `update_time`).
+        """
 
     @_builtins.property
     def end_date(self) -> _date_pb2.Date: ...
@@ -339,7 +341,9 @@ class EntitlementStatus(_message.Message):
     """The benefit tier, e.g. `premium`."""
     @_builtins.property
     def end_date(self) -> _date_pb2.Date:
-        """Last day of access (inclusive, Europe/Paris)."""
+        """Last day of access (inclusive, Europe/Paris), as planned or curtailed; a REVOKED one keeps
+        it, though its access ended at the revocation (`active` is false from then on).
+        """
 
     def __init__(
         self,
