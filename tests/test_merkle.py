@@ -143,6 +143,9 @@ def test_consistency_proofs_are_the_reference_ones(vector: dict[str, object]) ->
     merkle.verify_consistency(old, new, expected, ROOTS[old - 1], ROOTS[new - 1])
 
 
+WRONG_ROOT = b"WrongRoot".ljust(merkle.HASH_SIZE, b".")
+
+
 def corrupt_consistency(old: int, new: int, root1: bytes, root2: bytes,
                         proof: list[bytes]) -> list[tuple[str, int, int, bytes, bytes, list[bytes]]]:
     """transparency-dev/merkle proof/verify_test.go corruptConsistencyProof."""
@@ -151,6 +154,10 @@ def corrupt_consistency(old: int, new: int, root1: bytes, root2: bytes,
         ("size1 ^ 2", old ^ 2, new, root1, root2, proof),
         ("size2 * 2", old, new * 2, root1, root2, proof), ("size2 / 2", old, new // 2, root1, root2, proof),
         ("wrong root1", old, new, b"WrongRoot", root2, proof), ("wrong root2", old, new, root1, b"WrongRoot", proof),
+        # The same of a hash's size: b"WrongRoot" is refused for its length before any hashing, so
+        # these alone show the roots are compared (an old size not a power of two: only root1 is).
+        ("wrong root1 of 32 bytes", old, new, WRONG_ROOT, root2, proof),
+        ("wrong root2 of 32 bytes", old, new, root1, WRONG_ROOT, proof),
         ("swapped roots", old, new, root2, root1, proof), ("empty proof", old, new, root1, root2, []),
         ("trailing garbage", old, new, root1, root2, proof + [b""]),
         ("trailing root1", old, new, root1, root2, proof + [root1]),
