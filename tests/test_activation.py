@@ -508,6 +508,26 @@ def test_redeem_by_another_platform_is_permission_denied(api: Api) -> None:
     assert redeem(api, resp.activation_token, "acct-" + rid()).active
 
 
+def test_a_job_seekers_token_subject_is_one_per_platform(api: Api) -> None:
+    """A token's `sub` is the person's pseudonym for its platform (entitlement/pseudonym.py
+    platform_subject): the same at every activation on one platform, another on another platform,
+    so two platforms cannot link their users."""
+    agency_id, birth = next_person()
+
+    def subject(platform: str) -> str:
+        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=PROGRAM, platform=f"platforms/{platform}",
+            reason="subject"))
+        claims = jwt.decode(resp.activation_token, options={"verify_signature": False})
+        assert claims["aud"] == platform
+        move(api, "revoke", resp.activation.name, "next platform")  # one live activation at a time
+        return str(claims["sub"])
+
+    first, other, again = subject("openclassrooms"), subject("otherplatform"), subject("openclassrooms")
+    assert first == again
+    assert other != first
+
+
 def test_one_account_holds_one_live_entitlement_per_program(api: Api) -> None:
     account = "acct-" + rid()
     redeem(api, api.activate().activation_token, account)
