@@ -307,6 +307,24 @@ def test_activate_request_id_reused_for_another_request_is_refused(api: Api) -> 
         == first.activation.name
 
 
+def test_activate_request_id_reused_for_another_platform_is_refused(api: Api) -> None:
+    """The platform is part of the request: the same request_id asking for another platform is
+    not a retry (its replay would answer a token the other platform cannot redeem)."""
+    agency_id, birth = next_person()
+    request_id = rid()
+
+    def activate(platform: str) -> activation_pb2.ActivateEntitlementResponse:
+        return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            request_id=request_id, job_seeker=identity(agency_id, birth), program=PROGRAM,
+            platform=f"platforms/{platform}", reason="original"))
+
+    first = activate("openclassrooms")
+    f = expect_error(lambda _r: activate("otherplatform"), None, grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "REQUEST_ID_REUSED" and f.metadata["reused_request_id"] == request_id
+    assert get(api, first.activation.name).platform == "platforms/openclassrooms"
+    assert activate("openclassrooms").activation.name == first.activation.name  # the original still replays
+
+
 def test_request_ids_belong_to_their_caller(api: Api) -> None:
     """Another advisor reusing the same request_id does not get the first advisor's token back."""
     agency_id, birth = next_person()
