@@ -681,6 +681,21 @@ def test_a_token_redeems_on_a_clock_a_little_behind_the_one_that_signed_it(api: 
         assert redeem(api, resp.activation_token, "acct-" + rid()).activation == resp.activation.name
 
 
+def test_a_token_is_expired_from_its_exp_second(api: Api, harness: Harness) -> None:
+    """`exp` gets no leeway (tokens.verify): a token redeemed at its `exp` instant is TOKEN_EXPIRED
+    and binds nothing; one second earlier it redeems."""
+    resp = api.activate()
+    exp = dt.datetime.fromtimestamp(_claims(resp.activation_token)["exp"], dt.timezone.utc)
+    account = "acct-" + rid()
+    with clock_at(harness, exp):
+        f = expect_error(api.platform.RedeemActivationToken, activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id=account), grpc.StatusCode.FAILED_PRECONDITION)
+        assert f.reason == "TOKEN_EXPIRED", f
+    assert bound_account(api, resp.activation.name) == ""
+    with clock_at(harness, exp - dt.timedelta(seconds=1)):
+        assert redeem(api, resp.activation_token, account).activation == resp.activation.name
+
+
 def test_no_token_outlives_the_access_it_grants(api: Api, harness: Harness) -> None:
     """`exp` is capped at the end of access: midnight after the end date in the service's time zone
     (Europe/Paris: 23:00 UTC in winter), not midnight UTC, an hour later. The token lifetime is
