@@ -353,6 +353,24 @@ def test_a_month_suspended_from_its_first_day_to_its_last_is_not_owed(h: Harness
     assert_report_matches_ledger(h, api)
 
 
+def test_a_suspended_month_is_still_reserved_on_its_last_day(h: Harness, api: Api) -> None:
+    """The settlement run on the last day of a month of access suspended so far releases nothing:
+    a resumption that same day makes the month owed (the day of a resumption counts as on)."""
+    act = activate(api)
+    with on_day(h, D(2026, 4, 10)):
+        move(api, "suspend", act.name, "hospital")
+    with on_day(h, D(2026, 5, 15)):  # the last day of the month 16 April - 15 May, off so far
+        settle(h, act.name)
+        expect(h, act.name, consumed=["2026-03"], released_months=0)
+        move(api, "resume", act.name, "back")
+        settle(h, act.name)
+        expect(h, act.name, consumed=["2026-03", "2026-04"], released_months=0)
+    with on_day(h, D(2026, 5, 20)):
+        settle(h, act.name)
+        expect(h, act.name, consumed=["2026-03", "2026-04", "2026-05"], released_months=0)
+    assert_report_matches_ledger(h, api)
+
+
 # (suspended on, resumed on or None, months consumed by 20 June, months released by then)
 BOUNDARIES = [
     (D(2026, 4, 15), D(2026, 5, 16), ["2026-03", "2026-05", "2026-06"], 1),  # April's month off throughout
