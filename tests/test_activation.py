@@ -739,6 +739,24 @@ def test_verify_follows_the_lifecycle(api: Api) -> None:
     assert verify(api, account, caller="platform-other").activation == ""
 
 
+def test_access_lasts_through_the_end_date(api: Api, harness: Harness) -> None:
+    """The end date is the last day of access (inclusive): on it the entitlement is still active
+    for the platform and the advisor; the next day it is expired, before any job records it."""
+    resp = api.activate()
+    account = "acct-" + rid()
+    redeem(api, resp.activation_token, account)
+    e = resp.activation.end_date
+    last_day = (dt.date(e.year, e.month, e.day) - TODAY).days
+    with clock_moved(harness, last_day):
+        status = verify(api, account)
+        assert status.active and status.state == activation_pb2.ACTIVE, status
+        assert get(api, resp.activation.name).state == activation_pb2.ACTIVE
+    with clock_moved(harness, last_day + 1):
+        status = verify(api, account)
+        assert not status.active and status.state == activation_pb2.EXPIRED, status
+        assert get(api, resp.activation.name).state == activation_pb2.EXPIRED
+
+
 def test_concurrent_retries_of_one_transition_apply_it_once(api: Api) -> None:
     act = api.activate().activation
     request_id = rid()
