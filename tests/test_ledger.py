@@ -448,6 +448,16 @@ def test_use_program_owes_only_the_months_reported_used(h: Harness, api: Api) ->
     assert_report_matches_ledger(h, api)
 
 
+def test_use_reported_on_the_last_day_of_its_window_is_owed(h: Harness, api: Api) -> None:
+    """`usage_report_days` after a month ends is the last day its use may be reported (inclusive):
+    a report that day consumes the month."""
+    act, account = activate_and_redeem(api, OPENCFA)
+    with on_day(h, D(2026, 5, 16)):  # the month 16 March - 15 April, + 31 days
+        report_usage(api, account, "2026-03", True)
+        expect(h, act.name, consumed=["2026-03"], released_months=0, program=OPENCFA)
+    assert_report_matches_ledger(h, api)
+
+
 def test_a_usage_report_that_consumes_a_month_is_one_event(api: Api, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """ReportUsage consuming a month of a `use` program: one `ledger.consumed` event with the entries
