@@ -757,6 +757,34 @@ def test_access_lasts_through_the_end_date(api: Api, harness: Harness) -> None:
         assert get(api, resp.activation.name).state == activation_pb2.EXPIRED
 
 
+def listed_states(api: Api, name: str) -> dict[str, int]:
+    """How ListActivations shows activation `name` (as the admin): its state unfiltered, and under
+    the filters ACTIVE and EXPIRED (absent from a filter: not listed by it)."""
+    out: dict[str, int] = {}
+    for label, state in (("all", activation_pb2.ACTIVATION_STATE_UNSPECIFIED), ("ACTIVE", activation_pb2.ACTIVE),
+                         ("EXPIRED", activation_pb2.EXPIRED)):
+        token = ""
+        while True:
+            page = api.admin.ListActivations(audit_pb2.ListActivationsRequest(page_size=500, page_token=token,
+                                                                              program=PROGRAM, state=state))
+            out.update({label: a.state for a in page.activations if a.name == name})
+            token = page.next_page_token
+            if not token:
+                break
+    return out
+
+
+def test_listings_show_access_through_the_end_date(api: Api, harness: Harness) -> None:
+    """ListActivations shows a live activation ACTIVE on its end date (listed by the ACTIVE filter,
+    not by EXPIRED) and EXPIRED from the next day, as GetActivation does."""
+    act = api.activate().activation
+    last_day = (dt.date(act.end_date.year, act.end_date.month, act.end_date.day) - TODAY).days
+    with clock_moved(harness, last_day):
+        assert listed_states(api, act.name) == {"all": activation_pb2.ACTIVE, "ACTIVE": activation_pb2.ACTIVE}
+    with clock_moved(harness, last_day + 1):
+        assert listed_states(api, act.name) == {"all": activation_pb2.EXPIRED, "EXPIRED": activation_pb2.EXPIRED}
+
+
 def test_concurrent_retries_of_one_transition_apply_it_once(api: Api) -> None:
     act = api.activate().activation
     request_id = rid()
