@@ -371,6 +371,22 @@ def test_a_suspended_month_is_still_reserved_on_its_last_day(h: Harness, api: Ap
     assert_report_matches_ledger(h, api)
 
 
+def test_a_suspended_last_month_is_still_reserved_on_the_end_date(h: Harness, api: Api) -> None:
+    """On its end date an activation is still live: the settlement that day keeps its last month,
+    suspended so far, reserved, and a resumption that day makes it owed."""
+    act = activate(api)
+    with on_day(h, D(2027, 2, 10)):
+        move(api, "suspend", act.name, "hospital")
+    with on_day(h, D(2027, 3, 15)):  # the end date, last day of the month 16 February - 15 March
+        settle(h, act.name)
+        begun = [f"2026-{m:02d}" for m in range(3, 13)] + ["2027-01"]
+        expect(h, act.name, consumed=begun, released_months=0)
+        move(api, "resume", act.name, "back")
+        settle(h, act.name)
+        expect(h, act.name, consumed=[*begun, "2027-02"], released_months=0)
+    assert_report_matches_ledger(h, api)
+
+
 # (suspended on, resumed on or None, months consumed by 20 June, months released by then)
 BOUNDARIES = [
     (D(2026, 4, 15), D(2026, 5, 16), ["2026-03", "2026-05", "2026-06"], 1),  # April's month off throughout
