@@ -1006,6 +1006,30 @@ def test_an_expired_activation_gives_its_expiry_as_the_reason_of_its_last_state_
             assert expired.reason == "end date passed"
 
 
+def test_revalidation_judges_the_age_limit_on_the_start_date(backend: tuple[str, str], tmp_path: Path,
+                                                              request: pytest.FixtureRequest) -> None:
+    """An apprentice activated at 25 who turns 26 during the access keeps it: revalidation judges
+    an age limit on the activation's start, as the activation did (rules.revalidate)."""
+    people = default_people()
+    young, birth = "YOUNG0001", D(2000, 4, 1)  # 26 on 1 April 2026, a fortnight after the activation
+    people[young] = (birth.isoformat(), "75011", "2024-01-15", "", "1")
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        act = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(young, birth), program=f"programs/{OPENCFA}", platform="platforms/openclassrooms",
+            reason="apprenticeship", mentor_id="M-0042")).activation
+        assert act.state == activation_pb2.ACTIVE
+        with on_day(server, D(2026, 5, 10)):  # a later extract, the same facts: now 26
+            extract = write_registry(tmp_path / "later.csv", people)
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
+                                    extracted_on=D(2026, 5, 5))
+            r = jobs.run_revalidation(server.ctx)
+            assert (r.examined, r.still_eligible, r.curtailed, r.expired) == (1, 1, 0, 0)
+            now = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=act.name))
+            assert now.state == activation_pb2.ACTIVE and now.end_date == act.end_date
+            assert [e for e in events_of(server, act.name) if e.type == "activation.curtailed"] == []
+
+
 def test_expiry_and_curtailment_events_say_the_cents_they_consumed(backend: tuple[str, str], tmp_path: Path,
                                                                    request: pytest.FixtureRequest) -> None:
     """audit.proto: the events of revocations, expiries and curtailments give the cents they consumed
