@@ -1030,6 +1030,33 @@ def test_revalidation_judges_the_age_limit_on_the_start_date(backend: tuple[str,
             assert [e for e in events_of(server, act.name) if e.type == "activation.curtailed"] == []
 
 
+def test_a_registration_found_ended_before_the_start_curtails_access_to_the_start_day(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A later extract says the registration ended two months before the activation: access ends
+    on its start day (never before it: rules.revalidate), the month of access begun that day is
+    owed and the rest released; the end date is never before the start date."""
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        act = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}", platform="platforms/openclassrooms",
+            reason="revalidation test")).activation
+        later = dict(people)
+        b, postal, reg, _end, cat = later[agency_id]
+        later[agency_id] = (b, postal, reg, "2026-01-10", cat)  # end of February, the month after, is past
+        with on_day(server, D(2026, 5, 10)):
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", later), extracted_on=D(2026, 5, 5))
+            r = jobs.run_revalidation(server.ctx)
+            assert (r.examined, r.curtailed, r.expired) == (1, 0, 1)  # expired at once
+            now = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=act.name))
+            assert now.state == activation_pb2.EXPIRED
+            assert now.end_date == act.start_date
+            expect(server, act.name, consumed=["2026-03"], released_months=11)
+            assert_report_matches_ledger(server, api)
+
+
 def test_expiry_and_curtailment_events_say_the_cents_they_consumed(backend: tuple[str, str], tmp_path: Path,
                                                                    request: pytest.FixtureRequest) -> None:
     """audit.proto: the events of revocations, expiries and curtailments give the cents they consumed
