@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
-from support import TODAY, As, Harness, identity, next_person
+from support import TODAY, As, Harness, date_msg, identity, next_person
 
 from entitlement import app, facts, live_status, rules
 from entitlement.config import ROOT, Settings
@@ -748,6 +748,21 @@ def test_live_answer_decides_even_against_the_snapshot(live: LiveServer) -> None
         TODAY.year, TODAY.month, TODAY.day)
     assert live.agency.seen == [(PATH, {"identifiant": agency_id, "dateNaissance": birth.isoformat()},
                                  "Bearer agency-token")]
+
+
+def test_a_live_answer_is_fresh_data_for_a_past_day(live: LiveServer) -> None:
+    """A check of a past day (`as_of`) answered by the live source, today: data extracted after
+    that day is as fresh as data can be for it, never REGISTRY_DATA_STALE."""
+    agency_id, birth = next_person()
+    live.agency.people[agency_id] = agency_record(agency_id, birth, registered="2024-01-15")
+    day = TODAY - dt.timedelta(days=10)
+    [d] = live.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        as_of=date_msg(day))).decisions
+    assert d.facts_source == "live"
+    assert d.eligible, [(c.reason_code, c.detail) for c in d.criteria if not c.passed]
+    fresh = next(c for c in d.criteria if c.criterion == "registry_data_fresh")
+    assert fresh.passed and "0 days" in fresh.detail
 
 
 def test_live_answer_registers_someone_the_snapshot_says_ended(live: LiveServer) -> None:
