@@ -854,6 +854,12 @@ def test_activating_again_after_an_end_date_the_job_has_not_yet_settled(backend:
         first = api.advisor.ActivateEntitlement(request_for).activation
         assert first.end_date.year == 2027 and first.end_date.month == 3 and first.end_date.day == 15
         extract = write_registry(tmp_path / "later.csv", people)
+        with on_day(server, D(2027, 3, 15)):  # the end date, last day of access: still the live one
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
+                                    extracted_on=D(2027, 3, 14))
+            f = expect_error(api.advisor.ActivateEntitlement, request_for, grpc.StatusCode.ALREADY_EXISTS)
+            assert f.reason == "ACTIVATION_EXISTS" and f.metadata["activation"] == first.name
+            assert stored_state(server, first.name) == "active"
         with on_day(server, D(2027, 3, 20)):  # past the end date; no settlement job has run
             registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
                                     extracted_on=D(2027, 3, 19))
