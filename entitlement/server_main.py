@@ -267,6 +267,12 @@ def serve_forever(ctx: Context) -> None:
         running.stop(ctx.settings.grace_seconds)
     finally:
         ctx.db.dispose()
+        # Stopped: a signal from now on changes nothing either. (The interpreter's finalization puts
+        # SIGINT's default action back: a second Ctrl-C, or a supervisor's signal to the group,
+        # landing while the process ended killed it, exit -2 after a clean stop. An ignored signal
+        # stays ignored.)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         log.info("stopped")
     if failure is not None:
         raise SystemExit(1)
