@@ -6,9 +6,12 @@ import csv
 import datetime as dt
 import itertools
 import json
+import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,3 +216,53 @@ def log_records(path: Path) -> list[dict[str, Any]]:
     a record the server is still writing; parsing it failed now and then in CI)."""
     text = path.read_text(encoding="utf-8")
     return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.startswith("{")]
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` (tmpfs, e.g. "32k", "32m") mounted at `where`, to fill; the test
+    skips where this user may not mount one. Unmounted afterwards."""
+    import pytest
+    where.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"a full filesystem needs a tmpfs mount, which this user may not make: {made.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@contextmanager
+def sqlite_writer_sees(url: str, query: str) -> Iterator[list[Any]]:
+    """Another writer of a SQLite file, as a server's are: every 2 ms it tries the write lock
+    (BEGIN IMMEDIATE, no wait) and, when it gets it, runs `query` (one value) and lets go. Yields
+    the values it saw, in order, complete once the block ends. `url`: sqlite:///PATH; any other URL
+    (PostgreSQL) sees nothing (an empty list)."""
+    seen: list[Any] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            while not stop.is_set():
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError:  # locked: someone else writes
+                    stop.wait(0.002)
+                    continue
+                seen.append(conn.execute(query).fetchone()[0])
+                conn.execute("ROLLBACK")
+                stop.wait(0.002)
+        finally:
+            conn.close()
+    poller = threading.Thread(target=poll, daemon=True) if url.startswith("sqlite:///") else None
+    if poller:
+        poller.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        if poller:
+            poller.join(10)

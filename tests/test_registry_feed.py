@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import tempfile
 import threading
 import tracemalloc
@@ -16,7 +15,8 @@ import pytest
 from sqlalchemy import func, select
 
 from own_server import default_people, own_server, write_registry
-from support import TODAY, Api, date_msg, expect_error, identity, log_records, make_registry_file, wait_until
+from support import (TODAY, Api, date_msg, expect_error, identity, log_records, make_registry_file, sqlite_writer_sees,
+                     tmpfs, wait_until)
 
 from entitlement import registry
 from entitlement.storage.models import RegistryPerson, RegistrySnapshot
@@ -266,16 +266,8 @@ def test_a_push_that_stops_sending_is_given_up_and_frees_the_import_slot(
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real filesystem of 32 KiB (tmpfs), unmounted afterwards."""
-    where = tmp_path / "small"
-    where.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"a full filesystem needs a tmpfs mount, which this user may not make: {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "32k") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_full_temporary_directory_is_told_as_such_and_imports_nothing(
@@ -345,36 +337,10 @@ def test_a_large_push_merges_in_slices_that_let_other_writers_in(api: Api, harne
     data = "\n".join([header, *rows, *extra]) + "\n"
     dup_lines = {len(rows) + 1 + 1 + 900 + 1, len(rows) + 1 + 1 + 900 + 2}  # (header = line 1)
 
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def poll_the_lock() -> None:
-        import sqlite3
-        conn = sqlite3.connect(harness.url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
-        try:
-            while not stop.is_set():
-                try:
-                    conn.execute("BEGIN IMMEDIATE")  # another writer of the file, as the server's are
-                except sqlite3.OperationalError:
-                    stop.wait(0.002)  # locked: the import holds it
-                    continue
-                seen.add(conn.execute(
-                    "SELECT count(*) FROM registry_people WHERE snapshot_id = "
-                    "(SELECT max(id) FROM registry_snapshots WHERE status = 'importing')").fetchone()[0])
-                conn.execute("ROLLBACK")
-                stop.wait(0.002)
-        finally:
-            conn.close()
-
-    poller = threading.Thread(target=poll_the_lock, daemon=True) if harness.backend == "sqlite" else None
-    if poller:
-        poller.start()
-    try:
+    importing = "SELECT count(*) FROM registry_people WHERE snapshot_id = " \
+                "(SELECT max(id) FROM registry_snapshots WHERE status = 'importing')"
+    with sqlite_writer_sees(harness.url, importing) as seen:
         resp = api.as_("agency-feed").ImportExtract(_stream(data.encode(), chunk=8 * 1024))
-    finally:
-        stop.set()
-        if poller:
-            poller.join(10)
     assert {r.line for r in resp.rejected_rows} == dup_lines
     assert all("duplicate" in r.reason for r in resp.rejected_rows)
     assert resp.rows_imported == len(rows) + 901 and resp.rows_read == resp.rows_imported + 2
@@ -388,7 +354,7 @@ def test_a_large_push_merges_in_slices_that_let_other_writers_in(api: Api, harne
             RegistryPerson.snapshot_id == snapshot_id)).scalar_one()
     assert postal["SLICEDUP1"] == "75011" and postal[first_direct] != "13001"
     assert stored == resp.rows_imported
-    if poller:
+    if harness.backend == "sqlite":
         part_merged = sorted(n for n in seen if 500 < n < resp.rows_imported)
         assert part_merged, f"no writer got the lock during the merge (row counts seen: {sorted(seen)})"
 
@@ -416,34 +382,8 @@ def test_old_and_failed_snapshots_lose_their_rows_in_slices(backend: tuple[str, 
 
         def counts_while(push: Any, snapshot: str) -> list[int]:
             """The row counts of `snapshot` (SQL) a writer of the file saw between its lock's holders."""
-            seen: list[int] = []
-            stop = threading.Event()
-
-            def poll() -> None:
-                import sqlite3
-                conn = sqlite3.connect(h.url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
-                try:
-                    while not stop.is_set():
-                        try:
-                            conn.execute("BEGIN IMMEDIATE")
-                        except sqlite3.OperationalError:
-                            stop.wait(0.002)
-                            continue
-                        seen.append(conn.execute(f"SELECT count(*) FROM registry_people WHERE snapshot_id = "
-                                                 f"({snapshot})").fetchone()[0])
-                        conn.execute("ROLLBACK")
-                        stop.wait(0.002)
-                finally:
-                    conn.close()
-            poller = threading.Thread(target=poll, daemon=True) if h.backend == "sqlite" else None
-            if poller:
-                poller.start()
-            try:
+            with sqlite_writer_sees(h.url, f"SELECT count(*) FROM registry_people WHERE snapshot_id = ({snapshot})") as seen:
                 push()
-            finally:
-                stop.set()
-                if poller:
-                    poller.join(10)
             return seen
 
         second = feed(_stream(base + b"SLICEXTRA1,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from own_server import next_ledger_person, own_server
-from support import Api, Harness, failure, identity
+from support import Api, Harness, failure, identity, tmpfs
 
 from entitlement import logs
 from entitlement.v1 import activation_pb2, eligibility_pb2
@@ -34,16 +33,8 @@ PROGRAM = "programs/premium-job-seekers"
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A filesystem of its own (a 32 MiB tmpfs), to fill."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"a full filesystem needs a tmpfs mount, which this user may not make: {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "32m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _activate(api: Api, person: tuple[str, Any], request_id: str, timeout: float = 30) -> Any:
