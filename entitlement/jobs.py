@@ -159,6 +159,10 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
     for activation_id in ids:
         with deps.db.write() as s:
             a = _lock(s, activation_id)
+            # The day, once the row is held (as settlement does): a run that goes on past midnight
+            # judged every activation as of the day it began, and logged one curtailed to that day
+            # `to: active` when its access had already ended.
+            today = deps.clock.today()
             if a is None or not ledger.is_live(a, today):
                 continue
             # The snapshot in force now, in this activation's transaction: imports may switch (and

@@ -985,6 +985,74 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             assert_report_matches_ledger(server, api)
 
 
+@contextmanager
+def activation_held(h: Harness, activation_id: str) -> Iterator[None]:
+    """Hold the activation's row until the block ends: PostgreSQL, its row lock; SQLite, the write
+    lock (every writer waits for it). Yields once it is held."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with h.ctx.db.write() as s:
+            s.execute(select(Activation.id).where(Activation.id == activation_id).with_for_update())
+            holding.set()
+            done.wait(20)
+
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(hold)
+        assert holding.wait(10)
+        try:
+            yield
+        finally:
+            done.set()
+            holder.result()
+
+
+def writers_waiting(h: Harness) -> int:
+    """The writers waiting for a lock now: PostgreSQL, the database's; SQLite, this process's queue."""
+    queue = h.ctx.db._writers
+    return lock_waiters(h) if queue is None else queue.waiting
+
+
+def test_a_revalidation_run_past_midnight_expires_an_activation_curtailed_to_the_day_before(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A revalidation run begun on 31 May judged every activation as of that day. One it reached
+    after midnight, curtailed to 31 May (registration ended in April: access to the end of the
+    month after), was logged `to: active` and left active, counted curtailed, when its access had
+    in fact already ended: its curtailment is its last state change, the settlement's expiry then
+    gave "end date passed" (found by a review). Each activation is judged as of the day the job
+    holds it: expired at once."""
+    people = default_people()
+    with own_server(backend[0], tmp_path / "own", request, people=people) as server:
+        api = Api(server)
+        agency_id, birth = next_ledger_person()
+        act = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{PREMIUM}", platform="platforms/openclassrooms",
+            reason="revalidation test")).activation
+        later = dict(people)
+        b, postal, reg, _end, cat = later[agency_id]
+        later[agency_id] = (b, postal, reg, "2026-04-10", cat)  # access to 31 May
+        activation_id = act.name.split("/")[1]
+        with on_day(server, D(2026, 5, 31)), ThreadPoolExecutor(1) as pool:
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock,
+                                    write_registry(tmp_path / "later.csv", later), extracted_on=D(2026, 5, 30))
+            with activation_held(server, activation_id):
+                job = pool.submit(jobs.run_revalidation, server.ctx, activation_ids=[activation_id])
+                wait_until(lambda: writers_waiting(server) == 1, "the job waiting for the activation")
+                server.clock.advance(dt.timedelta(days=1))  # midnight: 1 June, access ended yesterday
+            r = job.result()
+            server.clock.advance(-dt.timedelta(days=1))
+        assert (r.curtailed, r.expired) == (0, 1)
+        [event] = [e for e in events_of(server, act.name) if e.type == "activation.curtailed"]
+        payload = json.loads(event.payload_json)
+        assert (payload["to"], payload["end_date"]) == ("expired", "2026-05-31")
+        with server.ctx.db.read() as s:
+            a = s.get(Activation, activation_id)
+            assert a is not None
+            assert (a.state, a.end_date, a.state_reason) == ("expired", D(2026, 5, 31), event.reason)
+        expect(server, act.name, consumed=["2026-03", "2026-04", "2026-05"], released_months=9)
+        assert_report_matches_ledger(server, api)
+
+
 def test_an_expired_activation_gives_its_expiry_as_the_reason_of_its_last_state_change(
         backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """activation.proto: `state_reason` is the reason given for the last state change. An activation
