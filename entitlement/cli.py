@@ -332,7 +332,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_jobs_run(args: argparse.Namespace) -> int:
     from entitlement import client_cli, jobs
     try:
-        until = client_cli.strict_date(args.until) if args.until else None
+        # An empty one (`--until "$DAY"`, the variable unset) is malformed, not "today".
+        until = client_cli.strict_date(args.until) if args.until is not None else None
     except ValueError:
         return _fail(f"--until: expected a date YYYY-MM-DD, got {args.until!r}")
     deps = _job_deps()
@@ -340,8 +341,8 @@ def cmd_jobs_run(args: argparse.Namespace) -> int:
         return _fail(deps)
     try:
         r = jobs.run_settlement(deps, until)
-    except ValueError as exc:
-        return _fail(str(exc))
+    except ValueError as exc:  # a date in the future
+        return _fail(f"--until: {exc}")
     finally:
         deps.db.dispose()
     print(f"settled up to {r.as_of.isoformat()}: {r.examined} activations examined, {r.expired} expired, "

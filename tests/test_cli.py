@@ -298,6 +298,14 @@ def test_a_date_not_written_yyyy_mm_dd_is_refused_naming_the_argument(run: Run, 
     operator("jobs", "run", "--until", text).error("--until", expected)
 
 
+def test_jobs_run_refuses_an_until_in_the_future_or_empty_naming_it(operator: Run) -> None:
+    """`--until` in the future was refused without naming it ("cannot settle up to ..."), and an
+    empty one (`--until "$DAY"`, the variable unset) settled up to today, as if none were given."""
+    assert operator("db", "upgrade").code == 0
+    operator("jobs", "run", "--until", "2999-01-01").error("--until", "2999-01-01", "in the future")
+    operator("jobs", "run", "--until", "").error("--until", "expected a date YYYY-MM-DD, got ''")
+
+
 def test_missing_token_is_unauthenticated(run: Run) -> None:
     run(None, "programs", "list").error("UNAUTHENTICATED")
     run(None, "verify", "someone").error("UNAUTHENTICATED")
