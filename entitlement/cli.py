@@ -355,7 +355,8 @@ def _print_revalidation(r: Any) -> None:
         print("no registry snapshot imported: nothing to revalidate against")
         return
     print(f"revalidated against registry snapshot {r.snapshot_id}: {r.examined} live activations examined, "
-          f"{r.up_to_date} decided on data as recent, {r.still_eligible} still eligible, {r.curtailed} curtailed, "
+          f"{r.up_to_date} decided on data as recent, {r.still_eligible} still eligible, "
+          f"{r.already_ending} no longer eligible but ending by then already, {r.curtailed} curtailed, "
           f"{r.expired} expired at once, {r.released_cents} cents released"
           + (f", {r.skipped} left for the next run (their snapshot's rows went meanwhile)" if r.skipped else ""))
 

@@ -58,6 +58,9 @@ class RevalidationSummary:
     examined: int = 0
     up_to_date: int = 0  # decided on data at least as recent as the snapshot: nothing to re-check
     still_eligible: int = 0
+    # No longer eligible, but access already ends by the date the program gives (curtailed by an
+    # earlier run, or planned to end sooner): nothing to change. Not "still eligible".
+    already_ending: int = 0
     curtailed: int = 0
     expired: int = 0
     released_cents: int = 0
@@ -190,8 +193,11 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
                 summary.skipped += 1
                 continue
             verdict = rules.revalidate(program, facts, a.start_date, today, snapshot.extracted_on)
-            if verdict.eligible or verdict.access_end is None or verdict.access_end >= a.end_date:
+            if verdict.eligible or verdict.access_end is None:
                 summary.still_eligible += 1
+                continue
+            if verdict.access_end >= a.end_date:
+                summary.already_ending += 1
                 continue
             # Not the day the person's registration ended (`verdict.stopped_on`): the registry's
             # data about a person, which the append-only log would keep past any purge; the

@@ -937,6 +937,9 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             assert (r.examined, r.still_eligible, r.curtailed, r.expired) == (5, 1, 3, 1)
             again = jobs.run_revalidation(server.ctx)  # idempotent
             assert (again.curtailed, again.expired, again.released_cents) == (0, 0, 0)
+            # The three curtailed (the expired one is no longer live) are not "still eligible": they
+            # were said to be, run after run, while the snapshot stayed the current one.
+            assert (again.examined, again.still_eligible, again.already_ending) == (4, 1, 3), again
 
             def end_of(who: str) -> tuple[str, dt.date]:
                 with server.ctx.db.read() as s:
