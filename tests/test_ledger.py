@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import Api, Harness, expect_error, identity, wait_until
+from support import Api, Harness, expect_error, identity, sqlite_writer_sees, wait_until
 from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, ledger, registry
@@ -809,6 +809,35 @@ def test_the_settlement_job_over_every_activation_is_idempotent(h: Harness, api:
         names = [f"activations/{i}" for i in s.execute(select(Activation.id)).scalars()]
     for name in names:
         money(h, name)  # each activation balances, reserved >= 0 per funder
+
+
+def test_the_jobs_let_other_writers_of_sqlite_in_between_their_transactions(
+        h: Harness, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each activation is settled (and revalidated) in its own short transaction, but on SQLite the
+    next began some 0.1 ms after the COMMIT, and a writer of another process, sleeping in SQLite's
+    busy handler, found the lock taken at nearly every try: beside a settlement of 3,000 activations
+    (200,000 in the database) a write waited 2.3 s, the whole run. The jobs pause after holding the
+    lock HOLD_S (jobs._Turns): a writer polling the file (here after every transaction) gets in
+    and sees the bookings part-done. On both backends: each activation booked once, the doctor
+    clean."""
+    from entitlement import doctor
+    monkeypatch.setattr(jobs, "HOLD_S", 0.0)
+    monkeypatch.setattr(jobs, "PAUSE_S", 0.02)
+    names = [activate(api).name for _ in range(30)]
+    ids = [n.split("/")[1] for n in names]
+    consumed = ("SELECT count(*) FROM events WHERE type = 'ledger.consumed' AND subject IN ("
+                + ", ".join(f"'{n}'" for n in names) + ")")
+    with on_day(h, D(2026, 5, 20)):
+        with sqlite_writer_sees(h.url, consumed) as seen:
+            summary = jobs.run_settlement(h.ctx, activation_ids=ids)
+        assert summary.examined == 30 and summary.months_consumed == 3 * 30
+        assert jobs.run_settlement(h.ctx, activation_ids=ids).months_consumed == 0  # nothing twice
+        for name in names:
+            expect(h, name, consumed=["2026-03", "2026-04", "2026-05"], released_months=0)
+    assert doctor.check(h.ctx.db) == []
+    if h.backend == "sqlite":
+        part_done = {n for n in seen if 0 < n < 30}
+        assert len(part_done) >= 10, f"the settlement left no room between its transactions (counts seen: {sorted(set(seen))})"
 
 
 def test_jobs_from_the_command_line(backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,

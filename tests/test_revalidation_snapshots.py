@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from own_server import default_people, next_ledger_person, own_server, write_registry
-from support import TODAY, Api, identity
+from support import TODAY, Api, identity, sqlite_writer_sees
 
 from entitlement import jobs, registry
 from entitlement.storage.models import Activation, Event
@@ -94,3 +94,40 @@ def test_a_snapshot_pruned_during_the_run_curtails_nobody(
         monkeypatch.setattr(jobs, "_facts", real_facts)
         again = jobs.run_revalidation(h.ctx, activation_ids=ids)
         assert (again.curtailed, again.skipped, again.still_eligible) == (0, 0, 3), again
+
+
+def test_a_revalidation_lets_other_writers_of_sqlite_in_between_its_transactions(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the settlement (tests/test_ledger.py): each activation is revalidated in its own short
+    transaction, but on SQLite they followed one another so closely that a writer of another
+    process never got the lock in between; the job pauses after holding it HOLD_S (jobs._Turns).
+    A writer polling the file sees the curtailments part-done. On both backends: each curtailed
+    once, the doctor clean."""
+    from entitlement import doctor
+    monkeypatch.setattr(jobs, "HOLD_S", 0.0)
+    monkeypatch.setattr(jobs, "PAUSE_S", 0.02)
+    people = default_people()
+    with own_server(backend[0], tmp_path / "srv", request, people=people) as h:
+        corrected = dict(people)
+        ids = []
+        for _ in range(20):
+            agency_id, birth = next_ledger_person()
+            ids.append(activate(Api(h), agency_id, birth))
+            b, postal, reg, _end, cat = corrected[agency_id]
+            corrected[agency_id] = (b, postal, reg, "2026-03-01", cat)  # ended on 1 March
+        registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, write_registry(tmp_path / "ended.csv", corrected),
+                                extracted_on=TODAY)
+        curtailed = "SELECT count(*) FROM events WHERE type = 'activation.curtailed'"
+        with sqlite_writer_sees(h.url, curtailed) as seen:
+            r = jobs.run_revalidation(h.ctx, activation_ids=ids)
+        assert (r.examined, r.curtailed) == (20, 20)
+        again = jobs.run_revalidation(h.ctx, activation_ids=ids)
+        assert (again.curtailed, again.expired) == (0, 0)
+        with h.ctx.db.read() as s:
+            assert set(s.execute(select(Activation.end_date).where(Activation.id.in_(ids))).scalars()) == \
+                {dt.date(2026, 4, 30)}
+        assert doctor.check(h.ctx.db) == []
+        if h.backend == "sqlite":
+            part_done = {n for n in seen if 0 < n < 20}
+            assert len(part_done) >= 7, f"the revalidation left no room between its transactions (counts seen: {sorted(set(seen))})"
