@@ -191,8 +191,9 @@ class SyncContext(_CallContext):
     event loop: the call's deadline and its end are noted there, so that the deadline binding of
     every call (time_remaining, is_active) costs the pool thread no trip to the loop."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> None:
-        self._context, self._loop = context, loop
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop,
+                 ended_early: "EndedEarly | None" = None) -> None:
+        self._context, self._loop, self._ended_early = context, loop, ended_early
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else time.monotonic() + remaining
         # Read here, on the loop, while the call is alive (a client certificate's caller is read
@@ -210,6 +211,7 @@ class SyncContext(_CallContext):
         # collector; this object, and what a handler hung on it, stay out of that cycle.
         ended = self._ended = threading.Event()
         context.add_done_callback(lambda _context: ended.set())
+        self._task = asyncio.current_task()  # the call's handler task (end_now)
 
     def auth_context(self) -> Any:
         return self._auth
@@ -234,6 +236,33 @@ class SyncContext(_CallContext):
 
     def is_active(self) -> bool:
         return not self._ended.is_set()
+
+    def end_now(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call now with this status, from a thread other than the loop, whatever its
+        handler is doing (entitlement.api.servicers `_end_call`): a server stream whose client
+        stopped reading has its loop side held in a write that HTTP/2 flow control never completes,
+        and its pool thread held waiting for it (`hand_over`). grpc.aio cannot cancel a call on the
+        server side: the status is sent (after what the client has not read yet) and the handler's
+        task cancelled, which ends the call for us (its done callbacks: the pool thread lets go,
+        the stream's slot is given back). gRPC's call stays until its client reads on, goes away or
+        reaches its deadline; a stop does not wait for it (LoopRunning.stop)."""
+        context, task, ended, counted = self._context, self._task, self._ended, self._ended_early
+
+        async def send_status() -> None:
+            try:
+                await context.abort(code, details)
+            except Exception:  # noqa: BLE001 (the AbortError that abort raises by design, or the call over)
+                pass
+
+        def end() -> None:
+            if ended.is_set() or context.done():
+                return
+            asyncio.ensure_future(send_status())  # (first: the status is set before the task ends)
+            if task is not None:
+                task.cancel()
+            if counted is not None:
+                counted.calls += 1
+        _on_loop(self._loop, end)
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -281,14 +310,23 @@ async def _reraise_abort(context: grpc.aio.ServicerContext, abort: _AbortFromThr
 _END = object()
 
 
+class EndedEarly:
+    """The calls of one server whose handler SyncContext.end_now ended (on its loop): their
+    gRPC call may outlive it (LoopRunning._stop_server)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
 def _offload(method: Callable[[Any, Any], Any], executor: futures.Executor,
-             client_streaming: bool, server_streaming: bool) -> Callable[[Any, Any], Any]:
+             client_streaming: bool, server_streaming: bool,
+             ended_early: EndedEarly | None = None) -> Callable[[Any, Any], Any]:
     """An async method of the same shape that runs the sync `method` in `executor`, inside a copy
     of the caller's contextvars, with a SyncContext. A server stream's responses are handed to the
     event loop one by one as the sync iterator yields them."""
 
     def args(request: Any, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
-        sync_context = SyncContext(context, loop)
+        sync_context = SyncContext(context, loop, ended_early)
         return (_BlockingRequests(request, loop, sync_context) if client_streaming else request), sync_context
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -493,10 +531,12 @@ class _AioRegistrar(_TableRegistrar):
 
     def __init__(self, table: _MethodTable, behaviors: list[BehaviorInterceptor],
                  executor: futures.Executor, stream_executor: futures.Executor, inline: frozenset[str],
-                 loop_writes: frozenset[str] = frozenset(), db: Database | None = None) -> None:
+                 loop_writes: frozenset[str] = frozenset(), db: Database | None = None,
+                 ended_early: EndedEarly | None = None) -> None:
         assert db is not None or not loop_writes, "writes on the loop need the database"
         super().__init__(table)
         self.behaviors, self.inline, self.loop_writes, self.db = behaviors, inline, loop_writes, db
+        self.ended_early = ended_early
         self.executor, self.streams = executor, stream_executor
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
@@ -512,7 +552,7 @@ class _AioRegistrar(_TableRegistrar):
                 served[name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
             elif w.unary_stream is not None:
                 served[name] = grpc.unary_stream_rpc_method_handler(
-                    _offload(w.unary_stream, self.streams, False, True), **kw)
+                    _offload(w.unary_stream, self.streams, False, True, self.ended_early), **kw)
             elif w.stream_unary is not None:
                 served[name] = grpc.stream_unary_rpc_method_handler(
                     _offload(w.stream_unary, self.streams, True, False), **kw)
@@ -549,20 +589,22 @@ def servicers(ctx: Context) -> list[tuple[Any, ServiceDescriptor, Callable[[Any,
 def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: futures.ThreadPoolExecutor,
           inline: frozenset[str], behaviors: list[BehaviorInterceptor] | None = None,
           loop_writes: frozenset[str] | None = None,
-          on_stop: list[Callable[[], None]] | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+          on_stop: list[Callable[[], None]] | None = None,
+          ended_early: EndedEarly | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server (not started: add a port and start it, on the loop that is to run it): unary calls
     offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
     `inline` run on the event loop, those in `loop_writes` (default: `loop_write_methods(ctx)`) on
     the loop when their write need not wait; `behaviors` default to server_main.call_behaviors(ctx).
     `on_stop` (when given) receives what to call as a graceful stop begins (the change streams'
-    end: ActivationServicer.stop_streams)."""
+    end: ActivationServicer.stop_streams); `ended_early` counts the server streams ended from outside
+    (SyncContext.end_now)."""
     if loop_writes is None:
         loop_writes = loop_write_methods(ctx)
     server = grpc.aio.server(options=server_options(ctx.settings),
                              maximum_concurrent_rpcs=concurrency_limit(ctx.settings))
     table = _MethodTable()
     ours = _AioRegistrar(table, call_behaviors(ctx) if behaviors is None else behaviors,
-                         executor, stream_executor, inline, loop_writes, ctx.db)
+                         executor, stream_executor, inline, loop_writes, ctx.db, ended_early)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
         if on_stop is not None and isinstance(sync_servicer, api_servicers.ActivationServicer):
@@ -605,8 +647,9 @@ class LoopRunning:
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
                  health_servicer: health.aio.HealthServicer, port: int, monitor: DatabaseMonitor | None,
                  pools: tuple[futures.ThreadPoolExecutor, ...], loop_writes: frozenset[str] = frozenset(),
-                 on_stop: tuple[Callable[[], None], ...] = ()) -> None:
+                 on_stop: tuple[Callable[[], None], ...] = (), ended_early: EndedEarly | None = None) -> None:
         self._loop, self._thread, self.server, self.health = loop, thread, server, health_servicer
+        self._ended_early = ended_early or EndedEarly()
         self._on_stop = on_stop  # called as the stop begins (server_main.Running.on_stop)
         self.loop_writes = loop_writes  # said in the "serving" line
         self.port, self.monitor, self._pools = port, monitor, pools
@@ -644,7 +687,7 @@ class LoopRunning:
                 self.set_serving(False)
                 for stopping in self._on_stop:
                     stopping()
-                _await_on(self._loop, self._thread, self.server.stop(grace))
+                _await_on(self._loop, self._thread, self._stop_server(grace))
             elif not self._loop.is_closed() and not self._loop.is_running():
                 # The loop's thread died (failure()): run the loop here, once more, to stop the
                 # server (its calls ended, its port let go) rather than leave that to the exit.
@@ -659,6 +702,35 @@ class LoopRunning:
                 self._loop.close()
             finally:  # (uvloop's close raises in more cases than asyncio's): a later stop() never waits forever
                 self._stopped.set()
+
+
+    async def _stop_server(self, grace: float) -> None:
+        """`server.stop(grace)`, except that the calls a handler of ours ended early (a server stream
+        whose client stopped reading, ended by SyncContext.end_now: its status waits behind what its
+        client has not read, and grpc.aio cannot cancel one call) do not hold it for the whole
+        grace: once no call's handler runs and no more calls are open than those, the calls left
+        are cancelled. A call's handler runs in a task gRPC names `HandleExceptions[method]`, and
+        the call in one named `rpc_task` until it is over (grpc.aio 1.85): were they renamed, such
+        calls would hold the stop for the grace again, as before."""
+        if not self._ended_early.calls:
+            await self.server.stop(grace)
+            return
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        until = loop.time() + grace
+        while not stopping.done():
+            await asyncio.sleep(0)  # (a call accepted just before the stop gets its handler's task)
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            handlers = [t for t in pending if t.get_name().startswith("HandleExceptions[")]
+            calls = [t for t in pending if t.get_name() == "rpc_task"]
+            if calls and not handlers and len(calls) <= self._ended_early.calls:
+                await self.server.stop(None)
+                break
+            left = until - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait([stopping, *handlers, *calls], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        await stopping
 
 
 class _CannotListen(Exception):
@@ -702,10 +774,12 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
     thread.start()
     loop_writes = loop_write_methods(ctx)  # what the server does and what its "serving" line says, once
     on_stop: list[Callable[[], None]] = []
+    ended_early = EndedEarly()
 
     async def open_port() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # Made on the loop that runs it (a grpc.aio server belongs to the loop it is made on).
-        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes, on_stop)
+        server, health_servicer = build(ctx, pool, streams, inline_methods(ctx), behaviors, loop_writes, on_stop,
+                                        ended_early)
         credentials = server_credentials(tls)
         port = add_port(server, listen, credentials)
         if port == 0:
@@ -727,7 +801,7 @@ def start(ctx: Context, listen: str, tls: ServerTLS | None, behaviors: list[Beha
             raise SystemExit(str(exc)) from None
         raise
     running = LoopRunning(loop, thread, server, health_servicer, port, monitor, (pool, streams), loop_writes,
-                          tuple(on_stop))
+                          tuple(on_stop), ended_early)
     if monitor is not None:
         monitor.start(running.set_serving)
     return running

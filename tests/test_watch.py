@@ -449,3 +449,105 @@ def test_a_cursor_of_another_log_is_refused_not_streamed_from(
             f = failure(info.value)
             assert f.code == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in f.fields, info.value
             assert "VerifyEntitlement" in f.message
+
+
+# A client that stops reading: a receive window of 1 KiB (HTTP/2 flow control), never grown, so a
+# few dozen changes fill it and the server's handler is held in `yield` (the review measured the
+# same with 1,200 changes and the default window).
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+def _stalled_stream(h: Harness, token: str, channel: grpc.Channel) -> Any:
+    """A change stream of `token`'s platform from before 60 changes, none of which it reads: its
+    handler reads them at once and is held in `yield` (given a second for it, during which its
+    caller check and the stop find nothing to do)."""
+    api = Api(h)
+    call = watch(api)
+    mark = next(iter(call))
+    call.cancel()
+    name, _account = activate_and_redeem(api, person=next_ledger_person())
+    for _ in range(30):
+        move(api, "suspend", name)
+        move(api, "resume", name)
+    stream = iter(As(channel, token).WatchEntitlementChanges(
+        activation_pb2.WatchEntitlementChangesRequest(cursor=mark.cursor), timeout=120))
+    time.sleep(1)
+    return stream
+
+
+def _read_to_the_end(stream: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        for _change in stream:
+            pass
+    return info.value
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_revoked_platforms_stream_its_client_stopped_reading_ends_and_frees_its_slot(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """The credentials check runs before each read of the log; a handler held in `yield` by a client
+    that stopped reading (HTTP/2 flow control) never got there (found by a review): a revoked
+    platform kept its stream's slot as long as its connection lived, every other stream of the
+    process refused meanwhile (here the only slot), and its stream ended UNAUTHENTICATED only once
+    its client read on. Such a stream is now checked from outside and its call ended: the slot
+    comes back, and the client, reading again, gets what it had not read, then UNAUTHENTICATED."""
+    from entitlement import credentials
+    from entitlement.callers import make_caller
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, caller_cache_seconds=1,
+                    watch_poll_ms=50, watch_max_streams=1) as h:
+        caller_id = f"plat-{uuid.uuid4().hex[:8]}"
+        token = credentials.create(h.ctx.db, make_caller(caller_id, "platform", platform_id="openclassrooms"),
+                                   now=h.clock.now(), actor="operator:test").token
+        slow = grpc.insecure_channel(f"127.0.0.1:{h.running.port}", options=SMALL_WINDOW)
+        try:
+            stream = _stalled_stream(h, token, slow)
+            api = Api(h)
+            assert not _slot_free(api)
+            credentials.revoke(h.ctx.db, caller_id, now=h.clock.now(), actor="operator:test", reason="leaked")
+            limit = time.monotonic() + WAIT
+            while not _slot_free(api):
+                assert time.monotonic() < limit, "the revoked platform's stream still holds its slot"
+                time.sleep(0.2)
+            err = _read_to_the_end(stream)
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+        finally:
+            slow.close()
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_graceful_stop_ends_a_change_stream_its_client_stopped_reading(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """A stop ended the change streams by waking them; one held in `yield` by a client that stopped
+    reading never woke, and the stop waited its whole grace for it (found by a review). Its call is
+    now ended at the stop's start: the stop does not wait (here a grace of 120 s), and the client,
+    reading again, gets what it had not read, then UNAVAILABLE (on the event loop, where gRPC
+    cannot cancel one call, the stop cancels it with the calls left once no handler runs)."""
+    import threading
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, grace_seconds=120,
+                    watch_poll_ms=50) as h:
+        slow = grpc.insecure_channel(f"127.0.0.1:{h.running.port}", options=SMALL_WINDOW)
+        try:
+            stream = _stalled_stream(h, h.tokens["platform-oc"], slow)
+            stopping = threading.Thread(target=h.running.stop, args=(120,), daemon=True)
+            stopping.start()
+            stopping.join(WAIT)
+            assert not stopping.is_alive(), "the stop waits for the stream its client stopped reading"
+            err = _read_to_the_end(stream)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            if model == "threads":  # (on the event loop, gRPC's own: its status cancelled with the call)
+                assert "cursor" in (err.details() or "")
+        finally:
+            slow.close()
+
+
+def _slot_free(api: Api) -> bool:
+    """Whether a change stream of platform-oc opens (then closed again)."""
+    call = watch(api, timeout=5)
+    try:
+        next(iter(call))
+        return True
+    except grpc.RpcError as err:
+        assert failure(err).reason == "TOO_MANY_WATCHERS", err
+        return False
+    finally:
+        call.cancel()

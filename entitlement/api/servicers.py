@@ -3,20 +3,25 @@ case, convert the result. Errors are raised as domain errors; interceptors map t
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+import structlog
 
 from entitlement import activation, audit, changes, eligibility, registry_feed, transparency, usage
 from entitlement.api import convert
+from entitlement.api import errors as api_errors
 from entitlement.api import validation as val
 from entitlement.api.identity import caller_check, current_caller
 from entitlement.app import Context
-from entitlement.errors import InvalidArgument, ResourceExhausted, Unavailable, Violations
+from entitlement.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable, Violations
 from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audit_pb2_grpc, common_pb2,
                             eligibility_pb2, eligibility_pb2_grpc, registry_pb2, registry_pb2_grpc)
+
+log = structlog.get_logger("entitlement.rpc")
 
 
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations) -> eligibility.JobSeeker:
@@ -64,7 +69,9 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._watching: dict[str, int] = {}  # caller id -> its change streams open (under _watching_lock)
         self._watching_lock = threading.Lock()
         self._stopping = threading.Event()  # the server's graceful stop has begun (stop_streams)
-        self._wakes: set[threading.Event] = set()  # each open change stream's (under _watching_lock)
+        # each open change stream, by its wake event (under _watching_lock)
+        self._open: dict[threading.Event, _OpenStream] = {}
+        self._checker: threading.Thread | None = None  # _check_stalled, while streams are open
 
     def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
                             context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
@@ -196,17 +203,54 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         SERVER_STOPPING, and one opened from now on at once. A stream never finishes by itself, so
         left to the grace it held the stop for all of it (ENTITLEMENT_GRACE_SECONDS), served by a
         process already NOT_SERVING, and was then cut anyway (found by a review); ended now, its
-        platform calls again at once, another process answers, with its last cursor: nothing lost."""
-        self._stopping.set()
+        platform calls again at once, another process answers, with its last cursor: nothing lost.
+        A stream blocked handing a change to a client that stopped reading (HTTP/2 flow control)
+        never came back to see the stop: its call is ended here (`_end_call`: the same code and
+        message, without the details), after what its client has not read yet."""
+        self._stopping.set()  # (before the look at `sending`: see WatchEntitlementChanges)
         with self._watching_lock:
-            wakes = list(self._wakes)
-        for wake in wakes:
+            opened = list(self._open.items())
+        for wake, _stream in opened:
             wake.set()
+        for _wake, stream in opened:
+            if stream.sending is not None:
+                _end_call(stream.context, self._stopping_error())
+
+    @staticmethod
+    def _stopping_error() -> Unavailable:
+        return Unavailable("this server is stopping: call again (another server process answers) with the "
+                           "cursor of the last change received", reason="SERVER_STOPPING")
 
     def _stopping_now(self) -> None:
         if self._stopping.is_set():
-            raise Unavailable("this server is stopping: call again (another server process answers) with the "
-                              "cursor of the last change received", reason="SERVER_STOPPING")
+            raise self._stopping_error()
+
+    def _check_stalled(self) -> None:
+        """While change streams are open: every STALL_CHECK_S, the credentials of each stream that
+        has been handing over one change for that long (its client stopped reading: HTTP/2 flow
+        control holds the handler in `yield`, where it checks nothing) are checked again, and its
+        call ended (`_end_call`) once they no longer hold. Found by a review: a leaked, then revoked,
+        platform token kept its stream slots for as long as its connection lived, the stream
+        ending UNAUTHENTICATED only once its client read on."""
+        while True:
+            with self._watching_lock:
+                if not self._open or self._stopping.is_set():
+                    self._checker = None
+                    return
+            self._stopping.wait(STALL_CHECK_S)
+            now = time.monotonic()
+            with self._watching_lock:
+                stalled = [s for s in self._open.values()
+                           if s.sending is not None and now - s.sending >= STALL_CHECK_S]
+            for stream in stalled:
+                try:
+                    stream.scope.run(stream.still_allowed)  # (in the call's own context: its log fields)
+                except DomainError as err:
+                    # (its access log line says OK, as for a client that went away: this one says why)
+                    stream.scope.run(log.info, "stalled_stream_ended", reason=err.reason)
+                    _end_call(stream.context, err)
+                except Exception:  # noqa: BLE001 (the database unreachable, say): checked again next time
+                    pass
 
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
@@ -216,13 +260,17 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._take_watch_slot(caller.id)
         done = threading.Event()  # set when the call ends, or the server stops (stop_streams)
         released = threading.Lock()
+        stream = _OpenStream(context, still_allowed)
         with self._watching_lock:
-            self._wakes.add(done)
+            self._open[done] = stream
+            if self._checker is None:
+                self._checker = threading.Thread(target=self._check_stalled, name="watch-stalls", daemon=True)
+                self._checker.start()
 
         def release_slot() -> None:  # once: on termination (cancel, deadline, server stop) or on return
             if released.acquire(blocking=False):
                 with self._watching_lock:
-                    self._wakes.discard(done)
+                    self._open.pop(done, None)
                 self._give_back_watch_slot(caller.id)
 
         def on_termination() -> None:
@@ -243,12 +291,59 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                 caller = still_allowed()
                 batch, position, more = changes.poll(self.ctx, caller, position)
                 for change in batch:
+                    # Marked before the stop is looked at: a stop either is seen here or finds the
+                    # mark (stop_streams sets its flag before it looks), and a stream held in
+                    # `yield` by a client that stopped reading is ended from outside
+                    # (_check_stalled, stop_streams).
+                    stream.sending = time.monotonic()
+                    self._stopping_now()
                     yield convert.change(change)
+                    stream.sending = None
                 if not more:
                     done.wait(interval)
                 self._stopping_now()
         finally:
             release_slot()
+
+
+# How often the open change streams are looked at for one held in `yield` by a client that stopped
+# reading (ActivationServicer._check_stalled), and how long it must have been held.
+STALL_CHECK_S = 1.0
+
+
+class _OpenStream:
+    """An open change stream as the stall check and the stop see it: its call, its caller's check
+    (run in a copy of the call's contextvars: its log lines carry the call's fields), and since when
+    it has been handing over a change (None: it is not)."""
+
+    __slots__ = ("context", "still_allowed", "scope", "sending")
+
+    def __init__(self, context: grpc.ServicerContext, still_allowed: Callable[[], object]) -> None:
+        self.context, self.still_allowed = context, still_allowed
+        self.scope = contextvars.copy_context()
+        self.sending: float | None = None
+
+
+def _end_call(context: grpc.ServicerContext, err: DomainError) -> None:
+    """End a server stream's call now, from another thread, with `err`'s code and message (not its
+    details: no trailing metadata goes with a cancellation), whatever its handler is doing: the way
+    out for a handler held in `yield` by a client that stopped reading, where it never returns to
+    raise. Its client gets what it had not read yet, then this status. The event-loop server's
+    context ends its call on the loop (entitlement/aio_server.py SyncContext.end_now). The
+    thread-pool server's cancels its core call with that status: grpc's `_Context.cancel` does the
+    same with CANCELLED (a status a platform would not act on), through `grpc_call_cancel`, which
+    grpc.h documents as callable from any thread while the call is referenced (here by the
+    context)."""
+    code = api_errors.code_of(err)
+    end_now = getattr(context, "end_now", None)
+    if end_now is not None:
+        end_now(code, err.message)
+        return
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    if call is not None:
+        call.cancel(code.value[0], err.message)
+    else:
+        context.cancel()
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):

@@ -283,6 +283,8 @@ class ActivationServiceServicer:
         its activations is active (what VerifyEntitlement answers). The stream follows the event log (polled every ENTITLEMENT_WATCH_POLL_MS, 500 ms by
         default) and runs until the client cancels or the server stops; a graceful stop (SIGTERM) ends it
         as the stop begins, UNAVAILABLE with reason `SERVER_STOPPING`: call again with the last cursor.
+        So does a client that stopped reading (its receive window full): it then gets the changes it had
+        not read, then UNAVAILABLE (without the details; on the event-loop server, gRPC's own message).
 
         Resuming: every change carries `cursor`, the position just after it. Calling again with the
         cursor of the last change received sends exactly the changes that followed it: none lost,
@@ -295,7 +297,10 @@ class ActivationServiceServicer:
         server process at once, and ENTITLEMENT_WATCH_MAX_PER_CALLER (default 2) of them for one
         caller, beyond which RESOURCE_EXHAUSTED with reason `TOO_MANY_WATCHERS` (metadata `limit`:
         `server` or `caller`) and a RetryInfo. The caller's credentials are checked again as the stream
-        goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time.
+        goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller cache's time,
+        its slot given back, whether or not its client reads (one that stopped reading is checked
+        every second; reading again, it gets the changes it had not read, then UNAUTHENTICATED,
+        without the details).
 
         A cursor is bound to the event log that issued it: one of another deployment, or from before a
         restore of the database from a backup, is refused (INVALID_ARGUMENT), never streamed from; the
