@@ -595,8 +595,8 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: f
     offloaded to `executor`, streaming ones to `stream_executor`, the unary methods named in
     `inline` run on the event loop, those in `loop_writes` (default: `loop_write_methods(ctx)`) on
     the loop when their write need not wait; `behaviors` default to server_main.call_behaviors(ctx).
-    `on_stop` (when given) receives what to call as a graceful stop begins (the change streams'
-    end: ActivationServicer.stop_streams); `ended_early` counts the server streams ended from outside
+    `on_stop` (when given) receives what to call as a graceful stop begins (the change and log
+    streams' end: the servicers' stop_streams); `ended_early` counts the server streams ended from outside
     (SyncContext.end_now)."""
     if loop_writes is None:
         loop_writes = loop_write_methods(ctx)
@@ -607,8 +607,9 @@ def build(ctx: Context, executor: futures.ThreadPoolExecutor, stream_executor: f
                          executor, stream_executor, inline, loop_writes, ctx.db, ended_early)
     for sync_servicer, _service, add in servicers(ctx):
         add(sync_servicer, ours)
-        if on_stop is not None and isinstance(sync_servicer, api_servicers.ActivationServicer):
-            on_stop.append(sync_servicer.stop_streams)
+        stop_streams = getattr(sync_servicer, "stop_streams", None)
+        if on_stop is not None and stop_streams is not None:
+            on_stop.append(stop_streams)
     # Health and reflection with their open streams capped (entitlement/api/public.py): each open
     # one counts against the process's concurrent-call limit on this server.
     limit = ctx.settings.public_streams
@@ -672,7 +673,7 @@ class LoopRunning:
 
     def stop(self, grace: float) -> None:
         """Graceful stop, as server_main.Running.stop: health NOT_SERVING first (load balancers
-        drain), the change streams ended, then refuse new calls and let calls in flight finish
+        drain), the change and log streams ended, then refuse new calls and let calls in flight finish
         within `grace` seconds; then the loop and the pools end. Done once: a later call returns when the first is done (the
         process stops it once, from its main thread: entitlement.server_main.serve_forever)."""
         with self._lock:

@@ -73,7 +73,7 @@ class Running:
     event_loop: str | None = None  # the thread-pool model runs no event loop (aio_server.LoopRunning's is named)
     loop_writes: frozenset[str] = frozenset()  # nor writes on one (aio_server.loop_write_methods)
     extra_pools: tuple[futures.ThreadPoolExecutor, ...] = ()  # reflection's (entitlement/api/public.py)
-    # Called as the stop begins: the change streams end then (ActivationServicer.stop_streams).
+    # Called as the stop begins: the change and log streams end then (the servicers' stop_streams).
     on_stop: tuple[Callable[[], None], ...] = ()
 
     def set_serving(self, serving: bool) -> None:
@@ -82,8 +82,8 @@ class Running:
             self.health.set(name, status)
 
     def stop(self, grace: float) -> None:
-        """Graceful stop: health NOT_SERVING first (load balancers drain), the change streams ended
-        (they never finish by themselves), then refuse new calls and let calls in flight finish
+        """Graceful stop: health NOT_SERVING first (load balancers drain), the change and log
+        streams ended (change streams never finish by themselves), then refuse new calls and let calls in flight finish
         within `grace` seconds."""
         if self.monitor is not None:
             self.monitor.stop()  # first: no ping may set SERVING again
@@ -193,7 +193,8 @@ def start(ctx: Context, listen: str) -> Serving:
     eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(EligibilityServicer(ctx), ours)
     activations = ActivationServicer(ctx)
     activation_pb2_grpc.add_ActivationServiceServicer_to_server(activations, ours)
-    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(ctx), ours)
+    audits = AuditServicer(ctx)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(audits, ours)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(ctx), ours)
     health_servicer = public.Health()  # grpc's, without its deadlock (entitlement/api/public.py)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -207,7 +208,7 @@ def start(ctx: Context, listen: str) -> Serving:
         raise SystemExit(f"cannot listen on {listen}")
     server.start()
     running = Running(server, health_servicer, port, monitor, stream_pool, extra_pools=(reflection_pool,),
-                      on_stop=(activations.stop_streams,))
+                      on_stop=(activations.stop_streams, audits.stop_streams))
     running.set_serving(True)
     if monitor is not None:
         monitor.start(running.set_serving)

@@ -1,7 +1,9 @@
 """WatchEntitlementChanges over the real channel, on both backends: a platform's changes from a
 cursor, resumed after a disconnect with nothing lost and nothing repeated, never another
 platform's; expiry by the settlement job and curtailment by revalidation as changes; bad cursors,
-the stream limit, and streams ending when the server stops."""
+the stream limit, and streams ending when the server stops. Also the funders' StreamEvents, the
+other stream that lasts as long as its client reads: ended on revocation and at a stop even when
+its client stopped reading."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from own_server import default_people, next_ledger_person, on_day, own_server, w
 from support import Api, As, Harness, failure, identity, next_person
 
 from entitlement import changes, jobs, registry
-from entitlement.v1 import activation_pb2
+from entitlement.v1 import activation_pb2, audit_pb2
 
 Change = activation_pb2.EntitlementChange
 WAIT = 20  # seconds a stream may take to deliver what the test waits for
@@ -551,3 +553,73 @@ def _slot_free(api: Api) -> bool:
         return False
     finally:
         call.cancel()
+
+
+def _held_log_stream(h: Harness, token: str, channel: grpc.Channel) -> Any:
+    """A funder's StreamEvents over a log of some 125 events, none of which it reads: its handler
+    is held in `yield` (given a second for it)."""
+    api = Api(h)
+    name, _account = activate_and_redeem(api, person=next_ledger_person())
+    for _ in range(60):
+        move(api, "suspend", name)
+        move(api, "resume", name)
+    stream = iter(As(channel, token).StreamEvents(audit_pb2.StreamEventsRequest(), timeout=120))
+    time.sleep(1)
+    return stream
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_revoked_funders_log_stream_its_client_stopped_reading_ends_and_frees_its_thread(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """StreamEvents checks its caller's credentials once a second as it sends; held in `yield` by
+    a client that stopped reading, it never did (found by a review): a revoked funder's download
+    held its stream thread (here the only one: every other stream waited) as long as its
+    connection lived. It is now checked from outside and its call ended: the thread comes back,
+    and the client, reading again, gets what it had not read, then UNAUTHENTICATED."""
+    from entitlement import credentials
+    from entitlement.callers import make_caller
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, caller_cache_seconds=1,
+                    stream_workers=1) as h:
+        caller_id = f"fund-{uuid.uuid4().hex[:8]}"
+        token = credentials.create(h.ctx.db, make_caller(caller_id, "funder", funder_id="france-travail"),
+                                   now=h.clock.now(), actor="operator:test").token
+        slow = grpc.insecure_channel(f"127.0.0.1:{h.running.port}", options=SMALL_WINDOW)
+        try:
+            stream = _held_log_stream(h, token, slow)
+            credentials.revoke(h.ctx.db, caller_id, now=h.clock.now(), actor="operator:test", reason="leaked")
+            api = Api(h)
+            limit = time.monotonic() + WAIT
+            while True:
+                try:
+                    next(iter(api.as_("funder-ft").StreamEvents(audit_pb2.StreamEventsRequest(tree_size=1),
+                                                                  timeout=3)))
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                    assert time.monotonic() < limit, "the revoked funder's stream still holds the stream thread"
+            err = _read_to_the_end(stream)
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+        finally:
+            slow.close()
+
+
+@pytest.mark.parametrize("model", ["threads", "event-loop"])
+def test_a_graceful_stop_ends_a_log_stream_its_client_stopped_reading(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, model: str) -> None:
+    """A StreamEvents held in `yield` by a client that stopped reading held a stop for its whole
+    grace (found by a review). Log streams now end as the stop begins, as change streams do: the
+    stop does not wait (here a grace of 120 s), and the client, reading again, gets what it had not
+    read, then UNAVAILABLE."""
+    import threading
+    with own_server(backend[0], tmp_path / "srv", request, server_model=model, grace_seconds=120) as h:
+        slow = grpc.insecure_channel(f"127.0.0.1:{h.running.port}", options=SMALL_WINDOW)
+        try:
+            stream = _held_log_stream(h, h.tokens["funder-ft"], slow)
+            stopping = threading.Thread(target=h.running.stop, args=(120,), daemon=True)
+            stopping.start()
+            stopping.join(WAIT)
+            assert not stopping.is_alive(), "the stop waits for the log stream its client stopped reading"
+            err = _read_to_the_end(stream)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        finally:
+            slow.close()

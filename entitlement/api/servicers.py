@@ -69,9 +69,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._watching: dict[str, int] = {}  # caller id -> its change streams open (under _watching_lock)
         self._watching_lock = threading.Lock()
         self._stopping = threading.Event()  # the server's graceful stop has begun (stop_streams)
-        # each open change stream, by its wake event (under _watching_lock)
-        self._open: dict[threading.Event, _OpenStream] = {}
-        self._checker: threading.Thread | None = None  # _check_stalled, while streams are open
+        self._streams = _OpenStreams("watch-stalls")  # each open change stream
 
     def ActivateEntitlement(self, request: activation_pb2.ActivateEntitlementRequest,
                             context: grpc.ServicerContext) -> activation_pb2.ActivateEntitlementResponse:
@@ -208,13 +206,10 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         never came back to see the stop: its call is ended here (`_end_call`: the same code and
         message, without the details), after what its client has not read yet."""
         self._stopping.set()  # (before the look at `sending`: see WatchEntitlementChanges)
-        with self._watching_lock:
-            opened = list(self._open.items())
-        for wake, _stream in opened:
-            wake.set()
-        for _wake, stream in opened:
-            if stream.sending is not None:
-                _end_call(stream.context, self._stopping_error())
+        opened = self._streams.opened()
+        for stream in opened:
+            stream.wake.set()
+        self._streams.end_held(opened, self._stopping_error())
 
     @staticmethod
     def _stopping_error() -> Unavailable:
@@ -225,33 +220,6 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         if self._stopping.is_set():
             raise self._stopping_error()
 
-    def _check_stalled(self) -> None:
-        """While change streams are open: every STALL_CHECK_S, the credentials of each stream that
-        has been handing over one change for that long (its client stopped reading: HTTP/2 flow
-        control holds the handler in `yield`, where it checks nothing) are checked again, and its
-        call ended (`_end_call`) once they no longer hold. Found by a review: a leaked, then revoked,
-        platform token kept its stream slots for as long as its connection lived, the stream
-        ending UNAUTHENTICATED only once its client read on."""
-        while True:
-            with self._watching_lock:
-                if not self._open or self._stopping.is_set():
-                    self._checker = None
-                    return
-            self._stopping.wait(STALL_CHECK_S)
-            now = time.monotonic()
-            with self._watching_lock:
-                stalled = [s for s in self._open.values()
-                           if s.sending is not None and now - s.sending >= STALL_CHECK_S]
-            for stream in stalled:
-                try:
-                    stream.scope.run(stream.still_allowed)  # (in the call's own context: its log fields)
-                except DomainError as err:
-                    # (its access log line says OK, as for a client that went away: this one says why)
-                    stream.scope.run(log.info, "stalled_stream_ended", reason=err.reason)
-                    _end_call(stream.context, err)
-                except Exception:  # noqa: BLE001 (the database unreachable, say): checked again next time
-                    pass
-
     def WatchEntitlementChanges(self, request: activation_pb2.WatchEntitlementChangesRequest,
                                 context: grpc.ServicerContext) -> Iterator[activation_pb2.EntitlementChange]:
         caller = current_caller()
@@ -260,17 +228,12 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._take_watch_slot(caller.id)
         done = threading.Event()  # set when the call ends, or the server stops (stop_streams)
         released = threading.Lock()
-        stream = _OpenStream(context, still_allowed)
-        with self._watching_lock:
-            self._open[done] = stream
-            if self._checker is None:
-                self._checker = threading.Thread(target=self._check_stalled, name="watch-stalls", daemon=True)
-                self._checker.start()
+        stream = _OpenStream(context, still_allowed, done)
+        self._streams.add(stream)
 
         def release_slot() -> None:  # once: on termination (cancel, deadline, server stop) or on return
             if released.acquire(blocking=False):
-                with self._watching_lock:
-                    self._open.pop(done, None)
+                self._streams.discard(stream)
                 self._give_back_watch_slot(caller.id)
 
         def on_termination() -> None:
@@ -294,7 +257,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                     # Marked before the stop is looked at: a stop either is seen here or finds the
                     # mark (stop_streams sets its flag before it looks), and a stream held in
                     # `yield` by a client that stopped reading is ended from outside
-                    # (_check_stalled, stop_streams).
+                    # (_OpenStreams: its caller's check, the stop).
                     stream.sending = time.monotonic()
                     self._stopping_now()
                     yield convert.change(change)
@@ -306,22 +269,82 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
             release_slot()
 
 
-# How often the open change streams are looked at for one held in `yield` by a client that stopped
-# reading (ActivationServicer._check_stalled), and how long it must have been held.
+# How often the open server streams are looked at for one held in `yield` by a client that stopped
+# reading (_OpenStreams), and how long it must have been held.
 STALL_CHECK_S = 1.0
 
 
 class _OpenStream:
-    """An open change stream as the stall check and the stop see it: its call, its caller's check
-    (run in a copy of the call's contextvars: its log lines carry the call's fields), and since when
-    it has been handing over a change (None: it is not)."""
+    """An open server stream as the stall check and the stop see it: its call, its caller's check
+    (run in a copy of the call's contextvars: its log lines carry the call's fields), its wake
+    event, and since when it has been handing over a response (None: it is not)."""
 
-    __slots__ = ("context", "still_allowed", "scope", "sending")
+    __slots__ = ("context", "still_allowed", "wake", "scope", "sending")
 
-    def __init__(self, context: grpc.ServicerContext, still_allowed: Callable[[], object]) -> None:
-        self.context, self.still_allowed = context, still_allowed
+    def __init__(self, context: grpc.ServicerContext, still_allowed: Callable[[], object],
+                 wake: threading.Event | None = None) -> None:
+        self.context, self.still_allowed, self.wake = context, still_allowed, wake
         self.scope = contextvars.copy_context()
         self.sending: float | None = None
+
+
+class _OpenStreams:
+    """The open streams of a method that streams for as long as its client reads, seen from outside:
+    while one is open, a thread checks every STALL_CHECK_S the credentials of each stream held that
+    long in `yield` (its client stopped reading: HTTP/2 flow control holds the handler there, where
+    it checks nothing) and ends its call (`_end_call`) once they no longer hold; `end_held` ends the
+    held ones at a stop. Found by a review: a leaked, then revoked, platform token kept its change
+    streams' slots for as long as its connection lived, the stream ending UNAUTHENTICATED only once
+    its client read on, and a stop waited its whole grace for such a stream."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._open: set[_OpenStream] = set()
+        self._checker: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def add(self, stream: _OpenStream) -> None:
+        with self._lock:
+            self._open.add(stream)
+            if self._checker is None and not self._stopped.is_set():
+                self._checker = threading.Thread(target=self._check, name=self._name, daemon=True)
+                self._checker.start()
+
+    def discard(self, stream: _OpenStream) -> None:
+        with self._lock:
+            self._open.discard(stream)
+
+    def opened(self) -> list[_OpenStream]:
+        with self._lock:
+            return list(self._open)
+
+    def end_held(self, streams: list[_OpenStream], err: DomainError) -> None:
+        """The server stops: the checks end, and each of `streams` held in `yield` is ended with
+        `err` (the others see the stop themselves)."""
+        self._stopped.set()
+        for stream in streams:
+            if stream.sending is not None:
+                _end_call(stream.context, err)
+
+    def _check(self) -> None:
+        while True:
+            with self._lock:
+                if not self._open or self._stopped.is_set():
+                    self._checker = None
+                    return
+            self._stopped.wait(STALL_CHECK_S)
+            now = time.monotonic()
+            held = [s for s in self.opened() if s.sending is not None and now - s.sending >= STALL_CHECK_S]
+            for stream in held:
+                try:
+                    stream.scope.run(stream.still_allowed)
+                except DomainError as err:
+                    # (its access log line says OK, as for a client that went away: this one says why)
+                    stream.scope.run(log.info, "stalled_stream_ended", reason=err.reason)
+                    _end_call(stream.context, err)
+                except Exception:  # noqa: BLE001 (the database unreachable, say): checked again next time
+                    pass
 
 
 def _end_call(context: grpc.ServicerContext, err: DomainError) -> None:
@@ -349,6 +372,21 @@ def _end_call(context: grpc.ServicerContext, err: DomainError) -> None:
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._stopping = threading.Event()  # the server's graceful stop has begun (stop_streams)
+        self._streams = _OpenStreams("log-stalls")  # each open StreamEvents
+
+    @staticmethod
+    def _stopping_error() -> Unavailable:
+        return Unavailable("this server is stopping: call again (another server process answers) from the "
+                           "sequence after the last one received", reason="SERVER_STOPPING")
+
+    def stop_streams(self) -> None:
+        """The server's graceful stop begins: every StreamEvents ends at its next entry, UNAVAILABLE
+        with reason SERVER_STOPPING, and one held in `yield` by a client that stopped reading at
+        once (_OpenStreams.end_held): left to the grace, a download of a long log, or one whose
+        client stopped reading, held the stop for all of it (found by a review)."""
+        self._stopping.set()  # (before the look at `sending`: see StreamEvents)
+        self._streams.end_held(self._streams.opened(), self._stopping_error())
 
     def ListActivations(self, request: audit_pb2.ListActivationsRequest,
                         context: grpc.ServicerContext) -> audit_pb2.ListActivationsResponse:
@@ -416,14 +454,25 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         entries = transparency.stream_entries(self.ctx, current_caller(), start_sequence=request.start_sequence,
                                               tree_size=request.tree_size)
         still_allowed, checked = caller_check(), time.monotonic()
-        for e in entries:
-            if not context.is_active():
-                return
-            if time.monotonic() - checked >= 1.0:  # a long stream: its credentials again, once a second
-                still_allowed()
-                checked = time.monotonic()
-            yield audit_pb2.LogEntry(sequence=e.seq, leaf_hash=e.leaf_hash,
-                                     event=convert.event(e.event) if e.event is not None else None)
+        stream = _OpenStream(context, still_allowed)
+        self._streams.add(stream)
+        try:
+            for e in entries:
+                if not context.is_active():
+                    return
+                if time.monotonic() - checked >= 1.0:  # a long stream: its credentials again, once a second
+                    still_allowed()
+                    checked = time.monotonic()
+                # Marked before the stop is looked at, as in WatchEntitlementChanges: a stream held
+                # in `yield` by a client that stopped reading is ended from outside (_OpenStreams).
+                stream.sending = time.monotonic()
+                if self._stopping.is_set():
+                    raise self._stopping_error()
+                yield audit_pb2.LogEntry(sequence=e.seq, leaf_hash=e.leaf_hash,
+                                         event=convert.event(e.event) if e.event is not None else None)
+                stream.sending = None
+        finally:
+            self._streams.discard(stream)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):

@@ -147,9 +147,16 @@ class AuditServiceServicer:
         in full when the caller may read it, its sequence number and leaf hash alone otherwise. The
         stream ends after the leaf of sequence `tree_size` (it does not wait for new events). It is
         resumable: after a break, call again with `start_sequence` = the last sequence received + 1.
+        A graceful stop of the server (SIGTERM) ends it as the stop begins, UNAVAILABLE with reason
+        `SERVER_STOPPING`: call again from there. The caller's credentials are checked again once a
+        second as it goes: revoked, expired or rotated out, it ends UNAUTHENTICATED within the caller
+        cache's time. Both hold for a client that stopped reading (its receive window full): it then
+        gets the leaves it had not read, then that status (without the details; at a stop of the
+        event-loop server, gRPC's own UNAVAILABLE).
 
         Errors: INVALID_ARGUMENT naming the field (`tree_size` larger than the log, `start_sequence`
-        beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED.
+        beyond `tree_size` + 1, negative values), UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE
+        (`SERVER_STOPPING`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
