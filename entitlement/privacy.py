@@ -186,7 +186,7 @@ def _slice(s: Session, progress: _Progress, activations: list[str], records: lis
         select(RegistryPerson.snapshot_id).where(RegistryPerson.snapshot_id == RegistrySnapshot.id).exists())
     snapshot = s.execute(old.limit(1)).scalar_one_or_none()
     if snapshot is not None:
-        rows = s.execute(_DELETE_ROWS, {"sid": snapshot, "n": ROWS_SLICE}).rowcount
+        rows = s.execute(_DELETE_ROWS, {"sid": snapshot, "n": ROWS_SLICE}).rowcount  # type: ignore[attr-defined]
         emptied = not s.execute(select(RegistryPerson.snapshot_id).where(
             RegistryPerson.snapshot_id == snapshot).exists().select()).scalar_one()
         if emptied:
@@ -215,7 +215,7 @@ def _slice(s: Session, progress: _Progress, activations: list[str], records: lis
         requests.setdefault(caller_id, []).append(request_id)
     for caller_id, ids in sorted(requests.items()):
         for i in range(0, len(ids), BATCH):
-            deleted += s.execute(delete(IdempotencyRecord).where(
+            deleted += s.execute(delete(IdempotencyRecord).where(  # type: ignore[attr-defined]
                 IdempotencyRecord.caller_id == caller_id, IdempotencyRecord.request_id.in_(ids[i:i + BATCH]),
                 IdempotencyRecord.created_at < cutoff)).rowcount
     if snapshot is not None and emptied:

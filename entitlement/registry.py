@@ -911,7 +911,8 @@ def _delete_in_slices(db: Database, snapshot_ids: Sequence[int]) -> None:
     for sid in snapshot_ids:
         while True:
             with db.write() as s:
-                deleted = s.execute(_DELETE_SLICE, {"sid": sid, "n": _BulkWriter.MERGE_ROWS}).rowcount
+                deleted = s.execute(  # type: ignore[attr-defined]
+                    _DELETE_SLICE, {"sid": sid, "n": _BulkWriter.MERGE_ROWS}).rowcount
             if deleted < _BulkWriter.MERGE_ROWS:
                 break
             time.sleep(_BulkWriter.MERGE_PAUSE_S)

@@ -342,7 +342,9 @@ def test_a_stop_asked_while_the_workers_start_is_a_clean_stop(how: str, fresh_ur
     got SIGINT from the terminal too waits for the supervisor's SIGTERM)."""
     import subprocess
 
-    from test_server_ops import PYTHON, ROOT
+    from test_server_ops import PYTHON
+
+    from entitlement.config import ROOT
     d = prepare(tmp_path / "srv", fresh_url, with_registry=False)
     d.extra_env["ENTITLEMENT_PROCESSES"] = "2"
     with d.log_path.open("w", encoding="utf-8") as stderr:

@@ -510,8 +510,8 @@ def test_a_revoked_platforms_stream_its_client_stopped_reading_ends_and_frees_it
             while not _slot_free(api):
                 assert time.monotonic() < limit, "the revoked platform's stream still holds its slot"
                 time.sleep(0.2)
-            err = _read_to_the_end(stream)
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+            ended = _read_to_the_end(stream)
+            assert ended.code() == grpc.StatusCode.UNAUTHENTICATED, ended
         finally:
             slow.close()
 
@@ -597,8 +597,8 @@ def test_a_revoked_funders_log_stream_its_client_stopped_reading_ends_and_frees_
                 except grpc.RpcError as err:
                     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
                     assert time.monotonic() < limit, "the revoked funder's stream still holds the stream thread"
-            err = _read_to_the_end(stream)
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+            ended = _read_to_the_end(stream)
+            assert ended.code() == grpc.StatusCode.UNAUTHENTICATED, ended
         finally:
             slow.close()
 

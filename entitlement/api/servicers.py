@@ -208,7 +208,8 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         self._stopping.set()  # (before the look at `sending`: see WatchEntitlementChanges)
         opened = self._streams.opened()
         for stream in opened:
-            stream.wake.set()
+            if stream.wake is not None:  # (a change stream's: each has one)
+                stream.wake.set()
         self._streams.end_held(opened, self._stopping_error())
 
     @staticmethod
