@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from entitlement import eventlog, ledger, registry, rules
 from entitlement.ledger import LIVE, Booking, Deps
+from entitlement.storage.db import SQLITE_TURN_PAUSE_S
 from entitlement.storage.models import Activation, LedgerEntry, RegistryPerson, RegistrySnapshot
 
 REVALIDATION_ACTOR = "system:revalidation"
@@ -41,7 +42,7 @@ REVALIDATION_ACTOR = "system:revalidation"
 # SQLite: a job holds the write lock for at most about HOLD_S (one activation's transaction after
 # another), then lets it go for PAUSE_S (`_Turns`).
 HOLD_S = 0.5
-PAUSE_S = 0.15
+PAUSE_S = SQLITE_TURN_PAUSE_S
 
 
 class _Turns:

@@ -43,11 +43,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, false, func, literal, or_, select, text, tuple_, update
+from sqlalchemy import Select, and_, delete, false, func, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from entitlement import eventlog, ledger
-from entitlement.storage.db import Database, advisory_key, hold_until_commit
+from entitlement.storage.db import (DELETE_SNAPSHOT_ROWS_SLICE, SQLITE_TURN_PAUSE_S, Database, advisory_key,
+                                    hold_until_commit)
 from entitlement.storage.models import (Activation, IdempotencyRecord, LedgerEntry, RegistryPerson,
                                         RegistrySnapshot)
 
@@ -56,11 +57,7 @@ BATCH = 500
 ROWS_SLICE = 200_000
 ACTIVATIONS_SLICE = 1_000
 RECORDS_SLICE = 10_000
-PURGE_PAUSE_S = 0.15
-# One slice of a snapshot's rows (the primary key's order: a range of the index).
-_DELETE_ROWS = text(
-    "DELETE FROM registry_people WHERE snapshot_id = :sid AND person_key IN "
-    "(SELECT person_key FROM registry_people WHERE snapshot_id = :sid ORDER BY person_key LIMIT :n)")
+PURGE_PAUSE_S = SQLITE_TURN_PAUSE_S
 # One purge at a time on a PostgreSQL database (module docstring).
 _PURGE_LOCK_KEY = advisory_key("entitlement.privacy_purge")
 
@@ -186,7 +183,7 @@ def _slice(s: Session, progress: _Progress, activations: list[str], records: lis
         select(RegistryPerson.snapshot_id).where(RegistryPerson.snapshot_id == RegistrySnapshot.id).exists())
     snapshot = s.execute(old.limit(1)).scalar_one_or_none()
     if snapshot is not None:
-        rows = s.execute(_DELETE_ROWS, {"sid": snapshot, "n": ROWS_SLICE}).rowcount  # type: ignore[attr-defined]
+        rows = s.execute(DELETE_SNAPSHOT_ROWS_SLICE, {"sid": snapshot, "n": ROWS_SLICE}).rowcount  # type: ignore[attr-defined]
         emptied = not s.execute(select(RegistryPerson.snapshot_id).where(
             RegistryPerson.snapshot_id == snapshot).exists().select()).scalar_one()
         if emptied:

@@ -36,7 +36,7 @@ from typing import NamedTuple, IO, Any
 import psycopg
 import structlog
 from psycopg.errors import UniqueViolation
-from sqlalchemy import Connection, Select, and_, bindparam, delete, func, select, text, update
+from sqlalchemy import Connection, Select, and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +46,8 @@ from entitlement import deadline, eventlog
 from entitlement.clock import Clock
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.rules import PersonFacts
-from entitlement.storage.db import Database, advisory_key, hold_until_commit, long_work
+from entitlement.storage.db import (DELETE_SNAPSHOT_ROWS_SLICE, SQLITE_TURN_PAUSE_S, Database, advisory_key,
+                                    hold_until_commit, long_work)
 from entitlement.storage import direct
 from entitlement.storage.hotread import HotReads
 from entitlement.storage.models import Activation, RegistryPerson, RegistrySnapshot
@@ -703,7 +704,7 @@ class _BulkWriter:
 
     # SQLite's merge: rows per transaction, and the pause between two (module constants below).
     MERGE_ROWS = 200_000
-    MERGE_PAUSE_S = 0.15
+    MERGE_PAUSE_S = SQLITE_TURN_PAUSE_S
 
     def _merge_sqlite(self, conn: Any, cols: str) -> int:
         """SQLite: the staged rows sorted once into a TEMP table (the TEMP database only: no lock on
@@ -891,12 +892,6 @@ def _prune(db: Database, keep: int) -> None:
             s.execute(delete(RegistryPerson).where(RegistryPerson.snapshot_id.in_(ids)))
 
 
-# One slice of a snapshot's rows (the primary key's order: a range of the index).
-_DELETE_SLICE = text(
-    "DELETE FROM registry_people WHERE snapshot_id = :sid AND person_key IN "
-    "(SELECT person_key FROM registry_people WHERE snapshot_id = :sid ORDER BY person_key LIMIT :n)")
-
-
 def _delete_in_slices(db: Database, snapshot_ids: Sequence[int]) -> None:
     """SQLite: the rows of these snapshots deleted _BulkWriter.MERGE_ROWS at a time, each slice a
     transaction of its own, MERGE_PAUSE_S apart, for the reason the merge is sliced: one DELETE of a
@@ -912,7 +907,7 @@ def _delete_in_slices(db: Database, snapshot_ids: Sequence[int]) -> None:
         while True:
             with db.write() as s:
                 deleted = s.execute(  # type: ignore[attr-defined]
-                    _DELETE_SLICE, {"sid": sid, "n": _BulkWriter.MERGE_ROWS}).rowcount
+                    DELETE_SNAPSHOT_ROWS_SLICE, {"sid": sid, "n": _BulkWriter.MERGE_ROWS}).rowcount
             if deleted < _BulkWriter.MERGE_ROWS:
                 break
             time.sleep(_BulkWriter.MERGE_PAUSE_S)

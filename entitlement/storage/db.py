@@ -966,6 +966,16 @@ def _savepoint_statement(sql: str) -> Any:
     return send
 
 
+# SQLite: the pause between two of a long piece of work's bounded transactions (an import's merge and
+# deletes, the jobs, the purge): more than SQLite's busy handler's longest sleep (100 ms), so every
+# writer of another process waiting for the file tries during it, and this process's queued writers
+# follow at once.
+SQLITE_TURN_PAUSE_S = 0.15
+# One slice of a registry snapshot's rows (the primary key's order: a range of the index), for work
+# that deletes a snapshot's rows a bounded number at a time (entitlement/registry.py, privacy.py).
+DELETE_SNAPSHOT_ROWS_SLICE = text(
+    "DELETE FROM registry_people WHERE snapshot_id = :sid AND person_key IN "
+    "(SELECT person_key FROM registry_people WHERE snapshot_id = :sid ORDER BY person_key LIMIT :n)")
 CLI_SQLITE_LOCK_TIMEOUT_MS = 30000  # the command-line tools may wait for a busy server this long
 STATISTICS_LOCK_TIMEOUT_MS = 1000  # pgstats: a table locked by another ANALYZE or a VACUUM is the next run's
 SQLITE_FOREVER_MS = 2**31 - 1  # SQLite's busy timeout is an int; 0 would mean "fail at once"
