@@ -255,10 +255,9 @@ def fill(backend: str, url: str, path: Path | None) -> Data:
     d.seconds = time.perf_counter() - t0
     # The rows went around the ORM: build the report's rollup from them, as the migration would.
     t1 = time.perf_counter()
-    db = Database(url, pool_size=1)
+    db = Database(url, pool_size=2)  # the rebuild's snapshot and its write
     try:
-        with db.write() as s:
-            months, days = rollup.rebuild(s, Settings.timezone)
+        months, days = rollup.rebuild(db, Settings.timezone)
     finally:
         db.dispose()
     d.rollup_seconds, d.rollup_rows = time.perf_counter() - t1, months + days

@@ -81,13 +81,13 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_rebuild_report(args: argparse.Namespace) -> int:
     """Recompute the funding report's rollup from the ledger and the activations, in the service's
-    time zone (after changing ENTITLEMENT_TIMEZONE, or rows loaded around the service)."""
+    time zone (after changing ENTITLEMENT_TIMEZONE, or rows loaded around the service), beside
+    serving processes: writers wait only for the short catch-up and swap (rollup.rebuild)."""
     from entitlement import rollup
     settings = Settings.from_env()
     db = _migrated_db(settings)
     try:
-        with db.write() as s:
-            months, days = rollup.rebuild(s, settings.timezone)
+        months, days = rollup.rebuild(db, settings.timezone)
     finally:
         db.dispose()
     print(f"report rollup rebuilt in {settings.timezone}: {months} month rows, {days} day rows")

@@ -187,6 +187,16 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             faulthandler.cancel_dump_traceback_later()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """No hang: the file stays empty and goes (one left in the temporary directory per run, before)."""
+    global _hang_file
+    if _hang_file is not None:
+        _hang_file.close()
+        _hang_file = None
+        if HANG_FILE.exists() and HANG_FILE.stat().st_size == 0:
+            HANG_FILE.unlink()
+
+
 HEALTH_EVENTS = ("database_unreachable", "database_reachable", "database_ping_missed", "database_ping_late")
 
 

@@ -233,15 +233,13 @@ def rollup_in_another_time_zone(h: Harness, api: Api) -> None:
     """A rollup counting civil days of another time zone (10:00 UTC, the test clock's time, is
     already the next day in Kiritimati): kept as such by writes, and the report answers from the
     raw rows instead, the same; rebuilt in the service's time zone, it is used again."""
-    with h.ctx.db.write() as s:
-        rollup.rebuild(s, "Pacific/Kiritimati")
+    rollup.rebuild(h.ctx.db, "Pacific/Kiritimati")
     live = [n for n in sorted(api_names(h)) if api.admin.GetActivation(activation_pb2.GetActivationRequest(
         name=n)).state == activation_pb2.ACTIVE]
     if live:
         api.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(name=live[0], reason="time zone"))
     check(h, api, SEED)  # the rollup against its recomputation in its own time zone, the report in Paris
-    with h.ctx.db.write() as s:
-        rollup.rebuild(s, h.ctx.settings.timezone)
+    rollup.rebuild(h.ctx.db, h.ctx.settings.timezone)
     check(h, api, SEED)
 
 
