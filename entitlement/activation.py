@@ -283,7 +283,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         # while the settlement job, past midnight, expired it, started on that activation's last day
         # (both activations then owed a month of access for that day: tests/test_ledger.py).
         live_rows = st.all(*live_read)
-        now, today = ctx.clock.now(), ctx.clock.today()
+        now, today = ctx.clock.moment()
         facts, snapshot, source = person_facts.lookup(st, person_key, cmd.job_seeker.birth_date, live)
         seats_used, cents_committed = counters.usage(st, [program])[program.id]
         decision = rules.evaluate(program, facts, today, rules.Circumstances(
@@ -456,7 +456,7 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
         # The moment, once the row is held: a change that waited for it while the settlement job,
         # past midnight, consumed the month of access beginning that day is made (and logged) on
         # that day, not on the day before, when by the log that month would have had no access.
-        now, today = ctx.clock.now(), ctx.clock.today()
+        now, today = ctx.clock.moment()
         current = effective_state(a, today)
         if current not in allowed_from:
             # The row lock may have waited for a concurrent retry of this very request: replay it.
@@ -502,7 +502,7 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
         # The moment, once the row is held (as a transition's): a reissue that waited for it past
         # midnight of the end date judged the activation by the day before and signed a token for
         # an activation whose access had ended (tests/test_reissue.py).
-        now, today = ctx.clock.now(), ctx.clock.today()
+        now, today = ctx.clock.moment()
         current = effective_state(a, today)
         if current not in LIVE:
             raise FailedPrecondition(
@@ -607,7 +607,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
         a = st.first(_REDEEM_ROW, {"id": claims.activation_id})
         # The moment, once the row is held (as a transition's): a redemption that waited for it past
         # midnight of the end date bound an activation whose access had ended (tests/test_activation.py).
-        now, today = ctx.clock.now(), ctx.clock.today()
+        now, today = ctx.clock.moment()
         if a is None or not _of_token(a, claims):
             raise FailedPrecondition("token does not match any activation", reason="TOKEN_INVALID")
         if a.account_id is not None:  # bound once: any replay, same account or not, names the binding

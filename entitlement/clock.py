@@ -16,6 +16,11 @@ class Clock(Protocol):
     def today(self) -> dt.date:
         """The current civil date in the service's timezone (Europe/Paris)."""
 
+    def moment(self) -> tuple[dt.datetime, dt.date]:
+        """`now()` and the civil date of that very instant, read once: the two calls one after the
+        other can straddle midnight (a revocation logged at 23:59:59.999999 and settled as of the
+        next day consumed a month of access the log says it never had)."""
+
 
 @dataclass(frozen=True)
 class SystemClock:
@@ -27,10 +32,16 @@ class SystemClock:
     def today(self) -> dt.date:
         """Every call asks it: computed once per civil day, then looked up (a time zone conversion
         is a tenth of a token verification)."""
-        now = time.time()
+        return self._day(time.time())
+
+    def moment(self) -> tuple[dt.datetime, dt.date]:
+        epoch = time.time()
+        return dt.datetime.fromtimestamp(epoch, dt.timezone.utc), self._day(epoch)
+
+    def _day(self, epoch: float) -> dt.date:
         span = _DAYS.get(self.timezone)
-        if span is None or not span[1] <= now < span[2]:  # a new day, or the system clock stepped back
-            span = _DAYS[self.timezone] = day_span(now, ZoneInfo(self.timezone))
+        if span is None or not span[1] <= epoch < span[2]:  # a new day, or the system clock stepped back
+            span = _DAYS[self.timezone] = day_span(epoch, ZoneInfo(self.timezone))
         return span[0]
 
 
@@ -60,6 +71,10 @@ class FixedClock:
 
     def today(self) -> dt.date:
         return self._now.astimezone(self._tz).date()
+
+    def moment(self) -> tuple[dt.datetime, dt.date]:
+        now = self._now
+        return now, now.astimezone(self._tz).date()
 
     def advance(self, delta: dt.timedelta) -> None:
         self._now += delta

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -330,6 +331,32 @@ def test_revocation_consumes_the_months_begun_and_releases_the_rest(h: Harness, 
         assert json.loads(revoked.payload_json)["released_cents"] == each(10 * HALF)
         # The release is booked in the month of the revocation; the consumption in the months owed.
         assert settle(h, act.name).examined == 0  # nothing reserved: the job skips it
+    assert_report_matches_ledger(h, api)
+
+
+def test_a_revocation_a_moment_before_midnight_is_settled_on_the_day_it_is_logged(h: Harness, api: Api) -> None:
+    """The instant of a change and its civil day are read at once (Clock.moment): read one after
+    the other (`now()`, then `today()`), a revocation at 23:59:59.999999 on 15 April was logged on the
+    15th and settled as of the 16th, the first day of April's month of access: that month consumed,
+    though by the log access had ended the day before it began. Here the clock's `today()` answers a
+    microsecond after its `now()`, as the system clock does when read twice across midnight."""
+    act = activate(api)  # 16 March: months of access begin on the 16th
+    clock = h.clock
+    before = clock.now()
+    midnight = dt.datetime(2026, 4, 16, tzinfo=ZoneInfo(h.ctx.settings.timezone))
+    clock.advance(midnight - dt.timedelta(microseconds=1) - before)
+    clock.today = lambda: (clock.now() + dt.timedelta(microseconds=1)).astimezone(  # type: ignore[method-assign]
+        ZoneInfo(h.ctx.settings.timezone)).date()
+    try:
+        move(api, "revoke", act.name, "found a job")
+    finally:
+        del clock.today  # type: ignore[method-assign]
+        clock.advance(before - clock.now())
+    [revoked] = [e for e in events_of(h, act.name) if e.type == "activation.revoked"]
+    logged_on = revoked.time.replace(tzinfo=revoked.time.tzinfo or dt.timezone.utc).astimezone(
+        ZoneInfo(h.ctx.settings.timezone)).date()
+    assert logged_on == D(2026, 4, 15)
+    expect(h, act.name, consumed=["2026-03"], released_months=11)
     assert_report_matches_ledger(h, api)
 
 
