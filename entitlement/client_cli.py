@@ -370,10 +370,15 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def _transition(method: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        # An idempotency key drawn when none is given, and named by a failure a retry may mend: a
+        # suspension made before its answer was lost, retried with it, answers what it did; retried
+        # without, INVALID_STATE (it is suspended), or, after a resumption by someone else meanwhile,
+        # a second suspension.
+        request_id = args.request_id or uuid.uuid4().hex
         req = activation_pb2.TransitionActivationRequest(
-            name=_name("activations", args.activation), reason=args.reason, request_id=args.request_id or "")
+            name=_name("activations", args.activation), reason=args.reason, request_id=request_id)
         return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, method, req,
-                                 retry_key=args.request_id or ""), _print_activation)
+                                 retry_key=request_id), _print_activation)
     return run
 
 

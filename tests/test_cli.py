@@ -497,3 +497,30 @@ def test_an_activation_that_may_not_have_been_made_says_how_to_retry_it_safely(
     refused = run("advisor-paris", "activate", "CAT0006", SPECIAL["CAT0006"][0], "--program", PROGRAM,
                   "--platform", "openclassrooms").error("FAILED_PRECONDITION", "[NOT_ELIGIBLE]")
     assert "--request-id" not in refused
+
+
+def test_a_transition_that_may_not_have_been_made_says_how_to_retry_it_safely(
+        run: Run, harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    """`suspend`, `resume` and `revoke` sent no idempotency key unless given one: a suspension whose
+    answer was lost, retried, failed INVALID_STATE (it is suspended), or made a second change if
+    someone had resumed it meanwhile. They draw one, and a failure a retry may mend names it."""
+    agency_id, birth = next_person()
+    made = run("advisor-paris", "activate", agency_id, birth.isoformat(), "--program", PROGRAM,
+               "--platform", "openclassrooms")
+    assert made.code == 0, made.err
+    name = made.fields()["activation"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+        capsys.readouterr()
+        code = cli.main(["suspend", name, "--reason", "hospital", "--address", closed, "--timeout", "2",
+                         f"--token={harness.tokens['advisor-paris']}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "UNAVAILABLE" in err, err
+    found = re.search(r"to retry safely, run the same command with --request-id ([0-9a-f]{32})$", err.strip())
+    assert found, err
+    first = run("advisor-paris", "suspend", name, "--reason", "hospital", "--request-id", found.group(1))
+    assert first.code == 0 and first.fields()["state"] == "suspended (hospital)", first.err
+    again = run("advisor-paris", "suspend", name, "--reason", "hospital", "--request-id", found.group(1))
+    assert again.code == 0 and again.fields()["state"] == "suspended (hospital)", again.err  # the stored answer
+    run("advisor-paris", "suspend", name, "--reason", "hospital").error("FAILED_PRECONDITION", "[INVALID_STATE]")
