@@ -48,7 +48,11 @@ from entitlement.rules import PersonFacts
 
 PATH = "/v1/statut-demandeur-emploi"
 MAX_BODY = 64 * 1024  # a status answer is well under 1 KiB
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# A civil date: YYYY-MM-DD, or that day's midnight as a date-time (`T00:00:00`, zero fractions, an
+# optional offset): some status APIs give dates so. Any other time of day is refused (`malformed`),
+# never cut to its first 10 characters: a date sent as an instant in UTC ("2026-03-16T23:00:00Z"
+# for 17 March in Paris) would become the day before (a registration read as ended a day early).
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T00:00(:00(\.0+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?")
 _POSTAL_RE = re.compile(r"^[0-9]{5}$")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -406,6 +410,6 @@ def _parse(body: bytes, agency_id: str, birth_date: dt.date) -> PersonFacts | No
 
 
 def _date(value: object) -> dt.date:
-    if not isinstance(value, str) or not _DATE_RE.match(value):
+    if not isinstance(value, str) or not _DATE_RE.fullmatch(value):
         raise ValueError
     return dt.date.fromisoformat(value[:10])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -368,6 +369,28 @@ def test_retries_exhausted(agency: FakeAgency, failure: str, reason: str, status
                                     {"codeCategorieInscription": True}, {"dateInscription": None}])
 def test_unusable_answers_are_malformed(agency: FakeAgency, fields: dict[str, Any]) -> None:
     agency.people["P1"] = {**agency_record("P1", BIRTH), **fields}
+    exc = unavailable(client(agency, retries=0))
+    assert exc.reason == "malformed"
+    assert_nothing_personal(exc)
+
+
+@pytest.mark.parametrize("value", ["1990-05-17", "1990-05-17T00:00", "1990-05-17T00:00:00",
+                                   "1990-05-17T00:00:00Z", "1990-05-17T00:00:00.000+02:00",
+                                   "1990-05-17T00:00:00+0100"])
+def test_a_date_may_come_as_its_midnight(agency: FakeAgency, value: str) -> None:
+    agency.people["P1"] = {**agency_record("P1", BIRTH), "dateNaissance": value,
+                           "dateCessationInscription": value.replace("1990-05-17", "2026-03-17")}
+    got = client(agency).fetch("P1", BIRTH)
+    assert got is not None and (got.birth_date, got.registration_ended_on) == (BIRTH, dt.date(2026, 3, 17))
+
+
+@pytest.mark.parametrize("value", ["2026-03-16T23:00:00Z", "2026-03-16T23:00:00.000+00:00", "2026-03-16T12:00",
+                                   "2026-03-16 ", "2026-03-16x", "2026-03-16T00:00:00 junk"])
+def test_a_date_at_another_time_of_day_is_malformed_not_cut_to_its_day(agency: FakeAgency, value: str) -> None:
+    """Cut to its first 10 characters, "2026-03-16T23:00:00Z" (midnight of 17 March in Paris, as an
+    instant in UTC) was read as 16 March: a registration ending on the 17th read as ended on the
+    16th, a person refused REGISTRATION_ENDED on a day they were registered."""
+    agency.people["P1"] = agency_record("P1", BIRTH, ended=value)
     exc = unavailable(client(agency, retries=0))
     assert exc.reason == "malformed"
     assert_nothing_personal(exc)
@@ -824,6 +847,25 @@ def test_live_source_failing_falls_back_to_the_snapshot(live: LiveServer) -> Non
     assert '"event": "live_status_unavailable"' in log
     assert agency_id not in log and birth.isoformat() not in log
     assert not any(name in log for name in SECRET_NAMES)
+
+
+def test_a_registration_end_given_as_an_instant_falls_back_to_the_snapshot(live: LiveServer) -> None:
+    """The source gives the end of a registration as an instant in UTC: midnight of the day after
+    TODAY in Paris (2026-03-16T23:00:00Z is 17 March, 00:00 in Paris). Cut to its date, it ended
+    TODAY and the person, registered today, was refused REGISTRATION_ENDED on the live answer; a
+    date-time that is not a midnight is no usable answer: the snapshot decides, and says so."""
+    agency_id, birth = next_person()  # registered and eligible in the snapshot
+    paris_midnight = dt.datetime.combine(TODAY + dt.timedelta(days=1), dt.time(), ZoneInfo("Europe/Paris"))
+    instant = paris_midnight.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert instant.startswith(TODAY.isoformat())
+    live.agency.people[agency_id] = agency_record(agency_id, birth, ended=instant)
+    d = live.check(agency_id, birth)
+    assert (d.facts_source, d.eligible) == ("snapshot_fallback", True), [
+        c.reason_code for c in d.criteria if not c.passed]
+    # The same end as a date: the live answer decides (registered today, ending tomorrow).
+    live.agency.people[agency_id] = agency_record(agency_id, birth, ended=(TODAY + dt.timedelta(days=1)).isoformat())
+    d = live.check(agency_id, birth)
+    assert (d.facts_source, d.eligible) == ("live", True), [c.reason_code for c in d.criteria if not c.passed]
 
 
 def test_an_answer_about_someone_else_falls_back_to_the_snapshot(live: LiveServer) -> None:
