@@ -98,7 +98,7 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
         settings = dataclasses.replace(settings, database_url=server_url(url))
     upgrade(url)
     tokens = write_callers(settings.callers_file, CALLERS)
-    clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc))
+    clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc), settings.timezone)
     ctx = app.build(settings, clock=clock, create_secrets=True)
     if import_registry:  # (without: an empty event log)
         extract = write_registry(root / "registry.csv", people if people is not None else default_people())
