@@ -1,12 +1,14 @@
-"""A service in another time zone than Paris (ENTITLEMENT_TIMEZONE): French overseas departments
-have their own job seekers and agencies. Through the real server on both backends, with its clock
-in that zone (tests/own_server.py: the FixedClock follows the settings' zone): an activation
-starts on the local civil date, its token dies at local midnight after the end date, a revocation
-and the settlement job count months by the local day, and the funding report counts the
-revocation in the local month (from the raw rows, and from a rollup rebuilt in that zone).
+"""Civil days at the edges, through the real server on both backends with its clock in the
+service's zone (tests/own_server.py: the FixedClock follows ENTITLEMENT_TIMEZONE): the two DST
+switch days of Europe/Paris, and a service in another zone (French overseas departments have their
+own job seekers and agencies). An activation starts on the local civil date, its token dies at
+local midnight after the end date, suspensions, revocations and the settlement job count months by
+the local day, and the funding report counts a revocation in the local month (from the rollup,
+from the raw rows when the rollup was built in another zone, and from a rollup rebuilt in it).
 
-The instants are chosen where the local date and the UTC date differ: 00:30 in Nouméa (UTC+11) is
-13:30 UTC the day before; 23:30 in Cayenne (UTC-3) is 02:30 UTC the day after."""
+The instants are chosen where the local date and the UTC date differ: 00:30 in Paris is 22:30 or
+23:30 UTC the day before; 00:30 in Nouméa (UTC+11) is 13:30 UTC the day before; 23:30 in Cayenne
+(UTC-3) is 02:30 UTC the day after."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from sqlalchemy import select
 from own_server import next_ledger_person, own_server
 from support import Api, Harness, identity
 
-from entitlement import jobs, rollup
-from entitlement.storage.models import LedgerEntry
+from entitlement import jobs, ledger, registry, rollup
+from entitlement.storage.models import Activation, LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
 
 D = dt.date
@@ -114,4 +116,61 @@ def test_cayenne_settles_and_expires_by_the_local_day(
         assert status.active
         at(h, dt.datetime(2027, 3, 16, 3, 30, tzinfo=UTC))
         got = api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="acct-cayenne"))
+        assert not got.active and got.state == activation_pb2.EXPIRED
+
+
+
+def fresh_extract(h: Harness, tmp_path: Path) -> None:
+    """The own server's registry again, extracted the day before the server's today."""
+    registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, tmp_path / "registry.csv",
+                            extracted_on=h.clock.today() - dt.timedelta(days=1))
+
+
+def test_paris_dst_days_count_by_the_local_day(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Sunday 25 October 2026 (03:00 -> 02:00, an hour twice) and Sunday 28 March 2027 (02:00 ->
+    03:00). An activation made at 00:30 on 25 October in Paris (22:30 UTC the day before, summer
+    time) starts that day and ends on 24 October 2027; its token dies at midnight in Paris (22:00
+    UTC, summer time again), and it is live at 23:59:59 on its end date. A suspension at 23:30 on
+    25 October (22:30 UTC, winter time) and a resumption at 00:30 on the 26th are on those days.
+    An activation from 28 January 2027 has its third month of access from 28 March: settled at
+    23:30 on the 27th it is not begun; revoked at 00:30 on the 28th (23:30 UTC on the 27th) it is
+    owed (a revocation's day counts as on), and the report counts the revocation in March."""
+    with server_in("Europe/Paris", backend, tmp_path, request) as h:
+        api = Api(h)
+        at(h, dt.datetime(2026, 10, 24, 22, 30, tzinfo=UTC))  # 00:30 on Sunday 25 October, summer time
+        fresh_extract(h, tmp_path)
+        resp = activate(api)
+        b = resp.activation
+        assert (day(b.start_date), day(b.end_date)) == (D(2026, 10, 25), D(2027, 10, 24))
+        exp = jwt.decode(resp.activation_token, options={"verify_signature": False})["exp"]
+        assert dt.datetime.fromtimestamp(exp, UTC) == dt.datetime(2027, 10, 24, 22, 0, tzinfo=UTC)
+        at(h, dt.datetime(2026, 10, 25, 22, 30, tzinfo=UTC))  # 23:30 on Sunday 25 October, winter time
+        api.advisor.SuspendActivation(activation_pb2.TransitionActivationRequest(name=b.name, reason="pause"))
+        at(h, dt.datetime(2026, 10, 25, 23, 30, tzinfo=UTC))  # 00:30 on Monday 26 October
+        api.advisor.ResumeActivation(activation_pb2.TransitionActivationRequest(name=b.name, reason="back"))
+        with h.ctx.db.read() as s:
+            row = s.get(Activation, b.name.split("/")[1])
+            assert row is not None
+            assert [(t.day, t.kind) for t in ledger.history(s, row, "Europe/Paris")] == [
+                (D(2026, 10, 25), "suspend"), (D(2026, 10, 26), "resume")]
+
+        at(h, dt.datetime(2027, 1, 28, 10, 0, tzinfo=UTC))
+        fresh_extract(h, tmp_path)
+        a = activate(api).activation
+        assert day(a.start_date) == D(2027, 1, 28)
+        at(h, dt.datetime(2027, 3, 27, 22, 30, tzinfo=UTC))  # 23:30 on Saturday 27 March in Paris
+        jobs.run_settlement(h.ctx, activation_ids=[a.name.split("/")[1]])
+        assert consumed_months(h, a.name) == ["2027-01", "2027-02"]  # the third begins on the 28th
+        at(h, dt.datetime(2027, 3, 27, 23, 30, tzinfo=UTC))  # 00:30 on Sunday 28 March in Paris
+        api.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(name=a.name, reason="moved"))
+        assert consumed_months(h, a.name) == ["2027-01", "2027-02", "2027-03"]
+        assert report(api)[(FUNDERS[0], "2027-03")] == (1, 1)  # b live at the end of March, a ended
+
+        at(h, dt.datetime(2027, 10, 24, 21, 59, 59, tzinfo=UTC))  # 23:59:59 on b's end date in Paris
+        status = api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id="acct-paris"))
+        assert status.active
+        at(h, dt.datetime(2027, 10, 24, 22, 0, tzinfo=UTC))  # midnight: access ended
+        got = api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="acct-paris"))
         assert not got.active and got.state == activation_pb2.EXPIRED
