@@ -353,7 +353,13 @@ def revalidate(program: Program, facts: PersonFacts | None, start: dt.date, toda
     (`data_date`: the date of the extract they come from), on `today`.
 
     Only the person criteria count: the circumstances (caps, mentor, data freshness) were judged
-    when the activation was made, and an age limit is judged on the start date, as then. When
+    when the activation was made. The person's facts are the new ones, but the terms they are held
+    to are those the activation was granted on: every parameter in force on `start` (the categories
+    and departments covered, the age limit, on which the age is judged too, as then), so a dated
+    value taking effect later changes new decisions, never an activation made before it (judged by
+    today's values, a program narrowing its categories from 1 April curtailed every holder it no
+    longer covered at the next extract, from that extract's date). Only whether the registration
+    is active is judged on `today`. When
     eligibility is lost, it was lost on the registration's end if that is why, else on the data's
     date (the first the service knows of it); access then ends as at activation
     (`entitlement_end`): on the last day of the Nth month after that day's month with
@@ -365,7 +371,7 @@ def revalidate(program: Program, facts: PersonFacts | None, start: dt.date, toda
         if facts is None:
             failed.append("NOT_REGISTERED")
             break
-        result = CHECKS[name](program, facts, start if name == "age_below" else today)
+        result = CHECKS[name](program, facts, today if name == "registration_active" else start)
         if not result.passed:
             failed.append(result.reason_code)
     if not failed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import threading
 import uuid
 from collections import defaultdict
@@ -31,6 +32,7 @@ from test_audit_log import IDF, MINISTRY, export, verify
 
 from entitlement import consumption, jobs, ledger, registry
 from entitlement.clock import SystemClock
+from entitlement.config import ROOT
 from entitlement.money import split_cents
 from entitlement.storage.models import Activation, Event, LedgerEntry, LogHead, ProgramCounter
 from entitlement.v1 import activation_pb2, audit_pb2
@@ -1041,6 +1043,61 @@ def test_revalidation_curtails_or_expires_those_no_longer_eligible(backend: tupl
             done = jobs.run_settlement(server.ctx)
             assert done.expired == 1
             expect(server, ids["ended-april"][1], consumed=["2026-03", "2026-04", "2026-05"], released_months=9)
+            assert_report_matches_ledger(server, api)
+
+
+def programs_covering_fewer_categories_from(root: Path, day: dt.date) -> Path:
+    """The repository's programs, premium's categories narrowed to 1-3 from `day` (a dated value)."""
+    progs = root / "programs"
+    shutil.copytree(ROOT / "programs", progs)
+    path = progs / f"{PREMIUM}.yaml"
+    text = path.read_text(encoding="utf-8")
+    old = ('        value: [1, 2, 3, 4, 5]\n'
+           '        reference: "Categories 1-5 are job seekers (statistical A-E); 6-8 are out of scope (DOMAIN.md)"\n')
+    assert old in text
+    path.write_text(text.replace(old, old + (f'      {day.isoformat()}:\n'
+                                             '        value: [1, 2, 3]\n'
+                                             '        reference: "test: categories 4 and 5 no longer covered"\n')),
+                    encoding="utf-8")
+    return progs
+
+
+def test_revalidation_judges_a_holder_by_the_program_parameters_of_the_start_date(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Premium covers categories 1-5, then 1-3 from 1 April 2026 (a dated value). A category-4 job
+    seeker activated on 16 March keeps the access granted: the next extract (5 May, same facts)
+    does not curtail them for a rule that took effect after their start (it did, to the end of June,
+    'no longer eligible (CATEGORY_NOT_COVERED) in registry snapshot ...', the day depending on when
+    that extract came). New activations follow the new value; a holder whose own facts changed (now
+    category 6) is curtailed as before."""
+    people = default_people()
+    kept, changed, newcomer = "CATFOUR01", "CATFOUR02", "CATFOUR03"
+    for ident in (kept, changed, newcomer):
+        people[ident] = ("1990-06-15", "75011", "2024-01-15", "", "4")
+    progs = programs_covering_fewer_categories_from(tmp_path, D(2026, 4, 1))
+    with own_server(backend[0], tmp_path / "own", request, people=people, programs_dir=progs) as server:
+        api = Api(server)
+        names = {who: api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(who, D(1990, 6, 15)), program=f"programs/{PREMIUM}",
+            platform="platforms/openclassrooms", reason="category 4")).activation.name for who in (kept, changed)}
+        later = dict(people)
+        later[changed] = ("1990-06-15", "75011", "2024-01-15", "", "6")
+        extract = write_registry(tmp_path / "later.csv", later)
+        with on_day(server, D(2026, 5, 10)):
+            registry.import_extract(server.ctx.db, server.ctx.pseudo, server.clock, extract,
+                                    extracted_on=D(2026, 5, 5))
+            r = jobs.run_revalidation(server.ctx, activation_ids=[n.split("/")[1] for n in names.values()])
+            assert (r.examined, r.still_eligible, r.curtailed, r.expired) == (2, 1, 1, 0), r
+            got = {who: api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=name))
+                   for who, name in names.items()}
+            assert (got[kept].state, D(got[kept].end_date.year, got[kept].end_date.month, got[kept].end_date.day)) == (
+                activation_pb2.ACTIVE, D(2027, 3, 15))
+            assert [e for e in events_of(server, names[kept]) if e.type == "activation.curtailed"] == []
+            assert D(got[changed].end_date.year, got[changed].end_date.month, got[changed].end_date.day) == D(2026, 6, 30)
+            f = expect_error(api.advisor.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+                job_seeker=identity(newcomer, D(1990, 6, 15)), program=f"programs/{PREMIUM}",
+                platform="platforms/openclassrooms", reason="category 4"), grpc.StatusCode.FAILED_PRECONDITION)
+            assert f.reason == "NOT_ELIGIBLE" and "CATEGORY_NOT_COVERED" in f.message
             assert_report_matches_ledger(server, api)
 
 
