@@ -14,7 +14,7 @@ class Clock(Protocol):
         """The current instant, timezone-aware, UTC."""
 
     def today(self) -> dt.date:
-        """The current civil date in the service's timezone (Europe/Paris)."""
+        """The current civil date in the service's timezone (ENTITLEMENT_TIMEZONE, Europe/Paris by default)."""
 
     def moment(self) -> tuple[dt.datetime, dt.date]:
         """`now()` and the civil date of that very instant, read once: the two calls one after the
