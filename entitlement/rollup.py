@@ -35,6 +35,7 @@ import datetime as dt
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -366,7 +367,7 @@ def recompute_snapshot(snapshot: Session, timezone: str) -> Recomputed:
     """`recompute` in a read transaction of one snapshot (Database.read(consistent=True)), with the
     size of its event log. Takes no lock: writers go on meanwhile."""
     ZoneInfo(timezone)  # a bad name fails before anything is read
-    size = snapshot.execute(select(LogHead.size).where(LogHead.id == 1)).scalar_one_or_none() or 0
+    size = _log_size(snapshot)
     months, days = recompute(snapshot, timezone)
     return Recomputed(timezone, size, months, days)
 
@@ -424,16 +425,46 @@ def _catch_up(s: Session, snapshot: Session, r: Recomputed,
     return months, {k: v for k, v in days.items() if any(v.values())}
 
 
+# Catch-up passes made in newer snapshots, without the lock, while more than this many events came
+# after the snapshot in hand: what is left for the locked one is what was written during the last.
+UNLOCKED_BACKLOG = 500
+UNLOCKED_PASSES = 4
+
+
 def rebuild(db: Database, timezone: str) -> tuple[int, int]:
     """Replace the rollup by its recomputation in `timezone` (bulk loads, a time zone change),
     beside serving processes: recomputed in a read snapshot (no lock: 3.9 s on SQLite and 3.65 s on
-    PostgreSQL at 200,000 activations, during which writers waited, before), then caught up and
+    PostgreSQL at 200,000 activations, during which writers waited, before), brought up to date in
+    newer snapshots while writers went on meanwhile (`catch_up`), then caught up with the rest and
     swapped in a short write transaction (`replace`). Two of `db`'s connections at once. Returns
     the number of month and day rows written."""
-    with db.read(consistent=True) as snapshot:
+    with ExitStack() as held:
+        snapshot = held.enter_context(db.read(consistent=True))
         r = recompute_snapshot(snapshot, timezone)
+        for _ in range(UNLOCKED_PASSES):
+            newer_held = ExitStack()
+            newer = newer_held.enter_context(db.read(consistent=True))
+            if _log_size(newer) - r.size <= UNLOCKED_BACKLOG:
+                newer_held.close()
+                break
+            r = catch_up(newer, snapshot, r)
+            held.close()  # the older snapshot: its connection back to the pool
+            held.enter_context(newer_held)
+            snapshot = newer
         with db.write() as s:
             return replace(s, snapshot, r)
+
+
+def catch_up(newer: Session, snapshot: Session, r: Recomputed) -> Recomputed:
+    """`r` (recomputed, or caught up, in `snapshot`) brought up to date with `newer`, a later read
+    snapshot, without a lock."""
+    size = _log_size(newer)
+    months, days = _catch_up(newer, snapshot, r, size)
+    return Recomputed(r.timezone, size, months, days)
+
+
+def _log_size(s: Session) -> int:
+    return int(s.execute(select(LogHead.size).where(LogHead.id == 1)).scalar_one_or_none() or 0)
 
 
 # ------------------------------------------------------------------------------------------ read
