@@ -16,11 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from sqlalchemy import event
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
-from support import Api, identity
+from support import Api, expect_error, identity
 from test_audit_log import export, verify
 
 from entitlement import audit, registry
@@ -192,3 +193,24 @@ def test_a_funders_page_probes_the_ledger_index_alone_per_row(db: Database) -> N
                 assert "Sort" not in plan and "Hash" not in plan, plan
     finally:
         event.remove(db.engine, "before_cursor_execute", capture)
+
+
+def test_an_admin_filtering_on_a_funder_and_a_program_it_does_not_fund_gets_nothing_not_a_refusal(
+        api: Api) -> None:
+    """An admin may read everything: `funder` and `program` are two filters. The region funds no
+    premium activation of the shared server, so together they match nothing: an empty list and an
+    empty report (the admin was PERMISSION_DENIED OUT_OF_SCOPE, as if it were a funder). A funder
+    naming a program it has no share of is still refused."""
+    api.activate()
+    assert api.admin.ListActivations(audit_pb2.ListActivationsRequest(program=PREMIUM)).activations
+    assert api.admin.GetFundingReport(audit_pb2.GetFundingReportRequest(program=PREMIUM)).rows
+    listed = api.admin.ListActivations(audit_pb2.ListActivationsRequest(funder="region-idf", program=PREMIUM))
+    assert list(listed.activations) == [] and listed.next_page_token == ""
+    report = api.admin.GetFundingReport(audit_pb2.GetFundingReportRequest(funder="region-idf", program=PREMIUM))
+    assert list(report.rows) == []
+    f = expect_error(api.as_(IDF).ListActivations, audit_pb2.ListActivationsRequest(program=PREMIUM),
+                     grpc.StatusCode.PERMISSION_DENIED)
+    assert f.reason == "OUT_OF_SCOPE"
+    f = expect_error(api.as_(IDF).GetFundingReport, audit_pb2.GetFundingReportRequest(program=PREMIUM),
+                     grpc.StatusCode.PERMISSION_DENIED)
+    assert f.reason == "OUT_OF_SCOPE"

@@ -80,8 +80,10 @@ class AuditServiceServicer:
         its own share of each activation's money alone (admins see every funder's).
 
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
-        is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
-        funder asking for another funder's data).
+        is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
+        funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
+        program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+        a funder with no share of that program matches nothing (an empty page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +94,9 @@ class AuditServiceServicer:
         committed, consumed and released, months of access consumed; and activations live at the end
         of the month and ended during it.
 
-        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+        ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
+        no share of; an admin's filters matching nothing answer no rows).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,15 +75,19 @@ class AuditServiceStub:
     its own share of each activation's money alone (admins see every funder's).
 
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
-    is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
-    funder asking for another funder's data).
+    is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
+    funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
+    program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+    a funder with no share of that program matches nothing (an empty page).
     """
     GetFundingReport: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]
     """Money per funder, program and month, from the funding ledger: activations started, cents
     committed, consumed and released, months of access consumed; and activations live at the end
     of the month and ended during it.
 
-    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+    ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
+    no share of; an admin's filters matching nothing answer no rows).
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
@@ -138,15 +142,19 @@ class AuditServiceAsyncStub(AuditServiceStub):
     its own share of each activation's money alone (admins see every funder's).
 
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
-    is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
-    funder asking for another funder's data).
+    is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
+    funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
+    program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+    a funder with no share of that program matches nothing (an empty page).
     """
     GetFundingReport: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]  # type: ignore[assignment]
     """Money per funder, program and month, from the funding ledger: activations started, cents
     committed, consumed and released, months of access consumed; and activations live at the end
     of the month and ended during it.
 
-    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+    ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
+    no share of; an admin's filters matching nothing answer no rows).
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListEventsRequest, _audit_pb2.ListEventsResponse]  # type: ignore[assignment]
     """The raw, append-only event log, oldest first, from a sequence number (AIP-158 pagination).
@@ -204,8 +212,10 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         its own share of each activation's money alone (admins see every funder's).
 
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
-        is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (a
-        funder asking for another funder's data).
+        is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
+        funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
+        program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+        a funder with no share of that program matches nothing (an empty page).
         """
 
     @_abc_1.abstractmethod
@@ -218,7 +228,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         committed, consumed and released, months of access consumed; and activations live at the end
         of the month and ended during it.
 
-        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+        ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
+        no share of; an admin's filters matching nothing answer no rows).
         """
 
     @_abc_1.abstractmethod
