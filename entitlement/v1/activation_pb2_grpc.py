@@ -119,7 +119,9 @@ class ActivationServiceServicer:
         `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
         the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
         `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
-        euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
+        euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
+        CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
+        written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
         `ACTIVATION_EXISTS` naming the live activation of this person in this program,
         ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
         or admin).

@@ -70,7 +70,9 @@ class ActivationServiceStub:
     `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
     the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
-    euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
+    euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
+    CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
+    written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
     `ACTIVATION_EXISTS` naming the live activation of this person in this program,
     ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
     or admin).
@@ -247,7 +249,9 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
     the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
-    euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
+    euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
+    CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
+    written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
     `ACTIVATION_EXISTS` naming the live activation of this person in this program,
     ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
     or admin).
@@ -427,7 +431,9 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
         the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
         `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
-        euro cap would be exceeded (nothing is written), ALREADY_EXISTS with reason
+        euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
+        CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
+        written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
         `ACTIVATION_EXISTS` naming the live activation of this person in this program,
         ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
         or admin).

@@ -57,7 +57,10 @@ class EligibilityServiceServicer:
         with `eligible = false` and reason `NOT_REGISTERED` (no way to probe which ids exist).
 
         Errors: INVALID_ARGUMENT (missing or malformed `job_seeker`, malformed `program` or `as_of`),
-        NOT_FOUND (`program` names no program), UNAUTHENTICATED, PERMISSION_DENIED.
+        NOT_FOUND (`program` names no program), RESOURCE_EXHAUSTED with reason `RATE_LIMITED` (this
+        caller's share of CheckEligibility and ActivateEntitlement calls, ENTITLEMENT_CHECK_RATE_PER_MIN
+        a minute, is spent: a `google.rpc.RetryInfo` says when the next call passes; ErrorInfo metadata
+        `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
