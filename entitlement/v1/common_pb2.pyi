@@ -14,7 +14,21 @@ Conventions (Google AIPs):
   instants are `google.protobuf.Timestamp` in UTC.
 - Errors follow AIP-193: a canonical status code, a short English message naming the field,
   a `google.rpc.ErrorInfo` (reason in UPPER_SNAKE_CASE, domain `entitlement.v1`) and, for
-  INVALID_ARGUMENT, a `google.rpc.BadRequest` listing every field violation.
+  INVALID_ARGUMENT, a `google.rpc.BadRequest` listing every field violation (ErrorInfo reason
+  `INVALID_ARGUMENT`, metadata `fields`: the fields named, comma-separated).
+- Every error's ErrorInfo metadata carries `request_id`, the call's id in the server's log, to
+  quote to the operators: the caller's own when it sends `x-request-id` metadata of 8 to 64
+  letters, digits, `-` or `_`, else one drawn by the server. (It is no idempotency key: that is
+  a request's `request_id` field.)
+- Besides the errors each RPC lists, any call may answer UNAUTHENTICATED (reason
+  `CREDENTIALS_MISSING`, `CREDENTIALS_INVALID`, `CREDENTIALS_EXPIRED`, `CREDENTIALS_REVOKED`, or
+  `CREDENTIALS_MISMATCH`: a bearer token and a client certificate naming different callers),
+  PERMISSION_DENIED with reason `ROLE_NOT_ALLOWED` (metadata `role`) for a caller whose role may
+  not call it or `CALLER_MISCONFIGURED` (an operator must create the caller again), UNAVAILABLE
+  with reason `DATABASE_UNAVAILABLE` and a `google.rpc.RetryInfo` (retry with backoff: a write
+  whose commit was cut off answers its outcome to a retry with the same `request_id`),
+  DEADLINE_EXCEEDED or CANCELLED (the caller gave up: a write not yet committed is rolled back),
+  and INTERNAL (reason `INTERNAL`, with the `request_id` alone: no detail of the failure leaves).
 """
 
 from collections import abc as _abc
