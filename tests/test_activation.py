@@ -859,3 +859,61 @@ def test_an_activation_for_a_platform_nobody_can_redeem_on_is_refused(api: Api, 
     assert f.reason == "PLATFORM_NOT_FOUND"
     # Refused, nothing was written: the person can still be activated for a platform that exists.
     assert activate("openclassrooms").activation.state == activation_pb2.ACTIVE
+
+
+def test_error_infos_carry_the_metadata_keys_the_proto_names(api: Api) -> None:
+    """The keys of each reason's ErrorInfo metadata, as activation.proto documents them: a caller's
+    code reads them by name."""
+    fp, ae = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
+    T = activation_pb2.TransitionActivationRequest
+
+    # NOT_ELIGIBLE: `program`, and `failed_criteria` the failed criteria's reason codes, each once
+    # (an unknown person fails every registry criterion with NOT_REGISTERED).
+    f = expect_error(api.advisor.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity("NOBODYMETA1", "1990-01-01"), program=PROGRAM,
+        platform="platforms/openclassrooms"), fp)
+    assert f.reason == "NOT_ELIGIBLE"
+    assert f.metadata["program"] == PROGRAM and f.metadata["failed_criteria"] == "NOT_REGISTERED"
+
+    agency_id, birth = next_person()
+    first = api.activate(agency_id, birth)
+    name = first.activation.name
+    f = expect_error(api.advisor.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=PROGRAM, platform="platforms/openclassrooms"), ae)
+    assert (f.reason, f.metadata["activation"]) == ("ACTIVATION_EXISTS", name)
+
+    f = expect_error(api.advisor.ResumeActivation, T(name=name, reason="r"), fp)
+    assert (f.reason, f.metadata["current_state"], f.metadata["action"]) == ("INVALID_STATE", "ACTIVE", "resume")
+
+    missing = "activations/" + "cd" * 16
+    f = expect_error(api.admin.GetActivation, activation_pb2.GetActivationRequest(name=missing),
+                     grpc.StatusCode.NOT_FOUND)
+    assert (f.reason, f.metadata["activation"]) == ("ACTIVATION_NOT_FOUND", missing)
+
+    account = f"meta-{uuid.uuid4().hex[:8]}"
+    api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=first.activation_token, account_id=account))
+    f = expect_error(api.advisor.ReissueActivationToken, T(name=name, reason="lost"), fp)
+    assert (f.reason, f.metadata["activation"]) == ("TOKEN_ALREADY_REDEEMED", name)
+    second = api.activate()
+    f = expect_error(api.platform.RedeemActivationToken, activation_pb2.RedeemActivationTokenRequest(
+        token=second.activation_token, account_id=account), ae)
+    assert (f.reason, f.metadata["account_id"]) == ("ACCOUNT_ALREADY_BOUND", account)
+    api.advisor.RevokeActivation(T(name=second.activation.name, reason="r"))
+    f = expect_error(api.platform.RedeemActivationToken, activation_pb2.RedeemActivationTokenRequest(
+        token=second.activation_token, account_id=account + "-2"), fp)
+    assert (f.reason, f.metadata["current_state"]) == ("ENTITLEMENT_NOT_ACTIVE", "REVOKED")
+    f = expect_error(api.advisor.ReissueActivationToken, T(name=second.activation.name, reason="lost"), fp)
+    assert (f.reason, f.metadata["current_state"], f.metadata["action"]) == \
+        ("INVALID_STATE", "REVOKED", "reissue_token")
+
+    usage = activation_pb2.ReportUsageRequest
+    f = expect_error(api.platform.ReportUsage, usage(account_id=account, month="2026-02", used=True), fp)
+    assert (f.reason, f.metadata["month"]) == ("MONTH_OUTSIDE_ACCESS", "2026-02")
+    f = expect_error(api.platform.ReportUsage, usage(account_id=account, month="2026-05", used=True), fp)
+    assert (f.reason, f.metadata["month"]) == ("MONTH_NOT_BEGUN", "2026-05")
+    f = expect_error(api.platform.ReportUsage, usage(account_id=account, month="2026-03", used=True,
+                                                     program="programs/opencfa-apprentices"),
+                     grpc.StatusCode.NOT_FOUND)
+    assert (f.reason, f.metadata["account_id"], f.metadata["program"]) == \
+        ("ACCOUNT_NOT_FOUND", account, "programs/opencfa-apprentices")

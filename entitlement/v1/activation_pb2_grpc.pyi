@@ -66,28 +66,33 @@ class ActivationServiceStub:
     `request_id` and gets the one activation.
 
     Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
-    `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
-    `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
-    the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
-    `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
+    `PROGRAM_NOT_FOUND`, ErrorInfo metadata `program`; no platform caller with a usable credential
+    has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
+    FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
+    reason codes of the decision's failed criteria, each once, comma-separated, e.g.
+    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`) or `REQUEST_ID_REUSED` (metadata `reused_request_id`),
+    RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
     euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
     CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
     written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
-    `ACTIVATION_EXISTS` naming the live activation of this person in this program,
-    ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
-    or admin).
+    `ACTIVATION_EXISTS` naming the live activation of this person in this program (metadata
+    `activation`), ABORTED (`REQUEST_IN_FLIGHT`, metadata `in_flight_request_id`),
+    UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
     """
     GetActivation: _grpc.UnaryUnaryMultiCallable[_activation_pb2.GetActivationRequest, _activation_pb2.Activation]
-    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
-    to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND
+    (`ACTIVATION_NOT_FOUND`, metadata `activation`: to an admin), UNAUTHENTICATED,
+    PERMISSION_DENIED (not an advisor or admin; or, reason `OUT_OF_SCOPE`, an advisor asking for
+    an activation its agency did not make: answered alike whether the activation exists, so an
+    advisor gets OUT_OF_SCOPE, never NOT_FOUND, for an id that names nothing).
     """
     SuspendActivation: _grpc.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]
     """Suspends an active activation: access stops until resumed. A month of access suspended from
     its first day to its last is not owed by the funders. Idempotent with `request_id` as
     ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
     INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
-    `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+    `INVALID_STATE` (ErrorInfo metadata `current_state`: `ACTIVE`, `SUSPENDED`, `REVOKED` or
+    `EXPIRED`, and `action`: `suspend`, `resume` or `revoke`), or `REQUEST_ID_REUSED` (the
     `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
     `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
     UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
@@ -108,10 +113,11 @@ class ActivationServiceStub:
     changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
     the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
     token; an ActivateEntitlement replayed after a reissue answers a token of the current `jti`,
-    signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
-    (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
-    (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+    signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT,
+    NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason `INVALID_STATE` (revoked or
+    expired; metadata `current_state` and `action` = `reissue_token`), `TOKEN_ALREADY_REDEEMED`
+    (metadata `activation`) or `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`),
+    UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
     """
     RedeemActivationToken: _grpc.UnaryUnaryMultiCallable[_activation_pb2.RedeemActivationTokenRequest, _activation_pb2.EntitlementStatus]
     """Binds an activation token to the platform's own account id, once. Any later redemption of
@@ -127,9 +133,10 @@ class ActivationServiceStub:
     Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
     `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
-    claim, malformed), `TOKEN_EXPIRED`, or `ENTITLEMENT_NOT_ACTIVE` (revoked, expired),
-    ALREADY_EXISTS (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND` when the account already
-    holds a live entitlement to the same program).
+    claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
+    `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
+    (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND`, metadata `account_id`, when the account
+    already holds a live entitlement to the same program).
     """
     VerifyEntitlement: _grpc.UnaryUnaryMultiCallable[_activation_pb2.VerifyEntitlementRequest, _activation_pb2.EntitlementStatus]
     """Answers, for one of the calling platform's accounts: is Premium active, until when, and
@@ -162,9 +169,9 @@ class ActivationServiceStub:
     that waited for them while the settlement job, past midnight, released a month whose window
     had just closed is late.
 
-    Idempotent: the same report again changes nothing and succeeds. A report contradicting a
-    month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-    `used = false` is accepted (until then the month was only not reported).
+    Idempotent: the same report again changes nothing and succeeds. Under `use`, a report
+    contradicting a month already consumed (`used = false` after `used = true`) is refused;
+    `used = true` after `used = false` is accepted (until then the month was only not reported).
 
     Which activation a report is for: an account may be bound to several of the platform's
     activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
@@ -176,13 +183,15 @@ class ActivationServiceStub:
     `REQUEST_IN_FLIGHT` (retry later).
 
     Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
-    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
-    calling platform, of `program` when given, is bound to this account; another platform's
-    accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
+    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+    `account_id`, and `program` when given: no activation of the calling platform, of `program`
+    when given, is bound to this account; another platform's accounts and unknown programs answer
+    the same), FAILED_PRECONDITION with reason (metadata `month` with each)
     `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
     (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
-    `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
-    a consumed month), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
+    `REPORT_WINDOW_CLOSED` (`used = true` too late; metadata `deadline`: the last day it could be
+    reported), `USAGE_ALREADY_CONSUMED` (`used = false` for a month a report consumed, under
+    `use`), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
     PERMISSION_DENIED (not a platform caller).
     """
     WatchEntitlementChanges: _grpc.UnaryStreamMultiCallable[_activation_pb2.WatchEntitlementChangesRequest, _activation_pb2.EntitlementChange]
@@ -245,28 +254,33 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     `request_id` and gets the one activation.
 
     Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
-    `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
-    `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
-    the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
-    `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
+    `PROGRAM_NOT_FOUND`, ErrorInfo metadata `program`; no platform caller with a usable credential
+    has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
+    FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
+    reason codes of the decision's failed criteria, each once, comma-separated, e.g.
+    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`) or `REQUEST_ID_REUSED` (metadata `reused_request_id`),
+    RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
     euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
     CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
     written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
-    `ACTIVATION_EXISTS` naming the live activation of this person in this program,
-    ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
-    or admin).
+    `ACTIVATION_EXISTS` naming the live activation of this person in this program (metadata
+    `activation`), ABORTED (`REQUEST_IN_FLIGHT`, metadata `in_flight_request_id`),
+    UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
     """
     GetActivation: _aio.UnaryUnaryMultiCallable[_activation_pb2.GetActivationRequest, _activation_pb2.Activation]  # type: ignore[assignment]
-    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
-    to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+    """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND
+    (`ACTIVATION_NOT_FOUND`, metadata `activation`: to an admin), UNAUTHENTICATED,
+    PERMISSION_DENIED (not an advisor or admin; or, reason `OUT_OF_SCOPE`, an advisor asking for
+    an activation its agency did not make: answered alike whether the activation exists, so an
+    advisor gets OUT_OF_SCOPE, never NOT_FOUND, for an id that names nothing).
     """
     SuspendActivation: _aio.UnaryUnaryMultiCallable[_activation_pb2.TransitionActivationRequest, _activation_pb2.Activation]  # type: ignore[assignment]
     """Suspends an active activation: access stops until resumed. A month of access suspended from
     its first day to its last is not owed by the funders. Idempotent with `request_id` as
     ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
     INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
-    `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+    `INVALID_STATE` (ErrorInfo metadata `current_state`: `ACTIVE`, `SUSPENDED`, `REVOKED` or
+    `EXPIRED`, and `action`: `suspend`, `resume` or `revoke`), or `REQUEST_ID_REUSED` (the
     `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
     `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
     UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
@@ -287,10 +301,11 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
     the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
     token; an ActivateEntitlement replayed after a reissue answers a token of the current `jti`,
-    signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
-    (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
-    (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-    `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+    signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT,
+    NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason `INVALID_STATE` (revoked or
+    expired; metadata `current_state` and `action` = `reissue_token`), `TOKEN_ALREADY_REDEEMED`
+    (metadata `activation`) or `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`),
+    UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
     """
     RedeemActivationToken: _aio.UnaryUnaryMultiCallable[_activation_pb2.RedeemActivationTokenRequest, _activation_pb2.EntitlementStatus]  # type: ignore[assignment]
     """Binds an activation token to the platform's own account id, once. Any later redemption of
@@ -306,9 +321,10 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
     `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
-    claim, malformed), `TOKEN_EXPIRED`, or `ENTITLEMENT_NOT_ACTIVE` (revoked, expired),
-    ALREADY_EXISTS (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND` when the account already
-    holds a live entitlement to the same program).
+    claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
+    `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
+    (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND`, metadata `account_id`, when the account
+    already holds a live entitlement to the same program).
     """
     VerifyEntitlement: _aio.UnaryUnaryMultiCallable[_activation_pb2.VerifyEntitlementRequest, _activation_pb2.EntitlementStatus]  # type: ignore[assignment]
     """Answers, for one of the calling platform's accounts: is Premium active, until when, and
@@ -341,9 +357,9 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     that waited for them while the settlement job, past midnight, released a month whose window
     had just closed is late.
 
-    Idempotent: the same report again changes nothing and succeeds. A report contradicting a
-    month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-    `used = false` is accepted (until then the month was only not reported).
+    Idempotent: the same report again changes nothing and succeeds. Under `use`, a report
+    contradicting a month already consumed (`used = false` after `used = true`) is refused;
+    `used = true` after `used = false` is accepted (until then the month was only not reported).
 
     Which activation a report is for: an account may be bound to several of the platform's
     activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
@@ -355,13 +371,15 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     `REQUEST_IN_FLIGHT` (retry later).
 
     Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
-    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
-    calling platform, of `program` when given, is bound to this account; another platform's
-    accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
+    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+    `account_id`, and `program` when given: no activation of the calling platform, of `program`
+    when given, is bound to this account; another platform's accounts and unknown programs answer
+    the same), FAILED_PRECONDITION with reason (metadata `month` with each)
     `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
     (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
-    `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
-    a consumed month), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
+    `REPORT_WINDOW_CLOSED` (`used = true` too late; metadata `deadline`: the last day it could be
+    reported), `USAGE_ALREADY_CONSUMED` (`used = false` for a month a report consumed, under
+    `use`), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
     PERMISSION_DENIED (not a platform caller).
     """
     WatchEntitlementChanges: _aio.UnaryStreamMultiCallable[_activation_pb2.WatchEntitlementChangesRequest, _activation_pb2.EntitlementChange]  # type: ignore[assignment]
@@ -427,16 +445,18 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         `request_id` and gets the one activation.
 
         Errors: INVALID_ARGUMENT (missing or malformed fields), NOT_FOUND (no such program:
-        `PROGRAM_NOT_FOUND`; no platform caller with a usable credential has the `platform`'s id:
-        `PLATFORM_NOT_FOUND`, nothing is committed), FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (the decision's failed criteria are listed in
-        the ErrorInfo metadata `failed_criteria`) or `REQUEST_ID_REUSED` (metadata
-        `reused_request_id`), RESOURCE_EXHAUSTED with reason `CAP_REACHED` when the program's seat or
+        `PROGRAM_NOT_FOUND`, ErrorInfo metadata `program`; no platform caller with a usable credential
+        has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
+        FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
+        reason codes of the decision's failed criteria, each once, comma-separated, e.g.
+        `CATEGORY_NOT_COVERED,OUTSIDE_REGION`) or `REQUEST_ID_REUSED` (metadata `reused_request_id`),
+        RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
         euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
         CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
         written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
-        `ACTIVATION_EXISTS` naming the live activation of this person in this program,
-        ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor
-        or admin).
+        `ACTIVATION_EXISTS` naming the live activation of this person in this program (metadata
+        `activation`), ABORTED (`REQUEST_IN_FLIGHT`, metadata `in_flight_request_id`),
+        UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
         """
 
     @_abc_1.abstractmethod
@@ -445,9 +465,11 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _activation_pb2.GetActivationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_activation_pb2.Activation, _abc.Awaitable[_activation_pb2.Activation]]:
-        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND (`ACTIVATION_NOT_FOUND`,
-        to an admin), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+        """Reads one activation. Errors: INVALID_ARGUMENT (malformed name), NOT_FOUND
+        (`ACTIVATION_NOT_FOUND`, metadata `activation`: to an admin), UNAUTHENTICATED,
+        PERMISSION_DENIED (not an advisor or admin; or, reason `OUT_OF_SCOPE`, an advisor asking for
+        an activation its agency did not make: answered alike whether the activation exists, so an
+        advisor gets OUT_OF_SCOPE, never NOT_FOUND, for an id that names nothing).
         """
 
     @_abc_1.abstractmethod
@@ -460,7 +482,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         its first day to its last is not owed by the funders. Idempotent with `request_id` as
         ActivateEntitlement (a replay answers the activation as the first call answered it). Errors:
         INVALID_ARGUMENT, NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason
-        `INVALID_STATE` and the current state in the metadata, or `REQUEST_ID_REUSED` (the
+        `INVALID_STATE` (ErrorInfo metadata `current_state`: `ACTIVE`, `SUSPENDED`, `REVOKED` or
+        `EXPIRED`, and `action`: `suspend`, `resume` or `revoke`), or `REQUEST_ID_REUSED` (the
         `request_id` was used for another request: metadata `reused_request_id`), ABORTED with reason
         `REQUEST_IN_FLIGHT` (a retry with the same `request_id` while the first is being processed),
         UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
@@ -499,10 +522,11 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         changes in the funding ledger; the event log records `activation.token_reissued` (actor, reason,
         the new `jti`). Idempotent with `request_id` as ActivateEntitlement (a replay returns the same
         token; an ActivateEntitlement replayed after a reissue answers a token of the current `jti`,
-        signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION with reason `INVALID_STATE`
-        (revoked or expired; the current state in the metadata) or `TOKEN_ALREADY_REDEEMED`, ABORTED
-        (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED, PERMISSION_DENIED (not an advisor or admin; or, reason
-        `OUT_OF_SCOPE`, an advisor of another agency, answered alike whether the activation exists).
+        signed anew, since the first one redeems nothing any more). Errors: INVALID_ARGUMENT,
+        NOT_FOUND (as GetActivation), FAILED_PRECONDITION with reason `INVALID_STATE` (revoked or
+        expired; metadata `current_state` and `action` = `reissue_token`), `TOKEN_ALREADY_REDEEMED`
+        (metadata `activation`) or `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`),
+        UNAUTHENTICATED, PERMISSION_DENIED (as GetActivation).
         """
 
     @_abc_1.abstractmethod
@@ -524,9 +548,10 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
         `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
         `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
-        claim, malformed), `TOKEN_EXPIRED`, or `ENTITLEMENT_NOT_ACTIVE` (revoked, expired),
-        ALREADY_EXISTS (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND` when the account already
-        holds a live entitlement to the same program).
+        claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
+        `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
+        (`TOKEN_ALREADY_REDEEMED`, or `ACCOUNT_ALREADY_BOUND`, metadata `account_id`, when the account
+        already holds a live entitlement to the same program).
         """
 
     @_abc_1.abstractmethod
@@ -577,9 +602,9 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         that waited for them while the settlement job, past midnight, released a month whose window
         had just closed is late.
 
-        Idempotent: the same report again changes nothing and succeeds. A report contradicting a
-        month already consumed (`used = false` after `used = true`) is refused; `used = true` after
-        `used = false` is accepted (until then the month was only not reported).
+        Idempotent: the same report again changes nothing and succeeds. Under `use`, a report
+        contradicting a month already consumed (`used = false` after `used = true`) is refused;
+        `used = true` after `used = false` is accepted (until then the month was only not reported).
 
         Which activation a report is for: an account may be bound to several of the platform's
         activations having that month (one per program at once, e.g. OpenCFA and premium, or a new
@@ -591,13 +616,15 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         `REQUEST_IN_FLIGHT` (retry later).
 
         Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
-        not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (no activation of the
-        calling platform, of `program` when given, is bound to this account; another platform's
-        accounts and unknown programs answer the same), FAILED_PRECONDITION with reason
+        not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+        `account_id`, and `program` when given: no activation of the calling platform, of `program`
+        when given, is bound to this account; another platform's accounts and unknown programs answer
+        the same), FAILED_PRECONDITION with reason (metadata `month` with each)
         `MONTH_OUTSIDE_ACCESS` (not a month of access of the account's activations), `MONTH_NOT_BEGUN`
         (in the future), `NO_ACCESS_IN_MONTH` (`used = true` for a month access was off throughout),
-        `REPORT_WINDOW_CLOSED` (`used = true` too late), `USAGE_ALREADY_CONSUMED` (`used = false` for
-        a consumed month), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
+        `REPORT_WINDOW_CLOSED` (`used = true` too late; metadata `deadline`: the last day it could be
+        reported), `USAGE_ALREADY_CONSUMED` (`used = false` for a month a report consumed, under
+        `use`), `REQUEST_ID_REUSED`, ABORTED (`REQUEST_IN_FLIGHT`), UNAUTHENTICATED,
         PERMISSION_DENIED (not a platform caller).
         """
 
