@@ -176,6 +176,16 @@ def _cases() -> list[Case]:
     add("ListActivations-malformed-agency_code", "admin", "ListActivations", lst(agency_code="75 011"),
         "agency_code")
     add("ListActivations-long-agency_code", "admin", "ListActivations", lst(agency_code="A" * 17), "agency_code")
+    # The grammars the proto states: an agency code and a mentor id begin with a letter or a digit;
+    # an account id is printable ASCII without the space, on every RPC that takes one.
+    add("ListActivations-agency_code-leading-dash", "admin", "ListActivations", lst(agency_code="-75011"),
+        "agency_code")
+    add("CheckEligibility-mentor_id-leading-dot", "advisor-paris", "CheckEligibility", check(mentor_id=".tutor"),
+        "mentor_id")
+    add("ReportUsage-space-account_id", "platform-oc", "ReportUsage",
+        activation_pb2.ReportUsageRequest(account_id="has space", month="2026-03", used=True), "account_id")
+    add("VerifyEntitlement-space-account_id", "platform-oc", "VerifyEntitlement",
+        activation_pb2.VerifyEntitlementRequest(account_id="has space"), "account_id")
     add("ListActivations-unknown-state", "admin", "ListActivations", lst(state=99), "state")  # type: ignore[arg-type]
     add("ListActivations-timestamp-before-year-1", "admin", "ListActivations",
         lst(create_time_from=ts(-99_999_999_999)), "create_time_from")
@@ -445,3 +455,11 @@ def test_identifiers_are_never_logged(api: Api) -> None:
     assert log.count(trace) >= 4  # the calls above were logged, to this file
     for value in (agency_id, LEAKY_ID, LEAKY_BAD_ID, birth.isoformat()):
         assert value not in log
+
+
+def test_a_refused_account_id_is_told_the_rule_that_refused_it(api: Api) -> None:
+    """The space is printable ASCII: "1 to 128 printable ASCII characters" refused an id with one
+    while describing it as accepted. The rule says the space is not (as the proto does)."""
+    f = expect_error(api.platform.VerifyEntitlement, activation_pb2.VerifyEntitlementRequest(account_id="a b"), INVALID)
+    assert f.fields["account_id"] == "1 to 128 printable ASCII characters, no space"
+    api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="a~!b" + "x" * 124))

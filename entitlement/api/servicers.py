@@ -23,6 +23,11 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
 
 log = structlog.get_logger("entitlement.rpc")
 
+# A platform account id: printable ASCII, where the space is not (ACCOUNT_ID_RE). "Printable ASCII"
+# alone named the space among what is accepted (found by a review).
+ACCOUNT_ID_RULE = "1 to 128 printable ASCII characters, no space"
+MENTOR_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-', the first a letter or a digit"
+
 
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations) -> eligibility.JobSeeker:
     """The `job_seeker` field of a check or an activation (its field names spelled once, here:
@@ -45,7 +50,7 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         who = _job_seeker(request.job_seeker, v)
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         as_of = val.date(request.as_of, "as_of", v)
-        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", MENTOR_ID_RULE, v)
         v.raise_if_any()
         result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
         # Serialized already (sent as it is: entitlement.api.wrapping.passthrough).
@@ -80,7 +85,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         platform_id = val.name(request.platform, val.PLATFORM_NAME_RE, "platform", "platforms/openclassrooms", v)
         reason = val.text(request.reason, "reason", v)
-        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", "1 to 64 letters, digits, '.', '_' or '-'", v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", MENTOR_ID_RULE, v)
         v.raise_if_any()
         result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(
             who, program_id, platform_id, reason, request.request_id, request.mentor_id))
@@ -128,7 +133,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                               context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
         v = Violations()
         val.check_required(request, v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
         if len(request.token) > 4096:
             v.add("token", "must be at most 4096 characters")
         v.raise_if_any()
@@ -138,7 +143,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                           context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
         v = Violations()
         val.check_required(request, v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
         v.raise_if_any()
         return convert.status(activation.verify(self.ctx, current_caller(), request.account_id))
 
@@ -151,7 +156,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         v = Violations()
         val.check_required(request, v)
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", "1 to 128 printable ASCII characters", v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
         val.pattern(request.month, val.MONTH_RE, "month", "a month YYYY-MM", v)
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/opencfa-apprentices", v)
         v.raise_if_any()
@@ -402,7 +407,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         val.pattern(request.funder, val.FUNDER_RE, "funder", "a funder id such as region-idf", v)
         val.pattern(request.agency_code, val.AGENCY_CODE_RE, "agency_code",
-                    "1 to 16 letters, digits, '.', '_' or '-'", v)
+                    "1 to 16 letters, digits, '.', '_' or '-', the first a letter or a digit", v)
         state = ""
         if request.state:
             state = convert.PROTO_TO_STATE.get(request.state, "")

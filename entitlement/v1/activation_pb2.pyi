@@ -181,8 +181,9 @@ class ActivateEntitlementRequest(_message.Message):
     platform caller (credentials file or `entitlement callers`) with a usable credential has.
     """
     reason: _builtins.str
-    """Why the advisor activates (free text, at most 500 characters). Kept for ever in the
-    append-only event log, which funders read, and never purged: no personal data.
+    """Why the advisor activates (free text, at most 500 characters, no control character but the
+    tab). Kept for ever in the append-only event log, which funders read, and never purged: no
+    personal data.
     """
     mentor_id: _builtins.str
     """The mentor arranged for the job seeker, for programs that require one (see
@@ -269,8 +270,8 @@ class TransitionActivationRequest(_message.Message):
     name: _builtins.str
     """`activations/{activation_id}`."""
     reason: _builtins.str
-    """Why (1 to 500 characters). Kept for ever in the append-only event log, which funders read,
-    and never purged: no personal data.
+    """Why (1 to 500 characters, no control character but the tab). Kept for ever in the
+    append-only event log, which funders read, and never purged: no personal data.
     """
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
@@ -298,7 +299,9 @@ class RedeemActivationTokenRequest(_message.Message):
     token: _builtins.str
     """The activation token received from the advisor's activation."""
     account_id: _builtins.str
-    """The platform's own account id for the learner (1 to 128 printable characters)."""
+    """The platform's own account id for the learner: 1 to 128 printable ASCII characters (`!` to
+    `~`), no space, nothing else; compared exactly (case included).
+    """
     def __init__(
         self,
         *,
@@ -371,7 +374,9 @@ class VerifyEntitlementRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
-    """The platform's own account id. The platform is the caller's."""
+    """The platform's own account id, as redeemed (the grammar of
+    RedeemActivationTokenRequest.account_id). The platform is the caller's.
+    """
     def __init__(
         self,
         *,
@@ -435,7 +440,7 @@ class ReportUsageRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
     account_id: _builtins.str
-    """The platform account."""
+    """The platform account, as redeemed (the grammar of RedeemActivationTokenRequest.account_id)."""
     month: _builtins.str
     """The month of access, named by the calendar month it begins in, as `YYYY-MM`."""
     used: _builtins.bool

@@ -220,7 +220,8 @@ class ActivationServiceServicer:
         """Answers, for one of the calling platform's accounts: is Premium active, until when, and
         under which program. An account with no entitlement gets `active = false` (not NOT_FOUND).
 
-        Errors: INVALID_ARGUMENT (missing `account_id`), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (missing or malformed `account_id`), UNAUTHENTICATED,
+        PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,7 +269,8 @@ class ActivationServiceServicer:
         `request_id`, a retry while the first attempt is still processed is ABORTED with reason
         `REQUEST_IN_FLIGHT` (retry later).
 
-        Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+        Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
+        `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
         not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
         `account_id`, and `program` when given: no activation of the calling platform, of `program`
         when given, is bound to this account; another platform's accounts and unknown programs answer

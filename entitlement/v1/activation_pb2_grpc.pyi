@@ -142,7 +142,8 @@ class ActivationServiceStub:
     """Answers, for one of the calling platform's accounts: is Premium active, until when, and
     under which program. An account with no entitlement gets `active = false` (not NOT_FOUND).
 
-    Errors: INVALID_ARGUMENT (missing `account_id`), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (missing or malformed `account_id`), UNAUTHENTICATED,
+    PERMISSION_DENIED.
     """
     GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_activation_pb2.GetSigningKeysRequest, _activation_pb2.GetSigningKeysResponse]
     """Returns the public keys that sign activation tokens, as a JWKS (RFC 7517), so the platform
@@ -182,7 +183,8 @@ class ActivationServiceStub:
     `request_id`, a retry while the first attempt is still processed is ABORTED with reason
     `REQUEST_IN_FLIGHT` (retry later).
 
-    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+    Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
+    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
     not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
     `account_id`, and `program` when given: no activation of the calling platform, of `program`
     when given, is bound to this account; another platform's accounts and unknown programs answer
@@ -330,7 +332,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     """Answers, for one of the calling platform's accounts: is Premium active, until when, and
     under which program. An account with no entitlement gets `active = false` (not NOT_FOUND).
 
-    Errors: INVALID_ARGUMENT (missing `account_id`), UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (missing or malformed `account_id`), UNAUTHENTICATED,
+    PERMISSION_DENIED.
     """
     GetSigningKeys: _aio.UnaryUnaryMultiCallable[_activation_pb2.GetSigningKeysRequest, _activation_pb2.GetSigningKeysResponse]  # type: ignore[assignment]
     """Returns the public keys that sign activation tokens, as a JWKS (RFC 7517), so the platform
@@ -370,7 +373,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     `request_id`, a retry while the first attempt is still processed is ABORTED with reason
     `REQUEST_IN_FLIGHT` (retry later).
 
-    Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+    Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
+    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
     not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
     `account_id`, and `program` when given: no activation of the calling platform, of `program`
     when given, is bound to this account; another platform's accounts and unknown programs answer
@@ -563,7 +567,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Answers, for one of the calling platform's accounts: is Premium active, until when, and
         under which program. An account with no entitlement gets `active = false` (not NOT_FOUND).
 
-        Errors: INVALID_ARGUMENT (missing `account_id`), UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (missing or malformed `account_id`), UNAUTHENTICATED,
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -615,7 +620,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         `request_id`, a retry while the first attempt is still processed is ABORTED with reason
         `REQUEST_IN_FLIGHT` (retry later).
 
-        Errors: INVALID_ARGUMENT (missing `account_id` or `month`, `month` not `YYYY-MM`, `program`
+        Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
+        `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
         not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
         `account_id`, and `program` when given: no activation of the calling platform, of `program`
         when given, is bound to this account; another platform's accounts and unknown programs answer

@@ -83,7 +83,7 @@ class ListActivationsRequest(_message.Message):
     """
     agency_code: _builtins.str
     """Only activations made by this agency (an advisor's agency code: 1-16 letters, digits, ".", "_"
-    or "-").
+    or "-", the first a letter or a digit).
     """
     state: _activation_pb2.ActivationState.ValueType
     """Only activations in this state."""

@@ -37,7 +37,8 @@ class CheckEligibilityRequest(_message.Message):
     """`programs/{program_id}` to check one program; empty to check every program."""
     mentor_id: _builtins.str
     """The mentor (tuteur) the advisor has arranged, for programs with the `mentor_assigned`
-    criterion (OpenCFA): 1 to 64 letters, digits, '.', '_' or '-'. An attestation recorded with
+    criterion (OpenCFA): 1 to 64 letters, digits, '.', '_' or '-', the first a letter or a
+    digit. An attestation recorded with
     the decision; not personal data of the job seeker.
     """
     @_builtins.property
