@@ -89,8 +89,29 @@ def test_refused_pushes_leave_the_snapshot_in_force(api: Api, tmp_path: Path) ->
     big = iter([*list(_stream(b""))[:1], registry_pb2.ImportExtractRequest(chunk=b"x" * ((1 << 20) + 1))])
     f = expect_error(feed, big, grpc.StatusCode.INVALID_ARGUMENT)
     assert "chunk" in f.fields
+    # The header's own fields, as registry.proto lists them.
+    for kw, field in (({"sha256": "abc"}, "header.sha256"), ({"min_ratio": 1.5}, "header.min_ratio"),
+                      ({"min_ratio": -0.1}, "header.min_ratio"), ({"name": "x" * 256}, "header.source_name"),
+                      ({"name": "two\nlines"}, "header.source_name")):
+        f = expect_error(feed, _stream(data, **kw), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[arg-type]
+        assert set(f.fields) == {field}, (kw, f.fields)
 
     assert _check(api, "IDF0001", "2000-01-01").registry_snapshot == current
+
+
+def test_an_extract_over_the_size_limit_is_resource_exhausted_and_imports_nothing(
+        api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """registry.proto: EXTRACT_TOO_LARGE past 4 GiB, refused as the byte past it arrives. The limit
+    is lowered here (the harness's server runs in this process) to the registry file less a byte."""
+    from entitlement import registry_feed
+    assert registry_feed.MAX_EXTRACT_BYTES == 4 << 30  # what the proto says
+    current = _check(api, "IDF0001", "2000-01-01").registry_snapshot
+    data = _extract(tmp_path, "TOOBIG01,,Feed,Test,1991-01-01,75011,2025-01-06,,1\n")
+    monkeypatch.setattr(registry_feed, "MAX_EXTRACT_BYTES", len(data) - 1)
+    f = expect_error(api.as_("agency-feed").ImportExtract, _stream(data), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert f.reason == "EXTRACT_TOO_LARGE"
+    assert _check(api, "IDF0001", "2000-01-01").registry_snapshot == current
+    assert not _check(api, "TOOBIG01", "1991-01-01").eligible
 
 
 @pytest.mark.parametrize("caller", ["advisor-paris", "platform-oc", "funder-ministry"])

@@ -62,13 +62,13 @@ class ExtractHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     MIN_RATIO_FIELD_NUMBER: _builtins.int
     source_name: _builtins.str
-    """The file's name, for the record (at most 255 characters)."""
+    """The file's name, for the record (at most 255 characters, no control character but the tab)."""
     sha256: _builtins.str
     """Hex SHA-256 of the whole file; when given, the import is refused if the bytes differ."""
     min_ratio: _builtins.float
     """Refuse the extract when it has fewer valid rows than this share of the current snapshot
-    (a cut-off file must not de-register people). 0 means the default, 0.5; set 1e-9 to accept
-    any non-empty extract.
+    (a cut-off file must not de-register people): from 0 to 1; 0 means the default, 0.5; set
+    1e-9 to accept any non-empty extract.
     """
     @_builtins.property
     def extracted_on(self) -> _date_pb2.Date:
