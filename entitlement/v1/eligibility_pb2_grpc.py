@@ -52,7 +52,9 @@ class EligibilityServiceServicer:
 
     def CheckEligibility(self, request, context):
         """Evaluates the rules of one program, or of every program, for one job seeker on one date,
-        from the latest imported registry snapshot (never from facts supplied by the caller).
+        from the agency's data, never from facts supplied by the caller: its live status source when
+        the service has one (ENTITLEMENT_LIVE_STATUS_URL), else, or when that source is unavailable,
+        the latest imported registry snapshot (each decision's `facts_source` says which).
         A person unknown to the registry, or whose birth date does not match, gets a normal answer
         with `eligible = false` and reason `NOT_REGISTERED` (no way to probe which ids exist).
 

@@ -38,7 +38,9 @@ class EligibilityServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EligibilityServiceAsyncStub: ...
     CheckEligibility: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.CheckEligibilityRequest, _eligibility_pb2.CheckEligibilityResponse]
     """Evaluates the rules of one program, or of every program, for one job seeker on one date,
-    from the latest imported registry snapshot (never from facts supplied by the caller).
+    from the agency's data, never from facts supplied by the caller: its live status source when
+    the service has one (ENTITLEMENT_LIVE_STATUS_URL), else, or when that source is unavailable,
+    the latest imported registry snapshot (each decision's `facts_source` says which).
     A person unknown to the registry, or whose birth date does not match, gets a normal answer
     with `eligible = false` and reason `NOT_REGISTERED` (no way to probe which ids exist).
 
@@ -59,7 +61,9 @@ class EligibilityServiceAsyncStub(EligibilityServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CheckEligibility: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.CheckEligibilityRequest, _eligibility_pb2.CheckEligibilityResponse]  # type: ignore[assignment]
     """Evaluates the rules of one program, or of every program, for one job seeker on one date,
-    from the latest imported registry snapshot (never from facts supplied by the caller).
+    from the agency's data, never from facts supplied by the caller: its live status source when
+    the service has one (ENTITLEMENT_LIVE_STATUS_URL), else, or when that source is unavailable,
+    the latest imported registry snapshot (each decision's `facts_source` says which).
     A person unknown to the registry, or whose birth date does not match, gets a normal answer
     with `eligible = false` and reason `NOT_REGISTERED` (no way to probe which ids exist).
 
@@ -83,7 +87,9 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_eligibility_pb2.CheckEligibilityResponse, _abc.Awaitable[_eligibility_pb2.CheckEligibilityResponse]]:
         """Evaluates the rules of one program, or of every program, for one job seeker on one date,
-        from the latest imported registry snapshot (never from facts supplied by the caller).
+        from the agency's data, never from facts supplied by the caller: its live status source when
+        the service has one (ENTITLEMENT_LIVE_STATUS_URL), else, or when that source is unavailable,
+        the latest imported registry snapshot (each decision's `facts_source` says which).
         A person unknown to the registry, or whose birth date does not match, gets a normal answer
         with `eligible = false` and reason `NOT_REGISTERED` (no way to probe which ids exist).
 
