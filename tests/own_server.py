@@ -98,6 +98,7 @@ def own_server(backend: str, root: Path, request: pytest.FixtureRequest, *,
         settings = dataclasses.replace(settings, database_url=server_url(url))
     upgrade(url)
     tokens = write_callers(settings.callers_file, CALLERS)
+    # In the settings' time zone, as the server's own clock (SystemClock(settings.timezone)).
     clock = FixedClock(dt.datetime.combine(TODAY, dt.time(10, 0), tzinfo=dt.timezone.utc), settings.timezone)
     ctx = app.build(settings, clock=clock, create_secrets=True)
     if import_registry:  # (without: an empty event log)

@@ -344,9 +344,9 @@ class EntitlementStatus(_message.Message):
     """The benefit tier, e.g. `premium`."""
     @_builtins.property
     def end_date(self) -> _date_pb2.Date:
-        """Last day of access (inclusive, in the service's time zone: Europe/Paris by default), as planned
-        or curtailed; a REVOKED one keeps it, though its access ended at the revocation (`active` is
-        false from then on).
+        """Last day of access (inclusive, in the service's time zone), as planned or curtailed; a
+        REVOKED one keeps it, though its access ended at the revocation (`active` is false from then
+        on).
         """
 
     def __init__(

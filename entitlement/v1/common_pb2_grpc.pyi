@@ -9,9 +9,9 @@ Conventions (Google AIPs):
 - Field behaviour follows AIP-203 (`google.api.field_behavior`): REQUIRED fields must be set,
   OUTPUT_ONLY fields are ignored on input, OPTIONAL fields have a documented default.
 - Money is always an integer number of euro cents (`*_cents`), never a float.
-- Civil dates are `google.type.Date` (AIP-142), interpreted in the service's time zone
-  (`ENTITLEMENT_TIMEZONE`, Europe/Paris by default; an overseas deployment has its own);
-  instants are `google.protobuf.Timestamp` in UTC.
+- Civil dates are `google.type.Date` (AIP-142), interpreted in the service's calendar
+  (ENTITLEMENT_TIMEZONE, Europe/Paris by default): "today" is the civil date there; instants
+  are `google.protobuf.Timestamp` in UTC.
 - Errors follow AIP-193: a canonical status code, a short English message naming the field,
   a `google.rpc.ErrorInfo` (reason in UPPER_SNAKE_CASE, domain `entitlement.v1`) and, for
   INVALID_ARGUMENT, a `google.rpc.BadRequest` listing every field violation (ErrorInfo reason

@@ -47,7 +47,8 @@ class CheckEligibilityRequest(_message.Message):
 
     @_builtins.property
     def as_of(self) -> _date_pb2.Date:
-        """Evaluate as of this date (to recompute a past decision). Defaults to today in the service's time zone (Europe/Paris by default).
+        """Evaluate as of this date (to recompute a past decision). Defaults to today in the service's
+        time zone (Europe/Paris by default).
         Dates in the future are refused: registry data says nothing about them.
         """
 
@@ -102,7 +103,9 @@ class ListProgramsRequest(_message.Message):
     """`next_page_token` of a previous call with the same other fields (AIP-158)."""
     @_builtins.property
     def as_of(self) -> _date_pb2.Date:
-        """Show parameters in force on this date. Defaults to today in the service's time zone (Europe/Paris by default)."""
+        """Show parameters in force on this date. Defaults to today in the service's time zone
+        (Europe/Paris by default).
+        """
 
     def __init__(
         self,
