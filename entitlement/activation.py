@@ -236,16 +236,24 @@ def _check_scope(caller: Caller, a: Activation | None, activation_id: str) -> Ac
 # ---------------------------------------------------------------------------------------- activate
 
 def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationResult:
-    program = resolve_program(ctx, cmd.program_id)
-    if not ctx.callers.platform_known(cmd.platform_id):
-        # A token for a platform nobody can redeem it on, and its money committed: a typo's cost.
-        raise NotFound(f"platform platforms/{cmd.platform_id} not found: no platform caller with a usable "
-                       "credential has this platform id", reason="PLATFORM_NOT_FOUND",
-                       metadata={"platform": f"platforms/{cmd.platform_id}"})
     person_key = ctx.pseudo.person_key(cmd.job_seeker.agency_id)
     digest = _request_hash("activate", {"p": person_key.hex(), "b": cmd.job_seeker.birth_date,
                                         "g": cmd.program_id, "f": cmd.platform_id, "r": cmd.reason,
                                         "m": cmd.mentor_id})
+    try:
+        program = resolve_program(ctx, cmd.program_id)
+        if not ctx.callers.platform_known(cmd.platform_id):
+            # A token for a platform nobody can redeem it on, and its money committed: a typo's cost.
+            raise NotFound(f"platform platforms/{cmd.platform_id} not found: no platform caller with a usable "
+                           "credential has this platform id", reason="PLATFORM_NOT_FOUND",
+                           metadata={"platform": f"platforms/{cmd.platform_id}"})
+    except NotFound:
+        # A retry of an activation made before its platform (or program) went answers that
+        # activation (AIP-155), not NOT_FOUND as if nothing had been made (found by a review).
+        stored = _stored_activation(ctx, caller, cmd.request_id, digest)
+        if stored is not None:
+            return stored
+        raise
     # The live source is asked before the write transaction, never inside it.
     live = person_facts.ask_live(ctx, cmd.job_seeker.agency_id, cmd.job_seeker.birth_date)
     counters.ensure_row(ctx.db, program.id)  # once per program and Database (counters.Reservation)
@@ -258,6 +266,20 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
             counters.ensure_row(ctx.db, program.id, missing=True)
             result = _with_retry(_activate_once, ctx, caller, cmd, program, person_key, digest, live)
     return result
+
+
+def _stored_activation(ctx: Context, caller: Caller, request_id: str, digest: str) -> ActivationResult | None:
+    """The answer stored for this caller's `request_id`, when an activation was made under it (as
+    `_activate_once` replays it); REQUEST_ID_REUSED when it was made for another request."""
+    if not request_id:
+        return None
+    with ctx.db.read() as s:
+        replay = _replay(s, caller, request_id, "activate", digest)
+        if replay is None:
+            return None
+        a = s.get(Activation, replay["activation_id"])
+        assert a is not None
+        return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
 
 
 def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: Any, person_key: bytes,

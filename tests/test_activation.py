@@ -917,3 +917,37 @@ def test_error_infos_carry_the_metadata_keys_the_proto_names(api: Api) -> None:
                      grpc.StatusCode.NOT_FOUND)
     assert (f.reason, f.metadata["account_id"], f.metadata["program"]) == \
         ("ACCOUNT_NOT_FOUND", account, "programs/opencfa-apprentices")
+
+
+def test_a_retry_answers_the_activation_made_before_its_platform_was_revoked(api: Api, harness: Harness) -> None:
+    """AIP-155 as the proto promises it: the same request_id with the same request answers the
+    activation first made. The platform check ran before the stored answer was looked up, so a
+    retry after the platform's credential was revoked (the answer lost meanwhile) was NOT_FOUND
+    PLATFORM_NOT_FOUND, as if nothing had been made, while the funders' money was committed. A new
+    request for that platform is still refused, and another id for the same request too."""
+    agency_id, birth = next_person()
+    platform = f"goneplatform{uuid.uuid4().hex[:8]}"
+    request_id = uuid.uuid4().hex
+    request = activation_pb2.ActivateEntitlementRequest(
+        request_id=request_id, job_seeker=identity(agency_id, birth), program=PROGRAM,
+        platform=f"platforms/{platform}", reason="platform gone")
+    now = harness.clock.now()
+    credentials.create(harness.ctx.db, make_caller(f"p-{platform}", "platform", platform_id=platform), now=now,
+                       actor="admin:test")
+    try:
+        first = api.advisor.ActivateEntitlement(request)
+    finally:
+        credentials.revoke(harness.ctx.db, f"p-{platform}", now=now, actor="admin:test")
+    harness.ctx.callers.forget()
+    again = api.advisor.ActivateEntitlement(request)
+    assert again.activation == first.activation and again.activation_token == first.activation_token
+    # A changed request under that id is still REQUEST_ID_REUSED, a new one still PLATFORM_NOT_FOUND.
+    changed = activation_pb2.ActivateEntitlementRequest()
+    changed.CopyFrom(request)
+    changed.reason = "another reason"
+    f = expect_error(api.advisor.ActivateEntitlement, changed, grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "REQUEST_ID_REUSED"
+    changed.request_id = uuid.uuid4().hex
+    f = expect_error(api.advisor.ActivateEntitlement, changed, grpc.StatusCode.NOT_FOUND)
+    assert f.reason == "PLATFORM_NOT_FOUND"
+    move(api, "revoke", first.activation.name, "platform gone")
