@@ -94,7 +94,8 @@ class AuditServiceServicer:
         committed, consumed and released, months of access consumed; and activations live at the end
         of the month and ended during it.
 
-        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+        Errors: INVALID_ARGUMENT (a month not `YYYY-MM` from 2000-01 to 2099-12, `end_month` before
+        `start_month`, malformed `program` or `funder`), UNAUTHENTICATED, PERMISSION_DENIED (as
         ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
         no share of; an admin's filters matching nothing answer no rows).
         """
@@ -107,7 +108,8 @@ class AuditServiceServicer:
         A funder sees the events about the activations it has a share of, their payloads whole (every
         funder's amounts: see the top of this file).
 
-        Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (negative `start_sequence` or `page_size`, a `page_token` that is
+        malformed or was issued for another `start_sequence`), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,8 +119,8 @@ class AuditServiceServicer:
         """The latest signed checkpoint of the event log (its size when the call is served), and the
         verifier key that checks its signature.
 
-        Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        Errors: FAILED_PRECONDITION with reason `LOG_KEY_MISSING` (the server has no log signing key:
+        its operator runs `entitlement audit keygen`), UNAUTHENTICATED, PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

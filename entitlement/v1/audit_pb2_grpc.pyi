@@ -85,7 +85,8 @@ class AuditServiceStub:
     committed, consumed and released, months of access consumed; and activations live at the end
     of the month and ended during it.
 
-    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+    Errors: INVALID_ARGUMENT (a month not `YYYY-MM` from 2000-01 to 2099-12, `end_month` before
+    `start_month`, malformed `program` or `funder`), UNAUTHENTICATED, PERMISSION_DENIED (as
     ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
     no share of; an admin's filters matching nothing answer no rows).
     """
@@ -94,14 +95,15 @@ class AuditServiceStub:
     A funder sees the events about the activations it has a share of, their payloads whole (every
     funder's amounts: see the top of this file).
 
-    Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (negative `start_sequence` or `page_size`, a `page_token` that is
+    malformed or was issued for another `start_sequence`), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]
     """The latest signed checkpoint of the event log (its size when the call is served), and the
     verifier key that checks its signature.
 
-    Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    Errors: FAILED_PRECONDITION with reason `LOG_KEY_MISSING` (the server has no log signing key:
+    its operator runs `entitlement audit keygen`), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]
     """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
@@ -152,7 +154,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     committed, consumed and released, months of access consumed; and activations live at the end
     of the month and ended during it.
 
-    Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+    Errors: INVALID_ARGUMENT (a month not `YYYY-MM` from 2000-01 to 2099-12, `end_month` before
+    `start_month`, malformed `program` or `funder`), UNAUTHENTICATED, PERMISSION_DENIED (as
     ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
     no share of; an admin's filters matching nothing answer no rows).
     """
@@ -161,14 +164,15 @@ class AuditServiceAsyncStub(AuditServiceStub):
     A funder sees the events about the activations it has a share of, their payloads whole (every
     funder's amounts: see the top of this file).
 
-    Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+    Errors: INVALID_ARGUMENT (negative `start_sequence` or `page_size`, a `page_token` that is
+    malformed or was issued for another `start_sequence`), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetCheckpointRequest, _audit_pb2.GetCheckpointResponse]  # type: ignore[assignment]
     """The latest signed checkpoint of the event log (its size when the call is served), and the
     verifier key that checks its signature.
 
-    Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
-    PERMISSION_DENIED.
+    Errors: FAILED_PRECONDITION with reason `LOG_KEY_MISSING` (the server has no log signing key:
+    its operator runs `entitlement audit keygen`), UNAUTHENTICATED, PERMISSION_DENIED.
     """
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetInclusionProofRequest, _audit_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
     """The RFC 9162 inclusion proof of one leaf (by leaf index or by sequence number) in the tree of
@@ -228,7 +232,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         committed, consumed and released, months of access consumed; and activations live at the end
         of the month and ended during it.
 
-        Errors: INVALID_ARGUMENT (bad month), UNAUTHENTICATED, PERMISSION_DENIED (as
+        Errors: INVALID_ARGUMENT (a month not `YYYY-MM` from 2000-01 to 2099-12, `end_month` before
+        `start_month`, malformed `program` or `funder`), UNAUTHENTICATED, PERMISSION_DENIED (as
         ListActivations: reason `OUT_OF_SCOPE` for a funder naming another funder or a program it has
         no share of; an admin's filters matching nothing answer no rows).
         """
@@ -243,7 +248,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         A funder sees the events about the activations it has a share of, their payloads whole (every
         funder's amounts: see the top of this file).
 
-        Errors: INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED.
+        Errors: INVALID_ARGUMENT (negative `start_sequence` or `page_size`, a `page_token` that is
+        malformed or was issued for another `start_sequence`), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -255,8 +261,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         """The latest signed checkpoint of the event log (its size when the call is served), and the
         verifier key that checks its signature.
 
-        Errors: FAILED_PRECONDITION (the server has no log signing key), UNAUTHENTICATED,
-        PERMISSION_DENIED.
+        Errors: FAILED_PRECONDITION with reason `LOG_KEY_MISSING` (the server has no log signing key:
+        its operator runs `entitlement audit keygen`), UNAUTHENTICATED, PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
