@@ -1360,3 +1360,13 @@ def test_a_funder_whose_share_of_a_month_rounds_to_nothing_still_counts_that_per
         assert {m: months.get(("funder-a", m), (0, 0))[1] for m in labels} == dict.fromkeys(labels, 1)
         assert {m: months.get(("funder-b", m), (0, 0))[1] for m in labels} == dict.fromkeys(labels, 1)
         assert sum(months[("funder-a", m)][0] + months[("funder-b", m)][0] for m in labels) == 5 * 2000
+
+
+def test_a_usage_report_without_used_is_a_month_not_used(h: Harness, api: Api) -> None:
+    """activation.proto: `used` is REQUIRED, but proto3 cannot tell it unset from false: a report
+    without it is accepted as "not used" and consumes nothing (a later `used = true` still does)."""
+    act, account = activate_and_redeem(api, OPENCFA)
+    api.platform.ReportUsage(activation_pb2.ReportUsageRequest(account_id=account, month="2026-03"))
+    expect(h, act.name, consumed=[], released_months=0, program=OPENCFA)
+    report_usage(api, account, "2026-03", True)
+    expect(h, act.name, consumed=["2026-03"], released_months=0, program=OPENCFA)

@@ -444,7 +444,9 @@ class ReportUsageRequest(_message.Message):
     month: _builtins.str
     """The month of access, named by the calendar month it begins in, as `YYYY-MM`."""
     used: _builtins.bool
-    """Whether the learner used Premium during that month."""
+    """Whether the learner used Premium during that month. Proto3 cannot tell an unset bool from
+    false: a request without it reports the month not used (which consumes nothing).
+    """
     program: _builtins.str
     """`programs/{program_id}`: the report is for this program's activation bound to the account.
     Empty: the activation is chosen as ReportUsage says (a `use` program's first). A platform
