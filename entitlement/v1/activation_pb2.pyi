@@ -297,7 +297,7 @@ class RedeemActivationTokenRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """The activation token received from the advisor's activation."""
+    """The activation token received from the advisor's activation (at most 4096 characters)."""
     account_id: _builtins.str
     """The platform's own account id for the learner: 1 to 128 printable ASCII characters (`!` to
     `~`), no space, nothing else; compared exactly (case included).

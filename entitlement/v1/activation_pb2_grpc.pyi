@@ -130,8 +130,8 @@ class ActivationServiceStub:
     published by GetSigningKeys, this platform as `aud`, our `iss`, and `exp`, `nbf`, `iat`
     present.
 
-    Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
-    `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
+    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
     claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
     `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
@@ -320,8 +320,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     published by GetSigningKeys, this platform as `aud`, our `iss`, and `exp`, `nbf`, `iat`
     present.
 
-    Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
-    `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+    Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
+    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
     claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
     `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
@@ -549,8 +549,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         published by GetSigningKeys, this platform as `aud`, our `iss`, and `exp`, `nbf`, `iat`
         present.
 
-        Errors: INVALID_ARGUMENT (missing fields), UNAUTHENTICATED, PERMISSION_DENIED with reason
-        `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+        Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
+        `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
         `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
         claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
         `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
