@@ -119,6 +119,14 @@ def _cases() -> list[Case]:
         "platform")
     add("ActivateEntitlement-malformed-platform", "advisor-paris", "ActivateEntitlement",
         activate(platform="openclassrooms"), "platform")
+    # The names' grammars of common.proto: a platform id begins with a letter or a digit, a program
+    # id with a letter.
+    add("ActivateEntitlement-platform-leading-dot", "advisor-paris", "ActivateEntitlement",
+        activate(platform="platforms/.oc"), "platform")
+    add("ActivateEntitlement-platform-too-long", "advisor-paris", "ActivateEntitlement",
+        activate(platform="platforms/" + "p" * 64), "platform")
+    add("ActivateEntitlement-program-leading-digit", "advisor-paris", "ActivateEntitlement",
+        activate(program="programs/1premium"), "program")
     for bad in ("has space", "x" * 65, "semi;colon", "é"):
         add(f"ActivateEntitlement-bad-request_id-{bad[:8]}", "advisor-paris", "ActivateEntitlement",
             activate(request_id=bad), "request_id")

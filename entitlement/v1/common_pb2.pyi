@@ -5,7 +5,11 @@ isort:skip_file
 Messages shared by the three services of the entitlement API.
 
 Conventions (Google AIPs):
-- Resource names follow AIP-122: `programs/{program_id}`, `activations/{activation_id}`.
+- Resource names follow AIP-122: `programs/{program_id}` (a program id: 2 to 63 lower-case
+  letters, digits or `-`, the first a letter), `activations/{activation_id}` (32 lower-case hex
+  digits), `platforms/{platform_id}` (1 to 63 letters, digits, `.`, `_` or `-`, the first a letter
+  or a digit), `registrySnapshots/{id}`. A name in a request that does not match is
+  INVALID_ARGUMENT naming the field.
 - Field behaviour follows AIP-203 (`google.api.field_behavior`): REQUIRED fields must be set,
   OUTPUT_ONLY fields are ignored on input, OPTIONAL fields have a documented default.
 - Money is always an integer number of euro cents (`*_cents`), never a float.
