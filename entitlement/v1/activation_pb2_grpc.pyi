@@ -131,7 +131,8 @@ class ActivationServiceStub:
     present.
 
     Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
-    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token
+    for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
     claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
     `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
@@ -184,8 +185,8 @@ class ActivationServiceStub:
     `REQUEST_IN_FLIGHT` (retry later).
 
     Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
-    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
-    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program` not
+    `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
     `account_id`, and `program` when given: no activation of the calling platform, of `program`
     when given, is bound to this account; another platform's accounts and unknown programs answer
     the same), FAILED_PRECONDITION with reason (metadata `month` with each)
@@ -321,7 +322,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     present.
 
     Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
-    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+    `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token
+    for another platform), FAILED_PRECONDITION with reason
     `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
     claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
     `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
@@ -374,8 +376,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     `REQUEST_IN_FLIGHT` (retry later).
 
     Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
-    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
-    not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+    `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program` not
+    `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
     `account_id`, and `program` when given: no activation of the calling platform, of `program`
     when given, is bound to this account; another platform's accounts and unknown programs answer
     the same), FAILED_PRECONDITION with reason (metadata `month` with each)
@@ -550,7 +552,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         present.
 
         Errors: INVALID_ARGUMENT (missing fields, a `token` over 4096 characters, a malformed
-        `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token for another platform), FAILED_PRECONDITION with reason
+        `account_id`), UNAUTHENTICATED, PERMISSION_DENIED with reason `TOKEN_WRONG_AUDIENCE` (token
+        for another platform), FAILED_PRECONDITION with reason
         `TOKEN_INVALID` (bad or missing signature, unknown or retired key, other algorithm, missing
         claim, malformed; also a token replaced by ReissueActivationToken), `TOKEN_EXPIRED`, or
         `ENTITLEMENT_NOT_ACTIVE` (revoked, expired; metadata `current_state`), ALREADY_EXISTS
@@ -621,8 +624,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         `REQUEST_IN_FLIGHT` (retry later).
 
         Errors: INVALID_ARGUMENT (missing or malformed `account_id`, missing `month`, `month` not
-        `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program`
-        not `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
+        `YYYY-MM` from 2000-01 to 2099-12, `request_id` malformed, `program` not
+        `programs/{program_id}`), NOT_FOUND with reason `ACCOUNT_NOT_FOUND` (metadata
         `account_id`, and `program` when given: no activation of the calling platform, of `program`
         when given, is bound to this account; another platform's accounts and unknown programs answer
         the same), FAILED_PRECONDITION with reason (metadata `month` with each)

@@ -60,9 +60,10 @@ class EligibilityServiceServicer:
 
         Errors: INVALID_ARGUMENT (missing or malformed `job_seeker`, malformed `program` or `as_of`),
         NOT_FOUND (`program` names no program), RESOURCE_EXHAUSTED with reason `RATE_LIMITED` (this
-        caller's share of CheckEligibility and ActivateEntitlement calls, ENTITLEMENT_CHECK_RATE_PER_MIN
-        a minute, is spent: a `google.rpc.RetryInfo` says when the next call passes; ErrorInfo metadata
-        `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED, PERMISSION_DENIED.
+        caller's share of CheckEligibility and ActivateEntitlement calls,
+        ENTITLEMENT_CHECK_RATE_PER_MIN a minute, is spent: a `google.rpc.RetryInfo` says when the next
+        call passes; ErrorInfo metadata `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED,
+        PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

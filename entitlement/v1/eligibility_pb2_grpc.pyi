@@ -46,9 +46,10 @@ class EligibilityServiceStub:
 
     Errors: INVALID_ARGUMENT (missing or malformed `job_seeker`, malformed `program` or `as_of`),
     NOT_FOUND (`program` names no program), RESOURCE_EXHAUSTED with reason `RATE_LIMITED` (this
-    caller's share of CheckEligibility and ActivateEntitlement calls, ENTITLEMENT_CHECK_RATE_PER_MIN
-    a minute, is spent: a `google.rpc.RetryInfo` says when the next call passes; ErrorInfo metadata
-    `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED, PERMISSION_DENIED.
+    caller's share of CheckEligibility and ActivateEntitlement calls,
+    ENTITLEMENT_CHECK_RATE_PER_MIN a minute, is spent: a `google.rpc.RetryInfo` says when the next
+    call passes; ErrorInfo metadata `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED,
+    PERMISSION_DENIED.
     """
     ListPrograms: _grpc.UnaryUnaryMultiCallable[_eligibility_pb2.ListProgramsRequest, _eligibility_pb2.ListProgramsResponse]
     """Lists the programs with their parameters in force on a date, ordered by program id.
@@ -69,9 +70,10 @@ class EligibilityServiceAsyncStub(EligibilityServiceStub):
 
     Errors: INVALID_ARGUMENT (missing or malformed `job_seeker`, malformed `program` or `as_of`),
     NOT_FOUND (`program` names no program), RESOURCE_EXHAUSTED with reason `RATE_LIMITED` (this
-    caller's share of CheckEligibility and ActivateEntitlement calls, ENTITLEMENT_CHECK_RATE_PER_MIN
-    a minute, is spent: a `google.rpc.RetryInfo` says when the next call passes; ErrorInfo metadata
-    `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED, PERMISSION_DENIED.
+    caller's share of CheckEligibility and ActivateEntitlement calls,
+    ENTITLEMENT_CHECK_RATE_PER_MIN a minute, is spent: a `google.rpc.RetryInfo` says when the next
+    call passes; ErrorInfo metadata `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED,
+    PERMISSION_DENIED.
     """
     ListPrograms: _aio.UnaryUnaryMultiCallable[_eligibility_pb2.ListProgramsRequest, _eligibility_pb2.ListProgramsResponse]  # type: ignore[assignment]
     """Lists the programs with their parameters in force on a date, ordered by program id.
@@ -95,9 +97,10 @@ class EligibilityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Errors: INVALID_ARGUMENT (missing or malformed `job_seeker`, malformed `program` or `as_of`),
         NOT_FOUND (`program` names no program), RESOURCE_EXHAUSTED with reason `RATE_LIMITED` (this
-        caller's share of CheckEligibility and ActivateEntitlement calls, ENTITLEMENT_CHECK_RATE_PER_MIN
-        a minute, is spent: a `google.rpc.RetryInfo` says when the next call passes; ErrorInfo metadata
-        `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED, PERMISSION_DENIED.
+        caller's share of CheckEligibility and ActivateEntitlement calls,
+        ENTITLEMENT_CHECK_RATE_PER_MIN a minute, is spent: a `google.rpc.RetryInfo` says when the next
+        call passes; ErrorInfo metadata `limit_per_minute`, `retry_after_ms`), UNAUTHENTICATED,
+        PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -56,13 +56,14 @@ class RegistryServiceServicer:
 
         Errors: INVALID_ARGUMENT (no header first, a second header, bad `extracted_on` or one after
         today in the service's time zone, `sha256` not 64 hex digits, `min_ratio` outside 0 to 1,
-        `source_name` too long, a chunk over 1 MiB, `sha256` not matching the bytes
-        received), FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
+        `source_name` too long, a chunk over 1 MiB, `sha256` not matching the bytes received),
+        FAILED_PRECONDITION with reason `EXTRACT_OLDER_THAN_CURRENT` (`extracted_on` before
         the current snapshot's: an older file never replaces newer data; ErrorInfo metadata
         `extracted_on`, `current_snapshot`, `current_extracted_on`; the same date is accepted) or
         `EXTRACT_REFUSED` (not UTF-8, wrong header row, a line over 1 MiB, no valid row, far fewer rows
         than the current snapshot: the message says which), RESOURCE_EXHAUSTED with reason
-        `EXTRACT_TOO_LARGE` (file over 4 GiB, 4294967296 bytes: refused as that byte arrives) or `SPOOL_FULL` (the server's temporary
+        `EXTRACT_TOO_LARGE` (a file over 4 GiB, 4294967296 bytes: refused as soon as the bytes
+        received pass that) or `SPOOL_FULL` (the server's temporary
         directory has no room for the file: nothing imported, send it again once its operator has
         freed space), ABORTED with reason `IMPORT_IN_PROGRESS` (another import runs: in this server, another
         server process or the command line; told before the file is received) or `PUSH_IDLE` (no
