@@ -45,9 +45,11 @@ def at(h: Harness, when: dt.datetime) -> None:
 
 def activate(api: Api) -> activation_pb2.ActivateEntitlementResponse:
     agency_id, birth = next_ledger_person()
-    return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
-        platform="platforms/openclassrooms", reason="overseas"))
+    resp: activation_pb2.ActivateEntitlementResponse = api.advisor.ActivateEntitlement(
+        activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="overseas"))
+    return resp
 
 
 def day(d: object) -> dt.date:

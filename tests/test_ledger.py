@@ -352,7 +352,7 @@ def test_a_revocation_a_moment_before_midnight_is_settled_on_the_day_it_is_logge
     try:
         move(api, "revoke", act.name, "found a job")
     finally:
-        del clock.today  # type: ignore[method-assign]
+        del clock.today
         clock.advance(before - clock.now())
     [revoked] = [e for e in events_of(h, act.name) if e.type == "activation.revoked"]
     logged_on = revoked.time.replace(tzinfo=revoked.time.tzinfo or dt.timezone.utc).astimezone(

@@ -93,7 +93,7 @@ def test_refused_pushes_leave_the_snapshot_in_force(api: Api, tmp_path: Path) ->
     for kw, field in (({"sha256": "abc"}, "header.sha256"), ({"min_ratio": 1.5}, "header.min_ratio"),
                       ({"min_ratio": -0.1}, "header.min_ratio"), ({"name": "x" * 256}, "header.source_name"),
                       ({"name": "two\nlines"}, "header.source_name")):
-        f = expect_error(feed, _stream(data, **kw), grpc.StatusCode.INVALID_ARGUMENT)  # type: ignore[arg-type]
+        f = expect_error(feed, _stream(data, **kw), grpc.StatusCode.INVALID_ARGUMENT)
         assert set(f.fields) == {field}, (kw, f.fields)
 
     assert _check(api, "IDF0001", "2000-01-01").registry_snapshot == current
