@@ -199,6 +199,8 @@ def _cases() -> list[Case]:
         lst(create_time_from=ts(-99_999_999_999)), "create_time_from")
     add("ListActivations-timestamp-bad-nanos", "admin", "ListActivations",
         lst(create_time_to=ts(0, 2_000_000_000)), "create_time_to")
+    add("ListActivations-create_time_to-before-create_time_from", "admin", "ListActivations",
+        lst(create_time_from=ts(1_780_000_000), create_time_to=ts(1_770_000_000)), "create_time_to")
 
     report = audit_pb2.GetFundingReportRequest
     for bad in ("2026-13", "2026-3", "202603", "2026-00", "March", "0000-01", "1999-12", "2100-01",

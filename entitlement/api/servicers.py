@@ -417,6 +417,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             if request.HasField("create_time_from") else None
         created_to = val.timestamp(request.create_time_to, "create_time_to", v) \
             if request.HasField("create_time_to") else None
+        if created_from is not None and created_to is not None and created_to < created_from:
+            v.add("create_time_to", "is before create_time_from")  # (as GetFundingReport's end_month)
         v.raise_if_any()
         items, token = audit.list_activations(self.ctx, current_caller(), audit.ActivationFilter(
             program_id, request.funder, request.agency_code, state, created_from, created_to),

@@ -93,7 +93,7 @@ class ListActivationsRequest(_message.Message):
 
     @_builtins.property
     def create_time_to(self) -> _timestamp_pb2.Timestamp:
-        """Only activations created before this instant."""
+        """Only activations created before this instant (not before `create_time_from`: INVALID_ARGUMENT)."""
 
     def __init__(
         self,
