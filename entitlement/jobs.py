@@ -9,8 +9,9 @@ closes. Idempotent: running it twice books nothing the second time. Each activat
 something for gets one event: `ledger.consumed` (or `ledger.released` when it only released).
 
 Revalidation (`entitlement jobs revalidate`): re-checks live activations against the current
-registry snapshot with their program's rules (`rules.revalidate`), when that snapshot is newer
-than the data the activation was decided on. Holders who stopped being eligible get their end date
+registry snapshot with the terms they were granted (`rules.revalidate`: the criteria and parameter
+values recorded with the activation's decision, whatever the program file says now, or if it is
+gone), when that snapshot is newer than the data the activation was decided on. Holders who stopped being eligible get their end date
 moved to what the program gives (or expire at once when that is already past), with one
 `activation.curtailed` event each and the months no longer reachable released.
 
@@ -219,7 +220,7 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
             # own: nothing to re-check. A corrected extract of the same day is another snapshot, so
             # it is re-checked. (Data dated after today is a wrong date, which must not exempt an
             # activation from every later extract.)
-            if program is None or decided_snapshot == snapshot.id or (
+            if decided_snapshot == snapshot.id or (
                     decided_snapshot is None and decided_on is not None
                     and snapshot.extracted_on <= decided_on <= today):
                 summary.up_to_date += 1
@@ -230,7 +231,10 @@ def run_revalidation(deps: Deps, *, activation_ids: Iterable[str] | None = None)
                 # says nothing about the person. Left for the next run.
                 summary.skipped += 1
                 continue
-            verdict = rules.revalidate(program, facts, a.start_date, today, snapshot.extracted_on)
+            # Judged by the terms granted (the criteria and values recorded with the decision), not
+            # by the file as edited since, nor skipped when the file is gone (rules.granted).
+            verdict = rules.revalidate(rules.granted(program, decision), facts, a.start_date, today,
+                                       snapshot.extracted_on)
             if verdict.eligible or verdict.access_end is None:
                 summary.still_eligible += 1
                 continue

@@ -12,11 +12,12 @@ import functools
 import datetime as dt
 import json
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from entitlement.money import format_eur, split_cents
-from entitlement.programs import Program
+from entitlement.programs import CRITERIA, DatedValue, Parameter, Program
 
 
 class PersonFacts(NamedTuple):
@@ -347,14 +348,51 @@ class Revalidation:
     access_end: dt.date | None = None  # the last day of access that gives
 
 
+def granted(program: Program | None, decision: Decision) -> Program:
+    """The program as an activation was granted it: the criteria its decision evaluated and the
+    parameter values it used, both recorded with the decision (`program`: the program file loaded
+    now, None when it is gone; it gives the title and tier only). Revalidation judges a holder by
+    these: by the file as it is now, a criterion added later (its parameter must be dated from the
+    program's start, so it reaches back) cut every holder it did not suit at the next extract, a
+    past value rewritten in place changed the terms of activations made under it, and a program
+    whose file was removed was never revalidated at all. A stored decision without its criteria or
+    a criterion's parameter (none is written so) is judged by the file, when there is one."""
+    names = tuple(c.criterion for c in decision.criteria if c.criterion in CRITERIA)
+    stored = {p.name: p for p in decision.parameters}
+    complete = bool(names) and all(param in stored for n in names for param in CRITERIA[n])
+    if program is not None and not complete:
+        return program
+    key = (decision.program_id, decision.program_version, decision.as_of, names, decision.parameters,
+           None if program is None else (program.title, program.tier))
+    hit = _GRANTED.get(key)
+    if hit is None:
+        hit = Program(
+            id=decision.program_id, title=program.title if program else "", description="",
+            tier=program.tier if program else "", start=decision.as_of, end=None, criteria=names,
+            parameters={p.name: Parameter(p.name, (DatedValue(p.effective_from, json.loads(p.value_json),
+                                                              p.reference),))
+                        for p in decision.parameters},
+            version=decision.program_version, source=program.source if program else Path(""))
+        if len(_GRANTED) >= 1024:
+            _GRANTED.clear()
+        _GRANTED[key] = hit
+    return hit
+
+
+# One shared object per distinct set of terms: the memoized rules key on the program object.
+_GRANTED: dict[tuple[Any, ...], Program] = {}
+
+
 def revalidate(program: Program, facts: PersonFacts | None, start: dt.date, today: dt.date,
                data_date: dt.date) -> Revalidation:
     """Re-check the holder of an activation that began on `start` against newer registry facts
     (`data_date`: the date of the extract they come from), on `today`.
 
-    Only the person criteria count: the circumstances (caps, mentor, data freshness) were judged
-    when the activation was made. The person's facts are the new ones, but the terms they are held
-    to are those the activation was granted on: every parameter in force on `start` (the categories
+    `program`: the program as the activation was granted it (`granted`: the criteria and values
+    recorded with its decision). Only the person criteria count: the circumstances (caps, mentor,
+    data freshness) were judged when the activation was made. The person's facts are the new ones,
+    but the terms they are held to are those the activation was granted on: its criteria, and every
+    parameter in force on `start` (the categories
     and departments covered, the age limit, on which the age is judged too, as then), so a dated
     value taking effect later changes new decisions, never an activation made before it (judged by
     today's values, a program narrowing its categories from 1 April curtailed every holder it no
