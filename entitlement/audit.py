@@ -88,11 +88,26 @@ def funds(activation_id: Any, funder: Any) -> ColumnElement[bool]:
             .exists())
 
 
+# The programs a funder's activations belong to, by the ledger: the funding report's rollup keeps a
+# row per funder x program x month of every ledger entry (primary key funder first: an index seek).
+_FUNDED_BY_LEDGER = select(ReportMonth.program_id).where(ReportMonth.funder_id == bindparam("funder")).distinct()
+
+
+def funded_programs(ctx: Context, funder: str) -> list[str]:
+    """Ids of the programs whose activations the funder may audit, a superset (the queries narrow
+    to its activations: `funds`): those its program file gives it a share of on some date, and
+    those the ledger has booked it for. The ledger's keep a program whose file was removed (or
+    renamed, or whose past funders were rewritten) auditable by those who fund its activations:
+    by the files alone, its funders saw none of them (an empty list, PERMISSION_DENIED with the
+    program filter, an empty report and log)."""
+    booked = {str(r[0]) for r in ctx.db.hot.all(_FUNDED_BY_LEDGER, {"funder": funder})}
+    return sorted(set(ctx.catalog.funded_by(funder)) | booked)
+
+
 def readable_event(e: Any, funder: Any, programs: list[str]) -> ColumnElement[bool]:
     """The event is about an activation the funder has a share of (`funds`). Every event with a
     program is about an activation (subject `activations/{id}`): there are no program-level events.
-    `programs`: those the funder has a share of on some date (ProgramCatalog.funded_by), a cheap
-    first filter."""
+    `programs`: those the funder may audit (`funded_programs`), a cheap first filter."""
     return and_(e.program_id.in_(programs), e.subject.startswith(ACTIVATION_PREFIX),
                 funds(func.substr(e.subject, len(ACTIVATION_PREFIX) + 1), funder))
 
@@ -100,16 +115,15 @@ def readable_event(e: Any, funder: Any, programs: list[str]) -> ColumnElement[bo
 def _scope(ctx: Context, caller: Caller, funder: str, program_id: str) -> tuple[str, list[str] | None]:
     """The funder whose share decides what the query may touch ("" for none: an admin without a
     funder filter; a funder caller is always its own, another funder's id is refused), and the
-    program ids it may touch (None: no restriction). With a funder, those it has a share of on some
-    date: a superset of the programs of the activations it funds, which the queries narrow to those
-    (`funds`)."""
+    program ids it may touch (None: no restriction). With a funder, `funded_programs`: a superset
+    of the programs of the activations it funds, which the queries narrow to those (`funds`)."""
     if caller.role == "funder":
         if funder and funder != caller.funder_id:
             raise PermissionDenied("a funder can only audit what it funds", reason="OUT_OF_SCOPE")
         funder = caller.funder_id or ""
     if not funder:
         return "", ([program_id] if program_id else None)
-    funded = ctx.catalog.funded_by(funder)
+    funded = funded_programs(ctx, funder)
     if program_id:
         if program_id not in funded and caller.role == "funder":
             raise PermissionDenied(f"programs/{program_id} is not funded by {funder}", reason="OUT_OF_SCOPE")
@@ -391,7 +405,7 @@ def list_events(ctx: Context, caller: Caller, start_seq: int, size: int, token: 
     q = q.where(Event.seq > after)
     if caller.role == "funder":
         funder = caller.funder_id or ""
-        q = q.where(readable_event(Event, funder, ctx.catalog.funded_by(funder)))
+        q = q.where(readable_event(Event, funder, funded_programs(ctx, funder)))
     q = q.order_by(Event.seq).limit(size + 1)
     with ctx.db.read() as s:
         rows = list(s.execute(q).all())

@@ -17,7 +17,7 @@ from sqlalchemy.orm import aliased
 
 from entitlement import logtree, note
 from entitlement.app import Context
-from entitlement.audit import EventView, readable_event
+from entitlement.audit import EventView, funded_programs, readable_event
 from entitlement.callers import Caller
 from entitlement.errors import FailedPrecondition, InvalidArgument
 from entitlement.storage.db import utc
@@ -154,7 +154,7 @@ def _entries(ctx: Context, start: int, end: int, funder: str | None) -> Iterator
         else:
             shown = aliased(Event)  # the same row again, joined only where the funder may read it
             readable = and_(shown.seq == Event.seq, shown.seq > after, shown.seq <= upper,
-                            readable_event(shown, funder, ctx.catalog.funded_by(funder)))
+                            readable_event(shown, funder, funded_programs(ctx, funder)))
             q = select(Event.seq, LogNode.hash, shown).outerjoin(LogNode, node).outerjoin(shown, readable)
         batch = q.where(Event.seq > after, Event.seq <= upper).order_by(Event.seq)
         with ctx.db.read() as s:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
 from support import Api, Harness, identity
 
-from entitlement import app, jobs, registry
+from entitlement import app, doctor, jobs, registry
 from entitlement.config import ROOT
 from entitlement.server_main import start
 from entitlement.v1 import activation_pb2, audit_pb2
@@ -119,3 +120,64 @@ def test_revalidation_holds_a_holder_to_the_criteria_granted_not_to_one_added_to
                 activate(api2, PREMIUM, (newcomer, D(1985, 6, 15)))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "AGE_LIMIT_EXCEEDED" in (err.value.details() or "")
+
+
+def audit_view(api: Api, caller: str, program: str = "") -> tuple[object, ...]:
+    """What `caller` sees by the audit RPCs: its activations (all, and with the program filter),
+    its funding report, the events it may read (listed and streamed in full)."""
+    a = api.as_(caller)
+    listed = [x.name for x in a.ListActivations(audit_pb2.ListActivationsRequest(page_size=500)).activations]
+    by_program = [x.name for x in a.ListActivations(audit_pb2.ListActivationsRequest(
+        page_size=500, program=f"programs/{program}")).activations] if program else []
+    report = [(r.funder, r.program, r.month, r.committed_cents, r.consumed_cents, r.released_cents,
+               r.activations_started, r.activations_live) for r in a.GetFundingReport(
+        audit_pb2.GetFundingReportRequest()).rows]
+    events = [(e.sequence, e.type, e.subject) for e in a.ListEvents(audit_pb2.ListEventsRequest(page_size=1000)).events]
+    streamed = [e.sequence for e in a.StreamEvents(audit_pb2.StreamEventsRequest()) if e.HasField("event")]
+    return listed, by_program, report, events, streamed
+
+
+def test_a_program_whose_file_is_removed_keeps_its_activations_working_and_auditable(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """OpenCFA (`use`, region + OPCO) has a redeemed activation; its file is removed and the server
+    restarted. Everything about that activation keeps working: GetActivation, VerifyEntitlement,
+    ReportUsage, settlement, revocation, the doctor; and its funder (the region, which funds other
+    programs still in the files) audits it as before: by the program files alone, the region's
+    ListActivations lost it, with the program filter PERMISSION_DENIED 'not funded by region-idf',
+    and its funding report and event log were empty."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        api = Api(h)
+        resp = activate(api, OPENCFA)
+        name = resp.activation.name
+        account = "learner-" + uuid.uuid4().hex[:12]
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id=account))
+        before = audit_view(api, "funder-idf", OPENCFA)
+        assert before[0] == before[1] == [name] and before[2] and before[3] and before[4]
+        progs = programs_copy(tmp_path)
+        (progs / f"{OPENCFA}.yaml").unlink()
+        with restarted(h, progs) as h2:
+            api2 = Api(h2)
+            assert audit_view(api2, "funder-idf", OPENCFA) == before
+            assert [x.name for x in api2.admin.ListActivations(audit_pb2.ListActivationsRequest(
+                program=f"programs/{OPENCFA}")).activations] == [name]
+            got = api2.advisor.GetActivation(activation_pb2.GetActivationRequest(name=name))
+            assert got.state == activation_pb2.ACTIVE and got.funding.total_cents == 12 * 2000
+            status = api2.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=account))
+            assert status.active and status.activation == name
+            with on_day(h, D(2026, 5, 10)):
+                api2.platform.ReportUsage(activation_pb2.ReportUsageRequest(account_id=account, month="2026-03",
+                                                                            used=True))
+                jobs.run_settlement(h2.ctx, activation_ids=[name.split("/")[1]])
+                revoked = api2.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(
+                    name=name, reason="program closed"))
+                assert revoked.state == activation_pb2.REVOKED
+                jobs.run_settlement(h2.ctx, activation_ids=[name.split("/")[1]])
+            assert doctor.check(h2.ctx.db) == []
+            after = audit_view(api2, "funder-idf", OPENCFA)
+            assert after[0] == after[1] == [name]
+            # The region's half: 20 EUR committed a month for 12 months, March consumed (used), the
+            # April month (reportable until 15 June at the revocation on 10 May) still reserved.
+            mine = [r for r in after[2] if r[1] == f"programs/{OPENCFA}"]
+            assert sum(r[3] for r in mine) == 12 * 1000 and sum(r[4] for r in mine) == 1000
+            assert sum(r[5] for r in mine) == 10 * 1000
