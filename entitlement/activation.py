@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+import weakref
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from collections.abc import Callable
@@ -345,7 +346,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         st.pipeline()
         activation_id = uuid.uuid4().hex
         jti = uuid.uuid4().hex
-        stored, stored_json = _stored(decision, snapshot)
+        stored, stored_json = _stored(decision, snapshot, program.tier)
         # The row, its ledger entries and the funding report's rollup, written on the transaction's
         # DBAPI connection (entitlement/storage/direct.py): no ORM unit of work per activation.
         row = {"id": activation_id, "program_id": program.id, "program_version": program.version,
@@ -412,12 +413,14 @@ def access_ends(end: dt.date, timezone: str) -> dt.datetime:
 _STORED = ByIdentity(1024)
 
 
-def _stored(decision: rules.Decision, snapshot: registry.SnapshotRef | None) -> tuple[dict[str, Any], str]:
+def _stored(decision: rules.Decision, snapshot: registry.SnapshotRef | None,
+            tier: str) -> tuple[dict[str, Any], str]:
+    """`tier`: the program's (one per program object, as the decision is: granted_tier reads it)."""
     snap = None if snapshot is None else (snapshot.id, snapshot.extracted_on)
     hit: tuple[dict[str, Any], str] | None = _STORED.get(decision, snap)
     if hit is None:
         stored = {"decision": rules.decision_to_dict(decision), "registry_snapshot": None if snapshot is None
-                  else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}}
+                  else {"id": snapshot.id, "extracted_on": snapshot.extracted_on.isoformat()}, "tier": tier}
         hit = _STORED.put(decision, (stored, json.dumps(stored, sort_keys=True)), snap)
     return hit
 
@@ -557,14 +560,43 @@ def _settle_at_revocation(s: Session, ctx: Context, a: Activation, today: dt.dat
 # ---------------------------------------------------------------------------------------- platform
 
 def _status(ctx: Context, a: Any, account_id: str) -> EntitlementStatus:
-    """`a`: an Activation, a Row with its id, program_id, state and end_date, or None."""
+    """`a`: an Activation, a Row with its id, program_id, program_version, state and end_date, or
+    None."""
     if a is None:
         return EntitlementStatus(account_id=account_id, active=False)
-    program = ctx.catalog.get(a.program_id)
     state = effective_state(a, ctx.clock.today())
     return EntitlementStatus(account_id=account_id, active=state == "active", activation_id=a.id,
                              program_id=a.program_id, state=state, end_date=a.end_date,
-                             tier=program.tier if program else "")
+                             tier=granted_tier(ctx, a.program_id, a.program_version, a.id))
+
+
+_DECISION_OF = select(Activation.decision_json).where(Activation.id == bindparam("id"))
+# Per catalog (a server process loads one): (program id, version) -> the tier granted under it.
+_TIERS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
+
+
+def granted_tier(ctx: Context, program_id: str, version: str, activation_id: str) -> str:
+    """The benefit tier an activation was granted: its program file's, as of the version it was
+    decided under (the version is the file's hash, so one tier per version). The file loaded now
+    answers when it is that version; otherwise (the file edited since, or removed) the tier
+    recorded with the activation's decision, read once per version; activations decided before
+    the tier was recorded get the file's current tier, or "" when the file is gone. (By the file
+    alone, a program whose file was removed answered its holders' VerifyEntitlement `active`
+    with no tier, and a tier changed in the file changed it for every holder.)"""
+    program = ctx.catalog.get(program_id)
+    if program is not None and program.version == version:
+        return program.tier
+    known = _TIERS.get(ctx.catalog)
+    if known is None:
+        known = _TIERS.setdefault(ctx.catalog, {})
+    hit = known.get((program_id, version))
+    if hit is None:
+        row = ctx.db.hot.first(_DECISION_OF, {"id": activation_id})
+        recorded = json.loads(row[0]).get("tier") if row is not None else None
+        hit = recorded if isinstance(recorded, str) else (program.tier if program is not None else "")
+        if row is not None:
+            known[(program_id, version)] = hit
+    return hit
 
 
 def redeem(ctx: Context, caller: Caller, token: str, account_id: str) -> EntitlementStatus:
@@ -589,8 +621,8 @@ def redeem(ctx: Context, caller: Caller, token: str, account_id: str) -> Entitle
 # locked, and its binding; run on the transaction's DBAPI connection (entitlement/storage/direct.py).
 # The binding moves no funding-report count (rollup.py: state and dates unchanged), so no ORM
 # object is needed.
-_REDEEM_ROW = select(Activation.id, Activation.program_id, Activation.state, Activation.end_date,
-                     Activation.token_jti, Activation.platform_id, Activation.account_id).where(
+_REDEEM_ROW = select(Activation.id, Activation.program_id, Activation.program_version, Activation.state,
+                     Activation.end_date, Activation.token_jti, Activation.platform_id, Activation.account_id).where(
     Activation.id == bindparam("id")).with_for_update()
 _BIND_ACCOUNT = update(Activation).where(Activation.id == bindparam("id")).values(
     account_id=bindparam("account"), redeemed_at=bindparam("now"), updated_at=bindparam("now"))
@@ -649,7 +681,7 @@ def _redeem_once(ctx: Context, caller: Caller, claims: tokens.TokenClaims, accou
 # only the columns the answer needs (an account has one, or a few over the years: choosing in Python
 # spares SQLite a sorter, a third of the statement's cost).
 _VERIFY = (
-    select(Activation.id, Activation.program_id, Activation.state, Activation.end_date)
+    select(Activation.id, Activation.program_id, Activation.program_version, Activation.state, Activation.end_date)
     .where(Activation.platform_id == bindparam("platform"), Activation.account_id == bindparam("account"))
 )
 

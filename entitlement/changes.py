@@ -42,7 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from entitlement import logtree
-from entitlement.activation import EntitlementStatus
+from entitlement.activation import EntitlementStatus, granted_tier
 from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.errors import InvalidArgument
@@ -178,10 +178,9 @@ def poll(ctx: Context, caller: Caller, after: int, limit: int = BATCH) -> tuple[
                 end = dt.date.fromisoformat(payload["end_date"])
             else:
                 end = next((was for seq, was in curtailments.get(e.subject, ()) if seq > e.seq), a.end_date)
-            program = ctx.catalog.get(a.program_id)
             status = EntitlementStatus(account_id=a.account_id, active=state == "active" and end >= today,
                                        activation_id=a.id, program_id=a.program_id, state=state, end_date=end,
-                                       tier=program.tier if program else "")
+                                       tier=granted_tier(ctx, a.program_id, a.program_version, a.id))
             found.append((e, status))
         leaves = _leaves(s, [e.seq for e, _ in found])
         out = [Change(e.seq, encode_cursor(e.seq, leaves[e.seq]), CHANGE_TYPES[e.type], utc(e.time), status)

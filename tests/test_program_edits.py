@@ -181,3 +181,67 @@ def test_a_program_whose_file_is_removed_keeps_its_activations_working_and_audit
             mine = [r for r in after[2] if r[1] == f"programs/{OPENCFA}"]
             assert sum(r[3] for r in mine) == 12 * 1000 and sum(r[4] for r in mine) == 1000
             assert sum(r[5] for r in mine) == 10 * 1000
+
+
+def redeem(api: Api, token: str) -> tuple[str, activation_pb2.EntitlementStatus]:
+    account = "learner-" + uuid.uuid4().hex[:12]
+    return account, api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+        token=token, account_id=account))
+
+
+def bookmark(api: Api) -> str:
+    """A cursor of the platform's change stream: now."""
+    call = api.platform.WatchEntitlementChanges(activation_pb2.WatchEntitlementChangesRequest(), timeout=10)
+    mark = next(iter(call))
+    call.cancel()
+    assert not mark.HasField("status") and mark.cursor
+    return str(mark.cursor)
+
+
+def tiers_watched(api: Api, cursor: str) -> dict[str, set[str]]:
+    """Activation -> the tiers its changes after `cursor` carry on the platform's change stream."""
+    got: dict[str, set[str]] = {}
+    with pytest.raises(grpc.RpcError) as info:
+        for change in api.platform.WatchEntitlementChanges(
+                activation_pb2.WatchEntitlementChangesRequest(cursor=cursor), timeout=3):
+            if change.HasField("status"):
+                got.setdefault(change.status.activation, set()).add(change.status.tier)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return got
+
+
+def test_an_activation_keeps_the_tier_it_was_granted_when_its_program_file_changes_or_goes(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The tier came from the program file loaded now: removed, its holders' VerifyEntitlement,
+    redemption and change stream answered `active` with an empty tier (the platform could not tell
+    which benefit to give); changed (OpenCFA's `premium-mentored` to `premium-plus`), every holder's
+    tier changed with it. An activation keeps the tier it was granted; new ones get the file's."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        api = Api(h)
+        first = activate(api, OPENCFA)
+        cursor = bookmark(api)
+        account, _ = redeem(api, first.activation_token)
+        second = activate(api, OPENCFA)  # redeemed after the edit
+        granted = "premium-mentored"
+        removed = programs_copy(tmp_path)
+        (removed / f"{OPENCFA}.yaml").unlink()
+        with restarted(h, removed) as h2:
+            api2 = Api(h2)
+            status = api2.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=account))
+            assert (status.active, status.tier) == (True, granted)
+            other, answer = redeem(api2, second.activation_token)
+            assert (answer.active, answer.tier) == (True, granted)
+            assert tiers_watched(api2, cursor) == {first.activation.name: {granted}, second.activation.name: {granted}}
+        changed = tmp_path / "changed"
+        shutil.copytree(ROOT / "programs", changed)
+        edit(changed, OPENCFA, "tier: premium-mentored\n", "tier: premium-plus\n")
+        with restarted(h, changed) as h3:
+            api3 = Api(h3)
+            for acc in (account, other):
+                assert api3.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=acc)).tier \
+                    == granted
+            third = activate(api3, OPENCFA)
+            new_account, answer = redeem(api3, third.activation_token)
+            assert answer.tier == "premium-plus"
+            assert api3.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(
+                account_id=new_account)).tier == "premium-plus"
