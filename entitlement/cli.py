@@ -298,6 +298,7 @@ def _job_deps() -> _JobDeps | str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check every invariant of the database (ENTITLEMENT_DATABASE_URL); exit 1 on any problem."""
     from entitlement import doctor
+    from entitlement.programs import ProgramCatalog, ProgramFileError
     from entitlement.storage.db import Database
     from entitlement.storage.migrate import SchemaNotCurrent, ensure_current
     settings = Settings.from_env()
@@ -312,10 +313,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             trusted = note.open_checkpoint(Path(args.trusted).read_text(encoding="utf-8"), verifier)
         except (OSError, UnicodeDecodeError, note.NoteError) as exc:
             return _fail(f"--trusted {args.trusted}: {exc}")
+    # The program files the server would load: checked against the values activations were decided
+    # with (a bad folder is the server's refusal to start, `entitlement programs check`, not ours).
+    try:
+        catalog: ProgramCatalog | None = ProgramCatalog.load(settings.programs_dir)
+    except ProgramFileError as exc:
+        print(f"warning: program files not checked against the activations: {exc}", file=sys.stderr)
+        catalog = None
     db = Database(settings.database_url, pool_size=1)
     try:
         ensure_current(db)
-        problems = doctor.check(db, leaves=not args.quick, trusted=trusted)
+        problems = doctor.check(db, leaves=not args.quick, trusted=trusted, catalog=catalog)
     except SchemaNotCurrent as exc:
         return _fail(str(exc))
     finally:

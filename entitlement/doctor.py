@@ -16,13 +16,18 @@ What it checks:
 - an activation's state is the one its last logged state change left, and it is bound to an
   account exactly when a redemption was logged;
 - stored idempotent answers name rows that exist, and each acknowledged request (`Acknowledged`)
-  is in the database.
+  is in the database;
+- given the program files (`catalog`: the command loads the server's folder), every parameter value
+  an activation was decided with is still the one its program's file gives for that day: a past
+  value edited in place, or a value dated in the past added, rewrites the history the file tells
+  (the activations keep their recorded terms whatever the file says; PROGRAM_VALUE_REWRITTEN).
 
 Each check reads in bulk (aggregates or one streaming pass), so it also runs on a large database.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -35,6 +40,7 @@ from sqlalchemy.orm import Session
 from entitlement import logtree, merkle, rollup
 from entitlement.logformat import LogEvent, time_us
 from entitlement.note import Checkpoint
+from entitlement.programs import ProgramCatalog
 from entitlement.storage.db import Database, utc
 from entitlement.storage.models import (Activation, Event, IdempotencyRecord, LedgerEntry, LogHead, LogNode,
                                         ProgramCounter, RegistrySnapshot)
@@ -70,11 +76,12 @@ class Acknowledged:
 
 
 def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = None,
-          acknowledged: Iterable[Acknowledged] = ()) -> list[Problem]:
+          acknowledged: Iterable[Acknowledged] = (), catalog: ProgramCatalog | None = None) -> list[Problem]:
     """Every invariant; an empty list means the database is sound. `leaves=False` skips recomputing
     each event's leaf hash and the tree's root from its leaves (the checks that read every event).
     `trusted`: a checkpoint fetched earlier (its signature already verified by the caller); the log
-    must extend it. `acknowledged`: requests clients were told succeeded."""
+    must extend it. `acknowledged`: requests clients were told succeeded. `catalog`: the program
+    files, checked against the values activations were decided with."""
     problems: list[Problem] = []
     with _snapshot(db) as s:
         problems += _event_log(s, leaves, trusted)
@@ -86,6 +93,8 @@ def check(db: Database, *, leaves: bool = True, trusted: Checkpoint | None = Non
         problems += _acknowledged(s, list(acknowledged))
         problems += _registry(s)
         problems += _report_rollup(s)
+        if catalog is not None:
+            problems += _program_history(s, catalog)
     return problems
 
 
@@ -255,6 +264,44 @@ def _ledger_balances(s: Session) -> list[Problem]:
             if spent > total:
                 out.append(Problem("LEDGER_OVERSPENT",
                                    f"activations/{aid}, {funder}: consumed + released {spent} > committed {total}"))
+    return out
+
+
+def _program_history(s: Session, catalog: ProgramCatalog) -> list[Problem]:
+    """Every parameter value recorded with the activations' decisions is the one their program's
+    file (loaded now, when it is still there) gives for the decision's day. One decision read per
+    program, file version and day (its parameters are those of that version and day), whatever the
+    number of activations. A parameter the file no longer has is not reported (a criterion removed
+    takes its parameter with it); one it gained is not either (a criterion added needs its
+    parameter dated from the program's start)."""
+    out: list[Problem] = []
+    groups = s.execute(select(Activation.program_id, Activation.program_version, Activation.start_date,
+                              func.min(Activation.id))
+                       .group_by(Activation.program_id, Activation.program_version, Activation.start_date)
+                       .order_by(Activation.program_id, Activation.start_date)).all()
+    wanted = [(str(pid), str(version), aid) for pid, version, _day, aid in groups
+              if (program := catalog.get(str(pid))) is not None and program.version != version]
+    reported: set[tuple[str, str, str]] = set()
+    for i in range(0, len(wanted), _IDS_PER_QUERY):
+        chunk = wanted[i:i + _IDS_PER_QUERY]
+        stored = dict(s.execute(select(Activation.id, Activation.decision_json)
+                                .where(Activation.id.in_([aid for _p, _v, aid in chunk]))).all())
+        for pid, version, aid in chunk:
+            program = catalog.get(pid)
+            assert program is not None
+            decision = json.loads(stored[aid])["decision"]
+            day = dt.date.fromisoformat(decision["as_of"])
+            for name, value_json, _effective_from, _reference in decision["parameters"]:
+                if name not in program.parameters:
+                    continue
+                now = json.dumps(program.value(name, day).value, sort_keys=True)
+                if now != value_json and (pid, name, value_json) not in reported:
+                    reported.add((pid, name, value_json))
+                    out.append(Problem("PROGRAM_VALUE_REWRITTEN", (
+                        f"programs/{pid}: {program.source.name} gives {name} = {now} on {day.isoformat()}, but "
+                        f"activations decided that day (activations/{aid}, file version {version}) used "
+                        f"{value_json}: a past value was edited, or a value dated in the past added. They keep "
+                        "the terms they were granted; to change terms from a date, add a value dated then")))
     return out
 
 

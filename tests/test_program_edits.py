@@ -245,3 +245,46 @@ def test_an_activation_keeps_the_tier_it_was_granted_when_its_program_file_chang
             assert answer.tier == "premium-plus"
             assert api3.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(
                 account_id=new_account)).tier == "premium-plus"
+
+
+PRICE_2015 = ('      2015-09-01:\n        value: 2000\n'
+              '        reference: "Platform list price of Premium, 20 EUR/month (press release, April 2015)"\n')
+
+
+def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A program's version is its file's hash: any edit is a new version, and the server starts on
+    it without comparing it with what activations were decided with. Editing premium's 2015 price in
+    place (20 to 25 EUR) rewrites the terms the file says activations made since 2015 got (they keep
+    theirs, recorded): nothing noticed it. The doctor, given the program files (the command loads
+    the server's), names it, PROGRAM_VALUE_REWRITTEN; a dated value added from a later date, and a
+    criterion added, are sound edits and pass."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        api = Api(h)
+        made = activate(api, PREMIUM).activation
+        sound = programs_copy(tmp_path)
+        edit(sound, PREMIUM, PRICE_2015, PRICE_2015 + '      2026-04-01:\n        value: 2500\n        reference: "t"\n')
+        edit(sound, PREMIUM, "  - registry_data_fresh\n", "  - registry_data_fresh\n  - age_below\n")
+        edit(sound, PREMIUM, "parameters:\n", "parameters:\n  max_age:\n    values:\n      2015-09-01:\n"
+             "        value: 99\n        reference: \"t\"\n")
+        rewritten = tmp_path / "rewritten"
+        shutil.copytree(ROOT / "programs", rewritten)
+        edit(rewritten, PREMIUM, PRICE_2015, PRICE_2015.replace("2000", "2500"))
+        with restarted(h, sound) as h2:
+            assert doctor.check(h2.ctx.db, catalog=h2.ctx.catalog) == []
+        with restarted(h, rewritten) as h3:  # the server starts on it, and keeps the terms granted
+            got = Api(h3).advisor.GetActivation(activation_pb2.GetActivationRequest(name=made.name))
+            assert got.decision.funding_plan.price_per_month_cents == 2000
+            problems = doctor.check(h3.ctx.db, catalog=h3.ctx.catalog)
+            assert [p.code for p in problems] == ["PROGRAM_VALUE_REWRITTEN"]
+            assert "price_per_month_cents = 2500 on 2026-03-16" in problems[0].detail and "used 2000" in problems[0].detail
+            assert doctor.check(h3.ctx.db) == []  # without the files: the database alone is sound
+        from entitlement import cli
+        monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", h.url)
+        monkeypatch.setenv("ENTITLEMENT_PROGRAMS_DIR", str(rewritten))
+        capsys.readouterr()
+        assert cli.main(["doctor", "--quick"]) == 1
+        assert "PROGRAM_VALUE_REWRITTEN: programs/premium-job-seekers" in capsys.readouterr().out
+        monkeypatch.setenv("ENTITLEMENT_PROGRAMS_DIR", str(sound))
+        assert cli.main(["doctor", "--quick"]) == 0
