@@ -11,9 +11,10 @@ something for gets one event: `ledger.consumed` (or `ledger.released` when it on
 Revalidation (`entitlement jobs revalidate`): re-checks live activations against the current
 registry snapshot with the terms they were granted (`rules.revalidate`: the criteria and parameter
 values recorded with the activation's decision, whatever the program file says now, or if it is
-gone), when that snapshot is newer than the data the activation was decided on. Holders who stopped being eligible get their end date
-moved to what the program gives (or expire at once when that is already past), with one
-`activation.curtailed` event each and the months no longer reachable released.
+gone), when that snapshot is newer than the data the activation was decided on. Holders who
+stopped being eligible get their end date moved to what the program gives (or expire at once when
+that is already past), with one `activation.curtailed` event each and the months no longer
+reachable released.
 
 Each activation is handled in its own short write transaction, on its locked row, so the jobs run
 safely beside the server (and beside each other). Every state change is one event, with actor

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -54,11 +55,15 @@ def restarted(h: Harness, programs_dir: Path) -> Iterator[Harness]:
         ctx.db.dispose()
 
 
-def activate(api: Api, program: str, who: tuple[str, dt.date] | None = None) -> activation_pb2.ActivateEntitlementResponse:
+def activate(api: Api, program: str,
+             who: tuple[str, dt.date] | None = None) -> activation_pb2.ActivateEntitlementResponse:
     agency_id, birth = who or next_ledger_person()
-    return api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
-        job_seeker=identity(agency_id, birth), program=f"programs/{program}", platform="platforms/openclassrooms",
-        reason="program edits", mentor_id="M-0042" if program == OPENCFA else ""))
+    resp: activation_pb2.ActivateEntitlementResponse = api.advisor.ActivateEntitlement(
+        activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{program}",
+            platform="platforms/openclassrooms", reason="program edits",
+            mentor_id="M-0042" if program == OPENCFA else ""))
+    return resp
 
 
 
@@ -122,7 +127,8 @@ def test_revalidation_holds_a_holder_to_the_criteria_granted_not_to_one_added_to
             assert "AGE_LIMIT_EXCEEDED" in (err.value.details() or "")
 
 
-def audit_view(api: Api, caller: str, program: str = "") -> tuple[object, ...]:
+def audit_view(api: Api, caller: str, program: str = "") -> tuple[
+        list[str], list[str], list[tuple[Any, ...]], list[tuple[int, str, str]], list[int]]:
     """What `caller` sees by the audit RPCs: its activations (all, and with the program filter),
     its funding report, the events it may read (listed and streamed in full)."""
     a = api.as_(caller)
@@ -264,7 +270,8 @@ def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
         api = Api(h)
         made = activate(api, PREMIUM).activation
         sound = programs_copy(tmp_path)
-        edit(sound, PREMIUM, PRICE_2015, PRICE_2015 + '      2026-04-01:\n        value: 2500\n        reference: "t"\n')
+        edit(sound, PREMIUM, PRICE_2015,
+             PRICE_2015 + '      2026-04-01:\n        value: 2500\n        reference: "t"\n')
         edit(sound, PREMIUM, "  - registry_data_fresh\n", "  - registry_data_fresh\n  - age_below\n")
         edit(sound, PREMIUM, "parameters:\n", "parameters:\n  max_age:\n    values:\n      2015-09-01:\n"
              "        value: 99\n        reference: \"t\"\n")
@@ -278,7 +285,8 @@ def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
             assert got.decision.funding_plan.price_per_month_cents == 2000
             problems = doctor.check(h3.ctx.db, catalog=h3.ctx.catalog)
             assert [p.code for p in problems] == ["PROGRAM_VALUE_REWRITTEN"]
-            assert "price_per_month_cents = 2500 on 2026-03-16" in problems[0].detail and "used 2000" in problems[0].detail
+            assert "price_per_month_cents = 2500 on 2026-03-16" in problems[0].detail
+            assert "used 2000" in problems[0].detail
             assert doctor.check(h3.ctx.db) == []  # without the files: the database alone is sound
         from entitlement import cli
         monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", h.url)
