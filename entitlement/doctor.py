@@ -295,14 +295,24 @@ def _program_history(s: Session, catalog: ProgramCatalog) -> list[Problem]:
                 if name not in program.parameters:
                     continue
                 now = json.dumps(program.value(name, day).value, sort_keys=True)
-                if now != value_json and (pid, name, value_json) not in reported:
-                    reported.add((pid, name, value_json))
-                    out.append(Problem("PROGRAM_VALUE_REWRITTEN", (
-                        f"programs/{pid}: {program.source.name} gives {name} = {now} on {day.isoformat()}, but "
-                        f"activations decided that day (activations/{aid}, file version {version}) used "
-                        f"{value_json}: a past value was edited, or a value dated in the past added. They keep "
-                        "the terms they were granted; to change terms from a date, add a value dated then")))
+                if _same_value(now, value_json) or (pid, name, value_json) in reported:
+                    continue
+                reported.add((pid, name, value_json))
+                out.append(Problem("PROGRAM_VALUE_REWRITTEN", (
+                    f"programs/{pid}: {program.source.name} gives {name} = {now} on {day.isoformat()}, but "
+                    f"activations decided that day (activations/{aid}, file version {version}) used "
+                    f"{value_json}: a past value was edited, or a value dated in the past added. They keep "
+                    "the terms they were granted; to change terms from a date, add a value dated then")))
     return out
+
+
+def _same_value(a_json: str, b_json: str) -> bool:
+    """Two recorded parameter values are the same: equal, or lists of the same items in another
+    order (categories and departments are sets: a file listing them anew is no rewrite)."""
+    if a_json == b_json:
+        return True
+    a, b = json.loads(a_json), json.loads(b_json)
+    return isinstance(a, list) and isinstance(b, list) and sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
 
 
 def _counters(s: Session) -> list[Problem]:

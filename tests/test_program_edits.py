@@ -265,7 +265,7 @@ def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
     place (20 to 25 EUR) rewrites the terms the file says activations made since 2015 got (they keep
     theirs, recorded): nothing noticed it. The doctor, given the program files (the command loads
     the server's), names it, PROGRAM_VALUE_REWRITTEN; a dated value added from a later date, and a
-    criterion added, are sound edits and pass."""
+    criterion added, or a list of categories given in another order, are sound edits and pass."""
     with own_server(backend[0], tmp_path / "own", request) as h:
         api = Api(h)
         made = activate(api, PREMIUM).activation
@@ -275,6 +275,7 @@ def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
         edit(sound, PREMIUM, "  - registry_data_fresh\n", "  - registry_data_fresh\n  - age_below\n")
         edit(sound, PREMIUM, "parameters:\n", "parameters:\n  max_age:\n    values:\n      2015-09-01:\n"
              "        value: 99\n        reference: \"t\"\n")
+        edit(sound, PREMIUM, "value: [1, 2, 3, 4, 5]\n", "value: [5, 4, 3, 2, 1]\n")  # the same set
         rewritten = tmp_path / "rewritten"
         shutil.copytree(ROOT / "programs", rewritten)
         edit(rewritten, PREMIUM, PRICE_2015, PRICE_2015.replace("2000", "2500"))
