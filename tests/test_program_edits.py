@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
 from support import Api, Harness, identity
@@ -26,6 +27,7 @@ from support import Api, Harness, identity
 from entitlement import app, doctor, jobs, registry
 from entitlement.config import ROOT
 from entitlement.server_main import start
+from entitlement.storage.models import LedgerEntry
 from entitlement.v1 import activation_pb2, audit_pb2
 
 PREMIUM, OPENCFA = "premium-job-seekers", "opencfa-apprentices"
@@ -297,3 +299,58 @@ def test_the_doctor_names_a_past_value_rewritten_in_a_program_file(
         assert "PROGRAM_VALUE_REWRITTEN: programs/premium-job-seekers" in capsys.readouterr().out
         monkeypatch.setenv("ENTITLEMENT_PROGRAMS_DIR", str(sound))
         assert cli.main(["doctor", "--quick"]) == 0
+
+
+def ledger_of(h: Harness, name: str) -> list[tuple[str, str, str, int]]:
+    with h.ctx.db.read() as s:
+        return [(r.kind, r.funder_id, r.month, r.amount_cents) for r in s.execute(select(LedgerEntry).where(
+            LedgerEntry.activation_id == name.split("/")[1]).order_by(LedgerEntry.id)).scalars()]
+
+
+def test_dated_values_added_later_change_new_activations_only(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Premium from 1 April 2026, added to the file after an activation of 16 March: 25 EUR a
+    month, 6 months, the ministry 70% and the region 30% (France Travail leaves), funders owing the
+    months used. The March activation keeps 20 EUR x 12, ministry / France Travail 50/50, `access`:
+    its months consumed and released at that price and split, never the region's; the April one
+    gets the new terms, and its unreported month is released after its report window. The doctor,
+    given the files, finds the edit sound; each funder audits only what it committed to. (A guard:
+    this held before this review's fixes.)"""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        old = activate(Api(h), PREMIUM).activation
+        progs = programs_copy(tmp_path)
+        for param, value in (("price_per_month_cents", "2500"), ("activation_months", "6"),
+                             ("funders", "{ministry-of-labour: 7000, region-idf: 3000}"), ("funders_owe", "use")):
+            edit(progs, PREMIUM, f"  {param}:\n    values:\n",
+                 f"  {param}:\n    values:\n      2026-04-01:\n        value: {value}\n        reference: \"t\"\n")
+        with restarted(h, progs) as h2:
+            api2 = Api(h2)
+            with on_day(h, D(2026, 4, 10)):
+                registry.import_extract(h2.ctx.db, h2.ctx.pseudo, h2.clock,
+                                        write_registry(tmp_path / "april.csv", default_people()),
+                                        extracted_on=D(2026, 4, 9))
+                new = activate(api2, PREMIUM).activation
+            assert (new.funding.price_per_month_cents, new.funding.months) == (2500, 6)
+            for day in (D(2026, 5, 20), D(2026, 6, 20)):
+                with on_day(h, day):
+                    jobs.run_settlement(h2.ctx)
+            with on_day(h, D(2026, 6, 21)):
+                for name in (old.name, new.name):
+                    api2.advisor.RevokeActivation(activation_pb2.TransitionActivationRequest(name=name, reason="t"))
+            halves = [("consume", f, m, 1000) for m in ("2026-03", "2026-04", "2026-05", "2026-06")
+                      for f in ("france-travail", "ministry-of-labour")]
+            assert ledger_of(h2, old.name) == [
+                ("commit", "france-travail", "2026-03", 12000), ("commit", "ministry-of-labour", "2026-03", 12000),
+                *halves,
+                ("release", "france-travail", "2026-06", 8000), ("release", "ministry-of-labour", "2026-06", 8000)]
+            # Nothing reported used: April's month (to 9 May) released once its window closed (9 June),
+            # three months at the revocation; May's and June's stay reserved for their reports.
+            assert ledger_of(h2, new.name) == [
+                ("commit", "ministry-of-labour", "2026-04", 10500), ("commit", "region-idf", "2026-04", 4500),
+                ("release", "ministry-of-labour", "2026-06", 1750), ("release", "region-idf", "2026-06", 750),
+                ("release", "ministry-of-labour", "2026-06", 5250), ("release", "region-idf", "2026-06", 2250)]
+            assert doctor.check(h2.ctx.db, catalog=h2.ctx.catalog) == []
+            for caller, names in (("funder-ft", [old.name]), ("funder-idf", [new.name]),
+                                  ("funder-ministry", [new.name, old.name])):
+                assert [a.name for a in api2.as_(caller).ListActivations(
+                    audit_pb2.ListActivationsRequest()).activations] == names
