@@ -325,7 +325,8 @@ def _print_events(resp: audit_pb2.ListEventsResponse) -> None:
 # --------------------------------------------------------------------------------------- commands
 
 def cmd_check(args: argparse.Namespace) -> int:
-    req = eligibility_pb2.CheckEligibilityRequest(job_seeker=_identity(args), program=_name("programs", args.program))
+    req = eligibility_pb2.CheckEligibilityRequest(job_seeker=_identity(args), program=_name("programs", args.program),
+                                                  mentor_id=args.mentor or "")
     if args.as_of:
         req.as_of.CopyFrom(_date(args.as_of, "--as-of"))
     resp = _call(args, eligibility_pb2_grpc.EligibilityServiceStub, "CheckEligibility", req)
@@ -346,7 +347,7 @@ def cmd_activate(args: argparse.Namespace) -> int:
     request_id = args.request_id or uuid.uuid4().hex
     req = activation_pb2.ActivateEntitlementRequest(
         request_id=request_id, job_seeker=_identity(args), program=_name("programs", args.program),
-        platform=_name("platforms", args.platform), reason=args.reason or "")
+        platform=_name("platforms", args.platform), reason=args.reason or "", mentor_id=args.mentor or "")
     return _print_issued(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "ActivateEntitlement", req,
                                      retry_key=request_id), request_id)
 
@@ -466,6 +467,12 @@ def add_commands(sub: Any, programs: Any) -> None:
         p.set_defaults(func=client(func))
         return p
 
+    def mentor(p: argparse.ArgumentParser) -> None:
+        # Without it, a program with the `mentor_assigned` criterion (OpenCFA) was MENTOR_NOT_ASSIGNED
+        # from the command line whatever the advisor had arranged: its detail says to give the id.
+        p.add_argument("--mentor", metavar="MENTOR_ID", help="the mentor (tuteur) arranged, for programs that "
+                       "require one (OpenCFA): 1-64 letters, digits, '.', '_' or '-'")
+
     def request_id(p: argparse.ArgumentParser) -> None:
         p.add_argument("--request-id", help="idempotency key: repeat it to retry safely")
 
@@ -474,6 +481,7 @@ def add_commands(sub: Any, programs: Any) -> None:
     p.add_argument("birth_date", help="YYYY-MM-DD")
     p.add_argument("--program", help="program id (default: all programs)")
     p.add_argument("--as-of", help="evaluate as of this past date YYYY-MM-DD")
+    mentor(p)
 
     p = command("activate", cmd_activate, "advisor: activate a program for a job seeker; prints the token")
     p.add_argument("agency_id")
@@ -481,6 +489,7 @@ def add_commands(sub: Any, programs: Any) -> None:
     p.add_argument("--program", required=True, help="program id")
     p.add_argument("--platform", required=True, help="course platform id, e.g. openclassrooms")
     p.add_argument("--reason", help="why (free text, no personal data)")
+    mentor(p)
     request_id(p)
 
     p = command("get", cmd_get, "advisor: show one activation")

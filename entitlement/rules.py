@@ -222,7 +222,8 @@ def _age_results(program: Program, day: dt.date) -> tuple[int, CriterionResult, 
 
 _MENTOR = CriterionResult("mentor_assigned", True, "", "A mentor is assigned.")
 _NO_MENTOR = CriterionResult("mentor_assigned", False, "MENTOR_NOT_ASSIGNED",
-                             "The program requires a mentor (tuteur): give the mentor's id.")
+                             "The program requires a mentor (tuteur): once one is arranged, give the mentor's "
+                             "id with the check and the activation (mentor_id; --mentor on the command line).")
 
 
 def _mentor_assigned(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:

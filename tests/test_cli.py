@@ -524,3 +524,47 @@ def test_a_transition_that_may_not_have_been_made_says_how_to_retry_it_safely(
     again = run("advisor-paris", "suspend", name, "--reason", "hospital", "--request-id", found.group(1))
     assert again.code == 0 and again.fields()["state"] == "suspended (hospital)", again.err  # the stored answer
     run("advisor-paris", "suspend", name, "--reason", "hospital").error("FAILED_PRECONDITION", "[INVALID_STATE]")
+
+
+def test_check_and_activate_take_the_mentor_a_program_requires(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, server_log: object,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCFA requires a mentor, and its MENTOR_NOT_ASSIGNED detail tells the advisor to give the
+    mentor's id; `check` and `activate` had no way to send one (found by a review): every young
+    Parisian was NOT ELIGIBLE from the command line, and the activation refused. With `--mentor`
+    the check is eligible and the activation made, the mentor recorded with its decision. (An own
+    server: the shared harness's funders' figures stay as the other tests expect them; `server_log`:
+    its log lines go to the session's file, not to the output read here.)"""
+    from own_server import next_ledger_person, own_server
+    monkeypatch.delenv("ENTITLEMENT_TOKEN", raising=False)
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        def run_(*argv: str) -> Result:
+            capsys.readouterr()
+            code = cli.main([*argv, "--address", f"127.0.0.1:{h.running.port}",
+                             f"--token={h.tokens['advisor-paris']}"])
+            out, err = capsys.readouterr()
+            return Result(code, out, err)
+
+        agency_id, birth = next_ledger_person()  # under 26, in Paris
+        who = (agency_id, birth.isoformat())
+        cfa = ("--program", "opencfa-apprentices")
+        without = run_("check", *who, *cfa)
+        assert without.code == 0, without.err
+        assert "NOT ELIGIBLE" in without.out
+        [no_mentor] = [r for r in without.rows() if r[0] == "mentor_assigned"]
+        assert no_mentor[1] == "NO" and "--mentor" in no_mentor[3], no_mentor
+
+        checked = run_("check", *who, *cfa, "--mentor", "M-0042")
+        assert checked.code == 0, checked.err
+        assert checked.out.startswith("programs/opencfa-apprentices: ELIGIBLE on"), checked.out
+        assert ["mentor_assigned", "yes"] in [r[:2] for r in checked.rows()]
+
+        run_("activate", *who, *cfa, "--platform", "openclassrooms").error(
+            "FAILED_PRECONDITION", "[NOT_ELIGIBLE]", "MENTOR_NOT_ASSIGNED")
+        made = run_("activate", *who, *cfa, "--platform", "openclassrooms", "--mentor", "M-0042", "--json")
+        assert made.code == 0, made.err
+        criteria = {c["criterion"]: c.get("passed", False)
+                    for c in json.loads(made.out)["activation"]["decision"]["criteria"]}
+        assert criteria["mentor_assigned"] is True
+
+        run_("check", *who, *cfa, "--mentor", "not a mentor").error("INVALID_ARGUMENT", "mentor_id")
