@@ -335,12 +335,28 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     for d in resp.decisions:
         verdict = "ELIGIBLE" if d.eligible else "NOT ELIGIBLE"
-        print(f"{d.program}: {verdict} on {_fmt_date(d.as_of)} (program version {d.program_version}, "
-              f"registry {d.registry_snapshot or 'none'} extracted {_fmt_date(d.registry_extracted_on)})")
+        print(f"{d.program}: {verdict} on {_fmt_date(d.as_of)} (program version {d.program_version})")
+        print(f"facts: {_facts_source(d)}")
         _table(["criterion", "ok", "reason", "detail"],
                [(c.criterion, "yes" if c.passed else "NO", c.reason_code or "-", c.detail) for c in d.criteria])
         print()
     return 0
+
+
+def _facts_source(d: common_pb2.EligibilityDecision) -> str:
+    """Where a decision's facts came from, and as of when (`facts_source`). The header said `registry
+    none` for a live answer, as if no registry data existed, and nothing when the live source had
+    failed and an extract, perhaps weeks old, decided instead."""
+    extract = f"registry extract {d.registry_snapshot} of {_fmt_date(d.registry_extracted_on)}"
+    if d.facts_source == "live":
+        return f"the agency's live status source, answered on {_fmt_date(d.registry_extracted_on)}"
+    if not d.registry_snapshot:
+        return ("no registry data imported (an operator must import the agency's extract)"
+                + ("; the live status source gave no usable answer" if d.facts_source == "snapshot_fallback" else ""))
+    if d.facts_source == "snapshot_fallback":
+        return (f"{extract}: the live status source gave no usable answer (down, or it does not know "
+                "this person), so this extract decided; it may be out of date")
+    return extract
 
 
 def cmd_activate(args: argparse.Namespace) -> int:

@@ -1006,3 +1006,33 @@ def test_a_check_waiting_for_the_live_source_holds_up_no_other_call(harness: Har
         fake.release.set()
         checking.join(timeout=20)
         assert len(answers) == 1 and answers[0].facts_source == "live" and answers[0].eligible
+
+
+def test_the_cli_check_says_where_the_facts_came_from(live: LiveServer, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`entitlement check` printed `registry none` for a live answer, as if no registry data existed,
+    and nothing at all when the live source failed and a registry extract decided instead (found by
+    a review): the advisor at the desk could not tell an answer of today from one of an extract
+    weeks old. Its header now names the source, the extract and its date, and says when the live
+    source gave no usable answer."""
+    from entitlement import cli
+    monkeypatch.delenv("ENTITLEMENT_TOKEN", raising=False)
+
+    def facts_line(agency_id: str, birth: dt.date) -> str:
+        capsys.readouterr()
+        code = cli.main(["check", agency_id, birth.isoformat(), "--program", "premium-job-seekers",
+                         "--address", f"127.0.0.1:{live.running.port}", f"--token={live.h.tokens['advisor-paris']}"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return next(line for line in out.splitlines() if line.startswith("facts: "))
+
+    extracted = (TODAY - dt.timedelta(days=1)).isoformat()  # the harness's extract
+    agency_id, birth = next_person()
+    live.agency.people[agency_id] = agency_record(agency_id, birth)
+    line = facts_line(agency_id, birth)
+    assert "live status source" in line and TODAY.isoformat() in line and "none" not in line, line
+
+    live.agency.default = "500"
+    line = facts_line(agency_id, birth)
+    assert "registrySnapshots/" in line and extracted in line, line
+    assert "live status source gave no usable answer" in line and "out of date" in line, line
