@@ -269,6 +269,18 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
     return result
 
 
+def _why_not(decision: rules.Decision) -> str:
+    """The failed criteria as CheckEligibility explains them, each reason once: `REGISTRATION_ENDED
+    (Registration ended on ...)`. The codes alone told the advisor at the desk neither the date nor
+    what to do (found by a review). The details carry no personal data beyond the registry facts a
+    check by the same identifiant and birth date shows (a mismatch is NOT_REGISTERED, as in a check)."""
+    parts: dict[str, list[str]] = {}
+    for c in decision.criteria:
+        if not c.passed and c.detail not in parts.setdefault(c.reason_code, []):
+            parts[c.reason_code].append(c.detail)
+    return "; ".join(f"{code} ({' '.join(details)})" for code, details in parts.items())
+
+
 def _stored_activation(ctx: Context, caller: Caller, request_id: str, digest: str) -> ActivationResult | None:
     """The answer stored for this caller's `request_id`, when an activation was made under it (as
     `_activate_once` replays it); REQUEST_ID_REUSED when it was made for another request."""
@@ -316,7 +328,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             raise _cap_reached(program.name)
         if not decision.eligible:
             raise FailedPrecondition(
-                f"not eligible to {program.name}: {', '.join(decision.failed_reasons)}",
+                f"not eligible to {program.name}: {_why_not(decision)}",
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
         existing = next((r.id for r in live_rows if r.end_date >= today), None)

@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
-from support import SPECIAL, TODAY, Api, Harness, next_person
+from support import SPECIAL, TODAY, Api, Harness, expect_error, identity, next_person
 
 from entitlement import cli
 from entitlement.pseudonym import Pseudonymizer
 from entitlement.storage.migrate import upgrade
+from entitlement.v1 import activation_pb2, eligibility_pb2
 
 PROGRAM = "premium-job-seekers"
 MONTH = TODAY.strftime("%Y-%m")
@@ -568,3 +570,28 @@ def test_check_and_activate_take_the_mentor_a_program_requires(
         assert criteria["mentor_assigned"] is True
 
         run_("check", *who, *cfa, "--mentor", "not a mentor").error("INVALID_ARGUMENT", "mentor_id")
+
+
+def test_an_activation_refused_says_why_as_the_check_does(run: Run, api: Api) -> None:
+    """ActivateEntitlement's NOT_ELIGIBLE gave the reason codes alone (`REGISTRATION_ENDED`): the
+    advisor at the desk got neither the date nor the category nor what to do, and had to run a check
+    to learn it (found by a review). The message now gives each code with its criteria's detail, as
+    CheckEligibility words them; a wrong birth date still tells nothing but NOT_REGISTERED."""
+    birth = SPECIAL["ENDED01"][0]
+    [decision] = api.advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity("ENDED01", birth), program=f"programs/{PROGRAM}")).decisions
+    [ended] = [c.detail for c in decision.criteria if c.reason_code == "REGISTRATION_ENDED"]
+    assert "2026-01-31" in ended
+    f = expect_error(api.advisor.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity("ENDED01", birth), program=f"programs/{PROGRAM}",
+        platform="platforms/openclassrooms"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f.reason == "NOT_ELIGIBLE" and f.metadata["failed_criteria"] == "REGISTRATION_ENDED"
+    assert f"REGISTRATION_ENDED ({ended})" in f.message, f.message
+
+    r = run("advisor-paris", "activate", "CAT0006", SPECIAL["CAT0006"][0], "--program", PROGRAM,
+            "--platform", "openclassrooms")
+    r.error("[NOT_ELIGIBLE]", "CATEGORY_NOT_COVERED (Registration category 6 is not covered")
+
+    wrong = run("advisor-paris", "activate", "ENDED01", "1980-04-03", "--program", PROGRAM,
+                "--platform", "openclassrooms").error("[NOT_ELIGIBLE]", "NOT_REGISTERED (")
+    assert "2026-01-31" not in wrong and "69" not in wrong.split("[NOT_ELIGIBLE]")[0], wrong
