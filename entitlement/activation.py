@@ -270,15 +270,16 @@ def activate(ctx: Context, caller: Caller, cmd: ActivateCommand) -> ActivationRe
 
 
 def _why_not(decision: rules.Decision) -> str:
-    """The failed criteria as CheckEligibility explains them, each reason once: `REGISTRATION_ENDED
-    (Registration ended on ...)`. The codes alone told the advisor at the desk neither the date nor
-    what to do (found by a review). The details carry no personal data beyond the registry facts a
-    check by the same identifiant and birth date shows (a mismatch is NOT_REGISTERED, as in a check)."""
-    parts: dict[str, list[str]] = {}
+    """The failed criteria as CheckEligibility explains them, each reason once with the detail of its
+    first criterion: `REGISTRATION_ENDED (Registration ended on ...)`. The codes alone told the
+    advisor at the desk neither the date nor what to do (found by a review). The details carry no
+    personal data beyond the registry facts a check by the same identifiant and birth date shows
+    (a mismatch is NOT_REGISTERED, as in a check)."""
+    parts: dict[str, str] = {}
     for c in decision.criteria:
-        if not c.passed and c.detail not in parts.setdefault(c.reason_code, []):
-            parts[c.reason_code].append(c.detail)
-    return "; ".join(f"{code} ({' '.join(details)})" for code, details in parts.items())
+        if not c.passed:
+            parts.setdefault(c.reason_code, c.detail)
+    return "; ".join(f"{code} ({detail})" for code, detail in parts.items())
 
 
 def _stored_activation(ctx: Context, caller: Caller, request_id: str, digest: str) -> ActivationResult | None:

@@ -165,7 +165,8 @@ def _category_result(program: Program, day: dt.date, category: int) -> Criterion
         return CriterionResult("category_covered", True, "", f"Category {category} is covered.")
     return CriterionResult("category_covered", False, "CATEGORY_NOT_COVERED",
                            f"Registration category {category} is not covered (covered: "
-                           f"{', '.join(map(str, covered))}).")
+                           f"{', '.join(map(str, covered))}): met only by a registration in a covered category, "
+                           "as the agency's data records it.")
 
 
 def _registration_active(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
@@ -185,13 +186,15 @@ def _registration_active_on(program: Program, day: dt.date) -> CriterionResult:
 @per_program_and_day
 def _registration_not_started(program: Program, day: dt.date, registered_on: dt.date) -> CriterionResult:
     return CriterionResult("registration_active", False, "REGISTRATION_NOT_STARTED",
-                           f"Registration starts on {registered_on.isoformat()}, after {day.isoformat()}.")
+                           f"Registration starts on {registered_on.isoformat()}, after {day.isoformat()}: "
+                           f"this criterion is met from {registered_on.isoformat()}.")
 
 
 @per_program_and_day
 def _registration_ended(program: Program, day: dt.date, ended: dt.date) -> CriterionResult:
     return CriterionResult("registration_active", False, "REGISTRATION_ENDED",
-                           f"Registration ended on {ended.isoformat()} (cessation d'inscription).")
+                           f"Registration ended on {ended.isoformat()} (cessation d'inscription): met again "
+                           "once registered again with the agency (France Travail) and its data shows it.")
 
 
 def _resident_in_departments(program: Program, f: PersonFacts, day: dt.date) -> CriterionResult:
@@ -259,15 +262,21 @@ def _registry_data_fresh(program: Program, c: Circumstances, day: dt.date) -> Cr
 def _freshness_result(program: Program, day: dt.date, extracted_on: dt.date | None) -> CriterionResult:
     limit = program.value("max_registry_age_days", day).value
     if extracted_on is None:
-        return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE", "No registry data imported.")
+        return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
+                               f"No registry data imported: {_IMPORT_NEEDED}")
     age = (day - extracted_on).days
     if age < 0:  # data dated after the day decided: a wrong date, never fresh data (README "Registry extracts")
         return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
-                               f"Registry data is dated {extracted_on.isoformat()}, after {day.isoformat()}.")
+                               f"Registry data is dated {extracted_on.isoformat()}, after {day.isoformat()}: "
+                               "a wrong extraction date (ask the service's operators).")
     if age <= limit:
         return CriterionResult("registry_data_fresh", True, "", f"Registry data is {age} days old.")
     return CriterionResult("registry_data_fresh", False, "REGISTRY_DATA_STALE",
-                           f"Registry data is {age} days old; the program accepts at most {limit}.")
+                           f"Registry data is {age} days old (extracted on {extracted_on.isoformat()}); the "
+                           f"program accepts at most {limit}: {_IMPORT_NEEDED}")
+
+
+_IMPORT_NEEDED = "no one is eligible until a newer agency extract is imported (ask the service's operators)."
 
 
 CIRCUMSTANCE_CHECKS: dict[str, _CircumstanceCheck] = {
@@ -430,6 +439,7 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
              circumstances: Circumstances = Circumstances()) -> Decision:
     """Evaluate every criterion of `program` for a person (None: not in the registry) on `day`."""
     results = [_program_open(program, day)]
+    unknown_told = False  # NOT_REGISTERED's advice given once, on the first criterion that fails so
     for name in program.criteria:
         if name == "budget_available" and facts is not None:  # the cap weighs what would be committed
             cost = _plan_until(program, day, entitlement_end(program, facts, day)).total_cents
@@ -437,7 +447,9 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
         elif name in CIRCUMSTANCE_CHECKS:
             results.append(CIRCUMSTANCE_CHECKS[name](program, circumstances, day))
         elif facts is None:
-            results.append(_not_registered(name))
+            results.append(_not_registered(name, circumstances.facts_source,
+                                           circumstances.registry_extracted_on is None, not unknown_told))
+            unknown_told = True
         else:
             results.append(CHECKS[name](program, facts, day))
     eligible = all(r.passed for r in results)
@@ -446,8 +458,26 @@ def evaluate(program: Program, facts: PersonFacts | None, day: dt.date,
 
 
 @functools.lru_cache(maxsize=64)
-def _not_registered(criterion: str) -> CriterionResult:
-    return CriterionResult(criterion, False, "NOT_REGISTERED", "No registration found for this identifier and birth date.")
+def _not_registered(criterion: str, source: str = "snapshot", no_data: bool = False,
+                    advice: bool = True) -> CriterionResult:
+    """Alike for an unknown identifier and a birth date that does not match (nothing tells them
+    apart), and saying what the advisor can do (`advice`, on the decision's first such criterion;
+    the others say it in short): check both, or wait for data recent enough."""
+    if not advice:
+        return CriterionResult(criterion, False, "NOT_REGISTERED",
+                               "Unknown: no registration found for this identifier and birth date.")
+    if source == "live":
+        where = "the agency's live status source knows no registration for this identifier and birth date"
+    elif no_data:
+        return CriterionResult(criterion, False, "NOT_REGISTERED",
+                               "No registry data imported: no one can be found until an operator imports the "
+                               "agency's extract.")
+    else:
+        where = ("no registration found for this identifier and birth date in the agency's registry data "
+                 "(of the date the decision gives; a newer registration shows from the next extract)")
+    return CriterionResult(criterion, False, "NOT_REGISTERED",
+                           f"{where[0].upper()}{where[1:]}: check the identifier and the birth date with the job "
+                           "seeker (the birth date must be the one the agency records).")
 
 
 def _decision(program: Program, day: dt.date, criteria: tuple[CriterionResult, ...], end: dt.date | None,

@@ -70,8 +70,8 @@ class ActivationServiceStub:
     has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
     FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
     reason codes of the decision's failed criteria, each once, comma-separated, e.g.
-    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with its criteria's
-    `detail`, as CheckEligibility explains them) or `REQUEST_ID_REUSED` (metadata
+    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with the `detail` of its
+    first failed criterion, as CheckEligibility explains it) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`),
     RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
     euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
@@ -263,8 +263,8 @@ class ActivationServiceAsyncStub(ActivationServiceStub):
     has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
     FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
     reason codes of the decision's failed criteria, each once, comma-separated, e.g.
-    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with its criteria's
-    `detail`, as CheckEligibility explains them) or `REQUEST_ID_REUSED` (metadata
+    `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with the `detail` of its
+    first failed criterion, as CheckEligibility explains it) or `REQUEST_ID_REUSED` (metadata
     `reused_request_id`),
     RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
     euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of
@@ -459,8 +459,8 @@ class ActivationServiceServicer(metaclass=_abc_1.ABCMeta):
         has the `platform`'s id: `PLATFORM_NOT_FOUND`, metadata `platform`, nothing is committed),
         FAILED_PRECONDITION with reason `NOT_ELIGIBLE` (metadata `program`, and `failed_criteria`: the
         reason codes of the decision's failed criteria, each once, comma-separated, e.g.
-        `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with its criteria's
-        `detail`, as CheckEligibility explains them) or `REQUEST_ID_REUSED` (metadata
+        `CATEGORY_NOT_COVERED,OUTSIDE_REGION`; the message gives each code with the `detail` of its
+        first failed criterion, as CheckEligibility explains it) or `REQUEST_ID_REUSED` (metadata
         `reused_request_id`),
         RESOURCE_EXHAUSTED with reason `CAP_REACHED` (metadata `program`) when the program's seat or
         euro cap would be exceeded (nothing is written) or `RATE_LIMITED` (the caller's rate of

@@ -1,0 +1,68 @@
+"""What an advisor at the desk reads in a decision: for every way to fail, a detail that says what
+is wrong and what can be done, never more about a person than the identifiant and birth date given
+entitle the advisor to; through the real server, on both backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from own_server import next_ledger_person, on_day, own_server
+from support import SPECIAL, TODAY, Api, As, identity, next_person
+
+from entitlement.v1 import common_pb2, eligibility_pb2
+
+PREMIUM = "programs/premium-job-seekers"
+
+
+def check(advisor: As, agency_id: str, birth: dt.date | str, program: str = PREMIUM) -> common_pb2.EligibilityDecision:
+    d: common_pb2.EligibilityDecision
+    [d] = advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program=program)).decisions
+    return d
+
+
+def failed(d: common_pb2.EligibilityDecision) -> dict[str, str]:
+    """reason code -> the detail of the first criterion failing with it."""
+    out: dict[str, str] = {}
+    for c in d.criteria:
+        if not c.passed:
+            out.setdefault(c.reason_code, c.detail)
+    return out
+
+
+def test_each_refusal_says_what_the_advisor_can_do(api: Api) -> None:
+    """The details said what failed and stopped there ("No registration found for this identifier
+    and birth date.", "Registration ended on 2026-01-31 (cessation d'inscription)."): nothing on
+    what to check with the job seeker, or what would make the person eligible (found by a review)."""
+    agency_id, birth = next_person()
+    wrong = failed(check(api.advisor, agency_id, birth + dt.timedelta(days=1)))
+    unknown = failed(check(api.advisor, "NOBODY0042", birth))
+    assert wrong == unknown  # a wrong birth date tells nothing an unknown identifier does not
+    assert "check the identifier and the birth date with the job seeker" in wrong["NOT_REGISTERED"]
+    assert "next extract" in wrong["NOT_REGISTERED"]
+
+    ended = failed(check(api.advisor, "ENDED01", SPECIAL["ENDED01"][0]))
+    assert set(ended) == {"REGISTRATION_ENDED"}
+    assert "2026-01-31" in ended["REGISTRATION_ENDED"] and "registered again" in ended["REGISTRATION_ENDED"]
+
+    category = failed(check(api.advisor, "CAT0006", SPECIAL["CAT0006"][0]))["CATEGORY_NOT_COVERED"]
+    assert "category 6" in category and "covered category" in category
+
+    future = failed(check(api.advisor, "FUTURE1", SPECIAL["FUTURE1"][0]))["REGISTRATION_NOT_STARTED"]
+    assert "met from 2026-04-01" in future
+
+
+def test_stale_registry_data_says_an_import_is_needed(backend: tuple[str, str], tmp_path: Path,
+                                                      request: pytest.FixtureRequest, server_log: object) -> None:
+    """Data older than the program accepts: the detail gives the extract's date and that a newer
+    one must be imported (the advisor can do nothing else; the job seeker is not at fault)."""
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        advisor = As(h.channel, h.tokens["advisor-paris"])
+        agency_id, birth = next_ledger_person()
+        with on_day(h, TODAY + dt.timedelta(days=60)):
+            stale = failed(check(advisor, agency_id, birth))["REGISTRY_DATA_STALE"]
+        extracted = (TODAY - dt.timedelta(days=1)).isoformat()
+        assert "61 days old" in stale and extracted in stale and "newer agency extract is imported" in stale
