@@ -337,8 +337,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         verdict = "ELIGIBLE" if d.eligible else "NOT ELIGIBLE"
         print(f"{d.program}: {verdict} on {_fmt_date(d.as_of)} (program version {d.program_version})")
         print(f"facts: {_facts_source(d)}")
-        _table(["criterion", "ok", "reason", "detail"],
-               [(c.criterion, "yes" if c.passed else "NO", c.reason_code or "-", c.detail) for c in d.criteria])
+        _print_criteria(d)
         print()
     return 0
 
@@ -382,7 +381,25 @@ def _print_issued(args: argparse.Namespace, resp: Any, request_id: str) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     req = activation_pb2.GetActivationRequest(name=_name("activations", args.activation))
-    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "GetActivation", req), _print_activation)
+    return _show(args, _call(args, activation_pb2_grpc.ActivationServiceStub, "GetActivation", req),
+                 _print_activation_and_decision)
+
+
+def _print_activation_and_decision(a: activation_pb2.Activation) -> None:
+    """An activation and the decision stored with it: why it was granted, on which facts (the table
+    showed the activation alone: the decision was in --json only)."""
+    _print_activation(a)
+    d = a.decision
+    print()
+    print(f"decision: {'ELIGIBLE' if d.eligible else 'NOT ELIGIBLE'} on {_fmt_date(d.as_of)} "
+          f"(program version {d.program_version})")
+    print(f"facts: {_facts_source(d)}")
+    _print_criteria(d)
+
+
+def _print_criteria(d: common_pb2.EligibilityDecision) -> None:
+    _table(["criterion", "ok", "reason", "detail"],
+           [(c.criterion, "yes" if c.passed else "NO", c.reason_code or "-", c.detail) for c in d.criteria])
 
 
 def _transition(method: str) -> Callable[[argparse.Namespace], int]:

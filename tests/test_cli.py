@@ -6,6 +6,7 @@ secret): one line, never a traceback."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import re
@@ -595,3 +596,18 @@ def test_an_activation_refused_says_why_as_the_check_does(run: Run, api: Api) ->
     wrong = run("advisor-paris", "activate", "ENDED01", "1980-04-03", "--program", PROGRAM,
                 "--platform", "openclassrooms").error("[NOT_ELIGIBLE]", "NOT_REGISTERED (")
     assert "2026-01-31" not in wrong and "69" not in wrong.split("[NOT_ELIGIBLE]")[0], wrong
+
+
+def test_get_shows_the_decision_stored_with_the_activation(run: Run) -> None:
+    """`entitlement get` showed the activation alone: why it was granted, and on which registry
+    data, was in --json only (found by a review). The table now ends with the stored decision."""
+    act = activate(run)
+    got = run("advisor-paris", "get", act["activation"])
+    assert got.code == 0, got.err
+    fields = got.fields()
+    assert fields["decision"].startswith(f"ELIGIBLE on {TODAY.isoformat()} (program version ")
+    assert re.fullmatch(rf"registry extract registrySnapshots/\d+ of {(TODAY - dt.timedelta(days=1)).isoformat()}",
+                        fields["facts"]), fields["facts"]
+    assert [row[:3] for row in got.rows()] == [
+        ["program_open", "yes", "-"], ["registered", "yes", "-"], ["category_covered", "yes", "-"],
+        ["registration_active", "yes", "-"], ["registry_data_fresh", "yes", "-"]]
