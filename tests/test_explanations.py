@@ -66,3 +66,29 @@ def test_stale_registry_data_says_an_import_is_needed(backend: tuple[str, str], 
             stale = failed(check(advisor, agency_id, birth))["REGISTRY_DATA_STALE"]
         extracted = (TODAY - dt.timedelta(days=1)).isoformat()
         assert "61 days old" in stale and extracted in stale and "newer agency extract is imported" in stale
+
+
+def test_a_past_day_is_judged_on_the_facts_known_now_the_activation_keeps_its_own(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, server_log: object) -> None:
+    """`as_of` applies the rules of that day to the facts known now, not to the data a decision of
+    that day used (the proto said "to recompute a past decision"): after a newer extract shows the
+    registration ended, a check of the activation's day refuses, and GetActivation still shows the
+    decision as it was made, on its snapshot."""
+    from own_server import default_people, write_registry
+    from entitlement import registry
+    from entitlement.v1 import activation_pb2
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        advisor = As(h.channel, h.tokens["advisor-paris"])
+        agency_id, birth = next_ledger_person()
+        made = advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=PREMIUM, platform="platforms/openclassrooms")).activation
+        people = default_people()
+        people[agency_id] = (birth.isoformat(), "75011", "2024-01-15", (TODAY - dt.timedelta(days=5)).isoformat(), "1")
+        registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, write_registry(tmp_path / "newer.csv", people),
+                                extracted_on=TODAY)
+        [d] = advisor.CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+            job_seeker=identity(agency_id, birth), program=PREMIUM, as_of=made.decision.as_of)).decisions
+        assert not d.eligible and set(failed(d)) == {"REGISTRATION_ENDED"}
+        assert d.registry_snapshot != made.decision.registry_snapshot
+        stored = advisor.GetActivation(activation_pb2.GetActivationRequest(name=made.name)).decision
+        assert stored.eligible and stored.registry_snapshot == made.decision.registry_snapshot

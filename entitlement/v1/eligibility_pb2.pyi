@@ -46,9 +46,11 @@ class CheckEligibilityRequest(_message.Message):
 
     @_builtins.property
     def as_of(self) -> _date_pb2.Date:
-        """Evaluate as of this date (to recompute a past decision). Defaults to today in the service's
-        time zone (Europe/Paris by default).
-        Dates in the future are refused: registry data says nothing about them.
+        """Evaluate as of this date: the program's rules and parameters in force that day, applied to
+        the person's facts as the service knows them now (the latest registry snapshot, or the live
+        source), not to the data a decision made that day used: an activation's own decision, as it
+        was made, is in GetActivation. Defaults to today in the service's time zone (Europe/Paris by
+        default). Dates in the future are refused: registry data says nothing about them.
         """
 
     def __init__(
