@@ -337,6 +337,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         verdict = "ELIGIBLE" if d.eligible else "NOT ELIGIBLE"
         print(f"{d.program}: {verdict} on {_fmt_date(d.as_of)} (program version {d.program_version})")
         print(f"facts: {_facts_source(d)}")
+        if d.eligible:  # until when, and at whose cost: what the job seeker at the desk asks next
+            plan = d.funding_plan
+            print(f"an activation on {_fmt_date(d.as_of)} gives access until {_fmt_date(d.access_end_date)}: "
+                  f"{plan.months} months x {format_eur(plan.price_per_month_cents)} = "
+                  f"{format_eur(plan.total_cents)} ({_funders(plan, amounts=True)})")
         _print_criteria(d)
         print()
     return 0

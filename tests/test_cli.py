@@ -611,3 +611,21 @@ def test_get_shows_the_decision_stored_with_the_activation(run: Run) -> None:
     assert [row[:3] for row in got.rows()] == [
         ["program_open", "yes", "-"], ["registered", "yes", "-"], ["category_covered", "yes", "-"],
         ["registration_active", "yes", "-"], ["registry_data_fresh", "yes", "-"]]
+
+
+def test_check_says_until_when_and_at_whose_cost_as_the_activation_then_does(run: Run) -> None:
+    """An eligible check printed the criteria alone: the access an activation would give (its last
+    day, cut short when the registration's end is known) and its cost were in --json only (found by
+    a review). The line printed is what the activation then gives."""
+    agency_id, birth = next_person()
+    r = run("advisor-paris", "check", agency_id, birth.isoformat(), "--program", PROGRAM)
+    assert r.code == 0, r.err
+    line = next(x for x in r.out.splitlines() if x.startswith("an activation on "))
+    assert line.startswith(f"an activation on {TODAY.isoformat()} gives access until 2027-03-15: "
+                           "12 months x 20.00 EUR = 240.00 EUR ("), line
+    assert "ministry-of-labour 50% 120.00 EUR" in line and "france-travail 50% 120.00 EUR" in line
+    act = run("advisor-paris", "activate", agency_id, birth.isoformat(), "--program", PROGRAM,
+              "--platform", "openclassrooms").fields()
+    assert act["access"] == f"{TODAY.isoformat()} .. 2027-03-15" and act["funding"].startswith("240.00 EUR")
+    refused = run("advisor-paris", "check", "CAT0006", SPECIAL["CAT0006"][0], "--program", PROGRAM)
+    assert "an activation on" not in refused.out
