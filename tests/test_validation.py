@@ -473,3 +473,27 @@ def test_a_refused_account_id_is_told_the_rule_that_refused_it(api: Api) -> None
     f = expect_error(api.platform.VerifyEntitlement, activation_pb2.VerifyEntitlementRequest(account_id="a b"), INVALID)
     assert f.fields["account_id"] == "1 to 128 printable ASCII characters, no space"
     api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id="a~!b" + "x" * 124))
+
+
+@pytest.mark.parametrize("written", ["{id} activé", "pour {id_lower}", "née le {dmy}", "DN {dmy_short}",
+                                     "born {iso}", "{dmy_dots}", "ddn={compact}", "{iso_slashes}"])
+def test_an_activation_reason_holding_the_job_seekers_id_or_birth_date_is_refused(api: Api, written: str) -> None:
+    """The reason is kept for ever in the append-only event log, which funders read, and no purge
+    erases it; the proto said "no personal data" and the server took whatever came (found by a
+    review: "activé pour 1234567A né le 03/02/1985" went into the log as it was). The two personal
+    data the request carries are refused in it, naming `reason`, and nothing is activated."""
+    agency_id, birth = next_person()
+    text = written.format(id=agency_id, id_lower=agency_id.lower(), iso=birth.isoformat(),
+                          dmy=birth.strftime("%d/%m/%Y"), dmy_short=f"{birth.day}/{birth.month}/{birth.year}",
+                          dmy_dots=birth.strftime("%d.%m.%Y"), compact=birth.strftime("%d%m%Y"),
+                          iso_slashes=birth.strftime("%Y/%m/%d"))
+    f = expect_error(api.advisor.ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=PROGRAM, platform=PLATFORM, reason=text),
+        grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(f.fields) == {"reason"} and "identifier or birth date" in f.fields["reason"]
+    assert agency_id not in f.message and birth.isoformat() not in f.message
+    # Nothing was made: the same person activates with a reason free of them (other dates are fine).
+    made = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+        job_seeker=identity(agency_id, birth), program=PROGRAM, platform=PLATFORM,
+        reason=f"atelier numérique du {TODAY.strftime('%d/%m/%Y')}, dossier {agency_id}X"))
+    assert made.activation.state == activation_pb2.ACTIVE

@@ -85,6 +85,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         platform_id = val.name(request.platform, val.PLATFORM_NAME_RE, "platform", "platforms/openclassrooms", v)
         reason = val.text(request.reason, "reason", v)
+        val.free_of_identity(reason, "reason", who.agency_id, who.birth_date, v)
         val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", MENTOR_ID_RULE, v)
         v.raise_if_any()
         result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(

@@ -107,6 +107,45 @@ def text(value: str, field: str, v: Violations, *, maximum: int = MAX_REASON) ->
     return value
 
 
+_DATE_PARTS = re.compile(r"(?<![0-9])([0-9]{1,4})[/.-]([0-9]{1,2})[/.-]([0-9]{1,4})(?![0-9])")
+_EIGHT_DIGITS = re.compile(r"(?<![0-9])[0-9]{8}(?![0-9])")
+
+
+def free_of_identity(value: str, field: str, agency_id: str, birth: object, v: Violations) -> None:
+    """A free text (an activation's reason) must not hold the job seeker's identifiant or birth date,
+    the two personal data the request carries: the reason is kept for ever in the append-only event
+    log, which funders read and `privacy purge` never erases. The identifiant as a word of its own,
+    any case (from 4 characters: shorter ones are words); the birth date as written in France or in
+    ISO form (17/05/1990, 17-05-1990, 17.05.1990, 17/5/1990, 1990-05-17, 1990/05/17, 17051990,
+    19900517). Names the service never sees, so it cannot refuse them. (Precompiled patterns only:
+    one built from each request's values cost 0.2 ms an activation.)"""
+    if value and (_holds_word(value.upper(), agency_id) or (isinstance(birth, dt.date) and _holds_date(value, birth))):
+        v.add(field, "must not contain the job seeker's identifier or birth date: it is kept for ever in the "
+                     "event log, which funders read")
+
+
+def _holds_word(text: str, word: str) -> bool:
+    """`word` (4 characters or more) in `text`, not inside a longer run of letters and digits."""
+    if len(word) < 4:
+        return False
+    at = text.find(word)
+    while at >= 0:
+        end = at + len(word)
+        if (at == 0 or not text[at - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            return True
+        at = text.find(word, at + 1)
+    return False
+
+
+def _holds_date(text: str, day: dt.date) -> bool:
+    for a, b, c in _DATE_PARTS.findall(text):
+        if (int(b) == day.month and ((len(c) == 4 and int(c) == day.year and int(a) == day.day)
+                                     or (len(a) == 4 and int(a) == day.year and int(c) == day.day))):
+            return True
+    compact = (f"{day.day:02d}{day.month:02d}{day.year:04d}", f"{day.year:04d}{day.month:02d}{day.day:02d}")
+    return any(m in compact for m in _EIGHT_DIGITS.findall(text))
+
+
 def agency_id(value: str, field: str, v: Violations) -> str:
     """The agency's identifiant in its canonical form (entitlement.pseudonym.normalize_agency_id:
     trimmed, upper-cased), with a violation unless that is 1 to 32 letters or digits. (Empty: left

@@ -183,7 +183,9 @@ class ActivateEntitlementRequest(_message.Message):
     reason: _builtins.str
     """Why the advisor activates (free text, at most 500 characters, no control character but the
     tab). Kept for ever in the append-only event log, which funders read, and never purged: no
-    personal data.
+    personal data. A reason holding this request's `job_seeker.agency_id` (as a word, any case,
+    from 4 characters) or its birth date (1990-05-17, 17/05/1990, 17-5-1990, 17.05.1990,
+    17051990, ...) is INVALID_ARGUMENT naming `reason`.
     """
     mentor_id: _builtins.str
     """The mentor arranged for the job seeker, for programs that require one (see
