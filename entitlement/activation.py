@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
+import re
 import uuid
 import weakref
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ from entitlement.app import Context
 from entitlement.callers import Caller
 from entitlement.eligibility import JobSeeker, resolve_program
 from entitlement.memo import ByIdentity
-from entitlement.errors import (AlreadyExists, FailedPrecondition, NotFound, PermissionDenied,
+from entitlement.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                                 ResourceExhausted)
 from entitlement.storage import direct
 from entitlement.storage.db import utc
@@ -474,6 +476,20 @@ def get(ctx: Context, caller: Caller, activation_id: str) -> ActivationView:
         return view(ctx, a)
 
 
+_WORDS = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{4,32}(?![A-Za-z0-9])")
+
+
+def _refuse_identity_in_reason(ctx: Context, reason: str, person_key: bytes) -> None:
+    """A transition's reason goes for ever into the event log funders read, as an activation's does
+    (entitlement.api.validation.free_of_identity); the activation keeps no identifiant, only its
+    keyed pseudonym: each word of the reason that could be one is keyed alike and compared (the
+    advisor of the agency that made the activation, the only caller who gets this far, had it)."""
+    for word in _WORDS.findall(reason):
+        if hmac.compare_digest(ctx.pseudo.person_key(word), person_key):
+            raise InvalidArgument.single("reason", "must not contain the job seeker's identifier: it is kept for "
+                                                   "ever in the event log, which funders read")
+
+
 def transition(ctx: Context, caller: Caller, cmd: TransitionCommand) -> ActivationView:
     digest = _request_hash(cmd.action, {"a": cmd.activation_id, "r": cmd.reason})
     with inflight.claim(ctx.db, caller.id, cmd.request_id):
@@ -491,6 +507,7 @@ def _transition_once(ctx: Context, caller: Caller, cmd: TransitionCommand, diges
             assert a is not None
             return _replayed(ctx, a, replay)
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        _refuse_identity_in_reason(ctx, cmd.reason, a.person_key)
         # The moment, once the row is held: a change that waited for it while the settlement job,
         # past midnight, consumed the month of access beginning that day is made (and logged) on
         # that day, not on the day before, when by the log that month would have had no access.
@@ -537,6 +554,7 @@ def _reissue_once(ctx: Context, caller: Caller, cmd: TransitionCommand, digest: 
             assert a is not None
             return ActivationResult(_replayed(ctx, a, replay), replay["token"])
         a = _check_scope(caller, _load_for_update(s, cmd.activation_id), cmd.activation_id)
+        _refuse_identity_in_reason(ctx, cmd.reason, a.person_key)
         # The moment, once the row is held (as a transition's): a reissue that waited for it past
         # midnight of the end date judged the activation by the day before and signed a token for
         # an activation whose access had ended (tests/test_reissue.py).

@@ -497,3 +497,24 @@ def test_an_activation_reason_holding_the_job_seekers_id_or_birth_date_is_refuse
         job_seeker=identity(agency_id, birth), program=PROGRAM, platform=PLATFORM,
         reason=f"atelier numérique du {TODAY.strftime('%d/%m/%Y')}, dossier {agency_id}X"))
     assert made.activation.state == activation_pb2.ACTIVE
+
+
+@pytest.mark.parametrize("method", ["SuspendActivation", "RevokeActivation", "ReissueActivationToken"])
+def test_a_transition_reason_holding_the_job_seekers_id_is_refused(api: Api, method: str) -> None:
+    """As an activation's: a suspension, revocation or reissue whose reason names the job seeker's
+    identifiant ("suspendu, 1234567A a déménagé") wrote it into the event log for ever. The server
+    keeps no identifiant, so each word is keyed as the activation's pseudonym is and compared;
+    INVALID_ARGUMENT naming `reason`, and nothing changes. Another agency's advisor still gets
+    OUT_OF_SCOPE first: nothing tells it whose activation it is."""
+    agency_id, birth = next_person()
+    name = api.activate(agency_id, birth).activation.name
+    for text in (f"{agency_id.lower()} a déménagé", f"dossier: {agency_id}."):
+        f = expect_error(getattr(api.advisor, method), activation_pb2.TransitionActivationRequest(
+            name=name, reason=text), grpc.StatusCode.INVALID_ARGUMENT)
+        assert set(f.fields) == {"reason"} and "identifier" in f.fields["reason"], f
+    other = expect_error(getattr(api.as_("advisor-lyon"), method), activation_pb2.TransitionActivationRequest(
+        name=name, reason=f"{agency_id} a déménagé"), grpc.StatusCode.PERMISSION_DENIED)
+    assert other.reason == "OUT_OF_SCOPE"
+    got = api.advisor.GetActivation(activation_pb2.GetActivationRequest(name=name))
+    assert got.state == activation_pb2.ACTIVE and got.state_reason == "test"  # nothing changed
+    getattr(api.advisor, method)(activation_pb2.TransitionActivationRequest(name=name, reason="a déménagé"))

@@ -273,7 +273,9 @@ class TransitionActivationRequest(_message.Message):
     """`activations/{activation_id}`."""
     reason: _builtins.str
     """Why (1 to 500 characters, no control character but the tab). Kept for ever in the
-    append-only event log, which funders read, and never purged: no personal data.
+    append-only event log, which funders read, and never purged: no personal data. A reason
+    holding the activation's job seeker's identifiant (as a word, any case) is INVALID_ARGUMENT
+    naming `reason`, once the caller may act on the activation; nothing changes.
     """
     request_id: _builtins.str
     """Idempotency key (AIP-155), as in ActivateEntitlementRequest."""
