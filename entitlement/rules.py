@@ -223,14 +223,21 @@ def _age_results(program: Program, day: dt.date) -> tuple[int, CriterionResult, 
             CriterionResult("age_below", False, "AGE_LIMIT_EXCEEDED", f"Aged {limit} or more on {day.isoformat()}."))
 
 
-_MENTOR = CriterionResult("mentor_assigned", True, "", "A mentor is assigned.")
 _NO_MENTOR = CriterionResult("mentor_assigned", False, "MENTOR_NOT_ASSIGNED",
                              "The program requires a mentor (tuteur): once one is arranged, give the mentor's "
                              "id with the check and the activation (mentor_id; --mentor on the command line).")
 
 
 def _mentor_assigned(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:
-    return _MENTOR if c.mentor_id else _NO_MENTOR
+    return _mentor(c.mentor_id) if c.mentor_id else _NO_MENTOR
+
+
+@functools.lru_cache(maxsize=4096)
+def _mentor(mentor_id: str) -> CriterionResult:
+    """Which mentor the advisor attested, in the decision stored with the activation: what the
+    funders of a program requiring one audit (it said "A mentor is assigned.", the id kept in the
+    decision's circumstances, which no answer shows)."""
+    return CriterionResult("mentor_assigned", True, "", f"Mentor {mentor_id} assigned (the advisor's attestation).")
 
 
 def _seats_available(program: Program, c: Circumstances, day: dt.date) -> CriterionResult:

@@ -92,3 +92,31 @@ def test_a_past_day_is_judged_on_the_facts_known_now_the_activation_keeps_its_ow
         assert d.registry_snapshot != made.decision.registry_snapshot
         stored = advisor.GetActivation(activation_pb2.GetActivationRequest(name=made.name)).decision
         assert stored.eligible and stored.registry_snapshot == made.decision.registry_snapshot
+
+
+def test_the_mentor_attested_is_in_the_decision_the_funders_audit(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest, server_log: object) -> None:
+    """OpenCFA's funders pay for mentored training: the decision stored with an activation said "A
+    mentor is assigned." and the mentor's id, recorded in its circumstances, was in no answer (found
+    by a review): neither the advisor (GetActivation) nor the funders (ListActivations) could tell
+    which mentor was attested. The criterion's detail names it."""
+    from entitlement.v1 import activation_pb2, audit_pb2
+    with own_server(backend[0], tmp_path / "own", request) as h:
+        advisor = As(h.channel, h.tokens["advisor-paris"])
+        agency_id, birth = next_ledger_person()  # under 26, in Paris
+        made = advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program="programs/opencfa-apprentices",
+            platform="platforms/openclassrooms", mentor_id="M-0042")).activation
+
+        def mentor_detail(d: common_pb2.EligibilityDecision) -> str:
+            [c] = [c for c in d.criteria if c.criterion == "mentor_assigned"]
+            assert c.passed
+            return str(c.detail)
+
+        assert "M-0042" in mentor_detail(made.decision)
+        got = advisor.GetActivation(activation_pb2.GetActivationRequest(name=made.name))
+        assert "M-0042" in mentor_detail(got.decision)
+        listed = As(h.channel, h.tokens["funder-idf"]).ListActivations(audit_pb2.ListActivationsRequest(
+            program="programs/opencfa-apprentices")).activations
+        [row] = [a for a in listed if a.name == made.name]
+        assert "M-0042" in mentor_detail(row.decision)

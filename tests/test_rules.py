@@ -251,7 +251,7 @@ def test_parameters_used_is_the_same_answer_each_time_and_follows_a_reloaded_pro
 # Every memoized piece of the rules (per program and day, rules.per_program_and_day).
 _MEMOIZED = ("_program_open", "_funding_plan", "parameters_used", "_category_result", "_registration_active_on",
              "_department_result", "_age_results", "_freshness_result", "_entitlement_end", "_plan_until",
-             "_not_registered", "_registration_not_started", "_registration_ended")
+             "_not_registered", "_registration_not_started", "_registration_ended", "_mentor")
 
 
 class _NoCache(dict):  # type: ignore[type-arg]

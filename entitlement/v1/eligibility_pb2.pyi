@@ -38,7 +38,9 @@ class CheckEligibilityRequest(_message.Message):
     mentor_id: _builtins.str
     """The mentor (tuteur) the advisor has arranged, for programs with the `mentor_assigned`
     criterion (OpenCFA): 1 to 64 letters, digits, '.', '_' or '-', the first a letter or a
-    digit. An attestation recorded with the decision; not personal data of the job seeker.
+    digit. An attestation recorded with the decision, and named in its `mentor_assigned`
+    criterion's detail (GetActivation, and the funders' ListActivations, show it); not personal
+    data of the job seeker.
     """
     @_builtins.property
     def job_seeker(self) -> _common_pb2.JobSeekerIdentity:
