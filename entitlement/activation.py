@@ -334,7 +334,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 f"not eligible to {program.name}: {_why_not(decision)}",
                 reason="NOT_ELIGIBLE", metadata={"program": program.name,
                                                  "failed_criteria": ",".join(decision.failed_reasons)})
-        existing = next((r.id for r in live_rows if r.end_date >= today), None)
+        existing = next((r for r in live_rows if r.end_date >= today), None)
         if existing:
             # READ COMMITTED: a concurrent retry of this very request may have committed between the
             # replay check above and this query; its idempotency record is visible now (AIP-155).
@@ -344,9 +344,16 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
                 winner = s.get(Activation, replay["activation_id"])
                 assert winner is not None
                 return ActivationResult(_replayed(ctx, winner, replay), _replayed_token(ctx, winner, replay["token"]))
-            raise AlreadyExists(f"this job seeker already has a live activation in {program.name}: "
-                                f"activations/{existing}", reason="ACTIVATION_EXISTS",
-                                metadata={"activation": f"activations/{existing}"})
+            # Its state and last day: what the advisor does next (an eligible check, then this refusal,
+            # said neither: a suspended activation is resumed, a lost token reissued, by its agency).
+            instead = ("resume it" if existing.state == "suspended"
+                       else "if its token was lost, reissue the token")
+            raise AlreadyExists(
+                f"this job seeker already has a live activation in {program.name}: activations/{existing.id} "
+                f"({existing.state}, access until {existing.end_date.isoformat()}): {instead} rather than "
+                "activate again (the advisors of the agency that made it may)", reason="ACTIVATION_EXISTS",
+                metadata={"activation": f"activations/{existing.id}", "current_state": existing.state.upper(),
+                          "end_date": existing.end_date.isoformat()})
         # A live row past its end date is expired: record it so the unique index frees the slot.
         stale = [r.id for r in live_rows if r.end_date < today]
         if stale:
@@ -448,7 +455,7 @@ def _cap_reached(program_name: str) -> ResourceExhausted:
 # Built once (the write path runs it at every activation): the person's live activations in the
 # program, locked. A live one not past its end date refuses the activation (the unique index allows
 # one live row); one past its end date is expired first. On Core: one row at most, usually none.
-_LIVE_ROWS = select(Activation.id, Activation.end_date).where(
+_LIVE_ROWS = select(Activation.id, Activation.end_date, Activation.state).where(
     Activation.program_id == bindparam("program"), Activation.person_key == bindparam("person"),
     Activation.state.in_(LIVE)).with_for_update()
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import grpc
 import pytest
 
-from own_server import next_ledger_person, on_day, own_server
-from support import SPECIAL, TODAY, Api, As, identity, next_person
+from own_server import default_people, next_ledger_person, on_day, own_server, write_registry
+from support import SPECIAL, TODAY, Api, As, expect_error, identity, next_person
 
-from entitlement.v1 import common_pb2, eligibility_pb2
+from entitlement import registry
+from entitlement.v1 import activation_pb2, audit_pb2, common_pb2, eligibility_pb2
 
 PREMIUM = "programs/premium-job-seekers"
 
@@ -74,9 +76,6 @@ def test_a_past_day_is_judged_on_the_facts_known_now_the_activation_keeps_its_ow
     that day used (the proto said "to recompute a past decision"): after a newer extract shows the
     registration ended, a check of the activation's day refuses, and GetActivation still shows the
     decision as it was made, on its snapshot."""
-    from own_server import default_people, write_registry
-    from entitlement import registry
-    from entitlement.v1 import activation_pb2
     with own_server(backend[0], tmp_path / "own", request) as h:
         advisor = As(h.channel, h.tokens["advisor-paris"])
         agency_id, birth = next_ledger_person()
@@ -100,7 +99,6 @@ def test_the_mentor_attested_is_in_the_decision_the_funders_audit(
     mentor is assigned." and the mentor's id, recorded in its circumstances, was in no answer (found
     by a review): neither the advisor (GetActivation) nor the funders (ListActivations) could tell
     which mentor was attested. The criterion's detail names it."""
-    from entitlement.v1 import activation_pb2, audit_pb2
     with own_server(backend[0], tmp_path / "own", request) as h:
         advisor = As(h.channel, h.tokens["advisor-paris"])
         agency_id, birth = next_ledger_person()  # under 26, in Paris
@@ -120,3 +118,30 @@ def test_the_mentor_attested_is_in_the_decision_the_funders_audit(
             program="programs/opencfa-apprentices")).activations
         [row] = [a for a in listed if a.name == made.name]
         assert "M-0042" in mentor_detail(row.decision)
+
+
+def test_an_activation_refused_as_existing_says_until_when_and_what_to_do_instead(api: Api) -> None:
+    """The check says eligible (the rules hold), and the activation is refused ACTIVATION_EXISTS:
+    that refusal named the live activation and nothing else (found by a review). An advisor of
+    another agency, who cannot read it, could not tell the job seeker until when they have access,
+    nor that a suspended one is to be resumed and a lost token reissued, not activated again."""
+    agency_id, birth = next_person()
+    made = api.activate(agency_id, birth).activation
+    end = f"{made.end_date.year:04d}-{made.end_date.month:02d}-{made.end_date.day:02d}"
+    assert check(api.as_("advisor-lyon"), agency_id, birth).eligible
+
+    def refused() -> tuple[str, dict[str, str]]:
+        f = expect_error(api.as_("advisor-lyon").ActivateEntitlement, activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=PREMIUM, platform="platforms/openclassrooms"),
+            grpc.StatusCode.ALREADY_EXISTS)
+        assert f.reason == "ACTIVATION_EXISTS" and f.metadata["activation"] == made.name
+        return f.message, f.metadata
+
+    message, metadata = refused()
+    assert (metadata["current_state"], metadata["end_date"]) == ("ACTIVE", end)
+    assert f"(active, access until {end})" in message and "reissue the token" in message
+    assert "75011" not in message and "A0001" not in message  # not who made it
+
+    api.advisor.SuspendActivation(activation_pb2.TransitionActivationRequest(name=made.name, reason="absent"))
+    message, metadata = refused()
+    assert metadata["current_state"] == "SUSPENDED" and "resume it" in message

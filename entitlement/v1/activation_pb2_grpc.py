@@ -127,7 +127,8 @@ class ActivationServiceServicer:
         CheckEligibility and ActivateEntitlement calls is spent, as CheckEligibility says: nothing is
         written, a `google.rpc.RetryInfo` says when to retry), ALREADY_EXISTS with reason
         `ACTIVATION_EXISTS` naming the live activation of this person in this program (metadata
-        `activation`), ABORTED (`REQUEST_IN_FLIGHT`, metadata `in_flight_request_id`),
+        `activation`, `current_state`: `ACTIVE` or `SUSPENDED`, and `end_date`: its last day of access;
+        the message says what to do instead: resume it, or reissue a lost token), ABORTED (`REQUEST_IN_FLIGHT`, metadata `in_flight_request_id`),
         UNAUTHENTICATED, PERMISSION_DENIED (caller is not an advisor or admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
