@@ -22,6 +22,10 @@ class JobSeeker(NamedTuple):  # named tuples: one of each per check (cheaper tha
 class CheckResult(NamedTuple):
     decisions: tuple[rules.Decision, ...]
     snapshot: SnapshotRef | None
+    # The date of facts not read from a snapshot (the live source's answer: today), as the answer
+    # reports it; the decisions' circumstances hold the date the freshness rule judged, which for
+    # a past day (as_of) is that day.
+    facts_on: dt.date | None = None
 
 
 def resolve_program(ctx: Context, program_id: str, field: str = "program") -> Program:
@@ -46,7 +50,7 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     # conditional update, not from this read). Hot reads: straight on the DBAPI (storage/hotread.py).
     facts, snapshot, source = person_facts.lookup(ctx.db.hot, key, who.birth_date, live)
     usage = counters.usage(ctx.db.hot, programs)
-    extracted = person_facts.data_date(snapshot, source, today)
+    extracted = facts_on = person_facts.data_date(snapshot, source, today)
     if extracted is not None and day < extracted <= today:
         # A past day (as_of) judged on data extracted since: as fresh as data can be for that day.
         # (Data dated after today is a wrong date: the rule refuses it.)
@@ -54,7 +58,7 @@ def check(ctx: Context, who: JobSeeker, program_id: str | None, as_of: dt.date |
     decisions = tuple(rules.evaluate(p, facts, day, rules.Circumstances(
         registry_extracted_on=extracted, seats_used=usage[p.id][0], cents_committed=usage[p.id][1],
         mentor_id=mentor_id, facts_source=source)) for p in programs)
-    return CheckResult(decisions, snapshot)
+    return CheckResult(decisions, snapshot, facts_on if snapshot is None else None)
 
 
 def list_programs(ctx: Context, caller: Caller, size: int, token: str,

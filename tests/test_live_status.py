@@ -1036,3 +1036,23 @@ def test_the_cli_check_says_where_the_facts_came_from(live: LiveServer, capsys: 
     line = facts_line(agency_id, birth)
     assert "registrySnapshots/" in line and extracted in line, line
     assert "live status source gave no usable answer" in line and "out of date" in line, line
+
+
+def test_a_live_answer_for_a_past_day_is_dated_the_day_it_was_given(live: LiveServer) -> None:
+    """A check of a past day (`as_of`) answered by the live source today: the answer's
+    registry_extracted_on ("the date of the answer when facts_source is live") said the past day,
+    as if the source had answered then (found by a review: the date the freshness rule judged, as
+    fresh as data can be for that day, was reported as the data's date). It says today; the rule
+    still judges the data fresh for that day."""
+    agency_id, birth = next_person()
+    live.agency.people[agency_id] = agency_record(agency_id, birth, registered="2024-01-15")
+    day = TODAY - dt.timedelta(days=10)
+    [d] = live.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers",
+        as_of=date_msg(day))).decisions
+    assert d.facts_source == "live" and d.eligible and d.registry_snapshot == ""
+    assert (d.registry_extracted_on.year, d.registry_extracted_on.month, d.registry_extracted_on.day) == (
+        TODAY.year, TODAY.month, TODAY.day)
+    [today] = live.advisor().CheckEligibility(eligibility_pb2.CheckEligibilityRequest(
+        job_seeker=identity(agency_id, birth), program="programs/premium-job-seekers")).decisions
+    assert today.registry_extracted_on == d.registry_extracted_on

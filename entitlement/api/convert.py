@@ -101,14 +101,16 @@ def _plan_fields(plan: rules.FundingPlan | None, funder: str = "") -> dict[str, 
                        if not funder or f == funder]}
 
 
-def _decision_kwargs(d: rules.Decision, snapshot: SnapshotRef | None, funder: str = "") -> dict[str, Any]:
+def _decision_kwargs(d: rules.Decision, snapshot: SnapshotRef | None, funder: str = "",
+                     facts_on: dt.date | None = None) -> dict[str, Any]:
     """A decision's fields but its criteria and parameters (see _fill_decision); with `funder`, its
-    funding plan shows that funder's share alone."""
+    funding plan shows that funder's share alone. `facts_on`: the date of facts not read from a
+    snapshot (a live answer), when it is not the one the decision's circumstances hold."""
     return {"program": "programs/" + d.program_id, "eligible": d.eligible, "as_of": _date_fields(d.as_of),
             "program_version": d.program_version, "funding_plan": _plan_fields(d.funding_plan, funder),
             "registry_snapshot": snapshot.name if snapshot else "",
             "registry_extracted_on": _date_fields(
-                snapshot.extracted_on if snapshot else d.circumstances.registry_extracted_on),
+                snapshot.extracted_on if snapshot else facts_on or d.circumstances.registry_extracted_on),
             "access_end_date": _date_fields(d.access_end), "facts_source": d.circumstances.facts_source}
 
 
@@ -119,22 +121,23 @@ def _fill_decision(m: common_pb2.EligibilityDecision, d: rules.Decision) -> None
     m.MergeFromString(_parameters_bytes(d.parameters))
 
 
-def check_answer(decisions: Sequence[rules.Decision], snapshot: SnapshotRef | None) -> bytes:
+def check_answer(decisions: Sequence[rules.Decision], snapshot: SnapshotRef | None,
+                 facts_on: dt.date | None = None) -> bytes:
     """The CheckEligibilityResponse of `decisions`, serialized: the concatenation of each decision's
     entry in the response's repeated field (that is the message's encoding), each serialized once
     per decision object and snapshot. CheckEligibility answers with these bytes as they are
     (entitlement.api.wrapping.passthrough)."""
     if len(decisions) == 1:
-        return _answer_entry(decisions[0], snapshot)
-    return b"".join([_answer_entry(d, snapshot) for d in decisions])
+        return _answer_entry(decisions[0], snapshot, facts_on)
+    return b"".join([_answer_entry(d, snapshot, facts_on) for d in decisions])
 
 
-def _answer_entry(d: rules.Decision, snapshot: SnapshotRef | None) -> bytes:
-    key = (snapshot.id, snapshot.extracted_on) if snapshot is not None else (None, None)
+def _answer_entry(d: rules.Decision, snapshot: SnapshotRef | None, facts_on: dt.date | None = None) -> bytes:
+    key = (snapshot.id, snapshot.extracted_on) if snapshot is not None else (None, facts_on)
     raw: bytes | None = _ANSWER_ENTRIES.get(d, *key)
     if raw is None:
         out = eligibility_pb2.CheckEligibilityResponse()
-        _fill_decision(out.decisions.add(**_decision_kwargs(d, snapshot)), d)
+        _fill_decision(out.decisions.add(**_decision_kwargs(d, snapshot, facts_on=facts_on)), d)
         raw = _ANSWER_ENTRIES.put(d, out.SerializeToString(), *key)
     return raw
 

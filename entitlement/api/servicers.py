@@ -54,7 +54,7 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         v.raise_if_any()
         result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
         # Serialized already (sent as it is: entitlement.api.wrapping.passthrough).
-        return convert.check_answer(result.decisions, result.snapshot)  # type: ignore[return-value]
+        return convert.check_answer(result.decisions, result.snapshot, result.facts_on)  # type: ignore[return-value]
 
     def ListPrograms(self, request: eligibility_pb2.ListProgramsRequest,
                      context: grpc.ServicerContext) -> eligibility_pb2.ListProgramsResponse:
