@@ -345,7 +345,10 @@ class EntitlementStatus(_message.Message):
     """`programs/{program_id}`."""
     state: Global___ActivationState.ValueType
     tier: _builtins.str
-    """The benefit tier, e.g. `premium`."""
+    """The benefit tier, e.g. `premium`: the one the activation was granted, from its program's file
+    as it was then (kept when the file changes or is removed since; empty only for an activation
+    made before tiers were recorded whose program's file is gone).
+    """
     @_builtins.property
     def end_date(self) -> _date_pb2.Date:
         """Last day of access (inclusive, in the service's time zone), as planned or curtailed; a

@@ -6,8 +6,9 @@ AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
 the activations it has a share of (in the funding plan decided when each started: a program's
-funders may change over time); the scope is applied in the database query itself, never by
-filtering afterwards. Of the money, ListActivations (`funding` and the decision's
+funders may change over time, and its file may be removed: its activations stay auditable by
+their funders); the scope is applied in the database query itself, never by filtering
+afterwards. Of the money, ListActivations (`funding` and the decision's
 `funding_plan`: price, months and total, and its own share alone) and GetFundingReport (its own
 rows) show a funder its own share only. The events about an activation it has a share of are
 the exception: their `payload_json` is covered by the Merkle log's leaf hashes, so it is given

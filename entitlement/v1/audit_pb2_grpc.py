@@ -82,7 +82,8 @@ class AuditServiceServicer:
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
         is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
         funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
-        program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+        program it has no share of in `program`: none on any date in the program's file, and none of
+        its activations booked for it). An admin's `funder` and `program` are filters only:
         a funder with no share of that program matches nothing (an empty page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -6,8 +6,9 @@ AuditService: what the funders pay for, and the raw record behind it.
 
 Callers: funders (role `funder`, scoped to their funder id) and admins. A funder only ever sees
 the activations it has a share of (in the funding plan decided when each started: a program's
-funders may change over time); the scope is applied in the database query itself, never by
-filtering afterwards. Of the money, ListActivations (`funding` and the decision's
+funders may change over time, and its file may be removed: its activations stay auditable by
+their funders); the scope is applied in the database query itself, never by filtering
+afterwards. Of the money, ListActivations (`funding` and the decision's
 `funding_plan`: price, months and total, and its own share alone) and GetFundingReport (its own
 rows) show a funder its own share only. The events about an activation it has a share of are
 the exception: their `payload_json` is covered by the Merkle log's leaf hashes, so it is given
@@ -77,7 +78,8 @@ class AuditServiceStub:
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
     is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
     funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
-    program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+    program it has no share of in `program`: none on any date in the program's file, and none of
+    its activations booked for it). An admin's `funder` and `program` are filters only:
     a funder with no share of that program matches nothing (an empty page).
     """
     GetFundingReport: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]
@@ -146,7 +148,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
     is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
     funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
-    program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+    program it has no share of in `program`: none on any date in the program's file, and none of
+    its activations booked for it). An admin's `funder` and `program` are filters only:
     a funder with no share of that program matches nothing (an empty page).
     """
     GetFundingReport: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetFundingReportRequest, _audit_pb2.GetFundingReportResponse]  # type: ignore[assignment]
@@ -218,7 +221,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (bad filter value, `page_size` out of range, a `page_token` that
         is malformed or was issued for other filters), UNAUTHENTICATED, PERMISSION_DENIED (not a
         funder or admin; or, reason `OUT_OF_SCOPE`, a funder naming another funder in `funder` or a
-        program it has no share of in `program`). An admin's `funder` and `program` are filters only:
+        program it has no share of in `program`: none on any date in the program's file, and none of
+        its activations booked for it). An admin's `funder` and `program` are filters only:
         a funder with no share of that program matches nothing (an empty page).
         """
 
