@@ -1,6 +1,7 @@
 """ListActivations' filters at their boundaries, as the proto states them, through the real server
 on SQLite and PostgreSQL: an activation is live (ACTIVE, SUSPENDED) up to and including its end
-date and EXPIRED from the day after, whichever state filter asks."""
+date and EXPIRED from the day after, whichever state filter asks; `create_time_from` includes the
+activations created at that instant, `create_time_to` excludes them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import timestamp_pb2
 from own_server import next_ledger_person, on_day, own_server
 from support import Api, identity
 
@@ -57,3 +59,17 @@ def test_a_live_activation_is_listed_as_live_on_its_end_date_and_expired_the_day
             assert _names(api, state=activation_pb2.SUSPENDED) == set()
             assert _names(api, state=activation_pb2.EXPIRED) == {active.name, suspended.name}
 
+
+def test_create_time_from_includes_its_instant_and_create_time_to_excludes_it(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        api = Api(h)
+        a = _activate(api)
+        at = a.create_time
+        later = timestamp_pb2.Timestamp(seconds=at.seconds, nanos=at.nanos + 1000)  # one microsecond on
+        assert at.nanos + 1000 < 10**9
+        assert _names(api, create_time_from=at) == {a.name}
+        assert _names(api, create_time_from=later) == set()
+        assert _names(api, create_time_to=at) == set()
+        assert _names(api, create_time_to=later) == {a.name}
+        assert _names(api, create_time_from=at, create_time_to=later) == {a.name}
