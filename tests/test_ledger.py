@@ -675,6 +675,30 @@ def test_a_usage_report_may_name_its_program(h: Harness, api: Api) -> None:
     assert_report_matches_ledger(h, api)
 
 
+
+def test_a_usage_report_goes_to_the_activation_with_access_that_month_else_to_the_use_one(
+        h: Harness, api: Api) -> None:
+    """Without `program`: a month during which the OpenCFA activation was suspended throughout but
+    the premium one (same account) was on is reported to premium, and accepted (it changes nothing
+    there): the learner did have Premium that month. A month during which neither was on is judged
+    on the OpenCFA one, whose funders owe months of use: NO_ACCESS_IN_MONTH, not accepted silently
+    by premium."""
+    cfa, premium, account = _two_programs_on_one_account(api)
+    with on_day(h, D(2026, 4, 1)):
+        move(api, "suspend", cfa)  # OpenCFA's month of 16 April: off throughout
+    with on_day(h, D(2026, 5, 10)):
+        move(api, "suspend", premium)  # premium's month of 17 May: off throughout (and OpenCFA's)
+    with on_day(h, D(2026, 5, 20)):
+        report_usage(api, account, "2026-04", True)  # premium was on in its month of 17 April
+        expect(h, cfa, consumed=[], released_months=0, program=OPENCFA)
+    with on_day(h, D(2026, 6, 20)):
+        assert refuse_usage(api, account, "2026-05", True,
+                            grpc.StatusCode.FAILED_PRECONDITION) == "NO_ACCESS_IN_MONTH"
+        settle(h, cfa)
+        expect(h, cfa, consumed=[], released_months=3, program=OPENCFA)  # none reported, three over
+    assert_report_matches_ledger(h, api)
+
+
 def lock_waiters(h: Harness) -> int:
     """PostgreSQL: the transactions of the test's database waiting for a lock now."""
     with h.ctx.db.read() as s:
