@@ -699,6 +699,33 @@ def test_a_usage_report_goes_to_the_activation_with_access_that_month_else_to_th
     assert_report_matches_ledger(h, api)
 
 
+def test_a_usage_report_goes_to_the_most_recent_of_an_accounts_activations_of_a_program(
+        h: Harness, api: Api) -> None:
+    """An account whose OpenCFA activation was revoked and which holds a new one: a month both had
+    access in (each its own month beginning in March) is consumed on the new one."""
+    agency_id, birth = next_ledger_person()
+    account = "learner-" + uuid.uuid4().hex[:12]
+
+    def bind() -> str:
+        resp = api.advisor.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(agency_id, birth), program=f"programs/{OPENCFA}",
+            platform="platforms/openclassrooms", reason="again", mentor_id="M-0042"))
+        api.platform.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=resp.activation_token, account_id=account))
+        return resp.activation.name
+
+    first = bind()  # 16 March: its month of 16 March
+    with on_day(h, D(2026, 3, 20)):
+        move(api, "revoke", first)
+    with on_day(h, D(2026, 3, 25)):
+        second = bind()  # its month of 25 March
+    with on_day(h, D(2026, 3, 26)):
+        report_usage(api, account, "2026-03", True)
+        expect(h, second, consumed=["2026-03"], released_months=0, program=OPENCFA)
+        expect(h, first, consumed=[], released_months=11, program=OPENCFA)
+    assert_report_matches_ledger(h, api)
+
+
 def lock_waiters(h: Harness) -> int:
     """PostgreSQL: the transactions of the test's database waiting for a lock now."""
     with h.ctx.db.read() as s:
