@@ -284,6 +284,37 @@ def test_a_change_read_again_after_a_curtailment_carries_the_end_date_it_left(
         assert [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in again] == ends
 
 
+def test_a_change_is_active_up_to_its_end_date_and_not_after(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`active` in a change is the access the platform must apply now: on its end date an
+    activation's access is still on (a resumption that day: active), the day after it is off, even
+    for a change read again then that left the state ACTIVE (the settlement job has not yet logged
+    the expiry): a platform catching up from an old cursor does not switch Premium back on past the
+    end date. VerifyEntitlement says the same each day."""
+    with own_server(backend[0], tmp_path / "own", request) as server:
+        api = Api(server)
+        name, account = activate_and_redeem(api, person=next_ledger_person())
+        end_date = api.admin.GetActivation(activation_pb2.GetActivationRequest(name=name)).end_date
+        end = dt.date(end_date.year, end_date.month, end_date.day)
+        with on_day(server, end):
+            call = watch(api)
+            stream = iter(call)
+            mark = next(stream)
+            move(api, "suspend", name)
+            move(api, "resume", name)
+            suspended, resumed = next(stream), next(stream)
+            call.cancel()
+            assert summary(suspended) == ("SUSPENDED", "SUSPENDED", account, False)
+            assert summary(resumed) == ("RESUMED", "ACTIVE", account, True)
+            assert api.platform.VerifyEntitlement(activation_pb2.VerifyEntitlementRequest(account_id=account)).active
+        with on_day(server, end + dt.timedelta(days=1)):
+            again = drain(watch(api, mark.cursor, timeout=2))
+            assert [summary(c) for c in again] == [("SUSPENDED", "SUSPENDED", account, False),
+                                                  ("RESUMED", "ACTIVE", account, False)]
+            assert not api.platform.VerifyEntitlement(
+                activation_pb2.VerifyEntitlementRequest(account_id=account)).active
+
+
 def test_open_streams_leave_the_unary_calls_their_threads(
         backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Streams run on threads of their own (ENTITLEMENT_STREAM_WORKERS): with a pool of ONE thread for
