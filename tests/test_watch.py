@@ -261,7 +261,8 @@ def test_a_change_read_again_after_a_curtailment_carries_the_end_date_it_left(
     """A change carries the status as that change left it: read again from an earlier cursor after a
     curtailment, the redemption and a suspension carried the curtailed end date (the row's as it is
     now), not the one they left, so a platform resuming from an older cursor was told otherwise than
-    when it read them live."""
+    when it read them live. Likewise the state a curtailment left (suspended), not the row's after a
+    later resumption."""
     people = default_people()
     with own_server(backend[0], tmp_path / "own", request, people=people) as server:
         api = Api(server)
@@ -275,10 +276,14 @@ def test_a_change_read_again_after_a_curtailment_carries_the_end_date_it_left(
         with on_day(server, dt.date(2026, 4, 20)):
             curtail(server, people, person[0], tmp_path)
             live.append(next(stream))
+            # Resumed after the curtailment: the curtailment read again still left it suspended.
+            move(api, "resume", name)
+            live.append(next(stream))
         call.cancel()
         ends = [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in live]
-        assert [summary(c)[0] for c in live] == ["REDEEMED", "SUSPENDED", "CURTAILED"]
-        assert ends == [(2027, 3, 15), (2027, 3, 15), (2026, 5, 31)]
+        assert [summary(c)[:2] for c in live] == [("REDEEMED", "ACTIVE"), ("SUSPENDED", "SUSPENDED"),
+                                                  ("CURTAILED", "SUSPENDED"), ("RESUMED", "ACTIVE")]
+        assert ends == [(2027, 3, 15), (2027, 3, 15), (2026, 5, 31), (2026, 5, 31)]
         again = drain(watch(api, mark.cursor, timeout=2))
         assert [(c.cursor, summary(c)) for c in again] == [(c.cursor, summary(c)) for c in live]
         assert [(c.status.end_date.year, c.status.end_date.month, c.status.end_date.day) for c in again] == ends
