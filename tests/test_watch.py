@@ -460,12 +460,13 @@ def test_a_cursor_of_another_log_is_refused_not_streamed_from(
     review): a platform's cursor from another deployment, or from before its database was restored
     from a backup (the numbers since then reused by other events), was streamed from, and the changes
     between the two histories' positions were never sent. Here two servers log the same story:
-    the first one's cursor is refused by the second (INVALID_ARGUMENT naming `cursor`), as is one of
-    the second's own cursors with its number changed; the second's cursors work there, and so does
-    a bare number (the cursors issued before they carried a hash)."""
+    the first one's cursor is refused by the second (INVALID_ARGUMENT naming `cursor`), as are the
+    first one's bookmark (the cursor "from now" opens with) and one of the second's own cursors with
+    its number changed; the second's cursors and bookmark work there, and so does a bare number (the
+    cursors issued before they carried a hash)."""
     with own_server(backend[0], tmp_path / "a", request) as first, \
             own_server(backend[0], tmp_path / "b", request) as second:
-        cursors = {}
+        cursors, bookmarks = {}, {}
         for name, h in (("first", first), ("second", second)):
             api = Api(h)
             call = watch(api)
@@ -474,6 +475,9 @@ def test_a_cursor_of_another_log_is_refused_not_streamed_from(
             activate_and_redeem(api, person=next_ledger_person(), account="learner-two-logs")
             cursors[name] = next(stream).cursor
             call.cancel()
+            bookmark_call = watch(api)  # from now: a bookmark at the same position
+            bookmarks[name] = next(iter(bookmark_call)).cursor
+            bookmark_call.cancel()
         position = {name: _text(c).partition(":")[2].partition(".") for name, c in cursors.items()}
         assert position["first"][0] == position["second"][0]  # the same sequence number
         api = Api(second)
@@ -481,7 +485,8 @@ def test_a_cursor_of_another_log_is_refused_not_streamed_from(
         seq, _, bound = position["second"]
         assert drain(watch(api, _tagged(seq), timeout=1.5)) == []  # a bare number, as issued before: taken
         tampered = _tagged(f"{int(seq) - 1}.{bound}")
-        for cursor in (cursors["first"], tampered):
+        assert drain(watch(api, bookmarks["second"], timeout=1.5)) == []  # its own bookmark
+        for cursor in (cursors["first"], tampered, bookmarks["first"]):
             with pytest.raises(grpc.RpcError) as info:
                 next(iter(watch(api, cursor, timeout=5)))
             f = failure(info.value)
