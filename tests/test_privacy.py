@@ -464,6 +464,48 @@ def test_purge_keeps_an_activation_whose_use_may_still_be_reported_bound_to_its_
             assert bound() == set()
 
 
+def test_purge_takes_what_ended_or_was_extracted_before_the_cutoff_day_not_on_it(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The cutoff day is the first day kept: a superseded snapshot extracted on it keeps its rows,
+    and an expired activation whose end date is that day (its last day of access) stays bound; the
+    day after, both go."""
+    with own_server(backend[0], tmp_path / "srv", request) as h:
+        adv = As(h.channel, h.tokens["advisor-paris"])
+        plat = As(h.channel, h.tokens["platform-oc"])
+        ident, birth = next_ledger_person()
+        made = adv.ActivateEntitlement(activation_pb2.ActivateEntitlementRequest(
+            job_seeker=identity(ident, birth), program="programs/premium-job-seekers",
+            platform="platforms/openclassrooms", reason="retention boundary"))
+        plat.RedeemActivationToken(activation_pb2.RedeemActivationTokenRequest(
+            token=made.activation_token, account_id="ret-boundary"))
+        end = dt.date(made.activation.end_date.year, made.activation.end_date.month, made.activation.end_date.day)
+        first_extract = TODAY - dt.timedelta(days=1)  # the own server's first snapshot
+        with on_day(h, TODAY + dt.timedelta(days=30)):  # a newer extract: the first one is superseded
+            registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, tmp_path / "srv" / "registry.csv",
+                                    extracted_on=TODAY + dt.timedelta(days=29))
+        with on_day(h, end + dt.timedelta(days=1)):
+            assert jobs.run_settlement(h.ctx).expired == 1
+        db = h.ctx.db
+
+        def purge(cutoff_day: dt.date) -> privacy.PurgeSummary:
+            now = dt.datetime.combine(cutoff_day + dt.timedelta(days=1095), dt.time(10), tzinfo=dt.timezone.utc)
+            summary = privacy.purge(db, now=now, retention_days=1095, actor="operator:dpo")
+            assert dt.datetime.fromisoformat(summary.cutoff).date() == cutoff_day
+            return summary
+
+        def bound() -> bool:
+            with db.read() as s:
+                return s.execute(select(Activation.account_id).where(
+                    Activation.id == made.activation.name.split("/")[1])).scalar_one() == "ret-boundary"
+
+        assert purge(first_extract).registry_rows == 0
+        assert purge(first_extract + dt.timedelta(days=1)).registry_rows > 0
+        summary = purge(end)
+        assert summary.activations_scrubbed == 0 and bound(), summary
+        summary = purge(end + dt.timedelta(days=1))
+        assert summary.activations_scrubbed == 1 and not bound(), summary
+
+
 def test_a_funder_never_sees_the_learners_platform_account(api: Api) -> None:
     """The platform account a token was redeemed for is the learner's id on the platform: personal
     data the funders' audit has no use for. A funder's ListActivations shows that and when it was
