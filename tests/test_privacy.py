@@ -506,6 +506,30 @@ def test_purge_takes_what_ended_or_was_extracted_before_the_cutoff_day_not_on_it
         assert summary.activations_scrubbed == 1 and not bound(), summary
 
 
+def test_a_slice_that_deletes_only_some_of_a_snapshots_rows_is_logged(
+        backend: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every deletion is logged by the transaction that made it: with nothing else to purge, each
+    slice of an old snapshot's rows appends its `privacy.purged` event, those before the last
+    (which empties the snapshot) included; the events' counts add up to the rows there were."""
+    monkeypatch.setattr(privacy, "ROWS_SLICE", 10)
+    monkeypatch.setattr(privacy, "PURGE_PAUSE_S", 0.01)
+    people = {f"S{i:07d}": ((dt.date(1990, 1, 1) + dt.timedelta(days=i)).isoformat(), "75011", "2024-01-15", "", "1")
+              for i in range(1, 26)}
+    with own_server(backend[0], tmp_path / "srv", request, people=people) as h:
+        with on_day(h, TODAY + dt.timedelta(days=30)):  # a newer extract: the first one is superseded
+            registry.import_extract(h.ctx.db, h.ctx.pseudo, h.clock, tmp_path / "srv" / "registry.csv",
+                                    extracted_on=TODAY + dt.timedelta(days=29))
+        summary = privacy.purge(h.ctx.db, now=h.clock.now() + dt.timedelta(days=1095 + 31), retention_days=1095,
+                                actor="operator:dpo")
+        assert (summary.registry_snapshots, summary.registry_rows, summary.activations_scrubbed,
+                summary.idempotency_records) == (1, 25, 0, 0), summary
+        with h.ctx.db.read() as s:
+            payloads = [json.loads(p) for p in s.execute(select(Event.payload_json).where(
+                Event.type == "privacy.purged").order_by(Event.seq)).scalars()]
+        assert [(p["registry_rows"], p["registry_snapshots"]) for p in payloads] == [(10, 0), (10, 0), (5, 1)]
+
+
 def test_a_funder_never_sees_the_learners_platform_account(api: Api) -> None:
     """The platform account a token was redeemed for is the learner's id on the platform: personal
     data the funders' audit has no use for. A funder's ListActivations shows that and when it was
