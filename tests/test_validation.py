@@ -146,6 +146,14 @@ def _cases() -> list[Case]:
                 "activations/" + "ab" * 17):
         add(f"GetActivation-malformed-name-{bad[:14]}", "advisor-paris", "GetActivation",
             activation_pb2.GetActivationRequest(name=bad), "name")
+    # Exactly 32 hexadecimal digits, and nothing after them (a trailing newline is not the end of a
+    # name: `$` would match before it).
+    for label, bad in (("31-hex", "activations/" + "a" * 31), ("33-hex", "activations/" + "a" * 33),
+                       ("trailing-newline", "activations/" + "ab" * 16 + "\n")):
+        add(f"GetActivation-name-{label}", "advisor-paris", "GetActivation",
+            activation_pb2.GetActivationRequest(name=bad), "name")
+    add("ActivateEntitlement-program-trailing-newline", "advisor-paris", "ActivateEntitlement",
+        activate(program="programs/premium-job-seekers\n"), "program")
 
     for method in ("SuspendActivation", "ResumeActivation", "RevokeActivation", "ReissueActivationToken"):
         add(f"{method}-missing-name", "advisor-paris", method, transition(name=""), "name")
@@ -197,6 +205,8 @@ def _cases() -> list[Case]:
     add("ListActivations-unknown-state", "admin", "ListActivations", lst(state=99), "state")  # type: ignore[arg-type]
     add("ListActivations-timestamp-before-year-1", "admin", "ListActivations",
         lst(create_time_from=ts(-99_999_999_999)), "create_time_from")
+    add("ListActivations-timestamp-after-year-9999", "admin", "ListActivations",
+        lst(create_time_to=ts(253_402_300_800)), "create_time_to")  # 10000-01-01T00:00:00Z
     add("ListActivations-timestamp-bad-nanos", "admin", "ListActivations",
         lst(create_time_to=ts(0, 2_000_000_000)), "create_time_to")
     add("ListActivations-create_time_to-before-create_time_from", "admin", "ListActivations",
@@ -214,7 +224,7 @@ def _cases() -> list[Case]:
     add("GetFundingReport-malformed-funder", "admin", "GetFundingReport", report(funder="-x"), "funder")
 
     usage = activation_pb2.ReportUsageRequest
-    for bad in ("0000-01", "2026-13", "\u0662\u0660\u0662\u0666-03"):
+    for bad in ("0000-01", "2026-13", "2026-00", "\u0662\u0660\u0662\u0666-03"):
         add(f"ReportUsage-bad-month-{bad}", "platform-oc", "ReportUsage",
             usage(account_id="acct-1", month=bad, used=True), "month")
 
