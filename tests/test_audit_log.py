@@ -194,6 +194,20 @@ def test_a_funder_streams_its_own_events_in_full_and_only_leaf_hashes_of_the_oth
     assert stream(api, MINISTRY, start=k, size=cp.size) == ministry[k - 1:]
 
 
+
+def test_a_stream_ends_at_the_tree_size_asked_for_though_the_log_has_grown(api: Api) -> None:
+    """StreamEvents sends the leaves up to `tree_size` (a checkpoint's) and none after, however many
+    events were logged since: what a funder verifies against that checkpoint."""
+    api.activate()
+    _, cp = checkpoint_of(api)
+    api.activate()
+    api.activate()
+    assert checkpoint_of(api)[1].size > cp.size
+    for caller in ("admin", MINISTRY):
+        assert [e.sequence for e in stream(api, caller, size=cp.size)] == list(range(1, cp.size + 1)), caller
+        assert [e.sequence for e in stream(api, caller, start=cp.size, size=cp.size)] == [cp.size], caller
+
+
 def test_list_events_carries_program_and_leaf_hash(api: Api) -> None:
     api.activate()
     page = api.as_(MINISTRY).ListEvents(audit_pb2.ListEventsRequest(page_size=1000))
