@@ -26,7 +26,9 @@ was added (a bare number) are still taken as they are.
 Each change carries the entitlement status as that change left it: the state after it (for
 `curtailed`, `active`, `suspended` or `expired`), the end date, the program and tier. The end date
 is the one in force after the change (a later curtailment's `previous_end_date`), so a change read
-again from an older cursor says what it said when first streamed.
+again from an older cursor says what it said when first streamed; but `active` is judged on the
+day it is read (false once that end date has passed, whatever the state): a platform catching up
+never switches access on after its end.
 """
 
 from __future__ import annotations

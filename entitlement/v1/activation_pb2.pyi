@@ -337,7 +337,8 @@ class EntitlementStatus(_message.Message):
     """The platform account."""
     active: _builtins.bool
     """True when Premium access is on today (VerifyEntitlement: the account's; in an
-    EntitlementChange: the changed activation's, as the change left it).
+    EntitlementChange: the changed activation's, as the change left it, judged on the day the
+    change is read: false once its end date has passed, even for a change read again later).
     """
     activation: _builtins.str
     """`activations/{activation_id}`; empty when the account has no entitlement."""
