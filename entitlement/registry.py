@@ -17,6 +17,7 @@ also the newest by extraction date.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -320,7 +321,16 @@ def _import_lock(db: Database) -> Iterator[None]:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_IMPORT_LOCK_KEY,)).fetchone()
         if not row or not row[0]:
             raise ImportInProgress()
-        yield  # (the lock ends with the session, when the connection closes)
+        try:
+            yield
+        finally:
+            # Let go before the connection closes: the session's end lets it go too, but only once
+            # its backend has exited, after the close has returned; an import right after (the
+            # RPC's check_no_import_running then import_extract, or the next import of a script)
+            # found it still held on a busy machine: ImportInProgress with no import running (a
+            # CI run). (A broken connection's backend lets it go as it ends.)
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_IMPORT_LOCK_KEY,))
 
 
 def check_no_import_running(db: Database) -> None:

@@ -9,8 +9,11 @@ The last test asks the same registry question through the harness's server.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -636,6 +639,36 @@ def test_old_snapshots_lose_their_rows_but_keep_their_record(db: Database, tmp_p
         kept = s.execute(select(RegistryPerson.snapshot_id).distinct()).scalars().all()
     assert sorted(kept) == ids[2:]
     assert doctor.check(db) == []
+
+
+def test_the_import_lock_is_let_go_before_its_connection_closes(db: Database) -> None:
+    """PostgreSQL: the import lock (a session-level advisory lock on a connection of its own) was let
+    go by closing that connection, that is once its backend had exited, after the close returned:
+    an import right after the one before (ImportExtract's check that none is running, then the
+    import itself; a script's next import) found it still held on a busy machine, ImportInProgress
+    with no import running (a CI run, test_old_snapshots_lose_their_rows_but_keep_their_record).
+    Here the lock's backend is stopped (SIGSTOP) as the import ends, and let run again a second
+    later: the next import must find the lock free."""
+    if db.is_sqlite:
+        pytest.skip("SQLite: the import lock is a flock, let go by the call that ends the import")
+    with registry._import_lock(db):
+        with db.read() as s:
+            [pid] = s.execute(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                                   "database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+                              ).scalars().all()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("this user may not signal PostgreSQL's backends (run as root or as postgres)")
+        resume = threading.Timer(1.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+    try:
+        with registry._import_lock(db):
+            pass
+    finally:
+        resume.join()
+        with contextlib.suppress(ProcessLookupError):  # (gone once its connection closed)
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_the_same_file_extracted_on_a_later_date_is_a_new_snapshot(db: Database, tmp_path: Path) -> None:
