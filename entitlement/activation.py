@@ -291,11 +291,14 @@ def _stored_activation(ctx: Context, caller: Caller, request_id: str, digest: st
         return None
     with ctx.db.read() as s:
         replay = _replay(s, caller, request_id, "activate", digest)
-        if replay is None:
-            return None
-        a = s.get(Activation, replay["activation_id"])
-        assert a is not None
-        return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
+        return None if replay is None else _replayed_activation(ctx, s, replay)
+
+
+def _replayed_activation(ctx: Context, s: Session, replay: dict[str, Any]) -> ActivationResult:
+    """An activation's stored answer (AIP-155): the activation as first answered, and its token."""
+    a = s.get(Activation, replay["activation_id"])
+    assert a is not None
+    return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
 
 
 def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: Any, person_key: bytes,
@@ -313,9 +316,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
         replay = _replay(s, caller, cmd.request_id, "activate", digest)
         if replay is not None:
             st.end(failed=False)  # the ORM reads below: out of pipeline mode
-            a = s.get(Activation, replay["activation_id"])
-            assert a is not None
-            return ActivationResult(_replayed(ctx, a, replay), _replayed_token(ctx, a, replay["token"]))
+            return _replayed_activation(ctx, s, replay)
         # The person's live rows in this program, locked (one statement for both checks below), then
         # the moment, once they are held: a renewal that waited for the previous activation's row
         # while the settlement job, past midnight, expired it, started on that activation's last day
@@ -341,9 +342,7 @@ def _activate_once(ctx: Context, caller: Caller, cmd: ActivateCommand, program: 
             replay = _replay(s, caller, cmd.request_id, "activate", digest)
             if replay is not None:
                 st.end(failed=False)  # the ORM read below: out of pipeline mode
-                winner = s.get(Activation, replay["activation_id"])
-                assert winner is not None
-                return ActivationResult(_replayed(ctx, winner, replay), _replayed_token(ctx, winner, replay["token"]))
+                return _replayed_activation(ctx, s, replay)
             # Its state and last day: what the advisor does next (an eligible check, then this refusal,
             # said neither: a suspended activation is resumed, a lost token reissued, by its agency).
             instead = ("resume it" if existing.state == "suspended"

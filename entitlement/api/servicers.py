@@ -23,11 +23,6 @@ from entitlement.v1 import (activation_pb2, activation_pb2_grpc, audit_pb2, audi
 
 log = structlog.get_logger("entitlement.rpc")
 
-# A platform account id: printable ASCII, where the space is not (ACCOUNT_ID_RE). "Printable ASCII"
-# alone named the space among what is accepted (found by a review).
-ACCOUNT_ID_RULE = "1 to 128 printable ASCII characters, no space"
-MENTOR_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-', the first a letter or a digit"
-
 
 def _job_seeker(msg: common_pb2.JobSeekerIdentity, v: Violations) -> eligibility.JobSeeker:
     """The `job_seeker` field of a check or an activation (its field names spelled once, here:
@@ -50,7 +45,7 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         who = _job_seeker(request.job_seeker, v)
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/premium-job-seekers", v)
         as_of = val.date(request.as_of, "as_of", v)
-        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", MENTOR_ID_RULE, v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", val.MENTOR_ID_RULE, v)
         v.raise_if_any()
         result = eligibility.check(self.ctx, who, program_id or None, as_of, request.mentor_id)
         # Serialized already (sent as it is: entitlement.api.wrapping.passthrough).
@@ -86,7 +81,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         platform_id = val.name(request.platform, val.PLATFORM_NAME_RE, "platform", "platforms/openclassrooms", v)
         reason = val.text(request.reason, "reason", v)
         val.free_of_identity(reason, "reason", who.agency_id, who.birth_date, v)
-        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", MENTOR_ID_RULE, v)
+        val.pattern(request.mentor_id, val.MENTOR_ID_RE, "mentor_id", val.MENTOR_ID_RULE, v)
         v.raise_if_any()
         result = activation.activate(self.ctx, current_caller(), activation.ActivateCommand(
             who, program_id, platform_id, reason, request.request_id, request.mentor_id))
@@ -134,7 +129,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                               context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
         v = Violations()
         val.check_required(request, v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", val.ACCOUNT_ID_RULE, v)
         if len(request.token) > 4096:
             v.add("token", "must be at most 4096 characters")
         v.raise_if_any()
@@ -144,7 +139,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
                           context: grpc.ServicerContext) -> activation_pb2.EntitlementStatus:
         v = Violations()
         val.check_required(request, v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", val.ACCOUNT_ID_RULE, v)
         v.raise_if_any()
         return convert.status(activation.verify(self.ctx, current_caller(), request.account_id))
 
@@ -157,7 +152,7 @@ class ActivationServicer(activation_pb2_grpc.ActivationServiceServicer):
         v = Violations()
         val.check_required(request, v)
         val.pattern(request.request_id, val.REQUEST_ID_RE, "request_id", "1 to 64 letters, digits, '-' or '_'", v)
-        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", ACCOUNT_ID_RULE, v)
+        val.pattern(request.account_id, val.ACCOUNT_ID_RE, "account_id", val.ACCOUNT_ID_RULE, v)
         val.pattern(request.month, val.MONTH_RE, "month", "a month YYYY-MM", v)
         program_id = val.name(request.program, val.PROGRAM_NAME_RE, "program", "programs/opencfa-apprentices", v)
         v.raise_if_any()

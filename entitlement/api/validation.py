@@ -22,6 +22,9 @@ PLATFORM_NAME_RE = re.compile(r"^platforms/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 AGENCY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ACCOUNT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+# Its rule as errors state it: printable ASCII, where the space is not ("printable ASCII" alone
+# named the space among what is accepted: found by a review).
+ACCOUNT_ID_RULE = "1 to 128 printable ASCII characters, no space"
 MAX_REASON = 500
 
 
@@ -162,6 +165,7 @@ def pattern(value: str, regex: re.Pattern[str], field: str, description: str, v:
     return value
 
 MENTOR_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MENTOR_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-', the first a letter or a digit"
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 FUNDER_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 AGENCY_CODE_RE = callers.AGENCY_CODE_RE  # any agency code a caller can have
