@@ -379,7 +379,7 @@ def replace(s: Session, snapshot: Session, r: Recomputed) -> tuple[int, int]:
     catch-up and the replacement: lost, before, found by a review), then each activation an event
     after `r.size` names has its contributions as of the snapshot (read in `snapshot`) taken out
     and its contributions now put in. Returns the number of month and day rows written."""
-    size = s.execute(select(LogHead.size).where(LogHead.id == 1).with_for_update()).scalar_one_or_none() or 0
+    size = _log_size(s, lock=True)
     months, days = _catch_up(s, snapshot, r, size)
     s.execute(delete(ReportMonth))
     s.execute(delete(ReportDay))
@@ -444,10 +444,11 @@ def rebuild(db: Database, timezone: str) -> tuple[int, int]:
         for _ in range(UNLOCKED_PASSES):
             newer_held = ExitStack()
             newer = newer_held.enter_context(db.read(consistent=True))
-            if _log_size(newer) - r.size <= UNLOCKED_BACKLOG:
+            size = _log_size(newer)
+            if size - r.size <= UNLOCKED_BACKLOG:
                 newer_held.close()
                 break
-            r = catch_up(newer, snapshot, r)
+            r = catch_up(newer, snapshot, r, size)
             held.close()  # the older snapshot: its connection back to the pool
             held.enter_context(newer_held)
             snapshot = newer
@@ -455,16 +456,18 @@ def rebuild(db: Database, timezone: str) -> tuple[int, int]:
             return replace(s, snapshot, r)
 
 
-def catch_up(newer: Session, snapshot: Session, r: Recomputed) -> Recomputed:
+def catch_up(newer: Session, snapshot: Session, r: Recomputed, size: int) -> Recomputed:
     """`r` (recomputed, or caught up, in `snapshot`) brought up to date with `newer`, a later read
-    snapshot, without a lock."""
-    size = _log_size(newer)
+    snapshot whose event log holds `size` events, without a lock."""
     months, days = _catch_up(newer, snapshot, r, size)
     return Recomputed(r.timezone, size, months, days)
 
 
-def _log_size(s: Session) -> int:
-    return int(s.execute(select(LogHead.size).where(LogHead.id == 1)).scalar_one_or_none() or 0)
+def _log_size(s: Session, *, lock: bool = False) -> int:
+    """The event log's size; `lock`: its head row taken (as every writer takes it) until the
+    transaction ends."""
+    q = select(LogHead.size).where(LogHead.id == 1)
+    return int(s.execute(q.with_for_update() if lock else q).scalar_one_or_none() or 0)
 
 
 # ------------------------------------------------------------------------------------------ read

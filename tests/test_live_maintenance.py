@@ -194,9 +194,9 @@ def test_rebuild_report_command_beside_a_serving_process(
         unlocked = rollup.catch_up
         passes: list[int] = []
 
-        def counted(newer: Any, snapshot: Any, r: rollup.Recomputed) -> rollup.Recomputed:
+        def counted(newer: Any, snapshot: Any, r: rollup.Recomputed, size: int) -> rollup.Recomputed:
             passes.append(1)
-            return unlocked(newer, snapshot, r)
+            return unlocked(newer, snapshot, r, size)
 
         monkeypatch.setattr(rollup, "catch_up", counted)
         monkeypatch.setenv("ENTITLEMENT_DATABASE_URL", h.url)
